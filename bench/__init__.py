@@ -1,0 +1,1 @@
+"""Benchmarks, hardware peaks and FLOPs accounting for tritongpt."""

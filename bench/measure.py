@@ -1,0 +1,70 @@
+"""Timing and roofline helpers shared by every benchmark (CUDA).
+
+Times are medians of many runs after warm-up, taken with CUDA events by
+`triton.testing.do_bench`. Rooflines are measured on the GPU at hand, in the same run:
+device-to-device copy bandwidth (bytes read + bytes written) and the bf16 matmul rate.
+"""
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
+    """Median milliseconds of `fn()` on the current CUDA device."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+@functools.cache
+def copy_gbs(device: str = "cuda") -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+@functools.cache
+def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul rate in TFLOPS (8192³, random inputs)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+@dataclass
+class Row:
+    """One measured case: `value` in `unit` (GB/s or TFLOPS) and its fraction of the roofline."""
+
+    op: str
+    shape: str
+    pass_: str  # "fwd", "bwd" or "fwd+bwd"
+    backend: str  # "torch", "compile" or "triton"
+    ms: float
+    value: float
+    unit: str
+    roofline: float
+    verified: bool | None = None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["pass"] = d.pop("pass_")
+        return d
+
+
+def print_rows(rows: list[Row], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("op", "shape", "pass", "backend", "ms", "rate", "of roofline", "verified"):
+        table.add_column(col, justify="right" if col in ("ms", "rate", "of roofline") else "left")
+    for r in rows:
+        verified = "" if r.verified is None else ("yes" if r.verified else "NO")
+        table.add_row(r.op, r.shape, r.pass_, r.backend, f"{r.ms:.3f}", f"{r.value:.0f} {r.unit}",
+                      f"{100 * r.roofline:.0f}%", verified)
+    Console().print(table)

@@ -1,0 +1,43 @@
+"""How Triton runs here: natively on a CUDA GPU, else in its CPU interpreter, and the few launch
+helpers every op file shares.
+
+The interpreter is switched on before any kernel is defined, because `triton.jit` reads
+TRITON_INTERPRET when it decorates. An explicit TRITON_INTERPRET in the environment is kept.
+"""
+import contextlib
+import functools
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# True when kernels run in Triton's CPU interpreter. The interpreter has no bf16 arithmetic and
+# its bf16 `tl.dot` multiplies bit patterns (triton-lang/triton#4972, #11584): kernels load, cast
+# to fp32 at once, and are given this as a constexpr so their `tl.dot` operands stay fp32.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Streams of fewer than this many rows run on the interpreter in reasonable time; kernels that
+# size grids by SM count use it on CPU so tests stay quick.
+_INTERPRETER_SMS = 4
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a small stand-in on CPU)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def on_device(t: torch.Tensor):
+    """Context that launches kernels on `t`'s own GPU (Triton launches on the current one).
+    Under torch.compile Inductor places the launch itself."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
