@@ -1,9 +1,24 @@
-"""SwiGLU gating, silu(gate) * up: torch reference (the Triton kernel joins here)."""
+"""SwiGLU gating, silu(gate) * up: torch reference and Triton kernels.
+
+The Triton backend treats every input as a (rows, cols) matrix with unit column stride and its own
+row stride. That covers contiguous tensors and, with no copy, the halves of one projection's output:
+`gate, up = h.chunk(2, dim=-1)` gives views with row stride 2*cols, so the model can use a single
+[2*hidden, n_embd] matmul and the kernel reads h directly. Backward writes d_gate and d_up side by
+side into one (rows, 2*cols) buffer: for the chunked layout that is exactly d_h, laid out for
+chunk's backward concatenation.
+"""
+import math
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from . import runtime
 from .checks import check_same, check_tensor
 from .registry import register
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_swiglu(gate, up) -> None:
@@ -18,3 +33,145 @@ def check_swiglu(gate, up) -> None:
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_swiglu(gate, up)
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+@triton.jit
+def _tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row indices (BLOCK_R, 1), column indices (1, BLOCK_C) and in-bounds mask of this program's
+    tile. The column tiles of one row band are consecutive programs, so neighbouring programs
+    stream neighbouring memory."""
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(n_cols, BLOCK_C)
+    # int64 before any row stride multiplies it: row * stride can pass 2^31.
+    rows = (pid // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    gate_ptr,  # (n_rows, n_cols), unit column stride
+    up_ptr,  # (n_rows, n_cols), unit column stride
+    y_ptr,  # (n_rows, n_cols) output, unit column stride, dtype of gate
+    stride_gate,  # row strides, in elements
+    stride_up,
+    stride_y,
+    n_rows,
+    n_cols,
+    BLOCK_R: tl.constexpr,  # tile rows
+    BLOCK_C: tl.constexpr,  # tile columns (a power of two)
+):
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    # fp32 at once: one rounding, at the store (and the interpreter has no bf16 arithmetic).
+    g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask).to(tl.float32)
+    u = tl.load(up_ptr + rows * stride_up + cols, mask=mask).to(tl.float32)
+    # sigmoid is 1 / (1 + exp(-g)): exp overflows to inf for g << 0 and sigmoid goes to 0, never NaN.
+    y = g * tl.sigmoid(g) * u
+    tl.store(y_ptr + rows * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    gate_ptr,  # (n_rows, n_cols) saved forward input, unit column stride
+    up_ptr,  # (n_rows, n_cols) saved forward input, unit column stride
+    dy_ptr,  # (n_rows, n_cols) gradient of the output, unit column stride
+    dgate_ptr,  # (n_rows, n_cols) output, unit column stride
+    dup_ptr,  # (n_rows, n_cols) output, unit column stride
+    stride_gate,  # row strides, in elements
+    stride_up,
+    stride_dy,
+    stride_dgate,
+    stride_dup,
+    n_rows,
+    n_cols,
+    BLOCK_R: tl.constexpr,  # tile rows
+    BLOCK_C: tl.constexpr,  # tile columns (a power of two)
+):
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask).to(tl.float32)
+    u = tl.load(up_ptr + rows * stride_up + cols, mask=mask).to(tl.float32)
+    dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask).to(tl.float32)
+    # Recomputing sigmoid costs no memory traffic; saving it would cost an activation-sized buffer.
+    s = tl.sigmoid(g)
+    # silu'(g) = s + g*s*(1-s), factored so that it stays finite as s saturates to 0 or 1.
+    dgate = dy * u * s * (1.0 + g * (1.0 - s))
+    dup = dy * g * s
+    tl.store(dgate_ptr + rows * stride_dgate + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + rows * stride_dup + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+# Launch heuristics for a memory-bound elementwise kernel.
+# TILE: elements per program. 4096 (8 KB per bf16 tensor) amortizes each program's index math
+# and keeps many loads in flight per SM, while the benchmark shapes still give tens of thousands
+# of programs to spread over the SMs.
+_TILE = 4096
+# MAX_BLOCK_C: widest tile. Wide rows are split into 1024-column tiles, so a row that is not a
+# multiple of it (5632, 11008) wastes at most one partly masked tile per row band.
+_MAX_BLOCK_C = 1024
+# NUM_WARPS: 8 warps give each thread 16 elements per tensor (two 16-byte bf16 vector loads),
+# leaving registers for the backward's handful of fp32 values per element.
+_NUM_WARPS = 8
+
+
+def _launch(kernel, n_rows: int, n_cols: int, *tensors_and_strides) -> None:
+    block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
+    block_r = _TILE // block_c
+    grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
+    torch.library.wrap_triton(kernel)[grid](
+        *tensors_and_strides, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a (rows, cols) matrix with unit column stride: a view when its leading dimensions
+    collapse to one row stride (contiguous tensors, the halves of `h.chunk(2, -1)`), a contiguous
+    copy for other layouts."""
+    m = t.reshape(math.prod(t.shape[:-1]), t.shape[-1] if t.dim() else 1)
+    return m if m.stride(-1) == 1 else m.contiguous()
+
+
+@torch.library.triton_op("tritongpt::swiglu", mutates_args=())
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g, u = _as_rows(gate), _as_rows(up)
+    y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if y.numel():
+        with runtime.on_device(y):
+            _launch(_swiglu_fwd_kernel, *g.shape, g, u, y, g.stride(0), u.stride(0), y.stride(0))
+    return y.view(gate.shape)
+
+
+@torch.library.triton_op("tritongpt::swiglu_backward", mutates_args=())
+def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d_gate and d_up side by side: a (rows, 2*cols) buffer (one output, as a custom op's outputs
+    may not alias each other)."""
+    g, u, d = _as_rows(gate), _as_rows(up), _as_rows(dy)
+    n_rows, n_cols = g.shape
+    dgu = torch.empty((n_rows, 2 * n_cols), dtype=g.dtype, device=g.device)
+    dgate, dup = dgu[:, :n_cols], dgu[:, n_cols:]
+    if dgu.numel():
+        with runtime.on_device(dgu):
+            _launch(_swiglu_bwd_kernel, n_rows, n_cols, g, u, d, dgate, dup, g.stride(0),
+                    u.stride(0), d.stride(0), dgate.stride(0), dup.stride(0))
+    return dgu
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy: torch.Tensor):
+    gate, up = ctx.saved_tensors
+    dgate, dup = _swiglu_backward(gate, up, dy).chunk(2, dim=-1)
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
+_swiglu.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("swiglu", "triton")
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    check_swiglu(gate, up)
+    check_tensor("swiglu", "gate", gate, dtypes=TRITON_DTYPES)
+    if gate.device.type != "cuda" and not runtime.INTERPRET:
+        raise ValueError(f"swiglu: the triton backend needs CUDA tensors, got {gate.device}")
+    return _swiglu(gate, up)

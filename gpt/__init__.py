@@ -1,0 +1,1 @@
+"""The GPT model, its data, optimizers and sampling."""

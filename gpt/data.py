@@ -1,0 +1,170 @@
+"""Datasets as nanoGPT lays them out: data/<name>/{train,val}.bin, uint16 token ids back to back,
+plus meta.pkl (vocab_size, stoi, itos) for character-level data.
+
+shakespeare_char and shakespeare (GPT-2 BPE) are built on first use from the text shipped in
+gpt/assets; openwebtext is built by `python -m gpt.data openwebtext` for users who have the
+`datasets` package (and the network to fetch it).
+"""
+import os
+import pickle
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import EOT, gpt2
+
+SHAKESPEARE = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
+BUILDERS = ("shakespeare_char", "shakespeare", "openwebtext")
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_tokens(path: Path, ids) -> None:
+    _write_atomic(path, lambda f: np.asarray(ids, dtype=np.uint16).tofile(f))
+
+
+def _split(text: str) -> tuple[str, str]:
+    n = len(text)
+    return text[: int(n * 0.9)], text[int(n * 0.9):]  # nanoGPT's 90/10 train/val split
+
+
+def build_shakespeare_char(out: Path) -> None:
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = dict(enumerate(chars))
+    for split, part in zip(("train", "val"), _split(text)):
+        _write_tokens(out / f"{split}.bin", [stoi[c] for c in part])
+    meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
+    _write_atomic(out / "meta.pkl", lambda f: pickle.dump(meta, f))
+
+
+def build_shakespeare(out: Path) -> None:
+    enc = gpt2()
+    for split, part in zip(("train", "val"), _split(SHAKESPEARE.read_text(encoding="utf-8"))):
+        _write_tokens(out / f"{split}.bin", enc.encode_ordinary(part))
+
+
+def write_documents(path: Path, texts: Iterable[str], batch: int = 1024) -> int:
+    """Tokenize documents with GPT-2's BPE, each followed by <|endoftext|>, streaming them to a
+    uint16 file in batches (memory stays bounded for corpora of billions of tokens). Returns the
+    number of tokens written."""
+    enc, total, pending = gpt2(), 0, []
+
+    def flush(f):
+        nonlocal total
+        for ids in enc.encode_ordinary_batch(pending, num_threads=os.cpu_count() or 1):
+            ids.append(EOT)
+            np.asarray(ids, dtype=np.uint16).tofile(f)
+            total += len(ids)
+        pending.clear()
+
+    def write(f):
+        for text in texts:
+            pending.append(text)
+            if len(pending) == batch:
+                flush(f)
+        flush(f)
+
+    _write_atomic(path, write)
+    return total
+
+
+def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = None) -> dict[str, int]:
+    """nanoGPT's openwebtext preparation: 8M web documents, 0.05% held out for val. `splits`
+    (split name -> document texts) replaces the download, for tests and other corpora."""
+    if splits is None:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise SystemExit("openwebtext needs the `datasets` package: pip install datasets") from None
+        ds = load_dataset("openwebtext", num_proc=os.cpu_count())["train"]
+        ds = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+        splits = {name: (t for rows in ds[key].iter(batch_size=1024) for t in rows["text"])
+                  for name, key in (("train", "train"), ("val", "test"))}
+    return {name: write_documents(out / f"{name}.bin", texts) for name, texts in splits.items()}
+
+
+def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
+    """data_dir/dataset, built first if it has no train.bin and val.bin."""
+    out = Path(data_dir) / dataset
+    if (out / "train.bin").exists() and (out / "val.bin").exists():
+        return out
+    if dataset not in BUILDERS:
+        raise ValueError(f"dataset {dataset!r}: no {out}/train.bin and val.bin, and no builder for it "
+                         f"(builders: {', '.join(BUILDERS)})")
+    if dataset == "openwebtext":
+        raise ValueError(f"dataset openwebtext is not built yet: run `python -m gpt.data openwebtext` "
+                         f"(needs the `datasets` package, about 54 GB of disk)")
+    out.mkdir(parents=True, exist_ok=True)
+    {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
+    return out
+
+
+def load_meta(path: Path) -> dict | None:
+    """meta.pkl of a character-level dataset, else None (GPT-2 BPE)."""
+    meta = path / "meta.pkl"
+    if not meta.exists():
+        return None
+    with open(meta, "rb") as f:
+        return pickle.load(f)
+
+
+class Batches:
+    """Random (x, y) windows of a dataset, drawn from a generator whose state is saved in
+    checkpoints so a resumed run sees the same batches. Eval batches come from their own
+    generator, reset for each evaluation, so every evaluation scores the same windows."""
+
+    def __init__(self, path: Path, block_size: int, batch_size: int, device: str, seed: int):
+        self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_seed = seed
+        for split in ("train", "val"):
+            n = os.path.getsize(path / f"{split}.bin") // 2
+            if n <= block_size:
+                raise ValueError(f"{path}/{split}.bin holds {n} tokens, too few for block_size {block_size}")
+
+    def _draw(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # A fresh memmap per batch: numpy's memmap otherwise grows resident memory (nanoGPT's note).
+        data = np.memmap(self.path / f"{split}.bin", dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=generator)
+        windows = torch.from_numpy(np.stack([data[i: i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
+        x, y = windows[:, :-1], windows[:, 1:]
+        if self.device.startswith("cuda"):
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x.contiguous(), y.contiguous()
+
+    def next(self, split: str = "train"):
+        return self._draw(split, self.generator)
+
+    def eval_batches(self, split: str, count: int):
+        generator = torch.Generator().manual_seed(self.eval_seed)
+        for _ in range(count):
+            yield self._draw(split, generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in BUILDERS:
+        raise SystemExit(f"usage: python -m gpt.data {{{','.join(BUILDERS)}}}")
+    name = sys.argv[1]
+    target = Path("data") / name
+    target.mkdir(parents=True, exist_ok=True)
+    if name == "openwebtext":
+        print(build_openwebtext(target))
+    else:
+        print(prepare(name))

@@ -1,0 +1,272 @@
+"""A GPT in one file, built from the kernel registry's ops.
+
+GPT-2 and LLaMA-style models are one class with switches: normalization (layernorm | rmsnorm),
+its position (pre | post), position encoding (learned | rope | none), MLP (gelu | swiglu, and the
+plain MLP's activation), bias, weight tying and grouped-query heads. The hot ops (norms, SwiGLU,
+attention) come from `kernels`, one backend per op, chosen before the model is built.
+"""
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and norms
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre | post
+    norm_eps: float = 1e-5
+    pos_encoding: str = "learned"  # learned | rope | none
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # gelu (a plain MLP, its activation below) | swiglu
+    activation: str = "gelu"  # gelu | silu | relu, for the plain MLP
+    mlp_hidden: int | None = None  # None: 4·n_embd (plain), 8/3·n_embd rounded up to 64 (swiglu)
+    tie_weights: bool = True  # lm_head shares the token embedding
+
+    def __post_init__(self):
+        choices = {"norm": ("layernorm", "rmsnorm"), "norm_position": ("pre", "post"),
+                   "pos_encoding": ("learned", "rope", "none"), "mlp": ("gelu", "swiglu"),
+                   "activation": ("gelu", "silu", "relu")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"GPTConfig: {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("GPTConfig: rope needs an even head size")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else _round_up(8 * self.n_embd // 3, 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple
+
+
+# Architectures by name. `llama` is LLaMA's recipe at GPT-2 small's width and depth: its blocks,
+# with an 8/3·n_embd SwiGLU, hold gpt2's 85M parameters; its untied head makes 124M beside the
+# token embedding (162M in all).
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "llama": dict(n_layer=12, n_head=12, n_embd=768, norm="rmsnorm", pos_encoding="rope",
+                  mlp="swiglu", bias=False, tie_weights=False),
+    "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                             vocab_size=65, bias=False),
+}
+
+
+def preset(name: str) -> dict:
+    """Every GPTConfig field for the architecture `name`: its own values over the field defaults."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS)}")
+    return {f.name: f.default for f in fields(GPTConfig)} | PRESETS[name]
+
+
+class Ops:
+    """The registry functions this model calls, one backend per op (default: all torch)."""
+
+    def __init__(self, backends: Mapping[str, str] | None = None):
+        backends = dict(backends or {})
+        self.backends = {op: backends.pop(op, "torch") for op in kernels.OPS}
+        if backends:
+            raise ValueError(f"unknown ops {sorted(backends)}; ops are {list(kernels.OPS)}")
+        for op, backend in self.backends.items():
+            setattr(self, op, kernels.get(op, backend))
+
+
+class Norm(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.rms = config.norm == "rmsnorm"
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and not self.rms else None
+        self.ops = ops
+
+    def forward(self, x):
+        if self.rms:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (length, head_dim/2), of the rotary angles pos·theta^(-2i/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, nh, T, hs) by the angles (T, hs/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.ops = ops
+
+    def forward(self, x, rope=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU's gate and up projections are one matmul; the op reads the two halves.
+        fc_width = 2 * config.mlp_hidden if self.swiglu else config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_width, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled = True
+        self.act = {"gelu": nn.GELU(), "silu": nn.SiLU(), "relu": nn.ReLU()}[config.activation]
+        self.dropout = nn.Dropout(config.dropout)
+        self.ops = ops
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.ops.swiglu(gate, up)
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln_1 = Norm(config, ops)
+        self.attn = CausalSelfAttention(config, ops)
+        self.ln_2 = Norm(config, ops)
+        self.mlp = MLP(config, ops)
+
+    def forward(self, x, rope=None):
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x), rope)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, rope))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, kernels: Mapping[str, str] | None = None):
+        """`kernels`: op -> backend (ops left out use torch); see `kernels.choose`."""
+        super().__init__()
+        self.config = config
+        self.ops = Ops(kernels)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, self.ops) for _ in range(config.n_layer))
+        # Post-norm blocks end in a norm already; pre-norm needs one before the head.
+        self.ln_f = Norm(config, self.ops) if config.norm_position == "pre" else None
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2's init: N(0, 0.02), and residual projections scaled by 1/sqrt(2·n_layer).
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_scaled", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Exact parameter count (shared tensors once). Non-embedding leaves out the token and
+        position embeddings, and the lm_head only when it is tied to them."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"GPT: sequence of length {T} is longer than block_size {self.config.block_size}")
+        x = self.wte(idx)  # (B, T, n_embd)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = None
+        if self.config.pos_encoding == "rope":  # fp32 tables made per call: a bf16 model keeps them exact
+            rope = rope_tables(self.config.head_dim, T, self.config.rope_theta, idx.device)
+        for block in self.h:
+            x = block(x, rope)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices (matmul weights, embeddings), none on vectors (norms, biases)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float() / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

@@ -1,0 +1,227 @@
+"""swiglu(gate, up) = silu(gate) * up: both backends, forward and both gradients, against float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import swiglu as swiglu_module
+from tests.numerics import assert_as_accurate
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["torch", "triton"]
+# One element, one row, widths that are not a multiple of the column tile, a 3-D batch.
+SHAPES = [(), (1, 4099), (3, 1031), (2, 5, 33)]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def reference(gate, up, dy):
+    """Output, d_gate and d_up in float64, from the textbook formulas."""
+    g, u, d = gate.double(), up.double(), dy.double()
+    s = 1 / (1 + torch.exp(-g))
+    return g * s * u, d * u * (s + g * s * (1 - s)), d * g * s
+
+
+def torch_own(gate, up):
+    """torch's own SwiGLU in the inputs' dtype: the error baseline."""
+    return F.silu(gate) * up
+
+
+def forward_backward(fn, gate, up, dy):
+    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+    y = fn(gate, up)
+    y.backward(dy)
+    return y, gate.grad, up.grad
+
+
+def assert_matches_float64(fn, gate, up, dy, what):
+    ref = reference(gate, up, dy)
+    base = forward_backward(torch_own, gate, up, dy)
+    out = forward_backward(fn, gate, up, dy)
+    for name, o, b, r in zip(("y", "d_gate", "d_up"), out, base, ref):
+        assert o.dtype == gate.dtype, f"{what} {name}: dtype {o.dtype}"
+        assert_as_accurate(o, b, r, f"{what} {name}")
+
+
+def inputs(shape, dtype, device, gate_scale=4.0):
+    # A gate scale of 4 puts a good share of the inputs where sigmoid saturates.
+    gate = (torch.randn(shape, device=device) * gate_scale).to(dtype)
+    return gate, torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(backend, dtype, shape, device):
+    gate, up, dy = inputs(shape, dtype, device)
+    assert_matches_float64(kernels.get("swiglu", backend), gate, up, dy, f"{backend} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_gate_stays_finite(backend, dtype, device):
+    """|gate| up to 30, both ends included: exp(-gate) is huge or tiny, silu and its derivative
+    neither overflow nor turn NaN."""
+    gate = torch.cat([torch.tensor([-30.0, 30.0], device=device), torch.rand(1029, device=device) * 60 - 30])
+    gate = gate.to(dtype)
+    up, dy = (torch.randn(1031, device=device).to(dtype) for _ in range(2))
+    out = forward_backward(kernels.get("swiglu", backend), gate, up, dy)
+    assert all(torch.isfinite(t).all() for t in out)
+    assert_matches_float64(kernels.get("swiglu", backend), gate, up, dy, f"{backend} {dtype} |gate|<=30")
+
+
+# The interpreter's numpy exp warns where fp32 exp overflows to inf, which is the case tested here.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_fp32_gate(backend, device):
+    """Far past where fp32 exp overflows (|gate| > 88): the sigmoid saturates cleanly."""
+    gate = torch.tensor([-1e4, -100.0, -88.0, -30.0, 0.0, 30.0, 88.0, 100.0, 1e4], device=device)
+    up, dy = torch.ones_like(gate), torch.ones_like(gate)
+    out = forward_backward(kernels.get("swiglu", backend), gate, up, dy)
+    for name, o, r in zip(("y", "d_gate", "d_up"), out, reference(gate, up, dy)):
+        torch.testing.assert_close(o.double(), r, rtol=1e-6, atol=1e-30, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_halves_of_one_projection(backend, dtype, device):
+    """The model's layout: gate, up = h.chunk(2, -1), views with row stride 2*hidden."""
+    hidden = 1031
+    h = (torch.randn(2, 3, 2 * hidden, device=device) * 4).to(dtype).requires_grad_()
+    gate, up = h.chunk(2, dim=-1)
+    dy = torch.randn(2, 3, hidden, device=device).to(dtype)
+    assert_matches_float64(kernels.get("swiglu", backend), gate, up, dy, f"{backend} {dtype} chunked")
+
+    y = kernels.get("swiglu", backend)(gate, up)
+    y.backward(dy)
+    ref_y, ref_dgate, ref_dup = reference(gate, up, dy)
+    base = torch_own(gate, up)
+    (base_dh,) = torch.autograd.grad(base, h, dy)
+    assert_as_accurate(y, base, ref_y, f"{backend} {dtype} chunked y")
+    assert_as_accurate(h.grad, base_dh, torch.cat([ref_dgate, ref_dup], -1), f"{backend} {dtype} d_h")
+
+
+def test_chunk_halves_are_read_in_place():
+    h = torch.randn(4, 5, 2 * 33)
+    for half in h.chunk(2, dim=-1):
+        rows = swiglu_module._as_rows(half)
+        assert rows.data_ptr() == half.data_ptr() and rows.stride() == (2 * 33, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exotic_layouts(backend, device):
+    """Layouts the kernel cannot stride through are copied first: a transposed gate (column stride
+    != 1), leading dimensions that do not collapse to one row stride, and a broadcast gradient
+    (y.sum().backward() hands backward a stride-0 dy)."""
+    gate = (torch.randn(1031, 6, device=device) * 4).t()
+    up = torch.randn(6, 5, 1031, device=device)[:, 1:2].squeeze(1)
+    gate3, up3 = torch.randn(2, 5, 1031, device=device)[:, 1:4] * 4, torch.randn(2, 3, 1031, device=device)
+    fn = kernels.get("swiglu", backend)
+    for g, u in ((gate, up), (gate3, up3)):
+        dy = torch.randn_like(u)
+        assert_matches_float64(fn, g, u, dy, f"{backend} {tuple(g.stride())}")
+        g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+        fn(g, u).sum().backward()
+        _, ref_dgate, ref_dup = reference(g, u, torch.ones_like(u))
+        torch.testing.assert_close(g.grad.double(), ref_dgate, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(u.grad.double(), ref_dup, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 7)], ids=str)
+def test_empty(backend, shape, device):
+    gate, up, dy = inputs(shape, torch.float32, device)
+    y, dgate, dup = forward_backward(kernels.get("swiglu", backend), gate, up, dy)
+    assert y.shape == dgate.shape == dup.shape == shape
+
+
+def test_backward_saves_only_the_inputs(device):
+    """Backward recomputes silu: the only saved tensors are gate and up themselves."""
+    gate, up, _ = inputs((3, 1031), torch.bfloat16, device)
+    gate.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.get("swiglu", "triton")(gate, up)
+    assert len(saved) == 2 and all(t.dtype == torch.bfloat16 and t.shape == (3, 1031) for t in saved)
+
+
+def test_backward_is_deterministic(device):
+    gate, up, dy = inputs((3, 4099), torch.bfloat16, device)
+    first, second = (forward_backward(kernels.get("swiglu", "triton"), gate, up, dy) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend, device):
+    fn = kernels.get("swiglu", backend)
+    x = torch.randn(3, 4, device=device)
+    cases = {
+        "same shape": (x, torch.randn(3, 5, device=device)),
+        "int32": (x.to(torch.int32), x.to(torch.int32)),
+        "same dtype": (x, x.half()),
+        "must be a tensor": (x, 1.0),
+    }
+    for problem, (gate, up) in cases.items():
+        with pytest.raises(ValueError, match=f"swiglu.*{problem}"):
+            fn(gate, up)
+
+
+def test_triton_refuses_float64(device):
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    with pytest.raises(ValueError, match="swiglu.*float64"):
+        kernels.get("swiglu", "triton")(x, x)
+
+
+# GPU-only: benchmark-sized inputs, offsets past 2^31, another GPU, torch.compile.
+
+@cuda_only
+@pytest.mark.parametrize("hidden", [2048, 5632, 11008, 14336])
+def test_llama_shapes_cuda(hidden):
+    h = (torch.randn(16384, 2 * hidden, device="cuda") * 4).bfloat16()
+    gate, up = h.chunk(2, dim=-1)
+    dy = torch.randn(16384, hidden, device="cuda").bfloat16()
+    assert_matches_float64(kernels.get("swiglu", "triton"), gate, up, dy, f"16k x {hidden}")
+
+
+@cuda_only
+def test_offsets_past_int32_cuda():
+    """gate and up rows of a projection whose buffer has more than 2^31 elements (4 GiB of bf16):
+    row * row_stride overflows int32 in the last rows."""
+    rows, hidden = (1 << 20) + 3, 1024
+    h = torch.randn(rows, 2 * hidden, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    gate, up = h.chunk(2, dim=-1)
+    y = kernels.get("swiglu", "triton")(gate, up)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    tail = slice(rows - 4, rows)
+    dgate, dup = h.grad[tail].chunk(2, dim=-1)
+    base = forward_backward(torch_own, gate[tail], up[tail], dy[tail])
+    ref = reference(gate[tail], up[tail], dy[tail])
+    for name, o, b, r in zip(("y", "d_gate", "d_up"), (y[tail], dgate, dup), base, ref):
+        assert_as_accurate(o, b, r, f"last rows {name}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu():
+    gate, up, dy = inputs((3, 1031), torch.bfloat16, "cuda:1")
+    assert_matches_float64(kernels.get("swiglu", "triton"), gate, up, dy, "cuda:1")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_compile_matches_eager(dtype):
+    fn = kernels.get("swiglu", "triton")
+
+    def mlp_gate(h):
+        gate, up = h.chunk(2, dim=-1)
+        return fn(gate, up)
+
+    h = (torch.randn(4, 257, 2 * 1031, device="cuda") * 4).to(dtype)
+    dy = torch.randn(4, 257, 1031, device="cuda").to(dtype)
+    results = []
+    for f in (mlp_gate, torch.compile(mlp_gate, fullgraph=True)):
+        x = h.detach().requires_grad_()
+        y = f(x)
+        y.backward(dy)
+        results.append((y, x.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

@@ -1,0 +1,324 @@
+"""Train a GPT with nanoGPT's interface: python train.py [config.py] [--key=value ...]
+
+With no config file it trains the shakespeare-char baby GPT (config/train_shakespeare_char.py on a
+GPU, nanoGPT's small CPU recipe in config/train_shakespeare_char_cpu.py on a CPU). nanoGPT config
+files run unchanged. Several GPUs: torchrun --standalone --nproc_per_node=8 train.py config.py
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import kernels
+from gpt import checkpoint
+from gpt.config import ConfigError, parse_args
+from gpt.data import Batches, load_meta, prepare
+from gpt.model import GPT, GPTConfig, preset
+from gpt.optim import BF16AdamW
+
+# nanoGPT's keys and defaults (GPT-2 124M on OpenWebText), then tritongpt's own.
+DEFAULTS = dict(
+    # I/O
+    out_dir="out", eval_interval=2000, log_interval=1, eval_iters=200, eval_only=False,
+    always_save_checkpoint=True, init_from="scratch",  # scratch | resume
+    # wandb logging
+    wandb_log=False, wandb_project="owt", wandb_run_name="gpt2",
+    # data
+    dataset="openwebtext", gradient_accumulation_steps=5 * 8, batch_size=12, block_size=1024,
+    # model
+    n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,
+    # AdamW and its learning-rate schedule (linear warm-up, cosine decay to min_lr)
+    learning_rate=6e-4, max_iters=600000, weight_decay=1e-1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    decay_lr=True, warmup_iters=2000, lr_decay_iters=600000, min_lr=6e-5,
+    # system: device and dtype None choose CUDA and bf16 (fp16 on older GPUs) when present, else
+    # CPU and fp32
+    backend="nccl", device=None, dtype=None, compile=True,
+    # tritongpt
+    kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
+    optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
+    preset=None,  # an architecture from gpt.model.PRESETS, under the keys set explicitly
+    n_kv_head=None, norm="layernorm", norm_position="pre", norm_eps=1e-5, pos_encoding="learned",
+    rope_theta=10000.0, mlp="gelu", activation="gelu", mlp_hidden=None, tie_weights=True,
+    data_dir="data", seed=1337,
+)
+ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+DEFAULT_CONFIG = "config/train_shakespeare_char.py"
+DEFAULT_CPU_CONFIG = "config/train_shakespeare_char_cpu.py"
+
+
+def read_config(argv: list[str]) -> tuple[dict, list[str]]:
+    """(config, argv): defaults < preset < config files and --key=value, in order. With no config
+    file in argv, the shakespeare-char config for this machine is put first."""
+    if not any(arg.endswith(".py") and not arg.startswith("--") for arg in argv):
+        argv = [DEFAULT_CONFIG if torch.cuda.is_available() else DEFAULT_CPU_CONFIG, *argv]
+    overrides = parse_args(argv, DEFAULTS)
+    config = dict(DEFAULTS)
+    if overrides.get("preset"):
+        config.update({k: v for k, v in preset(overrides["preset"]).items() if k in ARCH_KEYS})
+    config.update(overrides)
+    if config["device"] is None:
+        config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if config["dtype"] is None:
+        cuda = config["device"].startswith("cuda")
+        config["dtype"] = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+    return config, argv
+
+
+def lr_at(it: int, c: dict) -> float:
+    if not c["decay_lr"]:
+        return c["learning_rate"]
+    if it < c["warmup_iters"]:
+        return c["learning_rate"] * (it + 1) / (c["warmup_iters"] + 1)
+    if it > c["lr_decay_iters"]:
+        return c["min_lr"]
+    ratio = (it - c["warmup_iters"]) / (c["lr_decay_iters"] - c["warmup_iters"])
+    return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
+
+
+def memory_gb(device_type: str) -> tuple[float, float, float]:
+    """(allocated, peak allocated, reserved) GB on the GPU; on CPU the process's peak RSS thrice."""
+    if device_type == "cuda":
+        return (torch.cuda.memory_allocated() / 1e9, torch.cuda.max_memory_allocated() / 1e9,
+                torch.cuda.memory_reserved() / 1e9)
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    return rss, rss, rss
+
+
+def summary(console, c, model, choices, tokens_per_iter, world_size, config_files):
+    mc = model.config
+    table = Table(title="tritongpt", show_header=False, box=None)
+    table.add_row("config", ", ".join(config_files) or "(defaults)")
+    table.add_row("parameters", f"{model.num_params():,} total, {model.num_params(non_embedding=True):,} "
+                                f"non-embedding")
+    table.add_row("model", f"{mc.n_layer} layers, {mc.n_head} heads ({mc.n_kv_head} kv), {mc.n_embd} wide, "
+                           f"block {mc.block_size}, vocab {mc.vocab_size}; {mc.norm_position}-{mc.norm}, "
+                           f"{mc.pos_encoding} positions, {mc.mlp if mc.mlp == 'swiglu' else mc.activation} MLP "
+                           f"({mc.mlp_hidden} hidden), bias {mc.bias}, tied {mc.tie_weights}")
+    table.add_row("batch", f"{c['batch_size']} × {c['block_size']} tokens × {c['gradient_accumulation_steps']} "
+                           f"accumulation × {world_size} processes = {tokens_per_iter:,} tokens per step")
+    table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}")
+    console.print(table)
+    ktable = Table(title=f"kernels={c['kernels']}")
+    for col in ("op", "backend", "why"):
+        ktable.add_column(col)
+    for op, choice in choices.items():
+        ktable.add_row(op, choice.backend, choice.reason)
+    console.print(ktable)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        c, argv = read_config(argv)
+    except ConfigError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
+
+    # --- processes: one, or one per GPU under torchrun -------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        backend = c["backend"] if c["device"].startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if c["device"].startswith("cuda"):
+            c["device"] = f"cuda:{local_rank}"
+            torch.cuda.set_device(c["device"])
+        if c["gradient_accumulation_steps"] % world_size:
+            raise SystemExit(f"train.py: gradient_accumulation_steps {c['gradient_accumulation_steps']} is "
+                             f"not a multiple of the {world_size} processes")
+        c["gradient_accumulation_steps"] //= world_size
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+    console = Console(quiet=not master, soft_wrap=True)
+    device_type = "cuda" if c["device"].startswith("cuda") else "cpu"
+    torch.manual_seed(c["seed"] + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
+
+    # --- data ---------------------------------------------------------------------------------
+    if master:
+        data_path = prepare(c["dataset"], c["data_dir"])
+    if ddp:
+        torch.distributed.barrier()
+    data_path = prepare(c["dataset"], c["data_dir"])
+    meta = load_meta(data_path)
+    batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"] + rank)
+
+    # --- model, optimizer ---------------------------------------------------------------------
+    choices = kernels.choose(c["kernels"], device_type)
+    backends = {op: choice.backend for op, choice in choices.items()}
+    iter_num, best_val_loss, resumed = 0, 1e9, None
+    if c["init_from"] == "resume":
+        resumed = checkpoint.load(c["out_dir"], c["device"])
+        model_args = resumed["model_args"]
+        for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
+            c[key] = model_args[key]
+        model = checkpoint.build_model(resumed, backends)
+        iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
+    elif c["init_from"] == "scratch":
+        vocab_size = meta["vocab_size"] if meta else 50304
+        model_args = asdict(GPTConfig(vocab_size=vocab_size, **{k: c[k] for k in ARCH_KEYS}))
+        model = GPT(GPTConfig(**model_args), backends)
+    else:
+        raise SystemExit(f"train.py: init_from must be scratch or resume, got {c['init_from']!r} (loading "
+                         f"OpenAI's GPT-2 weights needs the network and is not supported)")
+    pure_bf16 = c["optimizer"] == "bf16_adamw"
+    if pure_bf16:
+        if c["dtype"] == "float16":
+            raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16; set dtype=bfloat16")
+        c["dtype"] = "bfloat16"
+        model.to(torch.bfloat16)
+    model.to(c["device"])
+
+    groups = model.param_groups(c["weight_decay"])
+    betas = (c["beta1"], c["beta2"])
+    if c["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=c["learning_rate"], betas=betas, fused=device_type == "cuda")
+    elif pure_bf16:
+        optimizer = BF16AdamW(groups, lr=c["learning_rate"], betas=betas, backend=backends["adamw"])
+    else:
+        raise SystemExit(f"train.py: optimizer must be adamw or bf16_adamw, got {c['optimizer']!r}")
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+
+    # Autocast only for fp32 weights; pure-bf16 weights already run every matmul in bf16.
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
+    autocast = (nullcontext() if pure_bf16 or ptdtype == torch.float32
+                else torch.autocast(device_type=device_type, dtype=ptdtype))
+    scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
+    if resumed:
+        scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if device_type == "cuda" and resumed["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"][rank % len(resumed["rng"]["cuda"])])
+        batches.load_state_dict(resumed["rng"]["data"])
+        del resumed  # free the checkpoint's copy of the weights
+
+    raw_model = model
+    if c["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    if master:
+        summary(console, c, raw_model, choices, tokens_per_iter, world_size, config_files)
+        os.makedirs(c["out_dir"], exist_ok=True)
+        log_file = open(Path(c["out_dir"]) / "log.jsonl", "a")
+    if c["wandb_log"] and master:
+        import wandb
+
+        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
+
+    def log(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if c["wandb_log"]:
+            wandb.log(record)
+
+    @torch.no_grad()
+    def estimate_loss() -> dict:
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            losses = torch.zeros(c["eval_iters"])
+            for k, (x, y) in enumerate(batches.eval_batches(split, c["eval_iters"])):
+                with autocast:
+                    _, loss = model(x, y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    def save_checkpoint() -> None:
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                     iter_num=iter_num, best_val_loss=best_val_loss, config=c, meta=meta,
+                     scaler=scaler.state_dict(),
+                     rng=dict(torch=torch.get_rng_state(), data=batches.state_dict(),
+                              cuda=torch.cuda.get_rng_state_all() if device_type == "cuda" else None))
+        path = checkpoint.save(state, c["out_dir"])
+        console.print(f"saved checkpoint to {path}")
+
+    # --- the loop -----------------------------------------------------------------------------
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                        console=console, disable=not master, transient=True)
+    task = progress.add_task("train", total=c["max_iters"], completed=iter_num, status="")
+    t_last, iters_since_log = time.perf_counter(), 0
+    with progress:
+        while True:
+            lr = lr_at(iter_num, c)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and master:
+                losses = estimate_loss()
+                console.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
+                if losses["val"] < best_val_loss or c["always_save_checkpoint"]:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    if iter_num > 0:
+                        save_checkpoint()
+                t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not step time
+            if c["eval_only"] or iter_num >= c["max_iters"]:
+                break
+
+            loss_sum = torch.zeros((), device=c["device"])
+            for micro_step in range(c["gradient_accumulation_steps"]):
+                if ddp:  # sync gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro_step == c["gradient_accumulation_steps"] - 1
+                x, y = batches.next("train")
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / c["gradient_accumulation_steps"]
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+            logging_now = iter_num % c["log_interval"] == 0 and master
+            grad_norm = None
+            if c["grad_clip"] != 0.0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c["grad_clip"])
+            elif logging_now:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters()
+                                                           if p.grad is not None])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iters_since_log += 1
+            progress.advance(task)
+
+            if logging_now:
+                loss_value = loss_sum.item()  # the one host sync per log interval
+                dt = (time.perf_counter() - t_last) / iters_since_log
+                t_last, iters_since_log = time.perf_counter(), 0
+                allocated, peak, reserved = memory_gb(device_type)
+                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
+                              step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt,
+                              mem_allocated_gb=allocated, mem_peak_gb=peak, mem_reserved_gb=reserved)
+                console.print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm "
+                              f"{record['grad_norm']:.3f}, {record['step_ms']:.1f} ms, "
+                              f"{record['tokens_per_s']:,.0f} tok/s, mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
+                progress.update(task, status=f"loss {loss_value:.4f}")
+                log(record)
+            iter_num += 1
+
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
