@@ -56,15 +56,16 @@ DEFAULT_CPU_CONFIG = "config/train_shakespeare_char_cpu.py"
 
 
 def read_config(argv: list[str]) -> tuple[dict, list[str]]:
-    """(config, argv): defaults < preset < config files and --key=value, in order. With no config
-    file in argv, the shakespeare-char config for this machine is put first."""
+    """(config, argv): the defaults, then the config files and --key=value arguments in order, a
+    preset setting every architecture key where it stands. With no config file in argv, the
+    shakespeare-char config for this machine is put first."""
     if not any(arg.endswith(".py") and not arg.startswith("--") for arg in argv):
         argv = [DEFAULT_CONFIG if torch.cuda.is_available() else DEFAULT_CPU_CONFIG, *argv]
-    overrides = parse_args(argv, DEFAULTS)
     config = dict(DEFAULTS)
-    if overrides.get("preset"):
-        config.update({k: v for k, v in preset(overrides["preset"]).items() if k in ARCH_KEYS})
-    config.update(overrides)
+    for key, value in parse_args(argv, DEFAULTS):
+        if key == "preset" and value:  # the preset's architecture, under the keys set after it
+            config.update({k: v for k, v in preset(value).items() if k in ARCH_KEYS})
+        config[key] = value
     if config["device"] is None:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if config["dtype"] is None:

@@ -70,10 +70,10 @@ def _coerce(key: str, value, default, source: str):
                       f"{default!r}, got {value!r}")
 
 
-def parse_args(argv: list[str], defaults: dict) -> dict:
-    """The keys that the config files and --key=value arguments of `argv` set, later ones winning,
-    each checked against `defaults`."""
-    overrides: dict = {}
+def parse_args(argv: list[str], defaults: dict) -> list[tuple[str, object]]:
+    """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
+    order, each checked against `defaults`."""
+    assignments = []
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
@@ -87,5 +87,5 @@ def parse_args(argv: list[str], defaults: dict) -> dict:
         for key, value in items:
             if key not in defaults:
                 raise ConfigError(f"{source}: unknown config key {key!r}")
-            overrides[key] = _coerce(key, value, defaults[key], source)
-    return overrides
+            assignments.append((key, _coerce(key, value, defaults[key], source)))
+    return assignments

@@ -1,0 +1,70 @@
+import pytest
+
+from gpt.config import ConfigError, parse_args, read_config_file
+
+DEFAULTS = dict(batch_size=12, learning_rate=6e-4, dataset="openwebtext", compile=True, n_kv_head=None,
+                gradient_accumulation_steps=40, wandb_run_name="gpt2")
+
+# nanoGPT's style of config file: comments, arithmetic, booleans, strings.
+NANOGPT_STYLE = '''
+# config for training GPT-2 (124M) down to very nice loss of ~2.85 on 1 node of 8X A100 40GB
+"""a docstring is allowed"""
+wandb_run_name='gpt2-124M'
+
+# these make the total batch size be ~0.5M
+# 12 batch size * 1024 block size * 5 gradaccum * 8 GPUs = 491,520
+batch_size = 12
+gradient_accumulation_steps = 5 * 8
+learning_rate = 6e-4 / 2
+compile = False # override via command line if you like
+'''
+
+
+def test_reads_a_nanogpt_config_file(tmp_path):
+    path = tmp_path / "train_gpt2.py"
+    path.write_text(NANOGPT_STYLE)
+    assert read_config_file(path) == dict(wandb_run_name="gpt2-124M", batch_size=12,
+                                          gradient_accumulation_steps=40, learning_rate=3e-4, compile=False)
+
+
+def test_later_arguments_win_and_types_are_kept(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("batch_size = 8\ndataset = 'shakespeare_char'\n")
+    assignments = parse_args([str(path), "--batch_size=32", "--learning_rate=1", "--dataset=shakespeare",
+                              "--n_kv_head=4"], DEFAULTS)
+    assert assignments == [("batch_size", 8), ("dataset", "shakespeare_char"), ("batch_size", 32),
+                           ("learning_rate", 1.0), ("dataset", "shakespeare"), ("n_kv_head", 4)]
+    overrides = dict(assignments)
+    assert isinstance(overrides["learning_rate"], float)
+
+
+def test_earlier_keys_can_be_used(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("batch_size = 4\ngradient_accumulation_steps = 160 // batch_size\n")
+    assert dict(parse_args([str(path)], DEFAULTS))["gradient_accumulation_steps"] == 40
+
+
+@pytest.mark.parametrize("line", ["import time", "wandb_run_name = 'ft-' + str(time.time())",
+                                  "exec('x = 1')", "batch_size += 1", "x.y = 3"])
+def test_code_is_refused_with_its_line(tmp_path, line):
+    path = tmp_path / "evil.py"
+    path.write_text(f"batch_size = 1\n{line}\n")
+    with pytest.raises(ConfigError, match=r"evil.py:2"):
+        read_config_file(path)
+
+
+def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
+        parse_args(["--batchsize=3"], DEFAULTS)
+    path = tmp_path / "c.py"
+    path.write_text("n_layers = 4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'n_layers'"):
+        parse_args([str(path)], DEFAULTS)
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        parse_args(["--batch_size=big"], DEFAULTS)
+    with pytest.raises(ConfigError, match="compile must be bool"):
+        parse_args(["--compile=1"], DEFAULTS)
+    with pytest.raises(ConfigError, match="expected --key=value"):
+        parse_args(["--compile"], DEFAULTS)
+    with pytest.raises(ConfigError, match="expected a config file"):
+        parse_args(["compile=False"], DEFAULTS)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from gpt.data import Batches, build_openwebtext, load_meta, prepare
+from gpt.tokenizer import EOT, gpt2
+
+
+def test_tokenizer_is_gpt2_and_offline():
+    enc = gpt2()
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT
+    assert enc.decode(enc.encode(" the quick brown fox<|endoftext|>", allowed_special="all")) == \
+        " the quick brown fox<|endoftext|>"
+
+
+def test_shakespeare_char(tmp_path):
+    path = prepare("shakespeare_char", tmp_path)
+    meta = load_meta(path)
+    assert meta["vocab_size"] == 65
+    train = np.fromfile(path / "train.bin", dtype=np.uint16)
+    val = np.fromfile(path / "val.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (1_003_854, 111_540)  # nanoGPT's counts
+    assert "".join(meta["itos"][i] for i in train[:14]) == "First Citizen:"
+    before = (path / "train.bin").stat().st_mtime_ns
+    prepare("shakespeare_char", tmp_path)  # built once
+    assert (path / "train.bin").stat().st_mtime_ns == before
+
+
+def test_shakespeare_bpe(tmp_path):
+    path = prepare("shakespeare", tmp_path)
+    assert load_meta(path) is None
+    train = np.fromfile(path / "train.bin", dtype=np.uint16)
+    val = np.fromfile(path / "val.bin", dtype=np.uint16)
+    assert (len(train), len(val)) == (301_966, 36_059)  # nanoGPT's counts
+    assert gpt2().decode(train[:3].tolist()) == "First Citizen:"
+
+
+def test_openwebtext_preparation_on_a_small_corpus(tmp_path):
+    docs = {"train": [f"document {i}: " + "lorem ipsum " * i for i in range(50)], "val": ["held out", "text"]}
+    counts = build_openwebtext(tmp_path, {k: iter(v) for k, v in docs.items()})
+    enc = gpt2()
+    for split, texts in docs.items():
+        ids = np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16)
+        expected = [t for text in texts for t in enc.encode_ordinary(text) + [EOT]]
+        assert ids.tolist() == expected and counts[split] == len(expected)
+
+
+def test_unknown_datasets_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="no builder"):
+        prepare("wikitext", tmp_path)
+    with pytest.raises(ValueError, match="python -m gpt.data openwebtext"):
+        prepare("openwebtext", tmp_path)
+
+
+def test_batches_are_shifted_windows_and_resumable(tmp_path):
+    path = prepare("shakespeare_char", tmp_path)
+    data = np.fromfile(path / "train.bin", dtype=np.uint16)
+    batches = Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
+    x, y = batches.next()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    start = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(data, 16) == x[0].numpy(), axis=1))
+    assert len(start) >= 1
+    state = batches.state_dict()
+    expected = [batches.next() for _ in range(3)]
+    batches.next()
+    batches.load_state_dict(state)
+    for ex in expected:
+        got = batches.next()
+        assert torch.equal(got[0], ex[0]) and torch.equal(got[1], ex[1])
+    first = [b[0] for b in batches.eval_batches("val", 2)]
+    again = [b[0] for b in batches.eval_batches("val", 2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

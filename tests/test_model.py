@@ -1,0 +1,137 @@
+import itertools
+
+import pytest
+import torch
+
+import kernels
+from gpt.model import GPT, PRESETS, GPTConfig, preset
+
+
+def expected_params(c: GPTConfig) -> int:
+    """Parameter count from the architecture, written out independently of the model code."""
+    d, hidden, L = c.n_embd, c.mlp_hidden, c.n_layer
+    n_kv = c.n_kv_head or c.n_head
+    norm = d * (2 if c.norm == "layernorm" and c.bias else 1)
+    qkv = d * (c.n_head + 2 * n_kv) * (d // c.n_head) + (d // c.n_head) * (c.n_head + 2 * n_kv) * c.bias
+    proj = d * d + d * c.bias
+    fc_out = hidden * (2 if c.mlp == "swiglu" else 1)
+    mlp = d * fc_out + fc_out * c.bias + hidden * d + d * c.bias
+    block = 2 * norm + qkv + proj + mlp
+    emb = c.vocab_size * d + (c.block_size * d if c.pos_encoding == "learned" else 0)
+    head = 0 if c.tie_weights else c.vocab_size * d
+    final_norm = norm if c.norm_position == "pre" else 0
+    return emb + L * block + final_norm + head
+
+
+@pytest.mark.parametrize("name,total", [("gpt2", 124_475_904), ("shakespeare-char", 10_745_088),
+                                        ("llama", 162_220_800), ("gpt2-medium", 354_871_296)])
+def test_preset_parameter_counts_are_exact(name, total):
+    config = GPTConfig(**preset(name))
+    with torch.device("meta"):
+        model = GPT(config)
+    assert model.num_params() == total == expected_params(config)
+
+
+def test_gpt2_matches_nanogpt_count():
+    # nanoGPT prints 123.69M for GPT-2 at vocab 50257: all parameters but the position embeddings.
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**(preset("gpt2") | {"vocab_size": 50257})))
+    assert model.num_params() - model.wpe.weight.numel() == 123_653_376
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        with torch.device("meta"):
+            GPT(GPTConfig(**preset(name)))
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("gpt5")
+
+
+SWITCHES = [dict(norm=n, norm_position=p, pos_encoding=e, mlp=m, bias=b, tie_weights=t, n_kv_head=kv)
+            for n, p, e, m, b, t, kv in itertools.product(
+                ["layernorm", "rmsnorm"], ["pre", "post"], ["learned", "rope", "none"], ["gelu", "swiglu"],
+                [True, False], [True, False], [None, 2])][::7]  # a spread of the 192 combinations
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_forward_backward_every_switch(switches):
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, dropout=0.1, **switches)
+    model = GPT(config)
+    assert model.num_params() == expected_params(config)
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 50)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model.eval()
+    logits, loss = model(idx[:, :5])
+    assert logits.shape == (3, 1, 50) and loss is None
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
+def test_plain_mlp_activations(activation):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, activation=activation))
+    _, loss = model(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8)))
+    assert torch.isfinite(loss)
+
+
+def test_fresh_model_predicts_uniformly():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    _, loss = model(torch.randint(0, 65, (4, 16)), torch.randint(0, 65, (4, 16)))
+    assert abs(loss.item() - torch.log(torch.tensor(65.0)).item()) < 0.1
+
+
+def test_causality():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, pos_encoding="rope")).eval()
+    idx = torch.randint(0, 50, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 50
+    a, _ = model(idx, idx)
+    b, _ = model(changed, changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_model_uses_the_chosen_backends():
+    calls = []
+    backends = {op: c.backend for op, c in kernels.choose("torch", "cpu").items()}
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20), backends)
+    assert model.ops.backends == backends
+    model.ops.layer_norm = lambda *args: calls.append("layer_norm") or kernels.get("layer_norm")(*args)
+    model(torch.randint(0, 20, (1, 8)))
+    assert calls.count("layer_norm") == 3  # two per block, one final
+    with pytest.raises(ValueError, match="unknown ops"):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20), {"softmax": "torch"})
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        GPTConfig(n_head=12, n_kv_head=5)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_weight_decay_groups():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    decay, no_decay = model.param_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_generate_extends_the_prompt():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=10, top_k=5)
+    assert out.shape == (2, 13) and out.max() < 20
+
+
+def test_pure_bf16_model_trains_a_step():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, pos_encoding="rope",
+                          norm="rmsnorm", mlp="swiglu")).to(torch.bfloat16)
+    _, loss = model(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8)))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+import kernels
+from kernels.registry import register
+
+
+def test_every_op_has_a_torch_backend_first():
+    registered = kernels.ops()
+    assert list(registered) == list(kernels.OPS)
+    for op, backends in registered.items():
+        assert backends[0] == "torch", op
+        assert callable(kernels.get(op, "torch"))
+
+
+def test_ops_returns_a_copy():
+    kernels.ops()["rms_norm"].append("bogus")
+    assert "bogus" not in kernels.ops()["rms_norm"]
+
+
+def test_get_unknown_op_or_backend_names_the_problem():
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        kernels.get("softmax", "torch")
+    with pytest.raises(ValueError, match="rms_norm: no 'cuda-graph' backend"):
+        kernels.get("rms_norm", "cuda-graph")
+
+
+def test_register_refuses_unknown_ops_and_duplicates():
+    with pytest.raises(ValueError, match="unknown op"):
+        register("softmax", "torch")
+    with pytest.raises(ValueError, match="already has a 'torch' backend"):
+        register("swiglu", "torch")(lambda gate, up: gate)
+
+
+def test_choose_torch_triton_and_auto():
+    torch_choice = kernels.choose("torch", "cpu")
+    assert {c.backend for c in torch_choice.values()} == {"torch"}
+    triton_choice = kernels.choose("triton", "cpu")
+    for op, backends in kernels.ops().items():
+        expected = "triton" if "triton" in backends else "torch"
+        assert triton_choice[op].backend == expected, op
+        if expected == "torch":
+            assert "falls back to torch" in triton_choice[op].reason
+    assert {c.backend for c in kernels.choose("auto", "cpu").values()} == {"torch"}
+
+
+def test_choose_mapping_and_bad_modes():
+    choice = kernels.choose({"swiglu": "torch"}, "cpu")
+    assert choice["swiglu"].reason == "asked for" and choice["attention"].backend == "torch"
+    with pytest.raises(ValueError, match="unknown ops"):
+        kernels.choose({"softmax": "torch"}, "cpu")
+    with pytest.raises(ValueError, match="no 'fast' backend"):
+        kernels.choose({"swiglu": "fast"}, "cpu")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels.choose("fastest", "cpu")
+
+
+def test_ops_return_the_input_dtype_and_shape():
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    w = torch.ones(8)  # fp32 weights with bf16 activations, as under autocast
+    assert kernels.get("rms_norm")(x, w, 1e-5).dtype == torch.bfloat16
+    assert kernels.get("layer_norm")(x, w, None, 1e-5).shape == x.shape
+    assert kernels.get("swiglu")(x, x).dtype == torch.bfloat16
+    q = torch.randn(2, 4, 5, 8, dtype=torch.bfloat16)
+    kv = torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
+    assert kernels.get("attention")(q, kv, kv).shape == q.shape

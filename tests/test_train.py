@@ -1,0 +1,132 @@
+import json
+
+import pytest
+import torch
+
+import train
+from gpt import checkpoint
+from gpt.model import GPT, GPTConfig
+from gpt.sample import main as sample
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--compile=False",
+        "--eval_iters=4", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=5", "--dropout=0.1"]
+
+# nanoGPT's config/train_shakespeare_char.py, as a nanoGPT user has it.
+NANOGPT_SHAKESPEARE_CHAR = """
+# train a miniature character-level shakespeare model
+# good for debugging and playing on macbooks and such
+
+out_dir = 'out-shakespeare-char'
+eval_interval = 250 # keep frequent because we'll overfit
+eval_iters = 200
+log_interval = 10 # don't print too too often
+
+# we expect to overfit on this small dataset, so only save when val improves
+always_save_checkpoint = False
+
+wandb_log = False # override via command line if you like
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt'
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256 # context of up to 256 previous characters
+
+# baby GPT model :)
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+
+learning_rate = 1e-3 # with baby networks can afford to go a bit higher
+max_iters = 5000
+lr_decay_iters = 5000 # make equal to max_iters usually
+min_lr = 1e-4 # learning_rate / 10 usually
+beta2 = 0.99 # make a bit bigger because number of tokens per iter is small
+
+warmup_iters = 100 # not super necessary potentially
+
+# on macbook also add
+# device = 'cpu'  # run on cpu only
+# compile = False # do not torch compile the model
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def run(out_dir, data_dir, *args):
+    train.main([*TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args])
+    with open(f"{out_dir}/log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_training_run_loss_falls_and_checkpoints(tmp_path, data_dir):
+    log = run(tmp_path, data_dir, "--max_iters=80", "--eval_interval=40", "--lr_decay_iters=80")
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 40, 80]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    steps = [r for r in log if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(80))
+    for key in ("lr", "grad_norm", "step_ms", "tokens_per_s", "mem_peak_gb"):
+        assert steps[-1][key] > 0
+    assert (tmp_path / "ckpt.pt").exists()
+    text = sample([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=20", "--start=ROMEO:"])
+    assert text[0].startswith("ROMEO:") and len(text[0]) == 26
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    whole = run(tmp_path / "whole", data_dir, "--max_iters=12", "--eval_interval=6", "--always_save_checkpoint=True")
+    run(tmp_path / "split", data_dir, "--max_iters=6", "--eval_interval=6", "--always_save_checkpoint=True")
+    split = run(tmp_path / "split", data_dir, "--max_iters=12", "--eval_interval=6", "--init_from=resume")
+    losses = lambda log: {r["iter"]: r["loss"] for r in log if "loss" in r}  # noqa: E731
+    resumed, uninterrupted = losses(split), losses(whole)
+    assert sorted(resumed) == list(range(12))
+    for it in range(6, 12):
+        assert resumed[it] == uninterrupted[it], it
+
+
+def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
+    config = tmp_path / "train_shakespeare_char.py"
+    config.write_text(NANOGPT_SHAKESPEARE_CHAR)
+    train.main([str(config), f"--out_dir={tmp_path / 'out'}", f"--data_dir={data_dir}", "--device=cpu",
+                "--compile=False", "--max_iters=1", "--eval_iters=1", "--batch_size=2"])
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert log[0]["iter"] == 0 and log[-1]["iter"] == 1
+
+
+def test_pure_bf16_training(tmp_path, data_dir):
+    log = run(tmp_path, data_dir, "--optimizer=bf16_adamw", "--max_iters=30", "--eval_interval=30",
+              "--always_save_checkpoint=True", "--n_kv_head=1", "--preset=llama", "--n_layer=1")
+    evals = [r for r in log if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    state = checkpoint.load(tmp_path, "cpu")
+    assert {v.dtype for v in state["model"].values()} == {torch.bfloat16}
+    assert state["model_args"]["norm"] == "rmsnorm" and state["model_args"]["n_kv_head"] == 1
+
+
+def test_checkpoint_of_a_compiled_model_loads(tmp_path):
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    model = GPT(config)
+    compiled_state = torch.compile(model).state_dict()  # keys carry torch.compile's "_orig_mod." prefix
+    assert all(k.startswith("_orig_mod.") for k in compiled_state)
+    checkpoint.save(dict(model=compiled_state, model_args=vars(config)), tmp_path)
+    loaded = checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_defaults_and_errors():
+    config, argv = train.read_config([])
+    if not torch.cuda.is_available():
+        assert argv == [train.DEFAULT_CPU_CONFIG] and config["device"] == "cpu" and config["dtype"] == "float32"
+        assert config["n_layer"] == 4 and config["dataset"] == "shakespeare_char"
+    config, _ = train.read_config(["--preset=gpt2", "--n_layer=2"])
+    assert (config["n_layer"], config["n_embd"], config["bias"]) == (2, 768, True)
+    config, _ = train.read_config(["--n_layer=2", "--preset=llama"])  # a preset sets what came before it
+    assert (config["n_layer"], config["norm"], config["tie_weights"]) == (12, "rmsnorm", False)
+    with pytest.raises(SystemExit, match="unknown config key 'n_layers'"):
+        train.main(["--n_layers=3"])
