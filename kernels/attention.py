@@ -1,12 +1,41 @@
-"""Causal (or full) multi-head attention with grouped-query heads: torch reference.
+"""Causal (or full) multi-head attention with grouped-query heads: torch reference and a Triton
+flash-attention backend (forward and backward).
 
-q (B, H, T, D); k, v (B, Hkv, T, D) with H % Hkv == 0; scale 1/sqrt(D). The Triton kernel joins here.
+q (B, H, T, D); k, v (B, Hkv, T, D) with H % Hkv == 0; scale 1/sqrt(D).
+
+The Triton backend follows FlashAttention-2. The forward streams key/value tiles past a tile of
+queries with an online softmax in base 2 (the scale 1/sqrt(D) and log2(e) are folded into one
+multiplier, so exp2 replaces exp), accumulates in fp32 and saves the fp32 *base-2* log-sum-exp of
+each row, lse2 = log2(sum_j 2^(s_j * log2(e))) for the scaled scores s = q.k / sqrt(D), i.e. the
+natural log-sum-exp times log2(e). The backward recomputes the probabilities from lse2: a
+preprocess computes delta = rowsum(dO * O), then one kernel owns a key tile and sums dK and dV over
+all query tiles (and, with grouped-query attention, over all query heads of the group) in
+registers, and a second owns a query tile and sums dQ over the key tiles. No atomics, so every
+gradient is bit-for-bit reproducible.
+
+Causal attention skips the key tiles above the diagonal (the loop bound stops there) and masks
+only the tiles on it; any T >= 1 works, the keys past T are masked in the last tile. Head dims
+32, 64, 96 and 128 (96 runs as 128 with the extra columns masked). Attention dropout uses a
+Philox counter per (batch*head, row, col) and the seed, so the backward regenerates the forward's
+mask instead of storing it.
+
+dtypes: bf16 and fp16 run on the tensor cores with fp32 accumulation. fp32 inputs are computed
+through fp32 (`tl.dot` with input_precision="ieee", not tf32) so they match an fp32 reference;
+that path is for checking, not speed. float64 is refused.
 """
+import math
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from . import runtime
 from .checks import check_same, check_tensor
 from .registry import register
+
+HEAD_DIMS = (32, 64, 96, 128)
 
 
 def check_attention(q, k, v, causal, dropout_p) -> None:
@@ -33,3 +62,535 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     check_attention(q, k, v, causal, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(base, start, T, stride_t, stride_d,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [start, start + BLOCK) of one head's (T, HEAD_DIM) matrix at `base`, zero-padded to
+    (BLOCK, BLOCK_D). Rows past T load as zeros: the kernels rely on that (see _attn_bwd_dkdv)."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    # int64 row offsets: one head of a strided (B, T, 3*H*D) qkv can span more than 2^31 elements.
+    ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_d
+    return tl.load(ptrs, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tile(base, start, T, stride_t, stride_d, value,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store `value` (BLOCK, BLOCK_D) into rows [start, start + BLOCK) of a (T, HEAD_DIM) matrix."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_d
+    tl.store(ptrs, value.to(base.dtype.element_ty),
+             mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b, accumulated in fp32 (acc None: a fresh product).
+
+    FP32_DOT: multiply in fp32 with exact ("ieee") products: for fp32 inputs, where tf32 would
+    miss the fp32 reference, and in the interpreter, whose bf16 dot multiplies bit patterns. The
+    operands were rounded to the input dtype first, so the interpreter sees the GPU's numerics
+    (up to its fp32 -> bf16 rounding, which truncates)."""
+    if FP32_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _mask_scores(s, rows, cols, T, CAUSAL: tl.constexpr):
+    """Scores s (broadcast of rows x cols) with keys past T, and when causal the future keys, set
+    to -inf. Query rows past T are left alone: they are never stored, and keep finite maxima."""
+    visible = cols < T
+    if CAUSAL:
+        visible = visible & (cols <= rows)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_scale(seed, bh, rows, cols, dropout_p):
+    """0 for a dropped (batch*head bh, row, col) entry, 1 / (1 - dropout_p) for a kept one.
+
+    Philox is keyed by the seed and counts over (col, row, bh) in 32-bit words, so any tile shape
+    and orientation (the backward's tiles are transposed) regenerates the same mask, at any T."""
+    cols, rows = tl.broadcast(cols, rows)
+    r, _, _, _ = tl.philox(seed, cols, rows, rows * 0 + bh, rows * 0)
+    keep = tl.uint_to_uniform_float(r) >= dropout_p  # uniform in [0, 1): kept with prob. 1 - p
+    return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, T, qk_scale,
+                    seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                    FP32_DOT: tl.constexpr):
+    """Fold key/value tiles [lo, hi) into the running (acc, l_i, m_i) of a query tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = _load_tile(k_base, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM)
+        v = _load_tile(v_base, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
+        s = _dot(q, tl.trans(k), None, FP32_DOT) * qk_scale  # base-2 logits
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            s = _mask_scores(s, offs_m[:, None], offs_n[None, :], T, CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
+        if DROPOUT:
+            p = p * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    q_ptr, k_ptr, v_ptr,  # inputs: q (B, H, T, D), k and v (B, H // GROUP, T, D)
+    o_ptr,  # output (B, H, T, D), the inputs' dtype
+    lse_ptr,  # output: base-2 log-sum-exp (B, H, T) contiguous, fp32
+    seed_ptr,  # int64 dropout seed (one element); unused without DROPOUT
+    T, H, GROUP,  # sequence length, query heads, query heads per kv head
+    qk_scale,  # log2(e) / sqrt(D): scores in base 2
+    dropout_p,  # probability of dropping an attention weight
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v and o, in elements
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per step; divides BLOCK_M so the diagonal starts a step
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    HEAD_DIM: tl.constexpr,  # D
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr,  # see _dot
+):
+    # Causal query tiles near the end of the sequence do the most work: start them first so the
+    # short ones fill the tail of the launch.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    hk = h // GROUP  # grouped-query attention: the kv head this query head reads
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_base, start_m, T, stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    # Unmasked key tiles first, then the tiles that need a mask: the causal diagonal, or the
+    # last, partial tile. Causal key tiles past the diagonal are never visited.
+    if CAUSAL:
+        full_hi = start_m
+        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        masked_hi = T
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, full_hi, T,
+                                    qk_scale, seed, bh, dropout_p,
+                                    stride_kt, stride_kd, stride_vt, stride_vd,
+                                    BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, full_hi, masked_hi, T,
+                                    qk_scale, seed, bh, dropout_p,
+                                    stride_kt, stride_kd, stride_vt, stride_vd,
+                                    BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT)
+
+    _store_tile(o_base, start_m, T, stride_ot, stride_od, acc / l_i[:, None],
+                BLOCK_M, BLOCK_D, HEAD_DIM)
+    tl.store(lse_ptr + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_delta(
+    o_ptr, do_ptr,  # output and its gradient (B, H, T, D)
+    delta_ptr,  # output: rowsum(dO * O) (B, H, T) contiguous, fp32
+    T, H,  # sequence length, heads
+    stride_ob, stride_oh, stride_ot, stride_od,  # strides of o and do, in elements
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    HEAD_DIM: tl.constexpr,  # D
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    o = _load_tile(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, start_m, T,
+                   stride_ot, stride_od, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do = _load_tile(do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m, T,
+                    stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tl.store(delta_ptr + (b * H + h).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, hi, T,
+                         qk_scale, seed, bh, dropout_p,
+                         stride_qt, stride_qd, stride_dot, stride_dod,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                         FP32_DOT: tl.constexpr):
+    """Add query tiles [lo, hi) of one query head to a key tile's (dk, dv), transposed: (keys, rows)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        q = _load_tile(q_base, start_m, T, stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = _load_tile(do_base, start_m, T, stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+        s_t = _dot(k, tl.trans(q), None, FP32_DOT) * qk_scale
+        if MASKED:
+            s_t = _mask_scores(s_t, offs_m[None, :], offs_n[:, None], T, CAUSAL)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
+        if DROPOUT:
+            keep = _dropout_scale(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            dv = _dot((p_t * keep).to(do.dtype), do, dv, FP32_DOT)
+            dp_t = dp_t * keep
+        else:
+            dv = _dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # q, dO (B, H, T, D); k, v (B, H // GROUP, T, D)
+    lse_ptr, delta_ptr,  # base-2 log-sum-exp and rowsum(dO * O), (B, H, T) contiguous fp32
+    dk_ptr, dv_ptr,  # outputs (B, H // GROUP, T, D), same strides
+    seed_ptr,  # int64 dropout seed (one element); unused without DROPOUT
+    T, H, GROUP,  # sequence length, query heads, query heads per kv head
+    qk_scale,  # log2(e) / sqrt(D)
+    sm_scale,  # 1 / sqrt(D)
+    dropout_p,  # probability of dropping an attention weight
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dk/dv, in elements
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    BLOCK_M: tl.constexpr,  # query rows per step; divides BLOCK_N so the diagonal starts a step
+    BLOCK_N: tl.constexpr,  # key rows per program
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    HEAD_DIM: tl.constexpr,  # D
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr,  # see _dot
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, start_n, T,
+                   stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM)
+    v = _load_tile(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, start_n, T,
+                   stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    # Every query head of the group adds into the same registers, in a fixed order: the kv
+    # head's gradient is summed deterministically, without atomics or a second pass.
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = lse_ptr + bh.to(tl.int64) * T
+        delta_base = delta_ptr + bh.to(tl.int64) * T
+        # Query rows past T need no mask: they load as zeros (q, dO, lse, delta), so their
+        # p * dO and dS = p * (dP - delta) are exactly zero. Only the causal diagonal is masked;
+        # query tiles before it cannot see these keys and are skipped.
+        if CAUSAL:
+            diag_hi = tl.minimum(start_n + BLOCK_N, T)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n,
+                                          start_n, diag_hi, T, qk_scale, seed, bh, dropout_p,
+                                          stride_qt, stride_qd, stride_dot, stride_dod,
+                                          BLOCK_M, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT)
+            full_lo = start_n + BLOCK_N
+        else:
+            full_lo = 0
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n,
+                                      full_lo, T, T, qk_scale, seed, bh, dropout_p,
+                                      stride_qt, stride_qd, stride_dot, stride_dod,
+                                      BLOCK_M, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)
+
+    _store_tile(dk_ptr + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, start_n, T,
+                stride_dkt, stride_dkd, dk * sm_scale, BLOCK_N, BLOCK_D, HEAD_DIM)
+    _store_tile(dv_ptr + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, start_n, T,
+                stride_dkt, stride_dkd, dv, BLOCK_N, BLOCK_D, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, hi, T, qk_scale,
+                       seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                       FP32_DOT: tl.constexpr):
+    """Add key tiles [lo, hi) to a query tile's dq."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = _load_tile(k_base, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM)
+        v = _load_tile(v_base, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
+        s = _dot(q, tl.trans(k), None, FP32_DOT) * qk_scale
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            s = _mask_scores(s, offs_m[:, None], offs_n[None, :], T, CAUSAL)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), None, FP32_DOT)
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # q, dO (B, H, T, D); k, v (B, H // GROUP, T, D)
+    lse_ptr, delta_ptr,  # base-2 log-sum-exp and rowsum(dO * O), (B, H, T) contiguous fp32
+    dq_ptr,  # output (B, H, T, D)
+    seed_ptr,  # int64 dropout seed (one element); unused without DROPOUT
+    T, H, GROUP,  # sequence length, query heads, query heads per kv head
+    qk_scale,  # log2(e) / sqrt(D)
+    sm_scale,  # 1 / sqrt(D)
+    dropout_p,  # probability of dropping an attention weight
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dq, in elements
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per step; divides BLOCK_M so the diagonal starts a step
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    HEAD_DIM: tl.constexpr,  # D
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    FP32_DOT: tl.constexpr,  # see _dot
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first, as the forward
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    hk = h // GROUP
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, start_m, T,
+                   stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do = _load_tile(do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m, T,
+                    stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
+    if CAUSAL:
+        full_hi = start_m
+        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        masked_hi = T
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, 0, full_hi, T, qk_scale,
+                            seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                            BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, full_hi, masked_hi, T,
+                            qk_scale, seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                            BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT)
+    _store_tile(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, start_m, T,
+                stride_dqt, stride_dqd, dq * sm_scale, BLOCK_M, BLOCK_D, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------
+
+class _Config(NamedTuple):
+    block_m: int  # query rows: per program in "fwd" and "dq", per step in "dkdv"
+    block_n: int  # key rows: per step in "fwd" and "dq", per program in "dkdv"
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the streamed tiles (shared memory per stage)
+
+
+def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
+    return {"fwd": _Config(*fwd), "dkdv": _Config(*dkdv), "dq": _Config(*dq)}
+
+
+# Per GPU generation (keyed by the smallest compute-capability major it serves) and padded head
+# dim. INITIAL values, not yet timed: inside the ranges the Triton tutorial and FlashAttention-2
+# use, and only checked to compile (ptxas for sm80/sm90, no GPU) with no register spills beyond a
+# few bytes when dropout is off (the Philox rounds add some with it). To be replaced by measured
+# entries in a session with a GPU; a new generation (e.g. 10 for Blackwell) slots in as another
+# key. Each pass owns a large tile and streams small ones past it: fwd/dq own query rows, dkdv
+# owns keys and holds k, v, dk and dv in registers, so it owns fewer rows and takes 8 warps at
+# D = 128 to spread them. sm80 covers Ampere and the Ada cards with ~100 KB of shared memory:
+# 64-row tiles, 2 stages. sm90 (228 KB) owns 128 query rows.
+_SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
+_SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
+_GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
+    8: {32: _SM80_SMALL_D, 64: _SM80_SMALL_D,
+        128: _pass_configs((64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2))},
+    9: {32: _SM90_SMALL_D, 64: _SM90_SMALL_D,
+        128: _pass_configs((128, 64, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2))},
+}
+
+# The interpreter runs a program's ops one by one in numpy: small tiles keep tests quick, and
+# BLOCK_M != BLOCK_N still takes the multi-step causal diagonal the GPU tables take.
+_INTERPRETER_CONFIGS = _pass_configs((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))
+
+
+def _config(q: torch.Tensor, which: str) -> _Config:
+    """The launch configuration of pass `which` ("fwd", "dkdv" or "dq") for q's device, D, dtype."""
+    if q.device.type != "cuda":
+        return _INTERPRETER_CONFIGS[which]
+    major = torch.cuda.get_device_capability(q.device)[0]
+    generation = max((m for m in _GPU_CONFIGS if m <= major), default=min(_GPU_CONFIGS))
+    cfg = _GPU_CONFIGS[generation][triton.next_power_of_2(q.shape[-1])][which]
+    if q.dtype == torch.float32:
+        # fp32 tiles take twice the shared memory and registers: the checking path gets small
+        # tiles and no pipelining so it fits on every sm80+ card.
+        cfg = _Config(min(cfg.block_m, 32), min(cfg.block_n, 32), cfg.num_warps, 1)
+    return cfg
+
+
+def _dense_stride1(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its head dim is contiguous (any other strides are fine), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _empty_bthd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, T, D) tensor laid out as (B, T, H, D): the model's output
+    projection reads y.transpose(1, 2) as (B, T, H*D) without a copy."""
+    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype,
+                               device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators (torch.library, so torch.compile sees the kernels) and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.triton_op("tritongpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
+                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse2): the attention output and the fp32 base-2 log-sum-exp (B, H, T) of each row."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    o = _empty_bthd(B, H, T, D, q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    cfg = _config(q, "fwd")
+    with runtime.on_device(q):
+        torch.library.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
+            q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
+            CAUSAL=causal, DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, lse
+
+
+@torch.library.triton_op("tritongpt::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
+                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from dO and the forward's inputs, output and base-2 log-sum-exp."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    do = _dense_stride1(do)  # e.g. the stride-0 gradient of out.sum()
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    dq = _empty_bthd(B, H, T, D, q)
+    dk = _empty_bthd(B, Hkv, T, D, k)
+    dv = _empty_bthd(B, Hkv, T, D, v)
+    block_d = triton.next_power_of_2(D)
+    common = dict(BLOCK_D=block_d, HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                  FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32)
+    scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), dropout_p)
+    fwd, dkdv, dqc = _config(q, "fwd"), _config(q, "dkdv"), _config(q, "dq")
+    with runtime.on_device(q):
+        # One row tile per program and a streaming reduction over D: the forward's row tiling.
+        torch.library.wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd.block_m), H, B)](
+            o, do, delta, T, H, *o.stride(), *do.stride(),
+            BLOCK_M=fwd.block_m, BLOCK_D=block_d, HEAD_DIM=D, num_warps=fwd.num_warps)
+        torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, dkdv.block_n), Hkv, B)](
+            q, k, v, do, lse, delta, dk, dv, seed, T, H, H // Hkv, *scales,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, **common,
+            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages)
+        torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, dqc.block_m), H, B)](
+            q, k, v, do, lse, delta, dq, seed, T, H, H // Hkv, *scales,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            BLOCK_M=dqc.block_m, BLOCK_N=dqc.block_n, **common,
+            num_warps=dqc.num_warps, num_stages=dqc.num_stages)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, dropout_p, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.dropout_p = causal, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.tritongpt.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_triton_attention(q) -> None:
+    """What the Triton backend adds to check_attention: head dims, dtypes, non-empty input, device."""
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"attention: the triton backend supports head dims {HEAD_DIMS}, "
+                         f"got {q.shape[-1]}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention: the triton backend takes float16, bfloat16 or float32, "
+                         f"got {str(q.dtype).removeprefix('torch.')}")
+    if q.numel() == 0:
+        raise ValueError(f"attention: the triton backend needs non-empty inputs, got q of shape "
+                         f"{tuple(q.shape)}")
+    if q.device.type != "cuda" and not runtime.INTERPRET:
+        raise ValueError(f"attention: the triton backend runs on CUDA tensors (or in the Triton "
+                         f"interpreter), got a {q.device.type} tensor")
+
+
+@register("attention", "triton")
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Flash attention in Triton; the torch backend's signature and semantics.
+
+    q, k and v may be strided views (the model's split of one qkv projection): only a head dim
+    that is not contiguous is copied. The output is (B, H, T, D) laid out as (B, T, H, D).
+    Dropout draws its Philox seed from torch's generator of q's device (torch.randint, so
+    torch.manual_seed reproduces runs, with no host sync and no graph break under torch.compile)
+    and keeps it for the backward."""
+    check_attention(q, k, v, causal, dropout_p)
+    check_triton_attention(q)
+    q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
+    seed = torch.randint(2**31, (1,), device=q.device) if dropout_p > 0 else None
+    return torch.ops.tritongpt.attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]

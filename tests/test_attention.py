@@ -1,0 +1,262 @@
+"""attention: the torch and triton backends against an independent float64 formula.
+
+On CPU the Triton kernels run in the interpreter (slow): the cases below are a chosen spread of
+T, head dim, grouping, causal, dtype and layout rather than their product. The interpreter rounds
+fp32 -> bf16 by truncation where the GPU rounds to nearest, so bf16 errors here are a little
+larger than on the GPU.
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import runtime
+from tests.numerics import assert_as_accurate
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def reference(q, k, v, causal, keep=None, dropout_p=0.0):
+    """Attention from its definition, in the inputs' dtype (float64 for the reference);
+    `keep` (B, H, T, T) is a dropout mask."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[2]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1 - dropout_p)
+    return p @ v
+
+
+def triton_device(device):
+    if device == "cpu" and not runtime.INTERPRET:
+        pytest.skip("the triton backend runs on CPU only in the interpreter")
+    return device
+
+
+def make_qkv(B, H, Hkv, T, D, dtype, device, layout="contiguous"):
+    """q (B, H, T, D) and k, v (B, Hkv, T, D), leaves that require grad.
+
+    layout "qkv": views of one (B, T, (H + 2 Hkv) D) projection, as the model splits it;
+    "transposed": head dim not contiguous (the backend must copy)."""
+    if layout == "qkv":
+        qkv = torch.randn(B, T, (H + 2 * Hkv) * D, dtype=dtype, device=device)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))
+    elif layout == "transposed":
+        q = torch.randn(B, H, D, T, dtype=dtype, device=device).transpose(-1, -2)
+        k, v = (torch.randn(B, Hkv, D, T, dtype=dtype, device=device).transpose(-1, -2) for _ in "kv")
+    else:
+        q = torch.randn(B, H, T, D, dtype=dtype, device=device)
+        k, v = (torch.randn(B, Hkv, T, D, dtype=dtype, device=device) for _ in "kv")
+    return [t.detach().requires_grad_() for t in (q, k, v)]
+
+
+def run(backend, q, k, v, do, causal, dropout_p=0.0):
+    """Output and (dq, dk, dv) of `backend` at fresh copies of the leaves."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = kernels.get("attention", backend)(*leaves, causal=causal, dropout_p=dropout_p)
+    out.backward(do)
+    return out, [t.grad for t in leaves]
+
+
+def check_against_float64(backend, B, H, Hkv, T, D, causal, dtype, device, layout="contiguous"):
+    q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device, layout)
+    # A non-contiguous output gradient too (the model's reshape hands one back).
+    do = torch.randn(B, T, H, D, dtype=dtype, device=device).transpose(1, 2)
+    out, grads = run(backend, q, k, v, do, causal)
+    torch_out, torch_grads = run("torch", q, k, v, do, causal)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*leaves, causal)
+    ref.backward(do.double())
+    what = f"{backend} B={B} H={H}/{Hkv} T={T} D={D} causal={causal} {dtype} {layout}"
+    assert out.dtype == dtype
+    assert_as_accurate(out, torch_out, ref, f"{what}: out")
+    for name, g, tg, leaf in zip(("dq", "dk", "dv"), grads, torch_grads, leaves):
+        assert g.dtype == dtype
+        assert_as_accurate(g, tg, leaf.grad, f"{what}: {name}")
+
+
+# B, H, Hkv, T, D, causal, dtype, layout: every T, head dim, group size (1, 2, 4), both masks,
+# every dtype and layout at least once, each row a different mix.
+CASES = [
+    (2, 4, 2, 17, 96, False, torch.bfloat16, "contiguous"),
+    (1, 4, 1, 67, 64, True, torch.float32, "qkv"),
+    (1, 2, 2, 130, 32, True, torch.bfloat16, "contiguous"),
+    (1, 2, 1, 130, 128, False, torch.float16, "qkv"),
+    (1, 2, 2, 67, 128, True, torch.bfloat16, "transposed"),
+    (2, 2, 2, 17, 32, False, torch.float32, "contiguous"),
+    (1, 4, 1, 67, 96, True, torch.float16, "contiguous"),
+    (1, 2, 1, 130, 64, False, torch.float32, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,causal,dtype,layout", CASES)
+def test_triton_matches_float64(B, H, Hkv, T, D, causal, dtype, layout, device):
+    check_against_float64("triton", B, H, Hkv, T, D, causal, dtype, triton_device(device), layout)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_matches_float64(causal, dtype, device):
+    check_against_float64("torch", 2, 4, 2, 37, 48, causal, dtype, device, "qkv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_single_token(dtype, device):
+    """T = 1: a softmax over one key is 1, so the output is exactly v, dv is dO summed over the
+    group, and dq, dk are zero in exact arithmetic. The kernel's dS = dO.v - rowsum(dO * o) is
+    the difference of two fp32 sums of the same D products (o == v), so it must vanish to
+    within fp32 summation error: a few ulps of sum |dO * v|, far below any real gradient."""
+    device = triton_device(device)
+    B, H, Hkv, D = 2, 4, 2, 128
+    q, k, v = make_qkv(B, H, Hkv, 1, D, dtype, device)
+    do = torch.randn_like(q)
+    out, (dq, dk, dv) = run("triton", q, k, v, do, causal=True)
+    q, k, v = (t.detach() for t in (q, k, v))
+    assert torch.equal(out, v.repeat_interleave(H // Hkv, 1))
+    grouped = do.view(B, Hkv, H // Hkv, 1, D)
+    assert_as_accurate(dv, grouped.sum(2), grouped.double().sum(2), "dv")
+    ds = 3e-5 * (do.float() * v.float().repeat_interleave(H // Hkv, 1)).abs().sum(-1, keepdim=True)
+    dq_bound = ds * k.float().abs().repeat_interleave(H // Hkv, 1) / math.sqrt(D)
+    dk_bound = (ds * q.float().abs()).view(B, Hkv, H // Hkv, 1, D).sum(2) / math.sqrt(D)
+    assert (dq.float().abs() <= dq_bound).all(), (dq.float().abs() / dq_bound).max()
+    assert (dk.float().abs() <= dk_bound).all(), (dk.float().abs() / dk_bound).max()
+
+
+def test_deterministic(device):
+    """Two runs give bit-identical outputs and gradients: no atomics, and dk/dv of a kv head are
+    summed over its 4 query heads in a fixed order."""
+    device = triton_device(device)
+    q, k, v = make_qkv(1, 4, 1, 67, 64, torch.bfloat16, device)
+    do = torch.randn_like(q)
+    first, second = (run("triton", q, k, v, do, causal=True) for _ in range(2))
+    assert torch.equal(first[0], second[0])
+    for g1, g2 in zip(first[1], second[1]):
+        assert torch.equal(g1, g2)
+
+
+def dropout_mask(B, H, Hkv, T, D, causal, p, seed, device):
+    """The kernel's keep mask (B, H, T, T) for `seed`, read off a run with v = identity: then
+    out[..., i, j] = p_ij * keep_ij / (1 - p), and every visible p_ij is positive. The mask
+    depends only on the seed and the (batch, head, row, col) position, never on the values."""
+    assert T <= D
+    q, k, _ = make_qkv(B, H, Hkv, T, D, torch.float32, device)
+    v = torch.eye(T, D, device=device).expand(B, Hkv, T, D)
+    torch.manual_seed(seed)
+    out = kernels.get("attention", "triton")(q, k, v, causal=causal, dropout_p=p)
+    return (out[..., :T] != 0).double()
+
+
+def test_dropout_keep_fraction(device):
+    device = triton_device(device)
+    B, H, T, p = 1, 2, 128, 0.2
+    keep = dropout_mask(B, H, H, T, 128, False, p, 1234, device)
+    n = keep.numel()
+    # Kept with probability 1 - p, independently: within 5 standard deviations.
+    assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # Not the same mask for every head, batch or row.
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_dropout_seeded(device):
+    """torch.manual_seed reproduces the mask (forward and backward); another seed changes it."""
+    device = triton_device(device)
+    q, k, v = make_qkv(1, 2, 1, 40, 32, torch.float16, device)
+    do = torch.randn_like(q)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(run("triton", q, k, v, do, causal=True, dropout_p=0.3))
+    (o1, g1), (o2, g2), (o3, _) = runs
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert not torch.equal(o1, o3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dropout_gradients(causal, device):
+    """With dropout, forward and backward use one mask. The mask of a seed is read off the kernel
+    (dropout_mask); a float64 formula with that mask must then give the kernel's output and all
+    three gradients at random inputs and the same seed. A backward that regenerated a different
+    mask would miss dq, dk and dv by far more than rounding."""
+    device = triton_device(device)
+    B, H, Hkv, T, D, p, seed = 1, 4, 2, 45, 64, 0.25, 99
+    keep = dropout_mask(B, H, Hkv, T, D, causal, p, seed, device)
+    q, k, v = make_qkv(B, H, Hkv, T, D, torch.float32, device)
+    do = torch.randn_like(q)
+    torch.manual_seed(seed)
+    out, grads = run("triton", q, k, v, do, causal, dropout_p=p)
+    # torch's own error in fp32: the same formula evaluated in fp32.
+    leaves32 = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch_out = reference(*leaves32, causal, keep, p)
+    torch_out.backward(do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*leaves, causal, keep, p)
+    ref.backward(do.double())
+    assert_as_accurate(out, torch_out, ref, "dropout out")
+    for name, g, leaf32, leaf in zip(("dq", "dk", "dv"), grads, leaves32, leaves):
+        assert_as_accurate(g, leaf32.grad, leaf.grad, f"dropout {name}")
+
+
+def test_bad_inputs():
+    f = kernels.get("attention", "triton")
+    q = torch.randn(1, 4, 8, 64)
+    kv = torch.randn(1, 3, 8, 64)
+    with pytest.raises(ValueError, match="attention: .*multiple of k/v's 3 heads"):
+        f(q, kv, kv)
+    with pytest.raises(ValueError, match=r"attention: .*head dims \(32, 64, 96, 128\), got 48"):
+        x = torch.randn(1, 2, 8, 48)
+        f(x, x, x)
+    with pytest.raises(ValueError, match="attention: .*same dtype"):
+        f(q, q.half(), q)
+    with pytest.raises(ValueError, match="attention: .*same device"):
+        f(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="attention: .*float16, bfloat16 or float32, got float64"):
+        x = q.double()
+        f(x, x, x)
+    with pytest.raises(ValueError, match="attention: .*non-empty"):
+        x = torch.randn(1, 2, 0, 64)
+        f(x, x, x)
+    with pytest.raises(ValueError, match="attention: dropout_p"):
+        f(q, q, q, dropout_p=1.0)
+
+
+# --- CUDA only -----------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("T,causal,D", [(1024, True, 128), (4096, True, 64), (16384, True, 128),
+                                        (3000, False, 64)])
+def test_long_sequences_cuda(T, causal, D):
+    check_against_float64("triton", 1, 2, 1, T, D, causal, torch.bfloat16, "cuda", "qkv")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_torch_compile_cuda():
+    """Under torch.compile the ops run the same kernels: same output and gradients as eager, and
+    dropout compiles without a graph break (the seed is drawn on the device)."""
+    f = kernels.get("attention", "triton")
+    q, k, v = make_qkv(2, 8, 2, 300, 64, torch.bfloat16, "cuda", "qkv")
+    do = torch.randn_like(q)
+    eager = run("triton", q, k, v, do, causal=True)
+
+    def step(q, k, v, dropout_p=0.0):
+        return f(q, k, v, causal=True, dropout_p=dropout_p)
+
+    compiled = torch.compile(step, fullgraph=True)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves)
+    out.backward(do)
+    torch.testing.assert_close(out, eager[0], rtol=0, atol=0)
+    for g, e in zip((t.grad for t in leaves), eager[1]):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    dropped = compiled(*leaves, 0.2)
+    dropped.sum().backward()
+    assert torch.isfinite(dropped).all()
