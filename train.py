@@ -45,6 +45,7 @@ DEFAULTS = dict(
     # tritongpt
     kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
+    stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
     preset=None,  # an architecture from gpt.model.PRESETS, under the keys set explicitly
     n_kv_head=None, norm="layernorm", norm_position="pre", norm_eps=1e-5, pos_encoding="learned",
     rope_theta=10000.0, mlp="gelu", activation="gelu", mlp_hidden=None, tie_weights=True,
@@ -190,7 +191,8 @@ def main(argv: list[str]) -> None:
     if c["optimizer"] == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=c["learning_rate"], betas=betas, fused=device_type == "cuda")
     elif pure_bf16:
-        optimizer = BF16AdamW(groups, lr=c["learning_rate"], betas=betas, backend=backends["adamw"])
+        optimizer = BF16AdamW(groups, lr=c["learning_rate"], betas=betas, backend=backends["adamw"],
+                              stochastic_rounding=c["stochastic_rounding"], seed=c["seed"])
     else:
         raise SystemExit(f"train.py: optimizer must be adamw or bf16_adamw, got {c['optimizer']!r}")
     if resumed:

@@ -12,7 +12,8 @@ steps the uninterrupted run would have.
 
 With backend="triton" a step is one kernel launch per param group (per dtype combination), over
 every parameter that has a grad. FSDP2's DTensor parameters are updated on their local shards:
-the update is elementwise.
+the update is elementwise. (Every rank then draws the same random bits for the same local
+positions: different elements of the model, so the rounding stays unbiased.)
 """
 import hashlib
 
@@ -45,12 +46,6 @@ class BF16AdamW(torch.optim.Optimizer):
         self.backend = backend
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding, seed=seed))
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:  # state dicts saved before these options existed
-            group.setdefault("stochastic_rounding", True)
-            group.setdefault("seed", 0)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,14 +1,54 @@
-"""AdamW step over lists of tensors, in place: torch reference (the Triton kernel joins here).
+"""AdamW step over lists of tensors, in place: torch reference and a multi-tensor Triton kernel.
 
 torch.optim.AdamW's math (decoupled weight decay p *= 1 - lr*wd, bias-corrected moments, eps
 outside the sqrt), computed in fp32 and stored back in each tensor's own dtype, so bf16 params
 with bf16 moments train with no fp32 master copy.
+
+Stochastic rounding (`stochastic_rounding=True`, both backends): each bf16 store of the step
+(the param and both moments) rounds to one of the two bf16 neighbours of the fp32 result, the
+upper one with probability (x - lower) / (upper - lower), so the stored value equals x in
+expectation. Updates smaller than half a bf16 step (about |p| * 2^-9) then move the weight on
+average instead of vanishing, and the second moment still decays under beta2 = 0.999 (a relative
+change of 1e-3 is below bf16's resolution: to nearest, v never shrinks). Stores in other dtypes
+round to nearest. The random bits depend on `seed` and the element's position only, so a seed
+reproduces a step exactly; the two backends draw different bits (the same distribution).
+
+Triton design: one launch per (device, dtype of p and g, dtype of m, dtype of v) group, which is
+one launch for a model.
+- A table, one row per tensor: the addresses of p, g, m and v, the numel, and the tensor's index
+  in the lists. The kernel casts each address to a typed pointer, so the tensors stay where they
+  are: no flat buffers, no copies, nothing handed back to the model.
+- A block map, one row per program: (table row, first element). The grid is the total number of
+  blocks and each program updates BLOCK contiguous elements of one tensor, so a 768-element bias
+  costs one program, the 38.6M-element embedding 18,864, and every program does the same work.
+- Full blocks run unmasked with their addresses hinted 16-byte aligned (when all are): the
+  compiler cannot see the alignment or the size behind an address loaded from memory, and without
+  both it would issue one 2-byte access per element instead of 16-byte vectors. Only the last
+  block of each tensor is masked.
+- The table and block map depend only on the addresses, sizes and dtypes, so they are cached
+  under that key: a step with the same tensors (the optimizer passes the same params and states
+  every step, and the caching allocator hands the grads back the same addresses) costs one Python
+  pass to build the key and no host-to-device copy; any new address rebuilds them.
+- Step-dependent scalars (bias corrections, lr, decay) are computed on the host in float64 and
+  passed as fp32 arguments: Triton does not specialize floats, so a new step or lr reuses the
+  compiled kernel, and no device tensor is read, so there is no host sync. The seed is not
+  specialized either (an int argument is, on being 1 or a multiple of 16).
+- Stochastic rounding uses tl.randint4x with the counter (index << 40) + element, unique over the
+  whole call: one Philox evaluation gives independent bits for the p, m and v stores. Its 10
+  rounds about double the arithmetic per element; whether that still hides under the memory
+  traffic is what the "triton" and "triton sr" rows of bench/op_adamw.py show.
+The interpreter runs the same kernel on CPU tensors (the table then holds host addresses).
 """
+import functools
 import math
+from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
-from .checks import check_same, check_tensor
+from . import runtime
+from .checks import FLOAT_DTYPES, check_same, check_tensor
 from .registry import register
 
 
@@ -20,6 +60,13 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
         raise ValueError(f"adamw: params, grads, exp_avgs and exp_avg_sqs must have the same length, "
                          f"got {lengths}")
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        # This runs every optimizer step over every parameter: plain comparisons first, and the
+        # message-building checks below only for a tensor that fails them.
+        if (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor) and isinstance(m, torch.Tensor)
+                and isinstance(v, torch.Tensor) and p.shape == g.shape == m.shape == v.shape and p.device == g.device == m.device == v.device
+                and p.dtype == g.dtype and p.dtype in FLOAT_DTYPES and m.dtype in FLOAT_DTYPES
+                and v.dtype in FLOAT_DTYPES):
+            continue
         names = {f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v}
         for name, t in names.items():
             check_tensor("adamw", name, t)
@@ -35,13 +82,32 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
             raise ValueError(f"adamw: {name} must be in [{lo}, {hi}), got {value}")
 
 
+def check_rounding(stochastic_rounding, seed) -> None:
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"adamw: stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"adamw: seed must be an int in [0, 2**31), got {seed!r}")
+
+
+def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 `x` to bf16, rounding the magnitude up with probability equal to the dropped fraction:
+    adding a uniform 16-bit number to the bits that bf16 drops and truncating."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device,
+                          dtype=torch.int32)
+    up = ((x.view(torch.int32) + noise) & -(1 << 16)).view(torch.float32)
+    # Truncating a NaN whose payload sits in the dropped bits would make it inf.
+    return torch.where(torch.isnan(x), x, up).to(torch.bfloat16)
+
+
 @register("adamw", "torch")
 @torch.no_grad()
 def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-                weight_decay) -> None:
+                weight_decay, stochastic_rounding: bool = False, seed: int = 0) -> None:
     check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+    check_rounding(stochastic_rounding, seed)
     step_size = lr / (1 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    generators = {}
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         pf, gf, mf, vf = p.float(), g.float(), m.float(), v.float()
         pf.mul_(1 - lr * weight_decay)
@@ -49,5 +115,184 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2,
         vf.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
         pf.addcdiv_(mf, (vf.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
         for dst, src in ((p, pf), (m, mf), (v, vf)):
-            if dst is not src:
-                dst.copy_(src)
+            if dst is src:
+                continue
+            if stochastic_rounding and dst.dtype == torch.bfloat16:
+                if dst.device not in generators:
+                    generators[dst.device] = torch.Generator(dst.device).manual_seed(seed)
+                src = _stochastic_round_bf16(src, generators[dst.device])
+            dst.copy_(src)
+
+
+# --- Triton ---------------------------------------------------------------------------------
+
+# BLOCK: elements per program. 2048 over NUM_WARPS = 4 warps is 16 per thread: each thread has
+# two 16-byte loads of each bf16 stream (four of fp32) in flight at once, and even a 768-element
+# bias fills a third of its program, while the embedding splits into ~19K programs (many waves,
+# so the last partial wave costs little).
+BLOCK = 2048
+NUM_WARPS = 4
+# Addresses are hinted to this alignment in bytes: the widest vector access.
+ALIGNMENT = tl.constexpr(16)
+# Bits of an element's index in the RNG counter; the tensor's index in the lists sits above them.
+COUNTER_BITS = tl.constexpr(40)
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+@triton.jit
+def _pointer(entry, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in `column` of a table row, as a pointer to DTYPE."""
+    ptr = tl.load(entry + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # On the pointer itself: the alignment analysis does not follow int-to-pointer casts.
+        ptr = tl.multiple_of(ptr, ALIGNMENT)
+    return ptr
+
+
+@triton.jit
+def _store(ptrs, x, bits, mask, SR: tl.constexpr):
+    """Store fp32 `x` in the pointers' dtype; bf16 rounded stochastically with `bits` when SR,
+    else to nearest even."""
+    dtype = ptrs.dtype.element_ty
+    if dtype == tl.bfloat16:
+        # Rounded here in integer arithmetic, so that the cast below drops only zero bits: exact
+        # on GPU and in the interpreter alike (the interpreter's cast to bf16 truncates).
+        # Adding 0x7FFF plus the last kept bit rounds to nearest even; adding a uniform 16-bit
+        # number instead carries into the kept bits with probability equal to the dropped
+        # fraction: stochastic rounding without bias.
+        u = x.to(tl.uint32, bitcast=True)
+        if SR:
+            u += bits & 0xFFFF
+        else:
+            u += 0x7FFF + ((u >> 16) & 1)
+        # A NaN must stay one (its payload may sit in the dropped bits, or carry into the sign).
+        u = tl.where(x != x, 0x7FC00000, u & 0xFFFF0000)
+        x = u.to(tl.float32, bitcast=True)
+    tl.store(ptrs, x.to(dtype), mask=mask)
+
+
+@triton.jit
+def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, counter, decay, one_minus_beta1, beta2,
+            one_minus_beta2, bias_correction2_sqrt, step_size, eps, seed, SR: tl.constexpr):
+    """One AdamW step of a block, in torch.optim.AdamW's order of operations."""
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask).to(tl.float32)
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    # IEEE sqrt and division, as torch's: the fast approximations would cost fp32 params their
+    # last bits against torch.optim.AdamW, and this kernel is bound by memory, not arithmetic.
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - tl.div_rn(step_size * m, denom)
+    if SR:
+        bits_p, bits_m, bits_v, _ = tl.randint4x(seed, counter)
+    else:
+        bits_p, bits_m, bits_v = None, None, None
+    _store(p_ptrs, p, bits_p, mask, SR)
+    _store(m_ptrs, m, bits_m, mask, SR)
+    _store(v_ptrs, v, bits_v, mask, SR)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _adamw_kernel(
+    table,                  # int64 (n, 6): per tensor, addresses of p, g, m, v, numel, list index
+    blocks,                 # int64 (n_blocks, 2): per program, its table row and first element
+    decay,                  # 1 - lr * weight_decay
+    one_minus_beta1,        # the weight of g in m's running average
+    beta2,                  # the weight of v in its running average
+    one_minus_beta2,        # the weight of g*g in v's running average
+    bias_correction2_sqrt,  # sqrt(1 - beta2**step)
+    step_size,              # lr / (1 - beta1**step)
+    eps,                    # added to the bias-corrected sqrt(v)
+    seed,                   # Philox seed of this step's stochastic rounding (unused without SR)
+    P_DTYPE: tl.constexpr,  # dtype of p and g
+    M_DTYPE: tl.constexpr,  # dtype of m
+    V_DTYPE: tl.constexpr,  # dtype of v
+    SR: tl.constexpr,       # round the bf16 stores stochastically (else to nearest even)
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
+    BLOCK: tl.constexpr,    # elements per program
+):
+    row = tl.load(blocks + 2 * tl.program_id(0))
+    start = tl.multiple_of(tl.load(blocks + 2 * tl.program_id(0) + 1), BLOCK)
+    entry = table + 6 * row
+    numel = tl.load(entry + 4)
+    p_ptr = _pointer(entry, 0, P_DTYPE, ALIGNED)
+    g_ptr = _pointer(entry, 1, P_DTYPE, ALIGNED)
+    m_ptr = _pointer(entry, 2, M_DTYPE, ALIGNED)
+    v_ptr = _pointer(entry, 3, V_DTYPE, ALIGNED)
+    offs = start + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2^31 elements
+    counter = offs + (tl.load(entry + 5) << COUNTER_BITS)
+    # Only a tensor's last block is masked: a mask against a size loaded from memory would keep
+    # the full blocks from vectorizing. (The two calls differ in `mask` alone; one call with a
+    # mask that is None on one branch is not valid Triton: a variable keeps one type.)
+    if start + BLOCK <= numel:
+        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, None, counter, decay,
+                one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                seed, SR)
+    else:
+        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs < numel, counter,
+                decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size,
+                eps, seed, SR)
+
+
+class _Launch(NamedTuple):
+    """One kernel launch: the tensors of one device and one combination of dtypes."""
+
+    table: torch.Tensor   # int64 (n, 6) on the device: the kernel's `table`
+    blocks: torch.Tensor  # int64 (n_blocks, 2) on the device: the kernel's `blocks`
+    dtypes: tuple         # Triton dtypes of p (and g), m and v
+    aligned: bool         # every address in `table` is ALIGNMENT-aligned
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(key: tuple) -> tuple[_Launch, ...]:
+    """The launches for tensors described by `key` (per tensor: addresses of p, g, m and v, numel,
+    dtypes of p, m and v, device). They depend on nothing else, hence the cache."""
+    device_type = "cpu" if runtime.INTERPRET else "cuda"
+    groups: dict[tuple, list[tuple]] = {}
+    for index, (*addresses, numel, p_dtype, m_dtype, v_dtype, device) in enumerate(key):
+        if device.type != device_type:
+            raise ValueError(f"adamw: the triton backend needs {device_type} tensors here, "
+                             f"got params[{index}] on {device}")
+        if numel:
+            groups.setdefault((device, p_dtype, m_dtype, v_dtype), []).append(
+                (*addresses, numel, index))
+    launches = []
+    for (device, *dtypes), rows in groups.items():
+        table = torch.tensor(rows, dtype=torch.int64)
+        n_blocks = (table[:, 4] + BLOCK - 1) // BLOCK
+        row = torch.repeat_interleave(torch.arange(len(rows)), n_blocks)
+        first_block = torch.cumsum(n_blocks, 0) - n_blocks
+        start = (torch.arange(len(row)) - first_block[row]) * BLOCK
+        aligned = all(address % ALIGNMENT.value == 0 for r in rows for address in r[:4])
+        launches.append(_Launch(table.to(device), torch.stack([row, start], 1).to(device),
+                                tuple(_TL_DTYPES[d] for d in dtypes), aligned))
+    return tuple(launches)
+
+
+@register("adamw", "triton")
+@torch.no_grad()
+def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+                 weight_decay, stochastic_rounding: bool = False, seed: int = 0) -> None:
+    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+    check_rounding(stochastic_rounding, seed)
+    # The kernel walks each tensor's memory in order: others go through contiguous copies.
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
+    key = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), p.dtype,
+                 m.dtype, v.dtype, p.device) for p, g, m, v in zip(*staged))
+    for launch in _plan(key):
+        with runtime.on_device(launch.table):
+            _adamw_kernel[(len(launch.blocks),)](
+                launch.table, launch.blocks, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+                math.sqrt(1 - beta2 ** step), lr / (1 - beta1 ** step), eps, seed, *launch.dtypes,
+                SR=stochastic_rounding and tl.bfloat16 in launch.dtypes, ALIGNED=launch.aligned,
+                BLOCK=BLOCK, num_warps=NUM_WARPS)
+    for ts, copies in zip((params, exp_avgs, exp_avg_sqs), (staged[0], staged[2], staged[3])):
+        for t, copy in zip(ts, copies):
+            if copy is not t:
+                t.copy_(copy)

@@ -100,7 +100,7 @@ def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
 
 def test_pure_bf16_training(tmp_path, data_dir):
     log = run(tmp_path, data_dir, "--optimizer=bf16_adamw", "--max_iters=30", "--eval_interval=30",
-              "--always_save_checkpoint=True", "--n_kv_head=1", "--preset=llama", "--n_layer=1")
+              "--always_save_checkpoint=True", "--preset=llama", "--n_kv_head=1", "--n_layer=1")
     evals = [r for r in log if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     state = checkpoint.load(tmp_path, "cpu")

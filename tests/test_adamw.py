@@ -1,0 +1,375 @@
+"""The adamw op (both backends) and the BF16AdamW optimizer: against torch.optim.AdamW and a
+float64 reference, stochastic rounding's bias and reproducibility, state_dict round trips and bad
+input."""
+import copy
+import math
+
+import pytest
+import torch
+
+import kernels
+from gpt.optim import BF16AdamW
+from kernels import adamw as adamw_module
+from kernels import runtime
+from tests.numerics import assert_as_accurate
+
+BACKENDS = ["torch", "triton"]
+# One element, a few, a prime that is not a multiple of the kernel's block, a 2-D weight.
+SHAPES = [(1,), (7,), (10007,), (33, 65)]
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+STEPS = 4
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def skip_unless_runs(backend, device):
+    # Triton kernels run on CUDA tensors, or on CPU tensors in the interpreter only.
+    if backend == "triton" and device == "cpu" and not runtime.INTERPRET:
+        pytest.skip("the triton backend runs CPU tensors only in the interpreter")
+
+
+def states(params, state_dtype=None):
+    """Zero moments for `params`, in `state_dtype` (default: each param's own)."""
+    return ([torch.zeros_like(p, dtype=state_dtype) for p in params],
+            [torch.zeros_like(p, dtype=state_dtype) for p in params])
+
+
+def reference(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
+    """AdamW in float64 from the stored values: the new p, m and v, and for each the sum of the
+    magnitudes of its terms (what fp32 math's error scales with)."""
+    p, g, m, v = p.double(), g.double(), m.double(), v.double()
+    m_terms = beta1 * m, (1 - beta1) * g
+    v_terms = beta2 * v, (1 - beta2) * g * g
+    m, v = sum(m_terms), sum(v_terms)
+    denom = v.sqrt() / math.sqrt(1 - beta2 ** step) + eps
+    p_terms = p * (1 - lr * weight_decay), -lr / (1 - beta1 ** step) * m / denom
+    return [(sum(terms), sum(t.abs() for t in terms)) for terms in (p_terms, m_terms, v_terms)]
+
+
+def reference_step(params, grads, exp_avgs, exp_avg_sqs, **hyper):
+    """`reference`, each result rounded once to its tensor's dtype."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        for t, (new, _) in zip((p, m, v), reference(p, g, m, v, **hyper)):
+            t.copy_(new)
+
+
+def test_registered():
+    assert kernels.ops()["adamw"] == ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_matches_torch_adamw(backend, device):
+    """Several steps with a changing lr: torch.optim.AdamW's results to fp32 rounding, and the
+    update as accurate as torch's against float64."""
+    skip_unless_runs(backend, device)
+    params = [torch.randn(s, device=device) for s in SHAPES]
+    ours, ref64 = [p.clone() for p in params], [p.double() for p in params]
+    (m, v), (m64, v64) = states(ours), states(ref64)
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(theirs, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]),
+                            eps=HYPER["eps"], weight_decay=HYPER["weight_decay"], foreach=False)
+    for step in range(1, STEPS + 1):
+        lr = HYPER["lr"] / step
+        opt.param_groups[0]["lr"] = lr
+        grads = [torch.randn_like(p) for p in params]
+        for t, g in zip(theirs, grads):
+            t.grad = g.clone()
+        opt.step()
+        kernels.get("adamw", backend)(ours, grads, m, v, step=step, **{**HYPER, "lr": lr})
+        reference_step(ref64, grads, m64, v64, step=step, **{**HYPER, "lr": lr})
+    eps32 = torch.finfo(torch.float32).eps
+    for i, (p, t) in enumerate(zip(ours, theirs)):
+        state = opt.state[t]
+        for name, out, expected in (("param", p, t.detach()), ("exp_avg", m[i], state["exp_avg"]),
+                                    ("exp_avg_sq", v[i], state["exp_avg_sq"])):
+            torch.testing.assert_close(out, expected, rtol=4 * eps32,
+                                       atol=4 * eps32 * expected.abs().max().item(),
+                                       msg=lambda s: f"{backend} {SHAPES[i]} {name}: {s}")
+        # The params barely move: their error is judged on the update, p - p0.
+        assert_as_accurate(p.double() - params[i], t.detach().double() - params[i],
+                           ref64[i] - params[i], f"{backend} {SHAPES[i]} update")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_bf16_matches_float64_rounded_each_step(backend, state_dtype, device):
+    """Stochastic rounding off: every step, from the same stored values, is the float64 math
+    rounded to nearest in each tensor's dtype, up to fp32's error: each result is within half a
+    unit of its dtype of a value within fp32's error of the exact one (so only where the exact
+    value lies that close to a rounding boundary may it differ from float64 rounded once)."""
+    skip_unless_runs(backend, device)
+    eps32 = torch.finfo(torch.float32).eps
+    params = [torch.randn(s, device=device).bfloat16() for s in SHAPES]
+    m, v = states(params, state_dtype)
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn_like(p) for p in params]
+        exact = [reference(*ts, step=step, **HYPER) for ts in zip(params, grads, m, v)]
+        kernels.get("adamw", backend)(params, grads, m, v, step=step, **HYPER)
+        differ, total = 0, 0
+        for i, shape in enumerate(SHAPES):
+            for name, out, (value, scale) in zip(("param", "exp_avg", "exp_avg_sq"),
+                                                 (params[i], m[i], v[i]), exact[i]):
+                what = f"{backend} step {step} {shape} {name}"
+                assert out.dtype == (torch.bfloat16 if name == "param" else state_dtype), what
+                out = out.double()
+                # Half a unit in the last place of out: eps * 2^(e - 1) for out in [2^e, 2^(e+1)).
+                half_ulp = torch.ldexp(torch.full_like(out, torch.finfo(params[i].dtype if
+                                       name == "param" else state_dtype).eps),
+                                       torch.frexp(out).exponent - 2)
+                error = (out - value).abs() - (half_ulp + 8 * eps32 * scale)
+                assert (error <= 0).all(), f"{what}: off by up to {error.max().item():.3g}"
+                if name == "param" or state_dtype == torch.bfloat16:
+                    differ += (out != value.bfloat16().double()).sum().item()
+                    total += out.numel()
+        # Rounding boundaries within fp32's error are rare: nearly every bf16 result is exact.
+        assert differ <= 0.02 * total, f"{backend} step {step}: {differ} of {total} differ"
+
+
+def sub_resolution_step(backend, sizes, device, **rounding):
+    """One step in which every element's exact results fall strictly between two bf16 values:
+    p = 1 moves down by lr = 1e-3 (bf16's step below 1 is 2^-8), m = 0.1 g and v = 0.001 g^2
+    with g = 1/3. Returns p, m and v (each flattened over the tensors) and their exact values."""
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    params = [torch.ones(n, device=device, dtype=torch.bfloat16) for n in sizes]
+    grads = [torch.full_like(p, 1 / 3) for p in params]
+    m, v = states(params)
+    kernels.get("adamw", backend)(params, grads, m, v, step=1, **hyper, **rounding)
+    g = grads[0][0].double().item()  # 1/3 as stored in bf16
+    exact = [torch.tensor([value], dtype=torch.float64) for value in (1.0, g, 0.0, 0.0)]
+    reference_step(*([t] for t in exact), step=1, **hyper)
+    flat = [torch.cat([t.flatten() for t in ts]).double().cpu() for ts in (params, m, v)]
+    return flat, [exact[0].item(), exact[2].item(), exact[3].item()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_is_unbiased(backend, device):
+    """The mean of many stochastically rounded results is the exact value, within 6 standard
+    errors (one rounding has a standard deviation of at most half a bf16 step); round to nearest
+    misses it by far more."""
+    skip_unless_runs(backend, device)
+    sizes = [1, 7, 10007, 9985]  # 20000 draws over tensors of odd sizes
+    rounded, exact = sub_resolution_step(backend, sizes, device, stochastic_rounding=True, seed=1)
+    nearest, _ = sub_resolution_step(backend, sizes, device, stochastic_rounding=False)
+    for name, r, n, x in zip(("param", "exp_avg", "exp_avg_sq"), rounded, nearest, exact):
+        ulp = 2.0 ** (math.floor(math.log2(x)) - 7)  # bf16's step at x
+        assert (r - x).abs().max().item() < ulp, f"{backend} {name}: not a neighbour of {x}"
+        bound = 6 * (ulp / 2) / math.sqrt(r.numel())
+        assert abs(r.mean().item() - x) <= bound, f"{backend} {name}: mean {r.mean().item()} vs {x}"
+        assert abs(n.mean().item() - x) > 2 * bound, f"{backend} {name}: test too weak"
+    # Round to nearest loses the update to p entirely: the failure SR is there to prevent.
+    assert (nearest[0] == 1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_is_reproducible(backend, device):
+    """A seed gives the same bits every time; another seed, and every tensor of one call, other
+    bits."""
+    skip_unless_runs(backend, device)
+    sizes = [4099, 4099]
+
+    def rounded(seed):
+        (p, m, v), _ = sub_resolution_step(backend, sizes, device, stochastic_rounding=True,
+                                           seed=seed)
+        return torch.cat([p, m, v])
+
+    a, b, c = rounded(5), rounded(5), rounded(6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    first, second = rounded(5)[: 2 * 4099].split(4099)  # the two params of one call
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_leaves_other_dtypes_alone(backend, device):
+    """Only bf16 stores are rounded stochastically: fp32 results are identical either way."""
+    skip_unless_runs(backend, device)
+    params = [torch.randn(s, device=device) for s in SHAPES]
+    results = []
+    for sr in (False, True):
+        p = [t.clone() for t in params]
+        m, v = states(p)
+        grads = [torch.ones_like(t) for t in p]
+        kernels.get("adamw", backend)(p, grads, m, v, step=1, **HYPER, stochastic_rounding=sr,
+                                      seed=3)
+        results.append(p + m + v)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_triton_matches_torch_on_mixed_and_strided_lists():
+    """One call with fp32 and bf16 params (two launches), a non-contiguous param and an empty one:
+    the triton backend gives the torch backend's results (rounding to nearest, both)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = [torch.randn(7, 5, device=device).t(), torch.randn(33, device=device).bfloat16(),
+              torch.randn(0, device=device), torch.randn(10007, device=device).bfloat16()]
+    grads = [torch.randn(7, 5, device=device).t()] + [torch.randn_like(p) for p in params[1:]]
+    results = []
+    for backend in BACKENDS:
+        p = [t.clone() for t in params]
+        m, v = states(p)
+        for step in (1, 2):
+            kernels.get("adamw", backend)(p, grads, m, v, step=step, **HYPER)
+        results.append(p + m + v)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=2**-7 if a.dtype == torch.bfloat16 else 1e-6,
+                                   atol=1e-6)
+
+
+def test_triton_plan_is_cached():
+    """Calls on the same tensors reuse the cached pointer table and block map."""
+    p = [torch.randn(s) for s in SHAPES]
+    g = [torch.randn_like(t) for t in p]
+    m, v = states(p)
+    if torch.cuda.is_available():
+        p, g, m, v = ([t.cuda() for t in ts] for ts in (p, g, m, v))
+    adamw_module._plan.cache_clear()
+    for step in (1, 2, 3):
+        kernels.get("adamw", "triton")(p, g, m, v, step=step, **HYPER)
+    info = adamw_module._plan.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+def make_model(device, dtype):
+    return torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.LayerNorm(31),
+                               torch.nn.Linear(31, 7)).to(device, dtype)
+
+
+def param_groups(model, weight_decay=0.1):
+    """nanoGPT's grouping: decay the matrices, not the 1-D params."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def train(model, optimizer, steps, seed, scheduler=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 13, generator=gen).to(next(model.parameters()))
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_matches_torch_adamw_with_groups_and_schedule(backend, device):
+    """fp32: the same trajectory as torch.optim.AdamW over two groups (one without weight decay)
+    and a learning-rate schedule."""
+    skip_unless_runs(backend, device)
+    ours = make_model(device, torch.float32)
+    theirs = copy.deepcopy(ours)
+    opts = [BF16AdamW(param_groups(ours), lr=1e-2, betas=(0.9, 0.95), backend=backend),
+            torch.optim.AdamW(param_groups(theirs), lr=1e-2, betas=(0.9, 0.95), foreach=False)]
+    seed = torch.randint(2**31, ()).item()
+    for model, opt in zip((ours, theirs), opts):
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 / (1 + i))
+        train(model, opt, steps=5, seed=seed, scheduler=schedule)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_skips_params_without_grads(backend, device):
+    skip_unless_runs(backend, device)
+    model = make_model(device, torch.bfloat16)
+    frozen = model[1].weight
+    frozen.requires_grad_(False)
+    before = frozen.clone()
+    opt = BF16AdamW(param_groups(model), lr=1e-2, backend=backend)
+    train(model, opt, steps=2, seed=torch.randint(2**31, ()).item())
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stochastic_rounding", [True, False])
+def test_optimizer_state_dict_resumes_exactly(backend, stochastic_rounding, device):
+    """Resuming from a checkpoint gives bit for bit the steps the uninterrupted run takes,
+    stochastic rounding included (its seeds derive from state_dict contents)."""
+    skip_unless_runs(backend, device)
+    model = make_model(device, torch.bfloat16)
+    opt = BF16AdamW(param_groups(model), lr=1e-2, backend=backend, seed=7,
+                    stochastic_rounding=stochastic_rounding)
+    before, after = torch.randint(2**31, (2,)).tolist()  # seeds of the inputs
+    train(model, opt, steps=3, seed=before)
+    model_ckpt, opt_ckpt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, steps=2, seed=after)
+
+    resumed = make_model(device, torch.bfloat16)
+    resumed.load_state_dict(model_ckpt)
+    resumed_opt = BF16AdamW(param_groups(resumed), lr=1.0, backend=backend)  # lr from the ckpt
+    resumed_opt.load_state_dict(opt_ckpt)
+    train(resumed, resumed_opt, steps=2, seed=after)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_updates_dtensor_local_shards(backend, device):
+    """FSDP2 parameters are DTensors: the optimizer updates their local shards, as it would
+    plain tensors (one process, so the shard is the whole tensor)."""
+    skip_unless_runs(backend, device)
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(device, (1,))
+        values = [torch.randn(s, device=device).bfloat16() for s in ((33, 7), (5,))]
+        grads = [torch.randn_like(t) for t in values]
+
+        def shard(t):  # from_local: no collective, so any process-group backend will do
+            return DTensor.from_local(t, mesh, [Shard(0)])
+
+        sharded = [torch.nn.Parameter(shard(t.clone())) for t in values]
+        plain = [torch.nn.Parameter(t.clone()) for t in values]
+        for params, wrap in ((sharded, shard), (plain, lambda g: g)):
+            for p, g in zip(params, grads):
+                p.grad = wrap(g.clone())
+            BF16AdamW(params, lr=1e-2, backend=backend, seed=3).step()
+        for s, p in zip(sharded, plain):
+            assert torch.equal(s.to_local(), p)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises(backend, device):
+    skip_unless_runs(backend, device)
+    adamw = kernels.get("adamw", backend)
+    p = [torch.randn(5, device=device), torch.randn(3, device=device)]
+    g = [torch.randn_like(t) for t in p]
+    m, v = states(p)
+    cases = {
+        "same length": (p, g[:1], m, v, {}),
+        "same dtype": (p, [g[0].bfloat16(), g[1]], m, v, {}),
+        "same shape": (p, [g[0], torch.randn(4, device=device)], m, v, {}),
+        "step counts from 1": (p, g, m, v, {"step": 0}),
+        "lr must be": (p, g, m, v, {"lr": -1.0}),
+        "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
+        "seed must be an int": (p, g, m, v, {"seed": 2**31}),
+    }
+    for message, (ps, gs, ms, vs, override) in cases.items():
+        kwargs = {"step": 1, **HYPER, **override}
+        with pytest.raises(ValueError, match=f"adamw: .*{message}"):
+            adamw(ps, gs, ms, vs, **kwargs)
+
+
+@cuda_only
+def test_triton_int64_offsets():
+    """A tensor of more than 2^31 elements: the elements past 2^31 are updated as the torch
+    backend updates them (checked on the last few thousand)."""
+    n = 2**31 + 4099
+    p, g = torch.randn(n, device="cuda", dtype=torch.bfloat16), torch.randn(n, device="cuda",
+                                                                              dtype=torch.bfloat16)
+    m, v = states([p])
+    tail = [t[-8192:].clone() for t in (p, g, m[0], v[0])]
+    kernels.get("adamw", "triton")([p], [g], m, v, step=1, **HYPER)
+    kernels.get("adamw", "torch")(*([t] for t in tail), step=1, **HYPER)
+    for out, expected in zip((p, m[0], v[0]), (tail[0], tail[2], tail[3])):
+        torch.testing.assert_close(out[-8192:], expected, rtol=2**-7,
+                                   atol=1e-6 * expected.abs().max().item())
