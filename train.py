@@ -22,6 +22,8 @@ import kernels
 from gpt import checkpoint
 from gpt.config import ConfigError, parse_args
 from gpt.data import Batches, load_meta, prepare
+from bench.cases import Shapes
+from bench.mfu import MFUMeter
 from gpt.model import GPT, GPTConfig, preset
 from gpt.optim import BF16AdamW
 
@@ -42,6 +44,7 @@ DEFAULTS = dict(
     # system: device and dtype None choose CUDA and bf16 (fp16 on older GPUs) when present, else
     # CPU and fp32
     backend="nccl", device=None, dtype=None, compile=True,
+    peak_tflops=None,  # the GPU's dense peak for MFU, for a GPU bench.hardware does not know
     # tritongpt
     kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
@@ -161,20 +164,19 @@ def main(argv: list[str]) -> None:
     batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"] + rank)
 
     # --- model, optimizer ---------------------------------------------------------------------
-    choices = kernels.choose(c["kernels"], device_type)
-    backends = {op: choice.backend for op, choice in choices.items()}
     iter_num, best_val_loss, resumed = 0, 1e9, None
     if c["init_from"] == "resume":
         resumed = checkpoint.load(c["out_dir"], c["device"])
         model_args = resumed["model_args"]
         for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
             c[key] = model_args[key]
-        model = checkpoint.build_model(resumed, backends)
         iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
     elif c["init_from"] == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304
-        model_args = asdict(GPTConfig(vocab_size=vocab_size, **{k: c[k] for k in ARCH_KEYS}))
-        model = GPT(GPTConfig(**model_args), backends)
+        try:
+            model_args = asdict(GPTConfig(vocab_size=vocab_size, **{k: c[k] for k in ARCH_KEYS}))
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}") from None
     else:
         raise SystemExit(f"train.py: init_from must be scratch or resume, got {c['init_from']!r} (loading "
                          f"OpenAI's GPT-2 weights needs the network and is not supported)")
@@ -183,6 +185,13 @@ def main(argv: list[str]) -> None:
         if c["dtype"] == "float16":
             raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16; set dtype=bfloat16")
         c["dtype"] = "bfloat16"
+    # Per op the backend to run, checked at this run's own shapes.
+    shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
+                    dtype=getattr(torch, c["dtype"]))
+    choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"])
+    backends = {op: choice.backend for op, choice in choices.items()}
+    model = checkpoint.build_model(resumed, backends) if resumed else GPT(GPTConfig(**model_args), backends)
+    if pure_bf16:
         model.to(torch.bfloat16)
     model.to(c["device"])
 
@@ -217,8 +226,11 @@ def main(argv: list[str]) -> None:
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
+    meter = MFUMeter(raw_model.config, c["block_size"], c["dtype"], c["device"], world_size,
+                     peak_tflops=c["peak_tflops"])
     if master:
         summary(console, c, raw_model, choices, tokens_per_iter, world_size, config_files)
+        console.print(f"MFU: {meter.describe()}")
         os.makedirs(c["out_dir"], exist_ok=True)
         log_file = open(Path(c["out_dir"]) / "log.jsonl", "a")
     if c["wandb_log"] and master:
@@ -312,13 +324,17 @@ def main(argv: list[str]) -> None:
                 record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
                               step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt,
                               mem_allocated_gb=allocated, mem_peak_gb=peak, mem_reserved_gb=reserved)
+                record.update(meter.record(record["tokens_per_s"]))
+                mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
                 console.print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm "
                               f"{record['grad_norm']:.3f}, {record['step_ms']:.1f} ms, "
-                              f"{record['tokens_per_s']:,.0f} tok/s, mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
+                              f"{record['tokens_per_s']:,.0f} tok/s, MFU {mfu}, "
+                              f"mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
                 progress.update(task, status=f"loss {loss_value:.4f}")
                 log(record)
             iter_num += 1
 
+    meter.close()
     if ddp:
         torch.distributed.destroy_process_group()
 

@@ -1,11 +1,16 @@
-"""Timing and roofline helpers shared by every benchmark (CUDA).
+"""Timing and roofline helpers shared by every benchmark (CUDA), and the provenance recorded
+with every result file.
 
 Times are medians of many runs after warm-up, taken with CUDA events by
 `triton.testing.do_bench`. Rooflines are measured on the GPU at hand, in the same run:
 device-to-device copy bandwidth (bytes read + bytes written) and the bf16 matmul rate.
 """
+import datetime
 import functools
+import platform
+import subprocess
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,3 +73,23 @@ def print_rows(rows: list[Row], title: str) -> None:
         table.add_row(r.op, r.shape, r.pass_, r.backend, f"{r.ms:.3f}", f"{r.value:.0f} {r.unit}",
                       f"{100 * r.roofline:.0f}%", verified)
     Console().print(table)
+
+
+def provenance() -> dict:
+    """Versions, git revision and date: what a result file needs to be reproduced."""
+    import triton
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                git_sha=git("rev-parse", "HEAD"), git_dirty=bool(status) if status is not None else None,
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                python=platform.python_version())

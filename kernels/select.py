@@ -1,10 +1,25 @@
-"""Choosing one backend per op for a model, once, before torch.compile."""
+"""Choosing one backend per op for a model, once, before torch.compile.
+
+Modes:
+- "torch": the reference everywhere.
+- "triton": Triton wherever it passes a self-check against torch at the run's shapes; an op
+  that fails falls back to torch, with a warning and the failure as its reason.
+- "auto": on a GPU, per op the fastest backend that passed verification in this GPU's
+  profile (profiles/<gpu>.json, from `python -m bench.kernels`), timed as the model will run
+  it (compiled or eager); without a profile, Triton where it passes the self-check. On a CPU,
+  torch: the Triton interpreter is for tests, not speed.
+Whichever way Triton is picked, it has passed the self-check at this run's shapes. The
+self-check and the profile rules live in bench/profile.py (imported on use: bench imports
+this package).
+"""
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .registry import OPS, get, ops
 
 MODES = ("torch", "triton", "auto")
+DETECT = "detect"  # profile=DETECT: the profile of the GPU this process runs on, if any
 
 
 @dataclass(frozen=True)
@@ -13,9 +28,17 @@ class Choice:
     reason: str
 
 
-def choose(kernels: str | Mapping[str, str], device_type: str) -> dict[str, Choice]:
+def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, compiled: bool = False,
+           profile=DETECT) -> dict[str, Choice]:
     """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping
-    (ops it leaves out use torch)."""
+    (ops it leaves out use torch; no checks: the caller asked for exactly these).
+
+    shapes: a bench.cases.Shapes of the run (model config, micro-batch, dtype) for the
+      self-check; without it the check runs at GPT-2 124M's shapes.
+    compiled: whether the model will run under torch.compile (profiles then time torch's ops
+      as Inductor compiles them).
+    profile: DETECT, a bench.profile.Profile, a path to one, or None for no profile.
+    """
     registered = ops()
     if isinstance(kernels, Mapping):
         unknown = set(kernels) - set(OPS)
@@ -27,17 +50,44 @@ def choose(kernels: str | Mapping[str, str], device_type: str) -> dict[str, Choi
                 for op in OPS}
     if kernels not in MODES:
         raise ValueError(f"kernels must be one of {MODES} or an op -> backend mapping, got {kernels!r}")
+    if kernels == "torch":
+        return {op: Choice("torch", "asked for") for op in OPS}
+    if kernels == "auto" and device_type != "cuda":
+        return {op: Choice("torch", "auto on CPU: the Triton interpreter is for tests, not speed")
+                for op in OPS}
+
+    from bench import profile as profiles
+
+    shapes = shapes or profiles.default_shapes(device_type)
+    prof = _resolve(profile, profiles) if kernels == "auto" else None
     choices = {}
     for op in OPS:
-        has_triton = "triton" in registered[op]
-        if kernels == "torch":
-            choices[op] = Choice("torch", "asked for")
-        elif not has_triton:
+        if "triton" not in registered[op]:
             choices[op] = Choice("torch", "no triton backend yet: falls back to torch")
-        elif kernels == "triton":
-            choices[op] = Choice("triton", "asked for")
-        elif device_type != "cuda":
-            choices[op] = Choice("torch", "auto on CPU: the Triton interpreter is for tests, not speed")
+            continue
+        if prof is not None and op in prof.ops:
+            backend, why = profiles.fastest_verified(prof.ops[op], registered[op], compiled)
+            if backend is not None and backend != "triton":
+                choices[op] = Choice(backend, f"{prof.name}: {why}")
+                continue
+            lead = f"{prof.name}: {why}" if backend else f"{prof.name} has no timing for it"
+        elif kernels == "auto":
+            lead = "no profile for this GPU (python -m bench.kernels writes one)"
         else:
-            choices[op] = Choice("triton", "auto: triton backend registered (no profile for this GPU)")
+            lead = "asked for"
+        ok, check = profiles.self_check(op, shapes, device_type)
+        if ok:
+            choices[op] = Choice("triton", f"{lead}; self-check passed at {check}")
+        else:
+            choices[op] = Choice("torch", f"{lead}; triton failed its self-check at {check}: falls back to torch")
+            if kernels == "triton":
+                warnings.warn(f"kernels=triton: {op} falls back to torch: {choices[op].reason}", stacklevel=2)
     return choices
+
+
+def _resolve(profile, profiles):
+    if profile == DETECT:
+        return profiles.for_this_gpu()
+    if profile is None or isinstance(profile, profiles.Profile):
+        return profile
+    return profiles.load(profile)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import norm, runtime
-from tests.numerics import FACTOR, FLOOR, assert_as_accurate, rel_err
+from tests.numerics import assert_as_accurate, bound, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
@@ -78,8 +78,8 @@ def assert_accurate(backend, op, x, w, b=None, dy=None, scales=None):
         # numerics' rule, relative to the size of the cancelling terms.
         size = max(r.norm().item(), scales[name])
         err, own = ((t.double() - r).norm().item() / size for t in (out, baseline))
-        bound = FACTOR * own + FLOOR[out.dtype]
-        assert err <= bound, f"{what}: error {err:.3g} of the terms' size > bound {bound:.3g}"
+        limit = bound(own, out.dtype)
+        assert err <= limit, f"{what}: error {err:.3g} of the terms' size > bound {limit:.3g}"
 
 
 def inputs(m, n, device, dtype=torch.float32, wdtype=None, bias=True):

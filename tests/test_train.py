@@ -58,8 +58,9 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
-def run(out_dir, data_dir, *args):
-    train.main([*TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args])
+def run(out_dir, data_dir, *args, preset=None):
+    first = [f"--preset={preset}"] if preset else []  # a preset sets the keys before it: put it first
+    train.main([*first, *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args])
     with open(f"{out_dir}/log.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -100,7 +101,7 @@ def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
 
 def test_pure_bf16_training(tmp_path, data_dir):
     log = run(tmp_path, data_dir, "--optimizer=bf16_adamw", "--max_iters=30", "--eval_interval=30",
-              "--always_save_checkpoint=True", "--preset=llama", "--n_kv_head=1", "--n_layer=1")
+              "--always_save_checkpoint=True", "--n_kv_head=1", "--n_layer=1", preset="llama")
     evals = [r for r in log if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     state = checkpoint.load(tmp_path, "cpu")
@@ -130,3 +131,15 @@ def test_defaults_and_errors():
     assert (config["n_layer"], config["norm"], config["tie_weights"]) == (12, "rmsnorm", False)
     with pytest.raises(SystemExit, match="unknown config key 'n_layers'"):
         train.main(["--n_layers=3"])
+    with pytest.raises(SystemExit, match="n_embd 102 is not a multiple of n_head 4"):
+        train.main(["--n_embd=102"])
+
+
+def test_training_with_the_triton_kernels(tmp_path, data_dir, capsys):
+    log = run(tmp_path, data_dir, "--n_layer=1", "--n_embd=64", "--n_kv_head=1", "--kernels=triton",
+              "--optimizer=bf16_adamw", "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--batch_size=2",
+              preset="llama")
+    out = capsys.readouterr().out
+    for op in ("rms_norm", "swiglu", "attention", "adamw"):
+        assert any(line.split()[:2] == [op, "triton"] for line in out.replace("│", " ").splitlines()), op
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)

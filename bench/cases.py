@@ -1,0 +1,220 @@
+"""Every op at the shapes a model's training runs it at: its inputs, its passes, the work each
+pass must do, and a check of any backend against the torch reference. One code path for all
+ops, shared by the kernel profiles (bench/kernels.py) and the start-up self-check behind
+`kernels.choose`.
+
+A backend passes the check when, for every output and gradient of every pass, its error against
+the torch backend computed in float64 is at most FACTOR x the torch backend's own error in the
+working dtype, plus a floor of a few roundings of that dtype (kernels/accuracy.py, the rule the
+tests use).
+"""
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gpt.model import GPT, GPTConfig
+from kernels.accuracy import bound, rel_err
+
+# AdamW hyperparameters of train.py's defaults; a late step, where bias correction is mild.
+ADAMW = dict(step=10, lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes one training run gives its ops: the model's widths and a micro-batch."""
+
+    config: GPTConfig
+    batch_size: int
+    seq_len: int | None = None  # None: the config's block_size
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def T(self) -> int:
+        return self.seq_len or self.config.block_size
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"B={self.batch_size} T={self.T} C={c.n_embd} heads {c.n_head}/{c.n_kv_head} "
+                f"{str(self.dtype).removeprefix('torch.')}")
+
+    def key(self) -> tuple:
+        return dataclasses.astuple(self.config), self.batch_size, self.T, self.dtype
+
+    def tiny(self) -> "Shapes":
+        """The same kinds of layer (head size, grouped-query or not, norm, MLP) at a size the
+        Triton interpreter runs in a fraction of a second: one layer, one query head (two
+        sharing one key/value head if grouped), 16 tokens."""
+        c = self.config
+        n_head = 2 if c.n_kv_head < c.n_head else 1
+        config = dataclasses.replace(c, n_layer=1, n_head=n_head, n_kv_head=1, n_embd=n_head * c.head_dim,
+                                     mlp_hidden=64, vocab_size=64, block_size=16)
+        return Shapes(config, batch_size=1, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one set of shapes. `make` builds fresh inputs; `call(fn, inputs, pass_)` runs a
+    pass with the implementation `fn` and returns what it produces (outputs, then gradients)."""
+
+    op: str
+    shape: str
+    passes: tuple[str, ...]  # the last one is what a training step runs
+    make: Callable[[], list[torch.Tensor]]
+    call: Callable[[Callable, list[torch.Tensor], str], tuple[torch.Tensor, ...]]
+    work: dict[str, float]  # pass -> minimum bytes moved, or FLOPs
+    unit: str  # "GB/s" (work in bytes) or "TFLOPS" (work in FLOPs)
+    dtype: torch.dtype
+
+    def rate(self, pass_: str, ms: float) -> float:
+        return self.work[pass_] / ms / (1e6 if self.unit == "GB/s" else 1e9)
+
+
+def _outputs(y: torch.Tensor, leaves: list[torch.Tensor], dy: torch.Tensor, pass_: str):
+    """The forward output, and for "fwd+bwd" the gradients of the leaves too (autograd.grad,
+    so nothing accumulates into .grad between timed runs)."""
+    if pass_ == "fwd":
+        return (y,)
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Tensor:
+    t = (torch.randn(*shape, device=device, dtype=torch.float32) * scale + shift).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _norm(op: str, s: Shapes, device) -> Case:
+    c, M = s.config, s.batch_size * s.T
+    with_bias = op == "layer_norm" and c.bias
+
+    def make():
+        kw = dict(device=device, dtype=s.dtype)
+        weights = [_randn(c.n_embd, **kw, scale=0.1, shift=1.0, grad=True)]
+        if with_bias:
+            weights.append(_randn(c.n_embd, **kw, scale=0.1, grad=True))
+        return [_randn(M, c.n_embd, **kw, grad=True), *weights, _randn(M, c.n_embd, **kw)]
+
+    def call(fn, inputs, pass_):
+        x, *weights, dy = inputs
+        args = (x, weights[0], weights[1] if with_bias else None) if op == "layer_norm" else (x, weights[0])
+        return _outputs(fn(*args, c.norm_eps), [x, *weights], dy, pass_)
+
+    size = M * c.n_embd * s.dtype.itemsize
+    # Forward reads x and writes y; backward reads x and dy and writes dx.
+    return Case(op, f"{M}x{c.n_embd}" + (" +bias" if with_bias else ""), ("fwd", "fwd+bwd"), make,
+                call, {"fwd": 2 * size, "fwd+bwd": 5 * size}, "GB/s", s.dtype)
+
+
+def swiglu_hidden(config: GPTConfig) -> int:
+    """The SwiGLU width of the model, or of its SwiGLU variant when it has a plain MLP."""
+    if config.mlp == "swiglu":
+        return config.mlp_hidden
+    return dataclasses.replace(config, mlp="swiglu", mlp_hidden=None).mlp_hidden
+
+
+def _swiglu(s: Shapes, device) -> Case:
+    M, hidden = s.batch_size * s.T, swiglu_hidden(s.config)
+
+    def make():  # one projection's output, split in halves as the model does
+        return [_randn(M, 2 * hidden, device=device, dtype=s.dtype, grad=True),
+                _randn(M, hidden, device=device, dtype=s.dtype)]
+
+    def call(fn, inputs, pass_):
+        h, dy = inputs
+        return _outputs(fn(*h.chunk(2, dim=-1)), [h], dy, pass_)
+
+    size = M * hidden * s.dtype.itemsize
+    # Forward reads gate and up and writes y; backward reads gate, up and dy, writes both grads.
+    return Case("swiglu", f"{M}x{hidden}", ("fwd", "fwd+bwd"), make, call,
+                {"fwd": 3 * size, "fwd+bwd": 8 * size}, "GB/s", s.dtype)
+
+
+def _attention(s: Shapes, device) -> Case:
+    c, B, T = s.config, s.batch_size, s.T
+    H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+
+    def make():  # q, k and v as the model has them: views of one qkv projection
+        return [_randn(B, T, (H + 2 * Hkv) * D, device=device, dtype=s.dtype, grad=True),
+                _randn(B, H, T, D, device=device, dtype=s.dtype)]
+
+    def call(fn, inputs, pass_):
+        qkv, dy = inputs
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        if c.pos_encoding == "rope":  # rotated q and k are fresh contiguous tensors
+            q, k = q.contiguous(), k.contiguous()
+        return _outputs(fn(q, k, v, causal=True), [qkv], dy, pass_)
+
+    fwd = 4 * B * H * T * T * D / 2  # QKᵀ and PV, causal half
+    # Backward is 2.5x the forward: five matmuls to its two, recomputing QKᵀ.
+    return Case("attention", f"B={B} H={H}/{Hkv} T={T} D={D} causal", ("fwd", "fwd+bwd"), make, call,
+                {"fwd": fwd, "fwd+bwd": 3.5 * fwd}, "TFLOPS", s.dtype)
+
+
+def param_shapes(config: GPTConfig) -> list[torch.Size]:
+    """The model's parameter shapes, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return [p.shape for p in GPT(config).parameters()]
+
+
+def _adamw(s: Shapes, device, distinct: bool) -> Case:
+    shapes = param_shapes(s.config)
+    if distinct:  # one tensor of each shape: every code path (sizes, tails) at a fraction of the cost
+        shapes = list(dict.fromkeys(shapes))
+    n = len(shapes)
+    # Pure bf16 training rounds stochastically, as BF16AdamW does by default.
+    rounding = dict(stochastic_rounding=s.dtype == torch.bfloat16, seed=1)
+
+    def make():
+        kw = dict(device=device, dtype=s.dtype)
+        return ([_randn(*sh, **kw, scale=0.02) for sh in shapes] + [_randn(*sh, **kw, scale=1e-3) for sh in shapes]
+                + [_randn(*sh, **kw, scale=1e-4) for sh in shapes]
+                + [(torch.rand(*sh, device=device) * 1e-6).to(s.dtype) for sh in shapes])
+
+    def call(fn, inputs, pass_):
+        p, g, m, v = (inputs[i * n:(i + 1) * n] for i in range(4))
+        fn(p, g, m, v, **ADAMW, **rounding)
+        return (*p, *m, *v)
+
+    numel = sum(torch.Size(sh).numel() for sh in shapes)
+    # Reads p, g, m, v and writes p, m, v.
+    return Case("adamw", f"{n} tensors, {numel / 1e6:.3g}M params", ("step",), make, call,
+                {"step": 7 * numel * s.dtype.itemsize}, "GB/s", s.dtype)
+
+
+def case(op: str, shapes: Shapes, device, quick: bool = False) -> Case:
+    """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for adamw."""
+    if op in ("rms_norm", "layer_norm"):
+        return _norm(op, shapes, device)
+    if op == "swiglu":
+        return _swiglu(shapes, device)
+    if op == "attention":
+        return _attention(shapes, device)
+    if op == "adamw":
+        return _adamw(shapes, device, distinct=quick)
+    raise ValueError(f"no benchmark case for op {op!r}")
+
+
+def _copies(inputs: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    return [t.detach().to(dtype or t.dtype).clone().requires_grad_(t.requires_grad) for t in inputs]
+
+
+def check(c: Case, fn: Callable, reference: Callable) -> tuple[bool, str]:
+    """Whether `fn` is as accurate as `reference` (the torch backend) on every pass of `c`, and
+    the worst margin or the first failure in words. An exception is a failure, not a crash."""
+    worst = 0.0
+    try:
+        inputs = c.make()
+        for pass_ in c.passes:
+            outs = c.call(fn, _copies(inputs), pass_)
+            bases = c.call(reference, _copies(inputs), pass_)
+            refs = c.call(reference, _copies(inputs, torch.float64), pass_)
+            for i, (out, base, ref) in enumerate(zip(outs, bases, refs, strict=True)):
+                err, limit = rel_err(out, ref), bound(rel_err(base, ref), c.dtype)
+                if not err <= limit:
+                    return False, f"{pass_} result {i}: error {err:.2e} > bound {limit:.2e}"
+                worst = max(worst, err / limit)
+    except Exception as e:  # a refused shape or dtype, a compile failure: the backend fails here
+        return False, f"{type(e).__name__}: {e}"
+    return True, f"error at most {worst:.0%} of the bound"

@@ -1,0 +1,102 @@
+"""Training FLOPs per token of a GPTConfig, counted from its layer shapes.
+
+A matmul with weight (n_in, n_out) costs 2·n_in·n_out FLOPs per token forward and twice that
+backward (gradients of input and weight): 6·n_in·n_out in training. Summed over every matmul
+(the qkv projection at its grouped-query width, the attention output projection, the MLP's
+projections, the lm head) that is 6 x the matmul weights. Attention's own matmuls (QKᵀ and PV)
+cost 4·T·n_embd per token per layer forward, 12·L·H·Q·T in training (H heads of size Q, so
+H·Q = n_embd, sequence length T).
+
+Conventions:
+- `palm`: matmuls + 12·L·H·Q·T, the PaLM paper's (appendix B) and nanoGPT's `estimate_mfu`
+  count, which charges attention for the full T x T score matrix though a causal model needs
+  half. MFU is reported on this count, so it is comparable with nanoGPT, torchtitan and llm.c.
+- `causal`: matmuls + 6·L·H·Q·T, the work causal attention needs.
+- `hardware`: what the GPU executes: causal attention, plus the flash-attention backward's
+  recomputation of QKᵀ (one more score matmul beside the four a backward needs: 7·L·H·Q·T).
+Embedding lookups, norms, activations, softmax and the loss are not counted (elementwise work,
+a fraction of a percent at these widths).
+
+nanoGPT counts its matmuls as 6N with N = all parameters minus the position embedding (a tied
+model's lm head is counted once, through the token embedding). Its N also holds the norm and
+bias vectors, which are not matmul weights: for a tied learned-position model
+    palm == 6·(N_nanoGPT − norm and bias parameters) + 12·L·H·Q·T
+exactly (tests/test_flops.py checks it for GPT-2 124M).
+"""
+from dataclasses import dataclass
+
+from gpt.model import GPTConfig
+
+
+@dataclass(frozen=True)
+class Matmul:
+    name: str
+    n_in: int
+    n_out: int
+    count: int  # how many of them the model has (one per layer, or one)
+
+    @property
+    def weights(self) -> int:
+        return self.n_in * self.n_out * self.count
+
+
+def matmuls(config: GPTConfig) -> list[Matmul]:
+    """Every weight matmul of the model, by its shape."""
+    C, L = config.n_embd, config.n_layer
+    qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+    fc = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
+    return [Matmul("attn.c_attn (q, k, v)", C, qkv, L),
+            Matmul("attn.c_proj", C, C, L),
+            Matmul("mlp.c_fc" + (" (gate, up)" if config.mlp == "swiglu" else ""), C, fc, L),
+            Matmul("mlp.c_proj", config.mlp_hidden, C, L),
+            Matmul("lm_head", C, config.vocab_size, 1)]
+
+
+def param_count(config: GPTConfig) -> int:
+    """Parameters of GPT(config), counted from the config (so that planning needs no model):
+    matmul weights, biases, norms and embeddings, a tied head once."""
+    C, L = config.n_embd, config.n_layer
+    layers = [m for m in matmuls(config) if m.count == L]
+    n = sum(m.weights for m in layers)
+    if config.bias:
+        n += sum(m.n_out * m.count for m in layers)
+    norm_params = C * (1 if config.norm == "rmsnorm" or not config.bias else 2)
+    n += norm_params * (2 * L + (config.norm_position == "pre"))
+    n += config.vocab_size * C * (1 if config.tie_weights else 2)
+    if config.pos_encoding == "learned":
+        n += config.block_size * C
+    return n
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Training FLOPs per token (forward + backward) at sequence length `seq_len`."""
+
+    matmul: int  # 6 x every matmul's weights
+    attention_unit: int  # L·H·Q·T: attention's FLOPs are multiples of it
+    seq_len: int
+
+    @property
+    def palm(self) -> int:
+        return self.matmul + 12 * self.attention_unit
+
+    @property
+    def causal(self) -> int:
+        return self.matmul + 6 * self.attention_unit
+
+    @property
+    def hardware(self) -> int:
+        return self.matmul + 7 * self.attention_unit
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> Flops:
+    T = seq_len or config.block_size
+    matmul = 6 * sum(m.weights for m in matmuls(config))
+    # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
+    # every query head still scores every key.
+    return Flops(matmul, config.n_layer * config.n_embd * T, T)
+
+
+CONVENTION = ("MFU counts 6 FLOPs per matmul weight per token plus 12·L·H·Q·T for attention "
+              "(PaLM / nanoGPT convention: non-causal attention); hardware FLOPs count causal "
+              "attention and flash attention's recomputed QKᵀ (7·L·H·Q·T)")

@@ -1,0 +1,343 @@
+"""Training throughput and MFU of each kernel backend on this GPU, or a plan for a GPU you don't
+have.
+
+    python -m bench.mfu --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
+                        [--kernels torch,compile,triton,triton+compile] [--steps 50] [--warmup 10]
+    python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
+    python -m bench.mfu --gpu list                                                # the peak table
+
+Variants: a kernel mode (torch | triton | auto, as train.py's --kernels) run eagerly, or with
+"+compile" under torch.compile; "compile" is torch+compile. torch vs triton and compile vs
+triton+compile are the like-for-like pairs: the Triton ops are custom ops, so Inductor still
+fuses the rest of the graph around them.
+
+Per variant: the model is built, warm-up steps run (compilation and autotuning happen there and
+are not timed), then each timed training step (forward, backward, grad clipping, optimizer step,
+as train.py runs them, on a fixed random batch: no data loading) is bracketed by CUDA events.
+Reported: tokens/s from the median step, step ms (median, p10, p90), model TFLOPS and MFU on the
+PaLM convention (see bench/flops.py), hardware TFLOPS beside them, peak memory, and the SM clock
+NVML saw during the timed steps with the peak that clock implies. A JSON file records it all.
+"""
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import kernels
+from bench import plan as planning
+from bench import profile
+from bench.cases import Shapes
+from bench.flops import CONVENTION, Flops, flops_per_token
+from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
+from bench.measure import provenance
+from gpt.model import GPT, GPTConfig
+from gpt.optim import BF16AdamW
+
+DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
+# train.py's optimizer settings.
+LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def parse_variant(variant: str) -> tuple[str, bool]:
+    """(kernel mode, compiled) of "torch", "compile", "triton", "triton+compile", ..."""
+    if variant == "compile":
+        return "torch", True
+    mode, plus, rest = variant.partition("+")
+    if mode not in kernels.MODES or (plus and rest != "compile"):
+        raise ValueError(f"unknown variant {variant!r}: use compile or a mode in {kernels.MODES}, "
+                         f"optionally with +compile")
+    return mode, bool(plus)
+
+
+class MFUMeter:
+    """MFU of a training loop, for train.py's log lines.
+
+        meter = MFUMeter(model_config, seq_len, "bfloat16", "cuda:0", world_size)
+        meter.describe()               # the convention and where the peak comes from
+        meter.record(tokens_per_s)     # at each log: tflops, mfu, hw_tflops, sm_mhz, mfu_at_clock
+
+    tokens_per_s is for all processes together; MFU is per GPU. The SM clock is sampled on a
+    background thread between records."""
+
+    def __init__(self, config: GPTConfig, seq_len: int, dtype, device="cuda", world_size: int = 1,
+                 peak_tflops: float | None = None):
+        self.flops = flops_per_token(config, seq_len)
+        self.world_size = world_size
+        dev = torch.device(device)
+        found = None
+        if dev.type == "cuda":
+            found = detect(dev.index if dev.index is not None else torch.cuda.current_device())
+        if found is None and peak_tflops is None:
+            self.peak = Peak(None, "no GPU: no tensor peak, MFU n/a")
+        else:
+            self.peak = peak_for(found.name if found else str(dev), dtype, peak_tflops)
+        self.clocks = ClockSampler(found.index).start() if found else None
+
+    def describe(self) -> str:
+        return f"{CONVENTION}. Peak: {self.peak.source}"
+
+    def record(self, tokens_per_s: float) -> dict:
+        per_gpu = tokens_per_s / self.world_size
+        out = _rates(self.flops, per_gpu, self.peak)
+        stats = self.clocks.stats(clear=True) if self.clocks else None
+        out.update(_clock_rates(out["tflops"], self.peak, stats))
+        return out
+
+    def close(self) -> None:
+        if self.clocks:
+            self.clocks.stop()
+
+
+def _rates(flops: Flops, tokens_per_s: float, peak: Peak) -> dict:
+    tflops = tokens_per_s * flops.palm / 1e12
+    return dict(tflops=tflops, mfu=tflops / peak.tflops if peak.tflops else None,
+                hw_tflops=tokens_per_s * flops.hardware / 1e12)
+
+
+def _clock_rates(tflops: float, peak: Peak, stats: ClockStats | None) -> dict:
+    """The mean SM clock, the peak at that clock and MFU against it (None without NVML)."""
+    at_clock = peak.at_clock(stats.sm_mhz) if stats else None
+    return dict(sm_mhz=stats.sm_mhz if stats else None, clock_peak_tflops=at_clock,
+                mfu_at_clock=tflops / at_clock if at_clock else None)
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What bench.mfu measures: one model, batch and optimizer on one GPU."""
+
+    config: GPTConfig
+    batch_size: int
+    seq_len: int
+    optimizer: str  # adamw | bf16_adamw
+    dtype: torch.dtype
+    warmup: int
+    steps: int
+    device: str = "cuda"
+
+
+def _train_step(run: Run, backends: dict[str, str], compiled: bool):
+    """A closure running one training step as train.py does."""
+    device_type = torch.device(run.device).type
+    model = GPT(run.config, backends).to(run.device)
+    groups = model.param_groups(WEIGHT_DECAY)
+    if run.optimizer == "bf16_adamw":
+        model.to(torch.bfloat16)
+        optimizer = BF16AdamW(groups, lr=LR, betas=BETAS, backend=backends["adamw"])
+        autocast = contextlib.nullcontext()
+    elif run.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
+        autocast = torch.autocast(device_type, dtype=run.dtype)
+    else:
+        raise ValueError(f"optimizer must be adamw or bf16_adamw, got {run.optimizer!r}")
+    scaler = torch.amp.GradScaler(device_type, enabled=run.dtype == torch.float16)
+    forward = torch.compile(model) if compiled else model
+    tokens = torch.randint(run.config.vocab_size, (run.batch_size, run.seq_len + 1), device=run.device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # the model views targets flat
+    params = list(model.parameters())
+
+    def step():
+        with autocast:
+            _, loss = forward(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure(run: Run, variant: str, device: Device) -> dict:
+    """Time `run` with the backends of `variant`; a row of the results (or its error)."""
+    mode, compiled = parse_variant(variant)
+    shapes = Shapes(run.config, run.batch_size, run.seq_len, run.dtype)
+    choices = kernels.choose(mode, torch.device(run.device).type, shapes=shapes, compiled=compiled)
+    row = dict(variant=variant, kernels={op: dataclasses.asdict(c) for op, c in choices.items()})
+    try:
+        step = _train_step(run, {op: c.backend for op, c in choices.items()}, compiled)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(run.warmup):
+            step()
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(run.steps)]
+        with ClockSampler(device.index) as clocks:
+            for start, end in events:
+                start.record()
+                loss = step()
+                end.record()
+            torch.cuda.synchronize()
+        ms = [start.elapsed_time(end) for start, end in events]
+        row.update(step_ms=ms, loss=loss.item(), peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   clocks=clocks.stats())
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = f"out of memory at batch size {run.batch_size} x {run.seq_len}"
+    except Exception as e:  # a variant that fails (say, to compile) is reported; the others still run
+        row["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return row
+
+
+def summarize(row: dict, run: Run, flops: Flops, peak: Peak) -> dict:
+    """The derived figures of one measured row (median, p10, p90, tokens/s, TFLOPS, MFU)."""
+    if "error" in row:
+        return row
+    ms = row["step_ms"]
+    deciles = statistics.quantiles(ms, n=10)
+    median = statistics.median(ms)
+    tokens_per_s = run.batch_size * run.seq_len / (median / 1e3)
+    out = dict(row, ms_median=median, ms_p10=deciles[0], ms_p90=deciles[-1], tokens_per_s=tokens_per_s,
+               **_rates(flops, tokens_per_s, peak))
+    out.update(_clock_rates(out["tflops"], peak, row["clocks"]))
+    out["clocks"] = dataclasses.asdict(row["clocks"]) if row["clocks"] else None
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops: Flops,
+                  console: Console) -> None:
+    table = Table(title=f"{device.name}: B={run.batch_size} x T={run.seq_len}, {run.optimizer}, "
+                        f"{str(run.dtype).removeprefix('torch.')}; {run.steps} timed steps after {run.warmup}")
+    for col in ("variant", "tokens/s", "step ms", "p10", "p90", "TFLOPS", "MFU", "HW TFLOPS",
+                "peak GiB", "SM MHz", "MFU at clock", "loss"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["variant"], f"[red]{r['error']}[/red]", *[""] * 10)
+            continue
+        table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
+                      f"{r['ms_p90']:.2f}", f"{r['tflops']:.1f}", _pct(r["mfu"]), f"{r['hw_tflops']:.1f}",
+                      f"{r['peak_memory_gib']:.1f}", f"{r['sm_mhz']:.0f}" if r["sm_mhz"] else "n/a",
+                      _pct(r["mfu_at_clock"]), f"{r['loss']:.3f}")
+    console.print(table)
+    console.print(f"FLOPs per token: {flops.palm / 1e6:,.1f}M model (PaLM), {flops.hardware / 1e6:,.1f}M "
+                  f"hardware. {CONVENTION}.\nPeak: {peak.source}. MFU at clock: against the peak "
+                  f"at the mean SM clock NVML reported during the timed steps.")
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    # The like-for-like pairs, then the issue's headline: Triton kernels against torch.compile.
+    for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("triton", "compile")):
+        if fast in ok and base in ok:
+            console.print(f"{fast} / {base}: {ok[fast]['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x tokens/s")
+    kt = Table(title="op -> backend per variant (why: in the JSON file)")
+    kt.add_column("op")
+    for r in rows:
+        kt.add_column(r["variant"])
+    for op in kernels.OPS:
+        kt.add_row(op, *(r["kernels"][op]["backend"] for r in rows))
+    console.print(kt)
+
+
+def measure_all(args, device: Device, console: Console) -> dict:
+    config = planning.config_for(args.preset)
+    seq_len = args.seq_len or config.block_size
+    if seq_len > config.block_size:
+        config = dataclasses.replace(config, block_size=seq_len)
+    dtype = torch.bfloat16 if device.capability >= (8, 0) else torch.float16
+    run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
+              f"cuda:{device.index}")
+    peak = peak_for(device.name, dtype, args.peak_tflops)
+    flops = flops_per_token(config, seq_len)
+    torch.cuda.set_device(device.index)
+    rows = []
+    for variant in args.kernels.split(","):
+        console.print(f"measuring {variant} ...")
+        rows.append(summarize(measure(run, variant, device), run, flops, peak))
+    print_results(rows, run, device, peak, flops, console)
+    return {"device": device.as_dict(), **provenance(), "convention": CONVENTION,
+            "peak": {"tflops": peak.tflops, "source": peak.source},
+            "preset": args.preset, "config": dataclasses.asdict(config), "batch_size": run.batch_size,
+            "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "optimizer": run.optimizer,
+            "warmup": run.warmup, "steps": run.steps,
+            "flops_per_token": {"palm": flops.palm, "causal": flops.causal, "hardware": flops.hardware},
+            "rows": rows}
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def print_peak_table(console: Console) -> None:
+    table = Table(title="Dense peak TFLOPS (fp32 accumulation) per GPU: bench/hardware.py")
+    for col in ("key", "reported names", "SMs", "bf16", "fp16", "tf32", "fp8", "fp32", "GB", "TB/s", "source"):
+        table.add_column(col, overflow="fold")
+    fmt = lambda x: "-" if x is None else f"{x:g}"  # noqa: E731
+    for g in GPUS:
+        table.add_row(g.key, "\n".join(g.names), fmt(g.sms), fmt(g.bf16), fmt(g.fp16), fmt(g.tf32), fmt(g.fp8),
+                      fmt(g.fp32), fmt(g.memory_gb), fmt(g.bandwidth_tbs), g.source)
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", default="auto",
+                        help="auto (measure the GPU here), a GPU name or key to plan for, or list")
+    parser.add_argument("--preset", help="model preset (default gpt2; planning: comma-separated, "
+                                         f"default {','.join(planning.DEFAULT_PLAN)})")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block_size)")
+    parser.add_argument("--kernels", default=DEFAULT_VARIANTS, help="comma-separated variants")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--optimizer", default="adamw", choices=planning.OPTIMIZERS)
+    parser.add_argument("--peak-tflops", type=float, help="dense peak to divide by (an unknown GPU needs it)")
+    parser.add_argument("--world-size", type=int, default=1, help="planning: GPUs sharing the model")
+    parser.add_argument("--json", type=Path, help="result file (default: profiles/<gpu>-mfu-<preset>.json)")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (for the percentiles)")
+    # Wide tables stay readable when piped to a file (rich assumes 80 columns there).
+    console = Console(width=shutil.get_terminal_size((160, 24)).columns)
+    for variant in args.kernels.split(","):
+        parse_variant(variant)  # a bad variant fails before any GPU work
+
+    if args.gpu == "list":
+        print_peak_table(console)
+        return 0
+    device = detect()
+    if args.gpu != "auto":
+        gpu = find(args.gpu)
+        if gpu is None:
+            near = [g.key for g in GPUS if args.gpu.lower() in g.key] or [g.key for g in GPUS]
+            console.print(f"bench.mfu: no GPU {args.gpu!r} in the peak table; did you mean one of: "
+                          f"{', '.join(near)}? (python -m bench.mfu --gpu list)")
+            return 2
+        if device is None or device.gpu is not gpu:
+            dtype = "bfloat16" if gpu.bf16 else "float16"
+            peak = args.peak_tflops or gpu.tflops(dtype)
+            presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
+            planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len), presets, console)
+            return 0
+    if device is None:
+        console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
+                      "  On a GPU machine:    python -m bench.mfu --gpu auto --preset gpt2\n"
+                      "  To plan for a GPU:   python -m bench.mfu --gpu h100 [--world-size 8]\n"
+                      "  The peak table:      python -m bench.mfu --gpu list")
+        return 0
+    args.preset = args.preset or "gpt2"
+    result = measure_all(args, device, console)
+    out = args.json or profile.PROFILES / f"{device.slug}-mfu-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

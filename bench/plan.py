@@ -1,0 +1,145 @@
+"""Planning without the GPU: FLOPs, memory per GPU, the largest micro-batch that fits, and
+tokens/s at a range of MFU, for any preset on any GPU of the peak table.
+
+Memory per GPU (bytes), for P parameters on N GPUs:
+- static: weights, grads and optimizer states. adamw (torch AdamW, fp32 weights, bf16
+  autocast) keeps 4 + 4 + 8 bytes per parameter; bf16_adamw (pure bf16) 2 + 2 + 4. DDP
+  replicates all of it; ZeRO-1 shards the optimizer states (/N); FSDP shards all three (/N)
+  and holds two layers' weights gathered in bf16 (the one computing and the one prefetched).
+- activations, per token of a micro-batch, saved for the backward with no recomputation,
+  dropout 0 and flash attention (no T x T scores). Per layer, in bf16 unless said:
+      norm outputs 2h + q, k, v (qkv width) + attention output h + MLP up-projection output
+      (hidden, or 2·hidden for SwiGLU) + activation output (hidden)
+      + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure;
+  that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
+  the dropout masks). The head adds the final norm's input and output and 10·vocab bytes:
+  bf16 logits, their fp32 copy and the fp32 log-softmax the loss saves, all live at once.
+  With full activation recomputation (checkpointing every block) only each block's input is
+  kept, plus one block's activations while it is recomputed; the price is one more forward
+  pass of every block (about a third more matmul FLOPs), not counted in MFU.
+The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken as GiB) after
+the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
+are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak.
+"""
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.flops import flops_per_token, matmuls, param_count
+from bench.hardware import GPU
+from gpt.model import PRESETS, GPTConfig, preset
+
+# gigaGPT's (Cerebras, github.com/Cerebras/gigaGPT, configs/*.yaml) GPT-2-architecture shapes,
+# for planning only: too large to build here. The vocabulary is padded to 50304 as in gpt2.
+PLANNING_PRESETS: dict[str, dict] = {
+    "giga-13b": dict(n_layer=40, n_head=40, n_embd=5120, block_size=2048),
+    "giga-70b": dict(n_layer=80, n_head=64, n_embd=8192, block_size=2048),
+    "giga-175b": dict(n_layer=96, n_head=96, n_embd=12288, block_size=2048),
+}
+DEFAULT_PLAN = ("gpt2", "llama", "gpt2-xl", "giga-13b", "giga-70b", "giga-175b")
+OPTIMIZERS = ("adamw", "bf16_adamw")
+SHARDINGS = ("ddp", "zero1", "fsdp")
+MFUS = (0.30, 0.45, 0.60)
+USABLE = 0.9  # of the nominal memory
+# (weights, grads, optimizer states) bytes per parameter.
+STATE_BYTES = {"adamw": (4, 4, 8), "bf16_adamw": (2, 2, 4)}
+RESIDUAL_BYTES = {"adamw": 4, "bf16_adamw": 2}
+GiB = 2**30
+
+
+def config_for(name: str) -> GPTConfig:
+    """A model preset (gpt.model.PRESETS) or a planning preset."""
+    if name in PLANNING_PRESETS:
+        return GPTConfig(**PLANNING_PRESETS[name])
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS) + list(PLANNING_PRESETS)}")
+    return GPTConfig(**preset(name))
+
+
+def static_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int) -> int:
+    """Weights, grads and optimizer states on one GPU (plus FSDP's gathered layers)."""
+    P = param_count(config)
+    weights, grads, states = (b * P for b in STATE_BYTES[optimizer])
+    if sharding == "ddp":
+        return weights + grads + states
+    if sharding == "zero1":
+        return weights + grads + states // world_size
+    if sharding == "fsdp":
+        layer = sum(m.weights for m in matmuls(config) if m.count == config.n_layer) // config.n_layer
+        return (weights + grads + states) // world_size + 2 * 2 * layer
+    raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+
+
+def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool = False) -> int:
+    """Bytes saved for the backward per token of a micro-batch (the formula in the docstring)."""
+    h, r = config.n_embd, RESIDUAL_BYTES[optimizer]
+    qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+    up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
+    layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
+    head = r * h + 2 * h + 10 * config.vocab_size
+    if recompute:
+        return config.n_layer * r * h + layer + head
+    return config.n_layer * layer + head
+
+
+def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
+                    seq_len: int, recompute: bool = False) -> int:
+    """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
+    free = USABLE * gpu.memory_gb * GiB - static_bytes(config, optimizer, sharding, world_size)
+    per_sequence = activation_bytes_per_token(config, optimizer, recompute) * seq_len
+    return max(0, int(free // per_sequence))
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpu: GPU
+    dtype: str
+    peak_tflops: float
+    world_size: int
+    seq_len: int | None  # None: each preset's block_size
+
+
+def tokens_per_s(peak_tflops: float, flops_per_token: int, mfu: float) -> float:
+    return mfu * peak_tflops * 1e12 / flops_per_token
+
+
+def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
+    console = console or Console()
+    gpu, N = plan.gpu, plan.world_size
+    console.print(f"[bold]Plan for {gpu.name}[/bold]: dense {plan.dtype} {plan.peak_tflops:g} TFLOPS, "
+                  f"{gpu.memory_gb:g} GB, {gpu.bandwidth_tbs:g} TB/s ({gpu.source}); {N} GPU(s). "
+                  f"Estimates, not measurements: no {gpu.name} here.")
+    speed = Table(title=f"Throughput per GPU at {', '.join(f'{m:.0%}' for m in MFUS)} MFU "
+                        f"(PaLM FLOPs) and hours per billion tokens on {N} GPU(s)")
+    for col in ("preset", "params", "seq", "GFLOPs/token", *(f"tok/s @{m:.0%}" for m in MFUS),
+                *(f"h/1B tok @{m:.0%}" for m in (MFUS[0], MFUS[-1]))):
+        speed.add_column(col, justify="left" if col == "preset" else "right")
+    memory = Table(title=f"Memory per GPU on {N} GPU(s) and the largest micro-batch in "
+                         f"{USABLE:.0%} of {gpu.memory_gb:g} GB")
+    for col in ("preset", "optimizer", "sharding", "weights+grads+optim GB", "act MB/token",
+                "max micro-batch (seqs)", "with recompute"):
+        memory.add_column(col, justify="left" if col in ("preset", "optimizer", "sharding") else "right")
+    for name in presets:
+        config = config_for(name)
+        T = plan.seq_len or config.block_size
+        flops = flops_per_token(config, T).palm
+        rates = [tokens_per_s(plan.peak_tflops, flops, m) for m in MFUS]
+        speed.add_row(name, f"{param_count(config) / 1e9:.3g}B", str(T), f"{flops / 1e9:.3g}",
+                      *(f"{r:,.0f}" for r in rates),
+                      *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1])))
+        for optimizer in OPTIMIZERS:
+            for sharding in SHARDINGS if N > 1 else ("ddp",):
+                fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
+                        for recompute in (False, True)]
+                memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
+                               f"{static_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
+                               f"{activation_bytes_per_token(config, optimizer) / 2**20:.2f}",
+                               *(str(n) if n else "does not fit" for n in fits))
+    console.print(speed)
+    console.print(memory)
+    console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 plus the two "
+                  "norm inputs (fp32 under autocast), head r·h + 2h + 10·vocab; with recompute: "
+                  "each block's input plus one block's activations. "
+                  "Static: adamw 16 B/param, bf16_adamw 8 B/param; ZeRO-1 shards optimizer states, "
+                  "FSDP all three plus two gathered bf16 layers. See bench/plan.py.")

@@ -1,0 +1,122 @@
+"""Kernel profiles (profiles/<gpu-slug>.json, written by `python -m bench.kernels`) and the two
+rules `kernels.choose` picks backends by: the fastest verified backend of a profile, and the
+start-up self-check of a Triton op against torch at the run's shapes.
+
+A profile, per op: the pass a training step runs ("fwd+bwd", or "step" for the optimizer),
+and per measured backend ("torch", "compile" = torch.compile of the torch backend, "triton")
+its median ms and rate per pass, its fraction of the roofline measured in the same run, and
+whether it passed the check against the torch reference at those shapes. profiles/README.md
+describes the format.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+from bench.cases import Shapes, case, check
+from gpt.model import GPTConfig, preset
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+FORMAT = 1
+# In a compiled model Inductor compiles the torch backend's ops with the rest of the graph:
+# their time there is the "compile" measurement. A Triton op is opaque to it (a custom op).
+COMPILED_AS = {"torch": "compile"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # where it came from, for the reasons shown to users
+    data: dict
+
+    @property
+    def ops(self) -> dict:
+        return self.data["ops"]
+
+
+def path_for(slug: str) -> Path:
+    return PROFILES / f"{slug}.json"
+
+
+def load(path: Path) -> Profile | None:
+    """The profile at `path`, None if there is none; a ValueError if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT or "ops" not in data:
+        raise ValueError(f"{path}: not a format-{FORMAT} kernel profile; rerun python -m bench.kernels")
+    try:
+        shown = path.resolve().relative_to(PROFILES.parent)
+    except ValueError:
+        shown = path
+    return Profile(str(shown), data)
+
+
+def for_this_gpu() -> Profile | None:
+    from bench.hardware import detect
+
+    device = detect()
+    return load(path_for(device.slug)) if device else None
+
+
+def write(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tuple[str | None, str]:
+    """(backend, why): the fastest of `candidates` (registry backends) in one op's profile entry
+    at its training pass that passed verification there. torch, the reference, is always
+    eligible; a faster backend that failed verification is named in the reason, never chosen.
+    None when the entry measured none of the candidates."""
+    pass_ = entry["training_pass"]
+    timed = {}
+    for backend in candidates:
+        measured = COMPILED_AS.get(backend, backend) if compiled else backend
+        if "ms" not in entry["backends"].get(measured, {}):  # no compiled timing: eager's bounds it
+            measured = backend
+        record = entry["backends"].get(measured, {})
+        if "ms" in record:
+            timed[backend] = (record["ms"][pass_], measured, record.get("verified") or backend == "torch")
+    eligible = {b: t for b, t in timed.items() if t[2]}
+    if not eligible:
+        return None, "no measured backend in the profile"
+    best = min(eligible, key=lambda b: eligible[b][0])
+    ms, measured, _ = eligible[best]
+    others = ", ".join(f"{t[1]} {t[0]:.3g} ms" for b, t in eligible.items() if b != best)
+    why = f"fastest verified at {pass_}: {measured} {ms:.3g} ms" + (f" vs {others}" if others else "")
+    rejected = [f"{t[1]} {t[0]:.3g} ms" for b, t in timed.items() if not t[2] and t[0] < ms]
+    if rejected:
+        why += f" ({', '.join(rejected)} faster but failed verification)"
+    return best, why
+
+
+def default_shapes(device_type: str) -> Shapes:
+    """Shapes for a self-check when the caller gave none: GPT-2 124M, one sequence."""
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return Shapes(GPTConfig(**preset("gpt2")), batch_size=1, dtype=dtype)
+
+
+def check_shapes(shapes: Shapes, device_type: str) -> Shapes:
+    """What the self-check runs: the model's widths and sequence length with one sequence on a
+    GPU (the batch only sizes the grid), a tiny model of the same kind in the CPU interpreter."""
+    if device_type != "cuda":
+        return shapes.tiny()
+    return Shapes(shapes.config, batch_size=1, seq_len=shapes.T, dtype=shapes.dtype)
+
+
+_checked: dict[tuple, tuple[bool, str]] = {}
+
+
+def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
+    """Whether `op`'s triton backend matches torch at `shapes` (see check_shapes), and why;
+    once per op and shapes in a process."""
+    shapes = check_shapes(shapes, device_type)
+    key = (op, device_type, shapes.key())
+    if key not in _checked:
+        ok, why = check(case(op, shapes, device_type, quick=True), kernels.get(op, "triton"),
+                        kernels.get(op, "torch"))
+        _checked[key] = ok, f"{shapes.describe()}: {why}"
+    return _checked[key]

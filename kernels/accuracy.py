@@ -1,0 +1,23 @@
+"""The project's accuracy rule, shared by the tests and the start-up self-check.
+
+A backend is as accurate as torch when its error against a float64 reference is no worse than
+FACTOR times the error of torch's own implementation in the same dtype, plus a floor per dtype
+(a few roundings of that dtype) for results that torch happens to get (nearly) exact.
+"""
+import torch
+
+FACTOR = 2.0
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64 on the CPU; inf when out is not finite."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def bound(torch_err: float, dtype: torch.dtype) -> float:
+    """The largest error allowed of a backend whose dtype is `dtype`, when torch's is `torch_err`."""
+    return FACTOR * torch_err + FLOOR[dtype]

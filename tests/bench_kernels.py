@@ -1,0 +1,40 @@
+"""The kernel profile's cases under pytest-benchmark (GPU only; not collected by a plain `pytest`):
+
+    pytest tests/bench_kernels.py [--benchmark-json out.json]
+
+Each case is one op, pass and backend at GPT-2 124M's training shapes (B=16, T=1024, bf16), the
+shapes `python -m bench.kernels` profiles by default. pytest-benchmark times with the host clock,
+so each round synchronizes the GPU: bench.kernels' CUDA-event medians are the figures to quote.
+"""
+import pytest
+import torch
+
+import kernels
+from bench.cases import Shapes, case
+from bench.kernels import implementations
+from gpt.model import GPTConfig, preset
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
+
+SHAPES = Shapes(GPTConfig(**preset("gpt2")), batch_size=16)
+PASSES = {op: ("step",) if op == "adamw" else ("fwd", "fwd+bwd") for op in kernels.OPS}
+CASES = [(op, pass_, backend) for op in kernels.OPS for pass_ in PASSES[op]
+         for backend in ("torch", "compile", "triton")]
+
+
+@pytest.mark.parametrize("op, pass_, backend", CASES, ids=["-".join(c) for c in CASES])
+def test_kernel(benchmark, op, pass_, backend):
+    impls = implementations(op)
+    if backend not in impls:
+        pytest.skip(f"{op} has no {backend} variant")
+    c = case(op, SHAPES, "cuda")
+    assert c.passes == PASSES[op]
+    fn, inputs = impls[backend], c.make()
+
+    def run():
+        c.call(fn, inputs, pass_)
+        torch.cuda.synchronize()
+
+    run()  # compile and autotune outside the rounds
+    benchmark.extra_info["unit"] = c.unit
+    benchmark(run)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from bench.flops import flops_per_token, matmuls, param_count
+from gpt.model import GPT, PRESETS, GPTConfig, preset
+
+# GPT-2 124M (vocab padded to 50304), by hand: L=12 layers, C=768, T=1024.
+GPT2_LAYER_WEIGHTS = 768 * 3 * 768 + 768 * 768 + 768 * 4 * 768 + 4 * 768 * 768  # qkv, proj, fc, proj
+GPT2_MATMUL_WEIGHTS = 12 * GPT2_LAYER_WEIGHTS + 768 * 50304  # + lm head (tied: the wte matrix)
+ATTENTION_UNIT = 12 * 768 * 1024  # L·H·Q·T with H·Q = 768
+
+
+def model(config: GPTConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def test_gpt2_by_hand():
+    assert GPT2_LAYER_WEIGHTS == 7_077_888 and GPT2_MATMUL_WEIGHTS == 123_568_128
+    f = flops_per_token(GPTConfig(**preset("gpt2")))
+    assert f.matmul == 6 * 123_568_128 == 741_408_768
+    assert f.palm == 741_408_768 + 12 * ATTENTION_UNIT == 854_654_976
+    assert f.causal == 741_408_768 + 6 * ATTENTION_UNIT == 798_031_872
+    assert f.hardware == 741_408_768 + 7 * ATTENTION_UNIT == 807_469_056
+
+
+def test_gpt2_equals_nanogpt_6n_plus_attention_less_vectors():
+    """nanoGPT: 6N + 12·L·H·Q·T, N = all parameters minus wpe (its 123.69M). N also holds the
+    norm and bias vectors, which are no matmul's weights: they are the whole difference."""
+    config = GPTConfig(**preset("gpt2"))
+    m = model(config)
+    n_nanogpt = m.num_params() - m.wpe.weight.numel()
+    assert n_nanogpt == 123_689_472
+    vectors = sum(p.numel() for p in m.parameters() if p.dim() == 1)
+    assert vectors == 12 * (2 * 2 * 768 + 3 * 768 + 768 + 4 * 768 + 768) + 2 * 768 == 121_344
+    assert flops_per_token(config).palm == 6 * (n_nanogpt - vectors) + 12 * ATTENTION_UNIT
+
+
+def test_llama_by_hand():
+    """LLaMA-style at GPT-2 small's size: SwiGLU hidden 2048 (gate and up in one matmul), untied
+    head, no biases. Its blocks hold gpt2's matmul weights."""
+    config = GPTConfig(**preset("llama"))
+    layer = 768 * 3 * 768 + 768 * 768 + 768 * 2 * 2048 + 2048 * 768
+    assert layer == GPT2_LAYER_WEIGHTS
+    f = flops_per_token(config)
+    assert f.palm == 6 * (12 * layer + 768 * 50304) + 12 * ATTENTION_UNIT == 854_654_976
+    # Untied: the token embedding is a lookup, not a matmul; the head is one. RMSNorm weights
+    # are the only vectors.
+    m = model(config)
+    norms = (2 * 12 + 1) * 768
+    assert f.palm == 6 * (m.num_params() - m.wte.weight.numel() - norms) + 12 * ATTENTION_UNIT
+
+
+def test_grouped_query_counts_the_narrower_kv_projections_only():
+    config = GPTConfig(**(preset("llama") | dict(n_kv_head=4)))
+    qkv = 768 * (12 + 2 * 4) * 64  # 12 query heads, 4 key and 4 value heads of 64
+    layer = qkv + 768 * 768 + 768 * 2 * 2048 + 2048 * 768
+    f = flops_per_token(config)
+    # Every query head still scores every key: attention FLOPs do not shrink.
+    assert f.palm == 6 * (12 * layer + 768 * 50304) + 12 * ATTENTION_UNIT == 798_031_872
+
+
+def test_sequence_length_changes_only_attention():
+    config = GPTConfig(**preset("gpt2"))
+    short, long = flops_per_token(config, 256), flops_per_token(config, 2048)
+    assert short.matmul == long.matmul
+    assert long.palm - short.palm == 12 * 12 * 768 * (2048 - 256)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("change", [{}, {"norm_position": "post"}, {"tie_weights": False},
+                                    {"bias": False, "mlp": "swiglu"}, {"pos_encoding": "rope", "norm": "rmsnorm"}])
+def test_param_count_matches_the_model(name, change):
+    config = GPTConfig(**(preset(name) | change))
+    assert param_count(config) == model(config).num_params()
+
+
+def test_matmul_shapes_are_the_models_linear_layers():
+    config = GPTConfig(**preset("llama"))
+    m = model(config)
+    linear = {tuple(mod.weight.shape) for mod in m.modules() if isinstance(mod, torch.nn.Linear)}
+    assert {(mm.n_out, mm.n_in) for mm in matmuls(config)} == linear

@@ -1,0 +1,166 @@
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bench import mfu, plan
+from bench.flops import flops_per_token, param_count
+from bench.hardware import Device, find, peak_for
+from gpt.model import GPTConfig, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPT2 = GPTConfig(**preset("gpt2"))
+
+
+def test_planning_table_for_a_gpu_not_here():
+    """The documented command, as a user runs it: no H100 here, so it plans."""
+    out = subprocess.run([sys.executable, "-m", "bench.mfu", "--gpu", "h100", "--world-size", "8"],
+                         cwd=ROOT, capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # rich wraps lines at the terminal's width
+    assert "Plan for H100 SXM" in text and "989.4" in text and "Estimates, not measurements" in text
+    for name in plan.DEFAULT_PLAN:
+        assert name in text
+    assert "fsdp" in text and "zero1" in text and "does not fit" in text
+
+
+def test_plan_rows_for_one_preset(capsys):
+    assert mfu.main(["--gpu", "a100-sxm-80gb", "--preset", "giga-13b"]) == 0
+    text = capsys.readouterr().out
+    assert "A100 SXM 80GB" in text and "giga-13b" in text and "single GPU" in text and "gpt2" not in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_auto_on_cpu_says_what_to_run_and_exits_cleanly(capsys):
+    assert mfu.main(["--gpu", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert "no CUDA GPU" in text and "--gpu h100" in text
+
+
+def test_unknown_gpu_name_lists_candidates(capsys):
+    assert mfu.main(["--gpu", "a100"]) == 2
+    assert "a100-sxm-80gb" in capsys.readouterr().out
+    assert mfu.main(["--gpu", "list"]) == 0
+    assert "rtx-5090" in capsys.readouterr().out
+
+
+def test_bad_variant_fails_before_any_work():
+    with pytest.raises(ValueError, match="unknown variant"):
+        mfu.main(["--gpu", "h100", "--kernels", "torch,fast"])
+
+
+@pytest.mark.parametrize("variant, parsed", [("torch", ("torch", False)), ("compile", ("torch", True)),
+                                             ("triton", ("triton", False)), ("triton+compile", ("triton", True)),
+                                             ("auto+compile", ("auto", True))])
+def test_parse_variant(variant, parsed):
+    assert mfu.parse_variant(variant) == parsed
+
+
+def test_half_mfu_on_h100_is_the_issues_580k_tokens_per_s():
+    rate = plan.tokens_per_s(find("h100").bf16, flops_per_token(GPT2, 1024).palm, 0.5)
+    assert rate == pytest.approx(578_830, rel=1e-4)
+
+
+def test_static_memory_per_optimizer_and_sharding():
+    P = param_count(GPT2)
+    assert plan.static_bytes(GPT2, "adamw", "ddp", 8) == 16 * P
+    assert plan.static_bytes(GPT2, "bf16_adamw", "ddp", 1) == 8 * P
+    assert plan.static_bytes(GPT2, "adamw", "zero1", 8) == 8 * P + 8 * P // 8
+    layer = 7_077_888  # one GPT-2 block's matmul weights, gathered in bf16, twice
+    assert plan.static_bytes(GPT2, "adamw", "fsdp", 8) == 16 * P // 8 + 2 * 2 * layer
+
+
+def test_activation_formula():
+    # Pure bf16 GPT-2 layer: 32·h bytes per token (Korthikanti et al.'s 34·h less dropout masks).
+    h = 768
+    per_layer = 32 * h
+    head = 2 * h + 2 * h + 10 * 50304
+    assert plan.activation_bytes_per_token(GPT2, "bf16_adamw") == 12 * per_layer + head
+    # Autocast keeps the residual stream (the two norm inputs per layer, and ln_f's) in fp32.
+    assert plan.activation_bytes_per_token(GPT2, "adamw") == 12 * (per_layer + 4 * h) + head + 2 * h
+    # Recomputing every block keeps its input only, plus one block while it is recomputed.
+    assert plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=True) == 12 * 2 * h + per_layer + head
+
+
+def test_largest_micro_batch():
+    h100 = find("h100")
+    fits = plan.max_micro_batch(h100, GPT2, "adamw", "ddp", 1, 1024)
+    usable = plan.USABLE * 80 * 2**30 - 16 * param_count(GPT2)
+    assert fits == int(usable // (plan.activation_bytes_per_token(GPT2, "adamw") * 1024)) > 0
+    big = plan.config_for("giga-175b")
+    assert plan.max_micro_batch(h100, big, "adamw", "ddp", 1, 2048) == 0
+    # Sharded over 256 GPUs the states fit, but one 2048-token sequence's activations do not
+    # unless the blocks are recomputed.
+    assert plan.max_micro_batch(h100, big, "bf16_adamw", "fsdp", 256, 2048) == 0
+    assert plan.max_micro_batch(h100, big, "bf16_adamw", "fsdp", 256, 2048, recompute=True) > 0
+
+
+def test_summarize_a_measured_row():
+    run = mfu.Run(GPT2, batch_size=16, seq_len=1024, optimizer="adamw", dtype=torch.bfloat16, warmup=1, steps=10)
+    flops = flops_per_token(GPT2, 1024)
+    peak = peak_for("NVIDIA H100 80GB HBM3", "bfloat16")
+    row = dict(variant="triton", kernels={}, step_ms=[30.0] * 8 + [20.0, 40.0], loss=10.9,
+               peak_memory_gib=20.0, clocks=None)
+    out = mfu.summarize(row, run, flops, peak)
+    assert out["ms_median"] == 30.0 and out["ms_p10"] < 30.0 < out["ms_p90"]
+    assert out["tokens_per_s"] == pytest.approx(16 * 1024 / 0.030)
+    assert out["mfu"] == pytest.approx(out["tokens_per_s"] * flops.palm / 1e12 / 989.4)
+    assert out["hw_tflops"] < out["tflops"] and out["sm_mhz"] is None and out["mfu_at_clock"] is None
+
+
+def test_meter_for_train_py_on_cpu():
+    meter = mfu.MFUMeter(GPT2, 1024, "float32", "cpu")
+    assert meter.record(10_000)["mfu"] is None and "MFU n/a" in meter.describe()
+    given = mfu.MFUMeter(GPT2, 1024, "bfloat16", "cpu", world_size=2, peak_tflops=100.0)
+    rec = given.record(20_000)  # two processes: 10k tokens/s per GPU
+    assert rec["tflops"] == pytest.approx(10_000 * flops_per_token(GPT2).palm / 1e12)
+    assert rec["mfu"] == pytest.approx(rec["tflops"] / 100.0)
+    given.close()
+
+
+class _HostEvent:
+    """torch.cuda.Event's timing interface on the host clock."""
+
+    def __init__(self, enable_timing: bool):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end) -> float:
+        return 1e3 * (end.t - self.t)
+
+
+def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys):
+    """bench.mfu's GPU path on a tiny model, with CUDA's timing and memory calls on the host:
+    what a GPU session would otherwise be first to find broken."""
+    monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 2**30)
+    config = GPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=64, block_size=16, vocab_size=64,
+                       norm="rmsnorm", mlp="swiglu", pos_encoding="rope", bias=False, tie_weights=False)
+    device = Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0))
+    flops, peak = flops_per_token(config, 16), peak_for(device.name, "bfloat16")
+    rows = []
+    for optimizer, variant in (("adamw", "torch"), ("bf16_adamw", "triton")):
+        run = mfu.Run(config, 1, 16, optimizer, torch.bfloat16, warmup=1, steps=2, device="cpu")
+        row = mfu.measure(run, variant, device)
+        assert "error" not in row, row["error"]
+        rows.append(mfu.summarize(row, run, flops, peak))
+    assert {c["backend"] for c in rows[1]["kernels"].values()} == {"triton"}
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 and r["peak_memory_gib"] == 1.0 for r in rows)
+    mfu.print_results(rows, run, device, peak, flops, mfu.Console(width=200))
+    text = capsys.readouterr().out
+    assert "triton / torch" in text and "op -> backend" in text
+
+
+def test_a_failing_variant_is_reported_not_fatal(monkeypatch):
+    monkeypatch.setattr(mfu, "_train_step", lambda *args: (_ for _ in ()).throw(RuntimeError("no luck")))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    run = mfu.Run(GPT2, 2, 16, "adamw", torch.bfloat16, warmup=1, steps=2, device="cpu")
+    row = mfu.measure(run, "torch", Device(0, "cpu", 1, 0.0, (0, 0)))
+    assert row["error"] == "RuntimeError: no luck"
