@@ -69,6 +69,29 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _key_ranges(start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Where the key tiles of query rows [start_m, start_m + BLOCK_M) split: [0, full_hi) need no
+    mask, [full_hi, masked_hi) do (the causal diagonal, or the last, partial tile). Causal key
+    tiles past the diagonal lie beyond masked_hi and are never visited."""
+    if CAUSAL:
+        full_hi = start_m
+        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        masked_hi = T
+    return full_hi, masked_hi
+
+
+@triton.jit
+def _dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The call's dropout seed, read on the device (no host sync); 0 when there is no dropout."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    return seed
+
+
+@triton.jit
 def _load_tile(base, start, T, stride_t, stride_d,
                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Rows [start, start + BLOCK) of one head's (T, HEAD_DIM) matrix at `base`, zero-padded to
@@ -192,18 +215,10 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _dropout_seed(seed_ptr, DROPOUT)
 
-    # Unmasked key tiles first, then the tiles that need a mask: the causal diagonal, or the
-    # last, partial tile. Causal key tiles past the diagonal are never visited.
-    if CAUSAL:
-        full_hi = start_m
-        masked_hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        full_hi = T // BLOCK_N * BLOCK_N
-        masked_hi = T
+    # Unmasked key tiles first, then the tiles that need a mask.
+    full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, full_hi, T,
                                     qk_scale, seed, bh, dropout_p,
                                     stride_kt, stride_kd, stride_vt, stride_vd,
@@ -304,9 +319,7 @@ def _attn_bwd_dkdv(
                    stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _dropout_seed(seed_ptr, DROPOUT)
 
     # Every query head of the group adds into the same registers, in a fixed order: the kv
     # head's gradient is summed deterministically, without atomics or a second pass.
@@ -403,17 +416,10 @@ def _attn_bwd_dq(
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _dropout_seed(seed_ptr, DROPOUT)
 
     # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
-    if CAUSAL:
-        full_hi = start_m
-        masked_hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        full_hi = T // BLOCK_N * BLOCK_N
-        masked_hi = T
+    full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, 0, full_hi, T, qk_scale,
                             seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                             BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU runs, in stages that each fit one 10-minute device call:
+#   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included)
+#   bash bench/gpu_session.sh kernels   # bench.kernels profiles (gpt2, llama) and the per-op benchmarks
+#   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
+# Results land in $OUT (at most 8 files come back, so each stage writes few): commit the profiles
+# and the numbers in README with the device, date and versions.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log="$OUT/$1.log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git rev-parse HEAD 2>/dev/null
+} > "$log" 2>&1
+case "$1" in
+  tests)
+    python -m pytest -q -ra 2>&1 | tee -a "$log" ;;
+  kernels)
+    for preset in gpt2 llama; do
+      python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
+    done
+    for op in norm swiglu attention adamw; do
+      python -m bench.op_$op --json "$OUT/op_$op.json" 2>&1 | tee -a "$log"
+    done ;;
+  mfu)
+    for preset in gpt2 llama; do
+      python -m bench.mfu --gpu auto --preset "$preset" --kernels torch,compile,triton,triton+compile \
+        --json "$OUT/mfu-$preset.json" 2>&1 | tee -a "$log"
+    done ;;
+  *)
+    echo "usage: bash bench/gpu_session.sh tests|kernels|mfu" >&2; exit 2 ;;
+esac
