@@ -1,7 +1,15 @@
 """Every op at the shapes a model's training runs it at: its inputs, its passes, the work each
 pass must do, and a check of any backend against the torch reference. One code path for all
-ops, shared by the kernel profiles (bench/kernels.py) and the start-up self-check behind
-`kernels.choose`.
+ops, shared by the kernel profiles (bench/kernels.py), the per-issue benchmarks (bench/op_*.py,
+through bench/backends.py) and the start-up self-check behind `kernels.choose`.
+
+The work credited to a pass is the least any backend must do, the same for every backend so that
+rates compare as times do: for memory-bound ops the bytes of each input read once and each output
+written once (fwd+bwd: the forward's, then the backward's), leaving out what a backend may keep
+or recompute as it likes (saved row statistics, its own scratch such as partial sums); for
+attention the FLOPs of its matmuls. Gradients are taken of the op's own inputs, so a pass times
+the op and not the autograd of the views around it (chunk's and split's concatenation of the
+gradients, the same copy for every backend).
 
 A backend passes the check when, for every output and gradient of every pass, its error against
 the torch backend computed in float64 is at most FACTOR x the torch backend's own error in the
@@ -71,12 +79,12 @@ class Case:
         return self.work[pass_] / ms / (1e6 if self.unit == "GB/s" else 1e9)
 
 
-def _outputs(y: torch.Tensor, leaves: list[torch.Tensor], dy: torch.Tensor, pass_: str):
-    """The forward output, and for "fwd+bwd" the gradients of the leaves too (autograd.grad,
+def _outputs(y: torch.Tensor, inputs: list[torch.Tensor], dy: torch.Tensor, pass_: str):
+    """The forward output, and for "fwd+bwd" the gradients of the op's inputs too (autograd.grad,
     so nothing accumulates into .grad between timed runs)."""
     if pass_ == "fwd":
         return (y,)
-    return (y, *torch.autograd.grad(y, leaves, dy))
+    return (y, *torch.autograd.grad(y, inputs, dy))
 
 
 def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Tensor:
@@ -100,10 +108,14 @@ def _norm(op: str, s: Shapes, device) -> Case:
         args = (x, weights[0], weights[1] if with_bias else None) if op == "layer_norm" else (x, weights[0])
         return _outputs(fn(*args, c.norm_eps), [x, *weights], dy, pass_)
 
-    size = M * c.n_embd * s.dtype.itemsize
-    # Forward reads x and writes y; backward reads x and dy and writes dx.
+    size, param = M * c.n_embd * s.dtype.itemsize, c.n_embd * s.dtype.itemsize
+    n_params = 2 if with_bias else 1
+    # Forward reads x and the weight (and bias) and writes y; backward reads x, the weight and dy
+    # and writes dx and the weight's (and bias's) gradient.
+    fwd = 2 * size + n_params * param
+    bwd = 3 * size + param + n_params * param
     return Case(op, f"{M}x{c.n_embd}" + (" +bias" if with_bias else ""), ("fwd", "fwd+bwd"), make,
-                call, {"fwd": 2 * size, "fwd+bwd": 5 * size}, "GB/s", s.dtype)
+                call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype)
 
 
 def swiglu_hidden(config: GPTConfig) -> int:
@@ -122,7 +134,8 @@ def _swiglu(s: Shapes, device) -> Case:
 
     def call(fn, inputs, pass_):
         h, dy = inputs
-        return _outputs(fn(*h.chunk(2, dim=-1)), [h], dy, pass_)
+        gate, up = h.chunk(2, dim=-1)
+        return _outputs(fn(gate, up), [gate, up], dy, pass_)
 
     size = M * hidden * s.dtype.itemsize
     # Forward reads gate and up and writes y; backward reads gate, up and dy, writes both grads.
@@ -144,7 +157,7 @@ def _attention(s: Shapes, device) -> Case:
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         if c.pos_encoding == "rope":  # rotated q and k are fresh contiguous tensors
             q, k = q.contiguous(), k.contiguous()
-        return _outputs(fn(q, k, v, causal=True), [qkv], dy, pass_)
+        return _outputs(fn(q, k, v, causal=True), [q, k, v], dy, pass_)
 
     fwd = 4 * B * H * T * T * D / 2  # QKᵀ and PV, causal half
     # Backward is 2.5x the forward: five matmuls to its two, recomputing QKᵀ.

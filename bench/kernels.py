@@ -15,79 +15,32 @@ import torch
 
 import kernels
 from bench import profile
-from bench.cases import Case, Shapes, case, check
+from bench.backends import entry, implementations, roofline, rows
+from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
-from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows, provenance
+from bench.measure import print_rows, provenance
 from gpt.model import GPTConfig, preset
-
-# The optimizer step runs outside the compiled model in train.py: no torch.compile variant.
-OUTSIDE_GRAPH = {"adamw"}
-
-
-def implementations(op: str) -> dict:
-    """The backends to measure for `op`: name -> callable with the op's signature."""
-    reference = kernels.get(op, "torch")
-    impls = {"torch": reference}
-    if op not in OUTSIDE_GRAPH:
-        impls["compile"] = torch.compile(reference, dynamic=False)
-    if "triton" in kernels.ops()[op]:
-        impls["triton"] = kernels.get(op, "triton")
-    return impls
-
-
-def _time(c: Case, fn) -> dict[str, float]:
-    inputs = c.make()
-    times = {}
-    for pass_ in c.passes:
-        def run(pass_=pass_):
-            return c.call(fn, inputs, pass_)
-
-        run()  # compiles and autotunes outside the timing
-        times[pass_] = median_ms(run)
-    return times
 
 
 def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
-    """One op's profile entry: per backend its check and its timings at every pass."""
+    """One op's profile entry: per backend its check and its timings at every pass, and the
+    backend `kernels.choose` would take from it, eagerly and in a compiled model."""
     timed = case(op, shapes, device)
     # The check covers every parameter shape with one tensor each: the whole model in float64
     # would not fit beside it on most GPUs.
     checked = case(op, shapes, device, quick=True)
-    roofline = rooflines["copy_gbs"] if timed.unit == "GB/s" else rooflines["matmul_tflops"]
-    entry = {"shape": timed.shape, "training_pass": timed.passes[-1], "unit": timed.unit, "backends": {}}
-    for name, fn in implementations(op).items():
-        ok, why = check(checked, fn, kernels.get(op, "torch"))
-        record = {"verified": ok, "check": why}
-        try:
-            record["ms"] = _time(timed, fn)
-        except Exception as e:  # a backend that cannot run here is reported, not fatal
-            record["error"] = f"{type(e).__name__}: {e}"
-        else:
-            record["rate"] = {p: timed.rate(p, ms) for p, ms in record["ms"].items()}
-            record["roofline"] = {p: r / roofline for p, r in record["rate"].items()}
-        entry["backends"][name] = record
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+    peak = rooflines["copy_gbs"] if timed.unit == "GB/s" else rooflines["matmul_tflops"]
+    result = entry(timed, checked, implementations(op), peak, device)
     registered = kernels.ops()[op]
-    entry["chosen"] = {mode: profile.fastest_verified(entry, registered, compiled)[0]
-                       for mode, compiled in (("eager", False), ("compiled", True))}
-    return entry
-
-
-def rows(ops: dict) -> list[Row]:
-    out = []
-    for op, entry in ops.items():
-        for backend, r in entry["backends"].items():
-            for pass_, ms in r.get("ms", {}).items():
-                out.append(Row(op, entry["shape"], pass_, backend, ms, r["rate"][pass_], entry["unit"],
-                               r["roofline"][pass_], r["verified"]))
-    return out
+    result["chosen"] = {mode: profile.fastest_verified(result, registered, compiled)[0]
+                        for mode, compiled in (("eager", False), ("compiled", True))}
+    return result
 
 
 def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS) -> dict:
     """Measure `ops` at `shapes` on `device` and return the profile."""
     torch.cuda.set_device(device.index)
-    rooflines = {"copy_gbs": copy_gbs(), "matmul_tflops": matmul_tflops()}
+    rooflines = {"copy_gbs": roofline("GB/s"), "matmul_tflops": roofline("TFLOPS")}
     return {"format": profile.FORMAT, "device": device.as_dict(), **provenance(),
             "workload": {"preset": preset_name, "batch_size": shapes.batch_size, "seq_len": shapes.T,
                          "dtype": str(shapes.dtype).removeprefix("torch."), "shapes": shapes.describe()},

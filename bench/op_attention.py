@@ -1,77 +1,68 @@
 """Attention benchmark: forward and backward TFLOPS of each backend, causal, bf16.
 
+    python -m bench.op_attention [--json attention.json]
+
 Shapes keep B*T = 16k tokens and H*D = 2048 (a GPT layer's width) for T from 512 to 16k and head
-dims 64 and 128. FLOPs count the useful work: forward 4*B*H*T^2*D (two matmuls), halved when
-causal; backward 2.5x the forward (five matmuls to the forward's two). The roofline is the bf16
-matmul rate measured in the same run. `verified`: the triton output (forward) and gradients
-(backward) agree with torch SDPA at that shape.
+dims 64 and 128; q, k and v are views of one qkv projection, as in the model. Backends: `torch` =
+torch SDPA (its flash or cuDNN backend, whichever torch picks), `compile` = torch.compile of it,
+`triton` = the registry's triton backend.
 
-    python -m bench.op_attention --json attention.json
+FLOPs credited, the useful work (bench/cases.py): forward 4*B*H*T^2*D (two matmuls), halved
+when causal; backward 2.5x the forward (five matmuls to the forward's two). fwd+bwd times the
+forward plus torch.autograd.grad of q, k and v. A backward needs its forward's graph, so `bwd` is
+the fwd+bwd median less the fwd median. The roofline is the bf16 matmul rate measured in the same
+run. `verified`: the output and dq, dk, dv as accurate as SDPA's, by the project's rule
+(kernels/accuracy.py), at that T and D for one sequence and one head: the float64 reference
+stores every head's T x T scores, more than a GPU holds at 16k tokens.
 """
-import argparse
-import json
+import dataclasses
+import sys
 
-import torch
-
-import kernels
-from bench.measure import Row, matmul_tflops, median_ms, print_rows
+from bench import backends
+from bench.cases import Case, Shapes, case
+from bench.measure import Row
+from gpt.model import GPTConfig
 
 TOKENS = 16 * 1024
 WIDTH = 2048  # H * D
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
-# Two bf16 computations of the same attention differ by a few of their own roundings.
-TOLERANCE = 2e-2
+SHAPES = tuple(Shapes(GPTConfig(n_embd=WIDTH, n_head=WIDTH // D, block_size=T), batch_size=TOKENS // T)
+               for D in HEAD_DIMS for T in SEQ_LENS)
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def _checked(s: Shapes, device) -> Case:
+    """The case the check runs: one sequence and one head of `s`."""
+    config = dataclasses.replace(s.config, n_embd=s.config.head_dim, n_head=1, n_kv_head=1)
+    return case("attention", Shapes(config, batch_size=1, seq_len=s.T, dtype=s.dtype), device)
 
 
-def _verify(fn, reference, q, k, v, do) -> dict[str, bool]:
-    """Whether `fn`'s output ("fwd") and gradients ("bwd") agree with `reference`'s."""
-    results = []
-    for f in (fn, reference):
-        out = f(q, k, v, causal=True)
-        results.append((out, torch.autograd.grad(out, (q, k, v), do)))
-    (out, grads), (ref, ref_grads) = results
-    return {"fwd": _rel_err(out, ref) <= TOLERANCE,
-            "bwd": all(_rel_err(g, r) <= TOLERANCE for g, r in zip(grads, ref_grads))}
+def _add_backward(c: Case, entry: dict, peak: float) -> None:
+    """Add the backward alone to each backend of `entry` that ran: its fwd+bwd median less its
+    fwd median, credited the FLOPs between them."""
+    c = dataclasses.replace(c, work={"bwd": c.work["fwd+bwd"] - c.work["fwd"]})
+    for record in entry["backends"].values():
+        if "ms" in record:
+            ms = record["ms"]["bwd"] = record["ms"]["fwd+bwd"] - record["ms"]["fwd"]
+            record["rate"]["bwd"] = c.rate("bwd", ms)
+            record["roofline"]["bwd"] = record["rate"]["bwd"] / peak
 
 
-def run(device: str = "cuda") -> list[Row]:
-    peak = matmul_tflops(device)
-    torch_attention = kernels.get("attention", "torch")
-    backends = {"torch": torch_attention, "compile": torch.compile(torch_attention),
-                "triton": kernels.get("attention", "triton")}
-    rows = []
-    for D in HEAD_DIMS:
-        for T in SEQ_LENS:
-            B, H = TOKENS // T, WIDTH // D
-            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            do = torch.randn_like(q)
-            fwd_flops = 4 * B * H * T * T * D / 2  # causal: half the score matrix
-            verified = _verify(backends["triton"], torch_attention, q, k, v, do)
-            for name, fn in backends.items():
-                out = fn(q, k, v, causal=True)
-                fwd_ms = median_ms(lambda: fn(q, k, v, causal=True))
-                # autograd.grad, not .backward: no accumulation into .grad inside the timing.
-                bwd_ms = median_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-                for pass_, ms, flops in (("fwd", fwd_ms, fwd_flops), ("bwd", bwd_ms, 2.5 * fwd_flops)):
-                    tflops = flops / ms / 1e9
-                    rows.append(Row("attention", f"B={B} H={H} T={T} D={D} causal", pass_, name, ms,
-                                    tflops, "TFLOPS", tflops / peak,
-                                    verified[pass_] if name == "triton" else None))
-    return rows
+def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
+    impls = backends.implementations("attention")
+    result = []
+    for s in shapes:
+        timed = case("attention", s, device)
+        peak = backends.roofline(timed.unit, device)
+        entry = backends.entry(timed, _checked(s, device), impls, peak, device)
+        _add_backward(timed, entry, peak)
+        result += backends.rows({"attention": entry})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return backends.cli(__doc__, run, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}", argv)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args()
-    rows = run()
-    print_rows(rows, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=1)
+    sys.exit(main())

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kernels
+from bench.backends import implementations
 from bench.cases import Shapes, case
-from bench.kernels import implementations
 from gpt.model import GPTConfig, preset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kernels
+from bench import backends
 from bench import kernels as bench_kernels
 from bench import profile
 from bench.cases import Shapes
@@ -141,7 +142,7 @@ def test_bench_kernels_on_cpu_says_what_to_run(capsys):
 def test_measure_op_writes_a_profile_entry_that_loads_and_selects(monkeypatch, tmp_path, self_check):
     """bench.kernels' per-op path on CPU, with do_bench's timing replaced by a fixed 0.5 ms and
     no torch.compile variant (Inductor's CPU compile is slow): checks, rates, rooflines, choice."""
-    monkeypatch.setattr(bench_kernels, "median_ms", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(backends, "median_ms", lambda fn: (fn(), 0.5)[1])
     monkeypatch.setattr(bench_kernels, "implementations",
                         lambda op: {b: kernels.get(op, b) for b in ("torch", "triton")})
     shapes = Shapes(GPTConfig(**preset("gpt2")), 1, dtype=torch.float32).tiny()
@@ -149,9 +150,9 @@ def test_measure_op_writes_a_profile_entry_that_loads_and_selects(monkeypatch, t
     ops = {op: bench_kernels.measure_op(op, shapes, rooflines, device="cpu") for op in ("layer_norm", "adamw")}
     norm = ops["layer_norm"]
     assert norm["training_pass"] == "fwd+bwd" and norm["backends"]["triton"]["verified"]
-    size = 16 * 64 * 4  # tiny: 16 tokens x 64 wide, fp32
-    assert norm["backends"]["torch"]["rate"]["fwd"] == pytest.approx(2 * size / 0.5 / 1e6)
-    assert norm["backends"]["torch"]["roofline"]["fwd"] == pytest.approx(2 * size / 0.5 / 1e6 / 100.0)
+    fwd_bytes = (16 + 16 + 2) * 64 * 4  # tiny, fp32: x (16 tokens x 64) and weight and bias read, y written
+    assert norm["backends"]["torch"]["rate"]["fwd"] == pytest.approx(fwd_bytes / 0.5 / 1e6)
+    assert norm["backends"]["torch"]["roofline"]["fwd"] == pytest.approx(fwd_bytes / 0.5 / 1e6 / 100.0)
     assert norm["chosen"] == {"eager": "torch", "compiled": "torch"}  # a tie keeps the reference
     assert ops["adamw"]["training_pass"] == "step" and "compile" not in ops["adamw"]["backends"]
     path = tmp_path / "cpu.json"

@@ -1,0 +1,107 @@
+"""The backends of an op measured side by side at one bench.cases.Case: each checked against the
+torch reference, timed at every pass, and rated against a roofline measured in the same run.
+The one measuring path of the kernel profile (bench/kernels.py) and the per-issue benchmarks
+(bench/op_*.py), and the command line those share.
+
+Times are medians of CUDA-event timings (bench.measure.median_ms) after one untimed call, which
+compiles and autotunes. A backend that fails its check is still timed, and marked unverified;
+one that cannot run at all is reported with its error.
+"""
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import kernels
+from bench.cases import Case, check
+from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows
+
+# The optimizer step runs outside the compiled model in train.py: no torch.compile variant.
+OUTSIDE_GRAPH = {"adamw"}
+ROOFLINE_NAMES = {"GB/s": "copy bandwidth", "TFLOPS": "bf16 matmul"}
+
+
+def implementations(op: str) -> dict[str, Callable]:
+    """The backends to measure for `op`: name -> callable with the op's signature."""
+    reference = kernels.get(op, "torch")
+    impls = {"torch": reference}
+    if op not in OUTSIDE_GRAPH:
+        impls["compile"] = torch.compile(reference, dynamic=False)  # one graph a shape, as in training
+    if "triton" in kernels.ops()[op]:
+        impls["triton"] = kernels.get(op, "triton")
+    return impls
+
+
+def roofline(unit: str, device="cuda") -> float:
+    """What a rate in `unit` is a fraction of, measured on `device`: the copy bandwidth (GB/s) or
+    the bf16 matmul rate (TFLOPS)."""
+    return copy_gbs(device) if unit == "GB/s" else matmul_tflops(device)
+
+
+def time_ms(fn: Callable) -> float:
+    """Median ms of `fn()`, after one untimed call that compiles and autotunes."""
+    fn()
+    return median_ms(fn)
+
+
+def time_case(c: Case, fn: Callable) -> dict[str, float]:
+    """pass -> median ms of `fn` running that pass of `c`, all passes on one set of inputs."""
+    inputs = c.make()
+    return {pass_: time_ms(lambda pass_=pass_: c.call(fn, inputs, pass_)) for pass_ in c.passes}
+
+
+def entry(timed: Case, checked: Case, impls: dict[str, Callable], peak: float, device) -> dict:
+    """A profile entry: per backend of `impls` its check on `checked` (the op at shapes whose
+    float64 reference fits in memory beside the timed inputs) and its ms, rate and fraction of
+    `peak` at every pass of `timed`."""
+    # Dynamo compiles a function for at most 8 shapes and runs it eagerly after: each case
+    # starts afresh, so that a benchmark over many shapes times what torch.compile makes of each.
+    torch._dynamo.reset()
+    reference = kernels.get(timed.op, "torch")
+    records = {}
+    for name, fn in impls.items():
+        ok, why = check(checked, fn, reference)
+        record = {"verified": ok, "check": why}
+        try:
+            record["ms"] = time_case(timed, fn)
+        except Exception as e:  # a backend that cannot run here is reported, not fatal
+            record["error"] = f"{type(e).__name__}: {e}"
+        else:
+            record["rate"] = {p: timed.rate(p, ms) for p, ms in record["ms"].items()}
+            record["roofline"] = {p: r / peak for p, r in record["rate"].items()}
+        records[name] = record
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return {"shape": timed.shape, "training_pass": timed.passes[-1], "unit": timed.unit, "backends": records}
+
+
+def rows(ops: dict[str, dict]) -> list[Row]:
+    """Table rows of op -> entry: one per backend and timed pass."""
+    out = []
+    for op, e in ops.items():
+        for backend, r in e["backends"].items():
+            for pass_, ms in r.get("ms", {}).items():
+                out.append(Row(op, e["shape"], pass_, backend, ms, r["rate"][pass_], e["unit"],
+                               r["roofline"][pass_], r["verified"]))
+    return out
+
+
+def measure(timed: Case, impls: dict[str, Callable], device, checked: Case | None = None) -> list[Row]:
+    """Rows of every backend of `impls` at `timed`, checked there or at `checked`."""
+    return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device), device)})
+
+
+def cli(doc: str, run: Callable[[], list[Row]], title: str, argv: list[str] | None = None) -> int:
+    """A per-issue benchmark's command line: run it on the GPU, print its rows, and with --json
+    also write them."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the rows, as dicts, to this path")
+    args = parser.parse_args(argv)
+    result = run()
+    unit = result[0].unit
+    print_rows(result, f"{title}; {ROOFLINE_NAMES[unit]} {roofline(unit):.0f} {unit}")
+    if args.json:
+        args.json.write_text(json.dumps([r.as_dict() for r in result], indent=1) + "\n")
+    return 0

@@ -1,0 +1,110 @@
+"""The GPU benchmarks' code on CPU at tiny shapes, so that a GPU session finds their numbers, not
+their crashes: every per-issue benchmark (bench/op_*.py) and the kernel profile (bench.kernels)
+through their command lines, with CUDA-event timing and the measured rooflines replaced by fixed
+numbers and torch.compile by the function itself (Inductor's CPU compile takes seconds a shape).
+"""
+import functools
+import itertools
+import json
+
+import pytest
+import torch
+
+import kernels
+from bench import backends, op_adamw, op_attention, op_norm, op_swiglu, profile
+from bench import kernels as bench_kernels
+from bench.cases import Shapes, case
+from bench.hardware import Device
+
+COPY_GBS, MATMUL_TFLOPS = 1000.0, 100.0
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    # Each timing reads 1 ms slower than the one before, so that a later pass reads slower, as a
+    # forward+backward does beside its forward (op_attention's bwd is their difference).
+    ticks = itertools.count(1)
+    monkeypatch.setattr(backends, "median_ms", lambda fn: (fn(), float(next(ticks)))[1])
+    monkeypatch.setattr(backends, "copy_gbs", lambda device="cuda": COPY_GBS)
+    monkeypatch.setattr(backends, "matmul_tflops", lambda device="cuda": MATMUL_TFLOPS)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+
+def tiny(shapes: tuple[Shapes, ...]) -> tuple[Shapes, ...]:
+    return tuple(s.tiny() for s in shapes)
+
+
+# Each benchmark at tiny versions of some of its issue's shapes, and the backends and passes of its rows.
+BENCHMARKS = {
+    "norm": (op_norm, tiny(op_norm.SHAPES[:1]),
+             {"torch", "compile", "triton", "F.rms_norm", "F.layer_norm"}, {"fwd", "fwd+bwd"}),
+    "swiglu": (op_swiglu, tiny(op_swiglu.SHAPES[:1]),
+               {"torch", "compile", "triton", "F.silu(a) * b"}, {"fwd", "fwd+bwd"}),
+    "attention": (op_attention, tiny((op_attention.SHAPES[0], op_attention.SHAPES[-1])),  # D = 64 and 128
+                  {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
+    "adamw": (op_adamw, tiny(op_adamw.SHAPES),
+              {"triton", "triton sr", "torch loop", "BF16AdamW triton sr", "torch fused", "torch foreach"}, {"step"}),
+}
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, capsys):
+    module, shapes, backend_names, passes = BENCHMARKS[name]
+    monkeypatch.setattr(module, "run", functools.partial(module.run, device="cpu", shapes=shapes))
+    path = tmp_path / "rows.json"
+    assert module.main(["--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert {r["backend"] for r in rows} == backend_names and {r["pass"] for r in rows} == passes
+    assert all(r["ms"] > 0 and r["value"] > 0 and 0 < r["roofline"] for r in rows)
+    # Every row of a registry op (all but the optimizers') was checked, and triton passed.
+    assert all(r["verified"] for r in rows if r["backend"].startswith("triton"))
+    assert all(r["verified"] is not None for r in rows if r["backend"] not in op_adamw.OPTIMIZERS)
+    roofline = {"GB/s": f"copy bandwidth {COPY_GBS:.0f} GB/s", "TFLOPS": f"bf16 matmul {MATMUL_TFLOPS:.0f} TFLOPS"}
+    assert roofline[rows[0]["unit"]] in capsys.readouterr().out  # the table's title
+
+
+def test_attention_backward_is_fwd_bwd_less_fwd():
+    c = case("attention", op_attention.SHAPES[0], "meta")
+    entry = {"backends": {"triton": {"ms": {"fwd": 1.0, "fwd+bwd": 4.0}, "rate": {}, "roofline": {}},
+                          "torch": {"error": "boom"}}}
+    op_attention._add_backward(c, entry, peak=MATMUL_TFLOPS)
+    triton = entry["backends"]["triton"]
+    assert triton["ms"]["bwd"] == 3.0
+    assert triton["rate"]["bwd"] == pytest.approx(2.5 * c.work["fwd"] / 3.0 / 1e9)
+    assert triton["roofline"]["bwd"] == pytest.approx(triton["rate"]["bwd"] / MATMUL_TFLOPS)
+    assert "ms" not in entry["backends"]["torch"]
+
+
+def test_the_issues_shapes_and_work():
+    """The full-size cases (built on the meta device: nothing allocated) are the issues' shapes."""
+    assert [case("rms_norm", s, "meta").shape for s in op_norm.SHAPES] == [
+        f"16384x{n}" for n in (768, 1024, 2048, 4096, 8192)]
+    layer_norm = case("layer_norm", op_norm.SHAPES[0], "meta")
+    # bf16: x read and y written, weight and bias read; then x, weight, dy read, dx, dw, db written.
+    assert layer_norm.work == {"fwd": 2 * (2 * 16384 + 2) * 768, "fwd+bwd": 2 * (5 * 16384 + 5) * 768}
+    assert [case("swiglu", s, "meta").shape for s in op_swiglu.SHAPES] == [
+        f"16384x{h}" for h in (2048, 5632, 11008, 14336)]
+    attention = [case("attention", s, "meta") for s in op_attention.SHAPES]
+    assert [c.shape for c in attention][:2] == ["B=32 H=32/32 T=512 D=64 causal", "B=16 H=32/32 T=1024 D=64 causal"]
+    assert attention[-1].shape == "B=1 H=16/16 T=16384 D=128 causal"
+    # 4*B*H*T^2*D / 2 with B*T = 16k tokens and H*D = 2048
+    assert [c.work["fwd"] for c in attention] == [4 * 16384 * 2048 * s.T / 2 for s in op_attention.SHAPES]
+    adamw = case("adamw", op_adamw.SHAPES[0], "meta")
+    assert adamw.shape == "148 tensors, 124M params" and adamw.work["step"] == 14 * 124_475_904
+
+
+def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
+    """`python -m bench.kernels` on a pretend H100 that runs on the CPU, at tiny llama shapes."""
+    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(bench_kernels, "measure_op", functools.partial(bench_kernels.measure_op, device="cpu"))
+    monkeypatch.setattr(bench_kernels, "Shapes", lambda *args: Shapes(*args).tiny())
+    out = tmp_path / "h100.json"
+    assert bench_kernels.main(["--gpu", "h100", "--preset", "llama", "--out", str(out)]) == 0
+    loaded = profile.load(out)
+    assert loaded.data["rooflines"] == {"copy_gbs": COPY_GBS, "matmul_tflops": MATMUL_TFLOPS}
+    assert list(loaded.ops) == list(kernels.OPS)
+    for op, entry in loaded.ops.items():
+        assert entry["backends"]["triton"]["verified"], (op, entry["backends"]["triton"]["check"])
+        assert entry["chosen"]["eager"] in kernels.ops()[op]
+    assert f"wrote {out}" in capsys.readouterr().out
