@@ -2,7 +2,8 @@
 
 With no config file it trains the shakespeare-char baby GPT (config/train_shakespeare_char.py on a
 GPU, nanoGPT's small CPU recipe in config/train_shakespeare_char_cpu.py on a CPU). nanoGPT config
-files run unchanged. Several GPUs: torchrun --standalone --nproc_per_node=8 train.py config.py
+files run unchanged. Several GPUs: torchrun --standalone --nproc_per_node=8 train.py config.py,
+with --parallel=ddp (the default), zero1 or fsdp (see gpt/distributed.py).
 """
 import json
 import math
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import kernels
-from gpt import checkpoint
+from gpt import checkpoint, distributed
 from gpt.config import ConfigError, parse_args
 from gpt.data import Batches, load_meta, prepare
 from bench.cases import Shapes
@@ -44,6 +45,7 @@ DEFAULTS = dict(
     # system: device and dtype None choose CUDA and bf16 (fp16 on older GPUs) when present, else
     # CPU and fp32
     backend="nccl", device=None, dtype=None, compile=True,
+    parallel="ddp",  # under torchrun: ddp | zero1 | fsdp (gpt/distributed.py); one process ignores it
     peak_tflops=None,  # the GPU's dense peak for MFU, for a GPU bench.hardware does not know
     # tritongpt
     kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
@@ -100,7 +102,7 @@ def memory_gb(device_type: str) -> tuple[float, float, float]:
     return rss, rss, rss
 
 
-def summary(console, c, model, choices, tokens_per_iter, world_size, config_files):
+def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
     table.add_row("config", ", ".join(config_files) or "(defaults)")
@@ -111,7 +113,8 @@ def summary(console, c, model, choices, tokens_per_iter, world_size, config_file
                            f"{mc.pos_encoding} positions, {mc.mlp if mc.mlp == 'swiglu' else mc.activation} MLP "
                            f"({mc.mlp_hidden} hidden), bias {mc.bias}, tied {mc.tie_weights}")
     table.add_row("batch", f"{c['batch_size']} × {c['block_size']} tokens × {c['gradient_accumulation_steps']} "
-                           f"accumulation × {world_size} processes = {tokens_per_iter:,} tokens per step")
+                           f"accumulation × {world.size} processes ({world.parallel or 'no process group'}) = "
+                           f"{tokens_per_iter:,} tokens per step")
     table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}")
     console.print(table)
     ktable = Table(title=f"kernels={c['kernels']}")
@@ -130,25 +133,18 @@ def main(argv: list[str]) -> None:
     config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
 
     # --- processes: one, or one per GPU under torchrun -------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        backend = c["backend"] if c["device"].startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        if c["device"].startswith("cuda"):
-            c["device"] = f"cuda:{local_rank}"
-            torch.cuda.set_device(c["device"])
+    try:
+        world, c["device"] = distributed.init(c["parallel"], c["backend"], c["device"])
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    rank, world_size, master = world.rank, world.size, world.master
+    if world.parallel:
         if c["gradient_accumulation_steps"] % world_size:
             raise SystemExit(f"train.py: gradient_accumulation_steps {c['gradient_accumulation_steps']} is "
                              f"not a multiple of the {world_size} processes")
         c["gradient_accumulation_steps"] //= world_size
-    else:
-        rank, world_size = 0, 1
-    master = rank == 0
     console = Console(quiet=not master, soft_wrap=True)
     device_type = "cuda" if c["device"].startswith("cuda") else "cpu"
-    torch.manual_seed(c["seed"] + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -157,16 +153,22 @@ def main(argv: list[str]) -> None:
     # --- data ---------------------------------------------------------------------------------
     if master:
         data_path = prepare(c["dataset"], c["data_dir"])
-    if ddp:
+    if world.parallel:
         torch.distributed.barrier()
     data_path = prepare(c["dataset"], c["data_dir"])
     meta = load_meta(data_path)
-    batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"] + rank)
+    batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
+                      world_size=world_size)
 
     # --- model, optimizer ---------------------------------------------------------------------
     iter_num, best_val_loss, resumed = 0, 1e9, None
     if c["init_from"] == "resume":
-        resumed = checkpoint.load(c["out_dir"], c["device"])
+        resumed = checkpoint.load(c["out_dir"], "cpu")  # copied into the model's own device below
+        sharded = "sharded" in resumed
+        if (world.parallel == "fsdp" and not sharded) or (world.parallel == "zero1" and sharded):
+            raise SystemExit(f"train.py: parallel={world.parallel} cannot resume the {'sharded' if sharded else 'full'} "
+                             f"checkpoint in {c['out_dir']}: fsdp resumes sharded checkpoints, zero1 full ones; "
+                             f"ddp and one process resume both")
         model_args = resumed["model_args"]
         for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
             c[key] = model_args[key]
@@ -185,27 +187,37 @@ def main(argv: list[str]) -> None:
         if c["dtype"] == "float16":
             raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16; set dtype=bfloat16")
         c["dtype"] = "bfloat16"
+    if world.parallel == "fsdp" and c["dtype"] == "float16":
+        raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
+                         "kept in step across the ranks' shards)")
     # Per op the backend to run, checked at this run's own shapes.
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
                     dtype=getattr(torch, c["dtype"]))
     choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"])
     backends = {op: choice.backend for op, choice in choices.items()}
-    model = checkpoint.build_model(resumed, backends) if resumed else GPT(GPTConfig(**model_args), backends)
+    # The same initial weights on every rank (FSDP does not broadcast them) and whichever kernels
+    # were chosen (their self-checks draw random inputs).
+    torch.manual_seed(c["seed"])
+    model = GPT(GPTConfig(**model_args), backends)
+    torch.manual_seed(c["seed"] + rank)  # from here on each rank draws its own dropout masks
     if pure_bf16:
         model.to(torch.bfloat16)
-    model.to(c["device"])
+    if world.parallel == "fsdp":  # fp32 weights gathered in bf16 when training in bf16
+        distributed.shard(model, c["device"], torch.bfloat16 if c["dtype"] == "bfloat16" and not pure_bf16 else None)
+    else:
+        model.to(c["device"])
 
-    groups = model.param_groups(c["weight_decay"])
-    betas = (c["beta1"], c["beta2"])
     if c["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=c["learning_rate"], betas=betas, fused=device_type == "cuda")
+        optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=device_type == "cuda")
     elif pure_bf16:
-        optimizer = BF16AdamW(groups, lr=c["learning_rate"], betas=betas, backend=backends["adamw"],
-                              stochastic_rounding=c["stochastic_rounding"], seed=c["seed"])
+        optimizer_class, optimizer_args = BF16AdamW, dict(backend=backends["adamw"], seed=c["seed"],
+                                                          stochastic_rounding=c["stochastic_rounding"])
     else:
         raise SystemExit(f"train.py: optimizer must be adamw or bf16_adamw, got {c['optimizer']!r}")
+    optimizer = distributed.optimizer(world, model.param_groups(c["weight_decay"]), optimizer_class,
+                                      lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)
     if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
+        checkpoint.restore(model, optimizer, resumed)
 
     # Autocast only for fp32 weights; pure-bf16 weights already run every matmul in bf16.
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
@@ -214,22 +226,26 @@ def main(argv: list[str]) -> None:
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if resumed:
         scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if device_type == "cuda" and resumed["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resumed["rng"]["cuda"][rank % len(resumed["rng"]["cuda"])])
-        batches.load_state_dict(resumed["rng"]["data"])
+        rng = resumed["rng"]  # one entry per rank of the run that saved it
+        batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
+        if len(rng) == world_size:
+            torch.set_rng_state(rng[rank]["torch"])
+            if device_type == "cuda" and rng[rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng[rank]["cuda"])
+        else:
+            console.print(f"resuming on {world_size} processes a run saved by {len(rng)}: the data sampler "
+                          f"continues, dropout masks are drawn afresh")
         del resumed  # free the checkpoint's copy of the weights
 
     raw_model = model
     if c["compile"]:
         model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    model = distributed.replicate(model, world, c["device"])
 
     meter = MFUMeter(raw_model.config, c["block_size"], c["dtype"], c["device"], world_size,
                      peak_tflops=c["peak_tflops"])
     if master:
-        summary(console, c, raw_model, choices, tokens_per_iter, world_size, config_files)
+        summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
         os.makedirs(c["out_dir"], exist_ok=True)
         log_file = open(Path(c["out_dir"]) / "log.jsonl", "a")
@@ -239,6 +255,8 @@ def main(argv: list[str]) -> None:
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
 
     def log(record: dict) -> None:
+        if not master:
+            return
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         if c["wandb_log"]:
@@ -249,22 +267,28 @@ def main(argv: list[str]) -> None:
         model.eval()
         out = {}
         for split in ("train", "val"):
-            losses = torch.zeros(c["eval_iters"])
+            losses = torch.zeros(c["eval_iters"], device=c["device"])
             for k, (x, y) in enumerate(batches.eval_batches(split, c["eval_iters"])):
                 with autocast:
                     _, loss = model(x, y)
-                losses[k] = loss.item()
-            out[split] = losses.mean().item()
+                losses[k] = loss
+            out[split] = distributed.mean(losses.mean()).item()  # each rank scored its slice of the windows
         model.train()
         return out
 
     def save_checkpoint() -> None:
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                     iter_num=iter_num, best_val_loss=best_val_loss, config=c, meta=meta,
-                     scaler=scaler.state_dict(),
-                     rng=dict(torch=torch.get_rng_state(), data=batches.state_dict(),
-                              cuda=torch.cuda.get_rng_state_all() if device_type == "cuda" else None))
-        path = checkpoint.save(state, c["out_dir"])
+        """A collective: every rank calls it."""
+        rng = distributed.gather(dict(torch=torch.get_rng_state(), data=batches.state_dict(),
+                                      cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
+        state = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=c, meta=meta,
+                     scaler=scaler.state_dict(), rng=rng)
+        if world.parallel == "fsdp":
+            path = checkpoint.save_sharded(raw_model, optimizer, state, c["out_dir"])
+        else:
+            optimizer_state = distributed.optimizer_state(optimizer)
+            if not master:
+                return
+            path = checkpoint.save(dict(state, model=raw_model.state_dict(), optimizer=optimizer_state), c["out_dir"])
         console.print(f"saved checkpoint to {path}")
 
     # --- the loop -----------------------------------------------------------------------------
@@ -279,7 +303,7 @@ def main(argv: list[str]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and master:
+            if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:  # on every rank
                 losses = estimate_loss()
                 console.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
@@ -293,15 +317,14 @@ def main(argv: list[str]) -> None:
 
             loss_sum = torch.zeros((), device=c["device"])
             for micro_step in range(c["gradient_accumulation_steps"]):
-                if ddp:  # sync gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro_step == c["gradient_accumulation_steps"] - 1
+                distributed.grad_sync(world, model, micro_step == c["gradient_accumulation_steps"] - 1)
                 x, y = batches.next("train")
                 with autocast:
                     _, loss = model(x, y)
                     loss = loss / c["gradient_accumulation_steps"]
                 loss_sum += loss.detach()
                 scaler.scale(loss).backward()
-            logging_now = iter_num % c["log_interval"] == 0 and master
+            logging_now = iter_num % c["log_interval"] == 0  # on every rank: the loss and norm are collectives
             grad_norm = None
             if c["grad_clip"] != 0.0:
                 scaler.unscale_(optimizer)
@@ -317,11 +340,11 @@ def main(argv: list[str]) -> None:
             progress.advance(task)
 
             if logging_now:
-                loss_value = loss_sum.item()  # the one host sync per log interval
+                loss_value = distributed.mean(loss_sum).item()  # the one host sync per log interval
                 dt = (time.perf_counter() - t_last) / iters_since_log
                 t_last, iters_since_log = time.perf_counter(), 0
                 allocated, peak, reserved = memory_gb(device_type)
-                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
+                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=distributed.full(grad_norm).item(),
                               step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt,
                               mem_allocated_gb=allocated, mem_peak_gb=peak, mem_reserved_gb=reserved)
                 record.update(meter.record(record["tokens_per_s"]))
@@ -335,7 +358,11 @@ def main(argv: list[str]) -> None:
             iter_num += 1
 
     meter.close()
-    if ddp:
+    if world.parallel:
+        # DDP's reducer holds the process group from C++: dropped last, at return, it would destroy
+        # it holding the GIL while joining gloo's thread, which may need the GIL to free a finished
+        # collective (a deadlock). Dropped here, the group is destroyed by destroy_process_group.
+        del model
         torch.distributed.destroy_process_group()
 
 

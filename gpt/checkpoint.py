@@ -1,13 +1,40 @@
-"""Checkpoints: written atomically, loaded whether or not the model that wrote them was compiled."""
+"""Checkpoints in two formats, both written so that a crash mid-write leaves the last one whole.
+
+- full: out_dir/ckpt.pt, one file with the whole model and optimizer state, written by one
+  process (single process, DDP and ZeRO-1 after consolidating its optimizer state on rank 0);
+  loaded whether or not the model that wrote it was compiled.
+- sharded: out_dir/ckpt.dcp, a torch.distributed.checkpoint directory to which every FSDP rank
+  writes its own shards, plus train_state.pt (everything but model and optimizer). It loads on
+  any number of ranks, or into one process without a process group.
+
+Writing one format removes the other, so out_dir holds one checkpoint.
+"""
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
+SHARDED = "ckpt.dcp"
+TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: iteration, config, RNG states, ...
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key with this
+
+
+def _master() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def save(checkpoint: dict, out_dir: str | os.PathLike) -> Path:
@@ -16,13 +43,44 @@ def save(checkpoint: dict, out_dir: str | os.PathLike) -> Path:
     tmp = path.with_suffix(".pt.tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
+    shutil.rmtree(path.with_name(SHARDED), ignore_errors=True)
+    return path
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,
+                 out_dir: str | os.PathLike) -> Path:
+    """Write model and optimizer with torch.distributed.checkpoint, each rank its own shards, and
+    `train_state` from rank 0. A collective: every rank calls it."""
+    out = Path(out_dir)
+    path, tmp, old = out / SHARDED, out / f"{SHARDED}.tmp", out / f"{SHARDED}.old"
+    if _master():
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed write's files, maybe of another world size
+    _barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if _master():
+        torch.save(train_state, tmp / TRAIN_STATE)
+        # A directory cannot replace another in one rename; a crash between the two leaves the
+        # new checkpoint whole in ckpt.dcp.tmp.
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        (out / FILENAME).unlink(missing_ok=True)
+    _barrier()
     return path
 
 
 def load(out_dir: str | os.PathLike, device: str) -> dict:
-    path = Path(out_dir) / FILENAME
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """The checkpoint in out_dir. A full one whole; a sharded one's train state, with `sharded`
+    (its directory) where model and optimizer would be: `restore` and `build_model` read them."""
+    out = Path(out_dir)
+    found = [p for p in (out / FILENAME, out / SHARDED) if p.exists()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}")
+    path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
+    if path.name == SHARDED:
+        return dict(torch.load(path / TRAIN_STATE, map_location=device, weights_only=False), sharded=path)
     checkpoint = torch.load(path, map_location=device, weights_only=False)
     checkpoint["model"] = model_state(checkpoint["model"])
     return checkpoint
@@ -33,10 +91,44 @@ def model_state(state: dict) -> dict:
     return {k.removeprefix(_COMPILED_PREFIX): v for k, v in state.items()}
 
 
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: dict) -> None:
+    """Load a checkpoint's model and optimizer states. A full checkpoint needs an unsharded
+    model (any optimizer, ZeRO-1's included); a sharded one loads into a model sharded by FSDP2
+    on any number of ranks, or a whole one, with a plain torch optimizer (not ZeRO-1's)."""
+    if "sharded" not in checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return
+    # The state dicts of this model and optimizer, as torch.distributed.checkpoint keys them
+    # (parameter names, not positions), are the template that dcp.load fills from the files,
+    # resharding from whatever world size wrote them.
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    _dcp_load(state, checkpoint["sharded"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _whole_model_state(path: Path) -> dict:
+    """The model weights of a sharded checkpoint, gathered into whole tensors in this process."""
+    tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in tensors.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    _dcp_load({"model": state}, path)
+    return state
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    with warnings.catch_warnings():
+        # One process with no process group is meant here, not the slip dcp warns of.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)
+
+
 def build_model(checkpoint: dict, kernels=None) -> GPT:
-    """The checkpoint's model, weights loaded, in the dtype it was saved in."""
+    """The checkpoint's model (either format), weights loaded, in the dtype it was saved in."""
     model = GPT(GPTConfig(**checkpoint["model_args"]), kernels)
-    state = checkpoint["model"]
+    state = _whole_model_state(checkpoint["sharded"]) if "sharded" in checkpoint else checkpoint["model"]
     model.to(next(iter(state.values())).dtype)
     model.load_state_dict(state)
     return model

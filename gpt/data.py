@@ -121,10 +121,17 @@ def load_meta(path: Path) -> dict | None:
 class Batches:
     """Random (x, y) windows of a dataset, drawn from a generator whose state is saved in
     checkpoints so a resumed run sees the same batches. Eval batches come from their own
-    generator, reset for each evaluation, so every evaluation scores the same windows."""
+    generator, reset for each evaluation, so every evaluation scores the same windows.
 
-    def __init__(self, path: Path, block_size: int, batch_size: int, device: str, seed: int):
+    Under several processes every rank seeds the same generator and draws the windows of the
+    whole global batch (world_size × batch_size), then reads only its own slice: no two ranks
+    ever take the same draw, and N ranks see exactly the windows that one process with an N
+    times larger batch would."""
+
+    def __init__(self, path: Path, block_size: int, batch_size: int, device: str, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed
         for split in ("train", "val"):
@@ -135,7 +142,8 @@ class Batches:
     def _draw(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # A fresh memmap per batch: numpy's memmap otherwise grows resident memory (nanoGPT's note).
         data = np.memmap(self.path / f"{split}.bin", dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=generator)
+        ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=generator)
+        ix = ix[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         windows = torch.from_numpy(np.stack([data[i: i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]
         if self.device.startswith("cuda"):

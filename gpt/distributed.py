@@ -1,0 +1,131 @@
+"""Training on several processes under torchrun, with PyTorch's own engines.
+
+`parallel` says how the processes share the work:
+- ddp: every rank holds the whole model, its grads and its optimizer state; DDP all-reduces the
+  grads during the backward.
+- zero1: DDP, plus torch's ZeroRedundancyOptimizer: each rank keeps the optimizer state of its
+  share of the parameters, steps that share and broadcasts it. Weights and grads stay whole on
+  every rank: ZeRO stage 1, as bench.plan counts it. (FSDP2 without resharding after the forward
+  would shard the grads too, and the weights between steps: ZeRO-2/3's memory, not stage 1's.)
+- fsdp: FSDP2's fully_shard on every transformer block and then the root: weights, grads and
+  optimizer states sharded over the ranks, a block's weights gathered only while it runs.
+
+One process with RANK unset (plain `python train.py`) has no process group and no wrapper.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+PARALLEL = ("ddp", "zero1", "fsdp")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    parallel: str | None = None  # None: one process, no process group
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
+    """(world, device): joins the process group torchrun describes in RANK, LOCAL_RANK and
+    WORLD_SIZE, each process on its own GPU; without RANK, one process and `device` as given."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if "RANK" not in os.environ:
+        return World(), device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    # device_id: NCCL binds to this GPU now rather than guessing at the first collective.
+    dist.init_process_group(backend=backend if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    return World(dist.get_rank(), local_rank, dist.get_world_size(), parallel), device
+
+
+def shard(model: nn.Module, device: str, param_dtype: torch.dtype | None) -> None:
+    """FSDP2, in place: each block of `model.h` is one unit (gathered for its own forward and
+    backward), the root holds the rest (embeddings, final norm, head). fully_shard moves each
+    unit to `device` as it shards it, so a model built on the CPU never sits whole on the GPU.
+    `param_dtype` (bf16 for fp32 weights): the dtype weights are gathered and computed in;
+    gradients are still reduced in fp32."""
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                  reduce_dtype=torch.float32 if param_dtype is not None else None)
+    for block in model.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def optimizer(world: World, groups: list[dict], cls: type, **kwargs) -> torch.optim.Optimizer:
+    """`cls(groups, **kwargs)`; under zero1 each rank builds it over its own share only."""
+    if world.parallel == "zero1":
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs)
+    return cls(groups, **kwargs)
+
+
+def replicate(model: nn.Module, world: World, device: str) -> nn.Module:
+    """DDP for ddp and zero1 (fsdp's model is sharded already, one process needs nothing)."""
+    if world.parallel not in ("ddp", "zero1"):
+        return model
+    # Grads as views into DDP's reduction buckets: otherwise the buckets are a second copy of
+    # every grad, 4 more bytes per fp32 parameter than bench.plan counts.
+    return DistributedDataParallel(model, device_ids=[world.local_rank] if device.startswith("cuda") else None,
+                                   gradient_as_bucket_view=True)
+
+
+def grad_sync(world: World, model: nn.Module, sync: bool) -> None:
+    """Whether the next backward reduces grads across ranks (a step's last micro-step) or only
+    accumulates them on each rank (the others). `model` as train.py calls it: DDP's wrapper, or
+    the FSDP module, maybe under torch.compile's wrapper (which passes attributes through)."""
+    if world.parallel == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    elif world.parallel:
+        model.require_backward_grad_sync = sync
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor made whole (the global grad norm of FSDP's sharded grads, say); else t."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over the ranks (t itself in one process)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """The whole optimizer state dict on rank 0 (None on the others): ZeRO-1 first gathers the
+    ranks' shares to rank 0, a collective."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if dist.get_rank() == 0 else None
+    return optimizer.state_dict()

@@ -1,0 +1,245 @@
+"""Several processes on the CPU with gloo: train.py under torchrun with each `parallel`, against
+one process training on the same global batch.
+
+One process draws 8 windows per micro-step for 2 micro-steps; two ranks draw 4 each for 4
+micro-steps between them (2 per rank), slicing the same 8 windows: the same global batch, so
+losses and grad norms agree to fp32 rounding. Dropout is off where processes are compared: each
+rank draws its own masks.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import train
+from bench import plan
+from bench.flops import param_count
+from gpt import checkpoint, distributed
+from gpt.data import Batches, prepare
+from gpt.model import GPT, GPTConfig
+from gpt.optim import BF16AdamW
+from gpt.sample import main as sample
+
+REPO = Path(__file__).resolve().parents[1]
+# Head size 32, as the Triton attention takes it; lr decays to iteration 9 in every run, so that
+# a run stopped at 6 and one resumed from there to 9 follow one schedule.
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--compile=False",
+        "--dropout=0.0", "--eval_iters=2", "--eval_interval=3", "--log_interval=1", "--learning_rate=3e-3",
+        "--warmup_iters=2", "--lr_decay_iters=9", "--kernels=torch", "--always_save_checkpoint=True"]
+ONE = ["--batch_size=8", "--gradient_accumulation_steps=2"]
+TWO = ["--batch_size=4", "--gradient_accumulation_steps=4"]  # per rank: 4 windows × 2 micro-steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def run(out_dir, data_dir, *args) -> list[dict]:
+    """train.py in this process, as one process."""
+    train.main([*TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args])
+    return read_log(out_dir)
+
+
+def torchrun(out_dir, data_dir, *args) -> tuple[list[dict], str]:
+    """train.py on two processes under torchrun, on 127.0.0.1: (the log, what rank 0 printed)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(REPO / "train.py"),
+           *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args]
+    # One thread per process on a small machine; the Triton interpreter for Triton ops on a CPU.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return read_log(out_dir), done.stdout
+
+
+def steps(log) -> dict:
+    return {r["iter"]: (r["loss"], r["grad_norm"]) for r in log if "loss" in r}
+
+
+def evals(log) -> dict:
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in log if "val_loss" in r}
+
+
+def assert_matches(log, reference, rel=1e-5):
+    """Every step and evaluation of `log` as in `reference`, to `rel`."""
+    for table in (steps, evals):
+        got, want = table(log), table(reference)
+        assert got and set(got) <= set(want)
+        for it, values in got.items():
+            assert values == pytest.approx(want[it], rel=rel), (table.__name__, it)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One process on the global batch: 6 iterations, then resumed to 9. With RANK unset,
+    `parallel` means nothing: no process group is made (and so no wrapper)."""
+    out = tmp_path_factory.mktemp("one")
+    with mock.patch("torch.distributed.init_process_group", side_effect=AssertionError("a process group")):
+        run(out, data_dir, *ONE, "--max_iters=6", "--parallel=fsdp")
+        return run(out, data_dir, *ONE, "--max_iters=9", "--init_from=resume")
+
+
+def test_ranks_read_disjoint_slices_of_one_global_batch(data_dir):
+    path = prepare("shakespeare_char", data_dir)
+    one = Batches(path, block_size=16, batch_size=6, device="cpu", seed=5)
+    ranks = [Batches(path, block_size=16, batch_size=2, device="cpu", seed=5, rank=r, world_size=3) for r in range(3)]
+    for _ in range(2):
+        x, y = one.next()
+        slices = [b.next() for b in ranks]
+        assert torch.equal(x, torch.cat([s[0] for s in slices])) and torch.equal(y, torch.cat([s[1] for s in slices]))
+    x, _ = next(one.eval_batches("val", 1))
+    assert torch.equal(x, torch.cat([next(b.eval_batches("val", 1))[0] for b in ranks]))
+
+
+def test_parallel_must_be_known():
+    with pytest.raises(SystemExit, match="parallel must be one of"):
+        train.main(["--parallel=zero3"])
+
+
+def test_ddp_and_zero1_match_one_process(reference, tmp_path, data_dir):
+    for parallel in ("ddp", "zero1"):
+        log, _ = torchrun(tmp_path / parallel, data_dir, *TWO, "--max_iters=6", f"--parallel={parallel}")
+        assert_matches(log, reference)
+    # Rank 0 wrote each as one full checkpoint, ZeRO-1's optimizer state consolidated from both
+    # ranks' shares: DDP's state to fp32 rounding, with both ranks' RNG states.
+    ddp, zero1 = (checkpoint.load(tmp_path / p, "cpu") for p in ("ddp", "zero1"))
+    assert len(zero1["rng"]) == 2 and zero1["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+    for index, state in ddp["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(zero1["optimizer"]["state"][index][key], value, rtol=1e-4, atol=1e-7), key
+    # Both ZeRO-1 on two ranks and one process take it up where the reference is at iteration 6.
+    shutil.copytree(tmp_path / "zero1", tmp_path / "one")
+    log, _ = torchrun(tmp_path / "zero1", data_dir, *TWO, "--max_iters=9", "--parallel=zero1", "--init_from=resume")
+    assert_matches(log, reference)
+    assert_matches(run(tmp_path / "one", data_dir, *ONE, "--max_iters=9", "--init_from=resume"), reference)
+
+
+def test_fsdp_matches_one_process_and_its_sharded_checkpoint_continues_in_one(reference, tmp_path, data_dir):
+    out = tmp_path / "fsdp"
+    log, _ = torchrun(out, data_dir, *TWO, "--max_iters=6", "--parallel=fsdp")
+    assert_matches(log, reference)
+    assert (out / checkpoint.SHARDED).is_dir() and not (out / checkpoint.FILENAME).exists()
+    [text] = sample([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=8", "--start=A"])
+    assert len(text) == 9  # gpt.sample gathers the shards into one model
+    # Saved by 2 ranks, loaded into 1 with no process group: the same losses as the reference.
+    log = run(out, data_dir, *ONE, "--max_iters=9", "--init_from=resume")
+    assert sorted(steps(log)) == list(range(9))
+    assert_matches(log, reference)
+    assert (out / checkpoint.FILENAME).exists() and not (out / checkpoint.SHARDED).exists()
+
+
+def test_fsdp_with_the_triton_kernels(reference, tmp_path, data_dir):
+    """The Triton ops (the interpreter here) on FSDP's gathered weights and the ranks' activations."""
+    log, printed = torchrun(tmp_path, data_dir, *TWO, "--max_iters=2", "--eval_iters=1", "--kernels=triton",
+                            "--parallel=fsdp")
+    for op in ("layer_norm", "attention"):
+        assert any(line.split()[:2] == [op, "triton"] for line in printed.replace("│", " ").splitlines()), op
+    assert sorted(steps(log)) == [0, 1]
+    for it, values in steps(log).items():
+        assert values == pytest.approx(steps(reference)[it], rel=1e-5), it
+
+
+def test_fsdp_with_bf16_adamw_matches_one_process(tmp_path, data_dir):
+    """Pure bf16 on FSDP: BF16AdamW steps each rank's local shards."""
+    bf16 = ["--optimizer=bf16_adamw", "--stochastic_rounding=False", "--max_iters=4"]
+    one = run(tmp_path / "one", data_dir, *ONE, *bf16)
+    two, _ = torchrun(tmp_path / "two", data_dir, *TWO, *bf16, "--parallel=fsdp")
+    assert_matches(two, one, rel=1e-2)  # to bf16 rounding (the grad norm is a bf16 number too)
+
+
+def test_fsdp_resumes_exactly_with_dropout(tmp_path, data_dir):
+    """Each rank's RNG (its dropout masks) and the data sampler come back from the checkpoint."""
+    args = [*TWO, "--dropout=0.1", "--parallel=fsdp"]
+    whole, _ = torchrun(tmp_path / "whole", data_dir, *args, "--max_iters=6")
+    torchrun(tmp_path / "split", data_dir, *args, "--max_iters=3")
+    split, _ = torchrun(tmp_path / "split", data_dir, *args, "--max_iters=6", "--init_from=resume")
+    assert sorted(steps(split)) == list(range(6))
+    assert steps(split) == steps(whole) and evals(split) == evals(whole)
+
+
+# --- memory per rank against bench.plan ----------------------------------------------------
+
+def _bytes(tensors) -> int:
+    """Bytes of the storage under `tensors` (local shards of DTensors), each storage once: DDP's
+    grads are views into its buckets, FSDP's shards views into padded flat buffers."""
+    storages = {}
+    for t in tensors:
+        s = (t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t).untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def _memory_worker(rank: int, port: int, config: GPTConfig, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    world, _ = distributed.init("ddp", "gloo", "cpu")
+    measured = {}
+    for optimizer_name in plan.OPTIMIZERS:
+        for parallel in distributed.PARALLEL:
+            world = dataclasses.replace(world, parallel=parallel)
+            torch.manual_seed(0)
+            model = GPT(config)
+            if optimizer_name == "bf16_adamw":
+                model.to(torch.bfloat16)
+            if parallel == "fsdp":
+                distributed.shard(model, "cpu", None)
+            cls = BF16AdamW if optimizer_name == "bf16_adamw" else torch.optim.AdamW
+            optimizer = distributed.optimizer(world, model.param_groups(0.1), cls, lr=1e-3)
+            x = torch.randint(config.vocab_size, (2, config.block_size))
+            _, loss = distributed.replicate(model, world, "cpu")(x, x)
+            loss.backward()
+            optimizer.step()
+            state = (optimizer.optim if parallel == "zero1" else optimizer).state
+            params = list(model.parameters())
+            measured[optimizer_name, parallel] = (
+                _bytes(params), _bytes(p.grad for p in params),
+                _bytes(v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim()))  # no step counts
+    ranks = distributed.gather(measured)
+    if rank == 0:
+        torch.save(ranks, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_memory_per_rank_is_what_bench_plan_counts(tmp_path):
+    """Weights, grads and optimizer states each rank holds after a step, measured, against
+    bench.plan's static bytes per GPU (what `bench.mfu --world-size 2` prints). FSDP's two
+    gathered layers are transient and not counted here."""
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65)
+    out = str(tmp_path / "measured.pt")
+    torch.multiprocessing.spawn(_memory_worker, args=(free_port(), config, out), nprocs=2)
+    ranks = torch.load(out, weights_only=False)
+    P = param_count(config)
+    assert P == GPT(config).num_params()
+    for optimizer in plan.OPTIMIZERS:
+        weights, grads, states = (b * P for b in plan.STATE_BYTES[optimizer])
+        ddp, zero1, fsdp = ([r[optimizer, p] for r in ranks] for p in ("ddp", "zero1", "fsdp"))
+        assert ddp == [(weights, grads, states)] * 2
+        assert sum(ddp[0]) == plan.static_bytes(config, optimizer, "ddp", 2)
+        # ZeRO-1: whole weights and grads; the states split by parameter, greedily balanced
+        assert [r[:2] for r in zero1] == [(weights, grads)] * 2 and sum(r[2] for r in zero1) == states
+        for r in zero1:
+            assert sum(r) == pytest.approx(plan.static_bytes(config, optimizer, "zero1", 2), rel=0.01)
+        # FSDP: all three halved, up to the padding of dim 0 to a multiple of the ranks
+        for r in fsdp:
+            assert sum(r) == pytest.approx((weights + grads + states) / 2, rel=0.01)
