@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     profile.write(data, out)
     print_rows(rows(data["ops"]), f"{device.name}, {args.preset} {shapes.describe()}: copy "
                f"{data['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul {data['rooflines']['matmul_tflops']:.0f} TFLOPS")
-    for op, entry in data["ops"].items():
-        print(f"{op}: chosen eager={entry['chosen']['eager']}, compiled={entry['chosen']['compiled']}")
+    for op, measured in data["ops"].items():
+        print(f"{op}: chosen eager={measured['chosen']['eager']}, compiled={measured['chosen']['compiled']}")
     print(f"wrote {out}")
     return 0
 

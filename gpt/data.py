@@ -102,8 +102,8 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
         raise ValueError(f"dataset {dataset!r}: no {out}/train.bin and val.bin, and no builder for it "
                          f"(builders: {', '.join(BUILDERS)})")
     if dataset == "openwebtext":
-        raise ValueError(f"dataset openwebtext is not built yet: run `python -m gpt.data openwebtext` "
-                         f"(needs the `datasets` package, about 54 GB of disk)")
+        raise ValueError("dataset openwebtext is not built yet: run `python -m gpt.data openwebtext` "
+                         "(needs the `datasets` package, about 54 GB of disk)")
     out.mkdir(parents=True, exist_ok=True)
     {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
     return out
