@@ -26,7 +26,7 @@ from gpt.data import Batches, load_meta, prepare
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
 from gpt.model import GPT, GPTConfig, preset
-from gpt.optim import BF16AdamW
+from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
 
 # nanoGPT's keys and defaults (GPT-2 124M on OpenWebText), then tritongpt's own.
 DEFAULTS = dict(
@@ -211,9 +211,11 @@ def main(argv: list[str]) -> None:
         optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=device_type == "cuda")
     elif pure_bf16:
         optimizer_class, optimizer_args = BF16AdamW, dict(backend=backends["adamw"], seed=c["seed"],
-                                                          stochastic_rounding=c["stochastic_rounding"])
+                                                          stochastic_rounding=c["stochastic_rounding"],
+                                                          grad_norm_backend=backends["grad_norm"])
     else:
         raise SystemExit(f"train.py: optimizer must be adamw or bf16_adamw, got {c['optimizer']!r}")
+    grad_norm_op = kernels.get("grad_norm", backends["grad_norm"])
     optimizer = distributed.optimizer(world, model.param_groups(c["weight_decay"]), optimizer_class,
                                       lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)
     if resumed:
@@ -328,11 +330,11 @@ def main(argv: list[str]) -> None:
             grad_norm = None
             if c["grad_clip"] != 0.0:
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c["grad_clip"])
+                grad_norm = clip_for_step(distributed.local_optimizer(optimizer), raw_model.parameters(),
+                                          c["grad_clip"], grad_norm_op)
             elif logging_now:
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters()
-                                                           if p.grad is not None])
+                grad_norm = global_grad_norm(raw_model.parameters(), grad_norm_op)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -344,7 +346,7 @@ def main(argv: list[str]) -> None:
                 dt = (time.perf_counter() - t_last) / iters_since_log
                 t_last, iters_since_log = time.perf_counter(), 0
                 allocated, peak, reserved = memory_gb(device_type)
-                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=distributed.full(grad_norm).item(),
+                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
                               step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt,
                               mem_allocated_gb=allocated, mem_peak_gb=peak, mem_reserved_gb=reserved)
                 record.update(meter.record(record["tokens_per_s"]))

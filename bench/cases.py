@@ -171,10 +171,15 @@ def param_shapes(config: GPTConfig) -> list[torch.Size]:
         return [p.shape for p in GPT(config).parameters()]
 
 
-def _adamw(s: Shapes, device, distinct: bool) -> Case:
-    shapes = param_shapes(s.config)
+def _optimizer_shapes(config: GPTConfig, distinct: bool) -> list[torch.Size]:
+    shapes = param_shapes(config)
     if distinct:  # one tensor of each shape: every code path (sizes, tails) at a fraction of the cost
         shapes = list(dict.fromkeys(shapes))
+    return shapes
+
+
+def _adamw(s: Shapes, device, distinct: bool) -> Case:
+    shapes = _optimizer_shapes(s.config, distinct)
     n = len(shapes)
     # Pure bf16 training rounds stochastically, as BF16AdamW does by default.
     rounding = dict(stochastic_rounding=s.dtype == torch.bfloat16, seed=1)
@@ -196,8 +201,24 @@ def _adamw(s: Shapes, device, distinct: bool) -> Case:
                 {"step": 7 * numel * s.dtype.itemsize}, "GB/s", s.dtype)
 
 
+def _grad_norm(s: Shapes, device, distinct: bool) -> Case:
+    shapes = _optimizer_shapes(s.config, distinct)
+
+    def make():
+        return [_randn(*sh, device=device, dtype=s.dtype, scale=1e-3) for sh in shapes]
+
+    def call(fn, inputs, pass_):
+        return (fn(inputs),)
+
+    numel = sum(torch.Size(sh).numel() for sh in shapes)
+    # Reads every grad once.
+    return Case("grad_norm", f"{len(shapes)} tensors, {numel / 1e6:.3g}M params", ("step",), make, call,
+                {"step": numel * s.dtype.itemsize}, "GB/s", s.dtype)
+
+
 def case(op: str, shapes: Shapes, device, quick: bool = False) -> Case:
-    """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for adamw."""
+    """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for the
+    optimizer's ops."""
     if op in ("rms_norm", "layer_norm"):
         return _norm(op, shapes, device)
     if op == "swiglu":
@@ -206,6 +227,8 @@ def case(op: str, shapes: Shapes, device, quick: bool = False) -> Case:
         return _attention(shapes, device)
     if op == "adamw":
         return _adamw(shapes, device, distinct=quick)
+    if op == "grad_norm":
+        return _grad_norm(shapes, device, distinct=quick)
     raise ValueError(f"no benchmark case for op {op!r}")
 
 

@@ -40,7 +40,7 @@ from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import provenance
 from gpt.model import GPT, GPTConfig
-from gpt.optim import BF16AdamW
+from gpt.optim import BF16AdamW, clip_for_step
 
 DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
 # train.py's optimizer settings.
@@ -133,7 +133,8 @@ def _train_step(run: Run, backends: dict[str, str], compiled: bool):
     groups = model.param_groups(WEIGHT_DECAY)
     if run.optimizer == "bf16_adamw":
         model.to(torch.bfloat16)
-        optimizer = BF16AdamW(groups, lr=LR, betas=BETAS, backend=backends["adamw"])
+        optimizer = BF16AdamW(groups, lr=LR, betas=BETAS, backend=backends["adamw"],
+                              grad_norm_backend=backends["grad_norm"])
         autocast = contextlib.nullcontext()
     elif run.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
@@ -145,13 +146,14 @@ def _train_step(run: Run, backends: dict[str, str], compiled: bool):
     tokens = torch.randint(run.config.vocab_size, (run.batch_size, run.seq_len + 1), device=run.device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # the model views targets flat
     params = list(model.parameters())
+    grad_norm = kernels.get("grad_norm", backends["grad_norm"])
 
     def step():
         with autocast:
             _, loss = forward(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        clip_for_step(optimizer, params, GRAD_CLIP, grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

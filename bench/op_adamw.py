@@ -1,5 +1,6 @@
 """AdamW benchmark: GB/s of one optimizer step over GPT-2 124M's parameters, bf16 everything
-(params, grads and both moments), as a fraction of the GPU's measured copy bandwidth.
+(params, grads and both moments), as a fraction of the GPU's measured copy bandwidth; and of the
+global grad norm that clipping needs.
 
     python -m bench.op_adamw [--json adamw.json]
 
@@ -13,6 +14,13 @@ parameter, as the seed's bf16_adamw.py). Every row includes its host-side work (
 the pointer-table lookup; the optimizers' loop over params). `verified` (the op's rows): p, m and
 v after the step as accurate as the torch backend's, by the project's rule (kernels/accuracy.py),
 at one tensor of each parameter shape.
+
+Clipping by global norm (nanoGPT clips at 1.0) adds the `grad_norm` op's rows (one read of every
+grad, 2 bytes per parameter: triton, the torch loop, and `get_total_norm`, what
+torch.nn.utils.clip_grad_norm_ runs) and two whole-step rows: `+ clip`, BF16AdamW's fused clipping
+(the norm, then a step that scales the grads as it reads them) against clip_grad_norm_ (the norm,
+then an in-place pass over the grads) before torch's fused AdamW. Those rows are credited a step's
+7 x 2 bytes per parameter, so their GB/s shows what clipping costs on top.
 """
 import sys
 
@@ -23,16 +31,44 @@ from bench import backends
 from bench.cases import ADAMW, Case, Shapes, case
 from bench.measure import Row
 from gpt.model import GPTConfig, preset
-from gpt.optim import BF16AdamW
+from gpt.optim import BF16AdamW, clip_for_step
 
 SHAPES = (Shapes(GPTConfig(**preset("gpt2")), batch_size=1),)
 HYPER = dict(lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"],
              weight_decay=ADAMW["weight_decay"])
+MAX_NORM = 1.0
+
+
+def _steps(make, clip=None):
+    """params -> step(): a step of the optimizer `make` builds, after `clip(optimizer, params)`."""
+    def build(params):
+        optimizer = make(params)
+
+        def step():
+            if clip is not None:
+                clip(optimizer, params)
+            optimizer.step()
+        return step
+    return build
+
+
+def _fused_clip(optimizer, params):  # the step scales the grads as it reads them
+    clip_for_step(optimizer, params, MAX_NORM, kernels.get("grad_norm", "triton"))
+
+
+def _torch_clip(optimizer, params):  # an in-place pass over the grads
+    torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+
+
+_BF16 = lambda ps: BF16AdamW(ps, backend="triton", **HYPER)  # noqa: E731
+_FUSED = lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER)  # noqa: E731
 # Whole optimizer steps, their Python loop over the params included.
 OPTIMIZERS = {
-    "BF16AdamW triton sr": lambda ps: BF16AdamW(ps, backend="triton", **HYPER),
-    "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER),
-    "torch foreach": lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER),
+    "BF16AdamW triton sr": _steps(_BF16),
+    "torch fused": _steps(_FUSED),
+    "torch foreach": _steps(lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER)),
+    "BF16AdamW triton sr + clip": _steps(_BF16, _fused_clip),
+    "torch fused + clip_grad_norm_": _steps(_FUSED, _torch_clip),
 }
 
 
@@ -50,7 +86,7 @@ def _optimizer_rows(c: Case, device) -> list[Row]:
         params = [torch.nn.Parameter(p.clone()) for p in inputs[:n]]
         for p, g in zip(params, inputs[n:2 * n]):
             p.grad = g
-        ms = backends.time_ms(make(params).step)
+        ms = backends.time_ms(make(params))
         rate = c.rate("step", ms)
         result.append(Row("adamw", c.shape, "step", name, ms, rate, c.unit, rate / peak))
     return result
@@ -64,6 +100,10 @@ def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
         timed = case("adamw", s, device)
         result += backends.measure(timed, impls, device, checked=case("adamw", s, device, quick=True))
         result += _optimizer_rows(timed, device)
+        result += backends.measure(case("grad_norm", s, device),
+                                   {**backends.implementations("grad_norm"),
+                                    "get_total_norm": torch.nn.utils.get_total_norm},
+                                   device, checked=case("grad_norm", s, device, quick=True))
     return result
 
 

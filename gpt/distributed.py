@@ -21,7 +21,6 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 PARALLEL = ("ddp", "zero1", "fsdp")
@@ -99,9 +98,9 @@ def grad_sync(world: World, model: nn.Module, sync: bool) -> None:
         model.require_backward_grad_sync = sync
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor made whole (the global grad norm of FSDP's sharded grads, say); else t."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps this rank's parameters: ZeRO-1's inner one, else `optimizer`."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
 def mean(t: torch.Tensor) -> torch.Tensor:

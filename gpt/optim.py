@@ -11,24 +11,53 @@ count); all three are in `state_dict`, so a run resumed from a checkpoint takes 
 steps the uninterrupted run would have.
 
 With backend="triton" a step is one kernel launch per param group (per dtype combination), over
-every parameter that has a grad. FSDP2's DTensor parameters are updated on their local shards:
+every parameter that has a grad. Gradient clipping by global norm is fused into it:
+`clip_grad_norm(max_norm)` computes the norm (the `grad_norm` op: two launches for the whole
+model) and the clip coefficient on the device, and the next step multiplies each grad by the
+coefficient as it reads it, so clipping costs no pass over the grads and no host sync. FSDP2's DTensor parameters are updated on their local shards:
 the update is elementwise. (Every rank then draws the same random bits for the same local
 positions: different elements of the model, so the rounding stays unbiased.)
 """
 import hashlib
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 import kernels
 
 try:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch built without distributed
-    DTensor = ()
+    DTensor, Shard = (), ()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], grad_norm: Callable) -> torch.Tensor:
+    """The L2 norm of all of `params`' grads together, with `grad_norm` (a backend of the op),
+    as torch.nn.utils.get_total_norm. Grads sharded by FSDP2 (DTensors on a 1-D mesh) contribute
+    their local shards, summed over the mesh's ranks; plain grads are whole on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    norm = grad_norm([g for g in grads if not isinstance(g, DTensor)])
+    if not sharded:
+        return norm
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1 or any(g.device_mesh != mesh or not all(isinstance(pl, Shard) for pl in g.placements)
+                             for g in sharded):
+        raise ValueError("global_grad_norm: DTensor grads must be sharded (Shard placements) on one 1-D mesh")
+    squares = grad_norm([g.to_local() for g in sharded]).to(sharded[0].to_local().device).square()
+    dist.all_reduce(squares, group=mesh.get_group())  # each rank holds other elements
+    return (squares + norm.to(squares.device).square()).sqrt()
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What grads are multiplied by to clip them to `max_norm`, torch.nn.utils.clip_grad_norm_'s
+    formula: max_norm / (norm + 1e-6), at most 1 (a NaN or inf norm gives NaN or 0, as there)."""
+    return (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
 
 
 def step_seed(seed: int, group_index: int, step: int) -> int:
@@ -41,11 +70,27 @@ def step_seed(seed: int, group_index: int, step: int) -> int:
 class BF16AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "torch", *,
-                 stochastic_rounding: bool = True, seed: int = 0):
+                 stochastic_rounding: bool = True, seed: int = 0, grad_norm_backend: str | None = None):
         self.adamw = kernels.get("adamw", backend)
+        self.grad_norm = kernels.get("grad_norm", grad_norm_backend or backend)
         self.backend = backend
+        self._grad_scale = None  # set by clip_grad_norm, taken by the next step
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding, seed=seed))
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+        """Clip the grads to global norm `max_norm` in the next step, and return their norm
+        (a 0-d fp32 tensor on their device, still there: no host sync). The grads are not
+        modified: the step multiplies them by the clip coefficient as it reads them.
+
+        parameters: whose grads make the norm; by default this optimizer's. (Under ZeRO-1 each
+        rank's optimizer holds a share of the model: pass all of the model's parameters.)"""
+        if parameters is None:
+            parameters = [p for group in self.param_groups for p in group["params"]]
+        norm = global_grad_norm(parameters, self.grad_norm)
+        self._grad_scale = clip_coefficient(norm, max_norm)
+        return norm
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,6 +98,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, self._grad_scale = self._grad_scale, None
         for index, group in enumerate(self.param_groups):
             # One op call per distinct step count: in practice one call for the whole group.
             by_step: dict[int, tuple[list, list, list, list]] = {}
@@ -74,5 +120,21 @@ class BF16AdamW(torch.optim.Optimizer):
                            beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"],
                            stochastic_rounding=group["stochastic_rounding"],
-                           seed=step_seed(group["seed"], index, step))
+                           seed=step_seed(group["seed"], index, step),
+                           grad_scale=None if grad_scale is None else grad_scale.to(params[0].device))
         return loss
+
+
+def clip_for_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], max_norm: float,
+                  grad_norm: Callable) -> torch.Tensor:
+    """Clip `params`' grads to global norm `max_norm` for `optimizer`'s next step, as
+    torch.nn.utils.clip_grad_norm_ does, and return their norm before clipping. BF16AdamW folds
+    the clipping into its step; other optimizers get their grads scaled in place."""
+    if isinstance(optimizer, BF16AdamW):
+        return optimizer.clip_grad_norm(max_norm, params)
+    params = list(params)
+    norm = global_grad_norm(params, grad_norm)
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, clip_coefficient(norm, max_norm).to(grads[0].device))
+    return norm

@@ -53,7 +53,7 @@ from .registry import register
 
 
 def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                weight_decay) -> None:
+                weight_decay, grad_scale) -> None:
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     lengths = {name: len(ts) for name, ts in lists.items()}
     if len(set(lengths.values())) > 1:
@@ -80,6 +80,14 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
                                 ("weight_decay", weight_decay, 0.0, math.inf)):
         if not lo <= value < hi:
             raise ValueError(f"adamw: {name} must be in [{lo}, {hi}), got {value}")
+    if grad_scale is not None:
+        check_tensor("adamw", "grad_scale", grad_scale, dtypes=(torch.float32,))
+        if grad_scale.numel() != 1:
+            raise ValueError(f"adamw: grad_scale must hold one element, got shape {tuple(grad_scale.shape)}")
+        elsewhere = next((p.device for p in params if p.device != grad_scale.device), None)
+        if elsewhere is not None:
+            raise ValueError(f"adamw: grad_scale must be on the params' device, got {grad_scale.device} "
+                             f"and params on {elsewhere}")
 
 
 def check_rounding(stochastic_rounding, seed) -> None:
@@ -102,14 +110,17 @@ def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch
 @register("adamw", "torch")
 @torch.no_grad()
 def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-                weight_decay, stochastic_rounding: bool = False, seed: int = 0) -> None:
-    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+                weight_decay, stochastic_rounding: bool = False, seed: int = 0,
+                grad_scale: torch.Tensor | None = None) -> None:
+    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_scale)
     check_rounding(stochastic_rounding, seed)
     step_size = lr / (1 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
     generators = {}
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         pf, gf, mf, vf = p.float(), g.float(), m.float(), v.float()
+        if grad_scale is not None:
+            gf = gf * grad_scale
         pf.mul_(1 - lr * weight_decay)
         mf.lerp_(gf, 1 - beta1)
         vf.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
@@ -152,6 +163,18 @@ def _pointer(entry, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _block(table, blocks, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's table row (WIDTH columns: the addresses, then numel and list index), its
+    tensor's numel, and the int64 offsets of its block in that tensor."""
+    row = tl.load(blocks + 2 * tl.program_id(0))
+    start = tl.multiple_of(tl.load(blocks + 2 * tl.program_id(0) + 1), BLOCK)
+    entry = table + WIDTH * row
+    numel = tl.load(entry + WIDTH - 2)
+    # int64: a tensor may hold more than 2^31 elements.
+    return entry, numel, start + tl.arange(0, BLOCK), start + BLOCK <= numel
+
+
+@triton.jit
 def _store(ptrs, x, bits, mask, SR: tl.constexpr):
     """Store fp32 `x` in the pointers' dtype; bf16 rounded stochastically with `bits` when SR,
     else to nearest even."""
@@ -174,11 +197,11 @@ def _store(ptrs, x, bits, mask, SR: tl.constexpr):
 
 
 @triton.jit
-def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, counter, decay, one_minus_beta1, beta2,
+def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, counter, g_scale, decay, one_minus_beta1, beta2,
             one_minus_beta2, bias_correction2_sqrt, step_size, eps, seed, SR: tl.constexpr):
     """One AdamW step of a block, in torch.optim.AdamW's order of operations."""
     p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32) * g_scale
     m = tl.load(m_ptrs, mask=mask).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask).to(tl.float32)
     p = p * decay
@@ -201,6 +224,7 @@ def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, counter, decay, one_minus_beta
 def _adamw_kernel(
     table,                  # int64 (n, 6): per tensor, addresses of p, g, m, v, numel, list index
     blocks,                 # int64 (n_blocks, 2): per program, its table row and first element
+    grad_scale,             # fp32 (1,): multiplies every grad as it is read (unused without SCALED)
     decay,                  # 1 - lr * weight_decay
     one_minus_beta1,        # the weight of g in m's running average
     beta2,                  # the weight of v in its running average
@@ -213,62 +237,96 @@ def _adamw_kernel(
     M_DTYPE: tl.constexpr,  # dtype of m
     V_DTYPE: tl.constexpr,  # dtype of v
     SR: tl.constexpr,       # round the bf16 stores stochastically (else to nearest even)
+    SCALED: tl.constexpr,   # read grad_scale (else the grads are taken as they are)
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
     BLOCK: tl.constexpr,    # elements per program
 ):
-    row = tl.load(blocks + 2 * tl.program_id(0))
-    start = tl.multiple_of(tl.load(blocks + 2 * tl.program_id(0) + 1), BLOCK)
-    entry = table + 6 * row
-    numel = tl.load(entry + 4)
+    entry, numel, offs, full = _block(table, blocks, 6, BLOCK)
     p_ptr = _pointer(entry, 0, P_DTYPE, ALIGNED)
     g_ptr = _pointer(entry, 1, P_DTYPE, ALIGNED)
     m_ptr = _pointer(entry, 2, M_DTYPE, ALIGNED)
     v_ptr = _pointer(entry, 3, V_DTYPE, ALIGNED)
-    offs = start + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2^31 elements
     counter = offs + (tl.load(entry + 5) << COUNTER_BITS)
+    # Read on the device: a clip coefficient computed from this step's grad norm costs no host sync.
+    if SCALED:
+        g_scale = tl.load(grad_scale)
+    else:
+        g_scale = 1.0
     # Only a tensor's last block is masked: a mask against a size loaded from memory would keep
     # the full blocks from vectorizing. (The two calls differ in `mask` alone; one call with a
     # mask that is None on one branch is not valid Triton: a variable keeps one type.)
-    if start + BLOCK <= numel:
-        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, None, counter, decay,
-                one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                seed, SR)
-    else:
-        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs < numel, counter,
+    if full:
+        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, None, counter, g_scale,
                 decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size,
                 eps, seed, SR)
+    else:
+        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs < numel, counter,
+                g_scale, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
+                step_size, eps, seed, SR)
+
+
+@triton.jit
+def _sum_squares_kernel(
+    table,                  # int64 (n, 3): per tensor, its address, numel, list index
+    blocks,                 # int64 (n_blocks, 2): per program, its table row and first element
+    partials,               # fp32 (n_blocks,): each program's sum of squares, at its own index
+    DTYPE: tl.constexpr,    # dtype of the tensors
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
+    BLOCK: tl.constexpr,    # elements per program
+):
+    entry, numel, offs, full = _block(table, blocks, 3, BLOCK)
+    ptr = _pointer(entry, 0, DTYPE, ALIGNED)
+    if full:
+        x = tl.load(ptr + offs).to(tl.float32)
+    else:
+        x = tl.load(ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    tl.store(partials + tl.program_id(0), tl.sum(x * x))
+
+
+@triton.jit
+def _sqrt_of_sum_kernel(
+    partials,             # fp32 (n,): the sums of squares of all blocks
+    n,                    # their number
+    out,                  # fp32 (): sqrt of their sum
+    BLOCK: tl.constexpr,  # partials read per iteration
+):
+    # One program, a fixed order: the same partials always give the same bits (no atomics).
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials + offs, mask=offs < n, other=0.0)
+    tl.store(out, tl.sqrt_rn(tl.sum(acc)))
 
 
 class _Launch(NamedTuple):
     """One kernel launch: the tensors of one device and one combination of dtypes."""
 
-    table: torch.Tensor   # int64 (n, 6) on the device: the kernel's `table`
-    blocks: torch.Tensor  # int64 (n_blocks, 2) on the device: the kernel's `blocks`
-    dtypes: tuple         # Triton dtypes of p (and g), m and v
+    table: torch.Tensor   # int64 (n, width) on the device: the kernels' `table`
+    blocks: torch.Tensor  # int64 (n_blocks, 2) on the device: the kernels' `blocks`
+    dtypes: tuple         # Triton dtypes of the tensors of a row
     aligned: bool         # every address in `table` is ALIGNMENT-aligned
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(key: tuple) -> tuple[_Launch, ...]:
-    """The launches for tensors described by `key` (per tensor: addresses of p, g, m and v, numel,
-    dtypes of p, m and v, device). They depend on nothing else, hence the cache."""
+def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
+    """The launches of `op` over tensors described by `key` (per table row: its addresses, numel,
+    dtypes and device). They depend on nothing else, hence the cache."""
     device_type = "cpu" if runtime.INTERPRET else "cuda"
     groups: dict[tuple, list[tuple]] = {}
-    for index, (*addresses, numel, p_dtype, m_dtype, v_dtype, device) in enumerate(key):
+    for index, (addresses, numel, dtypes, device) in enumerate(key):
         if device.type != device_type:
-            raise ValueError(f"adamw: the triton backend needs {device_type} tensors here, "
-                             f"got params[{index}] on {device}")
+            raise ValueError(f"{op}: the triton backend needs {device_type} tensors here, "
+                             f"got tensor {index} on {device}")
         if numel:
-            groups.setdefault((device, p_dtype, m_dtype, v_dtype), []).append(
-                (*addresses, numel, index))
+            groups.setdefault((device, dtypes), []).append((*addresses, numel, index))
     launches = []
-    for (device, *dtypes), rows in groups.items():
+    for (device, dtypes), rows in groups.items():
         table = torch.tensor(rows, dtype=torch.int64)
-        n_blocks = (table[:, 4] + BLOCK - 1) // BLOCK
+        n_blocks = (table[:, -2] + BLOCK - 1) // BLOCK
         row = torch.repeat_interleave(torch.arange(len(rows)), n_blocks)
         first_block = torch.cumsum(n_blocks, 0) - n_blocks
         start = (torch.arange(len(row)) - first_block[row]) * BLOCK
-        aligned = all(address % ALIGNMENT.value == 0 for r in rows for address in r[:4])
+        aligned = all(address % ALIGNMENT.value == 0 for r in rows for address in r[:-2])
         launches.append(_Launch(table.to(device), torch.stack([row, start], 1).to(device),
                                 tuple(_TL_DTYPES[d] for d in dtypes), aligned))
     return tuple(launches)
@@ -277,22 +335,73 @@ def _plan(key: tuple) -> tuple[_Launch, ...]:
 @register("adamw", "triton")
 @torch.no_grad()
 def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
-                 weight_decay, stochastic_rounding: bool = False, seed: int = 0) -> None:
-    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
+                 weight_decay, stochastic_rounding: bool = False, seed: int = 0,
+                 grad_scale: torch.Tensor | None = None) -> None:
+    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_scale)
     check_rounding(stochastic_rounding, seed)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs)
     staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
-    key = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), p.dtype,
-                 m.dtype, v.dtype, p.device) for p, g, m, v in zip(*staged))
-    for launch in _plan(key):
+    key = tuple(((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()), p.numel(),
+                 (p.dtype, m.dtype, v.dtype), p.device) for p, g, m, v in zip(*staged))
+    for launch in _plan("adamw", key):
+        p_dtype, m_dtype, v_dtype = launch.dtypes
         with runtime.on_device(launch.table):
             _adamw_kernel[(len(launch.blocks),)](
-                launch.table, launch.blocks, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
-                math.sqrt(1 - beta2 ** step), lr / (1 - beta1 ** step), eps, seed, *launch.dtypes,
-                SR=stochastic_rounding and tl.bfloat16 in launch.dtypes, ALIGNED=launch.aligned,
-                BLOCK=BLOCK, num_warps=NUM_WARPS)
+                launch.table, launch.blocks, grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2,
+                1 - beta2, math.sqrt(1 - beta2 ** step), lr / (1 - beta1 ** step), eps, seed,
+                p_dtype, m_dtype, v_dtype, SR=stochastic_rounding and tl.bfloat16 in launch.dtypes,
+                SCALED=grad_scale is not None, ALIGNED=launch.aligned, BLOCK=BLOCK,
+                num_warps=NUM_WARPS)
     for ts, copies in zip((params, exp_avgs, exp_avg_sqs), (staged[0], staged[2], staged[3])):
         for t, copy in zip(ts, copies):
             if copy is not t:
                 t.copy_(copy)
+
+
+# --- grad_norm: the global L2 norm that gradient clipping divides by ------------------------
+
+def check_grad_norm(tensors) -> None:
+    for i, t in enumerate(tensors):
+        check_tensor("grad_norm", f"tensors[{i}]", t)
+        if t.device != tensors[0].device:
+            raise ValueError(f"grad_norm: tensors must be on one device, got tensors[0] on "
+                             f"{tensors[0].device} and tensors[{i}] on {t.device}")
+
+
+@register("grad_norm", "torch")
+@torch.no_grad()
+def grad_norm_torch(tensors) -> torch.Tensor:
+    """sqrt of the sum of squares of every element of `tensors`, accumulated in fp32 (float64 for
+    float64 inputs): a 0-d tensor on their device, as torch.nn.utils.get_total_norm's value."""
+    check_grad_norm(tensors)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=acc) for t in tensors]))
+
+
+@register("grad_norm", "triton")
+@torch.no_grad()
+def grad_norm_triton(tensors) -> torch.Tensor:
+    """grad_norm_torch's value in two launches for the whole list (one more per extra dtype):
+    per block of every tensor its fp32 sum of squares, then one program sums them in a fixed
+    order, so the result is bit-identical run to run. Nothing is read back to the host."""
+    check_grad_norm(tensors)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    staged = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    launches = _plan("grad_norm", tuple(((t.data_ptr(),), t.numel(), (t.dtype,), t.device) for t in staged))
+    device = tensors[0].device
+    partials = torch.zeros(max(1, sum(len(launch.blocks) for launch in launches)), dtype=torch.float32,
+                           device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    with runtime.on_device(partials):
+        first = 0
+        for launch in launches:
+            _sum_squares_kernel[(len(launch.blocks),)](
+                launch.table, launch.blocks, partials[first:], *launch.dtypes, ALIGNED=launch.aligned,
+                BLOCK=BLOCK, num_warps=NUM_WARPS)
+            first += len(launch.blocks)
+        _sqrt_of_sum_kernel[(1,)](partials, len(partials), out, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out

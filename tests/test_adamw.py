@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from gpt.optim import BF16AdamW
+from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
 from kernels import adamw as adamw_module
 from kernels import runtime
 from tests.numerics import assert_as_accurate
@@ -79,10 +79,13 @@ def test_fp32_matches_torch_adamw(backend, device):
     eps32 = torch.finfo(torch.float32).eps
     for i, (p, t) in enumerate(zip(ours, theirs)):
         state = opt.state[t]
-        for name, out, expected in (("param", p, t.detach()), ("exp_avg", m[i], state["exp_avg"]),
-                                    ("exp_avg_sq", v[i], state["exp_avg_sq"])):
-            torch.testing.assert_close(out, expected, rtol=4 * eps32,
-                                       atol=4 * eps32 * expected.abs().max().item(),
+        # A param that ends near zero got there by cancellation: its rounding scales with where
+        # it started.
+        for name, out, expected, scale in (
+                ("param", p, t.detach(), max(t.abs().max().item(), params[i].abs().max().item())),
+                ("exp_avg", m[i], state["exp_avg"], state["exp_avg"].abs().max().item()),
+                ("exp_avg_sq", v[i], state["exp_avg_sq"], state["exp_avg_sq"].abs().max().item())):
+            torch.testing.assert_close(out, expected, rtol=4 * eps32, atol=4 * eps32 * scale,
                                        msg=lambda s: f"{backend} {SHAPES[i]} {name}: {s}")
         # The params barely move: their error is judged on the update, p - p0.
         assert_as_accurate(p.double() - params[i], t.detach().double() - params[i],
@@ -373,3 +376,134 @@ def test_triton_int64_offsets():
     for out, expected in zip((p, m[0], v[0]), (tail[0], tail[2], tail[3])):
         torch.testing.assert_close(out[-8192:], expected, rtol=2**-7,
                                    atol=1e-6 * expected.abs().max().item())
+
+
+# --- grad_norm and clipping -----------------------------------------------------------------
+
+def grad_lists(device, dtype):
+    """Odd sizes, a tensor of each other dtype, a strided view: the grads of a mixed model."""
+    ts = [torch.randn(s, device=device, dtype=dtype) for s in SHAPES]
+    others = [d for d in (torch.float32, torch.bfloat16, torch.float16) if d != dtype]
+    ts += [torch.randn(3001, device=device, dtype=d) * 10 for d in others]
+    ts.append(torch.randn(40, 9, device=device, dtype=dtype).t())
+    return ts
+
+
+def test_grad_norm_registered():
+    assert kernels.ops()["grad_norm"] == ["torch", "triton"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grad_norm_matches_float64(dtype, device):
+    skip_unless_runs("triton", device)
+    ts = grad_lists(device, dtype)
+    ref = kernels.get("grad_norm", "torch")([t.double() for t in ts])
+    base = kernels.get("grad_norm", "torch")(ts)
+    out = kernels.get("grad_norm", "triton")(ts)
+    assert out.dtype == base.dtype == torch.float32 and out.shape == () and out.device == ts[0].device
+    assert_as_accurate(out, base, ref, f"grad_norm {dtype}")
+    assert torch.equal(kernels.get("grad_norm", "triton")(ts), out)  # bit-identical rerun
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_norm_of_nothing_is_zero(backend, device):
+    skip_unless_runs(backend, device)
+    assert kernels.get("grad_norm", backend)([]).item() == 0.0
+    assert kernels.get("grad_norm", backend)([torch.zeros(0, device=device)]).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_norm_bad_input_raises(backend, device):
+    skip_unless_runs(backend, device)
+    grad_norm = kernels.get("grad_norm", backend)
+    with pytest.raises(ValueError, match=r"grad_norm: tensors\[1\] must be a tensor"):
+        grad_norm([torch.randn(3, device=device), [1.0]])
+    with pytest.raises(ValueError, match=r"grad_norm: tensors\[0\] must be one of"):
+        grad_norm([torch.ones(3, dtype=torch.int32, device=device)])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="grad_norm: tensors must be on one device"):
+            grad_norm([torch.randn(3, device="cuda"), torch.randn(3)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_multiplies_the_grads(backend, device):
+    """adamw with grad_scale takes the step adamw takes on the grads multiplied by it."""
+    skip_unless_runs(backend, device)
+    adamw = kernels.get("adamw", backend)
+    p = [torch.randn(s, device=device) for s in SHAPES]
+    g = [torch.randn_like(t) for t in p]
+    m, v = states(p)
+    scale = torch.rand((), device=device)
+    scaled = [t.clone() for t in p], [(t * scale).clone() for t in g], *states(p)
+    adamw(p, g, m, v, step=1, **HYPER, grad_scale=scale)
+    adamw(*scaled, step=1, **HYPER)
+    for ours, theirs in zip((*p, *m, *v), (*scaled[0], *scaled[2], *scaled[3])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_bad_input_raises(backend, device):
+    skip_unless_runs(backend, device)
+    p = [torch.randn(5, device=device)]
+    g, (m, v) = [torch.randn(5, device=device)], states(p)
+    for scale, message in ((torch.ones(2, device=device), "grad_scale must hold one element"),
+                           (torch.ones((), dtype=torch.float64, device=device), "grad_scale must be one of"),
+                           (1.0, "grad_scale must be a tensor")):
+        with pytest.raises(ValueError, match=f"adamw: {message}"):
+            kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, grad_scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [1e-2, 1e3])  # clipping every step, and never
+def test_fused_clipping_matches_torch(backend, max_norm, device):
+    """fp32: BF16AdamW.clip_grad_norm then step follows torch's clip_grad_norm_ then
+    torch.optim.AdamW, and returns the same norms; clip_for_step does it for torch's optimizer."""
+    skip_unless_runs(backend, device)
+    ours = make_model(device, torch.float32)
+    theirs, scaled = copy.deepcopy(ours), copy.deepcopy(ours)
+    opts = [BF16AdamW(param_groups(ours), lr=1e-2, backend=backend),
+            torch.optim.AdamW(param_groups(theirs), lr=1e-2, foreach=False),
+            torch.optim.AdamW(param_groups(scaled), lr=1e-2, foreach=False)]
+    gen = torch.Generator().manual_seed(torch.randint(2**31, ()).item())
+    for _ in range(4):
+        x = torch.randn(16, 13, generator=gen).to(device)
+        norms = []
+        for model, opt in zip((ours, theirs, scaled), opts):
+            model(x).square().mean().backward()
+            if opt is opts[1]:
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            else:
+                norms.append(clip_for_step(opt, model.parameters(), max_norm, kernels.get("grad_norm", backend)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(norms[0], norms[1], rtol=1e-6, atol=0)
+        torch.testing.assert_close(norms[2], norms[1], rtol=1e-6, atol=0)
+    for a, b, c in zip(ours.parameters(), theirs.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+
+
+def test_global_grad_norm_sums_dtensor_shards(device):
+    """FSDP2's grads are DTensors: their local shards enter the norm, beside plain grads (one
+    process, so the shard is the whole tensor)."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(device, (1,))
+        grads = [torch.randn(s, device=device) for s in ((33, 7), (5,), (4, 4))]
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params[:2], grads[:2]):  # two sharded, one plain
+            p.grad = DTensor.from_local(g, mesh, [Shard(0)])
+        params[2].grad = grads[2]
+        expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+        torch.testing.assert_close(global_grad_norm(params, kernels.get("grad_norm", "torch")), expected)
+        params[0].grad = DTensor.from_local(grads[0], mesh, [Replicate()])
+        with pytest.raises(ValueError, match="global_grad_norm: DTensor grads must be sharded"):
+            global_grad_norm(params, kernels.get("grad_norm", "torch"))
+    finally:
+        dist.destroy_process_group()

@@ -43,7 +43,7 @@ BENCHMARKS = {
     "attention": (op_attention, tiny((op_attention.SHAPES[0], op_attention.SHAPES[-1])),  # D = 64 and 128
                   {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
     "adamw": (op_adamw, tiny(op_adamw.SHAPES),
-              {"triton", "triton sr", "torch loop", "BF16AdamW triton sr", "torch fused", "torch foreach"}, {"step"}),
+              {"triton", "triton sr", "torch loop", "torch", "get_total_norm", *op_adamw.OPTIMIZERS}, {"step"}),
 }
 
 

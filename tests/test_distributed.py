@@ -159,12 +159,16 @@ def test_fsdp_with_the_triton_kernels(reference, tmp_path, data_dir):
         assert values == pytest.approx(steps(reference)[it], rel=1e-5), it
 
 
-def test_fsdp_with_bf16_adamw_matches_one_process(tmp_path, data_dir):
-    """Pure bf16 on FSDP: BF16AdamW steps each rank's local shards."""
-    bf16 = ["--optimizer=bf16_adamw", "--stochastic_rounding=False", "--max_iters=4"]
+@pytest.mark.parametrize("parallel", ["fsdp", "zero1"])
+def test_bf16_adamw_with_clipping_matches_one_process(parallel, tmp_path, data_dir):
+    """Pure bf16 with the clipping fused into the step (a low grad_clip, so every step clips): on
+    FSDP BF16AdamW steps each rank's local shards, with the norm summed over the ranks' shards; on
+    ZeRO-1 each rank's share, with the norm of all the (whole) grads."""
+    bf16 = ["--optimizer=bf16_adamw", "--stochastic_rounding=False", "--max_iters=4", "--grad_clip=0.1"]
     one = run(tmp_path / "one", data_dir, *ONE, *bf16)
-    two, _ = torchrun(tmp_path / "two", data_dir, *TWO, *bf16, "--parallel=fsdp")
-    assert_matches(two, one, rel=1e-2)  # to bf16 rounding (the grad norm is a bf16 number too)
+    two, _ = torchrun(tmp_path / "two", data_dir, *TWO, *bf16, f"--parallel={parallel}")
+    assert_matches(two, one, rel=1e-2)  # to bf16 rounding
+    assert all(r["grad_norm"] > 0.1 for r in two if "grad_norm" in r)
 
 
 def test_fsdp_resumes_exactly_with_dropout(tmp_path, data_dir):
