@@ -449,11 +449,12 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # dim. INITIAL values, not yet timed: inside the ranges the Triton tutorial and FlashAttention-2
 # use, and only checked to compile (ptxas for sm80/sm90, no GPU) with no register spills beyond a
 # few bytes when dropout is off (the Philox rounds add some with it). To be replaced by measured
-# entries in a session with a GPU; a new generation (e.g. 10 for Blackwell) slots in as another
-# key. Each pass owns a large tile and streams small ones past it: fwd/dq own query rows, dkdv
-# owns keys and holds k, v, dk and dv in registers, so it owns fewer rows and takes 8 warps at
-# D = 128 to spread them. sm80 covers Ampere and the Ada cards with ~100 KB of shared memory:
-# 64-row tiles, 2 stages. sm90 (228 KB) owns 128 query rows.
+# entries: bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. A new
+# generation (e.g. 10 for Blackwell) slots in as another key. Each pass owns a large tile and
+# streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k, v, dk and dv in
+# registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
+# Ampere and the Ada cards with ~100 KB of shared memory: 64-row tiles, 2 stages. sm90 (228 KB)
+# owns 128 query rows.
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
@@ -495,18 +496,17 @@ def _empty_bthd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Operators (torch.library, so torch.compile sees the kernels) and autograd
+# Launches, each with an explicit configuration: the ops pass _config's, and the tuner
+# (bench/tune_attention.py) runs these same launches with its candidates
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.triton_op("tritongpt::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
-                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse2): the attention output and the fp32 base-2 log-sum-exp (B, H, T) of each row."""
+def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
+                seed: Optional[torch.Tensor], cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse2) from the forward kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     o = _empty_bthd(B, H, T, D, q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    cfg = _config(q, "fwd")
     with runtime.on_device(q):
         torch.library.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
@@ -517,39 +517,93 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return o, lse
 
 
+def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.Tensor:
+    """rowsum(dO * O) (B, H, T) in fp32, the backward's preprocess."""
+    B, H, T, D = o.shape
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=o.device)
+    with runtime.on_device(o):
+        # One row tile per program and a streaming reduction over D: the forward's row tiling.
+        torch.library.wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd_cfg.block_m), H, B)](
+            o, do, delta, T, H, *o.stride(), *do.stride(),
+            BLOCK_M=fwd_cfg.block_m, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
+            num_warps=fwd_cfg.num_warps)
+    return delta
+
+
+def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, dict]:
+    """The scalars (qk_scale, sm_scale, dropout_p) and constexprs the dkdv and dq kernels share."""
+    D = q.shape[-1]
+    scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), dropout_p)
+    constexprs = dict(BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, CAUSAL=causal,
+                      DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32)
+    return scales, constexprs
+
+
+def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                 lse: torch.Tensor, delta: torch.Tensor, causal: bool, dropout_p: float,
+                 seed: Optional[torch.Tensor], cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dk, dv) from the dkdv kernel launched with `cfg`."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    dk = _empty_bthd(B, Hkv, T, D, k)
+    dv = _empty_bthd(B, Hkv, T, D, v)
+    scales, constexprs = _bwd_args(q, causal, dropout_p)
+    with runtime.on_device(q):
+        torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
+            q, k, v, do, lse, delta, dk, dv, seed, T, H, H // Hkv, *scales,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **constexprs,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dk, dv
+
+
+def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+               lse: torch.Tensor, delta: torch.Tensor, causal: bool, dropout_p: float,
+               seed: Optional[torch.Tensor], cfg: _Config) -> torch.Tensor:
+    """dq from the dq kernel launched with `cfg`."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    dq = _empty_bthd(B, H, T, D, q)
+    scales, constexprs = _bwd_args(q, causal, dropout_p)
+    with runtime.on_device(q):
+        torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
+            q, k, v, do, lse, delta, dq, seed, T, H, H // Hkv, *scales,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **constexprs,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq
+
+
+def _launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
+                seed: Optional[torch.Tensor], fwd_cfg: _Config, dkdv_cfg: _Config,
+                dq_cfg: _Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): the backward's three kernels, the preprocess with the forward's `fwd_cfg`."""
+    delta = _launch_delta(o, do, fwd_cfg)
+    dk, dv = _launch_dkdv(q, k, v, do, lse, delta, causal, dropout_p, seed, dkdv_cfg)
+    dq = _launch_dq(q, k, v, do, lse, delta, causal, dropout_p, seed, dq_cfg)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators (torch.library, so torch.compile sees the kernels) and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.triton_op("tritongpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
+                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse2): the attention output and the fp32 base-2 log-sum-exp (B, H, T) of each row."""
+    return _launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd"))
+
+
 @torch.library.triton_op("tritongpt::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from dO and the forward's inputs, output and base-2 log-sum-exp."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
     do = _dense_stride1(do)  # e.g. the stride-0 gradient of out.sum()
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    dq = _empty_bthd(B, H, T, D, q)
-    dk = _empty_bthd(B, Hkv, T, D, k)
-    dv = _empty_bthd(B, Hkv, T, D, v)
-    block_d = triton.next_power_of_2(D)
-    common = dict(BLOCK_D=block_d, HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0,
-                  FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32)
-    scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), dropout_p)
-    fwd, dkdv, dqc = _config(q, "fwd"), _config(q, "dkdv"), _config(q, "dq")
-    with runtime.on_device(q):
-        # One row tile per program and a streaming reduction over D: the forward's row tiling.
-        torch.library.wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd.block_m), H, B)](
-            o, do, delta, T, H, *o.stride(), *do.stride(),
-            BLOCK_M=fwd.block_m, BLOCK_D=block_d, HEAD_DIM=D, num_warps=fwd.num_warps)
-        torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, dkdv.block_n), Hkv, B)](
-            q, k, v, do, lse, delta, dk, dv, seed, T, H, H // Hkv, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-            BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, **common,
-            num_warps=dkdv.num_warps, num_stages=dkdv.num_stages)
-        torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, dqc.block_m), H, B)](
-            q, k, v, do, lse, delta, dq, seed, T, H, H // Hkv, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            BLOCK_M=dqc.block_m, BLOCK_N=dqc.block_n, **common,
-            num_warps=dqc.num_warps, num_stages=dqc.num_stages)
-    return dq, dk, dv
+    return _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed,
+                       _config(q, "fwd"), _config(q, "dkdv"), _config(q, "dq"))
 
 
 def _setup_context(ctx, inputs, output):

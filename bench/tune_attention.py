@@ -1,0 +1,475 @@
+"""Measure the flash-attention kernel's launch configurations and print the table to paste into
+kernels/attention.py's _GPU_CONFIGS.
+
+    python -m bench.tune_attention [--json PATH] [--d 64,128] [--t 4096] [--smoke]
+
+For each head dim D at the tuning length T: causal bf16 attention with B*T = 16k tokens and
+H*D = 2048 (bench/op_attention.py's shapes), q, k and v views of one qkv projection as in the
+model. Each of the kernel's three passes (fwd, and the backward's dkdv and dq) is swept over a
+bounded list of candidate configurations while the other passes keep the current one
+(kernels.attention._config), through the op's own launch functions. A candidate that fails to
+compile or launch (shared memory, registers) is reported as skipped.
+
+Verification, against the current configuration (the one tests/test_attention.py checks): on two
+sampled heads (the first and the last) each output must meet the project's accuracy rule
+(kernels/accuracy.py) against float64 attention of the same bf16 inputs: o, dq, dk and dv with
+torch SDPA in bf16 as the baseline, the fp32 log-sum-exp with the current configuration's as the
+baseline (torch exposes none). Over the whole tensors, where no float64 reference fits, every
+(batch, head) of each output must lie within twice that bound of the current configuration's:
+two results each within the bound of the truth are within twice of each other, and per head a
+wrong tile is not diluted by the rest. An unverified candidate is timed and reported, never
+chosen.
+
+Timing: bench.measure.median_ms (CUDA events, warm-up, median) of each pass alone, the backward
+passes on the current forward's lse and the preprocess's delta. A candidate replaces the current
+configuration only when at least MARGIN faster. FLOPs credited are those a pass executes, so its
+rate measures the kernel: fwd 4*B*H*T^2*D/2 (QK^T and PV, causal half); dkdv 2x that (it
+recomputes K Q^T and V dO^T, then P^T dO and dS^T Q); dq 1.5x (recomputes Q K^T and dO V^T, then
+dS K). Together they execute 7 matmuls where the useful backward has 5: in the final comparison
+the whole backward (preprocess, dkdv and dq) is credited the useful 2.5x of bench/cases.py, so
+its rate compares with bench.op_attention's.
+
+The winners are printed as entries of _GPU_CONFIGS[<compute capability major>], with each pass's
+speedup, then timed against the current configuration at T = 1024 and 16384 too (verified there
+the same way): whether one table per D holds across T or a T bucket is needed. --json writes
+everything: device, versions, date, every candidate, the winners and the comparison.
+
+About 70 candidates per D (63 at D = 128), each compiled once: compiling is most of the run. A
+call too short for both D can run `--d 64` and `--d 128` apart; the JSON is rewritten after every
+pass, so a run cut short keeps what it measured.
+
+--smoke runs the same path at tiny shapes with two candidates per pass (on CPU in Triton's
+interpreter, timed by the wall clock, not a speed figure): the test suite checks the tuner with it.
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.measure import median_ms, provenance
+from bench.op_attention import TOKENS, WIDTH
+from kernels import attention
+from kernels.accuracy import bound, rel_err
+from kernels.attention import _Config
+
+PASSES = ("fwd", "dkdv", "dq")
+# Executed matmuls of T x T x D per pass, and the useful ones of the whole backward, in forwards.
+FLOPS_PER_FWD = {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5, "bwd": 2.5}
+DTYPE = torch.bfloat16
+COMPARE_T = (1024, 16384)
+# The factor by which a candidate must beat the current configuration to replace it: a gain
+# inside the timing noise would only churn the table.
+MARGIN = 1.02
+# The first and the last (batch, head): where an indexing slip shows.
+SAMPLES = ((0, 0), (-1, -1))
+# Candidates: the tiles each pass owns and streams, warps, pipeline depths, pruned to what can
+# win on a GPU (see gpu_candidates): every candidate costs a compile.
+BLOCKS = (32, 64, 128)
+WARPS = (4, 8)
+STAGES = (2, 3, 4)  # 1 overlaps no streamed load with compute; a default of 1 is still timed
+# Three heads, so that one is checked only by the whole-tensor comparison.
+SMOKE = dict(D=32, T=40, B=1, H=3, compare_t=(64,))
+INTERPRETER_BLOCKS = (16, 32)
+
+try:
+    # The ops launch with torch's tracing wrapper off in eager (triton_op does that). Outside an
+    # op, wrap_triton would send each launch through a higher-order op: host time that the short
+    # kernels at T = 1024 could not hide.
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:
+    set_wrap_triton_enabled = None
+
+
+def _direct_launches():
+    return set_wrap_triton_enabled(False) if set_wrap_triton_enabled else contextlib.nullcontext()
+
+
+def _tiles(which: str, owned: int, streamed: int) -> tuple[int, int]:
+    """(block_m, block_n) of a pass that owns `owned` rows and streams `streamed` past them:
+    fwd and dq own query rows (block_m), dkdv owns keys (block_n)."""
+    return (streamed, owned) if which == "dkdv" else (owned, streamed)
+
+
+def gpu_candidates(which: str, D: int) -> list[_Config]:
+    """The GPU sweep of pass `which` at head dim D.
+
+    The streamed tile divides the owned one (the kernels' rule: the causal diagonal starts a
+    step). The owned tile has at least 64 rows: a Hopper warpgroup's MMA is 64 rows tall, and the
+    owned tile is what reuses each streamed one. Each thread holds 32 to 64 elements of the owned
+    tile's (rows x D) fp32 accumulator: fewer leaves warps idle, more spills registers."""
+    out = []
+    for owned, streamed in itertools.product(BLOCKS, BLOCKS):
+        if owned < 64 or owned % streamed:
+            continue
+        for warps in WARPS:
+            if not 32 <= owned * D // (32 * warps) <= 64:
+                continue
+            out += [_Config(*_tiles(which, owned, streamed), warps, s) for s in STAGES]
+    return out
+
+
+def interpreter_candidates(which: str) -> list[_Config]:
+    """Small tiles within the kernels' divisibility rule: the interpreter's smoke run."""
+    return [_Config(*_tiles(which, owned, streamed), 4, 1)
+            for owned, streamed in itertools.product(INTERPRETER_BLOCKS, INTERPRETER_BLOCKS)
+            if owned % streamed == 0]
+
+
+def candidates(which: str, D: int, default: _Config, device: torch.device, smoke: bool) -> list[_Config]:
+    """The current configuration first, then the sweep; two in all for a smoke run."""
+    pool = gpu_candidates(which, D) if device.type == "cuda" else interpreter_candidates(which)
+    ordered = [default, *(c for c in pool if c != default)]
+    return ordered[:2] if smoke else ordered
+
+
+def fwd_flops(B: int, H: int, T: int, D: int) -> float:
+    return 4 * B * H * T * T * D / 2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Problem:
+    """One shape's inputs, the current configuration's results, and per sampled head the float64
+    references and the bound of each output."""
+
+    B: int
+    H: int
+    T: int
+    D: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    defaults: dict[str, _Config]
+    base: dict[str, torch.Tensor]  # o, lse, delta, dk, dv, dq
+    refs: list[dict[str, torch.Tensor]]
+    bounds: list[dict[str, float]]
+
+    def shape(self) -> str:
+        return f"B={self.B} H={self.H} T={self.T} D={self.D}"
+
+
+def launch(which: str, p: Problem, cfg: _Config) -> dict[str, torch.Tensor]:
+    """Pass `which` of `p` with `cfg`: the backward passes on the current forward's lse and delta."""
+    if which == "fwd":
+        o, lse = attention._launch_fwd(p.q, p.k, p.v, True, 0.0, None, cfg)
+        return {"o": o, "lse": lse}
+    args = (p.q, p.k, p.v, p.do, p.base["lse"], p.base["delta"], True, 0.0, None, cfg)
+    if which == "dkdv":
+        dk, dv = attention._launch_dkdv(*args)
+        return {"dk": dk, "dv": dv}
+    return {"dq": attention._launch_dq(*args)}
+
+
+def launch_bwd(p: Problem, cfgs: dict[str, _Config]) -> dict[str, torch.Tensor]:
+    """The whole backward (preprocess, dkdv, dq) with the configurations `cfgs`."""
+    dq, dk, dv = attention._launch_bwd(p.do, p.q, p.k, p.v, p.base["o"], p.base["lse"], True, 0.0,
+                                       None, cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
+    return {"dq": dq, "dk": dk, "dv": dv}
+
+
+def _head(t: torch.Tensor, sample: tuple[int, int]) -> torch.Tensor:
+    b, h = sample
+    return t[b, h]
+
+
+def _references(q, k, v, do, lse, sample) -> tuple[dict, dict]:
+    """Float64 o, lse2 (base 2, as the kernel saves it), dq, dk, dv of one sampled head, and the
+    bound of each: torch SDPA in the working dtype is the baseline, and for lse2 the current
+    configuration's `lse`."""
+    b, h = sample
+    # q, k and v have the same heads (the benchmark's shapes): head h's dk and dv are its own.
+    heads = [t[b, h][None, None].detach() for t in (q, k, v)]
+    dy = do[b, h][None, None]
+    result, errors = {}, {}
+    for dtype in (torch.float64, DTYPE):
+        leaves = [t.to(dtype).requires_grad_() for t in heads]
+        o = attention.attention_torch(*leaves, causal=True)
+        grads = torch.autograd.grad(o, leaves, dy.to(dtype))
+        outs = dict(zip(("o", "dq", "dk", "dv"), (o, *grads)))
+        if dtype == torch.float64:
+            result = {name: t[0, 0].detach() for name, t in outs.items()}
+        else:
+            errors = {name: rel_err(t[0, 0], result[name]) for name, t in outs.items()}
+    q64, k64 = (t[0, 0].double() for t in heads[:2])
+    T, D = q64.shape
+    s = (q64 @ k64.T / math.sqrt(D)).masked_fill(
+        torch.ones(T, T, dtype=torch.bool, device=q64.device).triu(1), float("-inf"))
+    result["lse"] = torch.logsumexp(s, -1) * math.log2(math.e)
+    del s
+    bounds = {name: bound(err, DTYPE) for name, err in errors.items()}
+    bounds["lse"] = bound(rel_err(_head(lse, sample), result["lse"]), torch.float32)
+    return result, bounds
+
+
+def problem(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
+    qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=DTYPE)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    defaults = {which: attention._config(q, which) for which in PASSES}
+    o, lse = attention._launch_fwd(q, k, v, True, 0.0, None, defaults["fwd"])
+    do = torch.randn_like(o)  # laid out as o, as the output projection's gradient comes
+    delta = attention._launch_delta(o, do, defaults["fwd"])
+    base = {"o": o, "lse": lse, "delta": delta}
+    p = Problem(B, H, T, D, q, k, v, do, defaults, base, [], [])
+    base.update(launch("dkdv", p, defaults["dkdv"]))
+    base.update(launch("dq", p, defaults["dq"]))
+    for sample in SAMPLES:
+        ref, limits = _references(q, k, v, do, lse, sample)
+        p.refs.append(ref)
+        p.bounds.append(limits)
+    return p
+
+
+def _worst_head_rel_err(out: torch.Tensor, base: torch.Tensor) -> float:
+    """The largest rel_err of one (batch, head) of `out` against `base`, computed on their device:
+    the whole tensors are too large to copy to the host for every candidate."""
+    out, base = out.double().flatten(2), base.double().flatten(2)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - base).norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-30)).max().item()
+
+
+def verify(p: Problem, outs: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    """Whether `outs` pass the module's verification, and the worst margin or the failure."""
+    worst = 0.0
+    for name, out in outs.items():
+        for sample, ref, limits in zip(SAMPLES, p.refs, p.bounds):
+            err, limit = rel_err(_head(out, sample), ref[name]), limits[name]
+            if not err <= limit:
+                return False, f"{name} head {sample}: error {err:.2e} > bound {limit:.2e}"
+            worst = max(worst, err / limit)
+        diff, limit = _worst_head_rel_err(out, p.base[name]), 2 * max(b[name] for b in p.bounds)
+        if not diff <= limit:
+            return False, f"{name}: a head {diff:.2e} from the current configuration's > {limit:.2e}"
+    return True, f"error at most {worst:.0%} of the bound"
+
+
+def _timer(device: torch.device, warmup_ms: int, rep_ms: int):
+    if device.type == "cuda":
+        return lambda fn: median_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+    def wall_ms(fn):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    return wall_ms
+
+
+def _reason(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _check_device(device: torch.device, after: str) -> None:
+    """Raise when a failed candidate left the device unusable (an illegal address, say): every
+    later result would be a failure too."""
+    try:
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as e:
+        raise RuntimeError(f"the device failed after {after}: {_reason(e)}") from e
+
+
+def sweep(which: str, p: Problem, cfgs: list[_Config], timer, rates: bool) -> list[dict]:
+    """One record per candidate: its verification, ms and (on a GPU) TFLOPS, or why it was skipped."""
+    device = p.q.device
+    flops = FLOPS_PER_FWD[which] * fwd_flops(p.B, p.H, p.T, p.D)
+    records = []
+    for cfg in cfgs:
+        record = {"config": list(cfg), "default": cfg == p.defaults[which]}
+        try:
+            outs = launch(which, p, cfg)  # compiles
+            _sync(device)
+            record["verified"], record["check"] = verify(p, outs)
+            del outs
+            record["ms"] = timer(lambda cfg=cfg: launch(which, p, cfg))
+        except Exception as e:  # out of shared memory or registers, a compiler error
+            record = {"config": record["config"], "default": record["default"], "skipped": _reason(e)}
+            _check_device(device, f"{which} {tuple(cfg)}")
+        else:
+            record["tflops"] = flops / record["ms"] / 1e9 if rates else None
+        records.append(record)
+    return records
+
+
+def winner(records: list[dict]) -> dict | None:
+    """The fastest verified record, unless the current one (verified) is within MARGIN of it."""
+    verified = [r for r in records if r.get("verified")]
+    if not verified:
+        return None
+    best = min(verified, key=lambda r: r["ms"])
+    current = next((r for r in verified if r["default"]), None)
+    return current if current and current["ms"] <= MARGIN * best["ms"] else best
+
+
+def _fmt_cfg(cfg) -> str:
+    return "(" + ", ".join(str(x) for x in cfg) + ")"
+
+
+def print_sweep(which: str, p: Problem, records: list[dict], best: dict | None, seconds: float,
+                unit: str) -> None:
+    print(f"\n{which}  {p.shape()}  {len(records)} candidates, {seconds:.0f} s  ({unit})")
+    print(f"  {'(block_m, block_n, warps, stages)':34} {'ms':>8} {'TFLOPS':>7}  check")
+    for r in records:
+        marks = " ".join(m for m, on in (("current", r["default"]), ("BEST", r is best)) if on)
+        if "skipped" in r:
+            print(f"  {_fmt_cfg(r['config']):34} {'':>8} {'':>7}  skipped: {r['skipped']}  {marks}")
+            continue
+        rate = f"{r['tflops']:7.1f}" if r["tflops"] is not None else f"{'-':>7}"
+        check = ("ok, " if r["verified"] else "FAILED, ") + r["check"]
+        print(f"  {_fmt_cfg(r['config']):34} {r['ms']:8.3f} {rate}  {check}  {marks}")
+
+
+def print_compare(c: dict, unit: str) -> None:
+    if "error" in c:
+        print(f"T={c['T']}: not compared: {c['error']}")
+        return
+    print(f"{c['shape']}, current -> winner: " + "; ".join(
+        f"{name} {c[name]['current_ms']:.3f} -> {c[name]['winner_ms']:.3f} ms ({c[name]['speedup']:.2f}x, "
+        f"{'verified' if c[name]['verified'] else 'FAILED: ' + c[name]['check']})"
+        for name in ("fwd", "bwd")) + f"  [{unit}]")
+
+
+def compare(p: Problem, winners: dict[str, _Config], timer, rates: bool) -> dict:
+    """The winners against the current configurations at p's T: the forward alone and the whole
+    backward, each verified."""
+    flops = fwd_flops(p.B, p.H, p.T, p.D)
+    runs = {"fwd": lambda cfgs: launch("fwd", p, cfgs["fwd"]), "bwd": lambda cfgs: launch_bwd(p, cfgs)}
+    result = {"T": p.T, "shape": p.shape()}
+    for name, run in runs.items():
+        ok, why = verify(p, run(winners))
+        current_ms = timer(lambda: run(p.defaults))
+        winner_ms = timer(lambda: run(winners))
+        result[name] = dict(current_ms=current_ms, winner_ms=winner_ms, speedup=current_ms / winner_ms,
+                            verified=ok, check=why)
+        if rates:
+            result[name]["winner_tflops"] = FLOPS_PER_FWD[name] * flops / winner_ms / 1e9
+    return result
+
+
+def table(major: int | None, tuned: dict[int, dict], header: str) -> str:
+    """The winners as _GPU_CONFIGS entries, with each pass's speedup over the current entry."""
+    key = major if major is not None else "<none: interpreter smoke run, not for pasting>"
+    lines = [f"# _GPU_CONFIGS[{key}] entries, {header}"]
+    for D, entry in tuned.items():
+        passes = entry["passes"]
+        if any(passes[w]["winner"] is None for w in PASSES):
+            lines.append(f"#   {D}: no verified candidate for every pass; keep the current entry")
+            continue
+        speedups = ", ".join(f"{w} " + (f"{passes[w]['speedup']:.2f}x" if passes[w]["speedup"] else "n/a")
+                             for w in PASSES)
+        cfgs = ", ".join(_fmt_cfg(passes[w]["winner"]) for w in PASSES)
+        lines.append(f"    {D}: _pass_configs({cfgs}),  # over the current: {speedups}")
+    return "\n".join(lines)
+
+
+def _write(path: Path | None, result: dict) -> None:
+    if path:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    rates = gpu and not smoke
+    major = torch.cuda.get_device_capability(device)[0] if gpu else None
+    name = torch.cuda.get_device_name(device) if gpu else "CPU (Triton interpreter)"
+    unit = "CUDA-event median" if gpu else "interpreter wall clock"
+    if smoke:
+        unit += ", smoke shapes, not a speed figure"
+    sweep_timer = _timer(device, warmup_ms=25, rep_ms=100)
+    compare_timer = _timer(device, warmup_ms=100, rep_ms=500)
+    result = dict(provenance=provenance(), device=name, capability=major, smoke=smoke, timing=unit,
+                  dtype=str(DTYPE).removeprefix("torch."), causal=True, tune_t=T, margin=MARGIN,
+                  head_dims={})
+    for D in head_dims:
+        B, H = (SMOKE["B"], SMOKE["H"]) if smoke else (max(1, TOKENS // T), WIDTH // D)
+        p = problem(B, H, T, D, device)
+        entry = result["head_dims"][str(D)] = {"shape": p.shape(), "passes": {}, "compare": []}
+        winners = {}
+        for which in PASSES:
+            start = time.perf_counter()
+            cfgs = candidates(which, D, p.defaults[which], device, smoke)
+            records = sweep(which, p, cfgs, sweep_timer, rates)
+            best = winner(records)
+            print_sweep(which, p, records, best, time.perf_counter() - start, unit)
+            current = next(r for r in records if r["default"])
+            entry["passes"][which] = dict(
+                flops=FLOPS_PER_FWD[which] * fwd_flops(B, H, T, D), current=list(p.defaults[which]),
+                winner=best and best["config"],
+                speedup=best and current.get("ms") and current["ms"] / best["ms"],
+                candidates=records)
+            winners[which] = _Config(*best["config"]) if best else p.defaults[which]
+            _write(json_path, result)
+        compare_ts = SMOKE["compare_t"] if smoke else COMPARE_T
+        for t in (T, *sorted(set(compare_ts) - {T})):
+            try:
+                if p is None or p.T != t:
+                    p = None  # frees the last shape's tensors before the next one's
+                    _empty_cache(device)
+                    p = problem(max(1, B * T // t), H, t, D, device)
+                c = compare(p, winners, compare_timer, rates)
+            except Exception as e:  # e.g. out of memory at the longest T: the sweeps stand
+                c = {"T": t, "error": _reason(e)}
+                _check_device(device, f"the comparison at T={t}")
+            entry["compare"].append(c)
+            print_compare(c, unit)
+            _write(json_path, result)
+        p = None
+        _empty_cache(device)
+    prov = result["provenance"]
+    header = (f"T={T} causal {result['dtype']}, {name}, {prov['date']}, torch {prov['torch']}, "
+              f"triton {prov['triton']}")
+    result["table"] = table(major, {int(D): e for D, e in result["head_dims"].items()}, header)
+    print("\n" + result["table"])
+    _write(json_path, result)
+    if json_path:
+        print(f"wrote {json_path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write every result to this path")
+    parser.add_argument("--d", default="64,128", help="head dims to tune, comma-separated (32, 64, 128)")
+    parser.add_argument("--t", type=int, default=4096, help="the tuning sequence length")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes (D=32; --d and --t ignored), two candidates a pass: "
+                             "checks the code path, on CPU too")
+    args = parser.parse_args(argv)
+    head_dims = [int(d) for d in args.d.split(",")]
+    if any(d not in (32, 64, 128) for d in head_dims):
+        parser.error(f"--d: head dims 32, 64, 128 (96 runs with 128's configurations), got {args.d}")
+    if args.smoke:
+        head_dims, T = [SMOKE["D"]], SMOKE["T"]
+    else:
+        T = args.t
+        if not torch.cuda.is_available():
+            print("bench.tune_attention measures on a CUDA GPU and none is here: nothing tuned.\n"
+                  "On a GPU machine run\n"
+                  "    python -m bench.tune_attention --json tune_attention.json\n"
+                  "(or `bash bench/gpu_session.sh tune`), then paste the printed entries into\n"
+                  "kernels/attention.py's _GPU_CONFIGS. `--smoke` checks the code path here.")
+            return 0
+    with _direct_launches():
+        tune(head_dims, T, args.smoke, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
