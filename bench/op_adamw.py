@@ -20,7 +20,8 @@ grad, 2 bytes per parameter: triton, the torch loop, and `get_total_norm`, what
 torch.nn.utils.clip_grad_norm_ runs) and two whole-step rows: `+ clip`, BF16AdamW's fused clipping
 (the norm, then a step that scales the grads as it reads them) against clip_grad_norm_ (the norm,
 then an in-place pass over the grads) before torch's fused AdamW. Those rows are credited a step's
-7 x 2 bytes per parameter, so their GB/s shows what clipping costs on top.
+7 x 2 bytes per parameter, so their GB/s shows what clipping costs on top; so is the `kahan` row
+(its compensation adds a read and a write of 2 bytes per parameter).
 """
 import sys
 
@@ -68,6 +69,8 @@ OPTIMIZERS = {
     "torch fused": _steps(_FUSED),
     "torch foreach": _steps(lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER)),
     "BF16AdamW triton sr + clip": _steps(_BF16, _fused_clip),
+    "BF16AdamW triton kahan": _steps(lambda ps: BF16AdamW(ps, backend="triton", kahan_summation=True,
+                                                          stochastic_rounding=False, **HYPER)),
     "torch fused + clip_grad_norm_": _steps(_FUSED, _torch_clip),
 }
 

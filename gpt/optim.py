@@ -6,6 +6,9 @@ weights with torch.optim.AdamW). The math is torch.optim.AdamW's, computed in fp
 
 bf16 stores are rounded stochastically by default (`stochastic_rounding=False` gives plain
 round-to-nearest), so updates smaller than bf16's resolution still move the weights on average.
+`kahan_summation=True` instead keeps, per param, a tensor of what rounding the param lost (2 more
+bytes per bf16 param), so small updates add up exactly; the moments still follow
+`stochastic_rounding`.
 Each group's step draws its random bits from a seed derived from (`seed`, group index, step
 count); all three are in `state_dict`, so a run resumed from a checkpoint takes exactly the
 steps the uninterrupted run would have.
@@ -70,13 +73,15 @@ def step_seed(seed: int, group_index: int, step: int) -> int:
 class BF16AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "torch", *,
-                 stochastic_rounding: bool = True, seed: int = 0, grad_norm_backend: str | None = None):
+                 stochastic_rounding: bool = True, kahan_summation: bool = False, seed: int = 0,
+                 grad_norm_backend: str | None = None):
         self.adamw = kernels.get("adamw", backend)
         self.grad_norm = kernels.get("grad_norm", grad_norm_backend or backend)
         self.backend = backend
         self._grad_scale = None  # set by clip_grad_norm, taken by the next step
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      stochastic_rounding=stochastic_rounding, seed=seed))
+                                      stochastic_rounding=stochastic_rounding,
+                                      kahan_summation=kahan_summation, seed=seed))
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
@@ -100,28 +105,31 @@ class BF16AdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale, self._grad_scale = self._grad_scale, None
         for index, group in enumerate(self.param_groups):
+            kahan = group.get("kahan_summation", False)  # absent from older checkpoints
+            states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
             # One op call per distinct step count: in practice one call for the whole group.
-            by_step: dict[int, tuple[list, list, list, list]] = {}
+            by_step: dict[int, list[list]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state.setdefault("step", 0)
+                for name in states:
+                    if name not in state:
+                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                lists = by_step.setdefault(state["step"], ([], [], [], []))
-                for lst, t in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                lists = by_step.setdefault(state["step"], [[] for _ in range(2 + len(states))])
+                for lst, t in zip(lists, (p, p.grad, *(state[name] for name in states))):
                     lst.append(_local(t))
             beta1, beta2 = group["betas"]
-            for step, (params, grads, exp_avgs, exp_avg_sqs) in by_step.items():
+            for step, (params, grads, exp_avgs, exp_avg_sqs, *compensations) in by_step.items():
                 self.adamw(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=group["lr"],
                            beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"],
                            stochastic_rounding=group["stochastic_rounding"],
                            seed=step_seed(group["seed"], index, step),
-                           grad_scale=None if grad_scale is None else grad_scale.to(params[0].device))
+                           grad_scale=None if grad_scale is None else grad_scale.to(params[0].device),
+                           compensations=compensations[0] if kahan else None)
         return loss
 
 

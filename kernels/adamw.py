@@ -13,10 +13,17 @@ change of 1e-3 is below bf16's resolution: to nearest, v never shrinks). Stores 
 round to nearest. The random bits depend on `seed` and the element's position only, so a seed
 reproduces a step exactly; the two backends draw different bits (the same distribution).
 
+Kahan-compensated params (`compensations`, both backends), the alternative to rounding the
+param stochastically: one more tensor per param holds what the last rounding of the param lost.
+The step works on p + c in fp32, stores the param rounded to nearest, and keeps the remainder
+(p + c - stored) in c; in bf16, p and c together carry about 16 significant bits instead of 8, so
+small updates add up exactly instead of on average, for 2 more bytes of state per param. The
+moments' stores still follow `stochastic_rounding`.
+
 Triton design: one launch per (device, dtype of p and g, dtype of m, dtype of v) group, which is
 one launch for a model.
-- A table, one row per tensor: the addresses of p, g, m and v, the numel, and the tensor's index
-  in the lists. The kernel casts each address to a typed pointer, so the tensors stay where they
+- A table, one row per tensor: the addresses of p, g, m and v (and c), the numel, and the
+  tensor's index in the lists. The kernel casts each address to a typed pointer, so the tensors stay where they
   are: no flat buffers, no copies, nothing handed back to the model.
 - A block map, one row per program: (table row, first element). The grid is the total number of
   blocks and each program updates BLOCK contiguous elements of one tensor, so a 768-element bias
@@ -53,8 +60,10 @@ from .registry import register
 
 
 def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                weight_decay, grad_scale) -> None:
+                weight_decay, grad_scale, compensations) -> None:
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if compensations is not None:
+        lists["compensations"] = compensations
     lengths = {name: len(ts) for name, ts in lists.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"adamw: params, grads, exp_avgs and exp_avg_sqs must have the same length, "
@@ -73,6 +82,12 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
         check_same("adamw", "shape", **names)
         check_same("adamw", "device", **names)
         check_same("adamw", "dtype", **{f"params[{i}]": p, f"grads[{i}]": g})
+    for i, (p, c) in enumerate(zip(params, compensations or ())):
+        if not (isinstance(c, torch.Tensor) and c.shape == p.shape and c.device == p.device
+                and c.dtype in FLOAT_DTYPES):
+            check_tensor("adamw", f"compensations[{i}]", c)
+            check_same("adamw", "shape", **{f"params[{i}]": p, f"compensations[{i}]": c})
+            check_same("adamw", "device", **{f"params[{i}]": p, f"compensations[{i}]": c})
     if not step >= 1:
         raise ValueError(f"adamw: step counts from 1, got {step}")
     for name, value, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0),
@@ -111,22 +126,28 @@ def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch
 @torch.no_grad()
 def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
                 weight_decay, stochastic_rounding: bool = False, seed: int = 0,
-                grad_scale: torch.Tensor | None = None) -> None:
-    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+                grad_scale: torch.Tensor | None = None, compensations=None) -> None:
+    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                grad_scale, compensations)
     check_rounding(stochastic_rounding, seed)
     step_size = lr / (1 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
     generators = {}
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         pf, gf, mf, vf = p.float(), g.float(), m.float(), v.float()
         if grad_scale is not None:
             gf = gf * grad_scale
+        if compensations is not None:
+            pf = pf + compensations[i].float()
         pf.mul_(1 - lr * weight_decay)
         mf.lerp_(gf, 1 - beta1)
         vf.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
         pf.addcdiv_(mf, (vf.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
+        if compensations is not None:
+            p.copy_(pf)
+            compensations[i].copy_(pf - p.float())
         for dst, src in ((p, pf), (m, mf), (v, vf)):
-            if dst is src:
+            if dst is src or (dst is p and compensations is not None):
                 continue
             if stochastic_rounding and dst.dtype == torch.bfloat16:
                 if dst.device not in generators:
@@ -175,12 +196,11 @@ def _block(table, blocks, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store(ptrs, x, bits, mask, SR: tl.constexpr):
-    """Store fp32 `x` in the pointers' dtype; bf16 rounded stochastically with `bits` when SR,
-    else to nearest even."""
-    dtype = ptrs.dtype.element_ty
+def _round(x, dtype: tl.constexpr, bits, SR: tl.constexpr):
+    """fp32 `x` rounded to a value of `dtype`, still in fp32: bf16 stochastically with `bits` when
+    SR, else to nearest even."""
     if dtype == tl.bfloat16:
-        # Rounded here in integer arithmetic, so that the cast below drops only zero bits: exact
+        # Rounded here in integer arithmetic, so that the cast to bf16 drops only zero bits: exact
         # on GPU and in the interpreter alike (the interpreter's cast to bf16 truncates).
         # Adding 0x7FFF plus the last kept bit rounds to nearest even; adding a uniform 16-bit
         # number instead carries into the kept bits with probability equal to the dropped
@@ -192,15 +212,26 @@ def _store(ptrs, x, bits, mask, SR: tl.constexpr):
             u += 0x7FFF + ((u >> 16) & 1)
         # A NaN must stay one (its payload may sit in the dropped bits, or carry into the sign).
         u = tl.where(x != x, 0x7FC00000, u & 0xFFFF0000)
-        x = u.to(tl.float32, bitcast=True)
-    tl.store(ptrs, x.to(dtype), mask=mask)
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
-def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, counter, g_scale, decay, one_minus_beta1, beta2,
-            one_minus_beta2, bias_correction2_sqrt, step_size, eps, seed, SR: tl.constexpr):
+def _store(ptrs, x, bits, mask, SR: tl.constexpr):
+    """Store fp32 `x` in the pointers' dtype, rounded as _round does."""
+    dtype = ptrs.dtype.element_ty
+    tl.store(ptrs, _round(x, dtype, bits, SR).to(dtype), mask=mask)
+
+
+@triton.jit
+def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, mask, counter, g_scale, decay, one_minus_beta1,
+            beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps, seed, SR: tl.constexpr,
+            KAHAN: tl.constexpr):
     """One AdamW step of a block, in torch.optim.AdamW's order of operations."""
     p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    if KAHAN:
+        p += tl.load(c_ptrs, mask=mask).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask).to(tl.float32) * g_scale
     m = tl.load(m_ptrs, mask=mask).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask).to(tl.float32)
@@ -215,14 +246,23 @@ def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, counter, g_scale, decay, one_m
         bits_p, bits_m, bits_v, _ = tl.randint4x(seed, counter)
     else:
         bits_p, bits_m, bits_v = None, None, None
-    _store(p_ptrs, p, bits_p, mask, SR)
+    if KAHAN:
+        # The param to nearest, and what that rounding lost into c (the difference is exact in
+        # fp32: p and its rounding are within a factor of two of each other).
+        p_dtype: tl.constexpr = p_ptrs.dtype.element_ty
+        stored = _round(p, p_dtype, None, False)
+        tl.store(p_ptrs, stored.to(p_dtype), mask=mask)
+        _store(c_ptrs, p - stored, None, mask, False)
+    else:
+        _store(p_ptrs, p, bits_p, mask, SR)
     _store(m_ptrs, m, bits_m, mask, SR)
     _store(v_ptrs, v, bits_v, mask, SR)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _adamw_kernel(
-    table,                  # int64 (n, 6): per tensor, addresses of p, g, m, v, numel, list index
+    table,                  # int64 (n, WIDTH): per tensor, addresses of p, g, m, v (and c when
+                            # KAHAN), numel, list index
     blocks,                 # int64 (n_blocks, 2): per program, its table row and first element
     grad_scale,             # fp32 (1,): multiplies every grad as it is read (unused without SCALED)
     decay,                  # 1 - lr * weight_decay
@@ -236,17 +276,24 @@ def _adamw_kernel(
     P_DTYPE: tl.constexpr,  # dtype of p and g
     M_DTYPE: tl.constexpr,  # dtype of m
     V_DTYPE: tl.constexpr,  # dtype of v
+    C_DTYPE: tl.constexpr,  # dtype of c (unused without KAHAN)
+    WIDTH: tl.constexpr,    # columns of the table
     SR: tl.constexpr,       # round the bf16 stores stochastically (else to nearest even)
+    KAHAN: tl.constexpr,    # compensate the param's rounding in c (the param to nearest)
     SCALED: tl.constexpr,   # read grad_scale (else the grads are taken as they are)
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
     BLOCK: tl.constexpr,    # elements per program
 ):
-    entry, numel, offs, full = _block(table, blocks, 6, BLOCK)
-    p_ptr = _pointer(entry, 0, P_DTYPE, ALIGNED)
-    g_ptr = _pointer(entry, 1, P_DTYPE, ALIGNED)
-    m_ptr = _pointer(entry, 2, M_DTYPE, ALIGNED)
-    v_ptr = _pointer(entry, 3, V_DTYPE, ALIGNED)
-    counter = offs + (tl.load(entry + 5) << COUNTER_BITS)
+    entry, numel, offs, full = _block(table, blocks, WIDTH, BLOCK)
+    p_ptrs = _pointer(entry, 0, P_DTYPE, ALIGNED) + offs
+    g_ptrs = _pointer(entry, 1, P_DTYPE, ALIGNED) + offs
+    m_ptrs = _pointer(entry, 2, M_DTYPE, ALIGNED) + offs
+    v_ptrs = _pointer(entry, 3, V_DTYPE, ALIGNED) + offs
+    if KAHAN:
+        c_ptrs = _pointer(entry, 4, C_DTYPE, ALIGNED) + offs
+    else:
+        c_ptrs = None
+    counter = offs + (tl.load(entry + WIDTH - 1) << COUNTER_BITS)
     # Read on the device: a clip coefficient computed from this step's grad norm costs no host sync.
     if SCALED:
         g_scale = tl.load(grad_scale)
@@ -256,13 +303,13 @@ def _adamw_kernel(
     # the full blocks from vectorizing. (The two calls differ in `mask` alone; one call with a
     # mask that is None on one branch is not valid Triton: a variable keeps one type.)
     if full:
-        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, None, counter, g_scale,
-                decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size,
-                eps, seed, SR)
+        _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, None, counter, g_scale, decay,
+                one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                seed, SR, KAHAN)
     else:
-        _update(p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, offs < numel, counter,
-                g_scale, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
-                step_size, eps, seed, SR)
+        _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, offs < numel, counter, g_scale, decay,
+                one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
+                seed, SR, KAHAN)
 
 
 @triton.jit
@@ -336,24 +383,26 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
 @torch.no_grad()
 def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
                  weight_decay, stochastic_rounding: bool = False, seed: int = 0,
-                 grad_scale: torch.Tensor | None = None) -> None:
-    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+                 grad_scale: torch.Tensor | None = None, compensations=None) -> None:
+    check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
+                grad_scale, compensations)
     check_rounding(stochastic_rounding, seed)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
-    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
     staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
-    key = tuple(((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()), p.numel(),
-                 (p.dtype, m.dtype, v.dtype), p.device) for p, g, m, v in zip(*staged))
+    key = tuple((tuple(t.data_ptr() for t in ts), ts[0].numel(), (ts[0].dtype, *(t.dtype for t in ts[2:])),
+                 ts[0].device) for ts in zip(*staged))
+    kahan = compensations is not None
     for launch in _plan("adamw", key):
-        p_dtype, m_dtype, v_dtype = launch.dtypes
         with runtime.on_device(launch.table):
             _adamw_kernel[(len(launch.blocks),)](
                 launch.table, launch.blocks, grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2,
                 1 - beta2, math.sqrt(1 - beta2 ** step), lr / (1 - beta1 ** step), eps, seed,
-                p_dtype, m_dtype, v_dtype, SR=stochastic_rounding and tl.bfloat16 in launch.dtypes,
+                *launch.dtypes[:3], C_DTYPE=launch.dtypes[3] if kahan else None, WIDTH=launch.table.shape[1],
+                SR=stochastic_rounding and tl.bfloat16 in launch.dtypes, KAHAN=kahan,
                 SCALED=grad_scale is not None, ALIGNED=launch.aligned, BLOCK=BLOCK,
                 num_warps=NUM_WARPS)
-    for ts, copies in zip((params, exp_avgs, exp_avg_sqs), (staged[0], staged[2], staged[3])):
+    for ts, copies in zip(lists[:1] + lists[2:], staged[:1] + staged[2:]):  # all but the grads
         for t, copy in zip(ts, copies):
             if copy is not t:
                 t.copy_(copy)

@@ -507,3 +507,86 @@ def test_global_grad_norm_sums_dtensor_shards(device):
             global_grad_norm(params, kernels.get("grad_norm", "torch"))
     finally:
         dist.destroy_process_group()
+
+
+# --- Kahan-compensated params ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_matches_float64_compensated_each_step(backend, device):
+    """Every step works on p + c: the stored param is the float64 result rounded to nearest bf16
+    (up to fp32's error at rounding boundaries), and p + c is the float64 result to within
+    half a unit of c's last place and fp32's error."""
+    skip_unless_runs(backend, device)
+    eps32 = torch.finfo(torch.float32).eps
+    params = [torch.randn(s, device=device).bfloat16() for s in SHAPES]
+    comps = [torch.zeros_like(p) for p in params]
+    m, v = states(params)
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn_like(p) for p in params]
+        exact = [reference(p.double() + c.double(), g, mi, vi, step=step, **HYPER)[0]
+                 for p, c, g, mi, vi in zip(params, comps, grads, m, v)]
+        kernels.get("adamw", backend)(params, grads, m, v, step=step, **HYPER, compensations=comps)
+        differ, total = 0, 0
+        for p, c, (value, scale) in zip(params, comps, exact):
+            half_ulp = torch.ldexp(torch.full_like(value, torch.finfo(torch.bfloat16).eps),
+                                   torch.frexp(c.double()).exponent - 2)
+            error = (p.double() + c.double() - value).abs() - (half_ulp + 8 * eps32 * scale)
+            assert (error <= 0).all(), f"{backend} step {step}: off by up to {error.max().item():.3g}"
+            differ += (p != value.bfloat16()).sum().item()
+            total += p.numel()
+        assert differ <= 0.02 * total, f"{backend} step {step}: {differ} of {total} differ"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_adds_up_updates_below_bf16_resolution(backend, device):
+    """Params at 1 (bf16's step there is 2^-8) take 200 updates of about 1e-4: to nearest they
+    never move; compensated, p + c follows the fp32 trajectory (fp32 moments in all three, so
+    that the params' storage is the only difference)."""
+    skip_unless_runs(backend, device)
+    hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    fp32, plain, kahan = ([torch.ones(1031, device=device, dtype=dtype)]
+                          for dtype in (torch.float32, torch.bfloat16, torch.bfloat16))
+    comps = [torch.zeros_like(kahan[0])]
+    lists = [(fp32, *states(fp32), {}), (plain, *states(plain, torch.float32), {}),
+             (kahan, *states(kahan, torch.float32), {"compensations": comps})]
+    for step in range(1, 201):
+        g = torch.rand(1031, device=device) + 0.5
+        for p, m, v, extra in lists:
+            kernels.get("adamw", backend)(p, [g.to(p[0].dtype)], m, v, step=step, **hyper, **extra)
+    assert torch.equal(plain[0], torch.ones_like(plain[0]))
+    moved = 1 - fp32[0]
+    assert (moved > 0.015).all()
+    torch.testing.assert_close(kahan[0].float() + comps[0].float(), fp32[0], rtol=0, atol=0.01 * moved.min().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_with_kahan_resumes_exactly(backend, device):
+    skip_unless_runs(backend, device)
+    model = make_model(device, torch.bfloat16)
+    opt = BF16AdamW(param_groups(model), lr=1e-2, backend=backend, kahan_summation=True,
+                    stochastic_rounding=False)
+    train(model, opt, steps=2, seed=1)
+    assert all(opt.state[p]["compensation"].dtype == torch.bfloat16 for p in model.parameters())
+    model_ckpt, opt_ckpt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, steps=2, seed=2)
+    resumed = make_model(device, torch.bfloat16)
+    resumed.load_state_dict(model_ckpt)
+    resumed_opt = BF16AdamW(param_groups(resumed), lr=1.0, backend=backend)  # settings from the ckpt
+    resumed_opt.load_state_dict(opt_ckpt)
+    train(resumed, resumed_opt, steps=2, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_bad_input_raises(backend, device):
+    skip_unless_runs(backend, device)
+    p = [torch.randn(5, device=device), torch.randn(3, device=device)]
+    g = [torch.randn_like(t) for t in p]
+    m, v = states(p)
+    for comps, message in (([torch.zeros(5, device=device)], "same length"),
+                           ([torch.zeros(5, device=device), torch.zeros(4, device=device)], "same shape"),
+                           ([torch.zeros(5, device=device), torch.zeros(3, dtype=torch.int32, device=device)],
+                            r"compensations\[1\] must be one of")):
+        with pytest.raises(ValueError, match=f"adamw: .*{message}"):
+            kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, compensations=comps)

@@ -99,13 +99,16 @@ def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
     assert log[0]["iter"] == 0 and log[-1]["iter"] == 1
 
 
-def test_pure_bf16_training(tmp_path, data_dir):
-    log = run(tmp_path, data_dir, "--optimizer=bf16_adamw", "--max_iters=30", "--eval_interval=30",
+@pytest.mark.parametrize("rounding", ["--stochastic_rounding=True", "--kahan_summation=True"])
+def test_pure_bf16_training(rounding, tmp_path, data_dir):
+    log = run(tmp_path, data_dir, "--optimizer=bf16_adamw", rounding, "--max_iters=30", "--eval_interval=30",
               "--always_save_checkpoint=True", "--n_kv_head=1", "--n_layer=1", preset="llama")
     evals = [r for r in log if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     state = checkpoint.load(tmp_path, "cpu")
     assert {v.dtype for v in state["model"].values()} == {torch.bfloat16}
+    compensated = {"compensation" in s for s in state["optimizer"]["state"].values()}
+    assert compensated == {rounding == "--kahan_summation=True"}
     assert state["model_args"]["norm"] == "rmsnorm" and state["model_args"]["n_kv_head"] == 1
 
 
