@@ -3,8 +3,10 @@
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included)
 #   bash bench/gpu_session.sh kernels   # bench.kernels profiles (gpt2, llama) and the per-op benchmarks
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
+#   bash bench/gpu_session.sh tune      # bench.tune_attention: measured flash-attention launch configs
 # Results land in $OUT (at most 8 files come back, so each stage writes few): commit the profiles
-# and the numbers in README with the device, date and versions.
+# and the numbers in README with the device, date and versions, and paste the printed tune table
+# into kernels/attention.py's _GPU_CONFIGS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out-gpu}
@@ -32,6 +34,8 @@ case "$1" in
       python -m bench.mfu --gpu auto --preset "$preset" --kernels torch,compile,triton,triton+compile \
         --json "$OUT/mfu-$preset.json" 2>&1 | tee -a "$log"
     done ;;
+  tune)
+    python -m bench.tune_attention --json "$OUT/tune_attention.json" 2>&1 | tee -a "$log" ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|kernels|mfu" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh tests|kernels|mfu|tune" >&2; exit 2 ;;
 esac

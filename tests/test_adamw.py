@@ -308,36 +308,42 @@ def test_optimizer_state_dict_resumes_exactly(backend, stochastic_rounding, devi
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_optimizer_updates_dtensor_local_shards(backend, device):
-    """FSDP2 parameters are DTensors: the optimizer updates their local shards, as it would
-    plain tensors (one process, so the shard is the whole tensor)."""
-    skip_unless_runs(backend, device)
+@pytest.fixture
+def mesh(device):
+    """A 1-D device mesh over a one-process gloo group: a DTensor's shard is the whole tensor."""
     dist = pytest.importorskip("torch.distributed")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group of its own")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        mesh = init_device_mesh(device, (1,))
-        values = [torch.randn(s, device=device).bfloat16() for s in ((33, 7), (5,))]
-        grads = [torch.randn_like(t) for t in values]
-
-        def shard(t):  # from_local: no collective, so any process-group backend will do
-            return DTensor.from_local(t, mesh, [Shard(0)])
-
-        sharded = [torch.nn.Parameter(shard(t.clone())) for t in values]
-        plain = [torch.nn.Parameter(t.clone()) for t in values]
-        for params, wrap in ((sharded, shard), (plain, lambda g: g)):
-            for p, g in zip(params, grads):
-                p.grad = wrap(g.clone())
-            BF16AdamW(params, lr=1e-2, backend=backend, seed=3).step()
-        for s, p in zip(sharded, plain):
-            assert torch.equal(s.to_local(), p)
+        yield init_device_mesh(device, (1,))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_updates_dtensor_local_shards(backend, device, mesh):
+    """FSDP2 parameters are DTensors: the optimizer updates their local shards, as it would
+    plain tensors."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    skip_unless_runs(backend, device)
+    values = [torch.randn(s, device=device).bfloat16() for s in ((33, 7), (5,))]
+    grads = [torch.randn_like(t) for t in values]
+
+    def shard(t):  # from_local: no collective, so any process-group backend will do
+        return DTensor.from_local(t, mesh, [Shard(0)])
+
+    sharded = [torch.nn.Parameter(shard(t.clone())) for t in values]
+    plain = [torch.nn.Parameter(t.clone()) for t in values]
+    for params, wrap in ((sharded, shard), (plain, lambda g: g)):
+        for p, g in zip(params, grads):
+            p.grad = wrap(g.clone())
+        BF16AdamW(params, lr=1e-2, backend=backend, seed=3).step()
+    for s, p in zip(sharded, plain):
+        assert torch.equal(s.to_local(), p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -483,30 +489,20 @@ def test_fused_clipping_matches_torch(backend, max_norm, device):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
 
 
-def test_global_grad_norm_sums_dtensor_shards(device):
-    """FSDP2's grads are DTensors: their local shards enter the norm, beside plain grads (one
-    process, so the shard is the whole tensor)."""
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.device_mesh import init_device_mesh
+def test_global_grad_norm_sums_dtensor_shards(device, mesh):
+    """FSDP2's grads are DTensors: their local shards enter the norm, beside plain grads."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group of its own")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh(device, (1,))
-        grads = [torch.randn(s, device=device) for s in ((33, 7), (5,), (4, 4))]
-        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-        for p, g in zip(params[:2], grads[:2]):  # two sharded, one plain
-            p.grad = DTensor.from_local(g, mesh, [Shard(0)])
-        params[2].grad = grads[2]
-        expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
-        torch.testing.assert_close(global_grad_norm(params, kernels.get("grad_norm", "torch")), expected)
-        params[0].grad = DTensor.from_local(grads[0], mesh, [Replicate()])
-        with pytest.raises(ValueError, match="global_grad_norm: DTensor grads must be sharded"):
-            global_grad_norm(params, kernels.get("grad_norm", "torch"))
-    finally:
-        dist.destroy_process_group()
+    grads = [torch.randn(s, device=device) for s in ((33, 7), (5,), (4, 4))]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params[:2], grads[:2]):  # two sharded, one plain
+        p.grad = DTensor.from_local(g, mesh, [Shard(0)])
+    params[2].grad = grads[2]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    torch.testing.assert_close(global_grad_norm(params, kernels.get("grad_norm", "torch")), expected)
+    params[0].grad = DTensor.from_local(grads[0], mesh, [Replicate()])
+    with pytest.raises(ValueError, match="global_grad_norm: DTensor grads must be sharded"):
+        global_grad_norm(params, kernels.get("grad_norm", "torch"))
 
 
 # --- Kahan-compensated params ---------------------------------------------------------------
