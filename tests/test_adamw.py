@@ -431,6 +431,16 @@ def test_grad_norm_bad_input_raises(backend, device):
             grad_norm([torch.randn(3, device="cuda"), torch.randn(3)])
 
 
+@cuda_only
+def test_grad_norm_int64_offsets():
+    """A tensor of more than 2^31 elements: ones, and the last 8192 (past 2^31) threes."""
+    n, tail = 2**31 + 4099, 8192
+    t = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    t[-tail:] = 3
+    expected = math.sqrt(n + 8 * tail)
+    assert kernels.get("grad_norm", "triton")([t]).item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_multiplies_the_grads(backend, device):
     """adamw with grad_scale takes the step adamw takes on the grads multiplied by it."""
