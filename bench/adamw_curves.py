@@ -1,0 +1,297 @@
+"""Loss curves of the shakespeare-char baby GPT under four AdamW variants, with the seed's settings.
+
+    python -m bench.adamw_curves run --out DIR [--scale gpu|cpu] [--max-iters N]
+                                     [--variants adamw,bf16_sr,...] [--eval-iters N]
+                                     [--set key=value ...]
+    python -m bench.adamw_curves plot --out DIR [--png PATH] [--md PATH]
+
+Variants, all with dtype=bfloat16:
+    adamw         torch.optim.AdamW over fp32 master weights, bf16 autocast (optimizer=adamw)
+    bf16_nearest  BF16AdamW: bf16 weights and moments, bf16 stores rounded to nearest
+                  (optimizer=bf16_adamw stochastic_rounding=False kahan_summation=False)
+    bf16_sr       BF16AdamW with stochastic rounding of the bf16 stores
+                  (optimizer=bf16_adamw stochastic_rounding=True kahan_summation=False)
+    bf16_kahan    BF16AdamW with Kahan-compensated params, the moments rounded stochastically
+                  (optimizer=bf16_adamw stochastic_rounding=True kahan_summation=True): the
+                  alternative to (c) for the params, at 2 more bytes per parameter
+
+The seed's optimizer settings (SEED below): lr 3e-4, weight decay 0.01, beta2 0.999, warm-up 100
+steps then a constant lr, dropout 0.2, no gradient clipping. train.py's decay_lr=False skips the
+warm-up too (nanoGPT's semantics: lr = learning_rate from step 0), so "no decay, warm-up 100" is
+written as decay_lr=True with min_lr = learning_rate: linear warm-up, then a "cosine" from lr to lr.
+
+Scales:
+    gpu  config/train_shakespeare_char.py as it is (6 layers, 6 heads, 384 wide, block 256,
+         batch 64, compile=True, kernels=auto): 5000 steps, eval every 250 over 200 batches.
+    cpu  config/train_shakespeare_char_cpu.py (4 layers, 128 wide, block 64, batch 12, no
+         compile) with kernels=torch: the Triton interpreter is for tests, not speed. 5000 steps
+         (--max-iters to shorten), eval every 250 over 50 batches: 38,400 predicted characters,
+         about a third of the 111,540-character val split, the same windows at every evaluation
+         and in every variant (gpt.data.Batches.eval_batches), so the variants are compared on
+         one sample (nanoGPT's CPU recipe takes 20 batches).
+
+Each variant runs train.py in a subprocess (`sys.executable train.py ...`): a fresh process per
+run, so no seed, compiled graph, Dynamo cache or backend flag carries from one run to the next.
+Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script adds a first record
+{"event": "start", ...} (device, versions, the train.py arguments) and a last one {"event": "end",
+"wall_s", "returncode"}, and deletes the checkpoints train.py saved (only the logs are kept).
+`plot` reads those logs alone: the PNG of val loss (solid) and train loss (light) per variant
+against the step, and a markdown table.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "adamw": ("(a) torch AdamW, fp32 master weights", ["--optimizer=adamw"]),
+    "bf16_nearest": ("(b) bf16 AdamW, round to nearest",
+                     ["--optimizer=bf16_adamw", "--stochastic_rounding=False", "--kahan_summation=False"]),
+    "bf16_sr": ("(c) bf16 AdamW, stochastic rounding",
+                ["--optimizer=bf16_adamw", "--stochastic_rounding=True", "--kahan_summation=False"]),
+    "bf16_kahan": ("(d) bf16 AdamW, Kahan-compensated params",
+                   ["--optimizer=bf16_adamw", "--stochastic_rounding=True", "--kahan_summation=True"]),
+}
+SEED = dict(learning_rate=3e-4, weight_decay=0.01, beta2=0.999, warmup_iters=100, decay_lr=True, min_lr=3e-4,
+            dropout=0.2, grad_clip=0.0, dtype="bfloat16")
+SCALES = {
+    "gpu": dict(config="config/train_shakespeare_char.py",
+                settings=dict(max_iters=5000, eval_interval=250, eval_iters=200, log_interval=10,
+                              always_save_checkpoint=False)),
+    "cpu": dict(config="config/train_shakespeare_char_cpu.py",
+                settings=dict(max_iters=5000, eval_interval=250, eval_iters=50, log_interval=25,
+                              always_save_checkpoint=False, kernels="torch", compile=False)),
+}
+
+
+def train_args(scale: str, variant: str, out_dir: Path, max_iters: int | None = None,
+               eval_iters: int | None = None, extra: list[str] = ()) -> list[str]:
+    """train.py's arguments for one run: the scale's config file, the seed's settings, the
+    scale's settings, the variant's optimizer, then `extra` (--key=value, last so they win)."""
+    settings = dict(SEED, **SCALES[scale]["settings"])
+    if max_iters is not None:
+        settings["max_iters"] = max_iters
+    if eval_iters is not None:
+        settings["eval_iters"] = eval_iters
+    # Constant lr after warm-up: min_lr = learning_rate. lr_decay_iters only has to differ from
+    # warmup_iters (train.py divides by their difference once a step reaches warmup_iters).
+    settings["lr_decay_iters"] = max(settings["max_iters"], settings["warmup_iters"] + 1)
+    args = [SCALES[scale]["config"], *(f"--{k}={v}" for k, v in settings.items()), *VARIANTS[variant][1],
+            f"--out_dir={out_dir}"]
+    return [*args, *extra]
+
+
+def device_name(scale: str) -> str:
+    if scale == "gpu":
+        from bench.hardware import detect
+
+        device = detect()
+        if device is not None:
+            return device.name
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_iters: int | None,
+        extra: list[str]) -> int:
+    import torch
+
+    from bench.measure import provenance
+
+    if scale == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("bench.adamw_curves: --scale gpu needs a CUDA GPU (use --scale cpu on a CPU)")
+    out.mkdir(parents=True, exist_ok=True)
+    device = device_name(scale)
+    failed = []
+    for variant in variants:
+        run_dir = out / variant
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = run_dir / "log.jsonl"
+        log.unlink(missing_ok=True)  # train.py appends: a rerun starts a fresh log
+        args = train_args(scale, variant, run_dir.resolve(), max_iters, eval_iters, extra)
+        append(log, dict(event="start", variant=variant, label=VARIANTS[variant][0], scale=scale, device=device,
+                         train_args=args, **provenance()))
+        print(f"== {variant}: {VARIANTS[variant][0]}\n   python train.py {' '.join(args)}", flush=True)
+        start = time.perf_counter()
+        returncode = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT).returncode
+        wall = time.perf_counter() - start
+        append(log, dict(event="end", variant=variant, wall_s=round(wall, 1), returncode=returncode))
+        for ckpt in ("ckpt.pt", "ckpt.dcp"):  # only the log is kept
+            path = run_dir / ckpt
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        evals = [r for r in read_log(log) if "val_loss" in r]
+        last = f"val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['iter']}" if evals else "no evaluation"
+        print(f"== {variant}: {last}, {wall:.0f} s, exit status {returncode}", flush=True)
+        if returncode:
+            failed.append(variant)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --- reading the logs -------------------------------------------------------------------------
+
+def read_log(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(records: list[dict]) -> dict:
+    """One run's numbers, all read from its log: the start/end records this script wrote, train.py's
+    evaluation records (val_loss) and step records (step_ms)."""
+    start = next((r for r in records if r.get("event") == "start"), {})
+    end = next((r for r in records if r.get("event") == "end"), {})
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "step_ms" in r]
+    # The first step record holds the first step alone (compilation, warm-up): left out of the median.
+    timed = steps[1:] or steps
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+    return dict(variant=start.get("variant"), label=start.get("label"), scale=start.get("scale"),
+                device=start.get("device"), evals=evals, steps=steps,
+                iters=evals[-1]["iter"] if evals else None,
+                final_val=evals[-1]["val_loss"] if evals else None,
+                final_train=evals[-1]["train_loss"] if evals else None,
+                best_val=best["val_loss"] if best else None, best_iter=best["iter"] if best else None,
+                step_ms=statistics.median(r["step_ms"] for r in timed) if timed else None,
+                wall_s=end.get("wall_s"), returncode=end.get("returncode"))
+
+
+def load(out: Path) -> list[dict]:
+    """The runs under `out` (out/<variant>/log.jsonl), in VARIANTS order, then any others."""
+    logs = sorted(out.glob("*/log.jsonl"), key=lambda p: (list(VARIANTS).index(p.parent.name)
+                                                          if p.parent.name in VARIANTS else len(VARIANTS),
+                                                          p.parent.name))
+    runs = []
+    for path in logs:
+        summary = summarize(read_log(path))
+        summary["variant"] = summary["variant"] or path.parent.name
+        summary["label"] = summary["label"] or VARIANTS.get(path.parent.name, (path.parent.name,))[0]
+        runs.append(summary)
+    return runs
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| variant | steps | final val loss | best val loss (step) | final train loss | ms/step | wall (s) | device |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in runs:
+        status = "" if r["returncode"] in (0, None) else f" (exit status {r['returncode']})"
+        best = "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})"
+        lines.append(f"| {r['label']}{status} | {_num(r['iters'], 'd')} | {_num(r['final_val'], '.4f')} | {best} | "
+                     f"{_num(r['final_train'], '.4f')} | {_num(r['step_ms'], '.1f')} | {_num(r['wall_s'], '.0f')} | "
+                     f"{r['device'] or 'n/a'} |")
+    return "\n".join(lines) + "\n"
+
+
+def caption(runs: list[dict]) -> str:
+    scales = sorted({r["scale"] for r in runs if r["scale"]})
+    return (f"shakespeare-char, scale {'/'.join(scales) or 'n/a'}: lr {SEED['learning_rate']:g} constant after "
+            f"{SEED['warmup_iters']} warm-up steps, weight decay {SEED['weight_decay']:g}, beta2 {SEED['beta2']:g}, "
+            f"dropout {SEED['dropout']:g}, no clipping, dtype bfloat16. Losses are train.py's evaluations; "
+            f"ms/step is the median of the logged step times (evaluation excluded, first step excluded); "
+            f"wall is the whole train.py process (start-up, compilation and evaluations included).\n")
+
+
+def plot(out: Path, png: Path, md: Path | None) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("bench.adamw_curves plot needs matplotlib: pip install matplotlib "
+                         "(or pip install -e '.[plot]')") from None
+    runs = [r for r in load(out) if r["evals"]]
+    if not runs:
+        raise SystemExit(f"bench.adamw_curves plot: no evaluations in {out}/*/log.jsonl")
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    # Curves that coincide stay visible: each later one drawn thinner, with its own marker, on top.
+    for i, r in enumerate(runs):
+        color, width = f"C{i}", max(3.5 - 1.2 * i, 1.0)
+        iters = [e["iter"] for e in r["evals"]]
+        ax.plot(iters, [e["train_loss"] for e in r["evals"]], color=color, alpha=0.35, linewidth=width / 2,
+                linestyle="--")
+        ax.plot(iters, [e["val_loss"] for e in r["evals"]], color=color, linewidth=width, marker="os^Dv"[i % 5],
+                markersize=2 + width, markerfacecolor="none", label=f"{r['label']}: val {r['final_val']:.4f}")
+    # Show the part where the variants differ: from the lowest loss up to the highest after step 0.
+    later = [e[k] for r in runs for e in r["evals"] if e["iter"] > 0 for k in ("val_loss", "train_loss")]
+    if later:
+        low, high = min(later), max(later)
+        pad = 0.05 * max(high - low, 0.1)
+        ax.set_ylim(low - pad, high + pad)
+    devices = sorted({r["device"] for r in runs if r["device"]})
+    scales = sorted({r["scale"] for r in runs if r["scale"]})
+    ax.set_title(f"shakespeare-char, {'/'.join(scales) or '?'} scale, {'; '.join(devices) or 'unknown device'}\n"
+                 f"val loss (solid), train loss (dashed, light)", fontsize=10)
+    first = [e[k] for r in runs for e in r["evals"] if e["iter"] == 0 for k in ("val_loss", "train_loss")]
+    above = later and first and max(first) > ax.get_ylim()[1]
+    ax.set_xlabel("step" + (f" (step 0, loss {min(first):.2f} to {max(first):.2f}, is above the plot)" if above else ""))
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    text = caption(runs) + "\n" + table(runs)
+    if md:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text)
+    print(text)
+    print(f"wrote {png}" + (f" and {md}" if md else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.adamw_curves", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train the variants, one train.py process each")
+    p.add_argument("--out", type=Path, required=True, help="one out_dir per variant under it")
+    p.add_argument("--scale", choices=SCALES, default="gpu")
+    p.add_argument("--max-iters", type=int, help="override the scale's 5000 steps")
+    p.add_argument("--eval-iters", type=int, help="override the scale's evaluation batches")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (to split the runs between calls)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any further train.py setting, applied last (repeatable)")
+    q = sub.add_parser("plot", help="the PNG and the markdown table from the logs under --out")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--png", type=Path, help="default: OUT/adamw_curves.png")
+    q.add_argument("--md", type=Path, help="also write the table (with its caption) here")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        variants = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown or not variants:
+            parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+        extra = [f"--{kv.removeprefix('--')}" for kv in args.set]
+        return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra)
+    return plot(args.out, args.png or args.out / "adamw_curves.png", args.md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""bench.adamw_curves on CPU at a few steps: the four variants train through train.py (one
+subprocess each), their logs hold what `plot` reads, and `plot` writes the PNG and the table."""
+import importlib.util
+import json
+
+import pytest
+
+from bench import adamw_curves
+
+# A tiny evaluation: every 2 steps over 2 batches, every step logged.
+TINY = ["--max-iters", "4", "--eval-iters", "2", "--set", "eval_interval=2", "--set", "log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("curves")
+    data = tmp_path_factory.mktemp("data")
+    assert adamw_curves.main(["run", "--out", str(out), "--scale", "cpu", *TINY, "--set", f"data_dir={data}"]) == 0
+    return out
+
+
+def test_run_writes_one_log_per_variant_and_no_checkpoint(runs):
+    assert sorted(p.name for p in runs.iterdir()) == sorted(adamw_curves.VARIANTS)
+    for variant, (label, optimizer_args) in adamw_curves.VARIANTS.items():
+        assert [p.name for p in (runs / variant).iterdir()] == ["log.jsonl"]
+        records = [json.loads(line) for line in (runs / variant / "log.jsonl").read_text().splitlines()]
+        start, end = records[0], records[-1]
+        assert start["event"] == "start" and start["variant"] == variant and start["scale"] == "cpu"
+        assert start["device"].startswith("CPU")
+        args = start["train_args"]
+        assert args[0] == "config/train_shakespeare_char_cpu.py"
+        for setting in ("--learning_rate=0.0003", "--weight_decay=0.01", "--beta2=0.999", "--grad_clip=0.0",
+                        "--dropout=0.2", "--dtype=bfloat16", "--kernels=torch", *optimizer_args):
+            assert setting in args
+        assert end["event"] == "end" and end["returncode"] == 0 and end["wall_s"] > 0
+        assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4]
+        steps = [r for r in records if "step_ms" in r]
+        assert [r["iter"] for r in steps] == [0, 1, 2, 3]
+        # warm-up from lr/101, linear: the seed's 100 warm-up steps
+        assert steps[0]["lr"] == pytest.approx(3e-4 / 101) and steps[3]["lr"] == pytest.approx(3e-4 * 4 / 101)
+
+
+def test_train_args_constant_lr_after_warmup():
+    import train
+
+    args = adamw_curves.train_args("gpu", "bf16_sr", "out-x")
+    c, _ = train.read_config(args)
+    assert (c["n_layer"], c["n_embd"], c["block_size"], c["batch_size"]) == (6, 384, 256, 64)
+    assert (c["max_iters"], c["eval_interval"], c["eval_iters"]) == (5000, 250, 200)
+    assert c["optimizer"] == "bf16_adamw" and c["stochastic_rounding"] is True and c["dropout"] == 0.2
+    assert [train.lr_at(it, c) for it in (100, 2500, 4999, 5000)] == [3e-4] * 4
+    assert train.lr_at(0, c) == pytest.approx(3e-4 / 101)
+
+
+def test_plot_writes_the_png_and_the_table(runs, tmp_path):
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed (pip install -e '.[plot]')")
+    png, md = tmp_path / "curves.png", tmp_path / "curves.md"
+    assert adamw_curves.main(["plot", "--out", str(runs), "--png", str(png), "--md", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| (")]
+    assert [row.split(" | ")[0][2:] for row in rows] == [label for label, _ in adamw_curves.VARIANTS.values()]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == "4" and all(float(x) > 0 for x in (cells[2], cells[4], cells[5], cells[6]))
+        assert cells[3].endswith(")") and cells[7].startswith("CPU")
