@@ -7,6 +7,7 @@ TRITON_INTERPRET when it decorates. An explicit TRITON_INTERPRET in the environm
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -17,6 +18,28 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # its bf16 `tl.dot` multiplies bit patterns (triton-lang/triton#4972, #11584): kernels load, cast
 # to fp32 at once, and are given this as a constexpr so their `tl.dot` operands stay fp32.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None."""
+    def major_minor(version: str) -> tuple[int, int]:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    # Triton 3.6's interpreter turns a kernel's scalar arguments into one-element arrays and
+    # takes int() of them (a loop bound, say): numpy 2.4 made that an error. Triton 3.7 and
+    # later pass 0-d arrays.
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails with numpy {numpy_version} (>= 2.4): "
+                f"the Triton kernels cannot run on CPU here (pip install 'numpy<2.4', or triton>=3.7)")
+    return None
+
+
+if INTERPRET:
+    import numpy
+    import triton
+
+    if (problem := interpreter_problem(triton.__version__, numpy.__version__)) is not None:
+        warnings.warn(problem, stacklevel=2)
 
 # Streams of fewer than this many rows run on the interpreter in reasonable time; kernels that
 # size grids by SM count use it on CPU so tests stay quick.

@@ -64,3 +64,12 @@ def test_ops_return_the_input_dtype_and_shape():
     q = torch.randn(2, 4, 5, 8, dtype=torch.bfloat16)
     kv = torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
     assert kernels.get("attention")(q, kv, kv).shape == q.shape
+
+
+def test_interpreter_version_check():
+    from kernels.runtime import interpreter_problem
+
+    assert "numpy<2.4" in interpreter_problem("3.6.0", "2.4.6")
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.0", "2.4.6") is None
+    assert interpreter_problem("3.8.0", "2.4.6") is None
