@@ -508,7 +508,7 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     o = _empty_bthd(B, H, T, D, q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     with runtime.on_device(q):
-        torch.library.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
+        runtime.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
@@ -523,7 +523,7 @@ def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.
     delta = torch.empty((B, H, T), dtype=torch.float32, device=o.device)
     with runtime.on_device(o):
         # One row tile per program and a streaming reduction over D: the forward's row tiling.
-        torch.library.wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd_cfg.block_m), H, B)](
+        runtime.wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd_cfg.block_m), H, B)](
             o, do, delta, T, H, *o.stride(), *do.stride(),
             BLOCK_M=fwd_cfg.block_m, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
             num_warps=fwd_cfg.num_warps)
@@ -549,7 +549,7 @@ def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Te
     dv = _empty_bthd(B, Hkv, T, D, v)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     with runtime.on_device(q):
-        torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
+        runtime.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
             q, k, v, do, lse, delta, dk, dv, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **constexprs,
@@ -566,7 +566,7 @@ def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tens
     dq = _empty_bthd(B, H, T, D, q)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     with runtime.on_device(q):
-        torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
+        runtime.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, do, lse, delta, dq, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **constexprs,

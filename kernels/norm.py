@@ -202,7 +202,7 @@ def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         return y, mean, rstd
     block_n, rows, num_warps = _tile(n)
     with runtime.on_device(x):
-        torch.library.wrap_triton(_norm_fwd_kernel)[(triton.cdiv(m, rows),)](
+        runtime.wrap_triton(_norm_fwd_kernel)[(triton.cdiv(m, rows),)](
             x, y, weight, weight if bias is None else bias, rstd if rms else mean, rstd,
             x.stride(0), y.stride(0), m, n, eps,
             IS_RMS=rms, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
@@ -224,7 +224,7 @@ def _norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
     db = partials((programs if has_bias else 0, n), dtype=torch.float32, device=x.device)
     if m > 0:
         with runtime.on_device(x):
-            torch.library.wrap_triton(_norm_bwd_kernel)[(programs,)](
+            runtime.wrap_triton(_norm_bwd_kernel)[(programs,)](
                 x, dy, dx, weight, rstd if rms else mean, rstd, dw, db if has_bias else dw,
                 x.stride(0), dy.stride(0), dx.stride(0), m, n, rows_per_program,
                 IS_RMS=rms, HAS_BIAS=has_bias, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)

@@ -58,6 +58,13 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def wrap_triton(kernel):
+    """`kernel` as a triton_op launches it: through torch.library.wrap_triton, so torch.compile
+    traces the launch. Interpreted kernels go as they are: torch.compile cannot run them, and
+    torch before 2.13 refuses to wrap them (it takes only compiled JIT functions)."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+
 def on_device(t: torch.Tensor):
     """Context that launches kernels on `t`'s own GPU (Triton launches on the current one).
     Under torch.compile Inductor places the launch itself."""

@@ -118,7 +118,7 @@ def _launch(kernel, n_rows: int, n_cols: int, *tensors_and_strides) -> None:
     block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
     block_r = _TILE // block_c
     grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
-    torch.library.wrap_triton(kernel)[grid](
+    runtime.wrap_triton(kernel)[grid](
         *tensors_and_strides, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
 
 
