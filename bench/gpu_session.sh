@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, in stages that each fit one 10-minute device call:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included)
-#   bash bench/gpu_session.sh kernels   # bench.kernels profiles (gpt2, llama) and the per-op benchmarks
+#   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
+#   bash bench/gpu_session.sh ops       # the per-op benchmarks (bench/op_*.py)
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
 #   bash bench/gpu_session.sh tune      # bench.tune_attention: measured flash-attention launch configs
 #   bash bench/gpu_session.sh curves [VARIANTS]  # bench.adamw_curves: the baby GPT, 5000 steps per AdamW
@@ -25,10 +26,11 @@ log="$OUT/$1.log"
 case "$1" in
   tests)
     python -m pytest -q -ra 2>&1 | tee -a "$log" ;;
-  kernels)
+  profiles)
     for preset in gpt2 llama; do
       python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
-    done
+    done ;;
+  ops)
     for op in norm swiglu attention adamw; do
       python -m bench.op_$op --json "$OUT/op_$op.json" 2>&1 | tee -a "$log"
     done ;;
@@ -44,6 +46,6 @@ case "$1" in
       2>&1 | tee -a "$log"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|kernels|mfu|tune|curves [VARIANTS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh tests|tune|profiles|ops|mfu|curves [VARIANTS]" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time

@@ -11,8 +11,9 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.b
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64 on the CPU; inf when out is not finite."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    """||out - ref|| / ||ref||, in float64 on out's device (no copy of a GPU-sized tensor to the
+    host); inf when out is not finite."""
+    out, ref = out.detach().double(), ref.detach().to(out.device, torch.float64)
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

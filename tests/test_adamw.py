@@ -10,7 +10,7 @@ import torch
 import kernels
 from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
 from kernels import adamw as adamw_module
-from kernels import runtime
+from tests.devices import skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
 BACKENDS = ["torch", "triton"]
@@ -19,12 +19,6 @@ SHAPES = [(1,), (7,), (10007,), (33, 65)]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 STEPS = 4
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def skip_unless_runs(backend, device):
-    # Triton kernels run on CUDA tensors, or on CPU tensors in the interpreter only.
-    if backend == "triton" and device == "cpu" and not runtime.INTERPRET:
-        pytest.skip("the triton backend runs CPU tensors only in the interpreter")
 
 
 def states(params, state_dtype=None):
@@ -60,7 +54,7 @@ def test_registered():
 def test_fp32_matches_torch_adamw(backend, device):
     """Several steps with a changing lr: torch.optim.AdamW's results to fp32 rounding, and the
     update as accurate as torch's against float64."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     params = [torch.randn(s, device=device) for s in SHAPES]
     ours, ref64 = [p.clone() for p in params], [p.double() for p in params]
     (m, v), (m64, v64) = states(ours), states(ref64)
@@ -99,7 +93,7 @@ def test_bf16_matches_float64_rounded_each_step(backend, state_dtype, device):
     rounded to nearest in each tensor's dtype, up to fp32's error: each result is within half a
     unit of its dtype of a value within fp32's error of the exact one (so only where the exact
     value lies that close to a rounding boundary may it differ from float64 rounded once)."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     eps32 = torch.finfo(torch.float32).eps
     params = [torch.randn(s, device=device).bfloat16() for s in SHAPES]
     m, v = states(params, state_dtype)
@@ -148,7 +142,7 @@ def test_stochastic_rounding_is_unbiased(backend, device):
     """The mean of many stochastically rounded results is the exact value, within 6 standard
     errors (one rounding has a standard deviation of at most half a bf16 step); round to nearest
     misses it by far more."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     sizes = [1, 7, 10007, 9985]  # 20000 draws over tensors of odd sizes
     rounded, exact = sub_resolution_step(backend, sizes, device, stochastic_rounding=True, seed=1)
     nearest, _ = sub_resolution_step(backend, sizes, device, stochastic_rounding=False)
@@ -166,7 +160,7 @@ def test_stochastic_rounding_is_unbiased(backend, device):
 def test_stochastic_rounding_is_reproducible(backend, device):
     """A seed gives the same bits every time; another seed, and every tensor of one call, other
     bits."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     sizes = [4099, 4099]
 
     def rounded(seed):
@@ -184,7 +178,7 @@ def test_stochastic_rounding_is_reproducible(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stochastic_rounding_leaves_other_dtypes_alone(backend, device):
     """Only bf16 stores are rounded stochastically: fp32 results are identical either way."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     params = [torch.randn(s, device=device) for s in SHAPES]
     results = []
     for sr in (False, True):
@@ -258,7 +252,7 @@ def train(model, optimizer, steps, seed, scheduler=None):
 def test_optimizer_matches_torch_adamw_with_groups_and_schedule(backend, device):
     """fp32: the same trajectory as torch.optim.AdamW over two groups (one without weight decay)
     and a learning-rate schedule."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     ours = make_model(device, torch.float32)
     theirs = copy.deepcopy(ours)
     opts = [BF16AdamW(param_groups(ours), lr=1e-2, betas=(0.9, 0.95), backend=backend),
@@ -273,7 +267,7 @@ def test_optimizer_matches_torch_adamw_with_groups_and_schedule(backend, device)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_optimizer_skips_params_without_grads(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     model = make_model(device, torch.bfloat16)
     frozen = model[1].weight
     frozen.requires_grad_(False)
@@ -290,7 +284,7 @@ def test_optimizer_skips_params_without_grads(backend, device):
 def test_optimizer_state_dict_resumes_exactly(backend, stochastic_rounding, device):
     """Resuming from a checkpoint gives bit for bit the steps the uninterrupted run takes,
     stochastic rounding included (its seeds derive from state_dict contents)."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     model = make_model(device, torch.bfloat16)
     opt = BF16AdamW(param_groups(model), lr=1e-2, backend=backend, seed=7,
                     stochastic_rounding=stochastic_rounding)
@@ -329,7 +323,7 @@ def test_optimizer_updates_dtensor_local_shards(backend, device, mesh):
     plain tensors."""
     from torch.distributed.tensor import DTensor, Shard
 
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     values = [torch.randn(s, device=device).bfloat16() for s in ((33, 7), (5,))]
     grads = [torch.randn_like(t) for t in values]
 
@@ -348,7 +342,7 @@ def test_optimizer_updates_dtensor_local_shards(backend, device, mesh):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_raises(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     adamw = kernels.get("adamw", backend)
     p = [torch.randn(5, device=device), torch.randn(3, device=device)]
     g = [torch.randn_like(t) for t in p]
@@ -401,7 +395,7 @@ def test_grad_norm_registered():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_grad_norm_matches_float64(dtype, device):
-    skip_unless_runs("triton", device)
+    skip_unless_triton_runs("triton", device)
     ts = grad_lists(device, dtype)
     ref = kernels.get("grad_norm", "torch")([t.double() for t in ts])
     base = kernels.get("grad_norm", "torch")(ts)
@@ -413,14 +407,14 @@ def test_grad_norm_matches_float64(dtype, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_norm_of_nothing_is_zero(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     assert kernels.get("grad_norm", backend)([]).item() == 0.0
     assert kernels.get("grad_norm", backend)([torch.zeros(0, device=device)]).item() == 0.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_norm_bad_input_raises(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     grad_norm = kernels.get("grad_norm", backend)
     with pytest.raises(ValueError, match=r"grad_norm: tensors\[1\] must be a tensor"):
         grad_norm([torch.randn(3, device=device), [1.0]])
@@ -444,7 +438,7 @@ def test_grad_norm_int64_offsets():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_multiplies_the_grads(backend, device):
     """adamw with grad_scale takes the step adamw takes on the grads multiplied by it."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     adamw = kernels.get("adamw", backend)
     p = [torch.randn(s, device=device) for s in SHAPES]
     g = [torch.randn_like(t) for t in p]
@@ -459,7 +453,7 @@ def test_grad_scale_multiplies_the_grads(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_bad_input_raises(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     p = [torch.randn(5, device=device)]
     g, (m, v) = [torch.randn(5, device=device)], states(p)
     for scale, message in ((torch.ones(2, device=device), "grad_scale must hold one element"),
@@ -474,7 +468,7 @@ def test_grad_scale_bad_input_raises(backend, device):
 def test_fused_clipping_matches_torch(backend, max_norm, device):
     """fp32: BF16AdamW.clip_grad_norm then step follows torch's clip_grad_norm_ then
     torch.optim.AdamW, and returns the same norms; clip_for_step does it for torch's optimizer."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     ours = make_model(device, torch.float32)
     theirs, scaled = copy.deepcopy(ours), copy.deepcopy(ours)
     opts = [BF16AdamW(param_groups(ours), lr=1e-2, backend=backend),
@@ -522,7 +516,7 @@ def test_kahan_matches_float64_compensated_each_step(backend, device):
     """Every step works on p + c: the stored param is the float64 result rounded to nearest bf16
     (up to fp32's error at rounding boundaries), and p + c is the float64 result to within
     half a unit of c's last place and fp32's error."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     eps32 = torch.finfo(torch.float32).eps
     params = [torch.randn(s, device=device).bfloat16() for s in SHAPES]
     comps = [torch.zeros_like(p) for p in params]
@@ -548,7 +542,7 @@ def test_kahan_adds_up_updates_below_bf16_resolution(backend, device):
     """Params at 1 (bf16's step there is 2^-8) take 200 updates of about 1e-4: to nearest they
     never move; compensated, p + c follows the fp32 trajectory (fp32 moments in all three, so
     that the params' storage is the only difference)."""
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     fp32, plain, kahan = ([torch.ones(1031, device=device, dtype=dtype)]
                           for dtype in (torch.float32, torch.bfloat16, torch.bfloat16))
@@ -567,7 +561,7 @@ def test_kahan_adds_up_updates_below_bf16_resolution(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_optimizer_with_kahan_resumes_exactly(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     model = make_model(device, torch.bfloat16)
     opt = BF16AdamW(param_groups(model), lr=1e-2, backend=backend, kahan_summation=True,
                     stochastic_rounding=False)
@@ -586,7 +580,7 @@ def test_optimizer_with_kahan_resumes_exactly(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kahan_bad_input_raises(backend, device):
-    skip_unless_runs(backend, device)
+    skip_unless_triton_runs(backend, device)
     p = [torch.randn(5, device=device), torch.randn(3, device=device)]
     g = [torch.randn_like(t) for t in p]
     m, v = states(p)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import runtime
+from tests.devices import skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -33,8 +33,7 @@ def reference(q, k, v, causal, keep=None, dropout_p=0.0):
 
 
 def triton_device(device):
-    if device == "cpu" and not runtime.INTERPRET:
-        pytest.skip("the triton backend runs on CPU only in the interpreter")
+    skip_unless_triton_runs("triton", device)
     return device
 
 

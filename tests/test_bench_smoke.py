@@ -15,6 +15,7 @@ from bench import backends, op_adamw, op_attention, op_norm, op_swiglu, profile
 from bench import kernels as bench_kernels
 from bench.cases import Shapes, case
 from bench.hardware import Device
+from tests.devices import interpreter_only
 
 COPY_GBS, MATMUL_TFLOPS = 1000.0, 100.0
 
@@ -47,6 +48,7 @@ BENCHMARKS = {
 }
 
 
+@interpreter_only
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, capsys):
     module, shapes, backend_names, passes = BENCHMARKS[name]
@@ -93,6 +95,7 @@ def test_the_issues_shapes_and_work():
     assert adamw.shape == "148 tensors, 124M params" and adamw.work["step"] == 14 * 124_475_904
 
 
+@interpreter_only
 def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     """`python -m bench.kernels` on a pretend H100 that runs on the CPU, at tiny llama shapes."""
     monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))

@@ -10,6 +10,7 @@ from bench import mfu, plan
 from bench.flops import flops_per_token, param_count
 from bench.hardware import Device, find, peak_for
 from gpt.model import GPTConfig, preset
+from tests.devices import interpreter_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2 = GPTConfig(**preset("gpt2"))
@@ -18,7 +19,8 @@ GPT2 = GPTConfig(**preset("gpt2"))
 def test_planning_table_for_a_gpu_not_here():
     """The documented command, as a user runs it: no H100 here, so it plans."""
     out = subprocess.run([sys.executable, "-m", "bench.mfu", "--gpu", "h100", "--world-size", "8"],
-                         cwd=ROOT, capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+                         cwd=ROOT, capture_output=True, text=True,
+                         env=os.environ | {"COLUMNS": "200", "CUDA_VISIBLE_DEVICES": ""})  # not even on an H100
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())  # rich wraps lines at the terminal's width
     assert "Plan for H100 SXM" in text and "989.4" in text and "Estimates, not measurements" in text
@@ -134,6 +136,7 @@ class _HostEvent:
         return 1e3 * (end.t - self.t)
 
 
+@interpreter_only
 def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys):
     """bench.mfu's GPU path on a tiny model, with CUDA's timing and memory calls on the host:
     what a GPU session would otherwise be first to find broken."""

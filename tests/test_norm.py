@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import norm, runtime
+from tests.devices import skip_unless_triton_runs
 from tests.numerics import assert_as_accurate, bound, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
@@ -90,11 +91,6 @@ def inputs(m, n, device, dtype=torch.float32, wdtype=None, bias=True):
     return x, w, b
 
 
-def needs_triton(backend, device):
-    if backend == "triton" and device == "cpu" and not runtime.INTERPRET:
-        pytest.skip("Triton runs natively on CUDA on this machine, not on CPU tensors")
-
-
 def test_both_backends_registered():
     assert kernels.ops()["rms_norm"][:2] == ["torch", "triton"]
     assert kernels.ops()["layer_norm"][:2] == ["torch", "triton"]
@@ -105,7 +101,7 @@ def test_both_backends_registered():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [7, 771, 1536, 4099])
 def test_matches_float64(backend, op, bias, dtype, n, device):
-    needs_triton(backend, device)
+    skip_unless_triton_runs(backend, device)
     x, w, b = inputs(5, n, device, dtype, bias=bias)
     assert_accurate(backend, op, x, w, b)
 
@@ -118,7 +114,7 @@ def test_one_element_rows(backend, op, bias, dtype, device):
     w*dy*eps/(x^2+eps)^1.5, a few 1e-6 of them, and LayerNorm's is exactly 0, as is its dw (a
     row is its own mean), whose terms are |dy*x|*rstd. Any fp32 formula's rounding error is a
     fraction of those terms, so it is measured against them."""
-    needs_triton(backend, device)
+    skip_unless_triton_runs(backend, device)
     x, w, b = inputs(5, 1, device, dtype, bias=bias)
     dy = torch.randn(x.shape, device=device).to(dtype)
     xd, wd, dyd = x.double(), w.double(), dy.double()
@@ -134,7 +130,7 @@ def test_one_element_rows(backend, op, bias, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fp32_weights_with_low_precision_x(backend, op, bias, dtype, device):
     """y and dx in x's dtype, dw and db in the fp32 of the weights."""
-    needs_triton(backend, device)
+    skip_unless_triton_runs(backend, device)
     x, w, b = inputs(6, 300, device, dtype, wdtype=torch.float32, bias=bias)
     assert_accurate(backend, op, x, w, b)
 
@@ -158,7 +154,7 @@ def _layouts(device):
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("layout", list(_layouts("cpu")))
 def test_shapes_and_layouts(backend, op, bias, layout, device):
-    needs_triton(backend, device)
+    skip_unless_triton_runs(backend, device)
     x = _layouts(device)[layout]
     _, w, b = inputs(1, 97, device, bias=bias)
     assert_accurate(backend, op, x, w, b)
@@ -167,7 +163,7 @@ def test_shapes_and_layouts(backend, op, bias, layout, device):
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_expanded_output_gradient(op, bias, device):
     """y.sum().backward() hands backward an all-stride-0 gradient."""
-    needs_triton("triton", device)
+    skip_unless_triton_runs("triton", device)
     x, w, b = inputs(3, 50, device, bias=bias)
     assert_accurate("triton", op, x, w, b, dy=torch.ones(1, 1, device=device).expand(3, 50))
 
@@ -182,7 +178,7 @@ MANY_ROWS = [(300, 7), (70, 771), (20, 4099)]
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("m,n", MANY_ROWS)
 def test_many_rows_per_program(op, bias, m, n, device):
-    needs_triton("triton", device)
+    skip_unless_triton_runs("triton", device)
     x, w, b = inputs(m, n, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
     assert_accurate("triton", op, x, w, b)
 
@@ -190,7 +186,7 @@ def test_many_rows_per_program(op, bias, m, n, device):
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("m,n", MANY_ROWS)
 def test_backward_is_deterministic(op, bias, m, n, device):
-    needs_triton("triton", device)
+    skip_unless_triton_runs("triton", device)
     x, w, b = inputs(m, n, device, torch.bfloat16, bias=bias)
     dy = torch.randn_like(x)
     fn = backend_fn("triton", op)
@@ -201,7 +197,7 @@ def test_backward_is_deterministic(op, bias, m, n, device):
 
 def test_widest_row(device):
     """MAX_N elements in one block; one more is refused."""
-    needs_triton("triton", device)
+    skip_unless_triton_runs("triton", device)
     x, w, b = inputs(2, norm.MAX_N, device)
     assert_accurate("triton", "layer_norm", x, w, b)
     x, w, _ = inputs(1, norm.MAX_N + 1, device, bias=False)

@@ -10,6 +10,7 @@ from bench import profile
 from bench.cases import Shapes
 from bench.profile import Profile, fastest_verified
 from gpt.model import GPTConfig, preset
+from tests.devices import interpreter_only
 
 
 def backend(ms: float, verified: bool = True) -> dict:
@@ -108,6 +109,7 @@ def test_forced_triton_falls_back_with_a_warning(self_check):
     assert choices["adamw"].backend == "torch" and choices["swiglu"].backend == "triton"
 
 
+@interpreter_only
 def test_self_check_in_the_interpreter_passes_at_the_models_kinds_of_layer():
     shapes = Shapes(GPTConfig(**(preset("llama") | dict(n_kv_head=4))), batch_size=12, dtype=torch.float32)
     choices = kernels.choose("triton", "cpu", shapes=shapes)
@@ -115,6 +117,7 @@ def test_self_check_in_the_interpreter_passes_at_the_models_kinds_of_layer():
     assert "heads 2/1" in choices["attention"].reason  # tiny, and grouped-query like the model
 
 
+@interpreter_only
 def test_self_check_failure_falls_back_to_torch():
     # A head size the Triton attention does not support (80): the model still trains, on torch.
     shapes = Shapes(GPTConfig(n_layer=2, n_head=2, n_embd=160, block_size=32, vocab_size=64), 2,
@@ -139,6 +142,7 @@ def test_bench_kernels_on_cpu_says_what_to_run(capsys):
     assert "no CUDA GPU" in capsys.readouterr().out
 
 
+@interpreter_only
 def test_measure_op_writes_a_profile_entry_that_loads_and_selects(monkeypatch, tmp_path, self_check):
     """bench.kernels' per-op path on CPU, with do_bench's timing replaced by a fixed 0.5 ms and
     no torch.compile variant (Inductor's CPU compile is slow): checks, rates, rooflines, choice."""

@@ -3,6 +3,7 @@ import torch
 
 import kernels
 from kernels.registry import register
+from tests.devices import interpreter_only
 
 
 def test_every_op_has_a_torch_backend_first():
@@ -32,6 +33,7 @@ def test_register_refuses_unknown_ops_and_duplicates():
         register("swiglu", "torch")(lambda gate, up: gate)
 
 
+@interpreter_only
 def test_choose_torch_triton_and_auto():
     torch_choice = kernels.choose("torch", "cpu")
     assert {c.backend for c in torch_choice.values()} == {"torch"}

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import swiglu as swiglu_module
+from tests.devices import skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -52,6 +53,7 @@ def inputs(shape, dtype, device, gate_scale=4.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64(backend, dtype, shape, device):
+    skip_unless_triton_runs(backend, device)
     gate, up, dy = inputs(shape, dtype, device)
     assert_matches_float64(kernels.get("swiglu", backend), gate, up, dy, f"{backend} {dtype} {shape}")
 
@@ -61,6 +63,7 @@ def test_matches_float64(backend, dtype, shape, device):
 def test_large_gate_stays_finite(backend, dtype, device):
     """|gate| up to 30, both ends included: exp(-gate) is huge or tiny, silu and its derivative
     neither overflow nor turn NaN."""
+    skip_unless_triton_runs(backend, device)
     gate = torch.cat([torch.tensor([-30.0, 30.0], device=device), torch.rand(1029, device=device) * 60 - 30])
     gate = gate.to(dtype)
     up, dy = (torch.randn(1031, device=device).to(dtype) for _ in range(2))
@@ -74,6 +77,7 @@ def test_large_gate_stays_finite(backend, dtype, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_fp32_gate(backend, device):
     """Far past where fp32 exp overflows (|gate| > 88): the sigmoid saturates cleanly."""
+    skip_unless_triton_runs(backend, device)
     gate = torch.tensor([-1e4, -100.0, -88.0, -30.0, 0.0, 30.0, 88.0, 100.0, 1e4], device=device)
     up, dy = torch.ones_like(gate), torch.ones_like(gate)
     out = forward_backward(kernels.get("swiglu", backend), gate, up, dy)
@@ -85,6 +89,7 @@ def test_extreme_fp32_gate(backend, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_halves_of_one_projection(backend, dtype, device):
     """The model's layout: gate, up = h.chunk(2, -1), views with row stride 2*hidden."""
+    skip_unless_triton_runs(backend, device)
     hidden = 1031
     h = (torch.randn(2, 3, 2 * hidden, device=device) * 4).to(dtype).requires_grad_()
     gate, up = h.chunk(2, dim=-1)
@@ -112,6 +117,7 @@ def test_exotic_layouts(backend, device):
     """Layouts the kernel cannot stride through are copied first: a transposed gate (column stride
     != 1), leading dimensions that do not collapse to one row stride, and a broadcast gradient
     (y.sum().backward() hands backward a stride-0 dy)."""
+    skip_unless_triton_runs(backend, device)
     gate = (torch.randn(1031, 6, device=device) * 4).t()
     up = torch.randn(6, 5, 1031, device=device)[:, 1:2].squeeze(1)
     gate3, up3 = torch.randn(2, 5, 1031, device=device)[:, 1:4] * 4, torch.randn(2, 3, 1031, device=device)
@@ -129,6 +135,7 @@ def test_exotic_layouts(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 7)], ids=str)
 def test_empty(backend, shape, device):
+    skip_unless_triton_runs(backend, device)
     gate, up, dy = inputs(shape, torch.float32, device)
     y, dgate, dup = forward_backward(kernels.get("swiglu", backend), gate, up, dy)
     assert y.shape == dgate.shape == dup.shape == shape
@@ -136,6 +143,7 @@ def test_empty(backend, shape, device):
 
 def test_backward_saves_only_the_inputs(device):
     """Backward recomputes silu: the only saved tensors are gate and up themselves."""
+    skip_unless_triton_runs("triton", device)
     gate, up, _ = inputs((3, 1031), torch.bfloat16, device)
     gate.requires_grad_()
     saved = []
@@ -145,6 +153,7 @@ def test_backward_saves_only_the_inputs(device):
 
 
 def test_backward_is_deterministic(device):
+    skip_unless_triton_runs("triton", device)
     gate, up, dy = inputs((3, 4099), torch.bfloat16, device)
     first, second = (forward_backward(kernels.get("swiglu", "triton"), gate, up, dy) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,0 +1,15 @@
+"""Where the Triton backends run in this process: on CUDA tensors natively, and on CPU tensors
+only in Triton's interpreter, which is on only where there is no GPU. On a GPU machine the CPU
+cases of a Triton test skip: the backends rightly refuse CPU tensors there."""
+import pytest
+
+from kernels import runtime
+
+interpreter_only = pytest.mark.skipif(
+    not runtime.INTERPRET, reason="runs the Triton backends on CPU tensors: only in the interpreter, "
+                                  "which is off on a machine with a GPU")
+
+
+def skip_unless_triton_runs(backend: str, device: str) -> None:
+    if backend == "triton" and device == "cpu" and not runtime.INTERPRET:
+        pytest.skip("the triton backend runs CPU tensors only in the interpreter")
