@@ -51,7 +51,7 @@ DEFAULTS = dict(
     kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
     stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
-    kahan_summation=False,  # bf16_adamw: keep each param's rounding error (2 B/param) instead of rounding it stochastically
+    kahan_summation=False,  # bf16_adamw: keep each param's rounding error (2 B/param), not rounding it at random
     preset=None,  # an architecture from gpt.model.PRESETS, under the keys set explicitly
     n_kv_head=None, norm="layernorm", norm_position="pre", norm_eps=1e-5, pos_encoding="learned",
     rope_theta=10000.0, mlp="gelu", activation="gelu", mlp_hidden=None, tie_weights=True,
@@ -213,8 +213,7 @@ def main(argv: list[str]) -> None:
     elif pure_bf16:
         optimizer_class, optimizer_args = BF16AdamW, dict(backend=backends["adamw"], seed=c["seed"],
                                                           stochastic_rounding=c["stochastic_rounding"],
-                                                          kahan_summation=c["kahan_summation"],
-                                                          grad_norm_backend=backends["grad_norm"])
+                                                          kahan_summation=c["kahan_summation"])
     else:
         raise SystemExit(f"train.py: optimizer must be adamw or bf16_adamw, got {c['optimizer']!r}")
     grad_norm_op = kernels.get("grad_norm", backends["grad_norm"])

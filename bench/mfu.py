@@ -133,8 +133,7 @@ def _train_step(run: Run, backends: dict[str, str], compiled: bool):
     groups = model.param_groups(WEIGHT_DECAY)
     if run.optimizer == "bf16_adamw":
         model.to(torch.bfloat16)
-        optimizer = BF16AdamW(groups, lr=LR, betas=BETAS, backend=backends["adamw"],
-                              grad_norm_backend=backends["grad_norm"])
+        optimizer = BF16AdamW(groups, lr=LR, betas=BETAS, backend=backends["adamw"])
         autocast = contextlib.nullcontext()
     elif run.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)

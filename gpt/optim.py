@@ -17,9 +17,10 @@ With backend="triton" a step is one kernel launch per param group (per dtype com
 every parameter that has a grad. Gradient clipping by global norm is fused into it:
 `clip_grad_norm(max_norm)` computes the norm (the `grad_norm` op: two launches for the whole
 model) and the clip coefficient on the device, and the next step multiplies each grad by the
-coefficient as it reads it, so clipping costs no pass over the grads and no host sync. FSDP2's DTensor parameters are updated on their local shards:
-the update is elementwise. (Every rank then draws the same random bits for the same local
-positions: different elements of the model, so the rounding stays unbiased.)
+coefficient as it reads it, so clipping costs no pass over the grads and no host sync.
+FSDP2's DTensor parameters are updated on their local shards: the update is elementwise. (Every
+rank then draws the same random bits for the same local positions: different elements of the
+model, so the rounding stays unbiased.)
 """
 import hashlib
 from collections.abc import Callable, Iterable
@@ -45,16 +46,18 @@ def global_grad_norm(params: Iterable[torch.Tensor], grad_norm: Callable) -> tor
     their local shards, summed over the mesh's ranks; plain grads are whole on every rank."""
     grads = [p.grad for p in params if p.grad is not None]
     sharded = [g for g in grads if isinstance(g, DTensor)]
-    norm = grad_norm([g for g in grads if not isinstance(g, DTensor)])
+    plain = [g for g in grads if not isinstance(g, DTensor)]
     if not sharded:
-        return norm
+        return grad_norm(plain)
     mesh = sharded[0].device_mesh
     if mesh.ndim != 1 or any(g.device_mesh != mesh or not all(isinstance(pl, Shard) for pl in g.placements)
                              for g in sharded):
         raise ValueError("global_grad_norm: DTensor grads must be sharded (Shard placements) on one 1-D mesh")
     squares = grad_norm([g.to_local() for g in sharded]).to(sharded[0].to_local().device).square()
     dist.all_reduce(squares, group=mesh.get_group())  # each rank holds other elements
-    return (squares + norm.to(squares.device).square()).sqrt()
+    if plain:
+        squares += grad_norm(plain).to(squares.device).square()
+    return squares.sqrt()
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -73,10 +76,8 @@ def step_seed(seed: int, group_index: int, step: int) -> int:
 class BF16AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "torch", *,
-                 stochastic_rounding: bool = True, kahan_summation: bool = False, seed: int = 0,
-                 grad_norm_backend: str | None = None):
+                 stochastic_rounding: bool = True, kahan_summation: bool = False, seed: int = 0):
         self.adamw = kernels.get("adamw", backend)
-        self.grad_norm = kernels.get("grad_norm", grad_norm_backend or backend)
         self.backend = backend
         self._grad_scale = None  # set by clip_grad_norm, taken by the next step
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -84,16 +85,19 @@ class BF16AdamW(torch.optim.Optimizer):
                                       kahan_summation=kahan_summation, seed=seed))
 
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None,
+                       grad_norm: Callable | None = None) -> torch.Tensor:
         """Clip the grads to global norm `max_norm` in the next step, and return their norm
         (a 0-d fp32 tensor on their device, still there: no host sync). The grads are not
         modified: the step multiplies them by the clip coefficient as it reads them.
 
         parameters: whose grads make the norm; by default this optimizer's. (Under ZeRO-1 each
-        rank's optimizer holds a share of the model: pass all of the model's parameters.)"""
+        rank's optimizer holds a share of the model: pass all of the model's parameters.)
+        grad_norm: the grad_norm op's backend to use; by default the one named like this
+        optimizer's adamw backend."""
         if parameters is None:
             parameters = [p for group in self.param_groups for p in group["params"]]
-        norm = global_grad_norm(parameters, self.grad_norm)
+        norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
         self._grad_scale = clip_coefficient(norm, max_norm)
         return norm
 
@@ -139,7 +143,7 @@ def clip_for_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
     torch.nn.utils.clip_grad_norm_ does, and return their norm before clipping. BF16AdamW folds
     the clipping into its step; other optimizers get their grads scaled in place."""
     if isinstance(optimizer, BF16AdamW):
-        return optimizer.clip_grad_norm(max_norm, params)
+        return optimizer.clip_grad_norm(max_norm, params, grad_norm)
     params = list(params)
     norm = global_grad_norm(params, grad_norm)
     grads = [_local(p.grad) for p in params if p.grad is not None]

@@ -23,8 +23,8 @@ moments' stores still follow `stochastic_rounding`.
 Triton design: one launch per (device, dtype of p and g, dtype of m, dtype of v) group, which is
 one launch for a model.
 - A table, one row per tensor: the addresses of p, g, m and v (and c), the numel, and the
-  tensor's index in the lists. The kernel casts each address to a typed pointer, so the tensors stay where they
-  are: no flat buffers, no copies, nothing handed back to the model.
+  tensor's index in the lists. The kernel casts each address to a typed pointer, so the tensors
+  stay where they are: no flat buffers, no copies, nothing handed back to the model.
 - A block map, one row per program: (table row, first element). The grid is the total number of
   blocks and each program updates BLOCK contiguous elements of one tensor, so a 768-element bias
   costs one program, the 38.6M-element embedding 18,864, and every program does the same work.
@@ -72,7 +72,8 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
         # This runs every optimizer step over every parameter: plain comparisons first, and the
         # message-building checks below only for a tensor that fails them.
         if (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor) and isinstance(m, torch.Tensor)
-                and isinstance(v, torch.Tensor) and p.shape == g.shape == m.shape == v.shape and p.device == g.device == m.device == v.device
+                and isinstance(v, torch.Tensor) and p.shape == g.shape == m.shape == v.shape
+                and p.device == g.device == m.device == v.device
                 and p.dtype == g.dtype and p.dtype in FLOAT_DTYPES and m.dtype in FLOAT_DTYPES
                 and v.dtype in FLOAT_DTYPES):
             continue
