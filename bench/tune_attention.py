@@ -8,7 +8,9 @@ H*D = 2048 (bench/op_attention.py's shapes), q, k and v views of one qkv project
 model. Each of the kernel's three passes (fwd, and the backward's dkdv and dq) is swept over a
 bounded list of candidate configurations while the other passes keep the current one
 (kernels.attention._config), through the op's own launch functions. A candidate that fails to
-compile or launch (shared memory, registers) is reported as skipped.
+compile or launch (shared memory, registers) is reported as skipped. Where the GPU has the tensor
+copy engine (sm90+), each pass then times the TMA twins (the same tiles loaded through tensor
+descriptors, the fifth field of a configuration) of its TMA_TWINS fastest verified candidates.
 
 Verification, against the current configuration (the one tests/test_attention.py checks): on two
 sampled heads (the first and the last) each output must meet the project's accuracy rule
@@ -34,12 +36,13 @@ speedup, then timed against the current configuration at T = 1024 and 16384 too 
 the same way): whether one table per D holds across T or a T bucket is needed. --json writes
 everything: device, versions, date, every candidate, the winners and the comparison.
 
-About 70 candidates per D (63 at D = 128), each compiled once: compiling is most of the run. A
-call too short for both D can run `--d 64` and `--d 128` apart; the JSON is rewritten after every
-pass, so a run cut short keeps what it measured.
+About 70 candidates per D (63 at D = 128) and 24 TMA twins on sm90, each compiled once: compiling
+is most of the run. A call too short for both D can run `--d 64` and `--d 128` apart; the JSON is
+rewritten after every pass, so a run cut short keeps what it measured.
 
---smoke runs the same path at tiny shapes with two candidates per pass (on CPU in Triton's
-interpreter, timed by the wall clock, not a speed figure): the test suite checks the tuner with it.
+--smoke runs the same path at tiny shapes with two candidates and one TMA twin per pass (on CPU in
+Triton's interpreter, timed by the wall clock, not a speed figure): the test suite checks the
+tuner with it.
 """
 import argparse
 import contextlib
@@ -74,6 +77,10 @@ SAMPLES = ((0, 0), (-1, -1))
 BLOCKS = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4)  # 1 overlaps no streamed load with compute; a default of 1 is still timed
+# Where the GPU has the tensor copy engine (sm90+), the TMA twins of this many of the fastest
+# verified pointer-load candidates are timed too: TMA frees the registers the pointer tiles'
+# addresses take, which can move the best tile, so more than the winner alone gets a twin.
+TMA_TWINS = 8
 # Three heads, so that one is checked only by the whole-tensor comparison.
 SMOKE = dict(D=32, T=40, B=1, H=3, compare_t=(64,))
 INTERPRETER_BLOCKS = (16, 32)
@@ -127,6 +134,20 @@ def candidates(which: str, D: int, default: _Config, device: torch.device, smoke
     pool = gpu_candidates(which, D) if device.type == "cuda" else interpreter_candidates(which)
     ordered = [default, *(c for c in pool if c != default)]
     return ordered[:2] if smoke else ordered
+
+
+def tma_twins(records: list[dict], p: "Problem", smoke: bool) -> list[_Config]:
+    """The TMA twins of the fastest verified candidates that loaded through pointers, where the
+    copy engine takes p's tensors (one twin in a smoke run)."""
+    timed = sorted((r for r in records if r.get("verified")), key=lambda r: r["ms"])
+    tried = {tuple(r["config"]) for r in records}
+    twins = []
+    for r in timed:
+        cfg = _Config(*r["config"])
+        twin = cfg._replace(tma=True)
+        if not cfg.tma and tuple(twin) not in tried and attention._use_tma(twin, p.q, p.k, p.v, p.do):
+            twins.append(twin)
+    return twins[:1 if smoke else TMA_TWINS]
 
 
 def fwd_flops(B: int, H: int, T: int, D: int) -> float:
@@ -324,15 +345,15 @@ def _fmt_cfg(cfg) -> str:
 def print_sweep(which: str, p: Problem, records: list[dict], best: dict | None, seconds: float,
                 unit: str) -> None:
     print(f"\n{which}  {p.shape()}  {len(records)} candidates, {seconds:.0f} s  ({unit})")
-    print(f"  {'(block_m, block_n, warps, stages)':34} {'ms':>8} {'TFLOPS':>7}  check")
+    print(f"  {'(block_m, block_n, warps, stages, tma)':40} {'ms':>8} {'TFLOPS':>7}  check")
     for r in records:
         marks = " ".join(m for m, on in (("current", r["default"]), ("BEST", r is best)) if on)
         if "skipped" in r:
-            print(f"  {_fmt_cfg(r['config']):34} {'':>8} {'':>7}  skipped: {r['skipped']}  {marks}")
+            print(f"  {_fmt_cfg(r['config']):40} {'':>8} {'':>7}  skipped: {r['skipped']}  {marks}")
             continue
         rate = f"{r['tflops']:7.1f}" if r["tflops"] is not None else f"{'-':>7}"
         check = ("ok, " if r["verified"] else "FAILED, ") + r["check"]
-        print(f"  {_fmt_cfg(r['config']):34} {r['ms']:8.3f} {rate}  {check}  {marks}")
+        print(f"  {_fmt_cfg(r['config']):40} {r['ms']:8.3f} {rate}  {check}  {marks}")
 
 
 def print_compare(c: dict, unit: str) -> None:
@@ -406,6 +427,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None) -> d
             start = time.perf_counter()
             cfgs = candidates(which, D, p.defaults[which], device, smoke)
             records = sweep(which, p, cfgs, sweep_timer, rates)
+            records += sweep(which, p, tma_twins(records, p, smoke), sweep_timer, rates)
             best = winner(records)
             print_sweep(which, p, records, best, time.perf_counter() - start, unit)
             current = next(r for r in records if r["default"])

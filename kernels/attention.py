@@ -19,6 +19,11 @@ only the tiles on it; any T >= 1 works, the keys past T are masked in the last t
 Philox counter per (batch*head, row, col) and the seed, so the backward regenerates the forward's
 mask instead of storing it.
 
+On Hopper and later the tiles of q, k, v and dO can load through TMA tensor descriptors (the
+copy engine, asynchronous, no address arithmetic in the threads) instead of pointers: a field of
+each pass's launch configuration, used where the layout allows it (_use_tma) and chosen per GPU
+by measurement like the tile sizes. Same arithmetic either way.
+
 dtypes: bf16 and fp16 run on the tensor cores with fp32 accumulation. fp32 inputs are computed
 through fp32 (`tl.dot` with input_precision="ieee", not tf32) so they match an fp32 reference;
 that path is for checking, not speed. float64 is refused.
@@ -92,15 +97,50 @@ def _dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, start, T, stride_t, stride_d,
-               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows [start, start + BLOCK) of one head's (T, HEAD_DIM) matrix at `base`, zero-padded to
-    (BLOCK, BLOCK_D). Rows past T load as zeros: the kernels rely on that (see _attn_bwd_dkdv)."""
-    rows = start + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BLOCK_D)
-    # int64 row offsets: one head of a strided (B, T, 3*H*D) qkv can span more than 2^31 elements.
-    ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_d
-    return tl.load(ptrs, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM), other=0.0)
+def _source(ptr, heads, T, stride_b, stride_h, stride_t,
+            BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What the tile loads of a (B, heads, T, D) tensor read: its pointer, or with TMA a tensor
+    descriptor of it in (1, 1, BLOCK, BLOCK_D) blocks, made on the device (its 128 bytes live in
+    the launch's global scratch). With TMA, D = BLOCK_D and D has unit stride (the launcher's
+    _use_tma); B is the grid's third axis in every kernel."""
+    if TMA:
+        src = tl.make_tensor_descriptor(ptr, [tl.num_programs(2), heads, T, BLOCK_D],
+                                        [stride_b, stride_h, stride_t, 1], [1, 1, BLOCK, BLOCK_D])
+    else:
+        src = ptr
+    return src
+
+
+@triton.jit
+def _head(src, b, h, stride_b, stride_h, TMA: tl.constexpr):
+    """Head (b, h) of a _source: the pointer to its (T, D) matrix, or the descriptor itself, which
+    the loads index by (b, h)."""
+    if TMA:
+        base = src
+    else:
+        base = src + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return base
+
+
+@triton.jit
+def _load_tile(base, b, h, start, T, stride_t, stride_d,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of head (b, h)'s (T, HEAD_DIM) matrix (`base` from _head),
+    zero-padded to (BLOCK, BLOCK_D). Rows past T load as zeros: the kernels rely on that (see
+    _attn_bwd_dkdv).
+
+    TMA: the copy engine moves the tile into shared memory, asynchronously and without address
+    arithmetic in the threads, and the descriptor's bounds supply the zeros."""
+    if TMA:
+        tile = base.load([b, h, start, 0]).reshape(BLOCK, BLOCK_D)
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK_D)
+        # int64 row offsets: one head of a strided (B, T, 3*H*D) qkv can span more than 2^31 elements.
+        ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_d
+        tile = tl.load(ptrs, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_DIM), other=0.0)
+    return tile
 
 
 @triton.jit
@@ -152,15 +192,15 @@ def _dropout_scale(seed, bh, rows, cols, dropout_p):
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, T, qk_scale,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
                     seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                    FP32_DOT: tl.constexpr):
+                    FP32_DOT: tl.constexpr, TMA: tl.constexpr):
     """Fold key/value tiles [lo, hi) into the running (acc, l_i, m_i) of a query tile."""
     for start_n in range(lo, hi, BLOCK_N):
-        k = _load_tile(k_base, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM)
-        v = _load_tile(v_base, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
+        k = _load_tile(k_base, b, hk, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        v = _load_tile(v_base, b, hk, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
         s = _dot(q, tl.trans(k), None, FP32_DOT) * qk_scale  # base-2 logits
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -196,6 +236,7 @@ def _attn_fwd(
     CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr,  # see _dot
+    TMA: tl.constexpr,  # load q, k, v through tensor descriptors (see _source)
 ):
     # Causal query tiles near the end of the sequence do the most work: start them first so the
     # short ones fill the tail of the launch.
@@ -204,14 +245,16 @@ def _attn_fwd(
     b = tl.program_id(2)
     bh = b * H + h
     hk = h // GROUP  # grouped-query attention: the kv head this query head reads
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    q_src = _source(q_ptr, H, T, stride_qb, stride_qh, stride_qt, BLOCK_M, BLOCK_D, TMA)
+    k_src = _source(k_ptr, H // GROUP, T, stride_kb, stride_kh, stride_kt, BLOCK_N, BLOCK_D, TMA)
+    v_src = _source(v_ptr, H // GROUP, T, stride_vb, stride_vh, stride_vt, BLOCK_N, BLOCK_D, TMA)
+    k_base = _head(k_src, b, hk, stride_kb, stride_kh, TMA)
+    v_base = _head(v_src, b, hk, stride_vb, stride_vh, TMA)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(q_base, start_m, T, stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = _load_tile(_head(q_src, b, h, stride_qb, stride_qh, TMA), b, h, start_m, T,
+                   stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -219,17 +262,17 @@ def _attn_fwd(
 
     # Unmasked key tiles first, then the tiles that need a mask.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, full_hi, T,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, 0, full_hi, T,
                                     qk_scale, seed, bh, dropout_p,
-                                    stride_kt, stride_kd, stride_vt, stride_vd,
-                                    BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, full_hi, masked_hi, T,
-                                    qk_scale, seed, bh, dropout_p,
-                                    stride_kt, stride_kd, stride_vt, stride_vd,
-                                    BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT)
+                                    stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, full_hi,
+                                    masked_hi, T, qk_scale, seed, bh, dropout_p,
+                                    stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
-    _store_tile(o_base, start_m, T, stride_ot, stride_od, acc / l_i[:, None],
-                BLOCK_M, BLOCK_D, HEAD_DIM)
+    _store_tile(_head(o_ptr, b, h, stride_ob, stride_oh, False), start_m, T, stride_ot, stride_od,
+                acc / l_i[:, None], BLOCK_M, BLOCK_D, HEAD_DIM)
     tl.store(lse_ptr + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
@@ -247,26 +290,27 @@ def _attn_bwd_delta(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
-    o = _load_tile(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, start_m, T,
-                   stride_ot, stride_od, BLOCK_M, BLOCK_D, HEAD_DIM)
-    do = _load_tile(do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m, T,
-                    stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM)
+    o = _load_tile(_head(o_ptr, b, h, stride_ob, stride_oh, False), b, h, start_m, T,
+                   stride_ot, stride_od, BLOCK_M, BLOCK_D, HEAD_DIM, False)
+    do = _load_tile(_head(do_ptr, b, h, stride_dob, stride_doh, False), b, h, start_m, T,
+                    stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     tl.store(delta_ptr + (b * H + h).to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, lo, hi, T,
-                         qk_scale, seed, bh, dropout_p,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base, offs_n, lo, hi,
+                         T, qk_scale, seed, bh, dropout_p,
                          stride_qt, stride_qd, stride_dot, stride_dod,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                          MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                         FP32_DOT: tl.constexpr):
+                         FP32_DOT: tl.constexpr, TMA: tl.constexpr):
     """Add query tiles [lo, hi) of one query head to a key tile's (dk, dv), transposed: (keys, rows)."""
     for start_m in range(lo, hi, BLOCK_M):
-        q = _load_tile(q_base, start_m, T, stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM)
-        do = _load_tile(do_base, start_m, T, stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM)
+        q = _load_tile(q_base, b, h, start_m, T, stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+        do = _load_tile(do_base, b, h, start_m, T, stride_dot, stride_dod, BLOCK_M, BLOCK_D,
+                        HEAD_DIM, TMA)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
@@ -308,15 +352,20 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr,  # see _dot
+    TMA: tl.constexpr,  # load q, k, v, dO through tensor descriptors (see _source)
 ):
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
     b = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, start_n, T,
-                   stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM)
-    v = _load_tile(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, start_n, T,
-                   stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
+    k_src = _source(k_ptr, H // GROUP, T, stride_kb, stride_kh, stride_kt, BLOCK_N, BLOCK_D, TMA)
+    v_src = _source(v_ptr, H // GROUP, T, stride_vb, stride_vh, stride_vt, BLOCK_N, BLOCK_D, TMA)
+    q_src = _source(q_ptr, H, T, stride_qb, stride_qh, stride_qt, BLOCK_M, BLOCK_D, TMA)
+    do_src = _source(do_ptr, H, T, stride_dob, stride_doh, stride_dot, BLOCK_M, BLOCK_D, TMA)
+    k = _load_tile(_head(k_src, b, hk, stride_kb, stride_kh, TMA), b, hk, start_n, T,
+                   stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+    v = _load_tile(_head(v_src, b, hk, stride_vb, stride_vh, TMA), b, hk, start_n, T,
+                   stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     seed = _dropout_seed(seed_ptr, DROPOUT)
@@ -326,8 +375,8 @@ def _attn_bwd_dkdv(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        q_base = _head(q_src, b, h, stride_qb, stride_qh, TMA)
+        do_base = _head(do_src, b, h, stride_dob, stride_doh, TMA)
         lse_base = lse_ptr + bh.to(tl.int64) * T
         delta_base = delta_ptr + bh.to(tl.int64) * T
         # Query rows past T need no mask: they load as zeros (q, dO, lse, delta), so their
@@ -335,34 +384,34 @@ def _attn_bwd_dkdv(
         # query tiles before it cannot see these keys and are skipped.
         if CAUSAL:
             diag_hi = tl.minimum(start_n + BLOCK_N, T)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n,
-                                          start_n, diag_hi, T, qk_scale, seed, bh, dropout_p,
-                                          stride_qt, stride_qd, stride_dot, stride_dod,
-                                          BLOCK_M, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base,
+                                          offs_n, start_n, diag_hi, T, qk_scale, seed, bh, dropout_p,
+                                          stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
+                                          BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
             full_lo = start_n + BLOCK_N
         else:
             full_lo = 0
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n,
-                                      full_lo, T, T, qk_scale, seed, bh, dropout_p,
-                                      stride_qt, stride_qd, stride_dot, stride_dod,
-                                      BLOCK_M, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base,
+                                      offs_n, full_lo, T, T, qk_scale, seed, bh, dropout_p,
+                                      stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
+                                      BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
-    _store_tile(dk_ptr + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, start_n, T,
+    _store_tile(_head(dk_ptr, b, hk, stride_dkb, stride_dkh, False), start_n, T,
                 stride_dkt, stride_dkd, dk * sm_scale, BLOCK_N, BLOCK_D, HEAD_DIM)
-    _store_tile(dv_ptr + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, start_n, T,
+    _store_tile(_head(dv_ptr, b, hk, stride_dkb, stride_dkh, False), start_n, T,
                 stride_dkt, stride_dkd, dv, BLOCK_N, BLOCK_D, HEAD_DIM)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, lo, hi, T, qk_scale,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
                        seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                       FP32_DOT: tl.constexpr):
+                       FP32_DOT: tl.constexpr, TMA: tl.constexpr):
     """Add key tiles [lo, hi) to a query tile's dq."""
     for start_n in range(lo, hi, BLOCK_N):
-        k = _load_tile(k_base, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM)
-        v = _load_tile(v_base, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM)
+        k = _load_tile(k_base, b, hk, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        v = _load_tile(v_base, b, hk, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
         s = _dot(q, tl.trans(k), None, FP32_DOT) * qk_scale
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -398,21 +447,26 @@ def _attn_bwd_dq(
     CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr,  # see _dot
+    TMA: tl.constexpr,  # load q, k, v, dO through tensor descriptors (see _source)
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first, as the forward
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
     hk = h // GROUP
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q_src = _source(q_ptr, H, T, stride_qb, stride_qh, stride_qt, BLOCK_M, BLOCK_D, TMA)
+    do_src = _source(do_ptr, H, T, stride_dob, stride_doh, stride_dot, BLOCK_M, BLOCK_D, TMA)
+    k_src = _source(k_ptr, H // GROUP, T, stride_kb, stride_kh, stride_kt, BLOCK_N, BLOCK_D, TMA)
+    v_src = _source(v_ptr, H // GROUP, T, stride_vb, stride_vh, stride_vt, BLOCK_N, BLOCK_D, TMA)
+    k_base = _head(k_src, b, hk, stride_kb, stride_kh, TMA)
+    v_base = _head(v_src, b, hk, stride_vb, stride_vh, TMA)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, start_m, T,
-                   stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM)
-    do = _load_tile(do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m, T,
-                    stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = _load_tile(_head(q_src, b, h, stride_qb, stride_qh, TMA), b, h, start_m, T,
+                   stride_qt, stride_qd, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+    do = _load_tile(_head(do_src, b, h, stride_dob, stride_doh, TMA), b, h, start_m, T,
+                    stride_dot, stride_dod, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -420,13 +474,13 @@ def _attn_bwd_dq(
 
     # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, 0, full_hi, T, qk_scale,
-                            seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
-                            BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, offs_m, full_hi, masked_hi, T,
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, 0, full_hi, T,
                             qk_scale, seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
-                            BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT)
-    _store_tile(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, start_m, T,
+                            BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, full_hi, masked_hi,
+                            T, qk_scale, seed, bh, dropout_p, stride_kt, stride_kd, stride_vt,
+                            stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
+    _store_tile(_head(dq_ptr, b, h, stride_dqb, stride_dqh, False), start_m, T,
                 stride_dqt, stride_dqd, dq * sm_scale, BLOCK_M, BLOCK_D, HEAD_DIM)
 
 
@@ -439,6 +493,7 @@ class _Config(NamedTuple):
     block_n: int  # key rows: per step in "fwd" and "dq", per program in "dkdv"
     num_warps: int
     num_stages: int  # software-pipelining depth of the streamed tiles (shared memory per stage)
+    tma: bool = False  # load q, k, v, dO tiles through tensor descriptors where _use_tma allows
 
 
 def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
@@ -447,14 +502,17 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 
 # Per GPU generation (keyed by the smallest compute-capability major it serves) and padded head
 # dim. INITIAL values, not yet timed: inside the ranges the Triton tutorial and FlashAttention-2
-# use, and only checked to compile (ptxas for sm80/sm90, no GPU) with no register spills beyond a
-# few bytes when dropout is off (the Philox rounds add some with it). To be replaced by measured
+# use, and only checked to compile (ptxas for sm80/sm90, no GPU), spilling at most a few hundred
+# bytes of registers (the Philox rounds of dropout add to it). To be replaced by measured
 # entries: bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. A new
 # generation (e.g. 10 for Blackwell) slots in as another key. Each pass owns a large tile and
 # streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k, v, dk and dv in
 # registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
 # Ampere and the Ada cards with ~100 KB of shared memory: 64-row tiles, 2 stages. sm90 (228 KB)
-# owns 128 query rows.
+# owns 128 query rows. TMA loads (sm90+) stay off until measured: compiled for sm90 (triton 3.6
+# and 3.8, these tables, bf16), the same tiles take 10-50% fewer registers through descriptors
+# (no 64-bit tile addresses in the threads) and most of the pointer path's spills (D = 128 dkdv
+# in 3.6, several passes with dropout) vanish, but whether that buys time is the tuner's call.
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
@@ -483,6 +541,38 @@ def _config(q: torch.Tensor, which: str) -> _Config:
     return cfg
 
 
+def _use_tma(cfg: _Config, *tensors: torch.Tensor) -> bool:
+    """Whether a launch with `cfg` loads the tiles of `tensors` through TMA descriptors: the
+    configuration asks for it, the GPU has the tensor copy engine (sm90+; the interpreter emulates
+    it), the dtype is 16-bit, D is a power of two (a tile row is a whole head row) and every
+    tensor has the layout the copy engine needs: unit stride on D, its other strides and its start
+    multiples of 16 bytes (the model's qkv views qualify when the width is a multiple of 8).
+    Otherwise the same configuration loads through pointers: tma is a speed choice, never a
+    restriction."""
+    q = tensors[0]
+    if not cfg.tma or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (32, 64, 128):
+        return False
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+
+    def aligned(t: torch.Tensor) -> bool:
+        # The storage's own start is aligned (torch's allocators give 16 bytes and more); the
+        # offset is checked instead of data_ptr, which tensors traced by torch.compile lack.
+        size = t.element_size()
+        return (t.stride(-1) == 1 and t.storage_offset() * size % 16 == 0
+                and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+    return all(aligned(t) for t in tensors)
+
+
+def _tma_flag(cfg: _Config, *tensors: torch.Tensor) -> bool:
+    """A launch's TMA constexpr (_use_tma); when set, Triton is given the allocator of the
+    descriptors' global scratch first."""
+    tma = _use_tma(cfg, *tensors)
+    if tma:
+        runtime.set_scratch_allocator()
+    return tma
+
+
 def _dense_stride1(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its head dim is contiguous (any other strides are fine), else a copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -507,13 +597,14 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     Hkv = k.shape[1]
     o = _empty_bthd(B, H, T, D, q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    tma = _tma_flag(cfg, q, k, v)
     with runtime.on_device(q):
         runtime.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
             CAUSAL=causal, DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
@@ -548,11 +639,12 @@ def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Te
     dk = _empty_bthd(B, Hkv, T, D, k)
     dv = _empty_bthd(B, Hkv, T, D, v)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
+    tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
         runtime.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
             q, k, v, do, lse, delta, dk, dv, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **constexprs,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dk, dv
 
@@ -565,11 +657,12 @@ def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tens
     Hkv = k.shape[1]
     dq = _empty_bthd(B, H, T, D, q)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
+    tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
         runtime.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, do, lse, delta, dq, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **constexprs,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq
 

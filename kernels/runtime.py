@@ -34,9 +34,10 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     return None
 
 
+import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+
 if INTERPRET:
     import numpy
-    import triton
 
     if (problem := interpreter_problem(triton.__version__, numpy.__version__)) is not None:
         warnings.warn(problem, stacklevel=2)
@@ -71,3 +72,18 @@ def on_device(t: torch.Tensor):
     if t.device.type != "cuda" or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # torch's caching allocator on the current device (on_device has set it); its blocks are
+    # 512-byte aligned, more than any alignment Triton asks for.
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def set_scratch_allocator() -> None:
+    """Give Triton the allocator its launches take global scratch from (device-side tensor
+    descriptors keep their 128 bytes there). Triton keeps it in a context variable, and autograd
+    runs the backward in a thread of its own, so each launch that needs scratch sets it first, as
+    torch.compile's launcher does for its kernels."""
+    if not INTERPRET:  # the interpreter keeps descriptors on the host
+        triton.set_allocator(_scratch)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import kernels
-from tests.devices import skip_unless_triton_runs
+from kernels import attention
+from tests.devices import interpreter_only, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -203,6 +204,74 @@ def test_dropout_gradients(causal, device):
         assert_as_accurate(g, leaf32.grad, leaf.grad, f"dropout {name}")
 
 
+# --- TMA (tensor-descriptor) loads -----------------------------------------------------------------
+
+@pytest.fixture
+def tma_loads(monkeypatch):
+    """Every launch of the op asks for TMA loads. The tables choose them per GPU by measurement;
+    these tests check the descriptor path itself wherever it runs (the interpreter, sm90+)."""
+    config = attention._config
+    monkeypatch.setattr(attention, "_config", lambda q, which: config(q, which)._replace(tma=True))
+
+
+def tma_runs(q) -> bool:
+    return attention._use_tma(attention._config(q, "fwd"), q)
+
+
+# Causal and not, grouped and not, every power-of-two head dim, T off the tile, the model's views
+TMA_CASES = [
+    (1, 2, 2, 130, 32, True, torch.bfloat16, "contiguous"),
+    (1, 4, 2, 67, 64, True, torch.bfloat16, "qkv"),
+    (2, 2, 1, 45, 128, False, torch.float16, "qkv"),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,causal,dtype,layout", TMA_CASES)
+def test_tma_matches_float64(B, H, Hkv, T, D, causal, dtype, layout, device, tma_loads):
+    device = triton_device(device)
+    q = make_qkv(B, H, Hkv, T, D, dtype, device, layout)[0]
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        assert not tma_runs(q)  # the pointer path, checked by the other tests
+    else:
+        assert tma_runs(q)
+    check_against_float64("triton", B, H, Hkv, T, D, causal, dtype, device, layout)
+
+
+@interpreter_only
+@pytest.mark.parametrize("causal,dropout_p", [(True, 0.3), (False, 0.0)])
+def test_tma_loads_the_same_tiles(causal, dropout_p):
+    """In the interpreter both paths load the same values and do the same arithmetic: every output
+    of all three passes is bit-identical, rows past T (zero padding) and dropout included."""
+    cfgs = attention._INTERPRETER_CONFIGS
+    q, k, v = (t.detach() for t in make_qkv(2, 4, 2, 37, 32, torch.bfloat16, "cpu", "qkv"))
+    seed = torch.tensor([1234]) if dropout_p else None
+    results = []
+    for tma in (False, True):
+        fwd, dkdv, dq = (cfgs[w]._replace(tma=tma) for w in ("fwd", "dkdv", "dq"))
+        assert attention._use_tma(fwd, q, k, v) == tma
+        o, lse = attention._launch_fwd(q, k, v, causal, dropout_p, seed, fwd)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o.dtype)
+        results.append((o, lse, *attention._launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed,
+                                                        fwd, dkdv, dq)))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
+
+
+def test_tma_only_where_the_copy_engine_can():
+    """Layouts the copy engine cannot take load through pointers with the same configuration."""
+    cfg = attention._INTERPRETER_CONFIGS["fwd"]._replace(tma=True)
+    x = torch.zeros(2, 37, 3 * 4 * 64, dtype=torch.bfloat16)
+    q = x[..., :256].view(2, 37, 4, 64).transpose(1, 2)
+    assert attention._use_tma(cfg, q, q, q)
+    assert not attention._use_tma(cfg._replace(tma=False), q)
+    assert not attention._use_tma(cfg, q.float())  # fp32: the checking path
+    assert not attention._use_tma(cfg, torch.zeros(1, 1, 8, 96, dtype=torch.bfloat16))  # D not 2^k
+    shifted = x[..., 1:257].view(2, 37, 4, 64).transpose(1, 2)  # starts 2 bytes in
+    assert not attention._use_tma(cfg, q, shifted, q)
+    odd_rows = torch.zeros(2, 37, 4 * 64 + 1, dtype=torch.bfloat16)[..., :256]  # rows 514 bytes apart
+    assert not attention._use_tma(cfg, odd_rows.view(2, 37, 4, 64).transpose(1, 2))
+
+
 def test_bad_inputs():
     f = kernels.get("attention", "triton")
     q = torch.randn(1, 4, 8, 64)
@@ -238,9 +307,13 @@ def test_long_sequences_cuda(T, causal, D):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_torch_compile_cuda():
+@pytest.mark.parametrize("tma", [False, True])
+def test_torch_compile_cuda(tma, request):
     """Under torch.compile the ops run the same kernels: same output and gradients as eager, and
-    dropout compiles without a graph break (the seed is drawn on the device)."""
+    dropout compiles without a graph break (the seed is drawn on the device). With TMA loads too:
+    the descriptors are made inside the traced op."""
+    if tma:
+        request.getfixturevalue("tma_loads")
     f = kernels.get("attention", "triton")
     q, k, v = make_qkv(2, 8, 2, 300, 64, torch.bfloat16, "cuda", "qkv")
     do = torch.randn_like(q)

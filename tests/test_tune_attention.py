@@ -31,14 +31,17 @@ def test_smoke_run_verifies_candidates_and_picks_a_winner_per_pass(monkeypatch, 
     entry = result["head_dims"]["32"]
     for which in PASSES:
         records = entry["passes"][which]["candidates"]
-        assert len(records) == 2 and records[0]["default"] and not records[1]["default"]
+        assert len(records) == 3 and records[0]["default"] and not records[1]["default"]
+        # The third: the TMA twin of the fastest verified pointer-load candidate.
+        assert records[2]["config"][4] and not any(r["config"][4] for r in records[:2])
+        assert records[2]["config"][:4] in [r["config"][:4] for r in records[:2] if r.get("verified")]
         chosen = [r for r in records if r["config"] == entry["passes"][which]["winner"]]
         assert chosen and chosen[0]["verified"] and chosen[0]["ms"] > 0, (which, records)
     fwd = entry["passes"]["fwd"]["candidates"]
     assert all(r["verified"] for r in fwd), fwd
-    dkdv, dq = entry["passes"]["dkdv"]["candidates"][1], entry["passes"]["dq"]["candidates"][1]
-    assert dkdv["skipped"].startswith("OutOfResources") and "verified" not in dkdv
-    assert not dq["verified"] and "a head" in dq["check"]
+    for dkdv, dq in zip(entry["passes"]["dkdv"]["candidates"][1:], entry["passes"]["dq"]["candidates"][1:]):
+        assert dkdv["skipped"].startswith("OutOfResources") and "verified" not in dkdv
+        assert not dq["verified"] and "a head" in dq["check"]
     assert entry["passes"]["dkdv"]["winner"] == entry["passes"]["dkdv"]["current"]
     assert entry["passes"]["dq"]["winner"] == entry["passes"]["dq"]["current"]
     # The winners against the current configuration at the tuning T and another, both verified.
