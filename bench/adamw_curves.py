@@ -2,7 +2,7 @@
 
     python -m bench.adamw_curves run --out DIR [--scale gpu|cpu] [--max-iters N]
                                      [--variants adamw,bf16_sr,...] [--eval-iters N]
-                                     [--set key=value ...]
+                                     [--set key=value ...] [--jobs N]
     python -m bench.adamw_curves plot --out DIR [--png PATH] [--md PATH]
 
 Variants, all with dtype=bfloat16:
@@ -32,6 +32,9 @@ Scales:
 
 Each variant runs train.py in a subprocess (`sys.executable train.py ...`): a fresh process per
 run, so no seed, compiled graph, Dynamo cache or backend flag carries from one run to the next.
+--jobs N runs N of them at once on the same device: the baby GPT leaves most of a large GPU idle,
+and the losses are the same either way (each run is its own seeded process); only ms/step and the
+wall time, which the table marks, are then shared-device figures.
 Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script adds a first record
 {"event": "start", ...} (device, versions, the train.py arguments) and a last one {"event": "end",
 "wall_s", "returncode"}, and deletes the checkpoints train.py saved (only the logs are kept).
@@ -39,6 +42,7 @@ Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script adds 
 against the step, and a markdown table.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,9 +51,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TAIL_LINES = 15  # of a concurrent run's output, printed when it ends
 
 VARIANTS = {
     "adamw": ("(a) torch AdamW, fp32 master weights", ["--optimizer=adamw"]),
@@ -110,8 +116,60 @@ def append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+@dataclass
+class _Run:
+    variant: str
+    log: Path
+    proc: subprocess.Popen
+    start: float
+    output: Path | None  # where a concurrent run's console output goes, else None (the console)
+
+
+def _launch(out: Path, scale: str, variant: str, max_iters, eval_iters, extra, device: str, jobs: int,
+            prov: dict) -> _Run:
+    run_dir = out / variant
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "log.jsonl"
+    log.unlink(missing_ok=True)  # train.py appends: a rerun starts a fresh log
+    args = train_args(scale, variant, run_dir.resolve(), max_iters, eval_iters, extra)
+    append(log, dict(event="start", variant=variant, label=VARIANTS[variant][0], scale=scale, device=device,
+                     jobs=jobs, train_args=args, **prov))
+    print(f"== {variant}: {VARIANTS[variant][0]}\n   python train.py {' '.join(args)}", flush=True)
+    output = run_dir / "train.out" if jobs > 1 else None
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # the runs share the cores rather than oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    with open(output, "w") if output else contextlib.nullcontext() as sink:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT if sink else None)
+    return _Run(variant, log, proc, time.perf_counter(), output)
+
+
+def _finish(r: _Run) -> int:
+    """Close a finished run: its end record, its checkpoints deleted (only the log is kept), the
+    tail of a concurrent run's output, a summary line. Its exit status."""
+    wall = time.perf_counter() - r.start
+    append(r.log, dict(event="end", variant=r.variant, wall_s=round(wall, 1), returncode=r.proc.returncode))
+    for ckpt in ("ckpt.pt", "ckpt.dcp"):
+        path = r.log.parent / ckpt
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if r.output:
+        lines = r.output.read_text(errors="replace").splitlines()
+        r.output.unlink()
+        print(f"== {r.variant}: the last lines of its output\n" + "\n".join(lines[-TAIL_LINES:]), flush=True)
+    evals = [x for x in read_log(r.log) if "val_loss" in x]
+    last = f"val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['iter']}" if evals else "no evaluation"
+    print(f"== {r.variant}: {last}, {wall:.0f} s, exit status {r.proc.returncode}", flush=True)
+    return r.proc.returncode
+
+
 def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_iters: int | None,
-        extra: list[str]) -> int:
+        extra: list[str], jobs: int = 1) -> int:
+    """Train `variants`, `jobs` of them at a time (each its own train.py process; with more than
+    one, their console output goes to a file and its tail is printed when the run ends)."""
     import torch
 
     from bench.measure import provenance
@@ -119,32 +177,19 @@ def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_
     if scale == "gpu" and not torch.cuda.is_available():
         raise SystemExit("bench.adamw_curves: --scale gpu needs a CUDA GPU (use --scale cpu on a CPU)")
     out.mkdir(parents=True, exist_ok=True)
-    device = device_name(scale)
-    failed = []
-    for variant in variants:
-        run_dir = out / variant
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = run_dir / "log.jsonl"
-        log.unlink(missing_ok=True)  # train.py appends: a rerun starts a fresh log
-        args = train_args(scale, variant, run_dir.resolve(), max_iters, eval_iters, extra)
-        append(log, dict(event="start", variant=variant, label=VARIANTS[variant][0], scale=scale, device=device,
-                         train_args=args, **provenance()))
-        print(f"== {variant}: {VARIANTS[variant][0]}\n   python train.py {' '.join(args)}", flush=True)
-        start = time.perf_counter()
-        returncode = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT).returncode
-        wall = time.perf_counter() - start
-        append(log, dict(event="end", variant=variant, wall_s=round(wall, 1), returncode=returncode))
-        for ckpt in ("ckpt.pt", "ckpt.dcp"):  # only the log is kept
-            path = run_dir / ckpt
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        evals = [r for r in read_log(log) if "val_loss" in r]
-        last = f"val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['iter']}" if evals else "no evaluation"
-        print(f"== {variant}: {last}, {wall:.0f} s, exit status {returncode}", flush=True)
-        if returncode:
-            failed.append(variant)
+    device, prov = device_name(scale), provenance()
+    jobs = min(jobs, len(variants))
+    queue, running, failed = list(variants), [], []
+    while queue or running:
+        while queue and len(running) < jobs:
+            running.append(_launch(out, scale, queue.pop(0), max_iters, eval_iters, extra, device, jobs, prov))
+        done = [r for r in running if r.proc.poll() is not None]
+        if not done:
+            time.sleep(0.2)
+        for r in done:
+            running.remove(r)
+            if _finish(r):
+                failed.append(r.variant)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -173,6 +218,7 @@ def summarize(records: list[dict]) -> dict:
                 final_val=evals[-1]["val_loss"] if evals else None,
                 final_train=evals[-1]["train_loss"] if evals else None,
                 best_val=best["val_loss"] if best else None, best_iter=best["iter"] if best else None,
+                jobs=start.get("jobs", 1),
                 step_ms=statistics.median(r["step_ms"] for r in timed) if timed else None,
                 wall_s=end.get("wall_s"), returncode=end.get("returncode"))
 
@@ -213,7 +259,9 @@ def caption(runs: list[dict]) -> str:
             f"{SEED['warmup_iters']} warm-up steps, weight decay {SEED['weight_decay']:g}, beta2 {SEED['beta2']:g}, "
             f"dropout {SEED['dropout']:g}, no clipping, dtype bfloat16. Losses are train.py's evaluations; "
             f"ms/step is the median of the logged step times (evaluation excluded, first step excluded); "
-            f"wall is the whole train.py process (start-up, compilation and evaluations included).\n")
+            f"wall is the whole train.py process (start-up, compilation and evaluations included)"
+            + (f"; {max(r['jobs'] for r in runs)} runs shared the device at a time, so ms/step and wall are "
+               f"not single-run figures" if any(r["jobs"] > 1 for r in runs) else "") + ".\n")
 
 
 def plot(out: Path, png: Path, md: Path | None) -> int:
@@ -278,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(VARIANTS)} (to split the runs between calls)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any further train.py setting, applied last (repeatable)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants trained at once, sharing the device (the losses do not depend on it; "
+                        "ms/step and wall time do)")
     q = sub.add_parser("plot", help="the PNG and the markdown table from the logs under --out")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--png", type=Path, help="default: OUT/adamw_curves.png")
@@ -289,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not variants:
             parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
         extra = [f"--{kv.removeprefix('--')}" for kv in args.set]
-        return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra)
+        if args.jobs < 1:
+            parser.error(f"--jobs must be at least 1, got {args.jobs}")
+        return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra, args.jobs)
     return plot(args.out, args.png or args.out / "adamw_curves.png", args.md)
 
 

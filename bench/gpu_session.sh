@@ -4,10 +4,12 @@
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
 #   bash bench/gpu_session.sh ops       # the per-op benchmarks (bench/op_*.py)
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
-#   bash bench/gpu_session.sh tune      # bench.tune_attention: measured flash-attention launch configs
+#   bash bench/gpu_session.sh tune [D]  # bench.tune_attention: measured flash-attention launch configs
+#                                       # for head dim D (64 or 128; default both, which may not fit
+#                                       # one call: about 95 candidates per D, TMA twins included)
 #   bash bench/gpu_session.sh curves [VARIANTS]  # bench.adamw_curves: the baby GPT, 5000 steps per AdamW
-#                                       # variant (default all four: adamw,bf16_nearest,bf16_sr,bf16_kahan;
-#                                       # about 3 min each, so two per call)
+#                                       # variant (default all four: adamw,bf16_nearest,bf16_sr,bf16_kahan),
+#                                       # four runs at once on the one GPU (--jobs 4)
 # Results land in $OUT (at most 8 files come back, so each stage writes few): commit the profiles
 # and the numbers in README with the device, date and versions, and paste the printed tune table
 # into kernels/attention.py's _GPU_CONFIGS.
@@ -40,12 +42,14 @@ case "$1" in
         --json "$OUT/mfu-$preset.json" 2>&1 | tee -a "$log"
     done ;;
   tune)
-    python -m bench.tune_attention --json "$OUT/tune_attention.json" 2>&1 | tee -a "$log" ;;
+    dims=${2:-64,128}
+    python -m bench.tune_attention --d "$dims" --json "$OUT/tune_attention-${dims/,/-}.json" 2>&1 | tee -a "$log" ;;
   curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl): the runs' checkpoints are deleted
-    python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}" \
+    python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
+      --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}" \
       2>&1 | tee -a "$log"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|tune|profiles|ops|mfu|curves [VARIANTS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh tests|tune [D]|profiles|ops|mfu|curves [VARIANTS]" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time

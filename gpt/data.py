@@ -21,7 +21,9 @@ BUILDERS = ("shakespeare_char", "shakespeare", "openwebtext")
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write `path` whole or not at all, also when several processes build the same dataset at
+    once (runs started together): each writes its own temporary file, then renames it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
     os.replace(tmp, path)
@@ -41,10 +43,11 @@ def build_shakespeare_char(out: Path) -> None:
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     itos = dict(enumerate(chars))
-    for split, part in zip(("train", "val"), _split(text)):
-        _write_tokens(out / f"{split}.bin", [stoi[c] for c in part])
+    # meta.pkl first: once train.bin and val.bin exist, prepare() takes the dataset as built.
     meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
     _write_atomic(out / "meta.pkl", lambda f: pickle.dump(meta, f))
+    for split, part in zip(("train", "val"), _split(text)):
+        _write_tokens(out / f"{split}.bin", [stoi[c] for c in part])
 
 
 def build_shakespeare(out: Path) -> None:

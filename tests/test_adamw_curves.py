@@ -1,5 +1,6 @@
 """bench.adamw_curves on CPU at a few steps: the four variants train through train.py (one
-subprocess each), their logs hold what `plot` reads, and `plot` writes the PNG and the table."""
+subprocess each, two at a time), their logs hold what `plot` reads, and `plot` writes the PNG and
+the table."""
 import importlib.util
 import json
 
@@ -15,7 +16,8 @@ TINY = ["--max-iters", "4", "--eval-iters", "2", "--set", "eval_interval=2", "--
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("curves")
     data = tmp_path_factory.mktemp("data")
-    assert adamw_curves.main(["run", "--out", str(out), "--scale", "cpu", *TINY, "--set", f"data_dir={data}"]) == 0
+    assert adamw_curves.main(["run", "--out", str(out), "--scale", "cpu", *TINY, "--set", f"data_dir={data}",
+                              "--jobs", "2"]) == 0
     return out
 
 
@@ -26,6 +28,7 @@ def test_run_writes_one_log_per_variant_and_no_checkpoint(runs):
         records = [json.loads(line) for line in (runs / variant / "log.jsonl").read_text().splitlines()]
         start, end = records[0], records[-1]
         assert start["event"] == "start" and start["variant"] == variant and start["scale"] == "cpu"
+        assert start["jobs"] == 2  # and each run's console output, in a file meanwhile, is gone
         assert start["device"].startswith("CPU")
         args = start["train_args"]
         assert args[0] == "config/train_shakespeare_char_cpu.py"
@@ -58,6 +61,7 @@ def test_plot_writes_the_png_and_the_table(runs, tmp_path):
     png, md = tmp_path / "curves.png", tmp_path / "curves.md"
     assert adamw_curves.main(["plot", "--out", str(runs), "--png", str(png), "--md", str(md)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 runs shared the device at a time" in md.read_text()
     rows = [line for line in md.read_text().splitlines() if line.startswith("| (")]
     assert [row.split(" | ")[0][2:] for row in rows] == [label for label, _ in adamw_curves.VARIANTS.values()]
     for row in rows:
