@@ -558,9 +558,11 @@ def _use_tma(cfg: _Config, *tensors: torch.Tensor) -> bool:
     def aligned(t: torch.Tensor) -> bool:
         # The storage's own start is aligned (torch's allocators give 16 bytes and more); the
         # offset is checked instead of data_ptr, which tensors traced by torch.compile lack.
+        # Broadcast dims (stride 0, e.g. an expanded dO) go through pointers.
         size = t.element_size()
         return (t.stride(-1) == 1 and t.storage_offset() * size % 16 == 0
-                and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+                and all(s * size % 16 == 0 and (s > 0 or n == 1)
+                        for s, n in zip(t.stride()[:-1], t.shape)))
     return all(aligned(t) for t in tensors)
 
 

@@ -270,6 +270,9 @@ def test_tma_only_where_the_copy_engine_can():
     assert not attention._use_tma(cfg, q, shifted, q)
     odd_rows = torch.zeros(2, 37, 4 * 64 + 1, dtype=torch.bfloat16)[..., :256]  # rows 514 bytes apart
     assert not attention._use_tma(cfg, odd_rows.view(2, 37, 4, 64).transpose(1, 2))
+    expanded = torch.ones(1, 1, 1, 64, dtype=torch.bfloat16).expand(2, 4, 37, 64)  # e.g. dO of a sum
+    assert not attention._use_tma(cfg, q, q, q, expanded)
+    assert attention._use_tma(cfg, torch.zeros(1, 4, 37, 64, dtype=torch.bfloat16)[:, :1])  # one head
 
 
 def test_bad_inputs():
