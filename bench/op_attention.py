@@ -60,8 +60,23 @@ def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
     return result
 
 
+def launch_configs(device: str = "cuda") -> str:
+    """The triton backend's launch configuration of each pass at each head dim on `device`, as
+    kernels/attention.py's tables give them: which kernel variant the rows timed."""
+    import torch
+
+    from kernels import attention
+
+    parts = []
+    for D in HEAD_DIMS:
+        q = torch.empty(1, 1, 1, D, device=device, dtype=torch.bfloat16)
+        parts.append(f"D={D} " + " ".join(f"{w} {tuple(attention._config(q, w))}" for w in ("fwd", "dkdv", "dq")))
+    return "triton (block_m, block_n, warps, stages, tma): " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return backends.cli(__doc__, run, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}", argv)
+    title = f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}\n{launch_configs()}"
+    return backends.cli(__doc__, run, title, argv)
 
 
 if __name__ == "__main__":

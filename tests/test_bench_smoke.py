@@ -77,6 +77,12 @@ def test_attention_backward_is_fwd_bwd_less_fwd():
     assert "ms" not in entry["backends"]["torch"]
 
 
+def test_attention_names_the_launch_configs_it_timed():
+    line = op_attention.launch_configs("cpu")
+    assert line.startswith("triton (block_m, block_n, warps, stages, tma): D=64 fwd (")
+    assert "; D=128 " in line and line.count("False)") + line.count("True)") == 6
+
+
 def test_the_issues_shapes_and_work():
     """The full-size cases (built on the meta device: nothing allocated) are the issues' shapes."""
     assert [case("rms_norm", s, "meta").shape for s in op_norm.SHAPES] == [
