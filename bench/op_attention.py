@@ -60,13 +60,15 @@ def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
     return result
 
 
-def launch_configs(device: str = "cuda") -> str:
-    """The triton backend's launch configuration of each pass at each head dim on `device`, as
-    kernels/attention.py's tables give them: which kernel variant the rows timed."""
+def launch_configs(device: str | None = None) -> str:
+    """The triton backend's launch configuration of each pass at each head dim on `device` (this
+    machine's GPU by default, else the interpreter's), as kernels/attention.py's tables give them:
+    which kernel variant the rows timed."""
     import torch
 
     from kernels import attention
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     parts = []
     for D in HEAD_DIMS:
         q = torch.empty(1, 1, 1, D, device=device, dtype=torch.bfloat16)
