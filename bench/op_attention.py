@@ -77,8 +77,8 @@ def launch_configs(device: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    title = f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}\n{launch_configs()}"
-    return backends.cli(__doc__, run, title, argv)
+    print(launch_configs())
+    return backends.cli(__doc__, run, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}", argv)
 
 
 if __name__ == "__main__":
