@@ -77,8 +77,9 @@ def launch_configs(device: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    status = backends.cli(__doc__, run, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}", argv)
     print(launch_configs())
-    return backends.cli(__doc__, run, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}", argv)
+    return status
 
 
 if __name__ == "__main__":
