@@ -125,15 +125,13 @@ class _Run:
     output: Path | None  # where a concurrent run's console output goes, else None (the console)
 
 
-def _launch(out: Path, scale: str, variant: str, max_iters, eval_iters, extra, device: str, jobs: int,
-            prov: dict) -> _Run:
-    run_dir = out / variant
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _launch(run_dir: Path, variant: str, args: list[str], header: dict) -> _Run:
+    """Start train.py with `args` in its own process; its log's first record is `header` (scale,
+    device, jobs, versions) with the variant and the arguments."""
     log = run_dir / "log.jsonl"
     log.unlink(missing_ok=True)  # train.py appends: a rerun starts a fresh log
-    args = train_args(scale, variant, run_dir.resolve(), max_iters, eval_iters, extra)
-    append(log, dict(event="start", variant=variant, label=VARIANTS[variant][0], scale=scale, device=device,
-                     jobs=jobs, train_args=args, **prov))
+    append(log, dict(event="start", variant=variant, label=VARIANTS[variant][0], train_args=args, **header))
+    jobs = header["jobs"]
     print(f"== {variant}: {VARIANTS[variant][0]}\n   python train.py {' '.join(args)}", flush=True)
     output = run_dir / "train.out" if jobs > 1 else None
     env = dict(os.environ)
@@ -177,12 +175,16 @@ def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_
     if scale == "gpu" and not torch.cuda.is_available():
         raise SystemExit("bench.adamw_curves: --scale gpu needs a CUDA GPU (use --scale cpu on a CPU)")
     out.mkdir(parents=True, exist_ok=True)
-    device, prov = device_name(scale), provenance()
     jobs = min(jobs, len(variants))
+    header = dict(scale=scale, device=device_name(scale), jobs=jobs, **provenance())
     queue, running, failed = list(variants), [], []
     while queue or running:
         while queue and len(running) < jobs:
-            running.append(_launch(out, scale, queue.pop(0), max_iters, eval_iters, extra, device, jobs, prov))
+            variant = queue.pop(0)
+            run_dir = out / variant
+            run_dir.mkdir(parents=True, exist_ok=True)
+            args = train_args(scale, variant, run_dir.resolve(), max_iters, eval_iters, extra)
+            running.append(_launch(run_dir, variant, args, header))
         done = [r for r in running if r.proc.poll() is not None]
         if not done:
             time.sleep(0.2)
