@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU runs, in stages that each fit one 10-minute device call:
-#   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included)
+#   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
+#                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
 #   bash bench/gpu_session.sh ops       # the per-op benchmarks (bench/op_*.py)
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
 #   bash bench/gpu_session.sh tune [D]  # bench.tune_attention: measured flash-attention launch configs
-#                                       # for head dim D (64 or 128; default both, which may not fit
-#                                       # one call: about 95 candidates per D, TMA twins included)
+#                                       # for head dim D (64 or 128; default both: about 95 candidates
+#                                       # per D, TMA twins included, compiled ahead by 8 processes)
 #   bash bench/gpu_session.sh curves [VARIANTS]  # bench.adamw_curves: the baby GPT, 5000 steps per AdamW
 #                                       # variant (default all four: adamw,bf16_nearest,bf16_sr,bf16_kahan),
 #                                       # four runs at once on the one GPU (--jobs 4)
@@ -26,8 +27,19 @@ log="$OUT/$1.log"
   git rev-parse HEAD 2>/dev/null
 } > "$log" 2>&1
 case "$1" in
-  tests)
-    python -m pytest -q -ra 2>&1 | tee -a "$log" ;;
+  tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
+    export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
+    shards=${TEST_SHARDS:-6}
+    for i in $(seq 0 $((shards - 1))); do
+      TEST_SHARD=$i/$shards python -m pytest -q -ra -p no:cacheprovider > "$OUT/tests-part$i.tmp" 2>&1 &
+    done
+    failed=0
+    for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done
+    for i in $(seq 0 $((shards - 1))); do
+      echo "== TEST_SHARD=$i/$shards TEST_SEED=$TEST_SEED"
+      cat "$OUT/tests-part$i.tmp" && rm "$OUT/tests-part$i.tmp"
+    done 2>&1 | tee -a "$log"
+    echo "tests: $failed of $shards parts failed" | tee -a "$log" ;;
   profiles)
     for preset in gpt2 llama; do
       python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"

@@ -37,18 +37,23 @@ the same way): whether one table per D holds across T or a T bucket is needed. -
 everything: device, versions, date, every candidate, the winners and the comparison.
 
 About 70 candidates per D (63 at D = 128) and 24 TMA twins on sm90, each compiled once: compiling
-is most of the run. A call too short for both D can run `--d 64` and `--d 128` apart; the JSON is
-rewritten after every pass, so a run cut short keeps what it measured.
+would be most of the run, so --compile-jobs worker processes (min(8, CPUs) on a GPU) compile them
+ahead of each sweep, in parallel (see compile_ahead). A call too short for both D can run `--d 64`
+and `--d 128` apart; the JSON is rewritten after every pass, so a run cut short keeps what it
+measured.
 
 --smoke runs the same path at tiny shapes with two candidates and one TMA twin per pass (on CPU in
 Triton's interpreter, timed by the wall clock, not a speed figure): the test suite checks the
 tuner with it.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -239,7 +244,8 @@ def _references(q, k, v, do, lse, sample) -> tuple[dict, dict]:
     return result, bounds
 
 
-def problem(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
+def inputs(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
+    """The inputs of one shape and the current configuration's results, without references."""
     qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=DTYPE)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
     defaults = {which: attention._config(q, which) for which in PASSES}
@@ -250,11 +256,65 @@ def problem(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
     p = Problem(B, H, T, D, q, k, v, do, defaults, base, [], [])
     base.update(launch("dkdv", p, defaults["dkdv"]))
     base.update(launch("dq", p, defaults["dq"]))
+    return p
+
+
+def problem(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
+    """inputs(), with the float64 references and bounds of the sampled heads."""
+    p = inputs(B, H, T, D, device)
     for sample in SAMPLES:
-        ref, limits = _references(q, k, v, do, lse, sample)
+        ref, limits = _references(p.q, p.k, p.v, p.do, p.base["lse"], sample)
         p.refs.append(ref)
         p.bounds.append(limits)
     return p
+
+
+# --- Compiling ahead, in parallel ---------------------------------------------------------------
+# One process compiles on one core, and compiling is most of a sweep. Worker processes launch each
+# candidate once at the sweep's own shapes first, so Triton's disk cache holds every kernel (the
+# same source, constexprs and argument specializations give the same cache key) and the sweep then
+# loads them. Nothing a worker does is timed or trusted: a candidate that fails there is left for
+# the sweep to fail and report, and a pool that breaks only costs the time it saved.
+
+_worker_problem: dict[tuple, Problem] = {}
+
+
+def _compile_one(shape: tuple[int, int, int, int], which: str, cfg: tuple) -> str:
+    """In a worker: pass `which` of `shape` launched once with `cfg`; "ok" or why it failed."""
+    if shape not in _worker_problem:
+        _worker_problem.clear()
+        _worker_problem[shape] = inputs(*shape, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    p = _worker_problem[shape]
+    try:
+        with _direct_launches():
+            launch(which, p, _Config(*cfg))
+            _sync(p.q.device)
+    except Exception as e:
+        return _reason(e)
+    return "ok"
+
+
+def compile_ahead(pool, p: Problem, work: list[tuple[str, _Config]]) -> None:
+    """Each (pass, candidate) of `work` launched once in `pool`'s workers; nothing without a pool."""
+    if pool is None or not work:
+        return
+    start, shape = time.perf_counter(), (p.B, p.H, p.T, p.D)
+    try:
+        outcomes = list(pool.map(_compile_one, [shape] * len(work), [w for w, _ in work],
+                                 [tuple(c) for _, c in work]))
+    except Exception as e:  # a worker died (its launch broke the process): the sweep compiles the rest
+        print(f"compiling ahead stopped ({_reason(e)}): the sweeps compile what is left")
+        return
+    failed = sum(o != "ok" for o in outcomes)
+    print(f"compiled ahead: {len(work)} candidates in {time.perf_counter() - start:.0f} s "
+          f"({failed} failed there; the sweeps report why)")
+
+
+def compile_pool(jobs: int):
+    """A pool of `jobs` worker processes (spawned: CUDA does not survive a fork), or None."""
+    if jobs < 2:
+        return None
+    return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _worst_head_rel_err(out: torch.Tensor, base: torch.Tensor) -> float:
@@ -404,7 +464,7 @@ def _write(path: Path | None, result: dict) -> None:
         path.write_text(json.dumps(result, indent=1) + "\n")
 
 
-def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None) -> dict:
+def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     rates = gpu and not smoke
@@ -423,11 +483,14 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None) -> d
         p = problem(B, H, T, D, device)
         entry = result["head_dims"][str(D)] = {"shape": p.shape(), "passes": {}, "compare": []}
         winners = {}
+        sweeps = {which: candidates(which, D, p.defaults[which], device, smoke) for which in PASSES}
+        compile_ahead(pool, p, [(which, c) for which, cfgs in sweeps.items() for c in cfgs])
         for which in PASSES:
             start = time.perf_counter()
-            cfgs = candidates(which, D, p.defaults[which], device, smoke)
-            records = sweep(which, p, cfgs, sweep_timer, rates)
-            records += sweep(which, p, tma_twins(records, p, smoke), sweep_timer, rates)
+            records = sweep(which, p, sweeps[which], sweep_timer, rates)
+            twins = tma_twins(records, p, smoke)
+            compile_ahead(pool, p, [(which, c) for c in twins])
+            records += sweep(which, p, twins, sweep_timer, rates)
             best = winner(records)
             print_sweep(which, p, records, best, time.perf_counter() - start, unit)
             current = next(r for r in records if r["default"])
@@ -470,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every result to this path")
     parser.add_argument("--d", default="64,128", help="head dims to tune, comma-separated (32, 64, 128)")
     parser.add_argument("--t", type=int, default=4096, help="the tuning sequence length")
+    parser.add_argument("--compile-jobs", type=int, default=None,
+                        help="processes that compile the candidates ahead of the sweeps (default: "
+                             "min(8, CPUs) on a GPU, none in the interpreter)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes (D=32; --d and --t ignored), two candidates a pass: "
                              "checks the code path, on CPU too")
@@ -488,8 +554,14 @@ def main(argv: list[str] | None = None) -> int:
                   "(or `bash bench/gpu_session.sh tune`), then paste the printed entries into\n"
                   "kernels/attention.py's _GPU_CONFIGS. `--smoke` checks the code path here.")
             return 0
-    with _direct_launches():
-        tune(head_dims, T, args.smoke, args.json)
+    jobs = args.compile_jobs
+    if jobs is None:
+        jobs = min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0
+    with _direct_launches(), contextlib.ExitStack() as stack:
+        pool = compile_pool(jobs)
+        if pool is not None:
+            stack.enter_context(pool)
+        tune(head_dims, T, args.smoke, args.json, pool)
     return 0
 
 

@@ -12,7 +12,13 @@ style of flash-attention's Triton layer norm:
 
 Rows up to MAX_N = 65536 elements are held in one block; wider rows are refused with a
 ValueError that states the limit, rather than looped over (GPT hidden sizes are far below it,
-and one block keeps x in registers from the statistics to the output).
+and one block keeps x in registers from the statistics to the output). Compiled for sm90, rows of
+up to 8192 elements keep everything in registers (16 elements of each row per thread, stored and
+loaded as 16-byte vectors when N is a multiple of 8). Wider rows reach the 1024-thread block's 64
+registers a thread, and the backward, which holds x, dy and the dw (and db) sums, spills: 48-184
+bytes a thread up to 16384, 0.5-2.5 KB at 32768-65536 (the forward only past 32768). Still
+correct; slower by an amount not yet measured. Looping over column chunks instead would read x
+and dy a second time: which costs less is for a GPU to measure.
 
 The triton backend takes float16, bfloat16 and float32; weight (and bias) may be another float
 dtype than x (fp32 weights with bf16 activations), and dw, db come back in their own dtypes.

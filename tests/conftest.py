@@ -16,8 +16,26 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))
 
 
+# TEST_SHARD=i/n keeps every n-th test from the i-th: bench/gpu_session.sh runs n such parts side by
+# side, so that the GPU machine's cores compile the kernels in parallel. The tests marked bigmem
+# (tens of GB of GPU memory each) all go to part 0, so that no two of them run at once.
+SHARD = os.environ.get("TEST_SHARD")
+
+
 def pytest_report_header(config):
-    return f"TEST_SEED={SEED} (set it to replay these random inputs)"
+    header = f"TEST_SEED={SEED} (set it to replay these random inputs)"
+    return header + (f", TEST_SHARD={SHARD}" if SHARD else "")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARD:
+        return
+    part, parts = (int(x) for x in SHARD.split("/"))
+    big = [item for item in items if item.get_closest_marker("bigmem")]
+    small = [item for item in items if not item.get_closest_marker("bigmem")]
+    mine = set(small[part::parts] + (big if part == 0 else []))
+    config.hook.pytest_deselected(items=[item for item in items if item not in mine])
+    items[:] = [item for item in items if item in mine]
 
 
 @pytest.fixture(params=DEVICES)

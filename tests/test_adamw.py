@@ -362,6 +362,7 @@ def test_bad_input_raises(backend, device):
             adamw(ps, gs, ms, vs, **kwargs)
 
 
+@pytest.mark.bigmem
 @cuda_only
 def test_triton_int64_offsets():
     """A tensor of more than 2^31 elements: the elements past 2^31 are updated as the torch
@@ -425,6 +426,7 @@ def test_grad_norm_bad_input_raises(backend, device):
             grad_norm([torch.randn(3, device="cuda"), torch.randn(3)])
 
 
+@pytest.mark.bigmem
 @cuda_only
 def test_grad_norm_int64_offsets():
     """A tensor of more than 2^31 elements: ones, and the last 8192 (past 2^31) threes."""

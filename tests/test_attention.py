@@ -308,6 +308,25 @@ def test_long_sequences_cuda(T, causal, D):
     check_against_float64("triton", 1, 2, 1, T, D, causal, torch.bfloat16, "cuda", "qkv")
 
 
+@pytest.mark.bigmem
+@needs_cuda
+@pytest.mark.parametrize("tma", [False, True])
+def test_over_2_to_the_31_elements_cuda(tma, request):
+    """q, k and v views of one qkv projection of over 2^31 elements: the last batch, which lies
+    past element 2^31, is read and written where it belongs (int64 offsets, or the descriptors'
+    int64 strides with TMA) and matches that batch computed alone."""
+    if tma:
+        request.getfixturevalue("tma_loads")
+    H, T, D = 4, 1024, 128
+    B = 2**31 // (T * 3 * H * D) + 1
+    q, k, v = make_qkv(B, H, H, T, D, torch.bfloat16, "cuda", "qkv")
+    do = torch.randn_like(q)
+    out, grads = run("triton", q, k, v, do, causal=True)
+    alone = run("triton", q[-1:], k[-1:], v[-1:], do[-1:], causal=True)
+    for name, o, a in zip(("out", "dq", "dk", "dv"), (out, *grads), (alone[0], *alone[1])):
+        torch.testing.assert_close(o[-1:], a, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("tma", [False, True])

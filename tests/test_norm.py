@@ -239,6 +239,7 @@ def test_large_gpu_shapes(op, bias):
     assert_accurate("triton", op, x, w, b)
 
 
+@pytest.mark.bigmem
 @cuda
 @pytest.mark.parametrize("op,bias", [("rms_norm", False), ("layer_norm", True)], ids=["rms", "layer"])
 def test_over_2_to_the_31_elements(op, bias):

@@ -234,3 +234,21 @@ def test_torch_compile_matches_eager(dtype):
         results.append((y, x.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.bigmem
+@cuda_only
+def test_over_2_to_the_31_elements():
+    """The halves of one projection's output h (rows, 2*cols) whose last rows lie past element
+    2^31 of h: those rows are read and written where they belong (int64 offsets), and match the
+    same rows computed alone."""
+    cols = 4096
+    rows = 2**31 // (2 * cols) + 8
+    h = torch.randn(rows, 2 * cols, device="cuda", dtype=torch.bfloat16)
+    gate, up = h.chunk(2, dim=-1)
+    dy = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    out = forward_backward(kernels.get("swiglu", "triton"), gate, up, dy)
+    last = slice(rows - 8, rows)
+    alone = forward_backward(kernels.get("swiglu", "triton"), gate[last], up[last], dy[last])
+    for name, o, a in zip(("y", "d_gate", "d_up"), out, alone):
+        torch.testing.assert_close(o[last], a, rtol=0, atol=0, msg=name)

@@ -7,6 +7,7 @@ from triton.runtime.errors import OutOfResources
 
 from bench import tune_attention
 from bench.tune_attention import PASSES
+from kernels.attention import _Config
 
 
 def test_smoke_run_verifies_candidates_and_picks_a_winner_per_pass(monkeypatch, tmp_path, capsys):
@@ -50,6 +51,17 @@ def test_smoke_run_verifies_candidates_and_picks_a_winner_per_pass(monkeypatch, 
     out = capsys.readouterr().out
     assert "not a speed figure" in out and "skipped: OutOfResources" in out
     assert "    32: _pass_configs(" in out and result["table"] in out
+
+
+def test_compiling_ahead_launches_each_candidate_in_a_worker(capsys):
+    """The workers launch every candidate at the problem's shapes; one that cannot launch (a tile
+    that is not a power of two) is counted, not fatal."""
+    p = tune_attention.inputs(1, 2, 24, 32, torch.device("cpu"))
+    work = [("fwd", _Config(16, 16, 4, 1)), ("dq", _Config(32, 16, 4, 1)), ("dkdv", _Config(16, 24, 4, 1))]
+    with tune_attention.compile_pool(2) as pool:
+        tune_attention.compile_ahead(pool, p, work)
+    out = capsys.readouterr().out
+    assert "compiled ahead: 3 candidates" in out and "(1 failed there" in out
 
 
 def test_without_a_gpu_it_says_what_to_run(monkeypatch, capsys):
