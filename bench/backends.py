@@ -9,7 +9,7 @@ one that cannot run at all is reported with its error.
 """
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -93,15 +93,20 @@ def measure(timed: Case, impls: dict[str, Callable], device, checked: Case | Non
     return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device), device)})
 
 
-def cli(doc: str, run: Callable[[], list[Row]], title: str, argv: list[str] | None = None) -> int:
+def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] | None = None) -> int:
     """A per-issue benchmark's command line: run it on the GPU, print its rows, and with --json
-    also write them."""
+    also write them. Each row is printed (and the file rewritten) as it is measured, so a run cut
+    short keeps what it measured; the table comes at the end."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows, as dicts, to this path")
     args = parser.parse_args(argv)
-    result = run()
+    result = []
+    for row in run():
+        result.append(row)
+        print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {row.ms:.3f} ms, {row.value:.0f} {row.unit}",
+              flush=True)
+        if args.json:
+            args.json.write_text(json.dumps([r.as_dict() for r in result], indent=1) + "\n")
     unit = result[0].unit
     print_rows(result, f"{title}; {ROOFLINE_NAMES[unit]} {roofline(unit):.0f} {unit}")
-    if args.json:
-        args.json.write_text(json.dumps([r.as_dict() for r in result], indent=1) + "\n")
     return 0

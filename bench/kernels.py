@@ -38,14 +38,18 @@ def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
 
 
 def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS) -> dict:
-    """Measure `ops` at `shapes` on `device` and return the profile."""
+    """Measure `ops` at `shapes` on `device` and return the profile, printing each op's rows as
+    they come (a run cut short still shows what it measured)."""
     torch.cuda.set_device(device.index)
     rooflines = {"copy_gbs": roofline("GB/s"), "matmul_tflops": roofline("TFLOPS")}
+    measured = {}
+    for op in ops:
+        measured[op] = measure_op(op, shapes, rooflines)
+        print_rows(rows({op: measured[op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
     return {"format": profile.FORMAT, "device": device.as_dict(), **provenance(),
             "workload": {"preset": preset_name, "batch_size": shapes.batch_size, "seq_len": shapes.T,
                          "dtype": str(shapes.dtype).removeprefix("torch."), "shapes": shapes.describe()},
-            "rooflines": rooflines,
-            "ops": {op: measure_op(op, shapes, rooflines) for op in ops}}
+            "rooflines": rooflines, "ops": measured}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     data = run(device, shapes, args.preset, ops)
     out = args.out or profile.path_for(device.slug)
     profile.write(data, out)
-    print_rows(rows(data["ops"]), f"{device.name}, {args.preset} {shapes.describe()}: copy "
-               f"{data['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul {data['rooflines']['matmul_tflops']:.0f} TFLOPS")
+    print(f"rooflines: copy {data['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul "
+          f"{data['rooflines']['matmul_tflops']:.0f} TFLOPS")
     for op, measured in data["ops"].items():
         print(f"{op}: chosen eager={measured['chosen']['eager']}, compiled={measured['chosen']['compiled']}")
     print(f"wrote {out}")

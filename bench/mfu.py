@@ -262,6 +262,9 @@ def measure_all(args, device: Device, console: Console) -> dict:
     for variant in args.kernels.split(","):
         console.print(f"measuring {variant} ...")
         rows.append(summarize(measure(run, variant, device), run, flops, peak))
+        r = rows[-1]  # as it comes, for a run cut short
+        console.print(f"  {variant}: " + (r["error"] if "error" in r else
+                      f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, MFU {_pct(r['mfu'])}"))
     print_results(rows, run, device, peak, flops, console)
     return {"device": device.as_dict(), **provenance(), "convention": CONVENTION,
             "peak": {"tflops": peak.tflops, "source": peak.source},

@@ -24,6 +24,7 @@ then an in-place pass over the grads) before torch's fused AdamW. Those rows are
 (its compensation adds a read and a write of 2 bytes per parameter).
 """
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -95,19 +96,17 @@ def _optimizer_rows(c: Case, device) -> list[Row]:
     return result
 
 
-def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
+def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     triton = kernels.get("adamw", "triton")
     impls = {"triton": _nearest(triton), "triton sr": triton, "torch loop": _nearest(kernels.get("adamw", "torch"))}
-    result = []
     for s in shapes:
         timed = case("adamw", s, device)
-        result += backends.measure(timed, impls, device, checked=case("adamw", s, device, quick=True))
-        result += _optimizer_rows(timed, device)
-        result += backends.measure(case("grad_norm", s, device),
-                                   {**backends.implementations("grad_norm"),
-                                    "get_total_norm": torch.nn.utils.get_total_norm},
-                                   device, checked=case("grad_norm", s, device, quick=True))
-    return result
+        yield from backends.measure(timed, impls, device, checked=case("adamw", s, device, quick=True))
+        yield from _optimizer_rows(timed, device)
+        yield from backends.measure(case("grad_norm", s, device),
+                                    {**backends.implementations("grad_norm"),
+                                     "get_total_norm": torch.nn.utils.get_total_norm},
+                                    device, checked=case("grad_norm", s, device, quick=True))
 
 
 def main(argv: list[str] | None = None) -> int:

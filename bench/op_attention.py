@@ -17,6 +17,7 @@ stores every head's T x T scores, more than a GPU holds at 16k tokens.
 """
 import dataclasses
 import sys
+from collections.abc import Iterator
 
 from bench import backends
 from bench.cases import Case, Shapes, case
@@ -48,16 +49,14 @@ def _add_backward(c: Case, entry: dict, peak: float) -> None:
             record["roofline"]["bwd"] = record["rate"]["bwd"] / peak
 
 
-def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
+def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     impls = backends.implementations("attention")
-    result = []
     for s in shapes:
         timed = case("attention", s, device)
         peak = backends.roofline(timed.unit, device)
         entry = backends.entry(timed, _checked(s, device), impls, peak, device)
         _add_backward(timed, entry, peak)
-        result += backends.rows({"attention": entry})
-    return result
+        yield from backends.rows({"attention": entry})
 
 
 def launch_configs(device: str | None = None) -> str:

@@ -18,6 +18,7 @@ run. `verified`: every output and gradient as accurate as torch's, by the projec
 (kernels/accuracy.py), at that shape.
 """
 import sys
+from collections.abc import Iterator
 
 import torch.nn.functional as F
 
@@ -35,13 +36,11 @@ EAGER = {"rms_norm": {"F.rms_norm": lambda x, w, eps: F.rms_norm(x, w.shape, w, 
          "layer_norm": {"F.layer_norm": lambda x, w, b, eps: F.layer_norm(x, w.shape, w, b, eps)}}
 
 
-def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
-    result = []
+def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     for op, eager in EAGER.items():
         impls = backends.implementations(op) | eager
         for s in shapes:
-            result += backends.measure(case(op, s, device), impls, device)
-    return result
+            yield from backends.measure(case(op, s, device), impls, device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ writes d_gate and d_up (5 more). `verified`: y, d_gate and d_up as accurate as t
 project's rule (kernels/accuracy.py), at that shape.
 """
 import sys
+from collections.abc import Iterator
 
 import torch.nn.functional as F
 
@@ -30,9 +31,10 @@ SHAPES = tuple(Shapes(GPTConfig(mlp="swiglu", mlp_hidden=h), batch_size=1, seq_l
 EAGER = {"F.silu(a) * b": lambda gate, up: F.silu(gate) * up}
 
 
-def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> list[Row]:
+def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     impls = backends.implementations("swiglu") | EAGER
-    return [row for s in shapes for row in backends.measure(case("swiglu", s, device), impls, device)]
+    for s in shapes:
+        yield from backends.measure(case("swiglu", s, device), impls, device)
 
 
 def main(argv: list[str] | None = None) -> int:
