@@ -279,14 +279,16 @@ def problem(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
 _worker_problem: dict[tuple, Problem] = {}
 
 
-def _compile_one(shape: tuple[int, int, int, int], which: str, cfg: tuple) -> str:
-    """In a worker: pass `which` of `shape` launched once with `cfg`; "ok" or why it failed."""
-    if shape not in _worker_problem:
-        _worker_problem.clear()
-        _worker_problem[shape] = inputs(*shape, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    p = _worker_problem[shape]
+def _compile_one(shape: tuple[int, int, int, int, str], which: str, cfg: tuple) -> str:
+    """In a worker: pass `which` launched once with `cfg` at `shape` (B, H, T, D, device);
+    "ok" or why it failed."""
     try:
         with _direct_launches():
+            if shape not in _worker_problem:
+                _worker_problem.clear()
+                *dims, device = shape
+                _worker_problem[shape] = inputs(*dims, torch.device(device))
+            p = _worker_problem[shape]
             launch(which, p, _Config(*cfg))
             _sync(p.q.device)
     except Exception as e:
@@ -298,7 +300,7 @@ def compile_ahead(pool, p: Problem, work: list[tuple[str, _Config]]) -> None:
     """Each (pass, candidate) of `work` launched once in `pool`'s workers; nothing without a pool."""
     if pool is None or not work:
         return
-    start, shape = time.perf_counter(), (p.B, p.H, p.T, p.D)
+    start, shape = time.perf_counter(), (p.B, p.H, p.T, p.D, str(p.q.device))
     try:
         outcomes = list(pool.map(_compile_one, [shape] * len(work), [w for w, _ in work],
                                  [tuple(c) for _, c in work]))
@@ -535,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t", type=int, default=4096, help="the tuning sequence length")
     parser.add_argument("--compile-jobs", type=int, default=None,
                         help="processes that compile the candidates ahead of the sweeps (default: "
-                             "min(8, CPUs) on a GPU, none in the interpreter)")
+                             "min(8, CPUs) on a GPU, none in the interpreter or a smoke run)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes (D=32; --d and --t ignored), two candidates a pass: "
                              "checks the code path, on CPU too")
@@ -556,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     jobs = args.compile_jobs
     if jobs is None:
-        jobs = min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0
+        jobs = min(8, os.cpu_count() or 1) if torch.cuda.is_available() and not args.smoke else 0
     with _direct_launches(), contextlib.ExitStack() as stack:
         pool = compile_pool(jobs)
         if pool is not None:

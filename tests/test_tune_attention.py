@@ -56,7 +56,7 @@ def test_smoke_run_verifies_candidates_and_picks_a_winner_per_pass(monkeypatch, 
 def test_compiling_ahead_launches_each_candidate_in_a_worker(capsys):
     """The workers launch every candidate at the problem's shapes; one that cannot launch (a tile
     that is not a power of two) is counted, not fatal."""
-    p = tune_attention.inputs(1, 2, 24, 32, torch.device("cpu"))
+    p = tune_attention.inputs(1, 2, 24, 32, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     work = [("fwd", _Config(16, 16, 4, 1)), ("dq", _Config(32, 16, 4, 1)), ("dkdv", _Config(16, 24, 4, 1))]
     with tune_attention.compile_pool(2) as pool:
         tune_attention.compile_ahead(pool, p, work)
