@@ -5,7 +5,8 @@ q (B, H, T, D); k, v (B, Hkv, T, D) with H % Hkv == 0; scale 1/sqrt(D).
 
 The Triton backend follows FlashAttention-2. The forward streams key/value tiles past a tile of
 queries with an online softmax in base 2 (the scale 1/sqrt(D) and log2(e) are folded into one
-multiplier, so exp2 replaces exp), accumulates in fp32 and saves the fp32 *base-2* log-sum-exp of
+multiplier, applied inside the exponent's fused multiply-add, so exp2 replaces exp and no score is
+multiplied on its own), accumulates in fp32 and saves the fp32 *base-2* log-sum-exp of
 each row, lse2 = log2(sum_j 2^(s_j * log2(e))) for the scaled scores s = q.k / sqrt(D), i.e. the
 natural log-sum-exp times log2(e). The backward recomputes the probabilities from lse2: a
 preprocess computes delta = rowsum(dO * O), then one kernel owns a key tile and sums dK and dV over
@@ -180,6 +181,16 @@ def _mask_scores(s, rows, cols, T, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _exp2_scaled(s, qk_scale, m):
+    """2^(s * qk_scale - m) for raw scores s (masked ones -inf) and a base-2 row offset m.
+
+    The scale goes into the exponent's fused multiply-add instead of a multiply of every score
+    of its own: the row maximum is taken of the raw scores and scaled once per row (a positive
+    scale keeps the order, and rounding is monotonic, so max(s) * scale == max(s * scale))."""
+    return tl.math.exp2(tl.fma(s, qk_scale, -m))
+
+
+@triton.jit
 def _dropout_scale(seed, bh, rows, cols, dropout_p):
     """0 for a dropped (batch*head bh, row, col) entry, 1 / (1 - dropout_p) for a kept one.
 
@@ -201,12 +212,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, 
     for start_n in range(lo, hi, BLOCK_N):
         k = _load_tile(k_base, b, hk, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
         v = _load_tile(v_base, b, hk, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
-        s = _dot(q, tl.trans(k), None, FP32_DOT) * qk_scale  # base-2 logits
+        s = _dot(q, tl.trans(k), None, FP32_DOT)  # unscaled: see _exp2_scaled
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             s = _mask_scores(s, offs_m[:, None], offs_n[None, :], T, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = _exp2_scaled(s, qk_scale, m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
         if DROPOUT:
@@ -314,10 +325,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
         offs_m = start_m + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
-        s_t = _dot(k, tl.trans(q), None, FP32_DOT) * qk_scale
+        s_t = _dot(k, tl.trans(q), None, FP32_DOT)
         if MASKED:
             s_t = _mask_scores(s_t, offs_m[None, :], offs_n[:, None], T, CAUSAL)
-        p_t = tl.math.exp2(s_t - lse[None, :])
+        p_t = _exp2_scaled(s_t, qk_scale, lse[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
         if DROPOUT:
             keep = _dropout_scale(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -412,11 +423,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
     for start_n in range(lo, hi, BLOCK_N):
         k = _load_tile(k_base, b, hk, start_n, T, stride_kt, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
         v = _load_tile(v_base, b, hk, start_n, T, stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
-        s = _dot(q, tl.trans(k), None, FP32_DOT) * qk_scale
+        s = _dot(q, tl.trans(k), None, FP32_DOT)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
             s = _mask_scores(s, offs_m[:, None], offs_n[None, :], T, CAUSAL)
-        p = tl.math.exp2(s - lse[:, None])
+        p = _exp2_scaled(s, qk_scale, lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_DOT)
         if DROPOUT:
             dp = dp * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
