@@ -31,7 +31,7 @@ case "$1" in
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
     shards=${TEST_SHARDS:-6}
     for i in $(seq 0 $((shards - 1))); do
-      TEST_SHARD=$i/$shards python -m pytest -q -ra -p no:cacheprovider > "$OUT/tests-part$i.tmp" 2>&1 &
+      TEST_SHARD=$i/$shards python -m pytest -q -ra --durations=8 -p no:cacheprovider > "$OUT/tests-part$i.tmp" 2>&1 &
     done
     failed=0
     for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done
