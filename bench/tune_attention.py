@@ -559,10 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.compile_jobs
     if jobs is None:
         jobs = min(8, os.cpu_count() or 1) if torch.cuda.is_available() and not args.smoke else 0
-    with _direct_launches(), contextlib.ExitStack() as stack:
-        pool = compile_pool(jobs)
-        if pool is not None:
-            stack.enter_context(pool)
+    with _direct_launches(), compile_pool(jobs) or contextlib.nullcontext() as pool:
         tune(head_dims, T, args.smoke, args.json, pool)
     return 0
 
