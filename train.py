@@ -20,9 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import kernels
-from gpt import checkpoint, distributed
+from gpt import checkpoint, distributed, pretrained
 from gpt.config import ConfigError, parse_args
 from gpt.data import Batches, load_meta, prepare
+from gpt.tokenizer import EOT
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
 from gpt.model import GPT, GPTConfig, preset
@@ -32,7 +33,7 @@ from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
 DEFAULTS = dict(
     # I/O
     out_dir="out", eval_interval=2000, log_interval=1, eval_iters=200, eval_only=False,
-    always_save_checkpoint=True, init_from="scratch",  # scratch | resume
+    always_save_checkpoint=True, init_from="scratch",  # scratch | resume | gpt2* | a Hugging Face GPT-2 directory
     # wandb logging
     wandb_log=False, wandb_project="owt", wandb_run_name="gpt2",
     # data
@@ -106,7 +107,7 @@ def memory_gb(device_type: str) -> tuple[float, float, float]:
 def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
-    table.add_row("config", ", ".join(config_files) or "(defaults)")
+    table.add_row("config", f"{', '.join(config_files) or '(defaults)'}, init_from {c['init_from']}")
     table.add_row("parameters", f"{model.num_params():,} total, {model.num_params(non_embedding=True):,} "
                                 f"non-embedding")
     table.add_row("model", f"{mc.n_layer} layers, {mc.n_head} heads ({mc.n_kv_head} kv), {mc.n_embd} wide, "
@@ -152,17 +153,13 @@ def main(argv: list[str]) -> None:
     tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
 
     # --- data ---------------------------------------------------------------------------------
-    if master:
-        data_path = prepare(c["dataset"], c["data_dir"])
-    if world.parallel:
-        torch.distributed.barrier()
-    data_path = prepare(c["dataset"], c["data_dir"])
+    data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
     meta = load_meta(data_path)
     batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
                       world_size=world_size)
 
     # --- model, optimizer ---------------------------------------------------------------------
-    iter_num, best_val_loss, resumed = 0, 1e9, None
+    iter_num, best_val_loss, resumed, weights_dir = 0, 1e9, None, None
     if c["init_from"] == "resume":
         resumed = checkpoint.load(c["out_dir"], "cpu")  # copied into the model's own device below
         sharded = "sharded" in resumed
@@ -180,9 +177,21 @@ def main(argv: list[str]) -> None:
             model_args = asdict(GPTConfig(vocab_size=vocab_size, **{k: c[k] for k in ARCH_KEYS}))
         except ValueError as e:
             raise SystemExit(f"train.py: {e}") from None
+    elif pretrained.is_pretrained(c["init_from"]):
+        try:  # a hub model downloads on rank 0
+            weights_dir = distributed.master_first(world, lambda: pretrained.locate(c["init_from"]))
+            model_args = asdict(pretrained.gpt_config(weights_dir, c["block_size"], c["dropout"]))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: init_from={c['init_from']}: {e}") from None
+        data_vocab = meta["vocab_size"] if meta else EOT + 1  # GPT-2 BPE
+        if data_vocab > model_args["vocab_size"]:
+            raise SystemExit(f"train.py: init_from={c['init_from']} has a {model_args['vocab_size']}-token vocabulary; "
+                             f"dataset {c['dataset']} has {data_vocab} tokens")
+        for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
+            c[key] = model_args[key]
     else:
-        raise SystemExit(f"train.py: init_from must be scratch or resume, got {c['init_from']!r} (loading "
-                         f"OpenAI's GPT-2 weights needs the network and is not supported)")
+        raise SystemExit(f"train.py: init_from must be scratch, resume, one of {list(pretrained.HUB_MODELS)} or a "
+                         f"directory with a Hugging Face GPT-2 checkpoint; got {c['init_from']!r}")
     pure_bf16 = c["optimizer"] == "bf16_adamw"
     if pure_bf16:
         if c["dtype"] == "float16":
@@ -200,6 +209,8 @@ def main(argv: list[str]) -> None:
     # were chosen (their self-checks draw random inputs).
     torch.manual_seed(c["seed"])
     model = GPT(GPTConfig(**model_args), backends)
+    if weights_dir:
+        pretrained.load_weights(model, weights_dir)
     torch.manual_seed(c["seed"] + rank)  # from here on each rank draws its own dropout masks
     if pure_bf16:
         model.to(torch.bfloat16)

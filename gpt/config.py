@@ -1,53 +1,72 @@
 """nanoGPT's configurator without exec: `[config.py] [--key=value ...]` over a dict of defaults.
 
 A config file is plain assignments (`batch_size = 12`, `gradient_accumulation_steps = 5 * 8`,
-`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic and names assigned earlier in the same
-file. Anything else (imports, calls) is refused with the line it is on, since reading a config must
-never run code. Unknown keys are errors that name the key; values keep their default's type.
+`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic, names assigned earlier in the same
+file, and the few calls nanoGPT's own configs make (`import time` and `str(time.time())` in
+finetune_shakespeare.py; see _CALLS). Anything else (other imports and calls, statements) is
+refused with the line it is on, since reading a config must never run arbitrary code. Unknown keys
+are errors that name the key; values keep their default's type.
 """
 import ast
+import math
 import operator
+import time
 from pathlib import Path
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+# The functions a config may call, by the name it calls them; "module.name" ones need `import module`.
+_CALLS = {"str": str, "int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
+          "time.time": time.time, "math.sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor}
+_MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _evaluate(node: ast.AST, names: dict, where: str):
+def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
+    def value(n):
+        return _evaluate(n, names, modules, where)
+
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.Tuple, ast.List)):
-        items = [_evaluate(e, names, where) for e in node.elts]
+        items = [value(e) for e in node.elts]
         return tuple(items) if isinstance(node, ast.Tuple) else items
     if isinstance(node, ast.Dict):
-        return {_evaluate(k, names, where): _evaluate(v, names, where) for k, v in zip(node.keys, node.values)}
+        return {value(k): value(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_evaluate(node.left, names, where), _evaluate(node.right, names, where))
+        return _BINARY[type(node.op)](value(node.left), value(node.right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_evaluate(node.operand, names, where))
-    raise ConfigError(f"{where}: only literals, arithmetic and earlier keys are allowed, "
-                      f"not `{ast.unparse(node)}`")
+        return _UNARY[type(node.op)](value(node.operand))
+    if isinstance(node, ast.Call) and not node.keywords:
+        name = ast.unparse(node.func)
+        if name in _CALLS and ("." not in name or name.partition(".")[0] in modules):
+            return _CALLS[name](*[value(a) for a in node.args])
+    raise ConfigError(f"{where}: only literals, arithmetic, earlier keys and the calls {sorted(_CALLS)} "
+                      f"are allowed, not `{ast.unparse(node)}`")
 
 
 def read_config_file(path: str | Path) -> dict:
     """The assignments of a config file, in order."""
     text = Path(path).read_text(encoding="utf-8")
     values: dict = {}
+    modules: set = set()
     for stmt in ast.parse(text, filename=str(path)).body:
         where = f"{path}:{stmt.lineno}"
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue  # a docstring or a bare string
+        if isinstance(stmt, ast.Import) and all(a.name in _MODULES and a.asname is None for a in stmt.names):
+            modules.update(a.name for a in stmt.names)
+            continue
         if not (isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets)):
-            raise ConfigError(f"{where}: a config file holds only `key = value` assignments, "
-                              f"not `{ast.unparse(stmt)}`")
-        value = _evaluate(stmt.value, values, where)
+            raise ConfigError(f"{where}: a config file holds only `key = value` assignments "
+                              f"(and `import {', '.join(sorted(_MODULES))}`), not `{ast.unparse(stmt)}`")
+        value = _evaluate(stmt.value, values, modules, where)
         for target in stmt.targets:
             values[target.id] = value
     return values

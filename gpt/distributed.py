@@ -13,7 +13,9 @@
 One process with RANK unset (plain `python train.py`) has no process group and no wrapper.
 """
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 PARALLEL = ("ddp", "zero1", "fsdp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,20 @@ def optimizer(world: World, groups: list[dict], cls: type, **kwargs) -> torch.op
     if world.parallel == "zero1":
         return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs)
     return cls(groups, **kwargs)
+
+
+def master_first(world: World, make: Callable[[], T]) -> T:
+    """make() on rank 0, then on every rank once rank 0 is done: for work that leaves its result
+    on disk (a prepared dataset, downloaded weights), which the other ranks then find there. Rank
+    0 reaches the barrier even when make() fails, so the others do not wait there forever."""
+    if not world.parallel:
+        return make()
+    try:
+        if world.master:
+            make()
+    finally:
+        dist.barrier()
+    return make()
 
 
 def replicate(model: nn.Module, world: World, device: str) -> nn.Module:

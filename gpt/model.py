@@ -32,14 +32,14 @@ class GPTConfig:
     pos_encoding: str = "learned"  # learned | rope | none
     rope_theta: float = 10000.0
     mlp: str = "gelu"  # gelu (a plain MLP, its activation below) | swiglu
-    activation: str = "gelu"  # gelu | silu | relu, for the plain MLP
+    activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's own) | silu | relu, for the plain MLP
     mlp_hidden: int | None = None  # None: 4·n_embd (plain), 8/3·n_embd rounded up to 64 (swiglu)
     tie_weights: bool = True  # lm_head shares the token embedding
 
     def __post_init__(self):
         choices = {"norm": ("layernorm", "rmsnorm"), "norm_position": ("pre", "post"),
                    "pos_encoding": ("learned", "rope", "none"), "mlp": ("gelu", "swiglu"),
-                   "activation": ("gelu", "silu", "relu")}
+                   "activation": ("gelu", "gelu_tanh", "silu", "relu")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"GPTConfig: {key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -162,7 +162,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, fc_width, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled = True
-        self.act = {"gelu": nn.GELU(), "silu": nn.SiLU(), "relu": nn.ReLU()}[config.activation]
+        self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(),
+                    "relu": nn.ReLU()}[config.activation]
         self.dropout = nn.Dropout(config.dropout)
         self.ops = ops
 

@@ -1,4 +1,5 @@
-"""Generate text from a checkpoint: python -m gpt.sample --out_dir=out-shakespeare-char [--key=value ...]
+"""Generate text from a checkpoint: python -m gpt.sample --out_dir=out-shakespeare-char [--key=value ...],
+or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
 
 `start` is the prompt: text, or FILE:path to read it from a file. Character-level checkpoints
 decode with the vocabulary saved in them; the others with GPT-2's BPE.
@@ -11,11 +12,12 @@ import torch
 
 import kernels
 
-from . import checkpoint
+from . import checkpoint, pretrained
 from .config import ConfigError, parse_args
 from .tokenizer import gpt2
 
 DEFAULTS = dict(
+    init_from="resume",  # resume (out_dir's checkpoint) | gpt2* | a Hugging Face GPT-2 directory (gpt/pretrained.py)
     out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8, top_k=200,
     seed=1337, device=None, dtype=None, compile=False, kernels="torch",
 )
@@ -39,9 +41,19 @@ def main(argv: list[str]) -> list[str]:
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     torch.manual_seed(c["seed"])
 
-    ckpt = checkpoint.load(c["out_dir"], device)
     backends = {op: ch.backend for op, ch in kernels.choose(c["kernels"], device_type).items()}
-    model = checkpoint.build_model(ckpt, backends).to(device).eval()
+    if c["init_from"] == "resume":
+        ckpt = checkpoint.load(c["out_dir"], device)
+        model, meta = checkpoint.build_model(ckpt, backends), ckpt.get("meta")
+    elif pretrained.is_pretrained(c["init_from"]):
+        try:
+            model, meta = pretrained.load(c["init_from"], kernels=backends), None
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"gpt.sample: init_from={c['init_from']}: {e}") from None
+    else:
+        raise SystemExit(f"gpt.sample: init_from must be resume, one of {list(pretrained.HUB_MODELS)} or a "
+                         f"directory with a Hugging Face GPT-2 checkpoint; got {c['init_from']!r}")
+    model = model.to(device).eval()
     if c["compile"]:
         model = torch.compile(model)
     dtype = c["dtype"] or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
@@ -49,7 +61,7 @@ def main(argv: list[str]) -> list[str]:
     autocast = (nullcontext() if dtype == "float32" or weights_dtype != torch.float32
                 else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
 
-    encode, decode = codec(ckpt.get("meta"))
+    encode, decode = codec(meta)
     start = c["start"]
     if start.startswith("FILE:"):
         start = Path(start[5:]).read_text(encoding="utf-8")

@@ -23,7 +23,10 @@ mask instead of storing it.
 On Hopper and later the tiles of q, k, v and dO can load through TMA tensor descriptors (the
 copy engine, asynchronous, no address arithmetic in the threads) instead of pointers: a field of
 each pass's launch configuration, used where the layout allows it (_use_tma) and chosen per GPU
-by measurement like the tile sizes. Same arithmetic either way.
+by measurement like the tile sizes. Same arithmetic either way. Warp specialisation
+(`tl.range(..., warp_specialize=True)` on the key loop) is not used: compiled for sm90 (triton 3.6
+and 3.8, no GPU), Hopper's pass aborts on this loop at 4 warps (an MLIR dominance assertion) and
+leaves the kernel as it was at 8; Triton documents it for Blackwell only.
 
 dtypes: bf16 and fp16 run on the tensor cores with fp32 accumulation. fp32 inputs are computed
 through fp32 (`tl.dot` with input_precision="ieee", not tf32) so they match an fp32 reference;
@@ -524,6 +527,8 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # and 3.8, these tables, bf16), the same tiles take 10-50% fewer registers through descriptors
 # (no 64-bit tile addresses in the threads) and most of the pointer path's spills (D = 128 dkdv
 # in 3.6, several passes with dropout) vanish, but whether that buys time is the tuner's call.
+# Consumer Blackwell (sm120: mma.sync, 99 KB of shared memory a block) takes the sm90 tables by
+# the rule in _config: compiled for sm120a (triton 3.6), every entry fits (76 KB at most).
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {

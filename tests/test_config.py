@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from gpt.config import ConfigError, parse_args, read_config_file
@@ -44,8 +46,30 @@ def test_earlier_keys_can_be_used(tmp_path):
     assert dict(parse_args([str(path)], DEFAULTS))["gradient_accumulation_steps"] == 40
 
 
-@pytest.mark.parametrize("line", ["import time", "wandb_run_name = 'ft-' + str(time.time())",
-                                  "exec('x = 1')", "batch_size += 1", "x.y = 3"])
+# nanoGPT's finetune_shakespeare.py names its run with a call.
+NANOGPT_FINETUNE = """
+import time
+
+out_dir = 'out-shakespeare'
+wandb_run_name = 'ft-' + str(time.time())
+init_from = 'gpt2-xl' # this is the largest GPT-2 model
+learning_rate = 3e-5
+"""
+
+
+def test_the_calls_of_nanogpts_configs_are_allowed(tmp_path):
+    path = tmp_path / "finetune_shakespeare.py"
+    path.write_text(NANOGPT_FINETUNE)
+    before = time.time()
+    values = read_config_file(path)
+    assert values["init_from"] == "gpt2-xl" and values["learning_rate"] == 3e-5
+    assert values["wandb_run_name"].startswith("ft-") and float(values["wandb_run_name"][3:]) >= before
+
+
+@pytest.mark.parametrize("line", ["import os", "import time as t", "from time import time",
+                                  "wandb_run_name = 'ft-' + str(time.time())",  # without `import time`
+                                  "wandb_run_name = str(os.getcwd())", "x = __import__('os')",
+                                  "x = str(object=1)", "exec('x = 1')", "batch_size += 1", "x.y = 3"])
 def test_code_is_refused_with_its_line(tmp_path, line):
     path = tmp_path / "evil.py"
     path.write_text(f"batch_size = 1\n{line}\n")

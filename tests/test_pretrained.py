@@ -1,0 +1,236 @@
+"""GPT-2 weights in Hugging Face's format (gpt/pretrained.py), read without transformers.
+
+fixtures/hf_gpt2_tiny was written by transformers 5.23.0 (`save_pretrained` of a seeded
+GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=24, n_embd=16, n_layer=2, n_head=2)) with
+weights redrawn large enough for O(1) activations, where GELU's tanh form and erf's differ);
+expected_logits.json holds that model's float64 logits for the token ids beside them, as
+transformers computed them.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from gpt import checkpoint, pretrained
+from gpt.model import GPT, GPTConfig
+from gpt.sample import main as sample
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors format, written from its specification (independent of the reader under test)."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def fixture_tensors() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in pretrained.read_safetensors(FIXTURE / "model.safetensors").items()}
+
+
+def copy_fixture(dest: Path, tensors: dict[str, torch.Tensor] | None = None, **config) -> Path:
+    """FIXTURE copied to dest, with its tensors and config.json keys replaced where given."""
+    dest.mkdir(parents=True)
+    hf = json.loads((FIXTURE / "config.json").read_text()) | config
+    (dest / "config.json").write_text(json.dumps(hf))
+    if tensors is None:
+        shutil.copy(FIXTURE / "model.safetensors", dest)
+    else:
+        write_safetensors(dest / "model.safetensors", tensors)
+    return dest
+
+
+def all_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    logits, _ = model.eval()(idx, torch.zeros_like(idx))  # with targets: every position's logits
+    return logits[0]
+
+
+def test_a_hugging_face_checkpoint_gives_its_logits():
+    expected = json.loads((FIXTURE / "expected_logits.json").read_text())
+    idx = torch.tensor([expected["idx"]])
+    model = pretrained.load(str(FIXTURE))
+    assert model.config.activation == "gelu_tanh" and model.config.vocab_size == 96
+    with torch.no_grad():
+        err = (all_logits(model, idx).double() - torch.tensor(expected["logits"], dtype=torch.float64)).abs().max()
+    # transformers' own fp32 logits are 2.1e-6 off these (measured, 5.23.0): at most twice that. Exact
+    # GELU instead of GPT-2's tanh form would be 1.2e-3 off; a mislaid weight, O(1).
+    assert err < 4e-6
+
+
+def test_the_original_gpt2_layout_loads_the_same_weights(tmp_path):
+    # OpenAI's converted checkpoints: no "transformer." prefix, the causal masks kept as buffers;
+    # some keep a copy of the tied head. Stored here in float16 to read a 16-bit dtype too.
+    tensors = {k.removeprefix("transformer."): v.half() for k, v in fixture_tensors().items()}
+    tensors |= {f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 24, 24)) for i in range(2)}
+    tensors["lm_head.weight"] = tensors["wte.weight"]
+    model = pretrained.load(str(copy_fixture(tmp_path / "original", tensors)))
+    reference = pretrained.load(str(FIXTURE))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q.half().float()), name
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_conv1d_weights_are_transposed_into_linear_layers():
+    tensors, model = fixture_tensors(), pretrained.load(str(FIXTURE))
+    assert torch.equal(model.h[1].attn.c_attn.weight, tensors["transformer.h.1.attn.c_attn.weight"].t())
+    assert torch.equal(model.h[0].mlp.c_proj.weight, tensors["transformer.h.0.mlp.c_proj.weight"].t())
+    assert torch.equal(model.h[0].ln_2.bias, tensors["transformer.h.0.ln_2.bias"])
+
+
+def test_a_shorter_block_size_keeps_the_first_positions():
+    model = pretrained.load(str(FIXTURE), block_size=10)
+    assert model.config.block_size == 10
+    assert torch.equal(model.wpe.weight, fixture_tensors()["transformer.wpe.weight"][:10])
+    with pytest.raises(ValueError, match="block_size 25 is longer than the model's 24 positions"):
+        pretrained.load(str(FIXTURE), block_size=25)
+
+
+def test_bf16_tensors_read_exactly(tmp_path):
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7, dtype=torch.float64), "empty": torch.zeros(0, 4)}
+    write_safetensors(tmp_path / "t.safetensors", tensors)
+    read = pretrained.read_safetensors(tmp_path / "t.safetensors")
+    assert read.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
+
+
+def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="only GPT-2 checkpoints"):
+        pretrained.load(str(copy_fixture(tmp_path / "llama", model_type="llama")))
+    with pytest.raises(ValueError, match=r"wte.weight is \(96, 16\) in the checkpoint, \(96, 32\) in the model"):
+        pretrained.load(str(copy_fixture(tmp_path / "wide", n_embd=32)))
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
+        pretrained.load(str(copy_fixture(tmp_path / "scaled", scale_attn_by_inverse_layer_idx=True)))
+    with pytest.raises(ValueError, match="activation_function 'quick_gelu'"):
+        pretrained.load(str(copy_fixture(tmp_path / "quick", activation_function="quick_gelu")))
+    extra = fixture_tensors() | {"transformer.h.0.attn.q_norm.weight": torch.ones(16)}
+    with pytest.raises(ValueError, match=r"unexpected \['h.0.attn.q_norm.weight'\]"):
+        pretrained.load(str(copy_fixture(tmp_path / "extra", extra)))
+    lacking = {k: v for k, v in fixture_tensors().items() if k != "transformer.ln_f.bias"}
+    with pytest.raises(ValueError, match=r"missing \['ln_f.bias'\]"):
+        pretrained.load(str(copy_fixture(tmp_path / "lacking", lacking)))
+    (tmp_path / "no_weights").mkdir()
+    shutil.copy(FIXTURE / "config.json", tmp_path / "no_weights")
+    with pytest.raises(ValueError, match="no_weights lacks model.safetensors"):
+        pretrained.load(str(tmp_path / "no_weights"))
+    ints = tmp_path / "ints.safetensors"
+    ints.write_bytes(b"".join([(64).to_bytes(8, "little"),
+                               json.dumps({"x": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]}}).encode().ljust(64),
+                               b"\x01"]))
+    with pytest.raises(ValueError, match="tensor x has dtype I8"):
+        pretrained.read_safetensors(ints)
+
+
+def test_hub_models_download_once_into_the_cache(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    files = hub / "openai-community" / "gpt2" / "resolve" / "main"
+    files.mkdir(parents=True)
+    for name in pretrained.FILES:
+        shutil.copy(FIXTURE / name, files)
+    monkeypatch.setenv("HF_ENDPOINT", hub.as_uri())
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    assert pretrained.is_pretrained("gpt2") and not pretrained.is_pretrained("scratch")
+    folder = pretrained.locate("gpt2")
+    assert folder == tmp_path / "cache" / "gpt2"
+    for name in pretrained.FILES:
+        assert (folder / name).read_bytes() == (FIXTURE / name).read_bytes()
+    shutil.rmtree(hub)
+    assert pretrained.locate("gpt2") == folder  # cached: no second download
+    with pytest.raises(OSError, match="could not download .*/openai-community/gpt2-medium/resolve/main/config.json"):
+        pretrained.locate("gpt2-medium")
+    assert list((tmp_path / "cache" / "gpt2-medium").iterdir()) == []  # nothing half-written left behind
+
+
+def export_hf(model: GPT, folder: Path) -> dict[str, torch.Tensor]:
+    """`model` as a Hugging Face GPT-2 checkpoint (its weights under Hugging Face's names returned)."""
+    folder.mkdir()
+    c = model.config
+    hf = {"model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
+          "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+          "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": True}
+    (folder / "config.json").write_text(json.dumps(hf))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    tensors = {f"transformer.{name}": (p.t() if name.endswith(conv1d) else p).detach().clone()
+               for name, p in model.named_parameters()}
+    write_safetensors(folder / "model.safetensors", tensors)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def bpe_data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+# nanoGPT's config/finetune_shakespeare.py, as a nanoGPT user has it.
+NANOGPT_FINETUNE_SHAKESPEARE = """
+import time
+
+out_dir = 'out-shakespeare'
+eval_interval = 5
+eval_iters = 40
+wandb_log = False # feel free to turn on
+wandb_project = 'shakespeare'
+wandb_run_name = 'ft-' + str(time.time())
+
+dataset = 'shakespeare'
+init_from = 'gpt2-xl' # this is the largest GPT-2 model
+
+# only save checkpoints if the validation loss improves
+always_save_checkpoint = False
+
+# the number of examples per iter:
+# 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter
+# shakespeare has 301,966 tokens, so 1 epoch ~= 9.2 iters
+batch_size = 1
+gradient_accumulation_steps = 32
+max_iters = 20
+
+# finetune at constant LR
+learning_rate = 3e-5
+decay_lr = False
+"""
+
+
+def test_nanogpts_finetune_config_trains_and_samples_from_gpt2_weights(tmp_path, bpe_data_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16, activation="gelu_tanh"))
+    exported = export_hf(model, tmp_path / "tiny-gpt2")
+    config = tmp_path / "finetune_shakespeare.py"
+    config.write_text(NANOGPT_FINETUNE_SHAKESPEARE)
+    # A tiny GPT-2 in gpt2-xl's place (offline). lr 0: one step leaves the weights as loaded, so
+    # the checkpoint shows what train.py loaded.
+    args = [str(config), f"--init_from={tmp_path / 'tiny-gpt2'}", f"--data_dir={bpe_data_dir}", "--device=cpu",
+            "--dtype=float32", "--compile=False", "--block_size=16", "--batch_size=2", "--gradient_accumulation_steps=1",
+            "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--learning_rate=0",
+            "--always_save_checkpoint=True", "--n_layer=6"]
+    train.main([*args, f"--out_dir={tmp_path / 'out'}"])
+    state = checkpoint.load(tmp_path / "out", "cpu")
+    args_saved = state["model_args"]
+    assert (args_saved["n_layer"], args_saved["block_size"], args_saved["vocab_size"]) == (1, 16, 50257)
+    assert args_saved["activation"] == "gelu_tanh" and args_saved["bias"]
+    for name, weight in state["model"].items():
+        if name != "lm_head.weight":  # tied: the same tensor as wte
+            expected = exported[f"transformer.{name}"]
+            expected = expected.t() if expected.dim() == 2 and name.startswith("h.") else expected
+            assert torch.equal(weight, expected[:16] if name == "wpe.weight" else expected), name
+
+    text = sample([f"--init_from={tmp_path / 'tiny-gpt2'}", "--num_samples=1", "--max_new_tokens=4",
+                   "--start=ROMEO:", "--device=cpu"])
+    assert text[0].startswith("ROMEO:")
+
+    with pytest.raises(SystemExit, match="init_from=.*hf_gpt2_tiny has a 96-token vocabulary; dataset shakespeare "
+                                         "has 50257 tokens"):
+        train.main([*args, f"--init_from={FIXTURE}", f"--out_dir={tmp_path / 'small_vocab'}"])
+    with pytest.raises(SystemExit, match="init_from must be scratch, resume, one of"):
+        train.main([*args, "--init_from=gpt3", f"--out_dir={tmp_path / 'unknown'}"])
