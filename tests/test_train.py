@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,12 @@ def test_checkpoint_of_a_compiled_model_loads(tmp_path):
     loaded = checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("path", sorted((Path(train.__file__).parent / "config").glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_config_reads(path):
+    config, _ = train.read_config([str(path)])
+    GPTConfig(**{k: config[k] for k in train.ARCH_KEYS}, vocab_size=64)  # a valid architecture
 
 
 def test_defaults_and_errors():
