@@ -190,8 +190,7 @@ def main(argv: list[str]) -> None:
         for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
             c[key] = model_args[key]
     else:
-        raise SystemExit(f"train.py: init_from must be scratch, resume, one of {list(pretrained.HUB_MODELS)} or a "
-                         f"directory with a Hugging Face GPT-2 checkpoint; got {c['init_from']!r}")
+        raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     pure_bf16 = c["optimizer"] == "bf16_adamw"
     if pure_bf16:
         if c["dtype"] == "float16":

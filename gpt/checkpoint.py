@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .files import write_atomic
 from .model import GPT, GPTConfig
 
 FILENAME = "ckpt.pt"
@@ -39,10 +40,7 @@ def _barrier() -> None:
 
 def save(checkpoint: dict, out_dir: str | os.PathLike) -> Path:
     """Write `checkpoint` to out_dir/ckpt.pt so that a crash mid-write never leaves a torn file."""
-    path = Path(out_dir) / FILENAME
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    path = write_atomic(Path(out_dir) / FILENAME, lambda f: torch.save(checkpoint, f))
     shutil.rmtree(path.with_name(SHARDED), ignore_errors=True)
     return path
 

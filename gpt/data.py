@@ -14,23 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_atomic
 from .tokenizer import EOT, gpt2
 
 SHAKESPEARE = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
 BUILDERS = ("shakespeare_char", "shakespeare", "openwebtext")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write `path` whole or not at all, also when several processes build the same dataset at
-    once (runs started together): each writes its own temporary file, then renames it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _write_tokens(path: Path, ids) -> None:
-    _write_atomic(path, lambda f: np.asarray(ids, dtype=np.uint16).tofile(f))
+    write_atomic(path, lambda f: np.asarray(ids, dtype=np.uint16).tofile(f))
 
 
 def _split(text: str) -> tuple[str, str]:
@@ -45,7 +37,7 @@ def build_shakespeare_char(out: Path) -> None:
     itos = dict(enumerate(chars))
     # meta.pkl first: once train.bin and val.bin exist, prepare() takes the dataset as built.
     meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-    _write_atomic(out / "meta.pkl", lambda f: pickle.dump(meta, f))
+    write_atomic(out / "meta.pkl", lambda f: pickle.dump(meta, f))
     for split, part in zip(("train", "val"), _split(text)):
         _write_tokens(out / f"{split}.bin", [stoi[c] for c in part])
 
@@ -77,7 +69,7 @@ def write_documents(path: Path, texts: Iterable[str], batch: int = 1024) -> int:
                 flush(f)
         flush(f)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
     return total
 
 

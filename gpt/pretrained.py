@@ -15,11 +15,13 @@ import json
 import mmap
 import os
 import re
+import shutil
 import urllib.request
 from pathlib import Path
 
 import torch
 
+from .files import write_atomic
 from .model import GPT, GPTConfig
 
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -29,6 +31,9 @@ _BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # old checkpoints 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                 "silu": "silu", "swish": "silu"}
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+CHOICES = f"one of {list(HUB_MODELS)} or a directory with a Hugging Face GPT-2 checkpoint"
 
 
 def is_pretrained(init_from: str) -> bool:
@@ -59,19 +64,14 @@ def locate(init_from: str) -> Path:
 
 
 def _download(url: str, path: Path) -> None:
-    """url -> path, through a temporary file: an interrupted download leaves nothing behind, and
-    processes downloading the same file at once (nodes sharing a cache) each write their own."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    """url -> path (write_atomic: an interrupted download leaves nothing behind)."""
     try:
-        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url) as response:
             size = response.headers.get("Content-Length")
             print(f"downloading {url} ({int(size) / 1e9:.2f} GB)" if size else f"downloading {url}", flush=True)
-            while chunk := response.read(1 << 24):
-                f.write(chunk)
+            write_atomic(path, lambda f: shutil.copyfileobj(response, f, 1 << 24))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(f"could not download {url}: {e}") from e
-    os.replace(tmp, path)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -51,8 +51,7 @@ def main(argv: list[str]) -> list[str]:
         except (OSError, ValueError) as e:
             raise SystemExit(f"gpt.sample: init_from={c['init_from']}: {e}") from None
     else:
-        raise SystemExit(f"gpt.sample: init_from must be resume, one of {list(pretrained.HUB_MODELS)} or a "
-                         f"directory with a Hugging Face GPT-2 checkpoint; got {c['init_from']!r}")
+        raise SystemExit(f"gpt.sample: init_from must be resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     model = model.to(device).eval()
     if c["compile"]:
         model = torch.compile(model)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from gpt.data import Batches, build_openwebtext, load_meta, prepare
+from gpt.files import write_atomic
 from gpt.tokenizer import EOT, gpt2
 
 
@@ -72,3 +73,15 @@ def test_batches_are_shifted_windows_and_resumable(tmp_path):
     first = [b[0] for b in batches.eval_batches("val", 2)]
     again = [b[0] for b in batches.eval_batches("val", 2)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "train.bin"
+    write_atomic(path, lambda f: f.write(b"old"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["train.bin"]
