@@ -165,6 +165,27 @@ def _attention(s: Shapes, device) -> Case:
                 {"fwd": fwd, "fwd+bwd": 3.5 * fwd}, "TFLOPS", s.dtype)
 
 
+def _cross_entropy(s: Shapes, device, quick: bool) -> Case:
+    M, V = s.batch_size * s.T, s.config.vocab_size
+    if quick:  # checked on fewer rows: logits in float64 (and torch's copies of them) run to GBs
+        M = min(M, 2048)
+
+    def make():  # logits of the lm head's size and spread, one target per token
+        return [_randn(M, V, device=device, dtype=s.dtype, scale=2.0, grad=True),
+                torch.randint(0, V, (M,), device=device), torch.ones((), device=device)]
+
+    def call(fn, inputs, pass_):
+        logits, targets, dloss = inputs
+        return _outputs(fn(logits, targets), [logits], dloss, pass_)
+
+    size = M * V * s.dtype.itemsize
+    # Forward reads the logits and the targets; backward reads them again and writes the logits'
+    # gradient. (The loss and the per-row statistics are a few bytes a row.)
+    fwd = size + M * 8
+    return Case("cross_entropy", f"{M}x{V}", ("fwd", "fwd+bwd"), make, call,
+                {"fwd": fwd, "fwd+bwd": 2 * fwd + size}, "GB/s", s.dtype)
+
+
 def param_shapes(config: GPTConfig) -> list[torch.Size]:
     """The model's parameter shapes, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -218,13 +239,15 @@ def _grad_norm(s: Shapes, device, distinct: bool) -> Case:
 
 def case(op: str, shapes: Shapes, device, quick: bool = False) -> Case:
     """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for the
-    optimizer's ops."""
+    optimizer's ops, and at most 2048 rows of logits for cross_entropy."""
     if op in ("rms_norm", "layer_norm"):
         return _norm(op, shapes, device)
     if op == "swiglu":
         return _swiglu(shapes, device)
     if op == "attention":
         return _attention(shapes, device)
+    if op == "cross_entropy":
+        return _cross_entropy(shapes, device, quick)
     if op == "adamw":
         return _adamw(shapes, device, distinct=quick)
     if op == "grad_norm":
@@ -233,7 +256,9 @@ def case(op: str, shapes: Shapes, device, quick: bool = False) -> Case:
 
 
 def _copies(inputs: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    return [t.detach().to(dtype or t.dtype).clone().requires_grad_(t.requires_grad) for t in inputs]
+    """Fresh copies of `inputs`, the floating-point ones in `dtype` (integer targets stay as they are)."""
+    return [t.detach().to(dtype if dtype and t.is_floating_point() else t.dtype).clone()
+            .requires_grad_(t.requires_grad) for t in inputs]
 
 
 def check(c: Case, fn: Callable, reference: Callable) -> tuple[bool, str]:

@@ -45,7 +45,7 @@ case "$1" in
       python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
     done ;;
   ops)
-    for op in norm swiglu attention adamw; do
+    for op in norm swiglu attention cross_entropy adamw; do
       python -m bench.op_$op --json "$OUT/op_$op.json" 2>&1 | tee -a "$log"
     done ;;
   mfu)

@@ -12,8 +12,10 @@ Memory per GPU (bytes), for P parameters on N GPUs:
       (hidden, or 2·hidden for SwiGLU) + activation output (hidden)
       + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure;
   that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
-  the dropout masks). The head adds the final norm's input and output and 10·vocab bytes:
-  bf16 logits, their fp32 copy and the fp32 log-softmax the loss saves, all live at once.
+  the dropout masks). The head adds the final norm's input and output and the loss's share: with
+  the triton cross_entropy (the planned case) 4·vocab + 8 bytes, the bf16 logits and then their
+  bf16 gradient, live at once at the start of backward, and two fp32 statistics a token; torch's
+  loss would hold 10·vocab (bf16 logits, their fp32 copy and the fp32 log-softmax it saves).
   With full activation recomputation (checkpointing every block) only each block's input is
   kept, plus one block's activations while it is recomputed; the price is one more forward
   pass of every block (about a third more matmul FLOPs), not counted in MFU.
@@ -77,7 +79,7 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
-    head = r * h + 2 * h + 10 * config.vocab_size
+    head = r * h + 2 * h + 4 * config.vocab_size + 8
     if recompute:
         return config.n_layer * r * h + layer + head
     return config.n_layer * layer + head
@@ -139,7 +141,8 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
     console.print(speed)
     console.print(memory)
     console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 plus the two "
-                  "norm inputs (fp32 under autocast), head r·h + 2h + 10·vocab; with recompute: "
+                  "norm inputs (fp32 under autocast), head r·h + 2h + 4·vocab + 8 (the triton loss; torch's "
+                  "holds 10·vocab); with recompute: "
                   "each block's input plus one block's activations. "
                   "Static: adamw 16 B/param, bf16_adamw 8 B/param; ZeRO-1 shards optimizer states, "
                   "FSDP all three plus two gathered bf16 layers. See bench/plan.py.")

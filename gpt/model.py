@@ -249,7 +249,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = self.ops.cross_entropy(logits, targets)  # fp32 mean over targets != -1
         return logits, loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:

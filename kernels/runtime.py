@@ -6,6 +6,7 @@ TRITON_INTERPRET when it decorates. An explicit TRITON_INTERPRET in the environm
 """
 import contextlib
 import functools
+import math
 import os
 import warnings
 
@@ -35,6 +36,7 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+import triton.language as tl  # noqa: E402
 
 if INTERPRET:
     import numpy
@@ -87,3 +89,47 @@ def set_scratch_allocator() -> None:
     torch.compile's launcher does for its kernels."""
     if not INTERPRET:  # the interpreter keeps descriptors on the host
         triton.set_allocator(_scratch)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a (rows, cols) matrix with unit column stride: a view when its leading dimensions
+    collapse to one row stride (contiguous tensors, the halves of `h.chunk(2, -1)`), a contiguous
+    copy for other layouts."""
+    m = t.reshape(math.prod(t.shape[:-1]), t.shape[-1] if t.dim() else 1)
+    return m if m.stride(-1) == 1 else m.contiguous()
+
+
+@triton.jit
+def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row indices (BLOCK_R,), column indices (BLOCK_C,) and the in-bounds mask (BLOCK_R, BLOCK_C)
+    of this program's tile of an (n_rows, n_cols) matrix. The column tiles of one row band are
+    consecutive programs, so neighbouring programs stream neighbouring memory. Rows come 1-D so
+    that per-row values load once a row, not once an element, before they are broadcast."""
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(n_cols, BLOCK_C)
+    # int64 before any row stride multiplies it: row * stride can pass 2^31.
+    rows = (pid // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols, (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+
+
+# Launch heuristics for a memory-bound elementwise kernel over tiles (`tile` above).
+# TILE: elements per program. 4096 (8 KB per bf16 tensor) amortizes each program's index math
+# and keeps many loads in flight per SM, while training shapes still give tens of thousands
+# of programs to spread over the SMs.
+_TILE = 4096
+# MAX_BLOCK_C: widest tile. Wide rows are split into 1024-column tiles, so a row that is not a
+# multiple of it (5632, 11008, 50257) wastes at most one partly masked tile per row band.
+_MAX_BLOCK_C = 1024
+# NUM_WARPS: 8 warps give each thread 16 elements per tensor (two 16-byte bf16 vector loads),
+# leaving registers for a backward's handful of fp32 values per element.
+_NUM_WARPS = 8
+
+
+def launch_tiles(kernel, n_rows: int, n_cols: int, *args) -> None:
+    """Launch an elementwise `kernel(*args, n_rows, n_cols, BLOCK_R, BLOCK_C)` over the tiles of an
+    (n_rows, n_cols) matrix, one program per tile."""
+    block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
+    block_r = _TILE // block_c
+    grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
+    wrap_triton(kernel)[grid](*args, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)

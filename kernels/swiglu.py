@@ -7,8 +7,6 @@ row stride. That covers contiguous tensors and, with no copy, the halves of one 
 side into one (rows, 2*cols) buffer: for the chunked layout that is exactly d_h, laid out for
 chunk's backward concatenation.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -36,20 +34,6 @@ def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Row indices (BLOCK_R, 1), column indices (1, BLOCK_C) and in-bounds mask of this program's
-    tile. The column tiles of one row band are consecutive programs, so neighbouring programs
-    stream neighbouring memory."""
-    pid = tl.program_id(0)
-    n_col_tiles = tl.cdiv(n_cols, BLOCK_C)
-    # int64 before any row stride multiplies it: row * stride can pass 2^31.
-    rows = (pid // n_col_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % n_col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return rows[:, None], cols[None, :], mask
-
-
-@triton.jit
 def _swiglu_fwd_kernel(
     gate_ptr,  # (n_rows, n_cols), unit column stride
     up_ptr,  # (n_rows, n_cols), unit column stride
@@ -62,7 +46,8 @@ def _swiglu_fwd_kernel(
     BLOCK_R: tl.constexpr,  # tile rows
     BLOCK_C: tl.constexpr,  # tile columns (a power of two)
 ):
-    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols, mask = runtime.tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols = rows[:, None], cols[None, :]
     # fp32 at once: one rounding, at the store (and the interpreter has no bf16 arithmetic).
     g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask).to(tl.float32)
     u = tl.load(up_ptr + rows * stride_up + cols, mask=mask).to(tl.float32)
@@ -88,7 +73,8 @@ def _swiglu_bwd_kernel(
     BLOCK_R: tl.constexpr,  # tile rows
     BLOCK_C: tl.constexpr,  # tile columns (a power of two)
 ):
-    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols, mask = runtime.tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols = rows[:, None], cols[None, :]
     g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask).to(tl.float32)
     u = tl.load(up_ptr + rows * stride_up + cols, mask=mask).to(tl.float32)
     dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask).to(tl.float32)
@@ -101,42 +87,13 @@ def _swiglu_bwd_kernel(
     tl.store(dup_ptr + rows * stride_dup + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-# Launch heuristics for a memory-bound elementwise kernel.
-# TILE: elements per program. 4096 (8 KB per bf16 tensor) amortizes each program's index math
-# and keeps many loads in flight per SM, while the benchmark shapes still give tens of thousands
-# of programs to spread over the SMs.
-_TILE = 4096
-# MAX_BLOCK_C: widest tile. Wide rows are split into 1024-column tiles, so a row that is not a
-# multiple of it (5632, 11008) wastes at most one partly masked tile per row band.
-_MAX_BLOCK_C = 1024
-# NUM_WARPS: 8 warps give each thread 16 elements per tensor (two 16-byte bf16 vector loads),
-# leaving registers for the backward's handful of fp32 values per element.
-_NUM_WARPS = 8
-
-
-def _launch(kernel, n_rows: int, n_cols: int, *tensors_and_strides) -> None:
-    block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
-    block_r = _TILE // block_c
-    grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
-    runtime.wrap_triton(kernel)[grid](
-        *tensors_and_strides, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` as a (rows, cols) matrix with unit column stride: a view when its leading dimensions
-    collapse to one row stride (contiguous tensors, the halves of `h.chunk(2, -1)`), a contiguous
-    copy for other layouts."""
-    m = t.reshape(math.prod(t.shape[:-1]), t.shape[-1] if t.dim() else 1)
-    return m if m.stride(-1) == 1 else m.contiguous()
-
-
 @torch.library.triton_op("tritongpt::swiglu", mutates_args=())
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g, u = _as_rows(gate), _as_rows(up)
+    g, u = runtime.as_rows(gate), runtime.as_rows(up)
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if y.numel():
         with runtime.on_device(y):
-            _launch(_swiglu_fwd_kernel, *g.shape, g, u, y, g.stride(0), u.stride(0), y.stride(0))
+            runtime.launch_tiles(_swiglu_fwd_kernel, *g.shape, g, u, y, g.stride(0), u.stride(0), y.stride(0))
     return y.view(gate.shape)
 
 
@@ -144,13 +101,13 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """d_gate and d_up side by side: a (rows, 2*cols) buffer (one output, as a custom op's outputs
     may not alias each other)."""
-    g, u, d = _as_rows(gate), _as_rows(up), _as_rows(dy)
+    g, u, d = runtime.as_rows(gate), runtime.as_rows(up), runtime.as_rows(dy)
     n_rows, n_cols = g.shape
     dgu = torch.empty((n_rows, 2 * n_cols), dtype=g.dtype, device=g.device)
     dgate, dup = dgu[:, :n_cols], dgu[:, n_cols:]
     if dgu.numel():
         with runtime.on_device(dgu):
-            _launch(_swiglu_bwd_kernel, n_rows, n_cols, g, u, d, dgate, dup, g.stride(0),
+            runtime.launch_tiles(_swiglu_bwd_kernel, n_rows, n_cols, g, u, d, dgate, dup, g.stride(0),
                     u.stride(0), d.stride(0), dgate.stride(0), dup.stride(0))
     return dgu
 

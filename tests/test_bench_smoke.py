@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from bench import backends, op_adamw, op_attention, op_norm, op_swiglu, profile
+from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_swiglu, profile
 from bench import kernels as bench_kernels
 from bench.cases import Shapes, case
 from bench.hardware import Device
@@ -43,6 +43,8 @@ BENCHMARKS = {
                {"torch", "compile", "triton", "F.silu(a) * b"}, {"fwd", "fwd+bwd"}),
     "attention": (op_attention, tiny((op_attention.SHAPES[0], op_attention.SHAPES[-1])),  # D = 64 and 128
                   {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
+    "cross_entropy": (op_cross_entropy, tiny(op_cross_entropy.SHAPES[:1]),
+                      {"torch", "compile", "triton", "F.cross_entropy"}, {"fwd", "fwd+bwd"}),
     "adamw": (op_adamw, tiny(op_adamw.SHAPES),
               {"triton", "triton sr", "torch loop", "torch", "get_total_norm", *op_adamw.OPTIMIZERS}, {"step"}),
 }
@@ -100,6 +102,10 @@ def test_the_issues_shapes_and_work():
     assert attention[-1].shape == "B=1 H=16/16 T=16384 D=128 causal"
     # 4*B*H*T^2*D / 2 with B*T = 16k tokens and H*D = 2048
     assert [c.work["fwd"] for c in attention] == [4 * 16384 * 2048 * s.T / 2 for s in op_attention.SHAPES]
+    cross_entropy = [case("cross_entropy", s, "meta") for s in op_cross_entropy.SHAPES]
+    assert [c.shape for c in cross_entropy] == [f"16384x{v}" for v in (32000, 50304, 128256)]
+    # bf16 logits read and int64 targets read; then both read again and the gradient written.
+    assert cross_entropy[1].work == {"fwd": 16384 * (2 * 50304 + 8), "fwd+bwd": 16384 * (6 * 50304 + 16)}
     adamw = case("adamw", op_adamw.SHAPES[0], "meta")
     assert adamw.shape == "148 tensors, 124M params" and adamw.work["step"] == 14 * 124_475_904
 

@@ -79,7 +79,8 @@ def test_activation_formula():
     # Pure bf16 GPT-2 layer: 32·h bytes per token (Korthikanti et al.'s 34·h less dropout masks).
     h = 768
     per_layer = 32 * h
-    head = 2 * h + 2 * h + 10 * 50304
+    # The head: ln_f's input and output, bf16 logits and their gradient, two fp32 numbers a token.
+    head = 2 * h + 2 * h + 4 * 50304 + 8
     assert plan.activation_bytes_per_token(GPT2, "bf16_adamw") == 12 * per_layer + head
     # Autocast keeps the residual stream (the two norm inputs per layer, and ln_f's) in fp32.
     assert plan.activation_bytes_per_token(GPT2, "adamw") == 12 * (per_layer + 4 * h) + head + 2 * h

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import swiglu as swiglu_module
+from kernels import runtime
 from tests.devices import skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
@@ -108,7 +108,7 @@ def test_halves_of_one_projection(backend, dtype, device):
 def test_chunk_halves_are_read_in_place():
     h = torch.randn(4, 5, 2 * 33)
     for half in h.chunk(2, dim=-1):
-        rows = swiglu_module._as_rows(half)
+        rows = runtime.as_rows(half)
         assert rows.data_ptr() == half.data_ptr() and rows.stride() == (2 * 33, 1)
 
 

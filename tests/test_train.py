@@ -153,6 +153,6 @@ def test_training_with_the_triton_kernels(tmp_path, data_dir, capsys):
               "--optimizer=bf16_adamw", "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--batch_size=2",
               preset="llama")
     out = capsys.readouterr().out
-    for op in ("rms_norm", "swiglu", "attention", "adamw"):
+    for op in ("rms_norm", "swiglu", "attention", "cross_entropy", "adamw"):
         assert any(line.split()[:2] == [op, "triton"] for line in out.replace("│", " ").splitlines()), op
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)

@@ -1,0 +1,210 @@
+"""Cross-entropy of a GPT's logits against its targets (the training loss): torch reference and
+Triton kernels.
+
+cross_entropy(logits, targets, ignore_index=-1) is the mean over the rows whose target is not
+ignore_index of logsumexp(row) - row[target], in fp32 whatever the logits' dtype: what the model
+computed as F.cross_entropy(logits.float(), targets, ignore_index=-1) (nanoGPT's loss).
+
+That torch form makes an fp32 copy of bf16 logits and an fp32 log-softmax of it (16k tokens x
+50304 classes: 3.3 GB each), and backward writes, reads and casts fp32 gradients of the same
+size: memory traffic of about eighteen times the bf16 logits, the largest non-matmul cost of a
+GPT-2 step, and 10 bytes a class of each token alive at once. The Triton backend moves the least
+it can without overwriting the logits:
+
+* forward: each program streams a band of rows once, keeping a running max per row and running
+  sums of exp(x - max) per lane in fp32 (one exp2 per element), and writes three fp32 numbers a
+  row: its loss, and for backward its max and log(sum(exp(x - max))). torch sums the row losses
+  (deterministically).
+* backward: one elementwise pass over (rows, classes) tiles: the softmax recomputed from the two
+  saved numbers, minus one at the target, times d_loss / (rows counted), written in the logits'
+  dtype. Ignored rows get zero gradient.
+
+So a training step reads the logits twice and writes their gradient once (three times their
+size), and nothing the size of the logits is saved but the logits themselves.
+
+A target outside [0, classes) that is not ignore_index makes the loss and that row's gradient
+NaN: checking the range on the host would cost a GPU sync every step, and torch answers the same
+mistake with a device-side assert that ends the process.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import runtime
+from .checks import check_same, check_tensor
+from .registry import register
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+IGNORE_INDEX = -1  # nanoGPT's: its data never holds -1, and padding a target with it drops the row
+
+
+def check_cross_entropy(logits, targets) -> None:
+    check_tensor("cross_entropy", "logits", logits)
+    check_tensor("cross_entropy", "targets", targets, dtypes=(torch.int64,))
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"cross_entropy: logits must have a non-empty last dimension (the classes), "
+                         f"got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets must have shape {tuple(logits.shape[:-1])} (logits' "
+                         f"without the classes), got {tuple(targets.shape)}")
+    check_same("cross_entropy", "device", logits=logits, targets=targets)
+
+
+@register("cross_entropy", "torch")
+def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                        ) -> torch.Tensor:
+    check_cross_entropy(logits, targets)
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr,  # (n_rows, n_cols) unit column stride
+    targets_ptr,  # (n_rows,) int64: each row's class, or ignore_index
+    loss_ptr,  # (n_rows,) fp32 output: log-sum-exp - logit of the target; 0 for an ignored row
+    max_ptr,  # (n_rows,) fp32 output: the row's max m, for backward
+    log_sum_ptr,  # (n_rows,) fp32 output: log(sum(exp(row - m))), for backward (kept apart from m:
+    #              their sum, the log-sum-exp, rounded to fp32 would cost backward accuracy)
+    stride_row,  # logits' row stride, in elements
+    ignore_index,
+    n_rows,
+    n_cols,
+    BLOCK_R: tl.constexpr,  # rows per program (several when rows are narrow)
+    BLOCK_C: tl.constexpr,  # columns per step along the row (a power of two)
+):
+    # int64 before the row stride multiplies it: row * stride passes 2^31 at 43k rows of GPT-2's vocabulary.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    cols = tl.arange(0, BLOCK_C)
+    row_ptrs = logits_ptr + rows[:, None] * stride_row
+    # Online log-sum-exp: the running max m is one per row, the sums s of exp(x - m) one per lane,
+    # rescaled when the max grows; lanes are added up once, at the end. exp(a) is computed as
+    # exp2(a * LOG2E) with a = x - m formed first, so the product's rounding is relative to |x - m|
+    # (small where the terms that matter are), not to |x|.
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for start in range(0, n_cols, BLOCK_C):
+        mask = row_ok[:, None] & (start + cols[None, :] < n_cols)
+        # fp32 at once (and the interpreter has no bf16 arithmetic); padding is -inf: exp gives 0.
+        x = tl.load(row_ptrs + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # While a row has seen only -inf, subtract 0 instead of -inf: -inf - -inf would be NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2((m - shift) * LOG2E)[:, None] + tl.exp2((x - shift[:, None]) * LOG2E)
+        m = m_new
+    log_sum = tl.log2(tl.where(row_ok, tl.sum(s, axis=1), 1.0)) * LN2  # rows past the end: log 1, not log 0
+
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    counted = target != ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    x_target = tl.load(logits_ptr + rows * stride_row + target, mask=row_ok & counted & in_range,
+                       other=0.0).to(tl.float32)
+    # m - x_target first: the two large terms cancel exactly when the target holds the maximum.
+    loss = tl.where(counted, (m - x_target) + log_sum, 0.0)
+    loss = tl.where(counted & ~in_range, float("nan"), loss)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(max_ptr + rows, m, mask=row_ok)
+    tl.store(log_sum_ptr + rows, log_sum, mask=row_ok)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    logits_ptr,  # (n_rows, n_cols) unit column stride: the forward's input
+    targets_ptr,  # (n_rows,) int64
+    max_ptr,  # (n_rows,) fp32: the forward's row max m
+    log_sum_ptr,  # (n_rows,) fp32: the forward's log(sum(exp(row - m)))
+    scale_ptr,  # () fp32: d_loss / rows counted (a tensor: no host sync, nothing recompiles)
+    dlogits_ptr,  # (n_rows, n_cols) output, unit column stride, the logits' dtype
+    stride_logits,  # row strides, in elements
+    stride_dlogits,
+    ignore_index,
+    n_rows,
+    n_cols,
+    BLOCK_R: tl.constexpr,  # tile rows
+    BLOCK_C: tl.constexpr,  # tile columns (a power of two)
+):
+    rows, cols, mask = runtime.tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    row_ok = rows < n_rows
+    m = tl.load(max_ptr + rows, mask=row_ok)
+    log_sum = tl.load(log_sum_ptr + rows, mask=row_ok)
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    counted = target != ignore_index
+    scale = tl.where(counted, tl.load(scale_ptr), 0.0)
+    scale = tl.where(counted & ((target < 0) | (target >= n_cols)), float("nan"), scale)
+    rows, cols = rows[:, None], cols[None, :]
+    x = tl.load(logits_ptr + rows * stride_logits + cols, mask=mask).to(tl.float32)
+    # softmax, recomputed: saving it would cost a logits-sized buffer. In the forward's order, so
+    # that roundings stay relative to the small x - m - log_sum, not to |x|.
+    p = tl.exp2(((x - m[:, None]) - log_sum[:, None]) * LOG2E)
+    d = (p - tl.where(cols == target[:, None], 1.0, 0.0)) * scale[:, None]
+    tl.store(dlogits_ptr + rows * stride_dlogits + cols, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+# Forward launch heuristics: a program holds TILE elements (8 KB of bf16) per step, as the
+# elementwise kernels do; rows narrower than that are stacked TILE // BLOCK_C deep, wider rows
+# are walked in BLOCK_C steps. 8 warps: 16 elements of the tile per thread.
+_TILE = 4096
+_NUM_WARPS = 8
+
+
+@torch.library.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, stats): the mean loss, and each row's fp32 max and log(sum(exp(row - max))), (2, rows)."""
+    x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
+    n_rows, n_cols = x.shape
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    stats = torch.empty((2, n_rows), dtype=torch.float32, device=x.device)
+    if n_rows:
+        block_c = min(triton.next_power_of_2(n_cols), _TILE)
+        block_r = _TILE // block_c
+        with runtime.on_device(x):
+            runtime.wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
+                x, t, row_loss, stats[0], stats[1], x.stride(0), ignore_index, n_rows, n_cols,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    # No rows counted: 0 / 0 = NaN, as torch.
+    return row_loss.sum() / (t != ignore_index).sum(), stats
+
+
+@torch.library.triton_op("tritongpt::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+                       ignore_index: int) -> torch.Tensor:
+    x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
+    scale = dloss.float() / (t != ignore_index).sum()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if dx.numel():
+        with runtime.on_device(dx):
+            runtime.launch_tiles(_cross_entropy_bwd_kernel, *x.shape, x, t, stats[0], stats[1], scale, dx,
+                                 x.stride(0), dx.stride(0), ignore_index)
+    return dx.view(logits.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, targets, ctx.ignore_index = inputs
+    _loss, stats = output
+    ctx.save_for_backward(logits, targets, stats)
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, dloss, _dstats):
+    logits, targets, stats = ctx.saved_tensors
+    return _cross_entropy_bwd(dloss, logits, targets, stats, ctx.ignore_index), None, None
+
+
+_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("cross_entropy", "triton")
+def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                         ) -> torch.Tensor:
+    check_cross_entropy(logits, targets)
+    check_tensor("cross_entropy", "logits", logits, dtypes=TRITON_DTYPES)
+    if logits.device.type != "cuda" and not runtime.INTERPRET:
+        raise ValueError(f"cross_entropy: the triton backend needs CUDA tensors, got {logits.device}")
+    return _cross_entropy_fwd(logits, targets, ignore_index)[0]
