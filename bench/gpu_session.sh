@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
-#   bash bench/gpu_session.sh ops       # the per-op benchmarks (bench/op_*.py)
+#   bash bench/gpu_session.sh ops [OPS] # the per-op benchmarks (bench/op_*.py); OPS picks some, e.g.
+#                                       # norm,swiglu (default all: norm,swiglu,attention,cross_entropy,adamw)
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
 #   bash bench/gpu_session.sh tune [D]  # bench.tune_attention: measured flash-attention launch configs
 #                                       # for head dim D (64 or 128; default both: about 95 candidates
@@ -45,7 +46,8 @@ case "$1" in
       python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
     done ;;
   ops)
-    for op in norm swiglu attention cross_entropy adamw; do
+    ops=${2:-norm,swiglu,attention,cross_entropy,adamw}
+    for op in ${ops//,/ }; do
       python -m bench.op_$op --json "$OUT/op_$op.json" 2>&1 | tee -a "$log"
     done ;;
   mfu)
@@ -62,6 +64,6 @@ case "$1" in
       2>&1 | tee -a "$log"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|tune [D]|profiles|ops|mfu|curves [VARIANTS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh tests|tune [D]|profiles|ops [OPS]|mfu|curves [VARIANTS]" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time

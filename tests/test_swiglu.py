@@ -12,6 +12,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
 # One element, one row, widths that are not a multiple of the column tile, a 3-D batch.
 SHAPES = [(), (1, 4099), (3, 1031), (2, 5, 33)]
+SILU_STATIONARY = -1.2785  # silu'(g) = 0 there
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -45,8 +46,12 @@ def assert_matches_float64(fn, gate, up, dy, what):
 
 def inputs(shape, dtype, device, gate_scale=4.0):
     # A gate scale of 4 puts a good share of the inputs where sigmoid saturates.
-    gate = (torch.randn(shape, device=device) * gate_scale).to(dtype)
-    return gate, torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+    gate = torch.randn(shape, device=device) * gate_scale
+    if gate.numel() == 1 and abs(gate.item() - SILU_STATIONARY) < 0.25:
+        # d_gate of one element at silu's minimum is a cancellation to ~0: its relative error
+        # measures how two roundings happened to fall, for torch and the kernel alike.
+        gate += 0.5
+    return gate.to(dtype), torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
