@@ -6,11 +6,14 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   autocast) keeps 4 + 4 + 8 bytes per parameter; bf16_adamw (pure bf16) 2 + 2 + 4. DDP
   replicates all of it; ZeRO-1 shards the optimizer states (/N); FSDP shards all three (/N)
   and holds two layers' weights gathered in bf16 (the one computing and the one prefetched).
+  Under autocast outside FSDP, each step also holds the bf16 copies autocast makes of the
+  matmul weights, which autograd keeps for backward: 2 bytes per matmul weight.
 - activations, per token of a micro-batch, saved for the backward with no recomputation,
   dropout 0 and flash attention (no T x T scores). Per layer, in bf16 unless said:
       norm outputs 2h + q, k, v (qkv width) + attention output h + MLP up-projection output
       (hidden, or 2·hidden for SwiGLU) + activation output (hidden)
-      + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure;
+      + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure
+      + with RoPE, the rotated q and k (new tensors; the projection output stays, held by v);
   that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
   the dropout masks). The head adds the final norm's input and output and the loss's share: with
   the triton cross_entropy (the planned case) 4·vocab + 8 bytes, the bf16 logits and then their
@@ -21,7 +24,10 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   pass of every block (about a third more matmul FLOPs), not counted in MFU.
 The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken as GiB) after
 the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
-are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak.
+are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak. The
+activation formula and the weight copies are checked against what autograd saves in small
+models of the gpt2 and llama kinds with the Triton ops (tests/test_mfu.py: within 1%); the
+allocator's own overheads, transients and workspaces are not in them.
 """
 from dataclasses import dataclass
 
@@ -73,12 +79,23 @@ def static_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: i
     raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
 
 
+def cast_copy_bytes(config: GPTConfig, optimizer: str, sharding: str) -> int:
+    """The bf16 copies of fp32 matmul weights that autocast makes in the forward and autograd keeps
+    for backward (adamw only; FSDP gathers the weights in bf16 already). Biases are cast too, but
+    their gradient does not need them: nothing keeps those copies."""
+    if optimizer != "adamw" or sharding == "fsdp":
+        return 0
+    return 2 * sum(m.weights for m in matmuls(config))
+
+
 def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool = False) -> int:
     """Bytes saved for the backward per token of a micro-batch (the formula in the docstring)."""
     h, r = config.n_embd, RESIDUAL_BYTES[optimizer]
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
+    if config.pos_encoding == "rope":
+        layer += 2 * (config.n_head + config.n_kv_head) * config.head_dim
     head = r * h + 2 * h + 4 * config.vocab_size + 8
     if recompute:
         return config.n_layer * r * h + layer + head
@@ -88,7 +105,8 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
 def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
                     seq_len: int, recompute: bool = False) -> int:
     """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
-    free = USABLE * gpu.memory_gb * GiB - static_bytes(config, optimizer, sharding, world_size)
+    free = (USABLE * gpu.memory_gb * GiB - static_bytes(config, optimizer, sharding, world_size)
+            - cast_copy_bytes(config, optimizer, sharding))
     per_sequence = activation_bytes_per_token(config, optimizer, recompute) * seq_len
     return max(0, int(free // per_sequence))
 
@@ -119,7 +137,7 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
         speed.add_column(col, justify="left" if col == "preset" else "right")
     memory = Table(title=f"Memory per GPU on {N} GPU(s) and the largest micro-batch in "
                          f"{USABLE:.0%} of {gpu.memory_gb:g} GB")
-    for col in ("preset", "optimizer", "sharding", "weights+grads+optim GB", "act MB/token",
+    for col in ("preset", "optimizer", "sharding", "static GB", "act MB/token",
                 "max micro-batch (seqs)", "with recompute"):
         memory.add_column(col, justify="left" if col in ("preset", "optimizer", "sharding") else "right")
     for name in presets:
@@ -132,17 +150,21 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                       *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1])))
         for optimizer in OPTIMIZERS:
             for sharding in SHARDINGS if N > 1 else ("ddp",):
+                held = static_bytes(config, optimizer, sharding, N) + cast_copy_bytes(config, optimizer, sharding)
                 fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
                         for recompute in (False, True)]
                 memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
-                               f"{static_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
+                               f"{held / GiB:,.1f}",
                                f"{activation_bytes_per_token(config, optimizer) / 2**20:.2f}",
                                *(str(n) if n else "does not fit" for n in fits))
     console.print(speed)
     console.print(memory)
-    console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 plus the two "
+    console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (+ rotated q, k "
+                  "with RoPE) plus the two "
                   "norm inputs (fp32 under autocast), head r·h + 2h + 4·vocab + 8 (the triton loss; torch's "
                   "holds 10·vocab); with recompute: "
                   "each block's input plus one block's activations. "
-                  "Static: adamw 16 B/param, bf16_adamw 8 B/param; ZeRO-1 shards optimizer states, "
-                  "FSDP all three plus two gathered bf16 layers. See bench/plan.py.")
+                  "Static: weights, grads and optimizer states, adamw 16 B/param, bf16_adamw 8 B/param "
+                  "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 layers), and "
+                  "under adamw's autocast outside FSDP 2 B per matmul weight for its bf16 copies. "
+                  "See bench/plan.py.")
