@@ -88,6 +88,11 @@ def cast_copy_bytes(config: GPTConfig, optimizer: str, sharding: str) -> int:
     return 2 * sum(m.weights for m in matmuls(config))
 
 
+def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int) -> int:
+    """What one GPU holds whatever the micro-batch: static_bytes and autocast's weight copies."""
+    return static_bytes(config, optimizer, sharding, world_size) + cast_copy_bytes(config, optimizer, sharding)
+
+
 def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool = False) -> int:
     """Bytes saved for the backward per token of a micro-batch (the formula in the docstring)."""
     h, r = config.n_embd, RESIDUAL_BYTES[optimizer]
@@ -105,8 +110,7 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
 def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
                     seq_len: int, recompute: bool = False) -> int:
     """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
-    free = (USABLE * gpu.memory_gb * GiB - static_bytes(config, optimizer, sharding, world_size)
-            - cast_copy_bytes(config, optimizer, sharding))
+    free = USABLE * gpu.memory_gb * GiB - held_bytes(config, optimizer, sharding, world_size)
     per_sequence = activation_bytes_per_token(config, optimizer, recompute) * seq_len
     return max(0, int(free // per_sequence))
 
@@ -150,11 +154,10 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                       *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1])))
         for optimizer in OPTIMIZERS:
             for sharding in SHARDINGS if N > 1 else ("ddp",):
-                held = static_bytes(config, optimizer, sharding, N) + cast_copy_bytes(config, optimizer, sharding)
                 fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
                         for recompute in (False, True)]
                 memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
-                               f"{held / GiB:,.1f}",
+                               f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
                                f"{activation_bytes_per_token(config, optimizer) / 2**20:.2f}",
                                *(str(n) if n else "does not fit" for n in fits))
     console.print(speed)

@@ -160,8 +160,9 @@ _NUM_WARPS = 8
 
 @torch.library.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, stats): the mean loss, and each row's fp32 max and log(sum(exp(row - max))), (2, rows)."""
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, counted): the mean loss, each row's fp32 max and log(sum(exp(row - max)))
+    as (2, rows), and how many rows the mean is over (for backward's scale)."""
     x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
     n_rows, n_cols = x.shape
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -173,15 +174,16 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
             runtime.wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
                 x, t, row_loss, stats[0], stats[1], x.stride(0), ignore_index, n_rows, n_cols,
                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    counted = (t != ignore_index).sum()
     # No rows counted: 0 / 0 = NaN, as torch.
-    return row_loss.sum() / (t != ignore_index).sum(), stats
+    return row_loss.sum() / counted, stats, counted
 
 
 @torch.library.triton_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-                       ignore_index: int) -> torch.Tensor:
+                       counted: torch.Tensor, ignore_index: int) -> torch.Tensor:
     x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
-    scale = dloss.float() / (t != ignore_index).sum()
+    scale = dloss.float() / counted
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         with runtime.on_device(dx):
@@ -192,14 +194,14 @@ def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, targets, ctx.ignore_index = inputs
-    _loss, stats = output
-    ctx.save_for_backward(logits, targets, stats)
-    ctx.mark_non_differentiable(stats)
+    _loss, stats, counted = output
+    ctx.save_for_backward(logits, targets, stats, counted)
+    ctx.mark_non_differentiable(stats, counted)
 
 
-def _backward(ctx, dloss, _dstats):
-    logits, targets, stats = ctx.saved_tensors
-    return _cross_entropy_bwd(dloss, logits, targets, stats, ctx.ignore_index), None, None
+def _backward(ctx, dloss, _dstats, _dcounted):
+    logits, targets, stats, counted = ctx.saved_tensors
+    return _cross_entropy_bwd(dloss, logits, targets, stats, counted, ctx.ignore_index), None, None
 
 
 _cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -122,14 +122,14 @@ def test_strided_inputs(backend, device):
 
 def test_backward_saves_no_logits_sized_buffer(device):
     """Backward recomputes the softmax: besides the logits (which the model returns anyway) and
-    the targets, only two fp32 numbers a row are saved."""
+    the targets, only two fp32 numbers a row and the count of rows the mean is over are saved."""
     skip_unless_triton_runs("triton", device)
     logits, targets, _ = inputs((3,), 4099, torch.bfloat16, device)
     logits.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         kernels.get("cross_entropy", "triton")(logits, targets)
-    assert sorted(t.numel() for t in saved) == [3, 2 * 3, 3 * 4099]
+    assert sorted(t.numel() for t in saved) == [1, 3, 2 * 3, 3 * 4099]
     assert any(t is logits or t.data_ptr() == logits.data_ptr() for t in saved)
 
 
