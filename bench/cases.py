@@ -79,12 +79,14 @@ class Case:
         return self.work[pass_] / ms / (1e6 if self.unit == "GB/s" else 1e9)
 
 
-def _outputs(y: torch.Tensor, inputs: list[torch.Tensor], dy: torch.Tensor, pass_: str):
-    """The forward output, and for "fwd+bwd" the gradients of the op's inputs too (autograd.grad,
-    so nothing accumulates into .grad between timed runs)."""
+def _outputs(ys, inputs: list[torch.Tensor], dys, pass_: str):
+    """The forward's outputs `ys` (a tensor or a tuple), and for "fwd+bwd" the gradients of the
+    op's inputs too, given `dys` at the outputs (autograd.grad, so nothing accumulates into .grad
+    between timed runs)."""
+    ys = (ys,) if isinstance(ys, torch.Tensor) else tuple(ys)
     if pass_ == "fwd":
-        return (y,)
-    return (y, *torch.autograd.grad(y, inputs, dy))
+        return ys
+    return (*ys, *torch.autograd.grad(ys, inputs, dys))
 
 
 def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Tensor:
@@ -92,30 +94,39 @@ def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Ten
     return t.requires_grad_(grad)
 
 
-def _norm(op: str, s: Shapes, device) -> Case:
+def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
+    """The norm, or with `residual` its pre-norm form: (y, x + residual) from x and the residual
+    stream, the gradient arriving at both outputs."""
     c, M = s.config, s.batch_size * s.T
     with_bias = op == "layer_norm" and c.bias
+    n_grads = 2 if residual else 1
 
     def make():
         kw = dict(device=device, dtype=s.dtype)
         weights = [_randn(c.n_embd, **kw, scale=0.1, shift=1.0, grad=True)]
         if with_bias:
             weights.append(_randn(c.n_embd, **kw, scale=0.1, grad=True))
-        return [_randn(M, c.n_embd, **kw, grad=True), *weights, _randn(M, c.n_embd, **kw)]
+        stream = [_randn(M, c.n_embd, **kw, scale=3.0, grad=True)] if residual else []
+        grads = [_randn(M, c.n_embd, **kw) for _ in range(n_grads)]
+        return [_randn(M, c.n_embd, **kw, grad=True), *stream, *weights, *grads]
 
     def call(fn, inputs, pass_):
-        x, *weights, dy = inputs
+        x, *rest = inputs
+        stream = rest[:1] if residual else []
+        weights, dys = rest[len(stream):-n_grads], rest[-n_grads:]
         args = (x, weights[0], weights[1] if with_bias else None) if op == "layer_norm" else (x, weights[0])
-        return _outputs(fn(*args, c.norm_eps), [x, *weights], dy, pass_)
+        options = dict(residual=stream[0]) if residual else {}
+        return _outputs(fn(*args, c.norm_eps, **options), [x, *stream, *weights], dys, pass_)
 
     size, param = M * c.n_embd * s.dtype.itemsize, c.n_embd * s.dtype.itemsize
     n_params = 2 if with_bias else 1
-    # Forward reads x and the weight (and bias) and writes y; backward reads x, the weight and dy
-    # and writes dx and the weight's (and bias's) gradient.
-    fwd = 2 * size + n_params * param
-    bwd = 3 * size + param + n_params * param
-    return Case(op, f"{M}x{c.n_embd}" + (" +bias" if with_bias else ""), ("fwd", "fwd+bwd"), make,
-                call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype)
+    # Forward reads x (and the residual) and the weight (and bias) and writes y (and the sum);
+    # backward reads x (the sum), the weight and dy (and the sum's gradient) and writes dx (the
+    # residual's gradient is the same tensor) and the weight's (and bias's) gradient.
+    fwd = (4 if residual else 2) * size + n_params * param
+    bwd = (4 if residual else 3) * size + param + n_params * param
+    shape = f"{M}x{c.n_embd}" + (" +bias" if with_bias else "") + (" +residual" if residual else "")
+    return Case(op, shape, ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype)
 
 
 def swiglu_hidden(config: GPTConfig) -> int:
@@ -237,11 +248,15 @@ def _grad_norm(s: Shapes, device, distinct: bool) -> Case:
                 {"step": numel * s.dtype.itemsize}, "GB/s", s.dtype)
 
 
-def case(op: str, shapes: Shapes, device, quick: bool = False) -> Case:
+def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | None = None) -> Case:
     """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for the
-    optimizer's ops, and at most 2048 rows of logits for cross_entropy."""
+    optimizer's ops, and at most 2048 rows of logits for cross_entropy. A norm is run with the
+    residual add fused in when `residual`; None: as the model runs most of its norms (fused in
+    pre-norm models, whose every norm but the first adds the residual)."""
     if op in ("rms_norm", "layer_norm"):
-        return _norm(op, shapes, device)
+        if residual is None:
+            residual = shapes.config.norm_position == "pre"
+        return _norm(op, shapes, device, residual)
     if op == "swiglu":
         return _swiglu(shapes, device)
     if op == "attention":

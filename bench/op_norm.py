@@ -2,16 +2,20 @@
 
     python -m bench.op_norm [--json rows.json]
 
-Shapes: 16k tokens x N in (768, 1024, 2048, 4096, 8192); x, weight and bias in bf16.
+Shapes: 16k tokens x N in (768, 1024, 2048, 4096, 8192); x, weight and bias in bf16. Each shape
+twice: the norm alone (the issue's benchmark), and "+residual", the form a pre-norm model runs:
+(y, s) = (norm(x + residual), x + residual), the gradient arriving at both y and s.
 Backends: `torch` = the registry's torch reference (computes in fp32), `compile` = torch.compile
 of it, `triton` = the registry's triton backend, and `F.rms_norm` / `F.layer_norm` = torch's own
-eager op in bf16. Both passes run with inputs that require grad, as in training; fwd+bwd times
-the forward plus torch.autograd.grad of x, the weight and the bias.
+eager op in bf16 (after torch's add, given a residual). Both passes run with inputs that require
+grad, as in training; fwd+bwd times the forward plus torch.autograd.grad of x, the weight and the
+bias (and the residual).
 
 Bytes credited, the same for every backend so that rates compare as times do: the minimum
 traffic of each pass, every input read once and every output written once (bench/cases.py):
-  fwd: x, weight (and bias) read, y written;
-  fwd+bwd: that, then x, weight and dy read, dx, dweight (and dbias) written.
+  fwd: x, weight (and bias) read, y written (+residual: and the residual read, s written);
+  fwd+bwd: that, then x, weight and dy read, dx, dweight (and dbias) written (+residual: s in
+  x's place, and ds read; the residual's gradient is dx).
 The fp32 row statistics and the triton backward's partial sums of dweight (and dbias) are a
 backend's choice, not counted. Roofline: the device-to-device copy bandwidth measured in the same
 run. `verified`: every output and gradient as accurate as torch's, by the project's rule
@@ -31,16 +35,28 @@ TOKENS = 16 * 1024
 WIDTHS = (768, 1024, 2048, 4096, 8192)
 # A norm sees only the width (n_head=1 lets it be any); the bias gives layer_norm one.
 SHAPES = tuple(Shapes(GPTConfig(n_embd=n, n_head=1, bias=True), batch_size=1, seq_len=TOKENS) for n in WIDTHS)
+
+
+def _eager(norm):
+    """torch's own op in bf16 with the registry op's signature: after torch's add, given a residual."""
+    def fn(x, *args, residual=None):
+        s = x if residual is None else x + residual
+        y = norm(s, *args)
+        return y if residual is None else (y, s)
+    return fn
+
+
 # The eager baseline the issue names: torch's own ops in bf16, beside the fp32 reference.
-EAGER = {"rms_norm": {"F.rms_norm": lambda x, w, eps: F.rms_norm(x, w.shape, w, eps)},
-         "layer_norm": {"F.layer_norm": lambda x, w, b, eps: F.layer_norm(x, w.shape, w, b, eps)}}
+EAGER = {"rms_norm": {"F.rms_norm": _eager(lambda x, w, eps: F.rms_norm(x, w.shape, w, eps))},
+         "layer_norm": {"F.layer_norm": _eager(lambda x, w, b, eps: F.layer_norm(x, w.shape, w, b, eps))}}
 
 
 def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     for op, eager in EAGER.items():
         impls = backends.implementations(op) | eager
         for s in shapes:
-            yield from backends.measure(case(op, s, device), impls, device)
+            for residual in (False, True):
+                yield from backends.measure(case(op, s, device, residual=residual), impls, device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,10 +106,26 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and not self.rms else None
         self.ops = ops
 
-    def forward(self, x):
+    def forward(self, x, residual=None, out_dtype=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) from one op."""
         if self.rms:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+            return self.ops.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, out_dtype=out_dtype)
+
+
+def add_and_norm(norm: Norm, stream, branch, out_dtype):
+    """(norm(stream + branch), stream + branch): a pre-norm block's residual add, fused into the
+    norm that reads its result. branch None: nothing is pending (the first block's input)."""
+    if branch is None:
+        return norm(stream, out_dtype=out_dtype), stream
+    return norm(branch, residual=stream, out_dtype=out_dtype)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in here, or None without autocast. Norm outputs that go
+    only into matmuls are written in it at once, sparing autocast's cast of them."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,12 +202,18 @@ class Block(nn.Module):
         self.ln_2 = Norm(config, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, branch=None, rope=None):
+        """(residual stream, branch output not yet added to it) in and out. Pre-norm adds each
+        branch inside the next norm (nanoGPT's x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), the
+        last add left to whoever comes next); post-norm's stream is the norms' output."""
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), rope)
-            return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, rope))
-        return self.ln_2(x + self.mlp(x))
+            dtype = matmul_dtype(x)
+            h, x = add_and_norm(self.ln_1, x, branch, dtype)
+            h, x = add_and_norm(self.ln_2, x, self.attn(h, rope), dtype)
+            return x, self.mlp(h)
+        x, _ = self.ln_1(self.attn(x, rope), residual=x)  # ln_1(x + attn(x))
+        x, _ = self.ln_2(self.mlp(x), residual=x)
+        return x, None
 
 
 class GPT(nn.Module):
@@ -242,10 +264,11 @@ class GPT(nn.Module):
         rope = None
         if self.config.pos_encoding == "rope":  # fp32 tables made per call: a bf16 model keeps them exact
             rope = rope_tables(self.config.head_dim, T, self.config.rope_theta, idx.device)
+        branch = None
         for block in self.h:
-            x = block(x, rope)
+            x, branch = block(x, branch, rope)
         if self.ln_f is not None:
-            x = self.ln_f(x)
+            x, _ = add_and_norm(self.ln_f, x, branch, matmul_dtype(x))
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
         logits = self.lm_head(x)  # (B, T, vocab_size)

@@ -4,7 +4,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _names(dtypes) -> str:
+def dtype_names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
@@ -12,7 +12,7 @@ def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, ndim: int | None = 
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        raise ValueError(f"{op}: {name} must be one of ({_names(dtypes)}), got {_names([t.dtype])}")
+        raise ValueError(f"{op}: {name} must be one of ({dtype_names(dtypes)}), got {dtype_names([t.dtype])}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
 

@@ -90,11 +90,16 @@ def test_attention_names_the_launch_configs_it_timed():
 
 def test_the_issues_shapes_and_work():
     """The full-size cases (built on the meta device: nothing allocated) are the issues' shapes."""
-    assert [case("rms_norm", s, "meta").shape for s in op_norm.SHAPES] == [
+    assert [case("rms_norm", s, "meta", residual=False).shape for s in op_norm.SHAPES] == [
         f"16384x{n}" for n in (768, 1024, 2048, 4096, 8192)]
-    layer_norm = case("layer_norm", op_norm.SHAPES[0], "meta")
+    layer_norm = case("layer_norm", op_norm.SHAPES[0], "meta", residual=False)
     # bf16: x read and y written, weight and bias read; then x, weight, dy read, dx, dw, db written.
     assert layer_norm.work == {"fwd": 2 * (2 * 16384 + 2) * 768, "fwd+bwd": 2 * (5 * 16384 + 5) * 768}
+    # The pre-norm form, as the (pre-norm) model runs it: x and the residual read, y and s written;
+    # then s, ds, dy, the weight read, dx (the residual's gradient too), dw, db written.
+    fused = case("layer_norm", op_norm.SHAPES[0], "meta")
+    assert fused.shape == "16384x768 +bias +residual"
+    assert fused.work == {"fwd": 2 * (4 * 16384 + 2) * 768, "fwd+bwd": 2 * (8 * 16384 + 5) * 768}
     assert [case("swiglu", s, "meta").shape for s in op_swiglu.SHAPES] == [
         f"16384x{h}" for h in (2048, 5632, 11008, 14336)]
     attention = [case("attention", s, "meta") for s in op_attention.SHAPES]

@@ -48,7 +48,9 @@ def torch_own(op, x, w, b):
 
 def backend_fn(backend, op):
     fn = kernels.get(op, backend)
-    return (lambda x, w, b: fn(x, w, EPS)) if op == "rms_norm" else (lambda x, w, b: fn(x, w, b, EPS))
+    if op == "rms_norm":
+        return lambda x, w, b, **options: fn(x, w, EPS, **options)
+    return lambda x, w, b, **options: fn(x, w, b, EPS, **options)
 
 
 def run(fn, x, w, b, dy, cast=lambda t: t):
@@ -222,6 +224,12 @@ def test_bad_inputs(backend, op):
         cases["weight, bias must have the same shape"] = (x, w, torch.randn(9))
         cases["bias must be one of"] = (x, w, torch.ones(8, dtype=torch.int32))
         cases["x, weight, bias must have the same device"] = (x, w, torch.randn(8, device="meta"))
+    for message, residual, out_dtype in [("x, residual must have the same shape", torch.randn(3, 7), None),
+                                         ("residual must be one of", torch.ones(3, 8, dtype=torch.int32), None),
+                                         ("residual must have the same device", torch.randn(3, 8, device="meta"), None),
+                                         ("out_dtype must be one of", None, torch.int8)]:
+        with pytest.raises(ValueError, match=rf"^{op}: .*{message}"):
+            fn(x, w, b, residual=residual, out_dtype=out_dtype)
     if backend == "triton":
         cases["x must be one of"] = (x.double(), w, b)
         cases["weight must be one of"] = (x, w.double(), b)
@@ -230,6 +238,123 @@ def test_bad_inputs(backend, op):
     for message, args in cases.items():
         with pytest.raises(ValueError, match=rf"^{op}: .*{message}"):
             fn(*args)
+
+
+# The residual stream's form: norm(x, ..., residual=r, out_dtype) -> (y, s), s = x + r.
+
+
+def fused_fn(backend, op, out_dtype=None):
+    fn = kernels.get(op, backend)
+    if op == "rms_norm":
+        return lambda x, r, w, b: fn(x, w, EPS, residual=r, out_dtype=out_dtype)
+    return lambda x, r, w, b: fn(x, w, b, EPS, residual=r, out_dtype=out_dtype)
+
+
+def run_fused(fn, x, r, w, b, dy, ds, cast=lambda t: t):
+    """[y, s, dx, dr, dw(, db)] of fn at (x, r, w, b), with dy and ds the gradients arriving at y
+    and s (ds None: s unused, as the last norm's)."""
+    leaves = [cast(t).detach().requires_grad_() for t in (x, r, w, b) if t is not None]
+    y, s = fn(*leaves) if b is not None else fn(*leaves, None)
+    outs, grads = ([y], [cast(dy)]) if ds is None else ([y, s], [cast(dy), cast(ds)])
+    return [y, s, *torch.autograd.grad(outs, leaves, grads)]
+
+
+def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=True):
+    """y, s and every gradient within the tolerance of the float64 formulas, in their dtypes:
+    s and its gradient as torch's add gives them, y in out_dtype (else s's dtype)."""
+    s_dtype = torch.promote_types(x.dtype, r.dtype)
+    y_dtype = out_dtype or s_dtype
+    dy = torch.randn(x.shape, device=x.device).to(y_dtype)
+    ds = torch.randn(x.shape, device=x.device).to(s_dtype) if ds_used else None
+
+    def composed(x, r, w, b, norm_fn):  # the unfused ops, as the model ran them before
+        s = x + r
+        return norm_fn(s, w, b).to(out_dtype or s.dtype), s
+
+    outs = run_fused(fused_fn(backend, op, out_dtype), x, r, w, b, dy, ds)
+    base = run_fused(lambda *t: composed(*t, lambda *u: torch_own(op, *u)), x, r, w, b, dy, ds)
+    ref = run_fused(lambda *t: composed(*t, lambda *u: reference(op, *u)), x, r, w, b, dy, ds,
+                    cast=torch.Tensor.double)
+    names = ["y", "s", "dx", "dr", "dw", "db"]
+    dtypes = [y_dtype, s_dtype, x.dtype, r.dtype, w.dtype, None if b is None else b.dtype]
+    for name, dtype, out, baseline, exact in zip(names, dtypes, outs, base, ref):
+        what = f"{backend} {op} fused {name} {tuple(x.shape)} {x.dtype}+{r.dtype}->{y_dtype}"
+        assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
+        assert_as_accurate(out, baseline, exact, what)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [7, 771, 4099])
+def test_residual_matches_float64(backend, op, bias, dtype, n, device):
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(5, n, device, dtype, bias=bias)
+    r = torch.randn(5, n, device=device).to(dtype) * 3
+    assert_fused_accurate(backend, op, x, r, w, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_residual_stream_under_autocast(backend, op, bias, dtype, device):
+    """The stream in fp32 (fp32 embeddings under autocast), the branch and y in bf16/fp16: s and
+    dr in fp32, dx in the branch's dtype, all from one backward pass."""
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(9, 300, device, dtype, wdtype=torch.float32, bias=bias)
+    r = torch.randn(9, 300, device=device) * 3
+    assert_fused_accurate(backend, op, x, r, w, b, out_dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_unused_sum(backend, op, bias, device):
+    """The final norm's s is not used: its gradient is None (not materialized as zeros)."""
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(4, 96, device, torch.bfloat16, bias=bias)
+    r = torch.randn(4, 96, device=device, dtype=torch.bfloat16)
+    assert_fused_accurate(backend, op, x, r, w, b, ds_used=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_out_dtype(backend, op, bias, device):
+    """y straight in bf16 from fp32 x: the numbers of the fp32 y cast to bf16, as autocast does.
+    (Triton's CPU interpreter rounds fp32 to bf16 toward zero, a GPU to nearest as torch does:
+    in the interpreter each element may be either.)"""
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(6, 200, device, bias=bias)
+    fn = kernels.get(op, backend)
+    args = (x, w) if op == "rms_norm" else (x, w, b)
+    y32, y16 = fn(*args, EPS), fn(*args, EPS, out_dtype=torch.bfloat16)
+    assert y16.dtype == torch.bfloat16
+    same = y16 == y32.to(torch.bfloat16)
+    if backend == "triton" and runtime.INTERPRET:
+        same |= y16 == (y32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert same.all(), f"{op}: {(~same).sum()} elements differ from the fp32 result cast to bf16"
+
+
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_residual_layouts(op, bias, device):
+    """A transposed residual and a row-sliced x, 3-D, many rows per backward program."""
+    skip_unless_triton_runs("triton", device)
+    base = torch.randn(3, 40, 2 * 771, device=device).to(torch.bfloat16)
+    x = base[..., :771]
+    r = (torch.randn(40, 3, 771, device=device) * 2).to(torch.bfloat16).transpose(0, 1)
+    _, w, b = inputs(1, 771, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    assert_fused_accurate("triton", op, x, r, w, b)
+
+
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_residual_backward_is_deterministic(op, bias, device):
+    skip_unless_triton_runs("triton", device)
+    m, n = MANY_ROWS[1]
+    x, w, b = inputs(m, n, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    r, dy, ds = (torch.randn(m, n, device=device) for _ in range(3))
+    fn = fused_fn("triton", op, out_dtype=torch.bfloat16)
+    first, second = (run_fused(fn, x, r, w, b, dy.bfloat16(), ds) for _ in range(2))
+    for name, a, c in zip(["y", "s", "dx", "dr", "dw", "db"], first, second):
+        assert torch.equal(a, c), f"{op} fused {name} differs between two identical runs"
 
 
 @cuda
@@ -276,6 +401,20 @@ def test_compiled_matches_eager(op, bias):
     compiled = run(torch.compile(fn, fullgraph=True), x, w, b, dy)
     for name, e, c in zip(["y", "dx", "dw", "db"], eager, compiled):
         torch.testing.assert_close(c, e, msg=lambda m: f"{op} {name}: {m}")
+
+
+@cuda
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_compiled_residual_matches_eager(op, bias):
+    """The residual form as the model runs it under autocast traces into a torch.compile graph."""
+    x, w, b = inputs(300, 1536, "cuda", torch.bfloat16, wdtype=torch.float32, bias=bias)
+    r = torch.randn(300, 1536, device="cuda")
+    dy, ds = torch.randn_like(x), torch.randn_like(r)
+    fn = fused_fn("triton", op, out_dtype=torch.bfloat16)
+    eager = run_fused(fn, x, r, w, b, dy, ds)
+    compiled = run_fused(torch.compile(fn, fullgraph=True), x, r, w, b, dy, ds)
+    for name, e, c in zip(["y", "s", "dx", "dr", "dw", "db"], eager, compiled):
+        torch.testing.assert_close(c, e, msg=lambda m: f"{op} fused {name}: {m}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
