@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, GPTConfig, rope_tables
 from kernels.accuracy import bound, rel_err
 
 # AdamW hyperparameters of train.py's defaults; a late step, where bias correction is mild.
@@ -154,6 +154,30 @@ def _swiglu(s: Shapes, device) -> Case:
                 {"fwd": 3 * size, "fwd+bwd": 8 * size}, "GB/s", s.dtype)
 
 
+def _rope(s: Shapes, device) -> Case:
+    c, B, T = s.config, s.batch_size, s.T
+    H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+
+    def make():  # q and k as the model has them: views of one qkv projection
+        cos, sin = rope_tables(D, T, c.rope_theta, device)
+        return [_randn(B, T, (H + 2 * Hkv) * D, device=device, dtype=s.dtype, grad=True),
+                _randn(B, H, T, D, device=device, dtype=s.dtype), _randn(B, Hkv, T, D, device=device, dtype=s.dtype),
+                cos, sin]
+
+    def call(fn, inputs, pass_):
+        qkv, dq, dk, cos, sin = inputs
+        q, k, _v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+        q, k = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k))
+        return _outputs((fn(q, cos, sin), fn(k, cos, sin)), [q, k], (dq, dk), pass_)
+
+    size = B * T * (H + Hkv) * D * s.dtype.itemsize
+    tables = 2 * T * (D // 2) * 4
+    # Forward reads q, k and the fp32 cos and sin tables and writes the rotated q and k (the
+    # model's two calls); backward reads their gradients and the tables and writes q's and k's.
+    return Case("rope", f"B={B} T={T} H={H}/{Hkv} D={D}", ("fwd", "fwd+bwd"), make, call,
+                {"fwd": 2 * size + 2 * tables, "fwd+bwd": 4 * size + 4 * tables}, "GB/s", s.dtype)
+
+
 def _attention(s: Shapes, device) -> Case:
     c, B, T = s.config, s.batch_size, s.T
     H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
@@ -259,6 +283,8 @@ def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | 
         return _norm(op, shapes, device, residual)
     if op == "swiglu":
         return _swiglu(shapes, device)
+    if op == "rope":
+        return _rope(shapes, device)
     if op == "attention":
         return _attention(shapes, device)
     if op == "cross_entropy":

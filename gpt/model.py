@@ -3,7 +3,7 @@
 GPT-2 and LLaMA-style models are one class with switches: normalization (layernorm | rmsnorm),
 its position (pre | post), position encoding (learned | rope | none), MLP (gelu | swiglu, and the
 plain MLP's activation), bias, weight tying and grouped-query heads. The hot ops (norms, SwiGLU,
-attention) come from `kernels`, one backend per op, chosen before the model is built.
+RoPE, attention, the loss) come from `kernels`, one backend per op, chosen before the model is built.
 """
 import math
 from collections.abc import Mapping
@@ -135,13 +135,6 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, nh, T, hs) by the angles (T, hs/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.to(x.dtype)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, ops: Ops):
         super().__init__()
@@ -163,7 +156,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)  # pairs (hs/2 apart) rotated
         y = self.ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))

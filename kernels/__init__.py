@@ -6,7 +6,7 @@ hand-written Triton backends that replace it.
     kernels.choose("auto", "cuda")     # op -> Choice(backend, reason) for a model
 """
 from . import runtime  # noqa: F401  (first: switches Triton to its interpreter on CPU-only machines)
-from . import adamw, attention, cross_entropy, norm, swiglu  # noqa: F401  (each registers its backends)
+from . import adamw, attention, cross_entropy, norm, rope, swiglu  # noqa: F401  (each registers its backends)
 from .registry import OPS, get, ops, register
 from .select import MODES, Choice, choose
 

@@ -596,13 +596,6 @@ def _dense_stride1(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _empty_bthd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (B, H, T, D) tensor laid out as (B, T, H, D): the model's output
-    projection reads y.transpose(1, 2) as (B, T, H*D) without a copy."""
-    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype,
-                               device=like.device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launches, each with an explicit configuration: the ops pass _config's, and the tuner
 # (bench/tune_attention.py) runs these same launches with its candidates
@@ -613,7 +606,7 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     """(o, lse2) from the forward kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    o = _empty_bthd(B, H, T, D, q)
+    o = runtime.empty_bthd(B, H, T, D, q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tma = _tma_flag(cfg, q, k, v)
     with runtime.on_device(q):
@@ -654,8 +647,8 @@ def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Te
     """(dk, dv) from the dkdv kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    dk = _empty_bthd(B, Hkv, T, D, k)
-    dv = _empty_bthd(B, Hkv, T, D, v)
+    dk = runtime.empty_bthd(B, Hkv, T, D, k)
+    dv = runtime.empty_bthd(B, Hkv, T, D, v)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
@@ -673,7 +666,7 @@ def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tens
     """dq from the dq kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    dq = _empty_bthd(B, H, T, D, q)
+    dq = runtime.empty_bthd(B, H, T, D, q)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_swiglu, profile
+from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_rope, op_swiglu, profile
 from bench import kernels as bench_kernels
 from bench.cases import Shapes, case
 from bench.hardware import Device
@@ -41,6 +41,7 @@ BENCHMARKS = {
              {"torch", "compile", "triton", "F.rms_norm", "F.layer_norm"}, {"fwd", "fwd+bwd"}),
     "swiglu": (op_swiglu, tiny(op_swiglu.SHAPES[:1]),
                {"torch", "compile", "triton", "F.silu(a) * b"}, {"fwd", "fwd+bwd"}),
+    "rope": (op_rope, tiny(op_rope.SHAPES[-1:]), {"torch", "compile", "triton"}, {"fwd", "fwd+bwd"}),
     "attention": (op_attention, tiny((op_attention.SHAPES[0], op_attention.SHAPES[-1])),  # D = 64 and 128
                   {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
     "cross_entropy": (op_cross_entropy, tiny(op_cross_entropy.SHAPES[:1]),
@@ -102,6 +103,11 @@ def test_the_issues_shapes_and_work():
     assert fused.work == {"fwd": 2 * (4 * 16384 + 2) * 768, "fwd+bwd": 2 * (8 * 16384 + 5) * 768}
     assert [case("swiglu", s, "meta").shape for s in op_swiglu.SHAPES] == [
         f"16384x{h}" for h in (2048, 5632, 11008, 14336)]
+    rope = [case("rope", s, "meta") for s in op_rope.SHAPES]
+    assert [c.shape for c in rope] == ["B=8 T=2048 H=12/12 D=64", "B=8 T=2048 H=32/32 D=128", "B=8 T=2048 H=32/8 D=128"]
+    # bf16 q and k read and written, each pass, and the fp32 cos and sin tables (2048 x 64) read.
+    assert rope[2].work == {"fwd": 2 * 16384 * 40 * 128 * 2 + 2 * 2048 * 64 * 4 * 2,
+                            "fwd+bwd": 4 * 16384 * 40 * 128 * 2 + 4 * 2048 * 64 * 4 * 2}
     attention = [case("attention", s, "meta") for s in op_attention.SHAPES]
     assert [c.shape for c in attention][:2] == ["B=32 H=32/32 T=512 D=64 causal", "B=16 H=32/32 T=1024 D=64 causal"]
     assert attention[-1].shape == "B=1 H=16/16 T=16384 D=128 causal"

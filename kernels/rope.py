@@ -1,0 +1,128 @@
+"""Rotary position embedding (RoPE) of queries or keys: the torch reference and the Triton kernel.
+
+The rotation is LLaMA's (as in Hugging Face's GPT-NeoX/LLaMA code): each head vector x of size D
+is split into halves x1 = x[:D/2], x2 = x[D/2:], and pair i is turned by the angle of its position
+and frequency: (x1*cos - x2*sin, x1*sin + x2*cos), with cos and sin tables (T, D/2) from the model.
+
+Written in torch (upcast, chunk, four products, two sums, a concatenation, a downcast) that is
+about eight passes over q and eight over k in the forward, and as many in the backward, each
+with fp32 intermediates; torch.compile fuses them, eager torch cannot. The Triton kernel is one
+pass: it reads x's two halves where they lie (the strided q and k views of the model's qkv
+projection: no copy), computes in fp32 and writes the rotated x in (B, T, H, D) layout, which the
+attention kernel reads as it reads any layout. The backward is the same kernel applying the
+transpose (for rotations, the inverse: the angle negated), so nothing is saved but the tables.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+from .checks import check_same, check_tensor
+from .registry import register
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Launch heuristics: _TILE elements of each half per program (8 KB of bf16 per half), in a tile
+# of whole half-rows of consecutive positions of one (batch, head). 8 warps give each thread 16
+# elements per half (two 16-byte bf16 vectors) and 16 of each fp32 table: 64 registers, against
+# 128 with 4 warps (compiled for sm90), so twice the warps per SM for the same bytes in flight.
+_TILE = 4096
+_NUM_WARPS = 8
+
+
+def check_rope(x, cos, sin) -> None:
+    check_tensor("rope", "x", x)
+    check_tensor("rope", "cos", cos, ndim=2)
+    check_tensor("rope", "sin", sin, ndim=2)
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"rope: x must be (B, H, T, D) with D even, got shape {tuple(x.shape)}")
+    B, H, T, D = x.shape
+    if tuple(cos.shape) != (T, D // 2):
+        raise ValueError(f"rope: cos and sin must have shape (T, D/2) = {(T, D // 2)} for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(cos.shape)}")
+    check_same("rope", "shape", cos=cos, sin=sin)
+    check_same("rope", "device", x=x, cos=cos, sin=sin)
+
+
+@register("rope", "torch")
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    check_rope(x, cos, sin)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+@triton.jit
+def _rope_kernel(
+    X,  # input (B, H, T, D), any strides
+    Y,  # output (B, H, T, D), in X's dtype
+    Cos,  # (T, HALF) fp32, contiguous
+    Sin,  # (T, HALF) fp32, contiguous
+    T,  # positions
+    HALF,  # D / 2: the pairs per head vector
+    stride_xb, stride_xh, stride_xt, stride_xd,  # strides of X and Y, in elements
+    stride_yb, stride_yh, stride_yt, stride_yd,
+    INVERSE: tl.constexpr,  # negate sin: the transpose, for the backward
+    BLOCK_T: tl.constexpr,  # positions per program
+    BLOCK_HALF: tl.constexpr,  # a power of two >= HALF
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    mask = (t < T)[:, None] & (d < HALF)[None, :]
+    # int64 offsets: a (B, H, T, D) view of a large qkv projection passes 2^31 elements.
+    x1_ptrs = X + b * stride_xb + h * stride_xh + t[:, None].to(tl.int64) * stride_xt + d[None, :] * stride_xd
+    y1_ptrs = Y + b * stride_yb + h * stride_yh + t[:, None].to(tl.int64) * stride_yt + d[None, :] * stride_yd
+    x1 = tl.load(x1_ptrs, mask=mask).to(tl.float32)
+    x2 = tl.load(x1_ptrs + HALF * stride_xd, mask=mask).to(tl.float32)
+    table = t[:, None] * HALF + d[None, :]
+    cos = tl.load(Cos + table, mask=mask)
+    sin = tl.load(Sin + table, mask=mask)
+    if INVERSE:
+        sin = -sin
+    tl.store(y1_ptrs, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y1_ptrs + HALF * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
+
+
+@torch.library.triton_op("tritongpt::rope", mutates_args=())
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x (B, H, T, D) turned by the tables' angles (with sin negated if `inverse`: the transpose),
+    laid out as (B, T, H, D)."""
+    B, H, T, D = x.shape
+    y = runtime.empty_bthd(B, H, T, D, x)
+    if y.numel():
+        block_half = triton.next_power_of_2(D // 2)
+        block_t = max(1, min(_TILE // block_half, triton.next_power_of_2(T)))
+        with runtime.on_device(x):
+            runtime.wrap_triton(_rope_kernel)[(triton.cdiv(T, block_t), H, B)](
+                x, y, cos, sin, T, D // 2, *x.stride(), *y.stride(),
+                INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
+    return y
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _x, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _backward(ctx, dy: torch.Tensor):
+    cos, sin = ctx.saved_tensors
+    return _rope(dy, cos, sin, not ctx.inverse), None, None, None
+
+
+_rope.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("rope", "triton")
+def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    check_rope(x, cos, sin)
+    check_tensor("rope", "x", x, dtypes=TRITON_DTYPES)
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_tensor("rope", name, table, dtypes=(torch.float32,))
+        if table.requires_grad:
+            raise ValueError(f"rope: the triton backend takes the {name} table as a constant; "
+                             f"it must not require grad")
+    if x.device.type != "cuda" and not runtime.INTERPRET:
+        raise ValueError(f"rope: the triton backend needs CUDA tensors, got {x.device}")
+    return _rope(x, cos.contiguous(), sin.contiguous(), False)

@@ -1,0 +1,171 @@
+"""rope, both backends, against the float64 rotation written here.
+
+Tolerance (tests/numerics.py): the error of the output and of dx, ||out - ref|| / ||ref|| against
+float64, at most FACTOR (2) x the error of the same rotation computed by torch in the input's
+dtype, plus FLOOR[dtype] (float32 1e-6, float16 2e-3, bfloat16 1.6e-2).
+"""
+import pytest
+import torch
+
+import kernels
+from gpt.model import rope_tables
+from kernels import runtime
+from tests.devices import skip_unless_triton_runs
+from tests.numerics import assert_as_accurate, rel_err
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def reference(x, cos, sin):
+    """Pairs (x[..., i], x[..., i + D/2]) turned by the angles of cos and sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def run(fn, x, cos, sin, dy, cast=lambda t: t):
+    """[y, dx] of fn at x (a detached view, so strided layouts reach fn as they are)."""
+    leaf = cast(x).detach().requires_grad_()
+    y = fn(leaf, cast(cos), cast(sin))
+    return [y, *torch.autograd.grad(y, leaf, cast(dy))]
+
+
+def assert_accurate(backend, x, theta=10000.0):
+    T, D = x.shape[-2:]
+    cos, sin = rope_tables(D, T, theta, x.device)
+    dy = torch.randn(x.shape, device=x.device).to(x.dtype)
+    outs = run(kernels.get("rope", backend), x, cos, sin, dy)
+    # torch in the input's dtype: the error a backend is measured against.
+    base = run(lambda x, c, s: reference(x, c.to(x.dtype), s.to(x.dtype)), x, cos, sin, dy)
+    ref = run(reference, x, cos, sin, dy, cast=torch.Tensor.double)
+    for name, out, baseline, exact in zip(["y", "dx"], outs, base, ref):
+        what = f"{backend} rope {name} {tuple(x.shape)} {x.dtype}"
+        assert out.dtype == x.dtype and out.shape == x.shape, what
+        assert_as_accurate(out, baseline, exact, what)
+
+
+def test_both_backends_registered():
+    assert kernels.ops()["rope"][:2] == ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (1, 2, 130, 128), (1, 1, 67, 32), (2, 1, 5, 6),
+                                   (1, 1, 1, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64(backend, dtype, shape, device):
+    """Head dims of the presets, and D/2 that is not a power of two (3) or one element."""
+    skip_unless_triton_runs(backend, device)
+    assert_accurate(backend, (torch.randn(shape, device=device) * 2).to(dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["mha", "gqa"])
+def test_views_of_the_qkv_projection(backend, grouped, device):
+    """q and k as the model makes them: strided views of one (B, T, (H + 2*Hkv)*D) output."""
+    skip_unless_triton_runs(backend, device)
+    B, T, H, Hkv, D = 2, 19, 4, 2 if grouped else 4, 32
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=device).to(torch.bfloat16)
+    q, k, _v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+    for t in (q, k):
+        assert_accurate(backend, t.view(B, T, -1, D).transpose(1, 2))
+
+
+def test_output_layout_and_large_positions(device):
+    """The output is laid out (B, T, H, D), as attention writes its own; a long-context theta and
+    positions up to 4096 keep the fp32 tables' accuracy."""
+    skip_unless_triton_runs("triton", device)
+    x = torch.randn(1, 2, 4096, 8, device=device)
+    y = kernels.get("rope", "triton")(x, *rope_tables(8, 4096, 500000.0, device))
+    assert y.transpose(1, 2).is_contiguous()
+    assert_accurate("triton", x, theta=500000.0)
+
+
+def test_rotation_keeps_lengths_and_inverts(device):
+    """Each pair is turned, not stretched; turning back with the transpose restores x."""
+    skip_unless_triton_runs("triton", device)
+    x = torch.randn(2, 3, 33, 64, device=device)
+    cos, sin = rope_tables(64, 33, 10000.0, device)
+    y = kernels.get("rope", "triton")(x, cos, sin)
+    pair_norm = lambda t: torch.hypot(*t.chunk(2, dim=-1))  # noqa: E731
+    torch.testing.assert_close(pair_norm(y), pair_norm(x))
+    back = kernels.get("rope", "triton")(y, cos, -sin)
+    torch.testing.assert_close(back, x)
+
+
+def test_empty_batch(device):
+    skip_unless_triton_runs("triton", device)
+    x = torch.randn(0, 2, 5, 8, device=device, requires_grad=True)
+    y = kernels.get("rope", "triton")(x, *rope_tables(8, 5, 10000.0, device))
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs(backend):
+    fn = kernels.get("rope", backend)
+    x = torch.randn(1, 2, 5, 8)
+    cos, sin = rope_tables(8, 5, 10000.0)
+    cases = {
+        r"x must be \(B, H, T, D\) with D even": (torch.randn(1, 2, 5, 7), *rope_tables(6, 5, 1.0)),
+        r"x must be \(B, H, T, D\)": (torch.randn(2, 5, 8), cos, sin),
+        r"must have shape \(T, D/2\)": (x, *rope_tables(8, 6, 1.0)),
+        "cos, sin must have the same shape": (x, cos, sin[:, :3]),
+        "x must be one of": (torch.ones(1, 2, 5, 8, dtype=torch.int32), cos, sin),
+        "cos must be 2-D": (x, cos[None], sin),
+        "x, cos, sin must have the same device": (x, cos, sin.to("meta")),
+    }
+    if backend == "triton":
+        cases["x must be one of"] = (x.double(), cos, sin)
+        cases["cos must be one of"] = (x, cos.double(), sin)
+        cases["must not require grad"] = (x, cos.clone().requires_grad_(), sin)
+        if not runtime.INTERPRET:
+            cases["needs CUDA tensors"] = (x, cos, sin)
+    for message, args in cases.items():
+        with pytest.raises(ValueError, match=rf"^rope: .*{message}"):
+            fn(*args)
+
+
+@cuda
+def test_llama_shapes_on_gpu():
+    """LLaMA-3 8B's grouped k at 4096 positions, from the qkv projection's layout."""
+    B, T, H, Hkv, D = 2, 4096, 32, 8, 128
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
+    q, k, _v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+    for t in (q, k):
+        assert_accurate("triton", t.view(B, T, -1, D).transpose(1, 2), theta=500000.0)
+
+
+@pytest.mark.bigmem
+@cuda
+def test_over_2_to_the_31_elements():
+    """Positions past element 2^31 are read and written where they belong (int64 offsets)."""
+    H, D = 16, 128
+    T = 2**31 // (H * D) + 8
+    x = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = rope_tables(D, T, 10000.0, "cuda")
+    y = kernels.get("rope", "triton")(x, cos, sin)
+    last = slice(T - 8, T)
+    ref = reference(x[:, :, last].double(), cos[last].double(), sin[last].double())
+    assert rel_err(y[:, :, last], ref) < 1e-2
+
+
+@cuda
+def test_compiled_matches_eager():
+    """The op traces into a torch.compile graph (no graph break) and gives eager's results."""
+    x = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope_tables(64, 300, 10000.0, "cuda")
+    dy = torch.randn_like(x)
+    fn = kernels.get("rope", "triton")
+    eager = run(fn, x, cos, sin, dy)
+    compiled = run(torch.compile(fn, fullgraph=True), x, cos, sin, dy)
+    for name, e, c in zip(["y", "dx"], eager, compiled):
+        torch.testing.assert_close(c, e, msg=lambda m: f"rope {name}: {m}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_tensors_own_gpu():
+    x = torch.randn(2, 3, 17, 64, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        assert_accurate("triton", x)
