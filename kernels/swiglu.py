@@ -30,7 +30,8 @@ def check_swiglu(gate, up) -> None:
 @register("swiglu", "torch")
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_swiglu(gate, up)
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    compute = torch.promote_types(gate.dtype, torch.float32)  # fp32, or float64 for a float64 reference
+    return (F.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
 @triton.jit
