@@ -268,7 +268,7 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     r = x if residual is None else residual
     with runtime.on_device(x):
         runtime.wrap_triton(_norm_fwd_kernel)[(triton.cdiv(m, rows),)](
-            x, r, s if residual is not None else y, y, weight, weight if bias is None else bias,
+            x, r, s, y, weight, weight if bias is None else bias,
             rstd if rms else mean, rstd, x.stride(0), r.stride(0), s.stride(0), y.stride(0), m, n, eps,
             IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
@@ -294,7 +294,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
     if m > 0:
         with runtime.on_device(x):
             runtime.wrap_triton(_norm_bwd_kernel)[(programs,)](
-                x, dy, dy if ds is None else ds, dx, dx if dx2_dtype is None else dx2, weight,
+                x, dy, dy if ds is None else ds, dx, dx2, weight,
                 rstd if rms else mean, rstd, dw, db if has_bias else dw,
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),
                 m, n, rows_per_program, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
