@@ -26,8 +26,8 @@ from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
-from gpt.model import GPT, GPTConfig, preset
-from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
+from gpt.model import GPT, GPTConfig, model_ops, preset
+from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm, optimizer_ops
 
 # nanoGPT's keys and defaults (GPT-2 124M on OpenWebText), then tritongpt's own.
 DEFAULTS = dict(
@@ -199,10 +199,11 @@ def main(argv: list[str]) -> None:
     if world.parallel == "fsdp" and c["dtype"] == "float16":
         raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
                          "kept in step across the ranks' shards)")
-    # Per op the backend to run, checked at this run's own shapes.
+    # Per op the backend to run, checked at this run's own shapes (the ops the run calls).
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
                     dtype=getattr(torch, c["dtype"]))
-    choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"])
+    used = model_ops(shapes.config) | optimizer_ops(c["optimizer"])
+    choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=used)
     backends = {op: choice.backend for op, choice in choices.items()}
     # The same initial weights on every rank (FSDP does not broadcast them) and whichever kernels
     # were chosen (their self-checks draw random inputs).

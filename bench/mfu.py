@@ -39,8 +39,8 @@ from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import provenance
-from gpt.model import GPT, GPTConfig
-from gpt.optim import BF16AdamW, clip_for_step
+from gpt.model import GPT, GPTConfig, model_ops
+from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 
 DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
 # train.py's optimizer settings.
@@ -165,7 +165,8 @@ def measure(run: Run, variant: str, device: Device) -> dict:
     """Time `run` with the backends of `variant`; a row of the results (or its error)."""
     mode, compiled = parse_variant(variant)
     shapes = Shapes(run.config, run.batch_size, run.seq_len, run.dtype)
-    choices = kernels.choose(mode, torch.device(run.device).type, shapes=shapes, compiled=compiled)
+    choices = kernels.choose(mode, torch.device(run.device).type, shapes=shapes, compiled=compiled,
+                             used=model_ops(run.config) | optimizer_ops(run.optimizer))
     row = dict(variant=variant, kernels={op: dataclasses.asdict(c) for op, c in choices.items()})
     try:
         step = _train_step(run, {op: c.backend for op, c in choices.items()}, compiled)
@@ -238,12 +239,14 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("triton", "compile")):
         if fast in ok and base in ok:
             console.print(f"{fast} / {base}: {ok[fast]['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x tokens/s")
-    kt = Table(title="op -> backend per variant (why: in the JSON file)")
+    kt = Table(title="op -> backend per variant, for the ops the run calls (why: in the JSON file)")
     kt.add_column("op")
     for r in rows:
         kt.add_column(r["variant"])
+    used = model_ops(run.config) | optimizer_ops(run.optimizer)
     for op in kernels.OPS:
-        kt.add_row(op, *(r["kernels"][op]["backend"] for r in rows))
+        if op in used:
+            kt.add_row(op, *(r["kernels"][op]["backend"] for r in rows))
     console.print(kt)
 
 

@@ -85,6 +85,16 @@ def preset(name: str) -> dict:
     return {f.name: f.default for f in fields(GPTConfig)} | PRESETS[name]
 
 
+def model_ops(config: GPTConfig) -> set[str]:
+    """The registry ops a model of `config` calls in training (forward, loss, backward)."""
+    used = {"rms_norm" if config.norm == "rmsnorm" else "layer_norm", "attention", "cross_entropy"}
+    if config.mlp == "swiglu":
+        used.add("swiglu")
+    if config.pos_encoding == "rope":
+        used.add("rope")
+    return used
+
+
 class Ops:
     """The registry functions this model calls, one backend per op (default: all torch)."""
 

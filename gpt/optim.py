@@ -36,6 +36,12 @@ except ImportError:  # torch built without distributed
     DTensor, Shard = (), ()
 
 
+def optimizer_ops(optimizer: str) -> set[str]:
+    """The registry ops a training step's optimizer side calls under train.py's `optimizer`
+    (adamw | bf16_adamw): the grad norm (logged every step, and clipping), and bf16_adamw's step."""
+    return {"grad_norm"} | ({"adamw"} if optimizer == "bf16_adamw" else set())
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 

@@ -13,7 +13,7 @@ self-check and the profile rules live in bench/profile.py (imported on use: benc
 this package).
 """
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from .registry import OPS, get, ops
@@ -29,7 +29,7 @@ class Choice:
 
 
 def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, compiled: bool = False,
-           profile=DETECT) -> dict[str, Choice]:
+           profile=DETECT, used: Collection[str] | None = None) -> dict[str, Choice]:
     """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping
     (ops it leaves out use torch; no checks: the caller asked for exactly these).
 
@@ -38,6 +38,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
     compiled: whether the model will run under torch.compile (profiles then time torch's ops
       as Inductor compiles them).
     profile: DETECT, a bench.profile.Profile, a path to one, or None for no profile.
+    used: the ops the run calls (gpt.model.model_ops, and the optimizer's), or None for all.
+      Under "triton" and "auto" the others are left to torch unchecked, and say so.
     """
     registered = ops()
     if isinstance(kernels, Mapping):
@@ -62,6 +64,9 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
     prof = _resolve(profile, profiles) if kernels == "auto" else None
     choices = {}
     for op in OPS:
+        if used is not None and op not in used:
+            choices[op] = Choice("torch", "not used by this run")
+            continue
         if "triton" not in registered[op]:
             choices[op] = Choice("torch", "no triton backend yet: falls back to torch")
             continue

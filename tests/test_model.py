@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernels
-from gpt.model import GPT, PRESETS, GPTConfig, preset, rope_tables
+from gpt.model import GPT, PRESETS, GPTConfig, model_ops, preset, rope_tables
 from kernels import runtime
 from kernels.accuracy import rel_err
 from tests.devices import skip_unless_triton_runs
@@ -70,6 +70,20 @@ def test_forward_backward_every_switch(switches):
     model.eval()
     logits, loss = model(idx[:, :5])
     assert logits.shape == (3, 1, 50) and loss is None
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_model_ops_are_the_ops_it_calls(switches):
+    """model_ops(config), which decides which ops a run self-checks, is what training calls."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, **switches)
+    model = GPT(config)
+    called = set()
+    for op in kernels.OPS:
+        fn = getattr(model.ops, op)
+        setattr(model.ops, op, lambda *args, op=op, fn=fn, **kw: called.add(op) or fn(*args, **kw))
+    idx = torch.randint(0, 50, (2, 16))
+    model(idx, idx)[1].backward()
+    assert called == model_ops(config)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])

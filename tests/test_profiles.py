@@ -9,7 +9,8 @@ from bench import kernels as bench_kernels
 from bench import profile
 from bench.cases import Shapes
 from bench.profile import Profile, fastest_verified
-from gpt.model import GPTConfig, preset
+from gpt.model import GPTConfig, model_ops, preset
+from gpt.optim import optimizer_ops
 from tests.devices import interpreter_only
 
 
@@ -107,6 +108,21 @@ def test_forced_triton_falls_back_with_a_warning(self_check):
     with pytest.warns(UserWarning, match="kernels=triton: adamw falls back to torch"):
         choices = kernels.choose("triton", "cuda", profile=None)
     assert choices["adamw"].backend == "torch" and choices["swiglu"].backend == "triton"
+
+
+def test_ops_the_run_does_not_call_are_left_unchecked(monkeypatch):
+    """A GPT-2 run trained with torch's AdamW calls neither rms_norm, swiglu, rope nor adamw:
+    they are not self-checked (each check compiles kernels) and the table says why."""
+    checked = []
+    monkeypatch.setattr(profile, "self_check", lambda op, shapes, device_type: (checked.append(op) or True, "fine"))
+    used = model_ops(GPTConfig(**preset("gpt2"))) | optimizer_ops("adamw")
+    assert used == {"layer_norm", "attention", "cross_entropy", "grad_norm"}
+    for mode in ("triton", "auto"):
+        checked.clear()
+        choices = kernels.choose(mode, "cuda", profile=None, used=used)
+        assert sorted(checked) == sorted(used)
+        for op in set(kernels.OPS) - used:
+            assert choices[op] == kernels.Choice("torch", "not used by this run"), op
 
 
 @interpreter_only
