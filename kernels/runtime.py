@@ -17,7 +17,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 # True when kernels run in Triton's CPU interpreter. The interpreter has no bf16 arithmetic and
 # its bf16 `tl.dot` multiplies bit patterns (triton-lang/triton#4972, #11584): kernels load, cast
-# to fp32 at once, and are given this as a constexpr so their `tl.dot` operands stay fp32.
+# to fp32 at once, and are given this as a constexpr so their `tl.dot` operands stay fp32. Its
+# fp32 -> bf16 casts round toward zero (a GPU's round to nearest even): bf16 results there are
+# within the error bounds, not bit-equal to torch's rounding.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
