@@ -2,9 +2,11 @@
 
     python -m bench.op_norm [--json rows.json]
 
-Shapes: 16k tokens x N in (768, 1024, 2048, 4096, 8192); x, weight and bias in bf16. Each shape
-twice: the norm alone (the issue's benchmark), and "+residual", the form a pre-norm model runs:
-(y, s) = (norm(x + residual), x + residual), the gradient arriving at both y and s.
+Shapes: 16k tokens x N in (768, 1024, 2048, 4096, 8192); x, weight and bias in bf16: the norm
+alone (the issue's benchmark). Then at N = 768 and 4096 (GPT-2 small's width and a 7B model's)
+"+residual", the form a pre-norm model runs: (y, s) = (norm(x + residual), x + residual), the
+gradient arriving at both y and s. (Fewer widths for it: each shape compiles torch's reference
+anew, and device time is scarce.)
 Backends: `torch` = the registry's torch reference (computes in fp32), `compile` = torch.compile
 of it, `triton` = the registry's triton backend, and `F.rms_norm` / `F.layer_norm` = torch's own
 eager op in bf16 (after torch's add, given a residual). Both passes run with inputs that require
@@ -33,6 +35,7 @@ from gpt.model import GPTConfig
 
 TOKENS = 16 * 1024
 WIDTHS = (768, 1024, 2048, 4096, 8192)
+RESIDUAL_WIDTHS = (768, 4096)
 # A norm sees only the width (n_head=1 lets it be any); the bias gives layer_norm one.
 SHAPES = tuple(Shapes(GPTConfig(n_embd=n, n_head=1, bias=True), batch_size=1, seq_len=TOKENS) for n in WIDTHS)
 
@@ -54,9 +57,10 @@ EAGER = {"rms_norm": {"F.rms_norm": _eager(lambda x, w, eps: F.rms_norm(x, w.sha
 def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     for op, eager in EAGER.items():
         impls = backends.implementations(op) | eager
-        for s in shapes:
-            for residual in (False, True):
-                yield from backends.measure(case(op, s, device, residual=residual), impls, device)
+        for residual in (False, True):
+            for s in shapes:
+                if not residual or s.config.n_embd in RESIDUAL_WIDTHS:
+                    yield from backends.measure(case(op, s, device, residual=residual), impls, device)
 
 
 def main(argv: list[str] | None = None) -> int:

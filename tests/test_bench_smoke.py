@@ -61,6 +61,8 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     rows = json.loads(path.read_text())
     assert {r["backend"] for r in rows} == backend_names and {r["pass"] for r in rows} == passes
     assert all(r["ms"] > 0 and r["value"] > 0 and 0 < r["roofline"] for r in rows)
+    if name == "norm":  # the plain norm and the pre-norm form with the residual add
+        assert {"+residual" in r["shape"] for r in rows} == {False, True}
     # Every row of a registry op (all but the optimizers') was checked, and triton passed.
     assert all(r["verified"] for r in rows if r["backend"].startswith("triton"))
     assert all(r["verified"] is not None for r in rows if r["backend"] not in op_adamw.OPTIMIZERS)
