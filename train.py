@@ -51,6 +51,7 @@ DEFAULTS = dict(
     # tritongpt
     kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
+    recompute=False,  # activation checkpointing: each block recomputed in backward (less memory, ~1/3 more FLOPs)
     stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
     kahan_summation=False,  # bf16_adamw: keep each param's rounding error (2 B/param), not rounding it at random
     preset=None,  # an architecture from gpt.model.PRESETS, under the keys set explicitly
@@ -117,7 +118,8 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     table.add_row("batch", f"{c['batch_size']} × {c['block_size']} tokens × {c['gradient_accumulation_steps']} "
                            f"accumulation × {world.size} processes ({world.parallel or 'no process group'}) = "
                            f"{tokens_per_iter:,} tokens per step")
-    table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}")
+    table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}"
+                            + (", blocks recomputed in backward" if c["recompute"] else ""))
     console.print(table)
     ktable = Table(title=f"kernels={c['kernels']}")
     for col in ("op", "backend", "why"):
@@ -212,6 +214,7 @@ def main(argv: list[str]) -> None:
     if weights_dir:
         pretrained.load_weights(model, weights_dir)
     torch.manual_seed(c["seed"] + rank)  # from here on each rank draws its own dropout masks
+    model.recompute_blocks(c["recompute"])
     if pure_bf16:
         model.to(torch.bfloat16)
     if world.parallel == "fsdp":  # fp32 weights gathered in bf16 when training in bf16

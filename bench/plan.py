@@ -19,9 +19,10 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   the triton cross_entropy (the planned case) 4·vocab + 8 bytes, the bf16 logits and then their
   bf16 gradient, live at once at the start of backward, and two fp32 statistics a token; torch's
   loss would hold 10·vocab (bf16 logits, their fp32 copy and the fp32 log-softmax it saves).
-  With full activation recomputation (checkpointing every block) only each block's input is
-  kept, plus one block's activations while it is recomputed; the price is one more forward
-  pass of every block (about a third more matmul FLOPs), not counted in MFU.
+  With full activation recomputation (train.py's recompute=True: checkpointing every block)
+  only each block's inputs are kept (the residual stream, r bytes, and the branch output the
+  fused norm has yet to add, 2), plus one block's activations while it is recomputed; the price
+  is one more forward pass of every block (about a third more matmul FLOPs), not counted in MFU.
 The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken as GiB) after
 the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
 are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak. The
@@ -102,8 +103,8 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     if config.pos_encoding == "rope":
         layer += 2 * (config.n_head + config.n_kv_head) * config.head_dim
     head = r * h + 2 * h + 4 * config.vocab_size + 8
-    if recompute:
-        return config.n_layer * r * h + layer + head
+    if recompute:  # each block's inputs: the residual stream and the branch the next norm adds
+        return config.n_layer * (r + 2) * h + layer + head
     return config.n_layer * layer + head
 
 
@@ -166,7 +167,7 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                   "with RoPE) plus the two "
                   "norm inputs (fp32 under autocast), head r·h + 2h + 4·vocab + 8 (the triton loss; torch's "
                   "holds 10·vocab); with recompute: "
-                  "each block's input plus one block's activations. "
+                  "each block's inputs (stream and pending branch) plus one block's activations. "
                   "Static: weights, grads and optimizer states, adamw 16 B/param, bf16_adamw 8 B/param "
                   "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 layers), and "
                   "under adamw's autocast outside FSDP 2 B per matmul weight for its bf16 copies. "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -199,6 +200,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, ops: Ops):
         super().__init__()
+        self.recompute = False  # activation checkpointing: see GPT.recompute_blocks
         self.pre_norm = config.norm_position == "pre"
         self.ln_1 = Norm(config, ops)
         self.attn = CausalSelfAttention(config, ops)
@@ -209,6 +211,12 @@ class Block(nn.Module):
         """(residual stream, branch output not yet added to it) in and out. Pre-norm adds each
         branch inside the next norm (nanoGPT's x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), the
         last add left to whoever comes next); post-norm's stream is the norms' output."""
+        if self.recompute and torch.is_grad_enabled():
+            # Inside the module call, so FSDP2's hooks gather the weights around the recomputation too.
+            return checkpoint(self._forward, x, branch, rope, use_reentrant=False)
+        return self._forward(x, branch, rope)
+
+    def _forward(self, x, branch, rope):
         if self.pre_norm:
             dtype = matmul_dtype(x)
             h, x = add_and_norm(self.ln_1, x, branch, dtype)
@@ -245,6 +253,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def recompute_blocks(self, on: bool = True) -> None:
+        """Activation checkpointing of every block: a block keeps only its inputs (the residual
+        stream and the branch still to be added) for backward, and runs its forward again there.
+        About a third more matmul FLOPs a step (not counted in MFU) for 1/n_layer of the blocks'
+        activation memory; the same numbers (dropout's random state is replayed)."""
+        for block in self.h:
+            block.recompute = on
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Exact parameter count (shared tensors once). Non-embedding leaves out the token and

@@ -149,9 +149,10 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_continues_in_one(re
 
 
 def test_fsdp_with_the_triton_kernels(reference, tmp_path, data_dir):
-    """The Triton ops (the interpreter here) on FSDP's gathered weights and the ranks' activations."""
+    """The Triton ops (the interpreter here) on FSDP's gathered weights and the ranks' activations,
+    with the blocks recomputed in backward (FSDP gathers each block's weights again for it)."""
     log, printed = torchrun(tmp_path, data_dir, *TWO, "--max_iters=2", "--eval_iters=1", "--kernels=triton",
-                            "--parallel=fsdp")
+                            "--parallel=fsdp", "--recompute=True")
     for op in ("layer_norm", "attention"):
         assert any(line.split()[:2] == [op, "triton"] for line in printed.replace("│", " ").splitlines()), op
     assert sorted(steps(log)) == [0, 1]

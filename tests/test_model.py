@@ -174,6 +174,41 @@ def test_fused_residual_adds_change_nothing(backend, autocast, switches, device)
             assert torch.equal(fused, unfused), f"{name}: fused and unfused differ"
 
 
+def saved_bytes(model, idx, targets):
+    """Bytes autograd saves for backward in the forward (outside activation checkpointing's own
+    packing, which keeps a checkpointed block's inputs only)."""
+    total = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        loss = model(idx, targets)[1]
+    return sum(total), loss
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("switches", [dict(), dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False),
+                                      dict(norm_position="post")], ids=["gpt2", "llama", "post-norm"])
+def test_recomputed_blocks_give_the_same_gradients(backend, switches, device):
+    """recompute_blocks: the same loss and gradients (dropout, in attention too, replayed from the
+    saved random state), and the blocks' activations no longer saved by the forward."""
+    skip_unless_triton_runs(backend, device)
+    config = GPTConfig(n_layer=3, n_head=1, n_embd=32, block_size=16, vocab_size=50, dropout=0.2, **switches)
+    model = GPT(config, {op: backend for op in ("rms_norm", "layer_norm", "swiglu", "rope", "attention")}).to(device)
+    idx = torch.randint(0, 50, (2, 16), device=device)
+    results = []
+    for recompute in (False, True):
+        model.recompute_blocks(recompute)
+        model.zero_grad()
+        torch.manual_seed(0)
+        saved, loss = saved_bytes(model, idx, idx)
+        loss.backward()
+        results.append((saved, loss, [p.grad.clone() for p in model.parameters()]))
+    (full, loss, grads), (kept, loss_again, grads_again) = results
+    assert torch.equal(loss, loss_again)
+    for (name, _), g, g_again in zip(model.named_parameters(), grads, grads_again, strict=True):
+        assert torch.equal(g, g_again), name
+    assert kept < full / 3
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="norm must be one of"):
         GPTConfig(norm="batchnorm")
