@@ -9,6 +9,9 @@
 #   bash bench/gpu_session.sh tune [D]  # bench.tune_attention: measured flash-attention launch configs
 #                                       # for head dim D (64 or 128; default both: about 95 candidates
 #                                       # per D, TMA twins included, compiled ahead by 8 processes)
+#   bash bench/gpu_session.sh train     # train.py itself, as a user runs it (compile, kernels=auto,
+#                                       # shakespeare BPE data built offline): gpt2 with adamw, then
+#                                       # llama with bf16_adamw and recompute; 300 steps each
 #   bash bench/gpu_session.sh curves [VARIANTS]  # bench.adamw_curves: the baby GPT, 5000 steps per AdamW
 #                                       # variant (default all four: adamw,bf16_nearest,bf16_sr,bf16_kahan),
 #                                       # four runs at once on the one GPU (--jobs 4)
@@ -58,12 +61,20 @@ case "$1" in
   tune)
     dims=${2:-64,128}
     python -m bench.tune_attention --d "$dims" --json "$OUT/tune_attention-${dims/,/-}.json" 2>&1 | tee -a "$log" ;;
+  train)  # the logs come back ($OUT/train-<preset>/log.jsonl), the checkpoints are deleted
+    common=(--dataset=shakespeare --batch_size=16 --block_size=1024 --gradient_accumulation_steps=1
+            --max_iters=300 --lr_decay_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=20
+            --log_interval=25)
+    python train.py config/train_gpt2.py "${common[@]}" --out_dir="$OUT/train-gpt2" 2>&1 | tee -a "$log"
+    python train.py config/train_llama.py "${common[@]}" --optimizer=bf16_adamw --recompute=True \
+      --out_dir="$OUT/train-llama" 2>&1 | tee -a "$log"
+    rm -rf "$OUT"/train-*/ckpt.pt "$OUT"/train-*/ckpt.dcp ;;
   curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl): the runs' checkpoints are deleted
     python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
       --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}" \
       2>&1 | tee -a "$log"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|tune [D]|profiles|ops [OPS]|mfu|curves [VARIANTS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh tests|tune [D]|profiles|ops [OPS]|mfu|train|curves [VARIANTS]" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time
