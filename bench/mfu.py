@@ -3,6 +3,7 @@ have.
 
     python -m bench.mfu --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
                         [--kernels torch,compile,triton,triton+compile] [--steps 50] [--warmup 10]
+                        [--optimizer adamw|bf16_adamw] [--recompute]
     python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
     python -m bench.mfu --gpu list                                                # the peak table
 
@@ -124,12 +125,14 @@ class Run:
     warmup: int
     steps: int
     device: str = "cuda"
+    recompute: bool = False  # activation checkpointing of every block (train.py's recompute)
 
 
 def _train_step(run: Run, backends: dict[str, str], compiled: bool):
     """A closure running one training step as train.py does."""
     device_type = torch.device(run.device).type
     model = GPT(run.config, backends).to(run.device)
+    model.recompute_blocks(run.recompute)
     groups = model.param_groups(WEIGHT_DECAY)
     if run.optimizer == "bf16_adamw":
         model.to(torch.bfloat16)
@@ -217,8 +220,10 @@ def _pct(x: float | None) -> str:
 
 def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops: Flops,
                   console: Console) -> None:
+    recompute = ", blocks recomputed (their second forward is in no FLOPs figure)" if run.recompute else ""
     table = Table(title=f"{device.name}: B={run.batch_size} x T={run.seq_len}, {run.optimizer}, "
-                        f"{str(run.dtype).removeprefix('torch.')}; {run.steps} timed steps after {run.warmup}")
+                        f"{str(run.dtype).removeprefix('torch.')}{recompute}; {run.steps} timed steps "
+                        f"after {run.warmup}")
     for col in ("variant", "tokens/s", "step ms", "p10", "p90", "TFLOPS", "MFU", "HW TFLOPS",
                 "peak GiB", "SM MHz", "MFU at clock", "loss"):
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -257,7 +262,7 @@ def measure_all(args, device: Device, console: Console) -> dict:
         config = dataclasses.replace(config, block_size=seq_len)
     dtype = torch.bfloat16 if device.capability >= (8, 0) else torch.float16
     run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
-              f"cuda:{device.index}")
+              f"cuda:{device.index}", args.recompute)
     peak = peak_for(device.name, dtype, args.peak_tflops)
     flops = flops_per_token(config, seq_len)
     torch.cuda.set_device(device.index)
@@ -273,7 +278,7 @@ def measure_all(args, device: Device, console: Console) -> dict:
             "peak": {"tflops": peak.tflops, "source": peak.source},
             "preset": args.preset, "config": dataclasses.asdict(config), "batch_size": run.batch_size,
             "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "optimizer": run.optimizer,
-            "warmup": run.warmup, "steps": run.steps,
+            "warmup": run.warmup, "steps": run.steps, "recompute": run.recompute,
             "flops_per_token": {"palm": flops.palm, "causal": flops.causal, "hardware": flops.hardware},
             "rows": rows}
 
@@ -303,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     parser.add_argument("--optimizer", default="adamw", choices=planning.OPTIMIZERS)
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute every block in backward (activation checkpointing), as train.py's recompute")
     parser.add_argument("--peak-tflops", type=float, help="dense peak to divide by (an unknown GPU needs it)")
     parser.add_argument("--world-size", type=int, default=1, help="planning: GPUs sharing the model")
     parser.add_argument("--json", type=Path, help="result file (default: profiles/<gpu>-mfu-<preset>.json)")

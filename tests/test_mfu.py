@@ -207,7 +207,8 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys):
     flops, peak = flops_per_token(config, 16), peak_for(device.name, "bfloat16")
     rows = []
     for optimizer, variant in (("adamw", "torch"), ("bf16_adamw", "triton")):
-        run = mfu.Run(config, 1, 16, optimizer, torch.bfloat16, warmup=1, steps=2, device="cpu")
+        run = mfu.Run(config, 1, 16, optimizer, torch.bfloat16, warmup=1, steps=2, device="cpu",
+                      recompute=optimizer == "bf16_adamw")
         row = mfu.measure(run, variant, device)
         assert "error" not in row, row["error"]
         rows.append(mfu.summarize(row, run, flops, peak))
@@ -217,7 +218,7 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys):
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 and r["peak_memory_gib"] == 1.0 for r in rows)
     mfu.print_results(rows, run, device, peak, flops, mfu.Console(width=200))
     text = capsys.readouterr().out
-    assert "triton / torch" in text and "op -> backend" in text
+    assert "triton / torch" in text and "op -> backend" in text and "blocks recomputed" in text
 
 
 def test_a_failing_variant_is_reported_not_fatal(monkeypatch):
