@@ -127,6 +127,11 @@ class Run:
     device: str = "cuda"
     recompute: bool = False  # activation checkpointing of every block (train.py's recompute)
 
+    @property
+    def ops(self) -> set[str]:
+        """The registry ops a step of this run calls."""
+        return model_ops(self.config) | optimizer_ops(self.optimizer)
+
 
 def _train_step(run: Run, backends: dict[str, str], compiled: bool):
     """A closure running one training step as train.py does."""
@@ -169,7 +174,7 @@ def measure(run: Run, variant: str, device: Device) -> dict:
     mode, compiled = parse_variant(variant)
     shapes = Shapes(run.config, run.batch_size, run.seq_len, run.dtype)
     choices = kernels.choose(mode, torch.device(run.device).type, shapes=shapes, compiled=compiled,
-                             used=model_ops(run.config) | optimizer_ops(run.optimizer))
+                             used=run.ops)
     row = dict(variant=variant, kernels={op: dataclasses.asdict(c) for op, c in choices.items()})
     try:
         step = _train_step(run, {op: c.backend for op, c in choices.items()}, compiled)
@@ -248,9 +253,8 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     kt.add_column("op")
     for r in rows:
         kt.add_column(r["variant"])
-    used = model_ops(run.config) | optimizer_ops(run.optimizer)
     for op in kernels.OPS:
-        if op in used:
+        if op in run.ops:
             kt.add_row(op, *(r["kernels"][op]["backend"] for r in rows))
     console.print(kt)
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .checks import check_same, check_tensor
+from .checks import FLOAT_DTYPES, check_same, check_tensor
 from .registry import register
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,8 +30,9 @@ _TILE = 4096
 _NUM_WARPS = 8
 
 
-def check_rope(x, cos, sin) -> None:
-    check_tensor("rope", "x", x)
+def check_rope(x, cos, sin, dtypes=FLOAT_DTYPES) -> None:
+    """The arguments, x in `dtypes` (a backend's own set)."""
+    check_tensor("rope", "x", x, dtypes)
     check_tensor("rope", "cos", cos, ndim=2)
     check_tensor("rope", "sin", sin, ndim=2)
     if x.dim() != 4 or x.shape[-1] % 2:
@@ -116,8 +117,7 @@ _rope.register_autograd(_backward, setup_context=_setup_context)
 
 @register("rope", "triton")
 def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    check_rope(x, cos, sin)
-    check_tensor("rope", "x", x, dtypes=TRITON_DTYPES)
+    check_rope(x, cos, sin, TRITON_DTYPES)
     for name, table in (("cos", cos), ("sin", sin)):
         check_tensor("rope", name, table, dtypes=(torch.float32,))
         if table.requires_grad:

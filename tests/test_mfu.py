@@ -15,6 +15,7 @@ from bench.hardware import Device, find, peak_for
 from gpt.model import GPT, GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
 from tests.devices import interpreter_only
+from tests.memory import saved_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2 = GPTConfig(**preset("gpt2"))
@@ -98,28 +99,6 @@ def test_activation_formula():
     assert plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=True) == 12 * (2 + 2) * h + per_layer + head
 
 
-def saved_bytes(model, idx, context) -> tuple[int, int]:
-    """What autograd saves for the backward of one training forward, each storage once, in bytes:
-    (activations, autocast's bf16 copies of fp32 weights: matrices of a weight's shape or its
-    transpose's, which is how matmuls save them)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    fp32 = next(model.parameters()).dtype == torch.float32
-    weight_shapes = {p.shape for p in model.parameters() if p.dim() == 2}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            copy = (fp32 and t.dtype == torch.bfloat16 and t.dim() == 2
-                    and (t.shape in weight_shapes or t.shape[::-1] in weight_shapes))
-            saved[storage.data_ptr()] = (storage.nbytes(), copy)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
-        model(idx, idx)
-    return (sum(n for n, copy in saved.values() if not copy), sum(n for n, copy in saved.values() if copy))
-
-
 @interpreter_only
 @pytest.mark.parametrize("optimizer", plan.OPTIMIZERS)
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -138,7 +117,7 @@ def test_activation_formula_is_what_the_model_saves(name, optimizer):
     else:
         context = torch.autocast("cpu", dtype=torch.bfloat16)
     B, T = 3, config.block_size
-    activations, copies = saved_bytes(model, torch.randint(0, config.vocab_size, (B, T)), context)
+    activations, copies, _loss = saved_bytes(model, torch.randint(0, config.vocab_size, (B, T)), context)
     planned = plan.activation_bytes_per_token(config, optimizer) - 2 * config.vocab_size
     assert 1.0 <= activations / (B * T) / planned <= 1.02
     assert copies == plan.cast_copy_bytes(config, optimizer, "ddp")

@@ -8,6 +8,7 @@ from gpt.model import GPT, PRESETS, GPTConfig, model_ops, preset, rope_tables
 from kernels import runtime
 from kernels.accuracy import rel_err
 from tests.devices import skip_unless_triton_runs
+from tests.memory import saved_bytes
 
 
 def expected_params(c: GPTConfig) -> int:
@@ -174,16 +175,6 @@ def test_fused_residual_adds_change_nothing(backend, autocast, switches, device)
             assert torch.equal(fused, unfused), f"{name}: fused and unfused differ"
 
 
-def saved_bytes(model, idx, targets):
-    """Bytes autograd saves for backward in the forward (outside activation checkpointing's own
-    packing, which keeps a checkpointed block's inputs only)."""
-    total = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        loss = model(idx, targets)[1]
-    return sum(total), loss
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("switches", [dict(), dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False),
                                       dict(norm_position="post")], ids=["gpt2", "llama", "post-norm"])
@@ -199,7 +190,7 @@ def test_recomputed_blocks_give_the_same_gradients(backend, switches, device):
         model.recompute_blocks(recompute)
         model.zero_grad()
         torch.manual_seed(0)
-        saved, loss = saved_bytes(model, idx, idx)
+        saved, _copies, loss = saved_bytes(model, idx)
         loss.backward()
         results.append((saved, loss, [p.grad.clone() for p in model.parameters()]))
     (full, loss, grads), (kept, loss_again, grads_again) = results

@@ -1,0 +1,27 @@
+"""Memory measures shared by the model and planning tests."""
+import contextlib
+
+import torch
+
+
+def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int, torch.Tensor]:
+    """What autograd saves for the backward of one training forward (idx as its own targets), each
+    storage once, in bytes: (activations, autocast's bf16 copies of fp32 weights: matrices of a
+    weight's shape or its transpose's, which is how matmuls save them), and the loss. Activation
+    checkpointing's own packing is not seen: a checkpointed block's activations are not saved."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    fp32 = next(model.parameters()).dtype == torch.float32
+    weight_shapes = {p.shape for p in model.parameters() if p.dim() == 2}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            copy = (fp32 and t.dtype == torch.bfloat16 and t.dim() == 2
+                    and (t.shape in weight_shapes or t.shape[::-1] in weight_shapes))
+            saved[storage.data_ptr()] = (storage.nbytes(), copy)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+        loss = model(idx, idx)[1]
+    return (sum(n for n, copy in saved.values() if not copy), sum(n for n, copy in saved.values() if copy), loss)
