@@ -9,6 +9,7 @@ one that cannot run at all is reported with its error.
 """
 import argparse
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def measure(timed: Case, impls: dict[str, Callable], device, checked: Case | Non
     return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device), device)})
 
 
+def gpu_here() -> bool:
+    return torch.cuda.is_available()
+
+
 def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] | None = None) -> int:
     """A per-issue benchmark's command line: run it on the GPU, print its rows, and with --json
     also write them. Each row is printed (and the file rewritten) as it is measured, so a run cut
@@ -100,6 +105,9 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows, as dicts, to this path")
     args = parser.parse_args(argv)
+    if not gpu_here():
+        print(f"{parser.prog}: a benchmark of the GPU it runs on, and this machine has no CUDA GPU", file=sys.stderr)
+        return 2
     result = []
     for row in run():
         result.append(row)

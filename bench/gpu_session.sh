@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU runs, in stages that each fit one 10-minute device call:
+# Everything a session with a lent GPU runs. A session has 15 minutes of device time, the machine's
+# start (a minute or two) included, so start with the one call that fits them:
+#   bash bench/gpu_session.sh first     # the most telling checks in one call of BUDGET_S (540) seconds:
+#                                       # the suite natively (tests not started by 150 s skip), bench.mfu
+#                                       # gpt2, then the attention, norm, adamw and swiglu benchmarks,
+#                                       # each cut at its share (their rows come as they are measured);
+#                                       # every step's time lands in first.log, for the next plan
+# The stages below each fit one 10-minute call, for sessions with more device time:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
@@ -30,20 +37,49 @@ log="$OUT/$1.log"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
 } > "$log" 2>&1
+# step CAP NAME CMD...: CMD for at most CAP seconds and never past $deadline, its time logged.
+step() {
+  local cap=$1 name=$2 left=$((deadline - SECONDS)) t0=$SECONDS rc
+  shift 2
+  if ((left < 45)); then echo "== $name: skipped, $left s left" | tee -a "$log"; return; fi
+  ((cap > left)) && cap=$left
+  echo "== $name: at most $cap s" | tee -a "$log"
+  timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc$( ((rc == 124)) && echo ' (cut at its limit)'), $((SECONDS - t0)) s" | tee -a "$log"
+}
 case "$1" in
+  first)  # the order is the priority: what a cut-short call loses is the least telling
+    deadline=$((SECONDS + ${BUDGET_S:-540}))
+    tests_s=$(((deadline - SECONDS) * 150 / 540))  # tests not started by then skip: the summary comes
+    step $((tests_s + 45)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) bash "$0" tests
+    step 150 mfu python -m bench.mfu --gpu auto --preset gpt2 --kernels triton,torch,compile,triton+compile \
+      --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
+    step 80 op_attention python -m bench.op_attention --json "$OUT/op_attention.json"
+    step 60 op_norm python -m bench.op_norm --json "$OUT/op_norm.json"
+    step 40 op_adamw python -m bench.op_adamw --json "$OUT/op_adamw.json"
+    step 40 op_swiglu python -m bench.op_swiglu --json "$OUT/op_swiglu.json" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
     shards=${TEST_SHARDS:-6}
+    parts=$(mktemp -d)  # not under $OUT: at most 8 files come back from there
     for i in $(seq 0 $((shards - 1))); do
-      TEST_SHARD=$i/$shards python -m pytest -q -ra --durations=8 -p no:cacheprovider > "$OUT/tests-part$i.tmp" 2>&1 &
+      TEST_SHARD=$i/$shards python -m pytest -q -ra --durations=8 -p no:cacheprovider > "$parts/$i" 2>&1 &
     done
+    show_parts() {
+      for i in $(seq 0 $((shards - 1))); do
+        echo "== TEST_SHARD=$i/$shards TEST_SEED=$TEST_SEED"
+        cat "$parts/$i"
+      done 2>&1 | tee -a "$log"
+      rm -rf "$parts"
+    }
+    trap 'show_parts; echo "tests: stopped by a signal"; exit 124' TERM INT  # first's time limit
     failed=0
     for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done
-    for i in $(seq 0 $((shards - 1))); do
-      echo "== TEST_SHARD=$i/$shards TEST_SEED=$TEST_SEED"
-      cat "$OUT/tests-part$i.tmp" && rm "$OUT/tests-part$i.tmp"
-    done 2>&1 | tee -a "$log"
-    echo "tests: $failed of $shards parts failed" | tee -a "$log" ;;
+    trap - TERM INT
+    show_parts
+    echo "tests: $failed of $shards parts failed" | tee -a "$log"
+    status=$((failed > 0)) ;;
   profiles)
     for preset in gpt2 llama; do
       python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
@@ -75,6 +111,7 @@ case "$1" in
       2>&1 | tee -a "$log"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|tune [D]|profiles|ops [OPS]|mfu|train|curves [VARIANTS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh first|tests|tune [D]|profiles|ops [OPS]|mfu|train|curves [VARIANTS]" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time
+exit "${status:-0}"

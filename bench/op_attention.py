@@ -77,7 +77,8 @@ def launch_configs(device: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     status = backends.cli(__doc__, run, f"attention, causal bf16, B*T = {TOKENS} tokens, H*D = {WIDTH}", argv)
-    print(launch_configs())
+    if status == 0:
+        print(launch_configs())
     return status
 
 

@@ -1,6 +1,7 @@
 import os
 import random
 import sys
+import time
 import zlib
 
 import pytest
@@ -20,6 +21,9 @@ SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))
 # side, so that the GPU machine's cores compile the kernels in parallel. The tests marked bigmem
 # (tens of GB of GPU memory each) all go to part 0, so that no two of them run at once.
 SHARD = os.environ.get("TEST_SHARD")
+# TEST_DEADLINE=<unix time>: tests not started by then skip, so a run cut short by a device call's
+# time limit still ends with pytest's summary (bench/gpu_session.sh first sets it).
+DEADLINE = float(os.environ.get("TEST_DEADLINE", "inf"))
 
 
 def pytest_report_header(config):
@@ -36,6 +40,11 @@ def pytest_collection_modifyitems(config, items):
     mine = set(small[part::parts] + (big if part == 0 else []))
     config.hook.pytest_deselected(items=[item for item in items if item not in mine])
     items[:] = [item for item in items if item in mine]
+
+
+def pytest_runtest_setup(item):
+    if time.time() > DEADLINE:
+        pytest.skip("TEST_DEADLINE passed before this test started")
 
 
 @pytest.fixture(params=DEVICES)

@@ -29,6 +29,7 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(backends, "copy_gbs", lambda device="cuda": COPY_GBS)
     monkeypatch.setattr(backends, "matmul_tflops", lambda device="cuda": MATMUL_TFLOPS)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(backends, "gpu_here", lambda: True)
 
 
 def tiny(shapes: tuple[Shapes, ...]) -> tuple[Shapes, ...]:
@@ -71,6 +72,12 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     assert roofline[rows[0]["unit"]] in out  # the table's title
     # Each row was printed as it was measured too: a run cut short still shows what it measured.
     assert all(f"{r['op']} {r['shape']} {r['pass']} {r['backend']}: {r['ms']:.3f} ms" in out for r in rows)
+
+
+def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(backends, "gpu_here", lambda: False)
+    assert op_norm.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_attention_backward_is_fwd_bwd_less_fwd():
