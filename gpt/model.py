@@ -146,9 +146,33 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
     return angles.cos(), angles.sin()
 
 
+class KVCache:
+    """Every layer's keys and values of the tokens generated from so far, so that each new token
+    costs one position's forward instead of the whole context's. Holds up to block_size positions;
+    `length` of them are filled."""
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)  # (B, nkv, S, hs)
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `layer`'s k and v (B, nkv, T, hs) after the filled positions; return all of
+        its keys and values so far. `length` moves on once every layer has stored (GPT.forward)."""
+        if self.keys[layer] is None:  # in the dtype the model computes k and v in (autocast's)
+            self.keys[layer] = k.new_empty(self.shape)
+            self.values[layer] = v.new_empty(self.shape)
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, ops: Ops):
+    def __init__(self, config: GPTConfig, ops: Ops, layer: int = 0):
         super().__init__()
+        self.layer = layer  # its slot in a KVCache
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # q, k, v in one matmul
@@ -158,7 +182,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.ops = ops
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
@@ -168,9 +192,22 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)  # pairs (hs/2 apart) rotated
-        y = self.ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None and cache.length:
+            y = self._attend_cached(q, *cache.extend(self.layer, k, v), start=cache.length)
+        else:
+            if cache is not None:  # the prompt: causal attention over itself, as in training
+                cache.extend(self.layer, k, v)
+            y = self.ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend_cached(self, q, k, v, start: int):
+        """q (B, nh, T, hs) of positions start.. over the cache's k, v (B, nkv, start + T, hs):
+        query i sees keys up to start + i. Generation's one-token steps (T = 1) see them all; the
+        registry's attention op takes only equal lengths, so this is torch's SDPA."""
+        T, L = q.size(2), k.size(2)
+        mask = None if T == 1 else torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
 
 
 class MLP(nn.Module):
@@ -198,31 +235,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, ops: Ops):
+    def __init__(self, config: GPTConfig, ops: Ops, layer: int = 0):
         super().__init__()
         self.recompute = False  # activation checkpointing: see GPT.recompute_blocks
         self.pre_norm = config.norm_position == "pre"
         self.ln_1 = Norm(config, ops)
-        self.attn = CausalSelfAttention(config, ops)
+        self.attn = CausalSelfAttention(config, ops, layer)
         self.ln_2 = Norm(config, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x, branch=None, rope=None):
+    def forward(self, x, branch=None, rope=None, cache=None):
         """(residual stream, branch output not yet added to it) in and out. Pre-norm adds each
         branch inside the next norm (nanoGPT's x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), the
         last add left to whoever comes next); post-norm's stream is the norms' output."""
         if self.recompute and torch.is_grad_enabled():
             # Inside the module call, so FSDP2's hooks gather the weights around the recomputation too.
-            return checkpoint(self._forward, x, branch, rope, use_reentrant=False)
-        return self._forward(x, branch, rope)
+            return checkpoint(self._forward, x, branch, rope, cache, use_reentrant=False)
+        return self._forward(x, branch, rope, cache)
 
-    def _forward(self, x, branch, rope):
+    def _forward(self, x, branch, rope, cache):
         if self.pre_norm:
             dtype = matmul_dtype(x)
             h, x = add_and_norm(self.ln_1, x, branch, dtype)
-            h, x = add_and_norm(self.ln_2, x, self.attn(h, rope), dtype)
+            h, x = add_and_norm(self.ln_2, x, self.attn(h, rope, cache), dtype)
             return x, self.mlp(h)
-        x, _ = self.ln_1(self.attn(x, rope), residual=x)  # ln_1(x + attn(x))
+        x, _ = self.ln_1(self.attn(x, rope, cache), residual=x)  # ln_1(x + attn(x))
         x, _ = self.ln_2(self.mlp(x), residual=x)
         return x, None
 
@@ -236,7 +273,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, self.ops) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, self.ops, layer) for layer in range(config.n_layer))
         # Post-norm blocks end in a norm already; pre-norm needs one before the head.
         self.ln_f = Norm(config, self.ops) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -272,20 +309,29 @@ class GPT(nn.Module):
                 n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> (logits, loss): with targets, every position's logits and the
+        mean loss; without, the last position's logits. Given a cache, idx continues the tokens
+        it holds (inference only): their keys and values are read from it and idx's added."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"GPT: sequence of length {T} is longer than block_size {self.config.block_size}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"GPT: sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        if cache is not None and targets is not None:
+            raise ValueError("GPT: a KV cache is for inference; training takes whole sequences")
         x = self.wte(idx)  # (B, T, n_embd)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
         rope = None
         if self.config.pos_encoding == "rope":  # fp32 tables made per call: a bf16 model keeps them exact
-            rope = rope_tables(self.config.head_dim, T, self.config.rope_theta, idx.device)
+            cos, sin = rope_tables(self.config.head_dim, start + T, self.config.rope_theta, idx.device)
+            rope = cos[start:], sin[start:]
         branch = None
         for block in self.h:
-            x, branch = block(x, branch, rope)
+            x, branch = block(x, branch, rope, cache)
+        if cache is not None:
+            cache.length += T
         if self.ln_f is not None:
             x, _ = add_and_norm(self.ln_f, x, branch, matmul_dtype(x))
         if targets is None:
@@ -301,11 +347,18 @@ class GPT(nn.Module):
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens."""
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 kv_cache: bool = True):
+        """Extend idx (B, T) by max_new_tokens sampled tokens, each conditioned on the last
+        block_size tokens before it. With kv_cache, the prompt's forward fills a KVCache and each
+        new token then runs alone; past block_size the window slides, which moves every position,
+        so from there each token runs the whole window again (as without the cache)."""
+        cache = KVCache(self.config, idx.size(0)) if kv_cache and idx.size(1) < self.config.block_size else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            if cache is not None and idx.size(1) <= self.config.block_size:
+                logits, _ = self(idx[:, cache.length:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :].float() / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

@@ -20,6 +20,7 @@ DEFAULTS = dict(
     init_from="resume",  # resume (out_dir's checkpoint) | gpt2* | a Hugging Face GPT-2 directory (gpt/pretrained.py)
     out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8, top_k=200,
     seed=1337, device=None, dtype=None, compile=False, kernels="torch",
+    kv_cache=True,  # keep each layer's keys and values: a new token runs alone, not the whole context again
 )
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> list[str]:
         raise SystemExit(f"gpt.sample: init_from must be resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     model = model.to(device).eval()
     if c["compile"]:
-        model = torch.compile(model)
+        model.compile()  # in place: generate's calls of the model run compiled (torch.compile(model) would not)
     dtype = c["dtype"] or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     weights_dtype = next(model.parameters()).dtype
     autocast = (nullcontext() if dtype == "float32" or weights_dtype != torch.float32
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> list[str]:
     samples = []
     with torch.no_grad(), autocast:
         for _ in range(c["num_samples"]):
-            y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"])
+            y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"],
+                               kv_cache=c["kv_cache"])
             samples.append(decode(y[0].tolist()))
             print(samples[-1])
             print("---------------")

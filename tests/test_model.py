@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import kernels
-from gpt.model import GPT, PRESETS, GPTConfig, model_ops, preset, rope_tables
+from gpt.model import GPT, PRESETS, GPTConfig, KVCache, model_ops, preset, rope_tables
 from kernels import runtime
 from kernels.accuracy import rel_err
-from tests.devices import skip_unless_triton_runs
+from tests.devices import interpreter_only, skip_unless_triton_runs
 from tests.memory import saved_bytes
 
 
@@ -221,6 +221,57 @@ def test_generate_extends_the_prompt():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=10, top_k=5)
     assert out.shape == (2, 13) and out.max() < 20
+
+
+KV_SWITCHES = [dict(), dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False, n_kv_head=2),
+               dict(norm_position="post", pos_encoding="none", n_kv_head=1)]
+
+
+@pytest.mark.parametrize("switches", KV_SWITCHES, ids=["gpt2", "llama-gqa", "post-nopos-mqa"])
+def test_kv_cache_gives_the_full_forwards_logits(switches):
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, **switches)).eval()
+    idx = torch.randint(0, 50, (3, 16))
+    cache = KVCache(model.config, batch_size=3)
+    with torch.no_grad():
+        # the prompt, single tokens, then a chunk of three (each query sees the keys up to its own)
+        for start, end in [(0, 5), (5, 6), (6, 7), (7, 10), (10, 11), (11, 16)]:
+            cached, _ = model(idx[:, start:end], cache=cache)
+            full, _ = model(idx[:, :end])
+            torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+        assert cache.length == 16
+        with pytest.raises(ValueError, match="longer than block_size"):
+            model(idx[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="for inference"):
+        model(idx[:, :2], idx[:, :2], cache=KVCache(model.config, batch_size=3))
+
+
+@pytest.mark.parametrize("switches", KV_SWITCHES, ids=["gpt2", "llama-gqa", "post-nopos-mqa"])
+def test_generate_samples_the_same_with_and_without_the_kv_cache(switches):
+    """Past block_size (16) too, where the window slides and the cache is left."""
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, **switches)).eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    out = []
+    for kv_cache in (True, False):
+        torch.manual_seed(0)
+        out.append(model.generate(prompt, max_new_tokens=20, kv_cache=kv_cache))
+    assert out[0].shape == (2, 25) and torch.equal(out[0], out[1])
+
+
+@interpreter_only
+def test_kv_cache_with_triton_kernels_and_bf16_autocast():
+    """The prompt goes through the registry's attention (here triton's), the next tokens through
+    SDPA over the cache, which is kept in the dtype autocast computes k and v in."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=8, vocab_size=50, norm="rmsnorm",
+                       pos_encoding="rope", mlp="swiglu", bias=False)
+    model = GPT(config, kernels={op: "triton" for op in ("rms_norm", "rope", "swiglu", "attention")}).eval()
+    idx = torch.randint(0, 50, (2, 8))
+    cache = KVCache(config, batch_size=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx[:, :6], cache=cache)
+        cached, _ = model(idx[:, 6:], cache=cache)
+        full, _ = model(idx)
+    assert cache.keys[0].dtype == torch.bfloat16
+    torch.testing.assert_close(cached.float(), full.float(), rtol=0.05, atol=0.05)
 
 
 def test_pure_bf16_model_trains_a_step():

@@ -76,8 +76,12 @@ def test_tiny_training_run_loss_falls_and_checkpoints(tmp_path, data_dir):
     for key in ("lr", "grad_norm", "step_ms", "tokens_per_s", "mem_peak_gb"):
         assert steps[-1][key] > 0
     assert (tmp_path / "ckpt.pt").exists()
-    text = sample([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=20", "--start=ROMEO:"])
+    args = [f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=20", "--start=ROMEO:"]
+    text = sample(args)
     assert text[0].startswith("ROMEO:") and len(text[0]) == 26
+    # Without the KV cache, and compiled, the same seed samples the same text.
+    assert sample([*args, "--kv_cache=False"]) == text
+    assert sample([*args, "--compile=True"]) == text
 
 
 def test_resume_continues_exactly(tmp_path, data_dir):
