@@ -31,8 +31,8 @@ dS K). Together they execute 7 matmuls where the useful backward has 5: in the f
 the whole backward (preprocess, dkdv and dq) is credited the useful 2.5x of bench/cases.py, so
 its rate compares with bench.op_attention's.
 
-The winners are printed as entries of _GPU_CONFIGS[<compute capability major>], with each pass's
-speedup, then timed against the current configuration at T = 1024 and 16384 too (verified there
+The winners are printed as entries of _GPU_CONFIGS[attention._generation(<the GPU's major>)], with
+each pass's speedup, then timed against the current configuration at T = 1024 and 16384 too (verified there
 the same way): whether one table per D holds across T or a T bucket is needed. --json writes
 everything: device, versions, date, every candidate, the winners and the comparison.
 
@@ -447,7 +447,7 @@ def compare(p: Problem, winners: dict[str, _Config], timer, rates: bool) -> dict
 
 def table(major: int | None, tuned: dict[int, dict], header: str) -> str:
     """The winners as _GPU_CONFIGS entries, with each pass's speedup over the current entry."""
-    key = major if major is not None else "<none: interpreter smoke run, not for pasting>"
+    key = attention._generation(major) if major is not None else "<none: interpreter smoke run, not for pasting>"
     lines = [f"# _GPU_CONFIGS[{key}] entries, {header}"]
     for D, entry in tuned.items():
         passes = entry["passes"]

@@ -359,7 +359,8 @@ class _Launch(NamedTuple):
 def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
     """The launches of `op` over tensors described by `key` (per table row: its addresses, numel,
     dtypes and device). They depend on nothing else, hence the cache."""
-    device_type = "cpu" if runtime.INTERPRET else "cuda"
+    # Only host memory in the interpreter: it cannot follow the table's addresses into a GPU's.
+    device_type = "cpu" if runtime.CPU_TENSORS else "cuda"
     groups: dict[tuple, list[tuple]] = {}
     for index, (addresses, numel, dtypes, device) in enumerate(key):
         if device.type != device_type:

@@ -514,12 +514,11 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
     return {"fwd": _Config(*fwd), "dkdv": _Config(*dkdv), "dq": _Config(*dq)}
 
 
-# Per GPU generation (keyed by the smallest compute-capability major it serves) and padded head
-# dim. INITIAL values, not yet timed: inside the ranges the Triton tutorial and FlashAttention-2
-# use, and only checked to compile (ptxas for sm80/sm90, no GPU), spilling at most a few hundred
-# bytes of registers (the Philox rounds of dropout add to it). To be replaced by measured
-# entries: bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. A new
-# generation (e.g. 10 for Blackwell) slots in as another key. Each pass owns a large tile and
+# Per kind of tensor core (_generation) and padded head dim. INITIAL values, not yet timed: inside
+# the ranges the Triton tutorial and FlashAttention-2 use, and checked to compile and fit by
+# tests/sm_compile.py (sm80, sm90, sm120; no GPU), spilling at most a few hundred bytes of
+# registers (the Philox rounds of dropout add to it). To be replaced by measured entries:
+# bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. Each pass owns a large tile and
 # streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k, v, dk and dv in
 # registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
 # Ampere and the Ada cards with ~100 KB of shared memory: 64-row tiles, 2 stages. sm90 (228 KB)
@@ -527,8 +526,9 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # and 3.8, these tables, bf16), the same tiles take 10-50% fewer registers through descriptors
 # (no 64-bit tile addresses in the threads) and most of the pointer path's spills (D = 128 dkdv
 # in 3.6, several passes with dropout) vanish, but whether that buys time is the tuner's call.
-# Consumer Blackwell (sm120: mma.sync, 99 KB of shared memory a block) takes the sm90 tables by
-# the rule in _config: compiled for sm120a (triton 3.6), every entry fits (76 KB at most).
+# Consumer Blackwell (sm120: mma.sync as on Ampere, 99 KB of shared memory a block) takes the sm80
+# tables: compiled for sm120 (triton 3.8), the sm90 tables' 128-row tiles spill 120-150 bytes a
+# thread in the forward at D = 64 and 128, the sm80 tables' at most 24.
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
@@ -543,13 +543,19 @@ _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
 _INTERPRETER_CONFIGS = _pass_configs((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))
 
 
+def _generation(major: int) -> int:
+    """The table a GPU of compute-capability `major` takes: 9 where the tensor cores take
+    warpgroup MMAs (wgmma on sm90, tcgen05 on sm100 and sm110), else 8 (mma.sync: sm80-89, the
+    consumer Blackwell sm120, and older cards)."""
+    return 9 if major in (9, 10, 11) else 8
+
+
 def _config(q: torch.Tensor, which: str) -> _Config:
     """The launch configuration of pass `which` ("fwd", "dkdv" or "dq") for q's device, D, dtype."""
-    if q.device.type != "cuda":
+    capability = runtime.capability(q.device)
+    if capability is None:
         return _INTERPRETER_CONFIGS[which]
-    major = torch.cuda.get_device_capability(q.device)[0]
-    generation = max((m for m in _GPU_CONFIGS if m <= major), default=min(_GPU_CONFIGS))
-    cfg = _GPU_CONFIGS[generation][triton.next_power_of_2(q.shape[-1])][which]
+    cfg = _GPU_CONFIGS[_generation(capability[0])][triton.next_power_of_2(q.shape[-1])][which]
     if q.dtype == torch.float32:
         # fp32 tiles take twice the shared memory and registers: the checking path gets small
         # tiles and no pipelining so it fits on every sm80+ card.
@@ -568,7 +574,8 @@ def _use_tma(cfg: _Config, *tensors: torch.Tensor) -> bool:
     q = tensors[0]
     if not cfg.tma or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (32, 64, 128):
         return False
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+    capability = runtime.capability(q.device)
+    if capability is not None and capability[0] < 9:
         return False
 
     def aligned(t: torch.Tensor) -> bool:
@@ -738,9 +745,7 @@ def check_triton_attention(q) -> None:
     if q.numel() == 0:
         raise ValueError(f"attention: the triton backend needs non-empty inputs, got q of shape "
                          f"{tuple(q.shape)}")
-    if q.device.type != "cuda" and not runtime.INTERPRET:
-        raise ValueError(f"attention: the triton backend runs on CUDA tensors (or in the Triton "
-                         f"interpreter), got a {q.device.type} tensor")
+    runtime.check_device("attention", q)
 
 
 @register("attention", "triton")

@@ -212,6 +212,5 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
                          ) -> torch.Tensor:
     check_cross_entropy(logits, targets)
     check_tensor("cross_entropy", "logits", logits, dtypes=TRITON_DTYPES)
-    if logits.device.type != "cuda" and not runtime.INTERPRET:
-        raise ValueError(f"cross_entropy: the triton backend needs CUDA tensors, got {logits.device}")
+    runtime.check_device("cross_entropy", logits)
     return _cross_entropy_fwd(logits, targets, ignore_index)[0]

@@ -341,9 +341,7 @@ def _norm_triton(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if x.shape[-1] > MAX_N:
         raise ValueError(f"{op}: the triton backend holds a row in one block, at most {MAX_N} "
                          f"elements; got {x.shape[-1]}")
-    if x.device.type != "cuda" and not (runtime.INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"{op}: the triton backend runs on CUDA tensors (or on CPU under "
-                         f"TRITON_INTERPRET=1), got a tensor on {x.device}")
+    runtime.check_device(op, x)
     bias = None if bias is None else bias.contiguous()
     y, s, _mean, _rstd = _norm_fwd(runtime.as_rows(x), _rows(residual), weight.contiguous(), bias,
                                    float(eps), rms, out_dtype)

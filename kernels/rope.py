@@ -123,6 +123,5 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
         if table.requires_grad:
             raise ValueError(f"rope: the triton backend takes the {name} table as a constant; "
                              f"it must not require grad")
-    if x.device.type != "cuda" and not runtime.INTERPRET:
-        raise ValueError(f"rope: the triton backend needs CUDA tensors, got {x.device}")
+    runtime.check_device("rope", x)
     return _rope(x, cos.contiguous(), sin.contiguous(), False)

@@ -37,6 +37,24 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     return None
 
 
+# Whether the triton backends take CPU tensors: where the interpreter runs them, and in the offline
+# compile check (tests/sm_compile.py), which compiles a GPU's kernels from CPU tensors.
+CPU_TENSORS = INTERPRET
+
+
+def check_device(op: str, t: torch.Tensor) -> None:
+    """The triton backends' device rule: CUDA tensors, or CPU ones where the interpreter runs."""
+    if t.device.type != "cuda" and not (CPU_TENSORS and t.device.type == "cpu"):
+        raise ValueError(f"{op}: the triton backend runs on CUDA tensors (or on CPU ones in Triton's "
+                         f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of `device`'s GPU, which launch configurations are chosen by; None
+    off the GPU (the interpreter's configurations)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
 import triton.language as tl  # noqa: E402
 

@@ -130,6 +130,5 @@ _swiglu.register_autograd(_backward, setup_context=_setup_context)
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_swiglu(gate, up)
     check_tensor("swiglu", "gate", gate, dtypes=TRITON_DTYPES)
-    if gate.device.type != "cuda" and not runtime.INTERPRET:
-        raise ValueError(f"swiglu: the triton backend needs CUDA tensors, got {gate.device}")
+    runtime.check_device("swiglu", gate)
     return _swiglu(gate, up)

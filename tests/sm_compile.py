@@ -1,0 +1,171 @@
+"""Compile every Triton kernel for a GPU without one: `python -m tests.sm_compile --arch 90`.
+
+Each op's triton backend runs forward and backward (the optimizers: a step) on CPU tensors at the
+shapes training gives it, with Triton's driver replaced by a compile-only stand-in for sm_<arch>:
+every launch compiles (Triton IR -> PTX -> cubin, with the ptxas Triton ships) with the launch
+configuration that GPU would get, and runs nothing. Per kernel it prints the constexprs, warps,
+stages, shared memory, registers and local memory (spills and stack), and it fails when a kernel
+does not compile or would not launch (shared memory or registers past the GPU's limits): errors
+that Triton's CPU interpreter cannot show. The outputs are never computed, so the backward reads
+garbage; only what is launched matters. tests/test_sm_compile.py runs it for each GPU generation.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # the kernels are defined as compiled JIT functions
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import kernels  # noqa: E402
+from bench.cases import Case, Shapes, case  # noqa: E402
+from gpt.model import GPTConfig, model_ops, preset  # noqa: E402
+from kernels import attention, runtime  # noqa: E402
+
+# Per compute-capability major: (sm, shared memory a block may take, SMs), from CUDA's tables
+# (the opt-in maximum per block) and one representative card.
+GPUS = {8: (80, 163 * 1024, 108), 9: (90, 227 * 1024, 132), 12: (120, 99 * 1024, 84)}
+REGISTERS_PER_SM = 65536
+
+
+class CompileOnlyDriver:
+    """What JITFunction.run asks of Triton's active driver before it launches."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def compile_only(compiled: list) -> None:
+    """JITFunction.run compiles and returns at its `warmup` exit: nothing launches."""
+    run = JITFunction.run
+
+    def warmup_run(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    JITFunction.run = warmup_run
+
+
+def resources(kernel, sm: int) -> dict:
+    """Registers and local memory per thread of a compiled kernel, from cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    return {key.lower(): int(value) for key, value in usage.items()}
+
+
+# The models whose training shapes are compiled: GPT-2 and LLaMA small (layer_norm and rms_norm,
+# gelu and swiglu, learned and rotary positions, D = 64), and a LLaMA-like one with D = 128,
+# grouped-query heads and GPT-2's unpadded vocabulary (a row stride that is no multiple of 16).
+CONFIGS = {"gpt2": GPTConfig(**preset("gpt2")), "llama": GPTConfig(**preset("llama")),
+           "llama D=128 GQA 16/4": GPTConfig(**preset("llama") | dict(n_embd=2048, n_head=16, n_kv_head=4,
+                                                                       vocab_size=50257))}
+
+
+def _attention_variant(**options):
+    """The attention op as bench.cases calls it (q, k, v, causal=True), with `options` instead."""
+    attention_op = kernels.get("attention", "triton")
+    return lambda q, k, v, causal: attention_op(q, k, v, **({"causal": causal} | options))
+
+
+def _attention_with_tma(q, k, v, causal):
+    """Each pass launched with its configuration's TMA twin, as bench/tune_attention.py does."""
+    cfgs = {which: attention._config(q, which)._replace(tma=True) for which in ("fwd", "dkdv", "dq")}
+    o, lse = attention._launch_fwd(q, k, v, causal, 0.0, None, cfgs["fwd"])
+    delta = attention._launch_delta(o, o, cfgs["fwd"])
+    attention._launch_dkdv(q, k, v, o, lse, delta, causal, 0.0, None, cfgs["dkdv"])
+    attention._launch_dq(q, k, v, o, lse, delta, causal, 0.0, None, cfgs["dq"])
+    return o
+
+
+def _run(c: Case, fn, pass_: str | None = None):
+    """A thunk running `fn` through case `c`'s pass (by default the training step's)."""
+    return lambda: c.call(fn, c.make(), pass_ or c.passes[-1])
+
+
+def workloads(arch: int):
+    """(label, thunk) of every launch to compile: each config's ops (optimizer included) in bf16
+    at 64 tokens (launch configurations depend on widths, dtypes and strides, not on rows), then
+    attention's other paths."""
+    for name, config in CONFIGS.items():
+        shapes = Shapes(config, batch_size=1, seq_len=64)
+        for op in sorted(model_ops(config) | {"adamw", "grad_norm"}):
+            yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton"))
+    gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
+    yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
+                                                        kernels.get("layer_norm", "triton"))
+    variants = {"non-causal": _attention_variant(causal=False), "dropout": _attention_variant(dropout_p=0.2)}
+    for name in ("gpt2", "llama D=128 GQA 16/4"):
+        c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
+        for label, fn in variants.items():
+            yield f"{name}: attention, {label}", _run(c, fn)
+        if arch >= 9:  # the tuner's TMA twins, launched one pass at a time
+            yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd")
+    for dtype in (torch.float16, torch.float32):  # fp16 where there is no bf16; fp32 checks the others
+        shapes = Shapes(GPTConfig(n_embd=384, n_head=4), batch_size=1, seq_len=64, dtype=dtype)  # D = 96
+        yield f"D=96 {dtype}: attention", _run(case("attention", shapes, "cpu"), kernels.get("attention", "triton"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
+    args = parser.parse_args(argv)
+    sm, max_shared, sms = GPUS[args.arch]
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", sm, 32)))
+    compiled: list = []
+    compile_only(compiled)
+    runtime.CPU_TENSORS = True
+    runtime.capability = lambda device: (args.arch, 0)
+    runtime.num_sms = lambda device: sms
+    problems = []
+    for label, thunk in workloads(args.arch):
+        start = len(compiled)
+        try:
+            thunk()
+        except Exception as e:  # noqa: BLE001 (every failure is reported, then the run fails)
+            problems.append(f"{label}: {type(e).__name__}: {e}")
+            print(f"{label}: FAILED {type(e).__name__}: {str(e)[:2000]}")
+            continue
+        for name, kernel in compiled[start:]:
+            meta = kernel.metadata
+            use = resources(kernel, sm)
+            regs_per_block = use["reg"] * meta.num_warps * 32
+            print(f"{label}: {name} warps={meta.num_warps} stages={meta.num_stages} shared={meta.shared} "
+                  f"regs={use['reg']} local={use['local']} stack={use['stack']}")
+            if meta.shared > max_shared:
+                problems.append(f"{label}: {name} takes {meta.shared} bytes of shared memory, sm_{sm} gives {max_shared}")
+            if regs_per_block > REGISTERS_PER_SM:
+                problems.append(f"{label}: {name} needs {regs_per_block} registers a block, an SM has {REGISTERS_PER_SM}")
+    print(f"sm_{sm}: {len(compiled)} launches compiled (triton {triton.__version__}, torch {torch.__version__})")
+    for p in problems:
+        print("PROBLEM", p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
