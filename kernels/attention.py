@@ -550,8 +550,9 @@ def _generation(major: int) -> int:
     return 9 if major in (9, 10, 11) else 8
 
 
-def _config(q: torch.Tensor, which: str) -> _Config:
-    """The launch configuration of pass `which` ("fwd", "dkdv" or "dq") for q's device, D, dtype."""
+def _config(q: torch.Tensor, which: str, dropout: bool = False) -> _Config:
+    """The launch configuration of pass `which` ("fwd", "dkdv" or "dq") for q's device, D, dtype,
+    with or without dropout."""
     capability = runtime.capability(q.device)
     if capability is None:
         return _INTERPRETER_CONFIGS[which]
@@ -560,6 +561,11 @@ def _config(q: torch.Tensor, which: str) -> _Config:
         # fp32 tiles take twice the shared memory and registers: the checking path gets small
         # tiles and no pipelining so it fits on every sm80+ card.
         cfg = _Config(min(cfg.block_m, 32), min(cfg.block_n, 32), cfg.num_warps, 1)
+    if dropout:
+        # The Philox rounds of the mask take registers: at 4 warps the bf16 forward spills
+        # (tests/sm_compile.py, triton 3.8: 424 bytes a thread at D = 64 on sm90, 40 at D = 128 on
+        # sm80, 88 on sm120), at 8 it spills nothing on any of them.
+        cfg = cfg._replace(num_warps=max(cfg.num_warps, 8))
     return cfg
 
 
@@ -704,7 +710,7 @@ def _launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse2): the attention output and the fp32 base-2 log-sum-exp (B, H, T) of each row."""
-    return _launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd"))
+    return _launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0))
 
 
 @torch.library.triton_op("tritongpt::attention_bwd", mutates_args=())
@@ -713,8 +719,9 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from dO and the forward's inputs, output and base-2 log-sum-exp."""
     do = _dense_stride1(do)  # e.g. the stride-0 gradient of out.sum()
-    return _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed,
-                       _config(q, "fwd"), _config(q, "dkdv"), _config(q, "dq"))
+    dropout = dropout_p > 0
+    return _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed, _config(q, "fwd", dropout),
+                       _config(q, "dkdv", dropout), _config(q, "dq", dropout))
 
 
 def _setup_context(ctx, inputs, output):
