@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from bench.cases import Case, check
-from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows
+from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows, provenance
 
 # The optimizer's ops run outside the compiled model in train.py: no torch.compile variant.
 OUTSIDE_GRAPH = {"adamw", "grad_norm"}
@@ -103,18 +103,23 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     also write them. Each row is printed (and the file rewritten) as it is measured, so a run cut
     short keeps what it measured; the table comes at the end."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="also write the rows, as dicts, to this path")
+    parser.add_argument("--json", type=Path, help="also write the rows (as dicts), the device, versions and "
+                                                    "roofline to this path (bench.report makes tables of it)")
     args = parser.parse_args(argv)
     if not gpu_here():
         print(f"{parser.prog}: a benchmark of the GPU it runs on, and this machine has no CUDA GPU", file=sys.stderr)
         return 2
     result = []
+    header = dict(title=title, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  **provenance())
     for row in run():
         result.append(row)
         print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {row.ms:.3f} ms, {row.value:.0f} {row.unit}",
               flush=True)
         if args.json:
-            args.json.write_text(json.dumps([r.as_dict() for r in result], indent=1) + "\n")
+            measured = dict(roofline=dict(name=ROOFLINE_NAMES[row.unit], unit=row.unit, value=roofline(row.unit)))
+            args.json.write_text(json.dumps(header | measured | dict(rows=[r.as_dict() for r in result]),
+                                            indent=1) + "\n")
     unit = result[0].unit
     print_rows(result, f"{title}; {ROOFLINE_NAMES[unit]} {roofline(unit):.0f} {unit}")
     return 0

@@ -5,7 +5,8 @@
 #                                       # the suite natively (tests not started by 150 s skip), bench.mfu
 #                                       # gpt2, then the attention, norm, adamw and swiglu benchmarks,
 #                                       # each cut at its share (their rows come as they are measured);
-#                                       # every step's time lands in first.log, for the next plan
+#                                       # every step's time lands in first.log, for the next plan;
+#                                       # report.md has the README's tables of what was measured
 # The stages below each fit one 10-minute call, for sessions with more device time:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
@@ -58,7 +59,9 @@ case "$1" in
     step 80 op_attention python -m bench.op_attention --json "$OUT/op_attention.json"
     step 60 op_norm python -m bench.op_norm --json "$OUT/op_norm.json"
     step 40 op_adamw python -m bench.op_adamw --json "$OUT/op_adamw.json"
-    step 40 op_swiglu python -m bench.op_swiglu --json "$OUT/op_swiglu.json" ;;
+    step 40 op_swiglu python -m bench.op_swiglu --json "$OUT/op_swiglu.json"
+    results=("$OUT"/*.json)
+    [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
     shards=${TEST_SHARDS:-6}

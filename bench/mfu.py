@@ -278,10 +278,16 @@ def measure_all(args, device: Device, console: Console) -> dict:
         console.print(f"  {variant}: " + (r["error"] if "error" in r else
                       f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, MFU {_pct(r['mfu'])}"))
     print_results(rows, run, device, peak, flops, console)
+    return record(run, args.preset, device, peak, flops, rows)
+
+
+def record(run: Run, preset: str, device: Device, peak: Peak, flops: Flops, rows: list[dict]) -> dict:
+    """bench.mfu's result file: the measured rows with the device, versions, peak, conventions
+    and workload they belong to (bench.report makes the README's table of it)."""
     return {"device": device.as_dict(), **provenance(), "convention": CONVENTION,
             "peak": {"tflops": peak.tflops, "source": peak.source},
-            "preset": args.preset, "config": dataclasses.asdict(config), "batch_size": run.batch_size,
-            "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "optimizer": run.optimizer,
+            "preset": preset, "config": dataclasses.asdict(run.config), "batch_size": run.batch_size,
+            "seq_len": run.seq_len, "dtype": str(run.dtype).removeprefix("torch."), "optimizer": run.optimizer,
             "warmup": run.warmup, "steps": run.steps, "recompute": run.recompute,
             "flops_per_token": {"palm": flops.palm, "causal": flops.causal, "hardware": flops.hardware},
             "rows": rows}

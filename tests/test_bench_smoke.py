@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_rope, op_swiglu, profile
+from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_rope, op_swiglu, profile, report
 from bench import kernels as bench_kernels
 from bench.cases import Shapes, case
 from bench.hardware import Device
@@ -59,7 +59,10 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     monkeypatch.setattr(module, "run", functools.partial(module.run, device="cpu", shapes=shapes))
     path = tmp_path / "rows.json"
     assert module.main(["--json", str(path)]) == 0
-    rows = json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    assert {"device", "date", "torch", "triton", "git_sha"} <= set(result)
+    assert result["roofline"]["value"] in (COPY_GBS, MATMUL_TFLOPS)
+    rows = result["rows"]
     assert {r["backend"] for r in rows} == backend_names and {r["pass"] for r in rows} == passes
     assert all(r["ms"] > 0 and r["value"] > 0 and 0 < r["roofline"] for r in rows)
     if name == "norm":  # the plain norm and the pre-norm form with the residual add
@@ -72,6 +75,15 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     assert roofline[rows[0]["unit"]] in out  # the table's title
     # Each row was printed as it was measured too: a run cut short still shows what it measured.
     assert all(f"{r['op']} {r['shape']} {r['pass']} {r['backend']}: {r['ms']:.3f} ms" in out for r in rows)
+    # bench.report makes the README's table of the file: a row per shape and pass, a column per backend.
+    assert report.main([str(path)]) == 0
+    table = capsys.readouterr().out
+    cases = {(r["op"], r["shape"], r["pass"]) for r in rows}
+    several_ops = len({r["op"] for r in rows}) > 1  # then an op column comes first
+    first = lambda op: f"| {op} | " if several_ops else "| "  # noqa: E731
+    assert sum(line.startswith(f"{first(op)}{shape} | {pass_} |") for line in table.splitlines()
+               for op, shape, pass_ in cases) == len(cases)
+    assert all(f"| {b} (" in table or f" {b} (" in table for b in backend_names)
 
 
 def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):

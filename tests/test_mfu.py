@@ -1,5 +1,6 @@
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from bench import mfu, plan
+from bench import mfu, plan, report
 from bench.flops import flops_per_token, param_count
 from bench.hardware import Device, find, peak_for
 from gpt.model import GPT, GPTConfig, model_ops, preset
@@ -173,7 +174,7 @@ class _HostEvent:
 
 
 @interpreter_only
-def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys):
+def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys, tmp_path):
     """bench.mfu's GPU path on a tiny model, with CUDA's timing and memory calls on the host:
     what a GPU session would otherwise be first to find broken."""
     monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
@@ -198,6 +199,13 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys):
     mfu.print_results(rows, run, device, peak, flops, mfu.Console(width=200))
     text = capsys.readouterr().out
     assert "triton / torch" in text and "op -> backend" in text and "blocks recomputed" in text
+    # The result file, as the README's table
+    path = tmp_path / "mfu.json"
+    path.write_text(json.dumps(mfu.record(run, "tiny", device, peak, flops, rows)))
+    assert report.main([str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "NVIDIA H100 80GB HBM3" in table and "| variant | tokens/s |" in table
+    assert f"| triton | {rows[1]['tokens_per_s']:,.0f} |" in table
 
 
 def test_a_failing_variant_is_reported_not_fatal(monkeypatch):
