@@ -5,8 +5,9 @@ shapes training gives it, with Triton's driver replaced by a compile-only stand-
 every launch compiles (Triton IR -> PTX -> cubin, with the ptxas Triton ships) with the launch
 configuration that GPU would get, and runs nothing. Per kernel it prints the constexprs, warps,
 stages, shared memory, registers and local memory (spills and stack), and it fails when a kernel
-does not compile or would not launch (shared memory or registers past the GPU's limits): errors
-that Triton's CPU interpreter cannot show. The outputs are never computed, so the backward reads
+does not compile or would not launch (shared memory or registers past the GPU's limits), or when
+a memory-bound kernel at aligned widths moves no 16-byte vectors: errors that Triton's CPU
+interpreter cannot show. The outputs are never computed, so the backward reads
 garbage; only what is launched matters. tests/test_sm_compile.py runs it for each GPU generation.
 """
 import argparse
@@ -67,6 +68,16 @@ def compile_only(compiled: list) -> None:
     JITFunction.run = warmup_run
 
 
+def global_accesses(kernel) -> tuple[int, int]:
+    """(16-byte vector, 2-byte scalar) global loads and stores in a kernel's PTX: a streaming
+    kernel moves its bf16 data in 16-byte vectors where the compiler can prove alignment and
+    whole vectors, else one element at a time, with several times the instructions."""
+    ptx = kernel.asm["ptx"]
+    wide = len(re.findall(r"\b(?:ld|st)\.global[\w:.]*\.(?:v4\.b32|v2\.b64)\b", ptx))
+    narrow = len(re.findall(r"\b(?:ld|st)\.global(?:\.(?!v\d)[\w:]+)*\.b16\b", ptx))
+    return wide, narrow
+
+
 def resources(kernel, sm: int) -> dict:
     """Registers and local memory per thread of a compiled kernel, from cuobjdump."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -108,27 +119,34 @@ def _run(c: Case, fn, pass_: str | None = None):
     return lambda: c.call(fn, c.make(), pass_ or c.passes[-1])
 
 
+# The memory-bound ops: at widths of whole 16-byte vectors each of their kernels must move data in
+# them (but the grad norm's last one, which sums a few per-block partials).
+STREAMING = {"rms_norm", "layer_norm", "swiglu", "rope", "cross_entropy", "adamw", "grad_norm"}
+SMALL_KERNELS = {"_sqrt_of_sum_kernel"}
+
+
 def workloads(arch: int):
-    """(label, thunk) of every launch to compile: each config's ops (optimizer included) in bf16
-    at 64 tokens (launch configurations depend on widths, dtypes and strides, not on rows), then
-    attention's other paths."""
+    """(label, thunk, streams) of every launch to compile: each config's ops (optimizer included)
+    in bf16 at 64 tokens (launch configurations depend on widths, dtypes and strides, not on rows),
+    then attention's other paths. `streams`: a memory-bound op whose widths are whole vectors."""
     for name, config in CONFIGS.items():
         shapes = Shapes(config, batch_size=1, seq_len=64)
         for op in sorted(model_ops(config) | {"adamw", "grad_norm"}):
-            yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton"))
+            streams = op in STREAMING and (op != "cross_entropy" or config.vocab_size % 8 == 0)
+            yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton")), streams
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
-                                                        kernels.get("layer_norm", "triton"))
+                                                        kernels.get("layer_norm", "triton")), True
     variants = {"non-causal": _attention_variant(causal=False), "dropout": _attention_variant(dropout_p=0.2)}
     for name in ("gpt2", "llama D=128 GQA 16/4"):
         c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
         for label, fn in variants.items():
-            yield f"{name}: attention, {label}", _run(c, fn)
+            yield f"{name}: attention, {label}", _run(c, fn), False
         if arch >= 9:  # the tuner's TMA twins, launched one pass at a time
-            yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd")
+            yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd"), False
     for dtype in (torch.float16, torch.float32):  # fp16 where there is no bf16; fp32 checks the others
         shapes = Shapes(GPTConfig(n_embd=384, n_head=4), batch_size=1, seq_len=64, dtype=dtype)  # D = 96
-        yield f"D=96 {dtype}: attention", _run(case("attention", shapes, "cpu"), kernels.get("attention", "triton"))
+        yield f"D=96 {dtype}: attention", _run(case("attention", shapes, "cpu"), kernels.get("attention", "triton")), False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.capability = lambda device: (args.arch, 0)
     runtime.num_sms = lambda device: sms
     problems = []
-    for label, thunk in workloads(args.arch):
+    for label, thunk, streams in workloads(args.arch):
         start = len(compiled)
         try:
             thunk()
@@ -155,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             meta = kernel.metadata
             use = resources(kernel, sm)
             regs_per_block = use["reg"] * meta.num_warps * 32
+            wide, narrow = global_accesses(kernel)
             print(f"{label}: {name} warps={meta.num_warps} stages={meta.num_stages} shared={meta.shared} "
-                  f"regs={use['reg']} local={use['local']} stack={use['stack']}")
+                  f"regs={use['reg']} local={use['local']} stack={use['stack']} 16B/2B accesses={wide}/{narrow}")
+            if streams and name not in SMALL_KERNELS and not wide:
+                problems.append(f"{label}: {name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
             if meta.shared > max_shared:
                 problems.append(f"{label}: {name} takes {meta.shared} bytes of shared memory, sm_{sm} gives {max_shared}")
             if regs_per_block > REGISTERS_PER_SM:
