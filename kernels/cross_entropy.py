@@ -23,8 +23,9 @@ So a training step reads the logits twice and writes their gradient once (three 
 size), and nothing the size of the logits is saved but the logits themselves.
 
 Compiled for sm80, sm90 and sm120 (tests/sm_compile.py, triton 3.6 and 3.8): no spills; rows load
-and store as 16-byte vectors when the row stride is a multiple of 8 elements (vocabularies of
-32000, 50304, 128256: why nanoGPT pads GPT-2's 50257), element by element otherwise (the forward
+and store as 16-byte vectors when the row stride is a multiple of 16 elements (Triton specializes
+integer arguments on divisibility by 16; vocabularies of 32000, 50304, 128256: why nanoGPT pads
+GPT-2's 50257), element by element otherwise (the forward
 at 50257: 17 two-byte loads, no vectors; the check fails if 50304 ever loses its vectors). Launch sizes are first
 guesses, unmeasured.
 
