@@ -22,12 +22,12 @@ it can without overwriting the logits:
 So a training step reads the logits twice and writes their gradient once (three times their
 size), and nothing the size of the logits is saved but the logits themselves.
 
-Compiled for sm80, sm90 and sm120 (tests/sm_compile.py, triton 3.6 and 3.8): no spills; rows load
-and store as 16-byte vectors when the row stride is a multiple of 16 elements (Triton specializes
-integer arguments on divisibility by 16; vocabularies of 32000, 50304, 128256: why nanoGPT pads
-GPT-2's 50257), element by element otherwise (the forward
-at 50257: 17 two-byte loads, no vectors; the check fails if 50304 ever loses its vectors). Launch sizes are first
-guesses, unmeasured.
+Rows are walked from the 16-byte boundary at or before their start (_row_starts), so every step
+but a row's first and last is whole and aligned and moves 16-byte vectors, also where the row
+stride leaves rows unaligned (GPT-2's unpadded 50257, when fine-tuning OpenAI's weights). Compiled
+for sm80, sm90 and sm120 (tests/sm_compile.py, triton 3.6 and 3.8): no spills; at 50257 the
+forward's whole steps load 16-byte vectors where they loaded one element at a time before.
+Launch sizes are first guesses, unmeasured.
 
 A target outside [0, classes) that is not ignore_index makes the loss and that row's gradient
 NaN: checking the range on the host would cost a GPU sync every step, and torch answers the same
@@ -71,6 +71,20 @@ LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
 
 @triton.jit
+def _row_starts(rows, stride_row, ALIGN: tl.constexpr):
+    """Per row, `lead`: how many elements its start lies past the 16-byte boundary at or before it
+    (ALIGN elements per 16 bytes), and that boundary's offset, hinted a multiple of ALIGN. Steps
+    taken from the boundary are whole aligned vectors, so they load and store as 16-byte vectors
+    even where the row stride (GPT-2's 50257) leaves rows unaligned. ALIGN == 1: rows are taken
+    from their starts (the stride is a multiple of 16, which Triton sees, or it does not matter)."""
+    if ALIGN > 1:
+        lead = (rows * stride_row) % ALIGN
+    else:
+        lead = tl.zeros_like(rows)
+    return lead, tl.multiple_of(rows * stride_row - lead, ALIGN)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr,  # (n_rows, n_cols) unit column stride
     targets_ptr,  # (n_rows,) int64: each row's class, or ignore_index
@@ -84,22 +98,32 @@ def _cross_entropy_fwd_kernel(
     n_cols,
     BLOCK_R: tl.constexpr,  # rows per program (several when rows are narrow)
     BLOCK_C: tl.constexpr,  # columns per step along the row (a power of two)
+    ALIGN: tl.constexpr,  # elements per 16 bytes where rows start unaligned, else 1 (_row_starts)
 ):
     # int64 before the row stride multiplies it: row * stride passes 2^31 at 43k rows of GPT-2's vocabulary.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
+    every_row = (tl.program_id(0) + 1) * BLOCK_R <= n_rows
     cols = tl.arange(0, BLOCK_C)
-    row_ptrs = logits_ptr + rows[:, None] * stride_row
+    lead, start_ptrs = _row_starts(rows, stride_row, ALIGN)
+    start_ptrs = logits_ptr + start_ptrs[:, None]
+    # Steps from each row's boundary: the first and last may hold lanes outside the row (masked),
+    # the ones between are whole in every row of the program and load without a mask.
+    first_whole, last_lead = tl.max(lead, axis=0), tl.min(lead, axis=0)
     # Online log-sum-exp: the running max m is one per row, the sums s of exp(x - m) one per lane,
     # rescaled when the max grows; lanes are added up once, at the end. exp(a) is computed as
     # exp2(a * LOG2E) with a = x - m formed first, so the product's rounding is relative to |x - m|
     # (small where the terms that matter are), not to |x|.
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for start in range(0, n_cols, BLOCK_C):
-        mask = row_ok[:, None] & (start + cols[None, :] < n_cols)
+    for start in range(0, n_cols + first_whole, BLOCK_C):
         # fp32 at once (and the interpreter has no bf16 arithmetic); padding is -inf: exp gives 0.
-        x = tl.load(row_ptrs + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        if every_row & (start >= first_whole) & (start + BLOCK_C <= n_cols + last_lead):
+            x = tl.load(start_ptrs + start + cols[None, :]).to(tl.float32)
+        else:
+            c = start - lead[:, None] + cols[None, :]  # each lane's class
+            mask = row_ok[:, None] & (c >= 0) & (c < n_cols)
+            x = tl.load(start_ptrs + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # While a row has seen only -inf, subtract 0 instead of -inf: -inf - -inf would be NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -128,29 +152,54 @@ def _cross_entropy_bwd_kernel(
     log_sum_ptr,  # (n_rows,) fp32: the forward's log(sum(exp(row - m)))
     scale_ptr,  # () fp32: d_loss / rows counted (a tensor: no host sync, nothing recompiles)
     dlogits_ptr,  # (n_rows, n_cols) output, unit column stride, the logits' dtype
-    stride_logits,  # row strides, in elements
+    stride_logits,  # row strides, in elements (the same two when ALIGN > 1)
     stride_dlogits,
     ignore_index,
+    n_cols,  # classes
     n_rows,
-    n_cols,
+    span,  # columns the tiles cover: n_cols + ALIGN - 1, room for each row's lead
     BLOCK_R: tl.constexpr,  # tile rows
     BLOCK_C: tl.constexpr,  # tile columns (a power of two)
+    ALIGN: tl.constexpr,  # elements per 16 bytes where rows start unaligned, else 1 (_row_starts)
 ):
-    rows, cols, mask = runtime.tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols, _ = runtime.tile(n_rows, span, BLOCK_R, BLOCK_C)
     row_ok = rows < n_rows
+    start = tl.min(cols, axis=0)  # the tile's first column, from each row's boundary
+    lead, starts = _row_starts(rows, stride_logits, ALIGN)
+    _, d_starts = _row_starts(rows, stride_dlogits, ALIGN)
     m = tl.load(max_ptr + rows, mask=row_ok)
     log_sum = tl.load(log_sum_ptr + rows, mask=row_ok)
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     scale = tl.where(counted, tl.load(scale_ptr), 0.0)
     scale = tl.where(counted & ((target < 0) | (target >= n_cols)), float("nan"), scale)
-    rows, cols = rows[:, None], cols[None, :]
-    x = tl.load(logits_ptr + rows * stride_logits + cols, mask=mask).to(tl.float32)
+    c = cols[None, :] - lead[:, None]  # each lane's class
+    x_ptrs = logits_ptr + starts[:, None] + cols[None, :]
+    d_ptrs = dlogits_ptr + d_starts[:, None] + cols[None, :]
+    whole = (tl.max(rows, axis=0) < n_rows) & (start >= tl.max(lead, axis=0)) & (
+        start + BLOCK_C <= n_cols + tl.min(lead, axis=0))
+    mask = row_ok[:, None] & (c >= 0) & (c < n_cols)
+    if whole:  # every lane inside its row: unmasked, so aligned rows move 16-byte vectors
+        x = tl.load(x_ptrs).to(tl.float32)
+    else:
+        x = tl.load(x_ptrs, mask=mask).to(tl.float32)
     # softmax, recomputed: saving it would cost a logits-sized buffer. In the forward's order, so
     # that roundings stay relative to the small x - m - log_sum, not to |x|.
     p = tl.exp2(((x - m[:, None]) - log_sum[:, None]) * LOG2E)
-    d = (p - tl.where(cols == target[:, None], 1.0, 0.0)) * scale[:, None]
-    tl.store(dlogits_ptr + rows * stride_dlogits + cols, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+    d = ((p - tl.where(c == target[:, None], 1.0, 0.0)) * scale[:, None]).to(dlogits_ptr.dtype.element_ty)
+    if whole:
+        tl.store(d_ptrs, d)
+    else:
+        tl.store(d_ptrs, d, mask=mask)
+
+
+def _align(*tensors: torch.Tensor) -> int:
+    """The kernels' ALIGN for row-strided (rows, classes) tensors: elements per 16 bytes when their
+    rows start unaligned at one shared stride, else 1 (_row_starts)."""
+    stride = tensors[0].stride(0)
+    if stride % 16 == 0 or any(t.stride(0) != stride for t in tensors):
+        return 1
+    return 16 // tensors[0].element_size()
 
 
 # Forward launch heuristics: a program holds TILE elements (8 KB of bf16) per step, as the
@@ -175,7 +224,7 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
         with runtime.on_device(x):
             runtime.wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
                 x, t, row_loss, stats[0], stats[1], x.stride(0), ignore_index, n_rows, n_cols,
-                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+                BLOCK_R=block_r, BLOCK_C=block_c, ALIGN=_align(x), num_warps=_NUM_WARPS)
     counted = (t != ignore_index).sum()
     # No rows counted: 0 / 0 = NaN, as torch.
     return row_loss.sum() / counted, stats, counted
@@ -185,12 +234,14 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
 def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
                        counted: torch.Tensor, ignore_index: int) -> torch.Tensor:
     x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
+    n_rows, n_cols = x.shape
     scale = dloss.float() / counted
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         with runtime.on_device(dx):
-            runtime.launch_tiles(_cross_entropy_bwd_kernel, *x.shape, x, t, stats[0], stats[1], scale, dx,
-                                 x.stride(0), dx.stride(0), ignore_index)
+            align = _align(x, dx)
+            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats[0], stats[1],
+                                 scale, dx, x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
     return dx.view(logits.shape)
 
 

@@ -154,10 +154,11 @@ _MAX_BLOCK_C = 1024
 _NUM_WARPS = 8
 
 
-def launch_tiles(kernel, n_rows: int, n_cols: int, *args) -> None:
-    """Launch an elementwise `kernel(*args, n_rows, n_cols, BLOCK_R, BLOCK_C)` over the tiles of an
-    (n_rows, n_cols) matrix, one program per tile."""
+def launch_tiles(kernel, n_rows: int, n_cols: int, *args, **constexprs) -> None:
+    """Launch an elementwise `kernel(*args, n_rows, n_cols, BLOCK_R, BLOCK_C, **constexprs)` over the
+    tiles of an (n_rows, n_cols) matrix, one program per tile."""
     block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
     block_r = _TILE // block_c
     grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
-    wrap_triton(kernel)[grid](*args, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    wrap_triton(kernel)[grid](*args, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+                              **constexprs)

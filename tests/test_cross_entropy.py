@@ -12,8 +12,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
 # (batch shape, classes): one row, vocabularies that are not a multiple of any block (771, 4099,
 # GPT-2's 50257), a row too wide for one step of the forward, narrow rows stacked in a tile (65),
-# a 3-D batch, a single token with no batch dimension.
-SHAPES = [((1,), 4099), ((3,), 771), ((2, 5), 65), ((2,), 50257), ((), 1031)]
+# a 3-D batch, a single token with no batch dimension, and rows starting at every offset from a
+# 16-byte boundary (9 x 4099: the kernels walk such rows from the boundary before their start).
+SHAPES = [((1,), 4099), ((3,), 771), ((2, 5), 65), ((2,), 50257), ((), 1031), ((9,), 4099)]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -178,7 +179,7 @@ def test_triton_refuses_float64(device):
 # GPU-only: training-sized logits, offsets past 2^31, another GPU, torch.compile.
 
 @cuda_only
-@pytest.mark.parametrize("classes", [32000, 50304, 128256])
+@pytest.mark.parametrize("classes", [32000, 50257, 50304, 128256])
 def test_training_shapes_cuda(classes):
     logits, targets, dloss = inputs((2048,), classes, torch.bfloat16, "cuda", scale=2.0)
     assert_matches_float64(kernels.get("cross_entropy", "triton"), logits, targets, dloss, f"2048 x {classes}")
