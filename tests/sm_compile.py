@@ -5,9 +5,10 @@ shapes training gives it, with Triton's driver replaced by a compile-only stand-
 every launch compiles (Triton IR -> PTX -> cubin, with the ptxas Triton ships) with the launch
 configuration that GPU would get, and runs nothing. Per kernel it prints the constexprs, warps,
 stages, shared memory, registers and local memory (spills and stack), and it fails when a kernel
-does not compile or would not launch (shared memory or registers past the GPU's limits), or when
-a memory-bound kernel at aligned widths moves no 16-byte vectors: errors that Triton's CPU
-interpreter cannot show. The outputs are never computed, so the backward reads
+does not compile or would not launch (shared memory or registers past the GPU's limits), when a
+memory-bound kernel moves no 16-byte vectors, or when attention's 16-bit matmuls miss the GPU's
+tensor-core instruction (wgmma on sm90, mma.sync on the others): errors and slow paths that
+Triton's CPU interpreter cannot show. The outputs are never computed, so the backward reads
 garbage; only what is launched matters. tests/test_sm_compile.py runs it for each GPU generation.
 """
 import argparse
@@ -34,6 +35,8 @@ from kernels import attention, runtime  # noqa: E402
 # Per compute-capability major: (sm, shared memory a block may take, SMs), from CUDA's tables
 # (the opt-in maximum per block) and one representative card.
 GPUS = {8: (80, 163 * 1024, 108), 9: (90, 227 * 1024, 132), 12: (120, 99 * 1024, 84)}
+# The tensor-core instruction Triton's 16-bit tl.dot becomes per compute-capability major.
+MMA = {8: "mma.sync", 9: "wgmma.mma_async", 12: "mma.sync"}
 REGISTERS_PER_SM = 65536
 
 
@@ -123,29 +126,34 @@ def _run(c: Case, fn, pass_: str | None = None):
 # them (but the grad norm's last one, which sums a few per-block partials).
 STREAMING = {"rms_norm", "layer_norm", "swiglu", "rope", "cross_entropy", "adamw", "grad_norm"}
 SMALL_KERNELS = {"_sqrt_of_sum_kernel"}
+# Attention's kernels whose work is tl.dot (the backward's preprocess is a row sum).
+MATMUL_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
 
 
 def workloads(arch: int):
-    """(label, thunk, streams) of every launch to compile: each config's ops (optimizer included)
-    in bf16 at 64 tokens (launch configurations depend on widths, dtypes and strides, not on rows),
-    then attention's other paths. `streams`: a memory-bound op whose widths are whole vectors."""
+    """(label, thunk, kind) of every launch to compile: each config's ops (optimizer included) in
+    bf16 at 64 tokens (launch configurations depend on widths, dtypes and strides, not on rows),
+    then attention's other paths. `kind`: "streams" for the memory-bound ops, "mma" where the
+    matmuls must run on the tensor cores (16-bit attention), else None (fp32 checks fp32)."""
     for name, config in CONFIGS.items():
         shapes = Shapes(config, batch_size=1, seq_len=64)
         for op in sorted(model_ops(config) | {"adamw", "grad_norm"}):
-            yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton")), op in STREAMING
+            kind = "streams" if op in STREAMING else "mma" if op == "attention" else None
+            yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton")), kind
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
-                                                        kernels.get("layer_norm", "triton")), True
+                                                        kernels.get("layer_norm", "triton")), "streams"
     variants = {"non-causal": _attention_variant(causal=False), "dropout": _attention_variant(dropout_p=0.2)}
     for name in ("gpt2", "llama D=128 GQA 16/4"):
         c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
         for label, fn in variants.items():
-            yield f"{name}: attention, {label}", _run(c, fn), False
+            yield f"{name}: attention, {label}", _run(c, fn), "mma"
         if arch >= 9:  # the tuner's TMA twins, launched one pass at a time
-            yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd"), False
+            yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd"), "mma"
     for dtype in (torch.float16, torch.float32):  # fp16 where there is no bf16; fp32 checks the others
         shapes = Shapes(GPTConfig(n_embd=384, n_head=4), batch_size=1, seq_len=64, dtype=dtype)  # D = 96
-        yield f"D=96 {dtype}: attention", _run(case("attention", shapes, "cpu"), kernels.get("attention", "triton")), False
+        kind = "mma" if dtype == torch.float16 else None
+        yield f"D=96 {dtype}: attention", _run(case("attention", shapes, "cpu"), kernels.get("attention", "triton")), kind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.capability = lambda device: (args.arch, 0)
     runtime.num_sms = lambda device: sms
     problems = []
-    for label, thunk, streams in workloads(args.arch):
+    for label, thunk, kind in workloads(args.arch):
         start = len(compiled)
         try:
             thunk()
@@ -175,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             wide, narrow = global_accesses(kernel)
             print(f"{label}: {name} warps={meta.num_warps} stages={meta.num_stages} shared={meta.shared} "
                   f"regs={use['reg']} local={use['local']} stack={use['stack']} 16B/2B accesses={wide}/{narrow}")
-            if streams and name not in SMALL_KERNELS and not wide:
+            if kind == "streams" and name not in SMALL_KERNELS and not wide:
                 problems.append(f"{label}: {name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
+            if kind == "mma" and name in MATMUL_KERNELS and MMA[args.arch] not in kernel.asm["ptx"]:
+                problems.append(f"{label}: {name} has no {MMA[args.arch]}: its matmuls miss the tensor cores")
             if meta.shared > max_shared:
                 problems.append(f"{label}: {name} takes {meta.shared} bytes of shared memory, sm_{sm} gives {max_shared}")
             if regs_per_block > REGISTERS_PER_SM:
