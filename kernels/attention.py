@@ -518,9 +518,9 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # the ranges the Triton tutorial and FlashAttention-2 use, and checked to compile and fit by
 # tests/sm_compile.py (sm80, sm90, sm120; no GPU), spilling at most a few hundred bytes of
 # registers (the Philox rounds of dropout add to it). To be replaced by measured entries:
-# bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. Each pass owns a large tile and
-# streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k, v, dk and dv in
-# registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
+# bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. Each pass owns
+# a large tile and streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k,
+# v, dk and dv in registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
 # Ampere and the Ada cards with ~100 KB of shared memory: 64-row tiles, 2 stages. sm90 (228 KB)
 # owns 128 query rows. TMA loads (sm90+) stay off until measured: compiled for sm90 (triton 3.6
 # and 3.8, these tables, bf16), the same tiles take 10-50% fewer registers through descriptors
@@ -528,7 +528,7 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # in 3.6, several passes with dropout) vanish, but whether that buys time is the tuner's call.
 # Consumer Blackwell (sm120: mma.sync as on Ampere, 99 KB of shared memory a block) takes the sm80
 # tables: compiled for sm120 (triton 3.8), the sm90 tables' 128-row tiles spill 120-150 bytes a
-# thread in the forward at D = 64 and 128, the sm80 tables' at most 24.
+# thread in the forward at D = 64 and 128, the sm80 tables' at most 16.
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {

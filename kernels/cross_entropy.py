@@ -240,8 +240,9 @@ def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch
     if dx.numel():
         with runtime.on_device(dx):
             align = _align(x, dx)
-            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats[0], stats[1],
-                                 scale, dx, x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
+            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats[0],
+                                 stats[1], scale, dx, x.stride(0), dx.stride(0), ignore_index, n_cols,
+                                 ALIGN=align)
     return dx.view(logits.shape)
 
 

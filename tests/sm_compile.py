@@ -81,7 +81,7 @@ def global_accesses(kernel) -> tuple[int, int]:
     return wide, narrow
 
 
-def resources(kernel, sm: int) -> dict:
+def resources(kernel) -> dict:
     """Registers and local memory per thread of a compiled kernel, from cuobjdump."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -153,14 +153,35 @@ def workloads(arch: int):
     for dtype in (torch.float16, torch.float32):  # fp16 where there is no bf16; fp32 checks the others
         shapes = Shapes(GPTConfig(n_embd=384, n_head=4), batch_size=1, seq_len=64, dtype=dtype)  # D = 96
         kind = "mma" if dtype == torch.float16 else None
-        yield f"D=96 {dtype}: attention", _run(case("attention", shapes, "cpu"), kernels.get("attention", "triton")), kind
+        c = case("attention", shapes, "cpu")
+        yield f"D=96 {dtype}: attention", _run(c, kernels.get("attention", "triton")), kind
+
+
+def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str]]:
+    """A compiled kernel's line of the report, and what is wrong with it."""
+    sm, max_shared, _ = GPUS[arch]
+    meta, use = kernel.metadata, resources(kernel)
+    wide, narrow = global_accesses(kernel)
+    line = (f"{name} warps={meta.num_warps} stages={meta.num_stages} shared={meta.shared} regs={use['reg']} "
+            f"local={use['local']} stack={use['stack']} 16B/2B accesses={wide}/{narrow}")
+    problems = []
+    if meta.shared > max_shared:
+        problems.append(f"{name} takes {meta.shared} bytes of shared memory, sm_{sm} gives {max_shared}")
+    if use["reg"] * meta.num_warps * 32 > REGISTERS_PER_SM:
+        problems.append(f"{name} needs {use['reg'] * meta.num_warps * 32} registers a block, an SM has "
+                        f"{REGISTERS_PER_SM}")
+    if kind == "streams" and name not in SMALL_KERNELS and not wide:
+        problems.append(f"{name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
+    if kind == "mma" and name in MATMUL_KERNELS and MMA[arch] not in kernel.asm["ptx"]:
+        problems.append(f"{name} has no {MMA[arch]}: its matmuls miss the tensor cores")
+    return line, problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
     args = parser.parse_args(argv)
-    sm, max_shared, sms = GPUS[args.arch]
+    sm, _, sms = GPUS[args.arch]
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", sm, 32)))
     compiled: list = []
     compile_only(compiled)
@@ -177,20 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: FAILED {type(e).__name__}: {str(e)[:2000]}")
             continue
         for name, kernel in compiled[start:]:
-            meta = kernel.metadata
-            use = resources(kernel, sm)
-            regs_per_block = use["reg"] * meta.num_warps * 32
-            wide, narrow = global_accesses(kernel)
-            print(f"{label}: {name} warps={meta.num_warps} stages={meta.num_stages} shared={meta.shared} "
-                  f"regs={use['reg']} local={use['local']} stack={use['stack']} 16B/2B accesses={wide}/{narrow}")
-            if kind == "streams" and name not in SMALL_KERNELS and not wide:
-                problems.append(f"{label}: {name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
-            if kind == "mma" and name in MATMUL_KERNELS and MMA[args.arch] not in kernel.asm["ptx"]:
-                problems.append(f"{label}: {name} has no {MMA[args.arch]}: its matmuls miss the tensor cores")
-            if meta.shared > max_shared:
-                problems.append(f"{label}: {name} takes {meta.shared} bytes of shared memory, sm_{sm} gives {max_shared}")
-            if regs_per_block > REGISTERS_PER_SM:
-                problems.append(f"{label}: {name} needs {regs_per_block} registers a block, an SM has {REGISTERS_PER_SM}")
+            line, wrong = check(kernel, name, kind, args.arch)
+            print(f"{label}: {line}")
+            problems += [f"{label}: {w}" for w in wrong]
     print(f"sm_{sm}: {len(compiled)} launches compiled (triton {triton.__version__}, torch {torch.__version__})")
     for p in problems:
         print("PROBLEM", p)
