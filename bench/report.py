@@ -1,9 +1,9 @@
 """Markdown tables of a GPU session's result files, for the README: `python -m bench.report FILE...`
 
-Takes the files of bench.mfu (`--json`) and of the per-op benchmarks (bench/op_*.py `--json`), as
-`bash bench/gpu_session.sh first` leaves them in $OUT, and prints per file the device, date,
-versions and git revision it was measured with, then its table. The numbers are the files' own,
-rounded; nothing is recomputed.
+Takes the files of bench.mfu (`--json`), of the per-op benchmarks (bench/op_*.py `--json`), as
+`bash bench/gpu_session.sh first` leaves them in $OUT, and kernel profiles (bench.kernels:
+profiles/<gpu>.json), and prints per file the device, date, versions and git revision it was
+measured with, then its table. The numbers are the files' own, rounded; nothing is recomputed.
 
 Per-op tables: one row per shape and pass, one column per backend (its rate in the file's unit,
 "unverified" where it failed its check against the torch reference), then triton's fraction of
@@ -69,18 +69,47 @@ def mfu_table(result: dict) -> str:
     return title + "\n\n" + _md(header, lines)
 
 
+def profile_table(result: dict) -> str:
+    """A kernel profile: per op its training pass's time per backend, triton's rate and fraction
+    of the roofline, and the backend train.py --kernels=auto takes from it, eager and compiled."""
+    lines = []
+    for op, e in result["ops"].items():
+        pass_, measured = e["training_pass"], e["backends"]
+
+        def ms(backend: str) -> str:
+            r = measured.get(backend)
+            if r is None or "error" in r:
+                return "" if r is None else "error"
+            return f"{r['ms'][pass_]:.3f}" + ("" if r["verified"] else " unverified")
+
+        triton = measured.get("triton", {})
+        rate = f"{triton['rate'][pass_]:,.0f} {e['unit']} ({100 * triton['roofline'][pass_]:.0f}%)" \
+            if "rate" in triton else ""
+        lines.append([op, e["shape"], pass_, ms("torch"), ms("compile"), ms("triton"), rate,
+                      e["chosen"]["eager"], e["chosen"]["compiled"]])
+    w, r = result["workload"], result["rooflines"]
+    title = (f"bench.kernels {w['preset']}: {w['shapes']}; rooflines measured: copy {r['copy_gbs']:,.0f} GB/s, "
+             f"bf16 matmul {r['matmul_tflops']:,.0f} TFLOPS")
+    header = ["op", "shape", "pass", "torch ms", "compile ms", "triton ms", "triton rate (of roofline)",
+              "chosen eager", "chosen compiled"]
+    return title + "\n\n" + _md(header, lines)
+
+
 def report(path: Path) -> str:
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as e:  # a benchmark stopped while it rewrote its file
         return f"{path.name}: not read ({e}): cut short while it was written?\n"
-    table = mfu_table(result) if "preset" in result else op_table(result)
+    if "ops" in result:
+        table = profile_table(result)
+    else:
+        table = mfu_table(result) if "preset" in result else op_table(result)
     return f"{path.name}: {provenance(result)}\n\n{table}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help="bench.mfu and bench/op_*.py --json files")
+    parser.add_argument("files", nargs="+", type=Path, help="bench.mfu, bench/op_*.py and bench.kernels result files")
     args = parser.parse_args(argv)
     print("\n".join(report(path) for path in args.files))
     return 0

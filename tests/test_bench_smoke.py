@@ -158,3 +158,6 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
         assert entry["backends"]["triton"]["verified"], (op, entry["backends"]["triton"]["check"])
         assert entry["chosen"]["eager"] in kernels.ops()[op]
     assert f"wrote {out}" in capsys.readouterr().out
+    assert report.main([str(out)]) == 0  # the README's table of it: a row per op
+    table = capsys.readouterr().out
+    assert "NVIDIA H100 80GB HBM3" in table and all(f"| {op} | " in table for op in kernels.OPS)
