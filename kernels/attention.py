@@ -516,7 +516,7 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 
 # Per kind of tensor core (_generation) and padded head dim. INITIAL values, not yet timed: inside
 # the ranges the Triton tutorial and FlashAttention-2 use, and checked to compile and fit by
-# tests/sm_compile.py (sm80, sm90, sm120; no GPU), spilling at most a few hundred bytes of
+# tests/sm_compile.py (sm80, sm90, sm100, sm120; no GPU), spilling at most a few hundred bytes of
 # registers (the Philox rounds of dropout add to it). To be replaced by measured entries:
 # bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. Each pass owns
 # a large tile and streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k,

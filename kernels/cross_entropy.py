@@ -22,12 +22,12 @@ it can without overwriting the logits:
 So a training step reads the logits twice and writes their gradient once (three times their
 size), and nothing the size of the logits is saved but the logits themselves.
 
-Rows are walked from the 16-byte boundary at or before their start (_row_starts), so every step
-but a row's first and last is whole and aligned and moves 16-byte vectors, also where the row
-stride leaves rows unaligned (GPT-2's unpadded 50257, when fine-tuning OpenAI's weights). Compiled
-for sm80, sm90 and sm120 (tests/sm_compile.py, triton 3.6 and 3.8): no spills; at 50257 the
-forward's whole steps load 16-byte vectors where they loaded one element at a time before.
-Launch sizes are first guesses, unmeasured.
+Rows are walked from the 16-byte boundary at or before their start (_row_starts), so every step but
+a row's first and last is whole and aligned and moves 16-byte vectors, also where the row stride
+leaves rows unaligned (GPT-2's unpadded 50257, when fine-tuning OpenAI's weights). Compiled for
+sm80, sm90, sm100 and sm120 (tests/sm_compile.py, triton 3.6 and 3.8): no spills; at 50257 the
+forward's whole steps load 16-byte vectors where they loaded one element at a time before. Launch
+sizes are first guesses, unmeasured.
 
 A target outside [0, classes) that is not ignore_index makes the loss and that row's gradient
 NaN: checking the range on the host would cost a GPU sync every step, and torch answers the same

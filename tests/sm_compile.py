@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for a GPU without one: `python -m tests.sm_compile --arch 90`.
+"""Compile every Triton kernel for a GPU without one: `python -m tests.sm_compile --arch 9`.
 
 Each op's triton backend runs forward and backward (the optimizers: a step) on CPU tensors at the
 shapes training gives it, with Triton's driver replaced by a compile-only stand-in for sm_<arch>:
@@ -7,9 +7,10 @@ configuration that GPU would get, and runs nothing. Per kernel it prints the con
 stages, shared memory, registers and local memory (spills and stack), and it fails when a kernel
 does not compile or would not launch (shared memory or registers past the GPU's limits), when a
 memory-bound kernel moves no 16-byte vectors, or when attention's 16-bit matmuls miss the GPU's
-tensor-core instruction (wgmma on sm90, mma.sync on the others): errors and slow paths that
-Triton's CPU interpreter cannot show. The outputs are never computed, so the backward reads
-garbage; only what is launched matters. tests/test_sm_compile.py runs it for each GPU generation.
+tensor-core instruction (wgmma on sm90, tcgen05.mma on sm100, mma.sync on sm80 and sm120): errors
+and slow paths that Triton's CPU interpreter cannot show. The outputs are never computed, so the
+backward reads garbage; only what is launched matters. tests/test_sm_compile.py runs it for each
+GPU generation.
 """
 import argparse
 import os
@@ -34,9 +35,10 @@ from kernels import attention, runtime  # noqa: E402
 
 # Per compute-capability major: (sm, shared memory a block may take, SMs), from CUDA's tables
 # (the opt-in maximum per block) and one representative card.
-GPUS = {8: (80, 163 * 1024, 108), 9: (90, 227 * 1024, 132), 12: (120, 99 * 1024, 84)}
+GPUS = {8: (80, 163 * 1024, 108), 9: (90, 227 * 1024, 132), 10: (100, 227 * 1024, 148),
+        12: (120, 99 * 1024, 84)}
 # The tensor-core instruction Triton's 16-bit tl.dot becomes per compute-capability major.
-MMA = {8: "mma.sync", 9: "wgmma.mma_async", 12: "mma.sync"}
+MMA = {8: "mma.sync", 9: "wgmma.mma_async", 10: "tcgen05.mma", 12: "mma.sync"}
 REGISTERS_PER_SM = 65536
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's own tests compile every kernel natively")
-@pytest.mark.parametrize("arch", [8, 9, 12], ids=["sm80", "sm90", "sm120"])
+@pytest.mark.parametrize("arch", [8, 9, 10, 12], ids=["sm80", "sm90", "sm100", "sm120"])
 def test_every_kernel_compiles_and_fits(arch):
     run = subprocess.run([sys.executable, "-m", "tests.sm_compile", "--arch", str(arch)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
