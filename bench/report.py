@@ -29,8 +29,8 @@ def _md(header: list[str], lines: list[list[str]]) -> str:
 
 
 def op_table(result: dict) -> str:
-    rows = result["rows"]
-    unit, roofline = result["roofline"]["unit"], result["roofline"]
+    rows, roofline = result["rows"], result["roofline"]
+    unit = roofline["unit"]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     several_ops = len({r["op"] for r in rows}) > 1  # the norms' file holds rms_norm and layer_norm
     cases: dict[tuple[str, str, str], dict[str, dict]] = {}
