@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from bench.cases import Case, check
+from bench.hardware import detect
 from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows, provenance
 
 # The optimizer's ops run outside the compiled model in train.py: no torch.compile variant.
@@ -94,10 +95,6 @@ def measure(timed: Case, impls: dict[str, Callable], device, checked: Case | Non
     return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device), device)})
 
 
-def gpu_here() -> bool:
-    return torch.cuda.is_available()
-
-
 def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] | None = None) -> int:
     """A per-issue benchmark's command line: run it on the GPU, print its rows, and with --json
     also write them. Each row is printed (and the file rewritten) as it is measured, so a run cut
@@ -106,12 +103,12 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     parser.add_argument("--json", type=Path, help="also write the rows (as dicts), the device, versions and "
                                                     "roofline to this path (bench.report makes tables of it)")
     args = parser.parse_args(argv)
-    if not gpu_here():
+    device = detect()
+    if device is None:
         print(f"{parser.prog}: a benchmark of the GPU it runs on, and this machine has no CUDA GPU", file=sys.stderr)
         return 2
     result = []
-    header = dict(title=title, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  **provenance())
+    header = dict(title=title, device=device.as_dict(), **provenance())
     for row in run():
         result.append(row)
         print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {row.ms:.3f} ms, {row.value:.0f} {row.unit}",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def provenance(result: dict) -> str:
-    device = result["device"]["name"] if isinstance(result["device"], dict) else result["device"]
+    device = result["device"]["name"]
     sha = (result.get("git_sha") or "unknown")[:10]
     sha += " (uncommitted changes)" if result.get("git_dirty") else ""
     return (f"{device}, {result['date'][:10]}, torch {result['torch']}, triton {result['triton']}, "

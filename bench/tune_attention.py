@@ -32,8 +32,8 @@ the whole backward (preprocess, dkdv and dq) is credited the useful 2.5x of benc
 its rate compares with bench.op_attention's.
 
 The winners are printed as entries of _GPU_CONFIGS[attention._generation(<the GPU's major>)], with
-each pass's speedup, then timed against the current configuration at T = 1024 and 16384 too (verified there
-the same way): whether one table per D holds across T or a T bucket is needed. --json writes
+each pass's speedup, then timed against the current configuration at T = 1024 and 16384 too
+(verified there the same way): whether one table per D holds across T or a T bucket is needed. --json writes
 everything: device, versions, date, every candidate, the winners and the comparison.
 
 About 70 candidates per D (63 at D = 128) and 24 TMA twins on sm90, each compiled once: compiling

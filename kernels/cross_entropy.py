@@ -105,8 +105,8 @@ def _cross_entropy_fwd_kernel(
     row_ok = rows < n_rows
     every_row = (tl.program_id(0) + 1) * BLOCK_R <= n_rows
     cols = tl.arange(0, BLOCK_C)
-    lead, start_ptrs = _row_starts(rows, stride_row, ALIGN)
-    start_ptrs = logits_ptr + start_ptrs[:, None]
+    lead, starts = _row_starts(rows, stride_row, ALIGN)
+    start_ptrs = logits_ptr + starts[:, None]
     # Steps from each row's boundary: the first and last may hold lanes outside the row (masked),
     # the ones between are whole in every row of the program and load without a mask.
     first_whole, last_lead = tl.max(lead, axis=0), tl.min(lead, axis=0)

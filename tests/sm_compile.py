@@ -113,9 +113,7 @@ def _attention_with_tma(q, k, v, causal):
     """Each pass launched with its configuration's TMA twin, as bench/tune_attention.py does."""
     cfgs = {which: attention._config(q, which)._replace(tma=True) for which in ("fwd", "dkdv", "dq")}
     o, lse = attention._launch_fwd(q, k, v, causal, 0.0, None, cfgs["fwd"])
-    delta = attention._launch_delta(o, o, cfgs["fwd"])
-    attention._launch_dkdv(q, k, v, o, lse, delta, causal, 0.0, None, cfgs["dkdv"])
-    attention._launch_dq(q, k, v, o, lse, delta, causal, 0.0, None, cfgs["dq"])
+    attention._launch_bwd(o, q, k, v, o, lse, causal, 0.0, None, cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
     return o
 
 

@@ -211,7 +211,8 @@ def tma_loads(monkeypatch):
     """Every launch of the op asks for TMA loads. The tables choose them per GPU by measurement;
     these tests check the descriptor path itself wherever it runs (the interpreter, sm90+)."""
     config = attention._config
-    monkeypatch.setattr(attention, "_config", lambda q, which, *dropout: config(q, which, *dropout)._replace(tma=True))
+    monkeypatch.setattr(attention, "_config",
+                        lambda q, which, *dropout: config(q, which, *dropout)._replace(tma=True))
 
 
 def tma_runs(q) -> bool:

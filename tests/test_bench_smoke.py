@@ -29,7 +29,7 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(backends, "copy_gbs", lambda device="cuda": COPY_GBS)
     monkeypatch.setattr(backends, "matmul_tflops", lambda device="cuda": MATMUL_TFLOPS)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(backends, "gpu_here", lambda: True)
+    monkeypatch.setattr(backends, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
 
 
 def tiny(shapes: tuple[Shapes, ...]) -> tuple[Shapes, ...]:
@@ -87,7 +87,7 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
 
 
 def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(backends, "gpu_here", lambda: False)
+    monkeypatch.setattr(backends, "detect", lambda: None)
     assert op_norm.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
 
