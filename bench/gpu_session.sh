@@ -71,11 +71,15 @@ case "$1" in
     for i in $(seq 0 $((shards - 1))); do
       TEST_SHARD=$i/$shards python -m pytest -q -ra --durations=8 -p no:cacheprovider > "$parts/$i" 2>&1 &
     done
-    show_parts() {
+    show_parts() {  # each part's whole output into tests.log; its failures and summary shown too
       for i in $(seq 0 $((shards - 1))); do
         echo "== TEST_SHARD=$i/$shards TEST_SEED=$TEST_SEED"
         cat "$parts/$i"
-      done 2>&1 | tee -a "$log"
+      done >> "$log" 2>&1
+      for i in $(seq 0 $((shards - 1))); do
+        echo "TEST_SHARD=$i/$shards: $(tail -n 1 "$parts/$i")"
+        grep -E '^(FAILED|ERROR) ' "$parts/$i"
+      done
       rm -rf "$parts"
     }
     trap 'show_parts; echo "tests: stopped by a signal"; exit 124' TERM INT  # first's time limit

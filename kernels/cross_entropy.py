@@ -166,7 +166,7 @@ def _cross_entropy_bwd_kernel(
     row_ok = rows < n_rows
     start = tl.min(cols, axis=0)  # the tile's first column, from each row's boundary
     lead, starts = _row_starts(rows, stride_logits, ALIGN)
-    _, d_starts = _row_starts(rows, stride_dlogits, ALIGN)
+    d_starts = tl.multiple_of(rows * stride_dlogits - lead, ALIGN)  # ALIGN > 1: the same stride
     m = tl.load(max_ptr + rows, mask=row_ok)
     log_sum = tl.load(log_sum_ptr + rows, mask=row_ok)
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
