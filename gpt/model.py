@@ -115,13 +115,19 @@ class Norm(nn.Module):
         self.eps = config.norm_eps
         self.weight = nn.Parameter(torch.ones(config.n_embd))
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and not self.rms else None
+        self.dropout = config.dropout  # of the branches added to the residual stream
         self.ops = ops
 
     def forward(self, x, residual=None, out_dtype=None):
-        """norm(x); given the residual stream, (norm(x + residual), x + residual) from one op."""
+        """norm(x); given the residual stream, x is a branch's output (attention's or the MLP's):
+        (norm(s), s) with s = residual + dropout(x) from one op, the dropout nanoGPT applies to
+        each branch output (resid_dropout) in training."""
+        options = dict(residual=residual, out_dtype=out_dtype)
+        if residual is not None and self.training:
+            options["dropout_p"] = self.dropout
         if self.rms:
-            return self.ops.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype)
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, out_dtype=out_dtype)
+            return self.ops.rms_norm(x, self.weight, self.eps, **options)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, **options)
 
 
 def add_and_norm(norm: Norm, stream, branch, out_dtype):
@@ -178,8 +184,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled = True
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # of the attention weights; the output's is the next norm's
         self.ops = ops
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
@@ -199,7 +204,7 @@ class CausalSelfAttention(nn.Module):
                 cache.extend(self.layer, k, v)
             y = self.ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y)
 
     def _attend_cached(self, q, k, v, start: int):
         """q (B, nh, T, hs) of positions start.. over the cache's k, v (B, nkv, start + T, hs):
@@ -221,17 +226,17 @@ class MLP(nn.Module):
         self.c_proj.residual_scaled = True
         self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(),
                     "relu": nn.ReLU()}[config.activation]
-        self.dropout = nn.Dropout(config.dropout)
         self.ops = ops
 
     def forward(self, x):
+        """The branch output, before dropout (the norm that adds it to the stream drops it out)."""
         h = self.c_fc(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = self.ops.swiglu(gate, up)
         else:
             h = self.act(h)
-        return self.dropout(self.c_proj(h))
+        return self.c_proj(h)
 
 
 class Block(nn.Module):

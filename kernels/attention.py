@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .checks import check_same, check_tensor
+from .checks import check_dropout, check_same, check_tensor
 from .registry import register
 
 HEAD_DIMS = (32, 64, 96, 128)
@@ -61,8 +61,7 @@ def check_attention(q, k, v, causal, dropout_p) -> None:
         raise ValueError(f"attention: q's {H} heads must be a multiple of k/v's {Hkv} heads")
     if not isinstance(causal, bool):
         raise ValueError(f"attention: causal must be a bool, got {causal!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout("attention", dropout_p)
 
 
 @register("attention", "torch")
@@ -89,15 +88,6 @@ def _key_ranges(start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
         full_hi = T // BLOCK_N * BLOCK_N
         masked_hi = T
     return full_hi, masked_hi
-
-
-@triton.jit
-def _dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
-    """The call's dropout seed, read on the device (no host sync); 0 when there is no dropout."""
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    return seed
 
 
 @triton.jit
@@ -194,18 +184,6 @@ def _exp2_scaled(s, qk_scale, m):
 
 
 @triton.jit
-def _dropout_scale(seed, bh, rows, cols, dropout_p):
-    """0 for a dropped (batch*head bh, row, col) entry, 1 / (1 - dropout_p) for a kept one.
-
-    Philox is keyed by the seed and counts over (col, row, bh) in 32-bit words, so any tile shape
-    and orientation (the backward's tiles are transposed) regenerates the same mask, at any T."""
-    cols, rows = tl.broadcast(cols, rows)
-    r, _, _, _ = tl.philox(seed, cols, rows, rows * 0 + bh, rows * 0)
-    keep = tl.uint_to_uniform_float(r) >= dropout_p  # uniform in [0, 1): kept with prob. 1 - p
-    return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
-
-
-@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
                     seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -224,7 +202,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
         if DROPOUT:
-            p = p * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = p * runtime.dropout_scale(seed, offs_n[None, :], offs_m[:, None], bh, dropout_p)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -272,7 +250,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    seed = _dropout_seed(seed_ptr, DROPOUT)
+    seed = runtime.dropout_seed(seed_ptr, DROPOUT)
 
     # Unmasked key tiles first, then the tiles that need a mask.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
@@ -334,7 +312,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
         p_t = _exp2_scaled(s_t, qk_scale, lse[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
         if DROPOUT:
-            keep = _dropout_scale(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            keep = runtime.dropout_scale(seed, offs_n[:, None], offs_m[None, :], bh, dropout_p)
             dv = _dot((p_t * keep).to(do.dtype), do, dv, FP32_DOT)
             dp_t = dp_t * keep
         else:
@@ -382,7 +360,7 @@ def _attn_bwd_dkdv(
                    stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    seed = _dropout_seed(seed_ptr, DROPOUT)
+    seed = runtime.dropout_seed(seed_ptr, DROPOUT)
 
     # Every query head of the group adds into the same registers, in a fixed order: the kv
     # head's gradient is summed deterministically, without atomics or a second pass.
@@ -433,7 +411,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
         p = _exp2_scaled(s, qk_scale, lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_DOT)
         if DROPOUT:
-            dp = dp * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = dp * runtime.dropout_scale(seed, offs_n[None, :], offs_m[:, None], bh, dropout_p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
     return dq
@@ -484,7 +462,7 @@ def _attn_bwd_dq(
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    seed = _dropout_seed(seed_ptr, DROPOUT)
+    seed = runtime.dropout_seed(seed_ptr, DROPOUT)
 
     # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
@@ -762,11 +740,9 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
     q, k and v may be strided views (the model's split of one qkv projection): only a head dim
     that is not contiguous is copied. The output is (B, H, T, D) laid out as (B, T, H, D).
-    Dropout draws its Philox seed from torch's generator of q's device (torch.randint, so
-    torch.manual_seed reproduces runs, with no host sync and no graph break under torch.compile)
-    and keeps it for the backward."""
+    Dropout's Philox seed comes from runtime.dropout_seed_tensor and is kept for the backward."""
     check_attention(q, k, v, causal, dropout_p)
     check_triton_attention(q)
     q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
-    seed = torch.randint(2**31, (1,), device=q.device) if dropout_p > 0 else None
+    seed = runtime.dropout_seed_tensor(dropout_p, q.device)
     return torch.ops.tritongpt.attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]

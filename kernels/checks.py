@@ -23,3 +23,8 @@ def check_same(op: str, attr: str, **tensors: torch.Tensor) -> None:
     if len(set(values.values())) > 1:
         listed = ", ".join(f"{n} {tuple(v) if attr == 'shape' else v}" for n, v in values.items())
         raise ValueError(f"{op}: {', '.join(values)} must have the same {attr}; got {listed}")
+
+
+def check_dropout(op: str, dropout_p) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")

@@ -141,6 +141,43 @@ def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     return rows, cols, (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
 
 
+def dropout_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    """A call's Philox seed for dropout, drawn from torch's generator of `device` (so
+    torch.manual_seed reproduces runs and activation checkpointing replays it) into a one-element
+    int64 tensor the kernels read on the device: no host sync, no graph break under torch.compile.
+    None without dropout."""
+    return torch.randint(2**31, (1,), device=device) if dropout_p > 0 else None
+
+
+@triton.jit
+def dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The call's dropout seed, read on the device (no host sync); 0 when there is no dropout."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    return seed
+
+
+@triton.jit
+def dropout_scale(seed, c0, c1, c2, dropout_p):
+    """0 for a dropped element, 1 / (1 - dropout_p) for a kept one (kept with probability
+    1 - dropout_p). The element is named by three 32-bit Philox counters (broadcast together), so
+    any tiling, and a backward that walks the same elements in another order, regenerates the
+    mask instead of storing it."""
+    c0, c1 = tl.broadcast(c0, c1)
+    c0, c2 = tl.broadcast(c0, c2)
+    c1, c2 = tl.broadcast(c1, c2)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
+    return dropout_factor(r, dropout_p)
+
+
+@triton.jit
+def dropout_factor(r, dropout_p):
+    """Dropout's factor for a uniform 32-bit draw r: 0 with probability dropout_p, else
+    1 / (1 - dropout_p)."""
+    return tl.where(tl.uint_to_uniform_float(r) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+
+
 # Launch heuristics for a memory-bound elementwise kernel over tiles (`tile` above).
 # TILE: elements per program. 4096 (8 KB per bf16 tensor) amortizes each program's index math
 # and keeps many loads in flight per SM, while training shapes still give tens of thousands

@@ -143,6 +143,11 @@ def workloads(arch: int):
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
                                                         kernels.get("layer_norm", "triton")), "streams"
+    for name, op in (("gpt2", "layer_norm"), ("llama", "rms_norm")):  # the Philox rounds take registers
+        norm_op = kernels.get(op, "triton")
+        yield (f"{name}: {op} with dropout", _run(case(op, Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu"),
+                                                  lambda *args, **options: norm_op(*args, **options, dropout_p=0.1)),
+               "streams")
     variants = {"non-causal": _attention_variant(causal=False), "dropout": _attention_variant(dropout_p=0.2)}
     for name in ("gpt2", "llama D=128 GQA 16/4"):
         c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")

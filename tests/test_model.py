@@ -87,6 +87,28 @@ def test_model_ops_are_the_ops_it_calls(switches):
     assert called == model_ops(config)
 
 
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_branch_dropout_happens_in_the_norms(norm_position):
+    """nanoGPT's dropout of each attention and MLP output happens where the norm adds the branch
+    to the stream, once per branch, only in training; the embeddings' keeps its own module."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, dropout=0.3,
+                       norm_position=norm_position)
+    model = GPT(config)
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [model.drop]
+    calls = []
+    fn = model.ops.layer_norm
+    model.ops.layer_norm = lambda *args, **kw: calls.append((kw.get("residual") is not None,
+                                                             kw.get("dropout_p", 0.0))) or fn(*args, **kw)
+    idx = torch.randint(0, 50, (2, 16))
+    model(idx, idx)
+    branches = 2 * config.n_layer  # every attention and MLP output
+    assert sorted(calls) == [(False, 0.0)] * (len(calls) - branches) + [(True, 0.3)] * branches
+    calls.clear()
+    model.eval()
+    model(idx, idx)
+    assert all(p == 0.0 for _, p in calls)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
 def test_plain_mlp_activations(activation):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, activation=activation))

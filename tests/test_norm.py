@@ -224,12 +224,16 @@ def test_bad_inputs(backend, op):
         cases["weight, bias must have the same shape"] = (x, w, torch.randn(9))
         cases["bias must be one of"] = (x, w, torch.ones(8, dtype=torch.int32))
         cases["x, weight, bias must have the same device"] = (x, w, torch.randn(8, device="meta"))
-    for message, residual, out_dtype in [("x, residual must have the same shape", torch.randn(3, 7), None),
-                                         ("residual must be one of", torch.ones(3, 8, dtype=torch.int32), None),
-                                         ("residual must have the same device", torch.randn(3, 8, device="meta"), None),
-                                         ("out_dtype must be one of", None, torch.int8)]:
+    r = torch.randn(3, 8)
+    for message, options in [("x, residual must have the same shape", dict(residual=torch.randn(3, 7))),
+                             ("residual must be one of", dict(residual=torch.ones(3, 8, dtype=torch.int32))),
+                             ("residual must have the same device", dict(residual=torch.randn(3, 8, device="meta"))),
+                             ("out_dtype must be one of", dict(out_dtype=torch.int8)),
+                             (r"dropout_p must be in \[0, 1\), got 1.0", dict(residual=r, dropout_p=1.0)),
+                             (r"dropout_p must be in \[0, 1\), got -0.1", dict(residual=r, dropout_p=-0.1)),
+                             ("dropout_p applies to x before the residual add", dict(dropout_p=0.1))]:
         with pytest.raises(ValueError, match=rf"^{op}: .*{message}"):
-            fn(x, w, b, residual=residual, out_dtype=out_dtype)
+            fn(x, w, b, **options)
     if backend == "triton":
         cases["x must be one of"] = (x.double(), w, b)
         cases["weight must be one of"] = (x, w.double(), b)
@@ -243,11 +247,23 @@ def test_bad_inputs(backend, op):
 # The residual stream's form: norm(x, ..., residual=r, out_dtype) -> (y, s), s = x + r.
 
 
-def fused_fn(backend, op, out_dtype=None):
+def fused_fn(backend, op, out_dtype=None, dropout_p=0.0, seed=None):
+    """The op's residual form; with dropout, torch's generator seeded with `seed` before each call,
+    so every call draws the same mask."""
     fn = kernels.get(op, backend)
-    if op == "rms_norm":
-        return lambda x, r, w, b: fn(x, w, EPS, residual=r, out_dtype=out_dtype)
-    return lambda x, r, w, b: fn(x, w, b, EPS, residual=r, out_dtype=out_dtype)
+    options = dict(out_dtype=out_dtype, dropout_p=dropout_p)
+
+    def fused(x, r, w, b):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return fn(x, w, EPS, residual=r, **options) if op == "rms_norm" else fn(x, w, b, EPS, residual=r, **options)
+    return fused
+
+
+def dropout_scales(fn, x, r, w, b):
+    """The factor (0 or 1 / (1 - p)) fn's dropout gives each element of x: the s it returns for
+    x = 1 and a residual of 0. The mask depends on the seed and the shape, not on the values."""
+    return fn(torch.ones_like(x), torch.zeros_like(r), w, b)[1]
 
 
 def run_fused(fn, x, r, w, b, dy, ds, cast=lambda t: t):
@@ -259,19 +275,23 @@ def run_fused(fn, x, r, w, b, dy, ds, cast=lambda t: t):
     return [y, s, *torch.autograd.grad(outs, leaves, grads)]
 
 
-def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=True):
+def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=True, dropout_p=0.0):
     """y, s and every gradient within the tolerance of the float64 formulas, in their dtypes:
-    s and its gradient as torch's add gives them, y in out_dtype (else s's dtype)."""
+    s and its gradient as torch's add gives them, y in out_dtype (else s's dtype). With dropout,
+    the formulas take the backend's own mask (dropout_scales) and torch's own error is that of
+    x * mask in x's dtype, then the add."""
     s_dtype = torch.promote_types(x.dtype, r.dtype)
     y_dtype = out_dtype or s_dtype
     dy = torch.randn(x.shape, device=x.device).to(y_dtype)
     ds = torch.randn(x.shape, device=x.device).to(s_dtype) if ds_used else None
+    fn = fused_fn(backend, op, out_dtype, dropout_p, seed=torch.randint(2**31, ()).item())
+    scales = dropout_scales(fn, x, r, w, b).double() if dropout_p else None
 
     def composed(x, r, w, b, norm_fn):  # the unfused ops, as the model ran them before
-        s = x + r
+        s = (x if scales is None else x * scales.to(x.dtype)) + r
         return norm_fn(s, w, b).to(out_dtype or s.dtype), s
 
-    outs = run_fused(fused_fn(backend, op, out_dtype), x, r, w, b, dy, ds)
+    outs = run_fused(fn, x, r, w, b, dy, ds)
     base = run_fused(lambda *t: composed(*t, lambda *u: torch_own(op, *u)), x, r, w, b, dy, ds)
     ref = run_fused(lambda *t: composed(*t, lambda *u: reference(op, *u)), x, r, w, b, dy, ds,
                     cast=torch.Tensor.double)
@@ -345,13 +365,57 @@ def test_residual_layouts(op, bias, device):
     assert_fused_accurate("triton", op, x, r, w, b)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
-def test_residual_backward_is_deterministic(op, bias, device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_dropout_matches_float64(backend, op, bias, dtype, device):
+    """s = r + dropout(x): every output and gradient against the float64 formulas with the same
+    mask, the branch's gradient scaled by it."""
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(6, 771, device, dtype, bias=bias)
+    r = torch.randn(6, 771, device=device).to(dtype) * 3
+    assert_fused_accurate(backend, op, x, r, w, b, dropout_p=0.2)
+
+
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_residual_dropout_under_autocast(op, bias, device):
+    """The model's case: an fp32 stream, a bf16 branch dropped out, y in bf16."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(9, 300, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    r = torch.randn(9, 300, device=device) * 3
+    assert_fused_accurate("triton", op, x, r, w, b, out_dtype=torch.bfloat16, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_residual_dropout_statistics(backend, p, device):
+    """Kept with probability 1 - p (within 5 standard deviations), kept elements scaled by
+    1 / (1 - p); the same seed draws the same mask, each call a new one, and rows are not
+    copies of each other (the row enters the Philox counter)."""
+    skip_unless_triton_runs(backend, device)
+    m, n = 64, 1031
+    x, w, _ = inputs(m, n, device, bias=False)
+    r = torch.zeros(m, n, device=device)
+    scales = dropout_scales(fused_fn(backend, "rms_norm", dropout_p=p, seed=7), x, r, w, None)
+    kept = scales != 0
+    assert torch.equal(scales[kept], torch.full_like(scales[kept], 1 / (1 - p)))
+    sigma = (p * (1 - p) / (m * n)) ** 0.5
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * sigma
+    assert len({tuple(row.tolist()) for row in kept}) == m
+    again = dropout_scales(fused_fn(backend, "rms_norm", dropout_p=p, seed=7), x, r, w, None)
+    assert torch.equal(scales, again)
+    fn = fused_fn(backend, "rms_norm", dropout_p=p)
+    assert not torch.equal(dropout_scales(fn, x, r, w, None), dropout_scales(fn, x, r, w, None))
+
+
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_residual_backward_is_deterministic(op, bias, dropout_p, device):
     skip_unless_triton_runs("triton", device)
     m, n = MANY_ROWS[1]
     x, w, b = inputs(m, n, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
     r, dy, ds = (torch.randn(m, n, device=device) for _ in range(3))
-    fn = fused_fn("triton", op, out_dtype=torch.bfloat16)
+    fn = fused_fn("triton", op, out_dtype=torch.bfloat16, dropout_p=dropout_p, seed=3)
     first, second = (run_fused(fn, x, r, w, b, dy.bfloat16(), ds) for _ in range(2))
     for name, a, c in zip(["y", "s", "dx", "dr", "dw", "db"], first, second):
         assert torch.equal(a, c), f"{op} fused {name} differs between two identical runs"
@@ -415,6 +479,22 @@ def test_compiled_residual_matches_eager(op, bias):
     compiled = run_fused(torch.compile(fn, fullgraph=True), x, r, w, b, dy, ds)
     for name, e, c in zip(["y", "s", "dx", "dr", "dw", "db"], eager, compiled):
         torch.testing.assert_close(c, e, msg=lambda m: f"{op} fused {name}: {m}")
+
+
+@cuda
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_compiled_residual_dropout(op, bias):
+    """Dropout traces too (the seed is drawn inside the graph, by Inductor's own generator, so the
+    mask is not eager's): the backward scales the branch's gradient by the forward's mask."""
+    x, w, b = inputs(300, 1536, "cuda", torch.bfloat16, wdtype=torch.float32, bias=bias)
+    r = torch.zeros(300, 1536, device="cuda")  # s = x * scale exactly, in fp32
+    dy, ds = torch.randn_like(x), torch.randn_like(r)
+    fn = torch.compile(fused_fn("triton", op, out_dtype=torch.bfloat16, dropout_p=0.5), fullgraph=True)
+    y, s, dx, dr, *_ = run_fused(fn, x, r, w, b, dy, ds)
+    scale = torch.where(s != 0, 2.0, 0.0)
+    assert abs((scale != 0).float().mean().item() - 0.5) < 0.01
+    torch.testing.assert_close(s, x.float() * scale, rtol=0, atol=0)
+    torch.testing.assert_close(dx, (dr * scale).bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
