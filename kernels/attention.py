@@ -18,7 +18,11 @@ Causal attention skips the key tiles above the diagonal (the loop bound stops th
 only the tiles on it; any T >= 1 works, the keys past T are masked in the last tile. Head dims
 32, 64, 96 and 128 (96 runs as 128 with the extra columns masked). Attention dropout uses a
 Philox counter per (batch*head, row, col) and the seed, so the backward regenerates the forward's
-mask instead of storing it.
+mask instead of storing it. One Philox call per score, of its four draws one used: spreading the
+four over four neighbouring keys (as the norms' dropout does, kernels/norm.py) was tried, and
+compiled for sm90 (triton 3.8) the mask then went through shared memory to reach the MMA
+accumulator's layout (32 KB more a block in every pass) and at D = 128 on sm100 the dkdv pass
+spilled more (320 bytes a thread instead of 240); which costs less is for a GPU to measure.
 
 On Hopper and later the tiles of q, k, v and dO can load through TMA tensor descriptors (the
 copy engine, asynchronous, no address arithmetic in the threads) instead of pointers: a field of
