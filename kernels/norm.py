@@ -343,7 +343,8 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
                 rstd if rms else mean, rstd, dw, db if has_bias else dw,
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),
                 m, n, rows_per_program, dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
-                HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+                HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
+                num_warps=num_warps)
     return dx, dx2, dw.sum(0), db.sum(0)
 
 
