@@ -10,8 +10,8 @@ style of flash-attention's Triton layer norm:
   dw (and db) terms in fp32 registers, stored as its own row of a (programs, N) fp32 buffer
   that torch then sums over programs. No atomics: dw and db are bit-identical run to run.
 
-Two options serve the pre-norm residual stream, in the way of flash-attention's layer norm
-(`residual`, `out_dtype`):
+Three options serve the pre-norm residual stream, in the way of flash-attention's layer norm
+(`residual`, `dropout_p`, `out_dtype`):
 * `residual`: the op normalizes s = x + residual and returns (y, s). A pre-norm block's
   `stream = stream + branch; h = norm(stream)` is then one pass (x and residual read, s and y
   written) instead of an add and a norm, and the backward adds the gradient arriving at s to the
