@@ -109,6 +109,12 @@ def _attention_variant(**options):
     return lambda q, k, v, causal: attention_op(q, k, v, **({"causal": causal} | options))
 
 
+def _norm_with_dropout(op: str):
+    """The norm op as bench.cases calls it (the residual form), dropping out the branch."""
+    norm_op = kernels.get(op, "triton")
+    return lambda *args, **options: norm_op(*args, **options, dropout_p=0.1)
+
+
 def _attention_with_tma(q, k, v, causal):
     """Each pass launched with its configuration's TMA twin, as bench/tune_attention.py does."""
     cfgs = {which: attention._config(q, which)._replace(tma=True) for which in ("fwd", "dkdv", "dq")}
@@ -144,10 +150,8 @@ def workloads(arch: int):
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
                                                         kernels.get("layer_norm", "triton")), "streams"
     for name, op in (("gpt2", "layer_norm"), ("llama", "rms_norm")):  # the Philox rounds take registers
-        norm_op = kernels.get(op, "triton")
-        yield (f"{name}: {op} with dropout", _run(case(op, Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu"),
-                                                  lambda *args, **options: norm_op(*args, **options, dropout_p=0.1)),
-               "streams")
+        c = case(op, Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
+        yield f"{name}: {op} with dropout", _run(c, _norm_with_dropout(op)), "streams"
     variants = {"non-causal": _attention_variant(causal=False), "dropout": _attention_variant(dropout_p=0.2)}
     for name in ("gpt2", "llama D=128 GQA 16/4"):
         c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
