@@ -122,12 +122,11 @@ class Norm(nn.Module):
         """norm(x); given the residual stream, x is a branch's output (attention's or the MLP's):
         (norm(s), s) with s = residual + dropout(x) from one op, the dropout nanoGPT applies to
         each branch output (resid_dropout) in training."""
-        options = dict(residual=residual, out_dtype=out_dtype)
-        if residual is not None and self.training:
-            options["dropout_p"] = self.dropout
+        p = self.dropout if residual is not None and self.training else 0.0
         if self.rms:
-            return self.ops.rms_norm(x, self.weight, self.eps, **options)
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, **options)
+            return self.ops.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype, dropout_p=p)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, out_dtype=out_dtype,
+                                   dropout_p=p)
 
 
 def add_and_norm(norm: Norm, stream, branch, out_dtype):
