@@ -688,14 +688,14 @@ def _launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 # Operators (torch.library, so torch.compile sees the kernels) and autograd
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.triton_op("tritongpt::attention_fwd", mutates_args=())
+@runtime.triton_op("tritongpt::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse2): the attention output and the fp32 base-2 log-sum-exp (B, H, T) of each row."""
     return _launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0))
 
 
-@torch.library.triton_op("tritongpt::attention_bwd", mutates_args=())
+@runtime.triton_op("tritongpt::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

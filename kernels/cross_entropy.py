@@ -209,7 +209,7 @@ _TILE = 4096
 _NUM_WARPS = 8
 
 
-@torch.library.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())
+@runtime.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stats, counted): the mean loss, each row's fp32 max and log(sum(exp(row - max)))
@@ -230,7 +230,7 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return row_loss.sum() / counted, stats, counted
 
 
-@torch.library.triton_op("tritongpt::cross_entropy_bwd", mutates_args=())
+@runtime.triton_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
                        counted: torch.Tensor, ignore_index: int) -> torch.Tensor:
     x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()

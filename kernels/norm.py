@@ -292,7 +292,7 @@ def backward_programs(m: int, n: int, device: torch.device) -> tuple[int, int]:
     return max(1, triton.cdiv(tiles, tiles_per_program)), tiles_per_program * rows
 
 
-@torch.library.triton_op("tritongpt::norm_fwd", mutates_args=())
+@runtime.triton_op("tritongpt::norm_fwd", mutates_args=())
 def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
               eps: float, rms: bool, out_dtype: torch.dtype | None, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,7 +318,7 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     return y, s, mean, rstd
 
 
-@torch.library.triton_op("tritongpt::norm_bwd", mutates_args=())
+@runtime.triton_op("tritongpt::norm_bwd", mutates_args=())
 def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
               mean: torch.Tensor, rstd: torch.Tensor, rms: bool, has_bias: bool,
               dx_dtype: torch.dtype, dx2_dtype: torch.dtype | None, dropout_p: float, seed: torch.Tensor | None

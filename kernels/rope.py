@@ -85,7 +85,7 @@ def _rope_kernel(
     tl.store(y1_ptrs + HALF * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
 
 
-@torch.library.triton_op("tritongpt::rope", mutates_args=())
+@runtime.triton_op("tritongpt::rope", mutates_args=())
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """x (B, H, T, D) turned by the tables' angles (with sin negated if `inverse`: the transpose),
     laid out as (B, T, H, D)."""

@@ -11,6 +11,7 @@ import os
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -81,11 +82,43 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def triton_op(name: str, mutates_args=()):
+    """Decorator making a function that launches Triton kernels an op torch.compile traces:
+    torch.library.triton_op, whose graphs take in the launches themselves (through wrap_triton),
+    so Inductor fuses around them and calls the kernels from its generated code. Interpreted
+    kernels cannot be traced that way (torch.library.wrap_triton leaves them as they are), so
+    under the interpreter the function becomes an opaque custom op instead, its fake (shape-only)
+    implementation the function itself with the launches skipped: graphs then call it as one
+    op, which runs the interpreter. That lets torch.compile's tracing, autograd and shapes of the
+    ops be tested on CPU; what Inductor makes of the launches is left to a GPU."""
+    if not INTERPRET:
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op.register_fake(fn)
+        return op
+    return register
+
+
+class _InterpretedLaunch:
+    """An interpreted kernel as triton_op's functions launch it: run on real tensors, skipped
+    when the function runs as the op's fake implementation (any argument a fake tensor)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if not any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def wrap_triton(kernel):
     """`kernel` as a triton_op launches it: through torch.library.wrap_triton, so torch.compile
-    traces the launch. Interpreted kernels go as they are: torch.compile cannot run them, and
-    torch before 2.13 refuses to wrap them (it takes only compiled JIT functions)."""
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    traces the launch."""
+    return _InterpretedLaunch(kernel) if INTERPRET else torch.library.wrap_triton(kernel)
 
 
 def on_device(t: torch.Tensor):

@@ -88,7 +88,7 @@ def _swiglu_bwd_kernel(
     tl.store(dup_ptr + rows * stride_dup + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.triton_op("tritongpt::swiglu", mutates_args=())
+@runtime.triton_op("tritongpt::swiglu", mutates_args=())
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = runtime.as_rows(gate), runtime.as_rows(up)
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
@@ -98,7 +98,7 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y.view(gate.shape)
 
 
-@torch.library.triton_op("tritongpt::swiglu_backward", mutates_args=())
+@runtime.triton_op("tritongpt::swiglu_backward", mutates_args=())
 def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """d_gate and d_up side by side: a (rows, 2*cols) buffer (one output, as a custom op's outputs
     may not alias each other)."""

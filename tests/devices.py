@@ -2,6 +2,7 @@
 only in Triton's interpreter, which is on only where there is no GPU. On a GPU machine the CPU
 cases of a Triton test skip: the backends rightly refuse CPU tensors there."""
 import pytest
+import torch
 
 from kernels import runtime
 
@@ -13,3 +14,10 @@ interpreter_only = pytest.mark.skipif(
 def skip_unless_triton_runs(backend: str, device: str) -> None:
     if backend == "triton" and device == "cpu" and not runtime.INTERPRET:
         pytest.skip("the triton backend runs CPU tensors only in the interpreter")
+
+
+def compiled(fn, device: str):
+    """torch.compile(fn, fullgraph=True) as the tests run it on `device`: Inductor on a GPU; on CPU
+    AOT autograd's graphs run as they are (backend "aot_eager"): the triton ops are opaque custom
+    ops there (kernels/runtime.py, triton_op), and Inductor's C++ builds would only add minutes."""
+    return torch.compile(fn, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")

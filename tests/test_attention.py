@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from kernels import attention
-from tests.devices import interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -328,30 +328,30 @@ def test_over_2_to_the_31_elements_cuda(tma, request):
         torch.testing.assert_close(o[-1:], a, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.cuda
-@needs_cuda
 @pytest.mark.parametrize("tma", [False, True])
-def test_torch_compile_cuda(tma, request):
+def test_torch_compile_matches_eager(tma, device, request):
     """Under torch.compile the ops run the same kernels: same output and gradients as eager, and
     dropout compiles without a graph break (the seed is drawn on the device). With TMA loads too:
     the descriptors are made inside the traced op."""
+    device = triton_device(device)
     if tma:
         request.getfixturevalue("tma_loads")
     f = kernels.get("attention", "triton")
-    q, k, v = make_qkv(2, 8, 2, 300, 64, torch.bfloat16, "cuda", "qkv")
+    q, k, v = make_qkv(2, 8, 2, 300, 64, torch.bfloat16, device, "qkv") if device == "cuda" else \
+        make_qkv(1, 2, 1, 19, 32, torch.bfloat16, device, "qkv")
     do = torch.randn_like(q)
     eager = run("triton", q, k, v, do, causal=True)
 
     def step(q, k, v, dropout_p=0.0):
         return f(q, k, v, causal=True, dropout_p=dropout_p)
 
-    compiled = torch.compile(step, fullgraph=True)
+    graphed = compiled(step, device)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = compiled(*leaves)
+    out = graphed(*leaves)
     out.backward(do)
     torch.testing.assert_close(out, eager[0], rtol=0, atol=0)
     for g, e in zip((t.grad for t in leaves), eager[1]):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
-    dropped = compiled(*leaves, 0.2)
+    dropped = graphed(*leaves, 0.2)
     dropped.sum().backward()
     assert torch.isfinite(dropped).all()

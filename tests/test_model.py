@@ -7,7 +7,7 @@ import kernels
 from gpt.model import GPT, PRESETS, GPTConfig, KVCache, model_ops, preset, rope_tables
 from kernels import runtime
 from kernels.accuracy import rel_err
-from tests.devices import interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
 from tests.memory import saved_bytes
 
 
@@ -220,6 +220,40 @@ def test_recomputed_blocks_give_the_same_gradients(backend, switches, device):
     for (name, _), g, g_again in zip(model.named_parameters(), grads, grads_again, strict=True):
         assert torch.equal(g, g_again), name
     assert kept < full / 3
+
+
+TRITON_OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy")
+
+
+@pytest.mark.parametrize("switches,recompute", [
+    (dict(), False), (dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False, n_kv_head=1), True)],
+    ids=["gpt2", "llama-gqa-recompute"])
+def test_compiled_model_on_triton_ops_trains_as_eager(switches, recompute, device):
+    """The model on every triton op traces into one graph (fullgraph: no break in the model or in
+    the ops), dropout and recomputed blocks included, and gives eager's loss and gradients. On
+    CPU the graph runs its ops as they are (backend aot_eager): the same numbers. On a GPU
+    Inductor fuses the torch ops around the kernels in its own way, and draws its own dropout
+    seeds: no dropout there, and rounding-level differences under bf16 autocast."""
+    skip_unless_triton_runs("triton", device)
+    dropout = 0.2 if device == "cpu" else 0.0
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, dropout=dropout, **switches)
+    model = GPT(config, {op: "triton" for op in TRITON_OPS}).to(device)
+    model.recompute_blocks(recompute)
+    idx = torch.randint(0, 50, (2, 16), device=device)
+    results = []
+    for forward in (model, compiled(model, device)):
+        model.zero_grad()
+        torch.manual_seed(0)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            _, loss = forward(idx, idx)
+        loss.backward()
+        results.append([loss] + [p.grad.clone() for p in model.parameters()])
+    names = ["loss"] + [n for n, _ in model.named_parameters()]
+    for name, eager, graphed in zip(names, *results, strict=True):
+        if device == "cuda":
+            assert rel_err(graphed, eager.double()) < 2e-2, name
+        else:
+            assert torch.equal(graphed, eager), f"{name}: compiled and eager differ"
 
 
 def test_bad_configs_are_refused():

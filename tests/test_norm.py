@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import norm, runtime
-from tests.devices import skip_unless_triton_runs
+from tests.devices import compiled, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate, bound, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
@@ -454,47 +454,55 @@ def test_over_2_to_the_31_elements(op, bias):
         assert rel_err(db[0], dy.sum(0, dtype=torch.float64)) < 1e-2
 
 
-@cuda
+def compile_shape(device):
+    """Rows and width of the torch.compile tests: a training-like width on a GPU, a small odd one in
+    the interpreter."""
+    skip_unless_triton_runs("triton", device)
+    return (300, 1536) if device == "cuda" else (7, 771)
+
+
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
-def test_compiled_matches_eager(op, bias):
+def test_compiled_matches_eager(op, bias, device):
     """The ops trace into torch.compile graphs (no graph break) and give eager's results."""
-    x, w, b = inputs(300, 1536, "cuda", torch.bfloat16, wdtype=torch.float32, bias=bias)
+    x, w, b = inputs(*compile_shape(device), device, torch.bfloat16, wdtype=torch.float32, bias=bias)
     dy = torch.randn_like(x)
     fn = backend_fn("triton", op)
     eager = run(fn, x, w, b, dy)
-    compiled = run(torch.compile(fn, fullgraph=True), x, w, b, dy)
-    for name, e, c in zip(["y", "dx", "dw", "db"], eager, compiled):
+    graphed = run(compiled(fn, device), x, w, b, dy)
+    for name, e, c in zip(["y", "dx", "dw", "db"], eager, graphed):
         torch.testing.assert_close(c, e, msg=lambda m: f"{op} {name}: {m}")
 
 
-@cuda
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
-def test_compiled_residual_matches_eager(op, bias):
+def test_compiled_residual_matches_eager(op, bias, device):
     """The residual form as the model runs it under autocast traces into a torch.compile graph."""
-    x, w, b = inputs(300, 1536, "cuda", torch.bfloat16, wdtype=torch.float32, bias=bias)
-    r = torch.randn(300, 1536, device="cuda")
+    m, n = compile_shape(device)
+    x, w, b = inputs(m, n, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    r = torch.randn(m, n, device=device)
     dy, ds = torch.randn_like(x), torch.randn_like(r)
     fn = fused_fn("triton", op, out_dtype=torch.bfloat16)
     eager = run_fused(fn, x, r, w, b, dy, ds)
-    compiled = run_fused(torch.compile(fn, fullgraph=True), x, r, w, b, dy, ds)
-    for name, e, c in zip(["y", "s", "dx", "dr", "dw", "db"], eager, compiled):
+    graphed = run_fused(compiled(fn, device), x, r, w, b, dy, ds)
+    for name, e, c in zip(["y", "s", "dx", "dr", "dw", "db"], eager, graphed):
         torch.testing.assert_close(c, e, msg=lambda m: f"{op} fused {name}: {m}")
 
 
-@cuda
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
-def test_compiled_residual_dropout(op, bias):
-    """Dropout traces too (the seed is drawn inside the graph, by Inductor's own generator, so the
-    mask is not eager's): the backward scales the branch's gradient by the forward's mask."""
-    x, w, b = inputs(300, 1536, "cuda", torch.bfloat16, wdtype=torch.float32, bias=bias)
-    r = torch.zeros(300, 1536, device="cuda")  # s = x * scale exactly, in fp32
+def test_compiled_residual_dropout(op, bias, device):
+    """Dropout traces too (the seed is drawn inside the graph; on a GPU by Inductor's own
+    generator, so the mask is not eager's): the backward scales the branch's gradient by the
+    forward's mask."""
+    m, n = compile_shape(device)
+    x, w, b = inputs(m, n, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    r = torch.zeros(m, n, device=device)  # s = x * scale exactly, in fp32
     dy, ds = torch.randn_like(x), torch.randn_like(r)
-    fn = torch.compile(fused_fn("triton", op, out_dtype=torch.bfloat16, dropout_p=0.5), fullgraph=True)
+    fn = compiled(fused_fn("triton", op, out_dtype=torch.bfloat16, dropout_p=0.5), device)
     y, s, dx, dr, *_ = run_fused(fn, x, r, w, b, dy, ds)
     scale = torch.where(s != 0, 2.0, 0.0)
-    assert abs((scale != 0).float().mean().item() - 0.5) < 0.01
+    assert abs((scale != 0).float().mean().item() - 0.5) < 5 * (0.25 / (m * n)) ** 0.5
     torch.testing.assert_close(s, x.float() * scale, rtol=0, atol=0)
-    torch.testing.assert_close(dx, (dr * scale).bfloat16(), rtol=0, atol=0)
+    # Within a bf16 step (the interpreter rounds toward zero); another mask would be off by 100%.
+    torch.testing.assert_close(dx.float(), dr * scale, rtol=2**-7, atol=0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
