@@ -14,9 +14,12 @@ gradients, the same copy for every backend).
 A backend passes the check when, for every output and gradient of every pass, its error against
 the torch backend computed in float64 is at most FACTOR x the torch backend's own error in the
 working dtype, plus a floor of a few roundings of that dtype (kernels/accuracy.py, the rule the
-tests use).
+tests use). Ops run with the dropout of the model's config (the norms' residual form and
+attention): backends draw different masks, so a backend is compared with the reference given its
+own mask, read off a probe call under a fixed seed, and is seeded so before every call.
 """
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +48,7 @@ class Shapes:
     def describe(self) -> str:
         c = self.config
         return (f"B={self.batch_size} T={self.T} C={c.n_embd} heads {c.n_head}/{c.n_kv_head} "
-                f"{str(self.dtype).removeprefix('torch.')}")
+                f"{str(self.dtype).removeprefix('torch.')}" + (f" dropout {c.dropout:g}" if c.dropout else ""))
 
     def key(self) -> tuple:
         return dataclasses.astuple(self.config), self.batch_size, self.T, self.dtype
@@ -74,6 +77,9 @@ class Case:
     work: dict[str, float]  # pass -> minimum bytes moved, or FLOPs
     unit: str  # "GB/s" (work in bytes) or "TFLOPS" (work in FLOPs)
     dtype: torch.dtype
+    # For ops that drop out: align(fn, reference, inputs) -> (fn, reference) comparable on these
+    # inputs, fn drawing one mask at every call and the reference applying that mask.
+    align: Callable | None = None
 
     def rate(self, pass_: str, ms: float) -> float:
         return self.work[pass_] / ms / (1e6 if self.unit == "GB/s" else 1e9)
@@ -94,12 +100,25 @@ def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Ten
     return t.requires_grad_(grad)
 
 
+# Dropout masks differ between backends (and between calls): the check seeds torch's generators
+# with this before every call of the backend it checks, so that all its calls draw one mask.
+_CHECK_SEED = 1234
+
+
+def _seeded(fn: Callable) -> Callable:
+    def seeded(*args, **kwargs):
+        torch.manual_seed(_CHECK_SEED)
+        return fn(*args, **kwargs)
+    return seeded
+
+
 def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
-    """The norm, or with `residual` its pre-norm form: (y, x + residual) from x and the residual
-    stream, the gradient arriving at both outputs."""
+    """The norm, or with `residual` its pre-norm form: (y, dropout(x) + residual) from x and the
+    residual stream, the gradient arriving at both outputs; the dropout is the config's."""
     c, M = s.config, s.batch_size * s.T
     with_bias = op == "layer_norm" and c.bias
     n_grads = 2 if residual else 1
+    p = c.dropout if residual else 0.0
 
     def make():
         kw = dict(device=device, dtype=s.dtype)
@@ -115,8 +134,20 @@ def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
         stream = rest[:1] if residual else []
         weights, dys = rest[len(stream):-n_grads], rest[-n_grads:]
         args = (x, weights[0], weights[1] if with_bias else None) if op == "layer_norm" else (x, weights[0])
-        options = dict(residual=stream[0]) if residual else {}
+        options = dict(residual=stream[0], dropout_p=p) if residual else {}
         return _outputs(fn(*args, c.norm_eps, **options), [x, *stream, *weights], dys, pass_)
+
+    def align(fn, reference, inputs):
+        """fn seeded, and the reference dropping x out with fn's mask: the elements of the sum fn
+        returns for x = 1 and a zero residual that are not 0, scaled by 1 / (1 - p)."""
+        fn = _seeded(fn)
+        probe = _copies(inputs)
+        probe[0], probe[1] = (torch.full_like(t, v).requires_grad_() for t, v in zip(probe[:2], (1.0, 0.0)))
+        scale = (call(fn, probe, "fwd")[1].detach() != 0).float() / (1 - p)
+
+        def masked(x, *args, residual, dropout_p, **options):
+            return reference(x * scale.to(x.dtype), *args, residual=residual, **options)
+        return fn, masked
 
     size, param = M * c.n_embd * s.dtype.itemsize, c.n_embd * s.dtype.itemsize
     n_params = 2 if with_bias else 1
@@ -125,8 +156,10 @@ def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
     # residual's gradient is the same tensor) and the weight's (and bias's) gradient.
     fwd = (4 if residual else 2) * size + n_params * param
     bwd = (4 if residual else 3) * size + param + n_params * param
-    shape = f"{M}x{c.n_embd}" + (" +bias" if with_bias else "") + (" +residual" if residual else "")
-    return Case(op, shape, ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype)
+    shape = (f"{M}x{c.n_embd}" + (" +bias" if with_bias else "") + (" +residual" if residual else "")
+             + (f" +dropout {p:g}" if p else ""))
+    return Case(op, shape, ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype,
+                align if p else None)
 
 
 def swiglu_hidden(config: GPTConfig) -> int:
@@ -178,9 +211,24 @@ def _rope(s: Shapes, device) -> Case:
                 {"fwd": 2 * size + 2 * tables, "fwd+bwd": 4 * size + 4 * tables}, "GB/s", s.dtype)
 
 
+def dropped_attention(q, k, v, causal: bool, scale: torch.Tensor) -> torch.Tensor:
+    """Causal or full attention with the attention weights multiplied by `scale` (B, H, T, T), the
+    dropout's 0 or 1 / (1 - p), as a careful torch user writes it (nanoGPT's manual path under
+    autocast): matmuls in the inputs' dtype, the softmax in at least fp32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[2]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (scores.softmax(-1) * scale.to(scores.dtype)).to(v.dtype) @ v
+
+
 def _attention(s: Shapes, device) -> Case:
     c, B, T = s.config, s.batch_size, s.T
     H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+    p = c.dropout
 
     def make():  # q, k and v as the model has them: views of one qkv projection
         return [_randn(B, T, (H + 2 * Hkv) * D, device=device, dtype=s.dtype, grad=True),
@@ -192,12 +240,32 @@ def _attention(s: Shapes, device) -> Case:
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         if c.pos_encoding == "rope":  # rotated q and k are fresh contiguous tensors
             q, k = q.contiguous(), k.contiguous()
-        return _outputs(fn(q, k, v, causal=True), [q, k, v], dy, pass_)
+        return _outputs(fn(q, k, v, causal=True, dropout_p=p), [q, k, v], dy, pass_)
+
+    def align(fn, _reference, inputs):
+        """fn seeded, and attention's formula dropping out with fn's mask (dropped_attention).
+        The mask is read off fn's outputs for v set to one-hot rows of D keys at a time: output
+        column i of a query is its weight of key j0 + i, kept or not; every weight of a visible
+        key is positive."""
+        fn = _seeded(fn)
+        qkv, dy = inputs
+        scale = torch.zeros(B, H, T, T, device=qkv.device)
+        cols = torch.arange(D, device=qkv.device)
+        for j0 in range(0, T, D):
+            w = min(D, T - j0)
+            probe = qkv.detach().clone()
+            v = probe[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+            v.zero_()
+            v[:, j0 + cols[:w], :, cols[:w]] = 1
+            out = call(fn, [probe.requires_grad_(), dy], "fwd")[0].detach()
+            scale[..., j0:j0 + w] = (out[..., :w] != 0).float() / (1 - p)
+        return fn, lambda q, k, v, causal, dropout_p: dropped_attention(q, k, v, causal, scale)
 
     fwd = 4 * B * H * T * T * D / 2  # QKᵀ and PV, causal half
     # Backward is 2.5x the forward: five matmuls to its two, recomputing QKᵀ.
-    return Case("attention", f"B={B} H={H}/{Hkv} T={T} D={D} causal", ("fwd", "fwd+bwd"), make, call,
-                {"fwd": fwd, "fwd+bwd": 3.5 * fwd}, "TFLOPS", s.dtype)
+    return Case("attention", f"B={B} H={H}/{Hkv} T={T} D={D} causal" + (f" dropout {p:g}" if p else ""),
+                ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": 3.5 * fwd}, "TFLOPS", s.dtype,
+                align if p else None)
 
 
 def _cross_entropy(s: Shapes, device, quick: bool) -> Case:
@@ -276,7 +344,8 @@ def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | 
     """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for the
     optimizer's ops, and at most 2048 rows of logits for cross_entropy. A norm is run with the
     residual add fused in when `residual`; None: as the model runs most of its norms (fused in
-    pre-norm models, whose every norm but the first adds the residual)."""
+    pre-norm models, whose every norm but the first adds the residual). The norms' residual form
+    and attention drop out as the config says (its `dropout`), as in training."""
     if op in ("rms_norm", "layer_norm"):
         if residual is None:
             residual = shapes.config.norm_position == "pre"
@@ -308,6 +377,8 @@ def check(c: Case, fn: Callable, reference: Callable) -> tuple[bool, str]:
     worst = 0.0
     try:
         inputs = c.make()
+        if c.align is not None:
+            fn, reference = c.align(fn, reference, inputs)
         for pass_ in c.passes:
             outs = c.call(fn, _copies(inputs), pass_)
             bases = c.call(reference, _copies(inputs), pass_)

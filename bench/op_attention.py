@@ -3,7 +3,9 @@
     python -m bench.op_attention [--json attention.json]
 
 Shapes keep B*T = 16k tokens and H*D = 2048 (a GPT layer's width) for T from 512 to 16k and head
-dims 64 and 128; q, k and v are views of one qkv projection, as in the model. Backends: `torch` =
+dims 64 and 128; q, k and v are views of one qkv projection, as in the model. Last, T = 1024 and
+D = 64 with dropout 0.2 on the attention weights (nanoGPT's shakespeare-char config drops them):
+what the mask's random numbers cost each backend. Backends: `torch` =
 torch SDPA (its flash or cuDNN backend, whichever torch picks), `compile` = torch.compile of it,
 `triton` = the registry's triton backend.
 
@@ -13,7 +15,8 @@ forward plus torch.autograd.grad of q, k and v. A backward needs its forward's g
 the fwd+bwd median less the fwd median. The roofline is the bf16 matmul rate measured in the same
 run. `verified`: the output and dq, dk, dv as accurate as SDPA's, by the project's rule
 (kernels/accuracy.py), at that T and D for one sequence and one head: the float64 reference
-stores every head's T x T scores, more than a GPU holds at 16k tokens.
+stores every head's T x T scores, more than a GPU holds at 16k tokens. With dropout, against
+attention's formula given the backend's own mask (bench/cases.py).
 """
 import dataclasses
 import sys
@@ -28,8 +31,11 @@ TOKENS = 16 * 1024
 WIDTH = 2048  # H * D
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
-SHAPES = tuple(Shapes(GPTConfig(n_embd=WIDTH, n_head=WIDTH // D, block_size=T), batch_size=TOKENS // T)
-               for D in HEAD_DIMS for T in SEQ_LENS)
+def _shapes(T: int, D: int, dropout: float = 0.0) -> Shapes:
+    return Shapes(GPTConfig(n_embd=WIDTH, n_head=WIDTH // D, block_size=T, dropout=dropout), batch_size=TOKENS // T)
+
+
+SHAPES = (*(_shapes(T, D) for D in HEAD_DIMS for T in SEQ_LENS), _shapes(1024, 64, dropout=0.2))
 
 
 def _checked(s: Shapes, device) -> Case:

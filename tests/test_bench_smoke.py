@@ -13,8 +13,9 @@ import torch
 import kernels
 from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_rope, op_swiglu, profile, report
 from bench import kernels as bench_kernels
-from bench.cases import Shapes, case
+from bench.cases import Shapes, case, check
 from bench.hardware import Device
+from gpt.model import GPTConfig
 from tests.devices import interpreter_only
 
 COPY_GBS, MATMUL_TFLOPS = 1000.0, 100.0
@@ -43,7 +44,7 @@ BENCHMARKS = {
     "swiglu": (op_swiglu, tiny(op_swiglu.SHAPES[:1]),
                {"torch", "compile", "triton", "F.silu(a) * b"}, {"fwd", "fwd+bwd"}),
     "rope": (op_rope, tiny(op_rope.SHAPES[-1:]), {"torch", "compile", "triton"}, {"fwd", "fwd+bwd"}),
-    "attention": (op_attention, tiny((op_attention.SHAPES[0], op_attention.SHAPES[-1])),  # D = 64 and 128
+    "attention": (op_attention, tiny(op_attention.SHAPES[::len(op_attention.SEQ_LENS)]),  # D = 64, 128, dropout
                   {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
     "cross_entropy": (op_cross_entropy, tiny(op_cross_entropy.SHAPES[:1]),
                       {"torch", "compile", "triton", "F.cross_entropy"}, {"fwd", "fwd+bwd"}),
@@ -131,7 +132,8 @@ def test_the_issues_shapes_and_work():
                             "fwd+bwd": 4 * 16384 * 40 * 128 * 2 + 4 * 2048 * 64 * 4 * 2}
     attention = [case("attention", s, "meta") for s in op_attention.SHAPES]
     assert [c.shape for c in attention][:2] == ["B=32 H=32/32 T=512 D=64 causal", "B=16 H=32/32 T=1024 D=64 causal"]
-    assert attention[-1].shape == "B=1 H=16/16 T=16384 D=128 causal"
+    assert attention[-2].shape == "B=1 H=16/16 T=16384 D=128 causal"
+    assert attention[-1].shape == "B=16 H=32/32 T=1024 D=64 causal dropout 0.2"
     # 4*B*H*T^2*D / 2 with B*T = 16k tokens and H*D = 2048
     assert [c.work["fwd"] for c in attention] == [4 * 16384 * 2048 * s.T / 2 for s in op_attention.SHAPES]
     cross_entropy = [case("cross_entropy", s, "meta") for s in op_cross_entropy.SHAPES]
@@ -140,6 +142,28 @@ def test_the_issues_shapes_and_work():
     assert cross_entropy[1].work == {"fwd": 16384 * (2 * 50304 + 8), "fwd+bwd": 16384 * (6 * 50304 + 16)}
     adamw = case("adamw", op_adamw.SHAPES[0], "meta")
     assert adamw.shape == "148 tensors, 124M params" and adamw.work["step"] == 14 * 124_475_904
+
+
+@interpreter_only
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "attention"])
+def test_dropout_cases_give_the_reference_each_backends_own_mask(op):
+    """torch and triton draw different masks, and both pass the check; a backend that drops
+    nothing out, or draws a fresh mask at every call, fails it."""
+    config = GPTConfig(n_embd=64, n_head=2, n_kv_head=1, block_size=40, bias=True, dropout=0.3)
+    c = case(op, Shapes(config, batch_size=2, dtype=torch.bfloat16), "cpu", residual=True)
+    assert c.align is not None and "dropout 0.3" in c.shape
+    reference = kernels.get(op, "torch")
+    for backend in ("torch", "triton"):
+        ok, why = check(c, kernels.get(op, backend), reference)
+        assert ok, f"{backend}: {why}"
+    seeds = itertools.count()
+
+    def fresh_mask(*args, **kwargs):
+        torch.manual_seed(next(seeds))
+        return reference(*args, **kwargs)
+    no_dropout = lambda *args, dropout_p, **kwargs: reference(*args, **kwargs)  # noqa: E731
+    for wrong in (fresh_mask, no_dropout):
+        assert not check(c, wrong, reference)[0]
 
 
 @interpreter_only
