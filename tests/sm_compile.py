@@ -13,6 +13,7 @@ backward reads garbage; only what is launched matters. tests/test_sm_compile.py 
 GPU generation.
 """
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -103,20 +104,14 @@ CONFIGS = {"gpt2": GPTConfig(**preset("gpt2")), "llama": GPTConfig(**preset("lla
                                                                        vocab_size=50257))}
 
 
-def _attention_variant(**options):
-    """The attention op as bench.cases calls it (q, k, v, causal=True), with `options` instead."""
-    attention_op = kernels.get("attention", "triton")
-    return lambda q, k, v, causal: attention_op(q, k, v, **({"causal": causal} | options))
+def _non_causal(q, k, v, causal, dropout_p):
+    """The attention op as bench.cases calls it, but without the causal mask."""
+    return kernels.get("attention", "triton")(q, k, v, causal=False, dropout_p=dropout_p)
 
 
-def _norm_with_dropout(op: str):
-    """The norm op as bench.cases calls it (the residual form), dropping out the branch."""
-    norm_op = kernels.get(op, "triton")
-    return lambda *args, **options: norm_op(*args, **options, dropout_p=0.1)
-
-
-def _attention_with_tma(q, k, v, causal):
-    """Each pass launched with its configuration's TMA twin, as bench/tune_attention.py does."""
+def _attention_with_tma(q, k, v, causal, dropout_p):
+    """Each pass launched with its configuration's TMA twin, as bench/tune_attention.py does
+    (without dropout)."""
     cfgs = {which: attention._config(q, which)._replace(tma=True) for which in ("fwd", "dkdv", "dq")}
     o, lse = attention._launch_fwd(q, k, v, causal, 0.0, None, cfgs["fwd"])
     attention._launch_bwd(o, q, k, v, o, lse, causal, 0.0, None, cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
@@ -149,14 +144,15 @@ def workloads(arch: int):
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
                                                         kernels.get("layer_norm", "triton")), "streams"
-    for name, op in (("gpt2", "layer_norm"), ("llama", "rms_norm")):  # the Philox rounds take registers
-        c = case(op, Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
-        yield f"{name}: {op} with dropout", _run(c, _norm_with_dropout(op)), "streams"
-    variants = {"non-causal": _attention_variant(causal=False), "dropout": _attention_variant(dropout_p=0.2)}
+    dropped = {name: Shapes(dataclasses.replace(config, dropout=0.1), batch_size=1, seq_len=64)
+               for name, config in CONFIGS.items()}  # the Philox rounds take registers
+    for name, op in (("gpt2", "layer_norm"), ("llama", "rms_norm")):
+        yield f"{name}: {op} with dropout", _run(case(op, dropped[name], "cpu"), kernels.get(op, "triton")), "streams"
     for name in ("gpt2", "llama D=128 GQA 16/4"):
         c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
-        for label, fn in variants.items():
-            yield f"{name}: attention, {label}", _run(c, fn), "mma"
+        yield f"{name}: attention, non-causal", _run(c, _non_causal), "mma"
+        yield f"{name}: attention, dropout", _run(case("attention", dropped[name], "cpu"),
+                                                  kernels.get("attention", "triton")), "mma"
         if arch >= 9:  # the tuner's TMA twins, launched one pass at a time
             yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd"), "mma"
     for dtype in (torch.float16, torch.float32):  # fp16 where there is no bf16; fp32 checks the others
