@@ -16,13 +16,15 @@ gradient is bit-for-bit reproducible.
 
 Causal attention skips the key tiles above the diagonal (the loop bound stops there) and masks
 only the tiles on it; any T >= 1 works, the keys past T are masked in the last tile. Head dims
-32, 64, 96 and 128 (96 runs as 128 with the extra columns masked). Attention dropout uses a
-Philox counter per (batch*head, row, col) and the seed, so the backward regenerates the forward's
-mask instead of storing it. One Philox call per score, of its four draws one used: spreading the
-four over four neighbouring keys (as the norms' dropout does, kernels/norm.py) was tried, and
-compiled for sm90 (triton 3.8) the mask then went through shared memory to reach the MMA
-accumulator's layout (32 KB more a block in every pass) and at D = 128 on sm100 the dkdv pass
-spilled more (320 bytes a thread instead of 240); which costs less is for a GPU to measure.
+32, 64, 96 and 128 (96 runs as 128 with the extra columns masked). Attention dropout draws its
+mask from a hash of the seed, the batch and head, and the score's (row, col)
+(runtime.dropout_scale), so the backward regenerates the forward's mask instead of storing it.
+Compiled for sm90 (triton 3.8, GPT-2's D = 64), the forward's loop over key tiles is 277
+instructions a thread an iteration without dropout, 1926 when each score took a Philox call, and
+853 with the hash; dkdv 286, 1066 and 549 (D = 128: forward 388, 2014, 941). Spreading each
+Philox call's four draws over four neighbouring keys, the other way to cut its cost, sent the
+mask through shared memory to reach the MMA accumulator's layout (32 KB more a block in every
+pass).
 
 On Hopper and later the tiles of q, k, v and dO can load through TMA tensor descriptors (the
 copy engine, asynchronous, no address arithmetic in the threads) instead of pointers: a field of
@@ -206,7 +208,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
         if DROPOUT:
-            p = p * runtime.dropout_scale(seed, offs_n[None, :], offs_m[:, None], bh, dropout_p)
+            key = runtime.dropout_stream(seed, bh)  # each batch and head its own mask
+            p = p * runtime.dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -316,7 +319,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
         p_t = _exp2_scaled(s_t, qk_scale, lse[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
         if DROPOUT:
-            keep = runtime.dropout_scale(seed, offs_n[:, None], offs_m[None, :], bh, dropout_p)
+            key = runtime.dropout_stream(seed, bh)
+            keep = runtime.dropout_scale(key, offs_m[None, :], offs_n[:, None], dropout_p)  # transposed
             dv = _dot((p_t * keep).to(do.dtype), do, dv, FP32_DOT)
             dp_t = dp_t * keep
         else:
@@ -415,7 +419,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
         p = _exp2_scaled(s, qk_scale, lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_DOT)
         if DROPOUT:
-            dp = dp * runtime.dropout_scale(seed, offs_n[None, :], offs_m[:, None], bh, dropout_p)
+            key = runtime.dropout_stream(seed, bh)
+            dp = dp * runtime.dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
     return dq
@@ -499,7 +504,7 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # Per kind of tensor core (_generation) and padded head dim. INITIAL values, not yet timed: inside
 # the ranges the Triton tutorial and FlashAttention-2 use, and checked to compile and fit by
 # tests/sm_compile.py (sm80, sm90, sm100, sm120; no GPU), spilling at most a few hundred bytes of
-# registers (the Philox rounds of dropout add to it). To be replaced by measured entries:
+# registers (dropout's hashing adds to it). To be replaced by measured entries:
 # bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. Each pass owns
 # a large tile and streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k,
 # v, dk and dv in registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
@@ -544,9 +549,9 @@ def _config(q: torch.Tensor, which: str, dropout: bool = False) -> _Config:
         # tiles and no pipelining so it fits on every sm80+ card.
         cfg = _Config(min(cfg.block_m, 32), min(cfg.block_n, 32), cfg.num_warps, 1)
     if dropout:
-        # The Philox rounds of the mask take registers: at 4 warps the bf16 forward spills
-        # (tests/sm_compile.py, triton 3.8: 424 bytes a thread at D = 64 on sm90, 40 at D = 128 on
-        # sm80, 88 on sm120), at 8 it spills nothing on any of them.
+        # The mask's hashing takes registers: at 4 warps the bf16 forward at D = 64 spills
+        # (tests/sm_compile.py, triton 3.8: 40 bytes a thread on sm90, 48 on sm100; 424 on sm90
+        # when the mask came from Philox), at 8 it spills nothing.
         cfg = cfg._replace(num_warps=max(cfg.num_warps, 8))
     return cfg
 
@@ -744,7 +749,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
     q, k and v may be strided views (the model's split of one qkv projection): only a head dim
     that is not contiguous is copied. The output is (B, H, T, D) laid out as (B, T, H, D).
-    Dropout's Philox seed comes from runtime.dropout_seed_tensor and is kept for the backward."""
+    Dropout's seed comes from runtime.dropout_seed_tensor and is kept for the backward."""
     check_attention(q, k, v, causal, dropout_p)
     check_triton_attention(q)
     q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)

@@ -175,7 +175,7 @@ def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 def dropout_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor | None:
-    """A call's Philox seed for dropout, drawn from torch's generator of `device` (so
+    """A call's dropout seed, drawn from torch's generator of `device` (so
     torch.manual_seed reproduces runs and activation checkpointing replays it) into a one-element
     int64 tensor the kernels read on the device: no host sync, no graph break under torch.compile.
     None without dropout."""
@@ -191,24 +191,49 @@ def dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
     return seed
 
 
+# Dropout masks come from a keyed integer hash of each element's position, not from Philox: a
+# Philox-4x32-10 call is some 50 integer instructions for its four draws, and attention's scores
+# come out of the MMA in a layout where one draw serves one score (four neighbouring scores per
+# call need a trip through shared memory to reach that layout). Compiled for sm90, a draw per
+# score made attention's forward loop 7x the instructions it has without dropout. The hash
+# below is some 15 instructions an element, and its row and column terms are computed once per
+# row and column of a tile, not per element.
+
 @triton.jit
-def dropout_scale(seed, c0, c1, c2, dropout_p):
+def _lowbias32(x):
+    """C. Wellons' lowbias32 (nullprogram.com, "Prospecting for Hash Functions", 2018): a
+    bijection of uint32 in which flipping any input bit flips each output bit with probability
+    close to 1/2."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def dropout_stream(seed, stream):
+    """The key of one stream of a call's dropout (attention: one batch and head): a hash of the
+    call's seed and the stream's index."""
+    return _lowbias32(seed.to(tl.uint32) ^ _lowbias32(stream.to(tl.uint32)))
+
+
+@triton.jit
+def dropout_scale(key, row, col, dropout_p):
     """0 for a dropped element, 1 / (1 - dropout_p) for a kept one (kept with probability
-    1 - dropout_p). The element is named by three 32-bit Philox counters (broadcast together), so
-    any tiling, and a backward that walks the same elements in another order, regenerates the
-    mask instead of storing it."""
-    c0, c1 = tl.broadcast(c0, c1)
-    c0, c2 = tl.broadcast(c0, c2)
-    c1, c2 = tl.broadcast(c1, c2)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
-    return dropout_factor(r, dropout_p)
-
-
-@triton.jit
-def dropout_factor(r, dropout_p):
-    """Dropout's factor for a uniform 32-bit draw r: 0 with probability dropout_p, else
-    1 / (1 - dropout_p)."""
-    return tl.where(tl.uint_to_uniform_float(r) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+    1 - dropout_p), from a hash of the key (a seed, or dropout_stream's) and the element's row and
+    column, broadcast together: any tiling, and a backward that walks the elements in another
+    order, regenerates the mask instead of storing it. The row and the column are hashed on their
+    own shapes under two keys (one key would make the mask symmetric), then their sum once per
+    element, and the 32-bit draw is compared with dropout_p * 2^32 as integers. Positions are
+    taken modulo 2^32."""
+    key = key.to(tl.uint32)
+    row_hash = _lowbias32(key ^ row.to(tl.uint32))
+    col_hash = _lowbias32((key + 0x9E3779B9) ^ col.to(tl.uint32))
+    # The largest fp32 below 2^32 keeps the threshold in uint32 for any dropout_p < 1.
+    threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
+    return tl.where(_lowbias32(row_hash + col_hash) >= threshold, 1.0 / (1.0 - dropout_p), 0.0)
 
 
 # Launch heuristics for a memory-bound elementwise kernel over tiles (`tile` above).

@@ -10,3 +10,24 @@ def assert_as_accurate(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Ten
     err, base = rel_err(out, ref), rel_err(baseline, ref)
     limit = bound(base, out.dtype)
     assert err <= limit, f"{what}: error {err:.3g} > bound {limit:.3g} (torch's own error {base:.3g})"
+
+
+def assert_mask_is_random(keep: torch.Tensor, p: float, what: str) -> None:
+    """A dropout mask (last two dims: rows and columns) keeps each element with probability 1 - p,
+    and neighbours (right, below, diagonal) and the transposed element independently of each
+    other: each fraction within 5 standard deviations of its expectation. (Pairs that share an
+    element are not independent draws of a pair: their spread is taken as twice that of
+    independent pairs, more than the 1 + 2q/(1+q) times its variance is for q = 1 - p.)"""
+    keep = keep.double()
+    q = 1 - p
+    n = keep.numel()
+    assert abs(keep.mean().item() - q) < 5 * (p * q / n) ** 0.5, f"{what}: keep fraction {keep.mean().item():.4f}"
+    T = min(keep.shape[-2:])
+    square = keep[..., :T, :T]
+    off_diagonal = ~torch.eye(T, dtype=torch.bool, device=keep.device)
+    pairs = {"right": keep[..., :, :-1] * keep[..., :, 1:], "below": keep[..., :-1, :] * keep[..., 1:, :],
+             "diagonal": keep[..., :-1, :-1] * keep[..., 1:, 1:],
+             "transposed": (square * square.transpose(-1, -2))[..., off_diagonal]}
+    for name, both in pairs.items():
+        sigma = 2 * (q * q * (1 - q * q) / both.numel()) ** 0.5
+        assert abs(both.mean().item() - q * q) < 5 * sigma, f"{what}: {name} pairs both kept {both.mean().item():.4f}"

@@ -145,7 +145,7 @@ def workloads(arch: int):
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
                                                         kernels.get("layer_norm", "triton")), "streams"
     dropped = {name: Shapes(dataclasses.replace(config, dropout=0.1), batch_size=1, seq_len=64)
-               for name, config in CONFIGS.items()}  # the Philox rounds take registers
+               for name, config in CONFIGS.items()}  # the mask's hashing takes registers
     for name, op in (("gpt2", "layer_norm"), ("llama", "rms_norm")):
         yield f"{name}: {op} with dropout", _run(case(op, dropped[name], "cpu"), kernels.get(op, "triton")), "streams"
     for name in ("gpt2", "llama D=128 GQA 16/4"):
