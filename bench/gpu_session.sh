@@ -66,6 +66,8 @@ case "$1" in
     [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
+    # One Inductor compile worker a part: by default each would start one per core, on every core.
+    export TORCHINDUCTOR_COMPILE_THREADS=1
     shards=${TEST_SHARDS:-6}
     parts=$(mktemp -d)  # not under $OUT: at most 8 files come back from there
     for i in $(seq 0 $((shards - 1))); do

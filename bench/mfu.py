@@ -259,7 +259,9 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     console.print(kt)
 
 
-def measure_all(args, device: Device, console: Console) -> dict:
+def measure_all(args, device: Device, console: Console, out: Path) -> None:
+    """Every variant of args.kernels measured in turn, the result file `out` rewritten after each,
+    so that a run cut short keeps what it measured; then the table."""
     config = planning.config_for(args.preset)
     seq_len = args.seq_len or config.block_size
     if seq_len > config.block_size:
@@ -277,8 +279,8 @@ def measure_all(args, device: Device, console: Console) -> dict:
         r = rows[-1]  # as it comes, for a run cut short
         console.print(f"  {variant}: " + (r["error"] if "error" in r else
                       f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, MFU {_pct(r['mfu'])}"))
+        out.write_text(json.dumps(record(run, args.preset, device, peak, flops, rows), indent=1) + "\n")
     print_results(rows, run, device, peak, flops, console)
-    return record(run, args.preset, device, peak, flops, rows)
 
 
 def record(run: Run, preset: str, device: Device, peak: Peak, flops: Flops, rows: list[dict]) -> dict:
@@ -355,10 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
     args.preset = args.preset or "gpt2"
-    result = measure_all(args, device, console)
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    measure_all(args, device, console, out)
     console.print(f"wrote {out}")
     return 0
 

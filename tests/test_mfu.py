@@ -214,3 +214,21 @@ def test_a_failing_variant_is_reported_not_fatal(monkeypatch):
     run = mfu.Run(GPT2, 2, 16, "adamw", torch.bfloat16, warmup=1, steps=2, device="cpu")
     row = mfu.measure(run, "torch", Device(0, "cpu", 1, 0.0, (0, 0)))
     assert row["error"] == "RuntimeError: no luck"
+
+
+def test_the_result_file_keeps_each_variant_as_it_is_measured(monkeypatch, tmp_path):
+    """A run cut short (the GPU session's time limit) still leaves the variants it measured."""
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+
+    def measure(run, variant, device):
+        if variant == "compile":
+            raise KeyboardInterrupt  # the time limit's signal, in the middle of the second variant
+        return {"variant": variant, "error": "measured"}
+    monkeypatch.setattr(mfu, "measure", measure)
+    monkeypatch.setattr(mfu, "summarize", lambda row, *args: row)
+    out = tmp_path / "mfu.json"
+    with pytest.raises(KeyboardInterrupt):
+        mfu.main(["--gpu", "auto", "--kernels", "triton,compile", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rows"]] == ["triton"] and result["device"]["name"] == "NVIDIA H100 80GB HBM3"

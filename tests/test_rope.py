@@ -121,7 +121,7 @@ def test_bad_inputs(backend):
         cases["cos must be one of"] = (x, cos.double(), sin)
         cases["must not require grad"] = (x, cos.clone().requires_grad_(), sin)
         if not runtime.INTERPRET:
-            cases["needs CUDA tensors"] = (x, cos, sin)
+            cases["runs on CUDA tensors"] = (x, cos, sin)
     for message, args in cases.items():
         with pytest.raises(ValueError, match=rf"^rope: .*{message}"):
             fn(*args)
