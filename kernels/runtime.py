@@ -110,7 +110,7 @@ class _InterpretedLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if not any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
+            if not any(is_fake(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)):
                 self.kernel[grid](*args, **kwargs)
         return launch
 
