@@ -191,7 +191,7 @@ def _exp2_scaled(s, qk_scale, m):
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
-                    seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                    key, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                     FP32_DOT: tl.constexpr, TMA: tl.constexpr):
@@ -208,7 +208,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
         if DROPOUT:
-            key = runtime.dropout_stream(seed, bh)  # each batch and head its own mask
             p = p * runtime.dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
@@ -257,16 +256,16 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    seed = runtime.dropout_seed(seed_ptr, DROPOUT)
+    key = runtime.dropout_key(seed_ptr, bh, DROPOUT)  # each batch and head its own mask
 
     # Unmasked key tiles first, then the tiles that need a mask.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, 0, full_hi, T,
-                                    qk_scale, seed, bh, dropout_p,
+                                    qk_scale, key, dropout_p,
                                     stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, full_hi,
-                                    masked_hi, T, qk_scale, seed, bh, dropout_p,
+                                    masked_hi, T, qk_scale, key, dropout_p,
                                     stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
@@ -300,7 +299,7 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base, offs_n, lo, hi,
-                         T, qk_scale, seed, bh, dropout_p,
+                         T, qk_scale, key, dropout_p,
                          stride_qt, stride_qd, stride_dot, stride_dod,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                          MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -319,7 +318,6 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
         p_t = _exp2_scaled(s_t, qk_scale, lse[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
         if DROPOUT:
-            key = runtime.dropout_stream(seed, bh)
             keep = runtime.dropout_scale(key, offs_m[None, :], offs_n[:, None], dropout_p)  # transposed
             dv = _dot((p_t * keep).to(do.dtype), do, dv, FP32_DOT)
             dp_t = dp_t * keep
@@ -368,13 +366,13 @@ def _attn_bwd_dkdv(
                    stride_vt, stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    seed = runtime.dropout_seed(seed_ptr, DROPOUT)
 
     # Every query head of the group adds into the same registers, in a fixed order: the kv
     # head's gradient is summed deterministically, without atomics or a second pass.
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
+        key = runtime.dropout_key(seed_ptr, bh, DROPOUT)
         q_base = _head(q_src, b, h, stride_qb, stride_qh, TMA)
         do_base = _head(do_src, b, h, stride_dob, stride_doh, TMA)
         lse_base = lse_ptr + bh.to(tl.int64) * T
@@ -385,14 +383,14 @@ def _attn_bwd_dkdv(
         if CAUSAL:
             diag_hi = tl.minimum(start_n + BLOCK_N, T)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base,
-                                          offs_n, start_n, diag_hi, T, qk_scale, seed, bh, dropout_p,
+                                          offs_n, start_n, diag_hi, T, qk_scale, key, dropout_p,
                                           stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
                                           BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
             full_lo = start_n + BLOCK_N
         else:
             full_lo = 0
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base,
-                                      offs_n, full_lo, T, T, qk_scale, seed, bh, dropout_p,
+                                      offs_n, full_lo, T, T, qk_scale, key, dropout_p,
                                       stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
                                       BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
@@ -404,7 +402,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
-                       seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                       key, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                        FP32_DOT: tl.constexpr, TMA: tl.constexpr):
@@ -419,7 +417,6 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
         p = _exp2_scaled(s, qk_scale, lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_DOT)
         if DROPOUT:
-            key = runtime.dropout_stream(seed, bh)
             dp = dp * runtime.dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
@@ -471,15 +468,15 @@ def _attn_bwd_dq(
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    seed = runtime.dropout_seed(seed_ptr, DROPOUT)
+    key = runtime.dropout_key(seed_ptr, bh, DROPOUT)
 
     # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, 0, full_hi, T,
-                            qk_scale, seed, bh, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                            qk_scale, key, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
                             BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, full_hi, masked_hi,
-                            T, qk_scale, seed, bh, dropout_p, stride_kt, stride_kd, stride_vt,
+                            T, qk_scale, key, dropout_p, stride_kt, stride_kd, stride_vt,
                             stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
     _store_tile(_head(dq_ptr, b, h, stride_dqb, stride_dqh, False), start_m, T,
                 stride_dqt, stride_dqd, dq * sm_scale, BLOCK_M, BLOCK_D, HEAD_DIM)

@@ -213,16 +213,19 @@ def _lowbias32(x):
 
 
 @triton.jit
-def dropout_stream(seed, stream):
-    """The key of one stream of a call's dropout (attention: one batch and head): a hash of the
-    call's seed and the stream's index."""
-    return _lowbias32(seed.to(tl.uint32) ^ _lowbias32(stream.to(tl.uint32)))
+def dropout_key(seed_ptr, stream, DROPOUT: tl.constexpr):
+    """The dropout key of one stream (attention: a batch and head) of the call whose seed is at
+    seed_ptr: a hash of the seed and the stream's index; 0 without dropout."""
+    key = dropout_seed(seed_ptr, DROPOUT)
+    if DROPOUT:
+        key = _lowbias32(key.to(tl.uint32) ^ _lowbias32(stream.to(tl.uint32)))
+    return key
 
 
 @triton.jit
 def dropout_scale(key, row, col, dropout_p):
     """0 for a dropped element, 1 / (1 - dropout_p) for a kept one (kept with probability
-    1 - dropout_p), from a hash of the key (a seed, or dropout_stream's) and the element's row and
+    1 - dropout_p), from a hash of the key (a seed, or dropout_key's) and the element's row and
     column, broadcast together: any tiling, and a backward that walks the elements in another
     order, regenerates the mask instead of storing it. The row and the column are hashed on their
     own shapes under two keys (one key would make the mask symmetric), then their sum once per
