@@ -196,17 +196,21 @@ def launch(which: str, p: Problem, cfg: _Config) -> dict[str, torch.Tensor]:
     if which == "fwd":
         o, lse = attention._launch_fwd(p.q, p.k, p.v, True, 0.0, None, cfg)
         return {"o": o, "lse": lse}
-    args = (p.q, p.k, p.v, p.do, p.base["lse"], p.base["delta"], True, 0.0, None, cfg)
+    dq, dk, dv = attention._split_grads(attention._empty_grads(p.q, p.k), p.H)
+    inputs = (p.q, p.k, p.v, p.do, p.base["lse"], p.base["delta"])
+    after = (True, 0.0, None, cfg)
     if which == "dkdv":
-        dk, dv = attention._launch_dkdv(*args)
+        attention._launch_dkdv(*inputs, dk, dv, *after)
         return {"dk": dk, "dv": dv}
-    return {"dq": attention._launch_dq(*args)}
+    attention._launch_dq(*inputs, dq, *after)
+    return {"dq": dq}
 
 
 def launch_bwd(p: Problem, cfgs: dict[str, _Config]) -> dict[str, torch.Tensor]:
     """The whole backward (preprocess, dkdv, dq) with the configurations `cfgs`."""
-    dq, dk, dv = attention._launch_bwd(p.do, p.q, p.k, p.v, p.base["o"], p.base["lse"], True, 0.0,
-                                       None, cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
+    grads = attention._launch_bwd(p.do, p.q, p.k, p.v, p.base["o"], p.base["lse"], True, 0.0, None,
+                                  cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
+    dq, dk, dv = attention._split_grads(grads, p.H)
     return {"dq": dq, "dk": dk, "dv": dv}
 
 

@@ -188,8 +188,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        # kernels.split: the Triton attention backward writes dq, dk, dv side by side, as one d_qkv
+        q, k, v = kernels.split(self.c_attn(x), [q_width, kv_width, kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -231,7 +232,7 @@ class MLP(nn.Module):
         """The branch output, before dropout (the norm that adds it to the stream drops it out)."""
         h = self.c_fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = kernels.split(h, [h.size(-1) // 2] * 2, dim=-1)  # d_gate, d_up join as one d_h
             h = self.ops.swiglu(gate, up)
         else:
             h = self.act(h)

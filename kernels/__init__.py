@@ -4,10 +4,13 @@ hand-written Triton backends that replace it.
     kernels.ops()                      # {"rms_norm": ["torch", "triton"], ...}
     kernels.get("rms_norm", "triton")  # the implementation, with the op's signature
     kernels.choose("auto", "cuda")     # op -> Choice(backend, reason) for a model
+    kernels.split(h, sizes, dim)       # h.split's views, their gradients joined without a copy
+                                       # where the Triton backwards leave them side by side
 """
 from . import runtime  # noqa: F401  (first: switches Triton to its interpreter on CPU-only machines)
 from . import adamw, attention, cross_entropy, norm, rope, swiglu  # noqa: F401  (each registers its backends)
 from .registry import OPS, get, ops, register
 from .select import MODES, Choice, choose
+from .split import split
 
-__all__ = ["OPS", "MODES", "Choice", "choose", "get", "ops", "register"]
+__all__ = ["OPS", "MODES", "Choice", "choose", "get", "ops", "register", "split"]

@@ -638,14 +638,26 @@ def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, d
     return scales, constexprs
 
 
+def _empty_grads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, T, H + 2*Hkv, D) buffer for dq, dk and dv (_split_grads): laid out as
+    the model's qkv projection output lays out q, k and v, so that the split of that output takes
+    the buffer as its gradient without concatenating (kernels.split)."""
+    B, H, T, D = q.shape
+    return torch.empty((B, T, H + 2 * k.shape[1], D), dtype=q.dtype, device=q.device)
+
+
+def _split_grads(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (B, H, T, D), dk and dv (B, Hkv, T, D): views of the heads of _empty_grads' buffer."""
+    Hkv = (buf.shape[2] - H) // 2
+    return tuple(t.transpose(1, 2) for t in buf.split([H, Hkv, Hkv], dim=2))
+
+
 def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-                 lse: torch.Tensor, delta: torch.Tensor, causal: bool, dropout_p: float,
-                 seed: Optional[torch.Tensor], cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dk, dv) from the dkdv kernel launched with `cfg`."""
+                 lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                 causal: bool, dropout_p: float, seed: Optional[torch.Tensor], cfg: _Config) -> None:
+    """dk and dv, written by the dkdv kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    dk = runtime.empty_bthd(B, Hkv, T, D, k)
-    dv = runtime.empty_bthd(B, Hkv, T, D, v)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
@@ -654,16 +666,14 @@ def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Te
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dk, dv
 
 
 def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-               lse: torch.Tensor, delta: torch.Tensor, causal: bool, dropout_p: float,
-               seed: Optional[torch.Tensor], cfg: _Config) -> torch.Tensor:
-    """dq from the dq kernel launched with `cfg`."""
+               lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, causal: bool,
+               dropout_p: float, seed: Optional[torch.Tensor], cfg: _Config) -> None:
+    """dq, written by the dq kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    dq = runtime.empty_bthd(B, H, T, D, q)
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
@@ -672,18 +682,20 @@ def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tens
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dq
 
 
 def _launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
                 seed: Optional[torch.Tensor], fwd_cfg: _Config, dkdv_cfg: _Config,
-                dq_cfg: _Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): the backward's three kernels, the preprocess with the forward's `fwd_cfg`."""
+                dq_cfg: _Config) -> torch.Tensor:
+    """The (B, T, H + 2*Hkv, D) buffer of dq, dk and dv (_empty_grads) from the backward's three
+    kernels, the preprocess with the forward's `fwd_cfg`."""
     delta = _launch_delta(o, do, fwd_cfg)
-    dk, dv = _launch_dkdv(q, k, v, do, lse, delta, causal, dropout_p, seed, dkdv_cfg)
-    dq = _launch_dq(q, k, v, do, lse, delta, causal, dropout_p, seed, dq_cfg)
-    return dq, dk, dv
+    buf = _empty_grads(q, k)
+    dq, dk, dv = _split_grads(buf, q.shape[1])
+    _launch_dkdv(q, k, v, do, lse, delta, dk, dv, causal, dropout_p, seed, dkdv_cfg)
+    _launch_dq(q, k, v, do, lse, delta, dq, causal, dropout_p, seed, dq_cfg)
+    return buf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,8 +712,9 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 @runtime.triton_op("tritongpt::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
-                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from dO and the forward's inputs, output and base-2 log-sum-exp."""
+                   seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """The buffer of dq, dk and dv (_launch_bwd; one output, as a custom op's outputs may not alias
+    each other) from dO and the forward's inputs, output and base-2 log-sum-exp."""
     do = _dense_stride1(do)  # e.g. the stride-0 gradient of out.sum()
     dropout = dropout_p > 0
     return _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed, _config(q, "fwd", dropout),
@@ -718,8 +731,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.tritongpt.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None
+    grads = torch.ops.tritongpt.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
+    return *_split_grads(grads, q.shape[1]), None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -745,7 +758,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     """Flash attention in Triton; the torch backend's signature and semantics.
 
     q, k and v may be strided views (the model's split of one qkv projection): only a head dim
-    that is not contiguous is copied. The output is (B, H, T, D) laid out as (B, T, H, D).
+    that is not contiguous is copied. The output is (B, H, T, D) laid out as (B, T, H, D); the
+    gradients dq, dk and dv are views of one (B, T, H + 2*Hkv, D) buffer (_empty_grads).
     Dropout's seed comes from runtime.dropout_seed_tensor and is kept for the backward."""
     check_attention(q, k, v, causal, dropout_p)
     check_triton_attention(q)

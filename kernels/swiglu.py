@@ -4,8 +4,8 @@ The Triton backend treats every input as a (rows, cols) matrix with unit column 
 row stride. That covers contiguous tensors and, with no copy, the halves of one projection's output:
 `gate, up = h.chunk(2, dim=-1)` gives views with row stride 2*cols, so the model can use a single
 [2*hidden, n_embd] matmul and the kernel reads h directly. Backward writes d_gate and d_up side by
-side into one (rows, 2*cols) buffer: for the chunked layout that is exactly d_h, laid out for
-chunk's backward concatenation.
+side into one (rows, 2*cols) buffer: for the halves of h that is exactly d_h, which the model's
+kernels.split hands on without the copy chunk's backward would make.
 """
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,59 @@
+"""Splitting one projection's output into the views ops read, with a backward that joins their
+gradients without a copy when they already lie side by side in one buffer.
+
+torch's own split (and chunk) always concatenates the parts' gradients in backward: a read and a
+write of the whole projection output's gradient. The Triton backwards of attention and SwiGLU
+write their input gradients into one buffer laid out as the projection's output (d_qkv, d_h), so
+that copy would only move bytes to where they already are: `split` hands the buffer on instead.
+"""
+import torch
+
+
+def _dense_without_overlap(shape, stride) -> bool:
+    """Whether no two elements of a view with `shape` and `stride` share an address: sorted by
+    stride, each dimension steps past the whole extent of the ones inside it."""
+    extent = 1
+    for size, step in sorted((d for d in zip(shape, stride) if d[0] > 1), key=lambda d: d[1]):
+        if step < extent:
+            return False
+        extent = step * size
+    return True
+
+
+def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat(parts, dim), as a view when the parts are adjacent slices of one tensor along dim
+    (same base, strides and other sizes, each starting where the previous one ends). Under
+    torch.compile, torch.cat: Dynamo cannot trace the layout checks in an autograd.Function."""
+    first = parts[0]
+    if torch.compiler.is_compiling():
+        return torch.cat(parts, dim)
+    dim %= first.dim()
+    base, stride = first._base, first.stride()
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    offset = first.storage_offset()
+    for p in parts:
+        if (p._base is None or p._base is not base or p.stride() != stride or p.dtype != first.dtype
+                or p.shape[:dim] != first.shape[:dim] or p.shape[dim + 1:] != first.shape[dim + 1:]
+                or p.storage_offset() != offset):
+            return torch.cat(parts, dim)
+        offset += p.shape[dim] * stride[dim]
+    if not _dense_without_overlap(shape, stride):
+        return torch.cat(parts, dim)
+    return first.as_strided(shape, stride, first.storage_offset())
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, dim):
+        ctx.dim = dim
+        return x.split(sizes, dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return join(list(grads), ctx.dim), None, None
+
+
+def split(x: torch.Tensor, sizes: list[int], dim: int = -1) -> tuple[torch.Tensor, ...]:
+    """x.split(sizes, dim) (views of x), whose backward is `join` instead of torch.cat."""
+    return _Split.apply(x, list(sizes), dim)

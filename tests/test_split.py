@@ -1,0 +1,134 @@
+"""kernels.split: the views of a projection's output, whose gradients join without a copy where
+the Triton backwards write them side by side (attention's d_qkv, SwiGLU's d_h)."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from gpt.model import GPT, GPTConfig, model_ops
+from kernels.split import join
+from tests.devices import skip_unless_triton_runs
+
+
+class OpCount(TorchDispatchMode):
+    """How many times each aten op ran inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def shares_memory(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_adjacent_slices_join_as_a_view(dim):
+    buf = torch.randn(3, 5, 12)
+    parts = buf.split({3: [1, 2], 5: [2, 1, 2], 12: [4, 3, 5]}[buf.shape[dim]], dim)
+    joined = join(list(parts), dim)
+    assert torch.equal(joined, buf) and shares_memory(joined, buf)
+
+
+def test_views_of_views_join_as_a_view():
+    """The parts as attention's backward leaves them: (B, H, T, D) head views of one (B, T, heads,
+    D) buffer, brought back to (B, T, H*D) by the model's view and transpose."""
+    buf = torch.randn(2, 7, 4 + 2 * 2, 16)
+    parts = [t.transpose(1, 2).transpose(1, 2).reshape(2, 7, -1) for t in buf.split([4, 2, 2], dim=2)]
+    joined = join(parts, 2)
+    assert torch.equal(joined, buf.view(2, 7, -1)) and shares_memory(joined, buf)
+
+
+def test_other_parts_are_concatenated():
+    buf = torch.randn(4, 6)
+    cases = {
+        "separate tensors": [torch.randn(4, 2), torch.randn(4, 3)],
+        "out of order": [buf[:, 3:], buf[:, :3]],
+        "a gap": [buf[:, :2], buf[:, 3:]],
+        "other strides": [buf[:, :2], buf[:, 2:4].contiguous()],
+        # adjacent along dim 1 by offset, yet row 0's second half is row 1's first half: a view
+        # would alias elements
+        "overlapping": [buf.view(-1)[:12].view(4, 3)[:2], buf.view(-1)[3:15].view(4, 3)[:2]],
+    }
+    for what, parts in cases.items():
+        joined = join(parts, 1)
+        assert torch.equal(joined, torch.cat(parts, 1)), what
+        assert not any(shares_memory(joined, p) for p in parts), what
+
+
+def test_split_gradients_match_torch_split():
+    """Through autograd, any gradients the parts get (one part unused: zeros) add up as for
+    Tensor.split."""
+    x = torch.randn(3, 10, requires_grad=True)
+    weights = [torch.randn(3, 4), torch.randn(3, 2)]
+    grads = []
+    for split in (kernels.split, torch.Tensor.split):
+        x.grad = None
+        parts = split(x, [4, 2, 4], -1)
+        sum((p * w).sum() for p, w in zip(parts, weights)).backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads)
+
+
+def backward_ops(fn, x):
+    """The aten ops the backward of fn(x).sum() runs, and x's gradient."""
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    with OpCount() as count:
+        y.backward(torch.randn_like(y))
+    return count.calls, x.grad
+
+
+def test_attention_qkv_gradient_is_not_copied():
+    """Attention's triton backward writes dq, dk, dv as one d_qkv (grouped-query heads too): the
+    split hands it on without torch.cat, and it equals what torch's split concatenates."""
+    skip_unless_triton_runs("triton", "cpu")
+    B, T, H, Hkv, D = 2, 19, 4, 2, 32
+    attention = kernels.get("attention", "triton")
+
+    def attend(split):
+        def fn(qkv):
+            q, k, v = split(qkv, [H * D, Hkv * D, Hkv * D], 2)
+            heads = [t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v)]
+            return attention(*heads, causal=True).transpose(1, 2).reshape(B, T, H * D)
+        return fn
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D)
+    torch.manual_seed(0)
+    ops, grad = backward_ops(attend(kernels.split), qkv)
+    torch.manual_seed(0)
+    torch_ops, torch_grad = backward_ops(attend(torch.Tensor.split), qkv)
+    assert ops["cat"] == 0 and torch_ops["cat"] == 1
+    assert torch.equal(grad, torch_grad)
+
+
+def test_swiglu_halves_gradient_is_not_copied():
+    skip_unless_triton_runs("triton", "cpu")
+    swiglu = kernels.get("swiglu", "triton")
+    h = torch.randn(3, 5, 2 * 24)
+    torch.manual_seed(0)
+    ops, grad = backward_ops(lambda h: swiglu(*kernels.split(h, [24, 24], -1)), h)
+    torch.manual_seed(0)
+    torch_ops, torch_grad = backward_ops(lambda h: swiglu(*h.chunk(2, -1)), h)
+    assert ops["cat"] == 0 and torch_ops["cat"] == 1
+    assert torch.equal(grad, torch_grad)
+
+
+@pytest.mark.parametrize("preset,cats", [("gpt2", 0), ("llama", 1)])
+def test_training_step_concatenates_no_gradient_on_triton_ops(preset, cats):
+    """The model's backward on every triton op: GPT-2 joins every split's gradient without a copy;
+    LLaMA copies only d_qkv, once a layer (RoPE's backward gives dq and dk buffers of their own)."""
+    skip_unless_triton_runs("triton", "cpu")
+    switches = dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", n_kv_head=1) if preset == "llama" else {}
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, **switches)
+    model = GPT(config, {op: "triton" for op in model_ops(config)})
+    idx = torch.randint(0, 50, (2, 16))
+    _, loss = model(idx, idx)
+    with OpCount() as count:
+        loss.backward()
+    assert count.calls["cat"] == cats * config.n_layer
