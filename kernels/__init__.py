@@ -11,6 +11,6 @@ from . import runtime  # noqa: F401  (first: switches Triton to its interpreter 
 from . import adamw, attention, cross_entropy, norm, rope, swiglu  # noqa: F401  (each registers its backends)
 from .registry import OPS, get, ops, register
 from .select import MODES, Choice, choose
-from .split import split
+from .packed import split
 
 __all__ = ["OPS", "MODES", "Choice", "choose", "get", "ops", "register", "split"]

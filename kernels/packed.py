@@ -20,13 +20,14 @@ def _dense_without_overlap(shape, stride) -> bool:
     return True
 
 
+# Dynamo cannot trace the layout checks (ints from tensor methods in an autograd.Function's
+# backward): it leaves the call in the graph, and AOT autograd runs it on the traced tensors, which
+# keep their views' bases, so a compiled backward gets the view (an as_strided) too.
+@torch._dynamo.allow_in_graph
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """torch.cat(parts, dim), as a view when the parts are adjacent slices of one tensor along dim
-    (same base, strides and other sizes, each starting where the previous one ends). Under
-    torch.compile, torch.cat: Dynamo cannot trace the layout checks in an autograd.Function."""
+    (same base, strides and other sizes, each starting where the previous one ends)."""
     first = parts[0]
-    if torch.compiler.is_compiling():
-        return torch.cat(parts, dim)
     dim %= first.dim()
     base, stride = first._base, first.stride()
     shape = list(first.shape)

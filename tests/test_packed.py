@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from gpt.model import GPT, GPTConfig, model_ops
-from kernels.split import join
-from tests.devices import skip_unless_triton_runs
+from kernels.packed import join
+from tests.devices import compiled, skip_unless_triton_runs
 
 
 class OpCount(TorchDispatchMode):
@@ -119,16 +119,18 @@ def test_swiglu_halves_gradient_is_not_copied():
     assert torch.equal(grad, torch_grad)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("preset,cats", [("gpt2", 0), ("llama", 1)])
-def test_training_step_concatenates_no_gradient_on_triton_ops(preset, cats):
-    """The model's backward on every triton op: GPT-2 joins every split's gradient without a copy;
-    LLaMA copies only d_qkv, once a layer (RoPE's backward gives dq and dk buffers of their own)."""
+def test_training_step_concatenates_no_gradient_on_triton_ops(preset, cats, compile):
+    """The model's backward on every triton op, eager and compiled: GPT-2 joins every split's
+    gradient without a copy; LLaMA copies only d_qkv, once a layer (RoPE's backward gives dq and dk
+    buffers of their own)."""
     skip_unless_triton_runs("triton", "cpu")
     switches = dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", n_kv_head=1) if preset == "llama" else {}
     config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, **switches)
     model = GPT(config, {op: "triton" for op in model_ops(config)})
     idx = torch.randint(0, 50, (2, 16))
-    _, loss = model(idx, idx)
+    _, loss = (compiled(model, "cpu") if compile else model)(idx, idx)
     with OpCount() as count:
         loss.backward()
     assert count.calls["cat"] == cats * config.n_layer
