@@ -3,7 +3,7 @@ have.
 
     python -m bench.mfu --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
                         [--kernels torch,compile,triton,triton+compile] [--steps 50] [--warmup 10]
-                        [--optimizer adamw|bf16_adamw] [--recompute]
+                        [--optimizer adamw|bf16_adamw] [--recompute] [--profile-steps 3]
     python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
     python -m bench.mfu --gpu list                                                # the peak table
 
@@ -17,7 +17,11 @@ are not timed), then each timed training step (forward, backward, grad clipping,
 as train.py runs them, on a fixed random batch: no data loading) is bracketed by CUDA events.
 Reported: tokens/s from the median step, step ms (median, p10, p90), model TFLOPS and MFU on the
 PaLM convention (see bench/flops.py), hardware TFLOPS beside them, peak memory, and the SM clock
-NVML saw during the timed steps with the peak that clock implies. A JSON file records it all.
+NVML saw during the timed steps with the peak that clock implies. Then --profile-steps more steps
+run under torch.profiler (bench/breakdown.py): the GPU time a step spends on each kind of work
+(matmuls, attention, norms, loss, optimizer, ...), how much of the step the GPU was busy, and the
+rates the matmuls and attention ran at (the model's matmul FLOPs and attention's hardware FLOPs
+over their kernels' time). A JSON file records it all.
 """
 import argparse
 import contextlib
@@ -34,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
+from bench import breakdown
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -126,6 +131,7 @@ class Run:
     steps: int
     device: str = "cuda"
     recompute: bool = False  # activation checkpointing of every block (train.py's recompute)
+    profile_steps: int = 3  # steps run under torch.profiler after the timed ones (0: none)
 
     @property
     def ops(self) -> set[str]:
@@ -193,6 +199,8 @@ def measure(run: Run, variant: str, device: Device) -> dict:
         ms = [start.elapsed_time(end) for start, end in events]
         row.update(step_ms=ms, loss=loss.item(), peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                    clocks=clocks.stats())
+        if run.profile_steps:
+            row["breakdown"] = _breakdown(step, run)
     except torch.cuda.OutOfMemoryError:
         row["error"] = f"out of memory at batch size {run.batch_size} x {run.seq_len}"
     except Exception as e:  # a variant that fails (say, to compile) is reported; the others still run
@@ -202,6 +210,29 @@ def measure(run: Run, variant: str, device: Device) -> dict:
         torch.cuda.empty_cache()
         torch._dynamo.reset()
     return row
+
+
+def _breakdown(step, run: Run) -> dict:
+    """Device ms a step by kind of work and the kernels that took most, from run.profile_steps
+    profiled steps; the error instead when the profiler fails (the timed figures stand)."""
+    try:
+        times = breakdown.profile_steps(step, run.profile_steps, torch.device(run.device))
+    except Exception as e:
+        return dict(error=f"{type(e).__name__}: {e}")
+    return dict(steps=run.profile_steps, ms=breakdown.by_kind(times, run.profile_steps),
+                top=breakdown.top(times, run.profile_steps))
+
+
+def _work_rates(split: dict, run: Run, flops: Flops, median_ms: float) -> dict:
+    """The share of the step the device was busy, and the TFLOPS of the matmul and attention
+    kernels (None under recompute, whose second forward no FLOPs figure holds)."""
+    tokens = run.batch_size * run.seq_len
+
+    def rate(step_flops: float, ms: float) -> float | None:
+        return step_flops / (ms / 1e3) / 1e12 if ms > 0 and not run.recompute else None
+    return dict(busy=sum(split["ms"].values()) / median_ms,
+                matmul_tflops=rate(flops.matmul * tokens, split["ms"]["matmul"]),
+                attention_tflops=rate((flops.hardware - flops.matmul) * tokens, split["ms"]["attention"]))
 
 
 def summarize(row: dict, run: Run, flops: Flops, peak: Peak) -> dict:
@@ -216,6 +247,8 @@ def summarize(row: dict, run: Run, flops: Flops, peak: Peak) -> dict:
                **_rates(flops, tokens_per_s, peak))
     out.update(_clock_rates(out["tflops"], peak, row["clocks"]))
     out["clocks"] = dataclasses.asdict(row["clocks"]) if row["clocks"] else None
+    if "ms" in row.get("breakdown", {}):
+        out["breakdown"] = dict(row["breakdown"], **_work_rates(row["breakdown"], run, flops, median))
     return out
 
 
@@ -249,6 +282,7 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("triton", "compile")):
         if fast in ok and base in ok:
             console.print(f"{fast} / {base}: {ok[fast]['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x tokens/s")
+    print_breakdown(rows, console)
     kt = Table(title="op -> backend per variant, for the ops the run calls (why: in the JSON file)")
     kt.add_column("op")
     for r in rows:
@@ -257,6 +291,23 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
         if op in run.ops:
             kt.add_row(op, *(r["kernels"][op]["backend"] for r in rows))
     console.print(kt)
+
+
+def print_breakdown(rows: list[dict], console: Console) -> None:
+    """Where each variant's step time went (its profiled steps), or why that is missing."""
+    split = [r for r in rows if "ms" in r.get("breakdown", {})]
+    for r in rows:
+        if "error" in r.get("breakdown", {}):
+            console.print(f"{r['variant']}: no breakdown ({r['breakdown']['error']})")
+    if not split:
+        return
+    table = Table(title=f"device ms a step by kind of work (torch.profiler, {split[0]['breakdown']['steps']} "
+                        f"steps); busy: their sum over the timed step's median")
+    for col in ("variant", *breakdown.COLUMNS):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in split:
+        table.add_row(r["variant"], *breakdown.cells(r["breakdown"]))
+    console.print(table)
 
 
 def measure_all(args, device: Device, console: Console, out: Path) -> None:
@@ -268,7 +319,7 @@ def measure_all(args, device: Device, console: Console, out: Path) -> None:
         config = dataclasses.replace(config, block_size=seq_len)
     dtype = torch.bfloat16 if device.capability >= (8, 0) else torch.float16
     run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
-              f"cuda:{device.index}", args.recompute)
+              f"cuda:{device.index}", args.recompute, args.profile_steps)
     peak = peak_for(device.name, dtype, args.peak_tflops)
     flops = flops_per_token(config, seq_len)
     torch.cuda.set_device(device.index)
@@ -291,6 +342,7 @@ def record(run: Run, preset: str, device: Device, peak: Peak, flops: Flops, rows
             "preset": preset, "config": dataclasses.asdict(run.config), "batch_size": run.batch_size,
             "seq_len": run.seq_len, "dtype": str(run.dtype).removeprefix("torch."), "optimizer": run.optimizer,
             "warmup": run.warmup, "steps": run.steps, "recompute": run.recompute,
+            "profile_steps": run.profile_steps,
             "flops_per_token": {"palm": flops.palm, "causal": flops.causal, "hardware": flops.hardware},
             "rows": rows}
 
@@ -319,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default=DEFAULT_VARIANTS, help="comma-separated variants")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--profile-steps", type=int, default=3,
+                        help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
     parser.add_argument("--optimizer", default="adamw", choices=planning.OPTIMIZERS)
     parser.add_argument("--recompute", action="store_true",
                         help="recompute every block in backward (activation checkpointing), as train.py's recompute")

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench import breakdown
+
 
 def provenance(result: dict) -> str:
     device = result["device"]["name"]
@@ -66,33 +68,18 @@ def mfu_table(result: dict) -> str:
              f"{result['optimizer']}; median of {result['steps']} steps after {result['warmup']}; MFU against "
              f"{result['peak']['tflops']:g} TFLOPS ({result['convention']})")
     header = ["variant", "tokens/s", "step ms", "TFLOPS", "MFU", "HW TFLOPS", "peak GiB"]
-    return title + "\n\n" + _md(header, lines)
+    return title + "\n\n" + _md(header, lines) + breakdown_table(result)
 
 
-def profile_table(result: dict) -> str:
-    """A kernel profile: per op its training pass's time per backend, triton's rate and fraction
-    of the roofline, and the backend train.py --kernels=auto takes from it, eager and compiled."""
-    lines = []
-    for op, e in result["ops"].items():
-        pass_, measured = e["training_pass"], e["backends"]
-
-        def ms(backend: str) -> str:
-            r = measured.get(backend)
-            if r is None or "error" in r:
-                return "" if r is None else "error"
-            return f"{r['ms'][pass_]:.3f}" + ("" if r["verified"] else " unverified")
-
-        triton = measured.get("triton", {})
-        rate = f"{triton['rate'][pass_]:,.0f} {e['unit']} ({100 * triton['roofline'][pass_]:.0f}%)" \
-            if "rate" in triton else ""
-        lines.append([op, e["shape"], pass_, ms("torch"), ms("compile"), ms("triton"), rate,
-                      e["chosen"]["eager"], e["chosen"]["compiled"]])
-    w, r = result["workload"], result["rooflines"]
-    title = (f"bench.kernels {w['preset']}: {w['shapes']}; rooflines measured: copy {r['copy_gbs']:,.0f} GB/s, "
-             f"bf16 matmul {r['matmul_tflops']:,.0f} TFLOPS")
-    header = ["op", "shape", "pass", "torch ms", "compile ms", "triton ms", "triton rate (of roofline)",
-              "chosen eager", "chosen compiled"]
-    return title + "\n\n" + _md(header, lines)
+def breakdown_table(result: dict) -> str:
+    """The device ms a step by kind of work of the rows that have them (bench.mfu's profiled
+    steps), after a blank line; "" when none has."""
+    rows = [r for r in result["rows"] if "ms" in r.get("breakdown", {})]
+    if not rows:
+        return ""
+    lines = [[r["variant"], *breakdown.cells(r["breakdown"])] for r in rows]
+    return (f"\n\nDevice ms a step by kind of work ({rows[0]['breakdown']['steps']} steps under torch.profiler; "
+            f"busy: their sum over the median step)\n\n" + _md(["variant", *breakdown.COLUMNS], lines))
 
 
 def report(path: Path) -> str:

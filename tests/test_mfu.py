@@ -150,6 +150,23 @@ def test_summarize_a_measured_row():
     assert out["hw_tflops"] < out["tflops"] and out["sm_mhz"] is None and out["mfu_at_clock"] is None
 
 
+def test_summarize_the_breakdown():
+    """busy: the profiled device time over the median step; the matmul and attention rates: the
+    model's matmul FLOPs and attention's hardware FLOPs over their kernels' time."""
+    run = mfu.Run(GPT2, batch_size=16, seq_len=1024, optimizer="adamw", dtype=torch.bfloat16, warmup=1, steps=2)
+    flops = flops_per_token(GPT2, 1024)
+    ms = dict.fromkeys(["matmul", "attention", "norm"], 0.0) | dict(matmul=20.0, attention=5.0, norm=2.0)
+    row = dict(variant="triton", kernels={}, step_ms=[30.0, 30.0], loss=10.9, peak_memory_gib=20.0, clocks=None,
+               breakdown=dict(steps=3, ms=ms, top=[]))
+    b = mfu.summarize(row, run, flops, peak_for("NVIDIA H100 80GB HBM3", "bfloat16"))["breakdown"]
+    assert b["busy"] == pytest.approx(27 / 30)
+    assert b["matmul_tflops"] == pytest.approx(flops.matmul * 16 * 1024 / 0.020 / 1e12)
+    assert b["attention_tflops"] == pytest.approx(7 * flops.attention_unit * 16 * 1024 / 0.005 / 1e12)
+    recomputed = mfu.summarize(row, dataclasses.replace(run, recompute=True), flops,
+                               peak_for("NVIDIA H100 80GB HBM3", "bfloat16"))["breakdown"]
+    assert recomputed["matmul_tflops"] is None and recomputed["busy"] == b["busy"]
+
+
 def test_meter_for_train_py_on_cpu():
     meter = mfu.MFUMeter(GPT2, 1024, "float32", "cpu")
     assert meter.record(10_000)["mfu"] is None and "MFU n/a" in meter.describe()
@@ -196,15 +213,19 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys, tmp_path):
     triton_ops = {op for op, c in rows[1]["kernels"].items() if c["backend"] == "triton"}
     assert triton_ops == model_ops(config) | optimizer_ops("bf16_adamw") == set(kernels.OPS) - {"layer_norm"}
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 and r["peak_memory_gib"] == 1.0 for r in rows)
-    mfu.print_results(rows, run, device, peak, flops, mfu.Console(width=200))
+    # The profiled steps (on a CPU: its ops' self times): both attentions and the matmuls found.
+    assert all(r["breakdown"]["ms"]["matmul"] > 0 and r["breakdown"]["ms"]["attention"] > 0 for r in rows)
+    mfu.print_results(rows, run, device, peak, flops, mfu.Console(width=250))
     text = capsys.readouterr().out
     assert "triton / torch" in text and "op -> backend" in text and "blocks recomputed" in text
+    assert "by kind of work" in text
     # The result file, as the README's table
     path = tmp_path / "mfu.json"
     path.write_text(json.dumps(mfu.record(run, "tiny", device, peak, flops, rows)))
     assert report.main([str(path)]) == 0
     table = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in table and "| variant | tokens/s |" in table
+    assert "| variant | busy | matmul | attention |" in table
     assert f"| triton | {rows[1]['tokens_per_s']:,.0f} |" in table
 
 

@@ -1,0 +1,86 @@
+"""Where a training step's time goes: device time per kind of work, from torch.profiler.
+
+    times = profile_steps(step, steps=3, device=torch.device("cuda"))  # {kernel name: µs in all}
+    split = by_kind(times, steps=3)                                      # {kind: ms a step}
+
+On a GPU the times are its kernels' (and copies') durations, so their sum over a step, set against
+the step's wall time, says how long the GPU sat idle waiting for the host (launch overhead, syncs);
+on a CPU they are the self times of the ops (what the tests can run). Each name is put in one
+kind by the first rule of KINDS it matches: cuBLAS / CUTLASS / nvjet matmuls, flash and cuDNN
+attention and this project's Triton kernels, torch's and Inductor's fused kernels all have names
+that tell. bench.mfu divides the model's matmul and attention FLOPs by the time of those kinds:
+the rates a kernel engineer checks first.
+"""
+import collections
+import re
+
+import torch
+from torch.autograd import DeviceType
+
+# (kind, pattern): the first that a name matches, case-insensitive. Order matters where names mix
+# words: cuDNN's attention kernels say wgmma, Inductor's norm kernels say _to_copy, torch's
+# clip_grad_norm says norm.
+KINDS = (
+    ("attention", r"attn|attention|flash|fmha|sdpa"),
+    ("matmul", r"gemm|nvjet|xmma|cutlass|s16816|s1688|wgmma|cublas|triton_tem_fused_(add)?mm|aten::(mm|addmm|bmm)$"),
+    ("optimizer", r"adam|multi_tensor|foreach|lpnorm|sum_squares|sqrt_of_sum"),
+    ("loss", r"cross_entropy|softmax|nll_loss"),
+    ("embedding", r"embedding|indexselect|index_select|radix|sort"),
+    ("norm", r"norm"),
+    ("copy", r"memcpy|memset|copy|(^|_|::)cat(_|$)|fill|clone"),
+    ("elementwise", r"elementwise|triton_|swiglu|rope|gelu|silu|dropout|reduce|aten::"),
+)
+OTHER = "other"
+# The kinds in the order tables show them: the matmuls first, as they should take most of a step.
+SHOWN = ("matmul", "attention", "norm", "loss", "elementwise", "copy", "embedding", "optimizer", OTHER)
+_RULES = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS]
+
+
+def kind(name: str) -> str:
+    """The kind of work a kernel (or, on a CPU, an op) of this name does."""
+    return next((k for k, rule in _RULES if rule.search(name)), OTHER)
+
+
+def profile_steps(step, steps: int, device: torch.device) -> dict[str, float]:
+    """Run `step` `steps` times under torch.profiler: the µs of each kernel name in all (on a
+    CPU: each op's self time)."""
+    cuda = device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    times = collections.Counter()
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:
+            times[e.name] += e.time_range.elapsed_us()
+        elif not cuda and e.device_type == DeviceType.CPU:
+            times[e.name] += e.self_cpu_time_total
+    return dict(times)
+
+
+def by_kind(times: dict[str, float], steps: int) -> dict[str, float]:
+    """ms a step of each kind, in SHOWN's order (zeros included)."""
+    out = dict.fromkeys(SHOWN, 0.0)
+    for name, us in times.items():
+        out[kind(name)] += us / 1e3 / steps
+    return out
+
+
+def top(times: dict[str, float], steps: int, n: int = 12) -> list[dict]:
+    """The n names that took the most time: name, kind, ms a step."""
+    ranked = sorted(times.items(), key=lambda item: -item[1])[:n]
+    return [dict(name=name, kind=kind(name), ms=us / 1e3 / steps) for name, us in ranked]
+
+
+# Table columns of a summarized breakdown (bench.mfu.summarize adds busy and the two rates).
+COLUMNS = ("busy", *SHOWN, "matmul TFLOPS", "attention TFLOPS")
+
+
+def cells(summary: dict) -> list[str]:
+    """A summarized breakdown as table cells under COLUMNS."""
+    def rate(x):
+        return "n/a" if x is None else f"{x:.0f}"
+    return [f"{100 * summary['busy']:.0f}%", *(f"{summary['ms'][k]:.2f}" for k in SHOWN),
+            rate(summary["matmul_tflops"]), rate(summary["attention_tflops"])]

@@ -1,0 +1,61 @@
+"""bench.breakdown: kernel names to kinds of work, and the profiler's times per kind."""
+import pytest
+import torch
+
+from bench import breakdown
+
+# Kernel names as the profiler reports them on a GPU (cuBLAS, cuDNN, flash, Inductor, torch,
+# this project's Triton kernels), and op names as it reports them on a CPU.
+NAMES = {
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+    "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_32x5_tn": "matmul",
+    "cutlass3x_sm90_tensorop_s64x128x16gemm_bf16_bf16_f32_void_bf16_128x256x64_1x2x1_0_tnn_align8": "matmul",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0": "attention",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>, true>": "attention",
+    "_attn_fwd": "attention", "_attn_bwd_dkdv": "attention", "_attn_bwd_delta": "attention",
+    "_norm_fwd_kernel": "norm", "_norm_bwd_kernel": "norm",
+    "_cross_entropy_fwd_kernel": "loss", "_cross_entropy_bwd_kernel": "loss",
+    "_adamw_kernel": "optimizer", "_sum_squares_kernel": "optimizer", "_sqrt_of_sum_kernel": "optimizer",
+    "_swiglu_bwd_kernel": "elementwise", "_rope_kernel": "elementwise",
+    "triton_red_fused__to_copy_native_layer_norm_native_layer_norm_backward_3": "norm",
+    "triton_per_fused__log_softmax__to_copy_nll_loss_forward_5": "loss",
+    "triton_poi_fused__to_copy_0": "copy", "triton_poi_fused_cat_3": "copy",
+    "triton_poi_fused_add_gelu_1": "elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>": "elementwise",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>": "optimizer",
+    "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>": "optimizer",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>": "loss",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<OpaqueType<2u>, unsigned int, 3, 128, 1>": "copy",
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>": "copy",
+    "Memcpy DtoD (Device -> Device)": "copy", "Memset (Device)": "copy",
+    "void at::native::(anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>": "embedding",
+    "void at::native::(anonymous namespace)::embedding_backward_feature_kernel<c10::BFloat16, float, long>": "embedding",
+    "aten::mm": "matmul", "aten::addmm": "matmul", "aten::native_layer_norm": "norm",
+    "tritongpt::attention_fwd": "attention", "aten::cat": "copy", "aten::_log_softmax": "loss",
+    "aten::scatter_add_": "elementwise",
+    "a kernel nobody named": "other",
+}
+
+
+@pytest.mark.parametrize("name,kind", NAMES.items(), ids=lambda x: x[:40] if isinstance(x, str) else x)
+def test_kernel_names_sort_into_kinds(name, kind):
+    assert breakdown.kind(name) == kind
+
+
+def test_times_per_kind_and_top():
+    times = {"_attn_fwd": 3000.0, "nvjet_tst_128x256": 9000.0, "Memset (Device)": 30.0, "mystery": 60.0}
+    split = breakdown.by_kind(times, steps=3)
+    assert split["matmul"] == 3.0 and split["attention"] == 1.0 and split["other"] == pytest.approx(0.02)
+    assert tuple(split) == breakdown.SHOWN and split["norm"] == 0.0
+    assert set(breakdown.SHOWN) == {k for k, _ in breakdown.KINDS} | {breakdown.OTHER}
+    assert [t["name"] for t in breakdown.top(times, steps=3, n=2)] == ["nvjet_tst_128x256", "_attn_fwd"]
+
+
+def test_profile_steps_on_cpu_times_the_ops():
+    a = torch.randn(256, 256)
+    times = breakdown.profile_steps(lambda: (a @ a).relu(), steps=2, device=torch.device("cpu"))
+    split = breakdown.by_kind(times, steps=2)
+    assert split["matmul"] > 0 and split["elementwise"] > 0
