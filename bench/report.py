@@ -82,6 +82,32 @@ def breakdown_table(result: dict) -> str:
             f"busy: their sum over the median step)\n\n" + _md(["variant", *breakdown.COLUMNS], lines))
 
 
+def profile_table(result: dict) -> str:
+    """A kernel profile: per op its training pass's time per backend, triton's rate and fraction
+    of the roofline, and the backend train.py --kernels=auto takes from it, eager and compiled."""
+    lines = []
+    for op, e in result["ops"].items():
+        pass_, measured = e["training_pass"], e["backends"]
+
+        def ms(backend: str) -> str:
+            r = measured.get(backend)
+            if r is None or "error" in r:
+                return "" if r is None else "error"
+            return f"{r['ms'][pass_]:.3f}" + ("" if r["verified"] else " unverified")
+
+        triton = measured.get("triton", {})
+        rate = f"{triton['rate'][pass_]:,.0f} {e['unit']} ({100 * triton['roofline'][pass_]:.0f}%)" \
+            if "rate" in triton else ""
+        lines.append([op, e["shape"], pass_, ms("torch"), ms("compile"), ms("triton"), rate,
+                      e["chosen"]["eager"], e["chosen"]["compiled"]])
+    w, r = result["workload"], result["rooflines"]
+    title = (f"bench.kernels {w['preset']}: {w['shapes']}; rooflines measured: copy {r['copy_gbs']:,.0f} GB/s, "
+             f"bf16 matmul {r['matmul_tflops']:,.0f} TFLOPS")
+    header = ["op", "shape", "pass", "torch ms", "compile ms", "triton ms", "triton rate (of roofline)",
+              "chosen eager", "chosen compiled"]
+    return title + "\n\n" + _md(header, lines)
+
+
 def report(path: Path) -> str:
     try:
         result = json.loads(path.read_text())
