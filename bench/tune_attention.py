@@ -63,7 +63,7 @@ import torch
 
 from bench.measure import median_ms, provenance
 from bench.op_attention import TOKENS, WIDTH
-from kernels import attention
+from kernels import attention, runtime
 from kernels.accuracy import bound, rel_err
 from kernels.attention import _Config
 
@@ -89,19 +89,6 @@ TMA_TWINS = 8
 # Three heads, so that one is checked only by the whole-tensor comparison.
 SMOKE = dict(D=32, T=40, B=1, H=3, compare_t=(64,))
 INTERPRETER_BLOCKS = (16, 32)
-
-try:
-    # The ops launch with torch's tracing wrapper off in eager (triton_op does that). Outside an
-    # op, wrap_triton would send each launch through a higher-order op: host time that the short
-    # kernels at T = 1024 could not hide.
-    from torch._library.triton import set_wrap_triton_enabled
-except ImportError:
-    set_wrap_triton_enabled = None
-
-
-def _direct_launches():
-    return set_wrap_triton_enabled(False) if set_wrap_triton_enabled else contextlib.nullcontext()
-
 
 def _tiles(which: str, owned: int, streamed: int) -> tuple[int, int]:
     """(block_m, block_n) of a pass that owns `owned` rows and streams `streamed` past them:
@@ -287,7 +274,7 @@ def _compile_one(shape: tuple[int, int, int, int, str], which: str, cfg: tuple) 
     """In a worker: pass `which` launched once with `cfg` at `shape` (B, H, T, D, device);
     "ok" or why it failed."""
     try:
-        with _direct_launches():
+        with runtime.direct_launches():
             if shape not in _worker_problem:
                 _worker_problem.clear()
                 *dims, device = shape
@@ -563,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.compile_jobs
     if jobs is None:
         jobs = min(8, os.cpu_count() or 1) if torch.cuda.is_available() and not args.smoke else 0
-    with _direct_launches(), compile_pool(jobs) or contextlib.nullcontext() as pool:
+    with runtime.direct_launches(), compile_pool(jobs) or contextlib.nullcontext() as pool:
         tune(head_dims, T, args.smoke, args.json, pool)
     return 0
 

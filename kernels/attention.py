@@ -731,7 +731,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
-    grads = torch.ops.tritongpt.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
+    grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
     return *_split_grads(grads, q.shape[1]), None, None, None
 
 
@@ -765,4 +765,4 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     check_triton_attention(q)
     q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
     seed = runtime.dropout_seed_tensor(dropout_p, q.device)
-    return torch.ops.tritongpt.attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]
+    return _attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]

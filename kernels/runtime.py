@@ -12,6 +12,12 @@ import warnings
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+try:
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # a torch without the switch: wrap_triton's launches always take its op
+    set_wrap_triton_enabled = None
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -90,15 +96,72 @@ def triton_op(name: str, mutates_args=()):
     under the interpreter the function becomes an opaque custom op instead, its fake (shape-only)
     implementation the function itself with the launches skipped: graphs then call it as one
     op, which runs the interpreter. That lets torch.compile's tracing, autograd and shapes of the
-    ops be tested on CPU; what Inductor makes of the launches is left to a GPU."""
-    if not INTERPRET:
-        return torch.library.triton_op(name, mutates_args=mutates_args)
+    ops be tested on CPU; what Inductor makes of the launches is left to a GPU.
 
+    Eager calls on plain tensors skip the op's dispatch (see Op)."""
     def register(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-        op.register_fake(fn)
-        return op
+        if INTERPRET:
+            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+            op.register_fake(fn)
+        else:
+            op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        return Op(op, fn)
     return register
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(args) -> bool:
+    """Whether a call with `args` is plain eager work: not traced by torch.compile, no dispatch
+    mode active, every tensor a plain torch.Tensor or Parameter (no fake, functional or other
+    subclass)."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
+
+
+class Op:
+    """A registered op (torch.library) and the function behind it. Called in plain eager work
+    (_eager) it runs the function itself, through an autograd.Function holding the op's
+    registered formula when a gradient is wanted: what the op's dispatch does there (its
+    autograd wrapper, a redispatch, Dynamo's disable guard) is most of a call's host time
+    otherwise. Anywhere else (torch.compile's tracing, fake or functional tensors, a dispatch
+    mode) it is the op, so graphs see the op and its kernels."""
+
+    def __init__(self, op, fn):
+        self.op, self.fn = op, fn
+        self.function = None  # the autograd.Function, once register_autograd has given a formula
+
+    def register_autograd(self, backward, setup_context) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self.fn
+
+        def forward(ctx, *args):
+            out = _launch_directly(fn, args)
+            setup_context(ctx, args, out)
+            return out
+        self.function = type(fn.__name__, (torch.autograd.Function,),
+                             dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+    def __call__(self, *args):
+        if not _eager(args):
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self.function.apply(*args)
+        return _launch_directly(self.fn, args)
+
+
+def direct_launches():
+    """Context in which wrap_triton's launches go straight to the kernels, as triton_op's own
+    eager implementation runs them: through torch's tracing wrapper each launch would be a
+    higher-order op, host time that short kernels cannot hide."""
+    return set_wrap_triton_enabled(False) if set_wrap_triton_enabled else contextlib.nullcontext()
+
+
+def _launch_directly(fn, args):
+    with direct_launches():
+        return fn(*args)
 
 
 class _InterpretedLaunch:
