@@ -218,7 +218,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def empty_bthd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised (B, H, T, D) tensor laid out as (B, T, H, D), in `like`'s dtype and on its
     device: y.transpose(1, 2) is then a contiguous (B, T, H*D), as the model's output projection
-    reads attention's output, and as the projection's own layout gives q, k and v their grads."""
+    reads attention's output."""
     return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype,
                                device=like.device)
 
