@@ -223,16 +223,16 @@ def _breakdown(step, run: Run) -> dict:
                 top=breakdown.top(times, run.profile_steps))
 
 
-def _work_rates(split: dict, run: Run, flops: Flops, median_ms: float) -> dict:
+def _work_rates(profiled: dict, run: Run, flops: Flops, median_ms: float) -> dict:
     """The share of the step the device was busy, and the TFLOPS of the matmul and attention
     kernels (None under recompute, whose second forward no FLOPs figure holds)."""
     tokens = run.batch_size * run.seq_len
 
     def rate(step_flops: float, ms: float) -> float | None:
         return step_flops / (ms / 1e3) / 1e12 if ms > 0 and not run.recompute else None
-    return dict(busy=sum(split["ms"].values()) / median_ms,
-                matmul_tflops=rate(flops.matmul * tokens, split["ms"]["matmul"]),
-                attention_tflops=rate((flops.hardware - flops.matmul) * tokens, split["ms"]["attention"]))
+    return dict(busy=sum(profiled["ms"].values()) / median_ms,
+                matmul_tflops=rate(flops.matmul * tokens, profiled["ms"]["matmul"]),
+                attention_tflops=rate((flops.hardware - flops.matmul) * tokens, profiled["ms"]["attention"]))
 
 
 def summarize(row: dict, run: Run, flops: Flops, peak: Peak) -> dict:
@@ -295,17 +295,17 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
 
 def print_breakdown(rows: list[dict], console: Console) -> None:
     """Where each variant's step time went (its profiled steps), or why that is missing."""
-    split = [r for r in rows if "ms" in r.get("breakdown", {})]
+    profiled = [r for r in rows if "ms" in r.get("breakdown", {})]
     for r in rows:
         if "error" in r.get("breakdown", {}):
             console.print(f"{r['variant']}: no breakdown ({r['breakdown']['error']})")
-    if not split:
+    if not profiled:
         return
-    table = Table(title=f"device ms a step by kind of work (torch.profiler, {split[0]['breakdown']['steps']} "
+    table = Table(title=f"device ms a step by kind of work (torch.profiler, {profiled[0]['breakdown']['steps']} "
                         f"steps); busy: their sum over the timed step's median")
     for col in ("variant", *breakdown.COLUMNS):
         table.add_column(col, justify="left" if col == "variant" else "right")
-    for r in split:
+    for r in profiled:
         table.add_row(r["variant"], *breakdown.cells(r["breakdown"]))
     console.print(table)
 
