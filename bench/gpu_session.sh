@@ -3,7 +3,8 @@
 # start (a minute or two) included, so start with the one call that fits them:
 #   bash bench/gpu_session.sh first     # the most telling checks in one call of BUDGET_S (540) seconds:
 #                                       # the suite natively (tests not started by 150 s skip), bench.mfu
-#                                       # gpt2, then the attention, norm, adamw and swiglu benchmarks,
+#                                       # gpt2 (with where each variant's step time goes: bench/breakdown.py),
+#                                       # then the attention, norm, adamw and swiglu benchmarks,
 #                                       # each cut at its share (their rows come as they are measured);
 #                                       # every step's time lands in first.log, for the next plan;
 #                                       # report.md has the README's tables of what was measured
