@@ -1,7 +1,22 @@
 """Memory measures shared by the model and planning tests."""
+import collections
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class OpCount(TorchDispatchMode):
+    """How many times each aten op ran inside the context (e.g. the copies a step makes). Being a
+    dispatch mode, it also sends the triton ops through their registered op (runtime.Op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int, torch.Tensor]:

@@ -1,27 +1,13 @@
 """kernels.split: the views of a projection's output, whose gradients join without a copy where
 the Triton backwards write them side by side (attention's d_qkv, SwiGLU's d_h)."""
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from gpt.model import GPT, GPTConfig, model_ops
 from kernels.packed import join
 from tests.devices import compiled, skip_unless_triton_runs
-
-
-class OpCount(TorchDispatchMode):
-    """How many times each aten op ran inside the context."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from tests.memory import OpCount
 
 
 def shares_memory(a, b):

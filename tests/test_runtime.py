@@ -3,18 +3,11 @@ registered autograd formula); traced or intercepted calls go through the registe
 must give the same numbers."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from gpt.model import GPT, GPTConfig, model_ops
 from tests.devices import skip_unless_triton_runs
-
-
-class Intercept(TorchDispatchMode):
-    """A dispatch mode that changes nothing: the ops see it, so they take the registered op."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
+from tests.memory import OpCount
 
 
 def _leaves(*shapes, dtype=torch.float32):
@@ -59,7 +52,7 @@ def test_direct_and_registered_calls_agree(op):
     skip_unless_triton_runs("triton", "cpu")
     fn, shapes = CASES[op]
     results = []
-    for mode in (None, Intercept()):
+    for mode in (None, OpCount()):
         leaves = _leaves(*shapes)
         torch.manual_seed(1)
         if mode is None:
@@ -88,7 +81,7 @@ def test_eager_calls_skip_the_op_dispatch():
     assert _profiled_op_names(lambda: _norm(x, w, b, r).backward()) == set()
 
     def intercepted():
-        with Intercept():
+        with OpCount():
             _norm(x, w, b, r).backward()
     assert _profiled_op_names(intercepted) == {"tritongpt::norm_fwd", "tritongpt::norm_bwd"}
 
