@@ -27,6 +27,7 @@ import torch
 
 from gpt.model import GPT, GPTConfig, rope_tables
 from kernels.accuracy import bound, rel_err
+from kernels.rope import rope_torch
 
 # AdamW hyperparameters of train.py's defaults; a late step, where bias correction is mild.
 ADAMW = dict(step=10, lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -205,16 +206,19 @@ def _rope(s: Shapes, device) -> Case:
 
     size = B * T * (H + Hkv) * D * s.dtype.itemsize
     tables = 2 * T * (D // 2) * 4
-    # Forward reads q, k and the fp32 cos and sin tables and writes the rotated q and k (the
-    # model's two calls); backward reads their gradients and the tables and writes q's and k's.
+    # Forward reads q, k and the fp32 cos and sin tables and writes the rotated q and k (two
+    # calls); backward reads their gradients and the tables and writes q's and k's.
     return Case("rope", f"B={B} T={T} H={H}/{Hkv} D={D}", ("fwd", "fwd+bwd"), make, call,
                 {"fwd": 2 * size + 2 * tables, "fwd+bwd": 4 * size + 4 * tables}, "GB/s", s.dtype)
 
 
-def dropped_attention(q, k, v, causal: bool, scale: torch.Tensor) -> torch.Tensor:
+def dropped_attention(q, k, v, causal: bool, scale: torch.Tensor, rope=None) -> torch.Tensor:
     """Causal or full attention with the attention weights multiplied by `scale` (B, H, T, T), the
     dropout's 0 or 1 / (1 - p), as a careful torch user writes it (nanoGPT's manual path under
-    autocast): matmuls in the inputs' dtype, the softmax in at least fp32."""
+    autocast): matmuls in the inputs' dtype, the softmax in at least fp32; q and k turned by the
+    `rope` tables first if given."""
+    if rope is not None:
+        q, k = rope_torch(q, *rope), rope_torch(k, *rope)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = q @ k.transpose(-1, -2)
@@ -230,17 +234,18 @@ def _attention(s: Shapes, device) -> Case:
     H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
     p = c.dropout
 
+    rope = c.pos_encoding == "rope"  # the model's attention turns q and k first
+
     def make():  # q, k and v as the model has them: views of one qkv projection
         return [_randn(B, T, (H + 2 * Hkv) * D, device=device, dtype=s.dtype, grad=True),
-                _randn(B, H, T, D, device=device, dtype=s.dtype)]
+                _randn(B, H, T, D, device=device, dtype=s.dtype),
+                *(rope_tables(D, T, c.rope_theta, device) if rope else ())]
 
     def call(fn, inputs, pass_):
-        qkv, dy = inputs
+        qkv, dy, *tables = inputs
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
-        if c.pos_encoding == "rope":  # rotated q and k are fresh contiguous tensors
-            q, k = q.contiguous(), k.contiguous()
-        return _outputs(fn(q, k, v, causal=True, dropout_p=p), [q, k, v], dy, pass_)
+        return _outputs(fn(q, k, v, causal=True, dropout_p=p, rope=tables or None), [q, k, v], dy, pass_)
 
     def align(fn, _reference, inputs):
         """fn seeded, and attention's formula dropping out with fn's mask (dropped_attention).
@@ -248,7 +253,7 @@ def _attention(s: Shapes, device) -> Case:
         column i of a query is its weight of key j0 + i, kept or not; every weight of a visible
         key is positive."""
         fn = _seeded(fn)
-        qkv, dy = inputs
+        qkv, dy = inputs[:2]
         scale = torch.zeros(B, H, T, T, device=qkv.device)
         cols = torch.arange(D, device=qkv.device)
         for j0 in range(0, T, D):
@@ -259,11 +264,12 @@ def _attention(s: Shapes, device) -> Case:
             v[:, j0 + cols[:w], :, cols[:w]] = 1
             out = call(fn, [probe.requires_grad_(), dy], "fwd")[0].detach()
             scale[..., j0:j0 + w] = (out[..., :w] != 0).float() / (1 - p)
-        return fn, lambda q, k, v, causal, dropout_p: dropped_attention(q, k, v, causal, scale)
+        return fn, lambda q, k, v, causal, dropout_p, rope: dropped_attention(q, k, v, causal, scale, rope)
 
     fwd = 4 * B * H * T * T * D / 2  # QKᵀ and PV, causal half
     # Backward is 2.5x the forward: five matmuls to its two, recomputing QKᵀ.
-    return Case("attention", f"B={B} H={H}/{Hkv} T={T} D={D} causal" + (f" dropout {p:g}" if p else ""),
+    return Case("attention", f"B={B} H={H}/{Hkv} T={T} D={D} causal" + (" rope" if rope else "")
+                + (f" dropout {p:g}" if p else ""),
                 ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": 3.5 * fwd}, "TFLOPS", s.dtype,
                 align if p else None)
 

@@ -87,12 +87,11 @@ def preset(name: str) -> dict:
 
 
 def model_ops(config: GPTConfig) -> set[str]:
-    """The registry ops a model of `config` calls in training (forward, loss, backward)."""
+    """The registry ops a model of `config` calls in training (forward, loss, backward). RoPE is
+    attention's there; the rope op turns the keys a KV cache keeps, in generation."""
     used = {"rms_norm" if config.norm == "rmsnorm" else "layer_norm", "attention", "cross_entropy"}
     if config.mlp == "swiglu":
         used.add("swiglu")
-    if config.pos_encoding == "rope":
-        used.add("rope")
     return used
 
 
@@ -194,15 +193,17 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:
-            cos, sin = rope
-            q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)  # pairs (hs/2 apart) rotated
-        if cache is not None and cache.length:
-            y = self._attend_cached(q, *cache.extend(self.layer, k, v), start=cache.length)
-        else:
-            if cache is not None:  # the prompt: causal attention over itself, as in training
+        p = self.dropout if self.training else 0.0
+        if cache is None:  # training, or inference without a cache: rope's turn of q and k is attention's
+            y = self.ops.attention(q, k, v, causal=True, dropout_p=p, rope=rope)
+        else:  # the cache keeps turned keys
+            if rope is not None:
+                q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)  # pairs (hs/2 apart) turned
+            if cache.length:
+                y = self._attend_cached(q, *cache.extend(self.layer, k, v), start=cache.length)
+            else:  # the prompt: causal attention over itself, as in training
                 cache.extend(self.layer, k, v)
-            y = self.ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+                y = self.ops.attention(q, k, v, causal=True, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 

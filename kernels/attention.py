@@ -26,6 +26,12 @@ Philox call's four draws over four neighbouring keys, the other way to cut its c
 mask through shared memory to reach the MMA accumulator's layout (32 KB more a block in every
 pass).
 
+With RoPE (`rope=(cos, sin)`, the model's LLaMA attention) the forward first turns q and k with
+the rope kernel (kernels/rope.py) into one (B, T, H + Hkv, D) buffer, which it attends over and
+keeps for the backward; the backward turns dq and dk back in place, adjacent heads of its
+gradient buffer, in one pass. So dq, dk and dv stay one buffer that the model's split of its qkv
+projection hands on, where a rope op of its own would give fresh dq and dk to concatenate.
+
 On Hopper and later the tiles of q, k, v and dO can load through TMA tensor descriptors (the
 copy engine, asynchronous, no address arithmetic in the threads) instead of pointers: a field of
 each pass's launch configuration, used where the layout allows it (_use_tma) and chosen per GPU
@@ -49,11 +55,12 @@ import triton.language as tl
 from . import runtime
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
+from .rope import check_tables, rope_torch, rotate, triton_tables
 
 HEAD_DIMS = (32, 64, 96, 128)
 
 
-def check_attention(q, k, v, causal, dropout_p) -> None:
+def check_attention(q, k, v, causal, dropout_p, rope) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor("attention", name, t, ndim=4)
     check_same("attention", "dtype", q=q, k=k, v=v)
@@ -68,12 +75,18 @@ def check_attention(q, k, v, causal, dropout_p) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"attention: causal must be a bool, got {causal!r}")
     check_dropout("attention", dropout_p)
+    if rope is not None:
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise ValueError(f"attention: rope must be a (cos, sin) pair of tables, got {type(rope).__name__}")
+        check_tables("attention", q, *rope)
 
 
 @register("attention", "torch")
 def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    dropout_p: float = 0.0) -> torch.Tensor:
-    check_attention(q, k, v, causal, dropout_p)
+                    dropout_p: float = 0.0, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    check_attention(q, k, v, causal, dropout_p, rope)
+    if rope is not None:
+        q, k = rope_torch(q, *rope), rope_torch(k, *rope)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -638,18 +651,39 @@ def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, d
     return scales, constexprs
 
 
+def _empty_heads(like: torch.Tensor, B: int, T: int, heads: int, D: int) -> torch.Tensor:
+    """An uninitialised (B, T, heads, D) buffer: several tensors' heads side by side (_heads)."""
+    return torch.empty((B, T, heads, D), dtype=like.dtype, device=like.device)
+
+
+def _heads(buf: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """(B, size, T, D) views of consecutive heads of a (B, T, heads, D) buffer."""
+    return tuple(t.transpose(1, 2) for t in buf.split(sizes, dim=2))
+
+
 def _empty_grads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """An uninitialised (B, T, H + 2*Hkv, D) buffer for dq, dk and dv (_split_grads): laid out as
     the model's qkv projection output lays out q, k and v, so that the split of that output takes
     the buffer as its gradient without concatenating (kernels.split)."""
     B, H, T, D = q.shape
-    return torch.empty((B, T, H + 2 * k.shape[1], D), dtype=q.dtype, device=q.device)
+    return _empty_heads(q, B, T, H + 2 * k.shape[1], D)
 
 
 def _split_grads(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (B, H, T, D), dk and dv (B, Hkv, T, D): views of the heads of _empty_grads' buffer."""
     Hkv = (buf.shape[2] - H) // 2
-    return tuple(t.transpose(1, 2) for t in buf.split([H, Hkv, Hkv], dim=2))
+    return _heads(buf, [H, Hkv, Hkv])
+
+
+def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """q and k turned by RoPE's tables (rope.rotate), side by side in one (B, T, H + Hkv, D)
+    buffer: the layout of dq and dk in _empty_grads' buffer, which the backward turns back in
+    place, in one pass."""
+    B, H, T, D = q.shape
+    qk = _empty_heads(q, B, T, H + k.shape[1], D)
+    for x, y in zip((q, k), _heads(qk, [H, k.shape[1]])):
+        rotate(x, y, cos, sin, False)
+    return qk
 
 
 def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
@@ -709,16 +743,33 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return _launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0))
 
 
+@runtime.triton_op("tritongpt::attention_rope_fwd", mutates_args=())
+def _attention_rope_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, causal: bool, dropout_p: float,
+                        seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, lse2, qk): attention over q and k turned by RoPE, and the buffer of the turned q and k
+    (_rotated), which the backward reads."""
+    qk = _rotated(q, k, cos, sin)
+    q, k = _heads(qk, [q.shape[1], k.shape[1]])
+    return *_launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0)), qk
+
+
 @runtime.triton_op("tritongpt::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, causal: bool, dropout_p: float,
-                   seed: Optional[torch.Tensor]) -> torch.Tensor:
+                   seed: Optional[torch.Tensor], cos: Optional[torch.Tensor],
+                   sin: Optional[torch.Tensor]) -> torch.Tensor:
     """The buffer of dq, dk and dv (_launch_bwd; one output, as a custom op's outputs may not alias
-    each other) from dO and the forward's inputs, output and base-2 log-sum-exp."""
+    each other) from dO and the forward's inputs, output and base-2 log-sum-exp. Given RoPE's
+    tables (q and k being the turned ones), dq and dk are turned back to the inputs' gradients."""
     do = _dense_stride1(do)  # e.g. the stride-0 gradient of out.sum()
     dropout = dropout_p > 0
-    return _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed, _config(q, "fwd", dropout),
-                       _config(q, "dkdv", dropout), _config(q, "dq", dropout))
+    buf = _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed, _config(q, "fwd", dropout),
+                      _config(q, "dkdv", dropout), _config(q, "dq", dropout))
+    if cos is not None:  # the rotation's transpose, in place: dq and dk are adjacent heads
+        dqk = buf[:, :, :q.shape[1] + k.shape[1]].transpose(1, 2)
+        rotate(dqk, dqk, cos, sin, True)
+    return buf
 
 
 def _setup_context(ctx, inputs, output):
@@ -731,11 +782,27 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
-    grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
+    grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed, None, None)
     return *_split_grads(grads, q.shape[1]), None, None, None
 
 
+def _setup_rope_context(ctx, inputs, output):
+    q, k, v, cos, sin, causal, dropout_p, seed = inputs
+    o, lse, qk = output
+    ctx.save_for_backward(qk, v, o, lse, seed, cos, sin)
+    ctx.causal, ctx.dropout_p, ctx.heads = causal, dropout_p, [q.shape[1], k.shape[1]]
+    ctx.mark_non_differentiable(lse, qk)
+
+
+def _rope_backward(ctx, do, _dlse, _dqk):
+    qk, v, o, lse, seed, cos, sin = ctx.saved_tensors
+    q, k = _heads(qk, ctx.heads)
+    grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed, cos, sin)
+    return *_split_grads(grads, ctx.heads[0]), None, None, None, None, None
+
+
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_rope_fwd.register_autograd(_rope_backward, setup_context=_setup_rope_context)
 
 
 def check_triton_attention(q) -> None:
@@ -754,15 +821,22 @@ def check_triton_attention(q) -> None:
 
 @register("attention", "triton")
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                     dropout_p: float = 0.0) -> torch.Tensor:
+                     dropout_p: float = 0.0, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Flash attention in Triton; the torch backend's signature and semantics.
 
     q, k and v may be strided views (the model's split of one qkv projection): only a head dim
     that is not contiguous is copied. The output is (B, H, T, D) laid out as (B, T, H, D); the
     gradients dq, dk and dv are views of one (B, T, H + 2*Hkv, D) buffer (_empty_grads).
-    Dropout's seed comes from runtime.dropout_seed_tensor and is kept for the backward."""
-    check_attention(q, k, v, causal, dropout_p)
+    Dropout's seed comes from runtime.dropout_seed_tensor and is kept for the backward.
+
+    With `rope`, q and k are turned into one buffer first and dq and dk turned back in place in
+    the gradient buffer (_attention_rope_fwd): the rotation's passes, and no copy of the
+    gradients, which a separate rope op's fresh dq and dk would cost at the split."""
+    check_attention(q, k, v, causal, dropout_p, rope)
     check_triton_attention(q)
-    q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
     seed = runtime.dropout_seed_tensor(dropout_p, q.device)
+    if rope is not None:
+        cos, sin = triton_tables("attention", *rope)
+        return _attention_rope_fwd(q, k, _dense_stride1(v), cos, sin, causal, float(dropout_p), seed)[0]
+    q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
     return _attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]

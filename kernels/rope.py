@@ -33,16 +33,33 @@ _NUM_WARPS = 8
 def check_rope(x, cos, sin, dtypes=FLOAT_DTYPES) -> None:
     """The arguments, x in `dtypes` (a backend's own set)."""
     check_tensor("rope", "x", x, dtypes)
-    check_tensor("rope", "cos", cos, ndim=2)
-    check_tensor("rope", "sin", sin, ndim=2)
-    if x.dim() != 4 or x.shape[-1] % 2:
-        raise ValueError(f"rope: x must be (B, H, T, D) with D even, got shape {tuple(x.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"rope: x must be (B, H, T, D), got shape {tuple(x.shape)}")
+    check_tables("rope", x, cos, sin)
+
+
+def check_tables(op: str, x, cos, sin) -> None:
+    """cos and sin fit x (B, H, T, D), which `op` rotates: each (T, D/2), D even, on x's device."""
+    check_tensor(op, "cos", cos, ndim=2)
+    check_tensor(op, "sin", sin, ndim=2)
     B, H, T, D = x.shape
+    if D % 2:
+        raise ValueError(f"{op}: rope needs an even head dim D, got shape {tuple(x.shape)}")
     if tuple(cos.shape) != (T, D // 2):
-        raise ValueError(f"rope: cos and sin must have shape (T, D/2) = {(T, D // 2)} for x of shape "
+        raise ValueError(f"{op}: cos and sin must have shape (T, D/2) = {(T, D // 2)} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(cos.shape)}")
-    check_same("rope", "shape", cos=cos, sin=sin)
-    check_same("rope", "device", x=x, cos=cos, sin=sin)
+    check_same(op, "shape", cos=cos, sin=sin)
+    check_same(op, "device", x=x, cos=cos, sin=sin)
+
+
+def triton_tables(op: str, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as the kernel reads them (contiguous fp32 constants), or a ValueError."""
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_tensor(op, name, table, dtypes=(torch.float32,))
+        if table.requires_grad:
+            raise ValueError(f"{op}: the triton backend takes the {name} table as a constant; "
+                             f"it must not require grad")
+    return cos.contiguous(), sin.contiguous()
 
 
 @register("rope", "torch")
@@ -85,19 +102,25 @@ def _rope_kernel(
     tl.store(y1_ptrs + HALF * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
 
 
-@runtime.triton_op("tritongpt::rope", mutates_args=())
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """x (B, H, T, D) turned by the tables' angles (with sin negated if `inverse`: the transpose),
-    laid out as (B, T, H, D)."""
+def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
+    """y = x (B, H, T, D) turned by the tables' angles (sin negated if `inverse`: the transpose).
+    y may be x itself: each program reads its pairs before writing them."""
     B, H, T, D = x.shape
-    y = runtime.empty_bthd(B, H, T, D, x)
-    if y.numel():
+    if x.numel():
         block_half = triton.next_power_of_2(D // 2)
         block_t = max(1, min(_TILE // block_half, triton.next_power_of_2(T)))
         with runtime.on_device(x):
             runtime.wrap_triton(_rope_kernel)[(triton.cdiv(T, block_t), H, B)](
                 x, y, cos, sin, T, D // 2, *x.stride(), *y.stride(),
                 INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
+
+
+@runtime.triton_op("tritongpt::rope", mutates_args=())
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """x (B, H, T, D) turned by the tables' angles (with sin negated if `inverse`: the transpose),
+    laid out as (B, T, H, D)."""
+    y = runtime.empty_bthd(*x.shape, x)
+    rotate(x, y, cos, sin, inverse)
     return y
 
 
@@ -118,10 +141,6 @@ _rope.register_autograd(_backward, setup_context=_setup_context)
 @register("rope", "triton")
 def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     check_rope(x, cos, sin, TRITON_DTYPES)
-    for name, table in (("cos", cos), ("sin", sin)):
-        check_tensor("rope", name, table, dtypes=(torch.float32,))
-        if table.requires_grad:
-            raise ValueError(f"rope: the triton backend takes the {name} table as a constant; "
-                             f"it must not require grad")
+    cos, sin = triton_tables("rope", cos, sin)
     runtime.check_device("rope", x)
-    return _rope(x, cos.contiguous(), sin.contiguous(), False)
+    return _rope(x, cos, sin, False)

@@ -13,14 +13,18 @@ import torch
 import kernels
 from kernels import attention
 from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
+from gpt.model import rope_tables
 from tests.numerics import assert_as_accurate, assert_mask_is_random
+from tests.test_rope import reference as turned
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def reference(q, k, v, causal, keep=None, dropout_p=0.0):
+def reference(q, k, v, causal, keep=None, dropout_p=0.0, rope=None):
     """Attention from its definition, in the inputs' dtype (float64 for the reference);
-    `keep` (B, H, T, T) is a dropout mask."""
+    `keep` (B, H, T, T) is a dropout mask, `rope` the (cos, sin) tables q and k are turned by."""
+    if rope is not None:
+        q, k = (turned(t, *(table.to(t.dtype) for table in rope)) for t in (q, k))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -57,24 +61,25 @@ def make_qkv(B, H, Hkv, T, D, dtype, device, layout="contiguous"):
     return [t.detach().requires_grad_() for t in (q, k, v)]
 
 
-def run(backend, q, k, v, do, causal, dropout_p=0.0):
+def run(backend, q, k, v, do, causal, dropout_p=0.0, rope=None):
     """Output and (dq, dk, dv) of `backend` at fresh copies of the leaves."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = kernels.get("attention", backend)(*leaves, causal=causal, dropout_p=dropout_p)
+    out = kernels.get("attention", backend)(*leaves, causal=causal, dropout_p=dropout_p, rope=rope)
     out.backward(do)
     return out, [t.grad for t in leaves]
 
 
-def check_against_float64(backend, B, H, Hkv, T, D, causal, dtype, device, layout="contiguous"):
+def check_against_float64(backend, B, H, Hkv, T, D, causal, dtype, device, layout="contiguous", rope=False):
     q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device, layout)
     # A non-contiguous output gradient too (the model's reshape hands one back).
     do = torch.randn(B, T, H, D, dtype=dtype, device=device).transpose(1, 2)
-    out, grads = run(backend, q, k, v, do, causal)
-    torch_out, torch_grads = run("torch", q, k, v, do, causal)
+    tables = rope_tables(D, T, 10000.0, device) if rope else None
+    out, grads = run(backend, q, k, v, do, causal, rope=tables)
+    torch_out, torch_grads = run("torch", q, k, v, do, causal, rope=tables)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference(*leaves, causal)
+    ref = reference(*leaves, causal, rope=tables)
     ref.backward(do.double())
-    what = f"{backend} B={B} H={H}/{Hkv} T={T} D={D} causal={causal} {dtype} {layout}"
+    what = f"{backend} B={B} H={H}/{Hkv} T={T} D={D} causal={causal} {dtype} {layout}" + (" rope" if rope else "")
     assert out.dtype == dtype
     assert_as_accurate(out, torch_out, ref, f"{what}: out")
     for name, g, tg, leaf in zip(("dq", "dk", "dv"), grads, torch_grads, leaves):
@@ -101,10 +106,38 @@ def test_triton_matches_float64(B, H, Hkv, T, D, causal, dtype, layout, device):
     check_against_float64("triton", B, H, Hkv, T, D, causal, dtype, triton_device(device), layout)
 
 
+# With q and k turned by RoPE first (the model's LLaMA attention): layouts, groups, dtypes.
+ROPE_CASES = [
+    (1, 4, 2, 67, 64, True, torch.bfloat16, "qkv"),
+    (2, 2, 1, 17, 32, False, torch.float32, "contiguous"),
+    (1, 2, 2, 45, 128, True, torch.float16, "transposed"),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,causal,dtype,layout", ROPE_CASES)
+def test_triton_with_rope_matches_float64(B, H, Hkv, T, D, causal, dtype, layout, device):
+    check_against_float64("triton", B, H, Hkv, T, D, causal, dtype, triton_device(device), layout, rope=True)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_matches_float64(causal, dtype, device):
-    check_against_float64("torch", 2, 4, 2, 37, 48, causal, dtype, device, "qkv")
+@pytest.mark.parametrize("rope", [False, True])
+def test_torch_matches_float64(causal, dtype, rope, device):
+    check_against_float64("torch", 2, 4, 2, 37, 48, causal, dtype, device, "qkv", rope)
+
+
+def test_rope_gradients_are_views_of_one_buffer(device):
+    """With rope, dq, dk and dv still lie side by side in one (B, T, H + 2*Hkv, D) buffer (dq and dk
+    turned back in place), so the model's split of its qkv projection joins them without a copy."""
+    device = triton_device(device)
+    B, H, Hkv, T, D = 1, 4, 2, 19, 32
+    q, k, v = make_qkv(B, H, Hkv, T, D, torch.bfloat16, device)
+    out = kernels.get("attention", "triton")(q, k, v, rope=rope_tables(D, T, 10000.0, device))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    base = dq._base
+    assert base is not None and base.shape == (B, T, H + 2 * Hkv, D)
+    assert dk._base is base and dv._base is base
+    assert [t.storage_offset() for t in (dq, dk, dv)] == [0, H * D, (H + Hkv) * D]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -131,13 +164,15 @@ def test_single_token(dtype, device):
     assert (dk.float().abs() <= dk_bound).all(), (dk.float().abs() / dk_bound).max()
 
 
-def test_deterministic(device):
+@pytest.mark.parametrize("rope", [False, True])
+def test_deterministic(rope, device):
     """Two runs give bit-identical outputs and gradients: no atomics, and dk/dv of a kv head are
     summed over its 4 query heads in a fixed order."""
     device = triton_device(device)
     q, k, v = make_qkv(1, 4, 1, 67, 64, torch.bfloat16, device)
     do = torch.randn_like(q)
-    first, second = (run("triton", q, k, v, do, causal=True) for _ in range(2))
+    tables = rope_tables(64, 67, 10000.0, device) if rope else None
+    first, second = (run("triton", q, k, v, do, causal=True, rope=tables) for _ in range(2))
     assert torch.equal(first[0], second[0])
     for g1, g2 in zip(first[1], second[1]):
         assert torch.equal(g1, g2)
@@ -179,8 +214,8 @@ def test_dropout_seeded(device):
     assert not torch.equal(o1, o3)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_dropout_gradients(causal, device):
+@pytest.mark.parametrize("causal,rope", [(True, False), (False, False), (True, True)])
+def test_dropout_gradients(causal, rope, device):
     """With dropout, forward and backward use one mask. The mask of a seed is read off the kernel
     (dropout_mask); a float64 formula with that mask must then give the kernel's output and all
     three gradients at random inputs and the same seed. A backward that regenerated a different
@@ -190,14 +225,15 @@ def test_dropout_gradients(causal, device):
     keep = dropout_mask(B, H, Hkv, T, D, causal, p, seed, device)
     q, k, v = make_qkv(B, H, Hkv, T, D, torch.float32, device)
     do = torch.randn_like(q)
+    tables = rope_tables(D, T, 10000.0, device) if rope else None
     torch.manual_seed(seed)
-    out, grads = run("triton", q, k, v, do, causal, dropout_p=p)
+    out, grads = run("triton", q, k, v, do, causal, dropout_p=p, rope=tables)
     # torch's own error in fp32: the same formula evaluated in fp32.
     leaves32 = [t.detach().requires_grad_() for t in (q, k, v)]
-    torch_out = reference(*leaves32, causal, keep, p)
+    torch_out = reference(*leaves32, causal, keep, p, tables)
     torch_out.backward(do)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference(*leaves, causal, keep, p)
+    ref = reference(*leaves, causal, keep, p, tables)
     ref.backward(do.double())
     assert_as_accurate(out, torch_out, ref, "dropout out")
     for name, g, leaf32, leaf in zip(("dq", "dk", "dv"), grads, leaves32, leaves):
@@ -297,6 +333,15 @@ def test_bad_inputs():
         f(x, x, x)
     with pytest.raises(ValueError, match="attention: dropout_p"):
         f(q, q, q, dropout_p=1.0)
+    cos, sin = rope_tables(64, 8, 10000.0)
+    with pytest.raises(ValueError, match=r"attention: rope must be a \(cos, sin\) pair"):
+        f(q, q, q, rope=cos)
+    with pytest.raises(ValueError, match=r"attention: cos and sin must have shape \(T, D/2\) = \(8, 32\)"):
+        f(q, q, q, rope=(cos[:7], sin[:7]))
+    with pytest.raises(ValueError, match="attention: the triton backend takes the cos table as a constant"):
+        f(q, q, q, rope=(cos.requires_grad_(), sin))
+    with pytest.raises(ValueError, match="attention: cos must be one of"):
+        f(q, q, q, rope=(cos.double(), sin))
 
 
 # --- CUDA only -----------------------------------------------------------------------------------
@@ -328,8 +373,8 @@ def test_over_2_to_the_31_elements_cuda(tma, request):
         torch.testing.assert_close(o[-1:], a, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_torch_compile_matches_eager(tma, device, request):
+@pytest.mark.parametrize("tma,rope", [(False, False), (True, False), (False, True)])
+def test_torch_compile_matches_eager(tma, rope, device, request):
     """Under torch.compile the ops run the same kernels: same output and gradients as eager, and
     dropout compiles without a graph break (the seed is drawn on the device). With TMA loads too:
     the descriptors are made inside the traced op."""
@@ -340,10 +385,11 @@ def test_torch_compile_matches_eager(tma, device, request):
     q, k, v = make_qkv(2, 8, 2, 300, 64, torch.bfloat16, device, "qkv") if device == "cuda" else \
         make_qkv(1, 2, 1, 19, 32, torch.bfloat16, device, "qkv")
     do = torch.randn_like(q)
-    eager = run("triton", q, k, v, do, causal=True)
+    tables = rope_tables(q.shape[-1], q.shape[2], 10000.0, device) if rope else None
+    eager = run("triton", q, k, v, do, causal=True, rope=tables)
 
     def step(q, k, v, dropout_p=0.0):
-        return f(q, k, v, causal=True, dropout_p=dropout_p)
+        return f(q, k, v, causal=True, dropout_p=dropout_p, rope=tables)
 
     graphed = compiled(step, device)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]

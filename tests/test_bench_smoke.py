@@ -145,11 +145,13 @@ def test_the_issues_shapes_and_work():
 
 
 @interpreter_only
-@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "attention"])
-def test_dropout_cases_give_the_reference_each_backends_own_mask(op):
+@pytest.mark.parametrize("op,pos_encoding", [("rms_norm", "learned"), ("layer_norm", "learned"),
+                                              ("attention", "learned"), ("attention", "rope")])
+def test_dropout_cases_give_the_reference_each_backends_own_mask(op, pos_encoding):
     """torch and triton draw different masks, and both pass the check; a backend that drops
-    nothing out, or draws a fresh mask at every call, fails it."""
-    config = GPTConfig(n_embd=64, n_head=2, n_kv_head=1, block_size=40, bias=True, dropout=0.3)
+    nothing out, or draws a fresh mask at every call (or leaves q and k unturned), fails it."""
+    config = GPTConfig(n_embd=64, n_head=2, n_kv_head=1, block_size=40, bias=True, dropout=0.3,
+                       pos_encoding=pos_encoding)
     c = case(op, Shapes(config, batch_size=2, dtype=torch.bfloat16), "cpu", residual=True)
     assert c.align is not None and "dropout 0.3" in c.shape
     reference = kernels.get(op, "torch")
@@ -162,7 +164,8 @@ def test_dropout_cases_give_the_reference_each_backends_own_mask(op):
         torch.manual_seed(next(seeds))
         return reference(*args, **kwargs)
     no_dropout = lambda *args, dropout_p, **kwargs: reference(*args, **kwargs)  # noqa: E731
-    for wrong in (fresh_mask, no_dropout):
+    no_rope = lambda *args, rope, **kwargs: reference(*args, **kwargs)  # noqa: E731
+    for wrong in (fresh_mask, no_dropout) + ((no_rope,) if pos_encoding == "rope" else ()):
         assert not check(c, wrong, reference)[0]
 
 

@@ -34,7 +34,7 @@ NAMES = {
     "void at::native::(anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>": "embedding",
     "void at::native::(anonymous namespace)::embedding_backward_feature_kernel<c10::BFloat16, float, long>": "embedding",
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::native_layer_norm": "norm",
-    "tritongpt::attention_fwd": "attention", "aten::cat": "copy", "aten::_log_softmax": "loss",
+    "tritongpt::attention_fwd": "attention", "tritongpt::attention_rope_fwd": "attention", "aten::cat": "copy", "aten::_log_softmax": "loss",
     "aten::scatter_add_": "elementwise",
     "a kernel nobody named": "other",
 }

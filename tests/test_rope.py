@@ -108,7 +108,7 @@ def test_bad_inputs(backend):
     x = torch.randn(1, 2, 5, 8)
     cos, sin = rope_tables(8, 5, 10000.0)
     cases = {
-        r"x must be \(B, H, T, D\) with D even": (torch.randn(1, 2, 5, 7), *rope_tables(6, 5, 1.0)),
+        "even head dim D": (torch.randn(1, 2, 5, 7), *rope_tables(6, 5, 1.0)),
         r"x must be \(B, H, T, D\)": (torch.randn(2, 5, 8), cos, sin),
         r"must have shape \(T, D/2\)": (x, *rope_tables(8, 6, 1.0)),
         "cos, sin must have the same shape": (x, cos, sin[:, :3]),

@@ -20,8 +20,9 @@ def _norm(x, w, b, r):
                                                                             dropout_p=0.3))
 
 
-def _attention(q, k, v):
-    return kernels.get("attention", "triton")(q, k, v, causal=True, dropout_p=0.2).square().sum()
+def _attention(q, k, v, angles=None):
+    rope = None if angles is None else (angles.detach().cos(), angles.detach().sin())
+    return kernels.get("attention", "triton")(q, k, v, causal=True, dropout_p=0.2, rope=rope).square().sum()
 
 
 def _swiglu(g, u):
@@ -40,6 +41,7 @@ def _cross_entropy(logits):
 CASES = {
     "layer_norm": (_norm, [(3, 40), (40,), (40,), (3, 40)]),
     "attention": (_attention, [(1, 2, 19, 32), (1, 1, 19, 32), (1, 1, 19, 32)]),
+    "attention with rope": (_attention, [(1, 2, 19, 32), (1, 1, 19, 32), (1, 1, 19, 32), (19, 16)]),
     "swiglu": (_swiglu, [(3, 40), (3, 40)]),
     "rope": (_rope, [(1, 2, 9, 16), (9, 8)]),
     "cross_entropy": (_cross_entropy, [(5, 7)]),
