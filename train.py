@@ -287,7 +287,7 @@ def main(argv: list[str]) -> None:
             losses = torch.zeros(c["eval_iters"], device=c["device"])
             for k, (x, y) in enumerate(batches.eval_batches(split, c["eval_iters"])):
                 with autocast:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, return_logits=False)
                 losses[k] = loss
             out[split] = distributed.mean(losses.mean()).item()  # each rank scored its slice of the windows
         model.train()
@@ -337,7 +337,7 @@ def main(argv: list[str]) -> None:
                 distributed.grad_sync(world, model, micro_step == c["gradient_accumulation_steps"] - 1)
                 x, y = batches.next("train")
                 with autocast:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, return_logits=False)
                     loss = loss / c["gradient_accumulation_steps"]
                 loss_sum += loss.detach()
                 scaler.scale(loss).backward()

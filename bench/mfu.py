@@ -163,7 +163,7 @@ def _train_step(run: Run, backends: dict[str, str], compiled: bool):
 
     def step():
         with autocast:
-            _, loss = forward(x, y)
+            _, loss = forward(x, y, return_logits=False)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         clip_for_step(optimizer, params, GRAD_CLIP, grad_norm)

@@ -315,10 +315,13 @@ class GPT(nn.Module):
                 n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, return_logits: bool = True):
         """idx (B, T) token ids -> (logits, loss): with targets, every position's logits and the
         mean loss; without, the last position's logits. Given a cache, idx continues the tokens
-        it holds (inference only): their keys and values are read from it and idx's added."""
+        it holds (inference only): their keys and values are read from it and idx's added.
+        return_logits=False, with targets: (None, loss), as training wants it. Under torch.compile
+        the logits are then no output of the graph, whose backward would otherwise take a gradient
+        for them too: zeros the logits' size, filled and added to theirs every step."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -344,7 +347,7 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = self.ops.cross_entropy(logits, targets)  # fp32 mean over targets != -1
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices (matmul weights, embeddings), none on vectors (norms, biases)."""

@@ -777,7 +777,7 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
     ctx.causal, ctx.dropout_p = causal, dropout_p
-    ctx.mark_non_differentiable(lse)
+    runtime.only_first_output_differentiable(ctx, lse)
 
 
 def _backward(ctx, do, _dlse):
@@ -791,7 +791,7 @@ def _setup_rope_context(ctx, inputs, output):
     o, lse, qk = output
     ctx.save_for_backward(qk, v, o, lse, seed, cos, sin)
     ctx.causal, ctx.dropout_p, ctx.heads = causal, dropout_p, [q.shape[1], k.shape[1]]
-    ctx.mark_non_differentiable(lse, qk)
+    runtime.only_first_output_differentiable(ctx, lse, qk)
 
 
 def _rope_backward(ctx, do, _dlse, _dqk):

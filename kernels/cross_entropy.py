@@ -250,7 +250,7 @@ def _setup_context(ctx, inputs, output) -> None:
     logits, targets, ctx.ignore_index = inputs
     _loss, stats, counted = output
     ctx.save_for_backward(logits, targets, stats, counted)
-    ctx.mark_non_differentiable(stats, counted)
+    runtime.only_first_output_differentiable(ctx, stats, counted)
 
 
 def _backward(ctx, dloss, _dstats, _dcounted):

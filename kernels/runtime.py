@@ -152,6 +152,15 @@ class Op:
         return _launch_directly(self.fn, args)
 
 
+def only_first_output_differentiable(ctx, *others: torch.Tensor) -> None:
+    """For a setup_context whose op returns one differentiable output and `others` (statistics,
+    buffers kept for the backward): marks those as having no gradient, and keeps autograd from
+    filling zero gradients of their size for the backward (a memset of attention's turned q and
+    k, a third of d_qkv's bytes). The backward runs only when the first output has a gradient."""
+    ctx.mark_non_differentiable(*others)
+    ctx.set_materialize_grads(False)
+
+
 def direct_launches():
     """Context in which wrap_triton's launches go straight to the kernels, as triton_op's own
     eager implementation runs them: through torch's tracing wrapper each launch would be a

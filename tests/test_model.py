@@ -133,6 +133,15 @@ def test_causality():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+def test_training_forward_returns_no_logits():
+    """return_logits=False (train.py's call): no logits, the same loss."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    idx = torch.randint(0, 50, (2, 16))
+    logits, loss = model(idx, idx)
+    none, same = model(idx, idx, return_logits=False)
+    assert logits.shape == (2, 16, 50) and none is None and torch.equal(loss, same)
+
+
 def test_model_uses_the_chosen_backends():
     calls = []
     backends = {op: c.backend for op, c in kernels.choose("torch", "cpu").items()}
@@ -245,7 +254,7 @@ def test_compiled_model_on_triton_ops_trains_as_eager(switches, recompute, devic
         model.zero_grad()
         torch.manual_seed(0)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            _, loss = forward(idx, idx)
+            _, loss = forward(idx, idx, return_logits=False)  # as train.py calls it
         loss.backward()
         results.append([loss] + [p.grad.clone() for p in model.parameters()])
     names = ["loss"] + [n for n, _ in model.named_parameters()]
