@@ -104,14 +104,14 @@ CONFIGS = {"gpt2": GPTConfig(**preset("gpt2")), "llama": GPTConfig(**preset("lla
                                                                        vocab_size=50257))}
 
 
-def _non_causal(q, k, v, causal, dropout_p):
+def _non_causal(q, k, v, causal, dropout_p, rope):
     """The attention op as bench.cases calls it, but without the causal mask."""
-    return kernels.get("attention", "triton")(q, k, v, causal=False, dropout_p=dropout_p)
+    return kernels.get("attention", "triton")(q, k, v, causal=False, dropout_p=dropout_p, rope=rope)
 
 
-def _attention_with_tma(q, k, v, causal, dropout_p):
+def _attention_with_tma(q, k, v, causal, dropout_p, rope):
     """Each pass launched with its configuration's TMA twin, as bench/tune_attention.py does
-    (without dropout)."""
+    (without dropout or rope)."""
     cfgs = {which: attention._config(q, which)._replace(tma=True) for which in ("fwd", "dkdv", "dq")}
     o, lse = attention._launch_fwd(q, k, v, causal, 0.0, None, cfgs["fwd"])
     attention._launch_bwd(o, q, k, v, o, lse, causal, 0.0, None, cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
@@ -138,7 +138,9 @@ def workloads(arch: int):
     matmuls must run on the tensor cores (16-bit attention), else None (fp32 checks fp32)."""
     for name, config in CONFIGS.items():
         shapes = Shapes(config, batch_size=1, seq_len=64)
-        for op in sorted(model_ops(config) | {"adamw", "grad_norm"}):
+        # rope: the op of generation (training's attention launches the same kernel)
+        rope = {"rope"} if config.pos_encoding == "rope" else set()
+        for op in sorted(model_ops(config) | rope | {"adamw", "grad_norm"}):
             kind = "streams" if op in STREAMING else "mma" if op == "attention" else None
             yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton")), kind
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
