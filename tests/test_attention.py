@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import kernels
+from gpt.model import rope_tables
 from kernels import attention
 from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
-from gpt.model import rope_tables
 from tests.numerics import assert_as_accurate, assert_mask_is_random
 from tests.test_rope import reference as turned
 
@@ -339,7 +339,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"attention: cos and sin must have shape \(T, D/2\) = \(8, 32\)"):
         f(q, q, q, rope=(cos[:7], sin[:7]))
     with pytest.raises(ValueError, match="attention: the triton backend takes the cos table as a constant"):
-        f(q, q, q, rope=(cos.requires_grad_(), sin))
+        f(q, q, q, rope=(cos.clone().requires_grad_(), sin))
     with pytest.raises(ValueError, match="attention: cos must be one of"):
         f(q, q, q, rope=(cos.double(), sin))
 
