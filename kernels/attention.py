@@ -55,7 +55,7 @@ import triton.language as tl
 from . import runtime
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
-from .rope import check_tables, rope_torch, rotate, triton_tables
+from .rope import check_tables, rotate, triton_tables, turned
 
 HEAD_DIMS = (32, 64, 96, 128)
 
@@ -86,7 +86,7 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     dropout_p: float = 0.0, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     check_attention(q, k, v, causal, dropout_p, rope)
     if rope is not None:
-        q, k = rope_torch(q, *rope), rope_torch(k, *rope)
+        q, k = turned(q, *rope), turned(k, *rope)  # tables checked above
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -787,18 +787,19 @@ def _backward(ctx, do, _dlse):
 
 
 def _setup_rope_context(ctx, inputs, output):
-    q, k, v, cos, sin, causal, dropout_p, seed = inputs
+    _q, _k, v, cos, sin, causal, dropout_p, seed = inputs
     o, lse, qk = output
     ctx.save_for_backward(qk, v, o, lse, seed, cos, sin)
-    ctx.causal, ctx.dropout_p, ctx.heads = causal, dropout_p, [q.shape[1], k.shape[1]]
+    ctx.causal, ctx.dropout_p = causal, dropout_p
     runtime.only_first_output_differentiable(ctx, lse, qk)
 
 
 def _rope_backward(ctx, do, _dlse, _dqk):
     qk, v, o, lse, seed, cos, sin = ctx.saved_tensors
-    q, k = _heads(qk, ctx.heads)
+    H = qk.shape[2] - v.shape[1]  # qk holds q's heads, then k's (as many as v's)
+    q, k = _heads(qk, [H, v.shape[1]])
     grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed, cos, sin)
-    return *_split_grads(grads, ctx.heads[0]), None, None, None, None, None
+    return *_split_grads(grads, H), None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -65,6 +65,11 @@ def triton_tables(op: str, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
 @register("rope", "torch")
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     check_rope(x, cos, sin)
+    return turned(x, cos, sin)
+
+
+def turned(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The torch backend's rotation of checked arguments, in at least fp32, returned in x's dtype."""
     x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
