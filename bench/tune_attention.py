@@ -183,13 +183,14 @@ def launch(which: str, p: Problem, cfg: _Config) -> dict[str, torch.Tensor]:
     if which == "fwd":
         o, lse = attention._launch_fwd(p.q, p.k, p.v, True, 0.0, None, cfg)
         return {"o": o, "lse": lse}
-    dq, dk, dv = attention._split_grads(attention._empty_grads(p.q, p.k), p.H)
+    grads = attention._empty_grads(p.q, p.k)
+    dq, dk, dv = attention._split_grads(grads, p.H)
     inputs = (p.q, p.k, p.v, p.do, p.base["lse"], p.base["delta"])
     after = (True, 0.0, None, cfg)
     if which == "dkdv":
-        attention._launch_dkdv(*inputs, dk, dv, *after)
+        attention._launch_dkdv(*inputs, grads, *after)
         return {"dk": dk, "dv": dv}
-    attention._launch_dq(*inputs, dq, *after)
+    attention._launch_dq(*inputs, grads, *after)
     return {"dq": dq}
 
 

@@ -345,17 +345,18 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
 def _attn_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, do_ptr,  # q, dO (B, H, T, D); k, v (B, H // GROUP, T, D)
     lse_ptr, delta_ptr,  # base-2 log-sum-exp and rowsum(dO * O), (B, H, T) contiguous fp32
-    dk_ptr, dv_ptr,  # outputs (B, H // GROUP, T, D), same strides
+    dqkv_ptr,  # output: the (B, H + 2 * H // GROUP, T, D) gradient buffer (_empty_grads), whose
+    #           heads [H, H + H // GROUP) this kernel writes (dk), then as many more (dv)
     seed_ptr,  # int64 dropout seed (one element); unused without DROPOUT
     T, H, GROUP,  # sequence length, query heads, query heads per kv head
     qk_scale,  # log2(e) / sqrt(D)
     sm_scale,  # 1 / sqrt(D)
     dropout_p,  # probability of dropping an attention weight
-    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dk/dv, in elements
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dqkv, in elements
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_gb, stride_gh, stride_gt, stride_gd,
     BLOCK_M: tl.constexpr,  # query rows per step; divides BLOCK_N so the diagonal starts a step
     BLOCK_N: tl.constexpr,  # key rows per program
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
@@ -407,10 +408,10 @@ def _attn_bwd_dkdv(
                                       stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
                                       BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
-    _store_tile(_head(dk_ptr, b, hk, stride_dkb, stride_dkh, False), start_n, T,
-                stride_dkt, stride_dkd, dk * sm_scale, BLOCK_N, BLOCK_D, HEAD_DIM)
-    _store_tile(_head(dv_ptr, b, hk, stride_dkb, stride_dkh, False), start_n, T,
-                stride_dkt, stride_dkd, dv, BLOCK_N, BLOCK_D, HEAD_DIM)
+    _store_tile(_head(dqkv_ptr, b, H + hk, stride_gb, stride_gh, False), start_n, T,
+                stride_gt, stride_gd, dk * sm_scale, BLOCK_N, BLOCK_D, HEAD_DIM)
+    _store_tile(_head(dqkv_ptr, b, H + H // GROUP + hk, stride_gb, stride_gh, False), start_n, T,
+                stride_gt, stride_gd, dv, BLOCK_N, BLOCK_D, HEAD_DIM)
 
 
 @triton.jit
@@ -440,17 +441,17 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
 def _attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, do_ptr,  # q, dO (B, H, T, D); k, v (B, H // GROUP, T, D)
     lse_ptr, delta_ptr,  # base-2 log-sum-exp and rowsum(dO * O), (B, H, T) contiguous fp32
-    dq_ptr,  # output (B, H, T, D)
+    dqkv_ptr,  # output: the gradient buffer (_empty_grads), whose first H heads this kernel writes (dq)
     seed_ptr,  # int64 dropout seed (one element); unused without DROPOUT
     T, H, GROUP,  # sequence length, query heads, query heads per kv head
     qk_scale,  # log2(e) / sqrt(D)
     sm_scale,  # 1 / sqrt(D)
     dropout_p,  # probability of dropping an attention weight
-    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dq, in elements
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dqkv, in elements
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_gb, stride_gh, stride_gt, stride_gd,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per step; divides BLOCK_M so the diagonal starts a step
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
@@ -491,8 +492,8 @@ def _attn_bwd_dq(
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, full_hi, masked_hi,
                             T, qk_scale, key, dropout_p, stride_kt, stride_kd, stride_vt,
                             stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
-    _store_tile(_head(dq_ptr, b, h, stride_dqb, stride_dqh, False), start_m, T,
-                stride_dqt, stride_dqd, dq * sm_scale, BLOCK_M, BLOCK_D, HEAD_DIM)
+    _store_tile(_head(dqkv_ptr, b, h, stride_gb, stride_gh, False), start_m, T,
+                stride_gt, stride_gd, dq * sm_scale, BLOCK_M, BLOCK_D, HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,17 +617,17 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     """(o, lse2) from the forward kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    o = runtime.empty_bthd(B, H, T, D, q)
+    o = runtime.empty_heads(q, B, T, H, D)  # returned as its (B, H, T, D) view
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tma = _tma_flag(cfg, q, k, v)
     with runtime.on_device(q):
         runtime.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *runtime.head_strides(o),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
             CAUSAL=causal, DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32,
             TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return o, lse
+    return o.transpose(1, 2), lse
 
 
 def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.Tensor:
@@ -651,11 +652,6 @@ def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, d
     return scales, constexprs
 
 
-def _empty_heads(like: torch.Tensor, B: int, T: int, heads: int, D: int) -> torch.Tensor:
-    """An uninitialised (B, T, heads, D) buffer: several tensors' heads side by side (_heads)."""
-    return torch.empty((B, T, heads, D), dtype=like.dtype, device=like.device)
-
-
 def _heads(buf: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     """(B, size, T, D) views of consecutive heads of a (B, T, heads, D) buffer."""
     return tuple(t.transpose(1, 2) for t in buf.split(sizes, dim=2))
@@ -666,7 +662,7 @@ def _empty_grads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     the model's qkv projection output lays out q, k and v, so that the split of that output takes
     the buffer as its gradient without concatenating (kernels.split)."""
     B, H, T, D = q.shape
-    return _empty_heads(q, B, T, H + 2 * k.shape[1], D)
+    return runtime.empty_heads(q, B, T, H + 2 * k.shape[1], D)
 
 
 def _split_grads(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -680,40 +676,41 @@ def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     buffer: the layout of dq and dk in _empty_grads' buffer, which the backward turns back in
     place, in one pass."""
     B, H, T, D = q.shape
-    qk = _empty_heads(q, B, T, H + k.shape[1], D)
-    for x, y in zip((q, k), _heads(qk, [H, k.shape[1]])):
-        rotate(x, y, cos, sin, False)
+    qk = runtime.empty_heads(q, B, T, H + k.shape[1], D)
+    rotate(q, qk, cos, sin, False)
+    rotate(k, qk, cos, sin, False, y_head=H)
     return qk
 
 
 def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-                 lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                 lse: torch.Tensor, delta: torch.Tensor, dqkv: torch.Tensor,
                  causal: bool, dropout_p: float, seed: Optional[torch.Tensor], cfg: _Config) -> None:
-    """dk and dv, written by the dkdv kernel launched with `cfg`."""
+    """dk and dv, written into their heads of `dqkv` (_empty_grads) by the dkdv kernel launched
+    with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
         runtime.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
-            q, k, v, do, lse, delta, dk, dv, seed, T, H, H // Hkv, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
-               lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, causal: bool,
+               lse: torch.Tensor, delta: torch.Tensor, dqkv: torch.Tensor, causal: bool,
                dropout_p: float, seed: Optional[torch.Tensor], cfg: _Config) -> None:
-    """dq, written by the dq kernel launched with `cfg`."""
+    """dq, written into its heads of `dqkv` (_empty_grads) by the dq kernel launched with `cfg`."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
         runtime.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
-            q, k, v, do, lse, delta, dq, seed, T, H, H // Hkv, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -726,9 +723,8 @@ def _launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     kernels, the preprocess with the forward's `fwd_cfg`."""
     delta = _launch_delta(o, do, fwd_cfg)
     buf = _empty_grads(q, k)
-    dq, dk, dv = _split_grads(buf, q.shape[1])
-    _launch_dkdv(q, k, v, do, lse, delta, dk, dv, causal, dropout_p, seed, dkdv_cfg)
-    _launch_dq(q, k, v, do, lse, delta, dq, causal, dropout_p, seed, dq_cfg)
+    _launch_dkdv(q, k, v, do, lse, delta, buf, causal, dropout_p, seed, dkdv_cfg)
+    _launch_dq(q, k, v, do, lse, delta, buf, causal, dropout_p, seed, dq_cfg)
     return buf
 
 
@@ -767,8 +763,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     buf = _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed, _config(q, "fwd", dropout),
                       _config(q, "dkdv", dropout), _config(q, "dq", dropout))
     if cos is not None:  # the rotation's transpose, in place: dq and dk are adjacent heads
-        dqk = buf[:, :, :q.shape[1] + k.shape[1]].transpose(1, 2)
-        rotate(dqk, dqk, cos, sin, True)
+        rotate(buf[:, :, :q.shape[1] + k.shape[1]].transpose(1, 2), buf, cos, sin, True)
     return buf
 
 

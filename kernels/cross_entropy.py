@@ -89,9 +89,8 @@ def _cross_entropy_fwd_kernel(
     logits_ptr,  # (n_rows, n_cols) unit column stride
     targets_ptr,  # (n_rows,) int64: each row's class, or ignore_index
     loss_ptr,  # (n_rows,) fp32 output: log-sum-exp - logit of the target; 0 for an ignored row
-    max_ptr,  # (n_rows,) fp32 output: the row's max m, for backward
-    log_sum_ptr,  # (n_rows,) fp32 output: log(sum(exp(row - m))), for backward (kept apart from m:
-    #              their sum, the log-sum-exp, rounded to fp32 would cost backward accuracy)
+    stats_ptr,  # (2, n_rows) fp32 output, for backward: each row's max m, then log(sum(exp(row - m)))
+    #            (kept apart from m: their sum, the log-sum-exp, rounded to fp32 would cost accuracy)
     stride_row,  # logits' row stride, in elements
     ignore_index,
     n_rows,
@@ -140,16 +139,15 @@ def _cross_entropy_fwd_kernel(
     loss = tl.where(counted, (m - x_target) + log_sum, 0.0)
     loss = tl.where(counted & ~in_range, float("nan"), loss)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(max_ptr + rows, m, mask=row_ok)
-    tl.store(log_sum_ptr + rows, log_sum, mask=row_ok)
+    tl.store(stats_ptr + rows, m, mask=row_ok)
+    tl.store(stats_ptr + n_rows + rows, log_sum, mask=row_ok)
 
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
     logits_ptr,  # (n_rows, n_cols) unit column stride: the forward's input
     targets_ptr,  # (n_rows,) int64
-    max_ptr,  # (n_rows,) fp32: the forward's row max m
-    log_sum_ptr,  # (n_rows,) fp32: the forward's log(sum(exp(row - m)))
+    stats_ptr,  # (2, n_rows) fp32: the forward's row max m, then log(sum(exp(row - m)))
     scale_ptr,  # () fp32: d_loss / rows counted (a tensor: no host sync, nothing recompiles)
     dlogits_ptr,  # (n_rows, n_cols) output, unit column stride, the logits' dtype
     stride_logits,  # row strides, in elements (the same two when ALIGN > 1)
@@ -167,8 +165,8 @@ def _cross_entropy_bwd_kernel(
     start = tl.min(cols, axis=0)  # the tile's first column, from each row's boundary
     lead, starts = _row_starts(rows, stride_logits, ALIGN)
     d_starts = tl.multiple_of(rows * stride_dlogits - lead, ALIGN)  # ALIGN > 1: the same stride
-    m = tl.load(max_ptr + rows, mask=row_ok)
-    log_sum = tl.load(log_sum_ptr + rows, mask=row_ok)
+    m = tl.load(stats_ptr + rows, mask=row_ok)
+    log_sum = tl.load(stats_ptr + n_rows + rows, mask=row_ok)
     target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
     counted = target != ignore_index
     scale = tl.where(counted, tl.load(scale_ptr), 0.0)
@@ -223,7 +221,7 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
         block_r = _TILE // block_c
         with runtime.on_device(x):
             runtime.wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
-                x, t, row_loss, stats[0], stats[1], x.stride(0), ignore_index, n_rows, n_cols,
+                x, t, row_loss, stats, x.stride(0), ignore_index, n_rows, n_cols,
                 BLOCK_R=block_r, BLOCK_C=block_c, ALIGN=_align(x), num_warps=_NUM_WARPS)
     counted = (t != ignore_index).sum()
     # No rows counted: 0 / 0 = NaN, as torch.
@@ -240,9 +238,8 @@ def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch
     if dx.numel():
         with runtime.on_device(dx):
             align = _align(x, dx)
-            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats[0],
-                                 stats[1], scale, dx, x.stride(0), dx.stride(0), ignore_index, n_cols,
-                                 ALIGN=align)
+            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats, scale, dx,
+                                 x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
     return dx.view(logits.shape)
 
 

@@ -77,7 +77,8 @@ def turned(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 @triton.jit
 def _rope_kernel(
     X,  # input (B, H, T, D), any strides
-    Y,  # output (B, H, T, D), in X's dtype
+    Y,  # output: a (B, T, heads, D) buffer in X's dtype, whose heads [y_head, y_head + H) this writes
+    y_head,  # Y's first head
     Cos,  # (T, HALF) fp32, contiguous
     Sin,  # (T, HALF) fp32, contiguous
     T,  # positions
@@ -95,7 +96,7 @@ def _rope_kernel(
     mask = (t < T)[:, None] & (d < HALF)[None, :]
     # int64 offsets: a (B, H, T, D) view of a large qkv projection passes 2^31 elements.
     x1_ptrs = X + b * stride_xb + h * stride_xh + t[:, None].to(tl.int64) * stride_xt + d[None, :] * stride_xd
-    y1_ptrs = Y + b * stride_yb + h * stride_yh + t[:, None].to(tl.int64) * stride_yt + d[None, :] * stride_yd
+    y1_ptrs = Y + b * stride_yb + (y_head + h) * stride_yh + t[:, None].to(tl.int64) * stride_yt + d[None, :] * stride_yd
     x1 = tl.load(x1_ptrs, mask=mask).to(tl.float32)
     x2 = tl.load(x1_ptrs + HALF * stride_xd, mask=mask).to(tl.float32)
     table = t[:, None] * HALF + d[None, :]
@@ -107,16 +108,18 @@ def _rope_kernel(
     tl.store(y1_ptrs + HALF * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
 
 
-def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
-    """y = x (B, H, T, D) turned by the tables' angles (sin negated if `inverse`: the transpose).
-    y may be x itself: each program reads its pairs before writing them."""
+def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
+           y_head: int = 0) -> None:
+    """x (B, H, T, D) turned by the tables' angles (sin negated if `inverse`: the transpose) into
+    heads [y_head, y_head + H) of y, a (B, T, heads, D) buffer (runtime.empty_heads). x may be
+    those heads of y itself: each program reads its pairs before writing them."""
     B, H, T, D = x.shape
     if x.numel():
         block_half = triton.next_power_of_2(D // 2)
         block_t = max(1, min(_TILE // block_half, triton.next_power_of_2(T)))
         with runtime.on_device(x):
             runtime.wrap_triton(_rope_kernel)[(triton.cdiv(T, block_t), H, B)](
-                x, y, cos, sin, T, D // 2, *x.stride(), *y.stride(),
+                x, y, y_head, cos, sin, T, D // 2, *x.stride(), *runtime.head_strides(y),
                 INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
 
 
@@ -124,9 +127,10 @@ def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """x (B, H, T, D) turned by the tables' angles (with sin negated if `inverse`: the transpose),
     laid out as (B, T, H, D)."""
-    y = runtime.empty_bthd(*x.shape, x)
+    B, H, T, D = x.shape
+    y = runtime.empty_heads(x, B, T, H, D)
     rotate(x, y, cos, sin, inverse)
-    return y
+    return y.transpose(1, 2)
 
 
 def _setup_context(ctx, inputs, output) -> None:

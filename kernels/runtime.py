@@ -189,7 +189,14 @@ class _InterpretedLaunch:
 
 def wrap_triton(kernel):
     """`kernel` as a triton_op launches it: through torch.library.wrap_triton, so torch.compile
-    traces the launch."""
+    traces the launch.
+
+    The tensors a launch writes are whole buffers the op allocated, never views into one (a head
+    range of d_qkv, a half of d_h, a row of statistics): the kernel takes the buffer and indexes
+    the part it writes itself. torch.compile functionalizes the launches, and Inductor turns them
+    back into writes in place only for whole buffers; for a view it clones the buffer before the
+    launch and scatters the result back after it, copies of whole buffers every step
+    (tests/inductor_graph.py finds none now, and found some six of d_qkv a layer before)."""
     return _InterpretedLaunch(kernel) if INTERPRET else torch.library.wrap_triton(kernel)
 
 
@@ -224,12 +231,17 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return m if m.stride(-1) == 1 else m.contiguous()
 
 
-def empty_bthd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (B, H, T, D) tensor laid out as (B, T, H, D), in `like`'s dtype and on its
-    device: y.transpose(1, 2) is then a contiguous (B, T, H*D), as the model's output projection
-    reads attention's output."""
-    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype,
-                               device=like.device)
+def empty_heads(like: torch.Tensor, B: int, T: int, heads: int, D: int) -> torch.Tensor:
+    """An uninitialised (B, T, heads, D) buffer in `like`'s dtype and on its device: one tensor's
+    heads (its (B, heads, T, D) view then reads as a contiguous (B, T, heads*D), as the model's
+    output projection reads attention's output), or several tensors' side by side (d_qkv).
+    Kernels write such whole buffers, indexing the heads themselves (see wrap_triton)."""
+    return torch.empty((B, T, heads, D), dtype=like.dtype, device=like.device)
+
+
+def head_strides(buf: torch.Tensor) -> tuple[int, ...]:
+    """The (b, h, t, d) strides of an empty_heads buffer: its heads as kernels index them."""
+    return buf.transpose(1, 2).stride()
 
 
 @triton.jit

@@ -62,13 +62,10 @@ def _swiglu_bwd_kernel(
     gate_ptr,  # (n_rows, n_cols) saved forward input, unit column stride
     up_ptr,  # (n_rows, n_cols) saved forward input, unit column stride
     dy_ptr,  # (n_rows, n_cols) gradient of the output, unit column stride
-    dgate_ptr,  # (n_rows, n_cols) output, unit column stride
-    dup_ptr,  # (n_rows, n_cols) output, unit column stride
+    dgu_ptr,  # (n_rows, 2 * n_cols) output, contiguous: d_gate, then d_up, side by side in each row
     stride_gate,  # row strides, in elements
     stride_up,
     stride_dy,
-    stride_dgate,
-    stride_dup,
     n_rows,
     n_cols,
     BLOCK_R: tl.constexpr,  # tile rows
@@ -84,8 +81,9 @@ def _swiglu_bwd_kernel(
     # silu'(g) = s + g*s*(1-s), factored so that it stays finite as s saturates to 0 or 1.
     dgate = dy * u * s * (1.0 + g * (1.0 - s))
     dup = dy * g * s
-    tl.store(dgate_ptr + rows * stride_dgate + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + rows * stride_dup + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+    dgate_ptrs = dgu_ptr + rows * (2 * n_cols) + cols
+    tl.store(dgate_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptrs + n_cols, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
 @runtime.triton_op("tritongpt::swiglu", mutates_args=())
@@ -105,11 +103,10 @@ def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> 
     g, u, d = runtime.as_rows(gate), runtime.as_rows(up), runtime.as_rows(dy)
     n_rows, n_cols = g.shape
     dgu = torch.empty((n_rows, 2 * n_cols), dtype=g.dtype, device=g.device)
-    dgate, dup = dgu[:, :n_cols], dgu[:, n_cols:]
     if dgu.numel():
         with runtime.on_device(dgu):
-            runtime.launch_tiles(_swiglu_bwd_kernel, n_rows, n_cols, g, u, d, dgate, dup, g.stride(0),
-                    u.stride(0), d.stride(0), dgate.stride(0), dup.stride(0))
+            runtime.launch_tiles(_swiglu_bwd_kernel, n_rows, n_cols, g, u, d, dgu, g.stride(0), u.stride(0),
+                                 d.stride(0))
     return dgu
 
 

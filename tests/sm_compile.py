@@ -74,6 +74,20 @@ def compile_only(compiled: list) -> None:
     JITFunction.run = warmup_run
 
 
+def pretend_gpu(arch: int) -> list:
+    """Make this process launch the triton backends as on an sm_<arch> GPU, from CPU tensors: each
+    launch compiles for that GPU with the configuration it would get there, runs nothing, and
+    appends (kernel name, compiled kernel) to the list returned."""
+    sm, _, sms = GPUS[arch]
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", sm, 32)))
+    compiled: list = []
+    compile_only(compiled)
+    runtime.CPU_TENSORS = True
+    runtime.capability = lambda device: (arch, 0)
+    runtime.num_sms = lambda device: sms
+    return compiled
+
+
 def global_accesses(kernel) -> tuple[int, int]:
     """(16-byte vector, 2-byte scalar) global loads and stores in a kernel's PTX: a streaming
     kernel moves its bf16 data in 16-byte vectors where the compiler can prove alignment and
@@ -188,13 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
     args = parser.parse_args(argv)
-    sm, _, sms = GPUS[args.arch]
-    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", sm, 32)))
-    compiled: list = []
-    compile_only(compiled)
-    runtime.CPU_TENSORS = True
-    runtime.capability = lambda device: (args.arch, 0)
-    runtime.num_sms = lambda device: sms
+    sm = GPUS[args.arch][0]
+    compiled = pretend_gpu(args.arch)
     problems = []
     for label, thunk, kind in workloads(args.arch):
         start = len(compiled)

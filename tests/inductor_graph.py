@@ -1,0 +1,131 @@
+"""What Inductor makes of a training step on the triton ops: `python -m tests.inductor_graph`.
+
+torch.compile takes a triton op's kernel launches into its graph (kernels/runtime.py, triton_op)
+functionalized: a launch that writes a tensor becomes an op returning a new one, and Inductor's
+reinplacing pass makes it write in place again where it can. Where it cannot, the generated code
+clones the tensor before the launch and, when the tensor is a view into a bigger buffer, scatters
+the result back into that buffer: copies of whole buffers every step, in code nobody reads. (So
+it was: the three launches writing d_qkv's heads cost some six copies of d_qkv a layer, the
+attention output one more, RoPE's turned q and k and SwiGLU's d_up their own.) This compiles
+training steps and fails if Inductor's graphs, after reinplacing, still clone, copy, scatter or
+concatenate anything.
+
+On a GPU it compiles for that GPU and runs. Without one, the kernels are compiled JIT functions
+launched as on an sm_90 GPU (tests/sm_compile.py's stand-in: each launch compiles, nothing runs),
+so torch.compile takes the GPU path; the tensors are CPU ones, for which Inductor writes its own
+kernels in Triton too (cpu_backend="triton"), neither compiled nor run: the graphs and the
+generated code are what count here, not the numbers.
+"""
+import collections
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # the kernels are compiled JIT functions, as on a GPU
+
+import torch  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+from torch._inductor import async_compile  # noqa: E402
+from torch._inductor.fx_passes import post_grad  # noqa: E402
+
+from gpt.model import GPT, GPTConfig, model_ops  # noqa: E402
+
+GPU = torch.cuda.is_available()
+# name: (model switches, recompute)
+CONFIGS = {
+    "gpt2": (dict(), False),
+    "llama-gqa": (dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False, n_kv_head=2), False),
+    "gpt2 dropout recompute": (dict(dropout=0.1), True),
+    "llama dropout recompute": (dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False,
+                                     dropout=0.1), True),
+}
+# Graph ops that move a buffer's bytes to another place: none belongs in a training step here.
+COPIES = ("aten.clone", "aten.copy", "scatter", "aten.cat")
+
+graphs: list[list[tuple[str, str | None]]] = []  # per graph compiled: (op, kernel launched or None)
+
+
+def _node(node) -> tuple[str, str | None]:
+    target = str(node.target)
+    if "triton_kernel_wrapper" in target:
+        return target, kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+    return target, None
+
+
+def _record_after_reinplacing() -> None:
+    """Record each graph as Inductor's post-grad passes leave it: the step that turns the launches
+    back into writes comes right after reinplacing, which decided what to clone."""
+    decompose = post_grad.decompose_triton_kernel_wrapper_functional
+
+    def decompose_and_record(graph):
+        decompose(graph)
+        graphs.append([_node(n) for n in graph.nodes if n.op == "call_function"])
+    post_grad.decompose_triton_kernel_wrapper_functional = decompose_and_record
+
+
+class _NotRun:
+    """A kernel Inductor generated for CPU tensors, standing in for a GPU's: not compiled, not run."""
+
+    def run(self, *args, **kwargs) -> None:
+        pass
+
+
+def _generate_only() -> None:
+    inductor_config.cpu_backend = "triton"
+    async_compile.AsyncCompile.triton = lambda self, kernel_name, source_code, *args, **kwargs: _NotRun()
+
+
+def training_step_graphs(switches: dict, recompute: bool, device: str) -> list[list[tuple[str, str | None]]]:
+    """The graphs (forward, backward) Inductor compiles for a training step of a small model on the
+    triton ops, as train.py runs it (bf16 autocast, the loss alone)."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
+    model = GPT(config, {op: "triton" for op in model_ops(config)}).to(device)
+    model.recompute_blocks(recompute)
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size), device=device)
+    torch._dynamo.reset()
+    start = len(graphs)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        _, loss = torch.compile(model, fullgraph=True)(idx, idx, return_logits=False)
+    loss.backward()
+    return graphs[start:]
+
+
+def problems_of(name: str, step: list[list[tuple[str, str | None]]]) -> list[str]:
+    problems = []
+    if len(step) != 2:
+        problems.append(f"{name}: {len(step)} graphs compiled, not a forward and a backward")
+    for which, graph in zip(("forward", "backward"), step):
+        launches = collections.Counter(kernel for _, kernel in graph if kernel is not None)
+        copies = collections.Counter(op for op, _ in graph if any(c in op for c in COPIES))
+        functional = sum(op.endswith("triton_kernel_wrapper_functional") for op, _ in graph)
+        print(f"{name} {which}: {sum(launches.values())} launches "
+              f"({', '.join(f'{k} x{n}' for k, n in sorted(launches.items()))}); copies: {dict(copies) or 'none'}")
+        if copies:
+            problems.append(f"{name} {which}: Inductor copies buffers: {dict(copies)}")
+        if functional or not launches:
+            problems.append(f"{name} {which}: {functional} launches left functional, {len(launches)} kernels")
+    return problems
+
+
+def main() -> int:
+    inductor_config.force_disable_caches = True  # a cached graph would skip the passes recorded
+    _record_after_reinplacing()
+    if GPU:
+        device = "cuda"
+    else:
+        from tests.sm_compile import pretend_gpu
+        pretend_gpu(9)
+        _generate_only()
+        device = "cpu"
+    problems = []
+    for name, (switches, recompute) in CONFIGS.items():
+        problems += problems_of(name, training_step_graphs(switches, recompute, device))
+    print(f"{len(CONFIGS)} training steps compiled by Inductor ({'on ' + torch.cuda.get_device_name() if GPU else 'for sm_90, generated only'}; "
+          f"torch {torch.__version__})")
+    for p in problems:
+        print("PROBLEM", p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
