@@ -8,7 +8,8 @@ the result back into that buffer: copies of whole buffers every step, in code no
 it was: the three launches writing d_qkv's heads cost some six copies of d_qkv a layer, the
 attention output one more, RoPE's turned q and k and SwiGLU's d_up their own.) This compiles
 training steps and fails if Inductor's graphs, after reinplacing, still clone, copy, scatter or
-concatenate anything.
+concatenate anything. It also compiles generation with the KV cache (the prompt, then one token
+at a time, so Dynamo recompiles with symbolic sizes for the ops' launchers and RoPE's offset).
 
 On a GPU it compiles for that GPU and runs. Without one, the kernels are compiled JIT functions
 launched as on an sm_90 GPU (tests/sm_compile.py's stand-in: each launch compiles, nothing runs),
@@ -28,7 +29,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa
 from torch._inductor import async_compile  # noqa: E402
 from torch._inductor.fx_passes import post_grad  # noqa: E402
 
-from gpt.model import GPT, GPTConfig, model_ops  # noqa: E402
+from gpt.model import GPT, GPTConfig, KVCache, model_ops  # noqa: E402
 
 GPU = torch.cuda.is_available()
 # name: (model switches, recompute)
@@ -90,6 +91,22 @@ def training_step_graphs(switches: dict, recompute: bool, device: str) -> list[l
     return graphs[start:]
 
 
+def generation_compiles(switches: dict, device: str) -> str:
+    """Runs a compiled model as generation does (GPT.generate, without the sampling): the prompt
+    through a KVCache, then one token at a time; returns a line saying so."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
+    model = GPT(config, {op: "triton" for op in model_ops(config) | {"rope"}}).to(device).eval()
+    cache = KVCache(config, batch_size=2)
+    idx = torch.randint(0, config.vocab_size, (2, 8), device=device)
+    torch._dynamo.reset()
+    forward = torch.compile(model, fullgraph=True)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        forward(idx[:, :5], cache=cache)
+        for t in range(5, 8):
+            forward(idx[:, t:t + 1], cache=cache)
+    return f"generation compiled and ran: a 5-token prompt, then {cache.length - 5} tokens one at a time"
+
+
 def problems_of(name: str, step: list[list[tuple[str, str | None]]]) -> list[str]:
     problems = []
     if len(step) != 2:
@@ -120,8 +137,9 @@ def main() -> int:
     problems = []
     for name, (switches, recompute) in CONFIGS.items():
         problems += problems_of(name, training_step_graphs(switches, recompute, device))
-    print(f"{len(CONFIGS)} training steps compiled by Inductor ({'on ' + torch.cuda.get_device_name() if GPU else 'for sm_90, generated only'}; "
-          f"torch {torch.__version__})")
+    print("llama-gqa", generation_compiles(CONFIGS["llama-gqa"][0], device))
+    where = f"on {torch.cuda.get_device_name()}" if GPU else "for sm_90, generated only"
+    print(f"{len(CONFIGS)} training steps compiled by Inductor ({where}; torch {torch.__version__})")
     for p in problems:
         print("PROBLEM", p)
     return 1 if problems else 0
