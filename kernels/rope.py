@@ -96,7 +96,8 @@ def _rope_kernel(
     mask = (t < T)[:, None] & (d < HALF)[None, :]
     # int64 offsets: a (B, H, T, D) view of a large qkv projection passes 2^31 elements.
     x1_ptrs = X + b * stride_xb + h * stride_xh + t[:, None].to(tl.int64) * stride_xt + d[None, :] * stride_xd
-    y1_ptrs = Y + b * stride_yb + (y_head + h) * stride_yh + t[:, None].to(tl.int64) * stride_yt + d[None, :] * stride_yd
+    h_y = y_head + h
+    y1_ptrs = Y + b * stride_yb + h_y * stride_yh + t[:, None].to(tl.int64) * stride_yt + d[None, :] * stride_yd
     x1 = tl.load(x1_ptrs, mask=mask).to(tl.float32)
     x2 = tl.load(x1_ptrs + HALF * stride_xd, mask=mask).to(tl.float32)
     table = t[:, None] * HALF + d[None, :]
