@@ -30,6 +30,7 @@ from torch._inductor import async_compile  # noqa: E402
 from torch._inductor.fx_passes import post_grad  # noqa: E402
 
 from gpt.model import GPT, GPTConfig, KVCache, model_ops  # noqa: E402
+from tests.sm_compile import exit_status, pretend_gpu  # noqa: E402
 
 GPU = torch.cuda.is_available()
 # name: (model switches, recompute)
@@ -130,7 +131,6 @@ def main() -> int:
     if GPU:
         device = "cuda"
     else:
-        from tests.sm_compile import pretend_gpu
         pretend_gpu(9)
         _generate_only()
         device = "cpu"
@@ -140,9 +140,7 @@ def main() -> int:
     print("llama-gqa", generation_compiles(CONFIGS["llama-gqa"][0], device))
     where = f"on {torch.cuda.get_device_name()}" if GPU else "for sm_90, generated only"
     print(f"{len(CONFIGS)} training steps compiled by Inductor ({where}; torch {torch.__version__})")
-    for p in problems:
-        print("PROBLEM", p)
-    return 1 if problems else 0
+    return exit_status(problems)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,13 @@ def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str
     return line, problems
 
 
+def exit_status(problems: list[str]) -> int:
+    """Print each problem found; the process's exit status: 1 if there are any."""
+    for p in problems:
+        print("PROBLEM", p)
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
@@ -218,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {line}")
             problems += [f"{label}: {w}" for w in wrong]
     print(f"sm_{sm}: {len(compiled)} launches compiled (triton {triton.__version__}, torch {torch.__version__})")
-    for p in problems:
-        print("PROBLEM", p)
-    return 1 if problems else 0
+    return exit_status(problems)
 
 
 if __name__ == "__main__":
