@@ -18,6 +18,7 @@ kernels in Triton too (cpu_backend="triton"), neither compiled nor run: the grap
 generated code are what count here, not the numbers.
 """
 import collections
+import contextlib
 import os
 import sys
 
@@ -30,16 +31,20 @@ from torch._inductor import async_compile  # noqa: E402
 from torch._inductor.fx_passes import post_grad  # noqa: E402
 
 from gpt.model import GPT, GPTConfig, KVCache, model_ops  # noqa: E402
+from kernels import attention  # noqa: E402
 from tests.sm_compile import exit_status, pretend_gpu  # noqa: E402
 
 GPU = torch.cuda.is_available()
-# name: (model switches, recompute)
+LLAMA = dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False)
+# name: (model switches, recompute, attention's tiles loaded through TMA descriptors)
 CONFIGS = {
-    "gpt2": (dict(), False),
-    "llama-gqa": (dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False, n_kv_head=2), False),
-    "gpt2 dropout recompute": (dict(dropout=0.1), True),
-    "llama dropout recompute": (dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False,
-                                     dropout=0.1), True),
+    "gpt2": (dict(), False, False),
+    "llama-gqa": (LLAMA | dict(n_kv_head=2), False, False),
+    "gpt2 dropout recompute": (dict(dropout=0.1), True, False),
+    "llama dropout recompute": (LLAMA | dict(dropout=0.1), True, False),
+    # as a tuned table may have it (bench/tune_attention.py): the kernels then make tensor
+    # descriptors, which Inductor's analysis of what a kernel writes must see through
+    "llama-gqa TMA": (LLAMA | dict(n_kv_head=2), False, True),
 }
 # Graph ops that move a buffer's bytes to another place: none belongs in a training step here.
 COPIES = ("aten.clone", "aten.copy", "scatter", "aten.cat")
@@ -48,9 +53,12 @@ graphs: list[list[tuple[str, str | None]]] = []  # per graph compiled: (op, kern
 
 
 def _node(node) -> tuple[str, str | None]:
+    """(op, the kernel a launch runs, "TMA" appended where its TMA constexpr is set)."""
     target = str(node.target)
     if "triton_kernel_wrapper" in target:
-        return target, kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+        args = kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]) | node.kwargs["kwargs"]
+        return target, kernel + (" TMA" if args.get("TMA") is True else "")
     return target, None
 
 
@@ -77,7 +85,20 @@ def _generate_only() -> None:
     async_compile.AsyncCompile.triton = lambda self, kernel_name, source_code, *args, **kwargs: _NotRun()
 
 
-def training_step_graphs(switches: dict, recompute: bool, device: str) -> list[list[tuple[str, str | None]]]:
+@contextlib.contextmanager
+def attention_configs(tma: bool):
+    """attention's launch configurations, with TMA asked for in every pass if `tma` (where the GPU
+    and the tensors allow it: attention._use_tma)."""
+    config = attention._config
+    if tma:
+        attention._config = lambda q, which, dropout=False: config(q, which, dropout)._replace(tma=True)
+    try:
+        yield
+    finally:
+        attention._config = config
+
+
+def training_step_graphs(switches: dict, recompute: bool, tma: bool, device: str) -> list[list[tuple[str, str | None]]]:
     """The graphs (forward, backward) Inductor compiles for a training step of a small model on the
     triton ops, as train.py runs it (bf16 autocast, the loss alone)."""
     config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
@@ -86,9 +107,10 @@ def training_step_graphs(switches: dict, recompute: bool, device: str) -> list[l
     idx = torch.randint(0, config.vocab_size, (2, config.block_size), device=device)
     torch._dynamo.reset()
     start = len(graphs)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        _, loss = torch.compile(model, fullgraph=True)(idx, idx, return_logits=False)
-    loss.backward()
+    with attention_configs(tma):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            _, loss = torch.compile(model, fullgraph=True)(idx, idx, return_logits=False)
+        loss.backward()
     return graphs[start:]
 
 
@@ -108,7 +130,7 @@ def generation_compiles(switches: dict, device: str) -> str:
     return f"generation compiled and ran: a 5-token prompt, then {cache.length - 5} tokens one at a time"
 
 
-def problems_of(name: str, step: list[list[tuple[str, str | None]]]) -> list[str]:
+def problems_of(name: str, step: list[list[tuple[str, str | None]]], tma: bool) -> list[str]:
     problems = []
     if len(step) != 2:
         problems.append(f"{name}: {len(step)} graphs compiled, not a forward and a backward")
@@ -122,6 +144,8 @@ def problems_of(name: str, step: list[list[tuple[str, str | None]]]) -> list[str
             problems.append(f"{name} {which}: Inductor copies buffers: {dict(copies)}")
         if functional or not launches:
             problems.append(f"{name} {which}: {functional} launches left functional, {len(launches)} kernels")
+        if tma and not any(kernel.endswith(" TMA") for kernel in launches):
+            problems.append(f"{name} {which}: no launch loads through TMA")
     return problems
 
 
@@ -135,11 +159,13 @@ def main() -> int:
         _generate_only()
         device = "cpu"
     problems = []
-    for name, (switches, recompute) in CONFIGS.items():
-        problems += problems_of(name, training_step_graphs(switches, recompute, device))
+    tma_loads = not GPU or torch.cuda.get_device_capability()[0] >= 9  # sm90 on (the stand-in's too)
+    steps = {name: c for name, c in CONFIGS.items() if tma_loads or not c[2]}
+    for name, (switches, recompute, tma) in steps.items():
+        problems += problems_of(name, training_step_graphs(switches, recompute, tma, device), tma)
     print("llama-gqa", generation_compiles(CONFIGS["llama-gqa"][0], device))
     where = f"on {torch.cuda.get_device_name()}" if GPU else "for sm_90, generated only"
-    print(f"{len(CONFIGS)} training steps compiled by Inductor ({where}; torch {torch.__version__})")
+    print(f"{len(steps)} training steps compiled by Inductor ({where}; torch {torch.__version__})")
     return exit_status(problems)
 
 
