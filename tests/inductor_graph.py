@@ -11,11 +11,12 @@ training steps and fails if Inductor's graphs, after reinplacing, still clone, c
 concatenate anything. It also compiles generation with the KV cache (the prompt, then one token
 at a time, so Dynamo recompiles with symbolic sizes for the ops' launchers and RoPE's offset).
 
-On a GPU it compiles for that GPU and runs. Without one, the kernels are compiled JIT functions
-launched as on an sm_90 GPU (tests/sm_compile.py's stand-in: each launch compiles, nothing runs),
-so torch.compile takes the GPU path; the tensors are CPU ones, for which Inductor writes its own
-kernels in Triton too (cpu_backend="triton"), neither compiled nor run: the graphs and the
-generated code are what count here, not the numbers.
+Inductor's generated code is neither compiled nor run (its kernels are stubs): the graphs are
+what count here, not the numbers, and so the check is quick. On a GPU the graphs are those of
+that GPU. Without one, the triton ops' kernels are compiled JIT functions launched as on an sm_90
+GPU (tests/sm_compile.py's stand-in: each launch compiles, nothing runs), so torch.compile takes
+the GPU path; the tensors are CPU ones, for which Inductor writes its own kernels in Triton too
+(cpu_backend="triton"), as for a GPU.
 """
 import collections
 import contextlib
@@ -74,14 +75,15 @@ def _record_after_reinplacing() -> None:
 
 
 class _NotRun:
-    """A kernel Inductor generated for CPU tensors, standing in for a GPU's: not compiled, not run."""
+    """A kernel of Inductor's generated code (its own, or a triton op's as Inductor launches it):
+    neither compiled nor run. Only the graphs count here; the suite's other compiled tests run
+    the code on a GPU."""
 
     def run(self, *args, **kwargs) -> None:
         pass
 
 
 def _generate_only() -> None:
-    inductor_config.cpu_backend = "triton"
     async_compile.AsyncCompile.triton = lambda self, kernel_name, source_code, *args, **kwargs: _NotRun()
 
 
@@ -115,7 +117,7 @@ def training_step_graphs(switches: dict, recompute: bool, tma: bool, device: str
 
 
 def generation_compiles(switches: dict, device: str) -> str:
-    """Runs a compiled model as generation does (GPT.generate, without the sampling): the prompt
+    """Calls a compiled model as generation does (GPT.generate, without the sampling): the prompt
     through a KVCache, then one token at a time; returns a line saying so."""
     config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
     model = GPT(config, {op: "triton" for op in model_ops(config) | {"rope"}}).to(device).eval()
@@ -127,7 +129,7 @@ def generation_compiles(switches: dict, device: str) -> str:
         forward(idx[:, :5], cache=cache)
         for t in range(5, 8):
             forward(idx[:, t:t + 1], cache=cache)
-    return f"generation compiled and ran: a 5-token prompt, then {cache.length - 5} tokens one at a time"
+    return f"generation compiled: a 5-token prompt, then {cache.length - 5} tokens one at a time"
 
 
 def problems_of(name: str, step: list[list[tuple[str, str | None]]], tma: bool) -> list[str]:
@@ -152,11 +154,12 @@ def problems_of(name: str, step: list[list[tuple[str, str | None]]], tma: bool) 
 def main() -> int:
     inductor_config.force_disable_caches = True  # a cached graph would skip the passes recorded
     _record_after_reinplacing()
+    _generate_only()
     if GPU:
         device = "cuda"
     else:
         pretend_gpu(9)
-        _generate_only()
+        inductor_config.cpu_backend = "triton"  # Inductor's kernels for the CPU tensors: as for a GPU's
         device = "cpu"
     problems = []
     tma_loads = not GPU or torch.cuda.get_device_capability()[0] >= 9  # sm90 on (the stand-in's too)
@@ -164,8 +167,9 @@ def main() -> int:
     for name, (switches, recompute, tma) in steps.items():
         problems += problems_of(name, training_step_graphs(switches, recompute, tma, device), tma)
     print("llama-gqa", generation_compiles(CONFIGS["llama-gqa"][0], device))
-    where = f"on {torch.cuda.get_device_name()}" if GPU else "for sm_90, generated only"
-    print(f"{len(steps)} training steps compiled by Inductor ({where}; torch {torch.__version__})")
+    where = torch.cuda.get_device_name() if GPU else "sm_90, without a GPU"
+    print(f"{len(steps)} training steps compiled by Inductor for {where}, its code generated, not run "
+          f"(torch {torch.__version__})")
     return exit_status(problems)
 
 
