@@ -111,7 +111,8 @@ def test_training_step_concatenates_no_gradient_on_triton_ops(preset, compile):
     """The model's backward on every triton op, eager and compiled, joins every split's gradient
     without a copy: LLaMA's too, whose attention turns dq and dk back through RoPE in its own
     gradient buffer. Nor are zero gradients filled for outputs that have none (the ops' statistics,
-    attention's turned q and k, and, compiled, the logits, which training does not return)."""
+    attention's turned q and k, and, compiled, the logits, which training does not return), nor
+    is any tensor cloned or copied. (What Inductor makes of the step: tests/inductor_graph.py.)"""
     skip_unless_triton_runs("triton", "cpu")
     switches = dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", n_kv_head=1) if preset == "llama" else {}
     config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, **switches)
@@ -121,3 +122,4 @@ def test_training_step_concatenates_no_gradient_on_triton_ops(preset, compile):
     with OpCount() as count:
         loss.backward()
     assert count.calls["cat"] == 0 and count.calls["zeros"] == 0
+    assert count.calls["clone"] == 0 and count.calls["copy_"] == 0, "a gradient is copied"
