@@ -133,6 +133,8 @@ def generation_compiles(switches: dict, device: str) -> str:
 
 
 def problems_of(name: str, step: list[list[tuple[str, str | None]]], tma: bool) -> list[str]:
+    """What is wrong with training step `name`'s graphs (a line printed for each graph): copies,
+    launches left functional, and no TMA launch where `tma` asked for them."""
     problems = []
     if len(step) != 2:
         problems.append(f"{name}: {len(step)} graphs compiled, not a forward and a backward")
