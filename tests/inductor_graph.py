@@ -100,13 +100,18 @@ def attention_configs(tma: bool):
         attention._config = config
 
 
+def small_model(switches: dict, device: str) -> GPT:
+    """A 2-layer model (D = 64) on the triton ops it calls, generation's rope among them."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
+    return GPT(config, {op: "triton" for op in model_ops(config) | {"rope"}}).to(device)
+
+
 def training_step_graphs(switches: dict, recompute: bool, tma: bool, device: str) -> list[list[tuple[str, str | None]]]:
     """The graphs (forward, backward) Inductor compiles for a training step of a small model on the
     triton ops, as train.py runs it (bf16 autocast, the loss alone)."""
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
-    model = GPT(config, {op: "triton" for op in model_ops(config)}).to(device)
+    model = small_model(switches, device)
     model.recompute_blocks(recompute)
-    idx = torch.randint(0, config.vocab_size, (2, config.block_size), device=device)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size), device=device)
     torch._dynamo.reset()
     start = len(graphs)
     with attention_configs(tma):
@@ -119,10 +124,9 @@ def training_step_graphs(switches: dict, recompute: bool, tma: bool, device: str
 def generation_compiles(switches: dict, device: str) -> str:
     """Calls a compiled model as generation does (GPT.generate, without the sampling): the prompt
     through a KVCache, then one token at a time; returns a line saying so."""
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=64, vocab_size=512, **switches)
-    model = GPT(config, {op: "triton" for op in model_ops(config) | {"rope"}}).to(device).eval()
-    cache = KVCache(config, batch_size=2)
-    idx = torch.randint(0, config.vocab_size, (2, 8), device=device)
+    model = small_model(switches, device).eval()
+    cache = KVCache(model.config, batch_size=2)
+    idx = torch.randint(0, model.config.vocab_size, (2, 8), device=device)
     torch._dynamo.reset()
     forward = torch.compile(model, fullgraph=True)
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
