@@ -295,6 +295,26 @@ def _cross_entropy(s: Shapes, device, quick: bool) -> Case:
                 {"fwd": fwd, "fwd+bwd": 2 * fwd + size}, "GB/s", s.dtype)
 
 
+def _linear_cross_entropy(s: Shapes, device, quick: bool) -> Case:
+    M, V, C = s.batch_size * s.T, s.config.vocab_size, s.config.n_embd
+    if quick:  # as cross_entropy's: the float64 reference's logits run to GBs
+        M = min(M, 2048)
+
+    def make():  # the final norm's output, the lm head's weight, one target per token
+        return [_randn(M, C, device=device, dtype=s.dtype, grad=True),
+                _randn(V, C, device=device, dtype=s.dtype, scale=0.02, grad=True),
+                torch.randint(0, V, (M,), device=device), torch.ones((), device=device)]
+
+    def call(fn, inputs, pass_):
+        x, weight, targets, dloss = inputs
+        return _outputs(fn(x, weight, targets), [x, weight], dloss, pass_)
+
+    # One pass: the triton backend takes the gradients in its forward. The matmuls' FLOPs: the
+    # logits, then d_x and d_weight from their gradient.
+    return Case("linear_cross_entropy", f"{M}x{C}x{V}", ("fwd+bwd",), make, call,
+                {"fwd+bwd": 6 * M * C * V}, "TFLOPS", s.dtype)
+
+
 def param_shapes(config: GPTConfig) -> list[torch.Size]:
     """The model's parameter shapes, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -348,7 +368,7 @@ def _grad_norm(s: Shapes, device, distinct: bool) -> Case:
 
 def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | None = None) -> Case:
     """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for the
-    optimizer's ops, and at most 2048 rows of logits for cross_entropy. A norm is run with the
+    optimizer's ops, and at most 2048 rows of logits for the cross-entropies. A norm is run with the
     residual add fused in when `residual`; None: as the model runs most of its norms (fused in
     pre-norm models, whose every norm but the first adds the residual). The norms' residual form
     and attention drop out as the config says (its `dropout`), as in training."""
@@ -364,6 +384,8 @@ def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | 
         return _attention(shapes, device)
     if op == "cross_entropy":
         return _cross_entropy(shapes, device, quick)
+    if op == "linear_cross_entropy":
+        return _linear_cross_entropy(shapes, device, quick)
     if op == "adamw":
         return _adamw(shapes, device, distinct=quick)
     if op == "grad_norm":

@@ -13,7 +13,8 @@
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
 #   bash bench/gpu_session.sh ops [OPS] # the per-op benchmarks (bench/op_*.py); OPS picks some, e.g.
-#                                       # norm,swiglu (default all: norm,swiglu,rope,attention,cross_entropy,adamw)
+#                                       # norm,swiglu (default all: norm,swiglu,rope,attention,cross_entropy,
+#                                       # linear_cross_entropy,adamw)
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
 #   bash bench/gpu_session.sh tune [D]  # bench.tune_attention: measured flash-attention launch configs
 #                                       # for head dim D (64 or 128; default both: about 95 candidates
@@ -98,7 +99,7 @@ case "$1" in
       python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
     done ;;
   ops)
-    ops=${2:-norm,swiglu,rope,attention,cross_entropy,adamw}
+    ops=${2:-norm,swiglu,rope,attention,cross_entropy,linear_cross_entropy,adamw}
     for op in ${ops//,/ }; do
       python -m bench.op_$op --json "$OUT/op_$op.json" 2>&1 | tee -a "$log"
     done ;;

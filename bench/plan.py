@@ -7,7 +7,7 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   replicates all of it; ZeRO-1 shards the optimizer states (/N); FSDP shards all three (/N)
   and holds two layers' weights gathered in bf16 (the one computing and the one prefetched).
   Under autocast outside FSDP, each step also holds the bf16 copies autocast makes of the
-  matmul weights, which autograd keeps for backward: 2 bytes per matmul weight.
+  layers' matmul weights, which autograd keeps for backward: 2 bytes per matmul weight.
 - activations, per token of a micro-batch, saved for the backward with no recomputation,
   dropout 0 and flash attention (no T x T scores). Per layer, in bf16 unless said:
       norm outputs 2h + q, k, v (qkv width) + attention output h + MLP up-projection output
@@ -15,10 +15,13 @@ Memory per GPU (bytes), for P parameters on N GPUs:
       + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure
       + with RoPE, the rotated q and k (new tensors; the projection output stays, held by v);
   that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
-  the dropout masks). The head adds the final norm's input and output and the loss's share: with
-  the triton cross_entropy (the planned case) 4·vocab + 8 bytes, the bf16 logits and then their
-  bf16 gradient, live at once at the start of backward, and two fp32 statistics a token; torch's
-  loss would hold 10·vocab (bf16 logits, their fp32 copy and the fp32 log-softmax it saves).
+  the dropout masks). The head adds the final norm's input (r bytes) and, with the triton
+  linear_cross_entropy (the planned case), the gradient of the norm's output (2h), which that
+  op computes in the forward with the weight's, so that no logits are kept (kernels/
+  cross_entropy.py); unfused, the bf16 logits and then their gradient would add 4·vocab a token
+  (torch's fp32 loss 10·vocab). Whatever the micro-batch, the op keeps the weight's gradient in
+  fp32 for the backward, and in the head's forward also holds one chunk's share of it and at
+  most one chunk of logits (1 GiB): 8·vocab·h + 1 GiB, held_bytes counts them.
   With full activation recomputation (train.py's recompute=True: checkpointing every block)
   only each block's inputs are kept (the residual stream, r bytes, and the branch output the
   fused norm has yet to add, 2), plus one block's activations while it is recomputed; the price
@@ -38,6 +41,7 @@ from rich.table import Table
 from bench.flops import flops_per_token, matmuls, param_count
 from bench.hardware import GPU
 from gpt.model import PRESETS, GPTConfig, preset
+from kernels.cross_entropy import CHUNK_BYTES
 
 # gigaGPT's (Cerebras, github.com/Cerebras/gigaGPT, configs/*.yaml) GPT-2-architecture shapes,
 # for planning only: too large to build here. The vocabulary is padded to 50304 as in gpt2.
@@ -82,16 +86,26 @@ def static_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: i
 
 def cast_copy_bytes(config: GPTConfig, optimizer: str, sharding: str) -> int:
     """The bf16 copies of fp32 matmul weights that autocast makes in the forward and autograd keeps
-    for backward (adamw only; FSDP gathers the weights in bf16 already). Biases are cast too, but
-    their gradient does not need them: nothing keeps those copies."""
+    for backward (adamw only; FSDP gathers the weights in bf16 already), the layers' only: the lm
+    head's copy lives in linear_cross_entropy's forward alone. Biases are cast too, but their
+    gradient does not need them: nothing keeps those copies."""
     if optimizer != "adamw" or sharding == "fsdp":
         return 0
-    return 2 * sum(m.weights for m in matmuls(config))
+    return 2 * sum(m.weights for m in matmuls(config) if m.count == config.n_layer)
+
+
+def loss_bytes(config: GPTConfig) -> int:
+    """What the triton linear_cross_entropy holds whatever the micro-batch: the lm head's fp32
+    weight gradient, kept for the backward, and in its forward a chunk's share of that gradient
+    and at most one chunk of logits."""
+    return 2 * 4 * config.vocab_size * config.n_embd + CHUNK_BYTES
 
 
 def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int) -> int:
-    """What one GPU holds whatever the micro-batch: static_bytes and autocast's weight copies."""
-    return static_bytes(config, optimizer, sharding, world_size) + cast_copy_bytes(config, optimizer, sharding)
+    """What one GPU holds whatever the micro-batch: static_bytes, autocast's weight copies and
+    the loss's gradient buffers."""
+    return (static_bytes(config, optimizer, sharding, world_size) + cast_copy_bytes(config, optimizer, sharding)
+            + loss_bytes(config))
 
 
 def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool = False) -> int:
@@ -102,7 +116,7 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
     if config.pos_encoding == "rope":
         layer += 2 * (config.n_head + config.n_kv_head) * config.head_dim
-    head = r * h + 2 * h + 4 * config.vocab_size + 8
+    head = r * h + 2 * h
     if recompute:  # each block's inputs: the residual stream and the branch the next norm adds
         return config.n_layer * (r + 2) * h + layer + head
     return config.n_layer * layer + head
@@ -165,10 +179,11 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
     console.print(memory)
     console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (+ rotated q, k "
                   "with RoPE) plus the two "
-                  "norm inputs (fp32 under autocast), head r·h + 2h + 4·vocab + 8 (the triton loss; torch's "
-                  "holds 10·vocab); with recompute: "
+                  "norm inputs (fp32 under autocast), head r·h + 2h (the triton linear_cross_entropy; "
+                  "unfused logits would add 4·vocab, torch's fp32 loss 10·vocab); with recompute: "
                   "each block's inputs (stream and pending branch) plus one block's activations. "
                   "Static: weights, grads and optimizer states, adamw 16 B/param, bf16_adamw 8 B/param "
                   "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 layers), and "
-                  "under adamw's autocast outside FSDP 2 B per matmul weight for its bf16 copies. "
+                  "under adamw's autocast outside FSDP 2 B per layer matmul weight for its bf16 copies; "
+                  "the loss's 8·vocab·h + 1 GiB. "
                   "See bench/plan.py.")

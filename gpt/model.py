@@ -88,8 +88,10 @@ def preset(name: str) -> dict:
 
 def model_ops(config: GPTConfig) -> set[str]:
     """The registry ops a model of `config` calls in training (forward, loss, backward). RoPE is
-    attention's there; the rope op turns the keys a KV cache keeps, in generation."""
-    used = {"rms_norm" if config.norm == "rmsnorm" else "layer_norm", "attention", "cross_entropy"}
+    attention's there; the rope op turns the keys a KV cache keeps, in generation. The loss is
+    linear_cross_entropy in training (no logits returned), cross_entropy when the logits are."""
+    used = {"rms_norm" if config.norm == "rmsnorm" else "layer_norm", "attention", "cross_entropy",
+            "linear_cross_entropy"}
     if config.mlp == "swiglu":
         used.add("swiglu")
     return used
@@ -319,9 +321,8 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits, loss): with targets, every position's logits and the
         mean loss; without, the last position's logits. Given a cache, idx continues the tokens
         it holds (inference only): their keys and values are read from it and idx's added.
-        return_logits=False, with targets: (None, loss), as training wants it. Under torch.compile
-        the logits are then no output of the graph, whose backward would otherwise take a gradient
-        for them too: zeros the logits' size, filled and added to theirs every step."""
+        return_logits=False, with targets: (None, loss), as training wants it: the lm head and the
+        loss are then one op (linear_cross_entropy), whose triton backend keeps no logits."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -345,9 +346,10 @@ class GPT(nn.Module):
             x, _ = add_and_norm(self.ln_f, x, branch, matmul_dtype(x))
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
+        if not return_logits:
+            return None, self.ops.linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = self.ops.cross_entropy(logits, targets)  # fp32 mean over targets != -1
-        return (logits if return_logits else None), loss
+        return logits, self.ops.cross_entropy(logits, targets)  # fp32 mean over targets != -1
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices (matmul weights, embeddings), none on vectors (norms, biases)."""

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .checks import check_same, check_tensor
+from .checks import check_same, check_tensor, dtype_names
 from .registry import register
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -207,12 +207,9 @@ _TILE = 4096
 _NUM_WARPS = 8
 
 
-@runtime.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, counted): the mean loss, each row's fp32 max and log(sum(exp(row - max)))
-    as (2, rows), and how many rows the mean is over (for backward's scale)."""
-    x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
+def _forward_rows(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel on (rows, classes) logits `x`: each row's fp32 loss, and its max and
+    log(sum(exp(row - max))) as (2, rows) for the backward."""
     n_rows, n_cols = x.shape
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     stats = torch.empty((2, n_rows), dtype=torch.float32, device=x.device)
@@ -223,6 +220,28 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
             runtime.wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
                 x, t, row_loss, stats, x.stride(0), ignore_index, n_rows, n_cols,
                 BLOCK_R=block_r, BLOCK_C=block_c, ALIGN=_align(x), num_warps=_NUM_WARPS)
+    return row_loss, stats
+
+
+def _backward_rows(x: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, scale: torch.Tensor, dx: torch.Tensor,
+                   ignore_index: int) -> None:
+    """The backward kernel: the gradient of (rows, classes) logits `x` into `dx` (which may be
+    `x` itself: each element is read before it is written, by the same program)."""
+    n_rows, n_cols = x.shape
+    if dx.numel():
+        with runtime.on_device(dx):
+            align = _align(x, dx)
+            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats, scale, dx,
+                                 x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
+
+
+@runtime.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, counted): the mean loss, each row's fp32 max and log(sum(exp(row - max)))
+    as (2, rows), and how many rows the mean is over (for backward's scale)."""
+    t = targets.reshape(-1).contiguous()
+    row_loss, stats = _forward_rows(runtime.as_rows(logits), t, ignore_index)
     counted = (t != ignore_index).sum()
     # No rows counted: 0 / 0 = NaN, as torch.
     return row_loss.sum() / counted, stats, counted
@@ -231,15 +250,9 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
 @runtime.triton_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
                        counted: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    x, t = runtime.as_rows(logits), targets.reshape(-1).contiguous()
-    n_rows, n_cols = x.shape
-    scale = dloss.float() / counted
+    x = runtime.as_rows(logits)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if dx.numel():
-        with runtime.on_device(dx):
-            align = _align(x, dx)
-            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats, scale, dx,
-                                 x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
+    _backward_rows(x, targets.reshape(-1).contiguous(), stats, dloss.float() / counted, dx, ignore_index)
     return dx.view(logits.shape)
 
 
@@ -265,3 +278,137 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     check_tensor("cross_entropy", "logits", logits, dtypes=TRITON_DTYPES)
     runtime.check_device("cross_entropy", logits)
     return _cross_entropy_fwd(logits, targets, ignore_index)[0]
+
+
+# linear_cross_entropy(x, weight, targets): the lm head's matmul and the loss as one op, so that
+# the logits are never kept. Unfused, the (tokens, classes) logits live from the head's forward to
+# its backward, when their gradient joins them: at 16k tokens of GPT-2's 50304 classes, 1.65 GB of
+# bf16 each (4.2 GB each at a 128k vocabulary), on top of every layer's activations at the peak.
+# The triton backend takes the rows in chunks of at most CHUNK_BYTES of logits and, as the loss
+# is a scalar, computes the gradients while the chunk is at hand: the logits by the matmul
+# (cuBLAS), the loss and row statistics by the forward kernel, the logits' gradient written over
+# them by the backward kernel, then d_x of the chunk and its share of d_weight by two matmuls.
+# Backward only scales those by d_loss. Nothing logits-sized outlives a chunk; kept for backward
+# are d_x (the size of x) and d_weight in fp32 (classes x width: 155 MB for GPT-2).
+# The FLOPs are the unfused ones (no recompute). The price is d_weight's accumulation: each chunk's
+# share is a (classes, width) fp32 matmul output added to the sum: 16 bytes an element moved a
+# chunk past the first (0.6 GB for GPT-2's head); with 1 GiB chunks GPT-2 takes two at 16k tokens.
+# Speed on a GPU unmeasured.
+CHUNK_BYTES = 2**30
+
+
+def check_linear_cross_entropy(x, weight, targets) -> None:
+    op = "linear_cross_entropy"
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, ndim=2)
+    check_tensor(op, "targets", targets, dtypes=(torch.int64,))
+    if x.dim() == 0 or weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have shape (classes >= 1, {x.shape[-1] if x.dim() else 'width'}) "
+                         f"to multiply x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"{op}: targets must have shape {tuple(x.shape[:-1])} (x's without the width), "
+                         f"got {tuple(targets.shape)}")
+    check_same(op, "device", x=x, weight=weight, targets=targets)
+
+
+@register("linear_cross_entropy", "torch")
+def linear_cross_entropy_torch(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    check_linear_cross_entropy(x, weight, targets)
+    return cross_entropy_torch(F.linear(x, weight), targets, ignore_index)
+
+
+def _chunk_rows(rows: int, classes: int, itemsize: int) -> int:
+    """Rows a chunk takes: the fewest equal chunks whose logits fit in CHUNK_BYTES."""
+    chunks = max(1, triton.cdiv(rows * classes * itemsize, CHUNK_BYTES))
+    return max(1, triton.cdiv(rows, chunks))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 from a and b in their own dtype (cuBLAS accumulates in fp32 and writes fp32)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+@torch.library.custom_op("tritongpt::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                          dtype: torch.dtype, x_grad: bool, weight_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_x, d_weight) of x (rows, width) and weight (classes, width), both multiplied in
+    `dtype`, for d_loss = 1: d_x in `dtype`, d_weight in fp32, each empty unless asked for.
+    An opaque op to torch.compile: Inductor calls it as it is, chunks and all."""
+    rows, classes = x.shape[0], weight.shape[0]
+    w = weight.to(dtype)
+    counted = (targets != ignore_index).sum()
+    scale = 1.0 / counted  # fp32; d_loss comes in backward
+    dx = torch.empty(x.shape if x_grad else 0, dtype=dtype, device=x.device)
+    dw = None
+    row_losses = []
+    step = _chunk_rows(rows, classes, w.element_size())
+    # Autocast would run the matmuls below in its dtype, d_weight's fp32 one included.
+    with torch.autocast(x.device.type, enabled=False), runtime.direct_launches():
+        for start in range(0, rows, step):
+            xc, tc = x[start:start + step].to(dtype), targets[start:start + step]
+            logits = xc @ w.t()  # (chunk, classes)
+            row_loss, stats = _forward_rows(logits, tc, ignore_index)
+            row_losses.append(row_loss)
+            if not (x_grad or weight_grad):
+                continue
+            _backward_rows(logits, tc, stats, scale, logits, ignore_index)  # logits <- d_logits
+            if x_grad:
+                torch.mm(logits, w, out=dx[start:start + step])
+            if weight_grad:
+                share = _mm_fp32(logits.t(), xc)
+                dw = share if dw is None else dw.add_(share)
+    if weight_grad and dw is None:  # no rows
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    elif not weight_grad:
+        dw = torch.empty(0, dtype=torch.float32, device=x.device)
+    loss = torch.cat(row_losses).sum() / counted if row_losses else counted / counted  # no rows: NaN, as torch
+    return loss, dx, dw
+
+
+@_linear_cross_entropy.register_fake
+def _linear_cross_entropy_fake(x, weight, targets, ignore_index, dtype, x_grad, weight_grad):
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape if x_grad else 0, dtype=dtype),
+            x.new_empty(weight.shape if weight_grad else 0, dtype=torch.float32))
+
+
+def _lce_setup_context(ctx, inputs, output) -> None:
+    x, weight = inputs[:2]
+    _loss, dx, dw = output
+    ctx.dtypes = x.dtype, weight.dtype
+    ctx.save_for_backward(dx, dw)
+    runtime.only_first_output_differentiable(ctx, dx, dw)
+
+
+def _lce_backward(ctx, dloss, _ddx, _ddw):
+    grads = [(d * dloss).to(dtype) if need else None
+             for d, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad)]
+    return (*grads, None, None, None, None, None)
+
+
+_linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+@register("linear_cross_entropy", "triton")
+def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """As the torch backend (autocast's matmul dtype, else x's, which weight's must then match),
+    in chunks of rows, with no logits kept for backward."""
+    check_linear_cross_entropy(x, weight, targets)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        check_same("linear_cross_entropy", "dtype", x=x, weight=weight)
+        dtype = x.dtype
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"linear_cross_entropy: the matmul dtype must be one of ({dtype_names(TRITON_DTYPES)}), "
+                         f"got {dtype_names([dtype])}")
+    runtime.check_device("linear_cross_entropy", x)
+    grad = torch.is_grad_enabled()
+    rows = x.reshape(-1, x.shape[-1])
+    return _linear_cross_entropy(rows, weight, targets.reshape(-1).contiguous(), ignore_index, dtype,
+                                 grad and x.requires_grad, grad and weight.requires_grad)[0]

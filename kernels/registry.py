@@ -2,7 +2,8 @@
 from collections.abc import Callable
 
 # The ops the model is built from, in the order they are listed to users.
-OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy", "adamw", "grad_norm")
+OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy", "linear_cross_entropy", "adamw",
+       "grad_norm")
 
 _impls: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 

@@ -20,7 +20,8 @@ class OpCount(TorchDispatchMode):
 
 
 def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int, torch.Tensor]:
-    """What autograd saves for the backward of one training forward (idx as its own targets), each
+    """What autograd saves for the backward of one training forward (idx as its own targets, no
+    logits returned, as train.py calls it), each
     storage once, in bytes: (activations, autocast's bf16 copies of fp32 weights: matrices of a
     weight's shape or its transpose's, which is how matmuls save them), and the loss. Activation
     checkpointing's own packing is not seen: a checkpointed block's activations are not saved."""
@@ -38,5 +39,5 @@ def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
-        loss = model(idx, idx)[1]
+        loss = model(idx, idx, return_logits=False)[1]
     return (sum(n for n, copy in saved.values() if not copy), sum(n for n, copy in saved.values() if copy), loss)

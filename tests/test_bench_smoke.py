@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import kernels
-from bench import backends, op_adamw, op_attention, op_cross_entropy, op_norm, op_rope, op_swiglu, profile, report
+from bench import (backends, op_adamw, op_attention, op_cross_entropy, op_linear_cross_entropy, op_norm, op_rope,
+                   op_swiglu, profile, report)
 from bench import kernels as bench_kernels
 from bench.cases import Shapes, case, check
 from bench.hardware import Device
@@ -48,6 +49,8 @@ BENCHMARKS = {
                   {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
     "cross_entropy": (op_cross_entropy, tiny(op_cross_entropy.SHAPES[:1]),
                       {"torch", "compile", "triton", "F.cross_entropy"}, {"fwd", "fwd+bwd"}),
+    "linear_cross_entropy": (op_linear_cross_entropy, tiny(op_linear_cross_entropy.SHAPES[:1]),
+                             {"torch", "compile", "triton", "linear + triton cross_entropy"}, {"fwd+bwd"}),
     "adamw": (op_adamw, tiny(op_adamw.SHAPES),
               {"triton", "triton sr", "torch loop", "torch", "get_total_norm", *op_adamw.OPTIMIZERS}, {"step"}),
 }
@@ -140,6 +143,9 @@ def test_the_issues_shapes_and_work():
     assert [c.shape for c in cross_entropy] == [f"16384x{v}" for v in (32000, 50304, 128256)]
     # bf16 logits read and int64 targets read; then both read again and the gradient written.
     assert cross_entropy[1].work == {"fwd": 16384 * (2 * 50304 + 8), "fwd+bwd": 16384 * (6 * 50304 + 16)}
+    heads = [case("linear_cross_entropy", s, "meta") for s in op_linear_cross_entropy.SHAPES]
+    assert [c.shape for c in heads] == ["16384x768x50304", "16384x4096x32000", "16384x4096x128256"]
+    assert heads[0].work == {"fwd+bwd": 6 * 16384 * 768 * 50304}  # the logits' matmul, then d_x's and d_weight's
     adamw = case("adamw", op_adamw.SHAPES[0], "meta")
     assert adamw.shape == "148 tensors, 124M params" and adamw.work["step"] == 14 * 124_475_904
 

@@ -75,7 +75,8 @@ def test_forward_backward_every_switch(switches):
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_model_ops_are_the_ops_it_calls(switches):
-    """model_ops(config), which decides which ops a run self-checks, is what training calls."""
+    """model_ops(config), which decides which ops a run self-checks, is what training calls, and
+    what a forward that returns the logits calls."""
     config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, **switches)
     model = GPT(config)
     called = set()
@@ -84,6 +85,7 @@ def test_model_ops_are_the_ops_it_calls(switches):
         setattr(model.ops, op, lambda *args, op=op, fn=fn, **kw: called.add(op) or fn(*args, **kw))
     idx = torch.randint(0, 50, (2, 16))
     model(idx, idx)[1].backward()
+    model(idx, idx, return_logits=False)[1].backward()
     assert called == model_ops(config)
 
 
@@ -231,7 +233,7 @@ def test_recomputed_blocks_give_the_same_gradients(backend, switches, device):
     assert kept < full / 3
 
 
-TRITON_OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy")
+TRITON_OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy", "linear_cross_entropy")
 
 
 @pytest.mark.parametrize("switches,recompute", [

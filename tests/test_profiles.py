@@ -116,7 +116,7 @@ def test_ops_the_run_does_not_call_are_left_unchecked(monkeypatch):
     checked = []
     monkeypatch.setattr(profile, "self_check", lambda op, shapes, device_type: (checked.append(op) or True, "fine"))
     used = model_ops(GPTConfig(**preset("gpt2"))) | optimizer_ops("adamw")
-    assert used == {"layer_norm", "attention", "cross_entropy", "grad_norm"}
+    assert used == {"layer_norm", "attention", "cross_entropy", "linear_cross_entropy", "grad_norm"}
     for mode in ("triton", "auto"):
         checked.clear()
         choices = kernels.choose(mode, "cuda", profile=None, used=used)

@@ -1,0 +1,229 @@
+"""linear_cross_entropy(x, weight, targets, ignore_index=-1): the lm head's matmul and the loss
+as one op. Both backends, the loss and the gradients of x and weight, against float64; the
+triton backend in one chunk of rows and in several (the last one short)."""
+import pytest
+import torch
+
+import kernels
+from kernels import cross_entropy
+from tests.devices import compiled, skip_unless_triton_runs
+from tests.numerics import assert_as_accurate
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["torch", "triton"]
+# (batch shape, width, classes): one row, odd widths and vocabularies, a 3-D batch, a single
+# token with no batch dimension.
+SHAPES = [((1,), 7, 4099), ((3,), 24, 771), ((2, 5), 16, 65), ((), 8, 1031), ((9,), 33, 130)]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(params=["one chunk", "chunks of 2 rows"])
+def chunks(request, monkeypatch):
+    """The triton backend's chunking: all rows at once (the shapes here are far below its budget),
+    or two rows a chunk (an odd number of rows leaves the last chunk one row)."""
+    if request.param != "one chunk":
+        monkeypatch.setattr(cross_entropy, "_chunk_rows", lambda rows, classes, itemsize: 2)
+    return request.param
+
+
+def test_chunks_are_the_fewest_that_fit_the_budget():
+    budget = cross_entropy.CHUNK_BYTES
+    assert cross_entropy._chunk_rows(16384, 50304, 2) == 8192  # GPT-2's 1.65 GB of bf16 logits: two chunks
+    assert cross_entropy._chunk_rows(16384, 128256, 2) == 4096  # 4.2 GB: four
+    assert cross_entropy._chunk_rows(3, 50304, 2) == 3
+    assert cross_entropy._chunk_rows(5, budget // 2, 2) == 1  # a row fills the budget: one a chunk
+    assert cross_entropy._chunk_rows(0, 50304, 2) == 1
+
+
+def inputs(batch, width, classes, dtype, device):
+    x = torch.randn(*batch, width, device=device).to(dtype)
+    weight = (torch.randn(classes, width, device=device) * 3 / width**0.5).to(dtype)  # logits of spread ~3
+    targets = torch.randint(0, classes, batch, device=device)
+    return x, weight, targets, torch.tensor(0.75, device=device)  # dloss != 1, as under grad accumulation
+
+
+def loss_and_grads(fn, x, weight, targets, dloss, **kw):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = fn(x, weight, targets, **kw)
+    loss.backward(dloss)
+    return loss, x.grad, weight.grad
+
+
+def assert_matches_float64(fn, x, weight, targets, dloss, what, **kw):
+    torch_fn = kernels.get("linear_cross_entropy", "torch")
+    ref = loss_and_grads(torch_fn, x.double(), weight.double(), targets, dloss.double(), **kw)
+    base = loss_and_grads(torch_fn, x, weight, targets, dloss, **kw)
+    out = loss_and_grads(fn, x, weight, targets, dloss, **kw)
+    assert out[0].dtype == torch.float32 and out[0].shape == (), f"{what} loss: {out[0].dtype} {out[0].shape}"
+    for name, o, b, r in zip(("loss", "d_x", "d_weight"), out, base, ref):
+        assert o.dtype == b.dtype, f"{what} {name}: {o.dtype}, torch's {b.dtype}"
+        assert_as_accurate(o, b, r, f"{what} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, width, classes", SHAPES, ids=str)
+def test_matches_float64(backend, dtype, batch, width, classes, chunks, device):
+    skip_unless_triton_runs(backend, device)
+    x, weight, targets, dloss = inputs(batch, width, classes, dtype, device)
+    assert_matches_float64(kernels.get("linear_cross_entropy", backend), x, weight, targets, dloss,
+                           f"{backend} {dtype} {batch}x{width}x{classes} {chunks}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_autocast_with_fp32_weights(backend, chunks, device):
+    """As the model runs it under adamw: fp32 weight and x, bf16 autocast. The matmuls run in bf16
+    as autocast's would, and the gradients come back in fp32."""
+    skip_unless_triton_runs(backend, device)
+    x, weight, targets, dloss = inputs((3, 4), 24, 771, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert_matches_float64(kernels.get("linear_cross_entropy", backend), x, weight, targets, dloss,
+                               f"{backend} autocast {chunks}")
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 3])
+def test_ignored_rows_count_for_nothing(ignore_index, chunks, device):
+    skip_unless_triton_runs("triton", device)
+    x, weight, targets, dloss = inputs((4, 3), 16, 130, torch.float32, device)
+    targets[0, 1] = targets[2] = ignore_index
+    fn = kernels.get("linear_cross_entropy", "triton")
+    assert_matches_float64(fn, x, weight, targets, dloss, f"ignore {ignore_index} {chunks}", ignore_index=ignore_index)
+    _loss, dx, _dw = loss_and_grads(fn, x, weight, targets, dloss, ignore_index=ignore_index)
+    assert (dx[targets == ignore_index] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_ignored_or_none_is_nan_with_zero_gradient(backend, device):
+    """A mean over no rows is 0 / 0, as torch: a NaN loss, and no gradient anywhere."""
+    skip_unless_triton_runs(backend, device)
+    fn = kernels.get("linear_cross_entropy", backend)
+    weight = torch.randn(9, 4, device=device)
+    for x, targets in ((torch.randn(3, 4, device=device), torch.full((3,), -1, device=device)),
+                       (torch.randn(0, 4, device=device), torch.zeros(0, dtype=torch.int64, device=device))):
+        loss, dx, dw = loss_and_grads(fn, x, weight, targets, torch.tensor(1.0, device=device))
+        assert loss.isnan() and dx.shape == x.shape and (dx == 0).all() and (dw == 0).all()
+
+
+def test_is_deterministic(chunks, device):
+    skip_unless_triton_runs("triton", device)
+    x, weight, targets, dloss = inputs((5, 3), 24, 771, torch.bfloat16, device)
+    fn = kernels.get("linear_cross_entropy", "triton")
+    first, second = (loss_and_grads(fn, x, weight, targets, dloss) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_keeps_no_logits(chunks, device):
+    """What autograd keeps for backward is d_x (x's size) and d_weight in fp32, nothing the size of
+    the logits, with or without autocast; and the forward reaches the same loss with or without
+    gradients asked for."""
+    skip_unless_triton_runs("triton", device)
+    fn = kernels.get("linear_cross_entropy", "triton")
+    for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
+        x, weight, targets, _ = inputs((6,), 24, 771, dtype, device)
+        x.requires_grad_(), weight.requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(x, weight, targets)
+            with torch.no_grad():
+                assert torch.equal(fn(x, weight, targets), loss)
+        # d_x in the matmul dtype, d_weight in fp32 (under autocast too: its matmuls are the op's)
+        assert sorted((t.shape, t.dtype) for t in saved) == sorted(
+            [(x.shape, torch.bfloat16), (weight.shape, torch.float32)]), autocast
+
+
+def test_frozen_weight_or_x(chunks, device):
+    """A gradient only where one is wanted (a frozen lm head when fine-tuning): the other is neither
+    computed nor kept."""
+    skip_unless_triton_runs("triton", device)
+    x, weight, targets, dloss = inputs((6,), 24, 771, torch.float32, device)
+    fn, torch_fn = kernels.get("linear_cross_entropy", "triton"), kernels.get("linear_cross_entropy", "torch")
+    for wants in ("x", "weight"):
+        grads = []
+        for f in (fn, torch_fn):
+            xx, ww = x.clone().requires_grad_(wants == "x"), weight.clone().requires_grad_(wants == "weight")
+            f(xx, ww, targets).backward(dloss)
+            grads.append(xx.grad if wants == "x" else ww.grad)
+            assert (ww.grad if wants == "x" else xx.grad) is None
+        torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend, chunks, device):
+    """x a column slice of a wider buffer (row-strided), x transposed, the weight transposed, and
+    targets that are every other element of a buffer."""
+    skip_unless_triton_runs(backend, device)
+    fn = kernels.get("linear_cross_entropy", backend)
+    x, weight, targets, dloss = inputs((7,), 24, 771, torch.float32, device)
+    targets = torch.stack([targets, targets.flip(0)], dim=1)[:, 0]
+    assert not targets.is_contiguous()
+    wide = torch.cat([x, torch.randn(7, 5, device=device)], dim=1)[:, :24]
+    for what, xs, ws in (("row-strided x", wide, weight), ("transposed x", x.t().contiguous().t(), weight),
+                         ("transposed weight", x, weight.t().contiguous().t())):
+        assert_matches_float64(fn, xs, ws, targets, dloss, f"{backend} {what} {chunks}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend, device):
+    fn = kernels.get("linear_cross_entropy", backend)
+    x, w = torch.randn(3, 4, device=device), torch.randn(9, 4, device=device)
+    t = torch.zeros(3, dtype=torch.int64, device=device)
+    cases = {
+        r"weight must have shape \(classes >= 1, 4\)": (x, torch.randn(9, 5, device=device), t),
+        "weight must be 2-D": (x, torch.randn(9, 4, 1, device=device), t),
+        r"weight must have shape \(classes >= 1": (x, torch.randn(0, 4, device=device), t),
+        r"targets must have shape \(3,\)": (x, w, torch.zeros(3, 1, dtype=torch.int64, device=device)),
+        "targets must be one of .int64": (x, w, t.float()),
+        "x must be one of": (x.to(torch.int32), w, t),
+        "x, weight, targets must have the same device": (x, w.to("meta"), t),
+        "x must be a tensor": ([[1.0]], w, t),
+    }
+    for problem, args in cases.items():
+        with pytest.raises(ValueError, match=f"linear_cross_entropy: {problem}"):
+            fn(*args)
+
+
+def test_triton_refuses_mixed_dtypes_and_float64(device):
+    fn = kernels.get("linear_cross_entropy", "triton")
+    t = torch.zeros(3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="linear_cross_entropy: x, weight must have the same dtype"):
+        fn(torch.randn(3, 4, device=device), torch.randn(9, 4, device=device, dtype=torch.bfloat16), t)
+    with pytest.raises(ValueError, match="linear_cross_entropy: the matmul dtype must be one of.*float64"):
+        fn(torch.randn(3, 4, device=device).double(), torch.randn(9, 4, device=device).double(), t)
+
+
+def test_torch_compile_matches_eager(chunks, device):
+    """In a compiled graph, after a norm-like op, as in the model: an opaque op Inductor calls."""
+    skip_unless_triton_runs("triton", device)
+    fn = kernels.get("linear_cross_entropy", "triton")
+
+    def head_loss(x, w, targets):
+        return fn(torch.tanh(x), w, targets)
+
+    T = 257 if device == "cuda" else 5
+    x, weight, targets, _ = inputs((4, T), 64, 1031, torch.bfloat16, device)
+    results = []
+    for f in (head_loss, compiled(head_loss, device)):
+        xx, ww = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = f(xx, ww, targets)
+        loss.backward()
+        results.append((loss, xx.grad, ww.grad))
+    for eager, graphed in zip(*results):
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
+# GPU-only: training-sized heads (cuBLAS's fp32-output matmul for d_weight), another GPU.
+
+@cuda_only
+@pytest.mark.parametrize("width, classes", [(768, 50304), (2048, 32000), (768, 50257)])
+def test_training_shapes_cuda(width, classes, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 2**26)  # several chunks (of 512 or 1024 rows)
+    x, weight, targets, dloss = inputs((2048,), width, classes, torch.bfloat16, "cuda")
+    assert_matches_float64(kernels.get("linear_cross_entropy", "triton"), x, weight, targets, dloss,
+                           f"2048 x {width} x {classes}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu():
+    x, weight, targets, dloss = inputs((3,), 24, 1031, torch.bfloat16, "cuda:1")
+    assert_matches_float64(kernels.get("linear_cross_entropy", "triton"), x, weight, targets, dloss, "cuda:1")
