@@ -4,7 +4,9 @@ The one measuring path of the kernel profile (bench/kernels.py) and the per-issu
 (bench/op_*.py), and the command line those share.
 
 Times are medians of CUDA-event timings (bench.measure.median_ms) after one untimed call, which
-compiles and autotunes. A backend that fails its check is still timed, and marked unverified;
+compiles and autotunes. Beside each time, on CUDA, the memory the pass allocates beyond its
+inputs at its peak (outputs and gradients included): what a backend costs in memory, which for
+some ops (the fused loss) is the point. A backend that fails its check is still timed, and marked unverified;
 one that cannot run at all is reported with its error.
 """
 import argparse
@@ -48,10 +50,25 @@ def time_ms(fn: Callable) -> float:
     return median_ms(fn)
 
 
-def time_case(c: Case, fn: Callable) -> dict[str, float]:
-    """pass -> median ms of `fn` running that pass of `c`, all passes on one set of inputs."""
+def peak_mib(fn: Callable, device) -> float | None:
+    """MiB that `fn()` allocates beyond what was allocated before it, at its peak, by the caching
+    allocator's count; None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def time_case(c: Case, fn: Callable, device) -> tuple[dict[str, float], dict[str, float | None]]:
+    """pass -> median ms of `fn` running that pass of `c`, and pass -> its peak_mib, all passes on
+    one set of inputs."""
     inputs = c.make()
-    return {pass_: time_ms(lambda pass_=pass_: c.call(fn, inputs, pass_)) for pass_ in c.passes}
+    ms = {pass_: time_ms(lambda pass_=pass_: c.call(fn, inputs, pass_)) for pass_ in c.passes}
+    return ms, {pass_: peak_mib(lambda pass_=pass_: c.call(fn, inputs, pass_), device) for pass_ in c.passes}
 
 
 def entry(timed: Case, checked: Case, impls: dict[str, Callable], peak: float, device) -> dict:
@@ -67,7 +84,7 @@ def entry(timed: Case, checked: Case, impls: dict[str, Callable], peak: float, d
         ok, why = check(checked, fn, reference)
         record = {"verified": ok, "check": why}
         try:
-            record["ms"] = time_case(timed, fn)
+            record["ms"], record["peak_mib"] = time_case(timed, fn, device)
         except Exception as e:  # a backend that cannot run here is reported, not fatal
             record["error"] = f"{type(e).__name__}: {e}"
         else:
@@ -86,7 +103,7 @@ def rows(ops: dict[str, dict]) -> list[Row]:
         for backend, r in e["backends"].items():
             for pass_, ms in r.get("ms", {}).items():
                 out.append(Row(op, e["shape"], pass_, backend, ms, r["rate"][pass_], e["unit"],
-                               r["roofline"][pass_], r["verified"]))
+                               r["roofline"][pass_], r["verified"], r["peak_mib"].get(pass_)))
     return out
 
 

@@ -54,6 +54,7 @@ class Row:
     unit: str
     roofline: float
     verified: bool | None = None
+    peak_mib: float | None = None  # what the pass allocates beyond its inputs, at its peak (CUDA)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -66,12 +67,13 @@ def print_rows(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("op", "shape", "pass", "backend", "ms", "rate", "of roofline", "verified"):
-        table.add_column(col, justify="right" if col in ("ms", "rate", "of roofline") else "left")
+    for col in ("op", "shape", "pass", "backend", "ms", "rate", "of roofline", "peak MiB", "verified"):
+        table.add_column(col, justify="right" if col in ("ms", "rate", "of roofline", "peak MiB") else "left")
     for r in rows:
         verified = "" if r.verified is None else ("yes" if r.verified else "NO")
+        mib = "" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
         table.add_row(r.op, r.shape, r.pass_, r.backend, f"{r.ms:.3f}", f"{r.value:.0f} {r.unit}",
-                      f"{100 * r.roofline:.0f}%", verified)
+                      f"{100 * r.roofline:.0f}%", mib, verified)
     Console().print(table)
 
 

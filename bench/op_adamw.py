@@ -90,9 +90,11 @@ def _optimizer_rows(c: Case, device) -> list[Row]:
         params = [torch.nn.Parameter(p.clone()) for p in inputs[:n]]
         for p, g in zip(params, inputs[n:2 * n]):
             p.grad = g
-        ms = backends.time_ms(make(params))
+        step = make(params)
+        ms = backends.time_ms(step)
         rate = c.rate("step", ms)
-        result.append(Row("adamw", c.shape, "step", name, ms, rate, c.unit, rate / peak))
+        result.append(Row("adamw", c.shape, "step", name, ms, rate, c.unit, rate / peak,
+                          peak_mib=backends.peak_mib(step, device)))
     return result
 
 

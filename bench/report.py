@@ -6,8 +6,9 @@ profiles/<gpu>.json), and prints per file the device, date, versions and git rev
 measured with, then its table. The numbers are the files' own, rounded; nothing is recomputed.
 
 Per-op tables: one row per shape and pass, one column per backend (its rate in the file's unit,
-"unverified" where it failed its check against the torch reference), then triton's fraction of
-the roofline measured in the same run and triton against the fastest verified other backend.
+then the MiB the pass allocated beyond its inputs at its peak where measured, "unverified" where
+it failed its check against the torch reference), then triton's fraction of the roofline
+measured in the same run and triton against the fastest verified other backend.
 """
 import argparse
 import json
@@ -30,6 +31,11 @@ def _md(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *lines])
 
 
+def _mib(row: dict) -> str:
+    mib = row.get("peak_mib")
+    return "" if mib is None else f", {mib:,.0f} MiB"
+
+
 def op_table(result: dict) -> str:
     rows, roofline = result["rows"], result["roofline"]
     unit = roofline["unit"]
@@ -43,7 +49,7 @@ def op_table(result: dict) -> str:
         cells = [op] * several_ops + [shape, pass_]
         for b in backends:
             r = by_backend.get(b)
-            cells.append("" if r is None else f"{r['value']:,.0f}" + (" unverified" if r["verified"] is False else ""))
+            cells.append("" if r is None else f"{r['value']:,.0f}" + _mib(r) + (" unverified" if r["verified"] is False else ""))
         triton = by_backend.get("triton")
         others = [r["value"] for b, r in by_backend.items() if not b.startswith("triton") and r["verified"] is not False]
         cells.append(f"{100 * triton['roofline']:.0f}%" if triton else "")

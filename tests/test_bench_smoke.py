@@ -19,7 +19,7 @@ from bench.hardware import Device
 from gpt.model import GPTConfig
 from tests.devices import interpreter_only
 
-COPY_GBS, MATMUL_TFLOPS = 1000.0, 100.0
+COPY_GBS, MATMUL_TFLOPS, PEAK_MIB = 1000.0, 100.0, 64.0
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +28,7 @@ def no_gpu(monkeypatch):
     # forward+backward does beside its forward (op_attention's bwd is their difference).
     ticks = itertools.count(1)
     monkeypatch.setattr(backends, "median_ms", lambda fn: (fn(), float(next(ticks)))[1])
+    monkeypatch.setattr(backends, "peak_mib", lambda fn, device: (fn(), PEAK_MIB)[1])
     monkeypatch.setattr(backends, "copy_gbs", lambda device="cuda": COPY_GBS)
     monkeypatch.setattr(backends, "matmul_tflops", lambda device="cuda": MATMUL_TFLOPS)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
@@ -69,6 +70,8 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     rows = result["rows"]
     assert {r["backend"] for r in rows} == backend_names and {r["pass"] for r in rows} == passes
     assert all(r["ms"] > 0 and r["value"] > 0 and 0 < r["roofline"] for r in rows)
+    # Every measured pass has its memory (not attention's bwd, the difference of two passes).
+    assert all(r["peak_mib"] == (None if r["pass"] == "bwd" else PEAK_MIB) for r in rows)
     if name == "norm":  # the plain norm and the pre-norm form with the residual add
         assert {"+residual" in r["shape"] for r in rows} == {False, True}
     # Every row of a registry op (all but the optimizers') was checked, and triton passed.
@@ -88,6 +91,7 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     assert sum(line.startswith(f"{first(op)}{shape} | {pass_} |") for line in table.splitlines()
                for op, shape, pass_ in cases) == len(cases)
     assert all(f"| {b} (" in table or f" {b} (" in table for b in backend_names)
+    assert f", {PEAK_MIB:.0f} MiB" in table
 
 
 def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
