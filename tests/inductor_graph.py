@@ -146,8 +146,12 @@ def problems_of(name: str, step: list[list[tuple[str, str | None]]], tma: bool) 
         launches = collections.Counter(kernel for _, kernel in graph if kernel is not None)
         copies = collections.Counter(op for op, _ in graph if any(c in op for c in COPIES))
         functional = sum(op.endswith("triton_kernel_wrapper_functional") for op, _ in graph)
+        # The project's opaque ops (linear_cross_entropy): Inductor calls them whole, kernels and all.
+        whole = collections.Counter(op.removesuffix(".default") for op, _ in graph if op.startswith("tritongpt."))
         print(f"{name} {which}: {sum(launches.values())} launches "
-              f"({', '.join(f'{k} x{n}' for k, n in sorted(launches.items()))}); copies: {dict(copies) or 'none'}")
+              f"({', '.join(f'{k} x{n}' for k, n in sorted(launches.items()))})"
+              + "".join(f", {op} x{n} (called whole)" for op, n in sorted(whole.items()))
+              + f"; copies: {dict(copies) or 'none'}")
         if copies:
             problems.append(f"{name} {which}: Inductor copies buffers: {dict(copies)}")
         if functional or not launches:
