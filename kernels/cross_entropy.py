@@ -3,7 +3,9 @@ Triton kernels.
 
 cross_entropy(logits, targets, ignore_index=-1) is the mean over the rows whose target is not
 ignore_index of logsumexp(row) - row[target], in fp32 whatever the logits' dtype: what the model
-computed as F.cross_entropy(logits.float(), targets, ignore_index=-1) (nanoGPT's loss).
+computed as F.cross_entropy(logits.float(), targets, ignore_index=-1) (nanoGPT's loss). Below it,
+linear_cross_entropy(x, weight, targets): the lm head's matmul and this loss as one op, whose
+triton backend keeps no logits (training's loss).
 
 That torch form makes an fp32 copy of bf16 logits and an fp32 log-softmax of it (16k tokens x
 50304 classes: 3.3 GB each), and backward writes, reads and casts fp32 gradients of the same
