@@ -14,6 +14,7 @@ import kernels
 from bench import (backends, op_adamw, op_attention, op_cross_entropy, op_linear_cross_entropy, op_norm, op_rope,
                    op_swiglu, profile, report)
 from bench import kernels as bench_kernels
+from bench.backends import peak_mib as measured_peak_mib  # before the fixture replaces it
 from bench.cases import Shapes, case, check
 from bench.hardware import Device
 from gpt.model import GPTConfig
@@ -92,6 +93,15 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
                for op, shape, pass_ in cases) == len(cases)
     assert all(f"| {b} (" in table or f" {b} (" in table for b in backend_names)
     assert f", {PEAK_MIB:.0f} MiB" in table
+
+
+def test_peak_mib_is_what_a_pass_allocates_beyond_what_was_there():
+    assert measured_peak_mib(lambda: torch.ones(1), "cpu") is None
+    if torch.cuda.is_available():
+        there = torch.empty(2**20, device="cuda")  # allocated before the pass: not counted
+        mib = measured_peak_mib(lambda: torch.empty(64 * 2**18, device="cuda").sum(), "cuda")  # 64 MiB, then freed
+        assert 64 <= mib < 65
+        del there
 
 
 def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
