@@ -103,7 +103,7 @@ def rows(ops: dict[str, dict]) -> list[Row]:
         for backend, r in e["backends"].items():
             for pass_, ms in r.get("ms", {}).items():
                 out.append(Row(op, e["shape"], pass_, backend, ms, r["rate"][pass_], e["unit"],
-                               r["roofline"][pass_], r["verified"], r["peak_mib"].get(pass_)))
+                               r["roofline"][pass_], r["verified"], r.get("peak_mib", {}).get(pass_)))
     return out
 
 

@@ -1,6 +1,9 @@
 """Memory measures shared by the model and planning tests."""
 import collections
 import contextlib
+import ctypes
+import threading
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,3 +44,59 @@ def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int,
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
         loss = model(idx, idx, return_logits=False)[1]
     return (sum(n for n, copy in saved.values() if not copy), sum(n for n, copy in saved.values() if copy), loss)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use():
+    """glibc's bytes in use (heap and mmapped blocks: torch's CPU tensors), or None off glibc 2.33+."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
+
+
+class _SampleAfterEachOp(TorchDispatchMode):
+    def __init__(self, sample):
+        super().__init__()
+        self.sample = sample
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.sample()
+        return out
+
+
+def peak_malloc_mib(fn) -> float | None:
+    """MiB that `fn()` has allocated at its peak beyond what was in use before it, on CPU, by
+    glibc's count: read after every aten op `fn` dispatches (where a sequence of ops peaks: its
+    outputs made, its inputs not yet freed) and, for what runs inside an op (a custom op's own
+    ops, an interpreted kernel), every half millisecond by a second thread. None where glibc
+    cannot say."""
+    in_use = _malloc_in_use()
+    if in_use is None:
+        return None
+    before, peak, done = in_use(), [0], threading.Event()
+
+    def sample():
+        peak[0] = max(peak[0], in_use())
+
+    def sample_until_done():
+        while not done.is_set():
+            sample()
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample_until_done)
+    sampler.start()
+    try:
+        with _SampleAfterEachOp(sample):
+            fn()
+    finally:
+        done.set()
+        sampler.join()
+    sample()
+    return (peak[0] - before) / 2**20
