@@ -6,8 +6,8 @@ The one measuring path of the kernel profile (bench/kernels.py) and the per-issu
 Times are medians of CUDA-event timings (bench.measure.median_ms) after one untimed call, which
 compiles and autotunes. Beside each time, on CUDA, the memory the pass allocates beyond its
 inputs at its peak (outputs and gradients included): what a backend costs in memory, which for
-some ops (the fused loss) is the point. A backend that fails its check is still timed, and marked unverified;
-one that cannot run at all is reported with its error.
+some ops (the fused loss) is the point. A backend that fails its check is still timed, and
+marked unverified; one that cannot run at all is reported with its error.
 """
 import argparse
 import json

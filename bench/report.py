@@ -49,7 +49,8 @@ def op_table(result: dict) -> str:
         cells = [op] * several_ops + [shape, pass_]
         for b in backends:
             r = by_backend.get(b)
-            cells.append("" if r is None else f"{r['value']:,.0f}" + _mib(r) + (" unverified" if r["verified"] is False else ""))
+            unverified = r is not None and r["verified"] is False
+            cells.append("" if r is None else f"{r['value']:,.0f}" + _mib(r) + " unverified" * unverified)
         triton = by_backend.get("triton")
         others = [r["value"] for b, r in by_backend.items() if not b.startswith("triton") and r["verified"] is not False]
         cells.append(f"{100 * triton['roofline']:.0f}%" if triton else "")
