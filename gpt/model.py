@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from kernels.runtime import matmul_dtype
 
 
 @dataclass
@@ -138,13 +139,6 @@ def add_and_norm(norm: Norm, stream, branch, out_dtype):
     return norm(branch, residual=stream, out_dtype=out_dtype)
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs matmuls in here, or None without autocast. Norm outputs that go
-    only into matmuls are written in it at once, sparing autocast's cast of them."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, head_dim/2), of the rotary angles pos·theta^(-2i/head_dim)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
@@ -263,7 +257,7 @@ class Block(nn.Module):
 
     def _forward(self, x, branch, rope, cache):
         if self.pre_norm:
-            dtype = matmul_dtype(x)
+            dtype = matmul_dtype(x)  # the norms write outputs that feed only matmuls in autocast's dtype at once
             h, x = add_and_norm(self.ln_1, x, branch, dtype)
             h, x = add_and_norm(self.ln_2, x, self.attn(h, rope, cache), dtype)
             return x, self.mlp(h)

@@ -400,10 +400,8 @@ def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: 
     """As the torch backend (autocast's matmul dtype, else x's, which weight's must then match),
     in chunks of rows, with no logits kept for backward."""
     check_linear_cross_entropy(x, weight, targets)
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
+    dtype = runtime.matmul_dtype(x)
+    if dtype is None:
         check_same("linear_cross_entropy", "dtype", x=x, weight=weight)
         dtype = x.dtype
     if dtype not in TRITON_DTYPES:

@@ -56,6 +56,12 @@ def check_device(op: str, t: torch.Tensor) -> None:
                          f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on x's device, or None without autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def capability(device: torch.device) -> tuple[int, int] | None:
     """The compute capability of `device`'s GPU, which launch configurations are chosen by; None
     off the GPU (the interpreter's configurations)."""
