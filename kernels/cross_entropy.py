@@ -1,4 +1,4 @@
-"""Cross-entropy of a GPT's logits against its targets (the training loss): torch reference and
+"""Cross-entropy of a GPT's logits against its targets (its loss): torch reference and
 Triton kernels.
 
 cross_entropy(logits, targets, ignore_index=-1) is the mean over the rows whose target is not
