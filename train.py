@@ -51,7 +51,7 @@ DEFAULTS = dict(
     # tritongpt
     kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
-    recompute=False,  # activation checkpointing: each block recomputed in backward (less memory, ~1/3 more FLOPs)
+    recompute=False,  # activation checkpointing: True every block, or the first n (less memory, ~1/3 more FLOPs each)
     stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
     kahan_summation=False,  # bf16_adamw: keep each param's rounding error (2 B/param), not rounding it at random
     preset=None,  # an architecture from gpt.model.PRESETS, under the keys set explicitly
@@ -59,6 +59,7 @@ DEFAULTS = dict(
     rope_theta=10000.0, mlp="gelu", activation="gelu", mlp_hidden=None, tie_weights=True,
     data_dir="data", seed=1337,
 )
+ALSO = {"recompute": int}  # keys that take a second type besides their default's
 ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 DEFAULT_CONFIG = "config/train_shakespeare_char.py"
 DEFAULT_CPU_CONFIG = "config/train_shakespeare_char_cpu.py"
@@ -71,7 +72,7 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
     if not any(arg.endswith(".py") and not arg.startswith("--") for arg in argv):
         argv = [DEFAULT_CONFIG if torch.cuda.is_available() else DEFAULT_CPU_CONFIG, *argv]
     config = dict(DEFAULTS)
-    for key, value in parse_args(argv, DEFAULTS):
+    for key, value in parse_args(argv, DEFAULTS, ALSO):
         if key == "preset" and value:  # the preset's architecture, under the keys set after it
             config.update({k: v for k, v in preset(value).items() if k in ARCH_KEYS})
         config[key] = value
@@ -119,7 +120,8 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
                            f"accumulation × {world.size} processes ({world.parallel or 'no process group'}) = "
                            f"{tokens_per_iter:,} tokens per step")
     table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}"
-                            + (", blocks recomputed in backward" if c["recompute"] else ""))
+                            + (f", {model.recomputed} of {mc.n_layer} blocks recomputed in backward"
+                               if model.recomputed else ""))
     console.print(table)
     ktable = Table(title=f"kernels={c['kernels']}")
     for col in ("op", "backend", "why"):
@@ -214,7 +216,10 @@ def main(argv: list[str]) -> None:
     if weights_dir:
         pretrained.load_weights(model, weights_dir)
     torch.manual_seed(c["seed"] + rank)  # from here on each rank draws its own dropout masks
-    model.recompute_blocks(c["recompute"])
+    try:
+        model.recompute_blocks(c["recompute"])
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
     if pure_bf16:
         model.to(torch.bfloat16)
     if world.parallel == "fsdp":  # fp32 weights gathered in bf16 when training in bf16
@@ -260,7 +265,7 @@ def main(argv: list[str]) -> None:
     model = distributed.replicate(model, world, c["device"])
 
     meter = MFUMeter(raw_model.config, c["block_size"], c["dtype"], c["device"], world_size,
-                     peak_tflops=c["peak_tflops"])
+                     peak_tflops=c["peak_tflops"], recomputed=raw_model.recomputed)
     if master:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")

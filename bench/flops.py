@@ -13,7 +13,9 @@ Conventions:
   half. MFU is reported on this count, so it is comparable with nanoGPT, torchtitan and llm.c.
 - `causal`: matmuls + 6·L·H·Q·T, the work causal attention needs.
 - `hardware`: what the GPU executes: causal attention, plus the flash-attention backward's
-  recomputation of QKᵀ (one more score matmul beside the four a backward needs: 7·L·H·Q·T).
+  recomputation of QKᵀ (one more score matmul beside the four a backward needs: 7·L·H·Q·T),
+  plus the forward that activation checkpointing runs again in each recomputed block (2 FLOPs
+  per matmul weight per token and causal attention's forward, 2·H·Q·T, per such block).
 Embedding lookups, norms, activations, softmax and the loss are not counted (elementwise work,
 a fraction of a percent at these widths).
 
@@ -75,6 +77,8 @@ class Flops:
     matmul: int  # 6 x every matmul's weights
     attention_unit: int  # L·H·Q·T: attention's FLOPs are multiples of it
     seq_len: int
+    recomputed_matmul: int = 0  # 2 x the recomputed blocks' matmul weights
+    recomputed_attention_unit: int = 0  # the recomputed blocks' share of attention_unit
 
     @property
     def palm(self) -> int:
@@ -85,16 +89,23 @@ class Flops:
         return self.matmul + 6 * self.attention_unit
 
     @property
+    def hardware_matmul(self) -> int:
+        return self.matmul + self.recomputed_matmul
+
+    @property
     def hardware(self) -> int:
-        return self.matmul + 7 * self.attention_unit
+        return self.hardware_matmul + 7 * self.attention_unit + 2 * self.recomputed_attention_unit
 
 
-def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> Flops:
+def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: int = 0) -> Flops:
+    """`recomputed`: the blocks whose forward runs again in backward (GPT.recompute_blocks)."""
     T = seq_len or config.block_size
     matmul = 6 * sum(m.weights for m in matmuls(config))
+    block_weights = sum(m.weights for m in matmuls(config) if m.count == config.n_layer) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
     # every query head still scores every key.
-    return Flops(matmul, config.n_layer * config.n_embd * T, T)
+    return Flops(matmul, config.n_layer * config.n_embd * T, T, 2 * recomputed * block_weights,
+                 recomputed * config.n_embd * T)
 
 
 CONVENTION = ("MFU counts 6 FLOPs per matmul weight per token plus 12·L·H·Q·T for attention "

@@ -3,7 +3,7 @@ have.
 
     python -m bench.mfu --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
                         [--kernels torch,compile,triton,triton+compile] [--steps 50] [--warmup 10]
-                        [--optimizer adamw|bf16_adamw] [--recompute] [--profile-steps 3]
+                        [--optimizer adamw|bf16_adamw] [--recompute [BLOCKS]] [--profile-steps 3]
     python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
     python -m bench.mfu --gpu list                                                # the peak table
 
@@ -45,7 +45,7 @@ from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import provenance
-from gpt.model import GPT, GPTConfig, model_ops
+from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 
 DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
@@ -75,8 +75,8 @@ class MFUMeter:
     background thread between records."""
 
     def __init__(self, config: GPTConfig, seq_len: int, dtype, device="cuda", world_size: int = 1,
-                 peak_tflops: float | None = None):
-        self.flops = flops_per_token(config, seq_len)
+                 peak_tflops: float | None = None, recomputed: int = 0):
+        self.flops = flops_per_token(config, seq_len, recomputed)
         self.world_size = world_size
         dev = torch.device(device)
         found = None
@@ -130,7 +130,7 @@ class Run:
     warmup: int
     steps: int
     device: str = "cuda"
-    recompute: bool = False  # activation checkpointing of every block (train.py's recompute)
+    recompute: int = 0  # blocks recomputed in backward, the first ones (train.py's recompute)
     profile_steps: int = 3  # steps run under torch.profiler after the timed ones (0: none)
 
     @property
@@ -225,14 +225,14 @@ def _breakdown(step, run: Run) -> dict:
 
 def _work_rates(profiled: dict, run: Run, flops: Flops, median_ms: float) -> dict:
     """The share of the step the device was busy, and the TFLOPS of the matmul and attention
-    kernels (None under recompute, whose second forward no FLOPs figure holds)."""
+    kernels (their hardware FLOPs: recomputed blocks' second forward included)."""
     tokens = run.batch_size * run.seq_len
 
     def rate(step_flops: float, ms: float) -> float | None:
-        return step_flops / (ms / 1e3) / 1e12 if ms > 0 and not run.recompute else None
+        return step_flops / (ms / 1e3) / 1e12 if ms > 0 else None
     return dict(busy=sum(profiled["ms"].values()) / median_ms,
-                matmul_tflops=rate(flops.matmul * tokens, profiled["ms"]["matmul"]),
-                attention_tflops=rate((flops.hardware - flops.matmul) * tokens, profiled["ms"]["attention"]))
+                matmul_tflops=rate(flops.hardware_matmul * tokens, profiled["ms"]["matmul"]),
+                attention_tflops=rate((flops.hardware - flops.hardware_matmul) * tokens, profiled["ms"]["attention"]))
 
 
 def summarize(row: dict, run: Run, flops: Flops, peak: Peak) -> dict:
@@ -258,7 +258,8 @@ def _pct(x: float | None) -> str:
 
 def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops: Flops,
                   console: Console) -> None:
-    recompute = ", blocks recomputed (their second forward is in no FLOPs figure)" if run.recompute else ""
+    recompute = (f", {run.recompute} of {run.config.n_layer} blocks recomputed (in HW TFLOPS, not in MFU)"
+                 if run.recompute else "")
     table = Table(title=f"{device.name}: B={run.batch_size} x T={run.seq_len}, {run.optimizer}, "
                         f"{str(run.dtype).removeprefix('torch.')}{recompute}; {run.steps} timed steps "
                         f"after {run.warmup}")
@@ -321,7 +322,7 @@ def measure_all(args, device: Device, console: Console, out: Path) -> None:
     run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
               f"cuda:{device.index}", args.recompute, args.profile_steps)
     peak = peak_for(device.name, dtype, args.peak_tflops)
-    flops = flops_per_token(config, seq_len)
+    flops = flops_per_token(config, seq_len, run.recompute)
     torch.cuda.set_device(device.index)
     rows = []
     for variant in args.kernels.split(","):
@@ -374,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
     parser.add_argument("--optimizer", default="adamw", choices=planning.OPTIMIZERS)
-    parser.add_argument("--recompute", action="store_true",
-                        help="recompute every block in backward (activation checkpointing), as train.py's recompute")
+    parser.add_argument("--recompute", nargs="?", type=int, const=True, default=False, metavar="BLOCKS",
+                        help="recompute every block in backward (activation checkpointing), or the first BLOCKS, "
+                             "as train.py's recompute")
     parser.add_argument("--peak-tflops", type=float, help="dense peak to divide by (an unknown GPU needs it)")
     parser.add_argument("--world-size", type=int, default=1, help="planning: GPUs sharing the model")
     parser.add_argument("--json", type=Path, help="result file (default: profiles/<gpu>-mfu-<preset>.json)")
@@ -402,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype = "bfloat16" if gpu.bf16 else "float16"
             peak = args.peak_tflops or gpu.tflops(dtype)
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
-            planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len), presets, console)
+            planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size),
+                                presets, console)
             return 0
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
@@ -411,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
     args.preset = args.preset or "gpt2"
+    try:
+        args.recompute = recompute_count(args.recompute, planning.config_for(args.preset).n_layer)
+    except ValueError as e:
+        parser.error(str(e))
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     measure_all(args, device, console, out)

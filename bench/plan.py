@@ -22,10 +22,13 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   (torch's fp32 loss 10·vocab). Whatever the micro-batch, the op keeps the weight's gradient in
   fp32 for the backward, and in the head's forward also holds one chunk's share of it and at
   most one chunk of logits (1 GiB): 8·vocab·h + 1 GiB, held_bytes counts them.
-  With full activation recomputation (train.py's recompute=True: checkpointing every block)
-  only each block's inputs are kept (the residual stream, r bytes, and the branch output the
-  fused norm has yet to add, 2), plus one block's activations while it is recomputed; the price
-  is one more forward pass of every block (about a third more matmul FLOPs), not counted in MFU.
+  With activation recomputation (train.py's recompute: True checkpoints every block, n the first
+  n) a recomputed block keeps only its inputs (the residual stream, r bytes, and but for the
+  first block the branch output the fused norm has yet to add, 2). Recomputing it holds one
+  block's activations again, which raises the peak only when every block is recomputed (with
+  fewer, the peak is at the start of backward and the recomputation comes after the later
+  blocks' activations are freed). The price is one more forward pass of each such block (a
+  third more of its matmul FLOPs), not in MFU.
 The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken as GiB) after
 the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
 are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak. The
@@ -40,7 +43,7 @@ from rich.table import Table
 
 from bench.flops import flops_per_token, matmuls, param_count
 from bench.hardware import GPU
-from gpt.model import PRESETS, GPTConfig, preset
+from gpt.model import PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
 
 # gigaGPT's (Cerebras, github.com/Cerebras/gigaGPT, configs/*.yaml) GPT-2-architecture shapes,
@@ -108,8 +111,9 @@ def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int
             + loss_bytes(config))
 
 
-def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool = False) -> int:
-    """Bytes saved for the backward per token of a micro-batch (the formula in the docstring)."""
+def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool | int = False) -> int:
+    """Bytes saved for the backward per token of a micro-batch (the formula in the docstring),
+    `recompute` as train.py's."""
     h, r = config.n_embd, RESIDUAL_BYTES[optimizer]
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
@@ -117,17 +121,24 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     if config.pos_encoding == "rope":
         layer += 2 * (config.n_head + config.n_kv_head) * config.head_dim
     head = r * h + 2 * h
-    if recompute:  # each block's inputs: the residual stream and the branch the next norm adds
-        return config.n_layer * (r + 2) * h + layer + head
-    return config.n_layer * layer + head
+    L, n = config.n_layer, recompute_count(recompute, config.n_layer)
+    inputs = n * r * h + max(n - 1, 0) * 2 * h  # the stream, and but into the first block the branch
+    return (L - n) * layer + inputs + (layer if n == L else 0) + head
 
 
 def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
-                    seq_len: int, recompute: bool = False) -> int:
+                    seq_len: int, recompute: bool | int = False) -> int:
     """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
     free = USABLE * gpu.memory_gb * GiB - held_bytes(config, optimizer, sharding, world_size)
     per_sequence = activation_bytes_per_token(config, optimizer, recompute) * seq_len
     return max(0, int(free // per_sequence))
+
+
+def blocks_to_recompute(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
+                        seq_len: int, micro_batch: int) -> int | None:
+    """The fewest blocks to recompute for `micro_batch` sequences to fit (None: not even all)."""
+    return next((n for n in range(config.n_layer + 1)
+                 if max_micro_batch(gpu, config, optimizer, sharding, world_size, seq_len, n) >= micro_batch), None)
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,7 @@ class Plan:
     peak_tflops: float
     world_size: int
     seq_len: int | None  # None: each preset's block_size
+    micro_batch: int = 16  # sequences, for the blocks it takes recomputing
 
 
 def tokens_per_s(peak_tflops: float, flops_per_token: int, mfu: float) -> float:
@@ -157,7 +169,7 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
     memory = Table(title=f"Memory per GPU on {N} GPU(s) and the largest micro-batch in "
                          f"{USABLE:.0%} of {gpu.memory_gb:g} GB")
     for col in ("preset", "optimizer", "sharding", "static GB", "act MB/token",
-                "max micro-batch (seqs)", "with recompute"):
+                "max micro-batch (seqs)", "recomputing all", f"recompute for {plan.micro_batch}"):
         memory.add_column(col, justify="left" if col in ("preset", "optimizer", "sharding") else "right")
     for name in presets:
         config = config_for(name)
@@ -171,17 +183,21 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
             for sharding in SHARDINGS if N > 1 else ("ddp",):
                 fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
                         for recompute in (False, True)]
+                blocks = blocks_to_recompute(gpu, config, optimizer, sharding, N, T, plan.micro_batch)
                 memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
                                f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
                                f"{activation_bytes_per_token(config, optimizer) / 2**20:.2f}",
-                               *(str(n) if n else "does not fit" for n in fits))
+                               *(str(n) if n else "does not fit" for n in fits),
+                               "does not fit" if blocks is None else f"{blocks} of {config.n_layer} blocks" if blocks else "none")
     console.print(speed)
     console.print(memory)
     console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (+ rotated q, k "
                   "with RoPE) plus the two "
                   "norm inputs (fp32 under autocast), head r·h + 2h (the triton linear_cross_entropy; "
-                  "unfused logits would add 4·vocab, torch's fp32 loss 10·vocab); with recompute: "
-                  "each block's inputs (stream and pending branch) plus one block's activations. "
+                  "unfused logits would add 4·vocab, torch's fp32 loss 10·vocab); a recomputed block keeps its "
+                  "inputs (stream and pending branch), and recomputing all holds one block's activations "
+                  f"too; 'recompute for {plan.micro_batch}': the fewest blocks (train.py's recompute=n, the "
+                  "first n) for that micro-batch (--batch-size) to fit. "
                   "Static: weights, grads and optimizer states, adamw 16 B/param, bf16_adamw 8 B/param "
                   "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 layers), and "
                   "under adamw's autocast outside FSDP 2 B per layer matmul weight for its bf16 copies; "

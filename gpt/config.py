@@ -5,7 +5,8 @@ A config file is plain assignments (`batch_size = 12`, `gradient_accumulation_st
 file, and the few calls nanoGPT's own configs make (`import time` and `str(time.time())` in
 finetune_shakespeare.py; see _CALLS). Anything else (other imports and calls, statements) is
 refused with the line it is on, since reading a config must never run arbitrary code. Unknown keys
-are errors that name the key; values keep their default's type.
+are errors that name the key; values keep their default's type (or a second type a key is
+given: train.py's recompute is True, False or a number of blocks).
 """
 import ast
 import math
@@ -79,19 +80,19 @@ def _parse_value(text: str):
         return text  # a bare string, as nanoGPT takes --dataset=shakespeare
 
 
-def _coerce(key: str, value, default, source: str):
-    """`value` in the type of `default` (ints widen to floats; None defaults take anything)."""
-    if default is None or value is None or type(value) is type(default):
+def _coerce(key: str, value, default, source: str, also: type | None = None):
+    """`value` in the type of `default` or `also` (ints widen to floats; None defaults take anything)."""
+    if default is None or value is None or type(value) in (type(default), also):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
-    raise ConfigError(f"{source}: {key} must be {type(default).__name__} like its default "
-                      f"{default!r}, got {value!r}")
+    types = type(default).__name__ + (f" or {also.__name__}" if also else "")
+    raise ConfigError(f"{source}: {key} must be {types} like its default {default!r}, got {value!r}")
 
 
-def parse_args(argv: list[str], defaults: dict) -> list[tuple[str, object]]:
+def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None) -> list[tuple[str, object]]:
     """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
-    order, each checked against `defaults`."""
+    order, each checked against `defaults`; `also` names the keys that take a second type."""
     assignments = []
     for arg in argv:
         if not arg.startswith("--"):
@@ -106,5 +107,5 @@ def parse_args(argv: list[str], defaults: dict) -> list[tuple[str, object]]:
         for key, value in items:
             if key not in defaults:
                 raise ConfigError(f"{source}: unknown config key {key!r}")
-            assignments.append((key, _coerce(key, value, defaults[key], source)))
+            assignments.append((key, _coerce(key, value, defaults[key], source, (also or {}).get(key))))
     return assignments

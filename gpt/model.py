@@ -266,6 +266,15 @@ class Block(nn.Module):
         return x, None
 
 
+def recompute_count(blocks: bool | int, n_layer: int) -> int:
+    """How many blocks `recompute` (train.py's key: True, False or a number) recomputes."""
+    if blocks is True or blocks is False:
+        return n_layer if blocks else 0
+    if not isinstance(blocks, int) or not 0 <= blocks <= n_layer:
+        raise ValueError(f"recompute: True, False or a number of blocks from 0 to {n_layer}, got {blocks!r}")
+    return blocks
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, kernels: Mapping[str, str] | None = None):
         """`kernels`: op -> backend (ops left out use torch); see `kernels.choose`."""
@@ -293,13 +302,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def recompute_blocks(self, on: bool = True) -> None:
-        """Activation checkpointing of every block: a block keeps only its inputs (the residual
-        stream and the branch still to be added) for backward, and runs its forward again there.
-        About a third more matmul FLOPs a step (not counted in MFU) for 1/n_layer of the blocks'
-        activation memory; the same numbers (dropout's random state is replayed)."""
-        for block in self.h:
-            block.recompute = on
+    def recompute_blocks(self, blocks: bool | int = True) -> None:
+        """Activation checkpointing of the first `blocks` blocks (True: all, False: none). A
+        recomputed block keeps only its inputs (the residual stream and the branch still to be
+        added) for backward, and runs its forward again there: a third more of its matmul FLOPs
+        (not counted in MFU), the same numbers (dropout's random state is replayed). The first
+        blocks, because backward reaches them last: by then the later blocks' activations are
+        freed, so recomputing one adds nothing to the step's peak, which is at the start of
+        backward unless every block is recomputed."""
+        n = recompute_count(blocks, len(self.h))
+        for i, block in enumerate(self.h):
+            block.recompute = i < n
+
+    @property
+    def recomputed(self) -> int:
+        """How many blocks are recomputed in backward (recompute_blocks)."""
+        return sum(block.recompute for block in self.h)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Exact parameter count (shared tensors once). Non-embedding leaves out the token and

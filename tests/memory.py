@@ -26,8 +26,8 @@ def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int,
     """What autograd saves for the backward of one training forward (idx as its own targets, no
     logits returned, as train.py calls it), each storage once, in bytes: (activations, autocast's
     bf16 copies of fp32 weights: matrices of a weight's shape or its transpose's, which is how
-    matmuls save them), and the loss. Activation checkpointing's own packing is not seen: a
-    checkpointed block's activations are not saved."""
+    matmuls save them), and the loss. Of a checkpointed block only its inputs are saved (by the
+    checkpoint); its activations are not."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     fp32 = next(model.parameters()).dtype == torch.float32
     weight_shapes = {p.shape for p in model.parameters() if p.dim() == 2}

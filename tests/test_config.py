@@ -88,6 +88,10 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
         parse_args(["--batch_size=big"], DEFAULTS)
     with pytest.raises(ConfigError, match="compile must be bool"):
         parse_args(["--compile=1"], DEFAULTS)
+    # A key may take a second type (train.py's recompute: True, False or a number of blocks).
+    assert parse_args(["--compile=1"], DEFAULTS, also={"compile": int}) == [("compile", 1)]
+    with pytest.raises(ConfigError, match="compile must be bool or int like its default True, got 'x'"):
+        parse_args(["--compile=x"], DEFAULTS, also={"compile": int})
     with pytest.raises(ConfigError, match="expected --key=value"):
         parse_args(["--compile"], DEFAULTS)
     with pytest.raises(ConfigError, match="expected a config file"):

@@ -24,6 +24,16 @@ def test_gpt2_by_hand():
     assert f.hardware == 741_408_768 + 7 * ATTENTION_UNIT == 807_469_056
 
 
+def test_recomputed_blocks_count_in_hardware_flops_only():
+    """Activation checkpointing runs each recomputed block's forward again: 2 FLOPs per matmul
+    weight per token and causal attention's forward (2·H·Q·T a layer), in the hardware count."""
+    config = GPTConfig(**preset("gpt2"))
+    plain, four = flops_per_token(config), flops_per_token(config, recomputed=4)
+    assert (four.palm, four.causal, four.matmul) == (plain.palm, plain.causal, plain.matmul)
+    assert four.hardware_matmul == plain.matmul + 4 * 2 * GPT2_LAYER_WEIGHTS
+    assert four.hardware == plain.hardware + 4 * (2 * GPT2_LAYER_WEIGHTS + 2 * 768 * 1024)
+
+
 def test_gpt2_equals_nanogpt_6n_plus_attention_less_vectors():
     """nanoGPT: 6N + 12·L·H·Q·T, N = all parameters minus wpe (its 123.69M). N also holds the
     norm and bias vectors, which are no matmul's weights: they are the whole difference."""

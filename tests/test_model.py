@@ -213,24 +213,35 @@ def test_fused_residual_adds_change_nothing(backend, autocast, switches, device)
                                       dict(norm_position="post")], ids=["gpt2", "llama", "post-norm"])
 def test_recomputed_blocks_give_the_same_gradients(backend, switches, device):
     """recompute_blocks: the same loss and gradients (dropout, in attention too, replayed from the
-    saved random state), and the blocks' activations no longer saved by the forward."""
+    saved random state), and the blocks' activations no longer saved by the forward: all blocks'
+    (True), or the first one's (1)."""
     skip_unless_triton_runs(backend, device)
     config = GPTConfig(n_layer=3, n_head=1, n_embd=32, block_size=16, vocab_size=50, dropout=0.2, **switches)
     model = GPT(config, {op: backend for op in ("rms_norm", "layer_norm", "swiglu", "rope", "attention")}).to(device)
     idx = torch.randint(0, 50, (2, 16), device=device)
     results = []
-    for recompute in (False, True):
+    for recompute, count in ((False, 0), (True, 3), (1, 1)):
         model.recompute_blocks(recompute)
+        assert model.recomputed == count and model.h[0].recompute == bool(count)
         model.zero_grad()
         torch.manual_seed(0)
         saved, _copies, loss = saved_bytes(model, idx)
         loss.backward()
         results.append((saved, loss, [p.grad.clone() for p in model.parameters()]))
-    (full, loss, grads), (kept, loss_again, grads_again) = results
-    assert torch.equal(loss, loss_again)
-    for (name, _), g, g_again in zip(model.named_parameters(), grads, grads_again, strict=True):
-        assert torch.equal(g, g_again), name
-    assert kept < full / 3
+    (full, loss, grads), *recomputed = results
+    for _, loss_again, grads_again in recomputed:
+        assert torch.equal(loss, loss_again)
+        for (name, _), g, g_again in zip(model.named_parameters(), grads, grads_again, strict=True):
+            assert torch.equal(g, g_again), name
+    kept, kept_two = recomputed[0][0], recomputed[1][0]
+    assert kept < full / 3 and kept < kept_two < full
+
+
+def test_recompute_takes_true_false_or_a_block_count():
+    model = GPT(GPTConfig(n_layer=2, n_head=1, n_embd=16, block_size=8, vocab_size=16))
+    for bad in (3, -1, 1.5, "all"):
+        with pytest.raises(ValueError, match=r"recompute: True, False or a number of blocks from 0 to 2"):
+            model.recompute_blocks(bad)
 
 
 TRITON_OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy", "linear_cross_entropy")

@@ -155,6 +155,16 @@ def test_defaults_and_errors():
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
 
 
+def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
+    assert train.read_config(["--recompute=3"])[0]["recompute"] == 3
+    with pytest.raises(SystemExit, match="recompute must be bool or int like its default False, got 1.5"):
+        train.main(["--recompute=1.5"])
+    with pytest.raises(SystemExit, match="recompute: True, False or a number of blocks from 0 to 2, got 3"):
+        run(tmp_path, data_dir, "--recompute=3")
+    run(tmp_path, data_dir, "--recompute=1", "--max_iters=2", "--eval_interval=2", "--eval_iters=1")
+    assert "1 of 2 blocks recomputed" in " ".join(capsys.readouterr().out.split())  # (rich may wrap the line)
+
+
 def test_training_with_the_triton_kernels(tmp_path, data_dir, capsys):
     log = run(tmp_path, data_dir, "--n_layer=1", "--n_embd=64", "--n_kv_head=1", "--kernels=triton",
               "--optimizer=bf16_adamw", "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--batch_size=2",
