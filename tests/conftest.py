@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import background  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Fresh random inputs every run; TEST_SEED=<n> replays a run.
@@ -40,6 +41,19 @@ def pytest_collection_modifyitems(config, items):
     mine = set(small[part::parts] + (big if part == 0 else []))
     config.hook.pytest_deselected(items=[item for item in items if item not in mine])
     items[:] = [item for item in items if item in mine]
+
+
+def pytest_collection_finish(session):
+    """The subprocess checks of the tests to run (marked background) start now, in the background."""
+    def skipped(item):
+        return any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+    if session.config.option.collectonly:
+        return
+    background.start(m.args[0] for item in session.items if not skipped(item) for m in item.iter_markers("background"))
+
+
+def pytest_sessionfinish(session):
+    background.stop()
 
 
 def pytest_runtest_setup(item):
