@@ -24,6 +24,7 @@ from gpt import checkpoint, distributed, pretrained
 from gpt.config import ConfigError, parse_args
 from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
+from bench import plan
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
 from gpt.model import GPT, GPTConfig, model_ops, preset
@@ -106,6 +107,21 @@ def memory_gb(device_type: str) -> tuple[float, float, float]:
     return rss, rss, rss
 
 
+def memory_plan(c: dict, model: GPT, world) -> str:
+    """bench/plan.py's peak for this run on its GPU (an estimate, with the triton ops) and, where
+    that does not fit, the fewest blocks to recompute that would."""
+    total = torch.cuda.get_device_properties(c["device"]).total_memory
+    sharding = world.parallel or "ddp"
+    planned = plan.peak_bytes(model.config, c["optimizer"], c["batch_size"], c["block_size"], model.recomputed,
+                              sharding, world.size)
+    text = f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, with the triton ops)"
+    if planned > plan.USABLE * total:
+        n = plan.blocks_to_recompute(total, model.config, c["optimizer"], sharding, world.size, c["block_size"],
+                                     c["batch_size"])
+        text += f"; may not fit: {'a smaller batch_size' if n is None else f'recompute={n}'} would"
+    return text
+
+
 def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
@@ -122,6 +138,8 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}"
                             + (f", {model.recomputed} of {mc.n_layer} blocks recomputed in backward"
                                if model.recomputed else ""))
+    if c["device"].startswith("cuda"):
+        table.add_row("memory", memory_plan(c, model, world))
     console.print(table)
     ktable = Table(title=f"kernels={c['kernels']}")
     for col in ("op", "backend", "why"):

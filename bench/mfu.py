@@ -277,7 +277,8 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     console.print(table)
     console.print(f"FLOPs per token: {flops.palm / 1e6:,.1f}M model (PaLM), {flops.hardware / 1e6:,.1f}M "
                   f"hardware. {CONVENTION}.\nPeak: {peak.source}. MFU at clock: against the peak "
-                  f"at the mean SM clock NVML reported during the timed steps.")
+                  f"at the mean SM clock NVML reported during the timed steps.\nPeak GiB: torch's "
+                  f"max_memory_allocated; bench/plan.py plans {planned_peak_gib(run):.1f} GiB with the triton ops.")
     ok = {r["variant"]: r for r in rows if "error" not in r}
     # The like-for-like pairs, then the issue's headline: Triton kernels against torch.compile.
     for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("triton", "compile")):
@@ -345,7 +346,12 @@ def record(run: Run, preset: str, device: Device, peak: Peak, flops: Flops, rows
             "warmup": run.warmup, "steps": run.steps, "recompute": run.recompute,
             "profile_steps": run.profile_steps,
             "flops_per_token": {"palm": flops.palm, "causal": flops.causal, "hardware": flops.hardware},
-            "rows": rows}
+            "planned_peak_gib": planned_peak_gib(run), "rows": rows}
+
+
+def planned_peak_gib(run: Run) -> float:
+    """bench/plan.py's peak memory for this run with the triton ops, to set beside the measured."""
+    return planning.peak_bytes(run.config, run.optimizer, run.batch_size, run.seq_len, run.recompute) / 2**30
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -126,6 +126,13 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     return (L - n) * layer + inputs + (layer if n == L else 0) + head
 
 
+def peak_bytes(config: GPTConfig, optimizer: str, batch_size: int, seq_len: int, recompute: bool | int = False,
+               sharding: str = "ddp", world_size: int = 1) -> int:
+    """One GPU's planned peak for micro-batches of `batch_size` sequences of `seq_len` tokens."""
+    return (held_bytes(config, optimizer, sharding, world_size)
+            + activation_bytes_per_token(config, optimizer, recompute) * batch_size * seq_len)
+
+
 def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
                     seq_len: int, recompute: bool | int = False) -> int:
     """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
@@ -134,11 +141,13 @@ def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, 
     return max(0, int(free // per_sequence))
 
 
-def blocks_to_recompute(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
+def blocks_to_recompute(memory_bytes: float, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
                         seq_len: int, micro_batch: int) -> int | None:
-    """The fewest blocks to recompute for `micro_batch` sequences to fit (None: not even all)."""
+    """The fewest blocks to recompute for `micro_batch` sequences to fit in USABLE of a GPU's
+    `memory_bytes` (None: not even recomputing all)."""
     return next((n for n in range(config.n_layer + 1)
-                 if max_micro_batch(gpu, config, optimizer, sharding, world_size, seq_len, n) >= micro_batch), None)
+                 if peak_bytes(config, optimizer, micro_batch, seq_len, n, sharding, world_size)
+                 <= USABLE * memory_bytes), None)
 
 
 @dataclass(frozen=True)
@@ -183,7 +192,7 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
             for sharding in SHARDINGS if N > 1 else ("ddp",):
                 fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
                         for recompute in (False, True)]
-                blocks = blocks_to_recompute(gpu, config, optimizer, sharding, N, T, plan.micro_batch)
+                blocks = blocks_to_recompute(gpu.memory_gb * GiB, config, optimizer, sharding, N, T, plan.micro_batch)
                 memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
                                f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
                                f"{activation_bytes_per_token(config, optimizer) / 2**20:.2f}",

@@ -74,6 +74,8 @@ def mfu_table(result: dict) -> str:
     title = (f"bench.mfu {result['preset']}: B={result['batch_size']} x T={result['seq_len']}, {result['dtype']}, "
              f"{result['optimizer']}; median of {result['steps']} steps after {result['warmup']}; MFU against "
              f"{result['peak']['tflops']:g} TFLOPS ({result['convention']})")
+    if result.get("planned_peak_gib"):
+        title += f"; planned peak with the triton ops (bench/plan.py) {result['planned_peak_gib']:.1f} GiB"
     header = ["variant", "tokens/s", "step ms", "TFLOPS", "MFU", "HW TFLOPS", "peak GiB"]
     return title + "\n\n" + _md(header, lines) + breakdown_table(result)
 

@@ -1,12 +1,13 @@
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train
 from gpt import checkpoint
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, GPTConfig, preset
 from gpt.sample import main as sample
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--compile=False",
@@ -153,6 +154,22 @@ def test_defaults_and_errors():
         train.main(["--n_layers=3"])
     with pytest.raises(SystemExit, match="n_embd 102 is not a multiple of n_head 4"):
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
+
+
+def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
+    """On a GPU train.py's summary sets bench/plan.py's peak beside the GPU's memory, and says how
+    many blocks to recompute where the run would not fit (GPT-2 XL, 32 x 1024 tokens, pure bf16,
+    on 80 GiB: 12 of its 48 blocks, as bench.mfu's plan says)."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**preset("gpt2-xl")))
+    c = dict(device="cuda", optimizer="bf16_adamw", batch_size=32, block_size=1024)
+    one_gpu = SimpleNamespace(parallel=None, size=1)
+    assert train.memory_plan(c, model, one_gpu).endswith("may not fit: recompute=12 would")
+    model.recompute_blocks(12)
+    assert "planned peak" in train.memory_plan(c, model, one_gpu)
+    assert "may not fit" not in train.memory_plan(c, model, one_gpu)
+    assert "a smaller batch_size would" in train.memory_plan(dict(c, batch_size=1024), model, one_gpu)
 
 
 def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
