@@ -326,18 +326,16 @@ def _chunk_rows(rows: int, classes: int, itemsize: int) -> int:
     return max(1, triton.cdiv(rows, chunks))
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
-        out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """a @ b accumulated in fp32, written into `out` or as a new tensor in `out_dtype` (a's by
-    default; cuBLAS writes fp32 from 16-bit operands at once). On CPU through fp32 copies: torch's
-    CPU bf16 matmul takes seconds for d_x at 50k classes (b row-major, its long dimension first),
-    fp32 a tenth of one."""
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b accumulated in fp32, written into `out` or returned in fp32 (cuBLAS writes fp32 from
+    16-bit operands at once). On CPU through fp32 copies: torch's CPU bf16 matmul takes seconds for
+    d_x at 50k classes (b row-major, its long dimension first), fp32 a tenth of one."""
     if not a.is_cuda:
         product = torch.mm(a.float(), b.float())
-        return out.copy_(product) if out is not None else product.to(out_dtype or a.dtype)
+        return product if out is None else out.copy_(product)
     if out is not None:
         return torch.mm(a, b, out=out)
-    return torch.mm(a, b, out_dtype=out_dtype) if out_dtype not in (None, a.dtype) else torch.mm(a, b)
+    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype != torch.float32 else torch.mm(a, b)
 
 
 @torch.library.custom_op("tritongpt::linear_cross_entropy", mutates_args=())
@@ -366,9 +364,9 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
                 continue
             _backward_rows(logits, tc, stats, scale, logits, ignore_index)  # logits <- d_logits
             if x_grad:
-                _mm(logits, w, out=dx[start:start + step])
+                _mm(logits, w, dx[start:start + step])
             if weight_grad:
-                share = _mm(logits.t(), xc, out_dtype=torch.float32)
+                share = _mm(logits.t(), xc)  # fp32
                 dw = share if dw is None else dw.add_(share)
     if weight_grad and dw is None:  # no rows
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
