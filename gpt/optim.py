@@ -90,6 +90,21 @@ class BF16AdamW(torch.optim.Optimizer):
                                       stochastic_rounding=stochastic_rounding,
                                       kahan_summation=kahan_summation, seed=seed))
 
+    def __setstate__(self, state: dict) -> None:
+        """Also what load_state_dict ends with: groups saved without this optimizer's settings (an
+        older checkpoint, or torch.optim.AdamW's, whose step counts are tensors) take its defaults."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for param_state in self.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = int(param_state["step"].item())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_scale = None  # a clip coefficient belongs to the grads it was computed from
+        super().zero_grad(set_to_none)
+
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None,
                        grad_norm: Callable | None = None) -> torch.Tensor:
@@ -115,7 +130,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale, self._grad_scale = self._grad_scale, None
         for index, group in enumerate(self.param_groups):
-            kahan = group.get("kahan_summation", False)  # absent from older checkpoints
+            kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
             # One op call per distinct step count: in practice one call for the whole group.
             by_step: dict[int, list[list]] = {}

@@ -48,6 +48,7 @@ The interpreter runs the same kernel on CPU tensors (the table then holds host a
 """
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -94,6 +95,9 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
     for name, value, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0),
                                 ("beta2", beta2, 0.0, 1.0), ("eps", eps, 0.0, math.inf),
                                 ("weight_decay", weight_decay, 0.0, math.inf)):
+        if not isinstance(value, numbers.Real):
+            # A tensor here would cost a host sync (torch) or reach the kernel as a pointer (triton).
+            raise ValueError(f"adamw: {name} must be a Python number, got {type(value).__name__}")
         if not lo <= value < hi:
             raise ValueError(f"adamw: {name} must be in [{lo}, {hi}), got {value}")
     if grad_scale is not None:

@@ -355,6 +355,7 @@ def test_bad_input_raises(backend, device):
         "same shape": (p, [g[0], torch.randn(4, device=device)], m, v, {}),
         "step counts from 1": (p, g, m, v, {"step": 0}),
         "lr must be": (p, g, m, v, {"lr": -1.0}),
+        "lr must be a Python number": (p, g, m, v, {"lr": torch.tensor(1e-2)}),  # not a kernel pointer
         "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
         "seed must be an int": (p, g, m, v, {"seed": 2**31}),
     }
@@ -495,6 +496,45 @@ def test_fused_clipping_matches_torch(backend, max_norm, device):
     for a, b, c in zip(ours.parameters(), theirs.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_skipped_steps_clipping_is_dropped_with_its_grads(backend, bad, device):
+    """Grads with a NaN or inf norm are thrown away (zero_grad, no step), as a guard against bad
+    batches does: their clip coefficient (NaN, or 0) goes with them, not into the next step."""
+    skip_unless_triton_runs(backend, device)
+    ours = make_model(device, torch.float32)
+    theirs = copy.deepcopy(ours)
+    opt = BF16AdamW(param_groups(ours), lr=1e-2, backend=backend)
+    reference_opt = BF16AdamW(param_groups(theirs), lr=1e-2, backend=backend)
+    for p in ours.parameters():
+        p.grad = torch.full_like(p, bad)
+    assert not opt.clip_grad_norm(1.0).isfinite()
+    opt.zero_grad(set_to_none=True)
+    for model, optimizer in ((ours, opt), (theirs, reference_opt)):
+        train(model, optimizer, steps=1, seed=3)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_continues_from_torch_adamw_state(backend, device):
+    """A run begun with torch's AdamW (train.py's optimizer=adamw) resumes under BF16AdamW: the
+    groups take its own settings where torch's have none, torch's tensor step counts become
+    ints, and the steps match torch's AdamW continuing (fp32, so no rounding differs)."""
+    skip_unless_triton_runs(backend, device)
+    model = make_model(device, torch.float32)
+    theirs = torch.optim.AdamW(param_groups(model), lr=1e-2, foreach=False)
+    train(model, theirs, steps=2, seed=1)
+    ours_model = copy.deepcopy(model)
+    ours = BF16AdamW(param_groups(ours_model), lr=1.0, backend=backend)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    train(model, theirs, steps=2, seed=2)
+    train(ours_model, ours, steps=2, seed=2)
+    assert {type(s["step"]) for s in ours.state.values()} == {int}
+    for a, b in zip(ours_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_global_grad_norm_sums_dtensor_shards(device, mesh):
