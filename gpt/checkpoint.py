@@ -59,7 +59,7 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     if _master():
         torch.save(train_state, tmp / TRAIN_STATE)
         # A directory cannot replace another in one rename; a crash between the two leaves the
-        # new checkpoint whole in ckpt.dcp.tmp.
+        # new checkpoint whole in ckpt.dcp.tmp, where load finds it.
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -73,15 +73,23 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
     """The checkpoint in out_dir. A full one whole; a sharded one's train state, with `sharded`
     (its directory) where model and optimizer would be: `restore` and `build_model` read them."""
     out = Path(out_dir)
-    found = [p for p in (out / FILENAME, out / SHARDED) if p.exists()]
+    found = [p for p in (out / FILENAME, _sharded_dir(out)) if p is not None and p.exists()]
     if not found:
         raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}")
     path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
-    if path.name == SHARDED:
+    if path.is_dir():
         return dict(torch.load(path / TRAIN_STATE, map_location=device, weights_only=False), sharded=path)
     checkpoint = torch.load(path, map_location=device, weights_only=False)
     checkpoint["model"] = model_state(checkpoint["model"])
     return checkpoint
+
+
+def _sharded_dir(out: Path) -> Path | None:
+    """ckpt.dcp; after a crash between save_sharded's two renames, the new checkpoint in
+    ckpt.dcp.tmp (whole once its train state, written last, is there), else the one before it
+    in ckpt.dcp.old."""
+    return next((d for d in (out / SHARDED, out / f"{SHARDED}.tmp", out / f"{SHARDED}.old")
+                 if (d / TRAIN_STATE).exists()), None)
 
 
 def model_state(state: dict) -> dict:
@@ -101,9 +109,25 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint
     # (parameter names, not positions), are the template that dcp.load fills from the files,
     # resharding from whatever world size wrote them.
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    _like_the_checkpoint(optimizer_state, checkpoint["sharded"])
     state = {"model": model_state, "optimizer": optimizer_state}
     _dcp_load(state, checkpoint["sharded"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:
+    """Make the template's per-parameter optimizer states those the checkpoint holds, as
+    load_state_dict of a full checkpoint would: its groups' settings come back with it, so a
+    state its optimizer kept and this one would not (BF16AdamW's Kahan compensation) is read
+    into a zero tensor of the moments' layout, and one this optimizer keeps but the checkpoint
+    lacks is left out (dcp.load would fail on it)."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+    for name, param_state in optimizer_state["state"].items():
+        prefix = f"optimizer.state.{name}."
+        for key in [key for key in param_state if prefix + key not in saved]:
+            del param_state[key]
+        for key in {key.removeprefix(prefix) for key in saved if key.startswith(prefix)} - param_state.keys():
+            param_state[key] = torch.zeros_like(param_state["exp_avg"])
 
 
 def _whole_model_state(path: Path) -> dict:

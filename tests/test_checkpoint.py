@@ -1,0 +1,78 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) in one process, no process group: what a
+resume finds after a crash mid-save, and an optimizer state restored as the checkpoint holds it."""
+import shutil
+
+import pytest
+import torch
+
+from gpt import checkpoint
+from gpt.model import GPT, GPTConfig
+from gpt.optim import BF16AdamW
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no group
+
+CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+
+
+def trained(kahan: bool, steps: int = 3) -> tuple[GPT, BF16AdamW]:
+    torch.manual_seed(0)
+    model = GPT(CONFIG).to(torch.bfloat16)
+    optimizer = BF16AdamW(model.param_groups(0.1), lr=1e-2, kahan_summation=kahan)
+    x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
+    for _ in range(steps):
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def save(tmp_path, kahan: bool, iter_num: int = 3):
+    model, optimizer = trained(kahan, iter_num)
+    checkpoint.save_sharded(model, optimizer, {"iter_num": iter_num, "model_args": vars(CONFIG)}, tmp_path)
+    return model, optimizer
+
+
+def restored(tmp_path, kahan: bool) -> tuple[GPT, BF16AdamW]:
+    state = checkpoint.load(tmp_path, "cpu")
+    model = GPT(CONFIG).to(torch.bfloat16)
+    optimizer = BF16AdamW(model.param_groups(0.1), lr=1e-2, kahan_summation=kahan)
+    checkpoint.restore(model, optimizer, state)
+    return model, optimizer
+
+
+def states(optimizer: torch.optim.Optimizer, key: str) -> list[torch.Tensor]:
+    return [optimizer.state[p][key] for group in optimizer.param_groups for p in group["params"]
+            if key in optimizer.state[p]]
+
+
+@pytest.mark.parametrize("saved_kahan, kahan", [(True, False), (False, True), (True, True)])
+def test_sharded_optimizer_state_comes_back_as_saved(tmp_path, saved_kahan, kahan):
+    """Whatever this run's optimizer would keep, the checkpoint's state wins, as with a full
+    checkpoint: its Kahan compensation is read back (not left at zero), and a checkpoint without
+    it loads into an optimizer that would keep one."""
+    _, saved = save(tmp_path, saved_kahan)
+    _, optimizer = restored(tmp_path, kahan)
+    assert [g["kahan_summation"] for g in optimizer.param_groups] == [saved_kahan] * 2
+    for key in ("exp_avg", "exp_avg_sq", "compensation"):
+        expected, got = states(saved, key), states(optimizer, key)
+        assert len(got) == len(expected), key
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)), key
+    assert not saved_kahan or any(c.any() for c in states(optimizer, "compensation"))
+
+
+def test_a_crash_between_the_renames_leaves_a_checkpoint_to_resume(tmp_path):
+    save(tmp_path, kahan=False, iter_num=2)
+    path = tmp_path / checkpoint.SHARDED
+    # save_sharded moved ckpt.dcp aside and died before moving ckpt.dcp.tmp in: the new one loads
+    shutil.copytree(path, tmp_path / f"{checkpoint.SHARDED}.old")
+    path.rename(tmp_path / f"{checkpoint.SHARDED}.tmp")
+    assert checkpoint.load(tmp_path, "cpu")["sharded"].name == f"{checkpoint.SHARDED}.tmp"
+    # ... unless its train state, written last, is missing: then the one before it
+    (tmp_path / f"{checkpoint.SHARDED}.tmp" / checkpoint.TRAIN_STATE).unlink()
+    state = checkpoint.load(tmp_path, "cpu")
+    assert state["sharded"].name == f"{checkpoint.SHARDED}.old" and state["iter_num"] == 2
+    restored(tmp_path, kahan=False)
+    shutil.rmtree(tmp_path / f"{checkpoint.SHARDED}.old")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load(tmp_path, "cpu")
