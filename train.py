@@ -81,7 +81,9 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if config["dtype"] is None:
         cuda = config["device"].startswith("cuda")
-        config["dtype"] = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+        # bf16 where the tensor cores do it (Ampere on), not where torch would emulate it
+        bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+        config["dtype"] = "bfloat16" if bf16 else "float16" if cuda else "float32"
     return config, argv
 
 
@@ -90,7 +92,7 @@ def lr_at(it: int, c: dict) -> float:
         return c["learning_rate"]
     if it < c["warmup_iters"]:
         return c["learning_rate"] * (it + 1) / (c["warmup_iters"] + 1)
-    if it > c["lr_decay_iters"]:
+    if it >= c["lr_decay_iters"]:  # also when the decay has no length (lr_decay_iters == warmup_iters)
         return c["min_lr"]
     ratio = (it - c["warmup_iters"]) / (c["lr_decay_iters"] - c["warmup_iters"])
     return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])

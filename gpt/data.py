@@ -140,11 +140,11 @@ class Batches:
         ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=generator)
         ix = ix[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         windows = torch.from_numpy(np.stack([data[i: i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
-        x, y = windows[:, :-1], windows[:, 1:]
         if self.device.startswith("cuda"):
-            return (x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True))
-        return x.contiguous(), y.contiguous()
+            # Whole windows, contiguous and pinned: a non-contiguous or pageable copy would go
+            # through a staging buffer and wait for the GPU to finish the step before it.
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def next(self, split: str = "train"):
         return self._draw(split, self.generator)

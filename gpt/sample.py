@@ -56,7 +56,8 @@ def main(argv: list[str]) -> list[str]:
     model = model.to(device).eval()
     if c["compile"]:
         model.compile()  # in place: generate's calls of the model run compiled (torch.compile(model) would not)
-    dtype = c["dtype"] or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")
     weights_dtype = next(model.parameters()).dtype
     autocast = (nullcontext() if dtype == "float32" or weights_dtype != torch.float32
                 else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))

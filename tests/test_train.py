@@ -156,6 +156,19 @@ def test_defaults_and_errors():
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
 
 
+@pytest.mark.parametrize("decay_iters", [10, 20])
+def test_learning_rate_schedule(decay_iters):
+    """nanoGPT's: linear warm-up, cosine to min_lr at lr_decay_iters, then min_lr; a decay of no
+    length (lr_decay_iters == warmup_iters) goes straight to min_lr."""
+    c = dict(decay_lr=True, warmup_iters=10, lr_decay_iters=decay_iters, learning_rate=1e-3, min_lr=1e-4)
+    lrs = [train.lr_at(it, c) for it in range(30)]
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert lrs[decay_iters:] == [1e-4] * (30 - decay_iters)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    if decay_iters == 20:
+        assert lrs[10] == pytest.approx(1e-3) and lrs[15] == pytest.approx(5.5e-4)
+
+
 def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
     """On a GPU train.py's summary sets bench/plan.py's peak beside the GPU's memory, and says how
     many blocks to recompute where the run would not fit (GPT-2 XL, 32 x 1024 tokens, pure bf16,
