@@ -12,6 +12,7 @@ that tell. bench.mfu divides the model's matmul and attention FLOPs by the time 
 the rates a kernel engineer checks first.
 """
 import collections
+import os
 import re
 
 import torch
@@ -45,6 +46,9 @@ def profile_steps(step, steps: int, device: torch.device) -> dict[str, float]:
     """Run `step` `steps` times under torch.profiler: the µs of each kernel name in all (on a
     CPU: each op's self time)."""
     cuda = device.type == "cuda"
+    # CUPTI stays attached after profiling unless torn down, and slows the kernels timed after it
+    # (bench.mfu times its next variants then): pytorch/pytorch#144455, kineto#1539.
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(steps):

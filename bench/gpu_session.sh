@@ -29,6 +29,8 @@
 # and the numbers in README with the device, date and versions, and paste the printed tune table
 # into kernels/attention.py's _GPU_CONFIGS.
 set -uo pipefail
+usage="usage: bash bench/gpu_session.sh first|tests|tune [D]|profiles|ops [OPS]|mfu|train|curves [VARIANTS]"
+(($#)) || { echo "$usage" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out-gpu}
 mkdir -p "$OUT"
@@ -125,7 +127,7 @@ case "$1" in
       2>&1 | tee -a "$log"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
-    echo "usage: bash bench/gpu_session.sh first|tests|tune [D]|profiles|ops [OPS]|mfu|train|curves [VARIANTS]" >&2; exit 2 ;;
+    echo "$usage" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time
 exit "${status:-0}"

@@ -205,10 +205,10 @@ def measure(run: Run, variant: str, device: Device) -> dict:
         row["error"] = f"out of memory at batch size {run.batch_size} x {run.seq_len}"
     except Exception as e:  # a variant that fails (say, to compile) is reported; the others still run
         row["error"] = f"{type(e).__name__}: {e}"
-    finally:
+    finally:  # the compiled graphs first, so that what only they held is freed before the next variant
+        torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
-        torch._dynamo.reset()
     return row
 
 

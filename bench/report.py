@@ -36,6 +36,13 @@ def _mib(row: dict) -> str:
     return "" if mib is None else f", {mib:,.0f} MiB"
 
 
+def _triton_own(backend: str) -> bool:
+    """A row that runs the triton op itself: its variants ("triton sr"), and op_adamw's
+    optimizer on it ("BF16AdamW triton sr"); not a baseline made of other parts
+    ("linear + triton cross_entropy")."""
+    return backend.startswith(("triton", "BF16AdamW"))
+
+
 def op_table(result: dict) -> str:
     rows, roofline = result["rows"], result["roofline"]
     unit = roofline["unit"]
@@ -52,7 +59,7 @@ def op_table(result: dict) -> str:
             unverified = r is not None and r["verified"] is False
             cells.append("" if r is None else f"{r['value']:,.0f}" + _mib(r) + " unverified" * unverified)
         triton = by_backend.get("triton")
-        others = [r["value"] for b, r in by_backend.items() if not b.startswith("triton") and r["verified"] is not False]
+        others = [r["value"] for b, r in by_backend.items() if not _triton_own(b) and r["verified"] is not False]
         cells.append(f"{100 * triton['roofline']:.0f}%" if triton else "")
         cells.append(f"{triton['value'] / max(others):.2f}x" if triton and others else "")
         lines.append(cells)
@@ -71,9 +78,11 @@ def mfu_table(result: dict) -> str:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.1f}", f"{r['tflops']:.0f}", mfu,
                       f"{r['hw_tflops']:.0f}", f"{r['peak_memory_gib']:.1f}"])
+    peak = result["peak"]["tflops"]
     title = (f"bench.mfu {result['preset']}: B={result['batch_size']} x T={result['seq_len']}, {result['dtype']}, "
              f"{result['optimizer']}; median of {result['steps']} steps after {result['warmup']}; MFU against "
-             f"{result['peak']['tflops']:g} TFLOPS ({result['convention']})")
+             + (f"{peak:g} TFLOPS" if peak else "no peak (a GPU not in bench/hardware.py)")
+             + f" ({result['convention']})")
     if result.get("planned_peak_gib"):
         title += f"; planned peak with the triton ops (bench/plan.py) {result['planned_peak_gib']:.1f} GiB"
     header = ["variant", "tokens/s", "step ms", "TFLOPS", "MFU", "HW TFLOPS", "peak GiB"]
@@ -108,7 +117,7 @@ def profile_table(result: dict) -> str:
         rate = f"{triton['rate'][pass_]:,.0f} {e['unit']} ({100 * triton['roofline'][pass_]:.0f}%)" \
             if "rate" in triton else ""
         lines.append([op, e["shape"], pass_, ms("torch"), ms("compile"), ms("triton"), rate,
-                      e["chosen"]["eager"], e["chosen"]["compiled"]])
+                      e["chosen"]["eager"] or "none", e["chosen"]["compiled"] or "none"])
     w, r = result["workload"], result["rooflines"]
     title = (f"bench.kernels {w['preset']}: {w['shapes']}; rooflines measured: copy {r['copy_gbs']:,.0f} GB/s, "
              f"bf16 matmul {r['matmul_tflops']:,.0f} TFLOPS")
@@ -122,11 +131,14 @@ def report(path: Path) -> str:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as e:  # a benchmark stopped while it rewrote its file
         return f"{path.name}: not read ({e}): cut short while it was written?\n"
-    if "ops" in result:
-        table = profile_table(result)
-    else:
-        table = mfu_table(result) if "preset" in result else op_table(result)
-    return f"{path.name}: {provenance(result)}\n\n{table}\n"
+    try:
+        if "ops" in result:
+            table = profile_table(result)
+        else:
+            table = mfu_table(result) if "preset" in result else op_table(result)
+        return f"{path.name}: {provenance(result)}\n\n{table}\n"
+    except (KeyError, TypeError, ValueError) as e:  # one odd file must not cost the others' tables
+        return f"{path.name}: not reported ({type(e).__name__}: {e})\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,3 +208,36 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     assert report.main([str(out)]) == 0  # the README's table of it: a row per op
     table = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in table and all(f"| {op} | " in table for op in kernels.OPS)
+
+
+def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_path, capsys):
+    """triton against the fastest backend that is not triton's own (op_adamw's BF16AdamW rows run
+    the same kernel); a GPU missing from the peak table, a profile op with no backend chosen, or
+    a file of an unknown layout prints what it can, and the other files' tables still come."""
+    provenance = {"device": {"name": "NVIDIA H200"}, "date": "2026-12-04", "torch": "2.11", "triton": "3.6"}
+    row = dict(op="adamw", shape="124M", verified=True, roofline=0.5)
+    rows = [{**row, "pass": "step", "backend": b, "value": v}
+            for b, v in (("triton", 100.0), ("BF16AdamW triton sr", 95.0), ("torch fused", 60.0))]
+    files = {
+        "op.json": {**provenance, "title": "adamw", "roofline": {"unit": "GB/s", "name": "copy", "value": 200.0},
+                    "rows": rows},
+        "mfu.json": {**provenance, "preset": "gpt2", "batch_size": 16, "seq_len": 1024, "dtype": "bfloat16",
+                     "optimizer": "adamw", "steps": 30, "warmup": 8, "convention": "PaLM",
+                     "peak": {"tflops": None, "source": None},
+                     "rows": [{"variant": "triton", "tokens_per_s": 5e5, "ms_median": 32.0, "tflops": 400.0,
+                               "mfu": None, "hw_tflops": 420.0, "peak_memory_gib": 30.0}]},
+        "profile.json": {**provenance, "workload": {"preset": "gpt2", "shapes": "16 x 1024"},
+                         "rooflines": {"copy_gbs": 4000.0, "matmul_tflops": 700.0},
+                         "ops": {"swiglu": {"training_pass": "fwd+bwd", "shape": "16384 x 3072", "unit": "GB/s",
+                                            "backends": {"triton": {"error": "out of memory"}},
+                                            "chosen": {"eager": None, "compiled": None}}}},
+        "odd.json": {**provenance, "rows": []},
+    }
+    for name, result in files.items():
+        (tmp_path / name).write_text(json.dumps(result))
+    assert report.main([str(tmp_path / name) for name in files]) == 0
+    out = capsys.readouterr().out
+    assert "| 124M | step | 100 | 95 | 60 | 50% | 1.67x |" in out
+    assert "no peak" in out and "| triton | 500,000 | 32.0 | 400 | n/a |" in out
+    assert "| swiglu | 16384 x 3072 | fwd+bwd |  |  | error |  | none | none |" in out
+    assert "odd.json: not reported (KeyError" in out
