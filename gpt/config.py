@@ -1,8 +1,8 @@
 """nanoGPT's configurator without exec: `[config.py] [--key=value ...]` over a dict of defaults.
 
 A config file is plain assignments (`batch_size = 12`, `gradient_accumulation_steps = 5 * 8`,
-`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic, names assigned earlier in the same
-file, and the few calls nanoGPT's own configs make (`import time` and `str(time.time())` in
+`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic, keys already set (the defaults, earlier
+files and arguments, earlier lines), and the few calls nanoGPT's own configs make (`import time` and `str(time.time())` in
 finetune_shakespeare.py; see _CALLS). Anything else (other imports and calls, statements) is
 refused with the line it is on, since reading a config must never run arbitrary code. Unknown keys
 are errors that name the key; values keep their default's type (or a second type a key is
@@ -52,9 +52,11 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
                       f"are allowed, not `{ast.unparse(node)}`")
 
 
-def read_config_file(path: str | Path) -> dict:
-    """The assignments of a config file, in order."""
+def read_config_file(path: str | Path, known: dict | None = None) -> dict:
+    """The assignments of a config file, in order; its expressions may use the keys of `known` (the
+    config so far, as nanoGPT's exec of a config sees train.py's globals)."""
     text = Path(path).read_text(encoding="utf-8")
+    scope = dict(known or {})
     values: dict = {}
     modules: set = set()
     for stmt in ast.parse(text, filename=str(path)).body:
@@ -67,9 +69,9 @@ def read_config_file(path: str | Path) -> dict:
         if not (isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets)):
             raise ConfigError(f"{where}: a config file holds only `key = value` assignments "
                               f"(and `import {', '.join(sorted(_MODULES))}`), not `{ast.unparse(stmt)}`")
-        value = _evaluate(stmt.value, values, modules, where)
+        value = _evaluate(stmt.value, scope, modules, where)
         for target in stmt.targets:
-            values[target.id] = value
+            values[target.id] = scope[target.id] = value
     return values
 
 
@@ -81,8 +83,9 @@ def _parse_value(text: str):
 
 
 def _coerce(key: str, value, default, source: str, also: type | None = None):
-    """`value` in the type of `default` or `also` (ints widen to floats; None defaults take anything)."""
-    if default is None or value is None or type(value) in (type(default), also):
+    """`value` in the type of `default` or `also` (ints widen to floats; None defaults take anything,
+    and only they take None)."""
+    if default is None or type(value) in (type(default), also):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
@@ -93,12 +96,12 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
 def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None) -> list[tuple[str, object]]:
     """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
     order, each checked against `defaults`; `also` names the keys that take a second type."""
-    assignments = []
+    assignments, current = [], dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise ConfigError(f"expected a config file (.py) or --key=value, got {arg!r}")
-            items, source = read_config_file(arg).items(), arg
+            items, source = read_config_file(arg, current).items(), arg
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -107,5 +110,6 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
         for key, value in items:
             if key not in defaults:
                 raise ConfigError(f"{source}: unknown config key {key!r}")
-            assignments.append((key, _coerce(key, value, defaults[key], source, (also or {}).get(key))))
+            current[key] = _coerce(key, value, defaults[key], source, (also or {}).get(key))
+            assignments.append((key, current[key]))
     return assignments

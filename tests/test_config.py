@@ -44,6 +44,11 @@ def test_earlier_keys_can_be_used(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("batch_size = 4\ngradient_accumulation_steps = 160 // batch_size\n")
     assert dict(parse_args([str(path)], DEFAULTS))["gradient_accumulation_steps"] == 40
+    # As nanoGPT's exec sees train.py's globals: the defaults, and what earlier files and
+    # arguments set.
+    path.write_text("gradient_accumulation_steps = 2 * batch_size\n")
+    assert dict(parse_args([str(path)], DEFAULTS))["gradient_accumulation_steps"] == 24
+    assert dict(parse_args(["--batch_size=3", str(path)], DEFAULTS))["gradient_accumulation_steps"] == 6
 
 
 # nanoGPT's finetune_shakespeare.py names its run with a call.
@@ -92,6 +97,9 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     assert parse_args(["--compile=1"], DEFAULTS, also={"compile": int}) == [("compile", 1)]
     with pytest.raises(ConfigError, match="compile must be bool or int like its default True, got 'x'"):
         parse_args(["--compile=x"], DEFAULTS, also={"compile": int})
+    with pytest.raises(ConfigError, match="batch_size must be int like its default 12, got None"):
+        parse_args(["--batch_size=None"], DEFAULTS)
+    assert parse_args(["--n_kv_head=None"], DEFAULTS) == [("n_kv_head", None)]
     with pytest.raises(ConfigError, match="expected --key=value"):
         parse_args(["--compile"], DEFAULTS)
     with pytest.raises(ConfigError, match="expected a config file"):
