@@ -5,6 +5,7 @@ GPU, nanoGPT's small CPU recipe in config/train_shakespeare_char_cpu.py on a CPU
 files run unchanged. Several GPUs: torchrun --standalone --nproc_per_node=8 train.py config.py,
 with --parallel=ddp (the default), zero1 or fsdp (see gpt/distributed.py).
 """
+import importlib.util
 import json
 import math
 import os
@@ -61,9 +62,12 @@ DEFAULTS = dict(
     data_dir="data", seed=1337,
 )
 ALSO = {"recompute": int}  # keys that take a second type besides their default's
-ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
-DEFAULT_CONFIG = "config/train_shakespeare_char.py"
-DEFAULT_CPU_CONFIG = "config/train_shakespeare_char_cpu.py"
+# The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
+# fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
+ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
+CONFIG_DIR = Path(__file__).resolve().parent / "config"  # found from any working directory
+DEFAULT_CONFIG = str(CONFIG_DIR / "train_shakespeare_char.py")
+DEFAULT_CPU_CONFIG = str(CONFIG_DIR / "train_shakespeare_char_cpu.py")
 
 
 def read_config(argv: list[str]) -> tuple[dict, list[str]]:
@@ -75,7 +79,10 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
     config = dict(DEFAULTS)
     for key, value in parse_args(argv, DEFAULTS, ALSO):
         if key == "preset" and value:  # the preset's architecture, under the keys set after it
-            config.update({k: v for k, v in preset(value).items() if k in ARCH_KEYS})
+            try:
+                config.update({k: v for k, v in preset(value).items() if k in ARCH_KEYS})
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         config[key] = value
     if config["device"] is None:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,12 +121,13 @@ def memory_plan(c: dict, model: GPT, world) -> str:
     that does not fit, the fewest blocks to recompute that would."""
     total = torch.cuda.get_device_properties(c["device"]).total_memory
     sharding = world.parallel or "ddp"
+    kahan = c["optimizer"] == "bf16_adamw" and c["kahan_summation"]
     planned = plan.peak_bytes(model.config, c["optimizer"], c["batch_size"], c["block_size"], model.recomputed,
-                              sharding, world.size)
+                              sharding, world.size, kahan)
     text = f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, with the triton ops)"
     if planned > plan.USABLE * total:
         n = plan.blocks_to_recompute(total, model.config, c["optimizer"], sharding, world.size, c["block_size"],
-                                     c["batch_size"])
+                                     c["batch_size"], kahan)
         text += f"; may not fit: {'a smaller batch_size' if n is None else f'recompute={n}'} would"
     return text
 
@@ -156,6 +164,8 @@ def main(argv: list[str]) -> None:
         c, argv = read_config(argv)
     except ConfigError as e:
         raise SystemExit(f"train.py: {e}") from None
+    if c["wandb_log"] and importlib.util.find_spec("wandb") is None:  # before minutes of set-up, not after
+        raise SystemExit("train.py: wandb_log=True needs the wandb package (pip install wandb)")
     config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
 
     # --- processes: one, or one per GPU under torchrun -------------------------------------
@@ -174,13 +184,9 @@ def main(argv: list[str]) -> None:
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
-
     # --- data ---------------------------------------------------------------------------------
     data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
     meta = load_meta(data_path)
-    batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
-                      world_size=world_size)
 
     # --- model, optimizer ---------------------------------------------------------------------
     iter_num, best_val_loss, resumed, weights_dir = 0, 1e9, None, None
@@ -191,14 +197,14 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"train.py: parallel={world.parallel} cannot resume the {'sharded' if sharded else 'full'} "
                              f"checkpoint in {c['out_dir']}: fsdp resumes sharded checkpoints, zero1 full ones; "
                              f"ddp and one process resume both")
-        model_args = resumed["model_args"]
+        model_args = dict(resumed["model_args"], dropout=c["dropout"])
         for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
             c[key] = model_args[key]
         iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
     elif c["init_from"] == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304
         try:
-            model_args = asdict(GPTConfig(vocab_size=vocab_size, **{k: c[k] for k in ARCH_KEYS}))
+            model_args = asdict(GPTConfig(vocab_size=vocab_size, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS}))
         except ValueError as e:
             raise SystemExit(f"train.py: {e}") from None
     elif pretrained.is_pretrained(c["init_from"]):
@@ -215,6 +221,10 @@ def main(argv: list[str]) -> None:
             c[key] = model_args[key]
     else:
         raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
+    # The batches at the architecture's block_size (a resumed or pretrained model's own)
+    batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
+                      world_size=world_size)
+    tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
     pure_bf16 = c["optimizer"] == "bf16_adamw"
     if pure_bf16:
         if c["dtype"] == "float16":
@@ -267,7 +277,8 @@ def main(argv: list[str]) -> None:
                 else torch.autocast(device_type=device_type, dtype=ptdtype))
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if resumed:
-        scaler.load_state_dict(resumed["scaler"])
+        if resumed["scaler"]:  # empty when saved by a run without a loss scale (bf16, fp32)
+            scaler.load_state_dict(resumed["scaler"])
         rng = resumed["rng"]  # one entry per rank of the run that saved it
         batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
         if len(rng) == world_size:
@@ -345,11 +356,13 @@ def main(argv: list[str]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:  # on every rank
+            # On every rank. eval_only scores the model where it stands (a resumed iter_num need not
+            # fall on an eval step) and saves nothing.
+            if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"] or c["eval_only"]:
                 losses = estimate_loss()
                 console.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
-                if losses["val"] < best_val_loss or c["always_save_checkpoint"]:
+                if not c["eval_only"] and (losses["val"] < best_val_loss or c["always_save_checkpoint"]):
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:
                         save_checkpoint()

@@ -116,7 +116,7 @@ def load_meta(path: Path) -> dict | None:
 class Batches:
     """Random (x, y) windows of a dataset, drawn from a generator whose state is saved in
     checkpoints so a resumed run sees the same batches. Eval batches come from their own
-    generator, reset for each evaluation, so every evaluation scores the same windows.
+    generator (its own seed), reset for each evaluation, so every evaluation scores the same windows.
 
     Under several processes every rank seeds the same generator and draws the windows of the
     whole global batch (world_size × batch_size), then reads only its own slice: no two ranks
@@ -128,7 +128,7 @@ class Batches:
         self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.eval_seed = seed
+        self.eval_seed = seed + 1  # not the training draws': "train" loss would score the first batches trained on
         for split in ("train", "val"):
             n = os.path.getsize(path / f"{split}.bin") // 2
             if n <= block_size:
@@ -144,6 +144,8 @@ class Batches:
             # Whole windows, contiguous and pinned: a non-contiguous or pageable copy would go
             # through a staging buffer and wait for the GPU to finish the step before it.
             windows = windows.pin_memory().to(self.device, non_blocking=True)
+        elif self.device != "cpu":  # mps, xpu, ...
+            windows = windows.to(self.device)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def next(self, split: str = "train"):

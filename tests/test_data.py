@@ -73,6 +73,12 @@ def test_batches_are_shifted_windows_and_resumable(tmp_path):
     first = [b[0] for b in batches.eval_batches("val", 2)]
     again = [b[0] for b in batches.eval_batches("val", 2)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # The "train" loss is not scored on the very windows training began with.
+    fresh = Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
+    assert not torch.equal(next(fresh.eval_batches("train", 1))[0], fresh.next()[0])
+    # Batches go to any device, not only cuda's (here meta's).
+    x, y = Batches(path, block_size=16, batch_size=4, device="meta", seed=0).next()
+    assert x.device.type == y.device.type == "meta" and x.shape == (4, 16)
 
 
 def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,6 +103,26 @@ def test_resume_continues_exactly(tmp_path, data_dir):
         assert resumed[it] == uninterrupted[it], it
 
 
+def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
+    """As nanoGPT's: the checkpoint sets the architecture, the config the dropout; a run without a
+    loss scale (fp32) resumes in fp16; eval_only scores the resumed model off the eval interval
+    and saves nothing."""
+    cpu = ["--device=cpu", "--max_iters=3", "--eval_interval=3", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *cpu, "--dtype=float32", "--dropout=0.2")
+    assert checkpoint.load(tmp_path, "cpu")["model_args"]["dropout"] == 0.2
+    log = run(tmp_path, data_dir, *cpu, "--dtype=float16", "--dropout=0.0", "--init_from=resume", "--max_iters=5",
+              "--n_layer=3", "--block_size=64")  # architecture keys: the checkpoint's 2 layers and 32 win
+    assert [r["iter"] for r in log if "loss" in r][-2:] == [3, 4]
+    saved = checkpoint.load(tmp_path, "cpu")
+    assert (saved["iter_num"], saved["model_args"]["dropout"], saved["model_args"]["n_layer"]) == (5, 0.0, 2)
+    assert saved["model_args"]["block_size"] == 32
+    assert saved["scaler"]["scale"] > 0  # fp16's loss scale, saved for the next resume
+    before = (tmp_path / "ckpt.pt").stat().st_mtime_ns
+    log = run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--eval_only=True", "--eval_interval=4")
+    assert "loss" not in log[-1] and log[-1]["iter"] == 5 and log[-1]["val_loss"] > 0
+    assert (tmp_path / "ckpt.pt").stat().st_mtime_ns == before
+
+
 def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
     config = tmp_path / "train_shakespeare_char.py"
     config.write_text(NANOGPT_SHAKESPEARE_CHAR)
@@ -154,6 +175,18 @@ def test_defaults_and_errors():
         train.main(["--n_layers=3"])
     with pytest.raises(SystemExit, match="n_embd 102 is not a multiple of n_head 4"):
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
+    with pytest.raises(SystemExit, match="unknown preset 'gpt3'"):
+        train.main(["--preset=gpt3"])
+    config, _ = train.read_config(["--dropout=0.1", "--preset=gpt2"])  # presets set architecture, not dropout
+    assert config["dropout"] == 0.1
+
+
+def test_the_default_config_and_wandb_are_found_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default config is the repository's, from any directory
+    assert train.read_config([])[0]["dataset"] == "shakespeare_char"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(SystemExit, match="wandb_log=True needs the wandb package"):
+        train.main(["--wandb_log=True"])
 
 
 @pytest.mark.parametrize("decay_iters", [10, 20])
@@ -176,13 +209,16 @@ def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
     with torch.device("meta"):
         model = GPT(GPTConfig(**preset("gpt2-xl")))
-    c = dict(device="cuda", optimizer="bf16_adamw", batch_size=32, block_size=1024)
+    c = dict(device="cuda", optimizer="bf16_adamw", kahan_summation=False, batch_size=32, block_size=1024)
     one_gpu = SimpleNamespace(parallel=None, size=1)
     assert train.memory_plan(c, model, one_gpu).endswith("may not fit: recompute=12 would")
     model.recompute_blocks(12)
     assert "planned peak" in train.memory_plan(c, model, one_gpu)
     assert "may not fit" not in train.memory_plan(c, model, one_gpu)
     assert "a smaller batch_size would" in train.memory_plan(dict(c, batch_size=1024), model, one_gpu)
+    # Kahan's compensation, 2 bytes a parameter more, is planned too.
+    assert train.memory_plan(dict(c, batch_size=36), model, one_gpu) != train.memory_plan(
+        dict(c, batch_size=36, kahan_summation=True), model, one_gpu)
 
 
 def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
