@@ -54,16 +54,21 @@ def matmuls(config: GPTConfig) -> list[Matmul]:
             Matmul("lm_head", C, config.vocab_size, 1)]
 
 
+def _norm_params(config: GPTConfig) -> int:
+    return config.n_embd * (1 if config.norm == "rmsnorm" or not config.bias else 2)
+
+
+def block_param_count(config: GPTConfig) -> int:
+    """Parameters of one transformer block: its matmul weights and biases, its two norms."""
+    layers = [m for m in matmuls(config) if m.count == config.n_layer]
+    return sum(m.n_in * m.n_out + config.bias * m.n_out for m in layers) + 2 * _norm_params(config)
+
+
 def param_count(config: GPTConfig) -> int:
     """Parameters of GPT(config), counted from the config (so that planning needs no model):
-    matmul weights, biases, norms and embeddings, a tied head once."""
-    C, L = config.n_embd, config.n_layer
-    layers = [m for m in matmuls(config) if m.count == L]
-    n = sum(m.weights for m in layers)
-    if config.bias:
-        n += sum(m.n_out * m.count for m in layers)
-    norm_params = C * (1 if config.norm == "rmsnorm" or not config.bias else 2)
-    n += norm_params * (2 * L + (config.norm_position == "pre"))
+    the blocks, then the final norm and the embeddings, a tied head once."""
+    C = config.n_embd
+    n = config.n_layer * block_param_count(config) + _norm_params(config) * (config.norm_position == "pre")
     n += config.vocab_size * C * (1 if config.tie_weights else 2)
     if config.pos_encoding == "learned":
         n += config.block_size * C

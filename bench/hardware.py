@@ -113,8 +113,9 @@ GPUS: tuple[GPU, ...] = (
          148, 8192, 2250, 2250, 1125, 4500, 75, 180, 7.7,
          "NVIDIA HGX B200 datasheet, per GPU (8-GPU sparse totals / 8 / 2)"),
     _gpu("gb200", "GB200 (per GPU)", "gb200", ["NVIDIA GB200"],
-         148, 8192, 2500, 2500, 1250, 5000, 80, 186, 8.0,
-         "NVIDIA GB200 NVL72 datasheet, per GPU (sparse figures halved)"),
+         None, 8192, 2500, 2500, 1250, 5000, 80, 186, 8.0,
+         "NVIDIA GB200 NVL72 datasheet, per GPU (sparse figures halved); SM count not published "
+         "(B200's 148 or more: other sources disagree)"),
     _gpu("b300", "B300", "b300", ["NVIDIA B300 SXM6 AC"],
          None, 8192, 2250, 2250, 1125, 4500, 75, 288, 8.0,
          "NVIDIA HGX B300 datasheet, per GPU (8-GPU sparse totals / 8 / 2); SM count not published"),

@@ -3,9 +3,11 @@ tokens/s at a range of MFU, for any preset on any GPU of the peak table.
 
 Memory per GPU (bytes), for P parameters on N GPUs:
 - static: weights, grads and optimizer states. adamw (torch AdamW, fp32 weights, bf16
-  autocast) keeps 4 + 4 + 8 bytes per parameter; bf16_adamw (pure bf16) 2 + 2 + 4. DDP
-  replicates all of it; ZeRO-1 shards the optimizer states (/N); FSDP shards all three (/N)
-  and holds two layers' weights gathered in bf16 (the one computing and the one prefetched).
+  autocast) keeps 4 + 4 + 8 bytes per parameter; bf16_adamw (pure bf16) 2 + 2 + 4, and 2
+  more with kahan_summation (its compensation). DDP replicates all of it; ZeRO-1 shards the
+  optimizer states (/N); FSDP shards all three (/N) and holds two blocks' weights gathered in
+  bf16 (the one computing and the one prefetched), and the root unit's (embeddings, final norm,
+  an untied head), which FSDP keeps gathered from forward to backward.
   Under autocast outside FSDP, each step also holds the bf16 copies autocast makes of the
   layers' matmul weights, which autograd keeps for backward: 2 bytes per matmul weight.
 - activations, per token of a micro-batch, saved for the backward with no recomputation,
@@ -13,6 +15,7 @@ Memory per GPU (bytes), for P parameters on N GPUs:
       norm outputs 2h + q, k, v (qkv width) + attention output h + MLP up-projection output
       (hidden, or 2·hidden for SwiGLU) + activation output (hidden)
       + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure
+        and under FSDP (its weights gathered in bf16 make the embeddings' sum bf16)
       + with RoPE, the rotated q and k (new tensors; the projection output stays, held by v);
   that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
   the dropout masks). The head adds the final norm's input (r bytes) and, with the triton
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from bench.flops import flops_per_token, matmuls, param_count
+from bench.flops import block_param_count, flops_per_token, matmuls, param_count
 from bench.hardware import GPU
 from gpt.model import PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
@@ -60,7 +63,7 @@ MFUS = (0.30, 0.45, 0.60)
 USABLE = 0.9  # of the nominal memory
 # (weights, grads, optimizer states) bytes per parameter.
 STATE_BYTES = {"adamw": (4, 4, 8), "bf16_adamw": (2, 2, 4)}
-RESIDUAL_BYTES = {"adamw": 4, "bf16_adamw": 2}
+KAHAN_BYTES = 2  # bf16_adamw's compensation with kahan_summation
 GiB = 2**30
 
 
@@ -73,17 +76,19 @@ def config_for(name: str) -> GPTConfig:
     return GPTConfig(**preset(name))
 
 
-def static_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int) -> int:
-    """Weights, grads and optimizer states on one GPU (plus FSDP's gathered layers)."""
+def static_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int, kahan: bool = False) -> int:
+    """Weights, grads and optimizer states on one GPU (plus FSDP's gathered weights)."""
     P = param_count(config)
     weights, grads, states = (b * P for b in STATE_BYTES[optimizer])
+    states += KAHAN_BYTES * P * kahan
     if sharding == "ddp":
         return weights + grads + states
     if sharding == "zero1":
         return weights + grads + states // world_size
     if sharding == "fsdp":
-        layer = sum(m.weights for m in matmuls(config) if m.count == config.n_layer) // config.n_layer
-        return (weights + grads + states) // world_size + 2 * 2 * layer
+        block = block_param_count(config)
+        root = P - config.n_layer * block
+        return (weights + grads + states) // world_size + 2 * (2 * block + root)
     raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
 
 
@@ -104,17 +109,19 @@ def loss_bytes(config: GPTConfig) -> int:
     return 2 * 4 * config.vocab_size * config.n_embd + CHUNK_BYTES
 
 
-def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int) -> int:
+def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int, kahan: bool = False) -> int:
     """What one GPU holds whatever the micro-batch: static_bytes, autocast's weight copies and
     the loss's gradient buffers."""
-    return (static_bytes(config, optimizer, sharding, world_size) + cast_copy_bytes(config, optimizer, sharding)
+    return (static_bytes(config, optimizer, sharding, world_size, kahan) + cast_copy_bytes(config, optimizer, sharding)
             + loss_bytes(config))
 
 
-def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool | int = False) -> int:
+def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool | int = False,
+                               sharding: str = "ddp") -> int:
     """Bytes saved for the backward per token of a micro-batch (the formula in the docstring),
     `recompute` as train.py's."""
-    h, r = config.n_embd, RESIDUAL_BYTES[optimizer]
+    h = config.n_embd
+    r = 4 if optimizer == "adamw" and sharding != "fsdp" else 2  # the residual stream's bytes
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
@@ -127,26 +134,26 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
 
 
 def peak_bytes(config: GPTConfig, optimizer: str, batch_size: int, seq_len: int, recompute: bool | int = False,
-               sharding: str = "ddp", world_size: int = 1) -> int:
+               sharding: str = "ddp", world_size: int = 1, kahan: bool = False) -> int:
     """One GPU's planned peak for micro-batches of `batch_size` sequences of `seq_len` tokens."""
-    return (held_bytes(config, optimizer, sharding, world_size)
-            + activation_bytes_per_token(config, optimizer, recompute) * batch_size * seq_len)
+    return (held_bytes(config, optimizer, sharding, world_size, kahan)
+            + activation_bytes_per_token(config, optimizer, recompute, sharding) * batch_size * seq_len)
 
 
 def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
                     seq_len: int, recompute: bool | int = False) -> int:
     """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
     free = USABLE * gpu.memory_gb * GiB - held_bytes(config, optimizer, sharding, world_size)
-    per_sequence = activation_bytes_per_token(config, optimizer, recompute) * seq_len
+    per_sequence = activation_bytes_per_token(config, optimizer, recompute, sharding) * seq_len
     return max(0, int(free // per_sequence))
 
 
 def blocks_to_recompute(memory_bytes: float, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
-                        seq_len: int, micro_batch: int) -> int | None:
+                        seq_len: int, micro_batch: int, kahan: bool = False) -> int | None:
     """The fewest blocks to recompute for `micro_batch` sequences to fit in USABLE of a GPU's
     `memory_bytes` (None: not even recomputing all)."""
     return next((n for n in range(config.n_layer + 1)
-                 if peak_bytes(config, optimizer, micro_batch, seq_len, n, sharding, world_size)
+                 if peak_bytes(config, optimizer, micro_batch, seq_len, n, sharding, world_size, kahan)
                  <= USABLE * memory_bytes), None)
 
 
@@ -195,20 +202,21 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                 blocks = blocks_to_recompute(gpu.memory_gb * GiB, config, optimizer, sharding, N, T, plan.micro_batch)
                 memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
                                f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
-                               f"{activation_bytes_per_token(config, optimizer) / 2**20:.2f}",
+                               f"{activation_bytes_per_token(config, optimizer, sharding=sharding) / 2**20:.2f}",
                                *(str(n) if n else "does not fit" for n in fits),
                                "does not fit" if blocks is None else f"{blocks} of {config.n_layer} blocks" if blocks else "none")
     console.print(speed)
     console.print(memory)
     console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (+ rotated q, k "
                   "with RoPE) plus the two "
-                  "norm inputs (fp32 under autocast), head r·h + 2h (the triton linear_cross_entropy; "
+                  "norm inputs (fp32 under autocast outside FSDP), head r·h + 2h (the triton linear_cross_entropy; "
                   "unfused logits would add 4·vocab, torch's fp32 loss 10·vocab); a recomputed block keeps its "
                   "inputs (stream and pending branch), and recomputing all holds one block's activations "
                   f"too; 'recompute for {plan.micro_batch}': the fewest blocks (train.py's recompute=n, the "
                   "first n) for that micro-batch (--batch-size) to fit. "
                   "Static: weights, grads and optimizer states, adamw 16 B/param, bf16_adamw 8 B/param "
-                  "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 layers), and "
+                  "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 blocks and the root's "
+                  "embeddings), and "
                   "under adamw's autocast outside FSDP 2 B per layer matmul weight for its bf16 copies; "
                   "the loss's 8·vocab·h + 1 GiB. "
                   "See bench/plan.py.")

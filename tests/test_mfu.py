@@ -77,8 +77,12 @@ def test_static_memory_per_optimizer_and_sharding():
     assert plan.static_bytes(GPT2, "adamw", "ddp", 8) == 16 * P
     assert plan.static_bytes(GPT2, "bf16_adamw", "ddp", 1) == 8 * P
     assert plan.static_bytes(GPT2, "adamw", "zero1", 8) == 8 * P + 8 * P // 8
-    layer = 7_077_888  # one GPT-2 block's matmul weights, gathered in bf16, twice
-    assert plan.static_bytes(GPT2, "adamw", "fsdp", 8) == 16 * P // 8 + 2 * 2 * layer
+    assert plan.static_bytes(GPT2, "bf16_adamw", "ddp", 1, kahan=True) == 10 * P  # + the compensation
+    # FSDP gathers in bf16 two blocks (7,077,888 matmul weights, 6,912 biases, two layer norms'
+    # 3,072) and the root unit it keeps gathered: wte, wpe and ln_f.
+    block, root = 7_077_888 + 6_912 + 3_072, 50304 * 768 + 1024 * 768 + 2 * 768
+    assert P == 12 * block + root
+    assert plan.static_bytes(GPT2, "adamw", "fsdp", 8) == 16 * P // 8 + 2 * (2 * block + root)
     # Autocast's bf16 copies of the layers' matmul weights (linear_cross_entropy keeps no copy of
     # the lm head's); none in pure bf16 or under FSDP, which gathers the weights in bf16.
     matmul_weights = 12 * (768 * 3 * 768 + 768 * 768 + 2 * 768 * 3072)
@@ -95,6 +99,8 @@ def test_activation_formula():
     assert plan.activation_bytes_per_token(GPT2, "bf16_adamw") == 12 * per_layer + head
     # Autocast keeps the residual stream (the two norm inputs per layer, and ln_f's) in fp32.
     assert plan.activation_bytes_per_token(GPT2, "adamw") == 12 * (per_layer + 4 * h) + head + 2 * h
+    # Under FSDP the weights are gathered in bf16, so the embeddings' sum and the stream are bf16.
+    assert plan.activation_bytes_per_token(GPT2, "adamw", sharding="fsdp") == 12 * per_layer + head
     # Recomputing every block keeps its inputs only (the stream and the pending branch, bf16),
     # plus one block while it is recomputed; recomputing the first 4 keeps the other 8 whole, and
     # the peak is then at the start of backward, before any recomputation.
