@@ -48,7 +48,6 @@ The interpreter runs the same kernel on CPU tensors (the table then holds host a
 """
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -56,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .checks import FLOAT_DTYPES, check_same, check_tensor
+from .checks import FLOAT_DTYPES, check_list, check_number, check_same, check_tensor, has_overlap
 from .registry import register
 
 
@@ -65,6 +64,8 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if compensations is not None:
         lists["compensations"] = compensations
+    for name, ts in lists.items():
+        check_list("adamw", name, ts)
     lengths = {name: len(ts) for name, ts in lists.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"adamw: params, grads, exp_avgs and exp_avg_sqs must have the same length, "
@@ -90,16 +91,16 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
             check_tensor("adamw", f"compensations[{i}]", c)
             check_same("adamw", "shape", **{f"params[{i}]": p, f"compensations[{i}]": c})
             check_same("adamw", "device", **{f"params[{i}]": p, f"compensations[{i}]": c})
-    if not step >= 1:
-        raise ValueError(f"adamw: step counts from 1, got {step}")
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "compensations"):  # the tensors written in place
+        i = next((i for i, t in enumerate(lists.get(name, ())) if has_overlap(t)), None)
+        if i is not None:
+            raise ValueError(f"adamw: {name}[{i}] has elements that share memory (an expanded view, strides "
+                             f"{lists[name][i].stride()}): an in-place update needs each element once")
+    check_number("adamw", "step", step, 1, integer=True)  # counts from 1
     for name, value, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0),
                                 ("beta2", beta2, 0.0, 1.0), ("eps", eps, 0.0, math.inf),
                                 ("weight_decay", weight_decay, 0.0, math.inf)):
-        if not isinstance(value, numbers.Real):
-            # A tensor here would cost a host sync (torch) or reach the kernel as a pointer (triton).
-            raise ValueError(f"adamw: {name} must be a Python number, got {type(value).__name__}")
-        if not lo <= value < hi:
-            raise ValueError(f"adamw: {name} must be in [{lo}, {hi}), got {value}")
+        check_number("adamw", name, value, lo, hi)
     if grad_scale is not None:
         check_tensor("adamw", "grad_scale", grad_scale, dtypes=(torch.float32,))
         if grad_scale.numel() != 1:
@@ -417,6 +418,7 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
 # --- grad_norm: the global L2 norm that gradient clipping divides by ------------------------
 
 def check_grad_norm(tensors) -> None:
+    check_list("grad_norm", "tensors", tensors)
     for i, t in enumerate(tensors):
         check_tensor("grad_norm", f"tensors[{i}]", t)
         if t.device != tensors[0].device:

@@ -1,4 +1,7 @@
 """Argument checks shared by every op: bad input is a ValueError naming the op, never a crash."""
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -25,6 +28,28 @@ def check_same(op: str, attr: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: {', '.join(values)} must have the same {attr}; got {listed}")
 
 
+def check_number(op: str, name: str, value, lo: float = -math.inf, hi: float = math.inf,
+                 integer: bool = False) -> None:
+    """`value` a Python number (an int if `integer`) in [lo, hi). Not a tensor: that would cost a
+    host sync, or reach a kernel as a pointer. torch.compile's symbolic numbers pass."""
+    kinds = (numbers.Integral, torch.SymInt) if integer else (numbers.Real, torch.SymFloat, torch.SymInt)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be a Python {'int' if integer else 'number'}, got "
+                         f"{type(value).__name__}")
+    if not lo <= value < hi:
+        raise ValueError(f"{op}: {name} must be in [{lo:g}, {hi:g}), got {value}")
+
+
 def check_dropout(op: str, dropout_p) -> None:
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    check_number(op, "dropout_p", dropout_p, 0.0, 1.0)
+
+
+def check_list(op: str, name: str, tensors) -> None:
+    """A list or tuple: the ops index their tensor lists (a generator would be used up)."""
+    if not isinstance(tensors, (list, tuple)):
+        raise ValueError(f"{op}: {name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+
+
+def has_overlap(t: torch.Tensor) -> bool:
+    """Some element of `t` is another's too (an expanded view): an in-place write would race."""
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))

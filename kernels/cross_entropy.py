@@ -41,14 +41,14 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .checks import check_same, check_tensor, dtype_names
+from .checks import check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IGNORE_INDEX = -1  # nanoGPT's: its data never holds -1, and padding a target with it drops the row
 
 
-def check_cross_entropy(logits, targets) -> None:
+def check_cross_entropy(logits, targets, ignore_index) -> None:
     check_tensor("cross_entropy", "logits", logits)
     check_tensor("cross_entropy", "targets", targets, dtypes=(torch.int64,))
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -58,14 +58,18 @@ def check_cross_entropy(logits, targets) -> None:
         raise ValueError(f"cross_entropy: targets must have shape {tuple(logits.shape[:-1])} (logits' "
                          f"without the classes), got {tuple(targets.shape)}")
     check_same("cross_entropy", "device", logits=logits, targets=targets)
+    check_number("cross_entropy", "ignore_index", ignore_index, integer=True)
 
 
 @register("cross_entropy", "torch")
 def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
                         ) -> torch.Tensor:
-    check_cross_entropy(logits, targets)
+    check_cross_entropy(logits, targets, ignore_index)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+    try:
+        return F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+    except IndexError as e:  # a target out of range, found on the CPU (the triton backend's loss is NaN)
+        raise ValueError(f"cross_entropy: {e}") from None
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -276,7 +280,7 @@ _cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 @register("cross_entropy", "triton")
 def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
                          ) -> torch.Tensor:
-    check_cross_entropy(logits, targets)
+    check_cross_entropy(logits, targets, ignore_index)
     check_tensor("cross_entropy", "logits", logits, dtypes=TRITON_DTYPES)
     runtime.check_device("cross_entropy", logits)
     return _cross_entropy_fwd(logits, targets, ignore_index)[0]
@@ -299,24 +303,29 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 CHUNK_BYTES = 2**30
 
 
-def check_linear_cross_entropy(x, weight, targets) -> None:
+def check_linear_cross_entropy(x, weight, targets, ignore_index) -> None:
     op = "linear_cross_entropy"
     check_tensor(op, "x", x)
     check_tensor(op, "weight", weight, ndim=2)
     check_tensor(op, "targets", targets, dtypes=(torch.int64,))
-    if x.dim() == 0 or weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"{op}: weight must have shape (classes >= 1, {x.shape[-1] if x.dim() else 'width'}) "
-                         f"to multiply x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last dimension (the width), got shape {tuple(x.shape)}")
+    if weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have shape (classes >= 1, {x.shape[-1]}) to multiply x of shape "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
     if targets.shape != x.shape[:-1]:
         raise ValueError(f"{op}: targets must have shape {tuple(x.shape[:-1])} (x's without the width), "
                          f"got {tuple(targets.shape)}")
     check_same(op, "device", x=x, weight=weight, targets=targets)
+    if runtime.matmul_dtype(x) is None:  # under autocast both are cast to its dtype
+        check_same(op, "dtype", x=x, weight=weight)
+    check_number(op, "ignore_index", ignore_index, integer=True)
 
 
 @register("linear_cross_entropy", "torch")
 def linear_cross_entropy_torch(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    check_linear_cross_entropy(x, weight, targets)
+    check_linear_cross_entropy(x, weight, targets, ignore_index)
     return cross_entropy_torch(F.linear(x, weight), targets, ignore_index)
 
 
@@ -404,11 +413,8 @@ def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: 
                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """As the torch backend (autocast's matmul dtype, else x's, which weight's must then match),
     in chunks of rows, with no logits kept for backward."""
-    check_linear_cross_entropy(x, weight, targets)
-    dtype = runtime.matmul_dtype(x)
-    if dtype is None:
-        check_same("linear_cross_entropy", "dtype", x=x, weight=weight)
-        dtype = x.dtype
+    check_linear_cross_entropy(x, weight, targets, ignore_index)
+    dtype = runtime.matmul_dtype(x) or x.dtype
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"linear_cross_entropy: the matmul dtype must be one of ({dtype_names(TRITON_DTYPES)}), "
                          f"got {dtype_names([dtype])}")

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .checks import FLOAT_DTYPES, check_dropout, check_same, check_tensor, dtype_names
+from .checks import FLOAT_DTYPES, check_dropout, check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,7 +67,7 @@ _BWD_WARPS_PER_SM = 32  # backward grid: resident warps per SM it aims for to hi
 #                         with few enough programs that the fp32 partials stay a few % of traffic
 
 
-def check_norm(op: str, x, weight, bias=None, residual=None, out_dtype=None, dropout_p=0.0,
+def check_norm(op: str, x, weight, bias, eps, residual=None, out_dtype=None, dropout_p=0.0,
                dtypes=FLOAT_DTYPES) -> None:
     """The arguments of either norm, every floating tensor in `dtypes` (a backend's own set)."""
     check_tensor(op, "x", x, dtypes)
@@ -87,6 +87,7 @@ def check_norm(op: str, x, weight, bias=None, residual=None, out_dtype=None, dro
         check_same(op, "shape", x=x, residual=residual)
         tensors["residual"] = residual
     check_same(op, "device", **tensors)
+    check_number(op, "eps", eps, 0.0)
     check_dropout(op, dropout_p)
     if dropout_p > 0 and residual is None:
         raise ValueError(f"{op}: dropout_p applies to x before the residual add: it needs a residual")
@@ -110,7 +111,7 @@ def _result(y: torch.Tensor, s: torch.Tensor, residual, out_dtype):
 @register("rms_norm", "torch")
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                    out_dtype: torch.dtype | None = None, dropout_p: float = 0.0):
-    check_norm("rms_norm", x, weight, None, residual, out_dtype, dropout_p)
+    check_norm("rms_norm", x, weight, None, eps, residual, out_dtype, dropout_p)
     s, sf = _normalized_input(x, residual, dropout_p)
     y = sf * torch.rsqrt(sf.square().mean(-1, keepdim=True) + eps) * weight.to(sf.dtype)
     return _result(y, s, residual, out_dtype)
@@ -120,7 +121,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
 def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                      residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                      dropout_p: float = 0.0):
-    check_norm("layer_norm", x, weight, bias, residual, out_dtype, dropout_p)
+    check_norm("layer_norm", x, weight, bias, eps, residual, out_dtype, dropout_p)
     s, sf = _normalized_input(x, residual, dropout_p)
     b = None if bias is None else bias.to(sf.dtype)
     y = F.layer_norm(sf, weight.shape, weight.to(sf.dtype), b, eps)
@@ -374,7 +375,7 @@ _norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _norm_triton(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                  rms: bool, residual: torch.Tensor | None, out_dtype: torch.dtype | None, dropout_p: float):
-    check_norm(op, x, weight, bias, residual, out_dtype, dropout_p, dtypes=TRITON_DTYPES)
+    check_norm(op, x, weight, bias, eps, residual, out_dtype, dropout_p, dtypes=TRITON_DTYPES)
     if x.shape[-1] > MAX_N:
         raise ValueError(f"{op}: the triton backend holds a row in one block, at most {MAX_N} "
                          f"elements; got {x.shape[-1]}")

@@ -353,7 +353,14 @@ def test_bad_input_raises(backend, device):
         "same length": (p, g[:1], m, v, {}),
         "same dtype": (p, [g[0].bfloat16(), g[1]], m, v, {}),
         "same shape": (p, [g[0], torch.randn(4, device=device)], m, v, {}),
-        "step counts from 1": (p, g, m, v, {"step": 0}),
+        r"step must be in \[1, inf\), got 0": (p, g, m, v, {"step": 0}),
+        "step must be a Python int, got float": (p, g, m, v, {"step": 1.5}),
+        "step must be a Python int, got Tensor": (p, g, m, v, {"step": torch.tensor(1)}),
+        "params must be a list or tuple of tensors, got generator": ((t for t in p), g, m, v, {}),
+        # Written in place, an expanded param would take its update more than once.
+        r"params\[1\] has elements that share memory": (
+            [p[0], torch.randn(1, 3, device=device).expand(2, 3)], [g[0], torch.randn(2, 3, device=device)],
+            [m[0], torch.zeros(2, 3, device=device)], [v[0], torch.zeros(2, 3, device=device)], {}),
         "lr must be": (p, g, m, v, {"lr": -1.0}),
         "lr must be a Python number": (p, g, m, v, {"lr": torch.tensor(1e-2)}),  # not a kernel pointer
         "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
@@ -424,6 +431,10 @@ def test_grad_norm_bad_input_raises(backend, device):
         grad_norm([torch.randn(3, device=device), [1.0]])
     with pytest.raises(ValueError, match=r"grad_norm: tensors\[0\] must be one of"):
         grad_norm([torch.ones(3, dtype=torch.int32, device=device)])
+    with pytest.raises(ValueError, match="grad_norm: tensors must be a list or tuple of tensors, got generator"):
+        grad_norm(t for t in [torch.randn(3, device=device)])
+    with pytest.raises(ValueError, match="grad_norm: tensors must be a list or tuple of tensors, got Tensor"):
+        grad_norm(torch.randn(3, device=device))
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="grad_norm: tensors must be on one device"):
             grad_norm([torch.randn(3, device="cuda"), torch.randn(3)])

@@ -333,6 +333,8 @@ def test_bad_inputs():
         f(x, x, x)
     with pytest.raises(ValueError, match="attention: dropout_p"):
         f(q, q, q, dropout_p=1.0)
+    with pytest.raises(ValueError, match="attention: dropout_p must be a Python number, got NoneType"):
+        f(q, q, q, dropout_p=None)
     cos, sin = rope_tables(64, 8, 10000.0)
     with pytest.raises(ValueError, match=r"attention: rope must be a \(cos, sin\) pair"):
         f(q, q, q, rope=cos)

@@ -168,6 +168,15 @@ def test_bad_inputs(backend, device):
     for problem, (logits, targets) in cases.items():
         with pytest.raises(ValueError, match=f"cross_entropy: {problem}"):
             fn(logits, targets)
+    for bad, kind in ((None, "NoneType"), (2.0, "float"), (torch.tensor(2), "Tensor"), (True, "bool")):
+        with pytest.raises(ValueError, match=f"cross_entropy: ignore_index must be a Python int, got {kind}"):
+            fn(x, t, ignore_index=bad)
+
+
+def test_torch_backend_names_a_target_out_of_range():
+    """On the CPU torch finds it (the triton backend's loss is NaN instead, tested above)."""
+    with pytest.raises(ValueError, match="cross_entropy: Target 5 is out of bounds"):
+        kernels.get("cross_entropy", "torch")(torch.randn(3, 5), torch.tensor([0, 5, 2]))
 
 
 def test_triton_refuses_float64(device):

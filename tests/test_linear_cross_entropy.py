@@ -202,10 +202,14 @@ def test_bad_inputs(backend, device):
         "x must be one of": (x.to(torch.int32), w, t),
         "x, weight, targets must have the same device": (x, w.to("meta"), t),
         "x must be a tensor": ([[1.0]], w, t),
+        "x must have a non-empty last dimension": (torch.randn(3, 0, device=device), torch.randn(9, 0, device=device), t),
+        "x, weight must have the same dtype": (x, w.half(), t),  # (no autocast to cast them)
     }
     for problem, args in cases.items():
         with pytest.raises(ValueError, match=f"linear_cross_entropy: {problem}"):
             fn(*args)
+    with pytest.raises(ValueError, match="linear_cross_entropy: ignore_index must be a Python int, got float"):
+        fn(x, w, t, ignore_index=-1.0)
 
 
 def test_triton_refuses_mixed_dtypes_and_float64(device):

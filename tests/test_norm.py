@@ -49,8 +49,8 @@ def torch_own(op, x, w, b):
 def backend_fn(backend, op):
     fn = kernels.get(op, backend)
     if op == "rms_norm":
-        return lambda x, w, b, **options: fn(x, w, EPS, **options)
-    return lambda x, w, b, **options: fn(x, w, b, EPS, **options)
+        return lambda x, w, b, eps=EPS, **options: fn(x, w, eps, **options)
+    return lambda x, w, b, eps=EPS, **options: fn(x, w, b, eps, **options)
 
 
 def run(fn, x, w, b, dy, cast=lambda t: t):
@@ -231,7 +231,12 @@ def test_bad_inputs(backend, op):
                              ("out_dtype must be one of", dict(out_dtype=torch.int8)),
                              (r"dropout_p must be in \[0, 1\), got 1.0", dict(residual=r, dropout_p=1.0)),
                              (r"dropout_p must be in \[0, 1\), got -0.1", dict(residual=r, dropout_p=-0.1)),
-                             ("dropout_p applies to x before the residual add", dict(dropout_p=0.1))]:
+                             ("dropout_p applies to x before the residual add", dict(dropout_p=0.1)),
+                             ("dropout_p must be a Python number, got str", dict(residual=r, dropout_p="0.1")),
+                             ("eps must be a Python number, got NoneType", dict(eps=None)),
+                             ("eps must be a Python number, got Tensor", dict(eps=torch.tensor(1e-5))),
+                             (r"eps must be in \[0, inf\), got -1.0", dict(eps=-1.0)),
+                             (r"eps must be in \[0, inf\), got nan", dict(eps=float("nan")))]:
         with pytest.raises(ValueError, match=rf"^{op}: .*{message}"):
             fn(x, w, b, **options)
     if backend == "triton":
