@@ -47,6 +47,9 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig: {key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if not 1 <= self.n_kv_head <= self.n_head:
+            raise ValueError(f"GPTConfig: n_head must be at least 1 and n_kv_head from 1 to n_head, got n_head "
+                             f"{self.n_head} and n_kv_head {self.n_kv_head}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -371,21 +374,30 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 kv_cache: bool = True):
+                 kv_cache: bool = True, vocab_limit: int | None = None):
         """Extend idx (B, T) by max_new_tokens sampled tokens, each conditioned on the last
-        block_size tokens before it. With kv_cache, the prompt's forward fills a KVCache and each
-        new token then runs alone; past block_size the window slides, which moves every position,
-        so from there each token runs the whole window again (as without the cache)."""
+        block_size tokens before it. Temperature 0 takes the likeliest token; vocab_limit: only
+        ids below it are drawn (a tokenizer's, where the model's vocabulary is padded past it).
+        With kv_cache, the prompt's forward fills a KVCache and each new token then runs alone;
+        past block_size the window slides, which moves every position, so from there each token
+        runs the whole window again (as without the cache)."""
         cache = KVCache(self.config, idx.size(0)) if kv_cache and idx.size(1) < self.config.block_size else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
                 logits, _ = self(idx[:, cache.length:], cache=cache)
             else:
                 logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float() / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            logits = logits[:, -1, :].float()
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = -float("inf")
+            if temperature == 0:
+                idx_next = logits.argmax(-1, keepdim=True)
+            else:
+                # Less the max first: a tiny temperature then takes the others to -inf, not to inf - inf.
+                logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx

@@ -30,7 +30,9 @@ _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj
 _BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # old checkpoints keep the causal mask
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                 "silu": "silu", "swish": "silu"}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The weights' dtypes, and those older checkpoints kept their causal-mask buffers in (skipped).
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 CHOICES = f"one of {list(HUB_MODELS)} or a directory with a Hugging Face GPT-2 checkpoint"
@@ -151,6 +153,8 @@ def load_weights(model: GPT, folder: Path) -> None:
         if weight.shape != param.shape:
             raise ValueError(f"{folder}: {name} is {tuple(weight.shape)} in the checkpoint, "
                              f"{tuple(param.shape)} in the model")
+        if not weight.is_floating_point():
+            raise ValueError(f"{folder}: {name} is {weight.dtype} in the checkpoint, not floating point")
         param.copy_(weight)
 
 

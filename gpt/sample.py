@@ -1,8 +1,10 @@
 """Generate text from a checkpoint: python -m gpt.sample --out_dir=out-shakespeare-char [--key=value ...],
 or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
 
-`start` is the prompt: text, or FILE:path to read it from a file. Character-level checkpoints
-decode with the vocabulary saved in them; the others with GPT-2's BPE.
+`start` is the prompt: text, or FILE:path to read it from a file (an empty one starts a GPT-2
+BPE model from <|endoftext|>). Character-level checkpoints decode with the vocabulary saved in
+them; the others with GPT-2's BPE. Only ids the vocabulary decodes are sampled. temperature=0
+takes the likeliest token each time; top_k=None samples from the whole vocabulary.
 """
 import sys
 from contextlib import nullcontext
@@ -14,37 +16,67 @@ import kernels
 
 from . import checkpoint, pretrained
 from .config import ConfigError, parse_args
-from .tokenizer import gpt2
+from .tokenizer import EOT, gpt2
 
 DEFAULTS = dict(
     init_from="resume",  # resume (out_dir's checkpoint) | gpt2* | a Hugging Face GPT-2 directory (gpt/pretrained.py)
-    out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8, top_k=200,
+    out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8, top_k=200,  # top_k: int or None
     seed=1337, device=None, dtype=None, compile=False, kernels="torch",
     kv_cache=True,  # keep each layer's keys and values: a new token runs alone, not the whole context again
 )
 
 
 def codec(meta: dict | None):
-    """(encode, decode) for a checkpoint's vocabulary."""
+    """(encode, decode, size) for a checkpoint's vocabulary: size is how many ids decode. encode
+    raises a ValueError naming the characters a character-level vocabulary lacks."""
     if meta is not None:
         stoi, itos = meta["stoi"], meta["itos"]
-        return (lambda s: [stoi[ch] for ch in s]), (lambda ids: "".join(itos[i] for i in ids))
+
+        def encode(s: str) -> list[int]:
+            unknown = sorted(set(s) - stoi.keys())
+            if unknown:
+                raise ValueError(f"the prompt has characters the checkpoint's vocabulary lacks: {unknown}")
+            return [stoi[ch] for ch in s]
+        return encode, (lambda ids: "".join(itos[i] for i in ids)), len(itos)
     enc = gpt2()
-    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}) or [EOT]), enc.decode, enc.n_vocab
+
+
+def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
+    """The prompt's ids (FILE:path reads it from a file), checked against the model's vocabulary."""
+    if start.startswith("FILE:"):
+        start = Path(start[5:]).read_text(encoding="utf-8")
+    ids = encode(start)
+    if not ids:
+        raise ValueError("the prompt is empty (a character-level model has no start token)")
+    if max(ids) >= vocab_size:
+        raise ValueError(f"the prompt's token {max(ids)} is past the model's {vocab_size}-token vocabulary")
+    return ids
 
 
 def main(argv: list[str]) -> list[str]:
     try:
-        c = DEFAULTS | dict(parse_args(argv, DEFAULTS))
+        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None)}))
     except ConfigError as e:
         raise SystemExit(f"gpt.sample: {e}") from None
+    if c["temperature"] < 0:
+        raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
+    if c["top_k"] is not None and c["top_k"] < 1:
+        raise SystemExit(f"gpt.sample: top_k must be at least 1, or None for the whole vocabulary; got {c['top_k']}")
+    if c["dtype"] not in (None, "float32", "bfloat16", "float16"):
+        raise SystemExit(f"gpt.sample: dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
     device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"gpt.sample: device={device}, but torch sees no CUDA GPU")
     torch.manual_seed(c["seed"])
 
     backends = {op: ch.backend for op, ch in kernels.choose(c["kernels"], device_type).items()}
     if c["init_from"] == "resume":
-        ckpt = checkpoint.load(c["out_dir"], device)
+        try:
+            ckpt = checkpoint.load(c["out_dir"], device)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"gpt.sample: {e}") from None
         model, meta = checkpoint.build_model(ckpt, backends), ckpt.get("meta")
     elif pretrained.is_pretrained(c["init_from"]):
         try:
@@ -58,20 +90,22 @@ def main(argv: list[str]) -> list[str]:
         model.compile()  # in place: generate's calls of the model run compiled (torch.compile(model) would not)
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")
-    weights_dtype = next(model.parameters()).dtype
-    autocast = (nullcontext() if dtype == "float32" or weights_dtype != torch.float32
+    if next(model.parameters()).dtype not in (torch.float32, getattr(torch, dtype)):
+        model.float()  # a pure-bf16 checkpoint asked for another dtype: fp32 weights, autocast below
+    autocast = (nullcontext() if dtype == "float32" or next(model.parameters()).dtype != torch.float32
                 else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
 
-    encode, decode = codec(meta)
-    start = c["start"]
-    if start.startswith("FILE:"):
-        start = Path(start[5:]).read_text(encoding="utf-8")
-    x = torch.tensor(encode(start), dtype=torch.long, device=device)[None, ...]
+    encode, decode, decodable = codec(meta)
+    try:
+        ids = prompt_ids(c["start"], encode, model.config.vocab_size)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"gpt.sample: start: {e}") from None
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     samples = []
     with torch.no_grad(), autocast:
         for _ in range(c["num_samples"]):
             y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"],
-                               kv_cache=c["kv_cache"])
+                               kv_cache=c["kv_cache"], vocab_limit=decodable)
             samples.append(decode(y[0].tolist()))
             print(samples[-1])
             print("---------------")

@@ -283,6 +283,9 @@ def test_bad_configs_are_refused():
         GPTConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         GPTConfig(n_head=12, n_kv_head=5)
+    for n_head, n_kv_head in ((0, None), (4, 0), (4, -2), (4, 8)):
+        with pytest.raises(ValueError, match="n_head must be at least 1 and n_kv_head from 1 to n_head"):
+            GPTConfig(n_embd=32, n_head=n_head, n_kv_head=n_kv_head)
     with pytest.raises(ValueError, match="longer than block_size"):
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))(torch.zeros(1, 9, dtype=torch.long))
 

@@ -19,7 +19,8 @@ from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -70,9 +71,11 @@ def test_a_hugging_face_checkpoint_gives_its_logits():
 
 def test_the_original_gpt2_layout_loads_the_same_weights(tmp_path):
     # OpenAI's converted checkpoints: no "transformer." prefix, the causal masks kept as buffers;
-    # some keep a copy of the tied head. Stored here in float16 to read a 16-bit dtype too.
+    # some keep a copy of the tied head. Stored here in float16 to read a 16-bit dtype too; the
+    # masks as older transformers wrote them (uint8, bool, float).
     tensors = {k.removeprefix("transformer."): v.half() for k, v in fixture_tensors().items()}
-    tensors |= {f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 24, 24)) for i in range(2)}
+    mask = torch.tril(torch.ones(1, 1, 24, 24))
+    tensors |= {"h.0.attn.bias": mask.to(torch.uint8), "h.1.attn.bias": mask.bool(), "h.0.attn.masked_bias": mask}
     tensors["lm_head.weight"] = tensors["wte.weight"]
     model = pretrained.load(str(copy_fixture(tmp_path / "original", tensors)))
     reference = pretrained.load(str(FIXTURE))
@@ -120,6 +123,9 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
     lacking = {k: v for k, v in fixture_tensors().items() if k != "transformer.ln_f.bias"}
     with pytest.raises(ValueError, match=r"missing \['ln_f.bias'\]"):
         pretrained.load(str(copy_fixture(tmp_path / "lacking", lacking)))
+    bytes_bias = fixture_tensors() | {"transformer.ln_f.bias": torch.ones(16, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="ln_f.bias is torch.uint8 in the checkpoint, not floating point"):
+        pretrained.load(str(copy_fixture(tmp_path / "bytes", bytes_bias)))
     (tmp_path / "no_weights").mkdir()
     shutil.copy(FIXTURE / "config.json", tmp_path / "no_weights")
     with pytest.raises(ValueError, match="no_weights lacks model.safetensors"):

@@ -1,0 +1,77 @@
+"""gpt.sample's arguments and edge cases, on tiny checkpoints written here (training's own
+sampling is in test_train.py)."""
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import checkpoint
+from gpt.model import GPT, GPTConfig
+from gpt.sample import main as sample
+
+CHARS = "ab \n"
+FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"  # a 96-token GPT-2
+
+
+def char_checkpoint(out: Path, dtype=torch.float32) -> list[str]:
+    """A character-level checkpoint whose model's vocabulary (64) is padded past its 4
+    characters, as train.py's would be after fine-tuning a larger model; the args to sample it."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64)
+    meta = dict(vocab_size=len(CHARS), stoi={ch: i for i, ch in enumerate(CHARS)}, itos=dict(enumerate(CHARS)))
+    checkpoint.save(dict(model=GPT(config).to(dtype).state_dict(), model_args=asdict(config), meta=meta), out)
+    return [f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--start=ab"]
+
+
+def test_only_decodable_tokens_are_sampled(tmp_path):
+    args = char_checkpoint(tmp_path)
+    text = sample([*args, "--max_new_tokens=40", "--temperature=100", "--top_k=None"])[0]
+    assert len(text) == 42 and set(text) <= set(CHARS)
+
+
+def test_temperature_zero_takes_the_likeliest_token(tmp_path):
+    args = char_checkpoint(tmp_path)
+    greedy = [sample([*args, "--temperature=0", f"--seed={s}", "--max_new_tokens=20"]) for s in (1, 2)]
+    tiny = sample([*args, "--temperature=1e-45", "--max_new_tokens=20"])  # no inf - inf: the same argmax
+    assert greedy[0] == greedy[1] == tiny
+
+
+def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch):
+    args = char_checkpoint(tmp_path, torch.bfloat16)
+    seen = []
+    generate = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(self.lm_head.weight.dtype) or generate(self, *a, **k))
+    sample([*args, "--dtype=float32", "--max_new_tokens=2"])
+    sample([*args, "--dtype=bfloat16", "--max_new_tokens=2"])
+    assert seen == [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--start=abc", r"characters the checkpoint's vocabulary lacks: \['c'\]"),
+    ("--start=", "the prompt is empty"),
+    ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file"),
+    ("--temperature=-1.0", "temperature must be >= 0"),
+    ("--top_k=0", "top_k must be at least 1, or None"),
+    ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
+])
+def test_bad_arguments_stop_with_the_reason(tmp_path, arg, message):
+    args = char_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match=f"^gpt.sample: .*{message}"):
+        sample([*args, "--max_new_tokens=2", arg])
+
+
+def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_the_reason(tmp_path):
+    with pytest.raises(SystemExit, match="gpt.sample: .*no checkpoint"):
+        sample([f"--out_dir={tmp_path / 'nothing'}", "--device=cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="gpt.sample: device=cuda, but torch sees no CUDA GPU"):
+            sample([*char_checkpoint(tmp_path), "--device=cuda"])
+    with pytest.raises(SystemExit, match="gpt.sample: start: the prompt's token .* past the model's 96-token"):
+        sample([f"--init_from={FIXTURE}", "--device=cpu", "--start=Hello"])
+    # An empty prompt starts a GPT-2 BPE model (here train.py's from scratch) from <|endoftext|>.
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)  # 50304 tokens
+    (tmp_path / "bpe").mkdir()
+    checkpoint.save(dict(model=GPT(config).state_dict(), model_args=asdict(config)), tmp_path / "bpe")
+    text = sample([f"--out_dir={tmp_path / 'bpe'}", "--device=cpu", "--start=", "--num_samples=1", "--max_new_tokens=3"])
+    assert text[0].startswith("<|endoftext|>")
