@@ -441,9 +441,10 @@ def grad_norm_torch(tensors) -> torch.Tensor:
 @register("grad_norm", "triton")
 @torch.no_grad()
 def grad_norm_triton(tensors) -> torch.Tensor:
-    """grad_norm_torch's value in two launches for the whole list (one more per extra dtype):
-    per block of every tensor its fp32 sum of squares, then one program sums them in a fixed
-    order, so the result is bit-identical run to run. Nothing is read back to the host."""
+    """grad_norm_torch's value (but float64 grads summed in fp32, and an fp32 result) in two
+    launches for the whole list (one more per extra dtype): per block of every tensor its fp32
+    sum of squares, then one program sums them in a fixed order, so the result is bit-identical
+    run to run. Nothing is read back to the host."""
     check_grad_norm(tensors)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
