@@ -221,7 +221,7 @@ def main(argv: list[str]) -> None:
             c[key] = model_args[key]
     else:
         raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
-    # The batches at the architecture's block_size (a resumed or pretrained model's own)
+    # Batches at the architecture's block_size: a resumed or pretrained model's own.
     batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
                       world_size=world_size)
     tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]

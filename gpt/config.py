@@ -1,10 +1,11 @@
 """nanoGPT's configurator without exec: `[config.py] [--key=value ...]` over a dict of defaults.
 
 A config file is plain assignments (`batch_size = 12`, `gradient_accumulation_steps = 5 * 8`,
-`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic, keys already set (the defaults, earlier
-files and arguments, earlier lines), and the few calls nanoGPT's own configs make (`import time` and `str(time.time())` in
-finetune_shakespeare.py; see _CALLS). Anything else (other imports and calls, statements) is
-refused with the line it is on, since reading a config must never run arbitrary code. Unknown keys
+`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic, keys already set (the defaults,
+earlier files and arguments, earlier lines), and the few calls nanoGPT's own configs make
+(`import time` and `str(time.time())` in finetune_shakespeare.py; see _CALLS). Anything else
+(other imports and calls, statements) is refused with the line it is on, since reading a config
+must never run arbitrary code. Unknown keys
 are errors that name the key; values keep their default's type (or a second type a key is
 given: train.py's recompute is True, False or a number of blocks).
 """
