@@ -5,9 +5,9 @@ A config file is plain assignments (`batch_size = 12`, `gradient_accumulation_st
 earlier files and arguments, earlier lines), and the few calls nanoGPT's own configs make
 (`import time` and `str(time.time())` in finetune_shakespeare.py; see _CALLS). Anything else
 (other imports and calls, statements) is refused with the line it is on, since reading a config
-must never run arbitrary code. Unknown keys
-are errors that name the key; values keep their default's type (or a second type a key is
-given: train.py's recompute is True, False or a number of blocks).
+must never run arbitrary code. Unknown keys are errors that name the key; values keep their
+default's type (or a second type a key is given: train.py's recompute is True, False or a number
+of blocks).
 """
 import ast
 import math
