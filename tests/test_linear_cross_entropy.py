@@ -147,7 +147,8 @@ def test_frozen_weight_or_x(chunks, device):
             f(xx, ww, targets).backward(dloss)
             grads.append(xx.grad if wants == "x" else ww.grad)
             assert (ww.grad if wants == "x" else xx.grad) is None
-        torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-7)
+        # fp32 sums in another order: off by a few ulps of the largest element, not of each one
+        torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
