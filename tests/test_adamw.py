@@ -268,6 +268,34 @@ def test_optimizer_matches_torch_adamw_with_groups_and_schedule(backend, device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_matches_torch_adamw_per_group_and_with_steps_skipped(backend, device):
+    """fp32: each group its own lr, betas and weight decay, and a param left without a grad every
+    third step, so that its step count falls behind and one step updates params at two counts."""
+    skip_unless_triton_runs(backend, device)
+    ours = make_model(device, torch.float32)
+    theirs = copy.deepcopy(ours)
+
+    def groups(model):
+        first, *rest = model.parameters()
+        return [dict(params=[first], lr=3e-2, betas=(0.8, 0.99), weight_decay=0.1),
+                dict(params=rest, weight_decay=0.0)]
+    opts = [BF16AdamW(groups(ours), lr=1e-2, backend=backend),
+            torch.optim.AdamW(groups(theirs), lr=1e-2, foreach=False)]
+    seed = torch.randint(2**31, ()).item()
+    for model, opt in zip((ours, theirs), opts):
+        gen = torch.Generator().manual_seed(seed)
+        for step in range(7):
+            model(torch.randn(16, 13, generator=gen).to(device)).square().mean().backward()
+            if step % 3 == 1:
+                model[2].weight.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert opts[0].state[ours[2].weight]["step"] == 5 and opts[0].state[ours[0].weight]["step"] == 7
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_optimizer_skips_params_without_grads(backend, device):
     skip_unless_triton_runs(backend, device)
     model = make_model(device, torch.bfloat16)

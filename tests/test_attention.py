@@ -98,6 +98,10 @@ CASES = [
     (2, 2, 2, 17, 32, False, torch.float32, "contiguous"),
     (1, 4, 1, 67, 96, True, torch.float16, "contiguous"),
     (1, 2, 1, 130, 64, False, torch.float32, "contiguous"),
+    (1, 4, 1, 17, 128, True, torch.float32, "transposed"),
+    (2, 4, 1, 45, 32, False, torch.float16, "qkv"),
+    (1, 2, 2, 17, 64, True, torch.float16, "contiguous"),
+    (1, 2, 1, 67, 96, False, torch.float32, "transposed"),
 ]
 
 
@@ -214,8 +218,10 @@ def test_dropout_seeded(device):
     assert not torch.equal(o1, o3)
 
 
-@pytest.mark.parametrize("causal,rope", [(True, False), (False, False), (True, True)])
-def test_dropout_gradients(causal, rope, device):
+@pytest.mark.parametrize("causal,rope,dtype", [(True, False, torch.float32), (False, False, torch.float32),
+                                               (True, True, torch.float32), (True, False, torch.bfloat16),
+                                               (False, False, torch.float16)])
+def test_dropout_gradients(causal, rope, dtype, device):
     """With dropout, forward and backward use one mask. The mask of a seed is read off the kernel
     (dropout_mask); a float64 formula with that mask must then give the kernel's output and all
     three gradients at random inputs and the same seed. A backward that regenerated a different
@@ -223,21 +229,21 @@ def test_dropout_gradients(causal, rope, device):
     device = triton_device(device)
     B, H, Hkv, T, D, p, seed = 1, 4, 2, 45, 64, 0.25, 99
     keep = dropout_mask(B, H, Hkv, T, D, causal, p, seed, device)
-    q, k, v = make_qkv(B, H, Hkv, T, D, torch.float32, device)
+    q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device)
     do = torch.randn_like(q)
     tables = rope_tables(D, T, 10000.0, device) if rope else None
     torch.manual_seed(seed)
     out, grads = run("triton", q, k, v, do, causal, dropout_p=p, rope=tables)
-    # torch's own error in fp32: the same formula evaluated in fp32.
-    leaves32 = [t.detach().requires_grad_() for t in (q, k, v)]
-    torch_out = reference(*leaves32, causal, keep, p, tables)
+    # torch's own error: the same formula evaluated in the inputs' dtype.
+    leaves_own = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch_out = reference(*leaves_own, causal, keep, p, tables)
     torch_out.backward(do)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = reference(*leaves, causal, keep, p, tables)
     ref.backward(do.double())
     assert_as_accurate(out, torch_out, ref, "dropout out")
-    for name, g, leaf32, leaf in zip(("dq", "dk", "dv"), grads, leaves32, leaves):
-        assert_as_accurate(g, leaf32.grad, leaf.grad, f"dropout {name}")
+    for name, g, leaf_own, leaf in zip(("dq", "dk", "dv"), grads, leaves_own, leaves):
+        assert_as_accurate(g, leaf_own.grad, leaf.grad, f"dropout {name}")
 
 
 # --- TMA (tensor-descriptor) loads -----------------------------------------------------------------

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +78,13 @@ def test_interpreter_version_check():
     assert interpreter_problem("3.6.0", "2.3.5") is None
     assert interpreter_problem("3.7.0", "2.4.6") is None
     assert interpreter_problem("3.8.0", "2.4.6") is None
+
+
+def test_no_kernel_accumulates_with_atomics():
+    """The determinism tests cannot catch an atomic add on the CPU (the interpreter runs the
+    programs one after another, in order), so none may be written: reductions are partial sums
+    summed in a fixed order, and no torch op that accumulates with atomics on CUDA is called."""
+    code = re.compile(r"tl\.atomic_\w+|\.(index_add|scatter_add|scatter_reduce|index_put)_?\(")
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        found = [m.group() for m in code.finditer(path.read_text())]
+        assert not found, f"{path.name}: {found}"

@@ -173,6 +173,7 @@ def test_bad_inputs(backend, device):
         "int32": (x.to(torch.int32), x.to(torch.int32)),
         "same dtype": (x, x.half()),
         "must be a tensor": (x, 1.0),
+        "same device": (x, x.to("meta")),
     }
     for problem, (gate, up) in cases.items():
         with pytest.raises(ValueError, match=f"swiglu.*{problem}"):
