@@ -185,13 +185,19 @@ def main(argv: list[str]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # --- data ---------------------------------------------------------------------------------
-    data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
+    try:
+        data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: {e}") from None
     meta = load_meta(data_path)
 
     # --- model, optimizer ---------------------------------------------------------------------
     iter_num, best_val_loss, resumed, weights_dir = 0, 1e9, None, None
     if c["init_from"] == "resume":
-        resumed = checkpoint.load(c["out_dir"], "cpu")  # copied into the model's own device below
+        try:
+            resumed = checkpoint.load(c["out_dir"], "cpu")  # copied into the model's own device below
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: init_from=resume: {e}") from None
         sharded = "sharded" in resumed
         if (world.parallel == "fsdp" and not sharded) or (world.parallel == "zero1" and sharded):
             raise SystemExit(f"train.py: parallel={world.parallel} cannot resume the {'sharded' if sharded else 'full'} "
@@ -222,8 +228,11 @@ def main(argv: list[str]) -> None:
     else:
         raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
-    batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
-                      world_size=world_size)
+    try:
+        batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
+                          world_size=world_size)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
     tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
     pure_bf16 = c["optimizer"] == "bf16_adamw"
     if pure_bf16:

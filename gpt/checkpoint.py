@@ -52,6 +52,8 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     out = Path(out_dir)
     path, tmp, old = out / SHARDED, out / f"{SHARDED}.tmp", out / f"{SHARDED}.old"
     if _master():
+        if (tmp / TRAIN_STATE).exists() and not path.exists():
+            os.replace(tmp, path)  # a crash between the last save's renames: the newest whole one, kept
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed write's files, maybe of another world size
     _barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -60,6 +62,7 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
         torch.save(train_state, tmp / TRAIN_STATE)
         # A directory cannot replace another in one rename; a crash between the two leaves the
         # new checkpoint whole in ckpt.dcp.tmp, where load finds it.
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash in the last save's clean-up
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

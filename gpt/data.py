@@ -97,7 +97,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
         raise ValueError(f"dataset {dataset!r}: no {out}/train.bin and val.bin, and no builder for it "
                          f"(builders: {', '.join(BUILDERS)})")
     if dataset == "openwebtext":
-        raise ValueError("dataset openwebtext is not built yet: run `python -m gpt.data openwebtext` "
+        raise ValueError(f"dataset openwebtext is not built yet: run `python -m gpt.data openwebtext {data_dir}` "
                          "(needs the `datasets` package, about 54 GB of disk)")
     out.mkdir(parents=True, exist_ok=True)
     {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
@@ -130,7 +130,10 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed + 1  # not the training draws': "train" loss would score the first batches trained on
         for split in ("train", "val"):
-            n = os.path.getsize(path / f"{split}.bin") // 2
+            size = os.path.getsize(path / f"{split}.bin")
+            if size % 2:
+                raise ValueError(f"{path}/{split}.bin is {size} bytes, not a whole number of uint16 tokens (cut short?)")
+            n = size // 2
             if n <= block_size:
                 raise ValueError(f"{path}/{split}.bin holds {n} tokens, too few for block_size {block_size}")
 
@@ -164,12 +167,12 @@ class Batches:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in BUILDERS:
-        raise SystemExit(f"usage: python -m gpt.data {{{','.join(BUILDERS)}}}")
-    name = sys.argv[1]
-    target = Path("data") / name
-    target.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) not in (2, 3) or sys.argv[1] not in BUILDERS:
+        raise SystemExit(f"usage: python -m gpt.data {{{','.join(BUILDERS)}}} [data_dir (default: data)]")
+    name, data_dir = sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "data"
     if name == "openwebtext":
+        target = Path(data_dir) / name
+        target.mkdir(parents=True, exist_ok=True)
         print(build_openwebtext(target))
     else:
-        print(prepare(name))
+        print(prepare(name, data_dir))

@@ -50,6 +50,9 @@ def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if "RANK" not in os.environ:
         return World(), device
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError("RANK is set but LOCAL_RANK is not: launch with torchrun, or set LOCAL_RANK to the "
+                         "process's index on its node (its GPU)")
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = device.startswith("cuda")
     if cuda:

@@ -76,3 +76,22 @@ def test_a_crash_between_the_renames_leaves_a_checkpoint_to_resume(tmp_path):
     shutil.rmtree(tmp_path / f"{checkpoint.SHARDED}.old")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.load(tmp_path, "cpu")
+
+
+def test_a_save_after_a_crash_keeps_the_newest_whole_checkpoint(tmp_path):
+    """The next save after a crash between the renames (the newest checkpoint whole in
+    ckpt.dcp.tmp) must not delete it before the new one is whole; after a crash in the clean-up
+    (ckpt.dcp.old left beside ckpt.dcp) the next save must still succeed."""
+    save(tmp_path, kahan=False, iter_num=2)
+    path, tmp, old = (tmp_path / f"{checkpoint.SHARDED}{s}" for s in ("", ".tmp", ".old"))
+    shutil.copytree(path, old)
+    torch.save(dict(torch.load(old / checkpoint.TRAIN_STATE), iter_num=1), old / checkpoint.TRAIN_STATE)
+    path.rename(tmp)
+    model, optimizer = trained(kahan=False)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="disk full"):
+        patch.setattr(checkpoint.dcp, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+        checkpoint.save_sharded(model, optimizer, {"iter_num": 4}, tmp_path)
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 2  # the crashed save's predecessor, not older
+    assert old.exists()  # as after a crash following the second rename, before its removal
+    checkpoint.save_sharded(model, optimizer, {"iter_num": 5}, tmp_path)
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 5 and not old.exists() and not tmp.exists()

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +95,31 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_atomic(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["train.bin"]
+
+
+def test_writers_with_the_same_pid_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Pids repeat across containers and nodes sharing a filesystem: the temporary names differ."""
+    monkeypatch.setattr("os.getpid", lambda: 4242)
+    path, names = tmp_path / "train.bin", []
+
+    def inner(f):
+        names.append(Path(f.name).name)
+        write_atomic(path, lambda g: names.append(Path(g.name).name) or g.write(b"inner"))
+        f.write(b"outer")
+    write_atomic(path, inner)
+    assert len(set(names)) == 2 and path.read_bytes() == b"outer"
+
+
+def test_a_token_file_cut_mid_token_is_named(tmp_path):
+    path = prepare("shakespeare_char", tmp_path)
+    with open(path / "val.bin", "ab") as f:
+        f.write(b"\x01")
+    with pytest.raises(ValueError, match=r"val.bin is \d+ bytes, not a whole number of uint16 tokens"):
+        Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
+
+
+def test_the_builder_command_takes_a_data_dir(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gpt.data", "shakespeare_char", str(tmp_path)], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "shakespeare_char" / "train.bin").exists()

@@ -99,6 +99,14 @@ def reference(tmp_path_factory, data_dir):
         return run(out, data_dir, *ONE, "--max_iters=9", "--init_from=resume")
 
 
+def test_rank_without_local_rank_is_named(monkeypatch):
+    """A hand-written launch (mpirun, SLURM) that sets RANK but not LOCAL_RANK."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ValueError, match="RANK is set but LOCAL_RANK is not"):
+        distributed.init("ddp", "gloo", "cpu")
+
+
 def test_ranks_read_disjoint_slices_of_one_global_batch(data_dir):
     path = prepare("shakespeare_char", data_dir)
     one = Batches(path, block_size=16, batch_size=6, device="cpu", seed=5)

@@ -177,6 +177,18 @@ def test_defaults_and_errors():
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
     with pytest.raises(SystemExit, match="unknown preset 'gpt3'"):
         train.main(["--preset=gpt3"])
+
+
+def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match="train.py: dataset 'nosuch': no .* and no builder"):
+        run(tmp_path, data_dir, "--dataset=nosuch")
+    with pytest.raises(SystemExit, match=f"train.py: dataset openwebtext is not built yet: run `python -m gpt.data "
+                                         f"openwebtext {tmp_path}`"):
+        train.main([*TINY, f"--data_dir={tmp_path}", "--dataset=openwebtext"])
+    with pytest.raises(SystemExit, match="train.py: init_from=resume: no checkpoint"):
+        run(tmp_path / "empty", data_dir, "--init_from=resume")
+    with pytest.raises(SystemExit, match="train.py: .*val.bin holds .* tokens, too few for block_size 1000000"):
+        run(tmp_path, data_dir, "--block_size=1000000")
     config, _ = train.read_config(["--dropout=0.1", "--preset=gpt2"])  # presets set architecture, not dropout
     assert config["dropout"] == 0.1
 
