@@ -286,17 +286,21 @@ def main(argv: list[str]) -> None:
                 else torch.autocast(device_type=device_type, dtype=ptdtype))
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if resumed:
-        if resumed["scaler"]:  # empty when saved by a run without a loss scale (bf16, fp32)
+        if resumed.get("scaler"):  # empty when saved by a run without a loss scale (bf16, fp32)
             scaler.load_state_dict(resumed["scaler"])
-        rng = resumed["rng"]  # one entry per rank of the run that saved it
-        batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
-        if len(rng) == world_size:
-            torch.set_rng_state(rng[rank]["torch"])
-            if device_type == "cuda" and rng[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng[rank]["cuda"])
+        rng = resumed.get("rng")  # one entry per rank of the run that saved it; none in nanoGPT's
+        if rng is None:
+            console.print("the checkpoint holds no random state (nanoGPT's): batches and dropout masks are "
+                          "drawn afresh")
         else:
-            console.print(f"resuming on {world_size} processes a run saved by {len(rng)}: the data sampler "
-                          f"continues, dropout masks are drawn afresh")
+            batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
+            if len(rng) == world_size:
+                torch.set_rng_state(rng[rank]["torch"])
+                if device_type == "cuda" and rng[rank]["cuda"] is not None:
+                    torch.cuda.set_rng_state(rng[rank]["cuda"])
+            else:
+                console.print(f"resuming on {world_size} processes a run saved by {len(rng)}: the data sampler "
+                              f"continues, dropout masks are drawn afresh")
         del resumed  # free the checkpoint's copy of the weights
 
     raw_model = model

@@ -2,7 +2,9 @@
 
 - full: out_dir/ckpt.pt, one file with the whole model and optimizer state, written by one
   process (single process, DDP and ZeRO-1 after consolidating its optimizer state on rank 0);
-  loaded whether or not the model that wrote it was compiled.
+  loaded whether or not the model that wrote it was compiled. nanoGPT's own ckpt.pt loads too:
+  its parameters are this model's under a "transformer." prefix, in the same order (so its
+  AdamW state maps onto this model's groups), and its model_args name only the GPT-2 keys.
 - sharded: out_dir/ckpt.dcp, a torch.distributed.checkpoint directory to which every FSDP rank
   writes its own shards, plus train_state.pt (everything but model and optimizer). It loads on
   any number of ranks, or into one process without a process group.
@@ -10,8 +12,10 @@
 Writing one format removes the other, so out_dir holds one checkpoint.
 """
 import os
+import re
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +30,8 @@ from .model import GPT, GPTConfig
 FILENAME = "ckpt.pt"
 SHARDED = "ckpt.dcp"
 TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: iteration, config, RNG states, ...
-_COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper prefixes every key with this
+_PREFIXES = ("_orig_mod.", "transformer.")  # torch.compile's wrapper's; nanoGPT's and Hugging Face's GPT-2
+_MASK_BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # their causal masks, kept by older versions
 
 
 def _master() -> bool:
@@ -81,9 +86,11 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
         raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}")
     path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
     if path.is_dir():
-        return dict(torch.load(path / TRAIN_STATE, map_location=device, weights_only=False), sharded=path)
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
-    checkpoint["model"] = model_state(checkpoint["model"])
+        checkpoint = dict(torch.load(path / TRAIN_STATE, map_location=device, weights_only=False), sharded=path)
+    else:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        checkpoint["model"] = model_state(checkpoint["model"])
+    checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
     return checkpoint
 
 
@@ -96,8 +103,15 @@ def _sharded_dir(out: Path) -> Path | None:
 
 
 def model_state(state: dict) -> dict:
-    """A model state dict with torch.compile's key prefix removed."""
-    return {k.removeprefix(_COMPILED_PREFIX): v for k, v in state.items()}
+    """A model state dict under this model's names: torch.compile's and nanoGPT's prefixes
+    removed, causal-mask buffers left out."""
+    renamed = {}
+    for name, tensor in state.items():
+        for prefix in _PREFIXES:
+            name = name.removeprefix(prefix)
+        if not _MASK_BUFFERS.match(name):
+            renamed[name] = tensor
+    return renamed
 
 
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: dict) -> None:

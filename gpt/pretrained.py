@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import model_state
 from .files import write_atomic
 from .model import GPT, GPTConfig
 
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 FILES = ("config.json", "model.safetensors")
 _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-_BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # old checkpoints keep the causal mask
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                 "silu": "silu", "swish": "silu"}
 # The weights' dtypes, and those older checkpoints kept their causal-mask buffers in (skipped).
@@ -124,13 +124,7 @@ def gpt_config(folder: Path, block_size: int | None = None, dropout: float = 0.0
 def _our_names(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under this model's parameter names (Hugging Face's, less the
     "transformer." prefix), Conv1D weights transposed, the causal-mask buffers left out."""
-    weights = {}
-    for name, tensor in checkpoint.items():
-        name = name.removeprefix("transformer.")
-        if _BUFFERS.match(name):
-            continue
-        weights[name] = tensor.t() if _CONV1D.match(name) else tensor
-    return weights
+    return {name: tensor.t() if _CONV1D.match(name) else tensor for name, tensor in model_state(checkpoint).items()}
 
 
 @torch.no_grad()

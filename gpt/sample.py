@@ -16,6 +16,7 @@ import kernels
 
 from . import checkpoint, pretrained
 from .config import ConfigError, parse_args
+from .data import load_meta
 from .tokenizer import EOT, gpt2
 
 DEFAULTS = dict(
@@ -40,6 +41,15 @@ def codec(meta: dict | None):
         return encode, (lambda ids: "".join(itos[i] for i in ids)), len(itos)
     enc = gpt2()
     return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}) or [EOT]), enc.decode, enc.n_vocab
+
+
+def checkpoint_meta(ckpt: dict) -> dict | None:
+    """The character vocabulary a checkpoint was trained with: saved in it (None for GPT-2 BPE),
+    or, in nanoGPT's, which do not save it, its dataset's meta.pkl, as nanoGPT's sample.py reads."""
+    if "meta" in ckpt:
+        return ckpt["meta"]
+    config = ckpt.get("config", {})
+    return load_meta(Path(config.get("data_dir", "data")) / config["dataset"]) if "dataset" in config else None
 
 
 def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
@@ -77,7 +87,7 @@ def main(argv: list[str]) -> list[str]:
             ckpt = checkpoint.load(c["out_dir"], device)
         except (OSError, ValueError) as e:
             raise SystemExit(f"gpt.sample: {e}") from None
-        model, meta = checkpoint.build_model(ckpt, backends), ckpt.get("meta")
+        model, meta = checkpoint.build_model(ckpt, backends), checkpoint_meta(ckpt)
     elif pretrained.is_pretrained(c["init_from"]):
         try:
             model, meta = pretrained.load(c["init_from"], kernels=backends), None

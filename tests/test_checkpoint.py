@@ -90,8 +90,8 @@ def test_a_save_after_a_crash_keeps_the_newest_whole_checkpoint(tmp_path):
     model, optimizer = trained(kahan=False)
     with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="disk full"):
         patch.setattr(checkpoint.dcp, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
-        checkpoint.save_sharded(model, optimizer, {"iter_num": 4}, tmp_path)
+        checkpoint.save_sharded(model, optimizer, {"iter_num": 4, "model_args": vars(CONFIG)}, tmp_path)
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 2  # the crashed save's predecessor, not older
     assert old.exists()  # as after a crash following the second rename, before its removal
-    checkpoint.save_sharded(model, optimizer, {"iter_num": 5}, tmp_path)
+    checkpoint.save_sharded(model, optimizer, {"iter_num": 5, "model_args": vars(CONFIG)}, tmp_path)
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 5 and not old.exists() and not tmp.exists()

@@ -123,6 +123,35 @@ def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
     assert (tmp_path / "ckpt.pt").stat().st_mtime_ns == before
 
 
+def test_a_checkpoint_of_nanogpt_itself_resumes_and_samples(tmp_path, data_dir, monkeypatch):
+    """nanoGPT's ckpt.pt: a compiled model's keys under "transformer.", the causal masks older
+    torch kept, only GPT-2's model_args, AdamW's state, no random state and no vocabulary."""
+    torch.manual_seed(0)
+    nano_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=65, dropout=0.0)
+    model = GPT(GPTConfig(**nano_args))
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
+    x = torch.randint(65, (2, 32))
+    model(x, x)[1].backward()
+    optimizer.step()
+    state = {f"_orig_mod.{'' if name.startswith('lm_head') else 'transformer.'}{name}": t
+             for name, t in model.state_dict().items()}
+    state |= {f"_orig_mod.transformer.h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)}
+    torch.save(dict(model=state, optimizer=optimizer.state_dict(), model_args=nano_args, iter_num=3,
+                    best_val_loss=2.5, config=dict(dataset="shakespeare_char", batch_size=8)), tmp_path / "ckpt.pt")
+    log = run(tmp_path, data_dir, "--init_from=resume", "--max_iters=5", "--eval_interval=5", "--bias=True",
+              "--always_save_checkpoint=True")
+    assert [r["iter"] for r in log if "loss" in r] == [3, 4]
+    resumed = checkpoint.load(tmp_path, "cpu")["model"]
+    assert not resumed["h.0.ln_1.weight"].equal(model.h[0].ln_1.weight) and "h.0.ln_1.bias" not in resumed
+    # nanoGPT's sample.py reads the vocabulary from data/<dataset>/meta.pkl; so does ours for its checkpoints.
+    torch.save(dict(torch.load(tmp_path / "ckpt.pt"), model=state), tmp_path / "ckpt.pt")  # nanoGPT's again
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "data").symlink_to(data_dir)
+    monkeypatch.chdir(tmp_path / "run")
+    text = sample([f"--out_dir={tmp_path}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5", "--start=ROMEO:"])
+    assert text[0].startswith("ROMEO:") and len(text[0]) == 11
+
+
 def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
     config = tmp_path / "train_shakespeare_char.py"
     config.write_text(NANOGPT_SHAKESPEARE_CHAR)
