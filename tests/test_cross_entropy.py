@@ -109,16 +109,18 @@ def test_extreme_logits(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_inputs(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_inputs(backend, dtype, device):
     """Logits that are a slice of a wider buffer (read through their row stride), transposed
     logits (copied first) and non-contiguous targets."""
     skip_unless_triton_runs(backend, device)
-    wide = torch.randn(6, 1100, device=device) * 3
+    wide = (torch.randn(6, 1100, device=device) * 3).to(dtype)
     targets = torch.randint(0, 1031, (6, 2), device=device)[:, 0]
     fn = kernels.get("cross_entropy", backend)
     dloss = torch.tensor(1.0, device=device)
-    assert_matches_float64(fn, wide[:, :1031], targets, dloss, f"{backend} row-strided")
-    assert_matches_float64(fn, (torch.randn(1031, 6, device=device) * 3).t(), targets, dloss, f"{backend} transposed")
+    assert_matches_float64(fn, wide[:, :1031], targets, dloss, f"{backend} row-strided {dtype}")
+    transposed = (torch.randn(1031, 6, device=device) * 3).to(dtype).t()
+    assert_matches_float64(fn, transposed, targets, dloss, f"{backend} transposed {dtype}")
 
 
 def test_backward_saves_no_logits_sized_buffer(device):

@@ -111,6 +111,19 @@ def test_matches_float64(backend, op, bias, dtype, n, device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_row_and_strided_params(backend, op, bias, dtype, device):
+    """A single row (a micro-batch of one token), and weight and bias read with a stride of 2."""
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(1, 771, device, dtype, bias=bias)
+    assert_accurate(backend, op, x, w, b)
+    strided = [None if t is None else torch.stack([t, torch.randn_like(t)], dim=1)[:, 0] for t in (w, b)]
+    assert strided[0].stride() == (2,)
+    assert_accurate(backend, op, x, *strided)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_element_rows(backend, op, bias, dtype, device):
     """With N = 1 dx is a residue of cancelling terms of size rstd*|w*dy|: RMSNorm's is
     w*dy*eps/(x^2+eps)^1.5, a few 1e-6 of them, and LayerNorm's is exactly 0, as is its dw (a
