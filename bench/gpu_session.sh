@@ -75,6 +75,7 @@ case "$1" in
     export TORCHINDUCTOR_COMPILE_THREADS=1
     shards=${TEST_SHARDS:-6}
     parts=$(mktemp -d)  # not under $OUT: at most 8 files come back from there
+    export ACCURACY_LOG=$parts/accuracy.jsonl  # every accuracy check, counted below (tests/numerics.py)
     for i in $(seq 0 $((shards - 1))); do
       TEST_SHARD=$i/$shards python -m pytest -q -ra --durations=8 -p no:cacheprovider > "$parts/$i" 2>&1 &
     done
@@ -87,6 +88,7 @@ case "$1" in
         echo "TEST_SHARD=$i/$shards: $(tail -n 1 "$parts/$i")"
         grep -E '^(FAILED|ERROR) ' "$parts/$i"
       done
+      [[ -s $ACCURACY_LOG ]] && python -m tests.numerics "$ACCURACY_LOG" | tee -a "$log"
       rm -rf "$parts"
     }
     trap 'show_parts; echo "tests: stopped by a signal"; exit 124' TERM INT  # first's time limit

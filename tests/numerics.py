@@ -1,15 +1,45 @@
-"""Error measures shared by the kernel tests: the project's accuracy rule (kernels/accuracy.py)."""
+"""Error measures shared by the kernel tests: the project's accuracy rule (kernels/accuracy.py).
+
+With ACCURACY_LOG set to a file, every check is appended to it as a JSON line, and
+`python -m tests.numerics FILE` says how many passed by the rule's floor alone (an error over
+FACTOR times torch's): how far "as accurate as torch" is the floor's doing on this machine.
+"""
+import json
+import os
+import sys
+
 import torch
 
-from kernels.accuracy import bound, rel_err  # noqa: F401  (rel_err: the tests import it from here)
+from kernels.accuracy import FACTOR, bound, rel_err  # noqa: F401  (rel_err: the tests import it from here)
+
+LOG = os.environ.get("ACCURACY_LOG")
+
+
+def check(err: float, base: float, dtype: torch.dtype, what: str) -> None:
+    """err within the accuracy rule of torch's own error `base`, logged to ACCURACY_LOG if set."""
+    limit = bound(base, dtype)
+    if LOG:
+        with open(LOG, "a") as f:  # one short line a write: parts of the suite may append at once
+            f.write(json.dumps(dict(what=what, dtype=str(dtype).removeprefix("torch."), err=err, torch=base,
+                                    bound=limit)) + "\n")
+    assert err <= limit, f"{what}: error {err:.3g} > bound {limit:.3g} (torch's own error {base:.3g})"
 
 
 def assert_as_accurate(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """`out` is within the accuracy rule of `baseline`'s error (both against the float64 `ref`)."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err, base = rel_err(out, ref), rel_err(baseline, ref)
-    limit = bound(base, out.dtype)
-    assert err <= limit, f"{what}: error {err:.3g} > bound {limit:.3g} (torch's own error {base:.3g})"
+    check(rel_err(out, ref), rel_err(baseline, ref), out.dtype, what)
+
+
+def summary(path: str) -> str:
+    rows = [r for r in map(json.loads, open(path)) if not r["what"].startswith("torch ")]  # other backends'
+    by_floor = [r for r in rows if r["err"] > FACTOR * r["torch"]]
+    worst = max(by_floor, key=lambda r: r["err"] / max(r["torch"], 1e-300), default=None)
+    text = (f"accuracy: {len(by_floor)} of {len(rows)} checks of a non-torch backend passed by the floor alone "
+            f"(over {FACTOR:g}x torch's error)")
+    if worst:
+        text += f"; the most: {worst['what']} ({worst['err']:.3g}, torch {worst['torch']:.3g})"
+    return text
 
 
 def assert_mask_is_random(keep: torch.Tensor, p: float, what: str) -> None:
@@ -31,3 +61,7 @@ def assert_mask_is_random(keep: torch.Tensor, p: float, what: str) -> None:
     for name, both in pairs.items():
         sigma = 2 * (q * q * (1 - q * q) / both.numel()) ** 0.5
         assert abs(both.mean().item() - q * q) < 5 * sigma, f"{what}: {name} pairs both kept {both.mean().item():.4f}"
+
+
+if __name__ == "__main__":
+    print(summary(sys.argv[1]))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import norm, runtime
 from tests.devices import compiled, skip_unless_triton_runs
-from tests.numerics import assert_as_accurate, assert_mask_is_random, bound, rel_err
+from tests.numerics import assert_as_accurate, assert_mask_is_random, check, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
@@ -81,8 +81,7 @@ def assert_accurate(backend, op, x, w, b=None, dy=None, scales=None):
         # numerics' rule, relative to the size of the cancelling terms.
         size = max(r.norm().item(), scales[name])
         err, own = ((t.double() - r).norm().item() / size for t in (out, baseline))
-        limit = bound(own, out.dtype)
-        assert err <= limit, f"{what}: error {err:.3g} of the terms' size > bound {limit:.3g}"
+        check(err, own, out.dtype, f"{what} (error of the terms' size)")
 
 
 def inputs(m, n, device, dtype=torch.float32, wdtype=None, bias=True):
