@@ -182,6 +182,8 @@ def main(argv: list[str]) -> None:
     console = Console(quiet=not master, soft_wrap=True)
     device_type = "cuda" if c["device"].startswith("cuda") else "cpu"
     if device_type == "cuda":
+        if torch.device(c["device"]).index is not None:  # cuda:N in one process too: its profile and self-checks
+            torch.cuda.set_device(c["device"])
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # --- data ---------------------------------------------------------------------------------
@@ -246,7 +248,12 @@ def main(argv: list[str]) -> None:
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
                     dtype=getattr(torch, c["dtype"]))
     used = model_ops(shapes.config) | optimizer_ops(c["optimizer"])
-    choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=used)
+    try:
+        choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=used)
+    except ValueError as e:  # an unreadable profile
+        raise SystemExit(f"train.py: kernels={c['kernels']}: {e}") from None
+    if world.parallel:
+        choices = kernels.agreed(choices, distributed.gather({op: ch.backend for op, ch in choices.items()}))
     backends = {op: choice.backend for op, choice in choices.items()}
     # The same initial weights on every rank (FSDP does not broadcast them) and whichever kernels
     # were chosen (their self-checks draw random inputs).

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ops = args.ops.split(",")
     for op in ops:
         kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
+    if set(ops) != set(kernels.OPS) and args.out is None:
+        print(f"bench.kernels: --ops {args.ops} would replace {profile.path_for(device.slug)}, which "
+              f"train.py --kernels=auto reads, with a profile of those ops alone; pass --out", file=sys.stderr)
+        return 2
     shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len)
     data = run(device, shapes, args.preset, ops)
     out = args.out or profile.path_for(device.slug)

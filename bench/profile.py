@@ -34,6 +34,13 @@ class Profile:
     def ops(self) -> dict:
         return self.data["ops"]
 
+    @property
+    def label(self) -> str:
+        """The file and what it measured, for the reasons shown: its shapes need not be the run's."""
+        w = self.data.get("workload")
+        measured = f"{w['preset']} {w['dtype']} {w['batch_size']}x{w['seq_len']}" if w else "shapes not recorded"
+        return f"{self.name} ({measured}, torch {self.data.get('torch', '?')})"
+
 
 def path_for(slug: str) -> Path:
     return PROFILES / f"{slug}.json"
@@ -44,9 +51,19 @@ def load(path: Path) -> Profile | None:
     path = Path(path)
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or "ops" not in data:
-        raise ValueError(f"{path}: not a format-{FORMAT} kernel profile; rerun python -m bench.kernels")
+    rerun = "rerun python -m bench.kernels, or delete it"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); {rerun}") from None
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("ops"), dict)):
+        raise ValueError(f"{path}: not a format-{FORMAT} kernel profile; {rerun}")
+    for op, entry in data["ops"].items():
+        backends = entry.get("backends") if isinstance(entry, dict) else None
+        if not (isinstance(backends, dict) and isinstance(entry.get("training_pass"), str)
+                and all(isinstance(r, dict) for r in backends.values())
+                and all(entry.get("training_pass") in r["ms"] for r in backends.values() if "ms" in r)):
+            raise ValueError(f"{path}: ops.{op} lacks its training_pass, backends or their timings at it; {rerun}")
     try:
         shown = path.resolve().relative_to(PROFILES.parent)
     except ValueError:
@@ -57,7 +74,7 @@ def load(path: Path) -> Profile | None:
 def for_this_gpu() -> Profile | None:
     from bench.hardware import detect
 
-    device = detect()
+    device = detect(torch.cuda.current_device()) if torch.cuda.is_available() else None
     return load(path_for(device.slug)) if device else None
 
 
@@ -68,9 +85,11 @@ def write(data: dict, path: Path) -> None:
 
 def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tuple[str | None, str]:
     """(backend, why): the fastest of `candidates` (registry backends) in one op's profile entry
-    at its training pass that passed verification there. torch, the reference, is always
-    eligible; a faster backend that failed verification is named in the reason, never chosen.
-    None when the entry measured none of the candidates."""
+    at its training pass that passed verification there. torch, the reference, is eligible
+    eagerly whatever its check; in a compiled model its compiled timing counts only where
+    Inductor's result passed. A faster backend that failed verification is named in the reason,
+    never chosen; where every measured one failed, torch. None when the entry measured none of
+    the candidates."""
     pass_ = entry["training_pass"]
     timed = {}
     for backend in candidates:
@@ -79,10 +98,14 @@ def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tupl
             measured = backend
         record = entry["backends"].get(measured, {})
         if "ms" in record:
-            timed[backend] = (record["ms"][pass_], measured, record.get("verified") or backend == "torch")
+            reference = backend == "torch" and measured == "torch"
+            timed[backend] = (record["ms"][pass_], measured, bool(record.get("verified")) or reference)
     eligible = {b: t for b, t in timed.items() if t[2]}
-    if not eligible:
+    if not timed:
         return None, "no measured backend in the profile"
+    if not eligible:
+        failed = ", ".join(f"{t[1]} {t[0]:.3g} ms" for t in timed.values())
+        return "torch", f"nothing measured at {pass_} passed verification ({failed}): torch, the reference"
     best = min(eligible, key=lambda b: eligible[b][0])
     ms, measured, _ = eligible[best]
     others = ", ".join(f"{t[1]} {t[0]:.3g} ms" for b, t in eligible.items() if b != best)
@@ -99,12 +122,17 @@ def default_shapes(device_type: str) -> Shapes:
     return Shapes(GPTConfig(**preset("gpt2")), batch_size=1, dtype=dtype)
 
 
+CHECK_SEQ_LEN = 4096  # the float64 reference attention's scores are H·T² doubles: 1.6 GB for 12 heads
+#                      at 4096, 25 GB at 16k; a longer T only adds tiles the kernel runs alike
+
+
 def check_shapes(shapes: Shapes, device_type: str) -> Shapes:
-    """What the self-check runs: the model's widths and sequence length with one sequence on a
-    GPU (the batch only sizes the grid), a tiny model of the same kind in the CPU interpreter."""
+    """What the self-check runs: the model's widths and sequence length (at most CHECK_SEQ_LEN)
+    with one sequence on a GPU (the batch only sizes the grid), a tiny model of the same kind in
+    the CPU interpreter."""
     if device_type != "cuda":
         return shapes.tiny()
-    return Shapes(shapes.config, batch_size=1, seq_len=shapes.T, dtype=shapes.dtype)
+    return Shapes(shapes.config, batch_size=1, seq_len=min(shapes.T, CHECK_SEQ_LEN), dtype=shapes.dtype)
 
 
 _checked: dict[tuple, tuple[bool, str]] = {}

@@ -73,9 +73,11 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
         if prof is not None and op in prof.ops:
             backend, why = profiles.fastest_verified(prof.ops[op], registered[op], compiled)
             if backend is not None and backend != "triton":
-                choices[op] = Choice(backend, f"{prof.name}: {why}")
+                choices[op] = Choice(backend, f"{prof.label}: {why}")
                 continue
-            lead = f"{prof.name}: {why}" if backend else f"{prof.name} has no timing for it"
+            lead = f"{prof.label}: {why}" if backend else f"{prof.label} has no timing for it"
+        elif prof is not None:
+            lead = f"{prof.label} has no entry for {op}"
         elif kernels == "auto":
             lead = "no profile for this GPU (python -m bench.kernels writes one)"
         else:
@@ -88,6 +90,18 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
             if kernels == "triton":
                 warnings.warn(f"kernels=triton: {op} falls back to torch: {choices[op].reason}", stacklevel=2)
     return choices
+
+
+def agreed(choices: dict[str, Choice], per_rank: list[dict[str, str]]) -> dict[str, Choice]:
+    """`choices` with torch for every op on which the ranks' backends (op -> backend, one dict a
+    rank) differ: replicas must compute alike, and a self-check near its bound, or out of memory
+    on one GPU, could pass on one rank and fail on another."""
+    agreed = dict(choices)
+    for op in choices:
+        backends = [rank[op] for rank in per_rank]
+        if len(set(backends)) > 1:
+            agreed[op] = Choice("torch", f"the ranks chose differently ({', '.join(backends)}): torch on every rank")
+    return agreed
 
 
 def _resolve(profile, profiles):

@@ -180,3 +180,72 @@ def test_measure_op_writes_a_profile_entry_that_loads_and_selects(monkeypatch, t
     path = tmp_path / "cpu.json"
     profile.write({"format": profile.FORMAT, "ops": ops}, path)
     assert kernels.choose("auto", "cuda", profile=path)["layer_norm"].backend == "torch"
+
+
+def test_a_compiled_torch_op_that_failed_verification_is_not_chosen():
+    """In a compiled model torch is timed by Inductor's compile of it: where that failed its
+    check, the verified triton wins though slower; where everything measured failed, torch."""
+    e = entry(torch=backend(1.0), compile=backend(0.5, verified=False), triton=backend(0.8))
+    chosen, why = fastest_verified(e, ["torch", "triton"], compiled=True)
+    assert chosen == "triton" and "compile 0.5 ms faster but failed verification" in why
+    assert fastest_verified(e, ["torch", "triton"], compiled=False)[0] == "triton"
+    failed = entry(torch={"error": "out of memory"}, triton=backend(0.5, verified=False))
+    assert fastest_verified(failed, ["torch", "triton"], compiled=False) == (
+        "torch", "nothing measured at fwd+bwd passed verification (triton 0.5 ms): torch, the reference")
+
+
+def test_reasons_say_what_the_profile_measured_and_lacks(self_check):
+    prof = Profile("profiles/test.json", {"format": profile.FORMAT, "torch": "2.11.0",
+                                          "workload": {"preset": "gpt2", "dtype": "bfloat16", "batch_size": 16,
+                                                       "seq_len": 1024},
+                                          "ops": {"swiglu": entry(torch={"error": "oom"}, triton=backend(1.0, False))}})
+    choices = kernels.choose("auto", "cuda", profile=prof)
+    assert choices["swiglu"].backend == "torch" and "failed verification" not in choices["swiglu"].reason
+    assert choices["swiglu"].reason.startswith("profiles/test.json (gpt2 bfloat16 16x1024, torch 2.11.0): nothing")
+    assert choices["rms_norm"].reason.startswith("profiles/test.json (gpt2 bfloat16 16x1024, torch 2.11.0) has no "
+                                                 "entry for rms_norm; self-check passed")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"format": 1, "ops": {"swi', "not JSON"),
+    ("[]", "not a format-1 kernel profile"),
+    ('{"format": 1, "ops": null}', "not a format-1 kernel profile"),
+    ('{"format": 1, "ops": {"swiglu": {"backends": {}}}}', "ops.swiglu lacks"),
+    ('{"format": 1, "ops": {"swiglu": {"training_pass": "fwd+bwd", "backends": {"torch": {"ms": {"fwd": 1}}}}}}',
+     "ops.swiglu lacks"),
+])
+def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text, problem, monkeypatch):
+    path = tmp_path / "gpu.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"gpu.json: {problem}"):
+        profile.load(path)
+    import train
+
+    monkeypatch.setattr(train.kernels, "choose", lambda *a, **k: profile.load(path))
+    with pytest.raises(SystemExit, match=f"train.py: kernels=auto: .*gpu.json: {problem}"):
+        train.main(["--device=cpu", "--compile=False", f"--data_dir={tmp_path}"])
+
+
+def test_ranks_that_chose_differently_all_take_torch():
+    choices = {"swiglu": kernels.Choice("triton", "self-check passed"), "rms_norm": kernels.Choice("triton", "ok")}
+    agreed = kernels.agreed(choices, [{"swiglu": "triton", "rms_norm": "triton"},
+                                      {"swiglu": "torch", "rms_norm": "triton"}])
+    assert agreed["rms_norm"] == choices["rms_norm"]
+    assert agreed["swiglu"] == kernels.Choice("torch", "the ranks chose differently (triton, torch): torch on every rank")
+
+
+def test_the_gpu_self_check_caps_the_sequence():
+    """The float64 reference attention at T = 16k would need 25 GB for GPT-2's 12 heads."""
+    shapes = Shapes(GPTConfig(**preset("gpt2")), 8, seq_len=16384)
+    checked = profile.check_shapes(shapes, "cuda")
+    assert (checked.batch_size, checked.T) == (1, profile.CHECK_SEQ_LEN)
+
+
+def test_bench_kernels_refuses_to_overwrite_the_profile_with_some_ops(monkeypatch, capsys):
+    from bench.hardware import Device, find
+
+    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
+    assert find("h100") is not None
+    assert bench_kernels.main(["--ops", "rms_norm"]) == 2
+    assert "pass --out" in capsys.readouterr().err
