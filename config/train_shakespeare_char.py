@@ -16,7 +16,8 @@ gradient_accumulation_steps = 1
 batch_size = 64
 block_size = 256  # context of up to 256 previous characters
 
-preset = 'shakespeare-char'  # 6 layers, 6 heads, 384 wide, dropout 0.2
+preset = 'shakespeare-char'  # 6 layers, 6 heads, 384 wide
+dropout = 0.2  # a training setting: a preset leaves it alone
 
 learning_rate = 1e-3  # a baby network can take a higher learning rate
 max_iters = 5000

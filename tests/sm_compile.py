@@ -132,6 +132,16 @@ def _attention_with_tma(q, k, v, causal, dropout_p, rope):
     return o
 
 
+def _adamw_clipped_then_kahan(params, grads, exp_avgs, exp_avg_sqs, **options):
+    """The adamw op as BF16AdamW runs it with gradient clipping (grads scaled as they are read,
+    the default grad_clip=1.0), then also with Kahan-compensated params (kahan_summation=True)."""
+    adamw = kernels.get("adamw", "triton")
+    scale = torch.ones(1, device=params[0].device)
+    adamw(params, grads, exp_avgs, exp_avg_sqs, **options, grad_scale=scale)
+    adamw(params, grads, exp_avgs, exp_avg_sqs, **options, grad_scale=scale,
+          compensations=[torch.zeros_like(p) for p in params])
+
+
 def _run(c: Case, fn, pass_: str | None = None):
     """A thunk running `fn` through case `c`'s pass (by default the training step's)."""
     return lambda: c.call(fn, c.make(), pass_ or c.passes[-1])
@@ -158,6 +168,8 @@ def workloads(arch: int):
             kind = "streams" if op in STREAMING else "mma" if op == "attention" else None
             yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton")), kind
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)
+    yield "gpt2: adamw clipped, and Kahan", _run(case("adamw", gpt2, "cpu", quick=True), _adamw_clipped_then_kahan), \
+        "streams"
     yield "gpt2: layer_norm without the residual", _run(case("layer_norm", gpt2, "cpu", residual=False),
                                                         kernels.get("layer_norm", "triton")), "streams"
     dropped = {name: Shapes(dataclasses.replace(config, dropout=0.1), batch_size=1, seq_len=64)

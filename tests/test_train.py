@@ -220,6 +220,8 @@ def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
         run(tmp_path, data_dir, "--block_size=1000000")
     config, _ = train.read_config(["--dropout=0.1", "--preset=gpt2"])  # presets set architecture, not dropout
     assert config["dropout"] == 0.1
+    config, _ = train.read_config([str(train.CONFIG_DIR / "train_shakespeare_char.py")])
+    assert (config["n_layer"], config["dropout"]) == (6, 0.2)  # nanoGPT's baby GPT
 
 
 def test_the_default_config_and_wandb_are_found_before_the_run(tmp_path, monkeypatch):
