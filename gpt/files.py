@@ -17,6 +17,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     try:
         with open(tmp, "xb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: after a power cut, old or new, never empty
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
