@@ -250,7 +250,7 @@ def main(argv: list[str]) -> None:
     used = model_ops(shapes.config) | optimizer_ops(c["optimizer"])
     try:
         choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=used)
-    except ValueError as e:  # an unreadable profile
+    except ValueError as e:  # an unknown mode, or a profile that cannot be read
         raise SystemExit(f"train.py: kernels={c['kernels']}: {e}") from None
     if world.parallel:
         choices = kernels.agreed(choices, distributed.gather({op: ch.backend for op, ch in choices.items()}))

@@ -96,12 +96,12 @@ def agreed(choices: dict[str, Choice], per_rank: list[dict[str, str]]) -> dict[s
     """`choices` with torch for every op on which the ranks' backends (op -> backend, one dict a
     rank) differ: replicas must compute alike, and a self-check near its bound, or out of memory
     on one GPU, could pass on one rank and fail on another."""
-    agreed = dict(choices)
+    result = dict(choices)
     for op in choices:
         backends = [rank[op] for rank in per_rank]
         if len(set(backends)) > 1:
-            agreed[op] = Choice("torch", f"the ranks chose differently ({', '.join(backends)}): torch on every rank")
-    return agreed
+            result[op] = Choice("torch", f"the ranks chose differently ({', '.join(backends)}): torch on every rank")
+    return result
 
 
 def _resolve(profile, profiles):
