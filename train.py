@@ -370,6 +370,7 @@ def main(argv: list[str]) -> None:
                         console=console, disable=not master, transient=True)
     task = progress.add_task("train", total=c["max_iters"], completed=iter_num, status="")
     t_last, iters_since_log = time.perf_counter(), 0
+    warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
     with progress:
         while True:
             lr = lr_at(iter_num, c)
@@ -417,19 +418,26 @@ def main(argv: list[str]) -> None:
             if logging_now:
                 loss_value = distributed.mean(loss_sum).item()  # the one host sync per log interval
                 dt = (time.perf_counter() - t_last) / iters_since_log
-                t_last, iters_since_log = time.perf_counter(), 0
                 allocated, peak, reserved = memory_gb(device_type)
                 record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
-                              step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt,
                               mem_allocated_gb=allocated, mem_peak_gb=peak, mem_reserved_gb=reserved)
-                record.update(meter.record(record["tokens_per_s"]))
-                mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
+                if warmed_up:
+                    record.update(step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt)
+                    record.update(meter.record(record["tokens_per_s"]))
+                    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
+                    timing = f"{record['step_ms']:.1f} ms, {record['tokens_per_s']:,.0f} tok/s, MFU {mfu}"
+                else:
+                    timing = "first step (compile, warm-up): not timed"
                 console.print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm "
-                              f"{record['grad_norm']:.3f}, {record['step_ms']:.1f} ms, "
-                              f"{record['tokens_per_s']:,.0f} tok/s, MFU {mfu}, "
-                              f"mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
+                              f"{record['grad_norm']:.3f}, {timing}, mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
                 progress.update(task, status=f"loss {loss_value:.4f}")
                 log(record)
+                t_last, iters_since_log = time.perf_counter(), 0  # after logging: its time is no step's
+            if not warmed_up:
+                warmed_up = True
+                if device_type == "cuda":
+                    torch.cuda.synchronize()  # the first step's kernels done before timing starts
+                t_last, iters_since_log = time.perf_counter(), 0
             iter_num += 1
 
     meter.close()

@@ -210,9 +210,7 @@ def summarize(records: list[dict]) -> dict:
     start = next((r for r in records if r.get("event") == "start"), {})
     end = next((r for r in records if r.get("event") == "end"), {})
     evals = [r for r in records if "val_loss" in r]
-    steps = [r for r in records if "step_ms" in r]
-    # The first step record holds the first step alone (compilation, warm-up): left out of the median.
-    timed = steps[1:] or steps
+    steps = [r for r in records if "step_ms" in r]  # train.py does not time a run's first step
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     return dict(variant=start.get("variant"), label=start.get("label"), scale=start.get("scale"),
                 device=start.get("device"), evals=evals, steps=steps,
@@ -221,7 +219,7 @@ def summarize(records: list[dict]) -> dict:
                 final_train=evals[-1]["train_loss"] if evals else None,
                 best_val=best["val_loss"] if best else None, best_iter=best["iter"] if best else None,
                 jobs=start.get("jobs", 1),
-                step_ms=statistics.median(r["step_ms"] for r in timed) if timed else None,
+                step_ms=statistics.median(r["step_ms"] for r in steps) if steps else None,
                 wall_s=end.get("wall_s"), returncode=end.get("returncode"))
 
 

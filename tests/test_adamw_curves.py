@@ -37,8 +37,9 @@ def test_run_writes_one_log_per_variant_and_no_checkpoint(runs):
             assert setting in args
         assert end["event"] == "end" and end["returncode"] == 0 and end["wall_s"] > 0
         assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4]
-        steps = [r for r in records if "step_ms" in r]
+        steps = [r for r in records if "loss" in r]
         assert [r["iter"] for r in steps] == [0, 1, 2, 3]
+        assert [r["iter"] for r in steps if "step_ms" in r] == [1, 2, 3]  # the first step is not timed
         # warm-up from lr/101, linear: the seed's 100 warm-up steps
         assert steps[0]["lr"] == pytest.approx(3e-4 / 101) and steps[3]["lr"] == pytest.approx(3e-4 * 4 / 101)
 
