@@ -5,6 +5,7 @@ GPU, nanoGPT's small CPU recipe in config/train_shakespeare_char_cpu.py on a CPU
 files run unchanged. Several GPUs: torchrun --standalone --nproc_per_node=8 train.py config.py,
 with --parallel=ddp (the default), zero1 or fsdp (see gpt/distributed.py).
 """
+import functools
 import importlib.util
 import json
 import math
@@ -22,7 +23,7 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import ConfigError, parse_args
+from gpt.config import ConfigError, parse_args, reported as reported_by
 from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
 from bench import plan
@@ -64,6 +65,7 @@ DEFAULTS = dict(
 ALSO = {"recompute": int}  # keys that take a second type besides their default's
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
+reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
 ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
 CONFIG_DIR = Path(__file__).resolve().parent / "config"  # found from any working directory
 DEFAULT_CONFIG = str(CONFIG_DIR / "train_shakespeare_char.py")
@@ -160,19 +162,15 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
 
 
 def main(argv: list[str]) -> None:
-    try:
+    with reported():
         c, argv = read_config(argv)
-    except ConfigError as e:
-        raise SystemExit(f"train.py: {e}") from None
     if c["wandb_log"] and importlib.util.find_spec("wandb") is None:  # before minutes of set-up, not after
         raise SystemExit("train.py: wandb_log=True needs the wandb package (pip install wandb)")
     config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
 
     # --- processes: one, or one per GPU under torchrun -------------------------------------
-    try:
+    with reported():
         world, c["device"] = distributed.init(c["parallel"], c["backend"], c["device"])
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}") from None
     rank, world_size, master = world.rank, world.size, world.master
     if world.parallel:
         if c["gradient_accumulation_steps"] % world_size:
@@ -187,19 +185,15 @@ def main(argv: list[str]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # --- data ---------------------------------------------------------------------------------
-    try:
+    with reported():
         data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"train.py: {e}") from None
     meta = load_meta(data_path)
 
     # --- model, optimizer ---------------------------------------------------------------------
     iter_num, best_val_loss, resumed, weights_dir = 0, 1e9, None, None
     if c["init_from"] == "resume":
-        try:
+        with reported("init_from=resume: "):
             resumed = checkpoint.load(c["out_dir"], "cpu")  # copied into the model's own device below
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"train.py: init_from=resume: {e}") from None
         sharded = "sharded" in resumed
         if (world.parallel == "fsdp" and not sharded) or (world.parallel == "zero1" and sharded):
             raise SystemExit(f"train.py: parallel={world.parallel} cannot resume the {'sharded' if sharded else 'full'} "
@@ -211,16 +205,12 @@ def main(argv: list[str]) -> None:
         iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
     elif c["init_from"] == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304
-        try:
+        with reported():
             model_args = asdict(GPTConfig(vocab_size=vocab_size, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS}))
-        except ValueError as e:
-            raise SystemExit(f"train.py: {e}") from None
     elif pretrained.is_pretrained(c["init_from"]):
-        try:  # a hub model downloads on rank 0
+        with reported(f"init_from={c['init_from']}: "):  # a hub model downloads on rank 0
             weights_dir = distributed.master_first(world, lambda: pretrained.locate(c["init_from"]))
             model_args = asdict(pretrained.gpt_config(weights_dir, c["block_size"], c["dropout"]))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"train.py: init_from={c['init_from']}: {e}") from None
         data_vocab = meta["vocab_size"] if meta else EOT + 1  # GPT-2 BPE
         if data_vocab > model_args["vocab_size"]:
             raise SystemExit(f"train.py: init_from={c['init_from']} has a {model_args['vocab_size']}-token vocabulary; "
@@ -230,11 +220,9 @@ def main(argv: list[str]) -> None:
     else:
         raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
-    try:
+    with reported():
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
                           world_size=world_size)
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}") from None
     tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
     pure_bf16 = c["optimizer"] == "bf16_adamw"
     if pure_bf16:
@@ -248,10 +236,8 @@ def main(argv: list[str]) -> None:
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
                     dtype=getattr(torch, c["dtype"]))
     used = model_ops(shapes.config) | optimizer_ops(c["optimizer"])
-    try:
+    with reported(f"kernels={c['kernels']}: "):  # an unknown mode, or a profile that cannot be read
         choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=used)
-    except ValueError as e:  # an unknown mode, or a profile that cannot be read
-        raise SystemExit(f"train.py: kernels={c['kernels']}: {e}") from None
     if world.parallel:
         choices = kernels.agreed(choices, distributed.gather({op: ch.backend for op, ch in choices.items()}))
     backends = {op: choice.backend for op, choice in choices.items()}
@@ -262,10 +248,8 @@ def main(argv: list[str]) -> None:
     if weights_dir:
         pretrained.load_weights(model, weights_dir)
     torch.manual_seed(c["seed"] + rank)  # from here on each rank draws its own dropout masks
-    try:
+    with reported():
         model.recompute_blocks(c["recompute"])
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}") from None
     if pure_bf16:
         model.to(torch.bfloat16)
     if world.parallel == "fsdp":  # fp32 weights gathered in bf16 when training in bf16

@@ -13,6 +13,7 @@ import ast
 import math
 import operator
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -26,6 +27,16 @@ _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 
 class ConfigError(ValueError):
     pass
+
+
+@contextmanager
+def reported(program: str, context: str = ""):
+    """A user's mistake, raised as a ValueError or OSError that names it (ConfigError is one),
+    ends `program` with that message instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{program}: {context}{e}") from None
 
 
 def _evaluate(node: ast.AST, names: dict, modules: set, where: str):

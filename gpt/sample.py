@@ -15,7 +15,7 @@ import torch
 import kernels
 
 from . import checkpoint, pretrained
-from .config import ConfigError, parse_args
+from .config import parse_args, reported
 from .data import load_meta
 from .tokenizer import EOT, gpt2
 
@@ -65,10 +65,8 @@ def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
 
 
 def main(argv: list[str]) -> list[str]:
-    try:
+    with reported("gpt.sample"):
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None)}))
-    except ConfigError as e:
-        raise SystemExit(f"gpt.sample: {e}") from None
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
     if c["top_k"] is not None and c["top_k"] < 1:
@@ -83,16 +81,12 @@ def main(argv: list[str]) -> list[str]:
 
     backends = {op: ch.backend for op, ch in kernels.choose(c["kernels"], device_type).items()}
     if c["init_from"] == "resume":
-        try:
+        with reported("gpt.sample"):
             ckpt = checkpoint.load(c["out_dir"], device)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"gpt.sample: {e}") from None
         model, meta = checkpoint.build_model(ckpt, backends), checkpoint_meta(ckpt)
     elif pretrained.is_pretrained(c["init_from"]):
-        try:
+        with reported("gpt.sample", f"init_from={c['init_from']}: "):
             model, meta = pretrained.load(c["init_from"], kernels=backends), None
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"gpt.sample: init_from={c['init_from']}: {e}") from None
     else:
         raise SystemExit(f"gpt.sample: init_from must be resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     model = model.to(device).eval()
@@ -106,10 +100,8 @@ def main(argv: list[str]) -> list[str]:
                 else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
 
     encode, decode, decodable = codec(meta)
-    try:
+    with reported("gpt.sample", "start: "):
         ids = prompt_ids(c["start"], encode, model.config.vocab_size)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"gpt.sample: start: {e}") from None
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     samples = []
     with torch.no_grad(), autocast:
