@@ -11,7 +11,7 @@
 # The stages below each fit one 10-minute call, for sessions with more device time:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
-#   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama)
+#   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama): profiles/<gpu>.json
 #   bash bench/gpu_session.sh ops [OPS] # the per-op benchmarks (bench/op_*.py); OPS picks some, e.g.
 #                                       # norm,swiglu (default all: norm,swiglu,rope,attention,cross_entropy,
 #                                       # linear_cross_entropy,adamw)
@@ -98,10 +98,12 @@ case "$1" in
     show_parts
     echo "tests: $failed of $shards parts failed" | tee -a "$log"
     status=$((failed > 0)) ;;
-  profiles)
+  profiles)  # both workloads into this GPU's committed profile (others kept), which comes back
+    slug=$(python -c "from bench.hardware import detect; print(detect().slug)")
     for preset in gpt2 llama; do
-      python -m bench.kernels --gpu auto --preset "$preset" --out "$OUT/profile-$preset.json" 2>&1 | tee -a "$log"
-    done ;;
+      python -m bench.kernels --gpu auto --preset "$preset" 2>&1 | tee -a "$log"
+    done
+    cp "profiles/$slug.json" "$OUT/" ;;
   ops)
     ops=${2:-norm,swiglu,rope,attention,cross_entropy,linear_cross_entropy,adamw}
     for op in ${ops//,/ }; do

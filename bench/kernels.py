@@ -3,7 +3,8 @@ each backend (torch eager, torch.compile of the torch backend, triton), at the s
 training runs it at. Per case: the median time (triton.testing.do_bench, CUDA events), GB/s or
 TFLOPS, the fraction of the roofline measured in the same run (copy bandwidth, bf16 matmul
 rate), and whether the backend passed the check against the torch reference at those shapes.
-Writes profiles/<gpu-slug>.json, which `train.py --kernels=auto` chooses backends from.
+Adds this workload's record to profiles/<gpu-slug>.json (replacing an earlier record of the same
+workload; others are kept), which `train.py --kernels=auto` chooses backends from.
 
     python -m bench.kernels --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
 """
@@ -38,17 +39,15 @@ def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
 
 
 def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS) -> dict:
-    """Measure `ops` at `shapes` on `device` and return the profile, printing each op's rows as
-    they come (a run cut short still shows what it measured)."""
+    """Measure `ops` at `shapes` on `device` and return the profile's record of this workload,
+    printing each op's rows as they come (a run cut short still shows what it measured)."""
     torch.cuda.set_device(device.index)
     rooflines = {"copy_gbs": roofline("GB/s"), "matmul_tflops": roofline("TFLOPS")}
     measured = {}
     for op in ops:
         measured[op] = measure_op(op, shapes, rooflines)
         print_rows(rows({op: measured[op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
-    return {"format": profile.FORMAT, "device": device.as_dict(), **provenance(),
-            "workload": {"preset": preset_name, "batch_size": shapes.batch_size, "seq_len": shapes.T,
-                         "dtype": str(shapes.dtype).removeprefix("torch."), "shapes": shapes.describe()},
+    return {"workload": profile.workload(preset_name, shapes), "device": device.as_dict(), **provenance(),
             "rooflines": rooflines, "ops": measured}
 
 
@@ -75,18 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     for op in ops:
         kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
     if set(ops) != set(kernels.OPS) and args.out is None:
-        print(f"bench.kernels: --ops {args.ops} would replace {profile.path_for(device.slug)}, which "
-              f"train.py --kernels=auto reads, with a profile of those ops alone; pass --out", file=sys.stderr)
+        print(f"bench.kernels: --ops {args.ops} would replace this workload's record in "
+              f"{profile.path_for(device.slug)}, which train.py --kernels=auto reads, by one of those ops "
+              f"alone; pass --out", file=sys.stderr)
         return 2
-    shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len)
-    data = run(device, shapes, args.preset, ops)
     out = args.out or profile.path_for(device.slug)
+    shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len)
+    try:  # before measuring: a file that cannot take the result is known now
+        profile.merged(out, {"workload": profile.workload(args.preset, shapes), "device": device.as_dict()})
+    except ValueError as e:
+        print(f"bench.kernels: {e}", file=sys.stderr)
+        return 2
+    record = run(device, shapes, args.preset, ops)
+    data = profile.merged(out, record)
     profile.write(data, out)
-    print(f"rooflines: copy {data['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul "
-          f"{data['rooflines']['matmul_tflops']:.0f} TFLOPS")
-    for op, measured in data["ops"].items():
+    print(f"rooflines: copy {record['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul "
+          f"{record['rooflines']['matmul_tflops']:.0f} TFLOPS")
+    for op, measured in record["ops"].items():
         print(f"{op}: chosen eager={measured['chosen']['eager']}, compiled={measured['chosen']['compiled']}")
-    print(f"wrote {out}")
+    print(f"wrote {out} ({len(data['workloads'])} workloads: {', '.join(w['workload']['shapes'] for w in data['workloads'])})")
     return 0
 
 

@@ -2,14 +2,17 @@
 rules `kernels.choose` picks backends by: the fastest verified backend of a profile, and the
 start-up self-check of a Triton op against torch at the run's shapes.
 
-A profile, per op: the pass a training step runs ("fwd+bwd", or "step" for the optimizer),
-and per measured backend ("torch", "compile" = torch.compile of the torch backend, "triton")
-its median ms and rate per pass, its fraction of the roofline measured in the same run, and
-whether it passed the check against the torch reference at those shapes. profiles/README.md
-describes the format.
+A profile holds one GPU's measurements at one or more workloads (a model's training shapes:
+gpt2's and llama's are not alike: head size 64 against 128, layer norm against rms norm). Per
+workload and op: the pass a training step runs ("fwd+bwd", or "step" for the optimizer), and per
+measured backend ("torch", "compile" = torch.compile of the torch backend, "triton") its median
+ms and rate per pass, its fraction of the roofline measured in the same run, and whether it
+passed the check against the torch reference at those shapes. A run takes each op from the
+workload nearest its own shapes. profiles/README.md describes the format.
 """
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +22,7 @@ from bench.cases import Shapes, case, check
 from gpt.model import GPTConfig, preset
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
-FORMAT = 1
+FORMAT = 2
 # In a compiled model Inductor compiles the torch backend's ops with the rest of the graph:
 # their time there is the "compile" measurement. A Triton op is opaque to it (a custom op).
 COMPILED_AS = {"torch": "compile"}
@@ -31,15 +34,39 @@ class Profile:
     data: dict
 
     @property
-    def ops(self) -> dict:
-        return self.data["ops"]
+    def workloads(self) -> list[dict]:
+        """One record a measured workload: its workload, device, versions, rooflines and ops."""
+        return self.data["workloads"]
 
-    @property
-    def label(self) -> str:
-        """The file and what it measured, for the reasons shown: its shapes need not be the run's."""
-        w = self.data.get("workload")
-        measured = f"{w['preset']} {w['dtype']} {w['batch_size']}x{w['seq_len']}" if w else "shapes not recorded"
-        return f"{self.name} ({measured}, torch {self.data.get('torch', '?')})"
+    def nearest(self, op: str, shapes: Shapes) -> dict | None:
+        """The workload record measuring `op` nearest to `shapes` (see distance), None if none does."""
+        return min((w for w in self.workloads if op in w["ops"]), key=lambda w: distance(w["workload"], shapes),
+                   default=None)
+
+    def label(self, record: dict) -> str:
+        """The file and what the record measured, for the reasons shown: its shapes need not be the run's."""
+        w = record["workload"]
+        return (f"{self.name} ({w['preset']} {w['dtype']} {w['batch_size']}x{w['seq_len']}, "
+                f"torch {record.get('torch', '?')})")
+
+
+def workload(preset_name: str, shapes: Shapes) -> dict:
+    """What a profile records of the shapes it measured: enough to rebuild them (distance does)."""
+    return {"preset": preset_name, "batch_size": shapes.batch_size, "seq_len": shapes.T,
+            "dtype": str(shapes.dtype).removeprefix("torch."), "shapes": shapes.describe(),
+            "config": asdict(shapes.config)}
+
+
+def distance(measured: dict, shapes: Shapes) -> tuple:
+    """How far a recorded workload is from `shapes`, for ordering: another dtype first, then
+    dropout on against off (attention runs another kernel), then the summed |log ratio| of the
+    sizes the ops' speed depends on (head size, width, MLP width, vocabulary, sequence, tokens)."""
+    c, m = shapes.config, GPTConfig(**measured["config"])
+    T, B = measured["seq_len"], measured["batch_size"]
+    sizes = ((m.head_dim, c.head_dim), (m.n_embd, c.n_embd), (m.mlp_hidden, c.mlp_hidden),
+             (m.vocab_size, c.vocab_size), (T, shapes.T), (B * T, shapes.batch_size * shapes.T))
+    return (measured["dtype"] != str(shapes.dtype).removeprefix("torch."), bool(m.dropout) != bool(c.dropout),
+            sum(abs(math.log(a / b)) for a, b in sizes))
 
 
 def path_for(slug: str) -> Path:
@@ -56,14 +83,11 @@ def load(path: Path) -> Profile | None:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e}); {rerun}") from None
-    if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("ops"), dict)):
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("workloads"), list)
+            and data["workloads"] and all(isinstance(w, dict) for w in data["workloads"])):
         raise ValueError(f"{path}: not a format-{FORMAT} kernel profile; {rerun}")
-    for op, entry in data["ops"].items():
-        backends = entry.get("backends") if isinstance(entry, dict) else None
-        if not (isinstance(backends, dict) and isinstance(entry.get("training_pass"), str)
-                and all(isinstance(r, dict) for r in backends.values())
-                and all(entry.get("training_pass") in r["ms"] for r in backends.values() if "ms" in r)):
-            raise ValueError(f"{path}: ops.{op} lacks its training_pass, backends or their timings at it; {rerun}")
+    for i, record in enumerate(data["workloads"]):
+        _check_record(record, f"{path}: workloads[{i}]", rerun)
     try:
         shown = path.resolve().relative_to(PROFILES.parent)
     except ValueError:
@@ -71,11 +95,44 @@ def load(path: Path) -> Profile | None:
     return Profile(str(shown), data)
 
 
+def _check_record(record: dict, where: str, rerun: str) -> None:
+    measured = record.get("workload")
+    try:
+        GPTConfig(**measured["config"])
+        if not all(isinstance(measured[k], int) and measured[k] > 0 for k in ("batch_size", "seq_len")):
+            raise ValueError("batch_size and seq_len must be positive integers")
+        if not isinstance(record.get("device", {}).get("slug"), str) or not isinstance(measured["dtype"], str):
+            raise ValueError("no device slug or dtype")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its workload or device is not readable ({type(e).__name__}: {e}); {rerun}") from None
+    if not isinstance(record.get("ops"), dict):
+        raise ValueError(f"{where}: no ops; {rerun}")
+    for op, entry in record["ops"].items():
+        backends = entry.get("backends") if isinstance(entry, dict) else None
+        if not (isinstance(backends, dict) and isinstance(entry.get("training_pass"), str)
+                and all(isinstance(r, dict) for r in backends.values())
+                and all(entry.get("training_pass") in r["ms"] for r in backends.values() if "ms" in r)):
+            raise ValueError(f"{where}: ops.{op} lacks its training_pass, backends or their timings at it; {rerun}")
+
+
 def for_this_gpu() -> Profile | None:
     from bench.hardware import detect
 
     device = detect(torch.cuda.current_device()) if torch.cuda.is_available() else None
     return load(path_for(device.slug)) if device else None
+
+
+def merged(path: Path, record: dict) -> dict:
+    """The profile at `path` (if any) with `record` (one workload's measurement) added, in place
+    of an earlier record of the same workload; a ValueError if the file is another GPU's."""
+    old = load(path)
+    slug = record["device"]["slug"]
+    others = {w["device"]["slug"] for w in old.workloads} - {slug} if old else set()
+    if others:
+        raise ValueError(f"{path} holds measurements of {', '.join(sorted(others))}, not of this GPU ({slug}): "
+                         f"pass another --out")
+    kept = [w for w in old.workloads if w["workload"] != record["workload"]] if old else []
+    return {"format": FORMAT, "workloads": [*kept, record]}
 
 
 def write(data: dict, path: Path) -> None:

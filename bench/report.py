@@ -101,7 +101,7 @@ def breakdown_table(result: dict) -> str:
 
 
 def profile_table(result: dict) -> str:
-    """A kernel profile: per op its training pass's time per backend, triton's rate and fraction
+    """One workload of a kernel profile: per op its training pass's time per backend, triton's rate and fraction
     of the roofline, and the backend train.py --kernels=auto takes from it, eager and compiled."""
     lines = []
     for op, e in result["ops"].items():
@@ -132,10 +132,9 @@ def report(path: Path) -> str:
     except json.JSONDecodeError as e:  # a benchmark stopped while it rewrote its file
         return f"{path.name}: not read ({e}): cut short while it was written?\n"
     try:
-        if "ops" in result:
-            table = profile_table(result)
-        else:
-            table = mfu_table(result) if "preset" in result else op_table(result)
+        if "workloads" in result:  # a kernel profile: a table per workload measured
+            return "\n".join(f"{path.name}: {provenance(w)}\n\n{profile_table(w)}\n" for w in result["workloads"])
+        table = mfu_table(result) if "preset" in result else op_table(result)
         return f"{path.name}: {provenance(result)}\n\n{table}\n"
     except (KeyError, TypeError, ValueError) as e:  # one odd file must not cost the others' tables
         return f"{path.name}: not reported ({type(e).__name__}: {e})\n"

@@ -5,8 +5,9 @@ Modes:
 - "triton": Triton wherever it passes a self-check against torch at the run's shapes; an op
   that fails falls back to torch, with a warning and the failure as its reason.
 - "auto": on a GPU, per op the fastest backend that passed verification in this GPU's
-  profile (profiles/<gpu>.json, from `python -m bench.kernels`), timed as the model will run
-  it (compiled or eager); without a profile, Triton where it passes the self-check. On a CPU,
+  profile (profiles/<gpu>.json, from `python -m bench.kernels`) at the measured workload
+  nearest the run's shapes, timed as the model will run it (compiled or eager); without a
+  profile, Triton where it passes the self-check. On a CPU,
   torch: the Triton interpreter is for tests, not speed.
 Whichever way Triton is picked, it has passed the self-check at this run's shapes. The
 self-check and the profile rules live in bench/profile.py (imported on use: bench imports
@@ -70,14 +71,15 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
         if "triton" not in registered[op]:
             choices[op] = Choice("torch", "no triton backend yet: falls back to torch")
             continue
-        if prof is not None and op in prof.ops:
-            backend, why = profiles.fastest_verified(prof.ops[op], registered[op], compiled)
+        measured = prof.nearest(op, shapes) if prof is not None else None
+        if measured is not None:
+            backend, why = profiles.fastest_verified(measured["ops"][op], registered[op], compiled)
             if backend is not None and backend != "triton":
-                choices[op] = Choice(backend, f"{prof.label}: {why}")
+                choices[op] = Choice(backend, f"{prof.label(measured)}: {why}")
                 continue
-            lead = f"{prof.label}: {why}" if backend else f"{prof.label} has no timing for it"
+            lead = f"{prof.label(measured)}: {why}" if backend else f"{prof.label(measured)} has no timing for it"
         elif prof is not None:
-            lead = f"{prof.label} has no entry for {op}"
+            lead = f"{prof.name} has no entry for {op}"
         elif kernels == "auto":
             lead = "no profile for this GPU (python -m bench.kernels writes one)"
         else:

@@ -198,10 +198,11 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_kernels, "Shapes", lambda *args: Shapes(*args).tiny())
     out = tmp_path / "h100.json"
     assert bench_kernels.main(["--gpu", "h100", "--preset", "llama", "--out", str(out)]) == 0
-    loaded = profile.load(out)
-    assert loaded.data["rooflines"] == {"copy_gbs": COPY_GBS, "matmul_tflops": MATMUL_TFLOPS}
-    assert list(loaded.ops) == list(kernels.OPS)
-    for op, entry in loaded.ops.items():
+    [measured] = profile.load(out).workloads
+    assert measured["rooflines"] == {"copy_gbs": COPY_GBS, "matmul_tflops": MATMUL_TFLOPS}
+    assert measured["workload"]["preset"] == "llama" and measured["device"]["slug"] == "h100-sxm"
+    assert list(measured["ops"]) == list(kernels.OPS)
+    for op, entry in measured["ops"].items():
         assert entry["backends"]["triton"]["verified"], (op, entry["backends"]["triton"]["check"])
         assert entry["chosen"]["eager"] in kernels.ops()[op]
     assert f"wrote {out}" in capsys.readouterr().out
@@ -226,11 +227,12 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
                      "peak": {"tflops": None, "source": None},
                      "rows": [{"variant": "triton", "tokens_per_s": 5e5, "ms_median": 32.0, "tflops": 400.0,
                                "mfu": None, "hw_tflops": 420.0, "peak_memory_gib": 30.0}]},
-        "profile.json": {**provenance, "workload": {"preset": "gpt2", "shapes": "16 x 1024"},
-                         "rooflines": {"copy_gbs": 4000.0, "matmul_tflops": 700.0},
-                         "ops": {"swiglu": {"training_pass": "fwd+bwd", "shape": "16384 x 3072", "unit": "GB/s",
-                                            "backends": {"triton": {"error": "out of memory"}},
-                                            "chosen": {"eager": None, "compiled": None}}}},
+        "profile.json": {"format": 2, "workloads": [
+            {**provenance, "workload": {"preset": preset, "shapes": f"{preset} shapes"},
+             "rooflines": {"copy_gbs": 4000.0, "matmul_tflops": 700.0},
+             "ops": {"swiglu": {"training_pass": "fwd+bwd", "shape": "16384 x 3072", "unit": "GB/s",
+                                "backends": {"triton": {"error": "out of memory"}},
+                                "chosen": {"eager": None, "compiled": None}}}} for preset in ("gpt2", "llama")]},
         "odd.json": {**provenance, "rows": []},
     }
     for name, result in files.items():
@@ -239,5 +241,6 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
     out = capsys.readouterr().out
     assert "| 124M | step | 100 | 95 | 60 | 50% | 1.67x |" in out
     assert "no peak" in out and "| triton | 500,000 | 32.0 | 400 | n/a |" in out
-    assert "| swiglu | 16384 x 3072 | fwd+bwd |  |  | error |  | none | none |" in out
+    assert out.count("| swiglu | 16384 x 3072 | fwd+bwd |  |  | error |  | none | none |") == 2
+    assert "bench.kernels gpt2: gpt2 shapes" in out and "bench.kernels llama: llama shapes" in out
     assert "odd.json: not reported (KeyError" in out

@@ -22,6 +22,17 @@ def entry(**backends) -> dict:
     return {"shape": "test", "training_pass": "fwd+bwd", "unit": "GB/s", "backends": backends}
 
 
+def record(ops: dict, preset_name: str = "gpt2", slug: str = "test", **shapes) -> dict:
+    """One workload's measurement in a profile: `preset_name`'s shapes, 16 sequences, bf16."""
+    shapes = Shapes(GPTConfig(**preset(preset_name)), shapes.pop("batch_size", 16), **shapes)
+    return {"workload": profile.workload(preset_name, shapes), "device": {"name": "test", "slug": slug},
+            "torch": "2.11.0", "ops": ops}
+
+
+def profile_data(*records: dict) -> dict:
+    return {"format": profile.FORMAT, "workloads": list(records)}
+
+
 def test_fastest_verified_wins():
     e = entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0))
     assert fastest_verified(e, ["torch", "triton"], compiled=False) == (
@@ -51,14 +62,14 @@ def test_torch_is_the_reference_and_always_eligible():
 
 
 def test_write_then_load(tmp_path):
-    data = {"format": profile.FORMAT, "device": {"name": "test"}, "ops": {"swiglu": entry(torch=backend(1.0))}}
+    data = profile_data(record({"swiglu": entry(torch=backend(1.0))}))
     path = tmp_path / "gpu.json"
     profile.write(data, path)
     loaded = profile.load(path)
-    assert loaded.data == data and loaded.ops["swiglu"]["training_pass"] == "fwd+bwd"
+    assert loaded.data == data and loaded.workloads[0]["ops"]["swiglu"]["training_pass"] == "fwd+bwd"
     assert profile.load(tmp_path / "none.json") is None
-    path.write_text(json.dumps({"format": 0}))
-    with pytest.raises(ValueError, match="not a format-1 kernel profile"):
+    path.write_text(json.dumps({"format": 1, "ops": {}}))  # one workload a GPU, before workloads were kept apart
+    with pytest.raises(ValueError, match="not a format-2 kernel profile"):
         profile.load(path)
 
 
@@ -72,7 +83,7 @@ def self_check(monkeypatch):
 
 
 def fake_profile(**ops) -> Profile:
-    return Profile("profiles/test.json", {"format": profile.FORMAT, "ops": ops})
+    return Profile("profiles/test.json", profile_data(record(ops)))
 
 
 def test_auto_takes_the_fastest_verified_backend_of_the_profile(self_check):
@@ -178,7 +189,7 @@ def test_measure_op_writes_a_profile_entry_that_loads_and_selects(monkeypatch, t
     assert norm["chosen"] == {"eager": "torch", "compiled": "torch"}  # a tie keeps the reference
     assert ops["adamw"]["training_pass"] == "step" and "compile" not in ops["adamw"]["backends"]
     path = tmp_path / "cpu.json"
-    profile.write({"format": profile.FORMAT, "ops": ops}, path)
+    profile.write(profile_data(record(ops)), path)
     assert kernels.choose("auto", "cuda", profile=path)["layer_norm"].backend == "torch"
 
 
@@ -195,25 +206,35 @@ def test_a_compiled_torch_op_that_failed_verification_is_not_chosen():
 
 
 def test_reasons_say_what_the_profile_measured_and_lacks(self_check):
-    prof = Profile("profiles/test.json", {"format": profile.FORMAT, "torch": "2.11.0",
-                                          "workload": {"preset": "gpt2", "dtype": "bfloat16", "batch_size": 16,
-                                                       "seq_len": 1024},
-                                          "ops": {"swiglu": entry(torch={"error": "oom"}, triton=backend(1.0, False))}})
+    prof = fake_profile(swiglu=entry(torch={"error": "oom"}, triton=backend(1.0, False)))
     choices = kernels.choose("auto", "cuda", profile=prof)
     assert choices["swiglu"].backend == "torch" and "failed verification" not in choices["swiglu"].reason
     assert choices["swiglu"].reason.startswith("profiles/test.json (gpt2 bfloat16 16x1024, torch 2.11.0): nothing")
-    assert choices["rms_norm"].reason.startswith("profiles/test.json (gpt2 bfloat16 16x1024, torch 2.11.0) has no "
-                                                 "entry for rms_norm; self-check passed")
+    assert choices["rms_norm"].reason.startswith("profiles/test.json has no entry for rms_norm; self-check passed")
+
+
+def _broken(**changes) -> str:
+    """A one-workload profile's JSON with `changes` made to its record (None deletes a key)."""
+    rec = record({"swiglu": entry(torch=backend(1.0))})
+    for key, value in changes.items():
+        rec.pop(key) if value is None else rec.update({key: value})
+    return json.dumps(profile_data(rec))
 
 
 @pytest.mark.parametrize("text, problem", [
-    ('{"format": 1, "ops": {"swi', "not JSON"),
-    ("[]", "not a format-1 kernel profile"),
-    ('{"format": 1, "ops": null}', "not a format-1 kernel profile"),
-    ('{"format": 1, "ops": {"swiglu": {"backends": {}}}}', "ops.swiglu lacks"),
-    ('{"format": 1, "ops": {"swiglu": {"training_pass": "fwd+bwd", "backends": {"torch": {"ms": {"fwd": 1}}}}}}',
-     "ops.swiglu lacks"),
-])
+    ('{"format": 2, "workloads": [{"swi', "not JSON"),
+    ("[]", "not a format-2 kernel profile"),
+    ('{"format": 2, "workloads": []}', "not a format-2 kernel profile"),
+    ('{"format": 2, "workloads": [null]}', "not a format-2 kernel profile"),
+    (_broken(ops=None), r"workloads\[0\]: no ops"),
+    (_broken(workload={"preset": "gpt2"}), r"workloads\[0\]: its workload or device is not readable \(KeyError"),
+    (_broken(workload={**record({})["workload"], "batch_size": 0}), r"workloads\[0\]: .*batch_size and seq_len"),
+    (_broken(workload={**record({})["workload"], "config": {"n_head": 5}}), r"workloads\[0\]: .*ValueError: GPTConfig"),
+    (_broken(device={"name": "x"}), r"workloads\[0\]: .*no device slug"),
+    (_broken(ops={"swiglu": {"backends": {}}}), r"workloads\[0\]: ops.swiglu lacks"),
+    (_broken(ops={"swiglu": {"training_pass": "fwd+bwd", "backends": {"torch": {"ms": {"fwd": 1}}}}}),
+     r"workloads\[0\]: ops.swiglu lacks"),
+], ids=["json", "list", "empty", "null", "no-ops", "no-config", "batch", "config", "slug", "backends", "timings"])
 def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text, problem, monkeypatch):
     path = tmp_path / "gpu.json"
     path.write_text(text)
@@ -249,3 +270,58 @@ def test_bench_kernels_refuses_to_overwrite_the_profile_with_some_ops(monkeypatc
     assert find("h100") is not None
     assert bench_kernels.main(["--ops", "rms_norm"]) == 2
     assert "pass --out" in capsys.readouterr().err
+
+
+def test_a_run_takes_each_op_from_the_workload_nearest_its_shapes(self_check):
+    """gpt2 (head size 64, layer norm) and llama (head size 128, rms norm, swiglu) measured on
+    one GPU: attention's fastest backend differs between them, and each run takes its own."""
+    gpt2 = record({"attention": entry(torch=backend(1.0), triton=backend(2.0)),
+                   "layer_norm": entry(torch=backend(2.0), triton=backend(1.0))}, "gpt2")
+    llama = record({"attention": entry(torch=backend(2.0), triton=backend(1.0)),
+                    "swiglu": entry(torch=backend(1.0), triton=backend(2.0))}, "llama", batch_size=4)
+    prof = Profile("profiles/test.json", profile_data(gpt2, llama))
+    for name, attention in (("gpt2", "torch"), ("llama", "triton")):
+        shapes = Shapes(GPTConfig(**preset(name)), 8)
+        choices = kernels.choose("auto", "cuda", shapes=shapes, profile=prof)
+        assert choices["attention"].backend == attention, name
+        assert choices["attention"].reason.startswith(f"profiles/test.json ({name} bfloat16 ")
+        # An op measured at one workload only is taken from it, whatever the run.
+        assert choices["layer_norm"].backend == "triton" and "(gpt2 bfloat16 16x1024" in choices["layer_norm"].reason
+        assert choices["swiglu"].backend == "torch" and "(llama bfloat16 4x" in choices["swiglu"].reason
+
+
+def test_nearness_is_dtype_then_dropout_then_sizes():
+    gpt2 = Shapes(GPTConfig(**preset("gpt2")), 16)
+    bf16, fp16 = record({}, "gpt2")["workload"], record({}, "gpt2", dtype=torch.float16)["workload"]
+    llama = record({}, "llama")["workload"]
+    assert profile.distance(bf16, gpt2) == (False, False, 0.0)
+    assert profile.distance(fp16, gpt2)[0] and profile.distance(llama, gpt2) < profile.distance(fp16, gpt2)
+    dropout = Shapes(GPTConfig(**(preset("gpt2") | {"dropout": 0.1})), 16)
+    assert profile.distance(bf16, dropout)[:2] == (False, True)
+    # Same model, another batch and sequence: nearer than another model at the same batch and sequence.
+    other_batch = Shapes(GPTConfig(**preset("gpt2")), 4, seq_len=512)
+    assert 0 < profile.distance(bf16, other_batch)[2] < profile.distance(llama, other_batch)[2]
+
+
+def test_a_profile_keeps_every_workload_and_replaces_a_remeasured_one(tmp_path):
+    path = tmp_path / "gpu.json"
+    first = record({"swiglu": entry(torch=backend(1.0))}, "gpt2")
+    profile.write(profile.merged(path, first), path)
+    llama = record({"swiglu": entry(torch=backend(2.0))}, "llama")
+    profile.write(profile.merged(path, llama), path)
+    again = record({"swiglu": entry(torch=backend(3.0))}, "gpt2")
+    profile.write(profile.merged(path, again), path)
+    assert profile.load(path).workloads == [llama, again]
+    with pytest.raises(ValueError, match="holds measurements of test, not of this GPU .h100-sxm.: pass another --out"):
+        profile.merged(path, record({}, slug="h100-sxm"))
+
+
+def test_bench_kernels_refuses_another_gpus_file_before_measuring(monkeypatch, capsys, tmp_path):
+    from bench.hardware import Device
+
+    path = tmp_path / "gpu.json"
+    profile.write(profile_data(record({"swiglu": entry(torch=backend(1.0))}, slug="a100-sxm-80gb")), path)
+    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
+    assert bench_kernels.main(["--out", str(path)]) == 2
+    assert "holds measurements of a100-sxm-80gb, not of this GPU (h100-sxm)" in capsys.readouterr().err
