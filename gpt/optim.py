@@ -132,22 +132,33 @@ class BF16AdamW(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
-            # One op call per distinct step count: in practice one call for the whole group.
+            # One op call per distinct step count: in practice one call for the whole group. This
+            # loop runs every step over every parameter: its host time is kept to a few dict
+            # lookups and appends a parameter (the GPU's work for one is a few microseconds).
             by_step: dict[int, list[list]] = {}
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 state = self.state[p]
-                state.setdefault("step", 0)
-                for name in states:
-                    if name not in state:
-                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                lists = by_step.setdefault(state["step"], [[] for _ in range(2 + len(states))])
-                for lst, t in zip(lists, (p, p.grad, *(state[name] for name in states))):
-                    lst.append(_local(t))
+                if len(state) != 1 + len(states):  # new, or Kahan switched on since
+                    state.setdefault("step", 0)
+                    for name in states:
+                        if name not in state:
+                            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                step = state["step"] = state["step"] + 1
+                lists = by_step.get(step)
+                if lists is None:
+                    lists = by_step[step] = [[] for _ in range(2 + len(states))]
+                lists[0].append(p)
+                lists[1].append(grad)
+                for lst, name in zip(lists[2:], states):
+                    lst.append(state[name])
             beta1, beta2 = group["betas"]
-            for step, (params, grads, exp_avgs, exp_avg_sqs, *compensations) in by_step.items():
+            for step, lists in by_step.items():
+                if any(isinstance(p, DTensor) for p in lists[0]):  # FSDP2: the op updates local shards
+                    lists = [[_local(t) for t in ts] for ts in lists]
+                params, grads, exp_avgs, exp_avg_sqs, *compensations = lists
                 self.adamw(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=group["lr"],
                            beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"],

@@ -47,7 +47,9 @@ one launch for a model.
 The interpreter runs the same kernel on CPU tensors (the table then holds host addresses).
 """
 import functools
+import itertools
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -57,6 +59,8 @@ import triton.language as tl
 from . import runtime
 from .checks import FLOAT_DTYPES, check_list, check_number, check_same, check_tensor, has_overlap
 from .registry import register
+
+_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("shape", "dtype", "device"))
 
 
 def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
@@ -70,32 +74,8 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
     if len(set(lengths.values())) > 1:
         raise ValueError(f"adamw: params, grads, exp_avgs and exp_avg_sqs must have the same length, "
                          f"got {lengths}")
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        # This runs every optimizer step over every parameter: plain comparisons first, and the
-        # message-building checks below only for a tensor that fails them.
-        if (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor) and isinstance(m, torch.Tensor)
-                and isinstance(v, torch.Tensor) and p.shape == g.shape == m.shape == v.shape
-                and p.device == g.device == m.device == v.device
-                and p.dtype == g.dtype and p.dtype in FLOAT_DTYPES and m.dtype in FLOAT_DTYPES
-                and v.dtype in FLOAT_DTYPES):
-            continue
-        names = {f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v}
-        for name, t in names.items():
-            check_tensor("adamw", name, t)
-        check_same("adamw", "shape", **names)
-        check_same("adamw", "device", **names)
-        check_same("adamw", "dtype", **{f"params[{i}]": p, f"grads[{i}]": g})
-    for i, (p, c) in enumerate(zip(params, compensations or ())):
-        if not (isinstance(c, torch.Tensor) and c.shape == p.shape and c.device == p.device
-                and c.dtype in FLOAT_DTYPES):
-            check_tensor("adamw", f"compensations[{i}]", c)
-            check_same("adamw", "shape", **{f"params[{i}]": p, f"compensations[{i}]": c})
-            check_same("adamw", "device", **{f"params[{i}]": p, f"compensations[{i}]": c})
-    for name in ("params", "exp_avgs", "exp_avg_sqs", "compensations"):  # the tensors written in place
-        i = next((i for i, t in enumerate(lists.get(name, ())) if has_overlap(t)), None)
-        if i is not None:
-            raise ValueError(f"adamw: {name}[{i}] has elements that share memory (an expanded view, strides "
-                             f"{lists[name][i].stride()}): an in-place update needs each element once")
+    if not _plainly_valid(*lists.values()):
+        _explain_tensors(params, grads, exp_avgs, exp_avg_sqs, compensations)
     check_number("adamw", "step", step, 1, integer=True)  # counts from 1
     for name, value, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0),
                                 ("beta2", beta2, 0.0, 1.0), ("eps", eps, 0.0, math.inf),
@@ -109,6 +89,49 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
         if elsewhere is not None:
             raise ValueError(f"adamw: grad_scale must be on the params' device, got {grad_scale.device} "
                              f"and params on {elsewhere}")
+
+
+def _plainly_valid(params, grads, *states) -> bool:
+    """Whether the tensor lists are valid in the common way: tensors of one shape and device a
+    row, params and grads of one float dtype, states of float dtypes, the tensors written in place
+    contiguous (so none overlaps itself). This runs every optimizer step over every parameter, so
+    it compares whole lists with C-level maps; _explain_tensors finds what else is the matter."""
+    everything = [params, grads, *states]
+    tensors = list(itertools.chain.from_iterable(everything))
+    if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, tensors))):
+        return False
+    shapes, devices = tuple(map(_SHAPE, params)), tuple(map(_DEVICE, params))
+    return (all(tuple(map(_SHAPE, ts)) == shapes for ts in everything[1:])
+            and all(tuple(map(_DEVICE, ts)) == devices for ts in everything[1:])
+            and tuple(map(_DTYPE, grads)) == tuple(map(_DTYPE, params))
+            and set(map(_DTYPE, tensors)) <= set(FLOAT_DTYPES)
+            and all(map(torch.Tensor.is_contiguous, itertools.chain(params, *states))))
+
+
+def _explain_tensors(params, grads, exp_avgs, exp_avg_sqs, compensations) -> None:
+    """The ValueError naming the first tensor that is not as _plainly_valid wants, if any is
+    invalid (a non-contiguous one that does not overlap itself is valid: it is staged)."""
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        names = {f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v}
+        for name, t in names.items():
+            check_tensor("adamw", name, t)
+        check_same("adamw", "shape", **names)
+        check_same("adamw", "device", **names)
+        check_same("adamw", "dtype", **{f"params[{i}]": p, f"grads[{i}]": g})
+        _check_written_once(**{f"params[{i}]": p, f"exp_avgs[{i}]": m, f"exp_avg_sqs[{i}]": v})
+    for i, (p, c) in enumerate(zip(params, compensations or ())):
+        check_tensor("adamw", f"compensations[{i}]", c)
+        check_same("adamw", "shape", **{f"params[{i}]": p, f"compensations[{i}]": c})
+        check_same("adamw", "device", **{f"params[{i}]": p, f"compensations[{i}]": c})
+        _check_written_once(**{f"compensations[{i}]": c})
+
+
+def _check_written_once(**tensors: torch.Tensor) -> None:
+    """The tensors updated in place must hold each element once: not an expanded view."""
+    for name, t in tensors.items():
+        if has_overlap(t):
+            raise ValueError(f"adamw: {name} has elements that share memory (an expanded view, strides "
+                             f"{t.stride()}): an in-place update needs each element once")
 
 
 def check_rounding(stochastic_rounding, seed) -> None:
@@ -360,14 +383,27 @@ class _Launch(NamedTuple):
     aligned: bool         # every address in `table` is ALIGNMENT-aligned
 
 
+def _key(lists: list[list[torch.Tensor]], typed: tuple[int, ...]) -> tuple:
+    """_plan's description of table rows (row i: the i-th tensor of each of `lists`, typed by the
+    dtypes of the lists `typed`). It is built every step over every parameter, so as flat
+    tuples by C-level maps: a tuple a row cost twice as much host time."""
+    return (tuple(map(torch.Tensor.data_ptr, itertools.chain.from_iterable(lists))),
+            tuple(map(torch.Tensor.numel, lists[0])),
+            tuple(map(_DTYPE, itertools.chain.from_iterable(lists[i] for i in typed))),
+            tuple(map(_DEVICE, lists[0])))
+
+
 @functools.lru_cache(maxsize=16)
 def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
-    """The launches of `op` over tensors described by `key` (per table row: its addresses, numel,
-    dtypes and device). They depend on nothing else, hence the cache."""
+    """The launches of `op` over the table rows `key` describes (see _key: their addresses,
+    numels, dtypes and devices). They depend on nothing else, hence the cache."""
     # Only host memory in the interpreter: it cannot follow the table's addresses into a GPU's.
     device_type = "cpu" if runtime.CPU_TENSORS else "cuda"
+    all_addresses, numels, all_dtypes, devices = key
+    n = len(numels)
+    rows = zip((all_addresses[i::n] for i in range(n)), numels, (all_dtypes[i::n] for i in range(n)), devices)
     groups: dict[tuple, list[tuple]] = {}
-    for index, (addresses, numel, dtypes, device) in enumerate(key):
+    for index, (addresses, numel, dtypes, device) in enumerate(rows):
         if device.type != device_type:
             raise ValueError(f"{op}: the triton backend needs {device_type} tensors here, "
                              f"got tensor {index} on {device}")
@@ -396,11 +432,10 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
     check_rounding(stochastic_rounding, seed)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
-    staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
-    key = tuple((tuple(t.data_ptr() for t in ts), ts[0].numel(), (ts[0].dtype, *(t.dtype for t in ts[2:])),
-                 ts[0].device) for ts in zip(*staged))
+    staged = lists if all(map(torch.Tensor.is_contiguous, itertools.chain(*lists))) else [
+        [t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
     kahan = compensations is not None
-    for launch in _plan("adamw", key):
+    for launch in _plan("adamw", _key(staged, typed=(0, *range(2, len(staged))))):  # the grads: p's dtype
         with runtime.on_device(launch.table):
             _adamw_kernel[(len(launch.blocks),)](
                 launch.table, launch.blocks, grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2,
@@ -449,7 +484,7 @@ def grad_norm_triton(tensors) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     staged = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    launches = _plan("grad_norm", tuple(((t.data_ptr(),), t.numel(), (t.dtype,), t.device) for t in staged))
+    launches = _plan("grad_norm", _key([staged], typed=(0,)))
     device = tensors[0].device
     partials = torch.zeros(max(1, sum(len(launch.blocks) for launch in launches)), dtype=torch.float32,
                            device=device)

@@ -395,6 +395,9 @@ def test_bad_input_raises(backend, device):
         r"params\[1\] has elements that share memory": (
             [p[0], torch.randn(1, 3, device=device).expand(2, 3)], [g[0], torch.randn(2, 3, device=device)],
             [m[0], torch.zeros(2, 3, device=device)], [v[0], torch.zeros(2, 3, device=device)], {}),
+        r"exp_avgs\[1\] has elements that share memory": (p, g, [m[0], torch.zeros(1, device=device).expand(3)], v, {}),
+        r"grads\[0\] must be a tensor, got NoneType": (p, [None, g[1]], m, v, {}),
+        r"exp_avg_sqs\[1\] must be one of .*, got int64": (p, g, m, [v[0], torch.zeros(3, device=device, dtype=torch.int64)], {}),
         "lr must be": (p, g, m, v, {"lr": -1.0}),
         "lr must be a Python number": (p, g, m, v, {"lr": torch.tensor(1e-2)}),  # not a kernel pointer
         "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
@@ -667,6 +670,24 @@ def test_optimizer_with_kahan_resumes_exactly(backend, device):
         assert torch.equal(a, b)
 
 
+def test_optimizer_takes_kahan_switched_on_and_off_between_steps(device):
+    """A group's kahan_summation changed by hand (or by a checkpoint's settings) between steps:
+    the compensation starts at zero when switched on, and is left alone when switched off."""
+    model = make_model(device, torch.bfloat16)
+    opt = BF16AdamW(param_groups(model), lr=1e-2, stochastic_rounding=False)
+    train(model, opt, steps=1, seed=1)
+    for group in opt.param_groups:
+        group["kahan_summation"] = True
+    train(model, opt, steps=1, seed=2)
+    assert all(opt.state[p]["step"] == 2 and "compensation" in opt.state[p] for p in model.parameters())
+    for group in opt.param_groups:
+        group["kahan_summation"] = False
+    kept = {p: opt.state[p]["compensation"].clone() for p in model.parameters()}
+    train(model, opt, steps=1, seed=3)
+    assert all(opt.state[p]["step"] == 3 and torch.equal(opt.state[p]["compensation"], kept[p])
+               for p in model.parameters())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kahan_bad_input_raises(backend, device):
     skip_unless_triton_runs(backend, device)
@@ -676,6 +697,9 @@ def test_kahan_bad_input_raises(backend, device):
     for comps, message in (([torch.zeros(5, device=device)], "same length"),
                            ([torch.zeros(5, device=device), torch.zeros(4, device=device)], "same shape"),
                            ([torch.zeros(5, device=device), torch.zeros(3, dtype=torch.int32, device=device)],
-                            r"compensations\[1\] must be one of")):
+                            r"compensations\[1\] must be one of"),
+                           ([0.0, torch.zeros(3, device=device)], r"compensations\[0\] must be a tensor, got float"),
+                           ([torch.zeros(5, device=device), torch.zeros(1, device=device).expand(3)],
+                            r"compensations\[1\] has elements that share memory")):
         with pytest.raises(ValueError, match=f"adamw: .*{message}"):
             kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, compensations=comps)
