@@ -178,19 +178,27 @@ def test_stochastic_rounding_is_reproducible(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stochastic_rounding_leaves_other_dtypes_alone(backend, device):
-    """Only bf16 stores are rounded stochastically: fp32 results are identical either way."""
+@pytest.mark.parametrize("kind", ["fp32", "bf16 params, fp32 moments", "kahan"])
+def test_stochastic_rounding_leaves_other_stores_alone(backend, kind, device):
+    """Only bf16 stores are rounded stochastically: fp32 results are identical either way, in a
+    call of fp32 tensors and in one whose bf16 params are (so the launch rounds stochastically)
+    beside fp32 moments. A Kahan-compensated bf16 param is rounded to nearest either way, what
+    that rounding lost kept in its compensation."""
     skip_unless_triton_runs(backend, device)
-    params = [torch.randn(s, device=device) for s in SHAPES]
-    results = []
-    for sr in (False, True):
-        p = [t.clone() for t in params]
-        m, v = states(p)
-        grads = [torch.ones_like(t) for t in p]
-        kernels.get("adamw", backend)(p, grads, m, v, step=1, **HYPER, stochastic_rounding=sr,
-                                      seed=3)
-        results.append(p + m + v)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+    def step(sr: bool):
+        torch.manual_seed(0)
+        p = [torch.randn(s, device=device).to(torch.float32 if kind == "fp32" else torch.bfloat16) for s in SHAPES]
+        m, v = states(p, torch.float32)
+        g = [torch.randn_like(t) for t in p]
+        extra = {"compensations": [torch.zeros_like(t) for t in p]} if kind == "kahan" else {}
+        kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, stochastic_rounding=sr, seed=3, **extra)
+        return p, m + v + extra.get("compensations", [])
+
+    (p_nearest, rest_nearest), (p_sr, rest_sr) = step(False), step(True)
+    assert all(torch.equal(a, b) for a, b in zip(rest_nearest, rest_sr))
+    same_params = all(torch.equal(a, b) for a, b in zip(p_nearest, p_sr))
+    assert same_params == (kind != "bf16 params, fp32 moments")
 
 
 def test_triton_matches_torch_on_mixed_and_strided_lists():
@@ -387,6 +395,8 @@ def test_bad_input_raises(backend, device):
         "same length": (p, g[:1], m, v, {}),
         "same dtype": (p, [g[0].bfloat16(), g[1]], m, v, {}),
         "same shape": (p, [g[0], torch.randn(4, device=device)], m, v, {}),
+        r"grads\[1\], exp_avgs\[1\], exp_avg_sqs\[1\] must have the same device": (
+            p, [g[0], torch.randn(3, device="meta")], m, v, {}),
         r"step must be in \[1, inf\), got 0": (p, g, m, v, {"step": 0}),
         "step must be a Python int, got float": (p, g, m, v, {"step": 1.5}),
         "step must be a Python int, got Tensor": (p, g, m, v, {"step": torch.tensor(1)}),

@@ -196,11 +196,12 @@ def dropout_mask(B, H, Hkv, T, D, causal, p, seed, device):
 
 def test_dropout_keep_fraction(device):
     device = triton_device(device)
-    B, H, T, p = 1, 2, 128, 0.2
+    B, H, T, p = 2, 2, 128, 0.2
     keep = dropout_mask(B, H, H, T, 128, False, p, 1234, device)
     assert_mask_is_random(keep, p, "attention")
     # Not the same mask for every head, batch or row.
     assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0], keep[1])
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
@@ -225,9 +226,10 @@ def test_dropout_gradients(causal, rope, dtype, device):
     """With dropout, forward and backward use one mask. The mask of a seed is read off the kernel
     (dropout_mask); a float64 formula with that mask must then give the kernel's output and all
     three gradients at random inputs and the same seed. A backward that regenerated a different
-    mask would miss dq, dk and dv by far more than rounding."""
+    mask would miss dq, dk and dv by far more than rounding (two sequences: the mask is keyed on
+    the batch index too)."""
     device = triton_device(device)
-    B, H, Hkv, T, D, p, seed = 1, 4, 2, 45, 64, 0.25, 99
+    B, H, Hkv, T, D, p, seed = 2, 4, 2, 45, 64, 0.25, 99
     keep = dropout_mask(B, H, Hkv, T, D, causal, p, seed, device)
     q, k, v = make_qkv(B, H, Hkv, T, D, dtype, device)
     do = torch.randn_like(q)
@@ -350,6 +352,27 @@ def test_bad_inputs():
         f(q, q, q, rope=(cos.clone().requires_grad_(), sin))
     with pytest.raises(ValueError, match="attention: cos must be one of"):
         f(q, q, q, rope=(cos.double(), sin))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_shapes_and_flags(backend):
+    """Checks both backends share: shapes that do not pair up would otherwise be read out of
+    bounds (triton) or broadcast (torch)."""
+    f = kernels.get("attention", backend)
+    q, kv = torch.randn(2, 4, 8, 64), torch.randn(2, 2, 8, 64)
+    cases = {
+        r"k, v must have the same shape; got k \(2, 2, 8, 64\), v \(2, 2, 16, 64\)": (q, kv, torch.randn(2, 2, 16, 64)),
+        r"\(2, 2, 16, 64\) must agree on B, T and D": (q, torch.randn(2, 2, 16, 64), torch.randn(2, 2, 16, 64)),
+        r"\(1, 2, 8, 64\) must agree on B, T and D": (q, torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)),
+        r"\(2, 2, 8, 32\) must agree on B, T and D": (q, torch.randn(2, 2, 8, 32), torch.randn(2, 2, 8, 32)),
+        r"q must be 4-D, got shape \(4, 8, 64\)": (q[0], kv, kv),
+        r"v must be 4-D": (q, kv, kv[None]),
+    }
+    for message, args in cases.items():
+        with pytest.raises(ValueError, match=f"^attention: .*{message}"):
+            f(*args)
+    with pytest.raises(ValueError, match="^attention: causal must be a bool, got 1"):
+        f(q, kv, kv, causal=1)
 
 
 # --- CUDA only -----------------------------------------------------------------------------------

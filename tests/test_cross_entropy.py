@@ -13,8 +13,11 @@ BACKENDS = ["torch", "triton"]
 # (batch shape, classes): one row, vocabularies that are not a multiple of any block (771, 4099,
 # GPT-2's 50257), a row too wide for one step of the forward, narrow rows stacked in a tile (65),
 # a 3-D batch, a single token with no batch dimension, and rows starting at every offset from a
-# 16-byte boundary (9 x 4099: the kernels walk such rows from the boundary before their start).
-SHAPES = [((1,), 4099), ((3,), 771), ((2, 5), 65), ((2,), 50257), ((), 1031), ((9,), 4099)]
+# 16-byte boundary (9 x 4099: the kernels walk such rows from the boundary before their start),
+# and power-of-two rows stacked in whole tiles, which the forward loads without a mask (4 x 32 x 64:
+# two tiles of 64 rows; 20 x 256: a whole tile of 16 rows, then a part of one).
+SHAPES = [((1,), 4099), ((3,), 771), ((2, 5), 65), ((2,), 50257), ((), 1031), ((9,), 4099), ((4, 32), 64),
+          ((20,), 256)]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -174,12 +174,20 @@ def test_shapes_and_layouts(backend, op, bias, layout, device):
     assert_accurate(backend, op, x, w, b)
 
 
+def row_strided(shape, device, dtype=torch.float32) -> torch.Tensor:
+    """Random values in a view whose rows are twice as far apart as they are long."""
+    return torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype)[..., :shape[-1]]
+
+
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
-def test_expanded_output_gradient(op, bias, device):
-    """y.sum().backward() hands backward an all-stride-0 gradient."""
+@pytest.mark.parametrize("layout", ["expanded", "row-strided"])
+def test_output_gradient_layouts(op, bias, layout, device):
+    """y.sum().backward() hands backward an all-stride-0 gradient; the backward of a slice or a
+    concatenation a row-strided one, read in place."""
     skip_unless_triton_runs("triton", device)
     x, w, b = inputs(3, 50, device, bias=bias)
-    assert_accurate("triton", op, x, w, b, dy=torch.ones(1, 1, device=device).expand(3, 50))
+    dy = torch.ones(1, 1, device=device).expand(3, 50) if layout == "expanded" else row_strided((3, 50), device)
+    assert_accurate("triton", op, x, w, b, dy=dy)
 
 
 # Backward splits rows into contiguous ranges, one per program, walked in tiles of ROWS rows. On
@@ -293,15 +301,17 @@ def run_fused(fn, x, r, w, b, dy, ds, cast=lambda t: t):
     return [y, s, *torch.autograd.grad(outs, leaves, grads)]
 
 
-def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=True, dropout_p=0.0):
+def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=True, dropout_p=0.0,
+                          strided_grads=False):
     """y, s and every gradient within the tolerance of the float64 formulas, in their dtypes:
     s and its gradient as torch's add gives them, y in out_dtype (else s's dtype). With dropout,
     the formulas take the backend's own mask (dropout_scales) and torch's own error is that of
-    x * mask in x's dtype, then the add."""
+    x * mask in x's dtype, then the add. strided_grads: dy and ds row-strided views."""
     s_dtype = torch.promote_types(x.dtype, r.dtype)
     y_dtype = out_dtype or s_dtype
-    dy = torch.randn(x.shape, device=x.device).to(y_dtype)
-    ds = torch.randn(x.shape, device=x.device).to(s_dtype) if ds_used else None
+    make = row_strided if strided_grads else lambda shape, device, dtype: torch.randn(shape, device=device).to(dtype)
+    dy = make(x.shape, x.device, y_dtype)
+    ds = make(x.shape, x.device, s_dtype) if ds_used else None
     fn = fused_fn(backend, op, out_dtype, dropout_p, seed=torch.randint(2**31, ()).item())
     scales = dropout_scales(fn, x, r, w, b).double() if dropout_p else None
 
@@ -375,13 +385,13 @@ def test_out_dtype(backend, op, bias, device):
 
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_residual_layouts(op, bias, device):
-    """A transposed residual and a row-sliced x, 3-D, many rows per backward program."""
+    """A transposed residual, a row-sliced x and row-sliced gradients at y and s, 3-D, many rows
+    per backward program."""
     skip_unless_triton_runs("triton", device)
-    base = torch.randn(3, 40, 2 * 771, device=device).to(torch.bfloat16)
-    x = base[..., :771]
+    x = row_strided((3, 40, 771), device, torch.bfloat16)
     r = (torch.randn(40, 3, 771, device=device) * 2).to(torch.bfloat16).transpose(0, 1)
     _, w, b = inputs(1, 771, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
-    assert_fused_accurate("triton", op, x, r, w, b)
+    assert_fused_accurate("triton", op, x, r, w, b, strided_grads=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

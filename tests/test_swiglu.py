@@ -121,15 +121,19 @@ def test_chunk_halves_are_read_in_place():
 def test_exotic_layouts(backend, device):
     """Layouts the kernel cannot stride through are copied first: a transposed gate (column stride
     != 1), leading dimensions that do not collapse to one row stride, and a broadcast gradient
-    (y.sum().backward() hands backward a stride-0 dy)."""
+    (y.sum().backward() hands backward a stride-0 dy). A row-strided gradient is read in place."""
     skip_unless_triton_runs(backend, device)
     gate = (torch.randn(1031, 6, device=device) * 4).t()
     up = torch.randn(6, 5, 1031, device=device)[:, 1:2].squeeze(1)
-    gate3, up3 = torch.randn(2, 5, 1031, device=device)[:, 1:4] * 4, torch.randn(2, 3, 1031, device=device)
+    gate3 = (torch.randn(2, 5, 1031, device=device) * 4)[:, 1:4]  # strides (5155, 1031, 1)
+    up3 = torch.randn(2, 6, 1031, device=device)[:, ::2]
+    assert gate3.stride(0) != 3 * gate3.stride(1) and up3.stride(1) != up3.stride(2) * 1031
+    gate2, up2 = inputs((5, 1031), torch.float32, device)[:2]
     fn = kernels.get("swiglu", backend)
-    for g, u in ((gate, up), (gate3, up3)):
-        dy = torch.randn_like(u)
-        assert_matches_float64(fn, g, u, dy, f"{backend} {tuple(g.stride())}")
+    for g, u, dy in ((gate, up, torch.randn(6, 1031, device=device)),
+                     (gate3, up3, torch.randn(2, 3, 1031, device=device)),
+                     (gate2, up2, torch.randn(5, 2 * 1031, device=device)[:, 1031:])):
+        assert_matches_float64(fn, g, u, dy, f"{backend} {tuple(g.stride())} {tuple(dy.stride())}")
         g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
         fn(g, u).sum().backward()
         _, ref_dgate, ref_dup = reference(g, u, torch.ones_like(u))
