@@ -31,7 +31,8 @@
 set -uo pipefail
 usage="usage: bash bench/gpu_session.sh first|tests|tune [D]|profiles|ops [OPS]|mfu|train|curves [VARIANTS]"
 (($#)) || { echo "$usage" >&2; exit 2; }
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")  # the stages call it again from the repo root, wherever it was started
+cd "$(dirname "$self")/.."
 OUT=${OUT:-out-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -59,7 +60,7 @@ case "$1" in
     tests_s=$(((deadline - SECONDS) * 150 / 540))  # tests not started by then skip: the summary comes
     # 14 parts: compiling the kernels is most of the suite's time there, and the machine has 16 cores.
     step $((tests_s + 45)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) TEST_SHARDS=${TEST_SHARDS:-14} \
-      bash "$0" tests
+      bash "$self" tests
     # bench.mfu writes each variant as it is measured; eager torch, the least telling, comes last
     step 150 mfu python -m bench.mfu --gpu auto --preset gpt2 --kernels triton,compile,triton+compile,torch \
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"

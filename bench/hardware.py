@@ -291,7 +291,7 @@ class ClockStats:
     sm_mhz: float  # mean of the samples
     min_sm_mhz: float
     max_sm_mhz: float
-    power_w: float
+    power_w: float | None  # None where NVML reports no power draw
     samples: int
 
 
@@ -338,20 +338,25 @@ class ClockSampler:
     def _run(self) -> None:
         import pynvml
 
+        power = True  # some GPUs and drivers report no power draw: then the clock alone
         while not self._stop.is_set():
             try:
                 mhz = pynvml.nvmlDeviceGetClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
-                watts = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
             except pynvml.NVMLError:
                 return
+            try:
+                watts = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000 if power else None
+            except pynvml.NVMLError:
+                power, watts = False, None
             with self._lock:
                 self._mhz.append(mhz)
-                self._watts.append(watts)
+                if watts is not None:
+                    self._watts.append(watts)
             time.sleep(self._interval)
 
     def stats(self, clear: bool = False) -> ClockStats | None:
-        """Mean, min and max SM clock and mean power of the samples so far (None before the
-        first); `clear` starts the next interval afresh."""
+        """Mean, min and max SM clock and mean power (None if unreported) of the samples so far
+        (None before the first); `clear` starts the next interval afresh."""
         with self._lock:
             mhz, watts = list(self._mhz), list(self._watts)
             if clear:
@@ -359,4 +364,5 @@ class ClockSampler:
                 self._watts.clear()
         if not mhz:
             return None
-        return ClockStats(sum(mhz) / len(mhz), min(mhz), max(mhz), sum(watts) / len(watts), len(mhz))
+        return ClockStats(sum(mhz) / len(mhz), min(mhz), max(mhz), sum(watts) / len(watts) if watts else None,
+                          len(mhz))

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .runtime import wrap_triton  # called by this bare name: see its docstring
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
 from .rope import check_tables, rotate, triton_tables, turned
@@ -621,7 +622,7 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tma = _tma_flag(cfg, q, k, v)
     with runtime.on_device(q):
-        runtime.wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
+        wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *runtime.head_strides(o),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
@@ -636,7 +637,7 @@ def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.
     delta = torch.empty((B, H, T), dtype=torch.float32, device=o.device)
     with runtime.on_device(o):
         # One row tile per program and a streaming reduction over D: the forward's row tiling.
-        runtime.wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd_cfg.block_m), H, B)](
+        wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd_cfg.block_m), H, B)](
             o, do, delta, T, H, *o.stride(), *do.stride(),
             BLOCK_M=fwd_cfg.block_m, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
             num_warps=fwd_cfg.num_warps)
@@ -692,7 +693,7 @@ def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Te
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
-        runtime.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
+        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
             q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
@@ -708,7 +709,7 @@ def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tens
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
-        runtime.wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
+        wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
             q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .runtime import wrap_triton  # called by this bare name: see its docstring
 from .checks import check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
@@ -223,7 +224,7 @@ def _forward_rows(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> tuple[
         block_c = min(triton.next_power_of_2(n_cols), _TILE)
         block_r = _TILE // block_c
         with runtime.on_device(x):
-            runtime.wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
+            wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
                 x, t, row_loss, stats, x.stride(0), ignore_index, n_rows, n_cols,
                 BLOCK_R=block_r, BLOCK_C=block_c, ALIGN=_align(x), num_warps=_NUM_WARPS)
     return row_loss, stats
@@ -237,8 +238,8 @@ def _backward_rows(x: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, scale:
     if dx.numel():
         with runtime.on_device(dx):
             align = _align(x, dx)
-            runtime.launch_tiles(_cross_entropy_bwd_kernel, n_rows, n_cols + align - 1, x, t, stats, scale, dx,
-                                 x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
+            runtime.launch_tiles(wrap_triton(_cross_entropy_bwd_kernel), n_rows, n_cols + align - 1, x, t, stats,
+                                 scale, dx, x.stride(0), dx.stride(0), ignore_index, n_cols, ALIGN=align)
 
 
 @runtime.triton_op("tritongpt::cross_entropy_fwd", mutates_args=())

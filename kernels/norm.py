@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .runtime import wrap_triton  # called by this bare name: see its docstring
 from .checks import FLOAT_DTYPES, check_dropout, check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
@@ -299,7 +300,7 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     block_n, rows, num_warps = _tile(n)
     r = x if residual is None else residual
     with runtime.on_device(x):
-        runtime.wrap_triton(_norm_fwd_kernel)[(triton.cdiv(m, rows),)](
+        wrap_triton(_norm_fwd_kernel)[(triton.cdiv(m, rows),)](
             x, r, s, y, weight, weight if bias is None else bias, rstd if seed is None else seed,
             rstd if rms else mean, rstd, x.stride(0), r.stride(0), s.stride(0), y.stride(0), m, n, eps,
             dropout_p, IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
@@ -327,7 +328,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
     db = partials((programs if has_bias else 0, n), dtype=torch.float32, device=x.device)
     if m > 0:
         with runtime.on_device(x):
-            runtime.wrap_triton(_norm_bwd_kernel)[(programs,)](
+            wrap_triton(_norm_bwd_kernel)[(programs,)](
                 x, dy, dy if ds is None else ds, dx, dx2, weight, rstd if seed is None else seed,
                 rstd if rms else mean, rstd, dw, db if has_bias else dw,
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),

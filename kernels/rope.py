@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .runtime import wrap_triton  # called by this bare name: see its docstring
 from .checks import FLOAT_DTYPES, check_same, check_tensor
 from .registry import register
 
@@ -119,7 +120,7 @@ def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         block_half = triton.next_power_of_2(D // 2)
         block_t = max(1, min(_TILE // block_half, triton.next_power_of_2(T)))
         with runtime.on_device(x):
-            runtime.wrap_triton(_rope_kernel)[(triton.cdiv(T, block_t), H, B)](
+            wrap_triton(_rope_kernel)[(triton.cdiv(T, block_t), H, B)](
                 x, y, y_head, cos, sin, T, D // 2, *x.stride(), *runtime.head_strides(y),
                 INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
 

@@ -195,7 +195,10 @@ class _InterpretedLaunch:
 
 def wrap_triton(kernel):
     """`kernel` as a triton_op launches it: through torch.library.wrap_triton, so torch.compile
-    traces the launch.
+    traces the launch. Launch sites call it by this bare name, `wrap_triton(_some_kernel)[grid]`:
+    that is the pattern torch.library.triton_op looks for in an op's source (and the functions it
+    calls) to list the op's kernels, whose sources torch's compile caches then key on, so that an
+    edited kernel is not served from a stale cache.
 
     The tensors a launch writes are whole buffers the op allocated, never views into one (a head
     range of d_qkv, a half of d_h, a row of statistics): the kernel takes the buffer and indexes
@@ -343,10 +346,10 @@ _NUM_WARPS = 8
 
 
 def launch_tiles(kernel, n_rows: int, n_cols: int, *args, **constexprs) -> None:
-    """Launch an elementwise `kernel(*args, n_rows, n_cols, BLOCK_R, BLOCK_C, **constexprs)` over the
-    tiles of an (n_rows, n_cols) matrix, one program per tile."""
+    """Launch an elementwise kernel, `wrap_triton(k)` of its caller, as
+    `k(*args, n_rows, n_cols, BLOCK_R, BLOCK_C, **constexprs)` over the tiles of an (n_rows, n_cols)
+    matrix, one program per tile."""
     block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
     block_r = _TILE // block_c
     grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
-    wrap_triton(kernel)[grid](*args, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
-                              **constexprs)
+    kernel[grid](*args, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS, **constexprs)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .runtime import wrap_triton  # called by this bare name: see its docstring
 from .checks import check_same, check_tensor
 from .registry import register
 
@@ -92,7 +93,8 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if y.numel():
         with runtime.on_device(y):
-            runtime.launch_tiles(_swiglu_fwd_kernel, *g.shape, g, u, y, g.stride(0), u.stride(0), y.stride(0))
+            runtime.launch_tiles(wrap_triton(_swiglu_fwd_kernel), *g.shape, g, u, y, g.stride(0), u.stride(0),
+                                 y.stride(0))
     return y.view(gate.shape)
 
 
@@ -105,8 +107,8 @@ def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> 
     dgu = torch.empty((n_rows, 2 * n_cols), dtype=g.dtype, device=g.device)
     if dgu.numel():
         with runtime.on_device(dgu):
-            runtime.launch_tiles(_swiglu_bwd_kernel, n_rows, n_cols, g, u, d, dgu, g.stride(0), u.stride(0),
-                                 d.stride(0))
+            runtime.launch_tiles(wrap_triton(_swiglu_bwd_kernel), n_rows, n_cols, g, u, d, dgu, g.stride(0),
+                                 u.stride(0), d.stride(0))
     return dgu
 
 

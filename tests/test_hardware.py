@@ -130,3 +130,29 @@ def test_no_gpu_detected_and_no_clocks_on_cpu():
     with ClockSampler() as clocks:
         pass
     assert not clocks.available and clocks.stats() is None
+
+
+def test_clocks_are_sampled_where_nvml_reports_no_power(monkeypatch):
+    """Some GPUs and drivers answer the clock query but not the power one: the clock samples
+    (and MFU at the clock) must not be lost with it."""
+    import sys
+    import time
+    import types
+
+    class NVMLError(Exception):
+        pass
+
+    def no_power(handle):
+        raise NVMLError("Not Supported")
+
+    fake = types.SimpleNamespace(NVMLError=NVMLError, NVML_CLOCK_SM=1, nvmlDeviceGetPowerUsage=no_power,
+                                 nvmlDeviceGetClockInfo=lambda handle, clock: 1500)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    sampler = ClockSampler(interval_s=0.001)
+    sampler._handle = object()  # as if NVML had found the GPU
+    with sampler:
+        deadline = time.monotonic() + 5
+        while sampler.stats() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+    stats = sampler.stats()
+    assert stats is not None and stats.sm_mhz == 1500 and stats.power_w is None

@@ -1,6 +1,12 @@
 """kernels.runtime.Op: eager calls on plain tensors run the op's function directly (with its
 registered autograd formula); traced or intercepted calls go through the registered op. Both ways
 must give the same numbers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -98,3 +104,30 @@ def test_an_eager_training_step_skips_every_op_dispatch():
     model.recompute_blocks(True)
     idx = torch.randint(0, 50, (2, 16))
     assert _profiled_op_names(lambda: model(idx, idx)[1].backward()) == set()
+
+
+OP_KERNELS = {
+    "attention_fwd": ["_attn_fwd"], "attention_rope_fwd": ["_attn_fwd", "_rope_kernel"],
+    "attention_bwd": ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rope_kernel"],
+    "cross_entropy_fwd": ["_cross_entropy_fwd_kernel"], "cross_entropy_bwd": ["_cross_entropy_bwd_kernel"],
+    "norm_fwd": ["_norm_fwd_kernel"], "norm_bwd": ["_norm_bwd_kernel"], "rope": ["_rope_kernel"],
+    "swiglu": ["_swiglu_fwd_kernel"], "swiglu_backward": ["_swiglu_bwd_kernel"],
+}
+
+
+def test_triton_op_finds_every_ops_kernels():
+    """torch.library.triton_op lists the kernels an op launches (read off its source: launches
+    written `wrap_triton(_kernel)`), and torch's compile caches key on their sources: an op whose
+    list missed a kernel could be served compiled code of an older version of it. Checked as on a
+    GPU (kernels registered through triton_op, not the interpreter's custom ops), in a subprocess."""
+    code = ("import json, torch._library.triton as t, kernels\n"
+            "table = getattr(t, 'triton_ops_to_kernels', None)\n"
+            "print(json.dumps(None if table is None else {name.removeprefix('tritongpt::'): "
+            "sorted(getattr(k, 'fn', k).__name__ for k in ks) for name, ks in table.items() "
+            "if name.startswith('tritongpt::')}))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    found = json.loads(out.stdout.splitlines()[-1])
+    if found is None:
+        pytest.skip(f"torch {torch.__version__} keeps no list of triton_op kernels")
+    assert found == OP_KERNELS
