@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{record['rooflines']['matmul_tflops']:.0f} TFLOPS")
     for op, measured in record["ops"].items():
         print(f"{op}: chosen eager={measured['chosen']['eager']}, compiled={measured['chosen']['compiled']}")
-    print(f"wrote {out} ({len(data['workloads'])} workloads: {', '.join(w['workload']['shapes'] for w in data['workloads'])})")
+    measured = "; ".join(f"{w['workload']['preset']} {w['workload']['shapes']}" for w in data["workloads"])
+    print(f"wrote {out}, which holds {len(data['workloads'])} workloads: {measured}")
     return 0
 
 

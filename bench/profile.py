@@ -103,8 +103,9 @@ def _check_record(record: dict, where: str, rerun: str) -> None:
             raise ValueError("batch_size and seq_len must be positive integers")
         if not isinstance(record.get("device", {}).get("slug"), str) or not isinstance(measured["dtype"], str):
             raise ValueError("no device slug or dtype")
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: its workload or device is not readable ({type(e).__name__}: {e}); {rerun}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its workload or device is not readable ({type(e).__name__}: {e}); "
+                         f"{rerun}") from None
     if not isinstance(record.get("ops"), dict):
         raise ValueError(f"{where}: no ops; {rerun}")
     for op, entry in record["ops"].items():

@@ -136,7 +136,7 @@ def report(path: Path) -> str:
             return "\n".join(f"{path.name}: {provenance(w)}\n\n{profile_table(w)}\n" for w in result["workloads"])
         table = mfu_table(result) if "preset" in result else op_table(result)
         return f"{path.name}: {provenance(result)}\n\n{table}\n"
-    except (KeyError, TypeError, ValueError) as e:  # one odd file must not cost the others' tables
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # one odd file must not cost the others' tables
         return f"{path.name}: not reported ({type(e).__name__}: {e})\n"
 
 

@@ -231,10 +231,12 @@ def _broken(**changes) -> str:
     (_broken(workload={**record({})["workload"], "batch_size": 0}), r"workloads\[0\]: .*batch_size and seq_len"),
     (_broken(workload={**record({})["workload"], "config": {"n_head": 5}}), r"workloads\[0\]: .*ValueError: GPTConfig"),
     (_broken(device={"name": "x"}), r"workloads\[0\]: .*no device slug"),
+    (_broken(device="h100"), r"workloads\[0\]: .*AttributeError"),
     (_broken(ops={"swiglu": {"backends": {}}}), r"workloads\[0\]: ops.swiglu lacks"),
     (_broken(ops={"swiglu": {"training_pass": "fwd+bwd", "backends": {"torch": {"ms": {"fwd": 1}}}}}),
      r"workloads\[0\]: ops.swiglu lacks"),
-], ids=["json", "list", "empty", "null", "no-ops", "no-config", "batch", "config", "slug", "backends", "timings"])
+], ids=["json", "list", "empty", "null", "no-ops", "no-config", "batch", "config", "slug", "device", "backends",
+         "timings"])
 def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text, problem, monkeypatch):
     path = tmp_path / "gpu.json"
     path.write_text(text)
