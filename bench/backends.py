@@ -6,12 +6,15 @@ The one measuring path of the kernel profile (bench/kernels.py) and the per-issu
 Times are medians of CUDA-event timings (bench.measure.median_ms) after one untimed call, which
 compiles and autotunes. Beside each time, on CUDA, the memory the pass allocates beyond its
 inputs at its peak (outputs and gradients included): what a backend costs in memory, which for
-some ops (the fused loss) is the point. A backend that fails its check is still timed, and
+some ops (the fused loss) is the point; and the host's time to issue the pass, which near the
+GPU's time says the pass is bound by the host (its launches, argument checks), not the kernels. A backend that fails its check is still timed, and
 marked unverified; one that cannot run at all is reported with its error.
 """
 import argparse
 import json
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -63,12 +66,30 @@ def peak_mib(fn: Callable, device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def time_case(c: Case, fn: Callable, device) -> tuple[dict[str, float], dict[str, float | None]]:
-    """pass -> median ms of `fn` running that pass of `c`, and pass -> its peak_mib, all passes on
-    one set of inputs."""
+def host_ms(fn: Callable, device, calls: int = 5) -> float | None:
+    """Median ms the host takes to issue `fn()` (to return from it, the GPU idle before each call):
+    where that is near the GPU's time for it, the timing is the host's (bench.measure.HOST_BOUND).
+    None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def time_case(c: Case, fn: Callable, device) -> tuple[dict[str, float], ...]:
+    """pass -> median ms of `fn` running that pass of `c`, pass -> its peak_mib and pass -> its
+    host_ms, all passes on one set of inputs."""
     inputs = c.make()
-    ms = {pass_: time_ms(lambda pass_=pass_: c.call(fn, inputs, pass_)) for pass_ in c.passes}
-    return ms, {pass_: peak_mib(lambda pass_=pass_: c.call(fn, inputs, pass_), device) for pass_ in c.passes}
+    calls = {pass_: (lambda pass_=pass_: c.call(fn, inputs, pass_)) for pass_ in c.passes}
+    return ({pass_: time_ms(call) for pass_, call in calls.items()},
+            {pass_: peak_mib(call, device) for pass_, call in calls.items()},
+            {pass_: host_ms(call, device) for pass_, call in calls.items()})
 
 
 def entry(timed: Case, checked: Case, impls: dict[str, Callable], peak: float, device) -> dict:
@@ -84,7 +105,7 @@ def entry(timed: Case, checked: Case, impls: dict[str, Callable], peak: float, d
         ok, why = check(checked, fn, reference)
         record = {"verified": ok, "check": why}
         try:
-            record["ms"], record["peak_mib"] = time_case(timed, fn, device)
+            record["ms"], record["peak_mib"], record["host_ms"] = time_case(timed, fn, device)
         except Exception as e:  # a backend that cannot run here is reported, not fatal
             record["error"] = f"{type(e).__name__}: {e}"
         else:
@@ -103,7 +124,8 @@ def rows(ops: dict[str, dict]) -> list[Row]:
         for backend, r in e["backends"].items():
             for pass_, ms in r.get("ms", {}).items():
                 out.append(Row(op, e["shape"], pass_, backend, ms, r["rate"][pass_], e["unit"],
-                               r["roofline"][pass_], r["verified"], r.get("peak_mib", {}).get(pass_)))
+                               r["roofline"][pass_], r["verified"], r.get("peak_mib", {}).get(pass_),
+                               r.get("host_ms", {}).get(pass_)))
     return out
 
 

@@ -55,9 +55,17 @@ def profile_steps(step, steps: int, device: torch.device) -> dict[str, float]:
             step()
         if cuda:
             torch.cuda.synchronize(device)
+    return _times(prof.events(), cuda)
+
+
+def _times(events, cuda: bool) -> dict[str, float]:
+    """µs per name of the profiler's `events`: kernels on a GPU, ops' self time on a CPU. The
+    GPU side also lists user annotations (record_function spans such as Optimizer.step#AdamW.step,
+    Inductor's "## Call CompiledFxGraph ##") over the kernels they enclose: not work of their own
+    (torch's own tables leave them out too: pytorch/pytorch#130730)."""
     times = collections.Counter()
-    for e in prof.events():
-        if cuda and e.device_type == DeviceType.CUDA:
+    for e in events:
+        if cuda and e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             times[e.name] += e.time_range.elapsed_us()
         elif not cuda and e.device_type == DeviceType.CPU:
             times[e.name] += e.self_cpu_time_total

@@ -153,10 +153,11 @@ def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
     size, param = M * c.n_embd * s.dtype.itemsize, c.n_embd * s.dtype.itemsize
     n_params = 2 if with_bias else 1
     # Forward reads x (and the residual) and the weight (and bias) and writes y (and the sum);
-    # backward reads x (the sum), the weight and dy (and the sum's gradient) and writes dx (the
-    # residual's gradient is the same tensor) and the weight's (and bias's) gradient.
+    # backward reads x (the sum), the weight and dy (and the sum's gradient) and writes dx and the
+    # weight's (and bias's) gradient. The residual's gradient is dx's tensor too, but with dropout
+    # dx is it masked and scaled: a second tensor written.
     fwd = (4 if residual else 2) * size + n_params * param
-    bwd = (4 if residual else 3) * size + param + n_params * param
+    bwd = (3 + bool(residual) + bool(p)) * size + param + n_params * param
     shape = (f"{M}x{c.n_embd}" + (" +bias" if with_bias else "") + (" +residual" if residual else "")
              + (f" +dropout {p:g}" if p else ""))
     return Case(op, shape, ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype,

@@ -41,6 +41,15 @@ def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> 
     return 2 * n**3 / ms / 1e9
 
 
+# A pass whose host time is at least this fraction of its measured time is bound by the host:
+# the GPU waited for its launches, and its rate understates the kernels' (tables mark it).
+HOST_BOUND = 0.8
+
+
+def host_bound(ms: float, host_ms: float | None) -> bool:
+    return host_ms is not None and host_ms >= HOST_BOUND * ms
+
+
 @dataclass
 class Row:
     """One measured case: `value` in `unit` (GB/s or TFLOPS) and its fraction of the roofline."""
@@ -55,6 +64,7 @@ class Row:
     roofline: float
     verified: bool | None = None
     peak_mib: float | None = None  # what the pass allocates beyond its inputs, at its peak (CUDA)
+    host_ms: float | None = None  # the host's time to issue the pass (CUDA)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -67,12 +77,14 @@ def print_rows(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("op", "shape", "pass", "backend", "ms", "rate", "of roofline", "peak MiB", "verified"):
-        table.add_column(col, justify="right" if col in ("ms", "rate", "of roofline", "peak MiB") else "left")
+    numbers = ("ms", "host ms", "rate", "of roofline", "peak MiB")
+    for col in ("op", "shape", "pass", "backend", *numbers, "verified"):
+        table.add_column(col, justify="right" if col in numbers else "left")
     for r in rows:
         verified = "" if r.verified is None else ("yes" if r.verified else "NO")
         mib = "" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
-        table.add_row(r.op, r.shape, r.pass_, r.backend, f"{r.ms:.3f}", f"{r.value:.0f} {r.unit}",
+        host = "" if r.host_ms is None else f"{r.host_ms:.3f}" + " host-bound" * host_bound(r.ms, r.host_ms)
+        table.add_row(r.op, r.shape, r.pass_, r.backend, f"{r.ms:.3f}", host, f"{r.value:.0f} {r.unit}",
                       f"{100 * r.roofline:.0f}%", mib, verified)
     Console().print(table)
 

@@ -7,11 +7,13 @@ global grad norm that clipping needs.
 A step reads p, g, m, v and writes p, m, v: the minimum traffic, 7 x 2 bytes per parameter
 (bench/cases.py), credited alike to every backend, so GB/s compares time. The parameters are the
 model's own (gpt/model.py at the gpt2 preset, lm_head tied to wte). Backends: the triton op with
-round-to-nearest stores and with stochastic rounding (`sr`, the default for bf16), the BF16AdamW
-optimizer on it, torch.optim.AdamW with fused=True and with foreach=True on the same bf16 params,
-and the torch backend with round-to-nearest (`torch loop`: a Python loop of ~10 tensor ops per
-parameter, as the seed's bf16_adamw.py). Every row includes its host-side work (argument checks,
-the pointer-table lookup; the optimizers' loop over params). `verified` (the op's rows): p, m and
+round-to-nearest stores and with stochastic rounding (`sr`, the default for bf16) and the torch
+backend with round-to-nearest (`torch loop`: a Python loop of ~10 tensor ops per parameter, as the
+seed's bf16_adamw.py), each called on ready lists (pass `step`); and whole optimizer steps (pass
+`optimizer step`, their loop over the params included): the BF16AdamW optimizer on the triton op
+(rounding to nearest, as torch's, and `sr`), torch.optim.AdamW with fused=True and with
+foreach=True on the same bf16 params. Every row includes its host-side work (argument checks, the
+pointer-table lookup). `verified` (the op's rows): p, m and
 v after the step as accurate as the torch backend's, by the project's rule (kernels/accuracy.py),
 at one tensor of each parameter shape.
 
@@ -64,8 +66,11 @@ def _torch_clip(optimizer, params):  # an in-place pass over the grads
 
 _BF16 = lambda ps: BF16AdamW(ps, backend="triton", **HYPER)  # noqa: E731
 _FUSED = lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER)  # noqa: E731
-# Whole optimizer steps, their Python loop over the params included.
+# Whole optimizer steps, their Python loop over the params included: rows of their own pass,
+# compared with each other (BF16AdamW rounding to nearest, as torch's do, against torch's).
+OPTIMIZER_PASS = "optimizer step"
 OPTIMIZERS = {
+    "BF16AdamW triton": _steps(lambda ps: BF16AdamW(ps, backend="triton", stochastic_rounding=False, **HYPER)),
     "BF16AdamW triton sr": _steps(_BF16),
     "torch fused": _steps(_FUSED),
     "torch foreach": _steps(lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER)),
@@ -93,8 +98,8 @@ def _optimizer_rows(c: Case, device) -> list[Row]:
         step = make(params)
         ms = backends.time_ms(step)
         rate = c.rate("step", ms)
-        result.append(Row("adamw", c.shape, "step", name, ms, rate, c.unit, rate / peak,
-                          peak_mib=backends.peak_mib(step, device)))
+        result.append(Row("adamw", c.shape, OPTIMIZER_PASS, name, ms, rate, c.unit, rate / peak,
+                          peak_mib=backends.peak_mib(step, device), host_ms=backends.host_ms(step, device)))
     return result
 
 

@@ -19,7 +19,7 @@ Bytes credited, the same for every backend so that rates compare as times do: th
 traffic of each pass, every input read once and every output written once (bench/cases.py):
   fwd: x, weight (and bias) read, y written (+residual: and the residual read, s written);
   fwd+bwd: that, then x, weight and dy read, dx, dweight (and dbias) written (+residual: s in
-  x's place, and ds read; the residual's gradient is dx).
+  x's place, and ds read; the residual's gradient is dx, or with dropout a second tensor, written).
 The fp32 row statistics, the triton backward's partial sums of dweight (and dbias) and a dropout
 mask are a backend's choice, not counted. Roofline: the device-to-device copy bandwidth measured in the same
 run. `verified`: every output and gradient as accurate as torch's, by the project's rule

@@ -7,8 +7,11 @@ measured with, then its table. The numbers are the files' own, rounded; nothing 
 
 Per-op tables: one row per shape and pass, one column per backend (its rate in the file's unit,
 then the MiB the pass allocated beyond its inputs at its peak where measured, "unverified" where
-it failed its check against the torch reference), then triton's fraction of the roofline
-measured in the same run and triton against the fastest verified other backend.
+it failed its check against the torch reference, "host-bound" where the host took at least
+bench.measure.HOST_BOUND of the measured time to issue the pass: the kernels are faster than the
+rate says), then triton's fraction of the roofline measured in the same run and triton against
+the fastest verified other backend (for op_adamw's optimizer steps: BF16AdamW on triton, rounding
+to nearest, against torch's optimizers).
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 
 from bench import breakdown
+from bench.measure import host_bound
 
 
 def provenance(result: dict) -> str:
@@ -34,6 +38,11 @@ def _md(header: list[str], lines: list[list[str]]) -> str:
 def _mib(row: dict) -> str:
     mib = row.get("peak_mib")
     return "" if mib is None else f", {mib:,.0f} MiB"
+
+
+# The row of a case that the others are set against: the triton op, or (op_adamw's whole
+# optimizer steps) BF16AdamW on it rounding to nearest, as torch's optimizers do.
+_COMPARED = ("triton", "BF16AdamW triton")
 
 
 def _triton_own(backend: str) -> bool:
@@ -57,8 +66,10 @@ def op_table(result: dict) -> str:
         for b in backends:
             r = by_backend.get(b)
             unverified = r is not None and r["verified"] is False
-            cells.append("" if r is None else f"{r['value']:,.0f}" + _mib(r) + " unverified" * unverified)
-        triton = by_backend.get("triton")
+            marks = _mib(r) + " unverified" * unverified + " host-bound" * host_bound(r["ms"], r.get("host_ms")) \
+                if r is not None else ""
+            cells.append("" if r is None else f"{r['value']:,.0f}" + marks)
+        triton = next((by_backend[b] for b in _COMPARED if b in by_backend), None)
         others = [r["value"] for b, r in by_backend.items() if not _triton_own(b) and r["verified"] is not False]
         cells.append(f"{100 * triton['roofline']:.0f}%" if triton else "")
         cells.append(f"{triton['value'] / max(others):.2f}x" if triton and others else "")

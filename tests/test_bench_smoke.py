@@ -3,6 +3,7 @@ their crashes: every per-issue benchmark (bench/op_*.py) and the kernel profile 
 through their command lines, with CUDA-event timing and the measured rooflines replaced by fixed
 numbers and torch.compile by the function itself (Inductor's CPU compile takes seconds a shape).
 """
+import dataclasses
 import functools
 import itertools
 import json
@@ -54,7 +55,8 @@ BENCHMARKS = {
     "linear_cross_entropy": (op_linear_cross_entropy, tiny(op_linear_cross_entropy.SHAPES[:1]),
                              {"torch", "compile", "triton", "linear + triton cross_entropy"}, {"fwd+bwd"}),
     "adamw": (op_adamw, tiny(op_adamw.SHAPES),
-              {"triton", "triton sr", "torch loop", "torch", "get_total_norm", *op_adamw.OPTIMIZERS}, {"step"}),
+              {"triton", "triton sr", "torch loop", "torch", "get_total_norm", *op_adamw.OPTIMIZERS},
+              {"step", op_adamw.OPTIMIZER_PASS}),
 }
 
 
@@ -97,6 +99,7 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
 
 def test_peak_mib_is_what_a_pass_allocates_beyond_what_was_there():
     assert measured_peak_mib(lambda: torch.ones(1), "cpu") is None
+    assert backends.host_ms(lambda: torch.ones(1), "cpu") is None  # the host's share: a GPU's question
     if torch.cuda.is_available():
         there = torch.empty(2**20, device="cuda")  # allocated before the pass: not counted
         mib = measured_peak_mib(lambda: torch.empty(64 * 2**18, device="cuda").sum(), "cuda")  # 64 MiB, then freed
@@ -140,6 +143,11 @@ def test_the_issues_shapes_and_work():
     fused = case("layer_norm", op_norm.SHAPES[0], "meta")
     assert fused.shape == "16384x768 +bias +residual"
     assert fused.work == {"fwd": 2 * (4 * 16384 + 2) * 768, "fwd+bwd": 2 * (8 * 16384 + 5) * 768}
+    # With dropout the residual's gradient is a tensor of its own: dx is it masked and scaled.
+    dropped = case("layer_norm", dataclasses.replace(op_norm.SHAPES[0], config=dataclasses.replace(
+        op_norm.SHAPES[0].config, dropout=0.2)), "meta")
+    assert dropped.shape == "16384x768 +bias +residual +dropout 0.2"
+    assert dropped.work["fwd+bwd"] == fused.work["fwd+bwd"] + 2 * 16384 * 768
     assert [case("swiglu", s, "meta").shape for s in op_swiglu.SHAPES] == [
         f"16384x{h}" for h in (2048, 5632, 11008, 14336)]
     rope = [case("rope", s, "meta") for s in op_rope.SHAPES]
@@ -213,12 +221,15 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
 
 def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_path, capsys):
     """triton against the fastest backend that is not triton's own (op_adamw's BF16AdamW rows run
-    the same kernel); a GPU missing from the peak table, a profile op with no backend chosen, or
+    the same kernel: as whole optimizer steps, they are set against torch's optimizers); a GPU missing from the peak table, a profile op with no backend chosen, or
     a file of an unknown layout prints what it can, and the other files' tables still come."""
     provenance = {"device": {"name": "NVIDIA H200"}, "date": "2026-12-04", "torch": "2.11", "triton": "3.6"}
-    row = dict(op="adamw", shape="124M", verified=True, roofline=0.5)
-    rows = [{**row, "pass": "step", "backend": b, "value": v}
-            for b, v in (("triton", 100.0), ("BF16AdamW triton sr", 95.0), ("torch fused", 60.0))]
+    row = dict(op="adamw", shape="124M", verified=True, roofline=0.5, ms=1.0)
+    rows = [{**row, "pass": pass_, "backend": b, "value": v, "host_ms": 0.9 if b == "torch loop" else 0.1}
+            for pass_, b, v in (("step", "triton", 100.0), ("step", "torch loop", 20.0),
+                                ("optimizer step", "BF16AdamW triton", 90.0),
+                                ("optimizer step", "BF16AdamW triton sr", 95.0),
+                                ("optimizer step", "torch fused", 60.0))]
     files = {
         "op.json": {**provenance, "title": "adamw", "roofline": {"unit": "GB/s", "name": "copy", "value": 200.0},
                     "rows": rows},
@@ -239,7 +250,9 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
         (tmp_path / name).write_text(json.dumps(result))
     assert report.main([str(tmp_path / name) for name in files]) == 0
     out = capsys.readouterr().out
-    assert "| 124M | step | 100 | 95 | 60 | 50% | 1.67x |" in out
+    # The op against the torch op; the optimizer on it against torch's optimizer, like with like.
+    assert "| 124M | step | 100 | 20 host-bound |  |  |  | 50% | 5.00x |" in out
+    assert "| 124M | optimizer step |  |  | 90 | 95 | 60 | 50% | 1.50x |" in out
     assert "no peak" in out and "| triton | 500,000 | 32.0 | 400 | n/a |" in out
     assert out.count("| swiglu | 16384 x 3072 | fwd+bwd |  |  | error |  | none | none |") == 2
     assert "bench.kernels gpt2: gpt2 shapes" in out and "bench.kernels llama: llama shapes" in out

@@ -59,3 +59,17 @@ def test_profile_steps_on_cpu_times_the_ops():
     times = breakdown.profile_steps(lambda: (a @ a).relu(), steps=2, device=torch.device("cpu"))
     split = breakdown.by_kind(times, steps=2)
     assert split["matmul"] > 0 and split["elementwise"] > 0
+
+
+def test_gpu_annotations_are_not_counted_as_work():
+    """On a GPU the profiler lists record_function spans over the kernels they enclose (every
+    optimizer step is one): counted, they would double the optimizer's time."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, start, end, annotation=False):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=DeviceType.CUDA,
+                             is_user_annotation=annotation)
+
+    events = [event("Optimizer.step#BF16AdamW.step", 0, 10, annotation=True), event("_adamw_kernel", 1, 9)]
+    assert breakdown._times(events, cuda=True) == {"_adamw_kernel": 8}
