@@ -351,14 +351,21 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
 @torch.library.custom_op("tritongpt::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                           dtype: torch.dtype, x_grad: bool, weight_grad: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, d_x, d_weight) of x (rows, width) and weight (classes, width), both multiplied in
-    `dtype`, for d_loss = 1: d_x in `dtype`, d_weight in fp32, each empty unless asked for.
-    An opaque op to torch.compile: Inductor calls it as it is, chunks and all."""
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d_x, d_weight, pending) of x (rows, width) and weight (classes, width), both
+    multiplied in `dtype`: d_x in `dtype`, d_weight in fp32, each empty unless asked for, to be
+    multiplied by d_loss and by `pending` (fp32) in backward. In fp16 the mean's gradients, a
+    softmax over the number of rows counted (1e-9 and less at GPT-2's 12k tokens and 50k classes),
+    fall below its range before GradScaler's factor (d_loss) could lift them: they are computed
+    for the sum of the losses, and divided by the count there (`pending`); in bf16 and fp32 they
+    are the mean's (`pending` 1), rounded once. An opaque op to torch.compile: Inductor calls it
+    as it is, chunks and all."""
     rows, classes = x.shape[0], weight.shape[0]
     w = weight.to(dtype)
     counted = (targets != ignore_index).sum()
-    scale = 1.0 / counted  # fp32; d_loss comes in backward
+    scale = 1.0 / counted  # fp32
+    pending = scale if dtype == torch.float16 else torch.ones_like(scale)
+    scale = scale / pending  # d_logits' share
     dx = torch.empty(x.shape if x_grad else 0, dtype=dtype, device=x.device)
     dw = None
     row_losses = []
@@ -383,26 +390,29 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     elif not weight_grad:
         dw = torch.empty(0, dtype=torch.float32, device=x.device)
     loss = torch.cat(row_losses).sum() / counted if row_losses else counted / counted  # no rows: NaN, as torch
-    return loss, dx, dw
+    return loss, dx, dw, pending
 
 
 @_linear_cross_entropy.register_fake
 def _linear_cross_entropy_fake(x, weight, targets, ignore_index, dtype, x_grad, weight_grad):
     return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape if x_grad else 0, dtype=dtype),
-            x.new_empty(weight.shape if weight_grad else 0, dtype=torch.float32))
+            x.new_empty(weight.shape if weight_grad else 0, dtype=torch.float32),
+            x.new_empty((), dtype=torch.float32))
 
 
 def _lce_setup_context(ctx, inputs, output) -> None:
     x, weight = inputs[:2]
-    _loss, dx, dw = output
+    _loss, dx, dw, pending = output
     ctx.dtypes = x.dtype, weight.dtype
-    ctx.save_for_backward(dx, dw)
-    runtime.only_first_output_differentiable(ctx, dx, dw)
+    ctx.save_for_backward(dx, dw, pending)
+    runtime.only_first_output_differentiable(ctx, dx, dw, pending)
 
 
-def _lce_backward(ctx, dloss, _ddx, _ddw):
-    grads = [(d * dloss).to(dtype) if need else None
-             for d, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad)]
+def _lce_backward(ctx, dloss, _ddx, _ddw, _dpending):
+    dx, dw, pending = ctx.saved_tensors
+    factor = dloss * pending  # fp32, and the products in fp32: each gradient rounded once
+    grads = [(d.float() * factor).to(dtype) if need else None
+             for d, dtype, need in zip((dx, dw), ctx.dtypes, ctx.needs_input_grad)]
     return (*grads, None, None, None, None, None)
 
 

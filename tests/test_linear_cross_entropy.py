@@ -81,6 +81,19 @@ def test_matches_float64(backend, dtype, batch, width, classes, chunks, device):
                            f"{backend} {dtype} {batch}x{width}x{classes} {chunks}")
 
 
+def test_fp16_gradients_survive_the_mean_over_many_rows(device):
+    """fp16 under GradScaler (d_loss 65536), the model's dtype on GPUs without bf16: the mean's
+    logit gradients over 32768 rows and 32 near-equal classes are ~1e-6, fp16 subnormals of a few
+    bits (at GPT-2's 12k rows and 50k classes, 1e-9: nothing). They must reach d_x and d_weight as
+    accurately as torch's, which multiplies them by d_loss before rounding them."""
+    skip_unless_triton_runs("triton", device)
+    x = torch.randn(32768, 4, device=device).half()
+    weight = (torch.randn(32, 4, device=device) * 0.15).half()  # near-uniform softmax: every p ~ 1/32
+    targets = torch.randint(0, 32, (32768,), device=device)
+    assert_matches_float64(kernels.get("linear_cross_entropy", "triton"), x, weight, targets,
+                           torch.tensor(65536.0, device=device), "triton float16 32768 rows, loss scaled")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_under_autocast_with_fp32_weights(backend, chunks, device):
     """As the model runs it under adamw: fp32 weight and x, bf16 autocast. The matmuls run in bf16
@@ -124,8 +137,8 @@ def test_is_deterministic(chunks, device):
 
 
 def test_keeps_no_logits(chunks, device):
-    """What autograd keeps for backward is d_x (x's size) and d_weight in fp32, nothing the size of
-    the logits, with or without autocast; and the forward reaches the same loss with or without
+    """What autograd keeps for backward is d_x (x's size) and d_weight in fp32 (and a number),
+    nothing the size of the logits, with or without autocast; and the forward reaches the same loss with or without
     gradients asked for."""
     skip_unless_triton_runs("triton", device)
     fn = kernels.get("linear_cross_entropy", "triton")
@@ -138,9 +151,10 @@ def test_keeps_no_logits(chunks, device):
             loss = fn(x, weight, targets)
             with torch.no_grad():
                 assert torch.equal(fn(x, weight, targets), loss)
-        # d_x in the matmul dtype, d_weight in fp32 (under autocast too: its matmuls are the op's)
+        # d_x in the matmul dtype, d_weight in fp32 (under autocast too: its matmuls are the op's),
+        # and the factor still to apply to them (a number)
         assert sorted((t.shape, t.dtype) for t in saved) == sorted(
-            [(x.shape, torch.bfloat16), (weight.shape, torch.float32)]), autocast
+            [(x.shape, torch.bfloat16), (weight.shape, torch.float32), ((), torch.float32)]), autocast
 
 
 def test_frozen_weight_or_x(chunks, device):
