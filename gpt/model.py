@@ -56,6 +56,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("GPTConfig: rope needs an even head size")
+        if self.mlp == "swiglu" and self.activation not in ("gelu", "silu"):  # gelu: the default, unused
+            raise ValueError(f"GPTConfig: mlp='swiglu' gates with silu; activation {self.activation!r} is the "
+                             f"plain MLP's (mlp='gelu')")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else _round_up(8 * self.n_embd // 3, 64)
 
@@ -321,6 +324,28 @@ class GPT(nn.Module):
     def recomputed(self) -> int:
         """How many blocks are recomputed in backward (recompute_blocks)."""
         return sum(block.recompute for block in self.h)
+
+    @classmethod
+    def from_pretrained(cls, model_type: str, override_args: dict | None = None) -> "GPT":
+        """nanoGPT's: a GPT holding `model_type`'s weights (gpt2, gpt2-medium, gpt2-large,
+        gpt2-xl, another Hugging Face GPT-2 or a local folder: gpt.pretrained.load, which
+        train.py's init_from uses), fp32 on the CPU. override_args may set dropout, as there."""
+        from gpt import pretrained
+
+        override_args = override_args or {}
+        if set(override_args) - {"dropout"}:
+            raise ValueError(f"GPT.from_pretrained: only dropout can be overridden, got {sorted(override_args)}")
+        return pretrained.load(model_type, dropout=override_args.get("dropout", 0.0))
+
+    def crop_block_size(self, block_size: int) -> None:
+        """nanoGPT's: a shorter context than the model was built with (GPT-2's 1024 positions
+        fine-tuned at 256), keeping the first `block_size` learned positions."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"GPT.crop_block_size: block_size must be in [1, {self.config.block_size}], "
+                             f"got {block_size}")
+        self.config.block_size = block_size
+        if self.wpe is not None:
+            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Exact parameter count (shared tensors once). Non-embedding leaves out the token and

@@ -288,6 +288,10 @@ def test_bad_configs_are_refused():
             GPTConfig(n_embd=32, n_head=n_head, n_kv_head=n_kv_head)
     with pytest.raises(ValueError, match="longer than block_size"):
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))(torch.zeros(1, 9, dtype=torch.long))
+    # A gated MLP of another activation (ReGLU) is not what swiglu builds: refused, not ignored.
+    with pytest.raises(ValueError, match="mlp='swiglu' gates with silu; activation 'relu' is the plain MLP's"):
+        GPTConfig(mlp="swiglu", activation="relu")
+    assert GPTConfig(mlp="swiglu", activation="silu").mlp == "swiglu"
 
 
 def test_weight_decay_groups():

@@ -6,6 +6,7 @@ weights redrawn large enough for O(1) activations, where GELU's tanh form and er
 expected_logits.json holds that model's float64 logits for the token ids beside them, as
 transformers computed them.
 """
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -97,6 +98,26 @@ def test_a_shorter_block_size_keeps_the_first_positions():
     assert torch.equal(model.wpe.weight, fixture_tensors()["transformer.wpe.weight"][:10])
     with pytest.raises(ValueError, match="block_size 25 is longer than the model's 24 positions"):
         pretrained.load(str(FIXTURE), block_size=25)
+
+
+def test_nanogpts_from_pretrained_and_crop_block_size():
+    """A nanoGPT user's own script: GPT.from_pretrained(...) then model.crop_block_size(n) gives
+    what train.py's init_from with a shorter block_size loads."""
+    model = GPT.from_pretrained(str(FIXTURE), dict(dropout=0.1))
+    assert model.config.dropout == 0.1
+    model.crop_block_size(10)
+    cropped = pretrained.load(str(FIXTURE), block_size=10)
+    assert model.config == dataclasses.replace(cropped.config, dropout=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), cropped.state_dict().values()))
+    model.eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, 10))
+    assert torch.equal(model(idx)[0], cropped(idx)[0])
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"crop_block_size: block_size must be in \[1, 10\], got 11"):
+        model.crop_block_size(11)
+    with pytest.raises(ValueError, match="only dropout can be overridden, got \\['bias'\\]"):
+        GPT.from_pretrained(str(FIXTURE), dict(bias=False))
 
 
 def test_bf16_tensors_read_exactly(tmp_path):
