@@ -133,8 +133,7 @@ class BF16AdamW(torch.optim.Optimizer):
             kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
             # One op call per distinct step count: in practice one call for the whole group. This
-            # loop runs every step over every parameter: its host time is kept to a few dict
-            # lookups and appends a parameter (the GPU's work for one is a few microseconds).
+            # loop runs every step over every parameter: a few dict lookups and appends each.
             by_step: dict[int, list[list]] = {}
             for p in group["params"]:
                 grad = p.grad

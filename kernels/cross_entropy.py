@@ -363,8 +363,8 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     rows, classes = x.shape[0], weight.shape[0]
     w = weight.to(dtype)
     counted = (targets != ignore_index).sum()
-    scale = 1.0 / counted  # fp32
-    pending = scale if dtype == torch.float16 else torch.ones_like(scale)
+    scale = 1.0 / counted  # fp32; inf when no row counts: then every row's gradient is 0 all the same
+    pending = 1.0 / counted.clamp(min=1) if dtype == torch.float16 else torch.ones_like(scale)
     scale = scale / pending  # d_logits' share
     dx = torch.empty(x.shape if x_grad else 0, dtype=dtype, device=x.device)
     dw = None

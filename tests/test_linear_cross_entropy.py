@@ -117,13 +117,15 @@ def test_ignored_rows_count_for_nothing(ignore_index, chunks, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_row_ignored_or_none_is_nan_with_zero_gradient(backend, device):
-    """A mean over no rows is 0 / 0, as torch: a NaN loss, and no gradient anywhere."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_every_row_ignored_or_none_is_nan_with_zero_gradient(backend, dtype, device):
+    """A mean over no rows is 0 / 0, as torch: a NaN loss, and no gradient anywhere (fp16's
+    gradients, divided by the count in backward, too)."""
     skip_unless_triton_runs(backend, device)
     fn = kernels.get("linear_cross_entropy", backend)
-    weight = torch.randn(9, 4, device=device)
-    for x, targets in ((torch.randn(3, 4, device=device), torch.full((3,), -1, device=device)),
-                       (torch.randn(0, 4, device=device), torch.zeros(0, dtype=torch.int64, device=device))):
+    weight = torch.randn(9, 4, device=device).to(dtype)
+    for x, targets in ((torch.randn(3, 4, device=device).to(dtype), torch.full((3,), -1, device=device)),
+                       (torch.randn(0, 4, device=device).to(dtype), torch.zeros(0, dtype=torch.int64, device=device))):
         loss, dx, dw = loss_and_grads(fn, x, weight, targets, torch.tensor(1.0, device=device))
         assert loss.isnan() and dx.shape == x.shape and (dx == 0).all() and (dw == 0).all()
 
