@@ -184,6 +184,16 @@ def main(argv: list[str]) -> None:
             torch.cuda.set_device(c["device"])
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Before the data and the model are prepared: a refused combination says so at once.
+    pure_bf16 = c["optimizer"] == "bf16_adamw"
+    if pure_bf16:
+        if c["dtype"] == "float16":
+            raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16, and dtype is float16 (set so, or "
+                             "the default on a GPU without native bfloat16); set dtype=bfloat16")
+        c["dtype"] = "bfloat16"
+    if world.parallel == "fsdp" and c["dtype"] == "float16":
+        raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
+                         "kept in step across the ranks' shards)")
     # --- data ---------------------------------------------------------------------------------
     with reported():
         data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
@@ -224,14 +234,6 @@ def main(argv: list[str]) -> None:
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
                           world_size=world_size)
     tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
-    pure_bf16 = c["optimizer"] == "bf16_adamw"
-    if pure_bf16:
-        if c["dtype"] == "float16":
-            raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16; set dtype=bfloat16")
-        c["dtype"] = "bfloat16"
-    if world.parallel == "fsdp" and c["dtype"] == "float16":
-        raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
-                         "kept in step across the ranks' shards)")
     # Per op the backend to run, checked at this run's own shapes (the ops the run calls).
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
                     dtype=getattr(torch, c["dtype"]))

@@ -319,7 +319,8 @@ def measure_all(args, device: Device, console: Console, out: Path) -> None:
     seq_len = args.seq_len or config.block_size
     if seq_len > config.block_size:
         config = dataclasses.replace(config, block_size=seq_len)
-    dtype = torch.bfloat16 if device.capability >= (8, 0) else torch.float16
+    # train.py's dtype: bf16 where native, else fp16; bf16_adamw always trains in bf16
+    dtype = torch.bfloat16 if device.capability >= (8, 0) or args.optimizer == "bf16_adamw" else torch.float16
     run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
               f"cuda:{device.index}", args.recompute, args.profile_steps)
     peak = peak_for(device.name, dtype, args.peak_tflops)

@@ -89,6 +89,11 @@ class BF16AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding,
                                       kahan_summation=kahan_summation, seed=seed))
+        if any(p.dtype == torch.float16 for group in self.param_groups for p in group["params"]):
+            # Moments live in the param's dtype: in fp16, (1 - beta2) * g^2 flushes to zero (steps
+            # many times too large), and fp16 grads would need a loss scale GradScaler cannot unscale.
+            raise ValueError("BF16AdamW: float16 params are not supported (their second moment underflows); "
+                             "use bfloat16 or float32 params")
 
     def __setstate__(self, state: dict) -> None:
         """Also what load_state_dict ends with: groups saved without this optimizer's settings (an

@@ -680,6 +680,11 @@ def test_optimizer_with_kahan_resumes_exactly(backend, device):
         assert torch.equal(a, b)
 
 
+def test_optimizer_refuses_float16_params():
+    with pytest.raises(ValueError, match="BF16AdamW: float16 params are not supported"):
+        BF16AdamW([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
+
+
 def test_optimizer_takes_kahan_switched_on_and_off_between_steps(device):
     """A group's kahan_summation changed by hand (or by a checkpoint's settings) between steps:
     the compensation starts at zero when switched on, and is left alone when switched off."""

@@ -285,3 +285,20 @@ def test_the_result_file_keeps_each_variant_as_it_is_measured(monkeypatch, tmp_p
         mfu.main(["--gpu", "auto", "--kernels", "triton,compile", "--json", str(out)])
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["rows"]] == ["triton"] and result["device"]["name"] == "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("optimizer, dtype", [("adamw", torch.float16), ("bf16_adamw", torch.bfloat16)])
+def test_a_gpu_without_bf16_measures_what_train_py_runs(optimizer, dtype, monkeypatch, tmp_path):
+    """On a V100 train.py trains in fp16 with a loss scale, but bf16_adamw always in bf16 (no
+    scaler): bench.mfu times the same."""
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "Tesla V100-SXM2-16GB", 80, 16.0, (7, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    seen = []
+
+    def measure(run, variant, device):
+        seen.append(run.dtype)
+        raise KeyboardInterrupt  # what was to be measured is known: stop there
+    monkeypatch.setattr(mfu, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        mfu.main(["--gpu", "auto", "--kernels", "torch", "--optimizer", optimizer, "--json", str(tmp_path / "m.json")])
+    assert seen == [dtype]

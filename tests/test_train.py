@@ -207,6 +207,12 @@ def test_defaults_and_errors():
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
     with pytest.raises(SystemExit, match="unknown preset 'gpt3'"):
         train.main(["--preset=gpt3"])
+    # Combinations refused before any data is prepared (this dataset does not exist).
+    nothing = ["--device=cpu", "--dataset=nosuch"]
+    with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
+        train.main([*nothing, "--dtype=float16", "--optimizer=bf16_adamw"])
+    with pytest.raises(SystemExit, match="parallel=fsdp trains in bfloat16 or float32"):
+        train.main([*nothing, "--dtype=float16", "--parallel=fsdp"])
 
 
 def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
