@@ -168,6 +168,17 @@ def main(argv: list[str]) -> None:
         raise SystemExit("train.py: wandb_log=True needs the wandb package (pip install wandb)")
     config_files = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
 
+    # Before the processes join and the data is prepared: a refused combination says so at once.
+    pure_bf16 = c["optimizer"] == "bf16_adamw"
+    if pure_bf16:
+        if c["dtype"] == "float16":
+            raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16, and dtype is float16 (set so, or "
+                             "the default on a GPU without native bfloat16); set dtype=bfloat16")
+        c["dtype"] = "bfloat16"
+    if c["parallel"] == "fsdp" and distributed.launched() and c["dtype"] == "float16":
+        raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
+                         "kept in step across the ranks' shards)")
+
     # --- processes: one, or one per GPU under torchrun -------------------------------------
     with reported():
         world, c["device"] = distributed.init(c["parallel"], c["backend"], c["device"])
@@ -184,16 +195,6 @@ def main(argv: list[str]) -> None:
             torch.cuda.set_device(c["device"])
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # Before the data and the model are prepared: a refused combination says so at once.
-    pure_bf16 = c["optimizer"] == "bf16_adamw"
-    if pure_bf16:
-        if c["dtype"] == "float16":
-            raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16, and dtype is float16 (set so, or "
-                             "the default on a GPU without native bfloat16); set dtype=bfloat16")
-        c["dtype"] = "bfloat16"
-    if world.parallel == "fsdp" and c["dtype"] == "float16":
-        raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
-                         "kept in step across the ranks' shards)")
     # --- data ---------------------------------------------------------------------------------
     with reported():
         data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))

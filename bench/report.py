@@ -122,7 +122,8 @@ def profile_table(result: dict) -> str:
             r = measured.get(backend)
             if r is None or "error" in r:
                 return "" if r is None else "error"
-            return f"{r['ms'][pass_]:.3f}" + ("" if r["verified"] else " unverified")
+            return (f"{r['ms'][pass_]:.3f}" + ("" if r["verified"] else " unverified")
+                    + " host-bound" * host_bound(r["ms"][pass_], r.get("host_ms", {}).get(pass_)))
 
         triton = measured.get("triton", {})
         rate = f"{triton['rate'][pass_]:,.0f} {e['unit']} ({100 * triton['roofline'][pass_]:.0f}%)" \

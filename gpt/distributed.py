@@ -43,12 +43,17 @@ class World:
         return self.rank == 0
 
 
+def launched() -> bool:
+    """Whether torchrun (or a launcher like it) started this process as one rank of several."""
+    return "RANK" in os.environ
+
+
 def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
     """(world, device): joins the process group torchrun describes in RANK, LOCAL_RANK and
     WORLD_SIZE, each process on its own GPU; without RANK, one process and `device` as given."""
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-    if "RANK" not in os.environ:
+    if not launched():
         return World(), device
     if "LOCAL_RANK" not in os.environ:
         raise ValueError("RANK is set but LOCAL_RANK is not: launch with torchrun, or set LOCAL_RANK to the "

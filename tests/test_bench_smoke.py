@@ -242,7 +242,9 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
             {**provenance, "workload": {"preset": preset, "shapes": f"{preset} shapes"},
              "rooflines": {"copy_gbs": 4000.0, "matmul_tflops": 700.0},
              "ops": {"swiglu": {"training_pass": "fwd+bwd", "shape": "16384 x 3072", "unit": "GB/s",
-                                "backends": {"triton": {"error": "out of memory"}},
+                                "backends": {"torch": {"ms": {"fwd+bwd": 1.0}, "verified": True,
+                                                       "host_ms": {"fwd+bwd": 0.9}},
+                                             "triton": {"error": "out of memory"}},
                                 "chosen": {"eager": None, "compiled": None}}}} for preset in ("gpt2", "llama")]},
         "odd.json": {**provenance, "rows": []},
     }
@@ -254,6 +256,6 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
     assert "| 124M | step | 100 | 20 host-bound |  |  |  | 50% | 5.00x |" in out
     assert "| 124M | optimizer step |  |  | 90 | 95 | 60 | 50% | 1.50x |" in out
     assert "no peak" in out and "| triton | 500,000 | 32.0 | 400 | n/a |" in out
-    assert out.count("| swiglu | 16384 x 3072 | fwd+bwd |  |  | error |  | none | none |") == 2
+    assert out.count("| swiglu | 16384 x 3072 | fwd+bwd | 1.000 host-bound |  | error |  | none | none |") == 2
     assert "bench.kernels gpt2: gpt2 shapes" in out and "bench.kernels llama: llama shapes" in out
     assert "odd.json: not reported (KeyError" in out

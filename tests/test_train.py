@@ -192,7 +192,7 @@ def test_every_shipped_config_reads(path):
     GPTConfig(**{k: config[k] for k in train.ARCH_KEYS}, vocab_size=64)  # a valid architecture
 
 
-def test_defaults_and_errors():
+def test_defaults_and_errors(monkeypatch):
     config, argv = train.read_config([])
     if not torch.cuda.is_available():
         assert argv == [train.DEFAULT_CPU_CONFIG] and config["device"] == "cpu" and config["dtype"] == "float32"
@@ -211,8 +211,10 @@ def test_defaults_and_errors():
     nothing = ["--device=cpu", "--dataset=nosuch"]
     with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
         train.main([*nothing, "--dtype=float16", "--optimizer=bf16_adamw"])
-    with pytest.raises(SystemExit, match="parallel=fsdp trains in bfloat16 or float32"):
-        train.main([*nothing, "--dtype=float16", "--parallel=fsdp"])
+    with monkeypatch.context() as m:  # as torchrun starts it (one process ignores parallel)
+        m.setenv("RANK", "0")
+        with pytest.raises(SystemExit, match="parallel=fsdp trains in bfloat16 or float32"):
+            train.main([*nothing, "--dtype=float16", "--parallel=fsdp"])
 
 
 def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
