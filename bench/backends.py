@@ -7,8 +7,9 @@ Times are medians of CUDA-event timings (bench.measure.median_ms) after one unti
 compiles and autotunes. Beside each time, on CUDA, the memory the pass allocates beyond its
 inputs at its peak (outputs and gradients included): what a backend costs in memory, which for
 some ops (the fused loss) is the point; and the host's time to issue the pass, which near the
-GPU's time says the pass is bound by the host (its launches, argument checks), not the kernels. A backend that fails its check is still timed, and
-marked unverified; one that cannot run at all is reported with its error.
+GPU's time says the pass is bound by the host (its launches, argument checks), not the kernels.
+A backend that fails its check is still timed, and marked unverified; one that cannot run at all
+is reported with its error.
 """
 import argparse
 import json

@@ -13,9 +13,9 @@ seed's bf16_adamw.py), each called on ready lists (pass `step`); and whole optim
 `optimizer step`, their loop over the params included): the BF16AdamW optimizer on the triton op
 (rounding to nearest, as torch's, and `sr`), torch.optim.AdamW with fused=True and with
 foreach=True on the same bf16 params. Every row includes its host-side work (argument checks, the
-pointer-table lookup). `verified` (the op's rows): p, m and
-v after the step as accurate as the torch backend's, by the project's rule (kernels/accuracy.py),
-at one tensor of each parameter shape.
+pointer-table lookup). `verified` (the op's rows): p, m and v after the step as accurate as the
+torch backend's, by the project's rule (kernels/accuracy.py), at one tensor of each parameter
+shape.
 
 Clipping by global norm (nanoGPT clips at 1.0) adds the `grad_norm` op's rows (one read of every
 grad, 2 bytes per parameter: triton, the torch loop, and `get_total_norm`, what
