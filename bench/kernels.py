@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or profile.path_for(device.slug)
     shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len)
     try:  # before measuring: a file that cannot take the result is known now
-        profile.merged(out, {"workload": profile.workload(args.preset, shapes), "device": device.as_dict()})
+        profile.check_gpu(out, device.slug)
     except ValueError as e:
         print(f"bench.kernels: {e}", file=sys.stderr)
         return 2

@@ -123,15 +123,21 @@ def for_this_gpu() -> Profile | None:
     return load(path_for(device.slug)) if device else None
 
 
-def merged(path: Path, record: dict) -> dict:
-    """The profile at `path` (if any) with `record` (one workload's measurement) added, in place
-    of an earlier record of the same workload; a ValueError if the file is another GPU's."""
+def check_gpu(path: Path, slug: str) -> Profile | None:
+    """The profile at `path` (if any), which a measurement of GPU `slug` may join; a ValueError if
+    it holds another GPU's."""
     old = load(path)
-    slug = record["device"]["slug"]
     others = {w["device"]["slug"] for w in old.workloads} - {slug} if old else set()
     if others:
         raise ValueError(f"{path} holds measurements of {', '.join(sorted(others))}, not of this GPU ({slug}): "
                          f"pass another --out")
+    return old
+
+
+def merged(path: Path, record: dict) -> dict:
+    """The profile at `path` (if any) with `record` (one workload's measurement) added, in place
+    of an earlier record of the same workload; a ValueError if the file is another GPU's."""
+    old = check_gpu(path, record["device"]["slug"])
     kept = [w for w in old.workloads if w["workload"] != record["workload"]] if old else []
     return {"format": FORMAT, "workloads": [*kept, record]}
 
