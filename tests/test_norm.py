@@ -126,8 +126,8 @@ def test_one_row_and_strided_params(backend, op, bias, dtype, device):
 def test_one_element_rows(backend, op, bias, dtype, device):
     """With N = 1 dx is a residue of cancelling terms of size rstd*|w*dy|: RMSNorm's is
     w*dy*eps/(x^2+eps)^1.5, a few 1e-6 of them, and LayerNorm's is exactly 0, as is its dw (a
-    row is its own mean), whose terms are |dy*x|*rstd. Any fp32 formula's rounding error is a
-    fraction of those terms, so it is measured against them."""
+    row is its own mean), whose terms are |dy*x|*rstd; db, a sum of five dy, may cancel too. Any
+    fp32 formula's rounding error is a fraction of those terms, so it is measured against them."""
     skip_unless_triton_runs(backend, device)
     x, w, b = inputs(5, 1, device, dtype, bias=bias)
     dy = torch.randn(x.shape, device=device).to(dtype)
@@ -135,7 +135,7 @@ def test_one_element_rows(backend, op, bias, dtype, device):
     xc = xd if op == "rms_norm" else xd - xd.mean(-1, keepdim=True)
     rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + EPS)
     scales = {"dx": (rstd * wd * dyd).norm().item(),
-              "dw": (dyd * xd * rstd).abs().sum(0).norm().item()}
+              "dw": (dyd * xd * rstd).abs().sum(0).norm().item(), "db": dyd.abs().sum(0).norm().item()}
     assert_accurate(backend, op, x, w, b, dy, scales)
 
 
