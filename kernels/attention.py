@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import wrap_triton  # called by this bare name: see its docstring
+from .runtime import dropout_key, dropout_scale, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
 from .rope import check_tables, rotate, triton_tables, turned
@@ -222,7 +222,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
         if DROPOUT:
-            p = p * runtime.dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = p * dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -270,7 +270,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    key = runtime.dropout_key(seed_ptr, bh, DROPOUT)  # each batch and head its own mask
+    key = dropout_key(seed_ptr, bh, DROPOUT)  # each batch and head its own mask
 
     # Unmasked key tiles first, then the tiles that need a mask.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
@@ -332,7 +332,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
         p_t = _exp2_scaled(s_t, qk_scale, lse[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
         if DROPOUT:
-            keep = runtime.dropout_scale(key, offs_m[None, :], offs_n[:, None], dropout_p)  # transposed
+            keep = dropout_scale(key, offs_m[None, :], offs_n[:, None], dropout_p)  # transposed
             dv = _dot((p_t * keep).to(do.dtype), do, dv, FP32_DOT)
             dp_t = dp_t * keep
         else:
@@ -387,7 +387,7 @@ def _attn_bwd_dkdv(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        key = runtime.dropout_key(seed_ptr, bh, DROPOUT)
+        key = dropout_key(seed_ptr, bh, DROPOUT)
         q_base = _head(q_src, b, h, stride_qb, stride_qh, TMA)
         do_base = _head(do_src, b, h, stride_dob, stride_doh, TMA)
         lse_base = lse_ptr + bh.to(tl.int64) * T
@@ -432,7 +432,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
         p = _exp2_scaled(s, qk_scale, lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_DOT)
         if DROPOUT:
-            dp = dp * runtime.dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = dp * dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
     return dq
@@ -483,7 +483,7 @@ def _attn_bwd_dq(
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    key = runtime.dropout_key(seed_ptr, bh, DROPOUT)
+    key = dropout_key(seed_ptr, bh, DROPOUT)
 
     # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)

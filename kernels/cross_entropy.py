@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import wrap_triton  # called by this bare name: see its docstring
+from .runtime import tile, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
@@ -167,7 +167,7 @@ def _cross_entropy_bwd_kernel(
     BLOCK_C: tl.constexpr,  # tile columns (a power of two)
     ALIGN: tl.constexpr,  # elements per 16 bytes where rows start unaligned, else 1 (_row_starts)
 ):
-    rows, cols, _ = runtime.tile(n_rows, span, BLOCK_R, BLOCK_C)
+    rows, cols, _ = tile(n_rows, span, BLOCK_R, BLOCK_C)
     row_ok = rows < n_rows
     start = tl.min(cols, axis=0)  # the tile's first column, from each row's boundary
     lead, starts = _row_starts(rows, stride_logits, ALIGN)

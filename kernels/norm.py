@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import wrap_triton  # called by this bare name: see its docstring
+from .runtime import dropout_scale, dropout_seed, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import FLOAT_DTYPES, check_dropout, check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
@@ -163,7 +163,7 @@ def _norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        x *= runtime.dropout_scale(runtime.dropout_seed(Seed, DROPOUT), rows[:, None], cols[None, :], dropout_p)
+        x *= dropout_scale(dropout_seed(Seed, DROPOUT), rows[:, None], cols[None, :], dropout_p)
     if HAS_RESIDUAL:
         x += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = x.to(S.dtype.element_ty)
@@ -222,7 +222,7 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok).to(tl.float32)
-    seed = runtime.dropout_seed(Seed, DROPOUT)
+    seed = dropout_seed(Seed, DROPOUT)
     # Keep whole tiles of partial sums, reduced over rows once at the end, so the loop needs no
     # cross-warp reduction for dw and db.
     dw = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -257,7 +257,7 @@ def _norm_bwd_kernel(
         if HAS_DX2:
             tl.store(DX2 + offsets, dx.to(DX2.dtype.element_ty), mask=mask)
         if DROPOUT:
-            dx *= runtime.dropout_scale(seed, rows[:, None], cols[None, :], dropout_p)
+            dx *= dropout_scale(seed, rows[:, None], cols[None, :], dropout_p)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
     if HAS_BIAS:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import wrap_triton  # called by this bare name: see its docstring
+from .runtime import wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import FLOAT_DTYPES, check_same, check_tensor
 from .registry import register
 

@@ -198,7 +198,10 @@ def wrap_triton(kernel):
     traces the launch. Launch sites call it by this bare name, `wrap_triton(_some_kernel)[grid]`:
     that is the pattern torch.library.triton_op looks for in an op's source (and the functions it
     calls) to list the op's kernels, whose sources torch's compile caches then key on, so that an
-    edited kernel is not served from a stale cache.
+    edited kernel is not served from a stale cache. The JIT helpers below (tile, dropout_*) are
+    imported and called by bare names too: Inductor compiles a kernel from its source and the
+    functions and constants it calls under their bare names, without the modules they came from,
+    so `runtime.tile(...)` in a kernel fails to compile under torch.compile (tests/inductor_source.py).
 
     The tensors a launch writes are whole buffers the op allocated, never views into one (a head
     range of d_qkv, a half of d_h, a row of statistics): the kernel takes the buffer and indexes

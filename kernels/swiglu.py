@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import wrap_triton  # called by this bare name: see its docstring
+from .runtime import tile, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_same, check_tensor
 from .registry import register
 
@@ -48,7 +48,7 @@ def _swiglu_fwd_kernel(
     BLOCK_R: tl.constexpr,  # tile rows
     BLOCK_C: tl.constexpr,  # tile columns (a power of two)
 ):
-    rows, cols, mask = runtime.tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
     rows, cols = rows[:, None], cols[None, :]
     # fp32 at once: one rounding, at the store (and the interpreter has no bf16 arithmetic).
     g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask).to(tl.float32)
@@ -72,7 +72,7 @@ def _swiglu_bwd_kernel(
     BLOCK_R: tl.constexpr,  # tile rows
     BLOCK_C: tl.constexpr,  # tile columns (a power of two)
 ):
-    rows, cols, mask = runtime.tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
+    rows, cols, mask = tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
     rows, cols = rows[:, None], cols[None, :]
     g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask).to(tl.float32)
     u = tl.load(up_ptr + rows * stride_up + cols, mask=mask).to(tl.float32)

@@ -131,3 +131,17 @@ def test_triton_op_finds_every_ops_kernels():
     if found is None:
         pytest.skip(f"torch {torch.__version__} keeps no list of triton_op kernels")
     assert found == OP_KERNELS
+
+
+def test_inductor_rebuilds_every_kernel_whole():
+    """torch.compile's Inductor compiles each kernel from its source and the JIT functions and
+    constants it finds it uses, under their bare names: a kernel that read a helper through its
+    module (`runtime.tile`) failed to compile on the GPU, under torch.compile only
+    (tests/inductor_source.py)."""
+    out = subprocess.run([sys.executable, "-m", "tests.inductor_source"], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    report = json.loads(out.stdout.splitlines()[-1])
+    if report is None:
+        pytest.skip(f"torch {torch.__version__} has no Inductor rebuilding of Triton kernels to check against")
+    assert len(report) >= 30  # every JIT function of kernels/, each checked as a kernel
+    assert {name: problems for name, problems in report.items() if problems} == {}
