@@ -11,6 +11,16 @@ interpreter_only = pytest.mark.skipif(
                                   "which is off on a machine with a GPU")
 
 
+def skip_unless_interpreter_runs() -> None:
+    """For a test whose subprocesses run the triton backends in Triton's interpreter (on CPU, on a
+    machine with a GPU too): skips where these triton and numpy versions cannot run it."""
+    import numpy
+    import triton
+
+    if (problem := runtime.interpreter_problem(triton.__version__, numpy.__version__)) is not None:
+        pytest.skip(problem)
+
+
 def skip_unless_triton_runs(backend: str, device: str) -> None:
     if backend == "triton" and device == "cpu" and not runtime.INTERPRET:
         pytest.skip("the triton backend runs CPU tensors only in the interpreter")

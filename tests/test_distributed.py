@@ -27,6 +27,7 @@ from gpt.data import Batches, prepare
 from gpt.model import GPT, GPTConfig
 from gpt.optim import BF16AdamW
 from gpt.sample import main as sample
+from tests.devices import skip_unless_interpreter_runs
 
 REPO = Path(__file__).resolve().parents[1]
 # Head size 32, as the Triton attention takes it; lr decays to iteration 9 in every run, so that
@@ -159,6 +160,7 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoint_continues_in_one(re
 def test_fsdp_with_the_triton_kernels(reference, tmp_path, data_dir):
     """The Triton ops (the interpreter here) on FSDP's gathered weights and the ranks' activations,
     with the blocks recomputed in backward (FSDP gathers each block's weights again for it)."""
+    skip_unless_interpreter_runs()
     log, printed = torchrun(tmp_path, data_dir, *TWO, "--max_iters=2", "--eval_iters=1", "--kernels=triton",
                             "--parallel=fsdp", "--recompute=True")
     for op in ("layer_norm", "attention"):
