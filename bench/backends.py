@@ -3,8 +3,8 @@ torch reference, timed at every pass, and rated against a roofline measured in t
 The one measuring path of the kernel profile (bench/kernels.py) and the per-issue benchmarks
 (bench/op_*.py), and the command line those share.
 
-Times are medians of CUDA-event timings (bench.measure.median_ms) after one untimed call, which
-compiles and autotunes. Beside each time, on CUDA, the memory the pass allocates beyond its
+Times are medians of the GPU's time (bench.measure.median_ms: CUDA events, calls queued ahead of
+the GPU) after one untimed call, which compiles and autotunes. Beside each time, on CUDA, the memory the pass allocates beyond its
 inputs at its peak (outputs and gradients included): what a backend costs in memory, which for
 some ops (the fused loss) is the point; and the host's time to issue the pass, which near the
 GPU's time says the pass is bound by the host (its launches, argument checks), not the kernels.
@@ -48,12 +48,6 @@ def roofline(unit: str, device="cuda") -> float:
     return copy_gbs(device) if unit == "GB/s" else matmul_tflops(device)
 
 
-def time_ms(fn: Callable) -> float:
-    """Median ms of `fn()`, after one untimed call that compiles and autotunes."""
-    fn()
-    return median_ms(fn)
-
-
 def peak_mib(fn: Callable, device) -> float | None:
     """MiB that `fn()` allocates beyond what was allocated before it, at its peak, by the caching
     allocator's count; None off CUDA."""
@@ -69,7 +63,7 @@ def peak_mib(fn: Callable, device) -> float | None:
 
 def host_ms(fn: Callable, device, calls: int = 5) -> float | None:
     """Median ms the host takes to issue `fn()` (to return from it, the GPU idle before each call):
-    where that is near the GPU's time for it, the timing is the host's (bench.measure.HOST_BOUND).
+    where that is near the GPU's time for it, the pass is bound by the host (bench.measure.HOST_BOUND).
     None off CUDA."""
     if torch.device(device).type != "cuda":
         return None
@@ -88,7 +82,7 @@ def time_case(c: Case, fn: Callable, device) -> tuple[dict[str, float], ...]:
     host_ms, all passes on one set of inputs."""
     inputs = c.make()
     calls = {pass_: (lambda pass_=pass_: c.call(fn, inputs, pass_)) for pass_ in c.passes}
-    return ({pass_: time_ms(call) for pass_, call in calls.items()},
+    return ({pass_: median_ms(call) for pass_, call in calls.items()},
             {pass_: peak_mib(call, device) for pass_, call in calls.items()},
             {pass_: host_ms(call, device) for pass_, call in calls.items()})
 

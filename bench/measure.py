@@ -1,25 +1,96 @@
 """Timing and roofline helpers shared by every benchmark (CUDA), and the provenance recorded
 with every result file.
 
-Times are medians of many runs after warm-up, taken with CUDA events by
-`triton.testing.do_bench`. Rooflines are measured on the GPU at hand, in the same run:
+Times are medians of many runs after warm-up, taken with CUDA events, the L2 cache flushed
+before each run, and the runs queued ahead of the GPU (median_ms): the GPU's time, not the
+host's pace. Rooflines are measured on the GPU at hand, in the same run:
 device-to-device copy bandwidth (bytes read + bytes written) and the bf16 matmul rate.
 """
 import datetime
 import functools
 import platform
+import statistics
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 
-def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
-    """Median milliseconds of `fn()` on the current CUDA device."""
-    import triton.testing
+# Calls queued behind one GPU sleep: CUDA's launch queue holds about a thousand entries, and a
+# call is an L2 flush, two events and the pass's own launches.
+BATCH = 20
+L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H200's is 60 MiB)
+MAX_CALLS = 200  # a median of this many is steady; the host's time per call bounds the rest
+WARMUP_BATCHES = 5
 
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+def calls_for(estimate_ms: float, budget_ms: float) -> int:
+    """Timed calls of a pass taking `estimate_ms` within `budget_ms` of GPU time: at least one batch."""
+    return max(BATCH, min(MAX_CALLS, int(budget_ms / max(estimate_ms, 1e-3))))
+
+
+@functools.cache
+def _sleep_cycles_per_ms(device: int) -> float:
+    """torch.cuda._sleep's spin cycles per millisecond on `device` (its SM clock), measured."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(10**7)
+    end.record()
+    end.synchronize()
+    return 1e7 / start.elapsed_time(end)
+
+
+def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
+    """Median milliseconds of the GPU's work of `fn()` on the current CUDA device: CUDA events
+    around each call, the L2 cache flushed before it.
+
+    Calls are queued in batches behind a GPU sleep longer than the host takes to queue the batch,
+    so the GPU runs them back to back: a pass whose launches take the host longer than its kernels
+    take the GPU (small kernels, many launches, argument checks) is timed by its kernels, where
+    triton.testing.do_bench would time the host's pace. The host's own time per call is measured
+    apart (bench.backends.host_ms). A pass that waits for the GPU inside (an .item()) cannot be
+    queued ahead: its times include the wait, as they would in training."""
+    device = torch.cuda.current_device()
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def call(start, end):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+
+    def batch(n: int, sleep_ms: float) -> tuple[list[float], float, bool]:
+        """n calls behind a sleep: (their ms, the host's ms per call, whether the GPU never
+        reached them before the host had queued them all)."""
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        torch.cuda._sleep(int(sleep_ms * _sleep_cycles_per_ms(device)))
+        t0 = time.perf_counter()
+        for start, end in events:
+            call(start, end)
+        host_ms = 1e3 * (time.perf_counter() - t0) / n
+        ahead = not events[0][0].query()
+        events[-1][1].synchronize()
+        return [start.elapsed_time(end) for start, end in events], host_ms, ahead
+
+    fn()  # compiles and autotunes, outside the timing
+    torch.cuda.synchronize(device)
+    times, host_ms, _ = batch(3, 0.0)  # a first estimate of the GPU's and the host's time a call
+    sleep_ms = 2 * BATCH * host_ms
+    for _ in range(max(1, min(WARMUP_BATCHES, round(warmup_ms / max(statistics.median(times) * BATCH, 1e-3))))):
+        _, host_ms, ahead = batch(BATCH, sleep_ms)
+        sleep_ms = max(sleep_ms, 2 * BATCH * host_ms)
+    timed, retries = [], 3
+    while len(timed) < calls_for(statistics.median(times), rep_ms):
+        times, host_ms, ahead = batch(BATCH, sleep_ms)
+        if not ahead and retries:  # the host fell behind the GPU: queue this batch again, asleep longer
+            retries -= 1
+            sleep_ms *= 2
+            continue
+        timed += times
+    return statistics.median(timed)
 
 
 @functools.cache
@@ -41,8 +112,10 @@ def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> 
     return 2 * n**3 / ms / 1e9
 
 
-# A pass whose host time is at least this fraction of its measured time is bound by the host:
-# the GPU waited for its launches, and its rate understates the kernels' (tables mark it).
+# A pass whose host time is at least this fraction of its GPU time is bound by the host: run alone,
+# one call after another, the GPU would wait for its launches (tables mark it). Its kernels' rate
+# stands (median_ms queues the calls ahead of the GPU); in training the GPU idles unless work
+# queued before it (the matmuls) covers the host's time.
 HOST_BOUND = 0.8
 
 

@@ -96,7 +96,7 @@ def _optimizer_rows(c: Case, device) -> list[Row]:
         for p, g in zip(params, inputs[n:2 * n]):
             p.grad = g
         step = make(params)
-        ms = backends.time_ms(step)
+        ms = backends.median_ms(step)
         rate = c.rate("step", ms)
         result.append(Row("adamw", c.shape, OPTIMIZER_PASS, name, ms, rate, c.unit, rate / peak,
                           peak_mib=backends.peak_mib(step, device), host_ms=backends.host_ms(step, device)))

@@ -8,8 +8,8 @@ measured with, then its table. The numbers are the files' own, rounded; nothing 
 Per-op tables: one row per shape and pass, one column per backend (its rate in the file's unit,
 then the MiB the pass allocated beyond its inputs at its peak where measured, "unverified" where
 it failed its check against the torch reference, "host-bound" where the host took at least
-bench.measure.HOST_BOUND of the measured time to issue the pass: the kernels are faster than the
-rate says), then triton's fraction of the roofline measured in the same run and triton against
+bench.measure.HOST_BOUND of the GPU's time to issue the pass: run alone the GPU would wait for its
+launches), then triton's fraction of the roofline measured in the same run and triton against
 the fastest verified other backend (for op_adamw's optimizer steps: BF16AdamW on triton, rounding
 to nearest, against torch's optimizers).
 """

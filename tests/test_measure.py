@@ -1,0 +1,88 @@
+"""bench.measure.median_ms on a stand-in for the GPU: calls queued in batches behind a sleep
+longer than the host takes to queue them, a batch the GPU reached early queued again."""
+import pytest
+import torch
+
+from bench import measure
+
+
+class FakeGPU:
+    """torch.cuda's events and sleep as median_ms uses them: every call `gpu_ms` long, and the GPU
+    reaching the first call of a batch before the host had queued them all `caught_up` times."""
+
+    def __init__(self, gpu_ms: float, caught_up: int):
+        self.gpu_ms, self.caught_up, self.sleeps = gpu_ms, caught_up, []
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.recorded = False
+
+            def record(self):
+                self.recorded = True
+
+            def synchronize(self):
+                pass
+
+            def query(self):
+                if gpu.caught_up:
+                    gpu.caught_up -= 1
+                    return True
+                return False
+
+            def elapsed_time(self, end):
+                assert self.recorded and end.recorded
+                return gpu.gpu_ms
+
+        self.Event = Event
+
+    def sleep(self, cycles: int):
+        self.sleeps.append(cycles)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(gpu_ms, caught_up=0):
+        gpu = FakeGPU(gpu_ms, caught_up)
+        monkeypatch.setattr(torch.cuda, "Event", gpu.Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(measure, "L2_FLUSH_BYTES", 64)
+        measure._sleep_cycles_per_ms.cache_clear()
+        return gpu
+    yield install
+    measure._sleep_cycles_per_ms.cache_clear()
+
+
+def test_times_the_gpus_work_in_whole_batches_behind_a_sleep(fake):
+    gpu = fake(gpu_ms=0.25)
+    calls = []
+    assert measure.median_ms(lambda: calls.append(1), rep_ms=20) == 0.25
+    timed = measure.calls_for(0.25, 20)
+    assert timed == measure.BATCH * 4  # 80 calls of 0.25 ms: 20 ms
+    # the untimed first call, the estimate's 3, at least one warm-up batch, the timed calls
+    assert len(calls) >= 1 + 3 + measure.BATCH + timed
+    assert all(cycles > 0 for cycles in gpu.sleeps[3:])  # the calibration, the estimate, then asleep
+
+
+def test_a_batch_the_gpu_reached_early_is_queued_again_asleep_longer(fake):
+    gpu = fake(gpu_ms=1.0, caught_up=0)
+    measure.median_ms(lambda: None, warmup_ms=1, rep_ms=1)
+    steady = len(gpu.sleeps)
+    gpu = fake(gpu_ms=1.0, caught_up=3)  # the estimate's batch, the warm-up one and the first timed one
+    measure.median_ms(lambda: None, warmup_ms=1, rep_ms=1)
+    assert len(gpu.sleeps) == steady + 1  # one timed batch again
+    assert gpu.sleeps[-1] == pytest.approx(2 * gpu.sleeps[-2], abs=1)
+
+
+def test_a_pass_that_waits_for_the_gpu_is_timed_after_three_tries(fake):
+    gpu = fake(gpu_ms=1.0, caught_up=10**6)  # it always catches up: the host waits inside the call
+    assert measure.median_ms(lambda: None, rep_ms=1) == 1.0
+    assert gpu.caught_up > 0
+
+
+def test_calls_for_keeps_between_one_batch_and_the_cap():
+    assert measure.calls_for(100.0, 500) == measure.BATCH
+    assert measure.calls_for(0.001, 500) == measure.MAX_CALLS
+    assert measure.calls_for(1.0, 50) == 50
