@@ -9,6 +9,7 @@ device-to-device copy bandwidth (bytes read + bytes written) and the bf16 matmul
 import datetime
 import functools
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -143,6 +144,15 @@ class Row:
         d = asdict(self)
         d["pass"] = d.pop("pass_")
         return d
+
+
+def one_line(error: str) -> str:
+    """An error as a table cell: its first line, and the last line naming an exception when that
+    differs (a compile worker's error carries its cause's whole traceback)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()] or [""]
+    named = [line for line in lines if re.search(r"\w(Error|Exception)\b", line)]
+    cell = lines[0] if not named or named[-1] == lines[0] else f"{lines[0]} ... {named[-1]}"
+    return cell.replace("|", "\\|")
 
 
 def print_rows(rows: list[Row], title: str) -> None:

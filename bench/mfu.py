@@ -44,7 +44,7 @@ from bench import profile
 from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
-from bench.measure import provenance
+from bench.measure import one_line, provenance
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 
@@ -268,7 +268,7 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["variant"], f"[red]{r['error']}[/red]", *[""] * 10)
+            table.add_row(r["variant"], f"[red]{one_line(r['error'])}[/red]", *[""] * 10)
             continue
         table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
                       f"{r['ms_p90']:.2f}", f"{r['tflops']:.1f}", _pct(r["mfu"]), f"{r['hw_tflops']:.1f}",

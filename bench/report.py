@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench import breakdown
-from bench.measure import host_bound
+from bench.measure import host_bound, one_line
 
 
 def provenance(result: dict) -> str:
@@ -84,7 +84,7 @@ def mfu_table(result: dict) -> str:
     lines = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append([r["variant"], f"error: {r['error']}", *[""] * 5])
+            lines.append([r["variant"], f"error: {one_line(r['error'])}", *[""] * 5])
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.1f}", f"{r['tflops']:.0f}", mfu,

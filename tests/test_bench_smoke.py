@@ -219,6 +219,21 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     assert "NVIDIA H100 80GB HBM3" in table and all(f"| {op} | " in table for op in kernels.OPS)
 
 
+# The first lines and the last of an error bench.mfu recorded on an H200 (2026-12-04).
+INDUCTOR_ERROR = """InductorError: SubprocException: An exception occurred in a subprocess:
+
+Name=_attn_fwd
+Traceback (most recent call last):
+  File "/opt/torch/.venv/lib/python3.12/site-packages/torch/_inductor/compile_worker/subproc_pool.py", line 457
+triton.compiler.errors.CompilationError: at 42:10:
+    key = runtime.dropout_key(seed_ptr, bh, DROPOUT)  # each batch and head its own mask
+          ^
+NameError('runtime is not defined')
+
+
+Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're reporting a bug to PyTorch)."""
+
+
 def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_path, capsys):
     """triton against the fastest backend that is not triton's own (op_adamw's BF16AdamW rows run
     the same kernel: as whole optimizer steps, they are set against torch's optimizers); a GPU missing from the peak table, a profile op with no backend chosen, or
@@ -237,7 +252,8 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
                      "optimizer": "adamw", "steps": 30, "warmup": 8, "convention": "PaLM",
                      "peak": {"tflops": None, "source": None},
                      "rows": [{"variant": "triton", "tokens_per_s": 5e5, "ms_median": 32.0, "tflops": 400.0,
-                               "mfu": None, "hw_tflops": 420.0, "peak_memory_gib": 30.0}]},
+                               "mfu": None, "hw_tflops": 420.0, "peak_memory_gib": 30.0},
+                              {"variant": "triton+compile", "error": INDUCTOR_ERROR}]},
         "profile.json": {"format": 2, "workloads": [
             {**provenance, "workload": {"preset": preset, "shapes": f"{preset} shapes"},
              "rooflines": {"copy_gbs": 4000.0, "matmul_tflops": 700.0},
@@ -256,6 +272,8 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
     assert "| 124M | step | 100 | 20 host-bound |  |  |  | 50% | 5.00x |" in out
     assert "| 124M | optimizer step |  |  | 90 | 95 | 60 | 50% | 1.50x |" in out
     assert "no peak" in out and "| triton | 500,000 | 32.0 | 400 | n/a |" in out
+    assert ("| triton+compile | error: InductorError: SubprocException: An exception occurred in a subprocess: "
+            "... NameError('runtime is not defined') |" in out)
     assert out.count("| swiglu | 16384 x 3072 | fwd+bwd | 1.000 host-bound |  | error |  | none | none |") == 2
     assert "bench.kernels gpt2: gpt2 shapes" in out and "bench.kernels llama: llama shapes" in out
     assert "odd.json: not reported (KeyError" in out
