@@ -2,7 +2,7 @@
 # Everything a session with a lent GPU runs. A session has 15 minutes of device time, the machine's
 # start (a minute or two) included, so start with the one call that fits them:
 #   bash bench/gpu_session.sh first     # the most telling checks in one call of BUDGET_S (540) seconds:
-#                                       # the suite natively (tests not started by 150 s skip), bench.mfu
+#                                       # the suite natively (CUDA cases first; tests not started by 150 s skip), bench.mfu
 #                                       # gpt2 (with where each variant's step time goes: bench/breakdown.py),
 #                                       # then the attention, norm, adamw and swiglu benchmarks,
 #                                       # each cut at its share (their rows come as they are measured);
@@ -61,8 +61,9 @@ case "$1" in
     # 14 parts: compiling the kernels is most of the suite's time there, and the machine has 16 cores.
     step $((tests_s + 45)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) TEST_SHARDS=${TEST_SHARDS:-14} \
       bash "$self" tests
-    # bench.mfu writes each variant as it is measured; eager torch, the least telling, comes last
-    step 150 mfu python -m bench.mfu --gpu auto --preset gpt2 --kernels triton,compile,triton+compile,torch \
+    # bench.mfu writes each variant as it is measured: the Triton kernels inside torch.compile (the
+    # fastest, if any is) first, eager torch (the least telling) last
+    step 150 mfu python -m bench.mfu --gpu auto --preset gpt2 --kernels triton+compile,compile,triton,torch \
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
     step 80 op_attention python -m bench.op_attention --json "$OUT/op_attention.json"
     step 60 op_norm python -m bench.op_norm --json "$OUT/op_norm.json"
@@ -92,7 +93,8 @@ case "$1" in
       [[ -s $ACCURACY_LOG ]] && python -m tests.numerics "$ACCURACY_LOG" | tee -a "$log"
       rm -rf "$parts"
     }
-    trap 'show_parts; echo "tests: stopped by a signal"; exit 124' TERM INT  # first's time limit
+    # first's time limit: stop the parts (a test started before TEST_DEADLINE may run long), then report
+    trap 'kill $(jobs -p) 2>/dev/null; wait; show_parts; echo "tests: stopped by a signal"; exit 124' TERM INT
     failed=0
     for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done
     trap - TERM INT

@@ -23,7 +23,8 @@ SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))
 # (tens of GB of GPU memory each) all go to part 0, so that no two of them run at once.
 SHARD = os.environ.get("TEST_SHARD")
 # TEST_DEADLINE=<unix time>: tests not started by then skip, so a run cut short by a device call's
-# time limit still ends with pytest's summary (bench/gpu_session.sh first sets it).
+# time limit still ends with pytest's summary (bench/gpu_session.sh first sets it); the CUDA
+# cases then run first.
 DEADLINE = float(os.environ.get("TEST_DEADLINE", "inf"))
 
 
@@ -32,7 +33,16 @@ def pytest_report_header(config):
     return header + (f", TEST_SHARD={SHARD}" if SHARD else "")
 
 
+def _on_cuda(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("device") == "cuda"
+
+
 def pytest_collection_modifyitems(config, items):
+    if DEADLINE != float("inf"):
+        # A run cut short by its deadline (a GPU machine's limited time) spends it on the CUDA
+        # cases first: their CPU twins run in CI anyway.
+        items.sort(key=lambda item: not _on_cuda(item))
     if not SHARD:
         return
     part, parts = (int(x) for x in SHARD.split("/"))
