@@ -19,8 +19,7 @@ import torch
 from torch.autograd import DeviceType
 
 # (kind, pattern): the first that a name matches, case-insensitive. Order matters where names mix
-# words: cuDNN's attention kernels say wgmma, Inductor's norm kernels say _to_copy, torch's
-# clip_grad_norm says norm.
+# words: cuDNN's attention kernels say wgmma, torch's clip_grad_norm says norm.
 KINDS = (
     ("attention", r"attn|attention|flash|fmha|sdpa"),
     ("matmul", r"gemm|nvjet|xmma|cutlass|s16816|s1688|wgmma|cublas|triton_tem_fused_(add)?mm|aten::(mm|addmm|bmm)$"),
@@ -37,8 +36,20 @@ SHOWN = ("matmul", "attention", "norm", "loss", "elementwise", "copy", "embeddin
 _RULES = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS]
 
 
+# An Inductor kernel's name lists the ops it fused; these only move data (`_to_copy` is a cast,
+# in nearly every bf16 kernel). A kernel of nothing else is a copy; otherwise its other ops say.
+_INDUCTOR = re.compile(r"^(triton_(?:poi|red|per)_fused)_(.*?)_\d+$")
+_MOVES = {"", "to", "copy", "unsafe", "view", "clone", "cat", "slice", "split", "with", "sizes", "transpose",
+          "permute", "expand", "squeeze", "unsqueeze", "t"}
+
+
 def kind(name: str) -> str:
     """The kind of work a kernel (or, on a CPU, an op) of this name does."""
+    if inductor := _INDUCTOR.match(name):
+        ops = [op for op in inductor.group(2).split("_") if op not in _MOVES]
+        if not ops:
+            return "copy"
+        name = "_".join([inductor.group(1), *ops])
     return next((k for k, rule in _RULES if rule.search(name)), OTHER)
 
 

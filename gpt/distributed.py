@@ -109,8 +109,10 @@ def replicate(model: nn.Module, world: World, device: str) -> nn.Module:
         return model
     # Grads as views into DDP's reduction buckets: otherwise the buckets are a second copy of
     # every grad, 4 more bytes per fp32 parameter than bench.plan counts.
+    # No buffer broadcast before every forward: the model's (the rope tables) are constants every
+    # rank makes alike.
     return DistributedDataParallel(model, device_ids=[world.local_rank] if device.startswith("cuda") else None,
-                                   gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def grad_sync(world: World, model: nn.Module, sync: bool) -> None:

@@ -297,6 +297,14 @@ class GPT(nn.Module):
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
+        # RoPE's cos and sin tables (block_size, head_dim/2), made once: made in forward, torch.compile
+        # fuses them into the rotation and takes pow, cos and sin again for every element of q and k
+        # (a third of the LLaMA preset's compiled step on an H200). Buffers, so they move with the
+        # model; not saved; kept fp32 whatever the model's dtype (_apply), so bf16 models turn exactly.
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        if config.pos_encoding == "rope":
+            self._make_rope_tables(torch.device("cpu"))
 
     def _init_weights(self, module):
         # GPT-2's init: N(0, 0.02), and residual projections scaled by 1/sqrt(2·n_layer).
@@ -337,6 +345,17 @@ class GPT(nn.Module):
             raise ValueError(f"GPT.from_pretrained: only dropout can be overridden, got {sorted(override_args)}")
         return pretrained.load(model_type, dropout=override_args.get("dropout", 0.0))
 
+    def _make_rope_tables(self, device: torch.device) -> None:
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, device)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to, .cuda, .bfloat16 ...: the rope tables go along to the device, in fp32."""
+        super()._apply(fn, recurse)
+        if self.rope_cos is not None and self.rope_cos.dtype != torch.float32:
+            self._make_rope_tables(self.rope_cos.device)
+        return self
+
     def crop_block_size(self, block_size: int) -> None:
         """nanoGPT's: a shorter context than the model was built with (GPT-2's 1024 positions
         fine-tuned at 256), keeping the first `block_size` learned positions."""
@@ -346,6 +365,8 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         if self.wpe is not None:
             self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
+        if self.rope_cos is not None:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Exact parameter count (shared tensors once). Non-embedding leaves out the token and
@@ -373,10 +394,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        rope = None
-        if self.config.pos_encoding == "rope":  # fp32 tables made per call: a bf16 model keeps them exact
-            cos, sin = rope_tables(self.config.head_dim, start + T, self.config.rope_theta, idx.device)
-            rope = cos[start:], sin[start:]
+        rope = None if self.rope_cos is None else (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         branch = None
         for block in self.h:
             x, branch = block(x, branch, rope, cache)

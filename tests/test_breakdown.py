@@ -22,6 +22,10 @@ NAMES = {
     "triton_per_fused__log_softmax__to_copy_nll_loss_forward_5": "loss",
     "triton_poi_fused__to_copy_0": "copy", "triton_poi_fused_cat_3": "copy",
     "triton_poi_fused_add_gelu_1": "elementwise",
+    # an H200's LLaMA step under torch.compile (2026-12-04): RoPE, SwiGLU's backward, a real copy
+    "triton_poi_fused__to_copy_add_arange_cat_cos_div_mul_neg_pow_sin_slice_view_9": "elementwise",
+    "triton_poi_fused__to_copy_cat_mul_silu_silu_backward_view_5": "elementwise",
+    "triton_poi_fused__to_copy__unsafe_view_cat_clone_transpose_view_10": "copy",
     "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>": "elementwise",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
     "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>": "optimizer",

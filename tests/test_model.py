@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import pytest
@@ -366,3 +367,31 @@ def test_pure_bf16_model_trains_a_step():
     assert loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_rope_tables_are_made_once_in_fp32():
+    """The cos and sin tables are buffers made with the model (not in forward, where
+    torch.compile fused their pow, cos and sin into the rotation of every element of q and k),
+    stay fp32 when the model is cast to bf16, and are sliced with the context."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, pos_encoding="rope")
+    model = GPT(config).to(torch.bfloat16)
+    cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+    assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, cos)
+    assert torch.equal(model.rope_sin, sin)
+    assert "rope_cos" not in model.state_dict()
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    idx = torch.randint(0, 64, (2, 8))
+    torch.compile(GPT(config), backend=record, fullgraph=True)(idx, idx)
+    called = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op in ("call_function", "call_method")}
+    assert not any("cos" in name or "sin" in name for name in called), called
+
+    model.crop_block_size(8)
+    assert model.rope_cos.shape == (8, config.head_dim // 2)
+    assert GPT(dataclasses.replace(config, pos_encoding="learned")).rope_cos is None
