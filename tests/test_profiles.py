@@ -55,6 +55,14 @@ def test_compiled_models_time_torch_ops_as_inductor_runs_them():
     assert chosen == "torch" and "compile 0.5 ms" in why
 
 
+def test_eagerly_a_pass_costs_its_hosts_time_where_that_is_longer():
+    slow_host = {**backend(1.0), "host_ms": {"fwd": 0.5, "fwd+bwd": 4.0}}
+    e = entry(torch={**backend(3.0), "host_ms": {"fwd+bwd": 1.0}}, compile=backend(2.0), triton=slow_host)
+    assert fastest_verified(e, ["torch", "triton"], compiled=False) == (
+        "torch", "fastest verified at fwd+bwd: torch 3 ms vs triton 4 ms")
+    assert fastest_verified(e, ["torch", "triton"], compiled=True)[0] == "triton"
+
+
 def test_torch_is_the_reference_and_always_eligible():
     e = entry(torch={**backend(3.0), "verified": False}, triton=backend(9.0, verified=False))
     assert fastest_verified(e, ["torch", "triton"], compiled=False)[0] == "torch"
