@@ -22,9 +22,11 @@ import torch
 # Calls queued behind one GPU sleep: CUDA's launch queue holds about a thousand entries, and a
 # call is an L2 flush, two events and the pass's own launches.
 BATCH = 20
+MAX_SLEEP_MS = 1000.0  # the longest sleep a batch waits behind: passes slow to issue get smaller batches
 L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H200's is 60 MiB)
 MAX_CALLS = 200  # a median of this many is steady; the host's time per call bounds the rest
 WARMUP_BATCHES = 5
+TRIES = 3  # batches the GPU reached early, each queued again asleep twice as long, before timing unslept
 
 
 def calls_for(estimate_ms: float, budget_ms: float) -> int:
@@ -33,7 +35,7 @@ def calls_for(estimate_ms: float, budget_ms: float) -> int:
 
 
 @functools.cache
-def _sleep_cycles_per_ms(device: int) -> float:
+def _sleep_cycles_per_ms(device) -> float:
     """torch.cuda._sleep's spin cycles per millisecond on `device` (its SM clock), measured."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(1000)
@@ -48,29 +50,26 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
     """Median milliseconds of the GPU's work of `fn()` on the current CUDA device: CUDA events
     around each call, the L2 cache flushed before it.
 
-    Calls are queued in batches behind a GPU sleep longer than the host takes to queue the batch,
-    so the GPU runs them back to back: a pass whose launches take the host longer than its kernels
-    take the GPU (small kernels, many launches, argument checks) is timed by its kernels, where
-    triton.testing.do_bench would time the host's pace. The host's own time per call is measured
-    apart (bench.backends.host_ms). A pass that waits for the GPU inside (an .item()) cannot be
-    queued ahead: its times include the wait, as they would in training."""
+    Calls are queued in batches behind a GPU sleep twice as long as the host takes to queue the
+    batch, so the GPU runs them back to back: a pass whose launches take the host longer than its
+    kernels take the GPU (small kernels, many launches, argument checks) is timed by its kernels,
+    where triton.testing.do_bench would time the host's pace. The host's own time per call is
+    measured apart (bench.backends.host_ms). A pass that waits for the GPU inside (an .item())
+    never gets ahead: after TRIES batches it is timed unslept, the wait included, as in training."""
     device = torch.cuda.current_device()
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
 
-    def call(start, end):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-
     def batch(n: int, sleep_ms: float) -> tuple[list[float], float, bool]:
-        """n calls behind a sleep: (their ms, the host's ms per call, whether the GPU never
-        reached them before the host had queued them all)."""
+        """n calls behind a sleep: (their ms, the host's ms per call, whether the GPU had not
+        reached them when the host had queued them all)."""
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         torch.cuda._sleep(int(sleep_ms * _sleep_cycles_per_ms(device)))
         t0 = time.perf_counter()
         for start, end in events:
-            call(start, end)
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
         host_ms = 1e3 * (time.perf_counter() - t0) / n
         ahead = not events[0][0].query()
         events[-1][1].synchronize()
@@ -79,18 +78,20 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
     fn()  # compiles and autotunes, outside the timing
     torch.cuda.synchronize(device)
     times, host_ms, _ = batch(3, 0.0)  # a first estimate of the GPU's and the host's time a call
-    sleep_ms = 2 * BATCH * host_ms
-    for _ in range(max(1, min(WARMUP_BATCHES, round(warmup_ms / max(statistics.median(times) * BATCH, 1e-3))))):
-        _, host_ms, ahead = batch(BATCH, sleep_ms)
-        sleep_ms = max(sleep_ms, 2 * BATCH * host_ms)
-    timed, retries = [], 3
+    n = max(1, min(BATCH, int(MAX_SLEEP_MS / (2 * max(host_ms, 1e-3)))))
+    sleep_ms = 2 * n * host_ms
+    warmup = max(1, min(WARMUP_BATCHES, round(warmup_ms / max(statistics.median(times) * n, 1e-3))))
+    timed, tries = [], TRIES
     while len(timed) < calls_for(statistics.median(times), rep_ms):
-        times, host_ms, ahead = batch(BATCH, sleep_ms)
-        if not ahead and retries:  # the host fell behind the GPU: queue this batch again, asleep longer
-            retries -= 1
-            sleep_ms *= 2
+        times, host_ms, ahead = batch(n, sleep_ms)
+        if not ahead and tries:  # the GPU reached the batch before the host had queued it
+            tries -= 1
+            sleep_ms = 2 * sleep_ms if tries else 0.0
             continue
-        timed += times
+        if warmup:
+            warmup -= 1
+        else:
+            timed += times
     return statistics.median(timed)
 
 

@@ -58,28 +58,43 @@ def fake(monkeypatch):
 def test_times_the_gpus_work_in_whole_batches_behind_a_sleep(fake):
     gpu = fake(gpu_ms=0.25)
     calls = []
-    assert measure.median_ms(lambda: calls.append(1), rep_ms=20) == 0.25
+    assert measure.median_ms(lambda: calls.append(1), warmup_ms=1, rep_ms=20) == 0.25
     timed = measure.calls_for(0.25, 20)
     assert timed == measure.BATCH * 4  # 80 calls of 0.25 ms: 20 ms
-    # the untimed first call, the estimate's 3, at least one warm-up batch, the timed calls
-    assert len(calls) >= 1 + 3 + measure.BATCH + timed
-    assert all(cycles > 0 for cycles in gpu.sleeps[3:])  # the calibration, the estimate, then asleep
+    # the untimed first call, the estimate's 3, one warm-up batch, the timed calls
+    assert len(calls) == 1 + 3 + measure.BATCH + timed
+    # the clock's calibration (2), the estimate unslept, then every batch asleep alike
+    assert len(gpu.sleeps) == 3 + 1 + 4 and len(set(gpu.sleeps[3:])) == 1 and gpu.sleeps[3] > 0
 
 
 def test_a_batch_the_gpu_reached_early_is_queued_again_asleep_longer(fake):
-    gpu = fake(gpu_ms=1.0, caught_up=0)
-    measure.median_ms(lambda: None, warmup_ms=1, rep_ms=1)
-    steady = len(gpu.sleeps)
-    gpu = fake(gpu_ms=1.0, caught_up=3)  # the estimate's batch, the warm-up one and the first timed one
-    measure.median_ms(lambda: None, warmup_ms=1, rep_ms=1)
-    assert len(gpu.sleeps) == steady + 1  # one timed batch again
-    assert gpu.sleeps[-1] == pytest.approx(2 * gpu.sleeps[-2], abs=1)
+    gpu = fake(gpu_ms=1.0, caught_up=3)  # the estimate's batch (unslept), then the first two batches
+    calls = []
+    measure.median_ms(lambda: calls.append(1), warmup_ms=1, rep_ms=1)
+    slept = gpu.sleeps[3:]
+    assert slept[1] == pytest.approx(2 * slept[0], rel=1e-6) and slept[2] == pytest.approx(4 * slept[0], rel=1e-6)
+    assert len(slept) == 2 + 1 + 1  # two batches again, the warm-up, one timed batch
+    assert len(calls) == 1 + 3 + 4 * measure.BATCH
 
 
-def test_a_pass_that_waits_for_the_gpu_is_timed_after_three_tries(fake):
-    gpu = fake(gpu_ms=1.0, caught_up=10**6)  # it always catches up: the host waits inside the call
-    assert measure.median_ms(lambda: None, rep_ms=1) == 1.0
-    assert gpu.caught_up > 0
+def test_a_pass_that_waits_for_the_gpu_is_timed_unslept_after_its_tries(fake):
+    gpu = fake(gpu_ms=1.0, caught_up=10**6)  # never ahead: the host waits inside each call
+    assert measure.median_ms(lambda: None, warmup_ms=1, rep_ms=1) == 1.0
+    slept = gpu.sleeps[3:]
+    assert slept[:measure.TRIES] == [slept[0], pytest.approx(2 * slept[0], rel=1e-6), pytest.approx(4 * slept[0], rel=1e-6)]
+    assert set(slept[measure.TRIES:]) == {0}  # the warm-up and the timed batches
+
+
+def test_a_pass_slow_to_issue_gets_batches_its_sleep_can_cover(fake):
+    gpu = fake(gpu_ms=1.0)
+    clock = iter(range(0, 10**9, 100))  # every perf_counter call 100 s later: a slow host
+    measure.time.perf_counter, saved = (lambda: next(clock) / 1e3), measure.time.perf_counter
+    try:
+        calls = []
+        measure.median_ms(lambda: calls.append(1), warmup_ms=1, rep_ms=1)
+    finally:
+        measure.time.perf_counter = saved
+    assert max(gpu.sleeps[3:]) <= measure.MAX_SLEEP_MS * measure._sleep_cycles_per_ms("cpu") * 1.01
 
 
 def test_calls_for_keeps_between_one_batch_and_the_cap():
