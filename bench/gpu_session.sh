@@ -8,7 +8,8 @@
 #                                       # each cut at its share (their rows come as they are measured);
 #                                       # every step's time lands in first.log, for the next plan;
 #                                       # report.md has the README's tables of what was measured
-# The stages below each fit one 10-minute call, for sessions with more device time:
+# The stages below each end by BUDGET_S (540) seconds, inside one 10-minute call (timeout_s 600),
+# for sessions with more device time; a stage exits 1 when a step of it failed or was cut:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama): profiles/<gpu>.json
@@ -43,7 +44,12 @@ log="$OUT/$1.log"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
 } > "$log" 2>&1
-# step CAP NAME CMD...: CMD for at most CAP seconds and never past $deadline, its time logged.
+# Every stage ends by BUDGET_S (540) seconds, inside a 10-minute call with room for its clean-up
+# (a command cut by the call's own limit leaves checkpoints in $OUT and no summary).
+deadline=$((SECONDS + ${BUDGET_S:-540}))
+failures=0
+# step CAP NAME CMD...: CMD for at most CAP seconds and never past $deadline, its time logged, a
+# failure (or a cut) counted in the stage's exit status.
 step() {
   local cap=$1 name=$2 left=$((deadline - SECONDS)) t0=$SECONDS rc
   shift 2
@@ -53,10 +59,10 @@ step() {
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc$( ((rc == 124)) && echo ' (cut at its limit)'), $((SECONDS - t0)) s" | tee -a "$log"
+  ((rc == 0)) || failures=$((failures + 1))
 }
 case "$1" in
   first)  # the order is the priority: what a cut-short call loses is the least telling
-    deadline=$((SECONDS + ${BUDGET_S:-540}))
     tests_s=$(((deadline - SECONDS) * 150 / 540))  # tests not started by then skip: the summary comes
     # 14 parts: compiling the kernels is most of the suite's time there, and the machine has 16 cores.
     step $((tests_s + 45)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) TEST_SHARDS=${TEST_SHARDS:-14} \
@@ -104,37 +110,36 @@ case "$1" in
   profiles)  # both workloads into this GPU's committed profile (others kept), which comes back
     slug=$(python -c "from bench.hardware import detect; print(detect().slug)")
     for preset in gpt2 llama; do
-      python -m bench.kernels --gpu auto --preset "$preset" 2>&1 | tee -a "$log"
+      step 300 "profile $preset" python -m bench.kernels --gpu auto --preset "$preset"
     done
     cp "profiles/$slug.json" "$OUT/" ;;
   ops)
     ops=${2:-norm,swiglu,rope,attention,cross_entropy,linear_cross_entropy,adamw}
     for op in ${ops//,/ }; do
-      python -m bench.op_$op --json "$OUT/op_$op.json" 2>&1 | tee -a "$log"
+      step 540 "op_$op" python -m bench.op_$op --json "$OUT/op_$op.json"
     done ;;
   mfu)
     for preset in gpt2 llama; do
-      python -m bench.mfu --gpu auto --preset "$preset" --kernels torch,compile,triton,triton+compile \
-        --json "$OUT/mfu-$preset.json" 2>&1 | tee -a "$log"
+      step 300 "mfu $preset" python -m bench.mfu --gpu auto --preset "$preset" \
+        --kernels triton+compile,compile,triton,torch --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
     dims=${2:-64,128}
-    python -m bench.tune_attention --d "$dims" --json "$OUT/tune_attention-${dims/,/-}.json" 2>&1 | tee -a "$log" ;;
+    step 540 tune python -m bench.tune_attention --d "$dims" --json "$OUT/tune_attention-${dims/,/-}.json" ;;
   train)  # the logs come back ($OUT/train-<preset>/log.jsonl), the checkpoints are deleted
     common=(--dataset=shakespeare --batch_size=16 --block_size=1024 --gradient_accumulation_steps=1
             --max_iters=300 --lr_decay_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=20
             --log_interval=25)
-    python train.py config/train_gpt2.py "${common[@]}" --out_dir="$OUT/train-gpt2" 2>&1 | tee -a "$log"
-    python train.py config/train_llama.py "${common[@]}" --optimizer=bf16_adamw --recompute=True \
-      --out_dir="$OUT/train-llama" 2>&1 | tee -a "$log"
+    step 270 train-gpt2 python train.py config/train_gpt2.py "${common[@]}" --out_dir="$OUT/train-gpt2"
+    step 270 train-llama python train.py config/train_llama.py "${common[@]}" --optimizer=bf16_adamw \
+      --recompute=True --out_dir="$OUT/train-llama"
     rm -rf "$OUT"/train-*/ckpt.pt "$OUT"/train-*/ckpt.dcp ;;
   curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl): the runs' checkpoints are deleted
-    python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
-      --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}" \
-      2>&1 | tee -a "$log"
+    step 540 curves python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
+      --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
   *)
     echo "$usage" >&2; exit 2 ;;
 esac
-echo "stage $1: ${SECONDS} s" | tee -a "$log"  # for planning the next session's device time
-exit "${status:-0}"
+echo "stage $1: ${SECONDS} s, $failures step(s) failed or cut" | tee -a "$log"  # for the next plan
+exit $(( ${status:-0} || failures > 0 ))

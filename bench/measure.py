@@ -34,9 +34,9 @@ def calls_for(estimate_ms: float, budget_ms: float) -> int:
     return max(BATCH, min(MAX_CALLS, int(budget_ms / max(estimate_ms, 1e-3))))
 
 
-@functools.cache
-def _sleep_cycles_per_ms(device) -> float:
-    """torch.cuda._sleep's spin cycles per millisecond on `device` (its SM clock), measured."""
+def _sleep_cycles_per_ms() -> float:
+    """torch.cuda._sleep's spin cycles per millisecond on the current device, measured: its SM
+    clock now (an idle GPU clocks down, an H200 to 345 MHz, so each timing measures it afresh)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(1000)
     start.record()
@@ -63,7 +63,7 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
         """n calls behind a sleep: (their ms, the host's ms per call, whether the GPU had not
         reached them when the host had queued them all)."""
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        torch.cuda._sleep(int(sleep_ms * _sleep_cycles_per_ms(device)))
+        torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
         t0 = time.perf_counter()
         for start, end in events:
             flush.zero_()
@@ -77,6 +77,7 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
 
     fn()  # compiles and autotunes, outside the timing
     torch.cuda.synchronize(device)
+    cycles_per_ms = _sleep_cycles_per_ms()
     times, host_ms, _ = batch(3, 0.0)  # a first estimate of the GPU's and the host's time a call
     n = max(1, min(BATCH, int(MAX_SLEEP_MS / (2 * max(host_ms, 1e-3)))))
     sleep_ms = 2 * n * host_ms

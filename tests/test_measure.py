@@ -49,10 +49,8 @@ def fake(monkeypatch):
         monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(measure, "L2_FLUSH_BYTES", 64)
-        measure._sleep_cycles_per_ms.cache_clear()
         return gpu
-    yield install
-    measure._sleep_cycles_per_ms.cache_clear()
+    return install
 
 
 def test_times_the_gpus_work_in_whole_batches_behind_a_sleep(fake):
@@ -94,7 +92,7 @@ def test_a_pass_slow_to_issue_gets_batches_its_sleep_can_cover(fake):
         measure.median_ms(lambda: calls.append(1), warmup_ms=1, rep_ms=1)
     finally:
         measure.time.perf_counter = saved
-    assert max(gpu.sleeps[3:]) <= measure.MAX_SLEEP_MS * measure._sleep_cycles_per_ms("cpu") * 1.01
+    assert max(gpu.sleeps[3:]) <= measure.MAX_SLEEP_MS * measure._sleep_cycles_per_ms() * 1.01
 
 
 def test_calls_for_keeps_between_one_batch_and_the_cap():
