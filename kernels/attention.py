@@ -555,7 +555,7 @@ def _config(q: torch.Tensor, which: str, dropout: bool = False) -> _Config:
     capability = runtime.capability(q.device)
     if capability is None:
         return _INTERPRETER_CONFIGS[which]
-    cfg = _GPU_CONFIGS[_generation(capability[0])][triton.next_power_of_2(q.shape[-1])][which]
+    cfg = _GPU_CONFIGS[_generation(capability[0])][runtime.next_power_of_2(q.shape[-1])][which]
     if q.dtype == torch.float32:
         # fp32 tiles take twice the shared memory and registers: the checking path gets small
         # tiles and no pipelining so it fits on every sm80+ card.
@@ -622,10 +622,10 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tma = _tma_flag(cfg, q, k, v)
     with runtime.on_device(q):
-        wrap_triton(_attn_fwd)[(triton.cdiv(T, cfg.block_m), H, B)](
+        wrap_triton(_attn_fwd)[(runtime.cdiv(T, cfg.block_m), H, B)](
             q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *runtime.head_strides(o),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D,
             CAUSAL=causal, DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32,
             TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o.transpose(1, 2), lse
@@ -637,9 +637,9 @@ def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.
     delta = torch.empty((B, H, T), dtype=torch.float32, device=o.device)
     with runtime.on_device(o):
         # One row tile per program and a streaming reduction over D: the forward's row tiling.
-        wrap_triton(_attn_bwd_delta)[(triton.cdiv(T, fwd_cfg.block_m), H, B)](
+        wrap_triton(_attn_bwd_delta)[(runtime.cdiv(T, fwd_cfg.block_m), H, B)](
             o, do, delta, T, H, *o.stride(), *do.stride(),
-            BLOCK_M=fwd_cfg.block_m, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
+            BLOCK_M=fwd_cfg.block_m, BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D,
             num_warps=fwd_cfg.num_warps)
     return delta
 
@@ -648,14 +648,15 @@ def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, d
     """The scalars (qk_scale, sm_scale, dropout_p) and constexprs the dkdv and dq kernels share."""
     D = q.shape[-1]
     scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), dropout_p)
-    constexprs = dict(BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, CAUSAL=causal,
+    constexprs = dict(BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D, CAUSAL=causal,
                       DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32)
     return scales, constexprs
 
 
 def _heads(buf: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-    """(B, size, T, D) views of consecutive heads of a (B, T, heads, D) buffer."""
-    return tuple(t.transpose(1, 2) for t in buf.split(sizes, dim=2))
+    """(B, size, T, D) views of consecutive heads of a (B, T, heads, D) buffer (split after one
+    transpose: the same views as transposing each part, for fewer views made)."""
+    return buf.transpose(1, 2).split(sizes, dim=1)
 
 
 def _empty_grads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -693,7 +694,7 @@ def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Te
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
-        wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(T, cfg.block_n), Hkv, B)](
+        wrap_triton(_attn_bwd_dkdv)[(runtime.cdiv(T, cfg.block_n), Hkv, B)](
             q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
@@ -709,7 +710,7 @@ def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tens
     scales, constexprs = _bwd_args(q, causal, dropout_p)
     tma = _tma_flag(cfg, q, k, v, do)
     with runtime.on_device(q):
-        wrap_triton(_attn_bwd_dq)[(triton.cdiv(T, cfg.block_m), H, B)](
+        wrap_triton(_attn_bwd_dq)[(runtime.cdiv(T, cfg.block_m), H, B)](
             q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,

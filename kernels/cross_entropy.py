@@ -221,10 +221,10 @@ def _forward_rows(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> tuple[
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     stats = torch.empty((2, n_rows), dtype=torch.float32, device=x.device)
     if n_rows:
-        block_c = min(triton.next_power_of_2(n_cols), _TILE)
+        block_c = min(runtime.next_power_of_2(n_cols), _TILE)
         block_r = _TILE // block_c
         with runtime.on_device(x):
-            wrap_triton(_cross_entropy_fwd_kernel)[(triton.cdiv(n_rows, block_r),)](
+            wrap_triton(_cross_entropy_fwd_kernel)[(runtime.cdiv(n_rows, block_r),)](
                 x, t, row_loss, stats, x.stride(0), ignore_index, n_rows, n_cols,
                 BLOCK_R=block_r, BLOCK_C=block_c, ALIGN=_align(x), num_warps=_NUM_WARPS)
     return row_loss, stats
@@ -332,8 +332,8 @@ def linear_cross_entropy_torch(x: torch.Tensor, weight: torch.Tensor, targets: t
 
 def _chunk_rows(rows: int, classes: int, itemsize: int) -> int:
     """Rows a chunk takes: the fewest equal chunks whose logits fit in CHUNK_BYTES."""
-    chunks = max(1, triton.cdiv(rows * classes * itemsize, CHUNK_BYTES))
-    return max(1, triton.cdiv(rows, chunks))
+    chunks = max(1, runtime.cdiv(rows * classes * itemsize, CHUNK_BYTES))
+    return max(1, runtime.cdiv(rows, chunks))
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -266,7 +266,7 @@ def _norm_bwd_kernel(
 
 def _tile(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of n elements."""
-    block_n = max(triton.next_power_of_2(n), _MIN_BLOCK)
+    block_n = max(runtime.next_power_of_2(n), _MIN_BLOCK)
     rows = max(1, _TILE // block_n)
     num_warps = min(max(rows * block_n // (32 * _ELEMS_PER_THREAD), 1), 32)
     return block_n, rows, num_warps
@@ -276,33 +276,38 @@ def backward_programs(m: int, n: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program) of the backward for m rows of n elements: contiguous ranges
     of whole tiles, at most num_sms x (_BWD_WARPS_PER_SM / num_warps) programs."""
     _block_n, rows, num_warps = _tile(n)
-    tiles = triton.cdiv(m, rows)
+    tiles = runtime.cdiv(m, rows)
     max_programs = runtime.num_sms(device) * max(1, _BWD_WARPS_PER_SM // num_warps)
-    tiles_per_program = max(1, triton.cdiv(tiles, max_programs))
-    return max(1, triton.cdiv(tiles, tiles_per_program)), tiles_per_program * rows
+    tiles_per_program = max(1, runtime.cdiv(tiles, max_programs))
+    return max(1, runtime.cdiv(tiles, tiles_per_program)), tiles_per_program * rows
 
 
 @runtime.triton_op("tritongpt::norm_fwd", mutates_args=())
 def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
               eps: float, rms: bool, out_dtype: torch.dtype | None, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, s, mean, rstd of x (M, N) (+ residual) with stride(1) == 1. s = dropout(x) + residual
-    in the dtype torch's add gives, empty without a residual; mean is empty for RMSNorm. seed: the
-    dropout's (runtime.dropout_seed_tensor), None when dropout_p is 0."""
-    m, n = x.shape
+    """y, s, mean, rstd of x (..., N) (+ residual, of x's shape), normalized over rows of N
+    (runtime.as_rows: views where the layout allows). y and s come contiguous in x's shape: the op
+    takes and returns the caller's tensors, so autograd records no views around it. s =
+    dropout(x) + residual in the dtype torch's add gives, empty without a residual; mean and rstd
+    one per row, mean empty for RMSNorm. seed: the dropout's (runtime.dropout_seed_tensor), None
+    when dropout_p is 0."""
+    x_rows = runtime.as_rows(x)
+    r_rows = x_rows if residual is None else runtime.as_rows(residual)
+    m, n = x_rows.shape
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty((m, n), dtype=out_dtype or s_dtype, device=x.device)
-    s = torch.empty((0, n) if residual is None else (m, n), dtype=s_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
+    s = torch.empty((0, n) if residual is None else x.shape, dtype=s_dtype, device=x.device)
     mean = torch.empty((0 if rms else m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s, mean, rstd
     block_n, rows, num_warps = _tile(n)
-    r = x if residual is None else residual
     with runtime.on_device(x):
-        wrap_triton(_norm_fwd_kernel)[(triton.cdiv(m, rows),)](
-            x, r, s, y, weight, weight if bias is None else bias, rstd if seed is None else seed,
-            rstd if rms else mean, rstd, x.stride(0), r.stride(0), s.stride(0), y.stride(0), m, n, eps,
+        # y and s are contiguous: rows n elements apart.
+        wrap_triton(_norm_fwd_kernel)[(runtime.cdiv(m, rows),)](
+            x_rows, r_rows, s, y, weight, weight if bias is None else bias, rstd if seed is None else seed,
+            rstd if rms else mean, rstd, x_rows.stride(0), r_rows.stride(0), n, n, m, n, eps,
             dropout_p, IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
     return y, s, mean, rstd
@@ -314,7 +319,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
               dx_dtype: torch.dtype, dx2_dtype: torch.dtype | None, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (in dx_dtype), the normalized input's gradient in dx2_dtype (empty when None; then
-    dx is that gradient), and fp32 dw and db (zeros unless has_bias), for x (the normalized
+    dx is that gradient), and fp32 dw and db (empty unless has_bias), for x (the normalized
     input), dy, ds (M, N) with stride(1) == 1; ds is added to the normalized input's gradient,
     and dx is that times the forward's dropout mask when seed is given (dx2_dtype then too)."""
     m, n = x.shape
@@ -335,7 +340,8 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
                 m, n, rows_per_program, dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
                 HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
                 num_warps=num_warps)
-    return dx, dx2, dw.sum(0), db.sum(0)
+    # Without a bias db stays empty: its sum would be a launch filling zeros.
+    return dx, dx2, dw.sum(0), db.sum(0) if has_bias else db
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -363,9 +369,10 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     saved, weight, mean, rstd, seed = ctx.saved_tensors
     if dy is None:  # only s was used
         dy = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
-    dx, dx2, dw, db = _norm_bwd(_rows(dy), _rows(ds), saved, weight, mean, rstd, ctx.rms, ctx.has_bias,
-                                *ctx.dx_dtypes, ctx.dropout_p, seed)
-    d_residual = (dx2 if ctx.dx_dtypes[1] is not None else dx) if ctx.has_residual else None
+    dx, dx2, dw, db = _norm_bwd(_rows(dy), _rows(ds), runtime.as_rows(saved), weight, mean, rstd, ctx.rms,
+                                ctx.has_bias, *ctx.dx_dtypes, ctx.dropout_p, seed)
+    dx = dx.view(saved.shape)  # the inputs' shape (_norm_fwd's x and residual)
+    d_residual = (dx2.view(saved.shape) if ctx.dx_dtypes[1] is not None else dx) if ctx.has_residual else None
     w_dtype, b_dtype = ctx.param_dtypes
     return (dx, d_residual, dw.to(w_dtype), (db.to(b_dtype) if ctx.has_bias else None),
             None, None, None, None, None)
@@ -382,10 +389,9 @@ def _norm_triton(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                          f"elements; got {x.shape[-1]}")
     runtime.check_device(op, x)
     bias = None if bias is None else bias.contiguous()
-    y, s, _mean, _rstd = _norm_fwd(runtime.as_rows(x), _rows(residual), weight.contiguous(), bias,
-                                   float(eps), rms, out_dtype, float(dropout_p),
-                                   runtime.dropout_seed_tensor(dropout_p, x.device))
-    return y.view(x.shape) if residual is None else (y.view(x.shape), s.view(x.shape))
+    y, s, _mean, _rstd = _norm_fwd(x, residual, weight.contiguous(), bias, float(eps), rms, out_dtype,
+                                   float(dropout_p), runtime.dropout_seed_tensor(dropout_p, x.device))
+    return y if residual is None else (y, s)
 
 
 @register("rms_norm", "triton")

@@ -117,10 +117,10 @@ def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     those heads of y itself: each program reads its pairs before writing them."""
     B, H, T, D = x.shape
     if x.numel():
-        block_half = triton.next_power_of_2(D // 2)
-        block_t = max(1, min(_TILE // block_half, triton.next_power_of_2(T)))
+        block_half = runtime.next_power_of_2(D // 2)
+        block_t = max(1, min(_TILE // block_half, runtime.next_power_of_2(T)))
         with runtime.on_device(x):
-            wrap_triton(_rope_kernel)[(triton.cdiv(T, block_t), H, B)](
+            wrap_triton(_rope_kernel)[(runtime.cdiv(T, block_t), H, B)](
                 x, y, y_head, cos, sin, T, D // 2, *x.stride(), *runtime.head_strides(y),
                 INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
 

@@ -8,16 +8,12 @@ import contextlib
 import functools
 import math
 import os
+import threading
 import warnings
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-try:
-    from torch._library.triton import set_wrap_triton_enabled
-except ImportError:  # a torch without the switch: wrap_triton's launches always take its op
-    set_wrap_triton_enabled = None
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -62,10 +58,37 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv for host code: the same (a + b - 1) // b, without the cost of calling a Triton
+    constexpr function from Python (some 3 us a call in triton 3.8, several per launch)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 for host code (see cdiv): the smallest power of 2 >= n, as Triton
+    computes it."""
+    n -= 1
+    n |= n >> 1
+    n |= n >> 2
+    n |= n >> 4
+    n |= n >> 8
+    n |= n >> 16
+    n |= n >> 32
+    return n + 1
+
+
 def capability(device: torch.device) -> tuple[int, int] | None:
     """The compute capability of `device`'s GPU, which launch configurations are chosen by; None
-    off the GPU (the interpreter's configurations)."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    off the GPU (the interpreter's configurations). Looked up once per GPU, as num_sms: attention
+    asks for every pass's configuration."""
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
@@ -167,11 +190,26 @@ def only_first_output_differentiable(ctx, *others: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
-def direct_launches():
+class _Direct(threading.local):
+    on = False  # whether this thread is inside direct_launches
+
+
+_direct = _Direct()
+
+
+class direct_launches:
     """Context in which wrap_triton's launches go straight to the kernels, as triton_op's own
     eager implementation runs them: through torch's tracing wrapper each launch would be a
-    higher-order op, host time that short kernels cannot hide."""
-    return set_wrap_triton_enabled(False) if set_wrap_triton_enabled else contextlib.nullcontext()
+    higher-order op, host time that short kernels cannot hide. A flag of this module's, per
+    thread (autograd runs the backward in a thread of its own), that wrap_triton reads: torch's
+    own switch (set_wrap_triton_enabled) is a generator context and torch.library.wrap_triton
+    imports on every launch, some 2 us each on a CPU where a norm's forward takes 60."""
+
+    def __enter__(self):
+        self.outer, _direct.on = _direct.on, True
+
+    def __exit__(self, *exc):
+        _direct.on = self.outer
 
 
 def _launch_directly(fn, args):
@@ -209,7 +247,9 @@ def wrap_triton(kernel):
     back into writes in place only for whole buffers; for a view it clones the buffer before the
     launch and scatters the result back after it, copies of whole buffers every step
     (tests/inductor_graph.py finds none now, and found some six of d_qkv a layer before)."""
-    return _InterpretedLaunch(kernel) if INTERPRET else torch.library.wrap_triton(kernel)
+    if INTERPRET:
+        return _InterpretedLaunch(kernel)
+    return kernel if _direct.on else torch.library.wrap_triton(kernel)
 
 
 def on_device(t: torch.Tensor):
@@ -252,8 +292,10 @@ def empty_heads(like: torch.Tensor, B: int, T: int, heads: int, D: int) -> torch
 
 
 def head_strides(buf: torch.Tensor) -> tuple[int, ...]:
-    """The (b, h, t, d) strides of an empty_heads buffer: its heads as kernels index them."""
-    return buf.transpose(1, 2).stride()
+    """The (b, h, t, d) strides of an empty_heads buffer: its heads as kernels index them (those of
+    buf.transpose(1, 2), without making the view)."""
+    b, t, h, d = buf.stride()
+    return b, h, t, d
 
 
 @triton.jit
@@ -352,7 +394,7 @@ def launch_tiles(kernel, n_rows: int, n_cols: int, *args, **constexprs) -> None:
     """Launch an elementwise kernel, `wrap_triton(k)` of its caller, as
     `k(*args, n_rows, n_cols, BLOCK_R, BLOCK_C, **constexprs)` over the tiles of an (n_rows, n_cols)
     matrix, one program per tile."""
-    block_c = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_C)
+    block_c = min(next_power_of_2(n_cols), _MAX_BLOCK_C)
     block_r = _TILE // block_c
-    grid = (triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_c),)
+    grid = (cdiv(n_rows, block_r) * cdiv(n_cols, block_c),)
     kernel[grid](*args, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS, **constexprs)
