@@ -495,6 +495,8 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
                 candidates=records)
             winners[which] = _Config(*best["config"]) if best else p.defaults[which]
             _write(json_path, result)
+        # The winners at once: a run cut in the comparisons below (or at the next D) keeps them.
+        print("\n" + table(major, {D: entry}, f"D={D}, T={T}, before the comparisons across T"))
         compare_ts = SMOKE["compare_t"] if smoke else COMPARE_T
         for t in (T, *sorted(set(compare_ts) - {T})):
             try:
