@@ -40,7 +40,7 @@ _RULES = [(kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS]
 # in nearly every bf16 kernel). A kernel of nothing else is a copy; otherwise its other ops say.
 _INDUCTOR = re.compile(r"^(triton_(?:poi|red|per)_fused)_(.*?)_\d+$")
 _MOVES = {"", "to", "copy", "unsafe", "view", "clone", "cat", "slice", "split", "with", "sizes", "transpose",
-          "permute", "expand", "squeeze", "unsqueeze", "t"}
+          "permute", "expand", "squeeze", "unsqueeze", "select", "t"}
 
 
 def kind(name: str) -> str:

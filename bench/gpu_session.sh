@@ -9,7 +9,7 @@
 #                                       # every step's time lands in first.log, for the next plan;
 #                                       # report.md has the README's tables of what was measured
 # The stages below each end by BUDGET_S (540) seconds, inside one 10-minute call (timeout_s 600),
-# for sessions with more device time; a stage exits 1 when a step of it failed or was cut:
+# for sessions with more device time; a stage exits 1 when a step of it failed, was cut or skipped:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
 #                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama): profiles/<gpu>.json
@@ -49,11 +49,15 @@ log="$OUT/$1.log"
 deadline=$((SECONDS + ${BUDGET_S:-540}))
 failures=0
 # step CAP NAME CMD...: CMD for at most CAP seconds and never past $deadline, its time logged, a
-# failure (or a cut) counted in the stage's exit status.
+# failure (a cut, a skip) counted in the stage's exit status.
 step() {
   local cap=$1 name=$2 left=$((deadline - SECONDS)) t0=$SECONDS rc
   shift 2
-  if ((left < 45)); then echo "== $name: skipped, $left s left" | tee -a "$log"; return; fi
+  if ((left < 45)); then
+    echo "== $name: skipped, $left s left" | tee -a "$log"
+    failures=$((failures + 1))
+    return
+  fi
   ((cap > left)) && cap=$left
   echo "== $name: at most $cap s" | tee -a "$log"
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
@@ -141,5 +145,5 @@ case "$1" in
   *)
     echo "$usage" >&2; exit 2 ;;
 esac
-echo "stage $1: ${SECONDS} s, $failures step(s) failed or cut" | tee -a "$log"  # for the next plan
+echo "stage $1: ${SECONDS} s, $failures step(s) failed, cut or skipped" | tee -a "$log"  # for the next plan
 exit $(( ${status:-0} || failures > 0 ))

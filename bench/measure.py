@@ -26,7 +26,10 @@ MAX_SLEEP_MS = 1000.0  # the longest sleep a batch waits behind: passes slow to 
 L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H200's is 60 MiB)
 MAX_CALLS = 200  # a median of this many is steady; the host's time per call bounds the rest
 WARMUP_BATCHES = 5
-TRIES = 3  # batches the GPU reached early, each queued again asleep twice as long, before timing unslept
+# Batches the GPU may reach before the host has queued them (the sleep too short, or the launch
+# queue full, the host blocked behind it), each followed by one of half the calls asleep twice as
+# long; after that the pass is timed unslept (one that waits for the GPU inside never gets ahead).
+TRIES = 3
 
 
 def calls_for(estimate_ms: float, budget_ms: float) -> int:
@@ -54,8 +57,9 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
     batch, so the GPU runs them back to back: a pass whose launches take the host longer than its
     kernels take the GPU (small kernels, many launches, argument checks) is timed by its kernels,
     where triton.testing.do_bench would time the host's pace. The host's own time per call is
-    measured apart (bench.backends.host_ms). A pass that waits for the GPU inside (an .item())
-    never gets ahead: after TRIES batches it is timed unslept, the wait included, as in training."""
+    measured apart (bench.backends.host_ms). A pass that waits for the GPU inside (an .item()), or
+    whose launches overfill CUDA's queue, never gets ahead: after TRIES batches it is timed unslept,
+    at the host's pace, and its host time then marks it host-bound (HOST_BOUND)."""
     device = torch.cuda.current_device()
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
 
@@ -87,7 +91,7 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
         times, host_ms, ahead = batch(n, sleep_ms)
         if not ahead and tries:  # the GPU reached the batch before the host had queued it
             tries -= 1
-            sleep_ms = 2 * sleep_ms if tries else 0.0
+            n, sleep_ms = max(1, n // 2), (2 * sleep_ms if tries else 0.0)
             continue
         if warmup:
             warmup -= 1

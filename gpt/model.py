@@ -304,7 +304,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         if config.pos_encoding == "rope":
-            self._make_rope_tables(torch.device("cpu"))
+            self._make_rope_tables(self.wte.weight.device)
 
     def _init_weights(self, module):
         # GPT-2's init: N(0, 0.02), and residual projections scaled by 1/sqrt(2·n_layer).
@@ -350,9 +350,10 @@ class GPT(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, device)
 
     def _apply(self, fn, recurse=True):
-        """Module.to, .cuda, .bfloat16 ...: the rope tables go along to the device, in fp32."""
+        """Module.to, .cuda, .bfloat16, .to_empty ...: the rope tables are made again where they went,
+        in fp32 (to_empty leaves them uninitialized, a cast would round them)."""
         super()._apply(fn, recurse)
-        if self.rope_cos is not None and self.rope_cos.dtype != torch.float32:
+        if self.rope_cos is not None:
             self._make_rope_tables(self.rope_cos.device)
         return self
 

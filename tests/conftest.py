@@ -1,5 +1,7 @@
 import os
 import random
+import re
+import signal
 import sys
 import time
 import zlib
@@ -28,14 +30,25 @@ SHARD = os.environ.get("TEST_SHARD")
 DEADLINE = float(os.environ.get("TEST_DEADLINE", "inf"))
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt  # pytest then prints its summary, the failures so far included
+
+
+if DEADLINE != float("inf"):  # a run a time limit may stop (SIGTERM, from timeout)
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 def pytest_report_header(config):
     header = f"TEST_SEED={SEED} (set it to replay these random inputs)"
     return header + (f", TEST_SHARD={SHARD}" if SHARD else "")
 
 
 def _on_cuda(item) -> bool:
+    """A CUDA case: device="cuda", or a test that skips without a GPU (bigmem's among them)."""
     callspec = getattr(item, "callspec", None)
-    return callspec is not None and callspec.params.get("device") == "cuda"
+    if callspec is not None and callspec.params.get("device") == "cuda":
+        return True
+    return any(re.search(r"CUDA|GPU", m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ import dis
 import importlib.util
 import json
 import os
-import sys
+import pkgutil
 import tempfile
 from pathlib import Path
 
@@ -24,17 +24,17 @@ os.environ["TRITON_INTERPRET"] = "0"  # the kernels as JIT functions, as Inducto
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-import kernels  # noqa: E402, F401  (imports every op's module)
+import kernels  # noqa: E402
 
-MODULES = ("adamw", "attention", "cross_entropy", "norm", "rope", "runtime", "swiglu")
 HEADER = "import triton\nimport triton.language as tl\n"
 
 
 def jit_functions() -> dict[str, JITFunction]:
     """Every JIT function defined in the kernels package, by module.name."""
     found = {}
-    for name in MODULES:
-        module = sys.modules[f"kernels.{name}"]
+    for info in pkgutil.iter_modules(kernels.__path__):
+        name = info.name
+        module = importlib.import_module(f"kernels.{name}")
         for attr, obj in vars(module).items():
             if isinstance(obj, JITFunction) and obj.fn.__module__ == module.__name__:
                 found[f"{name}.{attr}"] = obj

@@ -392,6 +392,11 @@ def test_rope_tables_are_made_once_in_fp32():
     called = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op in ("call_function", "call_method")}
     assert not any("cos" in name or "sin" in name for name in called), called
 
+    with torch.device("meta"):  # built without memory, then given it: the tables are made again
+        empty = GPT(config)
+    assert empty.rope_cos.is_meta
+    assert torch.equal(empty.to_empty(device="cpu").rope_cos, cos)
+
     model.crop_block_size(8)
     assert model.rope_cos.shape == (8, config.head_dim // 2)
     assert GPT(dataclasses.replace(config, pos_encoding="learned")).rope_cos is None
