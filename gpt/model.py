@@ -367,7 +367,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
         if self.rope_cos is not None:
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+            self._make_rope_tables(self.rope_cos.device)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Exact parameter count (shared tensors once). Non-embedding leaves out the token and
