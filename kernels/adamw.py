@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .runtime import fp32  # a bare name: see wrap_triton's docstring
 from .checks import FLOAT_DTYPES, check_list, check_number, check_same, check_tensor, has_overlap
 from .registry import register
 
@@ -313,6 +314,9 @@ def _adamw_kernel(
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
     BLOCK: tl.constexpr,    # elements per program
 ):
+    decay, one_minus_beta1, beta2 = fp32(decay), fp32(one_minus_beta1), fp32(beta2)
+    one_minus_beta2, bias_correction2_sqrt = fp32(one_minus_beta2), fp32(bias_correction2_sqrt)
+    step_size, eps = fp32(step_size), fp32(eps)
     entry, numel, offs, full = _block(table, blocks, WIDTH, BLOCK)
     p_ptrs = _pointer(entry, 0, P_DTYPE, ALIGNED) + offs
     g_ptrs = _pointer(entry, 1, P_DTYPE, ALIGNED) + offs

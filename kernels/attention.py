@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import dropout_key, dropout_scale, wrap_triton  # bare names: see wrap_triton's docstring
+from .runtime import dropout_key, dropout_scale, fp32, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
 from .rope import check_tables, rotate, triton_tables, turned
@@ -250,6 +250,7 @@ def _attn_fwd(
     FP32_DOT: tl.constexpr,  # see _dot
     TMA: tl.constexpr,  # load q, k, v through tensor descriptors (see _source)
 ):
+    qk_scale, dropout_p = fp32(qk_scale), fp32(dropout_p)
     # Causal query tiles near the end of the sequence do the most work: start them first so the
     # short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -367,6 +368,7 @@ def _attn_bwd_dkdv(
     FP32_DOT: tl.constexpr,  # see _dot
     TMA: tl.constexpr,  # load q, k, v, dO through tensor descriptors (see _source)
 ):
+    qk_scale, sm_scale, dropout_p = fp32(qk_scale), fp32(sm_scale), fp32(dropout_p)
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -462,6 +464,7 @@ def _attn_bwd_dq(
     FP32_DOT: tl.constexpr,  # see _dot
     TMA: tl.constexpr,  # load q, k, v, dO through tensor descriptors (see _source)
 ):
+    qk_scale, sm_scale, dropout_p = fp32(qk_scale), fp32(sm_scale), fp32(dropout_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first, as the forward
     h = tl.program_id(1)
     b = tl.program_id(2)

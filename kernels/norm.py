@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import dropout_scale, dropout_seed, wrap_triton  # bare names: see wrap_triton's docstring
+from .runtime import dropout_scale, dropout_seed, fp32, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import FLOAT_DTYPES, check_dropout, check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
@@ -155,6 +155,7 @@ def _norm_fwd_kernel(
     ROWS: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns, a power of two >= N
 ):
+    eps, dropout_p = fp32(eps), fp32(dropout_p)
     # int64 row indices: row * stride passes 2^31 in tensors over 2^31 elements.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -216,6 +217,7 @@ def _norm_bwd_kernel(
     ROWS: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns, a power of two >= N
 ):
+    dropout_p = fp32(dropout_p)
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)

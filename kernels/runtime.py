@@ -299,6 +299,15 @@ def head_strides(buf: torch.Tensor) -> tuple[int, ...]:
 
 
 @triton.jit
+def fp32(x):
+    """A float argument as fp32. Eager launches pass Python floats as fp32, but torch.compile
+    declares them fp64 when Inductor compiles a wrap_triton kernel, and fp64 would spread through
+    the kernel's math (at a fraction of fp32's rate, and into tl.dot's fp32 accumulator, which
+    fails to compile): each kernel casts its float arguments first (tests/sm_compile.py checks)."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row indices (BLOCK_R,), column indices (BLOCK_C,) and the in-bounds mask (BLOCK_R, BLOCK_C)
     of this program's tile of an (n_rows, n_cols) matrix. The column tiles of one row band are

@@ -3,12 +3,13 @@
 Each op's triton backend runs forward and backward (the optimizers: a step) on CPU tensors at the
 shapes training gives it, with Triton's driver replaced by a compile-only stand-in for sm_<arch>:
 every launch compiles (Triton IR -> PTX -> cubin, with the ptxas Triton ships) with the launch
-configuration that GPU would get, and runs nothing. Per kernel it prints the constexprs, warps,
+configuration that GPU would get, and runs nothing; float arguments are declared fp64, as
+torch.compile declares them (InductorSignature). Per kernel it prints the constexprs, warps,
 stages, shared memory, registers and local memory (spills and stack), and it fails when a kernel
 does not compile or would not launch (shared memory or registers past the GPU's limits), when a
 memory-bound kernel moves no 16-byte vectors, or when attention's 16-bit matmuls miss the GPU's
 tensor-core instruction (wgmma on sm90, tcgen05.mma on sm100, mma.sync on sm80 and sm120): errors
-and slow paths that Triton's CPU interpreter cannot show. The outputs are never computed, so the
+and slow paths that Triton's CPU interpreter cannot show, and when a kernel computes in fp64. The outputs are never computed, so the
 backward reads garbage; only what is launched matters. tests/test_sm_compile.py runs it for each
 GPU generation.
 """
@@ -74,12 +75,22 @@ def compile_only(compiled: list) -> None:
     JITFunction.run = warmup_run
 
 
+class InductorSignature(triton.compiler.ASTSource):
+    """A kernel source whose float arguments are declared fp64, as torch.compile declares them
+    when Inductor compiles a wrap_triton kernel itself (eager launches pass them as fp32)."""
+
+    def __init__(self, fn, signature, constexprs=None, attrs=None):
+        signature = {name: "fp64" if ty == "fp32" else ty for name, ty in signature.items()}
+        super().__init__(fn, signature, constexprs, attrs)
+
+
 def pretend_gpu(arch: int) -> list:
     """Make this process launch the triton backends as on an sm_<arch> GPU, from CPU tensors: each
     launch compiles for that GPU with the configuration it would get there, runs nothing, and
     appends (kernel name, compiled kernel) to the list returned."""
     sm, _, sms = GPUS[arch]
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", sm, 32)))
+    triton.compiler.ASTSource = InductorSignature  # what the JIT compiles from (read at first launch)
     compiled: list = []
     compile_only(compiled)
     runtime.CPU_TENSORS = True
@@ -190,6 +201,11 @@ def workloads(arch: int):
         yield f"D=96 {dtype}: attention", _run(c, kernels.get("attention", "triton")), kind
 
 
+# An fp64 instruction other than reading a float argument or converting it: Inductor passes floats
+# as fp64, and fp64 math runs at a fraction of fp32's rate (and changes the kernel's numerics).
+FP64_MATH = re.compile(r"^\s*(?!ld\.param|cvt\.)[a-z]+(?:\.\w+)*\.f64\b", re.MULTILINE)
+
+
 def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str]]:
     """A compiled kernel's line of the report, and what is wrong with it."""
     sm, max_shared, _ = GPUS[arch]
@@ -205,6 +221,8 @@ def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str
                         f"{REGISTERS_PER_SM}")
     if kind == "streams" and name not in SMALL_KERNELS and not wide:
         problems.append(f"{name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
+    if FP64_MATH.search(kernel.asm["ptx"]):
+        problems.append(f"{name} computes in fp64 with fp64 float arguments: cast them to fp32 first")
     if kind == "mma" and name in MATMUL_KERNELS and MMA[arch] not in kernel.asm["ptx"]:
         problems.append(f"{name} has no {MMA[arch]}: its matmuls miss the tensor cores")
     return line, problems
