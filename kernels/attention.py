@@ -516,28 +516,28 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
     return {"fwd": _Config(*fwd), "dkdv": _Config(*dkdv), "dq": _Config(*dq)}
 
 
-# Per kind of tensor core (_generation) and padded head dim. INITIAL values, not yet timed: inside
-# the ranges the Triton tutorial and FlashAttention-2 use, and checked to compile and fit by
-# tests/sm_compile.py (sm80, sm90, sm100, sm120; no GPU), spilling at most a few hundred bytes of
-# registers (dropout's hashing adds to it). To be replaced by measured entries:
-# bench/tune_attention.py sweeps each pass on a GPU and prints the table to paste. Each pass owns
-# a large tile and streams small ones past it: fwd/dq own query rows, dkdv owns keys and holds k,
-# v, dk and dv in registers, so it owns fewer rows and takes 8 warps at D = 128 to spread them. sm80 covers
-# Ampere and the Ada cards with ~100 KB of shared memory: 64-row tiles, 2 stages. sm90 (228 KB)
-# owns 128 query rows. TMA loads (sm90+) stay off until measured: compiled for sm90 (triton 3.6
-# and 3.8, these tables, bf16), the same tiles take 10-50% fewer registers through descriptors
-# (no 64-bit tile addresses in the threads) and most of the pointer path's spills (D = 128 dkdv
-# in 3.6, several passes with dropout) vanish, but whether that buys time is the tuner's call.
-# Consumer Blackwell (sm120: mma.sync as on Ampere, 99 KB of shared memory a block) takes the sm80
-# tables: compiled for sm120 (triton 3.8), the sm90 tables' 128-row tiles spill 120-150 bytes a
-# thread in the forward at D = 64 and 128, the sm80 tables' at most 16.
+# Per kind of tensor core (_generation) and padded head dim. sm90 at D = 64 and 128 are MEASURED:
+# bench/tune_attention.py's winners on an H200 (2026-12-04, torch 2.11, triton 3.6; B*T = 16k,
+# T = 4096, bf16, causal), each pass's fastest verified candidate of about 30 (TMA twins
+# included); they beat the earlier initial entries at T = 1024, 4096 and 16384 too (backward
+# 1.3-2.6x, forward 0.94-1.47x; docs/h200-2026-12-04.md). At these tiles TMA loads won every pass:
+# through descriptors the tiles take 10-50% fewer registers (no 64-bit tile addresses in the
+# threads). The rest are INITIAL values, not yet timed: inside the ranges the Triton tutorial and
+# FlashAttention-2 use, and checked to compile and fit by tests/sm_compile.py (sm80, sm90, sm100,
+# sm120; no GPU), spilling at most a few hundred bytes of registers (dropout's hashing adds to
+# it); sm100 takes the sm90 entries untimed. Each pass owns a large tile and streams small ones
+# past it: fwd/dq own query rows, dkdv owns keys and holds k, v, dk and dv in registers, so it
+# owns fewer rows. sm80 covers Ampere and the Ada cards with ~100 KB of shared memory: 64-row
+# tiles, 2 stages. Consumer Blackwell (sm120: mma.sync as on Ampere, 99 KB of shared memory a
+# block) takes the sm80 tables: compiled for sm120 (triton 3.8), 128-row forward tiles spill
+# 120-150 bytes a thread at D = 64 and 128, the sm80 tables' at most 16.
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
-_SM90_SMALL_D = _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
     8: {32: _SM80_SMALL_D, 64: _SM80_SMALL_D,
         128: _pass_configs((64, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2))},
-    9: {32: _SM90_SMALL_D, 64: _SM90_SMALL_D,
-        128: _pass_configs((128, 64, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2))},
+    9: {32: _pass_configs((128, 64, 4, 3), (32, 128, 8, 2), (128, 32, 4, 3)),
+        64: _pass_configs((64, 64, 4, 3, True), (32, 128, 4, 3, True), (64, 64, 4, 3, True)),
+        128: _pass_configs((64, 64, 4, 3, True), (32, 64, 4, 3, True), (128, 64, 8, 3, True))},
 }
 
 # The interpreter runs a program's ops one by one in numpy: small tiles keep tests quick, and
