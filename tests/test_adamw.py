@@ -83,9 +83,13 @@ def test_fp32_matches_torch_adamw(backend, device):
                 ("exp_avg_sq", v[i], state["exp_avg_sq"], g_max[i] ** 2)):
             torch.testing.assert_close(out, expected, rtol=4 * eps32, atol=4 * eps32 * scale,
                                        msg=lambda s: f"{backend} {SHAPES[i]} {name}: {s}")
-        # The params barely move: their error is judged on the update, p - p0.
-        assert_as_accurate(p.double() - params[i], t.detach().double() - params[i],
-                           ref64[i] - params[i], f"{backend} {SHAPES[i]} update")
+    # The params barely move: their error is judged on the update, p - p0, of all the tensors at
+    # once. A tensor of a few elements alone would compare a few roundings with as many of torch's
+    # (its ulp-level agreement is checked above); 12,000 elements make the norms a statistic.
+    def updates(ps):
+        return torch.cat([(q.detach().double() - p0).flatten() for q, p0 in zip(ps, params)])
+
+    assert_as_accurate(updates(ours), updates(theirs), updates(ref64), f"{backend} update")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

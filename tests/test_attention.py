@@ -320,14 +320,15 @@ def test_tma_only_where_the_copy_engine_can():
     assert attention._use_tma(cfg, torch.zeros(1, 4, 37, 64, dtype=torch.bfloat16)[:, :1])  # one head
 
 
-def test_bad_inputs():
+def test_bad_inputs(device):
+    skip_unless_triton_runs("triton", device)
     f = kernels.get("attention", "triton")
-    q = torch.randn(1, 4, 8, 64)
-    kv = torch.randn(1, 3, 8, 64)
+    q = torch.randn(1, 4, 8, 64, device=device)
+    kv = torch.randn(1, 3, 8, 64, device=device)
     with pytest.raises(ValueError, match="attention: .*multiple of k/v's 3 heads"):
         f(q, kv, kv)
     with pytest.raises(ValueError, match=r"attention: .*head dims \(32, 64, 96, 128\), got 48"):
-        x = torch.randn(1, 2, 8, 48)
+        x = torch.randn(1, 2, 8, 48, device=device)
         f(x, x, x)
     with pytest.raises(ValueError, match="attention: .*same dtype"):
         f(q, q.half(), q)
@@ -337,13 +338,13 @@ def test_bad_inputs():
         x = q.double()
         f(x, x, x)
     with pytest.raises(ValueError, match="attention: .*non-empty"):
-        x = torch.randn(1, 2, 0, 64)
+        x = torch.randn(1, 2, 0, 64, device=device)
         f(x, x, x)
     with pytest.raises(ValueError, match="attention: dropout_p"):
         f(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="attention: dropout_p must be a Python number, got NoneType"):
         f(q, q, q, dropout_p=None)
-    cos, sin = rope_tables(64, 8, 10000.0)
+    cos, sin = (t.to(device) for t in rope_tables(64, 8, 10000.0))
     with pytest.raises(ValueError, match=r"attention: rope must be a \(cos, sin\) pair"):
         f(q, q, q, rope=cos)
     with pytest.raises(ValueError, match=r"attention: cos and sin must have shape \(T, D/2\) = \(8, 32\)"):
