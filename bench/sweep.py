@@ -1,0 +1,170 @@
+"""Sweep the launch heuristics of the memory-bound Triton kernels on the GPU at hand: which values
+of a kernel module's constants are fastest, verified, at its benchmark's shapes.
+
+    python -m bench.sweep [--sweeps norm,swiglu,rope,adamw] [--json PATH]
+
+The launch code of these kernels reads module constants (kernels/norm.py's _TILE,
+_ELEMS_PER_THREAD and _BWD_WARPS_PER_SM; kernels/runtime.py's _TILE and _NUM_WARPS for the
+elementwise tiles SwiGLU runs on; ...). For each setting of a sweep's constants (every
+combination of the values listed, the committed setting first) the constants are set, and the
+op's triton backend is checked against the torch reference and timed at each shape of its
+benchmark (bench/op_<op>.py) through bench.backends.measure, the path every benchmark takes
+(times: the GPU's, bench.measure.median_ms). One setting serves every width (the launch code
+derives tiles and warps from it), so the setting to commit is the one with the least time of the
+training pass (fwd+bwd; AdamW's step) summed over the shapes, verified at every shape; each
+shape's own fastest is printed too, to show what one setting leaves on the table. A setting that
+fails (a launch out of resources) is reported, not fatal. --json writes every measurement.
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import kernels
+from bench import backends, op_adamw, op_norm, op_rope, op_swiglu
+from bench.cases import Shapes, case
+from bench.hardware import detect
+from bench.measure import provenance
+from kernels import adamw, norm, rope, runtime
+
+
+@dataclass(frozen=True)
+class Sweep:
+    module: object  # the kernel module whose constants the launch code reads
+    values: dict[str, tuple]  # constant -> the values to try, the committed one among them
+    op: str
+    shapes: tuple[Shapes, ...]
+    reset: Callable[[], None] = lambda: None  # forgets what the module derived from the old values
+
+
+SWEEPS = {
+    "norm": Sweep(norm, {"_TILE": (2048, 4096, 8192), "_ELEMS_PER_THREAD": (8, 16),
+                         "_BWD_WARPS_PER_SM": (16, 32, 64)}, "rms_norm", op_norm.SHAPES),
+    "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
+    "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
+    # The launch plans are cached per parameter list, their blocks sized by BLOCK.
+    "adamw": Sweep(adamw, {"BLOCK": (1024, 2048, 4096, 8192), "NUM_WARPS": (4, 8)}, "adamw", op_adamw.SHAPES,
+                   adamw._plan.cache_clear),
+}
+
+
+def settings(sweep: Sweep) -> list[dict]:
+    """Every combination of the sweep's values, the committed one first."""
+    committed = {name: getattr(sweep.module, name) for name in sweep.values}
+    others = [dict(zip(sweep.values, combo)) for combo in itertools.product(*sweep.values.values())]
+    return [committed] + [s for s in others if s != committed]
+
+
+@contextlib.contextmanager
+def constants(sweep: Sweep, setting: dict):
+    """The sweep's module with `setting`'s values, restored after."""
+    old = {name: getattr(sweep.module, name) for name in setting}
+    try:
+        for name, value in setting.items():
+            setattr(sweep.module, name, value)
+        sweep.reset()
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(sweep.module, name, value)
+        sweep.reset()
+
+
+def measure(sweep: Sweep, setting: dict, device, shapes: tuple[Shapes, ...]) -> dict:
+    """shape -> the training pass's ms, rate, roofline and check with `setting` (or its error)."""
+    results = {}
+    with constants(sweep, setting):
+        for s in shapes:
+            # The norms alone, as their benchmark's main shapes (no residual); other ops ignore it.
+            timed = case(sweep.op, s, device, residual=False)
+            try:
+                rows = backends.measure(timed, {"triton": kernels.get(sweep.op, "triton")}, device,
+                                        checked=case(sweep.op, s, device, quick=True, residual=False))
+            except Exception as e:  # a launch out of resources: this setting does not run here
+                results[timed.shape] = dict(error=f"{type(e).__name__}: {e}")
+                continue
+            row = next(r for r in rows if r.pass_ == timed.passes[-1])
+            results[timed.shape] = dict(ms=row.ms, rate=row.value, unit=row.unit,
+                                        roofline=row.roofline, verified=row.verified)
+    return results
+
+
+def best(records: list[dict]) -> dict | None:
+    """The record whose setting verified and ran at every shape in the least summed time."""
+    whole = [r for r in records if all(m.get("verified") for m in r["shapes"].values())]
+    return min(whole, key=lambda r: sum(m["ms"] for m in r["shapes"].values()), default=None)
+
+
+def _named(setting: dict) -> str:
+    return " ".join(f"{name}={value}" for name, value in setting.items())
+
+
+def report(name: str, sweep: Sweep, records: list[dict]) -> str:
+    """The sweep's table (the training pass's rate per shape, x where unverified), its pick, and
+    each shape's own fastest."""
+    shapes = list(records[0]["shapes"])
+    unit = next((m["unit"] for r in records for m in r["shapes"].values() if "unit" in m), "")
+    lines = [f"\n{name}: {sweep.op}'s training pass, {unit} (x: not verified), ms summed over the shapes",
+             " | ".join(["setting", *shapes, "total ms"])]
+    for r in records:
+        cells = [m.get("error", "error")[:40] if "ms" not in m else f"{m['rate']:,.0f}{'' if m['verified'] else ' x'}"
+                 for m in r["shapes"].values()]
+        total = sum(m.get("ms", float("nan")) for m in r["shapes"].values())
+        lines.append(" | ".join([_named(r["setting"]), *cells, f"{total:.3f}"]) + ("  committed" if r is records[0] else ""))
+    pick = best(records)
+    if pick is None:
+        lines.append("no setting verified at every shape")
+        return "\n".join(lines)
+    committed_ms = sum(m.get("ms", float("nan")) for m in records[0]["shapes"].values())
+    pick_ms = sum(m["ms"] for m in pick["shapes"].values())
+    assignments = ", ".join(f"{k} = {v}" for k, v in pick["setting"].items())
+    lines.append(f"pick for {sweep.module.__name__}: {assignments}  ({committed_ms / pick_ms:.2f}x the committed)")
+    for shape in shapes:
+        ran = [r for r in records if r["shapes"][shape].get("verified")]
+        if ran:
+            fastest = min(ran, key=lambda r: r["shapes"][shape]["ms"])
+            lines.append(f"  {shape}: fastest {_named(fastest['setting'])} "
+                         f"({pick['shapes'][shape]['ms'] / fastest['shapes'][shape]['ms']:.2f}x the pick)")
+    return "\n".join(lines)
+
+
+def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Sweep] = SWEEPS,
+        shapes: Callable[[Sweep], tuple[Shapes, ...]] = lambda sweep: sweep.shapes) -> dict:
+    """Each named sweep measured and reported; the JSON file rewritten after every setting, so a
+    run cut short keeps what it measured."""
+    result = dict(provenance(), device=str(device), sweeps={})
+    for name in names:
+        sweep = sweeps[name]
+        records = []
+        for setting in settings(sweep):
+            records.append(dict(setting=setting, shapes=measure(sweep, setting, device, shapes(sweep))))
+            pick = best(records)
+            result["sweeps"][name] = dict(module=sweep.module.__name__, op=sweep.op, records=records,
+                                          pick=pick["setting"] if pick else None)
+            if json_path:
+                json_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(report(name, sweep, records), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"some of {', '.join(SWEEPS)}")
+    parser.add_argument("--json", type=Path, help="write every measurement to this file")
+    args = parser.parse_args(argv)
+    names = args.sweeps.split(",")
+    if unknown := [n for n in names if n not in SWEEPS]:
+        parser.error(f"unknown sweep {', '.join(unknown)}: the sweeps are {', '.join(SWEEPS)}")
+    if detect() is None:
+        print(f"{parser.prog}: a sweep of the GPU it runs on, and this machine has no CUDA GPU", file=sys.stderr)
+        return 2
+    run(names, "cuda", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""bench.sweep on CPU: its path through bench.backends (timed by the no_gpu stand-in, in Triton's
+interpreter) at a tiny shape, and its sweeps' constants as the kernel modules have them."""
+import json
+
+import pytest
+
+from bench import sweep
+from bench.cases import Shapes
+from gpt.model import GPTConfig
+from kernels import norm
+from tests.devices import interpreter_only
+from tests.test_bench_smoke import no_gpu  # noqa: F401  (its fixture, autouse: timings without a GPU)
+
+
+@pytest.mark.parametrize("name", list(sweep.SWEEPS))
+def test_each_sweep_starts_from_the_committed_constants(name):
+    s = sweep.SWEEPS[name]
+    first, *rest = sweep.settings(s)
+    assert first == {c: getattr(s.module, c) for c in s.values}
+    for c, values in s.values.items():
+        assert getattr(s.module, c) in values, f"{name}: the committed {c} is not among the values tried"
+    assert len(rest) + 1 == len({tuple(x.values()) for x in [first, *rest]})
+
+
+@interpreter_only
+def test_sweep_measures_each_setting_restores_the_constants_and_picks(monkeypatch, tmp_path, capsys):
+    tiny = sweep.Sweep(norm, {"_TILE": (4096, 512)}, "rms_norm",
+                               (Shapes(GPTConfig(n_embd=771, n_head=1), batch_size=1, seq_len=5),))
+    seen = []
+    launch = norm._tile
+
+    def spy(n):  # the tile the launch code derives from the constants in force
+        seen.append(norm._TILE)
+        return launch(n)
+
+    monkeypatch.setattr(norm, "_tile", spy)
+    path = tmp_path / "sweep.json"
+    result = sweep.run(["tiny"], "cpu", path, sweeps={"tiny": tiny})
+    assert norm._TILE == 4096 and set(seen) == {4096, 512}
+    records = result["sweeps"]["tiny"]["records"]
+    assert [r["setting"] for r in records] == [{"_TILE": 4096}, {"_TILE": 512}]
+    for r in records:
+        (m,) = r["shapes"].values()
+        assert m["verified"] and m["ms"] > 0 and m["unit"] == "GB/s"
+    assert result["sweeps"]["tiny"]["pick"] in ({"_TILE": 4096}, {"_TILE": 512})
+    assert json.loads(path.read_text())["sweeps"]["tiny"]["records"] == records
+    out = capsys.readouterr().out
+    assert "pick for kernels.norm: _TILE = " in out and "committed" in out
+
+
+def test_without_a_gpu_it_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(sweep, "detect", lambda: None)
+    assert sweep.main(["--sweeps", "norm"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
