@@ -114,7 +114,8 @@ def report(name: str, sweep: Sweep, records: list[dict]) -> str:
         cells = [m.get("error", "error")[:40] if "ms" not in m else f"{m['rate']:,.0f}{'' if m['verified'] else ' x'}"
                  for m in r["shapes"].values()]
         total = sum(m.get("ms", float("nan")) for m in r["shapes"].values())
-        lines.append(" | ".join([_named(r["setting"]), *cells, f"{total:.3f}"]) + ("  committed" if r is records[0] else ""))
+        mark = "  committed" if r is records[0] else ""
+        lines.append(" | ".join([_named(r["setting"]), *cells, f"{total:.3f}"]) + mark)
     pick = best(records)
     if pick is None:
         lines.append("no setting verified at every shape")
