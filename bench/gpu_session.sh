@@ -2,12 +2,13 @@
 # Everything a session with a lent GPU runs. A session has 15 minutes of device time, the machine's
 # start (a minute or two) included, so start with the one call that fits them:
 #   bash bench/gpu_session.sh first     # the most telling checks in one call of BUDGET_S (540) seconds:
-#                                       # the suite natively (CUDA cases first; tests not started by 150 s skip), bench.mfu
-#                                       # gpt2 (with where each variant's step time goes: bench/breakdown.py),
-#                                       # then the attention, norm, adamw and swiglu benchmarks,
-#                                       # each cut at its share (their rows come as they are measured);
-#                                       # every step's time lands in first.log, for the next plan;
-#                                       # report.md has the README's tables of what was measured
+#                                       # the suite natively (CUDA cases first; tests not started by 150 s skip),
+#                                       # bench.mfu for gpt2 then llama, every kernel variant (with where each
+#                                       # variant's step time goes: bench/breakdown.py), then bench.sweep of
+#                                       # AdamW's and the norm's launch constants, each cut at its share (rows
+#                                       # and settings are written as they are measured); every step's time
+#                                       # lands in first.log, for the next plan; report.md has the README's
+#                                       # tables of what was measured. (The per-op benchmarks: the ops stage.)
 # The stages below each end by BUDGET_S (540) seconds, inside one 10-minute call (timeout_s 600),
 # for sessions with more device time; a stage exits 1 when a step of it failed, was cut or skipped:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
@@ -75,13 +76,12 @@ case "$1" in
       bash "$self" tests
     # bench.mfu writes each variant as it is measured: the Triton kernels inside torch.compile (the
     # fastest, if any is) first, eager torch (the least telling) last
-    step 150 mfu python -m bench.mfu --gpu auto --preset gpt2 --kernels triton+compile,compile,triton,torch \
+    step 150 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 --kernels triton+compile,compile,triton,torch \
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
-    step 80 op_attention python -m bench.op_attention --json "$OUT/op_attention.json"
-    step 60 op_norm python -m bench.op_norm --json "$OUT/op_norm.json"
-    step 40 op_adamw python -m bench.op_adamw --json "$OUT/op_adamw.json"
-    step 40 op_swiglu python -m bench.op_swiglu --json "$OUT/op_swiglu.json"
-    results=("$OUT"/*.json)
+    step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
+      --steps 20 --warmup 6 --json "$OUT/mfu-llama.json"
+    step 540 sweep python -m bench.sweep --sweeps adamw,norm --json "$OUT/sweep.json"
+    results=("$OUT"/mfu-*.json)  # bench.report makes tables of these; the sweep printed its own
     [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}

@@ -42,8 +42,8 @@ class Sweep:
 
 
 SWEEPS = {
-    "norm": Sweep(norm, {"_TILE": (2048, 4096, 8192), "_ELEMS_PER_THREAD": (8, 16),
-                         "_BWD_WARPS_PER_SM": (16, 32, 64)}, "rms_norm", op_norm.SHAPES),
+    "norm": Sweep(norm, {"_TILE": (2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16),
+                         "_BWD_WARPS_PER_SM": (32, 64)}, "rms_norm", op_norm.SHAPES),
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
     "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
     # The launch plans are cached per parameter list, their blocks sized by BLOCK.
@@ -53,10 +53,11 @@ SWEEPS = {
 
 
 def settings(sweep: Sweep) -> list[dict]:
-    """Every combination of the sweep's values, the committed one first."""
+    """Every combination of the sweep's values: the committed one first, then those that change
+    one constant of it, then two, ...: a run cut short has measured each constant alone."""
     committed = {name: getattr(sweep.module, name) for name in sweep.values}
     others = [dict(zip(sweep.values, combo)) for combo in itertools.product(*sweep.values.values())]
-    return [committed] + [s for s in others if s != committed]
+    return sorted(others, key=lambda s: sum(s[name] != committed[name] for name in s))
 
 
 @contextlib.contextmanager

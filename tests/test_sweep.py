@@ -20,6 +20,8 @@ def test_each_sweep_starts_from_the_committed_constants(name):
     for c, values in s.values.items():
         assert getattr(s.module, c) in values, f"{name}: the committed {c} is not among the values tried"
     assert len(rest) + 1 == len({tuple(x.values()) for x in [first, *rest]})
+    changed = [sum(x[c] != first[c] for c in first) for x in rest]
+    assert changed == sorted(changed) and changed[0] == 1  # one constant at a time first
 
 
 @interpreter_only
