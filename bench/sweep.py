@@ -134,8 +134,7 @@ def report(name: str, sweep: Sweep, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Sweep] = SWEEPS,
-        shapes: Callable[[Sweep], tuple[Shapes, ...]] = lambda sweep: sweep.shapes) -> dict:
+def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Sweep] = SWEEPS) -> dict:
     """Each named sweep measured and reported; the JSON file rewritten after every setting, so a
     run cut short keeps what it measured."""
     result = dict(provenance(), device=str(device), sweeps={})
@@ -143,7 +142,7 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
         sweep = sweeps[name]
         records = []
         for setting in settings(sweep):
-            records.append(dict(setting=setting, shapes=measure(sweep, setting, device, shapes(sweep))))
+            records.append(dict(setting=setting, shapes=measure(sweep, setting, device, sweep.shapes)))
             pick = best(records)
             result["sweeps"][name] = dict(module=sweep.module.__name__, op=sweep.op, records=records,
                                           pick=pick["setting"] if pick else None)
