@@ -383,7 +383,8 @@ def dropout_scale(key, row, col, dropout_p):
     col_hash = _lowbias32((key + 0x9E3779B9) ^ col.to(tl.uint32))
     # The largest fp32 below 2^32 keeps the threshold in uint32 for any dropout_p < 1.
     threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
-    return tl.where(_lowbias32(row_hash + col_hash) >= threshold, 1.0 / (1.0 - dropout_p), 0.0)
+    # IEEE division (a GPU's fp32 `/` is approximate): the scale torch's dropout applies, to the bit.
+    return tl.where(_lowbias32(row_hash + col_hash) >= threshold, tl.div_rn(1.0, 1.0 - dropout_p), 0.0)
 
 
 # Launch heuristics for a memory-bound elementwise kernel over tiles (`tile` above).
