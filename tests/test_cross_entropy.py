@@ -225,7 +225,10 @@ def test_second_gpu():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_compile_matches_eager(dtype, device):
-    """In a compiled graph with the lm head's matmul before it, as in the model."""
+    """In a compiled graph with the lm head's matmul before it, as in the model: the same up to a
+    few roundings, as Inductor compiles the op's own torch arithmetic around the kernels (the
+    loss's sum over rows and its mean, the gradient's scale) in another order, with a GPU's
+    approximate fp32 division."""
     skip_unless_triton_runs("triton", device)
     fn = kernels.get("cross_entropy", "triton")
 
@@ -246,4 +249,5 @@ def test_torch_compile_matches_eager(dtype, device):
             loss.backward()
             results.append((loss, xx.grad, ww.grad))
     for eager, graphed in zip(*results):
-        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        eps = torch.finfo(eager.dtype).eps
+        torch.testing.assert_close(graphed, eager, rtol=2 * eps, atol=2 * eps * eager.abs().max().item())
