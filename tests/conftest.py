@@ -92,3 +92,12 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_leaks():
+    """Each test starts with torch's default fp32 matmuls: train.py turns TF32 on for the process
+    (as nanoGPT does), which would otherwise reach the tests that run after it."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
