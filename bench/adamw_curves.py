@@ -74,7 +74,7 @@ SCALES = {
                               always_save_checkpoint=False)),
     "cpu": dict(config="config/train_shakespeare_char_cpu.py",
                 settings=dict(max_iters=5000, eval_interval=250, eval_iters=50, log_interval=25,
-                              always_save_checkpoint=False, kernels="torch", compile=False)),
+                              always_save_checkpoint=False, kernels="torch", compile=False, device="cpu")),
 }
 
 
