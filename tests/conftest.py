@@ -1,6 +1,5 @@
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -44,11 +43,11 @@ def pytest_report_header(config):
 
 
 def _on_cuda(item) -> bool:
-    """A CUDA case: device="cuda", or a test that skips without a GPU (bigmem's among them)."""
+    """A CUDA case: device="cuda", or a test marked cuda (tests.devices.cuda_only, two_gpus)."""
     callspec = getattr(item, "callspec", None)
     if callspec is not None and callspec.params.get("device") == "cuda":
         return True
-    return any(re.search(r"CUDA|GPU", m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+    return item.get_closest_marker("cuda") is not None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,18 @@ import torch
 
 from kernels import runtime
 
+
+def cuda_only(test):
+    """Marks `test` `cuda` (`pytest -m cuda` selects the GPU's tests; conftest runs them first
+    when the suite has a deadline) and skips it without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+def two_gpus(test):
+    """Marks `test` `cuda`, and skips it without two GPUs."""
+    return pytest.mark.cuda(pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")(test))
+
+
 interpreter_only = pytest.mark.skipif(
     not runtime.INTERPRET, reason="runs the Triton backends on CPU tensors: only in the interpreter, "
                                   "which is off on a machine with a GPU")

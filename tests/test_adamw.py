@@ -10,7 +10,7 @@ import torch
 import kernels
 from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
 from kernels import adamw as adamw_module
-from tests.devices import skip_unless_triton_runs
+from tests.devices import cuda_only, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
 
 BACKENDS = ["torch", "triton"]
@@ -18,7 +18,6 @@ BACKENDS = ["torch", "triton"]
 SHAPES = [(1,), (7,), (10007,), (33, 65)]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 STEPS = 4
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def states(params, state_dtype=None):

@@ -13,11 +13,9 @@ import torch
 import kernels
 from gpt.model import rope_tables
 from kernels import attention
-from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate, assert_mask_is_random
 from tests.test_rope import reference as turned
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def reference(q, k, v, causal, keep=None, dropout_p=0.0, rope=None):
@@ -378,8 +376,7 @@ def test_bad_shapes_and_flags(backend):
 
 # --- CUDA only -----------------------------------------------------------------------------------
 
-@pytest.mark.cuda
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("T,causal,D", [(1024, True, 128), (4096, True, 64), (16384, True, 128),
                                         (3000, False, 64)])
 def test_long_sequences_cuda(T, causal, D):
@@ -387,7 +384,7 @@ def test_long_sequences_cuda(T, causal, D):
 
 
 @pytest.mark.bigmem
-@needs_cuda
+@cuda_only
 @pytest.mark.parametrize("tma", [False, True])
 def test_over_2_to_the_31_elements_cuda(tma, request):
     """q, k and v views of one qkv projection of over 2^31 elements: the last batch, which lies

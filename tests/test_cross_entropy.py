@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from tests.devices import compiled, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
 from tests.numerics import assert_as_accurate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -18,7 +18,6 @@ BACKENDS = ["torch", "triton"]
 # two tiles of 64 rows; 20 x 256: a whole tile of 16 rows, then a part of one).
 SHAPES = [((1,), 4099), ((3,), 771), ((2, 5), 65), ((2,), 50257), ((), 1031), ((9,), 4099), ((4, 32), 64),
           ((20,), 256)]
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def reference(logits, targets, dloss, ignore_index=-1):
@@ -217,7 +216,7 @@ def test_over_2_to_the_31_elements():
     torch.testing.assert_close(grad[-8:], alone_grad, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@two_gpus
 def test_second_gpu():
     logits, targets, dloss = inputs((3,), 1031, torch.bfloat16, "cuda:1")
     assert_matches_float64(kernels.get("cross_entropy", "triton"), logits, targets, dloss, "cuda:1")

@@ -7,7 +7,7 @@ import torch
 import kernels
 from kernels import cross_entropy
 from gpt.model import GPT, GPTConfig
-from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs, two_gpus
 from tests.memory import peak_malloc_mib
 from tests.numerics import assert_as_accurate
 
@@ -16,7 +16,6 @@ BACKENDS = ["torch", "triton"]
 # (batch shape, width, classes): one row, odd widths and vocabularies, a 3-D batch, a single
 # token with no batch dimension.
 SHAPES = [((1,), 7, 4099), ((3,), 24, 771), ((2, 5), 16, 65), ((), 8, 1031), ((9,), 33, 130)]
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture(params=["one chunk", "chunks of 2 rows"])
@@ -275,7 +274,7 @@ def test_training_shapes_cuda(width, classes, monkeypatch):
                            f"2048 x {width} x {classes}")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@two_gpus
 def test_second_gpu():
     x, weight, targets, dloss = inputs((3,), 24, 1031, torch.bfloat16, "cuda:1")
     assert_matches_float64(kernels.get("linear_cross_entropy", "triton"), x, weight, targets, dloss, "cuda:1")

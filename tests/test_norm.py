@@ -13,13 +13,12 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import norm, runtime
-from tests.devices import compiled, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
 from tests.numerics import assert_as_accurate, assert_mask_is_random, check, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -453,7 +452,7 @@ def test_residual_backward_is_deterministic(op, bias, dropout_p, device):
         assert torch.equal(a, c), f"{op} fused {name} differs between two identical runs"
 
 
-@cuda
+@cuda_only
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_large_gpu_shapes(op, bias):
     x, w, b = inputs(4096, 8192, "cuda", torch.bfloat16, wdtype=torch.float32, bias=bias)
@@ -461,7 +460,7 @@ def test_large_gpu_shapes(op, bias):
 
 
 @pytest.mark.bigmem
-@cuda
+@cuda_only
 @pytest.mark.parametrize("op,bias", [("rms_norm", False), ("layer_norm", True)], ids=["rms", "layer"])
 def test_over_2_to_the_31_elements(op, bias):
     """Rows past element 2^31 are read and written where they belong (int64 offsets)."""
@@ -537,7 +536,7 @@ def test_compiled_residual_dropout(op, bias, device):
     torch.testing.assert_close(dx.float(), dr * scale, rtol=2**-7, atol=0)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@two_gpus
 def test_runs_on_the_tensors_own_gpu():
     x, w, b = inputs(5, 771, "cuda:1", torch.bfloat16, bias=True)
     with torch.cuda.device(0):

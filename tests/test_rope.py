@@ -10,10 +10,9 @@ import torch
 import kernels
 from gpt.model import rope_tables
 from kernels import runtime
-from tests.devices import compiled, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
 from tests.numerics import assert_as_accurate, rel_err
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -131,7 +130,7 @@ def test_bad_inputs(backend):
             fn(*args)
 
 
-@cuda
+@cuda_only
 def test_llama_shapes_on_gpu():
     """LLaMA-3 8B's grouped k at 4096 positions, from the qkv projection's layout."""
     B, T, H, Hkv, D = 2, 4096, 32, 8, 128
@@ -142,7 +141,7 @@ def test_llama_shapes_on_gpu():
 
 
 @pytest.mark.bigmem
-@cuda
+@cuda_only
 def test_over_2_to_the_31_elements():
     """Positions past element 2^31 are read and written where they belong (int64 offsets)."""
     H, D = 16, 128
@@ -169,7 +168,7 @@ def test_compiled_matches_eager(device):
         torch.testing.assert_close(c, e, msg=lambda m: f"rope {name}: {m}")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@two_gpus
 def test_runs_on_the_tensors_own_gpu():
     x = torch.randn(2, 3, 17, 64, device="cuda:1", dtype=torch.bfloat16)
     with torch.cuda.device(0):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import runtime
-from tests.devices import compiled, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
 from tests.numerics import assert_as_accurate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -13,7 +13,6 @@ BACKENDS = ["torch", "triton"]
 # One element, one row, widths that are not a multiple of the column tile, a 3-D batch.
 SHAPES = [(), (1, 4099), (3, 1031), (2, 5, 33)]
 SILU_STATIONARY = -1.2785  # silu'(g) = 0 there
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def reference(gate, up, dy):
@@ -219,7 +218,7 @@ def test_offsets_past_int32_cuda():
         assert_as_accurate(o, b, r, f"last rows {name}")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@two_gpus
 def test_second_gpu():
     gate, up, dy = inputs((3, 1031), torch.bfloat16, "cuda:1")
     assert_matches_float64(kernels.get("swiglu", "triton"), gate, up, dy, "cuda:1")
