@@ -22,7 +22,8 @@
 #                                       # for head dim D (64 or 128; default both: about 95 candidates
 #                                       # per D, TMA twins included, compiled ahead by 8 processes)
 #   bash bench/gpu_session.sh sweep [SWEEPS]  # bench.sweep: the memory-bound kernels' launch constants
-#                                       # (default all: norm,swiglu,rope,adamw), the pick per module printed
+#                                       # (default all its sweeps; SWEEPS picks some, e.g. norm,adamw),
+#                                       # the pick per module printed
 #   bash bench/gpu_session.sh train     # train.py itself, as a user runs it (compile, kernels=auto,
 #                                       # shakespeare BPE data built offline): gpt2 with adamw, then
 #                                       # llama with bf16_adamw and recompute; 300 steps each
@@ -133,7 +134,7 @@ case "$1" in
     dims=${2:-64,128}
     step 540 tune python -m bench.tune_attention --d "$dims" --json "$OUT/tune_attention-${dims/,/-}.json" ;;
   sweep)
-    step 540 sweep python -m bench.sweep --sweeps "${2:-norm,swiglu,rope,adamw}" --json "$OUT/sweep.json" ;;
+    step 540 sweep python -m bench.sweep ${2:+--sweeps "$2"} --json "$OUT/sweep.json" ;;
   train)  # the logs come back ($OUT/train-<preset>/log.jsonl), the checkpoints are deleted
     common=(--dataset=shakespeare --batch_size=16 --block_size=1024 --gradient_accumulation_steps=1
             --max_iters=300 --lr_decay_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=20

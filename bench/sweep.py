@@ -17,6 +17,7 @@ fails (a launch out of resources) is reported, not fatal. --json writes every me
 """
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import sys
@@ -28,7 +29,7 @@ import kernels
 from bench import backends, op_adamw, op_norm, op_rope, op_swiglu
 from bench.cases import Shapes, case
 from bench.hardware import detect
-from bench.measure import provenance
+from bench.measure import one_line, provenance
 from kernels import adamw, norm, rope, runtime
 
 
@@ -75,29 +76,35 @@ def constants(sweep: Sweep, setting: dict):
         sweep.reset()
 
 
-def measure(sweep: Sweep, setting: dict, device, shapes: tuple[Shapes, ...]) -> dict:
-    """shape -> the training pass's ms, rate, roofline and check with `setting` (or its error)."""
+def measure(sweep: Sweep, setting: dict, device) -> dict:
+    """shape -> the triton backend's check and its training pass's ms, rate and roofline with
+    `setting` (or the error that kept it from running), at each of the sweep's shapes."""
     results = {}
     with constants(sweep, setting):
-        for s in shapes:
+        for s in sweep.shapes:
             # The norms alone, as their benchmark's main shapes (no residual); other ops ignore it.
-            timed = case(sweep.op, s, device, residual=False)
-            try:
-                rows = backends.measure(timed, {"triton": kernels.get(sweep.op, "triton")}, device,
-                                        checked=case(sweep.op, s, device, quick=True, residual=False))
-            except Exception as e:  # a launch out of resources: this setting does not run here
-                results[timed.shape] = dict(error=f"{type(e).__name__}: {e}")
-                continue
-            row = next(r for r in rows if r.pass_ == timed.passes[-1])
-            results[timed.shape] = dict(ms=row.ms, rate=row.value, unit=row.unit,
-                                        roofline=row.roofline, verified=row.verified)
+            full = case(sweep.op, s, device, residual=False)
+            timed = dataclasses.replace(full, passes=full.passes[-1:])  # the training pass alone
+            checked = case(sweep.op, s, device, quick=True, residual=False)  # every pass
+            e = backends.entry(timed, checked, {"triton": kernels.get(sweep.op, "triton")},
+                               backends.roofline(timed.unit, device), device)
+            r, pass_ = e["backends"]["triton"], timed.passes[0]
+            results[timed.shape] = (dict(error=r["error"]) if "error" in r else
+                                    dict(ms=r["ms"][pass_], rate=r["rate"][pass_], unit=timed.unit,
+                                         roofline=r["roofline"][pass_], verified=r["verified"],
+                                         check=r["check"]))
     return results
+
+
+def _total(record: dict) -> float:
+    """The training pass's ms summed over the shapes (nan where one did not run)."""
+    return sum(m.get("ms", float("nan")) for m in record["shapes"].values())
 
 
 def best(records: list[dict]) -> dict | None:
     """The record whose setting verified and ran at every shape in the least summed time."""
     whole = [r for r in records if all(m.get("verified") for m in r["shapes"].values())]
-    return min(whole, key=lambda r: sum(m["ms"] for m in r["shapes"].values()), default=None)
+    return min(whole, key=_total, default=None)
 
 
 def _named(setting: dict) -> str:
@@ -112,19 +119,17 @@ def report(name: str, sweep: Sweep, records: list[dict]) -> str:
     lines = [f"\n{name}: {sweep.op}'s training pass, {unit} (x: not verified), ms summed over the shapes",
              " | ".join(["setting", *shapes, "total ms"])]
     for r in records:
-        cells = [m.get("error", "error")[:40] if "ms" not in m else f"{m['rate']:,.0f}{'' if m['verified'] else ' x'}"
+        cells = [one_line(m["error"]) if "error" in m else f"{m['rate']:,.0f}{'' if m['verified'] else ' x'}"
                  for m in r["shapes"].values()]
-        total = sum(m.get("ms", float("nan")) for m in r["shapes"].values())
         mark = "  committed" if r is records[0] else ""
-        lines.append(" | ".join([_named(r["setting"]), *cells, f"{total:.3f}"]) + mark)
+        lines.append(" | ".join([_named(r["setting"]), *cells, f"{_total(r):.3f}"]) + mark)
     pick = best(records)
     if pick is None:
         lines.append("no setting verified at every shape")
         return "\n".join(lines)
-    committed_ms = sum(m.get("ms", float("nan")) for m in records[0]["shapes"].values())
-    pick_ms = sum(m["ms"] for m in pick["shapes"].values())
     assignments = ", ".join(f"{k} = {v}" for k, v in pick["setting"].items())
-    lines.append(f"pick for {sweep.module.__name__}: {assignments}  ({committed_ms / pick_ms:.2f}x the committed)")
+    lines.append(f"pick for {sweep.module.__name__}: {assignments}  "
+                 f"({_total(records[0]) / _total(pick):.2f}x the committed)")
     for shape in shapes:
         ran = [r for r in records if r["shapes"][shape].get("verified")]
         if ran:
@@ -142,7 +147,7 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
         sweep = sweeps[name]
         records = []
         for setting in settings(sweep):
-            records.append(dict(setting=setting, shapes=measure(sweep, setting, device, sweep.shapes)))
+            records.append(dict(setting=setting, shapes=measure(sweep, setting, device)))
             pick = best(records)
             result["sweeps"][name] = dict(module=sweep.module.__name__, op=sweep.op, records=records,
                                           pick=pick["setting"] if pick else None)

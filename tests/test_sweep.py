@@ -50,6 +50,18 @@ def test_sweep_measures_each_setting_restores_the_constants_and_picks(monkeypatc
     assert "pick for kernels.norm: _TILE = " in out and "committed" in out
 
 
+@interpreter_only
+def test_a_setting_that_cannot_run_is_reported_and_never_picked(tmp_path, capsys):
+    broken = sweep.Sweep(norm, {"_ELEMS_PER_THREAD": (16, 0)}, "rms_norm",  # 0: no warps to launch
+                         (Shapes(GPTConfig(n_embd=64, n_head=1), batch_size=1, seq_len=3),))
+    result = sweep.run(["broken"], "cpu", None, sweeps={"broken": broken})
+    ok, failed = result["sweeps"]["broken"]["records"]
+    (m,) = failed["shapes"].values()
+    assert "error" in m and m["error"].startswith("ZeroDivisionError")
+    assert result["sweeps"]["broken"]["pick"] == {"_ELEMS_PER_THREAD": 16} == ok["setting"]
+    assert "ZeroDivisionError" in capsys.readouterr().out
+
+
 def test_without_a_gpu_it_says_so(monkeypatch, capsys):
     monkeypatch.setattr(sweep, "detect", lambda: None)
     assert sweep.main(["--sweeps", "norm"]) == 2
