@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import tile, wrap_triton  # bare names: see wrap_triton's docstring
+from .runtime import LN2, LOG2E, tile, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
@@ -71,10 +71,6 @@ def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
         return F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
     except IndexError as e:  # a target out of range, found on the CPU (the triton backend's loss is NaN)
         raise ValueError(f"cross_entropy: {e}") from None
-
-
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
 
 @triton.jit

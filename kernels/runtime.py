@@ -83,12 +83,17 @@ def capability(device: torch.device) -> tuple[int, int] | None:
     asks for every pass's configuration."""
     if device.type != "cuda":
         return None
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    props = _cuda_properties(device)
+    return props.major, props.minor
+
+
+def _cuda_properties(device: torch.device):
+    return _properties_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties_of(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
@@ -105,16 +110,11 @@ if INTERPRET:
 _INTERPRETER_SMS = 4
 
 
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (a small stand-in on CPU)."""
     if device.type != "cuda":
         return _INTERPRETER_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(device).multi_processor_count
 
 
 def triton_op(name: str, mutates_args=()):
@@ -296,6 +296,10 @@ def head_strides(buf: torch.Tensor) -> tuple[int, ...]:
     buf.transpose(1, 2), without making the view)."""
     b, t, h, d = buf.stride()
     return b, h, t, d
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
 
 
 @triton.jit

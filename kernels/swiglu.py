@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import tile, wrap_triton  # bare names: see wrap_triton's docstring
+from .runtime import LOG2E, tile, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_same, check_tensor
 from .registry import register
 
@@ -44,9 +44,9 @@ def _sigmoid(g):
     where e^-g is 0 or inf in fp32 already: n * ln2_hi stays exact, and infinite gates give 0
     and 1, not NaN."""
     x = tl.minimum(tl.maximum(-g, -200.0), 200.0)
-    n = tl.floor(x * 1.4426950408889634 + 0.5)  # the nearest power of two: e^x = 2^n * e^r
+    n = tl.floor(x * LOG2E + 0.5)  # the nearest power of two: e^x = 2^n * e^r
     r = (x - n * 0.693145751953125) - n * 1.4286068202862268e-06  # ln2's fp32 high part has 15 bits
-    return 1.0 / (1.0 + tl.math.exp2(n) * tl.math.exp2(r * 1.4426950408889634))
+    return 1.0 / (1.0 + tl.math.exp2(n) * tl.math.exp2(r * LOG2E))
 
 
 @triton.jit

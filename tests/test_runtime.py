@@ -115,6 +115,14 @@ OP_KERNELS = {
 }
 
 
+def last_json_line_as_on_a_gpu(*args: str):
+    """The last line a `python *args` subprocess prints, as JSON, its kernels compiled JIT
+    functions as on a GPU (not the interpreter's)."""
+    out = subprocess.run([sys.executable, *args], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def test_triton_op_finds_every_ops_kernels():
     """torch.library.triton_op lists the kernels an op launches (read off its source: launches
     written `wrap_triton(_kernel)`), and torch's compile caches key on their sources: an op whose
@@ -125,9 +133,7 @@ def test_triton_op_finds_every_ops_kernels():
             "print(json.dumps(None if table is None else {name.removeprefix('tritongpt::'): "
             "sorted(getattr(k, 'fn', k).__name__ for k in ks) for name, ks in table.items() "
             "if name.startswith('tritongpt::')}))")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
-    found = json.loads(out.stdout.splitlines()[-1])
+    found = last_json_line_as_on_a_gpu("-c", code)
     if found is None:
         pytest.skip(f"torch {torch.__version__} keeps no list of triton_op kernels")
     assert found == OP_KERNELS
@@ -138,9 +144,7 @@ def test_inductor_rebuilds_every_kernel_whole():
     constants it finds it uses, under their bare names: a kernel that read a helper through its
     module (`runtime.tile`) failed to compile on the GPU, under torch.compile only
     (tests/inductor_source.py)."""
-    out = subprocess.run([sys.executable, "-m", "tests.inductor_source"], env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
-    report = json.loads(out.stdout.splitlines()[-1])
+    report = last_json_line_as_on_a_gpu("-m", "tests.inductor_source")
     if report is None:
         pytest.skip(f"torch {torch.__version__} has no Inductor rebuilding of Triton kernels to check against")
     assert len(report) >= 30  # every JIT function of kernels/, each checked as a kernel
