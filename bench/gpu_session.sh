@@ -18,9 +18,10 @@
 #                                       # norm,swiglu (default all: norm,swiglu,rope,attention,cross_entropy,
 #                                       # linear_cross_entropy,adamw)
 #   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
-#   bash bench/gpu_session.sh tune [D]  # bench.tune_attention: measured flash-attention launch configs
-#                                       # for head dim D (64 or 128; default both: about 95 candidates
-#                                       # per D, TMA twins included, compiled ahead by 8 processes)
+#   bash bench/gpu_session.sh tune [D] [T]  # bench.tune_attention: measured flash-attention launch
+#                                       # configs for head dim D (64 or 128; default both: about 95
+#                                       # candidates per D, TMA twins included, compiled ahead by 8
+#                                       # processes) at length T (default 4096; 1024 tunes the short-T table)
 #   bash bench/gpu_session.sh sweep [SWEEPS]  # bench.sweep: the memory-bound kernels' launch constants
 #                                       # (default all its sweeps; SWEEPS picks some, e.g. norm,adamw),
 #                                       # the pick per module printed
@@ -34,7 +35,7 @@
 # and the numbers in README with the device, date and versions, and paste the printed tune table
 # into kernels/attention.py's _GPU_CONFIGS.
 set -uo pipefail
-usage="usage: bash bench/gpu_session.sh first|tests|tune [D]|profiles|ops [OPS]|mfu|sweep [SWEEPS]|train|curves [VARIANTS]"
+usage="usage: bash bench/gpu_session.sh first|tests|tune [D] [T]|profiles|ops [OPS]|mfu|sweep [SWEEPS]|train|curves [VARIANTS]"
 (($#)) || { echo "$usage" >&2; exit 2; }
 self=$(realpath "$0")  # the stages call it again from the repo root, wherever it was started
 cd "$(dirname "$self")/.."
@@ -131,8 +132,8 @@ case "$1" in
         --kernels triton+compile,compile,triton,torch --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
-    dims=${2:-64,128}
-    step 540 tune python -m bench.tune_attention --d "$dims" --json "$OUT/tune_attention-${dims/,/-}.json" ;;
+    dims=${2:-64,128} t=${3:-4096}
+    step 540 tune python -m bench.tune_attention --d "$dims" --t "$t" --json "$OUT/tune_attention-${dims/,/-}-t$t.json" ;;
   sweep)
     step 540 sweep python -m bench.sweep ${2:+--sweeps "$2"} --json "$OUT/sweep.json" ;;
   train)  # the logs come back ($OUT/train-<preset>/log.jsonl), the checkpoints are deleted

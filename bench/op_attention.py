@@ -74,10 +74,15 @@ def launch_configs(device: str | None = None) -> str:
     from kernels import attention
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    def configs(D: int, T: int) -> str:
+        q = torch.empty(1, 1, T, D, device=device, dtype=torch.bfloat16)
+        return " ".join(f"{w} {tuple(attention._config(q, w))}" for w in ("fwd", "dkdv", "dq"))
+
     parts = []
     for D in HEAD_DIMS:
-        q = torch.empty(1, 1, 1, D, device=device, dtype=torch.bfloat16)
-        parts.append(f"D={D} " + " ".join(f"{w} {tuple(attention._config(q, w))}" for w in ("fwd", "dkdv", "dq")))
+        short, long = configs(D, attention.SHORT_T), configs(D, attention.SHORT_T + 1)
+        parts += ([f"D={D} {long}"] if short == long else
+                  [f"D={D} T<={attention.SHORT_T} {short}", f"D={D} T>{attention.SHORT_T} {long}"])
     return "triton (block_m, block_n, warps, stages, tma): " + "; ".join(parts)
 
 

@@ -1,5 +1,5 @@
 """Measure the flash-attention kernel's launch configurations and print the table to paste into
-kernels/attention.py's _GPU_CONFIGS.
+kernels/attention.py's _GPU_CONFIGS (or, tuned at T <= attention.SHORT_T, _SHORT_T_CONFIGS).
 
     python -m bench.tune_attention [--json PATH] [--d 64,128] [--t 4096] [--smoke]
 
@@ -31,7 +31,8 @@ dS K). Together they execute 7 matmuls where the useful backward has 5: in the f
 the whole backward (preprocess, dkdv and dq) is credited the useful 2.5x of bench/cases.py, so
 its rate compares with bench.op_attention's.
 
-The winners are printed as entries of _GPU_CONFIGS[attention._generation(<the GPU's major>)], with
+The winners are printed as entries of _GPU_CONFIGS[attention._generation(<the GPU's major>)]
+(_SHORT_T_CONFIGS when T <= attention.SHORT_T: the table short sequences take first), with
 each pass's speedup, then timed against the current configuration at T = 1024 and 16384 too
 (verified there the same way): whether one table per D holds across T or a T bucket is needed. --json writes
 everything: device, versions, date, every candidate, the winners and the comparison.
@@ -437,10 +438,12 @@ def compare(p: Problem, winners: dict[str, _Config], timer, rates: bool) -> dict
     return result
 
 
-def table(major: int | None, tuned: dict[int, dict], header: str) -> str:
-    """The winners as _GPU_CONFIGS entries, with each pass's speedup over the current entry."""
+def table(major: int | None, T: int, tuned: dict[int, dict], header: str) -> str:
+    """The winners as entries of the table sequences of length T take (_SHORT_T_CONFIGS up to
+    attention.SHORT_T, else _GPU_CONFIGS), with each pass's speedup over the current entry."""
     key = attention._generation(major) if major is not None else "<none: interpreter smoke run, not for pasting>"
-    lines = [f"# _GPU_CONFIGS[{key}] entries, {header}"]
+    name = "_SHORT_T_CONFIGS" if T <= attention.SHORT_T else "_GPU_CONFIGS"
+    lines = [f"# {name}[{key}] entries, {header}"]
     for D, entry in tuned.items():
         passes = entry["passes"]
         if any(passes[w]["winner"] is None for w in PASSES):
@@ -496,7 +499,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
             winners[which] = _Config(*best["config"]) if best else p.defaults[which]
             _write(json_path, result)
         # The winners at once: a run cut in the comparisons below (or at the next D) keeps them.
-        print("\n" + table(major, {D: entry}, f"D={D}, T={T}, before the comparisons across T"))
+        print("\n" + table(major, T, {D: entry}, f"D={D}, T={T}, before the comparisons across T"))
         compare_ts = SMOKE["compare_t"] if smoke else COMPARE_T
         for t in (T, *sorted(set(compare_ts) - {T})):
             try:
@@ -516,7 +519,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
     prov = result["provenance"]
     header = (f"T={T} causal {result['dtype']}, {name}, {prov['date']}, torch {prov['torch']}, "
               f"triton {prov['triton']}")
-    result["table"] = table(major, {int(D): e for D, e in result["head_dims"].items()}, header)
+    result["table"] = table(major, T, {int(D): e for D, e in result["head_dims"].items()}, header)
     print("\n" + result["table"])
     _write(json_path, result)
     if json_path:
@@ -548,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                   "On a GPU machine run\n"
                   "    python -m bench.tune_attention --json tune_attention.json\n"
                   "(or `bash bench/gpu_session.sh tune`), then paste the printed entries into\n"
-                  "kernels/attention.py's _GPU_CONFIGS. `--smoke` checks the code path here.")
+                  "kernels/attention.py's _GPU_CONFIGS (_SHORT_T_CONFIGS with --t 1024).\n"
+                  "`--smoke` checks the code path here.")
             return 0
     jobs = args.compile_jobs
     if jobs is None:

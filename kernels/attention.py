@@ -520,8 +520,8 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # bench/tune_attention.py's winners on an H200 (2026-12-04, torch 2.11, triton 3.6; B*T = 16k,
 # T = 4096, bf16, causal), each pass's fastest verified candidate of about 30 (TMA twins
 # included). Against the earlier initial entries at T = 1024, 4096 and 16384: backward 1.3-2.6x,
-# forward 0.94-1.47x, slower only at D = 64 and T = 1024 (short sequences may want a table of
-# their own; docs/h200-2026-12-04.md). At these tiles TMA loads won every pass:
+# forward 0.94-1.47x, slower only at D = 64 and T <= 1024 (the forward of _SHORT_T_CONFIGS
+# below; docs/h200-2026-12-04.md). At these tiles TMA loads won every pass:
 # through descriptors the tiles take 10-50% fewer registers (no 64-bit tile addresses in the
 # threads). The rest are INITIAL values, not yet timed: inside the ranges the Triton tutorial and
 # FlashAttention-2 use, and checked to compile and fit by tests/sm_compile.py (sm80, sm90, sm100,
@@ -541,6 +541,18 @@ _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
         128: _pass_configs((64, 64, 4, 3, True), (32, 64, 4, 3, True), (128, 64, 8, 3, True))},
 }
 
+# Sequences up to SHORT_T take the passes this table has for their GPU and D over _GPU_CONFIGS' (a
+# table tuned at T = 4096): short sequences give each program few key tiles, so a program's fixed
+# costs weigh more. sm90 D = 64 forward MEASURED on the H200 (2026-12-04; bench.op_attention, B*T =
+# 16k, bf16, causal, the same run's GPU-side timing of both tables): the initial (128, 64, 4, 3)
+# against the T = 4096 winner gave 183 vs 155 TFLOPS at T = 512, 254 vs 237 at 1024, and a tie at
+# 2048 (314 vs 317); the T = 4096 backward won at every T (142 vs 125 TFLOPS at 512, 217 vs 167 at
+# 1024), and so did every D = 128 pass. `bench.tune_attention --t 1024` prints entries for here.
+SHORT_T = 1024
+_SHORT_T_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
+    9: {64: {"fwd": _Config(128, 64, 4, 3)}},
+}
+
 # The interpreter runs a program's ops one by one in numpy: small tiles keep tests quick, and
 # BLOCK_M != BLOCK_N still takes the multi-step causal diagonal the GPU tables take.
 _INTERPRETER_CONFIGS = _pass_configs((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))
@@ -554,12 +566,14 @@ def _generation(major: int) -> int:
 
 
 def _config(q: torch.Tensor, which: str, dropout: bool = False) -> _Config:
-    """The launch configuration of pass `which` ("fwd", "dkdv" or "dq") for q's device, D, dtype,
-    with or without dropout."""
+    """The launch configuration of pass `which` ("fwd", "dkdv" or "dq") for q's device, length,
+    D and dtype, with or without dropout."""
     capability = runtime.capability(q.device)
     if capability is None:
         return _INTERPRETER_CONFIGS[which]
-    cfg = _GPU_CONFIGS[_generation(capability[0])][runtime.next_power_of_2(q.shape[-1])][which]
+    generation, D = _generation(capability[0]), runtime.next_power_of_2(q.shape[-1])
+    short = _SHORT_T_CONFIGS.get(generation, {}).get(D, {}) if q.shape[-2] <= SHORT_T else {}
+    cfg = short.get(which) or _GPU_CONFIGS[generation][D][which]
     if q.dtype == torch.float32:
         # fp32 tiles take twice the shared memory and registers: the checking path gets small
         # tiles and no pipelining so it fits on every sm80+ card.

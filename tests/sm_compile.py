@@ -189,6 +189,9 @@ def workloads(arch: int):
         yield f"{name}: {op} with dropout", _run(case(op, dropped[name], "cpu"), kernels.get(op, "triton")), "streams"
     for name in ("gpt2", "llama D=128 GQA 16/4"):
         c = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=64), "cpu")
+        # past SHORT_T: the configurations of longer sequences (64 tokens take the short-T table's)
+        long = case("attention", Shapes(CONFIGS[name], batch_size=1, seq_len=attention.SHORT_T + 1), "cpu")
+        yield f"{name}: attention at T = {attention.SHORT_T + 1}", _run(long, kernels.get("attention", "triton")), "mma"
         yield f"{name}: attention, non-causal", _run(c, _non_causal), "mma"
         yield f"{name}: attention, dropout", _run(case("attention", dropped[name], "cpu"),
                                                   kernels.get("attention", "triton")), "mma"

@@ -261,6 +261,20 @@ def tma_runs(q) -> bool:
     return attention._use_tma(attention._config(q, "fwd"), q)
 
 
+def test_short_sequences_take_their_own_table_where_it_has_a_pass(monkeypatch):
+    """Up to SHORT_T a pass takes _SHORT_T_CONFIGS' entry for its GPU and D where there is one,
+    else (and past SHORT_T) _GPU_CONFIGS': on sm90 at D = 64 the forward alone has a short entry."""
+    monkeypatch.setattr(attention.runtime, "capability", lambda device: (9, 0))
+    short, long = (torch.empty(1, 1, T, 64, dtype=torch.bfloat16) for T in (attention.SHORT_T, attention.SHORT_T + 1))
+    tables = attention._SHORT_T_CONFIGS[9][64], attention._GPU_CONFIGS[9][64]
+    assert attention._config(short, "fwd") == tables[0]["fwd"] != tables[1]["fwd"]
+    assert attention._config(long, "fwd") == tables[1]["fwd"]
+    for which in ("dkdv", "dq"):
+        assert attention._config(short, which) == attention._config(long, which) == tables[1][which]
+    d128 = torch.empty(1, 1, 16, 128, dtype=torch.bfloat16)
+    assert attention._config(d128, "fwd") == attention._GPU_CONFIGS[9][128]["fwd"]
+
+
 # Causal and not, grouped and not, every power-of-two head dim, T off the tile, the model's views
 TMA_CASES = [
     (1, 2, 2, 130, 32, True, torch.bfloat16, "contiguous"),

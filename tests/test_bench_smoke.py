@@ -125,10 +125,17 @@ def test_attention_backward_is_fwd_bwd_less_fwd():
     assert "ms" not in entry["backends"]["torch"]
 
 
-def test_attention_names_the_launch_configs_it_timed():
+def test_attention_names_the_launch_configs_it_timed(monkeypatch):
     line = op_attention.launch_configs("cpu")
     assert line.startswith("triton (block_m, block_n, warps, stages, tma): D=64 fwd (")
     assert "; D=128 " in line and line.count("False)") + line.count("True)") == 6
+    # a D whose short sequences take a table of their own is named twice
+    from kernels import attention
+    monkeypatch.setattr(attention.runtime, "capability", lambda device: (9, 0))
+    line = op_attention.launch_configs("cpu")
+    short = attention.SHORT_T
+    assert f"D=64 T<={short} fwd (128, 64, 4, 3, False)" in line and f"; D=64 T>{short} " in line
+    assert line.count("D=128") == 1
 
 
 def test_the_issues_shapes_and_work():
