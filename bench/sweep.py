@@ -44,7 +44,7 @@ class Sweep:
 
 SWEEPS = {
     "norm": Sweep(norm, {"_TILE": (2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16),
-                         "_BWD_WARPS_PER_SM": (32, 64)}, "rms_norm", op_norm.SHAPES),
+                         "_BWD_WARPS_PER_SM": (16, 32, 64)}, "rms_norm", op_norm.SHAPES),
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
     "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
     # The launch plans are cached per parameter list, their blocks sized by BLOCK.

@@ -7,8 +7,10 @@ style of flash-attention's Triton layer norm:
   writes y and saves the fp32 statistics backward needs (rstd, and the mean for LayerNorm).
   All arithmetic is fp32; padded lanes are kept out of the mean and variance.
 * backward: each program walks a contiguous range of rows, writes dx, and sums its rows'
-  dw (and db) terms in fp32 registers, stored as its own row of a (programs, N) fp32 buffer
-  that torch then sums over programs. No atomics: dw and db are bit-identical run to run.
+  dw (and db) terms in fp32 registers, stored as its own row of a (programs, N) fp32 buffer;
+  a second launch sums those rows in a fixed order and stores dw and db in the weight's and the
+  bias's dtypes (one kernel where torch's sum and cast of each are four, a few microseconds of
+  launches each that weigh on narrow rows). No atomics: dw and db are bit-identical run to run.
 
 Three options serve the pre-norm residual stream, in the way of flash-attention's layer norm
 (`residual`, `dropout_p`, `out_dtype`):
@@ -66,6 +68,7 @@ _TILE = 4096  # elements per tile: narrow rows are stacked TILE // BLOCK_N deep,
 _ELEMS_PER_THREAD = 16  # two 16-byte bf16 vectors per thread and tensor; sets num_warps
 _BWD_WARPS_PER_SM = 32  # backward grid: resident warps per SM it aims for to hide latency,
 #                         with few enough programs that the fp32 partials stay a few % of traffic
+_SUM_TILE = 2048  # elements per step of the partial sums' reduction: 16 per thread at 4 warps
 
 
 def check_norm(op: str, x, weight, bias, eps, residual=None, out_dtype=None, dropout_p=0.0,
@@ -266,6 +269,35 @@ def _norm_bwd_kernel(
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _sum_partials_kernel(
+    DW,  # fp32 (P, N): the backward programs' partial sums of dw, one row each
+    DB,  # fp32 (P, N): the same of db; unused unless HAS_BIAS
+    OUT_W,  # (N,): dw, in the weight's dtype
+    OUT_B,  # (N,): db, in the bias's dtype; unused unless HAS_BIAS
+    P,  # rows of partial sums
+    N,  # columns
+    HAS_BIAS: tl.constexpr,  # sum DB too
+    BLOCK_P: tl.constexpr,  # rows summed per step
+    BLOCK_C: tl.constexpr,  # columns per program
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < N
+    # Whole tiles accumulated in a fixed order, then reduced over rows once: deterministic.
+    dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_ok[None, :]
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        dw += tl.load(DW + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB + offsets, mask=mask, other=0.0)
+    tl.store(OUT_W + cols, tl.sum(dw, axis=0).to(OUT_W.dtype.element_ty), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(OUT_B + cols, tl.sum(db, axis=0).to(OUT_B.dtype.element_ty), mask=col_ok)
+
+
 def _tile(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of n elements."""
     block_n = max(runtime.next_power_of_2(n), _MIN_BLOCK)
@@ -282,6 +314,14 @@ def backward_programs(m: int, n: int, device: torch.device) -> tuple[int, int]:
     max_programs = runtime.num_sms(device) * max(1, _BWD_WARPS_PER_SM // num_warps)
     tiles_per_program = max(1, runtime.cdiv(tiles, max_programs))
     return max(1, runtime.cdiv(tiles, tiles_per_program)), tiles_per_program * rows
+
+
+def _sum_partials_tile(n: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of the partial sums' reduction: column strips narrow enough to give
+    every SM one where the row allows (at least 16 columns, 64 bytes of each row), tiles of
+    _SUM_TILE elements."""
+    block_c = min(max(runtime.next_power_of_2(runtime.cdiv(n, runtime.num_sms(device))), 16), _SUM_TILE)
+    return _SUM_TILE // block_c, block_c
 
 
 @runtime.triton_op("tritongpt::norm_fwd", mutates_args=())
@@ -317,33 +357,42 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
 @runtime.triton_op("tritongpt::norm_bwd", mutates_args=())
 def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-              mean: torch.Tensor, rstd: torch.Tensor, rms: bool, has_bias: bool,
+              mean: torch.Tensor, rstd: torch.Tensor, rms: bool, b_dtype: torch.dtype | None,
               dx_dtype: torch.dtype, dx2_dtype: torch.dtype | None, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (in dx_dtype), the normalized input's gradient in dx2_dtype (empty when None; then
-    dx is that gradient), and fp32 dw and db (empty unless has_bias), for x (the normalized
-    input), dy, ds (M, N) with stride(1) == 1; ds is added to the normalized input's gradient,
-    and dx is that times the forward's dropout mask when seed is given (dx2_dtype then too)."""
+    dx is that gradient), dw in the weight's dtype and db in b_dtype (empty when None: no bias),
+    for x (the normalized input), dy, ds (M, N) with stride(1) == 1; ds is added to the normalized
+    input's gradient, and dx is that times the forward's dropout mask when seed is given
+    (dx2_dtype then too). Two launches: the rows' pass, with fp32 partial sums of dw and db per
+    program, then one that sums those over programs and casts them."""
     m, n = x.shape
+    has_bias = b_dtype is not None
     block_n, rows, num_warps = _tile(n)
     programs, rows_per_program = backward_programs(m, n, x.device)
     dx = torch.empty((m, n), dtype=dx_dtype, device=x.device)
     dx2 = torch.empty((0, n) if dx2_dtype is None else (m, n), dtype=dx2_dtype or dx_dtype, device=x.device)
     # Every program writes its whole row of partial sums: zero them only when none runs.
     partials = torch.empty if m > 0 else torch.zeros
-    dw = partials((programs, n), dtype=torch.float32, device=x.device)
-    db = partials((programs if has_bias else 0, n), dtype=torch.float32, device=x.device)
-    if m > 0:
-        with runtime.on_device(x):
+    dw_partials = partials((programs, n), dtype=torch.float32, device=x.device)
+    db_partials = partials((programs if has_bias else 0, n), dtype=torch.float32, device=x.device)
+    dw = torch.empty((n,), dtype=weight.dtype, device=x.device)
+    db = torch.empty((n if has_bias else 0,), dtype=b_dtype or weight.dtype, device=x.device)
+    block_p, block_c = _sum_partials_tile(n, x.device)
+    with runtime.on_device(x):
+        if m > 0:
             wrap_triton(_norm_bwd_kernel)[(programs,)](
                 x, dy, dy if ds is None else ds, dx, dx2, weight, rstd if seed is None else seed,
-                rstd if rms else mean, rstd, dw, db if has_bias else dw,
+                rstd if rms else mean, rstd, dw_partials, db_partials if has_bias else dw_partials,
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),
                 m, n, rows_per_program, dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
                 HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
                 num_warps=num_warps)
-    # Without a bias db stays empty: its sum would be a launch filling zeros.
-    return dx, dx2, dw.sum(0), db.sum(0) if has_bias else db
+        # One launch for both sums and their casts (torch: a sum and a cast each, four kernels).
+        wrap_triton(_sum_partials_kernel)[(runtime.cdiv(n, block_c),)](
+            dw_partials, db_partials if has_bias else dw_partials, dw, db if has_bias else dw, programs, n,
+            HAS_BIAS=has_bias, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_SUM_TILE // (32 * _ELEMS_PER_THREAD))
+    return dx, dx2, dw, db
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -351,14 +400,13 @@ def _setup_context(ctx, inputs, output) -> None:
     y, s, mean, rstd = output
     ctx.save_for_backward(x if residual is None else s, weight, mean, rstd, seed)
     ctx.rms = rms
-    ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.y_dtype = y.dtype
     # x's gradient in x's dtype; the residual's in the same pass, stored apart where its dtype
     # differs or dropout scales x's.
     apart = ctx.has_residual and (residual.dtype != x.dtype or seed is not None)
     ctx.dx_dtypes = (x.dtype, residual.dtype if apart else None)
-    ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+    ctx.b_dtype = None if bias is None else bias.dtype
     # An unused s (the last norm's, a post-norm block's) then comes as None, not a tensor of zeros.
     ctx.set_materialize_grads(False)
 
@@ -372,12 +420,10 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     if dy is None:  # only s was used
         dy = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
     dx, dx2, dw, db = _norm_bwd(_rows(dy), _rows(ds), runtime.as_rows(saved), weight, mean, rstd, ctx.rms,
-                                ctx.has_bias, *ctx.dx_dtypes, ctx.dropout_p, seed)
+                                ctx.b_dtype, *ctx.dx_dtypes, ctx.dropout_p, seed)
     dx = dx.view(saved.shape)  # the inputs' shape (_norm_fwd's x and residual)
     d_residual = (dx2.view(saved.shape) if ctx.dx_dtypes[1] is not None else dx) if ctx.has_residual else None
-    w_dtype, b_dtype = ctx.param_dtypes
-    return (dx, d_residual, dw.to(w_dtype), (db.to(b_dtype) if ctx.has_bias else None),
-            None, None, None, None, None)
+    return dx, d_residual, dw, (db if ctx.b_dtype is not None else None), None, None, None, None, None
 
 
 _norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -196,7 +196,8 @@ def test_output_gradient_layouts(op, bias, layout, device):
 # Backward splits rows into contiguous ranges, one per program, walked in tiles of ROWS rows. On
 # the CPU stand-in of 4 SMs these shapes give several programs with several tiles each and a
 # ragged last range: n=7 -> 256-row tiles, 2 programs; n=771 -> 4-row tiles, 9 programs of 8
-# rows; n=4099 -> 1-row tiles, 7 programs of 3 rows.
+# rows; n=4099 -> 1-row tiles, 7 programs of 3 rows. The partial sums' reduction then takes 2
+# steps of 8 rows (n=771, the second ragged) and 7 of 1 (n=4099, in 3 ragged column strips).
 MANY_ROWS = [(300, 7), (70, 771), (20, 4099)]
 
 
