@@ -43,7 +43,8 @@ class Sweep:
 
 
 SWEEPS = {
-    "norm": Sweep(norm, {"_TILE": (2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16),
+    # _TILE 1024 with 32 elements a thread: one warp a row up to 1024 wide (warp-local row sums)
+    "norm": Sweep(norm, {"_TILE": (1024, 2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16, 32),
                          "_BWD_WARPS_PER_SM": (16, 32, 64)}, "rms_norm", op_norm.SHAPES),
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
     "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
