@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             dtype = "bfloat16" if gpu.bf16 else "float16"
             peak = args.peak_tflops or gpu.tflops(dtype)
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
+            for name in presets:
+                try:
+                    planning.config_for(name)
+                except ValueError as e:
+                    parser.error(str(e))
             planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size),
                                 presets, console)
             return 0

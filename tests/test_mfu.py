@@ -41,6 +41,12 @@ def test_plan_rows_for_one_preset(capsys):
     assert "A100 SXM 80GB" in text and "giga-13b" in text and "single GPU" in text and "gpt2" not in text
 
 
+def test_plan_of_an_unknown_preset_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        mfu.main(["--gpu", "h100", "--preset", "gpt2,giga-7b"])
+    assert exit.value.code == 2 and "unknown preset 'giga-7b'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_auto_on_cpu_says_what_to_run_and_exits_cleanly(capsys):
     assert mfu.main(["--gpu", "auto"]) == 0
