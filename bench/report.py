@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="bench.mfu, bench/op_*.py and bench.kernels result files")
     args = parser.parse_args(argv)
+    if missing := [str(path) for path in args.files if not path.is_file()]:
+        parser.error(f"no such file: {', '.join(missing)}")
     print("\n".join(report(path) for path in args.files))
     return 0
 

@@ -284,3 +284,6 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
     assert out.count("| swiglu | 16384 x 3072 | fwd+bwd | 1.000 host-bound |  | error |  | none | none |") == 2
     assert "bench.kernels gpt2: gpt2 shapes" in out and "bench.kernels llama: llama shapes" in out
     assert "odd.json: not reported (KeyError" in out
+    with pytest.raises(SystemExit) as exit:  # a path that is not there: a usage error, nothing read
+        report.main([str(tmp_path / "mfu.json"), str(tmp_path / "missing.json")])
+    assert exit.value.code == 2 and "no such file" in capsys.readouterr().err
