@@ -4,7 +4,7 @@ of a kernel module's constants are fastest, verified, at its benchmark's shapes.
     python -m bench.sweep [--sweeps norm,swiglu,rope,adamw] [--json PATH]
 
 The launch code of these kernels reads module constants (kernels/norm.py's _TILE,
-_ELEMS_PER_THREAD and _BWD_WARPS_PER_SM; kernels/runtime.py's _TILE and _NUM_WARPS for the
+_ELEMS_PER_THREAD, _BWD_WARPS_PER_SM and _BWD_STAGES; kernels/runtime.py's _TILE and _NUM_WARPS for the
 elementwise tiles SwiGLU runs on; ...). For each setting of a sweep's constants (every
 combination of the values listed, the committed setting first) the constants are set, and the
 op's triton backend is checked against the torch reference and timed at each shape of its
@@ -45,7 +45,7 @@ class Sweep:
 SWEEPS = {
     # _TILE 1024 with 32 elements a thread: one warp a row up to 1024 wide (warp-local row sums)
     "norm": Sweep(norm, {"_TILE": (1024, 2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16, 32),
-                         "_BWD_WARPS_PER_SM": (16, 32, 64)}, "rms_norm", op_norm.SHAPES),
+                         "_BWD_WARPS_PER_SM": (16, 32, 64), "_BWD_STAGES": (1, 2, 3)}, "rms_norm", op_norm.SHAPES),
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
     "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
     # The launch plans are cached per parameter list, their blocks sized by BLOCK.

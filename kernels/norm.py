@@ -68,6 +68,10 @@ _TILE = 4096  # elements per tile: narrow rows are stacked TILE // BLOCK_N deep,
 _ELEMS_PER_THREAD = 16  # two 16-byte bf16 vectors per thread and tensor; sets num_warps
 _BWD_WARPS_PER_SM = 32  # backward grid: resident warps per SM it aims for to hide latency,
 #                         with few enough programs that the fp32 partials stay a few % of traffic
+_BWD_STAGES = 1  # software-pipelining depth of the backward's loop over row tiles: at 2 or more
+#                  the next tiles' loads (cp.async into shared memory) overlap this tile's math and
+#                  stores, where at 1 (the setting the H200 run measured) each tile waits for its
+#                  loads: bench.sweep tries 2 and 3
 _SUM_TILE = 2048  # elements per step of the partial sums' reduction: 16 per thread at 4 warps
 
 
@@ -219,6 +223,7 @@ def _norm_bwd_kernel(
     DROPOUT: tl.constexpr,  # x was dropped out: its gradient is scaled by the forward's mask
     ROWS: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns, a power of two >= N
+    STAGES: tl.constexpr,  # software-pipelining depth of the loop over row tiles
 ):
     dropout_p = fp32(dropout_p)
     pid = tl.program_id(0).to(tl.int64)
@@ -232,7 +237,7 @@ def _norm_bwd_kernel(
     # cross-warp reduction for dw and db.
     dw = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for start in range(row_start, row_end, ROWS):
+    for start in tl.range(row_start, row_end, ROWS, num_stages=STAGES):
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
@@ -387,7 +392,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),
                 m, n, rows_per_program, dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
                 HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
-                num_warps=num_warps)
+                STAGES=_BWD_STAGES, num_warps=num_warps)
         # One launch for both sums and their casts (torch: a sum and a cast each, four kernels).
         wrap_triton(_sum_partials_kernel)[(runtime.cdiv(n, block_c),)](
             dw_partials, db_partials if has_bias else dw_partials, dw, db if has_bias else dw, programs, n,
