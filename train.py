@@ -73,6 +73,17 @@ DEFAULT_CONFIG = str(CONFIG_DIR / "train_shakespeare_char.py")
 DEFAULT_CPU_CONFIG = str(CONFIG_DIR / "train_shakespeare_char_cpu.py")
 
 
+def _preset_architecture(key: str, value) -> dict:
+    """What an assignment sets with it: a preset, every architecture key (vocab_size and dropout
+    aside), where it stands."""
+    if key != "preset" or not value:
+        return {}
+    try:
+        return {k: v for k, v in preset(value).items() if k in ARCH_KEYS}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def read_config(argv: list[str]) -> tuple[dict, list[str]]:
     """(config, argv): the defaults, then the config files and --key=value arguments in order, a
     preset setting every architecture key where it stands. With no config file in argv, the
@@ -80,13 +91,7 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
     if not any(arg.endswith(".py") and not arg.startswith("--") for arg in argv):
         argv = [DEFAULT_CONFIG if torch.cuda.is_available() else DEFAULT_CPU_CONFIG, *argv]
     config = dict(DEFAULTS)
-    for key, value in parse_args(argv, DEFAULTS, ALSO):
-        if key == "preset" and value:  # the preset's architecture, under the keys set after it
-            try:
-                config.update({k: v for k, v in preset(value).items() if k in ARCH_KEYS})
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        config[key] = value
+    config.update(parse_args(argv, DEFAULTS, ALSO, implied=_preset_architecture))
     if config["device"] is None:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if config["dtype"] is None:

@@ -64,9 +64,10 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
                       f"are allowed, not `{ast.unparse(node)}`")
 
 
-def read_config_file(path: str | Path, known: dict | None = None) -> dict:
+def read_config_file(path: str | Path, known: dict | None = None, implied=None) -> dict:
     """The assignments of a config file, in order; its expressions may use the keys of `known` (the
-    config so far, as nanoGPT's exec of a config sees train.py's globals)."""
+    config so far, as nanoGPT's exec of a config sees train.py's globals). `implied(key, value)`:
+    the keys an assignment sets with it (a preset's architecture), seen by the lines after it."""
     text = Path(path).read_text(encoding="utf-8")
     scope = dict(known or {})
     values: dict = {}
@@ -84,6 +85,8 @@ def read_config_file(path: str | Path, known: dict | None = None) -> dict:
         value = _evaluate(stmt.value, scope, modules, where)
         for target in stmt.targets:
             values[target.id] = scope[target.id] = value
+            for key, also in (implied(target.id, value) if implied else {}).items():
+                values[key] = scope[key] = also
     return values
 
 
@@ -105,20 +108,24 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
     raise ConfigError(f"{source}: {key} must be {types} like its default {default!r}, got {value!r}")
 
 
-def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None) -> list[tuple[str, object]]:
+def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None,
+               implied=None) -> list[tuple[str, object]]:
     """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
-    order, each checked against `defaults`; `also` names the keys that take a second type."""
+    order, each checked against `defaults`; `also` names the keys that take a second type;
+    `implied(key, value)` gives the keys an assignment sets with it, right after it (a preset's
+    architecture: the keys after it, and a config file's expressions after it, see its values)."""
     assignments, current = [], dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise ConfigError(f"expected a config file (.py) or --key=value, got {arg!r}")
-            items, source = read_config_file(arg, current).items(), arg
+            items, source = read_config_file(arg, current, implied).items(), arg
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"expected --key=value, got {arg!r}")
-            items, source = [(key, _parse_value(text))], arg
+            value = _parse_value(text)
+            items, source = [(key, value), *(implied(key, value) if implied else {}).items()], arg
         for key, value in items:
             if key not in defaults:
                 raise ConfigError(f"{source}: unknown config key {key!r}")

@@ -217,6 +217,16 @@ def test_defaults_and_errors(monkeypatch):
             train.main([*nothing, "--dtype=float16", "--parallel=fsdp"])
 
 
+def test_a_preset_in_a_config_file_sets_what_its_later_lines_see(tmp_path):
+    path = tmp_path / "config.py"
+    path.write_text("n_layer = 2\npreset = 'shakespeare-char'\nn_head = 4\n"
+                    "mlp_hidden = 2 * n_embd\nlr_decay_iters = block_size * 10\n")
+    config, _ = train.read_config([str(path)])
+    # the preset set n_layer over the line before it; the lines after it see its n_embd and block_size
+    assert (config["n_layer"], config["n_head"], config["n_embd"]) == (6, 4, 384)
+    assert (config["mlp_hidden"], config["lr_decay_iters"]) == (768, 2560)
+
+
 def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
     with pytest.raises(SystemExit, match="train.py: dataset 'nosuch': no .* and no builder"):
         run(tmp_path, data_dir, "--dataset=nosuch")
