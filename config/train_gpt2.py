@@ -7,6 +7,7 @@ wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 
 preset = 'gpt2'
+bias = False  # nanoGPT's train.py default, which its run keeps (the preset has GPT-2's biases)
 # 12 batch size * 1024 block size * 5 gradaccum * 8 GPUs = 491,520 tokens per step
 batch_size = 12
 block_size = 1024

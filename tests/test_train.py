@@ -201,6 +201,8 @@ def test_defaults_and_errors(monkeypatch):
     assert (config["n_layer"], config["n_embd"], config["bias"]) == (2, 768, True)
     config, _ = train.read_config(["--n_layer=2", "--preset=llama"])  # a preset sets what came before it
     assert (config["n_layer"], config["norm"], config["tie_weights"]) == (12, "rmsnorm", False)
+    config, _ = train.read_config([str(train.CONFIG_DIR / "train_gpt2.py")])  # nanoGPT's run: GPT-2's shapes
+    assert (config["n_layer"], config["n_embd"], config["bias"]) == (12, 768, False)  # and no biases
     with pytest.raises(SystemExit, match="unknown config key 'n_layers'"):
         train.main(["--n_layers=3"])
     with pytest.raises(SystemExit, match="n_embd 102 is not a multiple of n_head 4"):
