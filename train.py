@@ -278,7 +278,13 @@ def main(argv: list[str]) -> None:
     optimizer = distributed.optimizer(world, model.param_groups(c["weight_decay"]), optimizer_class,
                                       lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)
     if resumed:
+        # The checkpoint's optimizer state with this run's settings: load_state_dict brings back
+        # the saved groups' settings (rounding, Kahan, betas, weight decay, fused), and the config,
+        # not the checkpoint, sets everything but the architecture.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         checkpoint.restore(model, optimizer, resumed)
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
 
     # Autocast only for fp32 weights; pure-bf16 weights already run every matmul in bf16.
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]

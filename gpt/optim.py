@@ -145,8 +145,10 @@ class BF16AdamW(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 state = self.state[p]
-                if len(state) != 1 + len(states):  # new, or Kahan switched on since
+                if len(state) != 1 + len(states):  # new, or Kahan switched on or off since
                     state.setdefault("step", 0)
+                    if not kahan:  # what the last rounding lost, less than a bf16 step: let go
+                        state.pop("compensation", None)
                     for name in states:
                         if name not in state:
                             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -689,8 +689,9 @@ def test_optimizer_refuses_float16_params():
 
 
 def test_optimizer_takes_kahan_switched_on_and_off_between_steps(device):
-    """A group's kahan_summation changed by hand (or by a checkpoint's settings) between steps:
-    the compensation starts at zero when switched on, and is left alone when switched off."""
+    """A group's kahan_summation changed by hand (or by a resumed run's config) between steps:
+    the compensation starts at zero when switched on, and is dropped when switched off (its
+    memory freed; what it held is less than a bf16 step of each weight)."""
     model = make_model(device, torch.bfloat16)
     opt = BF16AdamW(param_groups(model), lr=1e-2, stochastic_rounding=False)
     train(model, opt, steps=1, seed=1)
@@ -700,10 +701,8 @@ def test_optimizer_takes_kahan_switched_on_and_off_between_steps(device):
     assert all(opt.state[p]["step"] == 2 and "compensation" in opt.state[p] for p in model.parameters())
     for group in opt.param_groups:
         group["kahan_summation"] = False
-    kept = {p: opt.state[p]["compensation"].clone() for p in model.parameters()}
     train(model, opt, steps=1, seed=3)
-    assert all(opt.state[p]["step"] == 3 and torch.equal(opt.state[p]["compensation"], kept[p])
-               for p in model.parameters())
+    assert all(opt.state[p]["step"] == 3 and "compensation" not in opt.state[p] for p in model.parameters())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -124,6 +124,22 @@ def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
     assert (tmp_path / "ckpt.pt").stat().st_mtime_ns == before
 
 
+def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir):
+    """The checkpoint's optimizer state, the config's settings: Kahan switched on and stochastic
+    rounding off for the resumed steps, then Kahan off again (its compensation dropped)."""
+    bf16 = ["--device=cpu", "--optimizer=bf16_adamw", "--eval_interval=2", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *bf16, "--max_iters=2")
+    run(tmp_path, data_dir, *bf16, "--max_iters=4", "--init_from=resume", "--kahan_summation=True",
+        "--stochastic_rounding=False", "--weight_decay=0.05")
+    saved = checkpoint.load(tmp_path, "cpu")["optimizer"]
+    assert {(g["kahan_summation"], g["stochastic_rounding"]) for g in saved["param_groups"]} == {(True, False)}
+    assert {g["weight_decay"] for g in saved["param_groups"]} == {0.05, 0.0}  # the decayed group and the rest
+    assert all("compensation" in s and s["step"] == 4 for s in saved["state"].values())
+    run(tmp_path, data_dir, *bf16, "--max_iters=6", "--init_from=resume")
+    saved = checkpoint.load(tmp_path, "cpu")["optimizer"]
+    assert all("compensation" not in s and s["step"] == 6 for s in saved["state"].values())
+
+
 def test_a_checkpoint_of_nanogpt_itself_resumes_and_samples(tmp_path, data_dir, monkeypatch):
     """nanoGPT's ckpt.pt: a compiled model's keys under "transformer.", the causal masks older
     torch kept, only GPT-2's model_args, AdamW's state, no random state and no vocabulary."""
