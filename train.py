@@ -64,6 +64,7 @@ DEFAULTS = dict(
     data_dir="data", seed=1337,
 )
 ALSO = {"recompute": int}  # keys that take a second type besides their default's
+DTYPES = ("float32", "bfloat16", "float16")
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
@@ -99,6 +100,8 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
         # bf16 where the tensor cores do it (Ampere on), not where torch would emulate it
         bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         config["dtype"] = "bfloat16" if bf16 else "float16" if cuda else "float32"
+    if config["dtype"] not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
     return config, argv
 
 
@@ -287,7 +290,7 @@ def main(argv: list[str]) -> None:
             group.update(own)
 
     # Autocast only for fp32 weights; pure-bf16 weights already run every matmul in bf16.
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
+    ptdtype = getattr(torch, c["dtype"])
     autocast = (nullcontext() if pure_bf16 or ptdtype == torch.float32
                 else torch.autocast(device_type=device_type, dtype=ptdtype))
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")

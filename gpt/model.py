@@ -45,6 +45,9 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"GPTConfig: {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("n_kv_head", "mlp_hidden"):  # None picks a default; anything else is a count
+            if getattr(self, key) is not None and type(getattr(self, key)) is not int:
+                raise ValueError(f"GPTConfig: {key} must be an int or None, got {getattr(self, key)!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if not 1 <= self.n_kv_head <= self.n_head:

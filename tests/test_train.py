@@ -225,6 +225,10 @@ def test_defaults_and_errors(monkeypatch):
         train.main(["--n_head=4", "--n_embd=102"])  # the GPU config's 6 heads would divide it
     with pytest.raises(SystemExit, match="unknown preset 'gpt3'"):
         train.main(["--preset=gpt3"])
+    with pytest.raises(SystemExit, match=r"dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'bf16'"):
+        train.main(["--dtype=bf16"])
+    with pytest.raises(SystemExit, match="n_kv_head must be an int or None, got 'two'"):
+        train.main(["--n_kv_head=two"])
     # Combinations refused before any data is prepared (this dataset does not exist).
     nothing = ["--device=cpu", "--dataset=nosuch"]
     with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
