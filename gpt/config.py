@@ -109,11 +109,13 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
 
 
 def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None,
-               implied=None) -> list[tuple[str, object]]:
+               implied=None, files_set_others: bool = False) -> list[tuple[str, object]]:
     """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
     order, each checked against `defaults`; `also` names the keys that take a second type;
     `implied(key, value)` gives the keys an assignment sets with it, right after it (a preset's
-    architecture: the keys after it, and a config file's expressions after it, see its values)."""
+    architecture: the keys after it, and a config file's expressions after it, see its values).
+    files_set_others: a config file's keys outside `defaults` are passed over (a training config
+    read for its out_dir, as nanoGPT's sample.py execs one), where otherwise they are an error."""
     assignments, current = [], dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
@@ -128,6 +130,8 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
             items, source = [(key, value), *(implied(key, value) if implied else {}).items()], arg
         for key, value in items:
             if key not in defaults:
+                if files_set_others and not arg.startswith("--"):
+                    continue
                 raise ConfigError(f"{source}: unknown config key {key!r}")
             current[key] = _coerce(key, value, defaults[key], source, (also or {}).get(key))
             assignments.append((key, current[key]))

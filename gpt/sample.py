@@ -1,5 +1,7 @@
 """Generate text from a checkpoint: python -m gpt.sample --out_dir=out-shakespeare-char [--key=value ...],
 or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
+A config file may come first, a training one too (its out_dir, device, dtype, seed, compile are
+taken, its training keys passed over, as nanoGPT's sample.py runs one).
 
 `start` is the prompt: text, or FILE:path to read it from a file (an empty one starts a GPT-2
 BPE model from <|endoftext|>). Character-level checkpoints decode with the vocabulary saved in
@@ -66,7 +68,7 @@ def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
 
 def main(argv: list[str]) -> list[str]:
     with reported("gpt.sample"):
-        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None)}))
+        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None)}, files_set_others=True))
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
     if c["top_k"] is not None and c["top_k"] < 1:

@@ -75,3 +75,14 @@ def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_
     checkpoint.save(dict(model=GPT(config).state_dict(), model_args=asdict(config)), tmp_path / "bpe")
     text = sample([f"--out_dir={tmp_path / 'bpe'}", "--device=cpu", "--start=", "--num_samples=1", "--max_new_tokens=3"])
     assert text[0].startswith("<|endoftext|>")
+
+
+def test_a_training_config_file_gives_its_out_dir(tmp_path):
+    """As nanoGPT's sample.py runs one: the keys sampling has (out_dir, device) taken, training's
+    passed over; a --key=value sampling lacks is still an error."""
+    char_checkpoint(tmp_path)
+    config = tmp_path / "train_config.py"
+    config.write_text(f"out_dir = {str(tmp_path)!r}\ndevice = 'cpu'\nbatch_size = 64\nlearning_rate = 1e-3\n")
+    assert len(sample([str(config), "--num_samples=1", "--start=ab", "--max_new_tokens=3"])[0]) == 5
+    with pytest.raises(SystemExit, match="gpt.sample: --batch_size=2: unknown config key 'batch_size'"):
+        sample([str(config), "--batch_size=2"])
