@@ -83,6 +83,7 @@ def test_a_training_config_file_gives_its_out_dir(tmp_path):
     char_checkpoint(tmp_path)
     config = tmp_path / "train_config.py"
     config.write_text(f"out_dir = {str(tmp_path)!r}\ndevice = 'cpu'\nbatch_size = 64\nlearning_rate = 1e-3\n")
-    assert len(sample([str(config), "--num_samples=1", "--start=ab", "--max_new_tokens=3"])[0]) == 5
+    texts = sample([str(config), "--num_samples=1", "--start=ab", "--max_new_tokens=3"])
+    assert len(texts) == 1 and len(texts[0]) == 5
     with pytest.raises(SystemExit, match="gpt.sample: --batch_size=2: unknown config key 'batch_size'"):
         sample([str(config), "--batch_size=2"])
