@@ -244,6 +244,18 @@ def test_triton_plan_is_cached():
     assert (info.misses, info.hits) == (1, 2)
 
 
+def test_triton_plan_says_whether_every_numel_is_even():
+    """EVEN (every numel of a launch a multiple of EVEN_NUMEL) lets the kernels vectorize a last
+    block's masked accesses; one odd tensor in the launch must turn it off."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def even(*sizes):
+        ts = [torch.zeros(n, device=device) for n in sizes]
+        return [launch.even for launch in adamw_module._plan("grad_norm", adamw_module._key([ts], typed=(0,)))]
+    assert even(768, 2304, 16) == [True]
+    assert even(768, 7, 2304) == [False]
+
+
 def make_model(device, dtype):
     return torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.LayerNorm(31),
                                torch.nn.Linear(31, 7)).to(device, dtype)
