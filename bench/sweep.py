@@ -1,7 +1,7 @@
 """Sweep the launch heuristics of the memory-bound Triton kernels on the GPU at hand: which values
 of a kernel module's constants are fastest, verified, at its benchmark's shapes.
 
-    python -m bench.sweep [--sweeps norm,swiglu,rope,adamw] [--json PATH]
+    python -m bench.sweep [--sweeps norm,layer_norm,swiglu,rope,adamw] [--json PATH]
 
 The launch code of these kernels reads module constants (kernels/norm.py's _TILE,
 _ELEMS_PER_THREAD, _BWD_WARPS_PER_SM and _BWD_STAGES; kernels/runtime.py's _TILE and _NUM_WARPS for the
@@ -40,12 +40,16 @@ class Sweep:
     op: str
     shapes: tuple[Shapes, ...]
     reset: Callable[[], None] = lambda: None  # forgets what the module derived from the old values
+    residual: bool = False  # the norms: with the residual add, as the model calls them
 
 
+# _TILE 1024 with 32 elements a thread: one warp a row up to 1024 wide (warp-local row sums)
+NORM_VALUES = {"_TILE": (1024, 2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16, 32),
+               "_BWD_WARPS_PER_SM": (16, 32, 64), "_BWD_STAGES": (1, 2, 3)}
 SWEEPS = {
-    # _TILE 1024 with 32 elements a thread: one warp a row up to 1024 wide (warp-local row sums)
-    "norm": Sweep(norm, {"_TILE": (1024, 2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16, 32),
-                         "_BWD_WARPS_PER_SM": (16, 32, 64), "_BWD_STAGES": (1, 2, 3)}, "rms_norm", op_norm.SHAPES),
+    "norm": Sweep(norm, NORM_VALUES, "rms_norm", op_norm.SHAPES),
+    # GPT-2's own: LayerNorm with bias and the residual add at 768 (its backward holds more registers)
+    "layer_norm": Sweep(norm, NORM_VALUES, "layer_norm", op_norm.SHAPES[:1], residual=True),
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
     "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
     # The launch plans are cached per parameter list, their blocks sized by BLOCK.
@@ -83,10 +87,11 @@ def measure(sweep: Sweep, setting: dict, device) -> dict:
     results = {}
     with constants(sweep, setting):
         for s in sweep.shapes:
-            # The norms alone, as their benchmark's main shapes (no residual); other ops ignore it.
-            full = case(sweep.op, s, device, residual=False)
+            # The norms as their benchmark's main shapes (no residual) unless the sweep asks for
+            # it; other ops ignore it.
+            full = case(sweep.op, s, device, residual=sweep.residual)
             timed = dataclasses.replace(full, passes=full.passes[-1:])  # the training pass alone
-            checked = case(sweep.op, s, device, quick=True, residual=False)  # every pass
+            checked = case(sweep.op, s, device, quick=True, residual=sweep.residual)  # every pass
             e = backends.entry(timed, checked, {"triton": kernels.get(sweep.op, "triton")},
                                backends.roofline(timed.unit, device), device)
             r, pass_ = e["backends"]["triton"], timed.passes[0]

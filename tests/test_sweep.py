@@ -25,6 +25,7 @@ def test_each_sweep_starts_from_the_committed_constants(name):
 
 
 @interpreter_only
+@interpreter_only
 def test_sweep_measures_each_setting_restores_the_constants_and_picks(monkeypatch, tmp_path, capsys):
     tiny = sweep.Sweep(norm, {"_TILE": (4096, 512)}, "rms_norm",
                                (Shapes(GPTConfig(n_embd=771, n_head=1), batch_size=1, seq_len=5),))
@@ -48,6 +49,17 @@ def test_sweep_measures_each_setting_restores_the_constants_and_picks(monkeypatc
     assert json.loads(path.read_text())["sweeps"]["tiny"]["records"] == records
     out = capsys.readouterr().out
     assert "pick for kernels.norm: _TILE = " in out and "committed" in out
+
+
+@interpreter_only
+def test_a_norm_sweep_with_the_residual_times_the_fused_op():
+    fused = sweep.Sweep(norm, {"_BWD_STAGES": (1, 2)}, "layer_norm",
+                        (Shapes(GPTConfig(n_embd=64, n_head=1), batch_size=1, seq_len=3),), residual=True)
+    result = sweep.run(["fused"], "cpu", None, sweeps={"fused": fused})
+    assert norm._BWD_STAGES == 1
+    for r in result["sweeps"]["fused"]["records"]:
+        ((shape, m),) = r["shapes"].items()
+        assert shape == "3x64 +bias +residual" and m["verified"]
 
 
 @interpreter_only
