@@ -24,7 +24,7 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import ConfigError, parse_args, reported as reported_by
+from gpt.config import DTYPES, ConfigError, parse_args, reported as reported_by
 from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
 from bench import plan
@@ -64,7 +64,6 @@ DEFAULTS = dict(
     data_dir="data", seed=1337,
 )
 ALSO = {"recompute": int}  # keys that take a second type besides their default's
-DTYPES = ("float32", "bfloat16", "float16")
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback

@@ -23,6 +23,7 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_
 _CALLS = {"str": str, "int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
           "time.time": time.time, "math.sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor}
 _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
+DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and gpt.sample take
 
 
 class ConfigError(ValueError):

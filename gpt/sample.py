@@ -17,7 +17,7 @@ import torch
 import kernels
 
 from . import checkpoint, pretrained
-from .config import parse_args, reported
+from .config import DTYPES, parse_args, reported
 from .data import load_meta
 from .tokenizer import EOT, gpt2
 
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> list[str]:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
     if c["top_k"] is not None and c["top_k"] < 1:
         raise SystemExit(f"gpt.sample: top_k must be at least 1, or None for the whole vocabulary; got {c['top_k']}")
-    if c["dtype"] not in (None, "float32", "bfloat16", "float16"):
+    if c["dtype"] is not None and c["dtype"] not in DTYPES:
         raise SystemExit(f"gpt.sample: dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
     device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
