@@ -434,9 +434,19 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
         start = (torch.arange(len(row)) - first_block[row]) * BLOCK
         aligned = all(address % ALIGNMENT.value == 0 for r in rows for address in r[:-2])
         even = all(r[-2] % EVEN_NUMEL.value == 0 for r in rows)
-        launches.append(_Launch(table.to(device), torch.stack([row, start], 1).to(device),
+        launches.append(_Launch(_upload(table, device), _upload(torch.stack([row, start], 1), device),
                                 tuple(_TL_DTYPES[d] for d in dtypes), aligned, even))
     return tuple(launches)
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor `t` on `device`, queued on the stream like a kernel. A copy from pageable
+    memory would wait for the GPU to finish all its queued work first (the step's backward, when
+    the grads have new addresses and the plan is made anew); from pinned memory it need not, and
+    torch's pinned-memory cache keeps the buffer until the copy is done."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @register("adamw", "triton")

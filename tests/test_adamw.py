@@ -244,6 +244,31 @@ def test_triton_plan_is_cached():
     assert (info.misses, info.hits) == (1, 2)
 
 
+@cuda_only
+def test_triton_new_plan_does_not_sync():
+    """Grads at new addresses make a new pointer table: its upload must be queued, not wait for
+    the GPU to drain (a pageable copy does), in grad_norm and in the optimizer step alike."""
+    p = [torch.randn(s, device="cuda") for s in SHAPES]
+    m, v = states(p)
+
+    kept = []  # every step's grads, so that each step's come at new addresses: a new plan
+
+    def step(count):
+        g = [torch.randn_like(t) for t in p]
+        kept.append(g)
+        kernels.get("grad_norm", "triton")(g)
+        kernels.get("adamw", "triton")(p, g, m, v, step=count, **HYPER)
+    step(1)  # compiles and loads the kernels
+    adamw_module._plan.cache_clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(2)
+        step(3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert adamw_module._plan.cache_info().misses >= 2
+
+
 def test_triton_plan_says_whether_every_numel_is_even():
     """EVEN (every numel of a launch a multiple of EVEN_NUMEL) lets the kernels vectorize a last
     block's masked accesses; one odd tensor in the launch must turn it off."""
