@@ -6,9 +6,10 @@ import torch
 
 import kernels
 from gpt.model import GPT, PRESETS, GPTConfig, KVCache, model_ops, preset, rope_tables
+from gpt.optim import BF16AdamW, clip_for_step
 from kernels import runtime
 from kernels.accuracy import rel_err
-from tests.devices import compiled, interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs
 from tests.memory import saved_bytes
 
 
@@ -277,6 +278,38 @@ def test_compiled_model_on_triton_ops_trains_as_eager(switches, recompute, devic
             assert rel_err(graphed, eager.double()) < 2e-2, name
         else:
             assert torch.equal(graphed, eager), f"{name}: compiled and eager differ"
+
+
+@cuda_only
+@pytest.mark.parametrize("switches", [dict(), dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False,
+                                                    n_kv_head=1)], ids=["gpt2", "llama-gqa"])
+def test_training_step_on_triton_ops_never_syncs(switches):
+    """A training step as train.py runs it on every triton op (dropout, clipping, BF16AdamW) never
+    waits for the GPU: the host can queue the next step while this one runs, which is all that
+    keeps an eager step's short kernels busy. Grads come at new addresses each step here (the
+    last step's are kept), so the optimizer's pointer tables are made anew too."""
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, dropout=0.1, **switches)
+    backends = {op: "triton" for op in TRITON_OPS + ("grad_norm", "adamw")}
+    model = GPT(config, backends).to("cuda", torch.bfloat16)
+    params = list(model.parameters())
+    optimizer = BF16AdamW(model.param_groups(0.1), lr=1e-3, backend="triton")
+    idx = torch.randint(0, 50, (2, 16), device="cuda")
+    kept = []
+
+    def step():
+        _, loss = model(idx, idx, return_logits=False)
+        loss.backward()
+        clip_for_step(optimizer, params, 1.0, kernels.get("grad_norm", "triton"))
+        optimizer.step()
+        kept.append([p.grad for p in params])
+        optimizer.zero_grad(set_to_none=True)
+    step()  # compiles and loads the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_bad_configs_are_refused():
