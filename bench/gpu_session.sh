@@ -77,8 +77,10 @@ case "$1" in
     step $((tests_s + 45)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) TEST_SHARDS=${TEST_SHARDS:-14} \
       bash "$self" tests
     # bench.mfu writes each variant as it is measured: the Triton kernels inside torch.compile (the
-    # fastest, if any is) first, eager torch (the least telling) last
-    step 150 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 --kernels triton+compile,compile,triton,torch \
+    # fastest, if any is) first, then train.py's default on a GPU (auto+compile: per op the backend
+    # the committed profile chose), eager torch (the least telling) last
+    step 150 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
+      --kernels triton+compile,auto+compile,compile,triton,torch \
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
     step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
       --steps 20 --warmup 6 --json "$OUT/mfu-llama.json"
@@ -129,7 +131,7 @@ case "$1" in
   mfu)
     for preset in gpt2 llama; do
       step 300 "mfu $preset" python -m bench.mfu --gpu auto --preset "$preset" \
-        --kernels triton+compile,compile,triton,torch --json "$OUT/mfu-$preset.json"
+        --kernels triton+compile,auto+compile,compile,triton,torch --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
     dims=${2:-64,128} t=${3:-4096}
