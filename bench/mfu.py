@@ -47,6 +47,7 @@ from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect,
 from bench.measure import one_line, provenance
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
+from kernels import adamw as adamw_kernels
 
 DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
 # train.py's optimizer settings.
@@ -190,6 +191,7 @@ def measure(run: Run, variant: str, device: Device) -> dict:
         torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(run.steps)]
+        tables = adamw_kernels.tables_made()
         with ClockSampler(device.index) as clocks:
             for start, end in events:
                 start.record()
@@ -198,7 +200,7 @@ def measure(run: Run, variant: str, device: Device) -> dict:
             torch.cuda.synchronize()
         ms = [start.elapsed_time(end) for start, end in events]
         row.update(step_ms=ms, loss=loss.item(), peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   clocks=clocks.stats())
+                   clocks=clocks.stats(), pointer_tables_made=adamw_kernels.tables_made() - tables)
         if run.profile_steps:
             row["breakdown"] = _breakdown(step, run)
     except torch.cuda.OutOfMemoryError:
@@ -281,9 +283,14 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
                   f"max_memory_allocated; bench/plan.py plans {planned_peak_gib(run):.1f} GiB with the triton ops.")
     ok = {r["variant"]: r for r in rows if "error" not in r}
     # The like-for-like pairs, then the headline: Triton kernels against torch.compile.
-    for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("triton", "compile")):
+    for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("auto+compile", "compile"),
+                       ("triton", "compile")):
         if fast in ok and base in ok:
             console.print(f"{fast} / {base}: {ok[fast]['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x tokens/s")
+    for r in ok.values():
+        if r.get("pointer_tables_made"):  # the triton grad_norm's and adamw's: see kernels/adamw.py
+            console.print(f"{r['variant']}: {r['pointer_tables_made']} optimizer pointer tables made in "
+                          f"the timed steps (grads at new addresses: host time and an upload each)")
     print_breakdown(rows, console)
     kt = Table(title="op -> backend per variant, for the ops the run calls (why: in the JSON file)")
     kt.add_column("op")

@@ -439,6 +439,13 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
     return tuple(launches)
 
 
+def tables_made() -> int:
+    """How many pointer tables this process has made so far (_plan's cache misses): in steady
+    training none should be, as the grads come back at the same addresses each step; each one
+    costs host time and an upload."""
+    return _plan.cache_info().misses
+
+
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor `t` on `device`, queued on the stream like a kernel. A copy from pageable
     memory would wait for the GPU to finish all its queued work first (the step's backward, when
