@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import breakdown
+from bench import backends, breakdown
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -50,6 +50,10 @@ from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
 
 DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
+# Steps after the timed ones whose issue the host's clock times, each started on an idle GPU: the
+# host's ms a step. Near the step's own time the GPU waits for the host (or, for a GPU-bound step,
+# the host for CUDA's full launch queue); well under it, the host is ahead.
+HOST_STEPS = 3
 # train.py's optimizer settings.
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
 
@@ -200,7 +204,8 @@ def measure(run: Run, variant: str, device: Device) -> dict:
             torch.cuda.synchronize()
         ms = [start.elapsed_time(end) for start, end in events]
         row.update(step_ms=ms, loss=loss.item(), peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   clocks=clocks.stats(), pointer_tables_made=adamw_kernels.tables_made() - tables)
+                   clocks=clocks.stats(), pointer_tables_made=adamw_kernels.tables_made() - tables,
+                   host_ms=backends.host_ms(step, run.device, calls=HOST_STEPS))
         if run.profile_steps:
             row["breakdown"] = _breakdown(step, run)
     except torch.cuda.OutOfMemoryError:
@@ -258,6 +263,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops: Flops,
                   console: Console) -> None:
     recompute = (f", {run.recompute} of {run.config.n_layer} blocks recomputed (in HW TFLOPS, not in MFU)"
@@ -265,21 +274,23 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     table = Table(title=f"{device.name}: B={run.batch_size} x T={run.seq_len}, {run.optimizer}, "
                         f"{str(run.dtype).removeprefix('torch.')}{recompute}; {run.steps} timed steps "
                         f"after {run.warmup}")
-    for col in ("variant", "tokens/s", "step ms", "p10", "p90", "TFLOPS", "MFU", "HW TFLOPS",
+    for col in ("variant", "tokens/s", "step ms", "p10", "p90", "host ms", "TFLOPS", "MFU", "HW TFLOPS",
                 "peak GiB", "SM MHz", "MFU at clock", "loss"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["variant"], f"[red]{one_line(r['error'])}[/red]", *[""] * 10)
+            table.add_row(r["variant"], f"[red]{one_line(r['error'])}[/red]", *[""] * 11)
             continue
         table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
-                      f"{r['ms_p90']:.2f}", f"{r['tflops']:.1f}", _pct(r["mfu"]), f"{r['hw_tflops']:.1f}",
+                      f"{r['ms_p90']:.2f}", _ms(r.get("host_ms")), f"{r['tflops']:.1f}", _pct(r["mfu"]), f"{r['hw_tflops']:.1f}",
                       f"{r['peak_memory_gib']:.1f}", f"{r['sm_mhz']:.0f}" if r["sm_mhz"] else "n/a",
                       _pct(r["mfu_at_clock"]), f"{r['loss']:.3f}")
     console.print(table)
     console.print(f"FLOPs per token: {flops.palm / 1e6:,.1f}M model (PaLM), {flops.hardware / 1e6:,.1f}M "
                   f"hardware. {CONVENTION}.\nPeak: {peak.source}. MFU at clock: against the peak "
-                  f"at the mean SM clock NVML reported during the timed steps.\nPeak GiB: torch's "
+                  f"at the mean SM clock NVML reported during the timed steps. Host ms: the host's time "
+                  f"to issue a step begun on an idle GPU (median of {HOST_STEPS}; near step ms, the GPU "
+                  f"waits for the host).\nPeak GiB: torch's "
                   f"max_memory_allocated; bench/plan.py plans {planned_peak_gib(run):.1f} GiB with the triton ops.")
     ok = {r["variant"]: r for r in rows if "error" not in r}
     # The like-for-like pairs, then the issue's headline: Triton kernels against torch.compile.

@@ -84,11 +84,12 @@ def mfu_table(result: dict) -> str:
     lines = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append([r["variant"], f"error: {one_line(r['error'])}", *[""] * 5])
+            lines.append([r["variant"], f"error: {one_line(r['error'])}", *[""] * 6])
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.1f}", f"{r['tflops']:.0f}", mfu,
-                      f"{r['hw_tflops']:.0f}", f"{r['peak_memory_gib']:.1f}"])
+        host = "" if r.get("host_ms") is None else f"{r['host_ms']:.1f}"
+        lines.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.1f}", host, f"{r['tflops']:.0f}",
+                      mfu, f"{r['hw_tflops']:.0f}", f"{r['peak_memory_gib']:.1f}"])
     peak = result["peak"]["tflops"]
     title = (f"bench.mfu {result['preset']}: B={result['batch_size']} x T={result['seq_len']}, {result['dtype']}, "
              f"{result['optimizer']}; median of {result['steps']} steps after {result['warmup']}; MFU against "
@@ -96,7 +97,7 @@ def mfu_table(result: dict) -> str:
              + f" ({result['convention']})")
     if result.get("planned_peak_gib"):
         title += f"; planned peak with the triton ops (bench/plan.py) {result['planned_peak_gib']:.1f} GiB"
-    header = ["variant", "tokens/s", "step ms", "TFLOPS", "MFU", "HW TFLOPS", "peak GiB"]
+    header = ["variant", "tokens/s", "step ms", "host ms", "TFLOPS", "MFU", "HW TFLOPS", "peak GiB"]
     return title + "\n\n" + _md(header, lines) + breakdown_table(result)
 
 

@@ -256,6 +256,7 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys, tmp_path):
     text = capsys.readouterr().out
     assert "triton / torch" in text and "op -> backend" in text and "blocks recomputed" in text
     assert "by kind of work" in text
+    assert "host ms" in text and all(r["host_ms"] is None for r in rows)  # the host's clock: CUDA only
     # Pointer tables made in the timed steps (the triton optimizer's; on CPU the grads' addresses
     # may move from step to step): counted, and said when there were any.
     assert rows[0]["pointer_tables_made"] == 0 and rows[1]["pointer_tables_made"] >= 0
