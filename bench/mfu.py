@@ -282,7 +282,8 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
             table.add_row(r["variant"], f"[red]{one_line(r['error'])}[/red]", *[""] * 11)
             continue
         table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
-                      f"{r['ms_p90']:.2f}", _ms(r.get("host_ms")), f"{r['tflops']:.1f}", _pct(r["mfu"]), f"{r['hw_tflops']:.1f}",
+                      f"{r['ms_p90']:.2f}", _ms(r.get("host_ms")), f"{r['tflops']:.1f}", _pct(r["mfu"]),
+                      f"{r['hw_tflops']:.1f}",
                       f"{r['peak_memory_gib']:.1f}", f"{r['sm_mhz']:.0f}" if r["sm_mhz"] else "n/a",
                       _pct(r["mfu_at_clock"]), f"{r['loss']:.3f}")
     console.print(table)
