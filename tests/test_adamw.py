@@ -224,10 +224,11 @@ def test_triton_matches_torch_on_mixed_and_strided_lists():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
             continue
         # bf16, both rounded to nearest from fp32 math: equal but where an exact value lies within
-        # fp32's error of a rounding boundary, and there one unit in the last place apart.
+        # fp32's error of a rounding boundary, and there one unit in the last place apart: rare,
+        # but one such element in 33 came in about one run of 250 (triton 3.6's interpreter).
         ulp = torch.ldexp(torch.full_like(a, 2**-7, dtype=torch.float64), torch.frexp(a.double()).exponent - 1)
         assert ((a.double() - b.double()).abs() <= ulp).all()
-        assert (a != b).sum() <= 0.02 * a.numel()
+        assert (a != b).sum() <= max(1, 0.02 * a.numel())
 
 
 def test_triton_plan_is_cached():
