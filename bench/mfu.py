@@ -291,7 +291,8 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
                   f"hardware. {CONVENTION}.\nPeak: {peak.source}. MFU at clock: against the peak "
                   f"at the mean SM clock NVML reported during the timed steps. Host ms: the host's time "
                   f"to issue a step begun on an idle GPU (median of {HOST_STEPS}; near step ms, the GPU "
-                  f"waits for the host).\nPeak GiB: torch's "
+                  f"waited for the host, or the host for CUDA's full launch queue: the busy share below "
+                  f"tells which).\nPeak GiB: torch's "
                   f"max_memory_allocated; bench/plan.py plans {planned_peak_gib(run):.1f} GiB with the triton ops.")
     ok = {r["variant"]: r for r in rows if "error" not in r}
     # The like-for-like pairs, then the issue's headline: Triton kernels against torch.compile.
