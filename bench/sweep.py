@@ -3,7 +3,7 @@ of a kernel module's constants are fastest, verified, at its benchmark's shapes.
 
     python -m bench.sweep [--sweeps norm,layer_norm,swiglu,rope,adamw] [--json PATH]
 
-The launch code of these kernels reads module constants (kernels/norm.py's _TILE,
+The launch code of these kernels reads module constants (kernels/norm.py's _TILE, _BWD_TILE,
 _ELEMS_PER_THREAD, _BWD_WARPS_PER_SM and _BWD_STAGES; kernels/runtime.py's _TILE and _NUM_WARPS for the
 elementwise tiles SwiGLU runs on; ...). For each setting of a sweep's constants (every
 combination of the values listed, the committed setting first) the constants are set, and the
@@ -44,8 +44,8 @@ class Sweep:
 
 
 # _TILE 1024 with 32 elements a thread: one warp a row up to 1024 wide (warp-local row sums)
-NORM_VALUES = {"_TILE": (1024, 2048, 4096, 8192, 16384), "_ELEMS_PER_THREAD": (8, 16, 32),
-               "_BWD_WARPS_PER_SM": (16, 32, 64), "_BWD_STAGES": (1, 2, 3)}
+NORM_VALUES = {"_TILE": (1024, 2048, 4096, 8192, 16384), "_BWD_TILE": (1024, 2048, 4096, 8192),
+               "_ELEMS_PER_THREAD": (8, 16, 32), "_BWD_WARPS_PER_SM": (16, 32, 64), "_BWD_STAGES": (1, 2, 3)}
 SWEEPS = {
     "norm": Sweep(norm, NORM_VALUES, "rms_norm", op_norm.SHAPES),
     # GPT-2's own: LayerNorm with bias and the residual add at 768 (its backward holds more registers)

@@ -61,11 +61,15 @@ from .registry import register
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_N = 65536  # widest row one block holds
 
-# Launch heuristics, shared by forward and backward.
+# Launch heuristics.
 _MIN_BLOCK = 16  # tiny rows still get an ordinary vector layout
-_TILE = 4096  # elements per tile: narrow rows are stacked TILE // BLOCK_N deep, so each
+_TILE = 4096  # forward: elements per tile: narrow rows are stacked TILE // BLOCK_N deep, so each
 #               program moves >= 8 KB of bf16 per tensor (enough bytes in flight)
-_ELEMS_PER_THREAD = 16  # two 16-byte bf16 vectors per thread and tensor; sets num_warps
+_BWD_TILE = 4096  # the same for the backward, apart because its tile holds more registers (x, dy,
+#                   ds and the dw, db sums: sm90, GPT-2's LayerNorm at 4096: 127 a thread against
+#                   the forward's 48; at 2048, 95 in 4 warps) and so wants fewer resident than the
+#                   forward's: bench.sweep tries both
+_ELEMS_PER_THREAD = 16  # two 16-byte bf16 vectors per thread and tensor; sets num_warps of both
 _BWD_WARPS_PER_SM = 32  # backward grid: resident warps per SM it aims for to hide latency,
 #                         with few enough programs that the fp32 partials stay a few % of traffic
 _BWD_STAGES = 1  # software-pipelining depth of the backward's loop over row tiles: at 2 or more
@@ -303,10 +307,10 @@ def _sum_partials_kernel(
         tl.store(OUT_B + cols, tl.sum(db, axis=0).to(OUT_B.dtype.element_ty), mask=col_ok)
 
 
-def _tile(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for rows of n elements."""
+def _tile(n: int, tile: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for rows of n elements in tiles of about `tile` elements."""
     block_n = max(runtime.next_power_of_2(n), _MIN_BLOCK)
-    rows = max(1, _TILE // block_n)
+    rows = max(1, tile // block_n)
     num_warps = min(max(rows * block_n // (32 * _ELEMS_PER_THREAD), 1), 32)
     return block_n, rows, num_warps
 
@@ -314,7 +318,7 @@ def _tile(n: int) -> tuple[int, int, int]:
 def backward_programs(m: int, n: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program) of the backward for m rows of n elements: contiguous ranges
     of whole tiles, at most num_sms x (_BWD_WARPS_PER_SM / num_warps) programs."""
-    _block_n, rows, num_warps = _tile(n)
+    _block_n, rows, num_warps = _tile(n, _BWD_TILE)
     tiles = runtime.cdiv(m, rows)
     max_programs = runtime.num_sms(device) * max(1, _BWD_WARPS_PER_SM // num_warps)
     tiles_per_program = max(1, runtime.cdiv(tiles, max_programs))
@@ -349,7 +353,7 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s, mean, rstd
-    block_n, rows, num_warps = _tile(n)
+    block_n, rows, num_warps = _tile(n, _TILE)
     with runtime.on_device(x):
         # y and s are contiguous: rows n elements apart.
         wrap_triton(_norm_fwd_kernel)[(runtime.cdiv(m, rows),)](
@@ -373,7 +377,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
     program, then one that sums those over programs and casts them."""
     m, n = x.shape
     has_bias = b_dtype is not None
-    block_n, rows, num_warps = _tile(n)
+    block_n, rows, num_warps = _tile(n, _BWD_TILE)
     programs, rows_per_program = backward_programs(m, n, x.device)
     dx = torch.empty((m, n), dtype=dx_dtype, device=x.device)
     dx2 = torch.empty((0, n) if dx2_dtype is None else (m, n), dtype=dx2_dtype or dx_dtype, device=x.device)

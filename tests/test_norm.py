@@ -210,6 +210,21 @@ def test_many_rows_per_program(op, bias, m, n, device):
 
 
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_backward_tiles_apart_from_the_forward(op, bias, device, monkeypatch):
+    """The backward's tile (_BWD_TILE) is its own: another one leaves the forward as it was, and
+    the backward in its tiles is as accurate."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(70, 771, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    dy = torch.randn_like(x)
+    fn = backend_fn("triton", op)
+    y = run(fn, x, w, b, dy)[0]
+    monkeypatch.setattr(norm, "_BWD_TILE", 1024)  # 1-row tiles at 771 wide, in 2 warps
+    assert norm._tile(771, norm._BWD_TILE)[1:] == (1, 2) != norm._tile(771, norm._TILE)[1:]
+    assert torch.equal(run(fn, x, w, b, dy)[0], y)
+    assert_accurate("triton", op, x, w, b)
+
+
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("m,n", MANY_ROWS)
 def test_backward_is_deterministic(op, bias, m, n, device):
     skip_unless_triton_runs("triton", device)

@@ -25,16 +25,15 @@ def test_each_sweep_starts_from_the_committed_constants(name):
 
 
 @interpreter_only
-@interpreter_only
 def test_sweep_measures_each_setting_restores_the_constants_and_picks(monkeypatch, tmp_path, capsys):
     tiny = sweep.Sweep(norm, {"_TILE": (4096, 512)}, "rms_norm",
                                (Shapes(GPTConfig(n_embd=771, n_head=1), batch_size=1, seq_len=5),))
     seen = []
     launch = norm._tile
 
-    def spy(n):  # the tile the launch code derives from the constants in force
+    def spy(n, tile):  # the tile the launch code derives from the constants in force
         seen.append(norm._TILE)
-        return launch(n)
+        return launch(n, tile)
 
     monkeypatch.setattr(norm, "_tile", spy)
     path = tmp_path / "sweep.json"
