@@ -6,7 +6,8 @@ of a kernel module's constants are fastest, verified, at its benchmark's shapes.
 The launch code of these kernels reads module constants (kernels/norm.py's _TILE, _BWD_TILE,
 _ELEMS_PER_THREAD, _BWD_WARPS_PER_SM and _BWD_STAGES; kernels/runtime.py's _TILE and _NUM_WARPS for the
 elementwise tiles SwiGLU runs on; ...). For each setting of a sweep's constants (every
-combination of the values listed, the committed setting first) the constants are set, and the
+combination of the values listed: the committed setting first, then each constant changed alone,
+then the combination of those changes that won, then the rest) the constants are set, and the
 op's triton backend is checked against the torch reference and timed at each shape of its
 benchmark (bench/op_<op>.py) through bench.backends.measure, the path every benchmark takes
 (times: the GPU's, bench.measure.median_ms). One setting serves every width (the launch code
@@ -58,12 +59,30 @@ SWEEPS = {
 }
 
 
+def _changes(setting: dict, committed: dict) -> int:
+    return sum(setting[name] != committed[name] for name in setting)
+
+
 def settings(sweep: Sweep) -> list[dict]:
     """Every combination of the sweep's values: the committed one first, then those that change
-    one constant of it, then two, ...: a run cut short has measured each constant alone."""
+    one constant of it, then two, ...: a run cut short has measured each constant alone (and then,
+    in `run`, the combination of their winners)."""
     committed = {name: getattr(sweep.module, name) for name in sweep.values}
     others = [dict(zip(sweep.values, combo)) for combo in itertools.product(*sweep.values.values())]
-    return sorted(others, key=lambda s: sum(s[name] != committed[name] for name in s))
+    return sorted(others, key=lambda s: _changes(s, committed))
+
+
+def winners(records: list[dict]) -> dict:
+    """Each constant at its best value measured alone: the value of the fastest setting, verified
+    at every shape, among the committed one (records[0]) and those that change only that constant.
+    The settings measured so far must include every one-change setting."""
+    committed = records[0]["setting"]
+    combined = {}
+    for name in committed:
+        alone = [r for r in records if all(r["setting"][k] == committed[k] for k in committed if k != name)]
+        fastest = best(alone)
+        combined[name] = fastest["setting"][name] if fastest else committed[name]
+    return combined
 
 
 @contextlib.contextmanager
@@ -151,9 +170,18 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
     result = dict(provenance(), device=str(device), sweeps={})
     for name in names:
         sweep = sweeps[name]
-        records = []
-        for setting in settings(sweep):
+        records, queue = [], settings(sweep)
+        while queue:
+            setting = queue.pop(0)
             records.append(dict(setting=setting, shapes=measure(sweep, setting, device)))
+            committed = records[0]["setting"]
+            if queue and _changes(setting, committed) <= 1 < _changes(queue[0], committed):
+                # Each constant measured alone: their winners together come next, the likeliest
+                # best of the combinations (a run cut short may reach no other).
+                combined = winners(records)
+                if _changes(combined, committed) > 1:
+                    queue.remove(combined)
+                    queue.insert(0, combined)
             pick = best(records)
             result["sweeps"][name] = dict(module=sweep.module.__name__, op=sweep.op, records=records,
                                           pick=pick["setting"] if pick else None)

@@ -77,3 +77,25 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys):
     monkeypatch.setattr(sweep, "detect", lambda: None)
     assert sweep.main(["--sweeps", "norm"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_winners_of_each_constant_alone_are_combined_next(monkeypatch):
+    """After the settings that change one constant, the one that sets each constant to its fastest
+    value alone comes next, before the other combinations (a sweep cut short reaches it)."""
+    values = {"_TILE": (4096, 1024, 2048), "_BWD_STAGES": (1, 2), "_ELEMS_PER_THREAD": (16, 8)}
+    ms = {"_TILE": {4096: 3.0, 1024: 2.0, 2048: 2.5}, "_BWD_STAGES": {1: 3.0, 2: 1.0},
+          "_ELEMS_PER_THREAD": {16: 1.0, 8: 2.0}}
+    order = []
+
+    def fake(sweep_, setting, device):  # an additive cost: each constant's value adds its ms
+        order.append(setting)
+        return {"s": dict(ms=sum(ms[k][v] for k, v in setting.items()), rate=1.0, unit="GB/s", roofline=0.5,
+                          verified=True, check={})}
+    monkeypatch.setattr(sweep, "measure", fake)
+    grid = sweep.Sweep(norm, values, "rms_norm", ())
+    result = sweep.run(["grid"], "cpu", None, sweeps={"grid": grid})
+    singles = 1 + 2 + 1 + 1  # the committed, then each constant's other values alone
+    assert all(sweep._changes(s, order[0]) <= 1 for s in order[:singles])
+    assert order[singles] == {"_TILE": 1024, "_BWD_STAGES": 2, "_ELEMS_PER_THREAD": 16}
+    assert len(order) == 3 * 2 * 2 and len({tuple(s.values()) for s in order}) == len(order)
+    assert result["sweeps"]["grid"]["pick"] == order[singles]
