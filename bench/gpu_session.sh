@@ -79,7 +79,7 @@ case "$1" in
     # bench.mfu writes each variant as it is measured: the Triton kernels inside torch.compile (the
     # fastest, if any is) first, then train.py's default on a GPU (auto+compile: per op the backend
     # the committed profile chose), eager torch (the least telling) last
-    step 150 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
+    step 180 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
       --kernels triton+compile,auto+compile,compile,triton,torch \
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
     step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
