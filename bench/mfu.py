@@ -204,8 +204,8 @@ def measure(run: Run, variant: str, device: Device) -> dict:
             torch.cuda.synchronize()
         ms = [start.elapsed_time(end) for start, end in events]
         row.update(step_ms=ms, loss=loss.item(), peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   clocks=clocks.stats(), pointer_tables_made=adamw_kernels.tables_made() - tables,
-                   host_ms=backends.host_ms(step, run.device, calls=HOST_STEPS))
+                   clocks=clocks.stats(), pointer_tables_made=adamw_kernels.tables_made() - tables)
+        row["host_ms"] = _host_ms(step, run)
         if run.profile_steps:
             row["breakdown"] = _breakdown(step, run)
     except torch.cuda.OutOfMemoryError:
@@ -217,6 +217,14 @@ def measure(run: Run, variant: str, device: Device) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
     return row
+
+
+def _host_ms(step, run: Run) -> float | None:
+    """The host's ms a step (HOST_STEPS more steps); None where they fail: the timed figures stand."""
+    try:
+        return backends.host_ms(step, run.device, calls=HOST_STEPS)
+    except Exception:
+        return None
 
 
 def _breakdown(step, run: Run) -> dict:

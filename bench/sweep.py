@@ -179,7 +179,7 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
                 # Each constant measured alone: their winners together come next, the likeliest
                 # best of the combinations (a run cut short may reach no other).
                 combined = winners(records)
-                if _changes(combined, committed) > 1:
+                if _changes(combined, committed) > 1 and combined in queue:  # not measured yet
                     queue.remove(combined)
                     queue.insert(0, combined)
             pick = best(records)

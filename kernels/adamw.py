@@ -440,9 +440,9 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
 
 
 def tables_made() -> int:
-    """How many pointer tables this process has made so far (_plan's cache misses): in steady
-    training none should be, as the grads come back at the same addresses each step; each one
-    costs host time and an upload."""
+    """How many times launch plans (a pointer table and block map per dtype group) were made:
+    _plan's cache misses since its last cache_clear. In steady training there should be none, as
+    the grads come back at the same addresses each step; each costs host time and uploads."""
     return _plan.cache_info().misses
 
 
@@ -450,7 +450,8 @@ def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor `t` on `device`, queued on the stream like a kernel. A copy from pageable
     memory would wait for the GPU to finish all its queued work first (the step's backward, when
     the grads have new addresses and the plan is made anew); from pinned memory it need not, and
-    torch's pinned-memory cache keeps the buffer until the copy is done."""
+    torch's pinned-memory cache keeps the buffer until the copy is done. The copy is ordered on
+    the current stream, which the launches that use the table run on (nothing here uses another)."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -1,6 +1,7 @@
 """bench.sweep on CPU: its path through bench.backends (timed by the no_gpu stand-in, in Triton's
 interpreter) at a tiny shape, and its sweeps' constants as the kernel modules have them."""
 import json
+import types
 
 import pytest
 
@@ -99,3 +100,12 @@ def test_the_winners_of_each_constant_alone_are_combined_next(monkeypatch):
     assert order[singles] == {"_TILE": 1024, "_BWD_STAGES": 2, "_ELEMS_PER_THREAD": 16}
     assert len(order) == 3 * 2 * 2 and len({tuple(s.values()) for s in order}) == len(order)
     assert result["sweeps"]["grid"]["pick"] == order[singles]
+    # Committed values off their lists: the first setting is then not the committed one, and the
+    # winners may have been measured already; every setting is still measured once.
+    order.clear()
+    off_list = types.SimpleNamespace(__name__="m", _TILE=99, _BWD_STAGES=99, _ELEMS_PER_THREAD=99)
+    values = {"_TILE": (1024, 2048, 4096), "_BWD_STAGES": (2, 1, 3), "_ELEMS_PER_THREAD": (8, 16)}
+    ms.update(_TILE={1024: 2.0, 2048: 1.0, 4096: 3.0}, _BWD_STAGES={2: 2.0, 1: 1.0, 3: 3.0},
+              _ELEMS_PER_THREAD={8: 1.0, 16: 2.0})
+    sweep.run(["off"], "cpu", None, sweeps={"off": sweep.Sweep(off_list, values, "rms_norm", ())})
+    assert len(order) == 3 * 3 * 2 and len({tuple(s.values()) for s in order}) == len(order)
