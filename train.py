@@ -287,6 +287,7 @@ def main(argv: list[str]) -> None:
         checkpoint.restore(model, optimizer, resumed)
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)
+        checkpoint.steps_on_param_devices(optimizer)
 
     # Autocast only for fp32 weights; pure-bf16 weights already run every matmul in bf16.
     ptdtype = getattr(torch, c["dtype"])

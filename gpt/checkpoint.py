@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .distributed import local_optimizer
 from .files import write_atomic
 from .model import GPT, GPTConfig
 
@@ -130,6 +131,24 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint
     state = {"model": model_state, "optimizer": optimizer_state}
     _dcp_load(state, checkpoint["sharded"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def steps_on_param_devices(optimizer: torch.optim.Optimizer) -> None:
+    """Put the step counts of `optimizer`'s fused or capturable groups on their params' devices, as
+    fp32 tensors, where those kernels read them. torch's load_state_dict does so by the saved
+    groups' settings, which the run's own then replace (a checkpoint from a CPU run, unfused,
+    resumed on a GPU, fused); ZeRO-1's load_state_dict moves every 0-d state to the CPU
+    (pytorch/pytorch#124133): either way the fused AdamW step then fails on the device mismatch.
+    Call it once the groups hold the run's settings."""
+    local = local_optimizer(optimizer)
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            state = local.state.get(p, {})
+            step = state.get("step")
+            if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
+                state["step"] = step.to(p.device, torch.float32)
 
 
 def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:

@@ -4,10 +4,12 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from gpt import checkpoint
 from gpt.model import GPT, GPTConfig
 from gpt.optim import BF16AdamW
+from tests.devices import cuda_only
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no group
 
@@ -95,3 +97,52 @@ def test_a_save_after_a_crash_keeps_the_newest_whole_checkpoint(tmp_path):
     assert old.exists()  # as after a crash following the second rename, before its removal
     checkpoint.save_sharded(model, optimizer, {"iter_num": 5, "model_args": vars(CONFIG)}, tmp_path)
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 5 and not old.exists() and not tmp.exists()
+
+
+def _adamw_steps(model, optimizer, device, steps=1):
+    for _ in range(steps):
+        model(torch.randn(2, 8, device=device)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_fused_step_counts_are_put_where_the_fused_step_reads_them():
+    """A checkpoint of an unfused AdamW (a CPU run) resumed fused, as train.py sets its groups:
+    the step counts become fp32 tensors on the params' devices (here the CPU: a float64 count
+    stands for one in the wrong place); unfused groups are left as they are."""
+    model = torch.nn.Linear(8, 8)
+    saved = torch.optim.AdamW(model.parameters())
+    _adamw_steps(model, saved, "cpu")
+    resumed = torch.optim.AdamW(model.parameters(), fused=True)
+    resumed.load_state_dict(saved.state_dict())
+    for state in resumed.state.values():
+        state["step"] = state["step"].double()
+    checkpoint.steps_on_param_devices(resumed)
+    assert all(s["step"].dtype == torch.float64 for s in resumed.state.values())  # unfused: as saved
+    resumed.param_groups[0]["fused"] = True  # the run's setting
+    checkpoint.steps_on_param_devices(resumed)
+    assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device for p, s in resumed.state.items())
+    _adamw_steps(model, resumed, "cpu")
+
+
+@cuda_only
+def test_zero1_fused_adamw_resumes_on_the_gpu():
+    """ZeRO-1's load_state_dict puts AdamW's step counts on the CPU (pytorch/pytorch#124133),
+    where the fused step on the GPU fails: train.py's resume puts them back."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda:0"))
+    try:
+        model = torch.nn.Linear(8, 8).cuda()
+        make = lambda: ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,  # noqa: E731
+                                               fused=True, lr=1e-3)
+        saved = make()
+        _adamw_steps(model, saved, "cuda")
+        saved.consolidate_state_dict(0)
+        resumed = make()
+        resumed.load_state_dict(saved.state_dict())
+        checkpoint.steps_on_param_devices(resumed)
+        _adamw_steps(model, resumed, "cuda")
+        assert all(s["step"].device == p.device for p, s in resumed.optim.state.items())
+    finally:
+        dist.destroy_process_group()
