@@ -89,7 +89,9 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
     if path.is_dir():
         checkpoint = dict(torch.load(path / TRAIN_STATE, map_location=device, weights_only=False), sharded=path)
     else:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        # Loaded to the host, the file is mapped, not read: the ranks of a node resuming at once
+        # share its pages instead of holding a copy each.
+        checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=device == "cpu")
         checkpoint["model"] = model_state(checkpoint["model"])
     checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
     return checkpoint
