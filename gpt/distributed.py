@@ -61,6 +61,10 @@ def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = device.startswith("cuda")
     if cuda:
+        if local_rank >= (visible := torch.cuda.device_count()):
+            raise ValueError(f"LOCAL_RANK is {local_rank} but this process sees {visible} GPU(s): each process "
+                             f"takes GPU LOCAL_RANK of its node's, so every process must see them all "
+                             f"(torchrun's way; not one GPU a process, as srun --gpus-per-task=1 gives)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     # device_id: NCCL binds to this GPU now rather than guessing at the first collective.

@@ -108,6 +108,16 @@ def test_rank_without_local_rank_is_named(monkeypatch):
         distributed.init("ddp", "gloo", "cpu")
 
 
+def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
+    """A launcher that shows each process one GPU: rank 1 asks for cuda:1, which it cannot see."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", mock.Mock(side_effect=AssertionError("set_device")))
+    with pytest.raises(ValueError, match=r"LOCAL_RANK is 1 but this process sees 1 GPU\(s\)"):
+        distributed.init("ddp", "nccl", "cuda")
+
+
 def test_ranks_read_disjoint_slices_of_one_global_batch(data_dir):
     path = prepare("shakespeare_char", data_dir)
     one = Batches(path, block_size=16, batch_size=6, device="cpu", seed=5)
