@@ -1,6 +1,8 @@
 """Where the Triton backends run in this process: on CUDA tensors natively, and on CPU tensors
 only in Triton's interpreter, which is on only where there is no GPU. On a GPU machine the CPU
 cases of a Triton test skip: the backends rightly refuse CPU tensors there."""
+import contextlib
+
 import pytest
 import torch
 
@@ -16,6 +18,18 @@ def cuda_only(test):
 def two_gpus(test):
     """Marks `test` `cuda`, and skips it without two GPUs."""
     return pytest.mark.cuda(pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")(test))
+
+
+@contextlib.contextmanager
+def no_host_syncs():
+    """CUDA work inside raises where it would make the host wait for the GPU (torch's sync debug
+    mode "error"), the mode before restored after."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 interpreter_only = pytest.mark.skipif(

@@ -134,8 +134,9 @@ def test_zero1_fused_adamw_resumes_on_the_gpu():
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda:0"))
     try:
         model = torch.nn.Linear(8, 8).cuda()
-        make = lambda: ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,  # noqa: E731
-                                               fused=True, lr=1e-3)
+
+        def make():
+            return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, fused=True, lr=1e-3)
         saved = make()
         _adamw_steps(model, saved, "cuda")
         saved.consolidate_state_dict(0)

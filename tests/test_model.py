@@ -9,7 +9,7 @@ from gpt.model import GPT, PRESETS, GPTConfig, KVCache, model_ops, preset, rope_
 from gpt.optim import BF16AdamW, clip_for_step
 from kernels import runtime
 from kernels.accuracy import rel_err
-from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, interpreter_only, no_host_syncs, skip_unless_triton_runs
 from tests.memory import saved_bytes
 
 
@@ -304,12 +304,9 @@ def test_training_step_on_triton_ops_never_syncs(switches):
         kept.append([p.grad for p in params])
         optimizer.zero_grad(set_to_none=True)
     step()  # compiles and loads the kernels
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_syncs():
         step()
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_bad_configs_are_refused():
