@@ -30,12 +30,15 @@ def check_same(op: str, attr: str, **tensors: torch.Tensor) -> None:
 
 def check_number(op: str, name: str, value, lo: float = -math.inf, hi: float = math.inf,
                  integer: bool = False) -> None:
-    """`value` a Python number (an int if `integer`) in [lo, hi). Not a tensor: that would cost a
-    host sync, or reach a kernel as a pointer. torch.compile's symbolic numbers pass."""
+    """`value` a Python number (an int if `integer`, in int64's range) in [lo, hi). Not a tensor:
+    that would cost a host sync, or reach a kernel as a pointer. torch.compile's symbolic numbers
+    pass. Other integral types (numpy's) pass too: a kernel takes int(value)."""
     kinds = (numbers.Integral, torch.SymInt) if integer else (numbers.Real, torch.SymFloat, torch.SymInt)
     if not isinstance(value, kinds) or isinstance(value, bool):
         raise ValueError(f"{op}: {name} must be a Python {'int' if integer else 'number'}, got "
                          f"{type(value).__name__}")
+    if integer:
+        lo, hi = max(lo, -2**63), min(hi, 2**63)
     if not lo <= value < hi:
         raise ValueError(f"{op}: {name} must be in [{lo:g}, {hi:g}), got {value}")
 

@@ -66,11 +66,16 @@ def check_cross_entropy(logits, targets, ignore_index) -> None:
 def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
                         ) -> torch.Tensor:
     check_cross_entropy(logits, targets, ignore_index)
+    return _torch_loss("cross_entropy", logits, targets, ignore_index)
+
+
+def _torch_loss(op: str, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The torch backends' mean loss over the counted rows, in fp32 at least."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     try:
         return F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
     except IndexError as e:  # a target out of range, found on the CPU (the triton backend's loss is NaN)
-        raise ValueError(f"cross_entropy: {e}") from None
+        raise ValueError(f"{op}: {e}") from None
 
 
 @triton.jit
@@ -280,7 +285,7 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     check_cross_entropy(logits, targets, ignore_index)
     check_tensor("cross_entropy", "logits", logits, dtypes=TRITON_DTYPES)
     runtime.check_device("cross_entropy", logits)
-    return _cross_entropy_fwd(logits, targets, ignore_index)[0]
+    return _cross_entropy_fwd(logits, targets, int(ignore_index))[0]
 
 
 # linear_cross_entropy(x, weight, targets): the lm head's matmul and the loss as one op, so that
@@ -314,7 +319,7 @@ def check_linear_cross_entropy(x, weight, targets, ignore_index) -> None:
         raise ValueError(f"{op}: targets must have shape {tuple(x.shape[:-1])} (x's without the width), "
                          f"got {tuple(targets.shape)}")
     check_same(op, "device", x=x, weight=weight, targets=targets)
-    if runtime.matmul_dtype(x) is None:  # under autocast both are cast to its dtype
+    if runtime.matmul_dtype(x, weight) is None:  # under autocast both are cast to its dtype
         check_same(op, "dtype", x=x, weight=weight)
     check_number(op, "ignore_index", ignore_index, integer=True)
 
@@ -323,7 +328,7 @@ def check_linear_cross_entropy(x, weight, targets, ignore_index) -> None:
 def linear_cross_entropy_torch(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     check_linear_cross_entropy(x, weight, targets, ignore_index)
-    return cross_entropy_torch(F.linear(x, weight), targets, ignore_index)
+    return _torch_loss("linear_cross_entropy", F.linear(x, weight), targets, ignore_index)
 
 
 def _chunk_rows(rows: int, classes: int, itemsize: int) -> int:
@@ -421,12 +426,12 @@ def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: 
     """As the torch backend (autocast's matmul dtype, else x's, which weight's must then match),
     in chunks of rows, with no logits kept for backward."""
     check_linear_cross_entropy(x, weight, targets, ignore_index)
-    dtype = runtime.matmul_dtype(x) or x.dtype
+    dtype = runtime.matmul_dtype(x, weight) or x.dtype
     if dtype not in TRITON_DTYPES:
         raise ValueError(f"linear_cross_entropy: the matmul dtype must be one of ({dtype_names(TRITON_DTYPES)}), "
                          f"got {dtype_names([dtype])}")
     runtime.check_device("linear_cross_entropy", x)
     grad = torch.is_grad_enabled()
     rows = x.reshape(-1, x.shape[-1])
-    return _linear_cross_entropy(rows, weight, targets.reshape(-1).contiguous(), ignore_index, dtype,
+    return _linear_cross_entropy(rows, weight, targets.reshape(-1).contiguous(), int(ignore_index), dtype,
                                  grad and x.requires_grad, grad and weight.requires_grad)[0]

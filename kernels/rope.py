@@ -95,19 +95,20 @@ def _rope_kernel(
     b = tl.program_id(2).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     mask = (t < T)[:, None] & (d < HALF)[None, :]
-    # int64 offsets: a (B, H, T, D) view of a large qkv projection passes 2^31 elements.
-    x1_ptrs = X + b * stride_xb + h * stride_xh + t[:, None].to(tl.int64) * stride_xt + d[None, :] * stride_xd
-    h_y = y_head + h
-    y1_ptrs = Y + b * stride_yb + h_y * stride_yh + t[:, None].to(tl.int64) * stride_yt + d[None, :] * stride_yd
-    x1 = tl.load(x1_ptrs, mask=mask).to(tl.float32)
-    x2 = tl.load(x1_ptrs + HALF * stride_xd, mask=mask).to(tl.float32)
+    # int64 offsets: a (B, H, T, D) view of a large qkv projection passes 2^31 elements, whichever
+    # of its strides is the large one.
+    t64, d1, d2 = t[:, None].to(tl.int64), d[None, :].to(tl.int64), (d[None, :] + HALF).to(tl.int64)
+    x_row = X + b * stride_xb + h * stride_xh + t64 * stride_xt
+    y_row = Y + b * stride_yb + (y_head + h) * stride_yh + t64 * stride_yt
+    x1 = tl.load(x_row + d1 * stride_xd, mask=mask).to(tl.float32)
+    x2 = tl.load(x_row + d2 * stride_xd, mask=mask).to(tl.float32)
     table = t[:, None] * HALF + d[None, :]
     cos = tl.load(Cos + table, mask=mask)
     sin = tl.load(Sin + table, mask=mask)
     if INVERSE:
         sin = -sin
-    tl.store(y1_ptrs, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y1_ptrs + HALF * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_row + d1 * stride_yd, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_row + d2 * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
 
 
 def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,

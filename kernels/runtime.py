@@ -52,10 +52,13 @@ def check_device(op: str, t: torch.Tensor) -> None:
                          f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs matmuls in on x's device, or None without autocast."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a matmul of `tensors` in on their device: None without autocast,
+    or when one is float64 (autocast leaves float64 matmuls as they are)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device) or any(t.dtype == torch.float64 for t in tensors):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def cdiv(a: int, b: int) -> int:

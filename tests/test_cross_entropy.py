@@ -177,10 +177,26 @@ def test_bad_inputs(backend, device):
             fn(x, t, ignore_index=bad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_of_any_integer_type_in_int64_range(backend, device):
+    """A numpy integer works as a Python int does (the kernel takes int(value)); one past int64's
+    range is refused, where the kernel's loss was NaN."""
+    skip_unless_triton_runs(backend, device)
+    np = pytest.importorskip("numpy")
+    fn = kernels.get("cross_entropy", backend)
+    logits, targets = torch.randn(3, 5, device=device), torch.tensor([1, -1, 2], device=device)
+    torch.testing.assert_close(fn(logits, targets, ignore_index=np.int64(-1)), fn(logits, targets))
+    for bad in (2**63, -2**63 - 1):
+        with pytest.raises(ValueError, match="cross_entropy: ignore_index must be in"):
+            fn(logits, targets, ignore_index=bad)
+
+
 def test_torch_backend_names_a_target_out_of_range():
     """On the CPU torch finds it (the triton backend's loss is NaN instead, tested above)."""
     with pytest.raises(ValueError, match="cross_entropy: Target 5 is out of bounds"):
         kernels.get("cross_entropy", "torch")(torch.randn(3, 5), torch.tensor([0, 5, 2]))
+    with pytest.raises(ValueError, match="linear_cross_entropy: Target 9 is out of bounds"):
+        kernels.get("linear_cross_entropy", "torch")(torch.randn(3, 4), torch.randn(9, 4), torch.tensor([0, 9, 2]))
 
 
 def test_triton_refuses_float64(device):

@@ -238,6 +238,21 @@ def test_bad_inputs(backend, device):
         fn(x, w, t, ignore_index=-1.0)
 
 
+def test_autocast_leaves_float64_alone(device):
+    """Autocast does not cast float64 tensors: the torch backend computes such a loss in float64,
+    the triton one refuses it (as without autocast), and float64 beside fp32 is a dtype mismatch
+    for both, not a loss computed in autocast's dtype."""
+    t = torch.zeros(3, dtype=torch.int64, device=device)
+    x, w = torch.randn(3, 4, device=device, dtype=torch.float64), torch.randn(9, 4, device=device, dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert kernels.get("linear_cross_entropy", "torch")(x, w, t).dtype == torch.float64
+        with pytest.raises(ValueError, match="linear_cross_entropy: the matmul dtype must be one of.*float64"):
+            kernels.get("linear_cross_entropy", "triton")(x, w, t)
+        for backend in BACKENDS:
+            with pytest.raises(ValueError, match="linear_cross_entropy: x, weight must have the same dtype"):
+                kernels.get("linear_cross_entropy", backend)(x.float(), w, t)
+
+
 def test_triton_refuses_mixed_dtypes_and_float64(device):
     fn = kernels.get("linear_cross_entropy", "triton")
     t = torch.zeros(3, dtype=torch.int64, device=device)
