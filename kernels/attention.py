@@ -822,7 +822,8 @@ _attention_rope_fwd.register_autograd(_rope_backward, setup_context=_setup_rope_
 
 
 def check_triton_attention(q) -> None:
-    """What the Triton backend adds to check_attention: head dims, dtypes, non-empty input, device."""
+    """What the Triton backend adds to check_attention: head dims, dtypes, non-empty input, device,
+    the launch grid's limits."""
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"attention: the triton backend supports head dims {HEAD_DIMS}, "
                          f"got {q.shape[-1]}")
@@ -833,6 +834,7 @@ def check_triton_attention(q) -> None:
         raise ValueError(f"attention: the triton backend needs non-empty inputs, got q of shape "
                          f"{tuple(q.shape)}")
     runtime.check_device("attention", q)
+    runtime.check_grid("attention", batch=q.shape[0], heads=q.shape[1])
 
 
 @register("attention", "triton")

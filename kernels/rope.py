@@ -155,4 +155,5 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     check_rope(x, cos, sin, TRITON_DTYPES)
     cos, sin = triton_tables("rope", cos, sin)
     runtime.check_device("rope", x)
+    runtime.check_grid("rope", batch=x.shape[0], heads=x.shape[1])
     return _rope(x, cos, sin, False)

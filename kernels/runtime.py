@@ -52,6 +52,18 @@ def check_device(op: str, t: torch.Tensor) -> None:
                          f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
 
 
+GRID_YZ_MAX = 65535  # CUDA's limit on a launch grid's second and third axes
+
+
+def check_grid(op: str, **extents: int) -> None:
+    """The triton backends' launches put these (a batch, heads) on a grid's second and third
+    axes, a program row each: past CUDA's limit the launch would fail."""
+    for name, n in extents.items():
+        if n > GRID_YZ_MAX:
+            raise ValueError(f"{op}: the triton backend takes at most {GRID_YZ_MAX} {name} (a launch grid's "
+                             f"limit), got {n}")
+
+
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs a matmul of `tensors` in on their device: None without autocast,
     or when one is float64 (autocast leaves float64 matmuls as they are)."""

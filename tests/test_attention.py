@@ -352,6 +352,11 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match="attention: .*non-empty"):
         x = torch.randn(1, 2, 0, 64, device=device)
         f(x, x, x)
+    for shape, extent in (((65536, 1, 8, 64), "batch"), ((1, 65536, 8, 64), "heads")):
+        x = q[:1, :1].expand(shape)  # no memory: refused before any launch
+        with pytest.raises(ValueError, match=f"attention: the triton backend takes at most 65535 {extent} "
+                                             f".a launch grid's limit., got 65536"):
+            f(x, x, x)
     with pytest.raises(ValueError, match="attention: dropout_p"):
         f(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="attention: dropout_p must be a Python number, got NoneType"):

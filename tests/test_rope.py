@@ -130,6 +130,15 @@ def test_bad_inputs(backend):
             fn(*args)
 
 
+def test_triton_refuses_past_the_launch_grid(device):
+    skip_unless_triton_runs("triton", device)
+    cos, sin = rope_tables(8, 5, 10000.0, device)
+    x = torch.randn(1, 1, 5, 8, device=device)
+    for shape, extent in (((65536, 1, 5, 8), "batch"), ((1, 65536, 5, 8), "heads")):
+        with pytest.raises(ValueError, match=f"rope: the triton backend takes at most 65535 {extent}"):
+            kernels.get("rope", "triton")(x.expand(shape), cos, sin)
+
+
 @cuda_only
 def test_llama_shapes_on_gpu():
     """LLaMA-3 8B's grouped k at 4096 positions, from the qkv projection's layout."""
