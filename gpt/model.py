@@ -440,8 +440,9 @@ class GPT(nn.Module):
             if temperature == 0:
                 idx_next = logits.argmax(-1, keepdim=True)
             else:
-                # Less the max first: a tiny temperature then takes the others to -inf, not to inf - inf.
-                logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+                # Less the max first: a tiny temperature then takes the others to -inf, not to inf - inf;
+                # in float64, where any positive float temperature is positive (in float32 1e-46 is 0: 0 / 0).
+                logits = (logits - logits.amax(-1, keepdim=True)).double() / temperature
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")

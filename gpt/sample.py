@@ -16,9 +16,12 @@ import torch
 
 import kernels
 
+from bench.cases import Shapes
+
 from . import checkpoint, pretrained
 from .config import DTYPES, parse_args, reported
 from .data import load_meta
+from .model import GPT, GPTConfig, model_ops
 from .tokenizer import EOT, gpt2
 
 DEFAULTS = dict(
@@ -80,22 +83,32 @@ def main(argv: list[str]) -> list[str]:
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"gpt.sample: device={device}, but torch sees no CUDA GPU")
     torch.manual_seed(c["seed"])
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")  # what the ops see, whatever the weights' dtype
 
-    backends = {op: ch.backend for op, ch in kernels.choose(c["kernels"], device_type).items()}
     if c["init_from"] == "resume":
         with reported("gpt.sample"):
             ckpt = checkpoint.load(c["out_dir"], device)
-        model, meta = checkpoint.build_model(ckpt, backends), checkpoint_meta(ckpt)
+        config, meta = GPTConfig(**ckpt["model_args"]), checkpoint_meta(ckpt)
     elif pretrained.is_pretrained(c["init_from"]):
         with reported("gpt.sample", f"init_from={c['init_from']}: "):
-            model, meta = pretrained.load(c["init_from"], kernels=backends), None
+            folder = pretrained.locate(c["init_from"])
+            config, meta = pretrained.gpt_config(folder), None
     else:
         raise SystemExit(f"gpt.sample: init_from must be resume, {pretrained.CHOICES}; got {c['init_from']!r}")
+    # Per op the backend, Triton's self-checked at this model's shapes (a head size it lacks: torch).
+    shapes = Shapes(config, batch_size=1, dtype=getattr(torch, dtype))
+    choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=model_ops(config))
+    backends = {op: ch.backend for op, ch in choices.items()}
+    if c["init_from"] == "resume":
+        model = checkpoint.build_model(ckpt, backends)
+    else:
+        model = GPT(config, backends)
+        with reported("gpt.sample", f"init_from={c['init_from']}: "):
+            pretrained.load_weights(model, folder)
     model = model.to(device).eval()
     if c["compile"]:
         model.compile()  # in place: generate's calls of the model run compiled (torch.compile(model) would not)
-    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")
     if next(model.parameters()).dtype not in (torch.float32, getattr(torch, dtype)):
         model.float()  # a pure-bf16 checkpoint asked for another dtype: fp32 weights, autocast below
     autocast = (nullcontext() if dtype == "float32" or next(model.parameters()).dtype != torch.float32

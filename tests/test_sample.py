@@ -33,8 +33,19 @@ def test_only_decodable_tokens_are_sampled(tmp_path):
 def test_temperature_zero_takes_the_likeliest_token(tmp_path):
     args = char_checkpoint(tmp_path)
     greedy = [sample([*args, "--temperature=0", f"--seed={s}", "--max_new_tokens=20"]) for s in (1, 2)]
-    tiny = sample([*args, "--temperature=1e-45", "--max_new_tokens=20"])  # no inf - inf: the same argmax
-    assert greedy[0] == greedy[1] == tiny
+    # No inf - inf, nor 0 / 0 at temperatures that are 0 in float32: the same argmax.
+    tiny = [sample([*args, f"--temperature={t}", "--max_new_tokens=20"]) for t in (1e-45, 1e-46, 1e-300)]
+    assert greedy[0] == greedy[1] == tiny[0] == tiny[1] == tiny[2]
+
+
+def test_triton_kernels_fall_back_per_op_at_the_model_s_own_shapes(tmp_path):
+    """kernels=triton self-checks the ops at the checkpoint's shapes: its head size (8) is not
+    one Triton's attention takes, so attention falls back to torch, with a warning, and the
+    sample is the torch one."""
+    args = [*char_checkpoint(tmp_path), "--temperature=0", "--max_new_tokens=4"]
+    with pytest.warns(UserWarning, match="kernels=triton: attention falls back to torch"):
+        triton = sample([*args, "--kernels=triton"])
+    assert triton == sample(args)
 
 
 def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch):
