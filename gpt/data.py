@@ -129,6 +129,10 @@ class Batches:
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed + 1  # not the training draws': "train" loss would score the first batches trained on
+        vocab_size = (load_meta(path) or {}).get("vocab_size", 0)
+        if vocab_size > 2**16:  # ids written wider (uint32) would read as pairs of wrong uint16 ids
+            raise ValueError(f"{path}/meta.pkl: vocab_size {vocab_size}, but the .bin files hold uint16 token ids "
+                             f"(at most 65536 ids), as nanoGPT's prepare.py writes them")
         for split in ("train", "val"):
             size = os.path.getsize(path / f"{split}.bin")
             if size % 2:

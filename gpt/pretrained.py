@@ -57,7 +57,6 @@ def locate(init_from: str) -> Path:
                              f"config.json and model.safetensors)")
         return Path(init_from)
     folder = cache_dir() / init_from
-    folder.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     for name in FILES:
         if not (folder / name).is_file():
@@ -65,13 +64,25 @@ def locate(init_from: str) -> Path:
     return folder
 
 
+# Seconds a download may wait for the server's next bytes (a connection that never answers,
+# behind a proxy or a firewall, would otherwise hang the run).
+TIMEOUT_S = 60
+
+
 def _download(url: str, path: Path) -> None:
-    """url -> path (write_atomic: an interrupted download leaves nothing behind)."""
+    """url -> path (write_atomic: an interrupted download leaves nothing behind, nor does one cut
+    short: urllib does not check the bytes read against Content-Length)."""
+    def copy(f) -> None:
+        shutil.copyfileobj(response, f, 1 << 24)
+        if size is not None and f.tell() != int(size):
+            raise OSError(f"the connection closed after {f.tell():,} of {int(size):,} bytes")
+
     try:
-        with urllib.request.urlopen(url) as response:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             size = response.headers.get("Content-Length")
             print(f"downloading {url} ({int(size) / 1e9:.2f} GB)" if size else f"downloading {url}", flush=True)
-            write_atomic(path, lambda f: shutil.copyfileobj(response, f, 1 << 24))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, copy)
     except OSError as e:
         raise OSError(f"could not download {url}: {e}") from e
 
@@ -91,6 +102,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}; readable: {list(_SAFETENSORS_DTYPES)}")
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
+        if 8 + header_len + end > len(data):
+            raise ValueError(f"{path}: tensor {name} ends at byte {8 + header_len + end:,}, past the file's "
+                             f"{len(data):,} (a file cut short)")
         count = (end - begin) // dtype.itemsize
         flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + header_len + begin) if count
                 else torch.empty(0, dtype=dtype))

@@ -1,3 +1,4 @@
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,17 @@ def test_a_token_file_cut_mid_token_is_named(tmp_path):
         f.write(b"\x01")
     with pytest.raises(ValueError, match=r"val.bin is \d+ bytes, not a whole number of uint16 tokens"):
         Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
+
+
+def test_a_vocabulary_past_uint16_is_refused(tmp_path):
+    """A dataset of more than 65536 ids cannot be uint16 (nanoGPT's layout): its .bin files,
+    written wider, would read as garbage ids without complaint."""
+    np.array([70000, 99999, 5] * 20, dtype=np.uint32).tofile(tmp_path / "train.bin")
+    np.array([70000, 99999, 5] * 20, dtype=np.uint32).tofile(tmp_path / "val.bin")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump(dict(vocab_size=100000), f)
+    with pytest.raises(ValueError, match="meta.pkl: vocab_size 100000, but the .bin files hold uint16 token ids"):
+        Batches(tmp_path, block_size=16, batch_size=4, device="cpu", seed=0)
 
 
 def test_the_builder_command_takes_a_data_dir(tmp_path):

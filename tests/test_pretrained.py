@@ -7,6 +7,7 @@ expected_logits.json holds that model's float64 logits for the token ids beside 
 transformers computed them.
 """
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -176,7 +177,26 @@ def test_hub_models_download_once_into_the_cache(tmp_path, monkeypatch):
     assert pretrained.locate("gpt2") == folder  # cached: no second download
     with pytest.raises(OSError, match="could not download .*/openai-community/gpt2-medium/resolve/main/config.json"):
         pretrained.locate("gpt2-medium")
-    assert list((tmp_path / "cache" / "gpt2-medium").iterdir()) == []  # nothing half-written left behind
+    assert not (tmp_path / "cache" / "gpt2-medium").exists()  # nothing left behind
+
+
+def test_a_download_cut_short_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    class CutShort(io.BytesIO):
+        headers = {"Content-Length": "100"}
+
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout: CutShort(b"{" * 60))
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="could not download .*config.json: the connection closed after 60 of 100 bytes"):
+        pretrained.locate("gpt2")
+    assert list((tmp_path / "cache" / "gpt2").iterdir()) == []
+
+
+def test_a_weights_file_cut_short_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {"a": torch.ones(3), "b": torch.ones(100)})
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="t.safetensors: tensor b ends at byte .*, past the file's .* cut short"):
+        pretrained.read_safetensors(path)
 
 
 def export_hf(model: GPT, folder: Path) -> dict[str, torch.Tensor]:
