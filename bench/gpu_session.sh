@@ -24,7 +24,7 @@
 #                                       # processes) at length T (default 4096; 1024 tunes the short-T table)
 #   bash bench/gpu_session.sh sweep [SWEEPS]  # bench.sweep: the memory-bound kernels' launch constants
 #                                       # (default all its sweeps; SWEEPS picks some, e.g. norm,adamw),
-#                                       # the pick per module printed
+#                                       # each its share of the stage's time, the pick per module printed
 #   bash bench/gpu_session.sh train     # train.py itself, as a user runs it (compile, kernels=auto,
 #                                       # shakespeare BPE data built offline): gpt2 with adamw, then
 #                                       # llama with bf16_adamw and recompute; 300 steps each
@@ -84,7 +84,8 @@ case "$1" in
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
     step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
       --steps 20 --warmup 6 --json "$OUT/mfu-llama.json"
-    step 540 sweep python -m bench.sweep --sweeps adamw,norm --json "$OUT/sweep.json"
+    step 540 sweep python -m bench.sweep --sweeps adamw,norm --budget-s $((deadline - SECONDS - 60)) \
+      --json "$OUT/sweep.json"
     results=("$OUT"/mfu-*.json)  # bench.report makes tables of these; the sweep printed its own
     [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
@@ -137,7 +138,10 @@ case "$1" in
     dims=${2:-64,128} t=${3:-4096}
     step 540 tune python -m bench.tune_attention --d "$dims" --t "$t" --json "$OUT/tune_attention-${dims/,/-}-t$t.json" ;;
   sweep)
-    step 540 sweep python -m bench.sweep ${2:+--sweeps "$2"} --json "$OUT/sweep.json" ;;
+    # Its own budget ends a setting's length (a norm setting compiles its kernels at 5 widths)
+    # before the step's: cut by the step, it would print no report.
+    step 540 sweep python -m bench.sweep ${2:+--sweeps "$2"} --budget-s $((deadline - SECONDS - 60)) \
+      --json "$OUT/sweep.json" ;;
   train)  # the logs come back ($OUT/train-<preset>/log.jsonl), the checkpoints are deleted
     common=(--dataset=shakespeare --batch_size=16 --block_size=1024 --gradient_accumulation_steps=1
             --max_iters=300 --lr_decay_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=20

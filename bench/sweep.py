@@ -1,7 +1,7 @@
 """Sweep the launch heuristics of the memory-bound Triton kernels on the GPU at hand: which values
 of a kernel module's constants are fastest, verified, at its benchmark's shapes.
 
-    python -m bench.sweep [--sweeps norm,layer_norm,swiglu,rope,adamw] [--json PATH]
+    python -m bench.sweep [--sweeps norm,layer_norm,swiglu,rope,adamw] [--json PATH] [--budget-s S]
 
 The launch code of these kernels reads module constants (kernels/norm.py's _TILE, _BWD_TILE,
 _ELEMS_PER_THREAD, _BWD_WARPS_PER_SM and _BWD_STAGES; kernels/runtime.py's _TILE and _NUM_WARPS for the
@@ -15,6 +15,9 @@ derives tiles and warps from it), so the setting to commit is the one with the l
 training pass (fwd+bwd; AdamW's step) summed over the shapes, verified at every shape; each
 shape's own fastest is printed too, to show what one setting leaves on the table. A setting that
 fails (a launch out of resources) is reported, not fatal. --json writes every measurement.
+--budget-s bounds the run: each sweep takes its share of the time left (the earlier sweeps' unused
+time goes to the later ones) and starts no setting past it, then reports what it measured (the
+norms' grids are hundreds of settings, a GPU session's share of them tens).
 """
 import argparse
 import contextlib
@@ -22,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +140,9 @@ def _named(setting: dict) -> str:
     return " ".join(f"{name}={value}" for name, value in setting.items())
 
 
-def report(name: str, sweep: Sweep, records: list[dict]) -> str:
+def report(name: str, sweep: Sweep, records: list[dict], unmeasured: int = 0) -> str:
     """The sweep's table (the training pass's rate per shape, x where unverified), its pick, and
-    each shape's own fastest."""
+    each shape's own fastest; `unmeasured`: settings its share of the budget left out."""
     shapes = list(records[0]["shapes"])
     unit = next((m["unit"] for r in records for m in r["shapes"].values() if "unit" in m), "")
     lines = [f"\n{name}: {sweep.op}'s training pass, {unit} (x: not verified), ms summed over the shapes",
@@ -148,6 +152,8 @@ def report(name: str, sweep: Sweep, records: list[dict]) -> str:
                  for m in r["shapes"].values()]
         mark = "  committed" if r is records[0] else ""
         lines.append(" | ".join([_named(r["setting"]), *cells, f"{_total(r):.3f}"]) + mark)
+    if unmeasured:
+        lines.append(f"cut at its share of the budget: {len(records)} settings measured, {unmeasured} not")
     pick = best(records)
     if pick is None:
         lines.append("no setting verified at every shape")
@@ -164,14 +170,18 @@ def report(name: str, sweep: Sweep, records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Sweep] = SWEEPS) -> dict:
+def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Sweep] = SWEEPS,
+        budget_s: float | None = None) -> dict:
     """Each named sweep measured and reported; the JSON file rewritten after every setting, so a
-    run cut short keeps what it measured."""
+    run cut short keeps what it measured. With `budget_s`, each sweep stops starting settings at
+    its share of the time left (the committed setting is always measured)."""
     result = dict(provenance(), device=str(device), sweeps={})
-    for name in names:
+    end = None if budget_s is None else time.monotonic() + budget_s
+    for i, name in enumerate(names):
         sweep = sweeps[name]
         records, queue = [], settings(sweep)
-        while queue:
+        share_end = None if end is None else time.monotonic() + (end - time.monotonic()) / (len(names) - i)
+        while queue and not (records and share_end is not None and time.monotonic() >= share_end):
             setting = queue.pop(0)
             records.append(dict(setting=setting, shapes=measure(sweep, setting, device)))
             committed = records[0]["setting"]
@@ -184,10 +194,10 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
                     queue.insert(0, combined)
             pick = best(records)
             result["sweeps"][name] = dict(module=sweep.module.__name__, op=sweep.op, records=records,
-                                          pick=pick["setting"] if pick else None)
+                                          pick=pick["setting"] if pick else None, unmeasured=len(queue))
             if json_path:
                 json_path.write_text(json.dumps(result, indent=1) + "\n")
-        print(report(name, sweep, records), flush=True)
+        print(report(name, sweep, records, len(queue)), flush=True)
     return result
 
 
@@ -195,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"some of {', '.join(SWEEPS)}")
     parser.add_argument("--json", type=Path, help="write every measurement to this file")
+    parser.add_argument("--budget-s", type=float, help="seconds for the whole run, shared among the sweeps")
     args = parser.parse_args(argv)
     names = args.sweeps.split(",")
     if unknown := [n for n in names if n not in SWEEPS]:
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if detect() is None:
         print(f"{parser.prog}: a sweep of the GPU it runs on, and this machine has no CUDA GPU", file=sys.stderr)
         return 2
-    run(names, "cuda", args.json)
+    run(names, "cuda", args.json, budget_s=args.budget_s)
     return 0
 
 

@@ -109,3 +109,27 @@ def test_the_winners_of_each_constant_alone_are_combined_next(monkeypatch):
               _ELEMS_PER_THREAD={8: 1.0, 16: 2.0})
     sweep.run(["off"], "cpu", None, sweeps={"off": sweep.Sweep(off_list, values, "rms_norm", ())})
     assert len(order) == 3 * 3 * 2 and len({tuple(s.values()) for s in order}) == len(order)
+
+
+def test_a_budget_shares_the_time_among_the_sweeps_and_reports_the_cut(monkeypatch, capsys):
+    """Each sweep stops starting settings at its share of the time left; the committed one is
+    always measured, and the report says how many were not."""
+    clock = [0.0]
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: clock[0])
+
+    def fake(sweep_, setting, device):  # each setting takes 10 s
+        clock[0] += 10.0
+        return {"s": dict(ms=1.0, rate=1.0, unit="GB/s", roofline=0.5, verified=True, check={})}
+    monkeypatch.setattr(sweep, "measure", fake)
+    grid = sweep.Sweep(norm, {"_TILE": (4096, 1024, 2048, 8192), "_BWD_STAGES": (1, 2, 3)}, "rms_norm", ())
+    small = sweep.Sweep(norm, {"_BWD_STAGES": (1, 2)}, "rms_norm", ())
+    result = sweep.run(["grid", "small", "late"], "cpu", None, sweeps={"grid": grid, "small": small, "late": grid},
+                       budget_s=90)
+    measured = {name: len(r["records"]) for name, r in result["sweeps"].items()}
+    # grid: a third of 90 s; small: its 2 settings, 20 s of its 30; late: the 40 s left.
+    assert measured == {"grid": 3, "small": 2, "late": 4}
+    assert [r["unmeasured"] for r in result["sweeps"].values()] == [9, 0, 8]
+    out = capsys.readouterr().out
+    assert out.count("cut at its share of the budget") == 2 and "4 settings measured, 8 not" in out
+    clock[0] = 1e6  # past the end: the committed setting still runs
+    assert len(sweep.run(["small"], "cpu", None, sweeps={"small": small}, budget_s=0)["sweeps"]["small"]["records"]) == 1
