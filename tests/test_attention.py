@@ -248,13 +248,18 @@ def test_dropout_gradients(causal, rope, dtype, device):
 
 # --- TMA (tensor-descriptor) loads -----------------------------------------------------------------
 
-@pytest.fixture
-def tma_loads(monkeypatch):
-    """Every launch of the op asks for TMA loads. The tables choose them per GPU by measurement;
-    these tests check the descriptor path itself wherever it runs (the interpreter, sm90+)."""
+def force_tma(monkeypatch, tma: bool) -> None:
+    """Every launch of the op asks for TMA loads, or for none. The tables choose them per GPU by
+    measurement (sm90's take them everywhere): tests of one path or the other set it."""
     config = attention._config
     monkeypatch.setattr(attention, "_config",
-                        lambda q, which, *dropout: config(q, which, *dropout)._replace(tma=True))
+                        lambda q, which, *dropout: config(q, which, *dropout)._replace(tma=tma))
+
+
+@pytest.fixture
+def tma_loads(monkeypatch):
+    """The descriptor path itself, wherever it runs (the interpreter, sm90+)."""
+    force_tma(monkeypatch, True)
 
 
 def tma_runs(q) -> bool:
@@ -405,12 +410,11 @@ def test_long_sequences_cuda(T, causal, D):
 @pytest.mark.bigmem
 @cuda_only
 @pytest.mark.parametrize("tma", [False, True])
-def test_over_2_to_the_31_elements_cuda(tma, request):
+def test_over_2_to_the_31_elements_cuda(tma, monkeypatch):
     """q, k and v views of one qkv projection of over 2^31 elements: the last batch, which lies
     past element 2^31, is read and written where it belongs (int64 offsets, or the descriptors'
     int64 strides with TMA) and matches that batch computed alone."""
-    if tma:
-        request.getfixturevalue("tma_loads")
+    force_tma(monkeypatch, tma)
     H, T, D = 4, 1024, 128
     B = 2**31 // (T * 3 * H * D) + 1
     q, k, v = make_qkv(B, H, H, T, D, torch.bfloat16, "cuda", "qkv")
@@ -422,13 +426,12 @@ def test_over_2_to_the_31_elements_cuda(tma, request):
 
 
 @pytest.mark.parametrize("tma,rope", [(False, False), (True, False), (False, True)])
-def test_torch_compile_matches_eager(tma, rope, device, request):
+def test_torch_compile_matches_eager(tma, rope, device, monkeypatch):
     """Under torch.compile the ops run the same kernels: same output and gradients as eager, and
-    dropout compiles without a graph break (the seed is drawn on the device). With TMA loads too:
-    the descriptors are made inside the traced op."""
+    dropout compiles without a graph break (the seed is drawn on the device). With TMA loads and
+    without: the descriptors are made inside the traced op."""
     device = triton_device(device)
-    if tma:
-        request.getfixturevalue("tma_loads")
+    force_tma(monkeypatch, tma)
     f = kernels.get("attention", "triton")
     q, k, v = make_qkv(2, 8, 2, 300, 64, torch.bfloat16, device, "qkv") if device == "cuda" else \
         make_qkv(1, 2, 1, 19, 32, torch.bfloat16, device, "qkv")
