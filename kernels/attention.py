@@ -205,7 +205,7 @@ def _exp2_scaled(s, qk_scale, m):
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
-                    key, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                    key, keep_p, stride_kt, stride_kd, stride_vt, stride_vd,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                     FP32_DOT: tl.constexpr, TMA: tl.constexpr):
@@ -222,7 +222,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, lo, hi, T, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser sums the undropped p
         if DROPOUT:
-            p = p * dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = p * dropout_scale(key, offs_m[:, None], offs_n[None, :], keep_p)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -236,7 +236,7 @@ def _attn_fwd(
     seed_ptr,  # int64 dropout seed (one element); unused without DROPOUT
     T, H, GROUP,  # sequence length, query heads, query heads per kv head
     qk_scale,  # log2(e) / sqrt(D): scores in base 2
-    dropout_p,  # probability of dropping an attention weight
+    keep_p,  # 1 - dropout_p, the probability of keeping an attention weight (see dropout_scale)
     stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v and o, in elements
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -250,7 +250,7 @@ def _attn_fwd(
     FP32_DOT: tl.constexpr,  # see _dot
     TMA: tl.constexpr,  # load q, k, v through tensor descriptors (see _source)
 ):
-    qk_scale, dropout_p = fp32(qk_scale), fp32(dropout_p)
+    qk_scale, keep_p = fp32(qk_scale), fp32(keep_p)
     # Causal query tiles near the end of the sequence do the most work: start them first so the
     # short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -276,11 +276,11 @@ def _attn_fwd(
     # Unmasked key tiles first, then the tiles that need a mask.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, 0, full_hi, T,
-                                    qk_scale, key, dropout_p,
+                                    qk_scale, key, keep_p,
                                     stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, offs_m, full_hi,
-                                    masked_hi, T, qk_scale, key, dropout_p,
+                                    masked_hi, T, qk_scale, key, keep_p,
                                     stride_kt, stride_kd, stride_vt, stride_vd, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
@@ -314,7 +314,7 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base, offs_n, lo, hi,
-                         T, qk_scale, key, dropout_p,
+                         T, qk_scale, key, keep_p,
                          stride_qt, stride_qd, stride_dot, stride_dod,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                          MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -333,7 +333,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_ba
         p_t = _exp2_scaled(s_t, qk_scale, lse[None, :])
         dp_t = _dot(v, tl.trans(do), None, FP32_DOT)
         if DROPOUT:
-            keep = dropout_scale(key, offs_m[None, :], offs_n[:, None], dropout_p)  # transposed
+            keep = dropout_scale(key, offs_m[None, :], offs_n[:, None], keep_p)  # transposed
             dv = _dot((p_t * keep).to(do.dtype), do, dv, FP32_DOT)
             dp_t = dp_t * keep
         else:
@@ -353,7 +353,7 @@ def _attn_bwd_dkdv(
     T, H, GROUP,  # sequence length, query heads, query heads per kv head
     qk_scale,  # log2(e) / sqrt(D)
     sm_scale,  # 1 / sqrt(D)
-    dropout_p,  # probability of dropping an attention weight
+    keep_p,  # 1 - dropout_p, the probability of keeping an attention weight (see dropout_scale)
     stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dqkv, in elements
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -368,7 +368,7 @@ def _attn_bwd_dkdv(
     FP32_DOT: tl.constexpr,  # see _dot
     TMA: tl.constexpr,  # load q, k, v, dO through tensor descriptors (see _source)
 ):
-    qk_scale, sm_scale, dropout_p = fp32(qk_scale), fp32(sm_scale), fp32(dropout_p)
+    qk_scale, sm_scale, keep_p = fp32(qk_scale), fp32(sm_scale), fp32(keep_p)
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -400,14 +400,14 @@ def _attn_bwd_dkdv(
         if CAUSAL:
             diag_hi = tl.minimum(start_n + BLOCK_N, T)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base,
-                                          offs_n, start_n, diag_hi, T, qk_scale, key, dropout_p,
+                                          offs_n, start_n, diag_hi, T, qk_scale, key, keep_p,
                                           stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
                                           BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
             full_lo = start_n + BLOCK_N
         else:
             full_lo = 0
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, b, h, lse_base, delta_base,
-                                      offs_n, full_lo, T, T, qk_scale, key, dropout_p,
+                                      offs_n, full_lo, T, T, qk_scale, key, keep_p,
                                       stride_qt, stride_qd, stride_dot, stride_dod, BLOCK_M,
                                       BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
 
@@ -419,7 +419,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo, hi, T, qk_scale,
-                       key, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                       key, keep_p, stride_kt, stride_kd, stride_vt, stride_vd,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                        FP32_DOT: tl.constexpr, TMA: tl.constexpr):
@@ -434,7 +434,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, lo,
         p = _exp2_scaled(s, qk_scale, lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32_DOT)
         if DROPOUT:
-            dp = dp * dropout_scale(key, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = dp * dropout_scale(key, offs_m[:, None], offs_n[None, :], keep_p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
     return dq
@@ -449,7 +449,7 @@ def _attn_bwd_dq(
     T, H, GROUP,  # sequence length, query heads, query heads per kv head
     qk_scale,  # log2(e) / sqrt(D)
     sm_scale,  # 1 / sqrt(D)
-    dropout_p,  # probability of dropping an attention weight
+    keep_p,  # 1 - dropout_p, the probability of keeping an attention weight (see dropout_scale)
     stride_qb, stride_qh, stride_qt, stride_qd,  # strides of q, k, v, dO and dqkv, in elements
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -464,7 +464,7 @@ def _attn_bwd_dq(
     FP32_DOT: tl.constexpr,  # see _dot
     TMA: tl.constexpr,  # load q, k, v, dO through tensor descriptors (see _source)
 ):
-    qk_scale, sm_scale, dropout_p = fp32(qk_scale), fp32(sm_scale), fp32(dropout_p)
+    qk_scale, sm_scale, keep_p = fp32(qk_scale), fp32(sm_scale), fp32(keep_p)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first, as the forward
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -491,10 +491,10 @@ def _attn_bwd_dq(
     # The same split as the forward: unmasked key tiles, then the diagonal or the partial tail.
     full_hi, masked_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, 0, full_hi, T,
-                            qk_scale, key, dropout_p, stride_kt, stride_kd, stride_vt, stride_vd,
+                            qk_scale, key, keep_p, stride_kt, stride_kd, stride_vt, stride_vd,
                             BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, DROPOUT, FP32_DOT, TMA)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, offs_m, full_hi, masked_hi,
-                            T, qk_scale, key, dropout_p, stride_kt, stride_kd, stride_vt,
+                            T, qk_scale, key, keep_p, stride_kt, stride_kd, stride_vt,
                             stride_vd, BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, DROPOUT, FP32_DOT, TMA)
     _store_tile(_head(dqkv_ptr, b, h, stride_gb, stride_gh, False), start_m, T,
                 stride_gt, stride_gd, dq * sm_scale, BLOCK_M, BLOCK_D, HEAD_DIM)
@@ -641,7 +641,7 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     tma = _tma_flag(cfg, q, k, v)
     with runtime.on_device(q):
         wrap_triton(_attn_fwd)[(runtime.cdiv(T, cfg.block_m), H, B)](
-            q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), dropout_p,
+            q, k, v, o, lse, seed, T, H, H // Hkv, math.log2(math.e) / math.sqrt(D), 1.0 - dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *runtime.head_strides(o),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D,
             CAUSAL=causal, DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32,
@@ -663,9 +663,9 @@ def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.
 
 
 def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, dict]:
-    """The scalars (qk_scale, sm_scale, dropout_p) and constexprs the dkdv and dq kernels share."""
+    """The scalars (qk_scale, sm_scale, keep_p) and constexprs the dkdv and dq kernels share."""
     D = q.shape[-1]
-    scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), dropout_p)
+    scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), 1.0 - dropout_p)
     constexprs = dict(BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D, CAUSAL=causal,
                       DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32)
     return scales, constexprs

@@ -158,7 +158,7 @@ def _norm_fwd_kernel(
     M,  # rows
     N,  # elements per row
     eps,  # added to the variance
-    dropout_p,  # probability that an element of X is dropped before the residual add
+    keep_p,  # 1 - dropout_p: the probability that an element of X is kept (see dropout_scale)
     IS_RMS: tl.constexpr,  # RMSNorm (no centering) or LayerNorm
     HAS_BIAS: tl.constexpr,  # add B
     HAS_RESIDUAL: tl.constexpr,  # normalize X + R, and write that sum to S
@@ -166,7 +166,7 @@ def _norm_fwd_kernel(
     ROWS: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns, a power of two >= N
 ):
-    eps, dropout_p = fp32(eps), fp32(dropout_p)
+    eps, keep_p = fp32(eps), fp32(keep_p)
     # int64 row indices: row * stride passes 2^31 in tensors over 2^31 elements.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -175,7 +175,7 @@ def _norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        x *= dropout_scale(dropout_seed(Seed, DROPOUT), rows[:, None], cols[None, :], dropout_p)
+        x *= dropout_scale(dropout_seed(Seed, DROPOUT), rows[:, None], cols[None, :], keep_p)
     if HAS_RESIDUAL:
         x += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = x.to(S.dtype.element_ty)
@@ -183,12 +183,22 @@ def _norm_fwd_kernel(
         x = s.to(tl.float32)  # the sum as stored: what backward reloads
     if IS_RMS:
         xc = x
+        var = tl.sum(x * x, axis=1) / N
     else:
         mean = tl.sum(x, axis=1) / N
-        tl.store(Mean + rows, mean, mask=row_ok)
         # Padded lanes would add mean^2 each to the variance: zero them.
         xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        # One fp32 sum leaves the mean off by about its ulp, which rstd magnifies where the row's
+        # spread is small beside its mean (a constant row's y was bias + ulp / sqrt(eps)): the
+        # deviations' own sum corrects it, beside the sum of their squares (corrected two-pass:
+        # sum((xc - c)^2) = sum(xc^2) - N c^2 for c = mean(xc)).
+        corr = tl.sum(xc, axis=1) / N
+        sq = tl.sum(xc * xc, axis=1)
+        mean += corr
+        xc = tl.where(mask, xc - corr[:, None], 0.0)
+        var = tl.maximum(sq / N - corr * corr, 0.0)
+        tl.store(Mean + rows, mean, mask=row_ok)
+    rstd = tl.rsqrt(var + eps)
     tl.store(Rstd + rows, rstd, mask=row_ok)
     w = tl.load(W + cols, mask=col_ok).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :]
@@ -218,7 +228,7 @@ def _norm_bwd_kernel(
     M,  # rows
     N,  # elements per row
     rows_per_program,  # rows each program owns, a multiple of ROWS
-    dropout_p,  # the forward's
+    keep_p,  # the forward's
     IS_RMS: tl.constexpr,  # RMSNorm or LayerNorm
     HAS_BIAS: tl.constexpr,  # produce db
     HAS_DS: tl.constexpr,  # add DS to dx (the sum's own gradient, from its other uses)
@@ -229,7 +239,7 @@ def _norm_bwd_kernel(
     BLOCK_N: tl.constexpr,  # columns, a power of two >= N
     STAGES: tl.constexpr,  # software-pipelining depth of the loop over row tiles
 ):
-    dropout_p = fp32(dropout_p)
+    keep_p = fp32(keep_p)
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -271,7 +281,7 @@ def _norm_bwd_kernel(
         if HAS_DX2:
             tl.store(DX2 + offsets, dx.to(DX2.dtype.element_ty), mask=mask)
         if DROPOUT:
-            dx *= dropout_scale(seed, rows[:, None], cols[None, :], dropout_p)
+            dx *= dropout_scale(seed, rows[:, None], cols[None, :], keep_p)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
     if HAS_BIAS:
@@ -359,7 +369,7 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         wrap_triton(_norm_fwd_kernel)[(runtime.cdiv(m, rows),)](
             x_rows, r_rows, s, y, weight, weight if bias is None else bias, rstd if seed is None else seed,
             rstd if rms else mean, rstd, x_rows.stride(0), r_rows.stride(0), n, n, m, n, eps,
-            dropout_p, IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            1.0 - dropout_p, IS_RMS=rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
     return y, s, mean, rstd
 
@@ -394,7 +404,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
                 x, dy, dy if ds is None else ds, dx, dx2, weight, rstd if seed is None else seed,
                 rstd if rms else mean, rstd, dw_partials, db_partials if has_bias else dw_partials,
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),
-                m, n, rows_per_program, dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
+                m, n, rows_per_program, 1.0 - dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
                 HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
                 STAGES=_BWD_STAGES, num_warps=num_warps)
         # One launch for both sums and their casts (torch: a sum and a cast each, four kernels).

@@ -389,21 +389,25 @@ def dropout_key(seed_ptr, stream, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def dropout_scale(key, row, col, dropout_p):
-    """0 for a dropped element, 1 / (1 - dropout_p) for a kept one (kept with probability
-    1 - dropout_p), from a hash of the key (a seed, or dropout_key's) and the element's row and
-    column, broadcast together: any tiling, and a backward that walks the elements in another
-    order, regenerates the mask instead of storing it. The row and the column are hashed on their
-    own shapes under two keys (one key would make the mask symmetric), then their sum once per
-    element, and the 32-bit draw is compared with dropout_p * 2^32 as integers. Positions are
-    taken modulo 2^32."""
+def dropout_scale(key, row, col, keep_p):
+    """0 for a dropped element, 1 / keep_p for a kept one (kept with probability keep_p), from a
+    hash of the key (a seed, or dropout_key's) and the element's row and column, broadcast
+    together: any tiling, and a backward that walks the elements in another order, regenerates
+    the mask instead of storing it. The row and the column are hashed on their own shapes under
+    two keys (one key would make the mask symmetric), then their sum once per element, and the
+    32-bit draw is compared with keep_p * 2^32 as integers. Positions are taken modulo 2^32.
+
+    keep_p = 1 - dropout_p comes from the launcher, computed in float64: in fp32 from dropout_p
+    it would keep dropout_p's rounding, 1000.0129 for torch's 999.99994 at p = 0.999, and 1 / 0
+    once p rounds to 1 (p >= 1 - 2^-25)."""
     key = key.to(tl.uint32)
     row_hash = _lowbias32(key ^ row.to(tl.uint32))
     col_hash = _lowbias32((key + 0x9E3779B9) ^ col.to(tl.uint32))
-    # The largest fp32 below 2^32 keeps the threshold in uint32 for any dropout_p < 1.
-    threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
+    # The largest fp32 below 2^32 keeps the threshold in uint32 (a keep_p that rounds to 1 keeps
+    # all but 2^-24 of the elements).
+    threshold = tl.minimum(keep_p * 4294967296.0, 4294967040.0).to(tl.uint32)
     # IEEE division (a GPU's fp32 `/` is approximate): the scale torch's dropout applies, to the bit.
-    return tl.where(_lowbias32(row_hash + col_hash) >= threshold, tl.div_rn(1.0, 1.0 - dropout_p), 0.0)
+    return tl.where(_lowbias32(row_hash + col_hash) < threshold, tl.div_rn(1.0, keep_p), 0.0)
 
 
 # Launch heuristics for a memory-bound elementwise kernel over tiles (`tile` above).

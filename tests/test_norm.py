@@ -455,6 +455,35 @@ def test_residual_dropout_statistics(backend, p, device):
     assert not torch.equal(dropout_scales(fn, x, r, w, None), dropout_scales(fn, x, r, w, None))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_dropout_near_one_scales_as_torch(backend, device):
+    """Kept elements get torch's fp32 1 / (1 - p): 999.99994 at p = 0.999 (from fp32(p) the
+    kernels gave 1000.0129), and a p that rounds to 1 in fp32 still gives finite sums (its scale
+    was 1 / 0)."""
+    skip_unless_triton_runs(backend, device)
+    m, n = 64, 1031
+    x, w, _ = inputs(m, n, device, bias=False)
+    r = torch.zeros(m, n, device=device)
+    scales = dropout_scales(fused_fn(backend, "rms_norm", dropout_p=0.999, seed=7), x, r, w, None)
+    kept = scales[scales != 0]
+    assert len(kept) and torch.equal(kept, torch.full_like(kept, 1 / torch.tensor(1 - 0.999).item()))
+    for seed in range(4):
+        y, s_ = fused_fn(backend, "rms_norm", dropout_p=1 - 2**-26, seed=seed)(x, r, w, None)
+        assert torch.isfinite(s_).all() and not y.isnan().any()
+
+
+def test_layer_norm_of_rows_whose_spread_is_small_beside_their_mean(device):
+    """fp32 rows of a large mean (the rule against torch's own error) and a constant row, which
+    normalizes to the bias exactly: a mean an ulp off came out as bias + ulp * rstd, 1 / sqrt(eps)
+    there."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(4, 300, device)
+    x = x * 0.1 + 1e4
+    x[1] = 3.3
+    assert_accurate("triton", "layer_norm", x, w, b)
+    assert torch.equal(kernels.get("layer_norm", "triton")(x, w, b, EPS)[1], b)
+
+
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_residual_backward_is_deterministic(op, bias, dropout_p, device):
