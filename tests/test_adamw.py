@@ -242,7 +242,7 @@ def test_triton_plan_is_cached():
     for step in (1, 2, 3):
         kernels.get("adamw", "triton")(p, g, m, v, step=step, **HYPER)
     info = adamw_module._plan.cache_info()
-    assert (info.misses, info.hits) == (1, 2)
+    assert (info.misses, info.hits) == (1, 2) and adamw_module.tables_made() == 1
 
 
 @cuda_only
@@ -277,6 +277,34 @@ def test_triton_plan_says_whether_every_numel_is_even():
         return [launch.even for launch in adamw_module._plan("grad_norm", adamw_module._key([ts], typed=(0,)))]
     assert even(768, 2304, 16) == [True]
     assert even(768, 7, 2304) == [False]
+
+
+class LaunchSpy:
+    """A kernel whose launches record their EVEN flag, then run."""
+
+    def __init__(self, kernel, flags: list):
+        self.kernel, self.flags = kernel, flags
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.flags.append(kwargs["EVEN"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_triton_launches_carry_the_plan_s_even_flag(monkeypatch):
+    """Each launch takes its plan's EVEN: a launch told its sizes are all even when one is not
+    would vectorize that tensor's masked last block past its end."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flags = []
+    for name in ("_adamw_kernel", "_sum_squares_kernel"):
+        monkeypatch.setattr(adamw_module, name, LaunchSpy(getattr(adamw_module, name), flags))
+    for sizes in ((768, 7), (768, 16)):
+        p = [torch.randn(n, device=device) for n in sizes]
+        g = [torch.randn_like(t) for t in p]
+        kernels.get("grad_norm", "triton")(g)
+        kernels.get("adamw", "triton")(p, g, *states(p), step=1, **HYPER)
+    assert flags == [False, False, True, True]
 
 
 def make_model(device, dtype):

@@ -128,6 +128,9 @@ def test_a_vocabulary_past_uint16_is_refused(tmp_path):
         pickle.dump(dict(vocab_size=100000), f)
     with pytest.raises(ValueError, match="meta.pkl: vocab_size 100000, but the .bin files hold uint16 token ids"):
         Batches(tmp_path, block_size=16, batch_size=4, device="cpu", seed=0)
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump(dict(vocab_size=2**16), f)  # ids 0..65535: uint16 holds them all
+    Batches(tmp_path, block_size=16, batch_size=4, device="cpu", seed=0)
 
 
 def test_the_builder_command_takes_a_data_dir(tmp_path):

@@ -116,6 +116,13 @@ def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", mock.Mock(side_effect=AssertionError("set_device")))
     with pytest.raises(ValueError, match=r"LOCAL_RANK is 1 but this process sees 1 GPU\(s\)"):
         distributed.init("ddp", "nccl", "cuda")
+    # Rank 0 of a one-GPU node is fine: it takes cuda:0 and joins.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device := mock.Mock())
+    monkeypatch.setattr(distributed.dist, "init_process_group", mock.Mock(side_effect=RuntimeError("joins")))
+    with pytest.raises(RuntimeError, match="joins"):
+        distributed.init("ddp", "nccl", "cuda")
+    set_device.assert_called_once_with("cuda:0")
 
 
 def test_ranks_read_disjoint_slices_of_one_global_batch(data_dir):

@@ -7,7 +7,7 @@ import torch
 import kernels
 from gpt.model import GPT, PRESETS, GPTConfig, KVCache, model_ops, preset, rope_tables
 from gpt.optim import BF16AdamW, clip_for_step
-from kernels import runtime
+from kernels import adamw, runtime
 from kernels.accuracy import rel_err
 from tests.devices import compiled, cuda_only, interpreter_only, no_host_syncs, skip_unless_triton_runs
 from tests.memory import saved_bytes
@@ -304,9 +304,11 @@ def test_training_step_on_triton_ops_never_syncs(switches):
         kept.append([p.grad for p in params])
         optimizer.zero_grad(set_to_none=True)
     step()  # compiles and loads the kernels
+    made = adamw.tables_made()
     with no_host_syncs():
         step()
         step()
+    assert adamw.tables_made() >= made + 2  # grad_norm's and the step's, each step
 
 
 def test_bad_configs_are_refused():

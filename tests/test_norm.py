@@ -211,8 +211,9 @@ def test_many_rows_per_program(op, bias, m, n, device):
 
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_backward_tiles_apart_from_the_forward(op, bias, device, monkeypatch):
-    """The backward's tile (_BWD_TILE) is its own: another one leaves the forward as it was, and
-    the backward in its tiles is as accurate."""
+    """The backward's tile (_BWD_TILE) is its own: the forward launches in _TILE's tiles, the
+    backward in _BWD_TILE's, another of which leaves the forward as it was, and the backward in
+    its tiles is as accurate."""
     skip_unless_triton_runs("triton", device)
     x, w, b = inputs(70, 771, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
     dy = torch.randn_like(x)
@@ -220,7 +221,13 @@ def test_backward_tiles_apart_from_the_forward(op, bias, device, monkeypatch):
     y = run(fn, x, w, b, dy)[0]
     monkeypatch.setattr(norm, "_BWD_TILE", 1024)  # 1-row tiles at 771 wide, in 2 warps
     assert norm._tile(771, norm._BWD_TILE)[1:] == (1, 2) != norm._tile(771, norm._TILE)[1:]
+    tiles, tile = [], norm._tile
+    monkeypatch.setattr(norm, "_tile", lambda n, size: tiles.append(size) or tile(n, size))
+    with torch.no_grad():
+        fn(x, w, b)
+    assert tiles == [norm._TILE]
     assert torch.equal(run(fn, x, w, b, dy)[0], y)
+    assert tiles[1] == norm._TILE and set(tiles[2:]) == {1024}
     assert_accurate("triton", op, x, w, b)
 
 

@@ -124,13 +124,19 @@ def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
     assert (tmp_path / "ckpt.pt").stat().st_mtime_ns == before
 
 
-def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir):
+def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir, monkeypatch):
     """The checkpoint's optimizer state, the config's settings: Kahan switched on and stochastic
-    rounding off for the resumed steps, then Kahan off again (its compensation dropped)."""
+    rounding off for the resumed steps, then Kahan off again (its compensation dropped). The
+    step counts are put where a fused step reads them once the groups hold the run's settings
+    (a no-op here, unfused on the CPU: what it sees is checked)."""
     bf16 = ["--device=cpu", "--optimizer=bf16_adamw", "--eval_interval=2", "--always_save_checkpoint=True"]
     run(tmp_path, data_dir, *bf16, "--max_iters=2")
+    seen, place = [], checkpoint.steps_on_param_devices
+    monkeypatch.setattr(checkpoint, "steps_on_param_devices", lambda optimizer: seen.append(
+        {(g["kahan_summation"], g["stochastic_rounding"]) for g in optimizer.param_groups}) or place(optimizer))
     run(tmp_path, data_dir, *bf16, "--max_iters=4", "--init_from=resume", "--kahan_summation=True",
         "--stochastic_rounding=False", "--weight_decay=0.05")
+    assert seen == [{(True, False)}]
     saved = checkpoint.load(tmp_path, "cpu")["optimizer"]
     assert {(g["kahan_summation"], g["stochastic_rounding"]) for g in saved["param_groups"]} == {(True, False)}
     assert {g["weight_decay"] for g in saved["param_groups"]} == {0.05, 0.0}  # the decayed group and the rest
