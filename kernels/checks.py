@@ -37,8 +37,8 @@ def check_number(op: str, name: str, value, lo: float = -math.inf, hi: float = m
     if not isinstance(value, kinds) or isinstance(value, bool):
         raise ValueError(f"{op}: {name} must be a Python {'int' if integer else 'number'}, got "
                          f"{type(value).__name__}")
-    if integer:
-        lo, hi = max(lo, -2**63), min(hi, 2**63)
+    if integer and not -2**63 <= value < 2**63:
+        raise ValueError(f"{op}: {name} must fit in int64, got {value}")
     if not lo <= value < hi:
         raise ValueError(f"{op}: {name} must be in [{lo:g}, {hi:g}), got {value}")
 
