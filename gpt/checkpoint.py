@@ -154,18 +154,29 @@ def steps_on_param_devices(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:
-    """Make the template's per-parameter optimizer states those the checkpoint holds, as
-    load_state_dict of a full checkpoint would: its groups' settings come back with it, so a
-    state its optimizer kept and this one would not (BF16AdamW's Kahan compensation) is read
-    into a zero tensor of the moments' layout, and one this optimizer keeps but the checkpoint
-    lacks is left out (dcp.load would fail on it)."""
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+    """Make the template's optimizer state the one the checkpoint holds, as load_state_dict of a
+    full checkpoint would: its groups' settings come back with it, so a state its optimizer kept
+    and this one would not (BF16AdamW's Kahan compensation) is read into a zero tensor of the
+    moments' layout, one this optimizer keeps but the checkpoint lacks is left out (dcp.load
+    would fail on it), and so is a group setting; a step count is read as the checkpoint keeps
+    it, a tensor (torch's optimizers) or a number (BF16AdamW): load_state_dict makes numbers
+    tensors for torch's, and BF16AdamW's step takes either."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     for name, param_state in optimizer_state["state"].items():
         prefix = f"optimizer.state.{name}."
         for key in [key for key in param_state if prefix + key not in saved]:
             del param_state[key]
         for key in {key.removeprefix(prefix) for key in saved if key.startswith(prefix)} - param_state.keys():
-            param_state[key] = torch.zeros_like(param_state["exp_avg"])
+            param_state[key] = (torch.zeros((), dtype=saved[prefix + key].properties.dtype) if key == "step"
+                                else torch.zeros_like(param_state["exp_avg"]))
+        step = saved.get(prefix + "step")
+        if isinstance(step, TensorStorageMetadata) != isinstance(param_state.get("step", 0), torch.Tensor):
+            param_state["step"] = torch.zeros((), dtype=step.properties.dtype) if isinstance(
+                step, TensorStorageMetadata) else 0
+    for i, group in enumerate(optimizer_state["param_groups"]):
+        for key in [key for key in group if f"optimizer.param_groups.{i}.{key}" not in saved]:
+            del group[key]
+
 
 
 def _whole_model_state(path: Path) -> dict:

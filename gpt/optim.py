@@ -23,12 +23,15 @@ rank then draws the same random bits for the same local positions: different ele
 model, so the rounding stays unbiased.)
 """
 import hashlib
+import math
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 import kernels
+from kernels.checks import check_number
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -85,7 +88,7 @@ class BF16AdamW(torch.optim.Optimizer):
                  stochastic_rounding: bool = True, kahan_summation: bool = False, seed: int = 0):
         self.adamw = kernels.get("adamw", backend)
         self.backend = backend
-        self._grad_scale = None  # set by clip_grad_norm, taken by the next step
+        self._clip = None  # set by clip_grad_norm, taken by the next step (see _clip_for)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding,
                                       kahan_summation=kahan_summation, seed=seed))
@@ -95,20 +98,25 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ValueError("BF16AdamW: float16 params are not supported (their second moment underflows); "
                              "use bfloat16 or float32 params")
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "backend": self.backend}
+
     def __setstate__(self, state: dict) -> None:
         """Also what load_state_dict ends with: groups saved without this optimizer's settings (an
-        older checkpoint, or torch.optim.AdamW's, whose step counts are tensors) take its defaults."""
+        older checkpoint, or torch.optim.AdamW's) take its defaults, and options of torch's AdamW
+        this one does not implement are refused, not ignored. Unpickled or deep-copied (no
+        __init__), it takes up its backend again."""
         super().__setstate__(state)
+        if "backend" in state:
+            self.adamw, self._clip = kernels.get("adamw", self.backend), None
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        for param_state in self.state.values():
-            if isinstance(param_state.get("step"), torch.Tensor):
-                param_state["step"] = int(param_state["step"].item())
+            _check_group(group)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._grad_scale = None  # a clip coefficient belongs to the grads it was computed from
-        super().zero_grad(set_to_none)
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None,
@@ -123,9 +131,24 @@ class BF16AdamW(torch.optim.Optimizer):
         optimizer's adamw backend."""
         if parameters is None:
             parameters = [p for group in self.param_groups for p in group["params"]]
+        parameters = list(parameters)
         norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
-        self._grad_scale = clip_coefficient(norm, max_norm)
+        marked = next((p for p in parameters if p.grad is not None), None)
+        self._clip = None if marked is None else (clip_coefficient(norm, max_norm), marked,
+                                                  weakref.ref(marked.grad), marked.grad._version)
         return norm
+
+    def _clip_for(self, clip: tuple | None) -> torch.Tensor | None:
+        """The coefficient of a clip_grad_norm, if the grads are still those it was computed
+        from: one of them (the first) is the same tensor, not written since. Grads thrown away in
+        between (zero_grad: the optimizer's, the model's or ZeRO-1's, which passes this one by;
+        a step GradScaler skipped) take their coefficient with them, whose NaN would otherwise
+        turn every weight NaN at the next step."""
+        if clip is None:
+            return None
+        coefficient, param, grad, version = clip
+        now = param.grad
+        return coefficient if now is not None and now is grad() and now._version == version else None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -133,7 +156,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale, self._grad_scale = self._grad_scale, None
+        grad_scale, self._clip = self._clip_for(self._clip), None
         for index, group in enumerate(self.param_groups):
             kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
@@ -152,7 +175,10 @@ class BF16AdamW(torch.optim.Optimizer):
                     for name in states:
                         if name not in state:
                             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step = state["step"] = state["step"] + 1
+                count = state["step"]
+                if type(count) is not int:  # torch.optim.AdamW's tensor, from a state it saved
+                    count = int(count)  # (ZeRO-1's and sharded loads write states directly)
+                step = state["step"] = count + 1
                 lists = by_step.get(step)
                 if lists is None:
                     lists = by_step[step] = [[] for _ in range(2 + len(states))]
@@ -173,6 +199,21 @@ class BF16AdamW(torch.optim.Optimizer):
                            grad_scale=None if grad_scale is None else grad_scale.to(params[0].device),
                            compensations=compensations[0] if kahan else None)
         return loss
+
+
+def _check_group(group: dict) -> None:
+    """A group's settings in range when it is made or loaded (as torch's AdamW checks them), not
+    at the first step; and torch.optim.AdamW's options that BF16AdamW does not implement, which
+    may come in a group of its own or in a state dict of torch's, refused where set."""
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"BF16AdamW: betas must be a pair, got {betas!r}")
+    for name, value, hi in (("lr", group["lr"], math.inf), ("beta1", betas[0], 1.0), ("beta2", betas[1], 1.0),
+                            ("eps", group["eps"], math.inf), ("weight_decay", group["weight_decay"], math.inf)):
+        check_number("BF16AdamW", name, value, 0.0, hi)
+    for option in ("amsgrad", "maximize"):
+        if group.get(option):
+            raise ValueError(f"BF16AdamW: {option}=True (an option of torch.optim.AdamW) is not supported")
 
 
 def clip_for_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], max_norm: float,

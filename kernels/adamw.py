@@ -17,8 +17,10 @@ Kahan-compensated params (`compensations`, both backends), the alternative to ro
 param stochastically: one more tensor per param holds what the last rounding of the param lost.
 The step works on p + c in fp32, stores the param rounded to nearest, and keeps the remainder
 (p + c - stored) in c; in bf16, p and c together carry about 16 significant bits instead of 8, so
-small updates add up exactly instead of on average, for 2 more bytes of state per param. The
-moments' stores still follow `stochastic_rounding`.
+small updates add up to that precision (c rounds too: a systematic loss of about 1% of the drift
+of 1000 updates of 1e-4 to a weight of 1, where rounding to nearest loses all of it) instead of
+on average, for 2 more bytes of state per param. The moments' stores still follow
+`stochastic_rounding`.
 
 Triton design: one launch per (device, dtype of p and g, dtype of m, dtype of v) group, which is
 one launch for a model.

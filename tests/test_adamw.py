@@ -2,6 +2,7 @@
 float64 reference, stochastic rounding's bias and reproducibility, state_dict round trips and bad
 input."""
 import copy
+import io
 import math
 
 import pytest
@@ -413,18 +414,43 @@ def test_optimizer_state_dict_resumes_exactly(backend, stochastic_rounding, devi
 
 
 @pytest.fixture
-def mesh(device):
-    """A 1-D device mesh over a one-process gloo group: a DTensor's shard is the whole tensor."""
+def one_process_group():
+    """A gloo process group of this process alone."""
     dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.device_mesh import init_device_mesh
-
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group of its own")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        yield init_device_mesh(device, (1,))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def mesh(device, one_process_group):
+    """A 1-D device mesh over one_process_group: a DTensor's shard is the whole tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device, (1,))
+
+
+def test_zero1_resumes_torch_adamw_state(one_process_group):
+    """ZeRO-1's load_state_dict writes the inner optimizer's states directly (no __setstate__):
+    torch.optim.AdamW's tensor step counts reach BF16AdamW's step, which counts on from them."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    params = [torch.randn(4, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    saved = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        saved.step()
+    bf16 = [p.detach().bfloat16().requires_grad_() for p in params]
+    zero = ZeroRedundancyOptimizer(bf16, optimizer_class=BF16AdamW, lr=1e-2)
+    zero.load_state_dict(saved.state_dict())
+    for p in bf16:
+        p.grad = torch.randn_like(p)
+    zero.step()
+    assert [zero.optim.state[p]["step"] for p in bf16] == [3, 3]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -624,9 +650,13 @@ def test_fused_clipping_matches_torch(backend, max_norm, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_a_skipped_steps_clipping_is_dropped_with_its_grads(backend, bad, device):
+@pytest.mark.parametrize("thrown_away", ["optimizer", "model", "model_in_place", "kept_elsewhere"])
+def test_a_skipped_steps_clipping_is_dropped_with_its_grads(backend, bad, thrown_away, device):
     """Grads with a NaN or inf norm are thrown away (zero_grad, no step), as a guard against bad
-    batches does: their clip coefficient (NaN, or 0) goes with them, not into the next step."""
+    batches or GradScaler's skipped step does: their clip coefficient (NaN, or 0) goes with them,
+    not into the next step, whichever zero_grad threw them away (ZeRO-1's is the model's: it
+    does not call this optimizer's), even one that zeroes them in place, or where something
+    else still holds them."""
     skip_unless_triton_runs(backend, device)
     ours = make_model(device, torch.float32)
     theirs = copy.deepcopy(ours)
@@ -635,11 +665,65 @@ def test_a_skipped_steps_clipping_is_dropped_with_its_grads(backend, bad, device
     for p in ours.parameters():
         p.grad = torch.full_like(p, bad)
     assert not opt.clip_grad_norm(1.0).isfinite()
-    opt.zero_grad(set_to_none=True)
+    held = [p.grad for p in ours.parameters()] if thrown_away == "kept_elsewhere" else []  # noqa: F841 (a logger's)
+    if thrown_away == "optimizer":
+        opt.zero_grad(set_to_none=True)
+    else:
+        ours.zero_grad(set_to_none=thrown_away != "model_in_place")
     for model, optimizer in ((ours, opt), (theirs, reference_opt)):
         train(model, optimizer, steps=1, seed=3)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_copied_or_pickled_optimizer_steps_as_the_original(backend, device):
+    """copy.deepcopy and a whole-object torch.save keep the backend (torch's Optimizer pickles
+    only its defaults, state and groups) and step on as the original does."""
+    skip_unless_triton_runs(backend, device)
+    model = make_model(device, torch.bfloat16)
+    opt = BF16AdamW(param_groups(model), lr=1e-2, backend=backend)
+    train(model, opt, steps=1, seed=1)
+    buffer = io.BytesIO()
+    torch.save((model, opt), buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy((model, opt)), torch.load(buffer, weights_only=False)]
+    train(model, opt, steps=1, seed=2)
+    for twin, twin_opt in copies:
+        assert twin_opt.backend == backend
+        train(twin, twin_opt, steps=1, seed=2)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lr=-1.0), r"lr must be in \[0, inf\)"), (dict(betas=(1.0, 0.9)), r"beta1 must be in \[0, 1\)"),
+    (dict(betas=(0.9,)), "betas must be a pair"), (dict(eps=-1e-8), "eps must be in"),
+    (dict(weight_decay=-0.1), "weight_decay must be in"), (dict(lr=torch.tensor(0.1)), "lr must be a Python number"),
+])
+def test_settings_are_checked_when_the_optimizer_is_made(settings, message):
+    """As torch's AdamW, at construction (or add_param_group), not at the first step, which a
+    group whose params never get grads never reaches."""
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
+        BF16AdamW([p], **settings)
+    with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
+        BF16AdamW([p]).add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **settings})
+
+
+def test_torch_adamw_options_it_lacks_are_refused():
+    """amsgrad and maximize change torch's AdamW's update: a group asking for them, or torch's
+    state dict with them, is refused, not stepped as plain AdamW."""
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="BF16AdamW: maximize=True .* not supported"):
+        BF16AdamW([{"params": [p], "maximize": True}])
+    opt = BF16AdamW([p])
+    with pytest.raises(ValueError, match="BF16AdamW: amsgrad=True .* not supported"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "amsgrad": True})
+    theirs = torch.optim.AdamW([p], amsgrad=True)
+    p.grad = torch.randn(4)
+    theirs.step()
+    with pytest.raises(ValueError, match="BF16AdamW: amsgrad=True .* not supported"):
+        BF16AdamW([p]).load_state_dict(theirs.state_dict())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

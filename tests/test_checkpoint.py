@@ -99,6 +99,43 @@ def test_a_save_after_a_crash_keeps_the_newest_whole_checkpoint(tmp_path):
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 5 and not old.exists() and not tmp.exists()
 
 
+def optimizer_for(name: str, model: GPT) -> torch.optim.Optimizer:
+    """train.py's two: torch's AdamW over fp32 weights, BF16AdamW over bf16 ones."""
+    if name == "adamw":
+        return torch.optim.AdamW(model.float().param_groups(0.1), lr=1e-2)
+    return BF16AdamW(model.to(torch.bfloat16).param_groups(0.1), lr=1e-2)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["full", "sharded"])
+@pytest.mark.parametrize("saved_with, resumed_with", [("adamw", "bf16_adamw"), ("bf16_adamw", "adamw")])
+def test_a_run_resumes_under_the_other_optimizer(tmp_path, sharded, saved_with, resumed_with):
+    """Step counts are tensors in torch's AdamW, numbers in BF16AdamW: a checkpoint of either
+    resumes under the other (a sharded one failed to load both ways, a full one of BF16AdamW
+    under AdamW at its first step), its counts going on from the checkpoint's."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    optimizer = optimizer_for(saved_with, model)
+    x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
+
+    def steps(model, optimizer, n):
+        for _ in range(n):
+            model(x, x)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    steps(model, optimizer, 3)
+    train_state = {"iter_num": 3, "model_args": vars(CONFIG)}
+    if sharded:
+        checkpoint.save_sharded(model, optimizer, train_state, tmp_path)
+    else:
+        checkpoint.save(dict(train_state, model=model.state_dict(), optimizer=optimizer.state_dict()), tmp_path)
+    resumed = GPT(CONFIG)
+    optimizer = optimizer_for(resumed_with, resumed)
+    checkpoint.restore(resumed, optimizer, checkpoint.load(tmp_path, "cpu"))
+    steps(resumed, optimizer, 2)
+    assert {int(s["step"]) for s in optimizer.state.values()} == {5}
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+
+
 def _adamw_steps(model, optimizer, device, steps=1):
     for _ in range(steps):
         model(torch.randn(2, 8, device=device)).sum().backward()
