@@ -29,8 +29,11 @@ from gpt.model import GPT, GPTConfig, rope_tables
 from kernels.accuracy import bound, rel_err
 from kernels.rope import rope_torch
 
-# AdamW hyperparameters of train.py's defaults; a late step, where bias correction is mild.
-ADAMW = dict(step=10, lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+# AdamW hyperparameters of train.py's defaults, a late step, where bias correction is mild, but
+# the learning rate: one whose update is of the order of the weights (0.02 here). At train.py's
+# 6e-4 the update is a few bf16 units of a weight, inside the checks' rounding floor: a step that
+# did nothing at all passed them.
+ADAMW = dict(step=10, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
 
 @dataclass(frozen=True)
@@ -113,22 +116,25 @@ def _seeded(fn: Callable) -> Callable:
     return seeded
 
 
-def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
+def _norm(op: str, s: Shapes, device, residual: bool, autocast: bool = False) -> Case:
     """The norm, or with `residual` its pre-norm form: (y, dropout(x) + residual) from x and the
-    residual stream, the gradient arriving at both outputs; the dropout is the config's."""
+    residual stream, the gradient arriving at both outputs; the dropout is the config's. With
+    `autocast`, as a model of fp32 weights calls it under autocast: the weights and the residual
+    stream fp32 (and x where it is the stream: the plain form), y in the shapes' dtype."""
     c, M = s.config, s.batch_size * s.T
     with_bias = op == "layer_norm" and c.bias
     n_grads = 2 if residual else 1
     p = c.dropout if residual else 0.0
+    wide = torch.float32 if autocast else s.dtype  # the weights' and the stream's dtype
+    x_dtype = s.dtype if residual else wide
 
     def make():
-        kw = dict(device=device, dtype=s.dtype)
-        weights = [_randn(c.n_embd, **kw, scale=0.1, shift=1.0, grad=True)]
+        weights = [_randn(c.n_embd, device=device, dtype=wide, scale=0.1, shift=1.0, grad=True)]
         if with_bias:
-            weights.append(_randn(c.n_embd, **kw, scale=0.1, grad=True))
-        stream = [_randn(M, c.n_embd, **kw, scale=3.0, grad=True)] if residual else []
-        grads = [_randn(M, c.n_embd, **kw) for _ in range(n_grads)]
-        return [_randn(M, c.n_embd, **kw, grad=True), *stream, *weights, *grads]
+            weights.append(_randn(c.n_embd, device=device, dtype=wide, scale=0.1, grad=True))
+        stream = [_randn(M, c.n_embd, device=device, dtype=wide, scale=3.0, grad=True)] if residual else []
+        grads = [_randn(M, c.n_embd, device=device, dtype=dtype) for dtype in (s.dtype, wide)[:n_grads]]
+        return [_randn(M, c.n_embd, device=device, dtype=x_dtype, grad=True), *stream, *weights, *grads]
 
     def call(fn, inputs, pass_):
         x, *rest = inputs
@@ -136,6 +142,8 @@ def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
         weights, dys = rest[len(stream):-n_grads], rest[-n_grads:]
         args = (x, weights[0], weights[1] if with_bias else None) if op == "layer_norm" else (x, weights[0])
         options = dict(residual=stream[0], dropout_p=p) if residual else {}
+        if autocast:
+            options["out_dtype"] = dys[0].dtype
         return _outputs(fn(*args, c.norm_eps, **options), [x, *stream, *weights], dys, pass_)
 
     def align(fn, reference, inputs):
@@ -150,18 +158,30 @@ def _norm(op: str, s: Shapes, device, residual: bool) -> Case:
             return reference(x * scale.to(x.dtype), *args, residual=residual, **options)
         return fn, masked
 
-    size, param = M * c.n_embd * s.dtype.itemsize, c.n_embd * s.dtype.itemsize
-    n_params = 2 if with_bias else 1
+    xb, yb, sb, wb = (M * c.n_embd * dtype.itemsize for dtype in (x_dtype, s.dtype, wide, wide))
+    param, n_params = c.n_embd * wide.itemsize, 2 if with_bias else 1
     # Forward reads x (and the residual) and the weight (and bias) and writes y (and the sum);
     # backward reads x (the sum), the weight and dy (and the sum's gradient) and writes dx and the
-    # weight's (and bias's) gradient. The residual's gradient is dx's tensor too, but with dropout
-    # dx is it masked and scaled: a second tensor written.
-    fwd = (4 if residual else 2) * size + n_params * param
-    bwd = (3 + bool(residual) + bool(p)) * size + param + n_params * param
+    # weight's (and bias's) gradient. The residual's gradient is dx's tensor too, unless dropout
+    # scales dx or their dtypes differ: a second tensor written.
+    fwd = xb + yb + 2 * sb * residual + n_params * param
+    dr = sb if residual and (p or x_dtype != wide) else 0
+    bwd = (sb if residual else xb) + yb + xb + (sb if residual else 0) + dr + param + n_params * param
     shape = (f"{M}x{c.n_embd}" + (" +bias" if with_bias else "") + (" +residual" if residual else "")
-             + (f" +dropout {p:g}" if p else ""))
+             + (f" +dropout {p:g}" if p else "") + (" fp32 weights+stream" if autocast else ""))
     return Case(op, shape, ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": fwd + bwd}, "GB/s", s.dtype,
                 align if p else None)
+
+
+def check_cases(op: str, shapes: Shapes, device) -> list[Case]:
+    """The cases a self-check of `op` runs: the calls a model makes of it. A norm both plain (a
+    model's first, or a post-norm block's) and with the residual add and its dropout, with every
+    tensor in the shapes' dtype (pure bf16 training) and, for a 16-bit dtype, as under autocast
+    with fp32 weights."""
+    if op not in ("rms_norm", "layer_norm"):
+        return [case(op, shapes, device, quick=True)]
+    return [_norm(op, shapes, device, residual, autocast) for autocast in {False, shapes.dtype != torch.float32}
+            for residual in (False, True)]
 
 
 def swiglu_hidden(config: GPTConfig) -> int:
@@ -403,6 +423,13 @@ def _copies(inputs: list[torch.Tensor], dtype: torch.dtype | None = None) -> lis
 def check(c: Case, fn: Callable, reference: Callable) -> tuple[bool, str]:
     """Whether `fn` is as accurate as `reference` (the torch backend) on every pass of `c`, and
     the worst margin or the first failure in words. An exception is a failure, not a crash."""
+    failure, worst = margin(c, fn, reference)
+    return failure is None, failure or f"error at most {worst:.0%} of the bound"
+
+
+def margin(c: Case, fn: Callable, reference: Callable) -> tuple[str | None, float]:
+    """check's findings: the first failure in words (None if none), and the worst error found as
+    a fraction of its bound."""
     worst = 0.0
     try:
         inputs = c.make()
@@ -415,8 +442,8 @@ def check(c: Case, fn: Callable, reference: Callable) -> tuple[bool, str]:
             for i, (out, base, ref) in enumerate(zip(outs, bases, refs, strict=True)):
                 err, limit = rel_err(out, ref), bound(rel_err(base, ref), c.dtype)
                 if not err <= limit:
-                    return False, f"{pass_} result {i}: error {err:.2e} > bound {limit:.2e}"
+                    return f"{pass_} result {i}: error {err:.2e} > bound {limit:.2e}", worst
                 worst = max(worst, err / limit)
     except Exception as e:  # a refused shape or dtype, a compile failure: the backend fails here
-        return False, f"{type(e).__name__}: {e}"
-    return True, f"error at most {worst:.0%} of the bound"
+        return f"{type(e).__name__}: {e}", worst
+    return None, worst

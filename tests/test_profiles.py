@@ -7,7 +7,7 @@ import kernels
 from bench import backends
 from bench import kernels as bench_kernels
 from bench import profile
-from bench.cases import Shapes
+from bench.cases import Shapes, case, check
 from bench.profile import Profile, fastest_verified
 from gpt.model import GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
@@ -150,6 +150,42 @@ def test_self_check_in_the_interpreter_passes_at_the_models_kinds_of_layer():
     choices = kernels.choose("triton", "cpu", shapes=shapes)
     assert {c.backend for c in choices.values()} == {"triton"}
     assert "heads 2/1" in choices["attention"].reason  # tiny, and grouped-query like the model
+
+
+@interpreter_only
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_the_norms_self_check_runs_every_form_the_model_calls(position, monkeypatch):
+    """Plain and with the residual add (and its dropout), in the run's dtype and as under autocast
+    with fp32 weights and stream (train.py's adamw runs): a layer_norm wrong only where out_dtype
+    is given (autocast's calls) fails it, whichever form the blocks use."""
+    triton = kernels.get("layer_norm", "triton")
+
+    def wrong_under_autocast(x, w, b, eps, residual=None, out_dtype=None, dropout_p=0.0):
+        out = triton(x, w, b, eps, residual=residual, out_dtype=out_dtype, dropout_p=dropout_p)
+        if out_dtype is None:
+            return out
+        return (out[0] * 1.5, out[1]) if residual is not None else out * 1.5
+    config = GPTConfig(**(preset("gpt2") | dict(norm_position=position, dropout=0.1)))
+    shapes = Shapes(config, batch_size=1, dtype=torch.bfloat16)
+    monkeypatch.setattr(profile, "_checked", {})
+    ok, why = profile.self_check("layer_norm", shapes, "cpu")
+    assert ok and "in 4 forms" in why
+    monkeypatch.setattr(profile, "_checked", {})
+    monkeypatch.setitem(kernels.registry._impls["layer_norm"], "triton", wrong_under_autocast)
+    ok, why = profile.self_check("layer_norm", shapes, "cpu")
+    assert not ok and "fp32 weights+stream" in why
+
+
+def test_the_optimizers_check_sees_a_step_that_does_nothing():
+    """The adamw case's update is of the order of the weights: a step that updates nothing, or
+    at half the learning rate, fails the check (at train.py's lr it was inside bf16's rounding)."""
+    config = GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16)
+    c = case("adamw", Shapes(config, batch_size=1), "cpu", quick=True)
+    reference = kernels.get("adamw", "torch")
+    assert check(c, reference, reference)[0]
+    half = lambda p, g, m, v, lr, **kw: reference(p, g, m, v, lr=lr / 2, **kw)  # noqa: E731
+    for wrong in (lambda *args, **kwargs: None, half):
+        assert not check(c, wrong, reference)[0]
 
 
 @interpreter_only
