@@ -23,11 +23,10 @@ import torch
 
 import kernels
 from bench.cases import Case, check
+from bench.profile import OUTSIDE_GRAPH
 from bench.hardware import detect
 from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows, provenance
 
-# The optimizer's ops run outside the compiled model in train.py: no torch.compile variant.
-OUTSIDE_GRAPH = {"adamw", "grad_norm"}
 ROOFLINE_NAMES = {"GB/s": "copy bandwidth", "TFLOPS": "bf16 matmul"}
 
 

@@ -48,7 +48,7 @@ def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS) -> di
         measured[op] = measure_op(op, shapes, rooflines)
         print_rows(rows({op: measured[op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
     return {"workload": profile.workload(preset_name, shapes), "device": device.as_dict(), **provenance(),
-            "rooflines": rooflines, "ops": measured}
+            "kernels_source": profile.kernels_source(), "rooflines": rooflines, "ops": measured}
 
 
 def main(argv: list[str] | None = None) -> int:

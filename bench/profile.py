@@ -10,6 +10,7 @@ ms and rate per pass, its fraction of the roofline measured in the same run, and
 passed the check against the torch reference at those shapes. A run takes each op from the
 workload nearest its own shapes. profiles/README.md describes the format.
 """
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -26,6 +27,9 @@ FORMAT = 2
 # In a compiled model Inductor compiles the torch backend's ops with the rest of the graph:
 # their time there is the "compile" measurement. A Triton op is opaque to it (a custom op).
 COMPILED_AS = {"torch": "compile"}
+# The optimizer's ops run outside the compiled model in train.py: no torch.compile variant, and
+# eager launches whatever the model's mode.
+OUTSIDE_GRAPH = {"adamw", "grad_norm"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,21 @@ class Profile:
         """The file and what the record measured, for the reasons shown: its shapes need not be the run's."""
         w = record["workload"]
         return (f"{self.name} ({w['preset']} {w['dtype']} {w['batch_size']}x{w['seq_len']}, "
-                f"torch {record.get('torch', '?')})")
+                f"torch {record.get('torch', '?')}{', stale' if self.stale(record) else ''})")
+
+    @staticmethod
+    def stale(record: dict) -> bool:
+        """Whether `record` timed kernels other than these (or does not say which it timed)."""
+        return record.get("kernels_source") != kernels_source()
+
+
+def kernels_source() -> str:
+    """A fingerprint of the kernels' sources (kernels/*.py): a record measured with other sources
+    timed other code, and says so (Profile.stale)."""
+    digest = hashlib.sha256()
+    for path in sorted((PROFILES.parent / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def workload(preset_name: str, shapes: Shapes) -> dict:
@@ -98,11 +116,12 @@ def load(path: Path) -> Profile | None:
 def _check_record(record: dict, where: str, rerun: str) -> None:
     measured = record.get("workload")
     try:
-        GPTConfig(**measured["config"])
+        config = GPTConfig(**measured["config"])
         if not all(isinstance(measured[k], int) and measured[k] > 0 for k in ("batch_size", "seq_len")):
             raise ValueError("batch_size and seq_len must be positive integers")
         if not isinstance(record.get("device", {}).get("slug"), str) or not isinstance(measured["dtype"], str):
             raise ValueError("no device slug or dtype")
+        distance(measured, Shapes(config, batch_size=1))  # the sizes nearness compares are numbers
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: its workload or device is not readable ({type(e).__name__}: {e}); "
                          f"{rerun}") from None
@@ -112,25 +131,40 @@ def _check_record(record: dict, where: str, rerun: str) -> None:
         backends = entry.get("backends") if isinstance(entry, dict) else None
         if not (isinstance(backends, dict) and isinstance(entry.get("training_pass"), str)
                 and all(isinstance(r, dict) for r in backends.values())
-                and all(entry.get("training_pass") in r["ms"] for r in backends.values() if "ms" in r)):
-            raise ValueError(f"{where}: ops.{op} lacks its training_pass, backends or their timings at it; {rerun}")
+                and all(_timing(r.get("ms"), entry["training_pass"]) for r in backends.values() if "ms" in r)
+                and all(r.get("host_ms") is None or _timing(r["host_ms"], entry["training_pass"], missing=True)
+                        for r in backends.values())
+                and all(isinstance(r.get("verified", False), bool) for r in backends.values())):
+            raise ValueError(f"{where}: ops.{op} lacks its training_pass, backends or their timings (ms a pass, "
+                             f"verified true or false); {rerun}")
+
+
+def _timing(times, pass_: str, missing: bool = False) -> bool:
+    """Whether `times` maps passes to ms, `pass_` among them (unless `missing` may leave it out):
+    finite positive numbers (a host time may be null: not measured)."""
+    if not isinstance(times, dict) or (pass_ not in times and not missing):
+        return False
+    return all(t is None and missing or isinstance(t, (int, float)) and not isinstance(t, bool)
+               and math.isfinite(t) and t > 0 for t in times.values())
 
 
 def for_this_gpu() -> Profile | None:
+    """This GPU's profile (profiles/<slug>.json), if any; a ValueError if that file holds another
+    GPU's measurements (copied or renamed there: their choices would be that GPU's)."""
     from bench.hardware import detect
 
     device = detect(torch.cuda.current_device()) if torch.cuda.is_available() else None
-    return load(path_for(device.slug)) if device else None
+    return check_gpu(path_for(device.slug), device.slug, "rerun python -m bench.kernels here") if device else None
 
 
-def check_gpu(path: Path, slug: str) -> Profile | None:
-    """The profile at `path` (if any), which a measurement of GPU `slug` may join; a ValueError if
-    it holds another GPU's."""
+def check_gpu(path: Path, slug: str, remedy: str = "pass another --out") -> Profile | None:
+    """The profile at `path` (if any), whose measurements must all be of GPU `slug` (a measurement
+    of it may join them); a ValueError saying `remedy` if it holds another GPU's."""
     old = load(path)
     others = {w["device"]["slug"] for w in old.workloads} - {slug} if old else set()
     if others:
         raise ValueError(f"{path} holds measurements of {', '.join(sorted(others))}, not of this GPU ({slug}): "
-                         f"pass another --out")
+                         f"{remedy}")
     return old
 
 
@@ -147,12 +181,14 @@ def write(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tuple[str | None, str]:
+def fastest_verified(entry: dict, candidates: list[str], compiled: bool,
+                     outside_graph: bool = False) -> tuple[str | None, str]:
     """(backend, why): the fastest of `candidates` (registry backends) in one op's profile entry
     at its training pass that passed verification there. Eagerly a pass costs the longer of the
     GPU's time and the host's time to issue it (a step whose host falls behind leaves the GPU
     waiting: the triton ops' eager GPT-2 step on an H200 kept it busy 57% of the time); in a
-    compiled model Inductor's own code launches the kernels, and the GPU's time counts. torch, the reference, is eligible
+    compiled model Inductor's own code launches the kernels, and the GPU's time counts, but for
+    ops run `outside_graph` (the optimizer's), eager there too. torch, the reference, is eligible
     eagerly whatever its check; in a compiled model its compiled timing counts only where
     Inductor's result passed. A faster backend that failed verification is named in the reason,
     never chosen; where every measured one failed, torch. None when the entry measured none of
@@ -167,9 +203,9 @@ def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tupl
         if "ms" in record:
             reference = backend == "torch" and measured == "torch"
             ms = record["ms"][pass_]
-            if not compiled:  # run eagerly, a pass costs the step its host's time where that is longer
+            if not compiled or outside_graph:  # run eagerly, a pass costs its host's time where that is longer
                 ms = max(ms, (record.get("host_ms") or {}).get(pass_) or 0.0)
-            timed[backend] = (ms, measured, bool(record.get("verified")) or reference)
+            timed[backend] = (ms, measured, record.get("verified") is True or reference)
     eligible = {b: t for b, t in timed.items() if t[2]}
     if not timed:
         return None, "no measured backend in the profile"

@@ -3,11 +3,12 @@
 Modes:
 - "torch": the reference everywhere.
 - "triton": Triton wherever it passes a self-check against torch at the run's shapes; an op
-  that fails falls back to torch, with a warning and the failure as its reason.
+  that fails falls back to torch, with a warning and the failure as its reason (under "auto" too).
 - "auto": on a GPU, per op the fastest backend that passed verification in this GPU's
   profile (profiles/<gpu>.json, from `python -m bench.kernels`) at the measured workload
-  nearest the run's shapes, timed as the model will run it (compiled or eager); without a
-  profile, Triton where it passes the self-check. On a CPU,
+  nearest the run's shapes, timed as the model will run it (compiled or eager; a warning when
+  the profile timed other kernel sources); without a profile, Triton where it passes the
+  self-check. On a CPU,
   torch: the Triton interpreter is for tests, not speed.
 Whichever way Triton is picked, it has passed the self-check at this run's shapes. The
 self-check and the profile rules live in bench/profile.py (imported on use: bench imports
@@ -63,7 +64,7 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
 
     shapes = shapes or profiles.default_shapes(device_type)
     prof = _resolve(profile, profiles) if kernels == "auto" else None
-    choices = {}
+    choices, stale = {}, False
     for op in OPS:
         if used is not None and op not in used:
             choices[op] = Choice("torch", "not used by this run")
@@ -73,7 +74,9 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
             continue
         measured = prof.nearest(op, shapes) if prof is not None else None
         if measured is not None:
-            backend, why = profiles.fastest_verified(measured["ops"][op], registered[op], compiled)
+            stale = stale or prof.stale(measured)
+            backend, why = profiles.fastest_verified(measured["ops"][op], registered[op], compiled,
+                                                     op in profiles.OUTSIDE_GRAPH)
             if backend is not None and backend != "triton":
                 choices[op] = Choice(backend, f"{prof.label(measured)}: {why}")
                 continue
@@ -89,8 +92,10 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
             choices[op] = Choice("triton", f"{lead}; self-check passed at {check}")
         else:
             choices[op] = Choice("torch", f"{lead}; triton failed its self-check at {check}: falls back to torch")
-            if kernels == "triton":
-                warnings.warn(f"kernels=triton: {op} falls back to torch: {choices[op].reason}", stacklevel=2)
+            warnings.warn(f"kernels={kernels}: {op} falls back to torch: {choices[op].reason}", stacklevel=2)
+    if stale:
+        warnings.warn(f"kernels=auto: {prof.name} timed other kernel sources than these (marked stale): its "
+                      f"choices may not hold for them; python -m bench.kernels measures these", stacklevel=2)
     return choices
 
 
@@ -111,4 +116,7 @@ def _resolve(profile, profiles):
         return profiles.for_this_gpu()
     if profile is None or isinstance(profile, profiles.Profile):
         return profile
-    return profiles.load(profile)
+    loaded = profiles.load(profile)
+    if loaded is None:
+        raise ValueError(f"kernels: no profile at {profile}")
+    return loaded

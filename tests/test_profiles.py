@@ -26,7 +26,7 @@ def record(ops: dict, preset_name: str = "gpt2", slug: str = "test", **shapes) -
     """One workload's measurement in a profile: `preset_name`'s shapes, 16 sequences, bf16."""
     shapes = Shapes(GPTConfig(**preset(preset_name)), shapes.pop("batch_size", 16), **shapes)
     return {"workload": profile.workload(preset_name, shapes), "device": {"name": "test", "slug": slug},
-            "torch": "2.11.0", "ops": ops}
+            "torch": "2.11.0", "kernels_source": profile.kernels_source(), "ops": ops}
 
 
 def profile_data(*records: dict) -> dict:
@@ -265,6 +265,9 @@ def _broken(**changes) -> str:
     return json.dumps(profile_data(rec))
 
 
+WORKLOAD = record({})["workload"]
+
+
 @pytest.mark.parametrize("text, problem", [
     ('{"format": 2, "workloads": [{"swi', "not JSON"),
     ("[]", "not a format-2 kernel profile"),
@@ -279,8 +282,12 @@ def _broken(**changes) -> str:
     (_broken(ops={"swiglu": {"backends": {}}}), r"workloads\[0\]: ops.swiglu lacks"),
     (_broken(ops={"swiglu": {"training_pass": "fwd+bwd", "backends": {"torch": {"ms": {"fwd": 1}}}}}),
      r"workloads\[0\]: ops.swiglu lacks"),
+    *((_broken(ops={"swiglu": entry(torch={**backend(1.0), **bad})}), r"workloads\[0\]: ops.swiglu lacks")
+      for bad in ({"ms": {"fwd+bwd": None}}, {"host_ms": {"fwd+bwd": "1"}}, {"verified": "false"})),
+    (_broken(workload={**WORKLOAD, "config": {**WORKLOAD["config"], "vocab_size": "50304"}}),
+     r"workloads\[0\]: its workload or device is not readable \(TypeError"),
 ], ids=["json", "list", "empty", "null", "no-ops", "no-config", "batch", "config", "slug", "device", "backends",
-         "timings"])
+         "timings", "null-ms", "text-host-ms", "text-verified", "text-vocab"])
 def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text, problem, monkeypatch):
     path = tmp_path / "gpu.json"
     path.write_text(text)
@@ -291,6 +298,48 @@ def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text,
     monkeypatch.setattr(train.kernels, "choose", lambda *a, **k: profile.load(path))
     with pytest.raises(SystemExit, match=f"train.py: kernels=auto: .*gpu.json: {problem}"):
         train.main(["--device=cpu", "--compile=False", f"--data_dir={tmp_path}"])
+
+
+def test_a_profile_of_other_kernel_sources_is_used_with_a_warning(self_check):
+    """A record that timed other kernels (or does not say which) still picks, its reasons marked
+    stale, and the run is told once."""
+    ops = dict(swiglu=entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0)))
+    old = {**record(ops), "kernels_source": "0" * 16}
+    with pytest.warns(UserWarning, match="kernels=auto: profiles/test.json timed other kernel sources") as caught:
+        choices = kernels.choose("auto", "cuda", profile=Profile("profiles/test.json", profile_data(old)))
+    assert len(caught) == 1 and "stale" in choices["swiglu"].reason and choices["swiglu"].backend == "triton"
+
+
+def test_another_gpus_profile_under_this_gpus_name_is_refused(monkeypatch, tmp_path):
+    """profiles/<this slug>.json holding another GPU's records (copied or renamed there)."""
+    from bench import hardware
+
+    monkeypatch.setattr(profile, "PROFILES", tmp_path)
+    profile.write(profile_data(record({}, slug="h200-sxm")), tmp_path / "h100-pcie.json")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(hardware, "detect", lambda index=None: type("D", (), {"slug": "h100-pcie"})())
+    with pytest.raises(ValueError, match="holds measurements of h200-sxm, not of this GPU .h100-pcie.: rerun"):
+        profile.for_this_gpu()
+
+
+def test_a_profile_path_that_is_not_there_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="kernels: no profile at .*typo.json"):
+        kernels.choose("auto", "cuda", profile=tmp_path / "typo.json")
+
+
+def test_auto_warns_when_the_self_check_fails(self_check):
+    self_check["swiglu"] = False
+    with pytest.warns(UserWarning, match="kernels=auto: swiglu falls back to torch"):
+        choices = kernels.choose("auto", "cuda", profile=None)
+    assert choices["swiglu"].backend == "torch"
+
+
+def test_the_optimizers_ops_cost_their_hosts_time_in_a_compiled_model_too():
+    """adamw and grad_norm run outside the compiled graph: launched eagerly whatever the model."""
+    e = entry(torch={**backend(1.0), "host_ms": {"fwd+bwd": 3.0}}, triton=backend(1.5))
+    assert fastest_verified(e, ["torch", "triton"], compiled=True)[0] == "torch"
+    assert fastest_verified(e, ["torch", "triton"], compiled=True, outside_graph=True)[0] == "triton"
 
 
 def test_ranks_that_chose_differently_all_take_torch():
