@@ -23,9 +23,9 @@ import torch
 
 import kernels
 from bench.cases import Case, check
-from bench.profile import OUTSIDE_GRAPH
 from bench.hardware import detect
 from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows, provenance
+from bench.profile import OUTSIDE_GRAPH
 
 ROOFLINE_NAMES = {"GB/s": "copy bandwidth", "TFLOPS": "bf16 matmul"}
 

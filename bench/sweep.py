@@ -153,7 +153,7 @@ def report(name: str, sweep: Sweep, records: list[dict], unmeasured: int = 0) ->
         mark = "  committed" if r is records[0] else ""
         lines.append(" | ".join([_named(r["setting"]), *cells, f"{_total(r):.3f}"]) + mark)
     if unmeasured:
-        lines.append(f"cut at its share of the budget: {len(records)} settings measured, {unmeasured} not")
+        lines.append(f"cut at its share of the budget: {len(records)} settings measured, at least {unmeasured} not")
     pick = best(records)
     if pick is None:
         lines.append("no setting verified at every shape")

@@ -178,7 +178,6 @@ def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:
             del group[key]
 
 
-
 def _whole_model_state(path: Path) -> dict:
     """The model weights of a sharded checkpoint, gathered into whole tensors in this process."""
     tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata

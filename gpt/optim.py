@@ -23,7 +23,6 @@ rank then draws the same random bits for the same local positions: different ele
 model, so the rounding stays unbiased.)
 """
 import hashlib
-import math
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from kernels.checks import check_number
+from kernels.adamw import check_settings
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -135,12 +134,13 @@ class BF16AdamW(torch.optim.Optimizer):
         norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
         marked = next((p for p in parameters if p.grad is not None), None)
         self._clip = None if marked is None else (clip_coefficient(norm, max_norm), marked,
-                                                  weakref.ref(marked.grad), marked.grad._version)
+                                                  weakref.ref(marked.grad), _local(marked.grad)._version)
         return norm
 
     def _clip_for(self, clip: tuple | None) -> torch.Tensor | None:
         """The coefficient of a clip_grad_norm, if the grads are still those it was computed
-        from: one of them (the first) is the same tensor, not written since. Grads thrown away in
+        from: one of them (the first) is the same tensor, not written since (a DTensor's local
+        shard, which FSDP2 accumulates into, counts its writes). Grads thrown away in
         between (zero_grad: the optimizer's, the model's or ZeRO-1's, which passes this one by;
         a step GradScaler skipped) take their coefficient with them, whose NaN would otherwise
         turn every weight NaN at the next step."""
@@ -148,7 +148,7 @@ class BF16AdamW(torch.optim.Optimizer):
             return None
         coefficient, param, grad, version = clip
         now = param.grad
-        return coefficient if now is not None and now is grad() and now._version == version else None
+        return coefficient if now is not None and now is grad() and _local(now)._version == version else None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -157,6 +157,8 @@ class BF16AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, self._clip = self._clip_for(self._clip), None
+        for group in self.param_groups:  # ZeRO-1 copies loaded groups' settings in past __setstate__
+            _check_group(group)
         for index, group in enumerate(self.param_groups):
             kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
@@ -208,9 +210,7 @@ def _check_group(group: dict) -> None:
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"BF16AdamW: betas must be a pair, got {betas!r}")
-    for name, value, hi in (("lr", group["lr"], math.inf), ("beta1", betas[0], 1.0), ("beta2", betas[1], 1.0),
-                            ("eps", group["eps"], math.inf), ("weight_decay", group["weight_decay"], math.inf)):
-        check_number("BF16AdamW", name, value, 0.0, hi)
+    check_settings("BF16AdamW", group["lr"], *betas, group["eps"], group["weight_decay"])
     for option in ("amsgrad", "maximize"):
         if group.get(option):
             raise ValueError(f"BF16AdamW: {option}=True (an option of torch.optim.AdamW) is not supported")

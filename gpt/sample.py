@@ -98,7 +98,9 @@ def main(argv: list[str]) -> list[str]:
         raise SystemExit(f"gpt.sample: init_from must be resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     # Per op the backend, Triton's self-checked at this model's shapes (a head size it lacks: torch).
     shapes = Shapes(config, batch_size=1, dtype=getattr(torch, dtype))
-    choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=model_ops(config))
+    with reported("gpt.sample", f"kernels={c['kernels']}: "):  # an unknown mode, or a profile that cannot be read
+        choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"],
+                                 used=model_ops(config))
     backends = {op: ch.backend for op, ch in choices.items()}
     if c["init_from"] == "resume":
         model = checkpoint.build_model(ckpt, backends)

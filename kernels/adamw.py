@@ -82,10 +82,7 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
     if not _plainly_valid(*lists.values()):
         _explain_tensors(params, grads, exp_avgs, exp_avg_sqs, compensations)
     check_number("adamw", "step", step, 1, integer=True)  # counts from 1
-    for name, value, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0),
-                                ("beta2", beta2, 0.0, 1.0), ("eps", eps, 0.0, math.inf),
-                                ("weight_decay", weight_decay, 0.0, math.inf)):
-        check_number("adamw", name, value, lo, hi)
+    check_settings("adamw", lr, beta1, beta2, eps, weight_decay)
     if grad_scale is not None:
         check_tensor("adamw", "grad_scale", grad_scale, dtypes=(torch.float32,))
         if grad_scale.numel() != 1:
@@ -94,6 +91,13 @@ def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
         if elsewhere is not None:
             raise ValueError(f"adamw: grad_scale must be on the params' device, got {grad_scale.device} "
                              f"and params on {elsewhere}")
+
+
+def check_settings(op: str, lr, beta1, beta2, eps, weight_decay) -> None:
+    """AdamW's settings, Python numbers in their ranges."""
+    for name, value, hi in (("lr", lr, math.inf), ("beta1", beta1, 1.0), ("beta2", beta2, 1.0),
+                            ("eps", eps, math.inf), ("weight_decay", weight_decay, math.inf)):
+        check_number(op, name, value, 0.0, hi)
 
 
 def _plainly_valid(params, grads, *states) -> bool:

@@ -95,7 +95,7 @@ def _swiglu_bwd_kernel(
     # silu'(g) = s + g*s*(1-s), factored so that it stays finite as s saturates to 0 or 1.
     dgate = dy * u * s * (1.0 + g * (1.0 - s))
     dup = dy * g * s
-    dgate_ptrs = dgu_ptr + rows * 2 * n_cols + cols  # int64 rows first: 2 * n_cols may pass 2^31
+    dgate_ptrs = dgu_ptr + rows * 2 * n_cols + cols  # int64 rows first: 2 * n_cols passes 2^31 at rows 2^30 wide
     tl.store(dgate_ptrs, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
     tl.store(dgate_ptrs + n_cols, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
 

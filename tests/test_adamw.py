@@ -433,6 +433,21 @@ def mesh(device, one_process_group):
     return init_device_mesh(device, (1,))
 
 
+def test_a_clip_of_dtensor_grads_is_dropped_when_their_shards_change(mesh):
+    """FSDP2 accumulates into a grad's local shard, which the DTensor's own version does not
+    count: the clip coefficient's mark is the shard's."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [Shard(0)]))
+    for accumulate in (False, True):
+        p.grad = DTensor.from_local(torch.full((4,), float("nan")), mesh, [Shard(0)])
+        opt = BF16AdamW([p], lr=0.0)
+        opt.clip_grad_norm(1.0)
+        if accumulate:
+            p.grad.to_local().zero_()  # grads of the next micro-batches, the skipped step's thrown away
+        assert opt._clip_for(opt._clip) is None if accumulate else opt._clip_for(opt._clip).isnan()
+
+
 def test_zero1_resumes_torch_adamw_state(one_process_group):
     """ZeRO-1's load_state_dict writes the inner optimizer's states directly (no __setstate__):
     torch.optim.AdamW's tensor step counts reach BF16AdamW's step, which counts on from them."""
@@ -451,6 +466,11 @@ def test_zero1_resumes_torch_adamw_state(one_process_group):
         p.grad = torch.randn_like(p)
     zero.step()
     assert [zero.optim.state[p]["step"] for p in bf16] == [3, 3]
+    # ZeRO-1 copies the loaded groups' settings into the inner optimizer past its checks: the
+    # step refuses what it does not implement.
+    zero.load_state_dict(torch.optim.AdamW(params, amsgrad=True).state_dict())
+    with pytest.raises(ValueError, match="BF16AdamW: amsgrad=True"):
+        zero.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -308,7 +308,7 @@ def test_training_step_on_triton_ops_never_syncs(switches):
     with no_host_syncs():
         step()
         step()
-    assert adamw.tables_made() >= made + 2  # grad_norm's and the step's, each step
+    assert adamw.tables_made() >= made + 4  # grad_norm's and the step's, each step
 
 
 def test_bad_configs_are_refused():

@@ -153,8 +153,7 @@ def test_self_check_in_the_interpreter_passes_at_the_models_kinds_of_layer():
 
 
 @interpreter_only
-@pytest.mark.parametrize("position", ["pre", "post"])
-def test_the_norms_self_check_runs_every_form_the_model_calls(position, monkeypatch):
+def test_the_norms_self_check_runs_every_form_the_model_calls(monkeypatch):
     """Plain and with the residual add (and its dropout), in the run's dtype and as under autocast
     with fp32 weights and stream (train.py's adamw runs): a layer_norm wrong only where out_dtype
     is given (autocast's calls) fails it, whichever form the blocks use."""
@@ -165,7 +164,7 @@ def test_the_norms_self_check_runs_every_form_the_model_calls(position, monkeypa
         if out_dtype is None:
             return out
         return (out[0] * 1.5, out[1]) if residual is not None else out * 1.5
-    config = GPTConfig(**(preset("gpt2") | dict(norm_position=position, dropout=0.1)))
+    config = GPTConfig(**(preset("gpt2") | dict(dropout=0.1)))
     shapes = Shapes(config, batch_size=1, dtype=torch.bfloat16)
     monkeypatch.setattr(profile, "_checked", {})
     ok, why = profile.self_check("layer_norm", shapes, "cpu")
@@ -303,7 +302,8 @@ def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text,
 def test_a_profile_of_other_kernel_sources_is_used_with_a_warning(self_check):
     """A record that timed other kernels (or does not say which) still picks, its reasons marked
     stale, and the run is told once."""
-    ops = dict(swiglu=entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0)))
+    ops = dict(swiglu=entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0)),
+               rms_norm=entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0)))
     old = {**record(ops), "kernels_source": "0" * 16}
     with pytest.warns(UserWarning, match="kernels=auto: profiles/test.json timed other kernel sources") as caught:
         choices = kernels.choose("auto", "cuda", profile=Profile("profiles/test.json", profile_data(old)))

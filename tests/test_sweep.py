@@ -130,7 +130,7 @@ def test_a_budget_shares_the_time_among_the_sweeps_and_reports_the_cut(monkeypat
     assert measured == {"grid": 3, "small": 2, "late": 4}
     assert [r["unmeasured"] for r in result["sweeps"].values()] == [9, 0, 8]
     out = capsys.readouterr().out
-    assert out.count("cut at its share of the budget") == 2 and "4 settings measured, 8 not" in out
+    assert out.count("cut at its share of the budget") == 2 and "4 settings measured, at least 8 not" in out
     clock[0] = 1e6  # past the end: the committed setting still runs
     late = sweep.run(["small"], "cpu", None, sweeps={"small": small}, budget_s=0)
     assert len(late["sweeps"]["small"]["records"]) == 1
