@@ -96,14 +96,18 @@ def preset(name: str) -> dict:
     return {f.name: f.default for f in fields(GPTConfig)} | PRESETS[name]
 
 
-def model_ops(config: GPTConfig) -> set[str]:
-    """The registry ops a model of `config` calls in training (forward, loss, backward). RoPE is
-    attention's there; the rope op turns the keys a KV cache keeps, in generation. The loss is
-    linear_cross_entropy in training (no logits returned), cross_entropy when the logits are."""
-    used = {"rms_norm" if config.norm == "rmsnorm" else "layer_norm", "attention", "cross_entropy",
-            "linear_cross_entropy"}
+def model_ops(config: GPTConfig, generation: bool = False) -> set[str]:
+    """The registry ops a model of `config` calls in training as train.py runs it (forward with
+    the loss, linear_cross_entropy: no logits returned; backward), or in generation (forward, no
+    loss; RoPE, attention's in training, is the rope op's for the keys a KV cache keeps).
+    cross_entropy is the loss of a forward that returns its logits, which neither runs."""
+    used = {"rms_norm" if config.norm == "rmsnorm" else "layer_norm", "attention"}
     if config.mlp == "swiglu":
         used.add("swiglu")
+    if not generation:
+        used.add("linear_cross_entropy")
+    elif config.pos_encoding == "rope":
+        used.add("rope")
     return used
 
 

@@ -173,9 +173,10 @@ def workloads(arch: int):
     matmuls must run on the tensor cores (16-bit attention), else None (fp32 checks fp32)."""
     for name, config in CONFIGS.items():
         shapes = Shapes(config, batch_size=1, seq_len=64)
-        # rope: the op of generation (training's attention launches the same kernel)
-        rope = {"rope"} if config.pos_encoding == "rope" else set()
-        for op in sorted(model_ops(config) | rope | {"adamw", "grad_norm"}):
+        # Training's ops, generation's (rope: training's attention launches the same kernel), the
+        # optimizer's, and cross_entropy (the loss of a forward that returns its logits).
+        ops = model_ops(config) | model_ops(config, generation=True) | {"adamw", "grad_norm", "cross_entropy"}
+        for op in sorted(ops):
             kind = "streams" if op in STREAMING else "mma" if op == "attention" else None
             yield f"{name}: {op}", _run(case(op, shapes, "cpu", quick=True), kernels.get(op, "triton")), kind
     gpt2 = Shapes(CONFIGS["gpt2"], batch_size=1, seq_len=64)

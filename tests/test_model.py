@@ -77,8 +77,8 @@ def test_forward_backward_every_switch(switches):
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_model_ops_are_the_ops_it_calls(switches):
-    """model_ops(config), which decides which ops a run self-checks, is what training calls, and
-    what a forward that returns the logits calls."""
+    """model_ops(config), which decides which ops a run self-checks, is what training calls as
+    train.py runs it, and model_ops(config, generation=True) what generation calls."""
     config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, **switches)
     model = GPT(config)
     called = set()
@@ -86,9 +86,12 @@ def test_model_ops_are_the_ops_it_calls(switches):
         fn = getattr(model.ops, op)
         setattr(model.ops, op, lambda *args, op=op, fn=fn, **kw: called.add(op) or fn(*args, **kw))
     idx = torch.randint(0, 50, (2, 16))
-    model(idx, idx)[1].backward()
     model(idx, idx, return_logits=False)[1].backward()
     assert called == model_ops(config)
+    called.clear()
+    with torch.no_grad():
+        model.generate(idx[:, :4], 3)
+    assert called == model_ops(config, generation=True)
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
