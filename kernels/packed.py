@@ -26,8 +26,12 @@ def _dense_without_overlap(shape, stride) -> bool:
 @torch._dynamo.allow_in_graph
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     """torch.cat(parts, dim), as a view when the parts are adjacent slices of one tensor along dim
-    (same base, strides and other sizes, each starting where the previous one ends)."""
+    (same base, strides and other sizes, each starting where the previous one ends), and no part
+    needs a gradient of its own (a double backward: autograd would link the view to the first
+    part alone, and the others' second-order gradients would be lost)."""
     first = parts[0]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return torch.cat(parts, dim)
     dim %= first.dim()
     base, stride = first._base, first.stride()
     shape = list(first.shape)
@@ -47,12 +51,15 @@ def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 class _Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, dim):
-        ctx.dim = dim
+        # A gradient autograd keeps (a leaf's .grad, or retain_grad's) may be the tensor handed
+        # back, which then aliases the parts' buffer: someone else's (torch.cat's backward hands
+        # on views of its caller's gradient), which the next accumulation into .grad would write.
+        ctx.dim, ctx.kept = dim, x.is_leaf or x.retains_grad
         return x.split(sizes, dim)
 
     @staticmethod
     def backward(ctx, *grads):
-        return join(list(grads), ctx.dim), None, None
+        return (torch.cat if ctx.kept else join)(list(grads), ctx.dim), None, None
 
 
 def split(x: torch.Tensor, sizes: list[int], dim: int = -1) -> tuple[torch.Tensor, ...]:

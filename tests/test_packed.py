@@ -63,9 +63,11 @@ def test_split_gradients_match_torch_split():
 
 
 def backward_ops(fn, x):
-    """The aten ops the backward of fn(x).sum() runs, and x's gradient."""
+    """The aten ops the backward of fn(x * 2).sum() runs, and x's gradient: the split's input is
+    not the leaf, as in the model (the projection's output; a leaf's gradient is concatenated,
+    test_a_leafs_gradient_owns_its_memory)."""
     x = x.detach().requires_grad_()
-    y = fn(x)
+    y = fn(x * 2)
     with OpCount() as count:
         y.backward(torch.randn_like(y))
     return count.calls, x.grad
@@ -123,3 +125,26 @@ def test_training_step_concatenates_no_gradient_on_triton_ops(preset, compile):
         loss.backward()
     assert count.calls["cat"] == 0 and count.calls["zeros"] == 0
     assert count.calls["clone"] == 0 and count.calls["copy_"] == 0, "a gradient is copied"
+
+
+def test_a_leafs_gradient_owns_its_memory():
+    """A leaf keeps its gradient: torch.cat's backward hands on views of the caller's gradient,
+    which joined as a view would become x.grad, and the next backward would accumulate into the
+    caller's tensor."""
+    x = torch.randn(4, 3, requires_grad=True)
+    g = torch.ones(4, 3)
+    for _ in range(2):
+        torch.cat(kernels.split(x, [2, 1], -1), -1).backward(g)
+    assert torch.equal(g, torch.ones(4, 3)) and torch.equal(x.grad, 2 * g)
+
+
+def test_second_order_gradients_reach_every_part():
+    """With create_graph the joined gradient takes part in the graph: each part's gradient must
+    be linked to it (a view of the first part alone lost the others')."""
+    x = torch.randn(2, 4, requires_grad=True)
+    c = torch.arange(8.0).view(2, 4)
+    for split in (kernels.split, torch.Tensor.split):
+        g = torch.ones(2, 4, requires_grad=True)
+        (gx,) = torch.autograd.grad(torch.cat(split(x * 1, [2, 2], -1), -1), x, g, create_graph=True)
+        (gg,) = torch.autograd.grad((gx * c).sum(), g)
+        assert torch.equal(gg, c), split
