@@ -136,10 +136,12 @@ def _explain_tensors(params, grads, exp_avgs, exp_avg_sqs, compensations) -> Non
 
 
 def _check_written_once(**tensors: torch.Tensor) -> None:
-    """The tensors updated in place must hold each element once: not an expanded view."""
+    """The tensors updated in place must hold each element once: not an expanded or otherwise
+    overlapping view. (That the tensors of a call share no memory with each other is the
+    caller's to keep, as with torch's fused AdamW: checking it would cost host time every step.)"""
     for name, t in tensors.items():
         if has_overlap(t):
-            raise ValueError(f"adamw: {name} has elements that share memory (an expanded view, strides "
+            raise ValueError(f"adamw: {name} has elements that share memory (an expanded or overlapping view, strides "
                              f"{t.stride()}): an in-place update needs each element once")
 
 
@@ -174,7 +176,7 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2,
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         pf, gf, mf, vf = p.float(), g.float(), m.float(), v.float()
         if grad_scale is not None:
-            gf = gf * grad_scale
+            gf = gf * grad_scale.reshape(())  # a (1,) scale would broadcast a 0-d grad to (1,)
         if compensations is not None:
             pf = pf + compensations[i].float()
         pf.mul_(1 - lr * weight_decay)

@@ -53,6 +53,19 @@ def check_list(op: str, name: str, tensors) -> None:
         raise ValueError(f"{op}: {name} must be a list or tuple of tensors, got {type(tensors).__name__}")
 
 
+def disjoint_elements(shape, stride) -> bool:
+    """Whether no two elements of a view with `shape` and `stride` share an address: sorted by
+    stride, each dimension steps past the whole extent of the ones inside it (sufficient: a rare
+    interleaving that happens not to collide is taken as overlapping)."""
+    extent = 1
+    for size, step in sorted((d for d in zip(shape, stride) if d[0] > 1), key=lambda d: d[1]):
+        if step < extent:
+            return False
+        extent = step * size
+    return True
+
+
 def has_overlap(t: torch.Tensor) -> bool:
-    """Some element of `t` is another's too (an expanded view): an in-place write would race."""
-    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+    """Some element of `t` is another's too (an expanded view, or strides inside another
+    dimension's extent): an in-place write would race, or land more than once."""
+    return not disjoint_elements(t.shape, t.stride())

@@ -8,16 +8,7 @@ that copy would only move bytes to where they already are: `split` hands the buf
 """
 import torch
 
-
-def _dense_without_overlap(shape, stride) -> bool:
-    """Whether no two elements of a view with `shape` and `stride` share an address: sorted by
-    stride, each dimension steps past the whole extent of the ones inside it."""
-    extent = 1
-    for size, step in sorted((d for d in zip(shape, stride) if d[0] > 1), key=lambda d: d[1]):
-        if step < extent:
-            return False
-        extent = step * size
-    return True
+from .checks import disjoint_elements
 
 
 # Dynamo cannot trace the layout checks (ints from tensor methods in an autograd.Function's
@@ -43,7 +34,7 @@ def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
                 or p.storage_offset() != offset):
             return torch.cat(parts, dim)
         offset += p.shape[dim] * stride[dim]
-    if not _dense_without_overlap(shape, stride):
+    if not disjoint_elements(shape, stride):
         return torch.cat(parts, dim)
     return first.as_strided(shape, stride, first.storage_offset())
 

@@ -518,6 +518,10 @@ def test_bad_input_raises(backend, device):
             [p[0], torch.randn(1, 3, device=device).expand(2, 3)], [g[0], torch.randn(2, 3, device=device)],
             [m[0], torch.zeros(2, 3, device=device)], [v[0], torch.zeros(2, 3, device=device)], {}),
         r"exp_avgs\[1\] has elements that share memory": (p, g, [m[0], torch.zeros(1, device=device).expand(3)], v, {}),
+        # Overlapping without a zero stride: rows of 3 that start one element apart.
+        r"params\[1\] has elements that share memory \(an expanded or overlapping view, strides \(1, 1\)\)": (
+            [p[0], torch.zeros(9, device=device).as_strided((3, 3), (1, 1))], [g[0], torch.ones(3, 3, device=device)],
+            [m[0], torch.zeros(3, 3, device=device)], [v[0], torch.zeros(3, 3, device=device)], {}),
         r"grads\[0\] must be a tensor, got NoneType": (p, [None, g[1]], m, v, {}),
         r"exp_avg_sqs\[1\] must be one of .*, got int64": (p, g, m, [v[0], torch.zeros(3, device=device, dtype=torch.int64)], {}),
         "lr must be": (p, g, m, v, {"lr": -1.0}),
@@ -618,8 +622,11 @@ def test_grad_scale_multiplies_the_grads(backend, device):
     p = [torch.randn(s, device=device) for s in SHAPES]
     g = [torch.randn_like(t) for t in p]
     m, v = states(p)
-    scale = torch.rand((), device=device)
-    scaled = [t.clone() for t in p], [(t * scale).clone() for t in g], *states(p)
+    p.append(torch.randn((), device=device))  # 0-d: a (1,) scale must not broadcast it to (1,)
+    g.append(torch.randn((), device=device))
+    m, v = states(p)
+    scale = torch.rand(1, device=device)
+    scaled = [t.clone() for t in p], [(t * scale).reshape(t.shape) for t in g], *states(p)
     adamw(p, g, m, v, step=1, **HYPER, grad_scale=scale)
     adamw(*scaled, step=1, **HYPER)
     for ours, theirs in zip((*p, *m, *v), (*scaled[0], *scaled[2], *scaled[3])):
