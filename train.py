@@ -122,7 +122,7 @@ def memory_gb(device_type: str) -> tuple[float, float, float]:
                 torch.cuda.memory_reserved() / 1e9)
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     return rss, rss, rss
 
 
@@ -230,14 +230,14 @@ def main(argv: list[str]) -> None:
         with reported(f"init_from={c['init_from']}: "):  # a hub model downloads on rank 0
             weights_dir = distributed.master_first(world, lambda: pretrained.locate(c["init_from"]))
             model_args = asdict(pretrained.gpt_config(weights_dir, c["block_size"], c["dropout"]))
-        data_vocab = meta["vocab_size"] if meta else EOT + 1  # GPT-2 BPE
-        if data_vocab > model_args["vocab_size"]:
-            raise SystemExit(f"train.py: init_from={c['init_from']} has a {model_args['vocab_size']}-token vocabulary; "
-                             f"dataset {c['dataset']} has {data_vocab} tokens")
         for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
             c[key] = model_args[key]
     else:
         raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
+    data_vocab = meta["vocab_size"] if meta else EOT + 1  # GPT-2 BPE
+    if data_vocab > model_args["vocab_size"]:  # a resumed or pretrained model's: ids past it index nothing
+        raise SystemExit(f"train.py: init_from={c['init_from']} has a {model_args['vocab_size']}-token vocabulary; "
+                         f"dataset {c['dataset']} has {data_vocab} tokens")
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
     with reported():
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,

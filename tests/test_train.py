@@ -124,6 +124,15 @@ def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
     assert (tmp_path / "ckpt.pt").stat().st_mtime_ns == before
 
 
+def test_resuming_on_a_dataset_of_more_tokens_is_refused(tmp_path, data_dir):
+    """A character-level checkpoint (65 ids) resumed on GPT-2 BPE data: ids past its vocabulary
+    would index nothing (an IndexError on the CPU, a device assert on a GPU)."""
+    cpu = ["--device=cpu", "--dtype=float32", "--max_iters=1", "--eval_interval=1", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *cpu)
+    with pytest.raises(SystemExit, match="init_from=resume has a 65-token vocabulary; dataset shakespeare has 50257"):
+        run(tmp_path, data_dir, *cpu, "--init_from=resume", "--dataset=shakespeare", "--max_iters=2")
+
+
 def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir, monkeypatch):
     """The checkpoint's optimizer state, the config's settings: Kahan switched on and stochastic
     rounding off for the resumed steps, then Kahan off again (its compensation dropped). The
