@@ -336,9 +336,10 @@ def test_training_with_the_triton_kernels(tmp_path, data_dir, capsys):
               "--recompute=True", preset="llama")
     out = capsys.readouterr().out
     lines = [line.split() for line in out.replace("│", " ").splitlines()]
-    for op in ("rms_norm", "swiglu", "attention", "cross_entropy", "linear_cross_entropy", "adamw", "grad_norm"):
+    for op in ("rms_norm", "swiglu", "attention", "linear_cross_entropy", "adamw", "grad_norm"):
         assert [op, "triton"] in [line[:2] for line in lines], op
-    for op in ("layer_norm", "rope"):  # rope: attention turns q and k itself
+    # rope: attention turns q and k itself; cross_entropy: the loss is the fused one
+    for op in ("layer_norm", "rope", "cross_entropy"):
         assert [op, "torch", "not", "used"] in [line[:4] for line in lines], op
     assert "recomputed" in out  # (rich may wrap the line)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
