@@ -63,7 +63,9 @@ DEFAULTS = dict(
     rope_theta=10000.0, mlp="gelu", activation="gelu", mlp_hidden=None, tie_weights=True,
     data_dir="data", seed=1337,
 )
-ALSO = {"recompute": int}  # keys that take a second type besides their default's
+# Keys that take a second type besides their default's; for a None default, the type it takes.
+ALSO = {"recompute": int, "device": str, "dtype": str, "peak_tflops": float, "preset": str, "n_kv_head": int,
+        "mlp_hidden": int}
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
@@ -335,7 +337,7 @@ def main(argv: list[str]) -> None:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         if c["wandb_log"]:
-            wandb.log(record)
+            wandb.log(record, step=record["iter"])  # an iteration's eval and step records are one wandb step
 
     @torch.no_grad()
     def estimate_loss() -> dict:

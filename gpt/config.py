@@ -99,12 +99,16 @@ def _parse_value(text: str):
 
 
 def _coerce(key: str, value, default, source: str, also: type | None = None):
-    """`value` in the type of `default` or `also` (ints widen to floats; None defaults take anything,
-    and only they take None)."""
-    if default is None or type(value) in (type(default), also):
+    """`value` in the type of `default` or `also` (ints widen to floats). A None default takes
+    None or a value of `also` (anything, where `also` does not say), and only such keys take None."""
+    if default is None and (also is None or value is None):
         return value
-    if isinstance(default, float) and type(value) is int:
+    if type(value) in (type(default), also):
+        return value
+    if float in (type(default), also) and type(value) is int:
         return float(value)
+    if default is None:
+        raise ConfigError(f"{source}: {key} must be {also.__name__} or None, got {value!r}")
     types = type(default).__name__ + (f" or {also.__name__}" if also else "")
     raise ConfigError(f"{source}: {key} must be {types} like its default {default!r}, got {value!r}")
 

@@ -100,6 +100,15 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="batch_size must be int like its default 12, got None"):
         parse_args(["--batch_size=None"], DEFAULTS)
     assert parse_args(["--n_kv_head=None"], DEFAULTS) == [("n_kv_head", None)]
+    # A None default takes None or the type `also` gives it (train.py's device, peak_tflops, ...).
+    also = {"device": str, "peak_tflops": float}
+    defaults = {**DEFAULTS, "device": None, "peak_tflops": None}
+    assert parse_args(["--device=cuda:1", "--peak_tflops=900", "--device=None"], defaults, also=also) == [
+        ("device", "cuda:1"), ("peak_tflops", 900.0), ("device", None)]
+    with pytest.raises(ConfigError, match="peak_tflops must be float or None, got 'abc'"):
+        parse_args(["--peak_tflops=abc"], defaults, also=also)
+    with pytest.raises(ConfigError, match="device must be str or None, got 5"):
+        parse_args(["--device=5"], defaults, also=also)
     with pytest.raises(ConfigError, match="expected --key=value"):
         parse_args(["--compile"], DEFAULTS)
     with pytest.raises(ConfigError, match="expected a config file"):

@@ -124,6 +124,23 @@ def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
     assert (tmp_path / "ckpt.pt").stat().st_mtime_ns == before
 
 
+def test_wandb_logs_each_record_at_its_iteration(tmp_path, data_dir, monkeypatch):
+    """With wandb_log=True every record goes to wandb at its iteration's step (an iteration's
+    eval and step records were two wandb steps, and a chart's x axis was not the iteration)."""
+    import importlib.machinery
+    import types
+
+    logged = []
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **kwargs: None
+    wandb.log = lambda record, step: logged.append((step, record["iter"]))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run(tmp_path, data_dir, "--device=cpu", "--max_iters=2", "--eval_interval=2", "--log_interval=1",
+        "--wandb_log=True")
+    assert logged and all(step == it for step, it in logged) and [s for s, _ in logged] == sorted(s for s, _ in logged)
+
+
 def test_resuming_on_a_dataset_of_more_tokens_is_refused(tmp_path, data_dir):
     """A character-level checkpoint (65 ids) resumed on GPT-2 BPE data: ids past its vocabulary
     would index nothing (an IndexError on the CPU, a device assert on a GPU)."""
@@ -242,8 +259,12 @@ def test_defaults_and_errors(monkeypatch):
         train.main(["--preset=gpt3"])
     with pytest.raises(SystemExit, match=r"dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'bf16'"):
         train.main(["--dtype=bf16"])
-    with pytest.raises(SystemExit, match="n_kv_head must be an int or None, got 'two'"):
+    with pytest.raises(SystemExit, match="n_kv_head must be int or None, got 'two'"):
         train.main(["--n_kv_head=two"])
+    for arg, message in (("--peak_tflops=abc", "peak_tflops must be float or None, got 'abc'"),
+                         ("--device=5", "device must be str or None, got 5")):  # (tracebacks once)
+        with pytest.raises(SystemExit, match=message):
+            train.main([arg])
     # Combinations refused before any data is prepared (this dataset does not exist).
     nothing = ["--device=cpu", "--dataset=nosuch"]
     with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
