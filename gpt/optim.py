@@ -158,7 +158,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale, self._clip = self._clip_for(self._clip), None
         for group in self.param_groups:  # ZeRO-1 copies loaded groups' settings in past __setstate__
-            _check_group(group)
+            _check_options(group)  # (their ranges: the adamw op checks them)
         for index, group in enumerate(self.param_groups):
             kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
@@ -211,6 +211,10 @@ def _check_group(group: dict) -> None:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"BF16AdamW: betas must be a pair, got {betas!r}")
     check_settings("BF16AdamW", group["lr"], *betas, group["eps"], group["weight_decay"])
+    _check_options(group)
+
+
+def _check_options(group: dict) -> None:
     for option in ("amsgrad", "maximize"):
         if group.get(option):
             raise ValueError(f"BF16AdamW: {option}=True (an option of torch.optim.AdamW) is not supported")

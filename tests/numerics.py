@@ -25,10 +25,18 @@ def check(err: float, base: float, dtype: torch.dtype, what: str) -> None:
     assert err <= limit, f"{what}: error {err:.3g} > bound {limit:.3g} (torch's own error {base:.3g})"
 
 
-def assert_as_accurate(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """`out` is within the accuracy rule of `baseline`'s error (both against the float64 `ref`)."""
+def assert_as_accurate(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, what: str,
+                       size: float | None = None) -> None:
+    """`out` is within the accuracy rule of `baseline`'s error (both against the float64 `ref`).
+    `size`: for a result that cancelling terms of this size add up to, the errors are taken
+    relative to it (at least ||ref||) rather than to the small result."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    check(rel_err(out, ref), rel_err(baseline, ref), out.dtype, what)
+    if size is None:
+        check(rel_err(out, ref), rel_err(baseline, ref), out.dtype, what)
+        return
+    size = max(ref.norm().item(), size)
+    err, own = ((t.double() - ref).norm().item() / size for t in (out, baseline))
+    check(err, own, out.dtype, f"{what} (error of the terms' size)")
 
 
 def summary(path: str) -> str:

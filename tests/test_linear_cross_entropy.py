@@ -9,7 +9,8 @@ from kernels import cross_entropy
 from gpt.model import GPT, GPTConfig
 from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs, two_gpus
 from tests.memory import peak_malloc_mib
-from tests.numerics import assert_as_accurate, check
+from tests.numerics import assert_as_accurate
+from tests.test_cross_entropy import reference as cross_entropy_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
@@ -64,10 +65,7 @@ def d_x_terms(x, weight, targets, dloss, ignore_index=-1) -> float:
     weight cancels (the target's row of weight against the softmax's mean of them), so that a
     row's few results carry the fp32 sums' rounding relative to these terms, whichever order
     each backend sums in (one row of 7 failed twice in 300 draws as a ratio of two such errors)."""
-    logits = x.double() @ weight.double().t()
-    counted = targets != ignore_index
-    onehot = torch.nn.functional.one_hot(torch.where(counted, targets, 0), logits.shape[-1])
-    d_logits = (logits.softmax(-1) - onehot) * counted[..., None] * dloss.double() / counted.sum()
+    d_logits = cross_entropy_reference(x.double() @ weight.double().t(), targets, dloss, ignore_index)[1]
     return (d_logits.abs() @ weight.double().abs()).norm().item()
 
 
@@ -79,13 +77,8 @@ def assert_matches_float64(fn, x, weight, targets, dloss, what, **kw):
     assert out[0].dtype == torch.float32 and out[0].shape == (), f"{what} loss: {out[0].dtype} {out[0].shape}"
     for name, o, b, r in zip(("loss", "d_x", "d_weight"), out, base, ref):
         assert o.dtype == b.dtype, f"{what} {name}: {o.dtype}, torch's {b.dtype}"
-        if name != "d_x":
-            assert_as_accurate(o, b, r, f"{what} {name}")
-            continue
-        # numerics' rule, relative to the size of the cancelling terms.
-        size = max(r.norm().item(), d_x_terms(x, weight, targets, dloss, **kw))
-        err, own = ((t.double() - r).norm().item() / size for t in (o, b))
-        check(err, own, o.dtype, f"{what} {name} (error of the terms' size)")
+        size = d_x_terms(x, weight, targets, dloss, **kw) if name == "d_x" else None
+        assert_as_accurate(o, b, r, f"{what} {name}", size=size)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
