@@ -4,8 +4,8 @@ A backend is as accurate as torch when its error against a float64 reference is 
 FACTOR times the error of torch's own implementation in the same dtype, plus a floor per dtype
 for results that torch happens to get (nearly) exact: two machine epsilons of bf16 and fp16
 (1.6e-2, 2e-3 relative), eight of fp32 (1e-6). Where the floor decides, the rule is looser than
-2x torch: the CPU interpreter truncates 16-bit stores where a GPU rounds them (about twice the
-error of one rounding), and fp32 sums run in another order than torch's.
+2x torch: fp32 sums run in another order than torch's, and a result torch gets exact to rounding
+(a row of one element) leaves no room for a second rounding.
 """
 import torch
 

@@ -247,8 +247,7 @@ def _round(x, dtype: tl.constexpr, bits, SR: tl.constexpr):
     """fp32 `x` rounded to a value of `dtype`, still in fp32: bf16 stochastically with `bits` when
     SR, else to nearest even."""
     if dtype == tl.bfloat16:
-        # Rounded here in integer arithmetic, so that the cast to bf16 drops only zero bits: exact
-        # on GPU and in the interpreter alike (the interpreter's cast to bf16 truncates).
+        # Rounded here in integer arithmetic, so that the cast to bf16 drops only zero bits.
         # Adding 0x7FFF plus the last kept bit rounds to nearest even; adding a uniform 16-bit
         # number instead carries into the kept bits with probability equal to the dropped
         # fraction: stochastic rounding without bias.

@@ -174,8 +174,7 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr):
 
     FP32_DOT: multiply in fp32 with exact ("ieee") products: for fp32 inputs, where tf32 would
     miss the fp32 reference, and in the interpreter, whose bf16 dot multiplies bit patterns. The
-    operands were rounded to the input dtype first, so the interpreter sees the GPU's numerics
-    (up to its fp32 -> bf16 rounding, which truncates)."""
+    operands were rounded to the input dtype first, so the interpreter sees the GPU's numerics."""
     if FP32_DOT:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:

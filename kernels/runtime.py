@@ -21,8 +21,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # True when kernels run in Triton's CPU interpreter. The interpreter has no bf16 arithmetic and
 # its bf16 `tl.dot` multiplies bit patterns (triton-lang/triton#4972, #11584): kernels load, cast
 # to fp32 at once, and are given this as a constexpr so their `tl.dot` operands stay fp32. Its
-# fp32 -> bf16 casts round toward zero (a GPU's round to nearest even): bf16 results there are
-# within the error bounds, not bit-equal to torch's rounding.
+# casts to bf16 are mended below (round_bf16_casts).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -114,11 +113,48 @@ def _properties_of(index: int):
 import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
 import triton.language as tl  # noqa: E402
 
+
+def round_bf16_casts() -> bool:
+    """Make the interpreter's casts to and from bf16 what a GPU's are: it rounds fp32 -> bf16
+    toward zero (a GPU, and torch, to nearest even: about twice the error of one rounding in every
+    bf16 result), and casts between bf16 and fp16 or fp64 as integers (garbage). Each such cast is
+    done by torch instead. True when the interpreter has the builder method this replaces
+    (triton 3.6-3.8 do), else it is left as it is."""
+    import numpy
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    cast = getattr(builder, "cast_impl", None)
+    if cast is None or getattr(cast, "rounds_bf16", False):
+        return cast is not None
+    torch_float = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32,
+                   tl.float64: torch.float64}
+
+    def cast_impl(self, src, dst_type):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if tl.bfloat16 not in (src_ty, dst_ty) or not (src_ty in torch_float and dst_ty in torch_float):
+            return cast(self, src, dst_type)
+        # bf16 values are held as their uint16 bit patterns
+        data = numpy.ascontiguousarray(src.data)
+        t = (torch.from_numpy(data.view(numpy.int16)).view(torch.bfloat16) if src_ty == tl.bfloat16
+             else torch.from_numpy(data))
+        out = t.to(torch_float[dst_ty])
+        out = out.view(torch.int16).numpy().view(numpy.uint16) if dst_ty == tl.bfloat16 else out.numpy()
+        return interpreter.TensorHandle(out.reshape(src.data.shape), dst_ty)
+
+    cast_impl.rounds_bf16 = True
+    builder.cast_impl = cast_impl
+    return True
+
+
 if INTERPRET:
     import numpy
 
     if (problem := interpreter_problem(triton.__version__, numpy.__version__)) is not None:
         warnings.warn(problem, stacklevel=2)
+    if not round_bf16_casts():
+        warnings.warn("Triton's interpreter has changed: its casts to bf16 round toward zero here, not to "
+                      "nearest as on a GPU", stacklevel=2)
 
 # Streams of fewer than this many rows run on the interpreter in reasonable time; kernels that
 # size grids by SM count use it on CPU so tests stay quick.

@@ -1,9 +1,7 @@
 """attention: the torch and triton backends against an independent float64 formula.
 
 On CPU the Triton kernels run in the interpreter (slow): the cases below are a chosen spread of
-T, head dim, grouping, causal, dtype and layout rather than their product. The interpreter rounds
-fp32 -> bf16 by truncation where the GPU rounds to nearest, so bf16 errors here are a little
-larger than on the GPU.
+T, head dim, grouping, causal, dtype and layout rather than their product.
 """
 import math
 

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels
 from kernels.registry import register
@@ -80,6 +82,27 @@ def test_interpreter_version_check():
     assert interpreter_problem("3.7.0", "2.4.6") is None
     assert interpreter_problem("3.8.0", "2.4.6") is None
 
+
+
+@triton.jit
+def _cast_kernel(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, tl.load(X + i).to(tl.float32))  # the store casts to Y's dtype
+
+
+@pytest.mark.parametrize("src, dst", [(torch.float32, torch.bfloat16), (torch.float64, torch.bfloat16),
+                                      (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64)])
+@interpreter_only
+def test_bf16_casts_round_as_on_a_gpu(src, dst):
+    """In the interpreter a kernel's casts to bf16 round to nearest even, as a GPU's and torch's do
+    (the interpreter's own round toward zero, and cast fp16 as an integer), and a bf16 value widens
+    exactly; ties, NaN and inf included. The kernel goes through fp32, as ours do."""
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3e38, float("nan"), float("inf"), 0.0, -0.0])
+    x = torch.cat([torch.randn(248, dtype=torch.float64), ties.double()]).to(src)
+    y = torch.empty(256, dtype=dst)
+    _cast_kernel[(1,)](x, y, N=256)
+    bits = torch.int16 if dst == torch.bfloat16 else torch.int64
+    assert torch.equal(y.view(bits), x.float().to(dst).view(bits))
 
 def test_no_kernel_accumulates_with_atomics():
     """The determinism tests cannot catch an atomic add on the CPU (the interpreter runs the
