@@ -661,15 +661,6 @@ def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.
     return delta
 
 
-def _bwd_args(q: torch.Tensor, causal: bool, dropout_p: float) -> tuple[tuple, dict]:
-    """The scalars (qk_scale, sm_scale, keep_p) and constexprs the dkdv and dq kernels share."""
-    D = q.shape[-1]
-    scales = (math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), 1.0 - dropout_p)
-    constexprs = dict(BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D, CAUSAL=causal,
-                      DROPOUT=dropout_p > 0, FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32)
-    return scales, constexprs
-
-
 def _heads(buf: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     """(B, size, T, D) views of consecutive heads of a (B, T, heads, D) buffer (split after one
     transpose: the same views as transposing each part, for fewer views made)."""
@@ -701,37 +692,43 @@ def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return qk
 
 
+def _bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                delta: torch.Tensor, dqkv: torch.Tensor, causal: bool, dropout_p: float,
+                seed: Optional[torch.Tensor], cfg: _Config) -> tuple[tuple, dict]:
+    """The arguments and constexprs of a dkdv or dq launch with `cfg` (the two kernels take the
+    same ones)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    args = (q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv,
+            math.log2(math.e) / math.sqrt(D), 1 / math.sqrt(D), 1.0 - dropout_p,  # qk_scale, sm_scale, keep_p
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv))
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=_tma_flag(cfg, q, k, v, do),
+                      BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                      FP32_DOT=runtime.INTERPRET or q.dtype == torch.float32,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return args, constexprs
+
+
 def _launch_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
                  lse: torch.Tensor, delta: torch.Tensor, dqkv: torch.Tensor,
                  causal: bool, dropout_p: float, seed: Optional[torch.Tensor], cfg: _Config) -> None:
     """dk and dv, written into their heads of `dqkv` (_empty_grads) by the dkdv kernel launched
-    with `cfg`."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    scales, constexprs = _bwd_args(q, causal, dropout_p)
-    tma = _tma_flag(cfg, q, k, v, do)
+    with `cfg`: a program per key block, kv head and batch."""
+    args, constexprs = _bwd_launch(q, k, v, do, lse, delta, dqkv, causal, dropout_p, seed, cfg)
     with runtime.on_device(q):
-        wrap_triton(_attn_bwd_dkdv)[(runtime.cdiv(T, cfg.block_n), Hkv, B)](
-            q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        wrap_triton(_attn_bwd_dkdv)[(runtime.cdiv(q.shape[2], cfg.block_n), k.shape[1], q.shape[0])](
+            *args, **constexprs)
 
 
 def _launch_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
                lse: torch.Tensor, delta: torch.Tensor, dqkv: torch.Tensor, causal: bool,
                dropout_p: float, seed: Optional[torch.Tensor], cfg: _Config) -> None:
-    """dq, written into its heads of `dqkv` (_empty_grads) by the dq kernel launched with `cfg`."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    scales, constexprs = _bwd_args(q, causal, dropout_p)
-    tma = _tma_flag(cfg, q, k, v, do)
+    """dq, written into its heads of `dqkv` (_empty_grads) by the dq kernel launched with `cfg`: a
+    program per query block, head and batch."""
+    args, constexprs = _bwd_launch(q, k, v, do, lse, delta, dqkv, causal, dropout_p, seed, cfg)
     with runtime.on_device(q):
-        wrap_triton(_attn_bwd_dq)[(runtime.cdiv(T, cfg.block_m), H, B)](
-            q, k, v, do, lse, delta, dqkv, seed, T, H, H // Hkv, *scales,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *runtime.head_strides(dqkv),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, **constexprs,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        wrap_triton(_attn_bwd_dq)[(runtime.cdiv(q.shape[2], cfg.block_m), q.shape[1], q.shape[0])](
+            *args, **constexprs)
 
 
 def _launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
