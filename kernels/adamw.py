@@ -50,6 +50,7 @@ one launch for a model.
   traffic is what the "triton" and "triton sr" rows of bench/op_adamw.py show.
 The interpreter runs the same kernel on CPU tensors (the table then holds host addresses).
 """
+import bisect
 import functools
 import itertools
 import math
@@ -137,8 +138,9 @@ def _explain_tensors(params, grads, exp_avgs, exp_avg_sqs, compensations) -> Non
 
 def _check_written_once(**tensors: torch.Tensor) -> None:
     """The tensors updated in place must hold each element once: not an expanded or otherwise
-    overlapping view. (That the tensors of a call share no memory with each other is the
-    caller's to keep, as with torch's fused AdamW: checking it would cost host time every step.)"""
+    overlapping view. (That the tensors of a call share no memory with each other the triton
+    backend checks when it makes a launch plan, _check_unshared; the torch backend, which updates
+    one tensor after another, leaves it to the caller, as torch's AdamW does.)"""
     for name, t in tensors.items():
         if has_overlap(t):
             raise ValueError(f"adamw: {name} has elements that share memory (an expanded or overlapping view, strides "
@@ -416,12 +418,49 @@ def _key(lists: list[list[torch.Tensor]], typed: tuple[int, ...]) -> tuple:
             tuple(map(_DEVICE, lists[0])))
 
 
+_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "compensations")  # adamw's, in _key's order
+
+
+def _check_unshared(key: tuple) -> None:
+    """No two tensors of an adamw call share memory: the kernel's programs run at once, and one
+    whose tensor lies on another's would race with it (a param listed twice, exp_avg and
+    exp_avg_sq the same buffer). Grads may share memory with each other (only read); nothing
+    written may share with anything. From the plan's key: once per set of addresses."""
+    addresses, numels, dtypes, _devices = key
+    n = len(numels)
+    spans = []  # (first byte, end, list index, tensor index)
+    for j in range(len(addresses) // n):
+        typed = max(j - 1, 0)  # grads (list 1) have the params' dtype and are not in the dtypes
+        for i in range(n):
+            if numels[i]:
+                start = addresses[j * n + i]
+                spans.append((start, start + numels[i] * dtypes[typed * n + i].itemsize, j, i))
+    written = sorted(s for s in spans if s[2] != 1)
+    ends = [s[1] for s in written]  # ascending once the written spans are known disjoint
+    for before, after in zip(written, written[1:]):
+        if after[0] < before[1]:
+            _shared(before, after)
+    starts = [s[0] for s in written]
+    for g in (s for s in spans if s[2] == 1):
+        k = bisect.bisect_left(starts, g[1]) - 1  # the last written span starting before g ends
+        if k >= 0 and ends[k] > g[0]:
+            _shared(written[k], g)
+
+
+def _shared(a: tuple, b: tuple) -> None:
+    name_a, name_b = (f"{_LISTS[s[2]]}[{s[3]}]" for s in (a, b))
+    raise ValueError(f"adamw: {name_a} and {name_b} share memory: the triton backend updates every tensor "
+                     f"of a call at once, so each one written in place must have memory of its own")
+
+
 @functools.lru_cache(maxsize=16)
 def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
     """The launches of `op` over the table rows `key` describes (see _key: their addresses,
     numels, dtypes and devices). They depend on nothing else, hence the cache."""
     # Only host memory in the interpreter: it cannot follow the table's addresses into a GPU's.
     device_type = "cpu" if runtime.CPU_TENSORS else "cuda"
+    if op == "adamw":
+        _check_unshared(key)
     all_addresses, numels, all_dtypes, devices = key
     n = len(numels)
     rows = zip((all_addresses[i::n] for i in range(n)), numels, (all_dtypes[i::n] for i in range(n)), devices)
