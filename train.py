@@ -325,7 +325,8 @@ def main(argv: list[str]) -> None:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
         os.makedirs(c["out_dir"], exist_ok=True)
-        log_file = open(Path(c["out_dir"]) / "log.jsonl", "a")
+        # A resumed run goes on with its log; any other starts it afresh, as it does the checkpoint.
+        log_file = open(Path(c["out_dir"]) / "log.jsonl", "a" if c["init_from"] == "resume" else "w")
     if c["wandb_log"] and master:
         import wandb
 

@@ -99,9 +99,11 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     split = run(tmp_path / "split", data_dir, *cpu, "--max_iters=12", "--eval_interval=6", "--init_from=resume")
     losses = lambda log: {r["iter"]: r["loss"] for r in log if "loss" in r}  # noqa: E731
     resumed, uninterrupted = losses(split), losses(whole)
-    assert sorted(resumed) == list(range(12))
+    assert sorted(resumed) == list(range(12))  # the resumed run appends to the first half's log
     for it in range(6, 12):
         assert resumed[it] == uninterrupted[it], it
+    again = run(tmp_path / "split", data_dir, *cpu, "--max_iters=2", "--eval_interval=2")
+    assert [r["iter"] for r in again if "loss" in r] == [0, 1]  # a new run in the same out_dir: a new log
 
 
 def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
