@@ -30,6 +30,23 @@ class ConfigError(ValueError):
     pass
 
 
+HELP = ("-h", "--help")
+
+
+def help_text(doc: str, defaults: dict) -> str:
+    """A program's --help: its docstring, then every key it takes with its default."""
+    pairs = [f"{key}={value!r}" for key, value in defaults.items()]
+    lines, line = [], ""
+    for pair in pairs:
+        if line and len(line) + 2 + len(pair) > 98:
+            lines.append(line)
+            line = ""
+        line = f"{line}  {pair}" if line else pair
+    keys = "\n".join("  " + line for line in [*lines, line])
+    return (f"{doc.strip()}\n\nConfig files hold plain `key = value` assignments, applied in order, then\n"
+            f"--key=value arguments. The keys, with their defaults (the README says what each does):\n{keys}")
+
+
 @contextmanager
 def reported(program: str, context: str = ""):
     """A user's mistake, raised as a ValueError or OSError that names it (ConfigError is one),

@@ -113,3 +113,20 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
         parse_args(["--compile"], DEFAULTS)
     with pytest.raises(ConfigError, match="expected a config file"):
         parse_args(["compile=False"], DEFAULTS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_key_and_runs_nothing(flag, capsys, tmp_path, monkeypatch):
+    """train.py and gpt.sample take -h/--help (with other arguments too): their docstring and every
+    key with its default, and nothing else is done (no data prepared, no checkpoint looked for)."""
+    import train
+    from gpt import sample
+
+    monkeypatch.chdir(tmp_path)
+    for program, args in ((train, [flag, "--max_iters=1"]), (sample, ["--out_dir=nowhere", flag])):
+        program.main(args)
+        text = capsys.readouterr().out
+        assert text.startswith(program.__doc__.strip().splitlines()[0])
+        for key, value in program.DEFAULTS.items():
+            assert f"{key}={value!r}" in text, key
+    assert not any(tmp_path.iterdir())
