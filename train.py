@@ -66,6 +66,8 @@ DEFAULTS = dict(
 # Keys that take a second type besides their default's; for a None default, the type it takes.
 ALSO = {"recompute": int, "device": str, "dtype": str, "peak_tflops": float, "preset": str, "n_kv_head": int,
         "mlp_hidden": int}
+# wandb charts under nanoGPT's names where it logs the same value.
+WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
@@ -340,8 +342,8 @@ def main(argv: list[str]) -> None:
             return
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-        if c["wandb_log"]:
-            wandb.log(record, step=record["iter"])  # an iteration's eval and step records are one wandb step
+        if c["wandb_log"]:  # an iteration's eval and step records are one wandb step
+            wandb.log({WANDB_NAMES.get(k, k): v for k, v in record.items()}, step=record["iter"])
 
     @torch.no_grad()
     def estimate_loss() -> dict:

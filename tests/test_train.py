@@ -128,7 +128,8 @@ def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
 
 def test_wandb_logs_each_record_at_its_iteration(tmp_path, data_dir, monkeypatch):
     """With wandb_log=True every record goes to wandb at its iteration's step (an iteration's
-    eval and step records were two wandb steps, and a chart's x axis was not the iteration)."""
+    eval and step records were two wandb steps, and a chart's x axis was not the iteration), the
+    evaluation's losses under nanoGPT's names."""
     import importlib.machinery
     import types
 
@@ -136,11 +137,14 @@ def test_wandb_logs_each_record_at_its_iteration(tmp_path, data_dir, monkeypatch
     wandb = types.ModuleType("wandb")
     wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     wandb.init = lambda **kwargs: None
-    wandb.log = lambda record, step: logged.append((step, record["iter"]))
+    wandb.log = lambda record, step: logged.append((step, record))
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     run(tmp_path, data_dir, "--device=cpu", "--max_iters=2", "--eval_interval=2", "--log_interval=1",
         "--wandb_log=True")
-    assert logged and all(step == it for step, it in logged) and [s for s, _ in logged] == sorted(s for s, _ in logged)
+    steps = [step for step, _ in logged]
+    assert logged and all(step == r["iter"] for step, r in logged) and steps == sorted(steps)
+    evals = [r for _, r in logged if "val/loss" in r]
+    assert [r["iter"] for r in evals] == [0, 2] and all(r["train/loss"] > 0 and "val_loss" not in r for r in evals)
 
 
 def test_resuming_on_a_dataset_of_more_tokens_is_refused(tmp_path, data_dir):
