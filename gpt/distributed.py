@@ -12,6 +12,7 @@
 
 One process with RANK unset (plain `python train.py`) has no process group and no wrapper.
 """
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,7 +117,13 @@ def replicate(model: nn.Module, world: World, device: str) -> nn.Module:
     # No buffer broadcast before every forward: the model's (the rope tables) are constants every
     # rank makes alike.
     return DistributedDataParallel(model, device_ids=[world.local_rank] if device.startswith("cuda") else None,
-                                   gradient_as_bucket_view=True, broadcast_buffers=False)
+                                   gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC)
+
+
+# torch 2.13 renamed DDP's broadcast_buffers (a FutureWarning since) forward_sync_buffers.
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
 
 
 def grad_sync(world: World, model: nn.Module, sync: bool) -> None:
