@@ -35,9 +35,10 @@ run, so no seed, compiled graph, Dynamo cache or backend flag carries from one r
 --jobs N runs N of them at once on the same device: the baby GPT leaves most of a large GPU idle,
 and the losses are the same either way (each run is its own seeded process); only ms/step and the
 wall time, which the table marks, are then shared-device figures.
-Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script adds a first record
-{"event": "start", ...} (device, versions, the train.py arguments) and a last one {"event": "end",
-"wall_s", "returncode"}, and deletes the checkpoints train.py saved (only the logs are kept).
+Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script writes the run's start
+record {"event": "start", ...} (device, versions, the train.py arguments) to start.json beside it
+as the run starts (train.py starts its log afresh), appends {"event": "end", "wall_s", "returncode"}
+to the log when it ends, and deletes the checkpoints train.py saved (only the logs are kept).
 `plot` reads those logs alone: the PNG of val loss (solid) and train loss (light) per variant
 against the step, and a markdown table.
 """
@@ -111,6 +112,9 @@ def device_name(scale: str) -> str:
     return f"CPU: {cpu} ({len(os.sched_getaffinity(0))} cores)"
 
 
+START = "start.json"  # beside each run's log.jsonl: its start record
+
+
 def append(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -126,11 +130,12 @@ class _Run:
 
 
 def _launch(run_dir: Path, variant: str, args: list[str], header: dict) -> _Run:
-    """Start train.py with `args` in its own process; its log's first record is `header` (scale,
+    """Start train.py with `args` in its own process; its start record (START) is `header` (scale,
     device, jobs, versions) with the variant and the arguments."""
     log = run_dir / "log.jsonl"
-    log.unlink(missing_ok=True)  # train.py appends: a rerun starts a fresh log
-    append(log, dict(event="start", variant=variant, label=VARIANTS[variant][0], train_args=args, **header))
+    log.unlink(missing_ok=True)  # a rerun that fails before train.py writes its log leaves no old one
+    start = dict(event="start", variant=variant, label=VARIANTS[variant][0], train_args=args, **header)
+    (run_dir / START).write_text(json.dumps(start) + "\n")
     jobs = header["jobs"]
     print(f"== {variant}: {VARIANTS[variant][0]}\n   python train.py {' '.join(args)}", flush=True)
     output = run_dir / "train.out" if jobs > 1 else None
@@ -200,8 +205,9 @@ def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_
 # --- reading the logs -------------------------------------------------------------------------
 
 def read_log(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a run's log.jsonl, after its start record (START, where there is one)."""
+    paths = [p for p in (path.parent / START, path) if p.exists()]
+    return [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
 
 
 def summarize(records: list[dict]) -> dict:

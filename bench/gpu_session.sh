@@ -150,7 +150,7 @@ case "$1" in
     step 270 train-llama python train.py config/train_llama.py "${common[@]}" --optimizer=bf16_adamw \
       --recompute=True --out_dir="$OUT/train-llama"
     rm -rf "$OUT"/train-*/ckpt.pt "$OUT"/train-*/ckpt.dcp ;;
-  curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl): the runs' checkpoints are deleted
+  curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl and start.json): the checkpoints are deleted
     step 540 curves python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
       --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}"
     rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;

@@ -2,7 +2,6 @@
 subprocess each, two at a time), their logs hold what `plot` reads, and `plot` writes the PNG and
 the table."""
 import importlib.util
-import json
 
 import pytest
 
@@ -24,8 +23,8 @@ def runs(tmp_path_factory):
 def test_run_writes_one_log_per_variant_and_no_checkpoint(runs):
     assert sorted(p.name for p in runs.iterdir()) == sorted(adamw_curves.VARIANTS)
     for variant, (label, optimizer_args) in adamw_curves.VARIANTS.items():
-        assert [p.name for p in (runs / variant).iterdir()] == ["log.jsonl"]
-        records = [json.loads(line) for line in (runs / variant / "log.jsonl").read_text().splitlines()]
+        assert sorted(p.name for p in (runs / variant).iterdir()) == ["log.jsonl", adamw_curves.START]
+        records = adamw_curves.read_log(runs / variant / "log.jsonl")
         start, end = records[0], records[-1]
         assert start["event"] == "start" and start["variant"] == variant and start["scale"] == "cpu"
         assert start["jobs"] == 2  # and each run's console output, in a file meanwhile, is gone
