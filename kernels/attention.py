@@ -818,14 +818,18 @@ _attention_rope_fwd.register_autograd(_rope_backward, setup_context=_setup_rope_
 
 
 def check_triton_attention(q) -> None:
-    """What the Triton backend adds to check_attention: head dims, dtypes, device, the launch grid's
-    limits. (Empty inputs pass: their launches have empty grids, which Triton does not launch.)"""
+    """What the Triton backend adds to check_attention: head dims, dtypes, query heads, device, the
+    launch grid's limits. (No batch or no tokens pass: their launches have empty grids, which
+    Triton does not launch.)"""
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"attention: the triton backend supports head dims {HEAD_DIMS}, "
                          f"got {q.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention: the triton backend takes float16, bfloat16 or float32, "
                          f"got {str(q.dtype).removeprefix('torch.')}")
+    if q.shape[1] == 0:  # the dkdv kernel sums each kv head's group of H // Hkv query heads
+        raise ValueError(f"attention: the triton backend needs at least one query head, got q of shape "
+                         f"{tuple(q.shape)}")
     runtime.check_device("attention", q)
     runtime.check_grid("attention", batch=q.shape[0], heads=q.shape[1])
 

@@ -361,6 +361,8 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match=r"attention: .*head dims \(32, 64, 96, 128\), got 48"):
         x = torch.randn(1, 2, 8, 48, device=device)
         f(x, x, x)
+    with pytest.raises(ValueError, match="attention: the triton backend needs at least one query head"):
+        f(q[:, :0], kv, kv)  # 0 heads: a multiple of 3, but no group for the kv heads' gradients
     with pytest.raises(ValueError, match="attention: .*same dtype"):
         f(q, q.half(), q)
     with pytest.raises(ValueError, match="attention: .*same device"):
