@@ -421,20 +421,35 @@ def _key(lists: list[list[torch.Tensor]], typed: tuple[int, ...]) -> tuple:
 _LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "compensations")  # adamw's, in _key's order
 
 
-def _check_unshared(key: tuple) -> None:
-    """No two tensors of an adamw call share memory: the kernel's programs run at once, and one
-    whose tensor lies on another's would race with it (a param listed twice, exp_avg and
-    exp_avg_sq the same buffer). Grads may share memory with each other (only read); nothing
-    written may share with anything. From the plan's key: once per set of addresses."""
+def _key_spans(key: tuple) -> list[tuple[int, int, int, int]]:
+    """(first byte, end, list index, tensor index) of each non-empty tensor of an adamw plan's key
+    (contiguous tensors: _key's addresses and numels)."""
     addresses, numels, dtypes, _devices = key
     n = len(numels)
-    spans = []  # (first byte, end, list index, tensor index)
+    spans = []
     for j in range(len(addresses) // n):
         typed = max(j - 1, 0)  # grads (list 1) have the params' dtype and are not in the dtypes
         for i in range(n):
             if numels[i]:
                 start = addresses[j * n + i]
                 spans.append((start, start + numels[i] * dtypes[typed * n + i].itemsize, j, i))
+    return spans
+
+
+def _tensor_spans(lists) -> list[tuple[int, int, int, int]]:
+    """The same from the tensors, any strides: each one's extent, first to last element (a strided
+    tensor's holds the gaps between its elements too)."""
+    return [(t.data_ptr(), t.data_ptr() + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.itemsize,
+             j, i) for j, ts in enumerate(lists) for i, t in enumerate(ts) if t.numel()]
+
+
+def _check_unshared(spans: list[tuple[int, int, int, int]]) -> None:
+    """No two tensors of an adamw call share memory: the kernel's programs run at once, and one
+    whose tensor lies on another's would race with it (a param listed twice, exp_avg and
+    exp_avg_sq the same buffer). Grads may share memory with each other (only read); nothing
+    written may share with anything. `spans`: _key_spans' (checked once per plan) or, for
+    tensors staged through contiguous copies, _tensor_spans' (the copies would be written back
+    one over another)."""
     written = sorted(s for s in spans if s[2] != 1)
     ends = [s[1] for s in written]  # ascending once the written spans are known disjoint
     for before, after in zip(written, written[1:]):
@@ -449,8 +464,9 @@ def _check_unshared(key: tuple) -> None:
 
 def _shared(a: tuple, b: tuple) -> None:
     name_a, name_b = (f"{_LISTS[s[2]]}[{s[3]}]" for s in (a, b))
-    raise ValueError(f"adamw: {name_a} and {name_b} share memory: the triton backend updates every tensor "
-                     f"of a call at once, so each one written in place must have memory of its own")
+    raise ValueError(f"adamw: {name_a} and {name_b} share memory (their extents overlap): the triton backend "
+                     f"updates every tensor of a call at once, so each one written in place must have memory of "
+                     f"its own")
 
 
 @functools.lru_cache(maxsize=16)
@@ -460,7 +476,7 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
     # Only host memory in the interpreter: it cannot follow the table's addresses into a GPU's.
     device_type = "cpu" if runtime.CPU_TENSORS else "cuda"
     if op == "adamw":
-        _check_unshared(key)
+        _check_unshared(_key_spans(key))
     all_addresses, numels, all_dtypes, devices = key
     n = len(numels)
     rows = zip((all_addresses[i::n] for i in range(n)), numels, (all_dtypes[i::n] for i in range(n)), devices)
@@ -513,8 +529,10 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
     check_rounding(stochastic_rounding, seed)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
-    staged = lists if all(map(torch.Tensor.is_contiguous, itertools.chain(*lists))) else [
-        [t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
+    staged = lists
+    if not all(map(torch.Tensor.is_contiguous, itertools.chain(*lists))):
+        _check_unshared(_tensor_spans(lists))  # the copies' addresses would hide it from the plan's check
+        staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
     kahan = compensations is not None
     for launch in _plan("adamw", _key(staged, typed=(0, *range(2, len(staged))))):  # the grads: p's dtype
         with runtime.on_device(launch.table):

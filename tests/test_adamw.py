@@ -538,7 +538,8 @@ def test_bad_input_raises(backend, device):
 def test_triton_refuses_tensors_that_share_memory(device):
     """The kernel updates every tensor of a call at once: a param listed twice, two states in one
     buffer, or a grad lying on something written would race. Grads may share memory (they are
-    only read), and neighbouring tensors of one buffer do not overlap."""
+    only read), and neighbouring tensors of one buffer do not overlap. Non-contiguous tensors
+    (staged through contiguous copies, written back one after another) are checked by extent."""
     skip_unless_triton_runs("triton", device)
     adamw = kernels.get("adamw", "triton")
     flat = torch.randn(12, device=device)
@@ -547,14 +548,18 @@ def test_triton_refuses_tensors_that_share_memory(device):
     g = [g0, g0[:3]]  # grads sharing memory
     m, v = states(p)
     adamw(p, g, m, v, step=1, **HYPER)
-    zeros, state = (lambda: torch.zeros(5, device=device)), torch.zeros(8, device=device)
-    cases = {
-        r"params\[0\] and params\[1\]": ([p[0], p[0]], [g0, g0], [zeros(), zeros()], [zeros(), zeros()]),
-        r"exp_avgs\[1\] and exp_avg_sqs\[1\]": (p, g, [m[0], state[:3]], [v[0], state[2:5]]),
-        r"exp_avgs\[0\] and grads\[0\]": (p, [m[0], g[1]], m, v),
-        r"params\[1\] and grads\[0\]": (p, [flat[4:9], g[1]], m, v),
-    }
-    for message, (ps, gs, ms, vs) in cases.items():
+    column = torch.randn(5, 2, device=device)[:, 0]  # strided: staged
+    adamw([column, p[1]], g, m, v, step=1, **HYPER)
+    zeros, state = (lambda: torch.zeros(5, device=device)), torch.zeros(10, device=device)
+    cases = [
+        (r"params\[0\] and params\[1\]", [p[0], p[0]], [g0, g0], [zeros(), zeros()], [zeros(), zeros()]),
+        (r"exp_avgs\[1\] and exp_avg_sqs\[1\]", p, g, [m[0], state[:3]], [v[0], state[2:5]]),
+        (r"exp_avgs\[0\] and grads\[0\]", p, [m[0], g[1]], m, v),
+        (r"params\[1\] and grads\[0\]", p, [flat[4:9], g[1]], m, v),
+        (r"params\[0\] and params\[1\]", [column, column], [g0, g0], [zeros(), zeros()], [zeros(), zeros()]),
+        (r"params\[0\] and exp_avgs\[0\]", [state[:5], p[1]], g, [state[::2], m[1]], v),
+    ]
+    for message, ps, gs, ms, vs in cases:
         with pytest.raises(ValueError, match=f"adamw: {message} share memory"):
             adamw(ps, gs, ms, vs, step=1, **HYPER)
 
