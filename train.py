@@ -330,8 +330,10 @@ def main(argv: list[str]) -> None:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
         os.makedirs(c["out_dir"], exist_ok=True)
-        # A resumed run goes on with its log; any other starts it afresh, as it does the checkpoint.
-        log_file = open(Path(c["out_dir"]) / "log.jsonl", "a" if c["init_from"] == "resume" else "w")
+        # A new training run starts its log afresh (its checkpoints will replace the last run's);
+        # a resumed one, or an evaluation (eval_only, which saves nothing), appends to it.
+        fresh = c["init_from"] != "resume" and not c["eval_only"]
+        log_file = open(Path(c["out_dir"]) / "log.jsonl", "w" if fresh else "a")
     if c["wandb_log"] and master:
         import wandb
 
