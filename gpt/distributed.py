@@ -120,7 +120,8 @@ def replicate(model: nn.Module, world: World, device: str) -> nn.Module:
                                    gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC)
 
 
-# torch 2.13 renamed DDP's broadcast_buffers (a FutureWarning since) forward_sync_buffers.
+# torch 2.13 renamed DDP's broadcast_buffers (a FutureWarning since) forward_sync_buffers, which
+# still broadcasts the buffers once, as DDP wraps the model: harmless for constant tables.
 _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                            else {"broadcast_buffers": False})

@@ -117,9 +117,10 @@ import triton.language as tl  # noqa: E402
 def round_bf16_casts() -> bool:
     """Make the interpreter's casts to and from bf16 what a GPU's are: it rounds fp32 -> bf16
     toward zero (a GPU, and torch, to nearest even: about twice the error of one rounding in every
-    bf16 result), and casts between bf16 and fp16 or fp64 as integers (garbage). Each such cast is
-    done by torch instead. True when the interpreter has the builder method this replaces
-    (triton 3.6-3.8 do), else it is left as it is."""
+    bf16 result), and casts fp64 -> bf16 as an integer (garbage). Each cast between bf16 and
+    another float type that reaches the builder is done by torch instead. True when the
+    interpreter has the builder method this replaces (triton 3.6-3.8 do), else it is left as it
+    is. (An explicit fp_downcast_rounding takes another path, left as it is: no kernel uses one.)"""
     import numpy
     from triton.runtime import interpreter
 
@@ -134,13 +135,14 @@ def round_bf16_casts() -> bool:
         src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
         if tl.bfloat16 not in (src_ty, dst_ty) or not (src_ty in torch_float and dst_ty in torch_float):
             return cast(self, src, dst_type)
-        # bf16 values are held as their uint16 bit patterns
-        data = numpy.ascontiguousarray(src.data)
+        # bf16 values are held as their uint16 bit patterns. A copy: contiguous and writable,
+        # as torch.from_numpy wants, with the shape kept (0-d included).
+        data = numpy.array(src.data)
         t = (torch.from_numpy(data.view(numpy.int16)).view(torch.bfloat16) if src_ty == tl.bfloat16
              else torch.from_numpy(data))
         out = t.to(torch_float[dst_ty])
         out = out.view(torch.int16).numpy().view(numpy.uint16) if dst_ty == tl.bfloat16 else out.numpy()
-        return interpreter.TensorHandle(out.reshape(src.data.shape), dst_ty)
+        return interpreter.TensorHandle(out, dst_ty)
 
     cast_impl.rounds_bf16 = True
     builder.cast_impl = cast_impl

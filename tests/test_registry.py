@@ -85,24 +85,32 @@ def test_interpreter_version_check():
 
 
 @triton.jit
-def _cast_kernel(X, Y, N: tl.constexpr):
+def _cast_kernel(X, Y, N: tl.constexpr, VIA_FP32: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(Y + i, tl.load(X + i).to(tl.float32))  # the store casts to Y's dtype
+    x = tl.load(X + i)
+    if VIA_FP32:  # as the kernels cast: to fp32 at once, then to the output's dtype at the store
+        x = x.to(tl.float32)
+    tl.store(Y + i, x.to(Y.dtype.element_ty))
 
 
-@pytest.mark.parametrize("src, dst", [(torch.float32, torch.bfloat16), (torch.float64, torch.bfloat16),
-                                      (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("src, dst, via_fp32", [
+    (torch.float32, torch.bfloat16, True), (torch.float64, torch.bfloat16, True),
+    (torch.float16, torch.bfloat16, True), (torch.bfloat16, torch.float64, True),
+    (torch.float64, torch.bfloat16, False)])
 @interpreter_only
-def test_bf16_casts_round_as_on_a_gpu(src, dst):
+def test_bf16_casts_round_as_on_a_gpu(src, dst, via_fp32):
     """In the interpreter a kernel's casts to bf16 round to nearest even, as a GPU's and torch's do
-    (the interpreter's own round toward zero, and cast fp16 as an integer), and a bf16 value widens
-    exactly; ties, NaN and inf included. The kernel goes through fp32, as ours do."""
+    (the interpreter's own round fp32 toward zero, and cast fp64 as an integer), and a bf16 value
+    widens exactly; ties, NaN and inf included."""
     ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3e38, float("nan"), float("inf"), 0.0, -0.0])
     x = torch.cat([torch.randn(248, dtype=torch.float64), ties.double()]).to(src)
     y = torch.empty(256, dtype=dst)
-    _cast_kernel[(1,)](x, y, N=256)
-    bits = torch.int16 if dst == torch.bfloat16 else torch.int64
-    assert torch.equal(y.view(bits), x.float().to(dst).view(bits))
+    _cast_kernel[(1,)](x, y, N=256, VIA_FP32=via_fp32)
+    expected = (x.float() if via_fp32 else x).to(dst)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y[~y.isnan()], expected[~expected.isnan()])  # -0.0 == 0.0: the signs below
+    assert torch.equal(y.signbit()[~y.isnan()], expected.signbit()[~expected.isnan()])
+
 
 def test_no_kernel_accumulates_with_atomics():
     """The determinism tests cannot catch an atomic add on the CPU (the interpreter runs the
