@@ -230,15 +230,15 @@ def summarize(records: list[dict]) -> dict:
 
 
 def load(out: Path) -> list[dict]:
-    """The runs under `out` (out/<variant>/log.jsonl), in VARIANTS order, then any others."""
-    logs = sorted(out.glob("*/log.jsonl"), key=lambda p: (list(VARIANTS).index(p.parent.name)
-                                                          if p.parent.name in VARIANTS else len(VARIANTS),
-                                                          p.parent.name))
+    """The runs under `out` (out/<variant>/, with a log.jsonl or a start record: a run cut short
+    before train.py wrote its log has only the latter), in VARIANTS order, then any others."""
+    dirs = sorted({p.parent for name in ("log.jsonl", START) for p in out.glob(f"*/{name}")},
+                  key=lambda d: (list(VARIANTS).index(d.name) if d.name in VARIANTS else len(VARIANTS), d.name))
     runs = []
-    for path in logs:
-        summary = summarize(read_log(path))
-        summary["variant"] = summary["variant"] or path.parent.name
-        summary["label"] = summary["label"] or VARIANTS.get(path.parent.name, (path.parent.name,))[0]
+    for d in dirs:
+        summary = summarize(read_log(d / "log.jsonl"))
+        summary["variant"] = summary["variant"] or d.name
+        summary["label"] = summary["label"] or VARIANTS.get(d.name, (d.name,))[0]
         runs.append(summary)
     return runs
 
@@ -251,7 +251,8 @@ def table(runs: list[dict]) -> str:
     lines = ["| variant | steps | final val loss | best val loss (step) | final train loss | ms/step | wall (s) | device |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in runs:
-        status = "" if r["returncode"] in (0, None) else f" (exit status {r['returncode']})"
+        status = (" (cut short: no end record)" if r["returncode"] is None
+                  else f" (exit status {r['returncode']})" if r["returncode"] else "")
         best = "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})"
         lines.append(f"| {r['label']}{status} | {_num(r['iters'], 'd')} | {_num(r['final_val'], '.4f')} | {best} | "
                      f"{_num(r['final_train'], '.4f')} | {_num(r['step_ms'], '.1f')} | {_num(r['wall_s'], '.0f')} | "
@@ -279,7 +280,8 @@ def plot(out: Path, png: Path, md: Path | None) -> int:
     except ImportError:
         raise SystemExit("bench.adamw_curves plot needs matplotlib: pip install matplotlib "
                          "(or pip install -e '.[plot]')") from None
-    runs = [r for r in load(out) if r["evals"]]
+    every = load(out)
+    runs = [r for r in every if r["evals"]]  # the curves; the table lists every run, failed ones too
     if not runs:
         raise SystemExit(f"bench.adamw_curves plot: no evaluations in {out}/*/log.jsonl")
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
@@ -311,7 +313,7 @@ def plot(out: Path, png: Path, md: Path | None) -> int:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
     plt.close(fig)
-    text = caption(runs) + "\n" + table(runs)
+    text = caption(every) + "\n" + table(every)
     if md:
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(text)

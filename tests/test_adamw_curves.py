@@ -2,6 +2,7 @@
 subprocess each, two at a time), their logs hold what `plot` reads, and `plot` writes the PNG and
 the table."""
 import importlib.util
+import json
 
 import pytest
 
@@ -68,3 +69,28 @@ def test_plot_writes_the_png_and_the_table(runs, tmp_path):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[1] == "4" and all(float(x) > 0 for x in (cells[2], cells[4], cells[5], cells[6]))
         assert cells[3].endswith(")") and cells[7].startswith("CPU")
+
+
+def test_runs_cut_short_are_listed(tmp_path):
+    """A run killed before train.py wrote its log (only its start record), one that failed
+    before its first evaluation, and one cut off with the script (no end record) are all in the
+    table, marked, not dropped."""
+    def write(variant, *records, start=True):
+        d = tmp_path / variant
+        d.mkdir()
+        if start:
+            (d / adamw_curves.START).write_text(json.dumps(dict(event="start", variant=variant, label=variant)))
+        if records:
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    evaluation = dict(iter=0, train_loss=4.2, val_loss=4.3, lr=1e-4)
+    write("adamw")
+    write("bf16_nearest", dict(event="end", variant="bf16_nearest", wall_s=3.0, returncode=-9))
+    write("bf16_sr", evaluation)
+    runs = adamw_curves.load(tmp_path)
+    assert [r["variant"] for r in runs] == ["adamw", "bf16_nearest", "bf16_sr"]
+    rows = adamw_curves.table(runs).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| adamw (cut short: no end record)",
+                                                     "| bf16_nearest (exit status -9)",
+                                                     "| bf16_sr (cut short: no end record)"]
+    assert runs[2]["final_val"] == 4.3
