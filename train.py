@@ -394,7 +394,9 @@ def main(argv: list[str]) -> None:
             if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"] or c["eval_only"]:
                 losses = estimate_loss()
                 console.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr))
+                # An eval_only run's record says what it scored: it may sit in another run's log.
+                scored = dict(eval_only=True, init_from=c["init_from"]) if c["eval_only"] else {}
+                log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr, **scored))
                 if not c["eval_only"] and (losses["val"] < best_val_loss or c["always_save_checkpoint"]):
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:

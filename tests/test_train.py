@@ -103,7 +103,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     for it in range(6, 12):
         assert resumed[it] == uninterrupted[it], it
     scored = run(tmp_path / "split", data_dir, *cpu, "--eval_only=True")
-    assert len(scored) == len(split) + 1 and "val_loss" in scored[-1]  # an evaluation appends
+    assert scored[:-1] == split and scored[-1]["eval_only"] and scored[-1]["init_from"] == "scratch"  # appended, marked
     again = run(tmp_path / "split", data_dir, *cpu, "--max_iters=2", "--eval_interval=2")
     assert [r["iter"] for r in again if "loss" in r] == [0, 1]  # a new run in the same out_dir: a new log
 
