@@ -437,8 +437,9 @@ def _key_spans(key: tuple) -> list[tuple[int, int, int, int]]:
 
 
 def _tensor_spans(lists) -> list[tuple[int, int, int, int]]:
-    """The same from the tensors, any strides: each one's extent, first to last element (a strided
-    tensor's holds the gaps between its elements too)."""
+    """The same from the tensors, any strides: each one's extent, first to last element. A strided
+    tensor's holds the gaps between its elements too: views that interleave in one buffer
+    (buf[:, 0] and buf[:, 1]) count as sharing memory, though no element is in both."""
     return [(t.data_ptr(), t.data_ptr() + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.itemsize,
              j, i) for j, ts in enumerate(lists) for i, t in enumerate(ts) if t.numel()]
 
