@@ -33,7 +33,7 @@ def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
     peak = rooflines["copy_gbs"] if timed.unit == "GB/s" else rooflines["matmul_tflops"]
     result = entry(timed, checked, implementations(op), peak, device)
     registered = kernels.ops()[op]
-    result["chosen"] = {mode: profile.fastest_verified(result, registered, compiled)[0]
+    result["chosen"] = {mode: profile.fastest_verified(result, registered, profile.launched_compiled(op, compiled))[0]
                         for mode, compiled in (("eager", False), ("compiled", True))}
     return result
 

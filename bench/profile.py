@@ -33,6 +33,11 @@ COMPILED_AS = {"torch": "compile"}
 OUTSIDE_GRAPH = {"adamw", "grad_norm"}
 
 
+def launched_compiled(op: str, compiled: bool) -> bool:
+    """Whether `op` runs inside a compiled model's graph (`compiled`): the optimizer's ops never do."""
+    return compiled and op not in OUTSIDE_GRAPH
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str  # where it came from, for the reasons shown to users
@@ -188,15 +193,14 @@ def write(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def fastest_verified(entry: dict, candidates: list[str], compiled: bool,
-                     outside_graph: bool = False) -> tuple[str | None, str]:
+def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tuple[str | None, str]:
     """(backend, why): the fastest of `candidates` (registry backends) in one op's profile entry
     at its training pass that passed verification there. Eagerly a pass costs the longer of the
     GPU's time and the host's time to issue it (a step whose host falls behind leaves the GPU
     waiting: the triton ops' eager GPT-2 step on an H200 kept it busy 57% of the time); in a
-    compiled model Inductor's own code launches the kernels, and the GPU's time counts, but for
-    ops run `outside_graph` (the optimizer's), eager there too. torch, the reference, is eligible
-    eagerly whatever its check; in a compiled model its compiled timing counts only where
+    compiled model (`compiled`: launched_compiled's) Inductor's own code launches the kernels, and
+    the GPU's time counts. torch, the reference, is eligible eagerly whatever its check; in a
+    compiled model its compiled timing counts only where
     Inductor's result passed. A faster backend that failed verification is named in the reason,
     never chosen; where every measured one failed, torch. None when the entry measured none of
     the candidates."""
@@ -210,7 +214,7 @@ def fastest_verified(entry: dict, candidates: list[str], compiled: bool,
         if "ms" in record:
             reference = backend == "torch" and measured == "torch"
             ms = record["ms"][pass_]
-            if not compiled or outside_graph:  # run eagerly, a pass costs its host's time where that is longer
+            if not compiled:  # run eagerly, a pass costs its host's time where that is longer
                 ms = max(ms, (record.get("host_ms") or {}).get(pass_) or 0.0)
             timed[backend] = (ms, measured, record.get("verified") is True or reference)
     eligible = {b: t for b, t in timed.items() if t[2]}

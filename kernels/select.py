@@ -75,8 +75,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
         measured = prof.nearest(op, shapes) if prof is not None else None
         if measured is not None:
             stale = stale or prof.stale(measured)
-            backend, why = profiles.fastest_verified(measured["ops"][op], registered[op], compiled,
-                                                     op in profiles.OUTSIDE_GRAPH)
+            backend, why = profiles.fastest_verified(measured["ops"][op], registered[op],
+                                                     profiles.launched_compiled(op, compiled))
             if backend is not None and backend != "triton":
                 choices[op] = Choice(backend, f"{prof.label(measured)}: {why}")
                 continue

@@ -8,7 +8,7 @@ from bench import backends
 from bench import kernels as bench_kernels
 from bench import profile
 from bench.cases import Shapes, case, check
-from bench.profile import Profile, fastest_verified
+from bench.profile import Profile, fastest_verified, launched_compiled
 from gpt.model import GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
 from tests.devices import interpreter_only
@@ -339,8 +339,10 @@ def test_auto_warns_when_the_self_check_fails(self_check):
 def test_the_optimizers_ops_cost_their_hosts_time_in_a_compiled_model_too():
     """adamw and grad_norm run outside the compiled graph: launched eagerly whatever the model."""
     e = entry(torch={**backend(1.0), "host_ms": {"fwd+bwd": 3.0}}, triton=backend(1.5))
-    assert fastest_verified(e, ["torch", "triton"], compiled=True)[0] == "torch"
-    assert fastest_verified(e, ["torch", "triton"], compiled=True, outside_graph=True)[0] == "triton"
+    in_graph = launched_compiled("attention", True)
+    assert fastest_verified(e, ["torch", "triton"], compiled=in_graph)[0] == "torch"
+    for op in ("adamw", "grad_norm"):
+        assert fastest_verified(e, ["torch", "triton"], compiled=launched_compiled(op, True))[0] == "triton"
 
 
 def test_ranks_that_chose_differently_all_take_torch():
