@@ -24,7 +24,7 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import DTYPES, HELP, ConfigError, help_text, parse_args, reported as reported_by
+from gpt.config import DEVICE_KEYS, DTYPES, HELP, ConfigError, help_text, parse_args, reported as reported_by
 from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
 from bench import plan
@@ -64,8 +64,7 @@ DEFAULTS = dict(
     data_dir="data", seed=1337,
 )
 # Keys that take a second type besides their default's; for a None default, the type it takes.
-ALSO = {"recompute": int, "device": str, "dtype": str, "peak_tflops": float, "preset": str, "n_kv_head": int,
-        "mlp_hidden": int}
+ALSO = {"recompute": int, **DEVICE_KEYS, "peak_tflops": float, "preset": str, "n_kv_head": int, "mlp_hidden": int}
 # wandb charts under nanoGPT's names where it logs the same value.
 WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or

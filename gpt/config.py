@@ -24,6 +24,9 @@ _CALLS = {"str": str, "int": int, "float": float, "round": round, "min": min, "m
           "time.time": time.time, "math.sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor}
 _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and gpt.sample take
+# The keys both programs take whose default None means "chosen for this machine", and the type
+# they take otherwise (parse_args' `also`).
+DEVICE_KEYS = {"device": str, "dtype": str}
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import DTYPES, HELP, help_text, parse_args, reported
+from .config import DEVICE_KEYS, DTYPES, HELP, help_text, parse_args, reported
 from .data import load_meta
 from .model import GPT, GPTConfig, model_ops
 from .tokenizer import EOT, gpt2
@@ -74,7 +74,8 @@ def main(argv: list[str]) -> list[str]:
         print(help_text(__doc__, DEFAULTS))
         return []
     with reported("gpt.sample"):
-        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None)}, files_set_others=True))
+        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **DEVICE_KEYS},
+                                             files_set_others=True))
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
     if c["top_k"] is not None and c["top_k"] < 1:

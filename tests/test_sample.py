@@ -65,6 +65,7 @@ def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch)
     ("--temperature=-1.0", "temperature must be >= 0"),
     ("--top_k=0", "top_k must be at least 1, or None"),
     ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
+    ("--device=5", "device must be str or None, got 5"),  # (a traceback once)
 ])
 def test_bad_arguments_stop_with_the_reason(tmp_path, arg, message):
     args = char_checkpoint(tmp_path)
