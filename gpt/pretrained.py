@@ -166,10 +166,11 @@ def load_weights(model: GPT, folder: Path) -> None:
         param.copy_(weight)
 
 
-def load(init_from: str, block_size: int | None = None, dropout: float = 0.0,
-         kernels: dict[str, str] | None = None) -> GPT:
-    """A GPT holding init_from's weights (see the module docstring), fp32 on the CPU."""
+def load(init_from: str, block_size: int | None = None, dropout: float = 0.0) -> GPT:
+    """A GPT holding init_from's weights (see the module docstring), fp32 on the CPU, its ops on
+    their torch backends (train.py and gpt.sample build the model with the kernels they chose
+    from gpt_config, then load_weights)."""
     folder = locate(init_from)
-    model = GPT(gpt_config(folder, block_size, dropout), kernels)
+    model = GPT(gpt_config(folder, block_size, dropout))
     load_weights(model, folder)
     return model
