@@ -166,13 +166,13 @@ def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:
         prefix = f"optimizer.state.{name}."
         for key in [key for key in param_state if prefix + key not in saved]:
             del param_state[key]
-        for key in {key.removeprefix(prefix) for key in saved if key.startswith(prefix)} - param_state.keys():
-            param_state[key] = (torch.zeros((), dtype=saved[prefix + key].properties.dtype) if key == "step"
-                                else torch.zeros_like(param_state["exp_avg"]))
+        kept = {key.removeprefix(prefix) for key in saved if key.startswith(prefix)}
+        for key in kept - param_state.keys() - {"step"}:  # the step below: a tensor or a number
+            param_state[key] = torch.zeros_like(param_state["exp_avg"])
         step = saved.get(prefix + "step")
-        if isinstance(step, TensorStorageMetadata) != isinstance(param_state.get("step", 0), torch.Tensor):
-            param_state["step"] = torch.zeros((), dtype=step.properties.dtype) if isinstance(
-                step, TensorStorageMetadata) else 0
+        tensor = isinstance(step, TensorStorageMetadata)
+        if step is not None and ("step" not in param_state or tensor != isinstance(param_state["step"], torch.Tensor)):
+            param_state["step"] = torch.zeros((), dtype=step.properties.dtype) if tensor else 0
     for i, group in enumerate(optimizer_state["param_groups"]):
         for key in [key for key in group if f"optimizer.param_groups.{i}.{key}" not in saved]:
             del group[key]
