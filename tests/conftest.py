@@ -65,6 +65,19 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [item for item in items if item in mine]
 
 
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def pytest_collection_finish(session):
     """The subprocess checks of the tests to run (marked background) start now, in the background."""
     def skipped(item):

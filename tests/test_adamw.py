@@ -414,19 +414,6 @@ def test_optimizer_state_dict_resumes_exactly(backend, stochastic_rounding, devi
 
 
 @pytest.fixture
-def one_process_group():
-    """A gloo process group of this process alone."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group of its own")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture
 def mesh(device, one_process_group):
     """A 1-D device mesh over one_process_group: a DTensor's shard is the whole tensor."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -280,18 +280,14 @@ def test_memory_per_rank_is_what_bench_plan_counts(tmp_path):
             assert sum(r) == pytest.approx((weights + grads + states) / 2, rel=0.01)
 
 
-def test_ddp_does_not_sync_buffers_each_forward():
+def test_ddp_does_not_sync_buffers_each_forward(one_process_group):
     """replicate's DDP broadcasts no buffers before a forward (the rope tables are the same on
     every rank), by the argument this torch takes without a deprecation warning."""
     import warnings
 
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        model = torch.nn.Linear(4, 4)
-        model.register_buffer("table", torch.ones(3))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)
-            ddp = distributed.replicate(model, distributed.World(parallel="ddp"), "cpu")
-        assert not getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers)
-    finally:
-        torch.distributed.destroy_process_group()
+    model = torch.nn.Linear(4, 4)
+    model.register_buffer("table", torch.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ddp = distributed.replicate(model, distributed.World(parallel="ddp"), "cpu")
+    assert not getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers)
