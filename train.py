@@ -24,7 +24,7 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import DEVICE_KEYS, DTYPES, HELP, ConfigError, help_text, parse_args, reported as reported_by
+from gpt.config import DEVICE_KEYS, DTYPES, ConfigError, parse_args, printed_help, reported as reported_by
 from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
 from bench import plan
@@ -173,8 +173,7 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
 
 
 def main(argv: list[str]) -> None:
-    if any(arg in HELP for arg in argv):
-        print(help_text(__doc__, DEFAULTS))
+    if printed_help(argv, __doc__, DEFAULTS):
         return
     with reported():
         c, argv = read_config(argv)

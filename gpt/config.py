@@ -33,7 +33,12 @@ class ConfigError(ValueError):
     pass
 
 
-HELP = ("-h", "--help")
+def printed_help(argv: list[str], doc: str, defaults: dict) -> bool:
+    """Whether `argv` asks for -h/--help; if so, help_text is printed."""
+    if not any(arg in ("-h", "--help") for arg in argv):
+        return False
+    print(help_text(doc, defaults))
+    return True
 
 
 def help_text(doc: str, defaults: dict) -> str:

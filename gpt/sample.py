@@ -19,7 +19,7 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import DEVICE_KEYS, DTYPES, HELP, help_text, parse_args, reported
+from .config import DEVICE_KEYS, DTYPES, parse_args, printed_help, reported
 from .data import load_meta
 from .model import GPT, GPTConfig, model_ops
 from .tokenizer import EOT, gpt2
@@ -70,8 +70,7 @@ def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
 
 
 def main(argv: list[str]) -> list[str]:
-    if any(arg in HELP for arg in argv):
-        print(help_text(__doc__, DEFAULTS))
+    if printed_help(argv, __doc__, DEFAULTS):
         return []
     with reported("gpt.sample"):
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **DEVICE_KEYS},

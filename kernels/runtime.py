@@ -126,8 +126,8 @@ def round_bf16_casts() -> bool:
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
     cast = getattr(builder, "cast_impl", None)
-    if cast is None or getattr(cast, "rounds_bf16", False):
-        return cast is not None
+    if cast is None:
+        return False
     torch_float = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32,
                    tl.float64: torch.float64}
 
@@ -144,7 +144,6 @@ def round_bf16_casts() -> bool:
         out = out.view(torch.int16).numpy().view(numpy.uint16) if dst_ty == tl.bfloat16 else out.numpy()
         return interpreter.TensorHandle(out, dst_ty)
 
-    cast_impl.rounds_bf16 = True
     builder.cast_impl = cast_impl
     return True
 
