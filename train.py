@@ -69,6 +69,9 @@ ALSO = {"recompute": int, **DEVICE_KEYS, "peak_tflops": float, "preset": str, "n
 WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
+# Counts that must be at least 1, and amounts that must not be negative (0 grad_clip: no clipping).
+COUNTS = ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters")
+AMOUNTS = ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip")
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
 ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
 CONFIG_DIR = Path(__file__).resolve().parent / "config"  # found from any working directory
@@ -104,7 +107,24 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
         config["dtype"] = "bfloat16" if bf16 else "float16" if cuda else "float32"
     if config["dtype"] not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
+    check_ranges(config)
     return config, argv
+
+
+def check_ranges(config: dict) -> None:
+    """A value out of its key's range is refused before any set-up (it ended in a division by
+    zero, an empty batch or NaN losses minutes later)."""
+    for key in COUNTS:
+        if config[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {config[key]}")
+    for key in AMOUNTS:
+        if config[key] < 0:
+            raise ConfigError(f"{key} must not be negative, got {config[key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= config[key] < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
+    if config["peak_tflops"] is not None and config["peak_tflops"] <= 0:
+        raise ConfigError(f"peak_tflops must be above 0, got {config['peak_tflops']}")
 
 
 def lr_at(it: int, c: dict) -> float:

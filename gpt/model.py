@@ -48,6 +48,14 @@ class GPTConfig:
         for key in ("n_kv_head", "mlp_hidden"):  # None picks a default; anything else is a count
             if getattr(self, key) is not None and type(getattr(self, key)) is not int:
                 raise ValueError(f"GPTConfig: {key} must be an int or None, got {getattr(self, key)!r}")
+        for key in ("block_size", "vocab_size", "n_layer", "n_embd", "mlp_hidden"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"GPTConfig: {key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"GPTConfig: norm_eps and rope_theta must be above 0, got {self.norm_eps} and "
+                             f"{self.rope_theta}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if not 1 <= self.n_kv_head <= self.n_head:

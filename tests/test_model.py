@@ -317,6 +317,13 @@ def test_bad_configs_are_refused():
         GPTConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         GPTConfig(n_head=12, n_kv_head=5)
+    for key, value, message in (("block_size", 0, "block_size must be at least 1, got 0"),
+                                ("n_layer", -1, "n_layer must be at least 1, got -1"),
+                                ("mlp_hidden", 0, "mlp_hidden must be at least 1, got 0"),
+                                ("dropout", 1.0, r"dropout must be in \[0, 1\), got 1.0"),
+                                ("norm_eps", 0.0, "norm_eps and rope_theta must be above 0")):
+        with pytest.raises(ValueError, match=message):
+            GPTConfig(**{key: value})
     for n_head, n_kv_head in ((0, None), (4, 0), (4, -2), (4, 8)):
         with pytest.raises(ValueError, match="n_head must be at least 1 and n_kv_head from 1 to n_head"):
             GPTConfig(n_embd=32, n_head=n_head, n_kv_head=n_kv_head)

@@ -270,7 +270,15 @@ def test_defaults_and_errors(monkeypatch):
     with pytest.raises(SystemExit, match="n_kv_head must be int or None, got 'two'"):
         train.main(["--n_kv_head=two"])
     for arg, message in (("--peak_tflops=abc", "peak_tflops must be float or None, got 'abc'"),
-                         ("--device=5", "device must be str or None, got 5")):  # (tracebacks once)
+                         ("--device=5", "device must be str or None, got 5"),  # (tracebacks once)
+                         # out of range: an empty batch, a division by zero, NaN losses once
+                         ("--batch_size=0", "batch_size must be at least 1, got 0"),
+                         ("--log_interval=0", "log_interval must be at least 1, got 0"),
+                         ("--eval_iters=0", "eval_iters must be at least 1, got 0"),
+                         ("--block_size=0", "GPTConfig: block_size must be at least 1, got 0"),
+                         ("--max_iters=-1", "max_iters must not be negative, got -1"),
+                         ("--beta2=1.0", r"beta2 must be in \[0, 1\), got 1.0"),
+                         ("--peak_tflops=-5", "peak_tflops must be above 0, got -5.0")):
         with pytest.raises(SystemExit, match=message):
             train.main([arg])
     # Combinations refused before any data is prepared (this dataset does not exist).
