@@ -257,18 +257,23 @@ _checked: dict[tuple, tuple[bool, str]] = {}
 
 def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     """Whether `op`'s triton backend matches torch at `shapes` (see check_shapes), and why;
-    once per op and shapes in a process."""
+    once per op and shapes in a process. The caller's random state is left as it was: the check
+    draws its inputs and seeds its dropout, and a run seeded before it (gpt.sample's --seed)
+    would otherwise sample the same with every seed."""
     shapes = check_shapes(shapes, device_type)
     key = (op, device_type, shapes.key())
     if key not in _checked:
-        cases, worst = check_cases(op, shapes, device_type), 0.0  # the model's calls of it (a norm's forms)
-        for c in cases:
-            failure, fraction = margin(c, kernels.get(op, "triton"), kernels.get(op, "torch"))
-            if failure is not None:
-                _checked[key] = False, f"{shapes.describe()}: {failure}" + (f" ({c.shape})" if len(cases) > 1 else "")
-                break
-            worst = max(worst, fraction)
-        else:
-            forms = f" in {len(cases)} forms" if len(cases) > 1 else ""
-            _checked[key] = True, f"{shapes.describe()}: error at most {worst:.0%} of the bound{forms}"
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []):
+            _checked[key] = _check(op, shapes, device_type)
     return _checked[key]
+
+
+def _check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
+    cases, worst = check_cases(op, shapes, device_type), 0.0  # the model's calls of it (a norm's forms)
+    for c in cases:
+        failure, fraction = margin(c, kernels.get(op, "triton"), kernels.get(op, "torch"))
+        if failure is not None:
+            return False, f"{shapes.describe()}: {failure}" + (f" ({c.shape})" if len(cases) > 1 else "")
+        worst = max(worst, fraction)
+    forms = f" in {len(cases)} forms" if len(cases) > 1 else ""
+    return True, f"{shapes.describe()}: error at most {worst:.0%} of the bound{forms}"

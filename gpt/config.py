@@ -13,6 +13,7 @@ import ast
 import math
 import operator
 import time
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,13 +140,16 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
 
 
 def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None,
-               implied=None, files_set_others: bool = False) -> list[tuple[str, object]]:
+               implied=None, files_set_others: bool = False, files_skip: Collection[str] = ()
+               ) -> list[tuple[str, object]]:
     """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
     order, each checked against `defaults`; `also` names the keys that take a second type;
     `implied(key, value)` gives the keys an assignment sets with it, right after it (a preset's
     architecture: the keys after it, and a config file's expressions after it, see its values).
     files_set_others: a config file's keys outside `defaults` are passed over (a training config
-    read for its out_dir, as nanoGPT's sample.py execs one), where otherwise they are an error."""
+    read for its out_dir, as nanoGPT's sample.py execs one), where otherwise they are an error;
+    files_skip: keys a config file sets that are passed over too (a training config's init_from,
+    where its run started, is not the checkpoint it wrote)."""
     assignments, current = [], dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
@@ -159,6 +163,8 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
             value = _parse_value(text)
             items, source = [(key, value), *(implied(key, value) if implied else {}).items()], arg
         for key, value in items:
+            if key in files_skip and not arg.startswith("--"):
+                continue
             if key not in defaults:
                 if files_set_others and not arg.startswith("--"):
                     continue

@@ -1,7 +1,8 @@
 """Generate text from a checkpoint: python -m gpt.sample --out_dir=out-shakespeare-char [--key=value ...],
 or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
 A config file may come first, a training one too (its out_dir, device, dtype, seed, compile are
-taken, its training keys passed over, as nanoGPT's sample.py runs one).
+taken, its training keys passed over, as nanoGPT's sample.py runs one; its init_from as well: that
+is where training started, and the checkpoint it wrote is in out_dir).
 
 `start` is the prompt: text, or FILE:path to read it from a file (an empty one starts a GPT-2
 BPE model from <|endoftext|>). Character-level checkpoints decode with the vocabulary saved in
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> list[str]:
         return []
     with reported("gpt.sample"):
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **DEVICE_KEYS},
-                                             files_set_others=True))
+                                             files_set_others=True, files_skip={"init_from"}))
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
     if c["top_k"] is not None and c["top_k"] < 1:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import profile
 from gpt import checkpoint
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample
@@ -14,11 +15,11 @@ CHARS = "ab \n"
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"  # a 96-token GPT-2
 
 
-def char_checkpoint(out: Path, dtype=torch.float32) -> list[str]:
+def char_checkpoint(out: Path, dtype=torch.float32, dropout=0.0) -> list[str]:
     """A character-level checkpoint whose model's vocabulary (64) is padded past its 4
     characters, as train.py's would be after fine-tuning a larger model; the args to sample it."""
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dropout=dropout)
     meta = dict(vocab_size=len(CHARS), stoi={ch: i for i, ch in enumerate(CHARS)}, itos=dict(enumerate(CHARS)))
     checkpoint.save(dict(model=GPT(config).to(dtype).state_dict(), model_args=asdict(config), meta=meta), out)
     return [f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--start=ab"]
@@ -46,6 +47,18 @@ def test_triton_kernels_fall_back_per_op_at_the_model_s_own_shapes(tmp_path):
     with pytest.warns(UserWarning, match="kernels=triton: attention falls back to torch"):
         triton = sample([*args, "--kernels=triton"])
     assert triton == sample(args)
+
+
+def test_the_seed_decides_the_sample_whatever_the_kernels(tmp_path, monkeypatch):
+    """kernels=triton's self-check draws its inputs and seeds its dropout (a checkpoint trained
+    with dropout) in a random state of its own: after it, the seed still decides the sample, and
+    the same one as with torch's kernels (it gave one text for every seed)."""
+    monkeypatch.setattr(profile, "_checked", {})  # the check runs here, not in an earlier test
+    args = [*char_checkpoint(tmp_path, dropout=0.2), "--temperature=1.0", "--max_new_tokens=20"]
+    with pytest.warns(UserWarning, match="kernels=triton: attention falls back to torch"):
+        triton = [sample([*args, "--kernels=triton", f"--seed={seed}"]) for seed in (1, 2)]
+    assert triton[0] != triton[1]
+    assert triton[0] == sample([*args, "--seed=1"])
 
 
 def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch):
@@ -94,7 +107,9 @@ def test_a_training_config_file_gives_its_out_dir(tmp_path):
     passed over; a --key=value sampling lacks is still an error."""
     char_checkpoint(tmp_path)
     config = tmp_path / "train_config.py"
-    config.write_text(f"out_dir = {str(tmp_path)!r}\ndevice = 'cpu'\nbatch_size = 64\nlearning_rate = 1e-3\n")
+    # Its init_from is where training started (a fine-tuning's GPT-2), not what it wrote: passed over.
+    config.write_text(f"out_dir = {str(tmp_path)!r}\ndevice = 'cpu'\nbatch_size = 64\nlearning_rate = 1e-3\n"
+                      "init_from = 'gpt2-xl'\n")
     texts = sample([str(config), "--num_samples=1", "--start=ab", "--max_new_tokens=3"])
     assert len(texts) == 1 and len(texts[0]) == 5
     with pytest.raises(SystemExit, match="gpt.sample: --batch_size=2: unknown config key 'batch_size'"):
