@@ -55,6 +55,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import positive
+
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 15  # of a concurrent run's output, printed when it ends
 
@@ -328,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="train the variants, one train.py process each")
     p.add_argument("--out", type=Path, required=True, help="one out_dir per variant under it")
     p.add_argument("--scale", choices=SCALES, default="gpu")
-    p.add_argument("--max-iters", type=int, help="override the scale's 5000 steps")
-    p.add_argument("--eval-iters", type=int, help="override the scale's evaluation batches")
+    p.add_argument("--max-iters", type=positive(int), help="override the scale's 5000 steps")
+    p.add_argument("--eval-iters", type=positive(int), help="override the scale's evaluation batches")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (to split the runs between calls)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any further train.py setting, applied last (repeatable)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=positive(int), default=1,
                    help="variants trained at once, sharing the device (the losses do not depend on it; "
                         "ms/step and wall time do)")
     q = sub.add_parser("plot", help="the PNG and the markdown table from the logs under --out")

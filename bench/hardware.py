@@ -203,9 +203,10 @@ def peak_for(device_name: str, dtype, override: float | None = None) -> Peak:
     dtype = dtype_name(dtype)
     if gpu is None:
         warnings.warn(f"GPU {device_name!r} is not in bench/hardware.py's peak table: MFU is n/a. "
-                      f"Pass --peak-tflops with its dense {dtype} tensor TFLOPS, or add a row.",
-                      stacklevel=2)
-        return Peak(None, f"unknown GPU {device_name!r}: no peak (pass --peak-tflops)")
+                      f"Give its dense {dtype} tensor TFLOPS (bench.mfu --peak-tflops, train.py "
+                      f"--peak_tflops=), or add a row.", stacklevel=2)
+        return Peak(None, f"unknown GPU {device_name!r}: no peak (give bench.mfu --peak-tflops, train.py "
+                          f"--peak_tflops=)")
     tflops = gpu.tflops(dtype)
     if tflops is None:
         return Peak(None, f"{gpu.name} has no {dtype} tensor cores ({gpu.source})", gpu)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import profile
+from bench import positive, profile
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", default="auto", help="auto, or the name of the GPU here (a check)")
     parser.add_argument("--preset", default="gpt2", help="model whose training shapes to measure at")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block_size)")
+    parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--ops", default=",".join(kernels.OPS), help="comma-separated ops")
     parser.add_argument("--out", type=Path, help="profile path (default: profiles/<gpu-slug>.json)")
     args = parser.parse_args(argv)

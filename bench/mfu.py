@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import backends, breakdown
+from bench import backends, breakdown, positive
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto (measure the GPU here), a GPU name or key to plan for, or list")
     parser.add_argument("--preset", help="model preset (default gpt2; planning: comma-separated, "
                                          f"default {','.join(planning.DEFAULT_PLAN)})")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block_size)")
+    parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--kernels", default=DEFAULT_VARIANTS, help="comma-separated variants")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", nargs="?", type=int, const=True, default=False, metavar="BLOCKS",
                         help="recompute every block in backward (activation checkpointing), or the first BLOCKS, "
                              "as train.py's recompute")
-    parser.add_argument("--peak-tflops", type=float, help="dense peak to divide by (an unknown GPU needs it)")
-    parser.add_argument("--world-size", type=int, default=1, help="planning: GPUs sharing the model")
+    parser.add_argument("--peak-tflops", type=positive(float), help="dense peak to divide by (an unknown GPU needs it)")
+    parser.add_argument("--world-size", type=positive(int), default=1, help="planning: GPUs sharing the model")
     parser.add_argument("--json", type=Path, help="result file (default: profiles/<gpu>-mfu-<preset>.json)")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if device is None or device.gpu is not gpu:
             dtype = "bfloat16" if gpu.bf16 else "float16"
-            peak = args.peak_tflops or gpu.tflops(dtype)
+            peak = args.peak_tflops if args.peak_tflops is not None else gpu.tflops(dtype)
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
             for name in presets:
                 try:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kernels
-from bench import backends, op_adamw, op_norm, op_rope, op_swiglu
+from bench import backends, op_adamw, op_norm, op_rope, op_swiglu, positive
 from bench.cases import Shapes, case
 from bench.hardware import detect
 from bench.measure import one_line, provenance
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"some of {', '.join(SWEEPS)}")
     parser.add_argument("--json", type=Path, help="write every measurement to this file")
-    parser.add_argument("--budget-s", type=float, help="seconds for the whole run, shared among the sweeps")
+    parser.add_argument("--budget-s", type=positive(float), help="seconds for the whole run, shared among the sweeps")
     args = parser.parse_args(argv)
     names = args.sweeps.split(",")
     if unknown := [n for n in names if n not in SWEEPS]:

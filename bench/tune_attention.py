@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from bench import positive
 from bench.measure import median_ms, provenance
 from bench.op_attention import TOKENS, WIDTH
 from kernels import attention, runtime
@@ -531,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every result to this path")
     parser.add_argument("--d", default="64,128", help="head dims to tune, comma-separated (32, 64, 128)")
-    parser.add_argument("--t", type=int, default=4096, help="the tuning sequence length")
-    parser.add_argument("--compile-jobs", type=int, default=None,
+    parser.add_argument("--t", type=positive(int), default=4096, help="the tuning sequence length")
+    parser.add_argument("--compile-jobs", type=positive(int), default=None,
                         help="processes that compile the candidates ahead of the sweeps (default: "
                              "min(8, CPUs) on a GPU, none in the interpreter or a smoke run)")
     parser.add_argument("--smoke", action="store_true",

@@ -47,6 +47,16 @@ def test_plan_of_an_unknown_preset_is_a_usage_error(capsys):
     assert exit.value.code == 2 and "unknown preset 'giga-7b'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--world-size", "0"), ("--peak-tflops", "-5"), ("--seq-len", "0"),
+                                         ("--batch-size", "0"), ("--peak-tflops", "0")])
+def test_plan_numbers_not_above_zero_are_usage_errors(capsys, flag, value):
+    """A world of 0 GPUs divided by zero, a negative peak planned negative tokens/s, and a peak
+    or length of 0 was silently taken as the default."""
+    with pytest.raises(SystemExit) as exit:
+        mfu.main(["--gpu", "h100", "--preset", "gpt2", flag, value])
+    assert exit.value.code == 2 and f"argument {flag}: must be above 0, got {value}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_auto_on_cpu_says_what_to_run_and_exits_cleanly(capsys):
     assert mfu.main(["--gpu", "auto"]) == 0
