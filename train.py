@@ -351,6 +351,11 @@ def main(argv: list[str]) -> None:
         # A new training run starts its log afresh (its checkpoints will replace the last run's);
         # a resumed one, or an evaluation (eval_only, which saves nothing), appends to it.
         fresh = c["init_from"] != "resume" and not c["eval_only"]
+        if fresh and checkpoint.exists(c["out_dir"]):
+            first_save = min(c["eval_interval"], c["max_iters"])
+            console.print(f"[yellow]{c['out_dir']} holds an earlier run's checkpoint: this run replaces it at its "
+                          f"first evaluation past step 0 (step {first_save}); until then init_from=resume resumes "
+                          f"the earlier run[/yellow]")
         log_file = open(Path(c["out_dir"]) / "log.jsonl", "w" if fresh else "a")
     if c["wandb_log"] and master:
         import wandb

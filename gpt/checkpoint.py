@@ -82,7 +82,7 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
     """The checkpoint in out_dir. A full one whole; a sharded one's train state, with `sharded`
     (its directory) where model and optimizer would be: `restore` and `build_model` read them."""
     out = Path(out_dir)
-    found = [p for p in (out / FILENAME, _sharded_dir(out)) if p is not None and p.exists()]
+    found = _found(out)
     if not found:
         raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}")
     path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
@@ -95,6 +95,15 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
         checkpoint["model"] = model_state(checkpoint["model"])
     checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
     return checkpoint
+
+
+def exists(out_dir: str | os.PathLike) -> bool:
+    """Whether out_dir holds a checkpoint, of either format, that load would read."""
+    return bool(_found(Path(out_dir)))
+
+
+def _found(out: Path) -> list[Path]:
+    return [p for p in (out / FILENAME, _sharded_dir(out)) if p is not None and p.exists()]
 
 
 def _sharded_dir(out: Path) -> Path | None:

@@ -90,7 +90,7 @@ def test_tiny_training_run_loss_falls_and_checkpoints(tmp_path, data_dir):
     assert sample([*args, "--compile=True"]) == text
 
 
-def test_resume_continues_exactly(tmp_path, data_dir):
+def test_resume_continues_exactly(tmp_path, data_dir, capsys):
     # On the CPU even with a GPU here: bit-equality also needs deterministic kernels, and torch's
     # CUDA attention backward accumulates with atomics.
     cpu = ["--device=cpu", "--dtype=float32"]
@@ -104,8 +104,12 @@ def test_resume_continues_exactly(tmp_path, data_dir):
         assert resumed[it] == uninterrupted[it], it
     scored = run(tmp_path / "split", data_dir, *cpu, "--eval_only=True")
     assert scored[:-1] == split and scored[-1]["eval_only"] and scored[-1]["init_from"] == "scratch"  # appended, marked
+    capsys.readouterr()
     again = run(tmp_path / "split", data_dir, *cpu, "--max_iters=2", "--eval_interval=2")
     assert [r["iter"] for r in again if "loss" in r] == [0, 1]  # a new run in the same out_dir: a new log
+    # ... and word that the last run's checkpoint is the one a resume takes until step 2 replaces it
+    assert "holds an earlier run's checkpoint: this run replaces it at its first evaluation past step 0 (step 2)" in \
+        " ".join(capsys.readouterr().out.split())
 
 
 def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
