@@ -24,7 +24,8 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import DEVICE_KEYS, DTYPES, ConfigError, parse_args, printed_help, reported as reported_by
+from gpt.config import (DEVICE_KEYS, DTYPES, ConfigError, parse_args, printed_help, reported as reported_by,
+                        training_dtype)
 from gpt.data import Batches, load_meta, prepare
 from gpt.tokenizer import EOT
 from bench import plan
@@ -100,11 +101,7 @@ def read_config(argv: list[str]) -> tuple[dict, list[str]]:
     config.update(parse_args(argv, DEFAULTS, ALSO, implied=_preset_architecture))
     if config["device"] is None:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if config["dtype"] is None:
-        cuda = config["device"].startswith("cuda")
-        # bf16 where the tensor cores do it (Ampere on), not where torch would emulate it
-        bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-        config["dtype"] = "bfloat16" if bf16 else "float16" if cuda else "float32"
+    config["dtype"] = config["dtype"] or training_dtype(config["device"])
     if config["dtype"] not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
     check_ranges(config)

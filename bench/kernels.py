@@ -6,7 +6,10 @@ rate), and whether the backend passed the check against the torch reference at t
 Adds this workload's record to profiles/<gpu-slug>.json (replacing an earlier record of the same
 workload; others are kept), which `train.py --kernels=auto` chooses backends from.
 
-    python -m bench.kernels --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
+    python -m bench.kernels --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024] [--dtype D]
+
+The dtype is train.py's on this GPU unless given (bf16, or fp16 where the GPU has no bf16): a run
+takes each op from a record of its own dtype where the profile has one.
 """
 import argparse
 import sys
@@ -20,6 +23,7 @@ from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
 from bench.measure import print_rows, provenance
+from gpt.config import DTYPES, training_dtype
 from gpt.model import GPTConfig, preset
 
 
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="gpt2", help="model whose training shapes to measure at")
     parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
+    parser.add_argument("--dtype", choices=DTYPES, help="the ops' dtype (default: train.py's on this GPU)")
     parser.add_argument("--ops", default=",".join(kernels.OPS), help="comma-separated ops")
     parser.add_argument("--out", type=Path, help="profile path (default: profiles/<gpu-slug>.json)")
     args = parser.parse_args(argv)
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
               f"alone; pass --out", file=sys.stderr)
         return 2
     out = args.out or profile.path_for(device.slug)
-    shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len)
+    shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len,
+                    getattr(torch, args.dtype or training_dtype(f"cuda:{device.index}")))
     try:  # before measuring: a file that cannot take the result is known now
         profile.check_gpu(out, device.slug)
     except ValueError as e:

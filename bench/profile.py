@@ -3,12 +3,13 @@ rules `kernels.choose` picks backends by: the fastest verified backend of a prof
 start-up self-check of a Triton op against torch at the run's shapes.
 
 A profile holds one GPU's measurements at one or more workloads (a model's training shapes:
-gpt2's and llama's are not alike: head size 64 against 128, layer norm against rms norm). Per
-workload and op: the pass a training step runs ("fwd+bwd", or "step" for the optimizer), and per
-measured backend ("torch", "compile" = torch.compile of the torch backend, "triton") its median
-ms and rate per pass, its fraction of the roofline measured in the same run, and whether it
-passed the check against the torch reference at those shapes. A run takes each op from the
-workload nearest its own shapes. profiles/README.md describes the format.
+gpt2's and llama's are not alike: RoPE fused into attention against learned positions, rms norm
+against layer norm). Per workload and op: the pass a training step runs ("fwd+bwd", or "step"
+for the optimizer), and per measured backend ("torch", "compile" = torch.compile of the torch
+backend, "triton") its median ms and rate per pass, its fraction of the roofline measured in the
+same run, and whether it passed the check against the torch reference at those shapes. A run
+takes each op from the workload nearest its own shapes (distance). profiles/README.md describes
+the format.
 """
 import functools
 import hashlib
@@ -49,9 +50,10 @@ class Profile:
         return self.data["workloads"]
 
     def nearest(self, op: str, shapes: Shapes) -> dict | None:
-        """The workload record measuring `op` nearest to `shapes` (see distance), None if none does."""
-        return min((w for w in self.workloads if op in w["ops"]), key=lambda w: distance(w["workload"], shapes),
-                   default=None)
+        """The workload record that timed `op` nearest to `shapes` (see distance), None if none
+        did (a record whose every backend failed there has no timing to choose by)."""
+        timed = (w for w in self.workloads if any("ms" in r for r in w["ops"].get(op, {}).get("backends", {}).values()))
+        return min(timed, key=lambda w: distance(op, w["workload"], shapes), default=None)
 
     def label(self, record: dict) -> str:
         """The file and what the record measured, for the reasons shown: its shapes need not be the run's."""
@@ -87,16 +89,39 @@ def workload(preset_name: str, shapes: Shapes) -> dict:
             "config": asdict(shapes.config)}
 
 
-def distance(measured: dict, shapes: Shapes) -> tuple:
-    """How far a recorded workload is from `shapes`, for ordering: another dtype first, then
-    dropout on against off (attention runs another kernel), then the summed |log ratio| of the
-    sizes the ops' speed depends on (head size, width, MLP width, vocabulary, sequence, tokens)."""
-    c, m = shapes.config, GPTConfig(**measured["config"])
-    T, B = measured["seq_len"], measured["batch_size"]
-    sizes = ((m.head_dim, c.head_dim), (m.n_embd, c.n_embd), (m.mlp_hidden, c.mlp_hidden),
-             (m.vocab_size, c.vocab_size), (T, shapes.T), (B * T, shapes.batch_size * shapes.T))
-    return (measured["dtype"] != str(shapes.dtype).removeprefix("torch."), bool(m.dropout) != bool(c.dropout),
-            sum(abs(math.log(a / b)) for a, b in sizes))
+def distance(op: str, measured: dict, shapes: Shapes) -> tuple:
+    """How far a recorded workload is from `shapes` for `op`, for ordering: another dtype first,
+    then how many of the kinds of kernel the op runs differ (see _aspects), then the summed |log
+    ratio| of the sizes its speed depends on. Only the op's own: the vocabulary says nothing of
+    attention's speed, and dropout nothing of the loss's. Last, a tie goes to a record of the
+    run's own model."""
+    m = GPTConfig(**measured["config"])
+    (kinds, sizes), (run_kinds, run_sizes) = (_aspects(op, m, measured["batch_size"], measured["seq_len"]),
+                                              _aspects(op, shapes.config, shapes.batch_size, shapes.T))
+    return (measured["dtype"] != str(shapes.dtype).removeprefix("torch."),
+            sum(a != b for a, b in zip(kinds, run_kinds)),
+            sum(abs(math.log(a / b)) for a, b in zip(sizes, run_sizes)),
+            m != shapes.config)
+
+
+def _aspects(op: str, c: GPTConfig, batch_size: int, T: int) -> tuple[tuple, tuple]:
+    """(kinds, sizes) of `op` in a model of `c` at micro-batch x T: the switches that make it run
+    another kernel (dropout's mask; RoPE, fused into attention), and the sizes its work scales with."""
+    tokens = batch_size * T
+    if op == "attention":
+        return ((bool(c.dropout), c.pos_encoding == "rope"),
+                (c.head_dim, c.n_head, c.n_head // c.n_kv_head, T, tokens))
+    if op in ("layer_norm", "rms_norm"):  # with dropout, the residual form's mask
+        return (bool(c.dropout),), (c.n_embd, tokens)
+    if op == "swiglu":
+        return (), (c.mlp_hidden, tokens)
+    if op == "rope":
+        return (), (c.head_dim, c.n_head, T, tokens)
+    if op in ("cross_entropy", "linear_cross_entropy"):
+        return (), (c.n_embd, c.vocab_size, tokens)
+    if op in OUTSIDE_GRAPH:  # the optimizer's: every parameter, whatever the batch
+        return (), (c.n_layer, c.n_embd, c.mlp_hidden, c.vocab_size)
+    raise ValueError(f"bench.profile: no aspects of op {op!r} to compare workloads by")
 
 
 def path_for(slug: str) -> Path:
@@ -131,9 +156,11 @@ def _check_record(record: dict, where: str, rerun: str) -> None:
         config = GPTConfig(**measured["config"])
         if not all(isinstance(measured[k], int) and measured[k] > 0 for k in ("batch_size", "seq_len")):
             raise ValueError("batch_size and seq_len must be positive integers")
-        if not isinstance(record.get("device", {}).get("slug"), str) or not isinstance(measured["dtype"], str):
-            raise ValueError("no device slug or dtype")
-        distance(measured, Shapes(config, batch_size=1))  # the sizes nearness compares are numbers
+        if not isinstance(record.get("device", {}).get("slug"), str) or not all(
+                isinstance(measured[k], str) for k in ("dtype", "preset")):
+            raise ValueError("no device slug, dtype or preset")
+        for op in kernels.OPS:  # the sizes nearness compares are numbers
+            distance(op, measured, Shapes(config, batch_size=1))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: its workload or device is not readable ({type(e).__name__}: {e}); "
                          f"{rerun}") from None

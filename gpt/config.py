@@ -30,6 +30,16 @@ DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and g
 DEVICE_KEYS = {"device": str, "dtype": str}
 
 
+def training_dtype(device: str) -> str:
+    """train.py's dtype on `device` when none is given: bf16 on a GPU whose tensor cores do it
+    (Ampere on; not where torch would emulate it), fp16 on older GPUs, fp32 on a CPU."""
+    import torch  # on use: reading a config needs no torch
+
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+
+
 class ConfigError(ValueError):
     pass
 

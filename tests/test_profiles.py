@@ -286,8 +286,10 @@ WORKLOAD = record({})["workload"]
       for bad in ({"ms": {"fwd+bwd": None}}, {"host_ms": {"fwd+bwd": "1"}}, {"verified": "false"})),
     (_broken(workload={**WORKLOAD, "config": {**WORKLOAD["config"], "vocab_size": "50304"}}),
      r"workloads\[0\]: its workload or device is not readable \(TypeError"),
+    (_broken(workload={k: v for k, v in WORKLOAD.items() if k != "preset"}),  # (the reasons name it)
+     r"workloads\[0\]: its workload or device is not readable \(KeyError: 'preset'"),
 ], ids=["json", "list", "empty", "null", "no-ops", "no-config", "batch", "config", "slug", "device", "backends",
-         "timings", "null-ms", "text-host-ms", "text-verified", "text-vocab"])
+         "timings", "null-ms", "text-host-ms", "text-verified", "text-vocab", "no-preset"])
 def test_a_broken_profile_is_a_value_error_that_train_py_reports(tmp_path, text, problem, monkeypatch):
     path = tmp_path / "gpu.json"
     path.write_text(text)
@@ -371,8 +373,8 @@ def test_bench_kernels_refuses_to_overwrite_the_profile_with_some_ops(monkeypatc
 
 
 def test_a_run_takes_each_op_from_the_workload_nearest_its_shapes(self_check):
-    """gpt2 (head size 64, layer norm) and llama (head size 128, rms norm, swiglu) measured on
-    one GPU: attention's fastest backend differs between them, and each run takes its own."""
+    """gpt2 (learned positions, layer norm) and llama (RoPE, rms norm, swiglu) measured on one
+    GPU: attention's fastest backend differs between them, and each run takes its own."""
     gpt2 = record({"attention": entry(torch=backend(1.0), triton=backend(2.0)),
                    "layer_norm": entry(torch=backend(2.0), triton=backend(1.0))}, "gpt2")
     llama = record({"attention": entry(torch=backend(2.0), triton=backend(1.0)),
@@ -388,17 +390,56 @@ def test_a_run_takes_each_op_from_the_workload_nearest_its_shapes(self_check):
         assert choices["swiglu"].backend == "torch" and "(llama bfloat16 4x" in choices["swiglu"].reason
 
 
-def test_nearness_is_dtype_then_dropout_then_sizes():
+def test_nearness_is_dtype_then_the_op_s_kinds_then_its_sizes():
     gpt2 = Shapes(GPTConfig(**preset("gpt2")), 16)
     bf16, fp16 = record({}, "gpt2")["workload"], record({}, "gpt2", dtype=torch.float16)["workload"]
     llama = record({}, "llama")["workload"]
-    assert profile.distance(bf16, gpt2) == (False, False, 0.0)
-    assert profile.distance(fp16, gpt2)[0] and profile.distance(llama, gpt2) < profile.distance(fp16, gpt2)
+    for op in kernels.OPS:
+        assert profile.distance(op, bf16, gpt2) == (False, 0, 0.0, False), op
+        assert profile.distance(op, fp16, gpt2)[0]
+        assert profile.distance(op, llama, gpt2) < profile.distance(op, fp16, gpt2)
+    # Dropout is a kind for the ops that drop out only (another kernel runs): not for the loss.
     dropout = Shapes(GPTConfig(**(preset("gpt2") | {"dropout": 0.1})), 16)
-    assert profile.distance(bf16, dropout)[:2] == (False, True)
+    assert profile.distance("attention", bf16, dropout)[:2] == profile.distance("layer_norm", bf16, dropout)[:2] == (
+        False, 1)
+    assert profile.distance("linear_cross_entropy", bf16, dropout) == (False, 0, 0.0, True)  # (another model)
     # Same model, another batch and sequence: nearer than another model at the same batch and sequence.
     other_batch = Shapes(GPTConfig(**preset("gpt2")), 4, seq_len=512)
-    assert 0 < profile.distance(bf16, other_batch)[2] < profile.distance(llama, other_batch)[2]
+    assert (False, 0, 0.0, False) < profile.distance("attention", bf16, other_batch) < profile.distance(
+        "attention", llama, other_batch)
+    # The optimizer's ops see the parameters, whatever the batch.
+    assert profile.distance("adamw", bf16, other_batch) == (False, 0, 0.0, False)
+    # Of two records that ran an op alike, the one of the run's own model.
+    assert profile.distance("rms_norm", llama, Shapes(GPTConfig(**preset("llama")), 16)) < profile.distance(
+        "rms_norm", bf16, Shapes(GPTConfig(**preset("llama")), 16))
+
+
+def test_each_op_is_taken_from_the_workload_that_ran_it_alike(self_check):
+    """A run's op is compared with each record by what decides its speed alone: attention's
+    RoPE (fused into the kernel), dropout only for the ops that drop out, and only its sizes.
+    (The same rule for all ops took attention without RoPE from a llama record that timed it
+    with RoPE, 2x slower there, and a GPT-2 loss from a 384-wide model's for its dropout.)"""
+    gpt2 = record({"attention": entry(torch=backend(1.0), triton=backend(2.0)),
+                   "linear_cross_entropy": entry(torch=backend(1.0), triton=backend(2.0))}, "gpt2")
+    llama = record({"attention": entry(torch=backend(2.0), triton=backend(1.0))}, "llama")
+    char = record({"linear_cross_entropy": entry(torch=backend(2.0), triton=backend(1.0))}, "shakespeare-char")
+    prof = Profile("profiles/test.json", profile_data(gpt2, llama, char))
+    gated = Shapes(GPTConfig(**(preset("gpt2") | {"mlp": "swiglu", "norm": "rmsnorm"})), 16)  # no RoPE
+    choices = kernels.choose("auto", "cuda", shapes=gated, profile=prof)
+    assert choices["attention"].backend == "torch" and "(gpt2 bfloat16" in choices["attention"].reason
+    dropped = Shapes(GPTConfig(**(preset("gpt2") | {"dropout": 0.1})), 16)
+    choices = kernels.choose("auto", "cuda", shapes=dropped, profile=prof)
+    loss = choices["linear_cross_entropy"]
+    assert loss.backend == "torch" and "(gpt2 bfloat16" in loss.reason
+
+
+def test_a_record_without_a_timing_of_the_op_does_not_hide_one_with(self_check):
+    failed = {"error": "out of memory", "verified": False}
+    gpt2 = record({"swiglu": entry(torch=failed, triton=failed)}, "gpt2")
+    llama = record({"swiglu": entry(torch=backend(1.0), triton=backend(2.0))}, "llama")
+    prof = Profile("profiles/test.json", profile_data(gpt2, llama))
+    choice = kernels.choose("auto", "cuda", shapes=Shapes(GPTConfig(**preset("gpt2")), 16), profile=prof)["swiglu"]
+    assert choice.backend == "torch" and "(llama bfloat16" in choice.reason
 
 
 def test_a_profile_keeps_every_workload_and_replaces_a_remeasured_one(tmp_path):
@@ -423,3 +464,21 @@ def test_bench_kernels_refuses_another_gpus_file_before_measuring(monkeypatch, c
     monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
     assert bench_kernels.main(["--out", str(path)]) == 2
     assert "holds measurements of a100-sxm-80gb, not of this GPU (h100-sxm)" in capsys.readouterr().err
+
+
+def test_bench_kernels_measures_in_train_py_s_dtype_or_the_one_given(monkeypatch, tmp_path):
+    """A run takes each op from a record of its dtype first: a GPU without bf16 (train.py runs it
+    in fp16 there) and an fp32 run need records of theirs, which bench.kernels was bf16-only to make."""
+    from bench.hardware import Device
+
+    measured = []
+    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops: measured.append(shapes.dtype) or
+                        record({}, name, slug=device.slug, dtype=shapes.dtype) | {"rooflines": {
+                            "copy_gbs": 1.0, "matmul_tflops": 1.0}})
+    for bf16, args in ((True, []), (False, []), (True, ["--dtype", "float32"])):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, bf16=bf16: bf16)
+        assert bench_kernels.main(["--out", str(tmp_path / "gpu.json"), *args]) == 0
+    assert measured == [torch.bfloat16, torch.float16, torch.float32]
+    assert [w["workload"]["dtype"] for w in profile.load(tmp_path / "gpu.json").workloads] == [
+        "bfloat16", "float16", "float32"]
