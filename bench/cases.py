@@ -18,6 +18,7 @@ tests use). Ops run with the dropout of the model's config (the norms' residual 
 attention): backends draw different masks, so a backend is compared with the reference given its
 own mask, read off a probe call under a fixed seed, and is seeded so before every call.
 """
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -174,14 +175,20 @@ def _norm(op: str, s: Shapes, device, residual: bool, autocast: bool = False) ->
 
 
 def check_cases(op: str, shapes: Shapes, device) -> list[Case]:
-    """The cases a self-check of `op` runs: the calls a model makes of it. A norm both plain (a
-    model's first, or a post-norm block's) and with the residual add and its dropout, with every
-    tensor in the shapes' dtype (pure bf16 training) and, for a 16-bit dtype, as under autocast
-    with fp32 weights."""
-    if op not in ("rms_norm", "layer_norm"):
-        return [case(op, shapes, device, quick=True)]
-    return [_norm(op, shapes, device, residual, autocast) for autocast in {False, shapes.dtype != torch.float32}
-            for residual in (False, True)]
+    """The cases a self-check of `op` runs: the calls a model makes of it, with every tensor in
+    the shapes' dtype (pure bf16 training) and, for a 16-bit dtype, as a model of fp32 weights
+    calls it under autocast: a norm with fp32 weights (and stream), the loss with the lm head's
+    fp32 weight, the gradient norm over fp32 grads. A norm both plain (a model's first, or a
+    post-norm block's) and with the residual add and its dropout."""
+    autocast = shapes.dtype != torch.float32
+    if op in ("rms_norm", "layer_norm"):
+        return [_norm(op, shapes, device, residual, fp32) for fp32 in {False, autocast} for residual in (False, True)]
+    cases = [case(op, shapes, device, quick=True)]
+    if autocast and op == "linear_cross_entropy":
+        cases.append(_linear_cross_entropy(shapes, device, quick=True, autocast=True))
+    if autocast and op == "grad_norm":
+        cases.append(_grad_norm(shapes, device, distinct=True, dtype=torch.float32))
+    return cases
 
 
 def swiglu_hidden(config: GPTConfig) -> int:
@@ -316,24 +323,27 @@ def _cross_entropy(s: Shapes, device, quick: bool) -> Case:
                 {"fwd": fwd, "fwd+bwd": 2 * fwd + size}, "GB/s", s.dtype)
 
 
-def _linear_cross_entropy(s: Shapes, device, quick: bool) -> Case:
+def _linear_cross_entropy(s: Shapes, device, quick: bool, autocast: bool = False) -> Case:
+    """The loss of the final norm's output through the lm head; with `autocast`, as a model of
+    fp32 weights calls it: the weight fp32, under autocast to the shapes' dtype."""
     M, V, C = s.batch_size * s.T, s.config.vocab_size, s.config.n_embd
     if quick:  # as cross_entropy's: the float64 reference's logits run to GBs
         M = min(M, 2048)
 
     def make():  # the final norm's output, the lm head's weight, one target per token
         return [_randn(M, C, device=device, dtype=s.dtype, grad=True),
-                _randn(V, C, device=device, dtype=s.dtype, scale=0.02, grad=True),
+                _randn(V, C, device=device, dtype=torch.float32 if autocast else s.dtype, scale=0.02, grad=True),
                 torch.randint(0, V, (M,), device=device), torch.ones((), device=device)]
 
     def call(fn, inputs, pass_):
         x, weight, targets, dloss = inputs
-        return _outputs(fn(x, weight, targets), [x, weight], dloss, pass_)
+        with torch.autocast(torch.device(device).type, s.dtype) if autocast else contextlib.nullcontext():
+            return _outputs(fn(x, weight, targets), [x, weight], dloss, pass_)
 
     # One pass: the triton backend takes the gradients in its forward. The matmuls' FLOPs: the
     # logits, then d_x and d_weight from their gradient.
-    return Case("linear_cross_entropy", f"{M}x{C}x{V}", ("fwd+bwd",), make, call,
-                {"fwd+bwd": 6 * M * C * V}, "TFLOPS", s.dtype)
+    return Case("linear_cross_entropy", f"{M}x{C}x{V}" + (" fp32 weight, autocast" if autocast else ""),
+                ("fwd+bwd",), make, call, {"fwd+bwd": 6 * M * C * V}, "TFLOPS", s.dtype)
 
 
 def param_shapes(config: GPTConfig) -> list[torch.Size]:
@@ -372,19 +382,21 @@ def _adamw(s: Shapes, device, distinct: bool) -> Case:
                 {"step": 7 * numel * s.dtype.itemsize}, "GB/s", s.dtype)
 
 
-def _grad_norm(s: Shapes, device, distinct: bool) -> Case:
-    shapes = _optimizer_shapes(s.config, distinct)
+def _grad_norm(s: Shapes, device, distinct: bool, dtype: torch.dtype | None = None) -> Case:
+    """The norm of the model's grads, in the shapes' dtype or `dtype` (fp32 master weights')."""
+    shapes, dtype = _optimizer_shapes(s.config, distinct), dtype or s.dtype
 
     def make():
-        return [_randn(*sh, device=device, dtype=s.dtype, scale=1e-3) for sh in shapes]
+        return [_randn(*sh, device=device, dtype=dtype, scale=1e-3) for sh in shapes]
 
     def call(fn, inputs, pass_):
         return (fn(inputs),)
 
     numel = sum(torch.Size(sh).numel() for sh in shapes)
     # Reads every grad once.
-    return Case("grad_norm", f"{len(shapes)} tensors, {numel / 1e6:.3g}M params", ("step",), make, call,
-                {"step": numel * s.dtype.itemsize}, "GB/s", s.dtype)
+    return Case("grad_norm", f"{len(shapes)} tensors, {numel / 1e6:.3g}M params" + (
+        f" {str(dtype).removeprefix('torch.')}" if dtype != s.dtype else ""), ("step",), make, call,
+        {"step": numel * dtype.itemsize}, "GB/s", dtype)
 
 
 def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | None = None) -> Case:

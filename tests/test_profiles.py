@@ -176,6 +176,26 @@ def test_the_norms_self_check_runs_every_form_the_model_calls(monkeypatch):
     assert not ok and "fp32 weights+stream" in why
 
 
+@interpreter_only
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "grad_norm"])
+def test_the_self_check_runs_the_loss_and_the_grad_norm_as_fp32_weights_call_them(monkeypatch, op):
+    """train.py's default (adamw: fp32 weights, bf16 autocast) calls the loss with the lm head's
+    fp32 weight under autocast and the gradient norm over fp32 grads: the self-check runs those
+    forms beside the pure-bf16 ones, so a backend wrong only there fails it."""
+    triton = kernels.get(op, "triton")
+
+    def wrong_for_fp32(*args, **kwargs):
+        tensors = args[1:2] if op == "linear_cross_entropy" else args[0]
+        return triton(*args, **kwargs) * (1.5 if tensors[0].dtype == torch.float32 else 1.0)
+    shapes = Shapes(GPTConfig(**preset("gpt2")), batch_size=1, dtype=torch.bfloat16)
+    monkeypatch.setattr(profile, "_checked", {})
+    assert profile.self_check(op, shapes, "cpu")[0]
+    monkeypatch.setattr(profile, "_checked", {})
+    monkeypatch.setitem(kernels.registry._impls[op], "triton", wrong_for_fp32)
+    ok, why = profile.self_check(op, shapes, "cpu")
+    assert not ok and ("fp32 weight, autocast" if op == "linear_cross_entropy" else "float32") in why
+
+
 def test_the_optimizers_check_sees_a_step_that_does_nothing():
     """The adamw case's update is of the order of the weights: a step that updates nothing, or
     at half the learning rate, fails the check (at train.py's lr it was inside bf16's rounding)."""
