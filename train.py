@@ -27,6 +27,7 @@ from gpt import checkpoint, distributed, pretrained
 from gpt.config import (DEVICE_KEYS, DTYPES, ConfigError, parse_args, printed_help, reported as reported_by,
                         training_dtype)
 from gpt.data import Batches, load_meta, prepare
+from gpt.files import write_atomic
 from gpt.tokenizer import EOT
 from bench import plan
 from bench.cases import Shapes
@@ -122,6 +123,35 @@ def check_ranges(config: dict) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
     if config["peak_tflops"] is not None and config["peak_tflops"] <= 0:
         raise ConfigError(f"peak_tflops must be above 0, got {config['peak_tflops']}")
+
+
+def take_architecture(c: dict, model_args: dict, console) -> None:
+    """A resumed or pretrained checkpoint's architecture wins over the config's (as in nanoGPT),
+    and the run says which keys the config set otherwise it passed over (not its defaults)."""
+    passed_over = [f"{key} {c[key]!r} (it has {model_args[key]!r})" for key in ARCH_KEYS
+                   if c[key] != model_args[key] and c[key] != DEFAULTS[key]]
+    if passed_over:
+        console.print(f"[yellow]init_from={c['init_from']}: the checkpoint's architecture, not the config's "
+                      f"{', '.join(passed_over)}[/yellow]")
+    c.update((key, model_args[key]) for key in ARCH_KEYS)
+
+
+def trim_log(path: Path, iter_num: int) -> None:
+    """A resumed run's log as of its checkpoint at iter_num: the records of the steps before it,
+    and evaluations made with eval_only. What the earlier run logged from iter_num on (its
+    evaluation there, the steps it took past its last checkpoint) the resumed run logs again; a
+    line torn by a killed write is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("eval_only") or record.get("iter", -1) < iter_num:
+            kept.append(line + "\n")
+    write_atomic(path, lambda f: f.write("".join(kept).encode()))
 
 
 def lr_at(it: int, c: dict) -> float:
@@ -241,8 +271,7 @@ def main(argv: list[str]) -> None:
                              f"checkpoint in {c['out_dir']}: fsdp resumes sharded checkpoints, zero1 full ones; "
                              f"ddp and one process resume both")
         model_args = dict(resumed["model_args"], dropout=c["dropout"])
-        for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
-            c[key] = model_args[key]
+        take_architecture(c, model_args, console)
         iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
     elif c["init_from"] == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304
@@ -252,8 +281,7 @@ def main(argv: list[str]) -> None:
         with reported(f"init_from={c['init_from']}: "):  # a hub model downloads on rank 0
             weights_dir = distributed.master_first(world, lambda: pretrained.locate(c["init_from"]))
             model_args = asdict(pretrained.gpt_config(weights_dir, c["block_size"], c["dropout"]))
-        for key in ARCH_KEYS:  # the checkpoint's architecture wins over the config's
-            c[key] = model_args[key]
+        take_architecture(c, model_args, console)
     else:
         raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     data_vocab = meta["vocab_size"] if meta else EOT + 1  # GPT-2 BPE
@@ -348,12 +376,15 @@ def main(argv: list[str]) -> None:
         # A new training run starts its log afresh (its checkpoints will replace the last run's);
         # a resumed one, or an evaluation (eval_only, which saves nothing), appends to it.
         fresh = c["init_from"] != "resume" and not c["eval_only"]
+        log_path = Path(c["out_dir"]) / "log.jsonl"
+        if c["init_from"] == "resume" and not c["eval_only"]:
+            trim_log(log_path, iter_num)
         if fresh and checkpoint.exists(c["out_dir"]):
             first_save = min(c["eval_interval"], c["max_iters"])
             console.print(f"[yellow]{c['out_dir']} holds an earlier run's checkpoint: this run replaces it at its "
                           f"first evaluation past step 0 (step {first_save}); until then init_from=resume resumes "
                           f"the earlier run[/yellow]")
-        log_file = open(Path(c["out_dir"]) / "log.jsonl", "w" if fresh else "a")
+        log_file = open(log_path, "w" if fresh else "a")
     if c["wandb_log"] and master:
         import wandb
 

@@ -65,7 +65,8 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if _master():
-        torch.save(train_state, tmp / TRAIN_STATE)
+        # Whole or absent: its presence is what marks the directory's shards complete.
+        write_atomic(tmp / TRAIN_STATE, lambda f: torch.save(train_state, f))
         # A directory cannot replace another in one rename; a crash between the two leaves the
         # new checkpoint whole in ckpt.dcp.tmp, where load finds it.
         shutil.rmtree(old, ignore_errors=True)  # left by a crash in the last save's clean-up
