@@ -91,11 +91,6 @@ class BF16AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding,
                                       kahan_summation=kahan_summation, seed=seed))
-        if any(p.dtype == torch.float16 for group in self.param_groups for p in group["params"]):
-            # Moments live in the param's dtype: in fp16, (1 - beta2) * g^2 flushes to zero (steps
-            # many times too large), and fp16 grads would need a loss scale GradScaler cannot unscale.
-            raise ValueError("BF16AdamW: float16 params are not supported (their second moment underflows); "
-                             "use bfloat16 or float32 params")
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "backend": self.backend}
@@ -114,8 +109,14 @@ class BF16AdamW(torch.optim.Optimizer):
             _check_group(group)
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's, then the group checked (torch's fills in the defaults first); a refused group
+        is not kept (torch's has appended it), so no later step half-applies it."""
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        try:
+            _check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None,
@@ -212,6 +213,11 @@ def _check_group(group: dict) -> None:
         raise ValueError(f"BF16AdamW: betas must be a pair, got {betas!r}")
     check_settings("BF16AdamW", group["lr"], *betas, group["eps"], group["weight_decay"])
     _check_options(group)
+    if any(p.dtype == torch.float16 for p in group["params"]):
+        # Moments live in the param's dtype: in fp16, (1 - beta2) * g^2 flushes to zero (steps
+        # many times too large), and fp16 grads would need a loss scale GradScaler cannot unscale.
+        raise ValueError("BF16AdamW: float16 params are not supported (their second moment underflows); "
+                         "use bfloat16 or float32 params")
 
 
 def _check_options(group: dict) -> None:

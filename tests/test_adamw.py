@@ -749,8 +749,10 @@ def test_settings_are_checked_when_the_optimizer_is_made(settings, message):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
         BF16AdamW([p], **settings)
+    opt = BF16AdamW([p])
     with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
-        BF16AdamW([p]).add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **settings})
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **settings})
+    assert len(opt.param_groups) == 1  # refused, not kept (a later step half-applied it, then raised)
 
 
 def test_torch_adamw_options_it_lacks_are_refused():
@@ -876,6 +878,9 @@ def test_optimizer_with_kahan_resumes_exactly(backend, device):
 def test_optimizer_refuses_float16_params():
     with pytest.raises(ValueError, match="BF16AdamW: float16 params are not supported"):
         BF16AdamW([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
+    opt = BF16AdamW([torch.nn.Parameter(torch.zeros(3))])  # a group added later too
+    with pytest.raises(ValueError, match="BF16AdamW: float16 params are not supported"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))]})
 
 
 def test_optimizer_takes_kahan_switched_on_and_off_between_steps(device):
