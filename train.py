@@ -373,6 +373,8 @@ def main(argv: list[str]) -> None:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
         os.makedirs(c["out_dir"], exist_ok=True)
+        for torn in checkpoint.remove_torn(c["out_dir"]):
+            console.print(f"removed {torn}, a checkpoint write that was killed")
         # A new training run starts its log afresh (its checkpoints will replace the last run's);
         # a resumed one, or an evaluation (eval_only, which saves nothing), appends to it.
         fresh = c["init_from"] != "resume" and not c["eval_only"]

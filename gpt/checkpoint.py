@@ -103,6 +103,16 @@ def exists(out_dir: str | os.PathLike) -> bool:
     return bool(_found(Path(out_dir)))
 
 
+def remove_torn(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of full checkpoints whose write was killed (SIGKILL, out of
+    memory, preemption: write_atomic had no chance to remove them), each as large as a
+    checkpoint; the ones removed. For a run starting in out_dir, whose own writes come later."""
+    torn = sorted(Path(out_dir).glob(f".{FILENAME}.*.tmp"))
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
+
+
 def _found(out: Path) -> list[Path]:
     return [p for p in (out / FILENAME, _sharded_dir(out)) if p is not None and p.exists()]
 

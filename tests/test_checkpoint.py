@@ -184,3 +184,13 @@ def test_zero1_fused_adamw_resumes_on_the_gpu():
         assert all(s["step"].device == p.device for p, s in resumed.optim.state.items())
     finally:
         dist.destroy_process_group()
+
+
+def test_a_killed_write_s_temporary_file_is_removed_by_the_next_run(tmp_path):
+    """write_atomic removes its temporary file on an error, but a killed process (out of memory,
+    preemption) leaves it, as large as a checkpoint: the next run in out_dir removes it."""
+    torn = tmp_path / f".{checkpoint.FILENAME}.4242.0123456789ab.tmp"
+    torn.write_bytes(b"half a checkpoint")
+    (tmp_path / "other.tmp").write_bytes(b"not ours")
+    assert checkpoint.remove_torn(tmp_path) == [torn]
+    assert not torn.exists() and (tmp_path / "other.tmp").exists()
