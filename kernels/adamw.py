@@ -476,8 +476,6 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
     numels, dtypes and devices). They depend on nothing else, hence the cache."""
     # Only host memory in the interpreter: it cannot follow the table's addresses into a GPU's.
     device_type = "cpu" if runtime.CPU_TENSORS else "cuda"
-    if op == "adamw":
-        _check_unshared(_key_spans(key))
     all_addresses, numels, all_dtypes, devices = key
     n = len(numels)
     rows = zip((all_addresses[i::n] for i in range(n)), numels, (all_dtypes[i::n] for i in range(n)), devices)
@@ -488,6 +486,8 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
                              f"got tensor {index} on {device}")
         if numel:
             groups.setdefault((device, dtypes), []).append((*addresses, numel, index))
+    if op == "adamw":  # (after the devices: a meta tensor's address is 0, as all others')
+        _check_unshared(_key_spans(key))
     launches = []
     for (device, dtypes), rows in groups.items():
         table = torch.tensor(rows, dtype=torch.int64)
@@ -528,6 +528,8 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
     check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
                 grad_scale, compensations)
     check_rounding(stochastic_rounding, seed)
+    if not params:  # nothing to update, as the torch backend (a plan of no tensors has no table)
+        return
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
     staged = lists

@@ -436,13 +436,16 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _backward(ctx, dy, ds, _dmean, _drstd):
     saved, weight, mean, rstd, seed = ctx.saved_tensors
-    if dy is None:  # only s was used
+    y_used = dy is not None
+    if not y_used:  # only s was used
         dy = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
     dx, dx2, dw, db = _norm_bwd(_rows(dy), _rows(ds), runtime.as_rows(saved), weight, mean, rstd, ctx.rms,
                                 ctx.b_dtype, *ctx.dx_dtypes, ctx.dropout_p, seed)
     dx = dx.view(saved.shape)  # the inputs' shape (_norm_fwd's x and residual)
     d_residual = (dx2.view(saved.shape) if ctx.dx_dtypes[1] is not None else dx) if ctx.has_residual else None
-    return dx, d_residual, dw, (db if ctx.b_dtype is not None else None), None, None, None, None, None
+    # Without y in the graph the weights have no gradient (None, as torch's): not zeros.
+    dw, db = (dw, db if ctx.b_dtype is not None else None) if y_used else (None, None)
+    return dx, d_residual, dw, db, None, None, None, None, None
 
 
 _norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -65,9 +65,11 @@ def check_grid(op: str, **extents: int) -> None:
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs a matmul of `tensors` in on their device: None without autocast,
-    or when one is float64 (autocast leaves float64 matmuls as they are)."""
+    or when one is float64 (autocast leaves float64 matmuls as they are), or on a device autocast
+    has no notion of (meta: asking would raise)."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device) or any(t.dtype == torch.float64 for t in tensors):
+    if (not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device)
+            or any(t.dtype == torch.float64 for t in tensors)):
         return None
     return torch.get_autocast_dtype(device)
 

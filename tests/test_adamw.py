@@ -232,6 +232,23 @@ def test_triton_matches_torch_on_mixed_and_strided_lists():
         assert (a != b).sum() <= max(1, 0.02 * a.numel())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tensors_is_no_update(backend, device):
+    """Empty lists (a group whose params got no grads) update nothing; the triton backend's plan
+    divided by the count of tensors."""
+    skip_unless_triton_runs(backend, device)
+    kernels.get("adamw", backend)([], [], [], [], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                  weight_decay=0.1, compensations=[], grad_scale=torch.ones(1, device=device))
+
+
+def test_triton_refuses_meta_tensors_by_their_device():
+    """A meta tensor's address is 0, as every other's: it was refused as sharing memory."""
+    t = [torch.zeros(3, device="meta") for _ in range(8)]
+    with pytest.raises(ValueError, match="adamw: the triton backend needs .* tensors here, got tensor 0 on meta"):
+        kernels.get("adamw", "triton")(t[:2], t[2:4], t[4:6], t[6:], step=1, lr=1e-3, beta1=0.9, beta2=0.999,
+                                       eps=1e-8, weight_decay=0.0)
+
+
 def test_triton_plan_is_cached():
     """Calls on the same tensors reuse the cached pointer table and block map."""
     p = [torch.randn(s) for s in SHAPES]

@@ -249,6 +249,15 @@ def test_bad_inputs(backend, device):
         fn(x, w, t, ignore_index=-1.0)
 
 
+def test_meta_tensors_trace_through_torch_and_are_refused_by_triton():
+    """Asking autocast about the meta device raised a RuntimeError in both backends."""
+    x, w = torch.zeros(4, 8, device="meta"), torch.zeros(10, 8, device="meta")
+    t = torch.zeros(4, dtype=torch.int64, device="meta")
+    assert kernels.get("linear_cross_entropy", "torch")(x, w, t).device.type == "meta"
+    with pytest.raises(ValueError, match="linear_cross_entropy: the triton backend runs on CUDA tensors"):
+        kernels.get("linear_cross_entropy", "triton")(x, w, t)
+
+
 def test_autocast_leaves_float64_alone(device):
     """Autocast does not cast float64 tensors: the torch backend computes such a loss in float64,
     the triton one refuses it (as without autocast), and float64 beside fp32 is a dtype mismatch

@@ -387,6 +387,22 @@ def test_unused_sum(backend, op, bias, device):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_unused_y(backend, op, bias, device):
+    """Only s used (y not in the graph): the weights get no gradient, None as torch's gives (the
+    triton backend gave zeros), and the stream's and x's gradients are ds."""
+    skip_unless_triton_runs(backend, device)
+    x, w, b = inputs(4, 96, device, bias=bias)
+    r, ds = torch.randn(4, 96, device=device), torch.randn(4, 96, device=device)
+    leaves = [t.detach().requires_grad_() for t in (x, r, w, b) if t is not None]
+    fn = fused_fn(backend, op)
+    _, s = fn(*leaves) if b is not None else fn(*leaves, None)
+    s.backward(ds)
+    assert all(t.grad is None for t in leaves[2:])
+    assert torch.equal(leaves[0].grad, ds) and torch.equal(leaves[1].grad, ds)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_out_dtype(backend, op, bias, device):
     """y straight in bf16 from fp32 x: the numbers of the fp32 y cast to bf16, as autocast does."""
     skip_unless_triton_runs(backend, device)
