@@ -196,8 +196,9 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
     table.add_row("config", f"{', '.join(config_files) or '(defaults)'}, init_from {c['init_from']}")
-    table.add_row("parameters", f"{model.num_params():,} total, {model.num_params(non_embedding=True):,} "
-                                f"non-embedding")
+    total, positions = model.num_params(), model.wpe.weight.numel() if model.wpe is not None else 0
+    table.add_row("parameters", f"{total:,} total ({total - positions:,} without position embeddings: nanoGPT's "
+                                f"count), {model.num_params(non_embedding=True):,} non-embedding")
     table.add_row("model", f"{mc.n_layer} layers, {mc.n_head} heads ({mc.n_kv_head} kv), {mc.n_embd} wide, "
                            f"block {mc.block_size}, vocab {mc.vocab_size}; {mc.norm_position}-{mc.norm}, "
                            f"{mc.pos_encoding} positions, {mc.mlp if mc.mlp == 'swiglu' else mc.activation} MLP "

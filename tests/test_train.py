@@ -224,13 +224,15 @@ def test_a_checkpoint_of_nanogpt_itself_resumes_and_samples(tmp_path, data_dir, 
     assert text[0].startswith("ROMEO:") and len(text[0]) == 11
 
 
-def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir):
+def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir, capsys):
     config = tmp_path / "train_shakespeare_char.py"
     config.write_text(NANOGPT_SHAKESPEARE_CHAR)
     train.main([str(config), f"--out_dir={tmp_path / 'out'}", f"--data_dir={data_dir}", "--device=cpu",
                 "--compile=False", "--max_iters=1", "--eval_iters=1", "--batch_size=2"])
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert log[0]["iter"] == 0 and log[-1]["iter"] == 1
+    # nanoGPT prints "number of parameters: 10.65M" for this config: the summary gives that count too
+    assert "10,646,784 without position embeddings: nanoGPT's count" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("rounding", ["--stochastic_rounding=True", "--kahan_summation=True"])
