@@ -65,10 +65,11 @@ def check_grid(op: str, **extents: int) -> None:
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs a matmul of `tensors` in on their device: None without autocast,
-    or when one is float64 (autocast leaves float64 matmuls as they are), or on a device autocast
-    has no notion of (meta: asking would raise)."""
+    or when one is float64 (autocast leaves float64 matmuls as they are), or on the meta device,
+    which autocast has no notion of (asking raises; torch.amp.is_autocast_available would tell,
+    but Dynamo cannot trace it in torch 2.11)."""
     device = tensors[0].device.type
-    if (not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device)
+    if (tensors[0].is_meta or not torch.is_autocast_enabled(device)
             or any(t.dtype == torch.float64 for t in tensors)):
         return None
     return torch.get_autocast_dtype(device)
