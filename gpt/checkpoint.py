@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .distributed import local_optimizer
 from .files import write_atomic
 from .model import GPT, GPTConfig
+from .optim import BF16AdamW
 
 FILENAME = "ckpt.pt"
 SHARDED = "ckpt.dcp"
@@ -144,14 +145,24 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint
     if "sharded" not in checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        return
+    else:
+        _restore_sharded(model, optimizer, checkpoint["sharded"])
+    if not isinstance(local_optimizer(optimizer), BF16AdamW):
+        # BF16AdamW's Kahan compensation (what rounding its bf16 params lost) means nothing to
+        # torch's AdamW over fp32 weights, which would keep it as it is: were the run to switch
+        # back, the compensation would be that of weights long since changed. It starts at zero.
+        for state in local_optimizer(optimizer).state.values():
+            state.pop("compensation", None)
+
+
+def _restore_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     # The state dicts of this model and optimizer, as torch.distributed.checkpoint keys them
     # (parameter names, not positions), are the template that dcp.load fills from the files,
     # resharding from whatever world size wrote them.
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    _like_the_checkpoint(optimizer_state, checkpoint["sharded"])
+    _like_the_checkpoint(optimizer_state, path)
     state = {"model": model_state, "optimizer": optimizer_state}
-    _dcp_load(state, checkpoint["sharded"])
+    _dcp_load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

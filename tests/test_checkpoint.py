@@ -136,6 +136,27 @@ def test_a_run_resumes_under_the_other_optimizer(tmp_path, sharded, saved_with, 
     assert all(torch.isfinite(p).all() for p in resumed.parameters())
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["full", "sharded"])
+def test_kahan_compensation_does_not_outlive_a_run_under_torch_s_adamw(tmp_path, sharded):
+    """bf16_adamw with Kahan, then adamw, then bf16_adamw with Kahan again: torch's AdamW kept the
+    compensation as it was, and the last run took it up, stale, for weights changed since."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    optimizer = BF16AdamW(model.to(torch.bfloat16).param_groups(0.1), lr=1e-2, kahan_summation=True)
+    x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
+    model(x, x)[1].backward()
+    optimizer.step()
+    train_state = {"iter_num": 1, "model_args": vars(CONFIG)}
+    if sharded:
+        checkpoint.save_sharded(model, optimizer, train_state, tmp_path)
+    else:
+        checkpoint.save(dict(train_state, model=model.state_dict(), optimizer=optimizer.state_dict()), tmp_path)
+    resumed = GPT(CONFIG)
+    theirs = optimizer_for("adamw", resumed)
+    checkpoint.restore(resumed, theirs, checkpoint.load(tmp_path, "cpu"))
+    assert theirs.state and not any("compensation" in state for state in theirs.state.values())
+
+
 def _adamw_steps(model, optimizer, device, steps=1):
     for _ in range(steps):
         model(torch.randn(2, 8, device=device)).sum().backward()
