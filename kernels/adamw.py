@@ -463,6 +463,25 @@ def _check_unshared(spans: list[tuple[int, int, int, int]]) -> None:
             _shared(written[k], g)
 
 
+@functools.lru_cache(maxsize=16)
+def _written(key: tuple) -> tuple[list[int], list[int]]:
+    """(first bytes, ends) of the tensors an adamw plan's launch writes, in order (disjoint:
+    _plan has checked them)."""
+    spans = sorted(s[:2] for s in _key_spans(key) if s[2] != 1)
+    return [s[0] for s in spans], [s[1] for s in spans]
+
+
+def _check_scale_apart(grad_scale: torch.Tensor, key: tuple) -> None:
+    """grad_scale, which every program reads, must not lie in a tensor the call writes: the
+    program writing it would race with the others' reads."""
+    starts, ends = _written(key)
+    address = grad_scale.data_ptr()
+    k = bisect.bisect_right(starts, address) - 1
+    if k >= 0 and address < ends[k]:
+        raise ValueError("adamw: grad_scale lies in memory the call writes (a param's, a moment's or a "
+                         "compensation's): every program reads it while one of them writes it")
+
+
 def _shared(a: tuple, b: tuple) -> None:
     name_a, name_b = (f"{_LISTS[s[2]]}[{s[3]}]" for s in (a, b))
     raise ValueError(f"adamw: {name_a} and {name_b} share memory (their extents overlap): the triton backend "
@@ -537,7 +556,10 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
         _check_unshared(_tensor_spans(lists))  # the copies' addresses would hide it from the plan's check
         staged = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
     kahan = compensations is not None
-    for launch in _plan("adamw", _key(staged, typed=(0, *range(2, len(staged))))):  # the grads: p's dtype
+    key = _key(staged, typed=(0, *range(2, len(staged))))  # the grads: p's dtype
+    if grad_scale is not None:
+        _check_scale_apart(grad_scale, key)
+    for launch in _plan("adamw", key):
         with runtime.on_device(launch.table):
             _adamw_kernel[(len(launch.blocks),)](
                 launch.table, launch.blocks, grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2,

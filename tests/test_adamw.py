@@ -241,6 +241,18 @@ def test_no_tensors_is_no_update(backend, device):
                                   weight_decay=0.1, compensations=[], grad_scale=torch.ones(1, device=device))
 
 
+def test_triton_refuses_a_grad_scale_in_memory_it_writes(device):
+    """Every program reads grad_scale, and one writes a param or moment it lies in: a race on a
+    GPU (in the interpreter the result depended on the order the programs ran in)."""
+    skip_unless_triton_runs("triton", device)
+    p, g, m, v = ([torch.rand(2, 300, device=device)] for _ in range(4))
+    settings = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    for inside in (p[0][1, 7:8], v[0][0, :1]):
+        with pytest.raises(ValueError, match="adamw: grad_scale lies in memory the call writes"):
+            kernels.get("adamw", "triton")(p, g, m, v, grad_scale=inside, **settings)
+    kernels.get("adamw", "triton")(p, g, m, v, grad_scale=g[0][0, :1], **settings)  # in a grad: only read
+
+
 def test_triton_refuses_meta_tensors_by_their_device():
     """A meta tensor's address is 0, as every other's: it was refused as sharing memory."""
     t = [torch.zeros(3, device="meta") for _ in range(8)]
