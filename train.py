@@ -69,12 +69,12 @@ DEFAULTS = dict(
 ALSO = {"recompute": int, **DEVICE_KEYS, "peak_tflops": float, "preset": str, "n_kv_head": int, "mlp_hidden": int}
 # wandb charts under nanoGPT's names where it logs the same value.
 WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
-# The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
-# fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 # Counts that must be at least 1, and amounts that must not be negative (0 grad_clip: no clipping).
 COUNTS = ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters")
 AMOUNTS = ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip")
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
+# The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
+# fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
 CONFIG_DIR = Path(__file__).resolve().parent / "config"  # found from any working directory
 DEFAULT_CONFIG = str(CONFIG_DIR / "train_shakespeare_char.py")
@@ -377,7 +377,8 @@ def main(argv: list[str]) -> None:
         for torn in checkpoint.remove_torn(c["out_dir"]):
             console.print(f"removed {torn}, a checkpoint write that was killed")
         # A new training run starts its log afresh (its checkpoints will replace the last run's);
-        # a resumed one, or an evaluation (eval_only, which saves nothing), appends to it.
+        # a resumed one keeps what came before its checkpoint and appends, and so does an
+        # evaluation (eval_only, which saves nothing) to the whole log.
         fresh = c["init_from"] != "resume" and not c["eval_only"]
         log_path = Path(c["out_dir"]) / "log.jsonl"
         if c["init_from"] == "resume" and not c["eval_only"]:

@@ -99,6 +99,14 @@ def test_a_save_after_a_crash_keeps_the_newest_whole_checkpoint(tmp_path):
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 5 and not old.exists() and not tmp.exists()
 
 
+def save_either(model, optimizer, train_state: dict, out, sharded: bool) -> None:
+    """A checkpoint of either format, as train.py writes them."""
+    if sharded:
+        checkpoint.save_sharded(model, optimizer, train_state, out)
+    else:
+        checkpoint.save(dict(train_state, model=model.state_dict(), optimizer=optimizer.state_dict()), out)
+
+
 def optimizer_for(name: str, model: GPT) -> torch.optim.Optimizer:
     """train.py's two: torch's AdamW over fp32 weights, BF16AdamW over bf16 ones."""
     if name == "adamw":
@@ -123,11 +131,7 @@ def test_a_run_resumes_under_the_other_optimizer(tmp_path, sharded, saved_with, 
             optimizer.step()
             optimizer.zero_grad()
     steps(model, optimizer, 3)
-    train_state = {"iter_num": 3, "model_args": vars(CONFIG)}
-    if sharded:
-        checkpoint.save_sharded(model, optimizer, train_state, tmp_path)
-    else:
-        checkpoint.save(dict(train_state, model=model.state_dict(), optimizer=optimizer.state_dict()), tmp_path)
+    save_either(model, optimizer, {"iter_num": 3, "model_args": vars(CONFIG)}, tmp_path, sharded)
     resumed = GPT(CONFIG)
     optimizer = optimizer_for(resumed_with, resumed)
     checkpoint.restore(resumed, optimizer, checkpoint.load(tmp_path, "cpu"))
@@ -146,11 +150,7 @@ def test_kahan_compensation_does_not_outlive_a_run_under_torch_s_adamw(tmp_path,
     x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
     model(x, x)[1].backward()
     optimizer.step()
-    train_state = {"iter_num": 1, "model_args": vars(CONFIG)}
-    if sharded:
-        checkpoint.save_sharded(model, optimizer, train_state, tmp_path)
-    else:
-        checkpoint.save(dict(train_state, model=model.state_dict(), optimizer=optimizer.state_dict()), tmp_path)
+    save_either(model, optimizer, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path, sharded)
     resumed = GPT(CONFIG)
     theirs = optimizer_for("adamw", resumed)
     checkpoint.restore(resumed, theirs, checkpoint.load(tmp_path, "cpu"))
