@@ -451,7 +451,7 @@ def _check_unshared(spans: list[tuple[int, int, int, int]]) -> None:
     written may share with anything. `spans`: _key_spans' (checked once per plan) or, for
     tensors staged through contiguous copies, _tensor_spans' (the copies would be written back
     one over another)."""
-    written = sorted(s for s in spans if s[2] != 1)
+    written = _written_spans(spans)
     ends = [s[1] for s in written]  # ascending once the written spans are known disjoint
     for before, after in zip(written, written[1:]):
         if after[0] < before[1]:
@@ -463,11 +463,16 @@ def _check_unshared(spans: list[tuple[int, int, int, int]]) -> None:
             _shared(written[k], g)
 
 
+def _written_spans(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """The spans of tensors the call writes (all but the grads), in address order."""
+    return sorted(s for s in spans if s[2] != 1)
+
+
 @functools.lru_cache(maxsize=16)
 def _written(key: tuple) -> tuple[list[int], list[int]]:
     """(first bytes, ends) of the tensors an adamw plan's launch writes, in order (disjoint:
     _plan has checked them)."""
-    spans = sorted(s[:2] for s in _key_spans(key) if s[2] != 1)
+    spans = _written_spans(_key_spans(key))
     return [s[0] for s in spans], [s[1] for s in spans]
 
 
