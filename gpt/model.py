@@ -35,7 +35,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     mlp: str = "gelu"  # gelu (a plain MLP, its activation below) | swiglu
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2's own) | silu | relu, for the plain MLP
-    mlp_hidden: int | None = None  # None: 4·n_embd (plain), 8/3·n_embd rounded up to 64 (swiglu)
+    # None: 4·n_embd (plain), 8/3·n_embd rounded up to 64 (swiglu; LLaMA rounds up to 256, so give
+    # its widths where they differ: 11008 for LLaMA-7B's 4096, where this rule gives 10944)
+    mlp_hidden: int | None = None
     tie_weights: bool = True  # lm_head shares the token embedding
 
     def __post_init__(self):
@@ -161,10 +163,12 @@ def add_and_norm(norm: Norm, stream, branch, out_dtype):
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (length, head_dim/2), of the rotary angles pos·theta^(-2i/head_dim)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
+    """cos and sin, each (length, head_dim/2) fp32, of the rotary angles pos·theta^(-2i/head_dim).
+    Computed in float64 on the CPU (not every device has float64) and rounded once: angles formed in
+    fp32 are off by up to half an ulp of pos·freq, 1e-3 of a radian by position 16k."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
 
 
 class KVCache:
