@@ -210,6 +210,11 @@ def workloads(arch: int):
 FP64_MATH = re.compile(r"^\s*(?!ld\.param|cvt\.)[a-z]+(?:\.\w+)*\.f64\b", re.MULTILINE)
 
 
+# An atomic read-modify-write of memory: sums it makes come out in the order the programs happen to
+# run, which the interpreter (programs one after another) cannot show; gradients must be bit-identical.
+ATOMICS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.MULTILINE)
+
+
 def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str]]:
     """A compiled kernel's line of the report, and what is wrong with it."""
     sm, max_shared, _ = GPUS[arch]
@@ -227,6 +232,8 @@ def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str
         problems.append(f"{name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
     if FP64_MATH.search(kernel.asm["ptx"]):
         problems.append(f"{name} computes in fp64 with fp64 float arguments: cast them to fp32 first")
+    if ATOMICS.search(kernel.asm["ptx"]):
+        problems.append(f"{name} updates memory atomically: its sums would change from run to run")
     if kind == "mma" and name in MATMUL_KERNELS and MMA[arch] not in kernel.asm["ptx"]:
         problems.append(f"{name} has no {MMA[arch]}: its matmuls miss the tensor cores")
     return line, problems

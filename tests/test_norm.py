@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import norm, runtime
 from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
-from tests.numerics import assert_as_accurate, assert_mask_is_random, rel_err
+from tests.numerics import assert_as_accurate, assert_mask_is_random, assert_rounded_once, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
@@ -197,10 +197,20 @@ MANY_ROWS = [(300, 7), (70, 771), (20, 4099)]
 
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("m,n", MANY_ROWS)
-def test_many_rows_per_program(op, bias, m, n, device):
+# fp32 weights under autocast; 16-bit ones where the whole model is (BF16AdamW's): dw and db summed
+# over hundreds of rows in their own dtype would be off by more than one rounding.
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float16)], ids=["bf16-fp32", "bf16", "fp16"])
+def test_many_rows_per_program(op, bias, m, n, dtype, wdtype, device):
     skip_unless_triton_runs("triton", device)
-    x, w, b = inputs(m, n, device, torch.bfloat16, wdtype=torch.float32, bias=bias)
+    x, w, b = inputs(m, n, device, dtype, wdtype=wdtype, bias=bias)
     assert_accurate("triton", op, x, w, b)
+    if wdtype != torch.float32:
+        dy = torch.randn(x.shape, device=device).to(dtype)
+        outs = run(backend_fn("triton", op), x, w, b, dy)[2:]
+        refs = run(lambda *t: reference(op, *t), x, w, b, dy, cast=torch.Tensor.double)[2:]
+        for name, out, ref in zip(["dw", "db"], outs, refs):
+            assert_rounded_once(out, ref, f"triton {op} {name} ({m}, {n}) {wdtype}")
 
 
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
