@@ -123,6 +123,21 @@ def check_ranges(config: dict) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
     if config["peak_tflops"] is not None and config["peak_tflops"] <= 0:
         raise ConfigError(f"peak_tflops must be above 0, got {config['peak_tflops']}")
+    if not config["out_dir"]:
+        raise ConfigError("out_dir must name a directory, got ''")
+    check_device(config["device"])
+
+
+def check_device(device: str) -> None:
+    """A device this machine has (torch's own messages for one it lacks are tracebacks from deep in
+    the set-up: an assertion, a missing attribute)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r} is not a device: {e}") from None
+    count = {"cuda": torch.cuda.device_count, "mps": lambda: int(torch.backends.mps.is_available())}.get(d.type)
+    if count and (d.index or 0) >= count():
+        raise ConfigError(f"device {device!r}: this machine has {count()} {d.type} device(s)")
 
 
 def take_architecture(c: dict, model_args: dict, console) -> None:
@@ -136,11 +151,12 @@ def take_architecture(c: dict, model_args: dict, console) -> None:
     c.update((key, model_args[key]) for key in ARCH_KEYS)
 
 
-def trim_log(path: Path, iter_num: int) -> None:
+def trim_log(path: Path, iter_num: int, evaluates: bool) -> None:
     """A resumed run's log as of its checkpoint at iter_num: the records of the steps before it,
-    and evaluations made with eval_only. What the earlier run logged from iter_num on (its
-    evaluation there, the steps it took past its last checkpoint) the resumed run logs again; a
-    line torn by a killed write is dropped too."""
+    evaluations made with eval_only, and the evaluation at iter_num unless the resumed run
+    `evaluates` there again (a final evaluation off the eval_interval: the resumed run's next
+    comes later). What the earlier run logged past that (the steps it took past its last
+    checkpoint) the resumed run logs again; a line torn by a killed write is dropped too."""
     if not path.exists():
         return
     kept = []
@@ -149,9 +165,27 @@ def trim_log(path: Path, iter_num: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("eval_only") or record.get("iter", -1) < iter_num:
+        at = record.get("iter", -1)
+        if record.get("eval_only") or at < iter_num or (at == iter_num and "val_loss" in record and not evaluates):
             kept.append(line + "\n")
     write_atomic(path, lambda f: f.write("".join(kept).encode()))
+
+
+def same_tokens(trained_on: dict | None, meta: dict | None) -> bool:
+    """Whether a model trained on data whose meta.pkl is `trained_on` reads this data's ids as the
+    same tokens (None: GPT-2's BPE, no meta.pkl)."""
+    if trained_on is None or meta is None:
+        return trained_on is meta
+    return trained_on.get("stoi") == meta.get("stoi")
+
+
+def tokens(meta: dict | None) -> str:
+    return "GPT-2's BPE tokens" if meta is None else f"{meta['vocab_size']} characters (its meta.pkl)"
+
+
+def evaluates_at(it: int, c: dict) -> bool:
+    """Whether a training run evaluates (and may save) before step `it`: every eval_interval, and at the end."""
+    return it % c["eval_interval"] == 0 or it == c["max_iters"]
 
 
 def lr_at(it: int, c: dict) -> float:
@@ -196,6 +230,7 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
     table.add_row("config", f"{', '.join(config_files) or '(defaults)'}, init_from {c['init_from']}")
+    table.add_row("data", f"{c['dataset']} (in {c['data_dir']}), checkpoints and log in {c['out_dir']}")
     total, positions = model.num_params(), model.wpe.weight.numel() if model.wpe is not None else 0
     table.add_row("parameters", f"{total:,} total ({total - positions:,} without position embeddings: nanoGPT's "
                                 f"count), {model.num_params(non_embedding=True):,} non-embedding")
@@ -289,6 +324,12 @@ def main(argv: list[str]) -> None:
     if data_vocab > model_args["vocab_size"]:  # a resumed or pretrained model's: ids past it index nothing
         raise SystemExit(f"train.py: init_from={c['init_from']} has a {model_args['vocab_size']}-token vocabulary; "
                          f"dataset {c['dataset']} has {data_vocab} tokens")
+    # What the ids meant to the model: a pretrained GPT-2's are BPE tokens; a checkpoint of ours keeps
+    # its data's meta (nanoGPT's own checkpoints keep none: taken as this data's).
+    trained_on = None if weights_dir else resumed.get("meta", meta) if resumed else meta
+    if not same_tokens(trained_on, meta):
+        raise SystemExit(f"train.py: init_from={c['init_from']} was trained on {tokens(trained_on)}; dataset "
+                         f"{c['dataset']} holds {tokens(meta)}")
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
     with reported():
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
@@ -376,18 +417,17 @@ def main(argv: list[str]) -> None:
         os.makedirs(c["out_dir"], exist_ok=True)
         for torn in checkpoint.remove_torn(c["out_dir"]):
             console.print(f"removed {torn}, a checkpoint write that was killed")
-        # A new training run starts its log afresh (its checkpoints will replace the last run's);
+        # A new training run starts its log afresh, the last run's checkpoint and log set aside;
         # a resumed one keeps what came before its checkpoint and appends, and so does an
         # evaluation (eval_only, which saves nothing) to the whole log.
         fresh = c["init_from"] != "resume" and not c["eval_only"]
         log_path = Path(c["out_dir"]) / "log.jsonl"
         if c["init_from"] == "resume" and not c["eval_only"]:
-            trim_log(log_path, iter_num)
-        if fresh and checkpoint.exists(c["out_dir"]):
-            first_save = min(c["eval_interval"], c["max_iters"])
-            console.print(f"[yellow]{c['out_dir']} holds an earlier run's checkpoint: this run replaces it at its "
-                          f"first evaluation past step 0 (step {first_save}); until then init_from=resume resumes "
-                          f"the earlier run[/yellow]")
+            trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
+        earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
+        if earlier:
+            console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
+                          f"{earlier}[/yellow]")
         log_file = open(log_path, "w" if fresh else "a")
     if c["wandb_log"] and master:
         import wandb
@@ -446,7 +486,7 @@ def main(argv: list[str]) -> None:
 
             # On every rank. eval_only scores the model where it stands (a resumed iter_num need not
             # fall on an eval step) and saves nothing.
-            if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"] or c["eval_only"]:
+            if evaluates_at(iter_num, c) or c["eval_only"]:
                 losses = estimate_loss()
                 console.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 # An eval_only run's record says what it scored: it may sit in another run's log.

@@ -114,6 +114,24 @@ def remove_torn(out_dir: str | os.PathLike) -> list[Path]:
     return torn
 
 
+def set_aside(out_dir: str | os.PathLike, log: Path) -> Path | None:
+    """For a new training run in out_dir: move the last run's checkpoint (either format) and its
+    `log` into out_dir/earlier (what an older run left there goes), and return that folder; None
+    when there is no checkpoint. Left in place, the old checkpoint would sit beside the new run's
+    log until the new run first saves (never, if no evaluation improves on its first and
+    always_save_checkpoint is off), and a resume would continue the old run on the new log."""
+    out = Path(out_dir)
+    found = _found(out)
+    if not found:
+        return None
+    earlier = out / "earlier"
+    shutil.rmtree(earlier, ignore_errors=True)
+    earlier.mkdir()
+    for path in [*found, *([log] if log.exists() else [])]:
+        os.replace(path, earlier / path.name)
+    return earlier
+
+
 def _found(out: Path) -> list[Path]:
     return [p for p in (out / FILENAME, _sharded_dir(out)) if p is not None and p.exists()]
 

@@ -109,7 +109,11 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
     scope = dict(known or {})
     values: dict = {}
     modules: set = set()
-    for stmt in ast.parse(text, filename=str(path)).body:
+    try:
+        body = ast.parse(text, filename=str(path)).body
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not Python: {e.msg}") from None
+    for stmt in body:
         where = f"{path}:{stmt.lineno}"
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue  # a docstring or a bare string

@@ -74,7 +74,8 @@ def test_the_calls_of_nanogpts_configs_are_allowed(tmp_path):
 @pytest.mark.parametrize("line", ["import os", "import time as t", "from time import time",
                                   "wandb_run_name = 'ft-' + str(time.time())",  # without `import time`
                                   "wandb_run_name = str(os.getcwd())", "x = __import__('os')",
-                                  "x = str(object=1)", "exec('x = 1')", "batch_size += 1", "x.y = 3"])
+                                  "x = str(object=1)", "exec('x = 1')", "batch_size += 1", "x.y = 3",
+                                  "batch_size = = 3"])  # not Python at all (a SyntaxError's traceback once)
 def test_code_is_refused_with_its_line(tmp_path, line):
     path = tmp_path / "evil.py"
     path.write_text(f"batch_size = 1\n{line}\n")

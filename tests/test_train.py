@@ -118,9 +118,23 @@ def test_resume_continues_exactly(tmp_path, data_dir, capsys):
     capsys.readouterr()
     again = run(tmp_path / "split", data_dir, *cpu, "--max_iters=2", "--eval_interval=2")
     assert [r["iter"] for r in again if "loss" in r] == [0, 1]  # a new run in the same out_dir: a new log
-    # ... and word that the last run's checkpoint is the one a resume takes until step 2 replaces it
-    assert "holds an earlier run's checkpoint: this run replaces it at its first evaluation past step 0 (step 2)" in \
+    # ... and the last run's checkpoint and log set aside together: a resume cannot take that
+    # checkpoint for this run's (as it did until this run first saved, if ever)
+    earlier = tmp_path / "split" / "earlier"
+    assert f"held an earlier run's checkpoint: moved with its log to {earlier}" in \
         " ".join(capsys.readouterr().out.split())
+    assert checkpoint.load(earlier, "cpu")["iter_num"] == 12
+    assert max(json.loads(line)["iter"] for line in (earlier / "log.jsonl").read_text().splitlines()) == 12
+
+
+def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
+    """A run's last evaluation, at max_iters 3 off its eval_interval of 2, saved the checkpoint; the
+    resumed run does not evaluate at 3 again (its next is at 4), so the log keeps that one."""
+    cpu = ["--device=cpu", "--dtype=float32", "--eval_interval=2", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *cpu, "--max_iters=3")
+    log = run(tmp_path, data_dir, *cpu, "--max_iters=6", "--init_from=resume")
+    assert [r["iter"] for r in log if "val_loss" in r] == [0, 2, 3, 4, 6]
+    assert [r["iter"] for r in log if "loss" in r] == list(range(6))
 
 
 def test_resume_takes_the_configs_training_settings(tmp_path, data_dir):
@@ -295,7 +309,11 @@ def test_defaults_and_errors(monkeypatch):
                          ("--block_size=0", "GPTConfig: block_size must be at least 1, got 0"),
                          ("--max_iters=-1", "max_iters must not be negative, got -1"),
                          ("--beta2=1.0", r"beta2 must be in \[0, 1\), got 1.0"),
-                         ("--peak_tflops=-5", "peak_tflops must be above 0, got -5.0")):
+                         ("--peak_tflops=-5", "peak_tflops must be above 0, got -5.0"),
+                         # devices this machine lacks (an assertion or AttributeError from deep in torch once)
+                         ("--device=gpu", "device 'gpu' is not a device"),
+                         ("--device=cuda:99", r"device 'cuda:99': this machine has \d+ cuda device\(s\)"),
+                         ("--out_dir=", "out_dir must name a directory")):
         with pytest.raises(SystemExit, match=message):
             train.main([arg])
     # Combinations refused before any data is prepared (this dataset does not exist).
