@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
-    parser.add_argument("--optimizer", default="adamw", choices=planning.OPTIMIZERS)
+    parser.add_argument("--optimizer", choices=planning.OPTIMIZERS, help="default adamw; planning shows both")
     parser.add_argument("--recompute", nargs="?", type=int, const=True, default=False, metavar="BLOCKS",
                         help="recompute every block in backward (activation checkpointing), or the first BLOCKS, "
                              "as train.py's recompute")
@@ -441,11 +441,18 @@ def main(argv: list[str] | None = None) -> int:
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
             for name in presets:
                 try:
-                    planning.config_for(name)
+                    config = planning.config_for(name)
                 except ValueError as e:
                     parser.error(str(e))
-            planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size),
-                                presets, console)
+                try:
+                    recompute_count(args.recompute, config.n_layer)
+                except ValueError as e:
+                    parser.error(f"{name}: {e}")
+            if args.optimizer is not None or args.recompute is not False:
+                console.print("--optimizer and --recompute are not used in planning: the tables show both "
+                              "optimizers, with no block, every block and the fewest blocks recomputed.")
+            planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,
+                                              peak_given=args.peak_tflops is not None), presets, console)
             return 0
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
@@ -454,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
     args.preset = args.preset or "gpt2"
+    args.optimizer = args.optimizer or "adamw"
     try:
         args.recompute = recompute_count(args.recompute, planning.config_for(args.preset).n_layer)
     except ValueError as e:

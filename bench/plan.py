@@ -5,9 +5,15 @@ Memory per GPU (bytes), for P parameters on N GPUs:
 - static: weights, grads and optimizer states. adamw (torch AdamW, fp32 weights, bf16
   autocast) keeps 4 + 4 + 8 bytes per parameter; bf16_adamw (pure bf16) 2 + 2 + 4, and 2
   more with kahan_summation (its compensation). DDP replicates all of it; ZeRO-1 shards the
-  optimizer states (/N); FSDP shards all three (/N) and holds two blocks' weights gathered in
-  bf16 (the one computing and the one prefetched), and the root unit's (embeddings, final norm,
-  an untied head), which FSDP keeps gathered from forward to backward.
+  optimizer states, but torch's ZeroRedundancyOptimizer gives each rank whole parameters (each
+  group's largest first, to the least-loaded rank), so the fullest rank, which the plan counts,
+  holds more than 1/N: at least the largest parameter's. FSDP shards all three (/N) and holds
+  two blocks' weights gathered in bf16 (the one computing and the one prefetched), and the root
+  unit's (embeddings, final norm, an untied head), which FSDP keeps gathered from forward to
+  backward. While a block's grads are reduce-scattered (FSDP2's foreach_reduce) it also holds
+  them whole, in the bf16 of the gathered weights, and the whole reduce-scatter input they are
+  copied into, in the reduce dtype (the sharded grads': fp32 for adamw, train.py's reduce_dtype,
+  bf16 for bf16_adamw): 2 + 4 or 2 + 2 bytes per block parameter.
   Under autocast outside FSDP, each step also holds the bf16 copies autocast makes of the
   layers' matmul weights, which autograd keeps for backward: 2 bytes per matmul weight.
 - activations, per token of a micro-batch, saved for the backward with no recomputation,
@@ -39,14 +45,17 @@ activation formula and the weight copies are checked against what autograd saves
 models of the gpt2 and llama kinds with the Triton ops (tests/test_mfu.py: within 1%); the
 allocator's own overheads, transients and workspaces are not in them.
 """
+import dataclasses
+import functools
 from dataclasses import dataclass
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from bench.flops import block_param_count, flops_per_token, matmuls, param_count
 from bench.hardware import GPU
-from gpt.model import PRESETS, GPTConfig, preset, recompute_count
+from gpt.model import GPT, PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
 
 # gigaGPT's (Cerebras, github.com/Cerebras/gigaGPT, configs/*.yaml) GPT-2-architecture shapes,
@@ -77,19 +86,38 @@ def config_for(name: str) -> GPTConfig:
 
 
 def static_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int, kahan: bool = False) -> int:
-    """Weights, grads and optimizer states on one GPU (plus FSDP's gathered weights)."""
+    """Weights, grads and optimizer states on one GPU (plus FSDP's gathered weights and its
+    reduce-scatter's buffers)."""
     P = param_count(config)
-    weights, grads, states = (b * P for b in STATE_BYTES[optimizer])
-    states += KAHAN_BYTES * P * kahan
+    weight_bytes, grad_bytes, state_bytes = STATE_BYTES[optimizer]
+    state_bytes += KAHAN_BYTES * kahan
     if sharding == "ddp":
-        return weights + grads + states
+        return (weight_bytes + grad_bytes + state_bytes) * P
     if sharding == "zero1":
-        return weights + grads + states // world_size
+        return (weight_bytes + grad_bytes) * P + state_bytes * zero1_share(config, world_size)
     if sharding == "fsdp":
         block = block_param_count(config)
         root = P - config.n_layer * block
-        return (weights + grads + states) // world_size + 2 * (2 * block + root)
+        reduce = block * (2 + grad_bytes)  # a block's bf16 grads and the reduce-scatter input, both whole
+        return (weight_bytes + grad_bytes + state_bytes) * P // world_size + 2 * (2 * block + root) + reduce
     raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+
+
+def zero1_share(config: GPTConfig, world_size: int) -> int:
+    """Parameters whose optimizer states ZeRO-1's fullest rank keeps: ZeroRedundancyOptimizer's
+    _partition_parameters over the model's parameter groups, as train.py passes them."""
+    return _zero1_share(tuple(dataclasses.asdict(config).items()), world_size)
+
+
+@functools.cache  # blocks_to_recompute asks for the same share once per candidate block count
+def _zero1_share(config_items: tuple, world_size: int) -> int:
+    with torch.device("meta"):  # the real shapes, no memory
+        groups = GPT(GPTConfig(**dict(config_items))).param_groups(0.0)
+    sizes = [0] * world_size
+    for group in groups:
+        for numel in sorted((p.numel() for p in group["params"]), reverse=True):
+            sizes[sizes.index(min(sizes))] += numel
+    return max(sizes)
 
 
 def cast_copy_bytes(config: GPTConfig, optimizer: str, sharding: str) -> int:
@@ -165,6 +193,7 @@ class Plan:
     world_size: int
     seq_len: int | None  # None: each preset's block_size
     micro_batch: int = 16  # sequences, for the blocks it takes recomputing
+    peak_given: bool = False  # peak_tflops is the user's (--peak-tflops), not the datasheet's
 
 
 def tokens_per_s(peak_tflops: float, flops_per_token: int, mfu: float) -> float:
@@ -174,8 +203,10 @@ def tokens_per_s(peak_tflops: float, flops_per_token: int, mfu: float) -> float:
 def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
     console = console or Console()
     gpu, N = plan.gpu, plan.world_size
-    console.print(f"[bold]Plan for {gpu.name}[/bold]: dense {plan.dtype} {plan.peak_tflops:g} TFLOPS, "
-                  f"{gpu.memory_gb:g} GB, {gpu.bandwidth_tbs:g} TB/s ({gpu.source}); {N} GPU(s). "
+    shardings = SHARDINGS if N > 1 else ("ddp",)
+    given = " (your --peak-tflops)" if plan.peak_given else ""
+    console.print(f"[bold]Plan for {gpu.name}[/bold]: dense {plan.dtype} {plan.peak_tflops:g} TFLOPS{given}, "
+                  f"{gpu.memory_gb:g} GiB, {gpu.bandwidth_tbs:g} TB/s ({gpu.source}); {N} GPU(s). "
                   f"Estimates, not measurements: no {gpu.name} here.")
     speed = Table(title=f"Throughput per GPU at {', '.join(f'{m:.0%}' for m in MFUS)} MFU "
                         f"(PaLM FLOPs) and hours per billion tokens on {N} GPU(s)")
@@ -183,20 +214,25 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                 *(f"h/1B tok @{m:.0%}" for m in (MFUS[0], MFUS[-1]))):
         speed.add_column(col, justify="left" if col == "preset" else "right")
     memory = Table(title=f"Memory per GPU on {N} GPU(s) and the largest micro-batch in "
-                         f"{USABLE:.0%} of {gpu.memory_gb:g} GB")
-    for col in ("preset", "optimizer", "sharding", "static GB", "act MB/token",
+                         f"{USABLE:.0%} of {gpu.memory_gb:g} GiB")
+    for col in ("preset", "optimizer", "sharding", "static GiB", "act MiB/token",
                 "max micro-batch (seqs)", "recomputing all", f"recompute for {plan.micro_batch}"):
         memory.add_column(col, justify="left" if col in ("preset", "optimizer", "sharding") else "right")
+    unfit = []
     for name in presets:
         config = config_for(name)
         T = plan.seq_len or config.block_size
         flops = flops_per_token(config, T).palm
         rates = [tokens_per_s(plan.peak_tflops, flops, m) for m in MFUS]
+        runs = any(max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute=True)
+                   for optimizer in OPTIMIZERS for sharding in shardings)
+        figures = [*(f"{r:,.0f}" for r in rates), *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1]))]
+        if not runs:
+            unfit.append(name)
         speed.add_row(name, f"{param_count(config) / 1e9:.3g}B", str(T), f"{flops / 1e9:.3g}",
-                      *(f"{r:,.0f}" for r in rates),
-                      *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1])))
+                      *(figures if runs else ["does not fit"] * len(figures)))
         for optimizer in OPTIMIZERS:
-            for sharding in SHARDINGS if N > 1 else ("ddp",):
+            for sharding in shardings:
                 fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
                         for recompute in (False, True)]
                 blocks = blocks_to_recompute(gpu.memory_gb * GiB, config, optimizer, sharding, N, T, plan.micro_batch)
@@ -204,9 +240,13 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                                f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
                                f"{activation_bytes_per_token(config, optimizer, sharding=sharding) / 2**20:.2f}",
                                *(str(n) if n else "does not fit" for n in fits),
-                               "does not fit" if blocks is None else f"{blocks} of {config.n_layer} blocks" if blocks else "none")
+                               "does not fit" if blocks is None
+                               else f"{blocks} of {config.n_layer} blocks" if blocks else "none")
     console.print(speed)
     console.print(memory)
+    if unfit:
+        console.print(f"Throughput of {', '.join(unfit)}: does not fit, not one sequence with any optimizer and "
+                      "sharding, even recomputing every block.")
     console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (+ rotated q, k "
                   "with RoPE) plus the two "
                   "norm inputs (fp32 under autocast outside FSDP), head r·h + 2h (the triton linear_cross_entropy; "
@@ -215,8 +255,9 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                   f"too; 'recompute for {plan.micro_batch}': the fewest blocks (train.py's recompute=n, the "
                   "first n) for that micro-batch (--batch-size) to fit. "
                   "Static: weights, grads and optimizer states, adamw 16 B/param, bf16_adamw 8 B/param "
-                  "(ZeRO-1 shards optimizer states, FSDP all three plus two gathered bf16 blocks and the root's "
-                  "embeddings), and "
+                  "(ZeRO-1 shards optimizer states by whole parameters: its fullest rank's; FSDP all three plus "
+                  "two gathered bf16 blocks, the root's embeddings and a block's whole grads and reduce-scatter "
+                  "input), and "
                   "under adamw's autocast outside FSDP 2 B per layer matmul weight for its bf16 copies; "
                   "the loss's 8·vocab·h + 1 GiB. "
                   "See bench/plan.py.")

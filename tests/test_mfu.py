@@ -2,12 +2,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import kernels
 from bench import mfu, plan, report
@@ -57,6 +59,48 @@ def test_plan_numbers_not_above_zero_are_usage_errors(capsys, flag, value):
     assert exit.value.code == 2 and f"argument {flag}: must be above 0, got {value}" in capsys.readouterr().err
 
 
+def test_plan_tables_label_binary_units(capsys):
+    """The plan counts memory in GiB and MiB (the GPU's nominal 80 taken as GiB): so its labels."""
+    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, 8, None), ["gpt2"], mfu.Console(width=250))
+    text = capsys.readouterr().out
+    assert "80 GiB" in text and "90% of 80 GiB" in text and "static GiB" in text and "act MiB/token" in text
+    assert not re.search(r"\b[GM]B\b", text)
+
+
+def test_throughput_of_a_preset_that_fits_nowhere_says_so(capsys):
+    """giga-175b fits on one H100 with neither optimizer, even recomputing every block: no rates for it."""
+    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, 1, None), ["gpt2", "giga-175b"],
+                    mfu.Console(width=250))
+    lines = capsys.readouterr().out.splitlines()
+    [big] = [line for line in lines if "175B" in line]
+    [small] = [line for line in lines if "0.124B" in line]
+    assert big.count("does not fit") == 5 and "does not fit" not in small
+
+
+def test_plan_credits_a_given_peak_to_the_user(capsys, monkeypatch):
+    monkeypatch.setattr(mfu, "detect", lambda: None)  # plans even on an H100
+    assert mfu.main(["--gpu", "h100", "--preset", "gpt2", "--peak-tflops", "500"]) == 0
+    assert "dense bfloat16 500 TFLOPS (your --peak-tflops)," in " ".join(capsys.readouterr().out.split())
+    assert mfu.main(["--gpu", "h100", "--preset", "gpt2"]) == 0
+    assert "your --peak-tflops" not in capsys.readouterr().out
+
+
+def test_plan_says_it_does_not_use_optimizer_and_recompute(capsys, monkeypatch):
+    monkeypatch.setattr(mfu, "detect", lambda: None)
+    note = "--optimizer and --recompute are not used in planning"
+    assert mfu.main(["--gpu", "h100", "--preset", "gpt2"]) == 0
+    assert note not in " ".join(capsys.readouterr().out.split())
+    for flags in (["--optimizer", "bf16_adamw"], ["--recompute"], ["--recompute", "4"]):
+        assert mfu.main(["--gpu", "h100", "--preset", "gpt2", *flags]) == 0
+        assert note in " ".join(capsys.readouterr().out.split())
+    # A number of blocks no preset of the plan has is an error, not ignored.
+    with pytest.raises(SystemExit) as exit:
+        mfu.main(["--gpu", "h100", "--preset", "giga-13b,gpt2", "--recompute", "20"])
+    assert exit.value.code == 2
+    assert "gpt2: recompute: True, False or a number of blocks from 0 to 12, got 20" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_auto_on_cpu_says_what_to_run_and_exits_cleanly(capsys):
     assert mfu.main(["--gpu", "auto"]) == 0
@@ -92,18 +136,39 @@ def test_static_memory_per_optimizer_and_sharding():
     P = param_count(GPT2)
     assert plan.static_bytes(GPT2, "adamw", "ddp", 8) == 16 * P
     assert plan.static_bytes(GPT2, "bf16_adamw", "ddp", 1) == 8 * P
-    assert plan.static_bytes(GPT2, "adamw", "zero1", 8) == 8 * P + 8 * P // 8
+    # ZeRO-1's optimizer states by whole parameters (ZeroRedundancyOptimizer): the rank given wte
+    # keeps its 38.6M parameters' states, not P/8's 15.6M.
+    assert plan.static_bytes(GPT2, "adamw", "zero1", 8) == 8 * P + 8 * 50304 * 768
     assert plan.static_bytes(GPT2, "bf16_adamw", "ddp", 1, kahan=True) == 10 * P  # + the compensation
     # FSDP gathers in bf16 two blocks (7,077,888 matmul weights, 6,912 biases, two layer norms'
     # 3,072) and the root unit it keeps gathered: wte, wpe and ln_f.
     block, root = 7_077_888 + 6_912 + 3_072, 50304 * 768 + 1024 * 768 + 2 * 768
     assert P == 12 * block + root
-    assert plan.static_bytes(GPT2, "adamw", "fsdp", 8) == 16 * P // 8 + 2 * (2 * block + root)
+    # and, while a block's grads are reduce-scattered, them whole in bf16 and the reduce-scatter
+    # input whole in the reduce dtype: fp32 for adamw, bf16 for bf16_adamw.
+    assert plan.static_bytes(GPT2, "adamw", "fsdp", 8) == 16 * P // 8 + 2 * (2 * block + root) + (2 + 4) * block
+    assert plan.static_bytes(GPT2, "bf16_adamw", "fsdp", 8) == 8 * P // 8 + 2 * (2 * block + root) + (2 + 2) * block
     # Autocast's bf16 copies of the layers' matmul weights (linear_cross_entropy keeps no copy of
     # the lm head's); none in pure bf16 or under FSDP, which gathers the weights in bf16.
     matmul_weights = 12 * (768 * 3 * 768 + 768 * 768 + 2 * 768 * 3072)
-    assert plan.cast_copy_bytes(GPT2, "adamw", "ddp") == plan.cast_copy_bytes(GPT2, "adamw", "zero1") == 2 * matmul_weights
+    assert (plan.cast_copy_bytes(GPT2, "adamw", "ddp") == plan.cast_copy_bytes(GPT2, "adamw", "zero1")
+            == 2 * matmul_weights)
     assert plan.cast_copy_bytes(GPT2, "bf16_adamw", "ddp") == plan.cast_copy_bytes(GPT2, "adamw", "fsdp") == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("world_size", [1, 3, 8, 64])
+def test_zero1_share_is_what_zero_redundancy_optimizer_gives_its_fullest_rank(name, world_size):
+    """torch's own partition of the model's parameter groups, as train.py passes them: its method
+    on a bare instance, which needs no process group of world_size ranks."""
+    config = GPTConfig(**preset(name))
+    with torch.device("meta"):
+        groups = GPT(config).param_groups(0.1)
+    zero = ZeroRedundancyOptimizer.__new__(ZeroRedundancyOptimizer)
+    zero.param_groups, zero.world_size, zero._partition_parameters_cache = groups, world_size, []
+    ranks = zero._partition_parameters()
+    assert plan.zero1_share(config, world_size) == max(sum(p.numel() for group in rank for p in group["params"])
+                                                       for rank in ranks)
 
 
 def test_activation_formula():
@@ -121,8 +186,10 @@ def test_activation_formula():
     # plus one block while it is recomputed; recomputing the first 4 keeps the other 8 whole, and
     # the peak is then at the start of backward, before any recomputation.
     # (The first block has no pending branch.)
-    assert plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=True) == (12 * 2 + 11 * 2) * h + per_layer + head
-    assert plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=4) == (4 * 2 + 3 * 2) * h + 8 * per_layer + head
+    assert (plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=True)
+            == (12 * 2 + 11 * 2) * h + per_layer + head)
+    assert (plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=4)
+            == (4 * 2 + 3 * 2) * h + 8 * per_layer + head)
     assert plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=0) == 12 * per_layer + head
     with pytest.raises(ValueError, match="a number of blocks from 0 to 12, got 13"):
         plan.activation_bytes_per_token(GPT2, "bf16_adamw", recompute=13)
@@ -168,6 +235,9 @@ def test_largest_micro_batch():
     # unless the blocks are recomputed.
     assert plan.max_micro_batch(h100, big, "bf16_adamw", "fsdp", 256, 2048) == 0
     assert plan.max_micro_batch(h100, big, "bf16_adamw", "fsdp", 256, 2048, recompute=True) > 0
+    # On 64 under adamw, FSDP's reduce-scatter of a block's 1.8B grads (6 bytes each, 10 GiB) leaves
+    # too little for one sequence even so.
+    assert plan.max_micro_batch(h100, big, "adamw", "fsdp", 64, 2048, recompute=True) == 0
     # The fewest blocks to recompute for a micro-batch: none where it fits whole.
     xl = plan.config_for("gpt2-xl")
     memory = 80 * 2**30
