@@ -166,8 +166,8 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
     """cos and sin, each (length, head_dim/2) fp32, of the rotary angles pos·theta^(-2i/head_dim).
     Computed in float64 on the CPU (not every device has float64) and rounded once: angles formed in
     fp32 are off by up to half an ulp of pos·freq, 1e-3 of a radian by position 16k."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)
     return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
 
 
