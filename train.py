@@ -26,7 +26,7 @@ import kernels
 from gpt import checkpoint, distributed, pretrained
 from gpt.config import (DEVICE_KEYS, DTYPES, ConfigError, parse_args, printed_help, reported as reported_by,
                         training_dtype)
-from gpt.data import Batches, load_meta, prepare
+from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import write_atomic
 from gpt.tokenizer import EOT
 from bench import plan
@@ -333,7 +333,7 @@ def main(argv: list[str]) -> None:
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
     with reported():
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
-                          world_size=world_size)
+                          world_size=world_size, vocab_size=model_args["vocab_size"])
     tokens_per_iter = c["gradient_accumulation_steps"] * world_size * c["batch_size"] * c["block_size"]
     # Per op the backend to run, checked at this run's own shapes (the ops the run calls).
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
@@ -478,7 +478,7 @@ def main(argv: list[str]) -> None:
     task = progress.add_task("train", total=c["max_iters"], completed=iter_num, status="")
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
-    with progress:
+    with progress, reported(errors=(DataError,)):  # only the data's: a kernel's ValueError keeps its traceback
         while True:
             lr = lr_at(iter_num, c)
             for group in optimizer.param_groups:

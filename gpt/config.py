@@ -67,12 +67,12 @@ def help_text(doc: str, defaults: dict) -> str:
 
 
 @contextmanager
-def reported(program: str, context: str = ""):
-    """A user's mistake, raised as a ValueError or OSError that names it (ConfigError is one),
-    ends `program` with that message instead of a traceback."""
+def reported(program: str, context: str = "", errors: tuple[type[Exception], ...] = (OSError, ValueError)):
+    """A user's mistake, raised as one of `errors` that names it (by default a ValueError or
+    OSError: ConfigError is one), ends `program` with that message instead of a traceback."""
     try:
         yield
-    except (OSError, ValueError) as e:
+    except errors as e:
         raise SystemExit(f"{program}: {context}{e}") from None
 
 

@@ -113,6 +113,10 @@ def load_meta(path: Path) -> dict | None:
         return pickle.load(f)
 
 
+class DataError(ValueError):
+    """Data that training cannot use, found while drawing batches."""
+
+
 class Batches:
     """Random (x, y) windows of a dataset, drawn from a generator whose state is saved in
     checkpoints so a resumed run sees the same batches. Eval batches come from their own
@@ -124,8 +128,11 @@ class Batches:
     times larger batch would."""
 
     def __init__(self, path: Path, block_size: int, batch_size: int, device: str, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+        """vocab_size: the model's; a batch holding an id at or past it is refused (the embedding's
+        lookup would fail on it: an IndexError on the CPU, a device-side assert on a GPU)."""
         self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.vocab_size = vocab_size
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed + 1  # not the training draws': "train" loss would score the first batches trained on
@@ -147,6 +154,9 @@ class Batches:
         ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=generator)
         ix = ix[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         windows = torch.from_numpy(np.stack([data[i: i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
+        if self.vocab_size is not None and (top := int(windows.max())) >= self.vocab_size:
+            raise DataError(f"{self.path / split}.bin holds token id {top}, past the model's {self.vocab_size}-token "
+                             f"vocabulary (written with another tokenizer, or meta.pkl's vocab_size too small?)")
         if self.device.startswith("cuda"):
             # Whole windows, contiguous and pinned: a non-contiguous or pageable copy would go
             # through a staging buffer and wait for the GPU to finish the step before it.

@@ -1,8 +1,10 @@
 import json
+import pickle
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,6 +352,19 @@ def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
     assert config["dropout"] == 0.1
     config, _ = train.read_config([str(train.CONFIG_DIR / "train_shakespeare_char.py")])
     assert (config["n_layer"], config["dropout"]) == (6, 0.2)  # nanoGPT's baby GPT
+
+
+def test_token_ids_past_the_vocabulary_stop_with_the_file(tmp_path):
+    """A meta.pkl whose vocab_size is smaller than the ids its .bin files hold: the model's
+    embedding would fail on them (an IndexError, a device-side assert on a GPU)."""
+    data = tmp_path / "data" / "tiny"
+    data.mkdir(parents=True)
+    for split in ("train", "val"):
+        (np.arange(300) % 31).astype(np.uint16).tofile(data / f"{split}.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump(dict(vocab_size=10), f)
+    with pytest.raises(SystemExit, match=r"tiny/train.bin holds token id 30, past the model's 10-token vocabulary"):
+        run(tmp_path / "out", tmp_path / "data", "--dataset=tiny", "--device=cpu", "--block_size=16")
 
 
 def test_the_default_config_and_wandb_are_found_before_the_run(tmp_path, monkeypatch):
