@@ -215,3 +215,19 @@ def test_a_killed_write_s_temporary_file_is_removed_by_the_next_run(tmp_path):
     (tmp_path / "other.tmp").write_bytes(b"not ours")
     assert checkpoint.remove_torn(tmp_path) == [torn]
     assert not torn.exists() and (tmp_path / "other.tmp").exists()
+
+
+def test_a_new_run_sets_a_sharded_checkpoint_aside_with_its_log(tmp_path):
+    """ckpt.dcp (a folder) and log.jsonl go to out_dir/earlier, replacing an older run's there;
+    without a checkpoint nothing moves."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 0}\n')
+    assert checkpoint.set_aside(tmp_path, log) is None and log.exists()
+    save(tmp_path, kahan=False, iter_num=2)
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "ckpt.pt").write_bytes(b"an older run's")
+    earlier = checkpoint.set_aside(tmp_path, log)
+    assert earlier == tmp_path / "earlier" and sorted(p.name for p in earlier.iterdir()) == [checkpoint.SHARDED,
+                                                                                            "log.jsonl"]
+    assert not checkpoint.exists(tmp_path) and not log.exists()
+    assert checkpoint.load(earlier, "cpu")["iter_num"] == 2
