@@ -359,11 +359,13 @@ def _optimizer_shapes(config: GPTConfig, distinct: bool) -> list[torch.Size]:
     return shapes
 
 
-def _adamw(s: Shapes, device, distinct: bool) -> Case:
+def _adamw(s: Shapes, device, distinct: bool, stochastic_rounding: bool | None) -> Case:
     shapes = _optimizer_shapes(s.config, distinct)
     n = len(shapes)
     # Pure bf16 training rounds stochastically, as BF16AdamW does by default.
-    rounding = dict(stochastic_rounding=s.dtype == torch.bfloat16, seed=1)
+    if stochastic_rounding is None:
+        stochastic_rounding = s.dtype == torch.bfloat16
+    rounding = dict(stochastic_rounding=stochastic_rounding, seed=1)
 
     def make():
         kw = dict(device=device, dtype=s.dtype)
@@ -399,12 +401,14 @@ def _grad_norm(s: Shapes, device, distinct: bool, dtype: torch.dtype | None = No
         {"step": numel * dtype.itemsize}, "GB/s", dtype)
 
 
-def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | None = None) -> Case:
+def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | None = None,
+         stochastic_rounding: bool | None = None) -> Case:
     """`op` at `shapes` on `device`; `quick` keeps one tensor per parameter shape for the
     optimizer's ops, and at most 2048 rows of logits for the cross-entropies. A norm is run with the
     residual add fused in when `residual`; None: as the model runs most of its norms (fused in
     pre-norm models, whose every norm but the first adds the residual). The norms' residual form
-    and attention drop out as the config says (its `dropout`), as in training."""
+    and attention drop out as the config says (its `dropout`), as in training. AdamW's stores round
+    stochastically when `stochastic_rounding`; None: as BF16AdamW's default (bf16 only)."""
     if op in ("rms_norm", "layer_norm"):
         if residual is None:
             residual = shapes.config.norm_position == "pre"
@@ -420,7 +424,7 @@ def case(op: str, shapes: Shapes, device, quick: bool = False, residual: bool | 
     if op == "linear_cross_entropy":
         return _linear_cross_entropy(shapes, device, quick)
     if op == "adamw":
-        return _adamw(shapes, device, distinct=quick)
+        return _adamw(shapes, device, distinct=quick, stochastic_rounding=stochastic_rounding)
     if op == "grad_norm":
         return _grad_norm(shapes, device, distinct=quick)
     raise ValueError(f"no benchmark case for op {op!r}")

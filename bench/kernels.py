@@ -1,6 +1,6 @@
 """Kernel profile of this GPU: every op, forward and forward+backward (the optimizer: its step),
 each backend (torch eager, torch.compile of the torch backend, triton), at the shapes a preset's
-training runs it at. Per case: the median time (triton.testing.do_bench, CUDA events), GB/s or
+training runs it at. Per case: the median time (bench.measure.median_ms, CUDA events), GB/s or
 TFLOPS, the fraction of the roofline measured in the same run (copy bandwidth, bf16 matmul
 rate), and whether the backend passed the check against the torch reference at those shapes.
 Adds this workload's record to profiles/<gpu-slug>.json (replacing an earlier record of the same

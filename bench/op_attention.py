@@ -46,13 +46,18 @@ def _checked(s: Shapes, device) -> Case:
 
 def _add_backward(c: Case, entry: dict, peak: float) -> None:
     """Add the backward alone to each backend of `entry` that ran: its fwd+bwd median less its
-    fwd median, credited the FLOPs between them."""
+    fwd median, credited the FLOPs between them (none where noise leaves no time between them),
+    and host time likewise, so a host-bound backward is marked too."""
     c = dataclasses.replace(c, work={"bwd": c.work["fwd+bwd"] - c.work["fwd"]})
     for record in entry["backends"].values():
-        if "ms" in record:
-            ms = record["ms"]["bwd"] = record["ms"]["fwd+bwd"] - record["ms"]["fwd"]
-            record["rate"]["bwd"] = c.rate("bwd", ms)
-            record["roofline"]["bwd"] = record["rate"]["bwd"] / peak
+        if "ms" not in record or (ms := record["ms"]["fwd+bwd"] - record["ms"]["fwd"]) <= 0:
+            continue
+        record["ms"]["bwd"] = ms
+        record["rate"]["bwd"] = c.rate("bwd", ms)
+        record["roofline"]["bwd"] = record["rate"]["bwd"] / peak
+        host = record.get("host_ms") or {}
+        if host.get("fwd") is not None and host.get("fwd+bwd") is not None:
+            host["bwd"] = host["fwd+bwd"] - host["fwd"]
 
 
 def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:

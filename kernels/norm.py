@@ -289,7 +289,7 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(
+def _norm_sum_partials_kernel(
     DW,  # fp32 (P, N): the backward programs' partial sums of dw, one row each
     DB,  # fp32 (P, N): the same of db; unused unless HAS_BIAS
     OUT_W,  # (N,): dw, in the weight's dtype
@@ -408,7 +408,7 @@ def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight
                 HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
                 STAGES=_BWD_STAGES, num_warps=num_warps)
         # One launch for both sums and their casts (torch: a sum and a cast each, four kernels).
-        wrap_triton(_sum_partials_kernel)[(runtime.cdiv(n, block_c),)](
+        wrap_triton(_norm_sum_partials_kernel)[(runtime.cdiv(n, block_c),)](
             dw_partials, db_partials if has_bias else dw_partials, dw, db if has_bias else dw, programs, n,
             HAS_BIAS=has_bias, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_SUM_TILE // (32 * _ELEMS_PER_THREAD))
     return dx, dx2, dw, db

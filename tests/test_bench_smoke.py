@@ -115,13 +115,16 @@ def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
 
 def test_attention_backward_is_fwd_bwd_less_fwd():
     c = case("attention", op_attention.SHAPES[0], "meta")
-    entry = {"backends": {"triton": {"ms": {"fwd": 1.0, "fwd+bwd": 4.0}, "rate": {}, "roofline": {}},
+    entry = {"backends": {"triton": {"ms": {"fwd": 1.0, "fwd+bwd": 4.0}, "rate": {}, "roofline": {},
+                                     "host_ms": {"fwd": 0.5, "fwd+bwd": 3.5}},
+                          "compile": {"ms": {"fwd": 1.0, "fwd+bwd": 0.9}, "rate": {}, "roofline": {}},  # noise
                           "torch": {"error": "boom"}}}
     op_attention._add_backward(c, entry, peak=MATMUL_TFLOPS)
     triton = entry["backends"]["triton"]
-    assert triton["ms"]["bwd"] == 3.0
+    assert triton["ms"]["bwd"] == 3.0 and triton["host_ms"]["bwd"] == 3.0  # host-bound, as its fwd+bwd
     assert triton["rate"]["bwd"] == pytest.approx(2.5 * c.work["fwd"] / 3.0 / 1e9)
     assert triton["roofline"]["bwd"] == pytest.approx(triton["rate"]["bwd"] / MATMUL_TFLOPS)
+    assert "bwd" not in entry["backends"]["compile"]["ms"]  # no time left between them: no row
     assert "ms" not in entry["backends"]["torch"]
 
 
@@ -177,6 +180,18 @@ def test_the_issues_shapes_and_work():
     assert heads[0].work == {"fwd+bwd": 6 * 16384 * 768 * 50304}  # the logits' matmul, then d_x's and d_weight's
     adamw = case("adamw", op_adamw.SHAPES[0], "meta")
     assert adamw.shape == "148 tensors, 124M params" and adamw.work["step"] == 14 * 124_475_904
+
+
+@pytest.mark.parametrize("asked,expected", [(None, True), (False, False), (True, True)])
+def test_adamw_cases_round_as_asked(asked, expected):
+    """The backend timed and the torch reference it is checked against round alike: bf16's default
+    is stochastic, and a round-to-nearest case checks round-to-nearest backends against torch's
+    rounding to nearest (stochastic rounding's larger error would loosen their bound)."""
+    c = case("adamw", Shapes(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=16, block_size=4), batch_size=1,
+                             dtype=torch.bfloat16), "cpu", quick=True, stochastic_rounding=asked)
+    seen = []
+    c.call(lambda *lists, stochastic_rounding, **kw: seen.append(stochastic_rounding), c.make(), "step")
+    assert seen == [expected]
 
 
 @interpreter_only

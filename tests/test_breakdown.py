@@ -14,7 +14,7 @@ NAMES = {
     "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0": "attention",
     "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>, true>": "attention",
     "_attn_fwd": "attention", "_attn_bwd_dkdv": "attention", "_attn_bwd_delta": "attention",
-    "_norm_fwd_kernel": "norm", "_norm_bwd_kernel": "norm",
+    "_norm_fwd_kernel": "norm", "_norm_bwd_kernel": "norm", "_norm_sum_partials_kernel": "norm",
     "_cross_entropy_fwd_kernel": "loss", "_cross_entropy_bwd_kernel": "loss",
     "_adamw_kernel": "optimizer", "_sum_squares_kernel": "optimizer", "_sqrt_of_sum_kernel": "optimizer",
     "_swiglu_bwd_kernel": "elementwise", "_rope_kernel": "elementwise",

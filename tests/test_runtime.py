@@ -110,7 +110,7 @@ OP_KERNELS = {
     "attention_fwd": ["_attn_fwd"], "attention_rope_fwd": ["_attn_fwd", "_rope_kernel"],
     "attention_bwd": ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rope_kernel"],
     "cross_entropy_fwd": ["_cross_entropy_fwd_kernel"], "cross_entropy_bwd": ["_cross_entropy_bwd_kernel"],
-    "norm_fwd": ["_norm_fwd_kernel"], "norm_bwd": ["_norm_bwd_kernel", "_sum_partials_kernel"],
+    "norm_fwd": ["_norm_fwd_kernel"], "norm_bwd": ["_norm_bwd_kernel", "_norm_sum_partials_kernel"],
     "rope": ["_rope_kernel"],
     "swiglu": ["_swiglu_fwd_kernel"], "swiglu_backward": ["_swiglu_bwd_kernel"],
 }
