@@ -12,6 +12,7 @@
 Writing one format removes the other, so out_dir holds one checkpoint.
 """
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -89,14 +90,24 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
         raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}")
     path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
     if path.is_dir():
-        checkpoint = dict(torch.load(path / TRAIN_STATE, map_location=device, weights_only=False), sharded=path)
+        checkpoint = dict(_load(path / TRAIN_STATE, map_location=device), sharded=path)
     else:
         # Loaded to the host, the file is mapped, not read: the ranks of a node resuming at once
         # share its pages instead of holding a copy each.
-        checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=device == "cpu")
+        checkpoint = _load(path, map_location=device, mmap=device == "cpu")
         checkpoint["model"] = model_state(checkpoint["model"])
     checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
     return checkpoint
+
+
+def _load(path: Path, **options):
+    """torch.load with weights_only: tensors, numbers, strings and containers of them, all that a
+    checkpoint (ours or nanoGPT's) holds; unpickling anything else could run code a downloaded
+    file brought."""
+    try:
+        return torch.load(path, weights_only=True, **options)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors, numbers and strings: not loaded ({e})") from None
 
 
 def exists(out_dir: str | os.PathLike) -> bool:

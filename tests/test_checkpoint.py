@@ -231,3 +231,17 @@ def test_a_new_run_sets_a_sharded_checkpoint_aside_with_its_log(tmp_path):
                                                                                             "log.jsonl"]
     assert not checkpoint.exists(tmp_path) and not log.exists()
     assert checkpoint.load(earlier, "cpu")["iter_num"] == 2
+
+
+class _Payload:
+    """What a planted checkpoint could make torch.load run (here only a marker)."""
+
+    def __reduce__(self):
+        return (print, ("code from a checkpoint ran",))
+
+
+def test_a_checkpoint_holding_code_is_refused(tmp_path, capsys):
+    torch.save({"model": {}, "model_args": {}, "payload": _Payload()}, tmp_path / checkpoint.FILENAME)
+    with pytest.raises(ValueError, match="ckpt.pt holds more than tensors, numbers and strings: not loaded"):
+        checkpoint.load(tmp_path, "cpu")
+    assert "code from a checkpoint ran" not in capsys.readouterr().out
