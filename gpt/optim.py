@@ -118,6 +118,9 @@ class BF16AdamW(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    # Both run eagerly inside torch.compile (a graph break): the triton backend's pointer tables
+    # cannot be traced, and Dynamo before torch 2.13 cannot trace the clip kept on the optimizer.
+    @torch.compiler.disable
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None,
                        grad_norm: Callable | None = None) -> torch.Tensor:
@@ -125,13 +128,21 @@ class BF16AdamW(torch.optim.Optimizer):
         (a 0-d fp32 tensor on their device, still there: no host sync). The grads are not
         modified: the step multiplies them by the clip coefficient as it reads them.
 
-        parameters: whose grads make the norm; by default this optimizer's. (Under ZeRO-1 each
-        rank's optimizer holds a share of the model: pass all of the model's parameters.)
+        parameters: whose grads make the norm; by default this optimizer's. The step scales
+        every grad it reads, so they must include all of this optimizer's that have grads (under
+        ZeRO-1 each rank's optimizer holds a share of the model: pass all of the model's
+        parameters); torch.nn.utils.clip_grad_norm_ clips a subset. The last call before a step
+        is the one that step applies.
         grad_norm: the grad_norm op's backend to use; by default the one named like this
         optimizer's adamw backend."""
-        if parameters is None:
-            parameters = [p for group in self.param_groups for p in group["params"]]
-        parameters = list(parameters)
+        own = [p for group in self.param_groups for p in group["params"]]
+        parameters = own if parameters is None else list(parameters)
+        given = set(map(id, parameters))
+        missing = sum(1 for p in own if p.grad is not None and id(p) not in given)
+        if missing:
+            raise ValueError(f"BF16AdamW.clip_grad_norm: {missing} of this optimizer's params with grads are not "
+                             f"among `parameters`, and the step would scale their grads too (clip a subset with "
+                             f"torch.nn.utils.clip_grad_norm_)")
         norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
         marked = next((p for p in parameters if p.grad is not None), None)
         self._clip = None if marked is None else (clip_coefficient(norm, max_norm), marked,
@@ -151,6 +162,7 @@ class BF16AdamW(torch.optim.Optimizer):
         now = param.grad
         return coefficient if now is not None and now is grad() and _local(now)._version == version else None
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -158,8 +170,8 @@ class BF16AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, self._clip = self._clip_for(self._clip), None
-        for group in self.param_groups:  # ZeRO-1 copies loaded groups' settings in past __setstate__
-            _check_options(group)  # (their ranges: the adamw op checks them)
+        for group in self.param_groups:  # before any state changes (a scheduler's lr can be anything);
+            _check_settings(group)  # ZeRO-1 copies loaded groups' settings in past __setstate__
         for index, group in enumerate(self.param_groups):
             kahan = group["kahan_summation"]
             states = ("exp_avg", "exp_avg_sq") + (("compensation",) if kahan else ())
@@ -170,6 +182,8 @@ class BF16AdamW(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
+                if grad.is_sparse:
+                    raise ValueError("BF16AdamW does not support sparse gradients")
                 state = self.state[p]
                 if len(state) != 1 + len(states):  # new, or Kahan switched on or off since
                     state.setdefault("step", 0)
@@ -181,16 +195,18 @@ class BF16AdamW(torch.optim.Optimizer):
                 count = state["step"]
                 if type(count) is not int:  # torch.optim.AdamW's tensor, from a state it saved
                     count = int(count)  # (ZeRO-1's and sharded loads write states directly)
-                step = state["step"] = count + 1
+                step = count + 1  # counted once the op has taken the step
                 lists = by_step.get(step)
                 if lists is None:
-                    lists = by_step[step] = [[] for _ in range(2 + len(states))]
+                    lists = by_step[step] = [[] for _ in range(3 + len(states))]
+                lists[-1].append(state)
                 lists[0].append(p)
                 lists[1].append(grad)
                 for lst, name in zip(lists[2:], states):
                     lst.append(state[name])
             beta1, beta2 = group["betas"]
             for step, lists in by_step.items():
+                *lists, counted = lists
                 if any(isinstance(p, DTensor) for p in lists[0]):  # FSDP2: the op updates local shards
                     lists = [[_local(t) for t in ts] for ts in lists]
                 params, grads, exp_avgs, exp_avg_sqs, *compensations = lists
@@ -201,18 +217,15 @@ class BF16AdamW(torch.optim.Optimizer):
                            seed=step_seed(group["seed"], index, step),
                            grad_scale=None if grad_scale is None else grad_scale.to(params[0].device),
                            compensations=compensations[0] if kahan else None)
+                for state in counted:
+                    state["step"] = step
         return loss
 
 
 def _check_group(group: dict) -> None:
     """A group's settings in range when it is made or loaded (as torch's AdamW checks them), not
-    at the first step; and torch.optim.AdamW's options that BF16AdamW does not implement, which
-    may come in a group of its own or in a state dict of torch's, refused where set."""
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"BF16AdamW: betas must be a pair, got {betas!r}")
-    check_settings("BF16AdamW", group["lr"], *betas, group["eps"], group["weight_decay"])
-    _check_options(group)
+    at the first step, and its params of a dtype BF16AdamW steps."""
+    _check_settings(group)
     if any(p.dtype == torch.float16 for p in group["params"]):
         # Moments live in the param's dtype: in fp16, (1 - beta2) * g^2 flushes to zero (steps
         # many times too large), and fp16 grads would need a loss scale GradScaler cannot unscale.
@@ -220,17 +233,34 @@ def _check_group(group: dict) -> None:
                          "use bfloat16 or float32 params")
 
 
-def _check_options(group: dict) -> None:
-    for option in ("amsgrad", "maximize"):
+def _check_settings(group: dict) -> None:
+    """A group's numbers in range and its switches bools; and torch.optim.AdamW's options that
+    BF16AdamW does not implement, which may come in a group of its own or in a state dict of
+    torch's (or of torch.optim.Adam's, whose weight decay is not decoupled), refused where set.
+    Its implementation choices (foreach, fused) are torch's own: passed over."""
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"BF16AdamW: betas must be a pair, got {betas!r}")
+    check_settings("BF16AdamW", group["lr"], *betas, group["eps"], group["weight_decay"])
+    for switch in ("stochastic_rounding", "kahan_summation"):
+        if not isinstance(group[switch], bool):
+            raise ValueError(f"BF16AdamW: {switch} must be a bool, got {group[switch]!r}")
+    if not isinstance(group["seed"], int) or isinstance(group["seed"], bool) or group["seed"] < 0:
+        raise ValueError(f"BF16AdamW: seed must be an int >= 0, got {group['seed']!r}")
+    for option in ("amsgrad", "maximize", "capturable", "differentiable"):
         if group.get(option):
             raise ValueError(f"BF16AdamW: {option}=True (an option of torch.optim.AdamW) is not supported")
+    if group.get("decoupled_weight_decay") is False:
+        raise ValueError("BF16AdamW: decoupled_weight_decay=False (torch.optim.Adam's L2 penalty) is not supported: "
+                         "its weight decay is AdamW's")
 
 
 def clip_for_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], max_norm: float,
                   grad_norm: Callable) -> torch.Tensor:
     """Clip `params`' grads to global norm `max_norm` for `optimizer`'s next step, as
     torch.nn.utils.clip_grad_norm_ does, and return their norm before clipping. BF16AdamW folds
-    the clipping into its step; other optimizers get their grads scaled in place."""
+    the clipping into its step (so `params` must hold all the params it steps: see its
+    clip_grad_norm); other optimizers get their grads scaled in place."""
     if isinstance(optimizer, BF16AdamW):
         return optimizer.clip_grad_norm(max_norm, params, grad_norm)
     params = list(params)

@@ -66,7 +66,7 @@ from .runtime import fp32  # a bare name: see wrap_triton's docstring
 from .checks import FLOAT_DTYPES, check_list, check_number, check_same, check_tensor, has_overlap
 from .registry import register
 
-_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(a) for a in ("shape", "dtype", "device"))
+_SHAPE, _DTYPE, _DEVICE, _LAYOUT = (operator.attrgetter(a) for a in ("shape", "dtype", "device", "layout"))
 
 
 def check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
@@ -108,7 +108,8 @@ def _plainly_valid(params, grads, *states) -> bool:
     it compares whole lists with C-level maps; _explain_tensors finds what else is the matter."""
     everything = [params, grads, *states]
     tensors = list(itertools.chain.from_iterable(everything))
-    if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, tensors))):
+    if (not all(issubclass(kind, torch.Tensor) for kind in set(map(type, tensors)))
+            or set(map(_LAYOUT, tensors)) - {torch.strided}):  # sparse ones: before any stride is asked for
         return False
     shapes, devices = tuple(map(_SHAPE, params)), tuple(map(_DEVICE, params))
     return (all(tuple(map(_SHAPE, ts)) == shapes for ts in everything[1:])
@@ -544,7 +545,10 @@ def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+# The triton backends of both ops run eagerly inside torch.compile (a graph break): their launches
+# read pointer tables, built and cached by the tensors' addresses, which a traced graph cannot hold.
 @register("adamw", "triton")
+@torch.compiler.disable
 @torch.no_grad()
 def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
                  weight_decay, stochastic_rounding: bool = False, seed: int = 0,
@@ -603,6 +607,7 @@ def grad_norm_torch(tensors) -> torch.Tensor:
 
 
 @register("grad_norm", "triton")
+@torch.compiler.disable
 @torch.no_grad()
 def grad_norm_triton(tensors) -> torch.Tensor:
     """grad_norm_torch's value (but float64 grads summed in fp32, and an fp32 result) in two

@@ -14,6 +14,8 @@ def dtype_names(dtypes) -> str:
 def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {name} must be a dense tensor, got layout {t.layout}")
     if t.dtype not in dtypes:
         raise ValueError(f"{op}: {name} must be one of ({dtype_names(dtypes)}), got {dtype_names([t.dtype])}")
     if ndim is not None and t.dim() != ndim:

@@ -544,6 +544,7 @@ def test_bad_input_raises(backend, device):
         "lr must be a Python number": (p, g, m, v, {"lr": torch.tensor(1e-2)}),  # not a kernel pointer
         "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
         "seed must be an int": (p, g, m, v, {"seed": 2**31}),
+        r"grads\[1\] must be a dense tensor, got layout torch.sparse_coo": (p, [g[0], g[1].to_sparse()], m, v, {}),
     }
     for message, (ps, gs, ms, vs, override) in cases.items():
         kwargs = {"step": 1, **HYPER, **override}
@@ -798,6 +799,37 @@ def test_torch_adamw_options_it_lacks_are_refused():
     theirs.step()
     with pytest.raises(ValueError, match="BF16AdamW: amsgrad=True .* not supported"):
         BF16AdamW([p]).load_state_dict(theirs.state_dict())
+    # capturable would replay a captured step (its lr and step count are the host's); Adam's weight
+    # decay is an L2 penalty; foreach and fused are torch's own implementation choices
+    for option, message in (({"capturable": True}, "capturable=True"), ({"differentiable": True}, "differentiable"),
+                            ({"decoupled_weight_decay": False},
+                             r"decoupled_weight_decay=False \(torch.optim.Adam's L2 penalty\)")):
+        with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
+            BF16AdamW([{"params": [p], **option}])
+    BF16AdamW([{"params": [p], "foreach": True, "fused": False}])
+    for setting, message in (({"kahan_summation": "no"}, "kahan_summation must be a bool, got 'no'"),
+                             ({"seed": 1.5}, "seed must be an int >= 0, got 1.5")):
+        with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
+            BF16AdamW([p], **setting)
+
+
+def test_a_refused_step_changes_no_state():
+    """A step refused (here a scheduler's lr that is a tensor, or a sparse grad) leaves the step
+    counts as they were: a retry after the fix takes the bias correction of the right step."""
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    opt = BF16AdamW([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+    with pytest.raises(ValueError, match="BF16AdamW: lr must be a Python number, got Tensor"):
+        opt.step()
+    assert opt.state[p]["step"] == 1
+    opt.param_groups[0]["lr"] = 1e-2
+    p.grad = p.grad.to_sparse()
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="BF16AdamW does not support sparse gradients"):
+        opt.step()
+    assert opt.state[p]["step"] == 1 and torch.equal(p, before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -944,3 +976,86 @@ def test_kahan_bad_input_raises(backend, device):
                             r"compensations\[1\] has elements that share memory")):
         with pytest.raises(ValueError, match=f"adamw: .*{message}"):
             kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, compensations=comps)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_compiled_training_step_steps_as_eagerly(backend, device):
+    """torch.compile of a step that clips and steps BF16AdamW: both run eagerly inside it (Dynamo
+    failed on the triton backend's pointer tables, and before torch 2.13 on the clip the optimizer
+    keeps), with the same result."""
+    skip_unless_triton_runs(backend, device)
+    torch.manual_seed(0)
+    params = [torch.randn(n, device=device, dtype=torch.bfloat16) for n in (7, 33)]
+    grads = [torch.randn_like(p) for p in params]
+    results = []
+    for compiled in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        optimizer = BF16AdamW(ps, lr=1e-2, backend=backend)
+
+        def step():
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            optimizer.clip_grad_norm(0.5)
+            optimizer.step()
+        for _ in range(2):
+            (torch.compile(step, backend="eager") if compiled else step)()
+        results.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_clipping_fused_into_the_step_refuses_a_subset_of_its_params():
+    """The step scales every grad it reads by the clip: a norm of some of them would clip the
+    others too (torch.nn.utils.clip_grad_norm_ is the way to clip a subset)."""
+    ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    optimizer = BF16AdamW(ps, lr=1e-2, backend="torch")
+    with pytest.raises(ValueError, match="1 of this optimizer's params with grads are not among `parameters`"):
+        optimizer.clip_grad_norm(1.0, ps[:1])
+    with pytest.raises(ValueError, match="not among `parameters`"):
+        clip_for_step(optimizer, ps[1:], 1.0, kernels.get("grad_norm", "torch"))
+    ps[1].grad = None  # a param without a grad is not stepped: leaving it out is fine
+    optimizer.clip_grad_norm(1.0, ps[:1])
+    optimizer.clip_grad_norm(1.0, [*ps, torch.nn.Parameter(torch.ones(2))])  # more (ZeRO-1's whole model): fine
+
+
+def test_schedulers_hooks_and_grad_scaler_work_as_with_torch_adamw():
+    """fp32 params (no rounding): under OneCycleLR, which cycles the betas as well as lr, with a
+    state_dict round trip of both mid-run, BF16AdamW steps as torch.optim.AdamW does; step hooks
+    fire around each step; GradScaler skips a step with an inf grad."""
+    torch.manual_seed(0)
+    start = torch.randn(6)
+    grads = [torch.randn(6) for _ in range(6)]
+    results = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), lambda ps: BF16AdamW(ps, lr=1e-2)):
+        p = torch.nn.Parameter(start.clone())
+        opt = make([p])
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        for i, g in enumerate(grads):
+            if i == 3:
+                state = copy.deepcopy((opt.state_dict(), schedule.state_dict()))
+                opt = make([p])
+                schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+                opt.load_state_dict(state[0])
+                schedule.load_state_dict(state[1])
+            p.grad = g.clone()
+            opt.step()
+            schedule.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    opt = BF16AdamW([p], lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    scaler = torch.amp.GradScaler("cpu")
+    before = p.detach().clone()
+    for weight in (torch.full((4,), float("inf")), torch.randn(4)):  # the first step is skipped
+        scaler.scale((p.float() * weight).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if not calls:
+            assert torch.equal(p, before) and scaler.get_scale() < 65536.0
+    assert not torch.equal(p, before) and calls == ["pre", "post"]
