@@ -180,7 +180,7 @@ def same_tokens(trained_on: dict | None, meta: dict | None) -> bool:
 
 
 def tokens(meta: dict | None) -> str:
-    return "GPT-2's BPE tokens" if meta is None else f"{meta['vocab_size']} characters (its meta.pkl)"
+    return "GPT-2's BPE tokens" if meta is None else f"the {meta['vocab_size']} tokens of a meta.pkl"
 
 
 def evaluates_at(it: int, c: dict) -> bool:
@@ -329,7 +329,8 @@ def main(argv: list[str]) -> None:
     trained_on = None if weights_dir else resumed.get("meta", meta) if resumed else meta
     if not same_tokens(trained_on, meta):
         raise SystemExit(f"train.py: init_from={c['init_from']} was trained on {tokens(trained_on)}; dataset "
-                         f"{c['dataset']} holds {tokens(meta)}")
+                         f"{c['dataset']} holds {tokens(meta)}" + (" (another vocabulary: their stoi differ)"
+                                                                  if trained_on and meta else ""))
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
     with reported():
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
@@ -424,7 +425,8 @@ def main(argv: list[str]) -> None:
         log_path = Path(c["out_dir"]) / "log.jsonl"
         if c["init_from"] == "resume" and not c["eval_only"]:
             trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
-        earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
+        with reported():
+            earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
         if earlier:
             console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
                           f"{earlier}[/yellow]")

@@ -106,8 +106,10 @@ def _load(path: Path, **options):
     file brought."""
     try:
         return torch.load(path, weights_only=True, **options)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors, numbers and strings: not loaded ({e})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # torch.load's for a file it cannot read
+        if str(e).startswith("Weights only load failed"):
+            raise ValueError(f"{path} holds more than tensors, numbers and strings: not loaded ({e})") from None
+        raise ValueError(f"{path} is not a readable checkpoint (cut short or corrupt?): {e}") from None
 
 
 def exists(out_dir: str | os.PathLike) -> bool:
@@ -132,14 +134,19 @@ def set_aside(out_dir: str | os.PathLike, log: Path) -> Path | None:
     log until the new run first saves (never, if no evaluation improves on its first and
     always_save_checkpoint is off), and a resume would continue the old run on the new log."""
     out = Path(out_dir)
-    found = _found(out)
-    if not found:
+    if not _found(out):
         return None
     earlier = out / "earlier"
-    shutil.rmtree(earlier, ignore_errors=True)
+    if earlier.is_dir() and not earlier.is_symlink():
+        shutil.rmtree(earlier)
+    else:
+        earlier.unlink(missing_ok=True)
     earlier.mkdir()
-    for path in [*found, *([log] if log.exists() else [])]:
-        os.replace(path, earlier / path.name)
+    # Every form a checkpoint can be left in (a crash between save_sharded's renames leaves two).
+    forms = (FILENAME, SHARDED, f"{SHARDED}.tmp", f"{SHARDED}.old")
+    for path in [*(out / name for name in forms), log]:
+        if path.exists():
+            os.replace(path, earlier / path.name)
     return earlier
 
 

@@ -137,8 +137,8 @@ class BF16AdamW(torch.optim.Optimizer):
         optimizer's adamw backend."""
         own = [p for group in self.param_groups for p in group["params"]]
         parameters = own if parameters is None else list(parameters)
-        given = set(map(id, parameters))
-        missing = sum(1 for p in own if p.grad is not None and id(p) not in given)
+        given = set(map(id, parameters)) if parameters is not own else None
+        missing = given is not None and sum(1 for p in own if p.grad is not None and id(p) not in given)
         if missing:
             raise ValueError(f"BF16AdamW.clip_grad_norm: {missing} of this optimizer's params with grads are not "
                              f"among `parameters`, and the step would scale their grads too (clip a subset with "
@@ -182,8 +182,6 @@ class BF16AdamW(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise ValueError("BF16AdamW does not support sparse gradients")
                 state = self.state[p]
                 if len(state) != 1 + len(states):  # new, or Kahan switched on or off since
                     state.setdefault("step", 0)
@@ -226,6 +224,10 @@ def _check_group(group: dict) -> None:
     """A group's settings in range when it is made or loaded (as torch's AdamW checks them), not
     at the first step, and its params of a dtype BF16AdamW steps."""
     _check_settings(group)
+    if len(set(map(id, group["params"]))) != len(group["params"]):
+        # torch's optimizers step a repeated param once per listing; one op call would take both
+        # listings' updates of the moments at one step count (or refuse the shared memory)
+        raise ValueError("BF16AdamW: a param group lists a parameter more than once")
     if any(p.dtype == torch.float16 for p in group["params"]):
         # Moments live in the param's dtype: in fp16, (1 - beta2) * g^2 flushes to zero (steps
         # many times too large), and fp16 grads would need a loss scale GradScaler cannot unscale.

@@ -807,6 +807,9 @@ def test_torch_adamw_options_it_lacks_are_refused():
         with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
             BF16AdamW([{"params": [p], **option}])
     BF16AdamW([{"params": [p], "foreach": True, "fused": False}])
+    with (pytest.warns(UserWarning, match="duplicate parameters"),  # torch's, which still steps them
+          pytest.raises(ValueError, match="BF16AdamW: a param group lists a parameter more than once")):
+        BF16AdamW([p, p])
     for setting, message in (({"kahan_summation": "no"}, "kahan_summation must be a bool, got 'no'"),
                              ({"seed": 1.5}, "seed must be an int >= 0, got 1.5")):
         with pytest.raises(ValueError, match=f"BF16AdamW: {message}"):
@@ -814,7 +817,8 @@ def test_torch_adamw_options_it_lacks_are_refused():
 
 
 def test_a_refused_step_changes_no_state():
-    """A step refused (here a scheduler's lr that is a tensor, or a sparse grad) leaves the step
+    """A step refused (here a scheduler's lr that is a tensor: every group's settings are checked
+    first; or a sparse grad: the op checks its tensors before it updates any) leaves the step
     counts as they were: a retry after the fix takes the bias correction of the right step."""
     p = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
     opt = BF16AdamW([p], lr=1e-2)
@@ -827,7 +831,7 @@ def test_a_refused_step_changes_no_state():
     opt.param_groups[0]["lr"] = 1e-2
     p.grad = p.grad.to_sparse()
     before = p.detach().clone()
-    with pytest.raises(ValueError, match="BF16AdamW does not support sparse gradients"):
+    with pytest.raises(ValueError, match=r"adamw: grads\[0\] must be a dense tensor, got layout torch.sparse_coo"):
         opt.step()
     assert opt.state[p]["step"] == 1 and torch.equal(p, before)
 

@@ -413,13 +413,13 @@ def test_bad_shapes_and_flags(backend):
         f(q, kv, kv, causal=1)
 
 
-# --- CUDA only -----------------------------------------------------------------------------------
-
 def test_long_sequence(device):
     """32 key tiles of the interpreter's 16 (the CASES above have at most 9): o and dq accumulated
     in bf16 between tiles instead of fp32 would be some 3x torch's error here, and pass there."""
     check_against_float64("triton", 1, 1, 1, 512, 64, False, torch.bfloat16, triton_device(device))
 
+
+# --- CUDA only -----------------------------------------------------------------------------------
 
 @cuda_only
 @pytest.mark.parametrize("T,causal,D", [(1024, True, 128), (4096, True, 64), (16384, True, 128),

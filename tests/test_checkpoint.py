@@ -231,6 +231,15 @@ def test_a_new_run_sets_a_sharded_checkpoint_aside_with_its_log(tmp_path):
                                                                                             "log.jsonl"]
     assert not checkpoint.exists(tmp_path) and not log.exists()
     assert checkpoint.load(earlier, "cpu")["iter_num"] == 2
+    # A crash between save_sharded's renames left two (.tmp and .old): both go, or a resume would
+    # take the older; an `earlier` that is a file is replaced too.
+    save(tmp_path, kahan=False, iter_num=4)
+    shutil.copytree(tmp_path / checkpoint.SHARDED, tmp_path / f"{checkpoint.SHARDED}.old")
+    (tmp_path / checkpoint.SHARDED).rename(tmp_path / f"{checkpoint.SHARDED}.tmp")
+    shutil.rmtree(earlier)
+    earlier.write_text("not a folder")
+    assert checkpoint.set_aside(tmp_path, log) == earlier and not checkpoint.exists(tmp_path)
+    assert checkpoint.load(earlier, "cpu")["iter_num"] == 4
 
 
 class _Payload:
@@ -245,3 +254,6 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="ckpt.pt holds more than tensors, numbers and strings: not loaded"):
         checkpoint.load(tmp_path, "cpu")
     assert "code from a checkpoint ran" not in capsys.readouterr().out
+    (tmp_path / checkpoint.FILENAME).write_bytes(b"\x80\x02garbage")  # not the refusal's wording
+    with pytest.raises(ValueError, match="ckpt.pt is not a readable checkpoint"):
+        checkpoint.load(tmp_path, "cpu")

@@ -189,6 +189,24 @@ def test_resuming_on_a_dataset_of_more_tokens_is_refused(tmp_path, data_dir):
         run(tmp_path, data_dir, *cpu, "--init_from=resume", "--dataset=shakespeare", "--max_iters=2")
 
 
+def test_resuming_on_another_vocabulary_of_the_same_size_is_refused(tmp_path, data_dir):
+    """A character-level checkpoint resumed on a dataset of as many characters but other ones:
+    every id would mean another character."""
+    cpu = ["--device=cpu", "--dtype=float32", "--max_iters=1", "--eval_interval=1", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *cpu)
+    with open(Path(data_dir) / "shakespeare_char" / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    other = Path(data_dir) / "reversed_chars"
+    other.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        (other / f"{split}.bin").write_bytes((Path(data_dir) / "shakespeare_char" / f"{split}.bin").read_bytes())
+    with open(other / "meta.pkl", "wb") as f:
+        pickle.dump(dict(meta, stoi={ch: meta["vocab_size"] - 1 - i for ch, i in meta["stoi"].items()}), f)
+    with pytest.raises(SystemExit, match=r"dataset reversed_chars holds the 65 tokens of a meta.pkl \(another "
+                                         r"vocabulary: their stoi differ\)"):
+        run(tmp_path, data_dir, *cpu, "--init_from=resume", "--dataset=reversed_chars", "--max_iters=2")
+
+
 def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir, monkeypatch):
     """The checkpoint's optimizer state, the config's settings: Kahan switched on and stochastic
     rounding off for the resumed steps, then Kahan off again (its compensation dropped). The
