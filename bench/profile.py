@@ -287,6 +287,8 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     once per op and shapes in a process. The caller's random state is left as it was: the check
     draws its inputs and seeds its dropout, and a run seeded before it (gpt.sample's --seed)
     would otherwise sample the same with every seed."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
     shapes = check_shapes(shapes, device_type)
     key = (op, device_type, shapes.key())
     if key not in _checked:

@@ -502,3 +502,11 @@ def test_bench_kernels_measures_in_train_py_s_dtype_or_the_one_given(monkeypatch
     assert measured == [torch.bfloat16, torch.float16, torch.float32]
     assert [w["workload"]["dtype"] for w in profile.load(tmp_path / "gpu.json").workloads] == [
         "bfloat16", "float16", "float32"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
+def test_a_gpu_self_check_without_a_gpu_says_so():
+    """Asked for CUDA's choices on a machine without CUDA (a script's kernels.choose("auto",
+    "cuda")), the self-check says why, not torch's bare "Torch not compiled with CUDA" assertion."""
+    with pytest.raises(ValueError, match="a self-check on the GPU, and this machine has no CUDA GPU"):
+        kernels.choose("auto", "cuda")
