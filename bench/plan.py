@@ -224,24 +224,23 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
         T = plan.seq_len or config.block_size
         flops = flops_per_token(config, T).palm
         rates = [tokens_per_s(plan.peak_tflops, flops, m) for m in MFUS]
-        runs = any(max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute=True)
-                   for optimizer in OPTIMIZERS for sharding in shardings)
+        setups = [(optimizer, sharding) for optimizer in OPTIMIZERS for sharding in shardings]
+        fits = {setup: [max_micro_batch(gpu, config, *setup, N, T, recompute) for recompute in (False, True)]
+                for setup in setups}
+        runs = any(fit[1] for fit in fits.values())  # a sequence fits somehow, every block recomputed
         figures = [*(f"{r:,.0f}" for r in rates), *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1]))]
         if not runs:
             unfit.append(name)
         speed.add_row(name, f"{param_count(config) / 1e9:.3g}B", str(T), f"{flops / 1e9:.3g}",
                       *(figures if runs else ["does not fit"] * len(figures)))
-        for optimizer in OPTIMIZERS:
-            for sharding in shardings:
-                fits = [max_micro_batch(gpu, config, optimizer, sharding, N, T, recompute)
-                        for recompute in (False, True)]
-                blocks = blocks_to_recompute(gpu.memory_gb * GiB, config, optimizer, sharding, N, T, plan.micro_batch)
-                memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
-                               f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
-                               f"{activation_bytes_per_token(config, optimizer, sharding=sharding) / 2**20:.2f}",
-                               *(str(n) if n else "does not fit" for n in fits),
-                               "does not fit" if blocks is None
-                               else f"{blocks} of {config.n_layer} blocks" if blocks else "none")
+        for optimizer, sharding in setups:
+            blocks = blocks_to_recompute(gpu.memory_gb * GiB, config, optimizer, sharding, N, T, plan.micro_batch)
+            memory.add_row(name, optimizer, sharding if N > 1 else "single GPU",
+                           f"{held_bytes(config, optimizer, sharding, N) / GiB:,.1f}",
+                           f"{activation_bytes_per_token(config, optimizer, sharding=sharding) / 2**20:.2f}",
+                           *(str(n) if n else "does not fit" for n in fits[optimizer, sharding]),
+                           "does not fit" if blocks is None
+                           else f"{blocks} of {config.n_layer} blocks" if blocks else "none")
     console.print(speed)
     console.print(memory)
     if unfit:

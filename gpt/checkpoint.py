@@ -32,6 +32,9 @@ from .optim import BF16AdamW
 
 FILENAME = "ckpt.pt"
 SHARDED = "ckpt.dcp"
+# A sharded checkpoint's folder, and where save_sharded keeps the new one and the one before it
+# between its two renames.
+_SHARDED_FORMS = (SHARDED, f"{SHARDED}.tmp", f"{SHARDED}.old")
 TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: iteration, config, RNG states, ...
 _PREFIXES = ("_orig_mod.", "transformer.")  # torch.compile's wrapper's; nanoGPT's and Hugging Face's GPT-2
 _MASK_BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # their causal masks, kept by older versions
@@ -58,7 +61,7 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     """Write model and optimizer with torch.distributed.checkpoint, each rank its own shards, and
     `train_state` from rank 0. A collective: every rank calls it."""
     out = Path(out_dir)
-    path, tmp, old = out / SHARDED, out / f"{SHARDED}.tmp", out / f"{SHARDED}.old"
+    path, tmp, old = (out / name for name in _SHARDED_FORMS)
     if _master():
         if (tmp / TRAIN_STATE).exists() and not path.exists():
             os.replace(tmp, path)  # a crash between the last save's renames: the newest whole one, kept
@@ -143,8 +146,7 @@ def set_aside(out_dir: str | os.PathLike, log: Path) -> Path | None:
         earlier.unlink(missing_ok=True)
     earlier.mkdir()
     # Every form a checkpoint can be left in (a crash between save_sharded's renames leaves two).
-    forms = (FILENAME, SHARDED, f"{SHARDED}.tmp", f"{SHARDED}.old")
-    for path in [*(out / name for name in forms), log]:
+    for path in [*(out / name for name in (FILENAME, *_SHARDED_FORMS)), log]:
         if path.exists():
             os.replace(path, earlier / path.name)
     return earlier
@@ -158,8 +160,7 @@ def _sharded_dir(out: Path) -> Path | None:
     """ckpt.dcp; after a crash between save_sharded's two renames, the new checkpoint in
     ckpt.dcp.tmp (whole once its train state, written last, is there), else the one before it
     in ckpt.dcp.old."""
-    return next((d for d in (out / SHARDED, out / f"{SHARDED}.tmp", out / f"{SHARDED}.old")
-                 if (d / TRAIN_STATE).exists()), None)
+    return next((d for d in (out / name for name in _SHARDED_FORMS) if (d / TRAIN_STATE).exists()), None)
 
 
 def model_state(state: dict) -> dict:
