@@ -11,6 +11,8 @@ style of flash-attention's Triton layer norm:
   a second launch sums those rows in a fixed order and stores dw and db in the weight's and the
   bias's dtypes (one kernel where torch's sum and cast of each are four, a few microseconds of
   launches each that weigh on narrow rows). No atomics: dw and db are bit-identical run to run.
+  A weight or bias that needs no gradient (frozen) gets none: constexprs HAS_DW and HAS_DB
+  leave its sums out, and the second launch too when neither is wanted.
 
 Three options serve the pre-norm residual stream, in the way of flash-attention's layer norm
 (`residual`, `dropout_p`, `out_dtype`):
@@ -219,8 +221,8 @@ def _norm_bwd_kernel(
     Seed,  # int64 dropout seed (one element), the forward's; unused unless DROPOUT
     Mean,  # fp32 (M,) from the forward; unused for RMSNorm
     Rstd,  # fp32 (M,) from the forward
-    DW,  # fp32 (programs, N): this program's sum over its rows of dy * xhat
-    DB,  # fp32 (programs, N): this program's sum of dy; unused unless HAS_BIAS
+    DW,  # fp32 (programs, N): this program's sum over its rows of dy * xhat; unused unless HAS_DW
+    DB,  # fp32 (programs, N): this program's sum of dy; unused unless HAS_DB
     stride_x,  # elements between rows of X
     stride_dy,  # elements between rows of DY
     stride_ds,  # elements between rows of DS
@@ -230,7 +232,8 @@ def _norm_bwd_kernel(
     rows_per_program,  # rows each program owns, a multiple of ROWS
     keep_p,  # the forward's
     IS_RMS: tl.constexpr,  # RMSNorm or LayerNorm
-    HAS_BIAS: tl.constexpr,  # produce db
+    HAS_DW: tl.constexpr,  # produce dw (the weight needs a gradient)
+    HAS_DB: tl.constexpr,  # produce db (there is a bias, and it needs a gradient)
     HAS_DS: tl.constexpr,  # add DS to dx (the sum's own gradient, from its other uses)
     HAS_DX2: tl.constexpr,  # store the residual's gradient apart from x's (their dtypes differ,
     #                        or dropout scales x's)
@@ -265,8 +268,9 @@ def _norm_bwd_kernel(
             mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dy
-        dw += dy * xhat
-        if HAS_BIAS:
+        if HAS_DW:
+            dw += dy * xhat
+        if HAS_DB:
             db += dy
         # dx = rstd * (w*dy - xhat * mean(xhat * w*dy) [- mean(w*dy) for LayerNorm])
         c1 = tl.sum(xhat * wdy, axis=1) / N
@@ -283,20 +287,22 @@ def _norm_bwd_kernel(
         if DROPOUT:
             dx *= dropout_scale(seed, rows[:, None], cols[None, :], keep_p)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
-    if HAS_BIAS:
+    if HAS_DW:
+        tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+    if HAS_DB:
         tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 @triton.jit
 def _norm_sum_partials_kernel(
-    DW,  # fp32 (P, N): the backward programs' partial sums of dw, one row each
-    DB,  # fp32 (P, N): the same of db; unused unless HAS_BIAS
-    OUT_W,  # (N,): dw, in the weight's dtype
-    OUT_B,  # (N,): db, in the bias's dtype; unused unless HAS_BIAS
+    DW,  # fp32 (P, N): the backward programs' partial sums of dw, one row each; unused unless HAS_DW
+    DB,  # fp32 (P, N): the same of db; unused unless HAS_DB
+    OUT_W,  # (N,): dw, in the weight's dtype; unused unless HAS_DW
+    OUT_B,  # (N,): db, in the bias's dtype; unused unless HAS_DB
     P,  # rows of partial sums
     N,  # columns
-    HAS_BIAS: tl.constexpr,  # sum DB too
+    HAS_DW: tl.constexpr,  # sum DW
+    HAS_DB: tl.constexpr,  # sum DB
     BLOCK_P: tl.constexpr,  # rows summed per step
     BLOCK_C: tl.constexpr,  # columns per program
 ):
@@ -309,11 +315,13 @@ def _norm_sum_partials_kernel(
         rows = start + tl.arange(0, BLOCK_P)
         mask = (rows < P)[:, None] & col_ok[None, :]
         offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        dw += tl.load(DW + offsets, mask=mask, other=0.0)
-        if HAS_BIAS:
+        if HAS_DW:
+            dw += tl.load(DW + offsets, mask=mask, other=0.0)
+        if HAS_DB:
             db += tl.load(DB + offsets, mask=mask, other=0.0)
-    tl.store(OUT_W + cols, tl.sum(dw, axis=0).to(OUT_W.dtype.element_ty), mask=col_ok)
-    if HAS_BIAS:
+    if HAS_DW:
+        tl.store(OUT_W + cols, tl.sum(dw, axis=0).to(OUT_W.dtype.element_ty), mask=col_ok)
+    if HAS_DB:
         tl.store(OUT_B + cols, tl.sum(db, axis=0).to(OUT_B.dtype.element_ty), mask=col_ok)
 
 
@@ -376,41 +384,44 @@ def _norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
 @runtime.triton_op("tritongpt::norm_bwd", mutates_args=())
 def _norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-              mean: torch.Tensor, rstd: torch.Tensor, rms: bool, b_dtype: torch.dtype | None,
+              mean: torch.Tensor, rstd: torch.Tensor, rms: bool, want_dw: bool, db_dtype: torch.dtype | None,
               dx_dtype: torch.dtype, dx2_dtype: torch.dtype | None, dropout_p: float, seed: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (in dx_dtype), the normalized input's gradient in dx2_dtype (empty when None; then
-    dx is that gradient), dw in the weight's dtype and db in b_dtype (empty when None: no bias),
-    for x (the normalized input), dy, ds (M, N) with stride(1) == 1; ds is added to the normalized
-    input's gradient, and dx is that times the forward's dropout mask when seed is given
-    (dx2_dtype then too). Two launches: the rows' pass, with fp32 partial sums of dw and db per
-    program, then one that sums those over programs and casts them."""
+    dx is that gradient), dw in the weight's dtype (empty unless want_dw) and db in db_dtype
+    (empty when None: no bias, or one that needs no gradient), for x (the normalized input), dy,
+    ds (M, N) with stride(1) == 1; ds is added to the normalized input's gradient, and dx is that
+    times the forward's dropout mask when seed is given (dx2_dtype then too). Two launches: the
+    rows' pass, with fp32 partial sums of dw and db per program, then one that sums those over
+    programs and casts them (neither sum nor second launch for a gradient nobody wants)."""
     m, n = x.shape
-    has_bias = b_dtype is not None
+    has_db = db_dtype is not None
     block_n, rows, num_warps = _tile(n, _BWD_TILE)
     programs, rows_per_program = backward_programs(m, n, x.device)
     dx = torch.empty((m, n), dtype=dx_dtype, device=x.device)
     dx2 = torch.empty((0, n) if dx2_dtype is None else (m, n), dtype=dx2_dtype or dx_dtype, device=x.device)
     # Every program writes its whole row of partial sums: zero them only when none runs.
     partials = torch.empty if m > 0 else torch.zeros
-    dw_partials = partials((programs, n), dtype=torch.float32, device=x.device)
-    db_partials = partials((programs if has_bias else 0, n), dtype=torch.float32, device=x.device)
-    dw = torch.empty((n,), dtype=weight.dtype, device=x.device)
-    db = torch.empty((n if has_bias else 0,), dtype=b_dtype or weight.dtype, device=x.device)
+    dw_partials = partials((programs if want_dw else 0, n), dtype=torch.float32, device=x.device)
+    db_partials = partials((programs if has_db else 0, n), dtype=torch.float32, device=x.device)
+    dw = torch.empty((n if want_dw else 0,), dtype=weight.dtype, device=x.device)
+    db = torch.empty((n if has_db else 0,), dtype=db_dtype or weight.dtype, device=x.device)
     block_p, block_c = _sum_partials_tile(n, x.device)
     with runtime.on_device(x):
         if m > 0:
             wrap_triton(_norm_bwd_kernel)[(programs,)](
                 x, dy, dy if ds is None else ds, dx, dx2, weight, rstd if seed is None else seed,
-                rstd if rms else mean, rstd, dw_partials, db_partials if has_bias else dw_partials,
+                rstd if rms else mean, rstd, dw_partials if want_dw else rstd, db_partials if has_db else rstd,
                 x.stride(0), dy.stride(0), 0 if ds is None else ds.stride(0), dx.stride(0),
-                m, n, rows_per_program, 1.0 - dropout_p, IS_RMS=rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
-                HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows, BLOCK_N=block_n,
-                STAGES=_BWD_STAGES, num_warps=num_warps)
-        # One launch for both sums and their casts (torch: a sum and a cast each, four kernels).
-        wrap_triton(_norm_sum_partials_kernel)[(runtime.cdiv(n, block_c),)](
-            dw_partials, db_partials if has_bias else dw_partials, dw, db if has_bias else dw, programs, n,
-            HAS_BIAS=has_bias, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_SUM_TILE // (32 * _ELEMS_PER_THREAD))
+                m, n, rows_per_program, 1.0 - dropout_p, IS_RMS=rms, HAS_DW=want_dw, HAS_DB=has_db,
+                HAS_DS=ds is not None, HAS_DX2=dx2_dtype is not None, DROPOUT=seed is not None, ROWS=rows,
+                BLOCK_N=block_n, STAGES=_BWD_STAGES, num_warps=num_warps)
+        if want_dw or has_db:
+            # One launch for both sums and their casts (torch: a sum and a cast each, four kernels).
+            wrap_triton(_norm_sum_partials_kernel)[(runtime.cdiv(n, block_c),)](
+                dw_partials if want_dw else db_partials, db_partials if has_db else dw_partials,
+                dw if want_dw else db, db if has_db else dw, programs, n, HAS_DW=want_dw, HAS_DB=has_db,
+                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_SUM_TILE // (32 * _ELEMS_PER_THREAD))
     return dx, dx2, dw, db
 
 
@@ -425,7 +436,10 @@ def _setup_context(ctx, inputs, output) -> None:
     # differs or dropout scales x's.
     apart = ctx.has_residual and (residual.dtype != x.dtype or seed is not None)
     ctx.dx_dtypes = (x.dtype, residual.dtype if apart else None)
-    ctx.b_dtype = None if bias is None else bias.dtype
+    # Only the gradients autograd wants: no dw partials for a frozen weight, no db for a frozen
+    # bias (or none).
+    ctx.want_dw, want_db = ctx.needs_input_grad[2:4]
+    ctx.db_dtype = bias.dtype if want_db else None
     # An unused s (the last norm's, a post-norm block's) then comes as None, not a tensor of zeros.
     ctx.set_materialize_grads(False)
 
@@ -439,13 +453,13 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     y_used = dy is not None
     if not y_used:  # only s was used
         dy = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
+    # Without y in the graph the weights have no gradient (None, as torch's): not zeros.
+    want_dw, db_dtype = (ctx.want_dw, ctx.db_dtype) if y_used else (False, None)
     dx, dx2, dw, db = _norm_bwd(_rows(dy), _rows(ds), runtime.as_rows(saved), weight, mean, rstd, ctx.rms,
-                                ctx.b_dtype, *ctx.dx_dtypes, ctx.dropout_p, seed)
+                                want_dw, db_dtype, *ctx.dx_dtypes, ctx.dropout_p, seed)
     dx = dx.view(saved.shape)  # the inputs' shape (_norm_fwd's x and residual)
     d_residual = (dx2.view(saved.shape) if ctx.dx_dtypes[1] is not None else dx) if ctx.has_residual else None
-    # Without y in the graph the weights have no gradient (None, as torch's): not zeros.
-    dw, db = (dw, db if ctx.b_dtype is not None else None) if y_used else (None, None)
-    return dx, d_residual, dw, db, None, None, None, None, None
+    return dx, d_residual, dw if want_dw else None, db if db_dtype is not None else None, None, None, None, None, None
 
 
 _norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -411,6 +411,44 @@ def test_unused_y(backend, op, bias, device):
     assert torch.equal(leaves[0].grad, ds) and torch.equal(leaves[1].grad, ds)
 
 
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_frozen_weights_get_no_gradient_and_cost_no_sums(op, bias, residual, device, monkeypatch):
+    """A weight or bias that needs no gradient (frozen) gets None, as torch's does, while the
+    others' gradients and dx stay bit for bit those of a run where all are trained; the backward
+    leaves out the frozen ones' sums: with none wanted, its second launch too."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(37, 771, device, torch.bfloat16, bias=bias)
+    r = torch.randn(37, 771, device=device, dtype=torch.bfloat16) if residual else None
+    dy = torch.randn(37, 771, device=device, dtype=torch.bfloat16)
+    fn = backend_fn("triton", op)
+    launched = []
+    wrap = norm.wrap_triton
+    monkeypatch.setattr(norm, "wrap_triton", lambda kernel: launched.append(kernel.fn.__name__) or wrap(kernel))
+
+    def grads(trained):
+        """x's, w's and b's gradients with `trained` of (w, b) needing one, and the kernels launched."""
+        launched.clear()
+        xl = x.detach().requires_grad_()
+        params = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((w, b), trained)]
+        options = {} if r is None else {"residual": r}
+        y = fn(xl, *params, **options)
+        y = y if r is None else y[0]
+        y.backward(dy)
+        return [t if t is None else t.grad for t in (xl, *params)], launched[1:]  # [0]: the forward
+
+    (dx, dw, db), kernels_all = grads((True, True))
+    assert kernels_all == ["_norm_bwd_kernel", "_norm_sum_partials_kernel"]
+    for trained in [(False, True), (True, False), (False, False)]:
+        (dx_f, dw_f, db_f), kernels_f = grads(trained)
+        assert torch.equal(dx_f, dx)
+        assert dw_f is None if not trained[0] else torch.equal(dw_f, dw)
+        if bias:
+            assert db_f is None if not trained[1] else torch.equal(db_f, db)
+        wanted = trained[0] or (bias and trained[1])
+        assert kernels_f == ["_norm_bwd_kernel"] + ["_norm_sum_partials_kernel"] * wanted, (trained, kernels_f)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_out_dtype(backend, op, bias, device):
