@@ -8,22 +8,21 @@ cost 4·T·n_embd per token per layer forward, 12·L·H·Q·T in training (H hea
 H·Q = n_embd, sequence length T).
 
 Conventions:
-- `palm`: matmuls + 12·L·H·Q·T, the PaLM paper's (appendix B) and nanoGPT's `estimate_mfu`
-  count, which charges attention for the full T x T score matrix though a causal model needs
-  half. MFU is reported on this count, so it is comparable with nanoGPT, torchtitan and llm.c.
-- `causal`: matmuls + 6·L·H·Q·T, the work causal attention needs.
-- `hardware`: what the GPU executes: causal attention, plus the flash-attention backward's
-  recomputation of QKᵀ (one more score matmul beside the four a backward needs: 7·L·H·Q·T),
-  plus the forward that activation checkpointing runs again in each recomputed block (2 FLOPs
-  per matmul weight per token and causal attention's forward, 2·H·Q·T, per such block).
-Embedding lookups, norms, activations, softmax and the loss are not counted (elementwise work,
-a fraction of a percent at these widths).
-
-nanoGPT counts its matmuls as 6N with N = all parameters minus the position embedding (a tied
-model's lm head is counted once, through the token embedding). Its N also holds the norm and
-bias vectors, which are not matmul weights: for a tied learned-position model
-    palm == 6·(N_nanoGPT − norm and bias parameters) + 12·L·H·Q·T
-exactly (tests/test_flops.py checks it for GPT-2 124M).
+- `palm`: 6N + 12·L·H·Q·T, the PaLM paper's (appendix B), nanoGPT's `estimate_mfu` and
+  torchtitan's count, which charges attention for the full T x T score matrix though a causal
+  model needs half. N is every parameter but the embedding tables, which are looked up, not
+  multiplied: the matmul weights (a tied lm head once, through the token embedding) and the norm
+  and bias vectors, which these counts charge 6 FLOPs each too though theirs is elementwise work
+  (0.1% of GPT-2 124M's N). For GPT-2 124M that is nanoGPT's N exactly (all parameters minus the
+  position embedding), for an untied model torchtitan's (all minus the token embedding). MFU is
+  reported on this count, so it is comparable with nanoGPT, torchtitan and llm.c.
+- `causal`: 6N + 6·L·H·Q·T, the work causal attention needs.
+- `hardware`: the matmuls the GPU executes: 6 x the matmul weights, causal attention plus the
+  flash-attention backward's recomputation of QKᵀ (one more score matmul beside the four a
+  backward needs: 7·L·H·Q·T), plus the forward that activation checkpointing runs again in each
+  recomputed block (2 FLOPs per matmul weight per token and causal attention's forward, 2·H·Q·T,
+  per such block). Embedding lookups, norms, activations, softmax and the loss are elementwise
+  work it leaves out (a fraction of a percent at these widths).
 """
 from dataclasses import dataclass
 
@@ -58,6 +57,14 @@ def _norm_params(config: GPTConfig) -> int:
     return config.n_embd * (1 if config.norm == "rmsnorm" or not config.bias else 2)
 
 
+def vector_param_count(config: GPTConfig) -> int:
+    """The norm and bias parameters of GPT(config): per block its matmuls' biases and two norms,
+    and the final norm of a pre-norm model."""
+    layers = [m for m in matmuls(config) if m.count == config.n_layer]
+    per_block = config.bias * sum(m.n_out for m in layers) + 2 * _norm_params(config)
+    return config.n_layer * per_block + _norm_params(config) * (config.norm_position == "pre")
+
+
 def block_param_count(config: GPTConfig) -> int:
     """Parameters of one transformer block: its matmul weights and biases, its two norms."""
     layers = [m for m in matmuls(config) if m.count == config.n_layer]
@@ -80,6 +87,7 @@ class Flops:
     """Training FLOPs per token (forward + backward) at sequence length `seq_len`."""
 
     matmul: int  # 6 x every matmul's weights
+    vectors: int  # 6 x the norm and bias parameters (the rest of 6N)
     attention_unit: int  # L·H·Q·T: attention's FLOPs are multiples of it
     seq_len: int
     recomputed_matmul: int = 0  # 2 x the recomputed blocks' matmul weights
@@ -87,11 +95,11 @@ class Flops:
 
     @property
     def palm(self) -> int:
-        return self.matmul + 12 * self.attention_unit
+        return self.matmul + self.vectors + 12 * self.attention_unit
 
     @property
     def causal(self) -> int:
-        return self.matmul + 6 * self.attention_unit
+        return self.matmul + self.vectors + 6 * self.attention_unit
 
     @property
     def hardware_matmul(self) -> int:
@@ -109,10 +117,10 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: i
     block_weights = sum(m.weights for m in matmuls(config) if m.count == config.n_layer) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
     # every query head still scores every key.
-    return Flops(matmul, config.n_layer * config.n_embd * T, T, 2 * recomputed * block_weights,
-                 recomputed * config.n_embd * T)
+    return Flops(matmul, 6 * vector_param_count(config), config.n_layer * config.n_embd * T, T,
+                 2 * recomputed * block_weights, recomputed * config.n_embd * T)
 
 
-CONVENTION = ("MFU counts 6 FLOPs per matmul weight per token plus 12·L·H·Q·T for attention "
-              "(PaLM / nanoGPT convention: non-causal attention); hardware FLOPs count causal "
-              "attention and flash attention's recomputed QKᵀ (7·L·H·Q·T)")
+CONVENTION = ("MFU counts 6N + 12·L·H·Q·T FLOPs a token, N the parameters but the embedding tables "
+              "(PaLM / nanoGPT / torchtitan convention: non-causal attention); hardware FLOPs count "
+              "the matmuls, causal attention and flash attention's recomputed QKᵀ (7·L·H·Q·T)")

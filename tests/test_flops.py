@@ -1,12 +1,14 @@
 import pytest
 import torch
 
-from bench.flops import flops_per_token, matmuls, param_count
+from bench.flops import flops_per_token, matmuls, param_count, vector_param_count
 from gpt.model import GPT, PRESETS, GPTConfig, preset
 
 # GPT-2 124M (vocab padded to 50304), by hand: L=12 layers, C=768, T=1024.
 GPT2_LAYER_WEIGHTS = 768 * 3 * 768 + 768 * 768 + 768 * 4 * 768 + 4 * 768 * 768  # qkv, proj, fc, proj
 GPT2_MATMUL_WEIGHTS = 12 * GPT2_LAYER_WEIGHTS + 768 * 50304  # + lm head (tied: the wte matrix)
+# Biases (qkv, proj, fc, proj) and two LayerNorms (weight and bias) a layer, and the final LayerNorm.
+GPT2_VECTORS = 12 * (3 * 768 + 768 + 4 * 768 + 768 + 2 * 2 * 768) + 2 * 768
 ATTENTION_UNIT = 12 * 768 * 1024  # L·H·Q·T with H·Q = 768
 
 
@@ -16,11 +18,13 @@ def model(config: GPTConfig) -> GPT:
 
 
 def test_gpt2_by_hand():
-    assert GPT2_LAYER_WEIGHTS == 7_077_888 and GPT2_MATMUL_WEIGHTS == 123_568_128
+    assert GPT2_LAYER_WEIGHTS == 7_077_888 and GPT2_MATMUL_WEIGHTS == 123_568_128 and GPT2_VECTORS == 121_344
     f = flops_per_token(GPTConfig(**preset("gpt2")))
     assert f.matmul == 6 * 123_568_128 == 741_408_768
-    assert f.palm == 741_408_768 + 12 * ATTENTION_UNIT == 854_654_976
-    assert f.causal == 741_408_768 + 6 * ATTENTION_UNIT == 798_031_872
+    assert f.vectors == 6 * 121_344 == 728_064
+    assert f.palm == 741_408_768 + 728_064 + 12 * ATTENTION_UNIT == 855_383_040
+    assert f.causal == 741_408_768 + 728_064 + 6 * ATTENTION_UNIT == 798_759_936
+    # The hardware count is the matmuls' alone: the vectors' work is elementwise.
     assert f.hardware == 741_408_768 + 7 * ATTENTION_UNIT == 807_469_056
 
 
@@ -34,16 +38,15 @@ def test_recomputed_blocks_count_in_hardware_flops_only():
     assert four.hardware == plain.hardware + 4 * (2 * GPT2_LAYER_WEIGHTS + 2 * 768 * 1024)
 
 
-def test_gpt2_equals_nanogpt_6n_plus_attention_less_vectors():
-    """nanoGPT: 6N + 12·L·H·Q·T, N = all parameters minus wpe (its 123.69M). N also holds the
-    norm and bias vectors, which are no matmul's weights: they are the whole difference."""
+def test_gpt2_equals_nanogpt_6n_plus_attention():
+    """nanoGPT's estimate_mfu: 6N + 12·L·H·Q·T, N = all parameters minus wpe (its 123.69M, the
+    norm and bias vectors included)."""
     config = GPTConfig(**preset("gpt2"))
     m = model(config)
     n_nanogpt = m.num_params() - m.wpe.weight.numel()
     assert n_nanogpt == 123_689_472
-    vectors = sum(p.numel() for p in m.parameters() if p.dim() == 1)
-    assert vectors == 12 * (2 * 2 * 768 + 3 * 768 + 768 + 4 * 768 + 768) + 2 * 768 == 121_344
-    assert flops_per_token(config).palm == 6 * (n_nanogpt - vectors) + 12 * ATTENTION_UNIT
+    assert flops_per_token(config).palm == 6 * n_nanogpt + 12 * ATTENTION_UNIT
+    assert vector_param_count(config) == sum(p.numel() for p in m.parameters() if p.dim() == 1) == GPT2_VECTORS
 
 
 def test_llama_by_hand():
@@ -53,12 +56,12 @@ def test_llama_by_hand():
     layer = 768 * 3 * 768 + 768 * 768 + 768 * 2 * 2048 + 2048 * 768
     assert layer == GPT2_LAYER_WEIGHTS
     f = flops_per_token(config)
-    assert f.palm == 6 * (12 * layer + 768 * 50304) + 12 * ATTENTION_UNIT == 854_654_976
-    # Untied: the token embedding is a lookup, not a matmul; the head is one. RMSNorm weights
-    # are the only vectors.
+    norms = (2 * 12 + 1) * 768  # RMSNorm weights: the only vectors
+    assert f.palm == 6 * (12 * layer + 768 * 50304 + norms) + 12 * ATTENTION_UNIT == 854_770_176
+    # Untied: the token embedding is a lookup, not a matmul; the head is one. torchtitan's N: all
+    # parameters minus the token embedding.
     m = model(config)
-    norms = (2 * 12 + 1) * 768
-    assert f.palm == 6 * (m.num_params() - m.wte.weight.numel() - norms) + 12 * ATTENTION_UNIT
+    assert f.palm == 6 * (m.num_params() - m.wte.weight.numel()) + 12 * ATTENTION_UNIT
 
 
 def test_grouped_query_counts_the_narrower_kv_projections_only():
@@ -67,7 +70,7 @@ def test_grouped_query_counts_the_narrower_kv_projections_only():
     layer = qkv + 768 * 768 + 768 * 2 * 2048 + 2048 * 768
     f = flops_per_token(config)
     # Every query head still scores every key: attention FLOPs do not shrink.
-    assert f.palm == 6 * (12 * layer + 768 * 50304) + 12 * ATTENTION_UNIT == 798_031_872
+    assert f.matmul + 12 * ATTENTION_UNIT == 6 * (12 * layer + 768 * 50304) + 12 * ATTENTION_UNIT == 798_031_872
 
 
 def test_sequence_length_changes_only_attention():
