@@ -46,8 +46,12 @@ class GPU:
     @property
     def rated_mhz(self) -> float | None:
         """The SM clock at which the vendor's 16-bit tensor figure is reached."""
+        return self.rated_mhz_with(self.sms)
+
+    def rated_mhz_with(self, sms: int | None) -> float | None:
+        """The same for a device of `sms` SMs (a row whose product's count is unpublished)."""
         peak = self.bf16 or self.fp16
-        return peak * 1e6 / (self.sms * self.tensor_rate) if self.sms else None
+        return peak * 1e6 / (sms * self.tensor_rate) if sms else None
 
     def tflops(self, dtype: str) -> float | None:
         """Dense tensor peak for training in `dtype` (float32 trains through TF32 tensor cores,
@@ -90,7 +94,7 @@ GPUS: tuple[GPU, ...] = (
     _gpu("a10", "A10", "a10", ["NVIDIA A10"],
          72, 1024, 125, 125, 62.5, None, 31.2, 24, 0.6, "NVIDIA A10 Tensor Core GPU datasheet"),
     _gpu("l4", "L4", "l4", ["NVIDIA L4"],
-         58, 1024, 121, 121, 60, 242, 30.3, 24, 0.3, "NVIDIA L4 Tensor Core GPU datasheet (sparse halved)"),
+         58, 1024, 121, 121, 60, 242.5, 30.3, 24, 0.3, "NVIDIA L4 Tensor Core GPU datasheet (sparse halved)"),
     _gpu("l40", "L40", "l40", ["NVIDIA L40"],
          142, 512, 181.05, 181.05, 90.5, 362, 90.5, 48, 0.864, "NVIDIA L40 GPU datasheet (sparse halved)"),
     _gpu("l40s", "L40S", "l40s", ["NVIDIA L40S"],
@@ -162,6 +166,12 @@ def match(device_name: str) -> GPU | None:
     return best[0] if len(best) == 1 else None
 
 
+def sm_mismatch(gpu: GPU, sms: int | None) -> bool:
+    """Whether a device that reports `sms` SMs cannot be the row's product: another one under a
+    like name (an H100 PCIe, 114 SMs, called "H100 80GB HBM2e" by some clouds) or a MIG slice."""
+    return bool(sms and gpu.sms and sms != gpu.sms)
+
+
 def find(name: str) -> GPU | None:
     """A row by key, with or without its hyphens ("h100-sxm", "rtx4090"), or by device name
     ("H100", "NVIDIA L40S")."""
@@ -185,32 +195,42 @@ class Peak:
     tflops: float | None
     source: str
     gpu: GPU | None = None
+    sms: int | None = None  # the device's own count, for a row whose product's is unpublished
 
     def at_clock(self, sm_mhz: float | None) -> float | None:
         """The peak at a measured SM clock: the table's figure x clock / the clock it assumes
         (a --peak-tflops override carries no clock, so it has none)."""
-        if self.gpu is None or self.tflops is None or not sm_mhz or not self.gpu.rated_mhz:
+        rated = self.gpu.rated_mhz_with(self.gpu.sms or self.sms) if self.gpu else None
+        if self.tflops is None or not sm_mhz or not rated:
             return None
-        return self.tflops * sm_mhz / self.gpu.rated_mhz
+        return self.tflops * sm_mhz / rated
 
 
-def peak_for(device_name: str, dtype, override: float | None = None) -> Peak:
-    """The dense tensor peak of `device_name` for `dtype`. An override (--peak-tflops) wins; an
-    unknown GPU warns and gives no peak rather than a borrowed one."""
+def peak_for(device_name: str, dtype, override: float | None = None, sms: int | None = None) -> Peak:
+    """The dense tensor peak of `device_name` for `dtype`; `sms`, the SMs the device reports,
+    where known. An override (--peak-tflops) wins; an unknown GPU, or one whose SMs are not its
+    row's, warns and gives no peak rather than a borrowed one."""
     if override is not None:
         return Peak(override, f"--peak-tflops {override:g} (given)")
     gpu = match(device_name)
     dtype = dtype_name(dtype)
-    if gpu is None:
-        warnings.warn(f"GPU {device_name!r} is not in bench/hardware.py's peak table: MFU is n/a. "
-                      f"Give its dense {dtype} tensor TFLOPS (bench.mfu --peak-tflops, train.py "
-                      f"--peak_tflops=), or add a row.", stacklevel=2)
-        return Peak(None, f"unknown GPU {device_name!r}: no peak (give bench.mfu --peak-tflops, train.py "
-                          f"--peak_tflops=)")
+    if gpu is None or sm_mismatch(gpu, sms):
+        add_row = ""
+        if gpu is not None:
+            why = (f"reports {sms} SMs where the peak table's {gpu.name} has {gpu.sms} (another product "
+                   f"under a like name, or a MIG slice)")
+        elif "mig" in name_tokens(device_name):
+            why = "is a MIG slice, with a share of its GPU's peak"
+        else:
+            why, add_row = "is not in bench/hardware.py's peak table", ", or add a row"
+        give = "bench.mfu --peak-tflops, train.py --peak_tflops="
+        warnings.warn(f"GPU {device_name!r} {why}: MFU is n/a. Give its dense {dtype} tensor TFLOPS "
+                      f"({give}){add_row}.", stacklevel=2)
+        return Peak(None, f"GPU {device_name!r} {why}: no peak (give {give})")
     tflops = gpu.tflops(dtype)
     if tflops is None:
-        return Peak(None, f"{gpu.name} has no {dtype} tensor cores ({gpu.source})", gpu)
-    return Peak(tflops, f"{gpu.name} dense {dtype} {tflops:g} TFLOPS ({gpu.source})", gpu)
+        return Peak(None, f"{gpu.name} has no {dtype} tensor cores ({gpu.source})", gpu, sms)
+    return Peak(tflops, f"{gpu.name} dense {dtype} {tflops:g} TFLOPS ({gpu.source})", gpu, sms)
 
 
 # --- the GPU at hand ----------------------------------------------------------------------------
@@ -230,7 +250,9 @@ class Device:
 
     @property
     def gpu(self) -> GPU | None:
-        return match(self.name)
+        """Its peak-table row: the name's, unless the SMs say it is another product."""
+        gpu = match(self.name)
+        return None if gpu is None or sm_mismatch(gpu, self.sms) else gpu
 
     @property
     def slug(self) -> str:

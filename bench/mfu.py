@@ -90,7 +90,7 @@ class MFUMeter:
         if found is None and peak_tflops is None:
             self.peak = Peak(None, "no GPU: no tensor peak, MFU n/a")
         else:
-            self.peak = peak_for(found.name if found else str(dev), dtype, peak_tflops)
+            self.peak = peak_for(found.name if found else str(dev), dtype, peak_tflops, found.sms if found else None)
         self.clocks = ClockSampler(found.index).start() if found else None
 
     def describe(self) -> str:
@@ -275,6 +275,13 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _clock(sm_mhz: float | None, peak_tflops: float | None) -> str:
+    """The SM clock NVML saw, and the peak it implies where the table gives one."""
+    if not sm_mhz:
+        return "n/a"
+    return f"{sm_mhz:.0f}" + (f" ({peak_tflops:.0f})" if peak_tflops else "")
+
+
 def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops: Flops,
                   console: Console) -> None:
     recompute = (f", {run.recompute} of {run.config.n_layer} blocks recomputed (in HW TFLOPS, not in MFU)"
@@ -283,7 +290,7 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
                         f"{str(run.dtype).removeprefix('torch.')}{recompute}; {run.steps} timed steps "
                         f"after {run.warmup}")
     for col in ("variant", "tokens/s", "step ms", "p10", "p90", "host ms", "TFLOPS", "MFU", "HW TFLOPS",
-                "peak GiB", "SM MHz", "MFU at clock", "loss"):
+                "peak GiB", "SM MHz (its peak TFLOPS)", "MFU at clock", "loss"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         if "error" in r:
@@ -292,7 +299,7 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
         table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
                       f"{r['ms_p90']:.2f}", _ms(r.get("host_ms")), f"{r['tflops']:.1f}", _pct(r["mfu"]),
                       f"{r['hw_tflops']:.1f}",
-                      f"{r['peak_memory_gib']:.1f}", f"{r['sm_mhz']:.0f}" if r["sm_mhz"] else "n/a",
+                      f"{r['peak_memory_gib']:.1f}", _clock(r["sm_mhz"], r["clock_peak_tflops"]),
                       _pct(r["mfu_at_clock"]), f"{r['loss']:.3f}")
     console.print(table)
     console.print(f"FLOPs per token: {flops.palm / 1e6:,.1f}M model (PaLM), {flops.hardware / 1e6:,.1f}M "
@@ -351,7 +358,7 @@ def measure_all(args, device: Device, console: Console, out: Path) -> None:
     dtype = torch.bfloat16 if device.capability >= (8, 0) or args.optimizer == "bf16_adamw" else torch.float16
     run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
               f"cuda:{device.index}", args.recompute, args.profile_steps)
-    peak = peak_for(device.name, dtype, args.peak_tflops)
+    peak = peak_for(device.name, dtype, args.peak_tflops, device.sms)
     flops = flops_per_token(config, seq_len, run.recompute)
     torch.cuda.set_device(device.index)
     rows = []

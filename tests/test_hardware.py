@@ -114,6 +114,21 @@ def test_unknown_gpu_warns_and_has_no_peak_unless_given():
     assert given.tflops == 500.0 and "given" in given.source
 
 
+def test_a_gpu_whose_sms_are_not_its_rows_has_no_peak_and_no_row():
+    """An H100 PCIe (114 SMs) under a name that reads as the SXM's, or a MIG slice: a warning and
+    no peak, and no row for its profile's name, rather than the SXM's 989.4 TFLOPS."""
+    with pytest.warns(UserWarning, match="reports 114 SMs where the peak table's H100 SXM has 132"):
+        peak = peak_for("NVIDIA H100 80GB HBM2e", "bfloat16", sms=114)
+    assert peak.tflops is None and "--peak-tflops" in peak.source
+    assert peak_for("NVIDIA H100 80GB HBM3", "bfloat16", sms=132).tflops == 989.4
+    device = hardware.Device(0, "NVIDIA H100 80GB HBM2e", 114, 79.6, (9, 0))
+    assert device.gpu is None and device.slug == "nvidia-h100-80gb-hbm2e"
+    assert hardware.Device(0, "NVIDIA H100 80GB HBM3", 132, 79.6, (9, 0)).slug == "h100-sxm"
+    with pytest.warns(UserWarning, match="is a MIG slice") as caught:
+        assert peak_for("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16", sms=16).tflops is None
+    assert "add a row" not in str(caught[0].message)
+
+
 def test_peak_at_the_measured_clock():
     peak = peak_for("NVIDIA H100 80GB HBM3", "bfloat16")
     assert peak.at_clock(peak.gpu.rated_mhz) == pytest.approx(989.4)
@@ -121,7 +136,13 @@ def test_peak_at_the_measured_clock():
     assert peak.at_clock(1980) == pytest.approx(132 * 4096 * 1980e6 / 1e12, rel=1e-3)
     assert peak.at_clock(None) is None
     assert peak_for("x", "bfloat16", override=100).at_clock(1500) is None  # no clock behind it
-    assert peak_for("NVIDIA B300 SXM6 AC", "bfloat16").at_clock(1800) is None  # SMs unpublished
+    # A row whose product's SMs are unpublished takes the device's own count.
+    assert peak_for("NVIDIA B300 SXM6 AC", "bfloat16").at_clock(1800) is None
+    b300 = peak_for("NVIDIA B300 SXM6 AC", "bfloat16", sms=148)
+    assert b300.at_clock(b300.gpu.rated_mhz_with(148)) == pytest.approx(2250)
+    assert b300.at_clock(1800) == pytest.approx(148 * 8192 * 1800e6 / 1e12)
+    tf32 = peak_for("NVIDIA H100 80GB HBM3", "float32")  # the clock scales every format's figure alike
+    assert tf32.at_clock(1980) == pytest.approx(494.7 * 1980 / tf32.gpu.rated_mhz)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")

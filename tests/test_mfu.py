@@ -397,3 +397,9 @@ def test_a_gpu_without_bf16_measures_what_train_py_runs(optimizer, dtype, monkey
     with pytest.raises(KeyboardInterrupt):
         mfu.main(["--gpu", "auto", "--kernels", "torch", "--optimizer", optimizer, "--json", str(tmp_path / "m.json")])
     assert seen == [dtype]
+
+
+def test_clock_column_shows_the_peak_the_clock_implies():
+    assert mfu._clock(1755.4, 949.3) == "1755 (949)"
+    assert mfu._clock(1500, None) == "1500"  # no peak behind it (an unknown GPU, --peak-tflops)
+    assert mfu._clock(None, None) == "n/a"
