@@ -4,6 +4,7 @@
                                      [--variants adamw,bf16_sr,...] [--eval-iters N]
                                      [--set key=value ...] [--jobs N]
     python -m bench.adamw_curves plot --out DIR [--png PATH] [--md PATH]
+    python -m bench.adamw_curves tidy --out DIR
 
 Variants, all with dtype=bfloat16:
     adamw         torch.optim.AdamW over fp32 master weights, bf16 autocast (optimizer=adamw)
@@ -33,14 +34,17 @@ Scales:
 Each variant runs train.py in a subprocess (`sys.executable train.py ...`): a fresh process per
 run, so no seed, compiled graph, Dynamo cache or backend flag carries from one run to the next.
 --jobs N runs N of them at once on the same device: the baby GPT leaves most of a large GPU idle,
-and the losses are the same either way (each run is its own seeded process); only ms/step and the
-wall time, which the table marks, are then shared-device figures.
+and sharing it changes no run's inputs (each run is its own seeded process): only ms/step and the
+wall time, which the table marks, are then shared-device figures. (On a GPU two runs of one
+variant agree statistically, not bit for bit: some of torch's kernels sum in no fixed order.)
 Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script writes the run's start
 record {"event": "start", ...} (device, versions, the train.py arguments) to start.json beside it
 as the run starts (train.py starts its log afresh), appends {"event": "end", "wall_s", "returncode"}
 to the log when it ends, and deletes the checkpoints train.py saved (only the logs are kept).
+`tidy` leaves each run folder its log alone, the start record folded in (what a GPU session
+brings back: a run cut off by the session's time limit left its checkpoints and console output).
 `plot` reads those logs alone: the PNG of val loss (solid) and train loss (light) per variant
-against the step, and a markdown table.
+against the step, and a markdown table (written without matplotlib too).
 """
 import argparse
 import contextlib
@@ -135,19 +139,37 @@ def _launch(run_dir: Path, variant: str, args: list[str], header: dict) -> _Run:
     """Start train.py with `args` in its own process; its start record (START) is `header` (scale,
     device, jobs, versions) with the variant and the arguments."""
     log = run_dir / "log.jsonl"
-    log.unlink(missing_ok=True)  # a rerun that fails before train.py writes its log leaves no old one
+    if "--init_from=resume" not in args:  # a resumed run continues its log (train.py appends)
+        log.unlink(missing_ok=True)  # a rerun that fails before train.py writes its log leaves no old one
     start = dict(event="start", variant=variant, label=VARIANTS[variant][0], train_args=args, **header)
     (run_dir / START).write_text(json.dumps(start) + "\n")
     jobs = header["jobs"]
     print(f"== {variant}: {VARIANTS[variant][0]}\n   python train.py {' '.join(args)}", flush=True)
     output = run_dir / "train.out" if jobs > 1 else None
     env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # the runs share the cores rather than oversubscribe them
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    # The runs share the cores rather than oversubscribe them: CPU threads, and Inductor's compile
+    # workers (by default one per core in each run).
+    for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        if jobs > 1 and name not in env:
+            env[name] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
     with open(output, "w") if output else contextlib.nullcontext() as sink:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                                 stdout=sink, stderr=subprocess.STDOUT if sink else None)
     return _Run(variant, log, proc, time.perf_counter(), output)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _print_tail(variant: str, output: Path) -> None:
+    """The last lines of a concurrent run's console output, then the file deleted."""
+    lines = output.read_text(errors="replace").splitlines()
+    output.unlink()
+    print(f"== {variant}: the last lines of its output\n" + "\n".join(lines[-TAIL_LINES:]), flush=True)
 
 
 def _finish(r: _Run) -> int:
@@ -156,15 +178,9 @@ def _finish(r: _Run) -> int:
     wall = time.perf_counter() - r.start
     append(r.log, dict(event="end", variant=r.variant, wall_s=round(wall, 1), returncode=r.proc.returncode))
     for ckpt in ("ckpt.pt", "ckpt.dcp"):
-        path = r.log.parent / ckpt
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(r.log.parent / ckpt)
     if r.output:
-        lines = r.output.read_text(errors="replace").splitlines()
-        r.output.unlink()
-        print(f"== {r.variant}: the last lines of its output\n" + "\n".join(lines[-TAIL_LINES:]), flush=True)
+        _print_tail(r.variant, r.output)
     evals = [x for x in read_log(r.log) if "val_loss" in x]
     last = f"val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['iter']}" if evals else "no evaluation"
     print(f"== {r.variant}: {last}, {wall:.0f} s, exit status {r.proc.returncode}", flush=True)
@@ -204,6 +220,22 @@ def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_
     return 1 if failed else 0
 
 
+def tidy(out: Path) -> int:
+    """Each run folder under `out` (one with a log or a start record) down to its log.jsonl, the
+    start record folded in at its head: a cut-off run's console output shown (its tail) and
+    deleted, its checkpoints and half-written files deleted."""
+    for d in sorted({p.parent for name in ("log.jsonl", START) for p in out.glob(f"*/{name}")}):
+        if (d / "train.out").exists():
+            _print_tail(d.name, d / "train.out")
+        parts = [d / START, d / "log.jsonl"]
+        text = "".join(p.read_text() for p in parts if p.exists())
+        for path in d.iterdir():
+            _remove(path)
+        (d / "log.jsonl").write_text(text)
+        print(f"== {d.name}: its log alone kept, {sum(1 for line in text.splitlines() if line.strip())} records")
+    return 0
+
+
 # --- reading the logs -------------------------------------------------------------------------
 
 def read_log(path: Path) -> list[dict]:
@@ -220,8 +252,12 @@ def summarize(records: list[dict]) -> dict:
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "step_ms" in r]  # train.py does not time a run's first step
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+    # The steps planned: the last --max_iters of its train.py arguments wins, as in train.py.
+    planned = [a.split("=", 1)[1] for a in start.get("train_args", []) if a.startswith("--max_iters=")]
     return dict(variant=start.get("variant"), label=start.get("label"), scale=start.get("scale"),
                 device=start.get("device"), evals=evals, steps=steps,
+                provenance={k: start.get(k) for k in ("date", "git_sha", "git_dirty", "torch", "triton", "cuda")},
+                planned_iters=int(planned[-1]) if planned else None,
                 iters=evals[-1]["iter"] if evals else None,
                 final_val=evals[-1]["val_loss"] if evals else None,
                 final_train=evals[-1]["train_loss"] if evals else None,
@@ -249,17 +285,37 @@ def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def status(r: dict) -> str:
+    """What keeps a run's last evaluation from being its planned end, or "" (none)."""
+    if r["returncode"] is None:
+        return " (cut short: no end record)"
+    if r["returncode"]:
+        return f" (exit status {r['returncode']})"
+    if r["planned_iters"] is not None and r["iters"] != r["planned_iters"]:
+        return f" (evaluated to step {_num(r['iters'], 'd')} of {r['planned_iters']})"
+    return ""
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| variant | steps | final val loss | best val loss (step) | final train loss | ms/step | wall (s) | device |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in runs:
-        status = (" (cut short: no end record)" if r["returncode"] is None
-                  else f" (exit status {r['returncode']})" if r["returncode"] else "")
         best = "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})"
-        lines.append(f"| {r['label']}{status} | {_num(r['iters'], 'd')} | {_num(r['final_val'], '.4f')} | {best} | "
+        lines.append(f"| {r['label']}{status(r)} | {_num(r['iters'], 'd')} | {_num(r['final_val'], '.4f')} | {best} | "
                      f"{_num(r['final_train'], '.4f')} | {_num(r['step_ms'], '.1f')} | {_num(r['wall_s'], '.0f')} | "
                      f"{r['device'] or 'n/a'} |")
     return "\n".join(lines) + "\n"
+
+
+def measured(runs: list[dict]) -> str:
+    """When and with what the runs were made, from their start records."""
+    def values(key: str, width: int | None = None) -> str:
+        found = sorted({str(r["provenance"][key])[:width] for r in runs if r["provenance"].get(key) is not None})
+        return "/".join(found) or "n/a"
+
+    dirty = " (uncommitted changes)" if any(r["provenance"].get("git_dirty") for r in runs) else ""
+    return (f"measured {values('date', 10)}, git {values('git_sha', 10)}{dirty}, torch {values('torch')}, "
+            f"triton {values('triton')}, CUDA {values('cuda')}")
 
 
 def caption(runs: list[dict]) -> str:
@@ -270,31 +326,42 @@ def caption(runs: list[dict]) -> str:
             f"ms/step is the median of the logged step times (evaluation excluded, first step excluded); "
             f"wall is the whole train.py process (start-up, compilation and evaluations included)"
             + (f"; {max(r['jobs'] for r in runs)} runs shared the device at a time, so ms/step and wall are "
-               f"not single-run figures" if any(r["jobs"] > 1 for r in runs) else "") + ".\n")
+               f"not single-run figures" if any(r["jobs"] > 1 for r in runs) else "") + f"; {measured(runs)}.\n")
 
 
 def plot(out: Path, png: Path, md: Path | None) -> int:
+    """The table (printed, and written to `md`), then the PNG, which needs matplotlib."""
+    every = load(out)
+    if not every:
+        raise SystemExit(f"bench.adamw_curves plot: no runs in {out} (no */log.jsonl)")
+    text = caption(every) + "\n" + table(every)  # every run, failed ones too
+    if md:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text)
+    print(text)
+    runs = [r for r in every if r["evals"]]  # the curves
+    if not runs:
+        raise SystemExit(f"bench.adamw_curves plot: no evaluations in {out}/*/log.jsonl to draw")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("bench.adamw_curves plot needs matplotlib: pip install matplotlib "
+        raise SystemExit("bench.adamw_curves plot: the PNG needs matplotlib: pip install matplotlib "
                          "(or pip install -e '.[plot]')") from None
-    every = load(out)
-    runs = [r for r in every if r["evals"]]  # the curves; the table lists every run, failed ones too
-    if not runs:
-        raise SystemExit(f"bench.adamw_curves plot: no evaluations in {out}/*/log.jsonl")
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     # Curves that coincide stay visible: each later one drawn thinner, with its own marker, on top.
-    for i, r in enumerate(runs):
+    for r in runs:
+        # Each variant its own colour and marker wherever it is drawn, whichever others are there.
+        i = list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS)
         color, width = f"C{i}", max(3.5 - 1.2 * i, 1.0)
         iters = [e["iter"] for e in r["evals"]]
         ax.plot(iters, [e["train_loss"] for e in r["evals"]], color=color, alpha=0.35, linewidth=width / 2,
                 linestyle="--")
         ax.plot(iters, [e["val_loss"] for e in r["evals"]], color=color, linewidth=width, marker="os^Dv"[i % 5],
-                markersize=2 + width, markerfacecolor="none", label=f"{r['label']}: val {r['final_val']:.4f}")
+                markersize=2 + width, markerfacecolor="none",
+                label=f"{r['label']}: val {r['final_val']:.4f} at step {r['iters']}{status(r)}")
     # Show the part where the variants differ: from the lowest loss up to the highest after step 0.
     later = [e[k] for r in runs for e in r["evals"] if e["iter"] > 0 for k in ("val_loss", "train_loss")]
     if later:
@@ -304,7 +371,7 @@ def plot(out: Path, png: Path, md: Path | None) -> int:
     devices = sorted({r["device"] for r in runs if r["device"]})
     scales = sorted({r["scale"] for r in runs if r["scale"]})
     ax.set_title(f"shakespeare-char, {'/'.join(scales) or '?'} scale, {'; '.join(devices) or 'unknown device'}\n"
-                 f"val loss (solid), train loss (dashed, light)", fontsize=10)
+                 f"{measured(runs)}\nval loss (solid), train loss (dashed, light)", fontsize=9)
     first = [e[k] for r in runs for e in r["evals"] if e["iter"] == 0 for k in ("val_loss", "train_loss")]
     above = later and first and max(first) > ax.get_ylim()[1]
     ax.set_xlabel("step" + (f" (step 0, loss {min(first):.2f} to {max(first):.2f}, is above the plot)" if above else ""))
@@ -315,11 +382,6 @@ def plot(out: Path, png: Path, md: Path | None) -> int:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
     plt.close(fig)
-    text = caption(every) + "\n" + table(every)
-    if md:
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text)
-    print(text)
     print(f"wrote {png}" + (f" and {md}" if md else ""))
     return 0
 
@@ -343,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--png", type=Path, help="default: OUT/adamw_curves.png")
     q.add_argument("--md", type=Path, help="also write the table (with its caption) here")
+    t = sub.add_parser("tidy", help="each run folder under --out down to its log (start record folded in)")
+    t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "run":
         variants = [v for v in args.variants.split(",") if v]
@@ -353,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1:
             parser.error(f"--jobs must be at least 1, got {args.jobs}")
         return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra, args.jobs)
+    if args.command == "tidy":
+        return tidy(args.out)
     return plot(args.out, args.png or args.out / "adamw_curves.png", args.md)
 
 

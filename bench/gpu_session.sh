@@ -30,7 +30,8 @@
 #                                       # llama with bf16_adamw and recompute; 300 steps each
 #   bash bench/gpu_session.sh curves [VARIANTS]  # bench.adamw_curves: the baby GPT, 5000 steps per AdamW
 #                                       # variant (default all four: adamw,bf16_nearest,bf16_sr,bf16_kahan),
-#                                       # four runs at once on the one GPU (--jobs 4)
+#                                       # four runs at once on the one GPU (--jobs 4); call it with
+#                                       # timeout_s 600, so that its tidying after 540 s is not cut
 # Results land in $OUT (at most 8 files come back, so each stage writes few): commit the profiles
 # and the numbers in README with the device, date and versions, and paste the printed tune table
 # into kernels/attention.py's _GPU_CONFIGS.
@@ -150,10 +151,11 @@ case "$1" in
     step 270 train-llama python train.py config/train_llama.py "${common[@]}" --optimizer=bf16_adamw \
       --recompute=True --out_dir="$OUT/train-llama"
     rm -rf "$OUT"/train-*/ckpt.pt "$OUT"/train-*/ckpt.dcp ;;
-  curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl and start.json): the checkpoints are deleted
+  curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl, its start record folded in: five files with
+    # this stage's log): tidy deletes the rest, a cut-off run's checkpoints and console output too (its tail shown)
     step 540 curves python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
       --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}"
-    rm -rf "$OUT"/curves/*/ckpt.pt "$OUT"/curves/*/ckpt.dcp ;;
+    python -m bench.adamw_curves tidy --out "$OUT/curves" 2>&1 | tee -a "$log" ;;
   *)
     echo "$usage" >&2; exit 2 ;;
 esac

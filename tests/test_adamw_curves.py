@@ -3,6 +3,7 @@ subprocess each, two at a time), their logs hold what `plot` reads, and `plot` w
 the table."""
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -94,3 +95,77 @@ def test_runs_cut_short_are_listed(tmp_path):
                                                      "| bf16_nearest (exit status -9)",
                                                      "| bf16_sr (cut short: no end record)"]
     assert runs[2]["final_val"] == 4.3
+
+
+def _write_run(d, records, start=None):
+    d.mkdir(parents=True)
+    if start is not None:
+        (d / adamw_curves.START).write_text(json.dumps(start) + "\n")
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+START = dict(event="start", variant="adamw", label="(a) x", scale="gpu", device="NVIDIA H100 80GB HBM3", jobs=4,
+             train_args=["config/train_shakespeare_char.py", "--max_iters=5000", "--out_dir=x", "--max_iters=300"],
+             date="2026-12-05T10:00:00+00:00", git_sha="0123456789abcdef", git_dirty=False, torch="2.11.0+cu130",
+             triton="3.6.0", cuda="13.0")
+
+
+def test_tidy_leaves_each_run_its_log_alone(tmp_path, capsys):
+    """What a GPU session brings back of a run its time limit cut: the log, with the start record
+    folded in at its head; its checkpoints, a half-written one and its console output deleted
+    (the output's tail shown first). Tidying twice changes nothing."""
+    evaluation = dict(iter=0, train_loss=4.2, val_loss=4.3, lr=1e-4)
+    _write_run(tmp_path / "adamw", [evaluation], start=START)
+    d = tmp_path / "adamw"
+    (d / "ckpt.pt").write_bytes(b"x")
+    (d / ".ckpt.pt.123.abc.tmp").write_bytes(b"x")
+    (d / "ckpt.dcp").mkdir()
+    (d / "ckpt.dcp" / "shard").write_bytes(b"x")
+    (d / "train.out").write_text("step 10: loss 3.1\nKilled\n")
+    before = adamw_curves.load(tmp_path)
+    assert adamw_curves.main(["tidy", "--out", str(tmp_path)]) == 0
+    assert "Killed" in capsys.readouterr().out
+    assert sorted(p.name for p in d.iterdir()) == ["log.jsonl"]
+    assert adamw_curves.read_log(d / "log.jsonl") == [START, evaluation]
+    assert adamw_curves.load(tmp_path) == before
+    adamw_curves.tidy(tmp_path)
+    assert adamw_curves.read_log(d / "log.jsonl") == [START, evaluation]
+
+
+def test_a_run_that_ended_before_its_planned_steps_says_so(tmp_path):
+    """The last --max_iters of the run's arguments is its plan (300 here): a run whose last
+    evaluation is short of it is marked in the table and the legend, and the caption says when
+    and with what the runs were made."""
+    evals = [dict(iter=i, train_loss=4.0, val_loss=4.1, lr=1e-4) for i in (0, 250)]
+    _write_run(tmp_path / "adamw", [*evals, dict(event="end", wall_s=9.0, returncode=0)], start=START)
+    runs = adamw_curves.load(tmp_path)
+    assert runs[0]["planned_iters"] == 300
+    assert adamw_curves.status(runs[0]) == " (evaluated to step 250 of 300)"
+    assert "| (a) x (evaluated to step 250 of 300) | 250 |" in adamw_curves.table(runs)
+    assert ("measured 2026-12-05, git 0123456789, torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0"
+            in adamw_curves.caption(runs))
+    evals.append(dict(iter=300, train_loss=4.0, val_loss=4.0, lr=1e-4))
+    _write_run(tmp_path / "bf16_sr", [*evals, dict(event="end", wall_s=9.0, returncode=0)],
+               start=dict(START, variant="bf16_sr"))
+    assert adamw_curves.status(adamw_curves.load(tmp_path)[1]) == ""
+
+
+def test_plot_writes_the_table_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    _write_run(tmp_path / "adamw", [dict(iter=0, train_loss=4.2, val_loss=4.3, lr=1e-4)], start=START)
+    md = tmp_path / "t.md"
+    with pytest.raises(SystemExit, match="the PNG needs matplotlib"):
+        adamw_curves.main(["plot", "--out", str(tmp_path), "--md", str(md)])
+    assert "| (a) x (cut short: no end record) | 0 | 4.3000 |" in md.read_text()
+
+
+def test_a_resumed_run_keeps_its_log(tmp_path, monkeypatch):
+    """--set init_from=resume continues a run: train.py appends to its log, which the launch
+    must not delete first (a fresh run's it does: a failed start leaves no old log behind)."""
+    monkeypatch.setattr(adamw_curves.subprocess, "Popen", lambda *a, **k: None)
+    header = dict(scale="cpu", device="CPU", jobs=1)
+    for resume, kept in [(False, False), (True, True)]:
+        (tmp_path / "log.jsonl").write_text('{"iter": 0, "val_loss": 4.3}\n')
+        args = adamw_curves.train_args("cpu", "adamw", tmp_path, extra=["--init_from=resume"] if resume else [])
+        adamw_curves._launch(tmp_path, "adamw", args, header)
+        assert (tmp_path / "log.jsonl").exists() == kept
