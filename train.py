@@ -431,6 +431,9 @@ def main(argv: list[str]) -> None:
             console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
                           f"{earlier}[/yellow]")
         log_file = open(log_path, "w" if fresh else "a")
+        # The backend that ran each op (kernels=auto chooses per GPU) heads what this run logs.
+        log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **({"eval_only": True} if c["eval_only"] else {})))
+                       + "\n")
     if c["wandb_log"] and master:
         import wandb
 

@@ -105,18 +105,23 @@ def test_resume_continues_exactly(tmp_path, data_dir, capsys):
     for it in range(6, 12):
         assert resumed[it] == uninterrupted[it], it
     # ... record for record: the first half's evaluation at its checkpoint is not logged twice
-    assert [(r["iter"], "loss" in r) for r in split] == [(r["iter"], "loss" in r) for r in whole]
+    trained = lambda log: [(r["iter"], "loss" in r) for r in log if "kernels" not in r]  # noqa: E731
+    assert trained(split) == trained(whole)
+    # Each run's first record says which backend ran each op.
+    assert [(r["iter"], r["kernels"]["attention"]) for r in split if "kernels" in r] == [(0, "torch"), (6, "torch")]
     # A run killed past its last checkpoint logged steps a resume takes again: they, and a line the
     # kill tore, give way to the resumed run's.
     with open(tmp_path / "split" / "log.jsonl", "a") as f:
         f.write(json.dumps({"iter": 12, "loss": 99.0}) + "\n" + '{"iter": 13, "lo')
     again = run(tmp_path / "split", data_dir, *cpu, "--max_iters=12", "--eval_interval=6", "--init_from=resume",
                 "--n_layer=3")
-    assert again[:-1] == split[:-1] and again[-1]["iter"] == 12 and "val_loss" in again[-1]
+    assert again[:-2] == split[:-1] and again[-2]["iter"] == 12 and "kernels" in again[-2]
+    assert again[-1]["iter"] == 12 and "val_loss" in again[-1]
     assert "the checkpoint's architecture, not the config's n_layer 3 (it has 2)" in " ".join(
         capsys.readouterr().out.split())
     scored = run(tmp_path / "split", data_dir, *cpu, "--eval_only=True")
-    assert scored[:-1] == split and scored[-1]["eval_only"] and scored[-1]["init_from"] == "scratch"  # appended, marked
+    assert scored[:-2] == again and scored[-1]["eval_only"] and scored[-1]["init_from"] == "scratch"  # appended, marked
+    assert scored[-2]["kernels"] and scored[-2]["eval_only"]
     capsys.readouterr()
     again = run(tmp_path / "split", data_dir, *cpu, "--max_iters=2", "--eval_interval=2")
     assert [r["iter"] for r in again if "loss" in r] == [0, 1]  # a new run in the same out_dir: a new log
