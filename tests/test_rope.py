@@ -74,6 +74,15 @@ def test_views_of_the_qkv_projection(backend, grouped, device):
         assert_accurate(backend, t.view(B, T, -1, D).transpose(1, 2))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_dim_not_unit_strided(backend, device):
+    """x whose elements along D are apart (a transposed view): the kernel reads them by stride."""
+    skip_unless_triton_runs(backend, device)
+    x = torch.randn(2, 3, 64, 17, device=device).transpose(-1, -2)  # (B, H, T=17, D=64), D stride 17
+    assert x.stride(-1) != 1
+    assert_accurate(backend, x)
+
+
 def test_output_layout_and_large_positions(device):
     """The output is laid out (B, T, H, D), as attention writes its own; a long-context theta and
     positions up to 4096 keep the fp32 tables' accuracy."""
