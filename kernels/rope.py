@@ -147,7 +147,7 @@ def _backward(ctx, dy: torch.Tensor):
     return _rope(dy, cos, sin, not ctx.inverse), None, None, None
 
 
-_rope.register_autograd(_backward, setup_context=_setup_context)
+_rope.register_autograd(_backward, setup_context=_setup_context, differentiable_backward=True)  # the op again
 
 
 @register("rope", "triton")

@@ -216,16 +216,27 @@ class Op:
         self.op, self.fn = op, fn
         self.function = None  # the autograd.Function, once register_autograd has given a formula
 
-    def register_autograd(self, backward, setup_context) -> None:
+    def register_autograd(self, backward, setup_context, differentiable_backward: bool = False) -> None:
+        """The op's gradient formula. Unless `differentiable_backward` (a backward made of ops
+        that have gradients themselves), the eager path refuses a second-order gradient
+        (create_graph=True, under which autograd runs a backward with grad mode on) rather than
+        give one without the op's part: its kernels record no graph."""
         self.op.register_autograd(backward, setup_context=setup_context)
-        fn = self.fn
+        fn, name = self.fn, self.op._qualname
 
         def forward(ctx, *args):
             out = _launch_directly(fn, args)
             setup_context(ctx, args, out)
             return out
-        self.function = type(fn.__name__, (torch.autograd.Function,),
-                             dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+        def first_order_backward(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{name}: the triton kernels' gradient has no gradient of its own: a "
+                                   f"second-order gradient (create_graph=True) needs the torch backend")
+            return backward(ctx, *grads)
+        self.function = type(fn.__name__, (torch.autograd.Function,), dict(
+            forward=staticmethod(forward),
+            backward=staticmethod(backward if differentiable_backward else first_order_backward)))
 
     def __call__(self, *args):
         if not _eager(args):

@@ -74,6 +74,28 @@ def test_direct_and_registered_calls_agree(op):
         assert (direct is None and registered is None) or torch.equal(direct, registered), op
 
 
+@pytest.mark.parametrize("op", CASES)
+def test_second_order_gradients_are_refused_not_dropped(op):
+    """create_graph=True through an op whose backward is kernels (no graph of its own): an error
+    naming it, not gradients silently short of its part. Rope's backward is rope again: its
+    second-order gradient is torch's."""
+    skip_unless_triton_runs("triton", "cpu")
+    fn, shapes = CASES[op]
+    leaves = _leaves(*shapes)
+    torch.manual_seed(1)
+    if op != "rope":
+        with pytest.raises(RuntimeError, match="tritongpt::.*second-order gradient"):
+            torch.autograd.grad(fn(*leaves), leaves[0], create_graph=True)
+        return
+    (dx,) = torch.autograd.grad(fn(*leaves), leaves[0], create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.square().sum(), leaves[0])
+    x, angles = (t.detach().requires_grad_() for t in leaves)
+    (dx_ref,) = torch.autograd.grad(kernels.get("rope", "torch")(x, angles.cos(), angles.sin()).square().sum(), x,
+                                    create_graph=True)
+    (ddx_ref,) = torch.autograd.grad(dx_ref.square().sum(), x)
+    torch.testing.assert_close(ddx, ddx_ref)
+
+
 def _profiled_op_names(fn) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
