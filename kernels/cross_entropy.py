@@ -31,8 +31,9 @@ sm80, sm90, sm100 and sm120 (tests/sm_compile.py, triton 3.6 and 3.8): no spills
 forward's whole steps load 16-byte vectors where they loaded one element at a time before. Launch
 sizes are first guesses, unmeasured.
 
-A target outside [0, classes) that is not ignore_index makes the loss and that row's gradient
-NaN: checking the range on the host would cost a GPU sync every step, and torch answers the same
+A target outside [0, classes) that is not ignore_index makes the loss and that row's logits'
+gradient NaN (so linear_cross_entropy's d_x row, and its whole d_weight, which sums every row's):
+checking the range on the host would cost a GPU sync every step, and torch answers the same
 mistake with a device-side assert that ends the process.
 """
 import torch

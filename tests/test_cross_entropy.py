@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cross_entropy
 from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
 from tests.numerics import assert_as_accurate
 
@@ -15,9 +16,11 @@ BACKENDS = ["torch", "triton"]
 # a 3-D batch, a single token with no batch dimension, and rows starting at every offset from a
 # 16-byte boundary (9 x 4099: the kernels walk such rows from the boundary before their start),
 # and power-of-two rows stacked in whole tiles, which the forward loads without a mask (4 x 32 x 64:
-# two tiles of 64 rows; 20 x 256: a whole tile of 16 rows, then a part of one).
+# two tiles of 64 rows; 20 x 256: a whole tile of 16 rows, then a part of one); rows just short of
+# a power of two, which their lead pushes past it (9 x 4095: a second forward step; 9 x 127: a
+# second tile column).
 SHAPES = [((1,), 4099), ((3,), 771), ((2, 5), 65), ((2,), 50257), ((), 1031), ((9,), 4099), ((4, 32), 64),
-          ((20,), 256)]
+          ((20,), 256), ((9,), 4095), ((9,), 127)]
 
 
 def reference(logits, targets, dloss, ignore_index=-1):
@@ -100,14 +103,50 @@ def test_extreme_logits(backend, device):
     gradient stay finite, in every row whatever the order the maximum is met in."""
     skip_unless_triton_runs(backend, device)
     x = torch.randn(4, 5000, device=device)
-    x[0, 10], x[1, 4999], x[2, :100] = 1e4, -1e4, float("-inf")
+    # Row 2 masked past the forward's first step (4096 columns): a step whose maximum is -inf.
+    x[0, 10], x[1, 4999], x[2, :4500] = 1e4, -1e4, float("-inf")
     x[3] *= 1e3
-    targets = torch.tensor([10, 4999, 100, 7], device=device)
+    targets = torch.tensor([10, 4999, 4600, 7], device=device)
     loss, grad = loss_and_grad(kernels.get("cross_entropy", backend), x, targets, torch.tensor(1.0, device=device))
     ref_loss, ref_grad = reference(x, targets, torch.tensor(1.0))
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_far_from_zero(backend, device):
+    """Logits around 1e4 with the targets off the maximum: the loss is (max - x_target) +
+    log_sum, two small numbers, where (max + log_sum) - x_target would lose digits to 1e4. Row by
+    row: a mean over rows averages such errors down."""
+    skip_unless_triton_runs(backend, device)
+    logits, targets, dloss = inputs((8,), 771, torch.float32, device)
+    for i in range(8):
+        assert_matches_float64(kernels.get("cross_entropy", backend), logits[i] + 1e4, targets[i], dloss,
+                               f"{backend} offset 1e4, row {i}")
+
+
+@pytest.mark.parametrize("classes", [1031, 127])
+def test_backward_writes_only_its_rows(classes, device):
+    """Rows a slice of a wider buffer at a stride that starts them at every offset from a 16-byte
+    boundary (the kernel walks each from the boundary before it): every gradient element is
+    written, and nothing between the rows (the padding of the tiles stays masked)."""
+    skip_unless_triton_runs("triton", device)
+    stride = classes + 11  # 8 bf16 elements in 16 bytes: rows start 3, 6, 1, ... past a boundary
+    x = (torch.randn(9, stride, device=device) * 3).to(torch.bfloat16)[:, :classes]
+    targets = torch.randint(0, classes, (9,), device=device)
+    sentinel = torch.full((9, stride), 7.0, device=device, dtype=torch.bfloat16)
+    buffer = sentinel.clone()
+    dx = buffer[:, :classes]
+    assert cross_entropy._align(x, dx) == 8
+    row_loss, stats = cross_entropy._forward_rows(x, targets, -1)
+    cross_entropy._backward_rows(x, targets, stats, torch.tensor(1 / 9, device=device), dx, -1)
+    assert torch.equal(buffer[:, classes:], sentinel[:, classes:]), "written between the rows"
+    _, expected = reference(x, targets, torch.tensor(1.0, device=device))
+    torch.testing.assert_close(dx.double(), expected, rtol=0, atol=2e-3)  # every element written
+    # One stride for both is what lets the kernel walk x's and dx's rows alike; else no ALIGN.
+    assert cross_entropy._align(x, x.contiguous()) == 1
+    assert cross_entropy._align(torch.empty(3, 1024, device=device)) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
