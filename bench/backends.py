@@ -24,7 +24,7 @@ import torch
 import kernels
 from bench.cases import Case, check
 from bench.hardware import detect
-from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, print_rows, provenance
+from bench.measure import Row, copy_gbs, matmul_tflops, median_ms, one_line, print_rows, provenance
 from bench.profile import OUTSIDE_GRAPH
 
 ROOFLINE_NAMES = {"GB/s": "copy bandwidth", "TFLOPS": "bf16 matmul"}
@@ -116,6 +116,9 @@ def rows(ops: dict[str, dict]) -> list[Row]:
     out = []
     for op, e in ops.items():
         for backend, r in e["backends"].items():
+            if "error" in r:  # one row for the backend that could not run, saying why
+                out.append(Row(op, e["shape"], e["training_pass"], backend, None, None, e["unit"], None,
+                               r["verified"], error=r["error"]))
             for pass_, ms in r.get("ms", {}).items():
                 out.append(Row(op, e["shape"], pass_, backend, ms, r["rate"][pass_], e["unit"],
                                r["roofline"][pass_], r["verified"], r.get("peak_mib", {}).get(pass_),
@@ -144,8 +147,8 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     header = dict(title=title, device=device.as_dict(), **provenance())
     for row in run():
         result.append(row)
-        print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {row.ms:.3f} ms, {row.value:.0f} {row.unit}",
-              flush=True)
+        measured = (f"error: {one_line(row.error)}" if row.error else f"{row.ms:.3f} ms, {row.value:.0f} {row.unit}")
+        print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {measured}", flush=True)
         if args.json:
             measured = dict(roofline=dict(name=ROOFLINE_NAMES[row.unit], unit=row.unit, value=roofline(row.unit)))
             args.json.write_text(json.dumps(header | measured | dict(rows=[r.as_dict() for r in result]),

@@ -8,8 +8,10 @@ the step's wall time, says how long the GPU sat idle waiting for the host (launc
 on a CPU they are the self times of the ops (what the tests can run). Each name is put in one
 kind by the first rule of KINDS it matches: cuBLAS / CUTLASS / nvjet matmuls, flash and cuDNN
 attention and this project's Triton kernels, torch's and Inductor's fused kernels all have names
-that tell. bench.mfu divides the model's matmul and attention FLOPs by the time of those kinds:
-the rates a kernel engineer checks first.
+that tell, mostly: an Inductor kernel is named after the ops it fused, so a norm's backward fused
+into its neighbours' (add, div, mul, pow, sum) counts as elementwise. bench.mfu divides the
+model's matmul and attention FLOPs by the time of those kinds: the rates a kernel engineer checks
+first.
 """
 import collections
 import os
@@ -19,14 +21,20 @@ import torch
 from torch.autograd import DeviceType
 
 # (kind, pattern): the first that a name matches, case-insensitive. Order matters where names mix
-# words: cuDNN's attention kernels say wgmma, torch's clip_grad_norm says norm.
+# words: cuDNN's attention kernels say wgmma, torch's clip_grad_norm says norm (its per-tensor
+# vector_norm launches a reduction of NormTwoOps: the optimizer's gradient clipping).
 KINDS = (
     ("attention", r"attn|attention|flash|fmha|sdpa"),
     ("matmul", r"gemm|nvjet|xmma|cutlass|s16816|s1688|wgmma|cublas|triton_tem_fused_(add)?mm|aten::(mm|addmm|bmm)$"),
-    ("optimizer", r"adam|multi_tensor|foreach|lpnorm|sum_squares|sqrt_of_sum"),
+    ("optimizer", r"adam|multi_tensor|foreach|lpnorm|normtwo|vector_norm|sum_squares|sqrt_of_sum"),
     ("loss", r"cross_entropy|softmax|nll_loss"),
-    ("embedding", r"embedding|indexselect|index_select|radix|sort"),
-    ("norm", r"norm"),
+    # the embedding's backward sorts the token ids and sums each id's rows by segments (CUB scans
+    # and run-length encoding: the only ones in a GPT's step)
+    ("embedding", r"embedding|indexselect|index_select|radix|sort|partials_per_segment|partial_segment|"
+                  r"compute_grad_weight|sum_and_scatter|devicescan|runlengthencode"),
+    # torch's LayerNorm backward (GammaBeta..., RowwiseMoments, ComputeInternalGradients; the
+    # apex-style cuComputeGrad...), and RMSNorm as torch and Inductor write it (x * rsqrt(mean))
+    ("norm", r"norm|gammabeta|rowwisemoments|computeinternalgradients|cucomputegrad|rsqrt"),
     ("copy", r"memcpy|memset|copy|(^|_|::)cat(_|$)|fill|clone"),
     ("elementwise", r"elementwise|triton_|swiglu|rope|gelu|silu|dropout|reduce|aten::"),
 )
@@ -83,12 +91,23 @@ def _times(events, cuda: bool) -> dict[str, float]:
     return dict(times)
 
 
+def per_kernel(times: dict[str, float], steps: int) -> dict[str, float]:
+    """ms a step of every name, the most first: what a result file keeps, so that a report can
+    sort them again by the rules of its day (kinds_of)."""
+    return {name: us / 1e3 / steps for name, us in sorted(times.items(), key=lambda item: -item[1])}
+
+
+def kinds_of(ms: dict[str, float]) -> dict[str, float]:
+    """ms of each kind, in SHOWN's order (zeros included), from ms per name."""
+    out = dict.fromkeys(SHOWN, 0.0)
+    for name, t in ms.items():
+        out[kind(name)] += t
+    return out
+
+
 def by_kind(times: dict[str, float], steps: int) -> dict[str, float]:
     """ms a step of each kind, in SHOWN's order (zeros included)."""
-    out = dict.fromkeys(SHOWN, 0.0)
-    for name, us in times.items():
-        out[kind(name)] += us / 1e3 / steps
-    return out
+    return kinds_of(per_kernel(times, steps))
 
 
 def top(times: dict[str, float], steps: int, n: int = 12) -> list[dict]:
@@ -101,8 +120,23 @@ def top(times: dict[str, float], steps: int, n: int = 12) -> list[dict]:
 COLUMNS = ("busy", *SHOWN, "matmul TFLOPS", "attention TFLOPS")
 
 
+def resorted(summary: dict) -> dict:
+    """A summarized breakdown with its kinds sorted again from its kernels' times by today's rules
+    (a file that kept them), the matmul and attention rates scaled to their kinds' new times;
+    as it was otherwise."""
+    if "kernels" not in summary:
+        return summary
+    ms = kinds_of(summary["kernels"])
+    rates = {f"{k}_tflops": (summary[f"{k}_tflops"] * summary["ms"][k] / ms[k]
+                             if summary.get(f"{k}_tflops") and ms[k] > 0 else None) for k in ("matmul", "attention")}
+    return dict(summary, ms=ms, **rates)
+
+
 def cells(summary: dict) -> list[str]:
-    """A summarized breakdown as table cells under COLUMNS."""
+    """A summarized breakdown as table cells under COLUMNS, its kinds by today's rules where it
+    kept its kernels' times (resorted)."""
+    summary = resorted(summary)
+
     def rate(x):
         return "n/a" if x is None else f"{x:.0f}"
     return [f"{100 * summary['busy']:.0f}%", *(f"{summary['ms'][k]:.2f}" for k in SHOWN),

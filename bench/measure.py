@@ -145,6 +145,7 @@ class Row:
     verified: bool | None = None
     peak_mib: float | None = None  # what the pass allocates beyond its inputs, at its peak (CUDA)
     host_ms: float | None = None  # the host's time to issue the pass (CUDA)
+    error: str | None = None  # why the backend could not run (then ms, value and roofline are None)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -171,6 +172,9 @@ def print_rows(rows: list[Row], title: str) -> None:
         table.add_column(col, justify="right" if col in numbers else "left")
     for r in rows:
         verified = "" if r.verified is None else ("yes" if r.verified else "NO")
+        if r.error:
+            table.add_row(r.op, r.shape, r.pass_, r.backend, f"error: {one_line(r.error)}", *[""] * 4, verified)
+            continue
         mib = "" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
         host = "" if r.host_ms is None else f"{r.host_ms:.3f}" + " host-bound" * host_bound(r.ms, r.host_ms)
         table.add_row(r.op, r.shape, r.pass_, r.backend, f"{r.ms:.3f}", host, f"{r.value:.0f} {r.unit}",

@@ -235,7 +235,8 @@ def _breakdown(step, run: Run) -> dict:
     except Exception as e:
         return dict(error=f"{type(e).__name__}: {e}")
     return dict(steps=run.profile_steps, ms=breakdown.by_kind(times, run.profile_steps),
-                top=breakdown.top(times, run.profile_steps))
+                top=breakdown.top(times, run.profile_steps),
+                kernels=breakdown.per_kernel(times, run.profile_steps))
 
 
 def _work_rates(profiled: dict, run: Run, flops: Flops, median_ms: float) -> dict:

@@ -63,16 +63,20 @@ def op_table(result: dict) -> str:
     lines = []
     for (op, shape, pass_), by_backend in cases.items():
         cells = [op] * several_ops + [shape, pass_]
+        ran = {b: r for b, r in by_backend.items() if not r.get("error")}
         for b in backends:
             r = by_backend.get(b)
+            if r is not None and r.get("error"):
+                cells.append(f"error: {one_line(r['error'])[:60]}")
+                continue
             unverified = r is not None and r["verified"] is False
             marks = _mib(r) + " unverified" * unverified + " host-bound" * host_bound(r["ms"], r.get("host_ms")) \
                 if r is not None else ""
             cells.append("" if r is None else f"{r['value']:,.0f}" + marks)
-        triton = next((by_backend[b] for b in _COMPARED if b in by_backend), None)
-        others = [r["value"] for b, r in by_backend.items() if not _triton_own(b) and r["verified"] is not False]
+        triton = next((ran[b] for b in _COMPARED if b in ran), None)
+        others = [r["value"] for b, r in ran.items() if not _triton_own(b) and r["verified"] is not False]
         cells.append(f"{100 * triton['roofline']:.0f}%" if triton else "")
-        cells.append(f"{triton['value'] / max(others):.2f}x" if triton and others else "")
+        cells.append(f"{triton['value'] / max(others):.2f}x" if triton and others and max(others) > 0 else "")
         lines.append(cells)
     header = ["op"] * several_ops + ["shape", "pass", *(f"{b} ({unit})" for b in backends),
                                      f"triton of {roofline['name']}", "triton / fastest other"]
@@ -108,8 +112,11 @@ def breakdown_table(result: dict) -> str:
     if not rows:
         return ""
     lines = [[r["variant"], *breakdown.cells(r["breakdown"])] for r in rows]
+    # Files from before bench.mfu kept every kernel's time hold the kinds as sorted then.
+    then = "; kinds as bench/breakdown.py sorted them when measured" if any(
+        "kernels" not in r["breakdown"] for r in rows) else ""
     return (f"\n\nDevice ms a step by kind of work ({rows[0]['breakdown']['steps']} steps under torch.profiler; "
-            f"busy: their sum over the median step)\n\n" + _md(["variant", *breakdown.COLUMNS], lines))
+            f"busy: their sum over the median step{then})\n\n" + _md(["variant", *breakdown.COLUMNS], lines))
 
 
 def profile_table(result: dict) -> str:

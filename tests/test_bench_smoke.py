@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import kernels
-from bench import (backends, op_adamw, op_attention, op_cross_entropy, op_linear_cross_entropy, op_norm, op_rope,
-                   op_swiglu, profile, report)
+from bench import (backends, measure, op_adamw, op_attention, op_cross_entropy, op_linear_cross_entropy, op_norm,
+                   op_rope, op_swiglu, profile, report)
 from bench import kernels as bench_kernels
 from bench.backends import peak_mib as measured_peak_mib  # before the fixture replaces it
 from bench.cases import Shapes, case, check
@@ -302,3 +302,25 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
     with pytest.raises(SystemExit) as exit:  # a path that is not there: a usage error, nothing read
         report.main([str(tmp_path / "mfu.json"), str(tmp_path / "missing.json")])
     assert exit.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_a_backend_that_could_not_run_keeps_its_error(capsys, monkeypatch):
+    """A per-op benchmark's backend that failed (compile, say) is a row saying why, printed and
+    written, not a silent gap; the report shows it, and sets triton against the backends that ran."""
+    def ran(ms, rate, roofline):
+        return {"verified": True, "check": "ok", "ms": dict(zip(("fwd", "fwd+bwd"), ms)),
+                "rate": dict(zip(("fwd", "fwd+bwd"), rate)), "roofline": dict(zip(("fwd", "fwd+bwd"), roofline))}
+    entry = {"shape": "16384 x 768", "training_pass": "fwd+bwd", "unit": "GB/s", "backends": {
+        "torch": ran((1.0, 3.0), (100.0, 90.0), (0.1, 0.09)),
+        "compile": {"verified": True, "check": "ok", "error": "InductorError: boom"},
+        "triton": ran((0.5, 1.5), (200.0, 180.0), (0.2, 0.18))}}
+    rows = backends.rows({"rms_norm": entry})
+    failed = [(r.backend, r.pass_, r.error, r.ms) for r in rows if r.error]
+    assert failed == [("compile", "fwd+bwd", "InductorError: boom", None)]
+    monkeypatch.setenv("COLUMNS", "200")  # rich's table in one line a row
+    measure.print_rows(rows, "t")
+    assert "error: InductorError: boom" in capsys.readouterr().out
+    result = {"title": "rms_norm", "roofline": {"unit": "GB/s", "name": "copy", "value": 1000.0},
+              "rows": [r.as_dict() for r in rows]}
+    table = report.op_table(result)
+    assert "| 16384 x 768 | fwd+bwd | 90 | error: InductorError: boom | 180 | 18% | 2.00x |" in table

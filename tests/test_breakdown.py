@@ -40,6 +40,25 @@ NAMES = {
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::native_layer_norm": "norm",
     "tritongpt::attention_fwd": "attention", "tritongpt::attention_rope_fwd": "attention", "aten::cat": "copy", "aten::_log_softmax": "loss",
     "aten::scatter_add_": "elementwise",
+    # torch's gradient clipping (a NormTwoOps reduction per tensor): the optimizer's, not a norm layer's
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float, float>, "
+    "unsigned int, float, 4, 4>>(at::native::ReduceOp<float, at::native::NormTwoOps<float, float, float>, unsigned "
+    "int, float, 4, 4>)": "optimizer",
+    "aten::linalg_vector_norm": "optimizer",
+    # torch's LayerNorm backward, and RMSNorm as torch and Inductor write it
+    "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<c10::BFloat16, float, 32u, 32u, "
+    "256u, false, true, true>(long, long, c10::BFloat16 const*, c10::BFloat16 const*, float const*, float const*, "
+    "c10::BFloat16*, c10::BFloat16*)": "norm",
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>": "norm",
+    "void at::native::(anonymous namespace)::ComputeInternalGradientsCUDAKernel<c10::BFloat16>": "norm",
+    "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_2": "norm",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::rsqrt_kernel_cuda(at::TensorIteratorBase&)>": "norm",
+    # the embedding's backward: sorted ids, summed by segments
+    "void at::native::(anonymous namespace)::krn_partials_per_segment<long>(long*, long const*, long, long)":
+        "embedding",
+    "void at::native::(anonymous namespace)::compute_grad_weight<c10::BFloat16, float, long>": "embedding",
+    "void at::native::(anonymous namespace)::sum_and_scatter<c10::BFloat16, float, long>": "embedding",
+    "void cub::CUB_200700_900_NS::DeviceScanKernel<cub::DeviceScanPolicy<long, std::plus<long>>>": "embedding",
     "a kernel nobody named": "other",
 }
 
@@ -77,3 +96,19 @@ def test_gpu_annotations_are_not_counted_as_work():
 
     events = [event("Optimizer.step#BF16AdamW.step", 0, 10, annotation=True), event("_adamw_kernel", 1, 9)]
     assert breakdown._times(events, cuda=True) == {"_adamw_kernel": 8}
+
+
+def test_a_report_sorts_kept_kernels_by_todays_rules():
+    """bench.mfu keeps every kernel's ms a step: a report sorts them by the rules of its own day,
+    the matmul and attention rates moved with their kinds' times; a file of top kernels alone
+    is shown as it was sorted."""
+    times = {"nvjet_tst_128x256": 9000.0, "GammaBetaBackwardCUDAKernelTemplate": 600.0, "_attn_fwd": 3000.0}
+    kept = breakdown.per_kernel(times, steps=3)
+    assert list(kept) == ["nvjet_tst_128x256", "_attn_fwd", "GammaBetaBackwardCUDAKernelTemplate"]
+    old = dict(busy=0.5, ms=dict(breakdown.kinds_of({}), matmul=2.0, attention=1.0, other=0.2),
+               matmul_tflops=300.0, attention_tflops=100.0)
+    new = breakdown.resorted(dict(old, kernels=kept))
+    assert new["ms"]["norm"] == pytest.approx(0.2) and new["ms"]["other"] == 0.0
+    assert new["matmul_tflops"] == pytest.approx(200.0) and new["attention_tflops"] == pytest.approx(100.0)
+    assert breakdown.resorted(old) is old
+    assert breakdown.cells(dict(old, kernels=kept))[3] == "0.20"  # the norm column
