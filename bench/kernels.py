@@ -22,7 +22,7 @@ from bench import positive, profile
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
-from bench.measure import print_rows, provenance
+from bench.measure import TIMING, print_rows, provenance
 from gpt.config import DTYPES, training_dtype
 from gpt.model import GPTConfig, preset
 
@@ -52,7 +52,7 @@ def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS) -> di
         measured[op] = measure_op(op, shapes, rooflines)
         print_rows(rows({op: measured[op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
     return {"workload": profile.workload(preset_name, shapes), "device": device.as_dict(), **provenance(),
-            "kernels_source": profile.kernels_source(), "rooflines": rooflines, "ops": measured}
+            "timing": TIMING, "kernels_source": profile.kernels_source(), "rooflines": rooflines, "ops": measured}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,11 @@ def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> 
 HOST_BOUND = 0.8
 
 
+# What the per-op result files (bench.op_*, bench.kernels) say of their times; files without it
+# were timed by triton.testing.do_bench, which times a host-bound pass at the host's pace.
+TIMING = "median of CUDA events around the GPU's work alone (bench/measure.py)"
+
+
 def host_bound(ms: float, host_ms: float | None) -> bool:
     return host_ms is not None and host_ms >= HOST_BOUND * ms
 

@@ -146,6 +146,14 @@ def profile_table(result: dict) -> str:
     return title + "\n\n" + _md(header, lines)
 
 
+def timing(result: dict) -> str:
+    """How a per-op or profile file's times were taken, where it predates saying so."""
+    if result.get("timing"):
+        return ""
+    return ("\n\nTimed by triton.testing.do_bench: a pass marked host-bound was timed at the host's pace, its rate a "
+            "lower bound of its kernels'.")
+
+
 def report(path: Path) -> str:
     try:
         result = json.loads(path.read_text())
@@ -153,8 +161,9 @@ def report(path: Path) -> str:
         return f"{path.name}: not read ({e}): cut short while it was written?\n"
     try:
         if "workloads" in result:  # a kernel profile: a table per workload measured
-            return "\n".join(f"{path.name}: {provenance(w)}\n\n{profile_table(w)}\n" for w in result["workloads"])
-        table = mfu_table(result) if "preset" in result else op_table(result)
+            return "\n".join(f"{path.name}: {provenance(w)}\n\n{profile_table(w)}{timing(w)}\n"
+                             for w in result["workloads"])
+        table = mfu_table(result) if "preset" in result else op_table(result) + timing(result)
         return f"{path.name}: {provenance(result)}\n\n{table}\n"
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # one odd file must not cost the others' tables
         return f"{path.name}: not reported ({type(e).__name__}: {e})\n"

@@ -324,3 +324,6 @@ def test_a_backend_that_could_not_run_keeps_its_error(capsys, monkeypatch):
               "rows": [r.as_dict() for r in rows]}
     table = report.op_table(result)
     assert "| 16384 x 768 | fwd+bwd | 90 | error: InductorError: boom | 180 | 18% | 2.00x |" in table
+    # Files from before they said how they were timed were timed by do_bench: the report says so.
+    assert "triton.testing.do_bench" in report.timing(result)
+    assert report.timing(dict(result, timing=measure.TIMING)) == ""

@@ -224,7 +224,8 @@ def test_profile_rows_for_the_table():
                                   "roofline": {"fwd": 0.1, "fwd+bwd": 0.2}},
                            triton={"error": "boom", "verified": False, "check": "x"})}
     rows = bench_kernels.rows(ops)
-    assert [(r.backend, r.pass_) for r in rows] == [("torch", "fwd"), ("torch", "fwd+bwd")]
+    assert [(r.backend, r.pass_, r.error) for r in rows] == [("torch", "fwd", None), ("torch", "fwd+bwd", None),
+                                                             ("triton", "fwd+bwd", "boom")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
