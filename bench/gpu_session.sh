@@ -12,7 +12,9 @@
 # The stages below each end by BUDGET_S (540) seconds, inside one 10-minute call (timeout_s 600),
 # for sessions with more device time; a stage exits 1 when a step of it failed, was cut or skipped:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
-#                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it
+#                                       # in TEST_SHARDS (6) parts side by side: compiling is most of it;
+#                                       # tests not started by TEST_DEADLINE skip, the parts still running
+#                                       # TESTS_GRACE_S (45) later are stopped, and every part reported
 #   bash bench/gpu_session.sh profiles  # bench.kernels profiles (gpt2, llama): profiles/<gpu>.json
 #   bash bench/gpu_session.sh ops [OPS] # the per-op benchmarks (bench/op_*.py); OPS picks some, e.g.
 #                                       # norm,swiglu (default all: norm,swiglu,rope,attention,cross_entropy,
@@ -50,6 +52,14 @@ log="$OUT/$1.log"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
 } > "$log" 2>&1
+if [[ -z ${GPU_SESSION_ON_CPU:-} ]] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+    >> "$log" 2>&1; then
+  # The benchmarks on a machine without CUDA say so and exit 0 (a user's command): a stage would
+  # look done with nothing measured. (GPU_SESSION_ON_CPU=1: the stages' own logic on a CPU, for
+  # tests/test_gpu_session.py.)
+  echo "stage $1: torch sees no CUDA GPU here: nothing to measure" | tee -a "$log"
+  exit 2
+fi
 # Every stage ends by BUDGET_S (540) seconds, inside a 10-minute call with room for its clean-up
 # (a command cut by the call's own limit leaves checkpoints in $OUT and no summary).
 deadline=$((SECONDS + ${BUDGET_S:-540}))
@@ -68,15 +78,22 @@ step() {
   echo "== $name: at most $cap s" | tee -a "$log"
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc$( ((rc == 124)) && echo ' (cut at its limit)'), $((SECONDS - t0)) s" | tee -a "$log"
+  echo "== $name: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (cut at its limit)'), $((SECONDS - t0)) s" \
+    | tee -a "$log"
   ((rc == 0)) || failures=$((failures + 1))
 }
+# bench.sweep's own budget: what the stage has left less a minute for its report, at least 30 s (a
+# budget of 0 is a usage error); the step's cap stops it anyway.
+sweep_budget() { local b=$((deadline - SECONDS - 60)); echo $((b > 30 ? b : 30)); }
+TESTS_GRACE_S=${TESTS_GRACE_S:-45}  # the tests stage's time past TEST_DEADLINE to stop its parts and kill them
 case "$1" in
   first)  # the order is the priority: what a cut-short call loses is the least telling
     tests_s=$(((deadline - SECONDS) * 150 / 540))  # tests not started by then skip: the summary comes
     # 14 parts: compiling the kernels is most of the suite's time there, and the machine has 16 cores.
-    step $((tests_s + 45)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) TEST_SHARDS=${TEST_SHARDS:-14} \
-      bash "$self" tests
+    # The stage stops its parts itself by TEST_DEADLINE + 45 s (TESTS_GRACE_S) and reports them: the
+    # step's own cut comes later, and only if that fails.
+    step $((tests_s + TESTS_GRACE_S + 30)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) \
+      TEST_SHARDS=${TEST_SHARDS:-14} bash "$self" tests
     # bench.mfu writes each variant as it is measured: the Triton kernels inside torch.compile (the
     # fastest, if any is) first, then train.py's default on a GPU (auto+compile: per op the backend
     # the committed profile chose), eager torch (the least telling) last
@@ -85,46 +102,65 @@ case "$1" in
       --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
     step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
       --steps 20 --warmup 6 --json "$OUT/mfu-llama.json"
-    step 540 sweep python -m bench.sweep --sweeps adamw,norm --budget-s $((deadline - SECONDS - 60)) \
-      --json "$OUT/sweep.json"
+    step 540 sweep python -m bench.sweep --sweeps adamw,norm --budget-s "$(sweep_budget)" --json "$OUT/sweep.json"
     results=("$OUT"/mfu-*.json)  # bench.report makes tables of these; the sweep printed its own
     [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
+    # Tests not started by TEST_DEADLINE skip (first sets it; alone, the stage's budget less its
+    # stopping and summary), so that the summary comes before the call's limit.
+    export TEST_DEADLINE=${TEST_DEADLINE:-$(($(date +%s) + ${BUDGET_S:-540} - TESTS_GRACE_S - 45))}
     # One Inductor compile worker a part: by default each would start one per core, on every core.
     export TORCHINDUCTOR_COMPILE_THREADS=1
     shards=${TEST_SHARDS:-6}
     parts=$(mktemp -d)  # not under $OUT: at most 8 files come back from there
     export ACCURACY_LOG=$parts/accuracy.jsonl  # every accuracy check, counted below (tests/numerics.py)
+    pids=()
     for i in $(seq 0 $((shards - 1))); do
       TEST_SHARD=$i/$shards python -m pytest -q -ra --durations=8 -p no:cacheprovider > "$parts/$i" 2>&1 &
+      pids+=($!)
     done
+    # A part still running past the deadline (a test begun before it) is stopped two thirds of
+    # TESTS_GRACE_S after it (its summary printed), and killed at TESTS_GRACE_S if stuck in a long
+    # compile or CUDA call: then the summary below comes all the same.
+    stop_parts() { kill -TERM "${pids[@]}" 2>/dev/null; sleep "$1"; kill -KILL "${pids[@]}" 2>/dev/null; }
+    term_at=$((TEST_DEADLINE + TESTS_GRACE_S * 2 / 3))
+    (sleep $((term_at > $(date +%s) ? term_at - $(date +%s) : 0)); stop_parts $((TESTS_GRACE_S / 3))) &
+    watchdog=$!
     show_parts() {  # each part's whole output into tests.log; its failures and summary shown too
       for i in $(seq 0 $((shards - 1))); do
         echo "== TEST_SHARD=$i/$shards TEST_SEED=$TEST_SEED"
         cat "$parts/$i"
       done >> "$log" 2>&1
       for i in $(seq 0 $((shards - 1))); do
-        echo "TEST_SHARD=$i/$shards: $(tail -n 1 "$parts/$i")"
+        # pytest's counts: its last line, unless an interruption printed more after them
+        summary=$(grep -E '[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran' "$parts/$i" | tail -n 1)
+        echo "TEST_SHARD=$i/$shards: ${summary:-no summary (killed while stuck?): $(tail -n 1 "$parts/$i")}"
         grep -E '^(FAILED|ERROR) ' "$parts/$i"
       done
       [[ -s $ACCURACY_LOG ]] && python -m tests.numerics "$ACCURACY_LOG" | tee -a "$log"
       rm -rf "$parts"
     }
-    # first's time limit: stop the parts (a test started before TEST_DEADLINE may run long), then report
-    trap 'kill $(jobs -p) 2>/dev/null; wait; show_parts; echo "tests: stopped by a signal"; exit 124' TERM INT
+    # A signal (the step's cut, which kills everything 10 s on): stop the parts sooner, then report
+    trap 'kill "$watchdog" 2>/dev/null; stop_parts 4; wait; show_parts; echo "tests: stopped by a signal"; exit 124' \
+      TERM INT
     failed=0
-    for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
     trap - TERM INT
+    kill "$watchdog" 2>/dev/null
     show_parts
     echo "tests: $failed of $shards parts failed" | tee -a "$log"
     status=$((failed > 0)) ;;
-  profiles)  # both workloads into this GPU's committed profile (others kept), which comes back
+  profiles)  # both workloads into this GPU's committed profile (others kept), which comes back; a
+    # preset cut at its limit leaves the ops it measured in profiles/<slug>.<preset>.partial.json
     slug=$(python -c "from bench.hardware import detect; print(detect().slug)")
     for preset in gpt2 llama; do
       step 300 "profile $preset" python -m bench.kernels --gpu auto --preset "$preset"
     done
-    cp "profiles/$slug.json" "$OUT/" ;;
+    for f in "profiles/$slug.json" profiles/"$slug".*.partial.json; do
+      [[ -e $f ]] && cp "$f" "$OUT/"
+    done
+    [[ -e profiles/$slug.json ]] || { echo "profiles/$slug.json: not written" | tee -a "$log"; failures=$((failures + 1)); } ;;
   ops)
     ops=${2:-norm,swiglu,rope,attention,cross_entropy,linear_cross_entropy,adamw}
     for op in ${ops//,/ }; do
@@ -141,8 +177,7 @@ case "$1" in
   sweep)
     # Its own budget ends a setting's length (a norm setting compiles its kernels at 5 widths)
     # before the step's: cut by the step, it would print no report.
-    step 540 sweep python -m bench.sweep ${2:+--sweeps "$2"} --budget-s $((deadline - SECONDS - 60)) \
-      --json "$OUT/sweep.json" ;;
+    step 540 sweep python -m bench.sweep ${2:+--sweeps "$2"} --budget-s "$(sweep_budget)" --json "$OUT/sweep.json" ;;
   train)  # the logs come back ($OUT/train-<preset>/log.jsonl), the checkpoints are deleted
     common=(--dataset=shakespeare --batch_size=16 --block_size=1024 --gradient_accumulation_steps=1
             --max_iters=300 --lr_decay_iters=300 --warmup_iters=30 --eval_interval=150 --eval_iters=20
@@ -150,7 +185,8 @@ case "$1" in
     step 270 train-gpt2 python train.py config/train_gpt2.py "${common[@]}" --out_dir="$OUT/train-gpt2"
     step 270 train-llama python train.py config/train_llama.py "${common[@]}" --optimizer=bf16_adamw \
       --recompute=True --out_dir="$OUT/train-llama"
-    rm -rf "$OUT"/train-*/ckpt.pt "$OUT"/train-*/ckpt.dcp ;;
+    # everything but the logs: a cut save leaves a half-written checkpoint (.ckpt.pt.<pid>...tmp) too
+    find "$OUT"/train-* -mindepth 1 ! -name log.jsonl -exec rm -rf {} + 2>/dev/null ;;
   curves)  # only the logs come back ($OUT/curves/<variant>/log.jsonl, its start record folded in: five files with
     # this stage's log): tidy deletes the rest, a cut-off run's checkpoints and console output too (its tail shown)
     step 540 curves python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \

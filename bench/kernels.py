@@ -42,17 +42,20 @@ def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
     return result
 
 
-def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS) -> dict:
+def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS, partial: Path | None = None) -> dict:
     """Measure `ops` at `shapes` on `device` and return the profile's record of this workload,
-    printing each op's rows as they come (a run cut short still shows what it measured)."""
+    printing each op's rows as they come and writing the record so far to `partial` after each op
+    (a run cut short keeps what it measured; the profile itself takes only a whole record)."""
     torch.cuda.set_device(device.index)
     rooflines = {"copy_gbs": roofline("GB/s"), "matmul_tflops": roofline("TFLOPS")}
-    measured = {}
+    record = {"workload": profile.workload(preset_name, shapes), "device": device.as_dict(), **provenance(),
+              "timing": TIMING, "kernels_source": profile.kernels_source(), "rooflines": rooflines, "ops": {}}
     for op in ops:
-        measured[op] = measure_op(op, shapes, rooflines)
-        print_rows(rows({op: measured[op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
-    return {"workload": profile.workload(preset_name, shapes), "device": device.as_dict(), **provenance(),
-            "timing": TIMING, "kernels_source": profile.kernels_source(), "rooflines": rooflines, "ops": measured}
+        record["ops"][op] = measure_op(op, shapes, rooflines)
+        print_rows(rows({op: record["ops"][op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
+        if partial is not None:
+            profile.write({"format": profile.FORMAT, "workloads": [record]}, partial)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench.kernels: {e}", file=sys.stderr)
         return 2
-    record = run(device, shapes, args.preset, ops)
+    partial = out.with_name(f"{out.stem}.{args.preset}.partial.json")
+    record = run(device, shapes, args.preset, ops, partial)
     data = profile.merged(out, record)
     profile.write(data, out)
+    partial.unlink(missing_ok=True)
     print(f"rooflines: copy {record['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul "
           f"{record['rooflines']['matmul_tflops']:.0f} TFLOPS")
     for op, measured in record["ops"].items():

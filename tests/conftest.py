@@ -30,6 +30,8 @@ DEADLINE = float(os.environ.get("TEST_DEADLINE", "inf"))
 
 
 def _interrupted(signum, frame):
+    # Once: the stage that stops the parts may signal again, which would cut the summary short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt  # pytest then prints its summary, the failures so far included
 
 
@@ -82,7 +84,9 @@ def pytest_collection_finish(session):
     """The subprocess checks of the tests to run (marked background) start now, in the background."""
     def skipped(item):
         return any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
-    if session.config.option.collectonly:
+    # Under a deadline (a GPU session's short run) they would compile for tests it may never reach,
+    # beside the CUDA cases that come first: such a test runs its check when its turn comes.
+    if session.config.option.collectonly or DEADLINE != float("inf"):
         return
     background.start(m.args[0] for item in session.items if not skipped(item) for m in item.iter_markers("background"))
 

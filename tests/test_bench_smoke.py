@@ -228,6 +228,7 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_kernels, "Shapes", lambda *args: Shapes(*args).tiny())
     out = tmp_path / "h100.json"
     assert bench_kernels.main(["--gpu", "h100", "--preset", "llama", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h100.json"]  # the partial record gone
     [measured] = profile.load(out).workloads
     assert measured["rooflines"] == {"copy_gbs": COPY_GBS, "matmul_tflops": MATMUL_TFLOPS}
     assert measured["workload"]["preset"] == "llama" and measured["device"]["slug"] == "h100-sxm"
@@ -239,6 +240,28 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     assert report.main([str(out)]) == 0  # the README's table of it: a row per op
     table = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in table and all(f"| {op} | " in table for op in kernels.OPS)
+
+
+def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path):
+    """Stopped during its second op (a GPU session's time limit), bench.kernels leaves the first
+    op's record in <profile>.<preset>.partial.json, and the profile as it was."""
+    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(bench_kernels, "roofline", lambda unit: 1.0)
+    measured = []
+
+    def measure_op(op, shapes, rooflines):
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(op)
+        return {"training_pass": "fwd", "shape": "s", "unit": "GB/s", "backends": {}, "chosen": {}}
+    monkeypatch.setattr(bench_kernels, "measure_op", measure_op)
+    out = tmp_path / "h100.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(["--gpu", "h100", "--preset", "gpt2", "--out", str(out)])
+    assert not out.exists()
+    [record] = profile.load(tmp_path / "h100.gpt2.partial.json").workloads
+    assert list(record["ops"]) == measured == [kernels.OPS[0]]
 
 
 # The first lines and the last of an error bench.mfu recorded on an H200 (2026-12-04).

@@ -494,9 +494,9 @@ def test_bench_kernels_measures_in_train_py_s_dtype_or_the_one_given(monkeypatch
 
     measured = []
     monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
-    monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops: measured.append(shapes.dtype) or
-                        record({}, name, slug=device.slug, dtype=shapes.dtype) | {"rooflines": {
-                            "copy_gbs": 1.0, "matmul_tflops": 1.0}})
+    monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops, partial:
+                        measured.append(shapes.dtype) or record({}, name, slug=device.slug, dtype=shapes.dtype)
+                        | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
     for bf16, args in ((True, []), (False, []), (True, ["--dtype", "float32"])):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, bf16=bf16: bf16)
         assert bench_kernels.main(["--out", str(tmp_path / "gpu.json"), *args]) == 0

@@ -1,0 +1,75 @@
+"""bench/gpu_session.sh's own logic on a CPU (GPU_SESSION_ON_CPU=1): what a short GPU session
+loses when a stage misbehaves is its device time, so the stopping and reporting are tried here.
+
+The tests stage runs in a copy of the script beside a suite of its own (a test that passes, one
+that sleeps past the deadline, one stuck in a C call that no signal interrupts), split in two
+parts, with a deadline a few seconds away."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every second test to each part: the first gets test_passes and the sleeper, the second the
+# C call (no signal reaches Python inside it) and a test that starts after the deadline.
+MINI_SUITE = '''
+import time
+def test_passes(): pass
+def test_stuck_in_c(): sum(range(10**11))
+def test_sleeps_past_the_deadline(): time.sleep(60)
+def test_after_the_deadline(): pass
+'''
+
+
+def _stage_copy(tmp_path: Path) -> Path:
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "gpu_session.sh", tmp_path / "bench")
+    (tmp_path / "tests").mkdir()
+    for name in ("conftest.py", "background.py"):
+        shutil.copy(ROOT / "tests" / name, tmp_path / "tests")
+    (tmp_path / "tests" / "test_mini.py").write_text(MINI_SUITE)
+    return tmp_path / "bench" / "gpu_session.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+def test_tests_stage_reports_every_part_by_its_deadline(tmp_path):
+    """Past TEST_DEADLINE the stage stops its parts (pytest then prints its counts) and kills one
+    that a C call keeps from stopping, and reports both before its grace time is out."""
+    script = _stage_copy(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_SESSION_ON_CPU="1", OUT=str(out), TEST_SHARDS="2", TESTS_GRACE_S="9",
+               TEST_DEADLINE=str(int(time.time()) + 8), PATH=os.environ["PATH"])
+    env.pop("TEST_SHARD", None)
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", str(script), "tests"], env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    lines = done.stdout.splitlines()
+    assert done.returncode == 1, done.stdout + done.stderr  # the parts stopped early count as failed
+    assert took < 8 + 9 + 15, f"{took:.0f} s"  # by the deadline, its grace, and pytest's start
+    sleepy = next(line for line in lines if line.startswith("TEST_SHARD=0/2: "))
+    stuck = next(line for line in lines if line.startswith("TEST_SHARD=1/2: "))
+    assert "1 passed" in sleepy, sleepy  # its counts, though it was stopped
+    assert "no summary (killed while stuck?)" in stuck, stuck
+    assert "tests: 2 of 2 parts failed" in done.stdout
+    assert (out / "tests.log").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+def test_a_stage_without_cuda_says_so_and_fails(tmp_path):
+    """Without GPU_SESSION_ON_CPU, on a machine whose torch sees no GPU, a stage measures nothing
+    and must not look done: exit status 2 and the reason."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    env.pop("GPU_SESSION_ON_CPU", None)
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "mfu"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "torch sees no CUDA GPU here" in done.stdout
