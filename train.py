@@ -432,8 +432,8 @@ def main(argv: list[str]) -> None:
                           f"{earlier}[/yellow]")
         log_file = open(log_path, "w" if fresh else "a")
         # The backend that ran each op (kernels=auto chooses per GPU) heads what this run logs.
-        log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **({"eval_only": True} if c["eval_only"] else {})))
-                       + "\n")
+        marks = {"eval_only": True} if c["eval_only"] else {}
+        log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **marks)) + "\n")
     if c["wandb_log"] and master:
         import wandb
 

@@ -39,7 +39,7 @@ wall time, which the table marks, are then shared-device figures. (On a GPU two 
 variant agree statistically, not bit for bit: some of torch's kernels sum in no fixed order.)
 Its out_dir is DIR/<variant>, where train.py writes log.jsonl; this script writes the run's start
 record {"event": "start", ...} (device, versions, the train.py arguments) to start.json beside it
-as the run starts (train.py starts its log afresh), appends {"event": "end", "wall_s", "returncode"}
+as the run starts (a fresh train.py run starts its log afresh), appends {"event": "end", "wall_s", "returncode"}
 to the log when it ends, and deletes the checkpoints train.py saved (only the logs are kept).
 `tidy` leaves each run folder its log alone, the start record folded in (what a GPU session
 brings back: a run cut off by the session's time limit left its checkpoints and console output).
@@ -220,11 +220,17 @@ def run(out: Path, scale: str, variants: list[str], max_iters: int | None, eval_
     return 1 if failed else 0
 
 
+def _run_dirs(out: Path) -> set[Path]:
+    """The run folders under `out`: those with a log or a start record (a run cut short before
+    train.py wrote its log has only the latter)."""
+    return {p.parent for name in ("log.jsonl", START) for p in out.glob(f"*/{name}")}
+
+
 def tidy(out: Path) -> int:
     """Each run folder under `out` (one with a log or a start record) down to its log.jsonl, the
     start record folded in at its head: a cut-off run's console output shown (its tail) and
     deleted, its checkpoints and half-written files deleted."""
-    for d in sorted({p.parent for name in ("log.jsonl", START) for p in out.glob(f"*/{name}")}):
+    for d in sorted(_run_dirs(out)):
         if (d / "train.out").exists():
             _print_tail(d.name, d / "train.out")
         parts = [d / START, d / "log.jsonl"]
@@ -270,7 +276,7 @@ def summarize(records: list[dict]) -> dict:
 def load(out: Path) -> list[dict]:
     """The runs under `out` (out/<variant>/, with a log.jsonl or a start record: a run cut short
     before train.py wrote its log has only the latter), in VARIANTS order, then any others."""
-    dirs = sorted({p.parent for name in ("log.jsonl", START) for p in out.glob(f"*/{name}")},
+    dirs = sorted(_run_dirs(out),
                   key=lambda d: (list(VARIANTS).index(d.name) if d.name in VARIANTS else len(VARIANTS), d.name))
     runs = []
     for d in dirs:

@@ -24,7 +24,7 @@ import torch
 import kernels
 from bench.cases import Case, check
 from bench.hardware import detect
-from bench.measure import TIMING, Row, copy_gbs, matmul_tflops, median_ms, one_line, print_rows, provenance
+from bench.measure import TIMING, Row, copy_gbs, error_cell, matmul_tflops, median_ms, print_rows, provenance
 from bench.profile import OUTSIDE_GRAPH
 
 ROOFLINE_NAMES = {"GB/s": "copy bandwidth", "TFLOPS": "bf16 matmul"}
@@ -147,7 +147,7 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     header = dict(title=title, device=device.as_dict(), **provenance(), timing=TIMING)
     for row in run():
         result.append(row)
-        measured = (f"error: {one_line(row.error)}" if row.error else f"{row.ms:.3f} ms, {row.value:.0f} {row.unit}")
+        measured = (error_cell(row.error) if row.error else f"{row.ms:.3f} ms, {row.value:.0f} {row.unit}")
         print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {measured}", flush=True)
         if args.json:
             measured = dict(roofline=dict(name=ROOFLINE_NAMES[row.unit], unit=row.unit, value=roofline(row.unit)))

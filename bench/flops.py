@@ -14,7 +14,7 @@ Conventions:
   multiplied: the matmul weights (a tied lm head once, through the token embedding) and the norm
   and bias vectors, which these counts charge 6 FLOPs each too though theirs is elementwise work
   (0.1% of GPT-2 124M's N). For GPT-2 124M that is nanoGPT's N exactly (all parameters minus the
-  position embedding), for an untied model torchtitan's (all minus the token embedding). MFU is
+  position embedding), for an untied RoPE model torchtitan's (all minus the token embedding). MFU is
   reported on this count, so it is comparable with nanoGPT, torchtitan and llm.c.
 - `causal`: 6N + 6·L·H·Q·T, the work causal attention needs.
 - `hardware`: the matmuls the GPU executes: 6 x the matmul weights, causal attention plus the
@@ -57,25 +57,34 @@ def _norm_params(config: GPTConfig) -> int:
     return config.n_embd * (1 if config.norm == "rmsnorm" or not config.bias else 2)
 
 
+def _block_matmuls(config: GPTConfig) -> list[Matmul]:
+    return [m for m in matmuls(config) if m.count == config.n_layer]
+
+
+def _block_vectors(config: GPTConfig) -> int:
+    """One block's norm and bias parameters: its matmuls' biases and its two norms."""
+    return config.bias * sum(m.n_out for m in _block_matmuls(config)) + 2 * _norm_params(config)
+
+
+def _final_norm(config: GPTConfig) -> int:
+    return _norm_params(config) * (config.norm_position == "pre")
+
+
 def vector_param_count(config: GPTConfig) -> int:
-    """The norm and bias parameters of GPT(config): per block its matmuls' biases and two norms,
-    and the final norm of a pre-norm model."""
-    layers = [m for m in matmuls(config) if m.count == config.n_layer]
-    per_block = config.bias * sum(m.n_out for m in layers) + 2 * _norm_params(config)
-    return config.n_layer * per_block + _norm_params(config) * (config.norm_position == "pre")
+    """The norm and bias parameters of GPT(config): the blocks', and a pre-norm model's final norm."""
+    return config.n_layer * _block_vectors(config) + _final_norm(config)
 
 
 def block_param_count(config: GPTConfig) -> int:
     """Parameters of one transformer block: its matmul weights and biases, its two norms."""
-    layers = [m for m in matmuls(config) if m.count == config.n_layer]
-    return sum(m.n_in * m.n_out + config.bias * m.n_out for m in layers) + 2 * _norm_params(config)
+    return sum(m.n_in * m.n_out for m in _block_matmuls(config)) + _block_vectors(config)
 
 
 def param_count(config: GPTConfig) -> int:
     """Parameters of GPT(config), counted from the config (so that planning needs no model):
     the blocks, then the final norm and the embeddings, a tied head once."""
     C = config.n_embd
-    n = config.n_layer * block_param_count(config) + _norm_params(config) * (config.norm_position == "pre")
+    n = config.n_layer * block_param_count(config) + _final_norm(config)
     n += config.vocab_size * C * (1 if config.tie_weights else 2)
     if config.pos_encoding == "learned":
         n += config.block_size * C
@@ -114,7 +123,7 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: i
     """`recomputed`: the blocks whose forward runs again in backward (GPT.recompute_blocks)."""
     T = seq_len or config.block_size
     matmul = 6 * sum(m.weights for m in matmuls(config))
-    block_weights = sum(m.weights for m in matmuls(config) if m.count == config.n_layer) // config.n_layer
+    block_weights = sum(m.weights for m in _block_matmuls(config)) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
     # every query head still scores every key.
     return Flops(matmul, 6 * vector_param_count(config), config.n_layer * config.n_embd * T, T,

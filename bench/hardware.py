@@ -172,6 +172,12 @@ def sm_mismatch(gpu: GPU, sms: int | None) -> bool:
     return bool(sms and gpu.sms and sms != gpu.sms)
 
 
+def row_for(device_name: str, sms: int | None) -> GPU | None:
+    """The row of a device by its reported name, unless its SMs say it is another product."""
+    gpu = match(device_name)
+    return None if gpu is None or sm_mismatch(gpu, sms) else gpu
+
+
 def find(name: str) -> GPU | None:
     """A row by key, with or without its hyphens ("h100-sxm", "rtx4090"), or by device name
     ("H100", "NVIDIA L40S")."""
@@ -212,12 +218,12 @@ def peak_for(device_name: str, dtype, override: float | None = None, sms: int | 
     row's, warns and gives no peak rather than a borrowed one."""
     if override is not None:
         return Peak(override, f"--peak-tflops {override:g} (given)")
-    gpu = match(device_name)
+    gpu = row_for(device_name, sms)
     dtype = dtype_name(dtype)
-    if gpu is None or sm_mismatch(gpu, sms):
-        add_row = ""
-        if gpu is not None:
-            why = (f"reports {sms} SMs where the peak table's {gpu.name} has {gpu.sms} (another product "
+    if gpu is None:
+        add_row, named = "", match(device_name)
+        if named is not None:
+            why = (f"reports {sms} SMs where the peak table's {named.name} has {named.sms} (another product "
                    f"under a like name, or a MIG slice)")
         elif "mig" in name_tokens(device_name):
             why = "is a MIG slice, with a share of its GPU's peak"
@@ -251,8 +257,7 @@ class Device:
     @property
     def gpu(self) -> GPU | None:
         """Its peak-table row: the name's, unless the SMs say it is another product."""
-        gpu = match(self.name)
-        return None if gpu is None or sm_mismatch(gpu, self.sms) else gpu
+        return row_for(self.name, self.sms)
 
     @property
     def slug(self) -> str:

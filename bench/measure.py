@@ -158,6 +158,11 @@ class Row:
         return d
 
 
+def error_cell(error: str, width: int | None = None) -> str:
+    """A failed measurement as a table cell or a printed line: "error: " and its one_line."""
+    return f"error: {one_line(error)[:width]}"
+
+
 def one_line(error: str) -> str:
     """An error as a table cell: its first line, and the last line naming an exception when that
     differs (a compile worker's error carries its cause's whole traceback)."""
@@ -178,7 +183,7 @@ def print_rows(rows: list[Row], title: str) -> None:
     for r in rows:
         verified = "" if r.verified is None else ("yes" if r.verified else "NO")
         if r.error:
-            table.add_row(r.op, r.shape, r.pass_, r.backend, f"error: {one_line(r.error)}", *[""] * 4, verified)
+            table.add_row(r.op, r.shape, r.pass_, r.backend, error_cell(r.error), *[""] * 4, verified)
             continue
         mib = "" if r.peak_mib is None else f"{r.peak_mib:,.0f}"
         host = "" if r.host_ms is None else f"{r.host_ms:.3f}" + " host-bound" * host_bound(r.ms, r.host_ms)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench import breakdown
-from bench.measure import host_bound, one_line
+from bench.measure import error_cell, host_bound
 
 
 def provenance(result: dict) -> str:
@@ -67,7 +67,7 @@ def op_table(result: dict) -> str:
         for b in backends:
             r = by_backend.get(b)
             if r is not None and r.get("error"):
-                cells.append(f"error: {one_line(r['error'])[:60]}")
+                cells.append(error_cell(r["error"], 60))
                 continue
             unverified = r is not None and r["verified"] is False
             marks = _mib(r) + " unverified" * unverified + " host-bound" * host_bound(r["ms"], r.get("host_ms")) \
@@ -88,7 +88,7 @@ def mfu_table(result: dict) -> str:
     lines = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append([r["variant"], f"error: {one_line(r['error'])}", *[""] * 6])
+            lines.append([r["variant"], error_cell(r["error"]), *[""] * 6])
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         host = "" if r.get("host_ms") is None else f"{r['host_ms']:.1f}"

@@ -42,8 +42,8 @@ def _sigmoid(g):
     |g| = 30, where torch's is 1. Here -g = n * ln2 + r with n * ln2's high part exact
     (Cody-Waite), so only the small r goes through a rounded product. -g is clamped to +-200,
     where e^-g is 0 or inf in fp32 already: n * ln2_hi stays exact, and infinite gates give 0
-    and 1, not NaN. 2^n is taken as 2^(n-1) * 2: for -g just under fp32's largest exponent
-    (88.03 to 88.72) n is 128, past fp32's range though e^-g is not."""
+    and 1, not NaN. 2^n is taken as 2^(n-1) * 2: for -g from 127.5 ln2 to fp32's limit (88.38
+    to 88.72) n is 128, past fp32's range though e^-g is not."""
     x = tl.minimum(tl.maximum(-g, -200.0), 200.0)
     n = tl.floor(x * LOG2E + 0.5)  # the nearest power of two: e^x = 2^n * e^r
     r = (x - n * 0.693145751953125) - n * 1.4286068202862268e-06  # ln2's fp32 high part has 15 bits

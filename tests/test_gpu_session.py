@@ -26,28 +26,33 @@ def test_after_the_deadline(): pass
 '''
 
 
-def _stage_copy(tmp_path: Path) -> Path:
+def _stage_copy(tmp_path: Path, suite: str = MINI_SUITE) -> Path:
     (tmp_path / "bench").mkdir()
     shutil.copy(ROOT / "bench" / "gpu_session.sh", tmp_path / "bench")
     (tmp_path / "tests").mkdir()
     for name in ("conftest.py", "background.py"):
         shutil.copy(ROOT / "tests" / name, tmp_path / "tests")
-    (tmp_path / "tests" / "test_mini.py").write_text(MINI_SUITE)
+    (tmp_path / "tests" / "test_mini.py").write_text(suite)
     return tmp_path / "bench" / "gpu_session.sh"
+
+
+def _run_tests_stage(script: Path, out: Path, deadline_s: int) -> tuple[subprocess.CompletedProcess, float]:
+    """The stage in two parts, its output read through a pipe (as first's tee and the device
+    call read it), with TEST_DEADLINE deadline_s away and 9 s of grace."""
+    env = dict(os.environ, GPU_SESSION_ON_CPU="1", OUT=str(out), TEST_SHARDS="2", TESTS_GRACE_S="9",
+               TEST_DEADLINE=str(int(time.time()) + deadline_s))
+    env.pop("TEST_SHARD", None)
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", str(script), "tests"], env=env, capture_output=True, text=True, timeout=120)
+    return done, time.monotonic() - t0
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
 def test_tests_stage_reports_every_part_by_its_deadline(tmp_path):
     """Past TEST_DEADLINE the stage stops its parts (pytest then prints its counts) and kills one
     that a C call keeps from stopping, and reports both before its grace time is out."""
-    script = _stage_copy(tmp_path)
     out = tmp_path / "out"
-    env = dict(os.environ, GPU_SESSION_ON_CPU="1", OUT=str(out), TEST_SHARDS="2", TESTS_GRACE_S="9",
-               TEST_DEADLINE=str(int(time.time()) + 8), PATH=os.environ["PATH"])
-    env.pop("TEST_SHARD", None)
-    t0 = time.monotonic()
-    done = subprocess.run(["bash", str(script), "tests"], env=env, capture_output=True, text=True, timeout=120)
-    took = time.monotonic() - t0
+    done, took = _run_tests_stage(_stage_copy(tmp_path), out, deadline_s=8)
     lines = done.stdout.splitlines()
     assert done.returncode == 1, done.stdout + done.stderr  # the parts stopped early count as failed
     assert took < 8 + 9 + 15, f"{took:.0f} s"  # by the deadline, its grace, and pytest's start
@@ -57,6 +62,17 @@ def test_tests_stage_reports_every_part_by_its_deadline(tmp_path):
     assert "no summary (killed while stuck?)" in stuck, stuck
     assert "tests: 2 of 2 parts failed" in done.stdout
     assert (out / "tests.log").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+def test_tests_stage_done_early_returns_at_once(tmp_path):
+    """Parts that all end well before the deadline: the stage returns then, its stopper gone with
+    it (its sleep, left holding the output, kept a reader waiting until its time)."""
+    done, took = _run_tests_stage(_stage_copy(tmp_path, "def test_a(): pass\ndef test_b(): pass\n"), tmp_path / "out",
+                                  deadline_s=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert took < 30, f"{took:.0f} s"
+    assert "tests: 0 of 2 parts failed" in done.stdout
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")

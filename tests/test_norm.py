@@ -449,6 +449,23 @@ def test_frozen_weights_get_no_gradient_and_cost_no_sums(op, bias, residual, dev
         assert kernels_f == ["_norm_bwd_kernel"] + ["_norm_sum_partials_kernel"] * wanted, (trained, kernels_f)
 
 
+def test_frozen_weight_through_the_registered_op(device):
+    """The same through torch.compile's path (the op's registered autograd, traced by AOTAutograd;
+    aot_eager runs it without Inductor, so on a CPU too): a frozen weight gets None, the trained
+    bias and x their eager gradients."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(5, 96, device, torch.float32)
+    fn = kernels.get("layer_norm", "triton")
+    dy = torch.randn(5, 96, device=device)
+    grads = []
+    for call in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        xl, wl, bl = x.detach().requires_grad_(), w.detach(), b.detach().requires_grad_()
+        call(xl, wl, bl, EPS).backward(dy)
+        assert wl.grad is None
+        grads.append((xl.grad, bl.grad))
+    assert all(torch.equal(eager, compiled) for eager, compiled in zip(*grads))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 def test_out_dtype(backend, op, bias, device):
