@@ -24,6 +24,15 @@ import torch
 BATCH = 20
 MAX_SLEEP_MS = 1000.0  # the longest sleep a batch waits behind: passes slow to issue get smaller batches
 L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H200's is 60 MiB)
+
+
+def flush_l2(buffer: torch.Tensor) -> None:
+    """Evict the L2 cache by reading `buffer` (L2_FLUSH_BYTES): the last call's outputs are written
+    back now, outside the timing, and the lines left behind are clean. triton.testing.do_bench
+    zeroes its buffer instead, which leaves the L2 full of dirty lines (up to 50-60 MiB on a
+    Hopper) whose write-back the timed kernel pays as it evicts them: as much again as a kernel
+    moving that little moves itself. (Not yet measured on a GPU: the size of that effect.)"""
+    buffer.view(torch.int64).sum()
 MAX_CALLS = 200  # a median of this many is steady; the host's time per call bounds the rest
 WARMUP_BATCHES = 5
 # Batches the GPU may reach before the host has queued them (the sleep too short, or the launch
@@ -70,7 +79,7 @@ def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
         torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
         t0 = time.perf_counter()
         for start, end in events:
-            flush.zero_()
+            flush_l2(flush)
             start.record()
             fn()
             end.record()
@@ -127,8 +136,9 @@ HOST_BOUND = 0.8
 
 
 # What the per-op result files (bench.op_*, bench.kernels) say of their times; files without it
-# were timed by triton.testing.do_bench, which times a host-bound pass at the host's pace.
-TIMING = "median of CUDA events around the GPU's work alone (bench/measure.py)"
+# were timed by triton.testing.do_bench, which times a host-bound pass at the host's pace, the L2
+# flushed by zeroing (flush_l2's doubt).
+TIMING = "median of CUDA events around the GPU's work alone, the L2 flushed by a read (bench/measure.py)"
 
 
 def host_bound(ms: float, host_ms: float | None) -> bool:

@@ -108,3 +108,18 @@ def test_calls_for_keeps_between_one_batch_and_the_cap():
     assert measure.calls_for(100.0, 500) == measure.BATCH
     assert measure.calls_for(0.001, 500) == measure.MAX_CALLS
     assert measure.calls_for(1.0, 50) == 50
+
+
+def test_the_l2_is_flushed_before_every_timed_call_by_a_read(fake, monkeypatch):
+    """A read leaves the cache's lines clean (a zeroed buffer would leave them dirty, for the timed
+    kernel to write back): the flush changes nothing in its buffer, and comes before every call."""
+    fake(gpu_ms=0.25)  # and a 64-byte flush buffer
+    buffer = torch.randint(-100, 100, (measure.L2_FLUSH_BYTES,), dtype=torch.int8)
+    before = buffer.clone()
+    measure.flush_l2(buffer)
+    assert torch.equal(buffer, before)
+    order = []
+    monkeypatch.setattr(measure, "flush_l2", lambda b: order.append("flush"))
+    measure.median_ms(lambda: order.append("call"), warmup_ms=1, rep_ms=5)
+    assert order[0] == "call"  # the first, untimed call compiles
+    assert order[1:] == ["flush", "call"] * ((len(order) - 1) // 2)
