@@ -24,8 +24,8 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import (DEVICE_KEYS, DTYPES, ConfigError, parse_args, printed_help, reported as reported_by,
-                        training_dtype)
+from gpt.config import (DEVICE_KEYS, DTYPES, ConfigError, check_device, parse_args, printed_help,
+                        reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import write_atomic
 from gpt.tokenizer import EOT
@@ -60,7 +60,7 @@ DEFAULTS = dict(
     recompute=False,  # activation checkpointing: True every block, or the first n (less memory, ~1/3 more FLOPs each)
     stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
     kahan_summation=False,  # bf16_adamw: keep each param's rounding error (2 B/param), not rounding it at random
-    preset=None,  # an architecture from gpt.model.PRESETS, under the keys set explicitly
+    preset=None,  # an architecture from gpt.model.PRESETS: its keys, where it stands (keys set after it win)
     n_kv_head=None, norm="layernorm", norm_position="pre", norm_eps=1e-5, pos_encoding="learned",
     rope_theta=10000.0, mlp="gelu", activation="gelu", mlp_hidden=None, tie_weights=True,
     data_dir="data", seed=1337,
@@ -125,19 +125,9 @@ def check_ranges(config: dict) -> None:
         raise ConfigError(f"peak_tflops must be above 0, got {config['peak_tflops']}")
     if not config["out_dir"]:
         raise ConfigError("out_dir must name a directory, got ''")
+    if not 0 <= config["seed"] < 2**63:  # torch's generators take 64 bits; BF16AdamW's rounding seed is >= 0
+        raise ConfigError(f"seed must be in [0, 2**63), got {config['seed']}")
     check_device(config["device"])
-
-
-def check_device(device: str) -> None:
-    """A device this machine has (torch's own messages for one it lacks are tracebacks from deep in
-    the set-up: an assertion, a missing attribute)."""
-    try:
-        d = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device {device!r} is not a device: {e}") from None
-    count = {"cuda": torch.cuda.device_count, "mps": lambda: int(torch.backends.mps.is_available())}.get(d.type)
-    if count and (d.index or 0) >= count():
-        raise ConfigError(f"device {device!r}: this machine has {count()} {d.type} device(s)")
 
 
 def take_architecture(c: dict, model_args: dict, console) -> None:

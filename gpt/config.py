@@ -1,13 +1,16 @@
 """nanoGPT's configurator without exec: `[config.py] [--key=value ...]` over a dict of defaults.
 
 A config file is plain assignments (`batch_size = 12`, `gradient_accumulation_steps = 5 * 8`,
-`wandb_run_name = 'gpt2-' + '124M'`): literals, arithmetic, keys already set (the defaults,
-earlier files and arguments, earlier lines), and the few calls nanoGPT's own configs make
-(`import time` and `str(time.time())` in finetune_shakespeare.py; see _CALLS). Anything else
+`wandb_run_name = 'gpt2-' + '124M'`, `beta1, beta2 = 0.9, 0.95`, `max_iters *= 2`): literals,
+arithmetic, comparisons and `and`/`or`/`not`, `x if c else y`, f-strings, keys already set (the
+defaults, earlier files and arguments, earlier lines), and the few calls nanoGPT's own configs
+make (`import time` and `str(time.time())` in finetune_shakespeare.py; see _CALLS). Anything else
 (other imports and calls, statements) is refused with the line it is on, since reading a config
-must never run arbitrary code. Unknown keys are errors that name the key; values keep their
-default's type (or a second type a key is given: train.py's recompute is True, False or a number
-of blocks).
+must never run arbitrary code; an expression that fails (a division by zero, 'a' + 1) is an
+error naming its line. Unknown keys are errors that name the key; values keep their default's
+type (or a second type a key is given: train.py's recompute is True, False or a number of
+blocks), a whole-number float taken by an int key (`max_iters = 5e3`, which nanoGPT's exec
+takes as it is).
 """
 import ast
 import math
@@ -20,6 +23,11 @@ from pathlib import Path
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+            ast.NotIn: lambda a, b: a not in b, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+_CONVERSIONS = {-1: format, ord("s"): lambda v, spec: format(str(v), spec),
+                ord("r"): lambda v, spec: format(repr(v), spec), ord("a"): lambda v, spec: format(ascii(v), spec)}
 # The functions a config may call, by the name it calls them; "module.name" ones need `import module`.
 _CALLS = {"str": str, "int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
           "time.time": time.time, "math.sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor}
@@ -42,6 +50,25 @@ def training_dtype(device: str) -> str:
 
 class ConfigError(ValueError):
     pass
+
+
+def check_device(device: str) -> None:
+    """train.py's and gpt.sample's `device`: one this machine has, else a ConfigError (torch's own
+    messages for one it lacks are tracebacks from deep in the set-up, an assertion, a missing
+    attribute, or a checkpoint that seems corrupt)."""
+    import torch  # on use, as training_dtype
+
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r} is not a device: {e}") from None
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r}: a model trains and samples on cpu, cuda or mps")
+    if d.type == "cpu" and d.index is not None:  # torch.load cannot map a checkpoint to cpu:0
+        raise ConfigError(f"device {device!r}: the CPU is 'cpu'")
+    count = {"cuda": torch.cuda.device_count, "mps": lambda: int(torch.backends.mps.is_available())}.get(d.type)
+    if count and (d.index or 0) >= count():
+        raise ConfigError(f"device {device!r}: this machine has {count()} {d.type} device(s)")
 
 
 def printed_help(argv: list[str], doc: str, defaults: dict) -> bool:
@@ -85,7 +112,7 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
     if isinstance(node, (ast.Tuple, ast.List)):
         items = [value(e) for e in node.elts]
         return tuple(items) if isinstance(node, ast.Tuple) else items
-    if isinstance(node, ast.Dict):
+    if isinstance(node, ast.Dict) and None not in node.keys:  # (None: a ** unpacking)
         return {value(k): value(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]
@@ -93,6 +120,26 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
         return _BINARY[type(node.op)](value(node.left), value(node.right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](value(node.operand))
+    if isinstance(node, ast.Compare):
+        left = value(node.left)
+        for op, right in zip(node.ops, map(value, node.comparators)):
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.BoolOp):  # `and`/`or`, short-circuit: the value Python's would be
+        for operand in node.values:
+            result = value(operand)
+            if bool(result) == isinstance(node.op, ast.Or):
+                return result
+        return result
+    if isinstance(node, ast.IfExp):
+        return value(node.body) if value(node.test) else value(node.orelse)
+    if isinstance(node, ast.JoinedStr):
+        return "".join(value(part) for part in node.values)
+    if isinstance(node, ast.FormattedValue):
+        spec = value(node.format_spec) if node.format_spec else ""
+        return _CONVERSIONS[node.conversion](value(node.value), spec)
     if isinstance(node, ast.Call) and not node.keywords:
         name = ast.unparse(node.func)
         if name in _CALLS and ("." not in name or name.partition(".")[0] in modules):
@@ -105,7 +152,10 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
     """The assignments of a config file, in order; its expressions may use the keys of `known` (the
     config so far, as nanoGPT's exec of a config sees train.py's globals). `implied(key, value)`:
     the keys an assignment sets with it (a preset's architecture), seen by the lines after it."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     scope = dict(known or {})
     values: dict = {}
     modules: set = set()
@@ -120,15 +170,47 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
         if isinstance(stmt, ast.Import) and all(a.name in _MODULES and a.asname is None for a in stmt.names):
             modules.update(a.name for a in stmt.names)
             continue
-        if not (isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets)):
-            raise ConfigError(f"{where}: a config file holds only `key = value` assignments "
-                              f"(and `import {', '.join(sorted(_MODULES))}`), not `{ast.unparse(stmt)}`")
-        value = _evaluate(stmt.value, scope, modules, where)
-        for target in stmt.targets:
-            values[target.id] = scope[target.id] = value
-            for key, also in (implied(target.id, value) if implied else {}).items():
-                values[key] = scope[key] = also
+        try:
+            assigned = _assignments(stmt, scope, modules, where)
+        except ConfigError:
+            raise
+        except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            raise ConfigError(f"{where}: `{ast.unparse(stmt)}` fails: {type(e).__name__}: {e}") from None
+        for key, value in assigned:
+            values[key] = scope[key] = value
+            for also_key, also in (implied(key, value) if implied else {}).items():
+                values[also_key] = scope[also_key] = also
     return values
+
+
+def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[tuple[str, object]]:
+    """The (key, value) pairs a config statement assigns: `a = b = v`, `a, b = v, w`, `a += v`."""
+    def names(target) -> list[str] | str | None:
+        if isinstance(target, ast.Name):
+            return target.id
+        if isinstance(target, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Name) for e in target.elts):
+            return [e.id for e in target.elts]
+        return None
+
+    if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name) and type(stmt.op) in _BINARY:
+        if stmt.target.id not in scope:
+            raise ConfigError(f"{where}: {stmt.target.id} is not set before `{ast.unparse(stmt)}`")
+        return [(stmt.target.id, _BINARY[type(stmt.op)](scope[stmt.target.id],
+                                                         _evaluate(stmt.value, scope, modules, where)))]
+    targets = [names(t) for t in stmt.targets] if isinstance(stmt, ast.Assign) else [None]
+    if None in targets:
+        raise ConfigError(f"{where}: a config file holds only `key = value` assignments "
+                          f"(and `import {', '.join(sorted(_MODULES))}`), not `{ast.unparse(stmt)}`")
+    value = _evaluate(stmt.value, scope, modules, where)
+    pairs = []
+    for target in targets:
+        if isinstance(target, str):
+            pairs.append((target, value))
+        elif isinstance(value, (tuple, list)) and len(value) == len(target):
+            pairs += zip(target, value)
+        else:
+            raise ConfigError(f"{where}: {len(target)} keys, but the value is {value!r}")
+    return pairs
 
 
 def _parse_value(text: str):
@@ -147,6 +229,8 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
         return value
     if float in (type(default), also) and type(value) is int:
         return float(value)
+    if int in (type(default), also) and type(value) is float and value.is_integer():
+        return int(value)  # max_iters = 5e3
     if default is None:
         raise ConfigError(f"{source}: {key} must be {also.__name__} or None, got {value!r}")
     types = type(default).__name__ + (f" or {also.__name__}" if also else "")

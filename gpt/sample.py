@@ -20,7 +20,7 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import DEVICE_KEYS, DTYPES, parse_args, printed_help, reported
+from .config import DEVICE_KEYS, DTYPES, check_device, parse_args, printed_help, reported
 from .data import load_meta
 from .model import GPT, GPTConfig, model_ops
 from .tokenizer import EOT, gpt2
@@ -86,6 +86,8 @@ def main(argv: list[str]) -> list[str]:
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"gpt.sample: device={device}, but torch sees no CUDA GPU")
+    with reported("gpt.sample"):  # one it lacks, before a checkpoint loaded there seems corrupt
+        check_device(device)
     torch.manual_seed(c["seed"])
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")  # what the ops see, whatever the weights' dtype

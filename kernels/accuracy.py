@@ -17,7 +17,10 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2**-12, torch
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in float64 on out's device (no copy of a GPU-sized tensor to the
-    host); inf when out is not finite."""
+    host); inf when out is not finite. A ValueError when their shapes differ: broadcast, a
+    result of the wrong shape could match."""
+    if out.shape != ref.shape:
+        raise ValueError(f"result of shape {tuple(out.shape)} where the reference's is {tuple(ref.shape)}")
     out, ref = out.detach().double(), ref.detach().to(out.device, torch.float64)
     if not torch.isfinite(out).all():
         return float("inf")

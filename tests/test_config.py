@@ -74,13 +74,47 @@ def test_the_calls_of_nanogpts_configs_are_allowed(tmp_path):
 @pytest.mark.parametrize("line", ["import os", "import time as t", "from time import time",
                                   "wandb_run_name = 'ft-' + str(time.time())",  # without `import time`
                                   "wandb_run_name = str(os.getcwd())", "x = __import__('os')",
-                                  "x = str(object=1)", "exec('x = 1')", "batch_size += 1", "x.y = 3",
+                                  "x = str(object=1)", "exec('x = 1')", "x.y = 3", "unset += 1",
+                                  "x = {**{}}", "a, b = 1, 2, 3", "x = f'{os}'",
                                   "batch_size = = 3"])  # not Python at all (a SyntaxError's traceback once)
 def test_code_is_refused_with_its_line(tmp_path, line):
     path = tmp_path / "evil.py"
     path.write_text(f"batch_size = 1\n{line}\n")
     with pytest.raises(ConfigError, match=r"evil.py:2"):
         read_config_file(path)
+
+
+@pytest.mark.parametrize("line, error", [("x = 1 // (batch_size - 1)", "ZeroDivisionError"),
+                                         ("x = 'run-' + 5", "TypeError"), ("x = max()", "TypeError"),
+                                         ("x = int('abc')", "ValueError")])
+def test_a_failing_expression_names_its_line(tmp_path, line, error):
+    """An expression that fails is the config's mistake: a ConfigError naming its file, line and
+    error (was a traceback, or the error alone)."""
+    path = tmp_path / "c.py"
+    path.write_text(f"batch_size = 1\n{line}\n")
+    with pytest.raises(ConfigError, match=rf"c.py:2: .* fails: {error}"):
+        read_config_file(path)
+
+
+def test_python_a_config_may_use_beside_assignments(tmp_path):
+    """What nanoGPT users write in their configs, which its exec runs: f-strings, conditions,
+    comparisons, tuple and augmented assignments; and whole-number floats for int keys."""
+    path = tmp_path / "c.py"
+    path.write_text("n_layer = 8\nout_dir = f'out-{n_layer}-{0.5:.2f}-{\"a\"!r}'\n"
+                    "compile = False if n_layer < 6 else True\nbias = n_layer > 4 and n_layer != 7\n"
+                    "beta1, beta2 = 0.9, 0.95\nmax_iters = 5e3\nmax_iters *= 2\ndropout = 0.0 or 0.1\n")
+    defaults = dict(n_layer=12, out_dir="out", compile=True, bias=False, beta1=0.9, beta2=0.99, max_iters=600000,
+                    dropout=0.0)
+    values = dict(parse_args([str(path)], defaults))
+    assert values["out_dir"] == "out-8-0.50-'a'" and values["compile"] is True and values["bias"] is True
+    assert (values["beta1"], values["beta2"], values["dropout"]) == (0.9, 0.95, 0.1)
+    assert values["max_iters"] == 10000 and type(values["max_iters"]) is int
+    with pytest.raises(ConfigError, match="max_iters must be int"):
+        parse_args(["--max_iters=5.5"], defaults)
+    latin = tmp_path / "latin.py"
+    latin.write_bytes("wandb_run_name = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.py: not UTF-8 text"):
+        read_config_file(latin)
 
 
 def test_unknown_keys_and_wrong_types_are_errors(tmp_path):

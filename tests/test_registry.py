@@ -134,3 +134,14 @@ def test_accuracy_checks_are_logged_and_counted(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="triton op dw: error 0.5 > bound"):
         numerics.check(0.5, 1e-3, torch.bfloat16, "triton op dw")
     assert numerics.summary(str(log)).startswith("accuracy: 2 of 3 checks of a non-torch backend passed by the floor")
+
+
+def test_an_error_is_measured_only_between_tensors_of_one_shape():
+    """Broadcast, a result of the wrong shape would match its reference (the self-check, which
+    takes the error as its verdict, has no shape check of its own): refused instead."""
+    from kernels.accuracy import rel_err
+
+    assert rel_err(torch.ones(4), torch.ones(4)) == 0.0
+    for out, ref in ((torch.ones(1, 4), torch.ones(4)), (torch.ones(4, 1), torch.ones(4))):
+        with pytest.raises(ValueError, match="result of shape"):
+            rel_err(out, ref)

@@ -79,6 +79,10 @@ def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch)
     ("--top_k=0", "top_k must be at least 1, or None"),
     ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
     ("--device=5", "device must be str or None, got 5"),  # (a traceback once)
+    # devices this machine lacks or torch.load cannot map to (a "corrupt checkpoint" once)
+    ("--device=cpu:0", "device 'cpu:0': the CPU is 'cpu'"),
+    ("--device=meta", "device 'meta': a model trains and samples on cpu, cuda or mps"),
+    ("--device=mps", r"device 'mps': this machine has 0 mps device\(s\)"),
 ])
 def test_bad_arguments_stop_with_the_reason(tmp_path, arg, message):
     args = char_checkpoint(tmp_path)

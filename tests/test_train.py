@@ -338,6 +338,8 @@ def test_defaults_and_errors(monkeypatch):
                          # devices this machine lacks (an assertion or AttributeError from deep in torch once)
                          ("--device=gpu", "device 'gpu' is not a device"),
                          ("--device=cuda:99", r"device 'cuda:99': this machine has \d+ cuda device\(s\)"),
+                         ("--device=meta", "device 'meta': a model trains and samples on cpu, cuda or mps"),
+                         ("--seed=-1", r"seed must be in \[0, 2\*\*63\), got -1"),  # BF16AdamW's traceback once
                          ("--out_dir=", "out_dir must name a directory")):
         with pytest.raises(SystemExit, match=message):
             train.main([arg])
