@@ -259,6 +259,8 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
             if not eq:
                 raise ConfigError(f"expected --key=value, got {arg!r}")
             value = _parse_value(text)
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = text  # a string key takes the text as typed: --wandb_run_name=2024, --start=1984
             items, source = [(key, value), *(implied(key, value) if implied else {}).items()], arg
         for key, value in items:
             if key in files_skip and not arg.startswith("--"):

@@ -117,6 +117,14 @@ def test_python_a_config_may_use_beside_assignments(tmp_path):
         read_config_file(latin)
 
 
+def test_a_string_key_takes_the_text_as_typed():
+    """--wandb_run_name=2024 is the name 2024 (literal_eval reads an int, which nanoGPT refuses)."""
+    assert dict(parse_args(["--wandb_run_name=2024", "--dataset=1e3"], DEFAULTS)) == {
+        "wandb_run_name": "2024", "dataset": "1e3"}
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        parse_args(["--batch_size=big"], DEFAULTS)
+
+
 def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
         parse_args(["--batchsize=3"], DEFAULTS)
