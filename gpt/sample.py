@@ -2,7 +2,9 @@
 or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
 A config file may come first, a training one too (its out_dir, device, dtype, seed, compile are
 taken, its training keys passed over, as nanoGPT's sample.py runs one; its init_from as well: that
-is where training started, and the checkpoint it wrote is in out_dir).
+is where training started, and the checkpoint it wrote is in out_dir). Its lines may use the keys
+set above them and sampling's own, not train.py's defaults (`min_lr = learning_rate / 10` in a
+file that does not set learning_rate is an error here, as in nanoGPT's sample.py).
 
 `start` is the prompt: text, or FILE:path to read it from a file (an empty one starts a GPT-2
 BPE model from <|endoftext|>). Character-level checkpoints decode with the vocabulary saved in
