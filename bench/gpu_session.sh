@@ -53,7 +53,7 @@ log="$OUT/$1.log"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
 } > "$log" 2>&1
-if [[ -z ${GPU_SESSION_ON_CPU:-} ]] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+if [[ -z ${GPU_SESSION_ON_CPU:-}${GPU_SESSION_CHECKED:-} ]] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
     >> "$log" 2>&1; then
   # The benchmarks on a machine without CUDA say so and exit 0 (a user's command): a stage would
   # look done with nothing measured. (GPU_SESSION_ON_CPU=1: the stages' own logic on a CPU, for
@@ -61,6 +61,7 @@ if [[ -z ${GPU_SESSION_ON_CPU:-} ]] && ! python -c "import torch, sys; sys.exit(
   echo "stage $1: torch sees no CUDA GPU here: nothing to measure" | tee -a "$log"
   exit 2
 fi
+export GPU_SESSION_CHECKED=1  # once: first's own tests stage (this script again) need not import torch for it
 # Every stage ends by BUDGET_S (540) seconds, inside a 10-minute call with room for its clean-up
 # (a command cut by the call's own limit leaves checkpoints in $OUT and no summary).
 deadline=$((SECONDS + ${BUDGET_S:-540}))
