@@ -159,7 +159,7 @@ def _norm(op: str, s: Shapes, device, residual: bool, autocast: bool = False) ->
             return reference(x * scale.to(x.dtype), *args, residual=residual, **options)
         return fn, masked
 
-    xb, yb, sb, wb = (M * c.n_embd * dtype.itemsize for dtype in (x_dtype, s.dtype, wide, wide))
+    xb, yb, sb = (M * c.n_embd * dtype.itemsize for dtype in (x_dtype, s.dtype, wide))
     param, n_params = c.n_embd * wide.itemsize, 2 if with_bias else 1
     # Forward reads x (and the residual) and the weight (and bias) and writes y (and the sum);
     # backward reads x (the sum), the weight and dy (and the sum's gradient) and writes dx and the
