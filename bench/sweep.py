@@ -11,9 +11,11 @@ then the combination of those changes that won, then the rest) the constants are
 op's triton backend is checked against the torch reference and timed at each shape of its
 benchmark (bench/op_<op>.py) through bench.backends.measure, the path every benchmark takes
 (times: the GPU's, bench.measure.median_ms). One setting serves every width (the launch code
-derives tiles and warps from it), so the setting to commit is the one with the least time of the
-training pass (fwd+bwd; AdamW's step) summed over the shapes, verified at every shape; each
-shape's own fastest is printed too, to show what one setting leaves on the table. A setting that
+derives tiles and warps from it), so the setting to commit is the one with the least geometric
+mean of the training pass's time (fwd+bwd; AdamW's step) over the shapes, verified at every
+shape: each shape weighs the same, so the narrow widths small models train at count as much as
+the widest (a sum of ms would be decided by the widest shape, ten times the narrowest's time);
+each shape's own fastest is printed too, to show what one setting leaves on the table. A setting that
 fails (a launch out of resources) is reported, not fatal. --json writes every measurement.
 --budget-s bounds the run: each sweep takes its share of the time left (the earlier sweeps' unused
 time goes to the later ones) and starts no setting past it, then reports what it measured (the
@@ -24,6 +26,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +55,9 @@ class Sweep:
 NORM_VALUES = {"_TILE": (1024, 2048, 4096, 8192, 16384), "_BWD_TILE": (1024, 2048, 4096, 8192),
                "_ELEMS_PER_THREAD": (8, 16, 32), "_BWD_WARPS_PER_SM": (16, 32, 64), "_BWD_STAGES": (1, 2, 3)}
 SWEEPS = {
-    "norm": Sweep(norm, NORM_VALUES, "rms_norm", op_norm.SHAPES),
+    # As the model calls them: every pre-norm block's norms add the residual (one more tensor
+    # read and one written, and the backward's registers with it)
+    "norm": Sweep(norm, NORM_VALUES, "rms_norm", op_norm.SHAPES, residual=True),
     # GPT-2's own: LayerNorm with bias and the residual add at 768 (its backward holds more registers)
     "layer_norm": Sweep(norm, NORM_VALUES, "layer_norm", op_norm.SHAPES[:1], residual=True),
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
@@ -110,8 +115,7 @@ def measure(sweep: Sweep, setting: dict, device) -> dict:
     results = {}
     with constants(sweep, setting):
         for s in sweep.shapes:
-            # The norms as their benchmark's main shapes (no residual) unless the sweep asks for
-            # it; other ops ignore it.
+            # other ops than the norms ignore the residual
             full = case(sweep.op, s, device, residual=sweep.residual)
             timed = dataclasses.replace(full, passes=full.passes[-1:])  # the training pass alone
             checked = case(sweep.op, s, device, quick=True, residual=sweep.residual)  # every pass
@@ -125,15 +129,16 @@ def measure(sweep: Sweep, setting: dict, device) -> dict:
     return results
 
 
-def _total(record: dict) -> float:
-    """The training pass's ms summed over the shapes (nan where one did not run)."""
-    return sum(m.get("ms", float("nan")) for m in record["shapes"].values())
+def _mean_ms(record: dict) -> float:
+    """The geometric mean over the shapes of the training pass's ms (nan where one did not run)."""
+    times = [m.get("ms", float("nan")) for m in record["shapes"].values()]
+    return math.exp(sum(map(math.log, times)) / len(times))
 
 
 def best(records: list[dict]) -> dict | None:
-    """The record whose setting verified and ran at every shape in the least summed time."""
+    """The record whose setting verified and ran at every shape in the least geometric-mean time."""
     whole = [r for r in records if all(m.get("verified") for m in r["shapes"].values())]
-    return min(whole, key=_total, default=None)
+    return min(whole, key=_mean_ms, default=None)
 
 
 def _named(setting: dict) -> str:
@@ -145,13 +150,13 @@ def report(name: str, sweep: Sweep, records: list[dict], unmeasured: int = 0) ->
     each shape's own fastest; `unmeasured`: settings its share of the budget left out."""
     shapes = list(records[0]["shapes"])
     unit = next((m["unit"] for r in records for m in r["shapes"].values() if "unit" in m), "")
-    lines = [f"\n{name}: {sweep.op}'s training pass, {unit} (x: not verified), ms summed over the shapes",
-             " | ".join(["setting", *shapes, "total ms"])]
+    lines = [f"\n{name}: {sweep.op}'s training pass, {unit} (x: not verified), the geometric mean of its ms",
+             " | ".join(["setting", *shapes, "mean ms"])]
     for r in records:
         cells = [one_line(m["error"]) if "error" in m else f"{m['rate']:,.0f}{'' if m['verified'] else ' x'}"
                  for m in r["shapes"].values()]
         mark = "  committed" if r is records[0] else ""
-        lines.append(" | ".join([_named(r["setting"]), *cells, f"{_total(r):.3f}"]) + mark)
+        lines.append(" | ".join([_named(r["setting"]), *cells, f"{_mean_ms(r):.3f}"]) + mark)
     if unmeasured:
         lines.append(f"cut at its share of the budget: {len(records)} settings measured, at least {unmeasured} not")
     pick = best(records)
@@ -160,7 +165,7 @@ def report(name: str, sweep: Sweep, records: list[dict], unmeasured: int = 0) ->
         return "\n".join(lines)
     assignments = ", ".join(f"{k} = {v}" for k, v in pick["setting"].items())
     lines.append(f"pick for {sweep.module.__name__}: {assignments}  "
-                 f"({_total(records[0]) / _total(pick):.2f}x the committed)")
+                 f"({_mean_ms(records[0]) / _mean_ms(pick):.2f}x the committed)")
     for shape in shapes:
         ran = [r for r in records if r["shapes"][shape].get("verified")]
         if ran:

@@ -111,6 +111,20 @@ def test_the_winners_of_each_constant_alone_are_combined_next(monkeypatch):
     assert len(order) == 3 * 3 * 2 and len({tuple(s.values()) for s in order}) == len(order)
 
 
+def test_the_pick_weighs_each_shape_the_same(monkeypatch):
+    """The geometric mean of the shapes' times decides: a setting 20% faster at the widest shape
+    (whose ms would decide a sum) but 40% slower at the narrowest is not picked."""
+    ms = {"_TILE": {4096: {"narrow": 1.0, "wide": 10.0}, 1024: {"narrow": 1.4, "wide": 8.0}}}
+
+    def fake(sweep_, setting, device):
+        return {shape: dict(ms=t, rate=1.0, unit="GB/s", roofline=0.5, verified=True, check={})
+                for shape, t in ms["_TILE"][setting["_TILE"]].items()}
+    monkeypatch.setattr(sweep, "measure", fake)
+    result = sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    assert result["sweeps"]["g"]["pick"] == {"_TILE": 4096}
+    assert sweep._mean_ms(result["sweeps"]["g"]["records"][1]) == pytest.approx((1.4 * 8.0) ** 0.5)
+
+
 def test_a_budget_shares_the_time_among_the_sweeps_and_reports_the_cut(monkeypatch, capsys):
     """Each sweep stops starting settings at its share of the time left; the committed one is
     always measured, and the report says how many were not."""
