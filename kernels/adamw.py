@@ -620,8 +620,10 @@ def grad_norm_triton(tensors) -> torch.Tensor:
     staged = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     launches = _plan("grad_norm", _key([staged], typed=(0,)))
     device = tensors[0].device
-    partials = torch.zeros(max(1, sum(len(launch.blocks) for launch in launches)), dtype=torch.float32,
-                           device=device)
+    blocks = sum(len(launch.blocks) for launch in launches)
+    if not blocks:  # every tensor empty
+        return torch.zeros((), dtype=torch.float32, device=device)
+    partials = torch.empty(blocks, dtype=torch.float32, device=device)  # each block writes its own
     out = torch.empty((), dtype=torch.float32, device=device)
     with runtime.on_device(partials):
         first = 0

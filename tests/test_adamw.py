@@ -625,6 +625,17 @@ def test_grad_norm_matches_float64(dtype, device):
     assert torch.equal(kernels.get("grad_norm", "triton")(ts), out)  # bit-identical rerun
 
 
+def test_grad_norm_writes_every_partial_it_sums(monkeypatch, device):
+    """Its buffer of per-block partial sums is not zeroed first: each block writes its own slot.
+    Buffers handed over full of NaN give the same norm."""
+    skip_unless_triton_runs("triton", device)
+    ts = grad_lists(device, torch.bfloat16)
+    expected = kernels.get("grad_norm", "triton")(ts)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    assert torch.equal(kernels.get("grad_norm", "triton")(ts), expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_norm_of_nothing_is_zero(backend, device):
     skip_unless_triton_runs(backend, device)
