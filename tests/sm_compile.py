@@ -196,6 +196,9 @@ def workloads(arch: int):
         yield f"{name}: attention, non-causal", _run(c, _non_causal), "mma"
         yield f"{name}: attention, dropout", _run(case("attention", dropped[name], "cpu"),
                                                   kernels.get("attention", "triton")), "mma"
+        long_dropped = case("attention", dataclasses.replace(dropped[name], seq_len=attention.SHORT_T + 1), "cpu")
+        yield f"{name}: attention, dropout at T = {attention.SHORT_T + 1}", \
+            _run(long_dropped, kernels.get("attention", "triton")), "mma"
         if arch >= 9:  # the tuner's TMA twins, launched one pass at a time
             yield f"{name}: attention, TMA", _run(c, _attention_with_tma, "fwd"), "mma"
     for dtype in (torch.float16, torch.float32):  # fp16 where there is no bf16; fp32 checks the others

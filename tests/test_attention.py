@@ -422,7 +422,9 @@ def test_long_sequence(device):
 # --- CUDA only -----------------------------------------------------------------------------------
 
 @cuda_only
-@pytest.mark.parametrize("T,causal,D", [(1024, True, 128), (4096, True, 64), (16384, True, 128),
+@pytest.mark.parametrize("T,causal,D", [(1024, True, 128), (4096, True, 64),
+                                        # float64 references of 4 GiB score matrices, several alive
+                                        pytest.param(16384, True, 128, marks=pytest.mark.bigmem),
                                         (3000, False, 64)])
 def test_long_sequences_cuda(T, causal, D):
     check_against_float64("triton", 1, 2, 1, T, D, causal, torch.bfloat16, "cuda", "qkv")
