@@ -13,6 +13,7 @@ blocks), a whole-number float taken by an int key (`max_iters = 5e3`, which nano
 takes as it is).
 """
 import ast
+import difflib
 import math
 import operator
 import time
@@ -114,7 +115,9 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
         return tuple(items) if isinstance(node, ast.Tuple) else items
     if isinstance(node, ast.Dict) and None not in node.keys:  # (None: a ** unpacking)
         return {value(k): value(v) for k, v in zip(node.keys, node.values)}
-    if isinstance(node, ast.Name) and node.id in names:
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise ConfigError(f"{where}: `{node.id}` is not a key set before this line")
         return names[node.id]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         return _BINARY[type(node.op)](value(node.left), value(node.right))
@@ -152,12 +155,17 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
     """The assignments of a config file, in order; its expressions may use the keys of `known` (the
     config so far, as nanoGPT's exec of a config sees train.py's globals). `implied(key, value)`:
     the keys an assignment sets with it (a preset's architecture), seen by the lines after it."""
+    return {key: value for key, value, _ in _read_config(path, known, implied)}
+
+
+def _read_config(path: str | Path, known: dict | None, implied) -> list[tuple[str, object, str]]:
+    """read_config_file's assignments as (key, value, "path:line")."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     scope = dict(known or {})
-    values: dict = {}
+    values: list = []
     modules: set = set()
     try:
         body = ast.parse(text, filename=str(path)).body
@@ -177,9 +185,9 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
         except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
             raise ConfigError(f"{where}: `{ast.unparse(stmt)}` fails: {type(e).__name__}: {e}") from None
         for key, value in assigned:
-            values[key] = scope[key] = value
-            for also_key, also in (implied(key, value) if implied else {}).items():
-                values[also_key] = scope[also_key] = also
+            for key, value in [(key, value), *(implied(key, value) if implied else {}).items()]:
+                scope[key] = value
+                values.append((key, value, where))
     return values
 
 
@@ -253,7 +261,7 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise ConfigError(f"expected a config file (.py) or --key=value, got {arg!r}")
-            items, source = read_config_file(arg, current, implied).items(), arg
+            items = _read_config(arg, current, implied)
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -261,14 +269,19 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
             value = _parse_value(text)
             if isinstance(defaults.get(key), str) and not isinstance(value, str):
                 value = text  # a string key takes the text as typed: --wandb_run_name=2024, --start=1984
-            items, source = [(key, value), *(implied(key, value) if implied else {}).items()], arg
-        for key, value in items:
+            implies = implied(key, value) if implied else {}
+            items = [(key, value, arg), *((k, v, arg) for k, v in implies.items())]
+        for key, value, source in items:
             if key in files_skip and not arg.startswith("--"):
                 continue
             if key not in defaults:
-                if files_set_others and not arg.startswith("--"):
+                # A key close to a known one is a typo (temprature), even where a file's other
+                # keys are passed over: none of train.py's keys is that close to gpt.sample's.
+                near = difflib.get_close_matches(key, defaults, n=1, cutoff=0.75)
+                if files_set_others and not arg.startswith("--") and not near:
                     continue
-                raise ConfigError(f"{source}: unknown config key {key!r}")
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
             current[key] = _coerce(key, value, defaults[key], source, (also or {}).get(key))
             assignments.append((key, current[key]))
     return assignments

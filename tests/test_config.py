@@ -129,8 +129,17 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
         parse_args(["--batchsize=3"], DEFAULTS)
     path = tmp_path / "c.py"
-    path.write_text("n_layers = 4\n")
-    with pytest.raises(ConfigError, match="unknown config key 'n_layers'"):
+    path.write_text("batch_size = 4\n\nn_layers = 4\nbatch_sise = 4\n")
+    with pytest.raises(ConfigError, match=r"c.py:3: unknown config key 'n_layers'$"):
+        parse_args([str(path)], DEFAULTS)
+    path.write_text("batch_size = 4\n\nbatch_sise = 4\n")
+    with pytest.raises(ConfigError, match=r"c.py:3: unknown config key 'batch_sise' \(did you mean 'batch_size'\?\)"):
+        parse_args([str(path)], DEFAULTS)
+    path.write_text("batch_size = 4\ncompile = 'yes'\n")
+    with pytest.raises(ConfigError, match=r"c.py:2: compile must be bool"):
+        parse_args([str(path)], DEFAULTS)
+    path.write_text("batch_size = 4\nmin_lr = base_lr / 10\n")
+    with pytest.raises(ConfigError, match=r"c.py:2: `base_lr` is not a key set before this line"):
         parse_args([str(path)], DEFAULTS)
     with pytest.raises(ConfigError, match="batch_size must be int"):
         parse_args(["--batch_size=big"], DEFAULTS)

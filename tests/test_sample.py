@@ -118,3 +118,10 @@ def test_a_training_config_file_gives_its_out_dir(tmp_path):
     assert len(texts) == 1 and len(texts[0]) == 5
     with pytest.raises(SystemExit, match="gpt.sample: --batch_size=2: unknown config key 'batch_size'"):
         sample([str(config), "--batch_size=2"])
+    # A sampling key misspelt in a file is not one of training's to pass over (was sampled at the
+    # default temperature without a word).
+    typo = tmp_path / "sample_config.py"
+    typo.write_text(f"out_dir = {str(tmp_path)!r}\nlearning_rate = 1e-3\ntemprature = 0.0\n")
+    with pytest.raises(SystemExit, match=r"sample_config.py:3: unknown config key 'temprature' "
+                                         r"\(did you mean 'temperature'\?\)"):
+        sample([str(typo)])
