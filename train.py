@@ -55,7 +55,7 @@ DEFAULTS = dict(
     parallel="ddp",  # under torchrun: ddp | zero1 | fsdp (gpt/distributed.py); one process ignores it
     peak_tflops=None,  # the GPU's dense peak for MFU, for a GPU bench.hardware does not know
     # tritongpt
-    kernels="auto",  # torch | triton | auto: which backend runs each op (see kernels.choose)
+    kernels="auto",  # torch | triton | auto, or {op: backend}: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
     recompute=False,  # activation checkpointing: True every block, or the first n (less memory, ~1/3 more FLOPs each)
     stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
@@ -66,7 +66,8 @@ DEFAULTS = dict(
     data_dir="data", seed=1337,
 )
 # Keys that take a second type besides their default's; for a None default, the type it takes.
-ALSO = {"recompute": int, **DEVICE_KEYS, "peak_tflops": float, "preset": str, "n_kv_head": int, "mlp_hidden": int}
+ALSO = {"recompute": int, **DEVICE_KEYS, "peak_tflops": float, "preset": str, "n_kv_head": int, "mlp_hidden": int,
+        "kernels": dict}
 # wandb charts under nanoGPT's names where it logs the same value.
 WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
 # Counts that must be at least 1, and amounts that must not be negative (0 grad_clip: no clipping).

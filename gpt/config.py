@@ -267,7 +267,7 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
             if not eq:
                 raise ConfigError(f"expected --key=value, got {arg!r}")
             value = _parse_value(text)
-            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+            if isinstance(defaults.get(key), str) and not isinstance(value, (str, (also or {}).get(key, str))):
                 value = text  # a string key takes the text as typed: --wandb_run_name=2024, --start=1984
             implies = implied(key, value) if implied else {}
             items = [(key, value, arg), *((k, v, arg) for k, v in implies.items())]

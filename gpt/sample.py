@@ -76,7 +76,7 @@ def main(argv: list[str]) -> list[str]:
     if printed_help(argv, __doc__, DEFAULTS):
         return []
     with reported("gpt.sample"):
-        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **DEVICE_KEYS},
+        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **DEVICE_KEYS, "kernels": dict},
                                              files_set_others=True, files_skip={"init_from"}))
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")

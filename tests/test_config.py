@@ -152,6 +152,11 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="batch_size must be int like its default 12, got None"):
         parse_args(["--batch_size=None"], DEFAULTS)
     assert parse_args(["--n_kv_head=None"], DEFAULTS) == [("n_kv_head", None)]
+    # A string key given a second type takes values of it from the command line (train.py's kernels).
+    defaults = dict(kernels="auto")
+    assert parse_args(["--kernels={'attention': 'triton'}"], defaults, also={"kernels": dict}) == [
+        ("kernels", {"attention": "triton"})]
+    assert parse_args(["--kernels=7"], defaults, also={"kernels": dict}) == [("kernels", "7")]
     # A None default takes None or the type `also` gives it (train.py's device, peak_tflops, ...).
     also = {"device": str, "peak_tflops": float}
     defaults = {**DEFAULTS, "device": None, "peak_tflops": None}

@@ -442,6 +442,16 @@ def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
     assert "1 of 2 blocks recomputed" in " ".join(capsys.readouterr().out.split())  # (rich may wrap the line)
 
 
+def test_kernels_may_name_a_backend_per_op(tmp_path, data_dir):
+    """--kernels={op: backend}, kernels.choose's mapping: those ops on those backends unchecked,
+    the others on torch; an unknown op is refused by name."""
+    log = run(tmp_path, data_dir, "--kernels={'layer_norm': 'triton'}", "--max_iters=1", "--eval_interval=1",
+              "--eval_iters=1", "--batch_size=2")
+    assert log[0]["kernels"]["layer_norm"] == "triton" and log[0]["kernels"]["attention"] == "torch"
+    with pytest.raises(SystemExit, match=r"kernels: unknown ops \['layernorm'\]"):
+        run(tmp_path, data_dir, "--kernels={'layernorm': 'triton'}", "--max_iters=1")
+
+
 def test_training_with_the_triton_kernels(tmp_path, data_dir, capsys):
     log = run(tmp_path, data_dir, "--n_layer=1", "--n_embd=64", "--n_kv_head=1", "--kernels=triton",
               "--optimizer=bf16_adamw", "--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--batch_size=2",
