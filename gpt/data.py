@@ -85,6 +85,7 @@ def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = No
         ds = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
         splits = {name: (t for rows in ds[key].iter(batch_size=1024) for t in rows["text"])
                   for name, key in (("train", "train"), ("val", "test"))}
+    out.mkdir(parents=True, exist_ok=True)  # once there is something to write: a failed download leaves no folder
     return {name: write_documents(out / f"{name}.bin", texts) for name, texts in splits.items()}
 
 
@@ -180,13 +181,18 @@ class Batches:
         self.generator.set_state(state["generator"])
 
 
+def main(argv: list[str]) -> int:
+    usage = f"usage: python -m gpt.data {{{','.join(BUILDERS)}}} [data_dir (default: data)]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(argv) not in (1, 2) or argv[0] not in BUILDERS:
+        print(usage, file=sys.stderr)
+        return 2
+    name, data_dir = argv[0], argv[1] if len(argv) == 2 else "data"
+    print(build_openwebtext(Path(data_dir) / name) if name == "openwebtext" else prepare(name, data_dir))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[1] not in BUILDERS:
-        raise SystemExit(f"usage: python -m gpt.data {{{','.join(BUILDERS)}}} [data_dir (default: data)]")
-    name, data_dir = sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "data"
-    if name == "openwebtext":
-        target = Path(data_dir) / name
-        target.mkdir(parents=True, exist_ok=True)
-        print(build_openwebtext(target))
-    else:
-        print(prepare(name, data_dir))
+    sys.exit(main(sys.argv[1:]))

@@ -133,6 +133,16 @@ def test_a_vocabulary_past_uint16_is_refused(tmp_path):
     Batches(tmp_path, block_size=16, batch_size=4, device="cpu", seed=0)
 
 
+def test_the_builder_command_helps_and_leaves_no_folder_when_it_fails(tmp_path, monkeypatch, capsys):
+    from gpt import data
+    assert data.main(["--help"]) == 0 and "usage: python -m gpt.data" in capsys.readouterr().out
+    assert data.main(["nosuch"]) == 2 and "usage" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the download cannot start
+    with pytest.raises(SystemExit, match="needs the `datasets` package"):
+        data.main(["openwebtext", str(tmp_path)])
+    assert not (tmp_path / "openwebtext").exists()  # was left empty
+
+
 def test_the_builder_command_takes_a_data_dir(tmp_path):
     done = subprocess.run([sys.executable, "-m", "gpt.data", "shakespeare_char", str(tmp_path)], capture_output=True,
                           text=True, cwd=Path(__file__).parents[1])
