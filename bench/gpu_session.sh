@@ -40,7 +40,10 @@
 # into kernels/attention.py's _GPU_CONFIGS.
 set -uo pipefail
 usage="usage: bash bench/gpu_session.sh first|tests|tune [D] [T]|profiles|ops [OPS]|mfu|sweep [SWEEPS]|train|curves [VARIANTS]"
-(($#)) || { echo "$usage" >&2; exit 2; }
+case ${1:-} in  # before the CUDA check: a misspelt stage is told so on any machine
+  first|tests|tune|profiles|ops|mfu|sweep|train|curves) ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac
 self=$(realpath "$0")  # the stages call it again from the repo root, wherever it was started
 cd "$(dirname "$self")/.."
 OUT=${OUT:-out-gpu}
@@ -197,8 +200,6 @@ case "$1" in
     step 540 curves python -m bench.adamw_curves run --out "$OUT/curves" --scale gpu --jobs 4 \
       --variants "${2:-adamw,bf16_nearest,bf16_sr,bf16_kahan}"
     python -m bench.adamw_curves tidy --out "$OUT/curves" 2>&1 | tee -a "$log" ;;
-  *)
-    echo "$usage" >&2; exit 2 ;;
 esac
 echo "stage $1: ${SECONDS} s, $failures step(s) failed, cut or skipped" | tee -a "$log"  # for the next plan
 exit $(( ${status:-0} || failures > 0 ))

@@ -89,3 +89,15 @@ def test_a_stage_without_cuda_says_so_and_fails(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "mfu"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "torch sees no CUDA GPU here" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+def test_an_unknown_stage_gets_the_usage_on_any_machine(tmp_path):
+    """A misspelt stage is told the stages (it was told there was no GPU, on a CPU), and writes nothing."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    env.pop("GPU_SESSION_ON_CPU", None)
+    for args in (["bogus"], []):
+        done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.startswith("usage: bash bench/gpu_session.sh first|"), args
+    assert not (tmp_path / "out").exists()
