@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from bench import described
 from bench.cases import Case, check
 from bench.hardware import detect
 from bench.measure import TIMING, Row, copy_gbs, error_cell, matmul_tflops, median_ms, print_rows, provenance
@@ -135,7 +136,7 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     """A per-issue benchmark's command line: run it on the GPU, print its rows, and with --json
     also write them. Each row is printed (and the file rewritten) as it is measured, so a run cut
     short keeps what it measured; the table comes at the end."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(description=described(doc))
     parser.add_argument("--json", type=Path, help="also write the rows (as dicts), the device, versions and "
                                                     "roofline to this path (bench.report makes tables of it)")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import positive, profile
+from bench import described, positive, profile
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
@@ -59,7 +59,7 @@ def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS, parti
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto", help="auto, or the name of the GPU here (a check)")
     parser.add_argument("--preset", default="gpt2", help="model whose training shapes to measure at")
     parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import backends, breakdown, positive
+from bench import backends, breakdown, described, positive
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -405,7 +405,7 @@ def print_peak_table(console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto",
                         help="auto (measure the GPU here), a GPU name or key to plan for, or list")
     parser.add_argument("--preset", help="model preset (default gpt2; planning: comma-separated, "

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench import breakdown
+from bench import breakdown, described
 from bench.measure import error_cell, host_bound
 
 
@@ -170,7 +170,7 @@ def report(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("files", nargs="+", type=Path, help="bench.mfu, bench/op_*.py and bench.kernels result files")
     args = parser.parse_args(argv)
     if missing := [str(path) for path in args.files if not path.is_file()]:

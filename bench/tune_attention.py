@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from bench import positive
+from bench import described, positive
 from bench.measure import median_ms, provenance
 from bench.op_attention import TOKENS, WIDTH
 from kernels import attention, runtime
@@ -529,7 +529,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--json", type=Path, help="write every result to this path")
     parser.add_argument("--d", default="64,128", help="head dims to tune, comma-separated (32, 64, 128)")
     parser.add_argument("--t", type=positive(int), default=4096, help="the tuning sequence length")

@@ -18,6 +18,7 @@ GPU (tests/sm_compile.py's stand-in: each launch compiles, nothing runs), so tor
 the GPU path; the tensors are CPU ones, for which Inductor writes its own kernels in Triton too
 (cpu_backend="triton"), as for a GPU.
 """
+import argparse
 import collections
 import contextlib
 import os
@@ -31,6 +32,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa
 from torch._inductor import async_compile  # noqa: E402
 from torch._inductor.fx_passes import post_grad  # noqa: E402
 
+from bench import described  # noqa: E402
 from gpt.model import GPT, GPTConfig, KVCache, model_ops  # noqa: E402
 from kernels import attention  # noqa: E402
 from tests.sm_compile import exit_status, pretend_gpu  # noqa: E402
@@ -161,7 +163,8 @@ def problems_of(name: str, step: list[list[tuple[str, str | None]]], tma: bool) 
     return problems
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=described(__doc__)).parse_args(argv)  # (--help; it takes no arguments)
     inductor_config.force_disable_caches = True  # a cached graph would skip the passes recorded
     _record_after_reinplacing()
     _generate_only()

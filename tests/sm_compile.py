@@ -31,6 +31,7 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import kernels  # noqa: E402
+from bench import described  # noqa: E402
 from bench.cases import Case, Shapes, case  # noqa: E402
 from gpt.model import GPTConfig, model_ops, preset  # noqa: E402
 from kernels import attention, runtime  # noqa: E402
@@ -250,7 +251,7 @@ def exit_status(problems: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
     args = parser.parse_args(argv)
     sm = GPUS[args.arch][0]

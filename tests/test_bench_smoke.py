@@ -6,14 +6,15 @@ numbers and torch.compile by the function itself (Inductor's CPU compile takes s
 import dataclasses
 import functools
 import itertools
+import importlib
 import json
 
 import pytest
 import torch
 
 import kernels
-from bench import (backends, measure, op_adamw, op_attention, op_cross_entropy, op_linear_cross_entropy, op_norm,
-                   op_rope, op_swiglu, profile, report)
+from bench import (backends, described, measure, op_adamw, op_attention, op_cross_entropy, op_linear_cross_entropy,
+                   op_norm, op_rope, op_swiglu, profile, report)
 from bench import kernels as bench_kernels
 from bench.backends import peak_mib as measured_peak_mib  # before the fixture replaces it
 from bench.cases import Shapes, case, check
@@ -350,3 +351,15 @@ def test_a_backend_that_could_not_run_keeps_its_error(capsys, monkeypatch):
     # Files from before they said how they were timed were timed by do_bench: the report says so.
     assert "triton.testing.do_bench" in report.timing(result)
     assert report.timing(dict(result, timing=measure.TIMING)) == ""
+
+
+@pytest.mark.parametrize("module", ["bench.kernels", "bench.mfu", "bench.sweep", "bench.report"])
+def test_help_describes_the_command_in_whole_sentences(module, capsys):
+    """--help's description is the module docstring's first paragraph (its first line cut bench.kernels'
+    mid-sentence)."""
+    command = importlib.import_module(module)
+    with pytest.raises(SystemExit) as done:
+        command.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert described(command.__doc__) in text
