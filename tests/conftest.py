@@ -60,6 +60,8 @@ def pytest_collection_modifyitems(config, items):
     if not SHARD:
         return
     part, parts = (int(x) for x in SHARD.split("/"))
+    if not 0 <= part < parts:  # 2/2 once ran a part overlapping another's
+        raise pytest.UsageError(f"TEST_SHARD={SHARD}: want i/n with 0 <= i < n")
     big = [item for item in items if item.get_closest_marker("bigmem")]
     small = [item for item in items if not item.get_closest_marker("bigmem")]
     mine = set(small[part::parts] + (big if part == 0 else []))
