@@ -1,7 +1,8 @@
 # Fine-tune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare in GPT-2 BPE (nanoGPT's recipe). The
 # weights download on first use (about 6 GB, gpt/pretrained.py); with AdamW, weights, grads and
-# optimizer state take 23 GB of GPU memory (python -m bench.mfu --gpu h100 --preset gpt2-xl plans
-# it). A smaller start: --init_from=gpt2 (124M).
+# optimizer state take 23 GiB of GPU memory, 27.6 with autocast's bf16 copies and the loss's
+# buffers, before activations (python -m bench.mfu --gpu h100 --preset gpt2-xl plans it). A
+# smaller start: --init_from=gpt2 (124M).
 
 out_dir = 'out-shakespeare'
 eval_interval = 5
