@@ -1,7 +1,7 @@
 """Sweep the launch heuristics of the memory-bound Triton kernels on the GPU at hand: which values
 of a kernel module's constants are fastest, verified, at its benchmark's shapes.
 
-    python -m bench.sweep [--sweeps norm,layer_norm,swiglu,rope,adamw] [--json PATH] [--budget-s S]
+    python -m bench.sweep [--sweeps norm,layer_norm,swiglu,cross_entropy,rope,adamw] [--json PATH] [--budget-s S]
 
 The launch code of these kernels reads module constants (kernels/norm.py's _TILE, _BWD_TILE,
 _ELEMS_PER_THREAD, _BWD_WARPS_PER_SM and _BWD_STAGES; kernels/runtime.py's _TILE and _NUM_WARPS for the
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kernels
-from bench import backends, described, op_adamw, op_norm, op_rope, op_swiglu, positive
+from bench import backends, described, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu, positive
 from bench.cases import Shapes, case
 from bench.hardware import detect
 from bench.measure import one_line, provenance
-from kernels import adamw, norm, rope, runtime
+from kernels import adamw, cross_entropy, norm, rope, runtime
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,12 @@ SWEEPS = {
     "norm": Sweep(norm, NORM_VALUES, "rms_norm", op_norm.SHAPES, residual=True),
     # GPT-2's own: LayerNorm with bias and the residual add at 768 (its backward holds more registers)
     "layer_norm": Sweep(norm, NORM_VALUES, "layer_norm", op_norm.SHAPES[:1], residual=True),
+    # runtime's elementwise tiles, which the cross-entropy backward launches on too: what a pick
+    # does there is bench.op_cross_entropy's to confirm
     "swiglu": Sweep(runtime, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "swiglu", op_swiglu.SHAPES),
+    # the forward's row walk (its backward: runtime's tiles, above)
+    "cross_entropy": Sweep(cross_entropy, {"_TILE": (4096, 2048, 8192, 16384), "_NUM_WARPS": (8, 4, 16)},
+                           "cross_entropy", op_cross_entropy.SHAPES),
     "rope": Sweep(rope, {"_TILE": (2048, 4096, 8192), "_NUM_WARPS": (4, 8, 16)}, "rope", op_rope.SHAPES),
     # The launch plans are cached per parameter list, their blocks sized by BLOCK.
     "adamw": Sweep(adamw, {"BLOCK": (1024, 2048, 4096, 8192), "NUM_WARPS": (4, 8)}, "adamw", op_adamw.SHAPES,

@@ -63,6 +63,15 @@ def test_a_norm_sweep_with_the_residual_times_the_fused_op():
 
 
 @interpreter_only
+def test_the_cross_entropy_sweep_times_the_loss_at_each_setting():
+    ce = sweep.Sweep(sweep.SWEEPS["cross_entropy"].module, {"_TILE": (4096, 64)}, "cross_entropy",
+                     (Shapes(GPTConfig(vocab_size=100), batch_size=1, seq_len=5),))
+    result = sweep.run(["ce"], "cpu", None, sweeps={"ce": ce})
+    assert [r["setting"] for r in result["sweeps"]["ce"]["records"]] == [{"_TILE": 4096}, {"_TILE": 64}]
+    assert all(m["verified"] for r in result["sweeps"]["ce"]["records"] for m in r["shapes"].values())
+
+
+@interpreter_only
 def test_a_setting_that_cannot_run_is_reported_and_never_picked(tmp_path, capsys):
     broken = sweep.Sweep(norm, {"_ELEMS_PER_THREAD": (16, 0)}, "rms_norm",  # 0: no warps to launch
                          (Shapes(GPTConfig(n_embd=64, n_head=1), batch_size=1, seq_len=3),))
