@@ -417,7 +417,7 @@ def dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
 # row and column of a tile, not per element.
 
 @triton.jit
-def _lowbias32(x):
+def lowbias32(x):
     """C. Wellons' lowbias32 (nullprogram.com, "Prospecting for Hash Functions", 2018): a
     bijection of uint32 in which flipping any input bit flips each output bit with probability
     close to 1/2."""
@@ -435,7 +435,7 @@ def dropout_key(seed_ptr, stream, DROPOUT: tl.constexpr):
     seed_ptr: a hash of the seed and the stream's index; 0 without dropout."""
     key = dropout_seed(seed_ptr, DROPOUT)
     if DROPOUT:
-        key = _lowbias32(key.to(tl.uint32) ^ _lowbias32(stream.to(tl.uint32)))
+        key = lowbias32(key.to(tl.uint32) ^ lowbias32(stream.to(tl.uint32)))
     return key
 
 
@@ -452,13 +452,13 @@ def dropout_scale(key, row, col, keep_p):
     it would keep dropout_p's rounding, 1000.0129 for torch's 999.99994 at p = 0.999, and 1 / 0
     once p rounds to 1 (p >= 1 - 2^-25)."""
     key = key.to(tl.uint32)
-    row_hash = _lowbias32(key ^ row.to(tl.uint32))
-    col_hash = _lowbias32((key + 0x9E3779B9) ^ col.to(tl.uint32))
+    row_hash = lowbias32(key ^ row.to(tl.uint32))
+    col_hash = lowbias32((key + 0x9E3779B9) ^ col.to(tl.uint32))
     # The largest fp32 below 2^32 keeps the threshold in uint32 (a keep_p that rounds to 1 keeps
     # all but 2^-24 of the elements).
     threshold = tl.minimum(keep_p * 4294967296.0, 4294967040.0).to(tl.uint32)
     # IEEE division (a GPU's fp32 `/` is approximate): the scale torch's dropout applies, to the bit.
-    return tl.where(_lowbias32(row_hash + col_hash) < threshold, tl.div_rn(1.0, keep_p), 0.0)
+    return tl.where(lowbias32(row_hash + col_hash) < threshold, tl.div_rn(1.0, keep_p), 0.0)
 
 
 # Launch heuristics for a memory-bound elementwise kernel over tiles (`tile` above).
