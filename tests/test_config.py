@@ -128,19 +128,15 @@ def test_a_string_key_takes_the_text_as_typed():
 def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
         parse_args(["--batchsize=3"], DEFAULTS)
+    # A config file's mistakes name their line.
     path = tmp_path / "c.py"
-    path.write_text("batch_size = 4\n\nn_layers = 4\nbatch_sise = 4\n")
-    with pytest.raises(ConfigError, match=r"c.py:3: unknown config key 'n_layers'$"):
-        parse_args([str(path)], DEFAULTS)
-    path.write_text("batch_size = 4\n\nbatch_sise = 4\n")
-    with pytest.raises(ConfigError, match=r"c.py:3: unknown config key 'batch_sise' \(did you mean 'batch_size'\?\)"):
-        parse_args([str(path)], DEFAULTS)
-    path.write_text("batch_size = 4\ncompile = 'yes'\n")
-    with pytest.raises(ConfigError, match=r"c.py:2: compile must be bool"):
-        parse_args([str(path)], DEFAULTS)
-    path.write_text("batch_size = 4\nmin_lr = base_lr / 10\n")
-    with pytest.raises(ConfigError, match=r"c.py:2: `base_lr` is not a key set before this line"):
-        parse_args([str(path)], DEFAULTS)
+    for line, message in (("n_layers = 4", r"unknown config key 'n_layers'$"),
+                          ("batch_sise = 4", r"unknown config key 'batch_sise' \(did you mean 'batch_size'\?\)"),
+                          ("compile = 'yes'", "compile must be bool"),
+                          ("min_lr = base_lr / 10", "`base_lr` is not a key set before this line")):
+        path.write_text(f"batch_size = 4\n\n{line}\n")
+        with pytest.raises(ConfigError, match=rf"c.py:3: {message}"):
+            parse_args([str(path)], DEFAULTS)
     with pytest.raises(ConfigError, match="batch_size must be int"):
         parse_args(["--batch_size=big"], DEFAULTS)
     with pytest.raises(ConfigError, match="compile must be bool"):
