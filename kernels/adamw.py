@@ -525,6 +525,10 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
             groups.setdefault((device, dtypes), []).append((*addresses, numel, index))
     if op == "adamw":  # (after the devices: a meta tensor's address is 0, as all others')
         _check_unshared(_key_spans(key))
+        # Stochastic rounding's keys tell tensors and blocks apart within these bounds
+        if n >= 1 << (32 - HIGH_OFFSET_BITS.value) or max(numels, default=0) > 1 << (32 + HIGH_OFFSET_BITS.value):
+            raise ValueError(f"{op}: at most {1 << (32 - HIGH_OFFSET_BITS.value)} tensors of at most "
+                             f"2^{32 + HIGH_OFFSET_BITS.value} elements each, got {n} tensors of up to {max(numels)}")
     launches = []
     for (device, dtypes), rows in groups.items():
         table = torch.tensor(rows, dtype=torch.int64)

@@ -629,6 +629,15 @@ def test_grad_norm_matches_float64(dtype, device):
     assert torch.equal(kernels.get("grad_norm", "triton")(ts), out)  # bit-identical rerun
 
 
+def test_a_plan_past_the_rounding_keys_bounds_is_refused():
+    """Stochastic rounding tells tensors and their blocks apart by 24 + 40 bits: a tensor of over
+    2^40 elements (described, not allocated) is refused by name."""
+    device = torch.device("cpu" if adamw_module.runtime.CPU_TENSORS else "cuda")  # the plan's own check
+    key = ((0, 2**50, 2**51, 2**52), (2**40 + 1,), (torch.bfloat16,) * 3, (device,))
+    with pytest.raises(ValueError, match=r"adamw: at most 16777216 tensors of at most 2\^40 elements"):
+        adamw_module._plan("adamw", key)
+
+
 def test_grad_norm_writes_every_partial_it_sums(monkeypatch, device):
     """Its buffer of per-block partial sums is not zeroed first: each block writes its own slot.
     Buffers handed over full of NaN give the same norm."""
