@@ -187,18 +187,17 @@ def _norm_fwd_kernel(
         xc = x
         var = tl.sum(x * x, axis=1) / N
     else:
-        # The two divisions by N rounded to nearest (div_rn): a GPU's `/` is good to 2 ulp, and
-        # a constant row normalizes to the bias exactly only if corr below is exactly its
-        # deviation from the mean.
-        n = tl.cast(N, tl.float32)
-        mean = tl.div_rn(tl.sum(x, axis=1), n)
+        mean = tl.sum(x, axis=1) / N
         # Padded lanes would add mean^2 each to the variance: zero them.
         xc = tl.where(mask, x - mean[:, None], 0.0)
         # One fp32 sum leaves the mean off by about its ulp, which rstd magnifies where the row's
         # spread is small beside its mean (a constant row's y was bias + ulp / sqrt(eps)): the
         # deviations' own sum corrects it, beside the sum of their squares (corrected two-pass:
         # sum((xc - c)^2) = sum(xc^2) - N c^2 for c = mean(xc)).
-        corr = tl.div_rn(tl.sum(xc, axis=1), n)
+        # Rounded to nearest (div_rn; a GPU's `/` is good to 2 ulp): a constant row's deviations
+        # are all one number d, whose N-fold sum is exact, so corr is d exactly and the row
+        # normalizes to the bias exactly.
+        corr = tl.div_rn(tl.sum(xc, axis=1), tl.cast(N, tl.float32))
         sq = tl.sum(xc * xc, axis=1)
         mean += corr
         xc = tl.where(mask, xc - corr[:, None], 0.0)
