@@ -33,6 +33,8 @@ _CONVERSIONS = {-1: format, ord("s"): lambda v, spec: format(str(v), spec),
 _CALLS = {"str": str, "int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
           "time.time": time.time, "math.sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor}
 _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
+# difflib's similarity at and above which an unknown key is taken for a misspelling of a known one
+MISSPELT = 0.75
 DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and gpt.sample take
 # The keys both programs take whose default None means "chosen for this machine", and the type
 # they take otherwise (parse_args' `also`).
@@ -151,15 +153,11 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
                       f"are allowed, not `{ast.unparse(node)}`")
 
 
-def read_config_file(path: str | Path, known: dict | None = None, implied=None) -> dict:
-    """The assignments of a config file, in order; its expressions may use the keys of `known` (the
-    config so far, as nanoGPT's exec of a config sees train.py's globals). `implied(key, value)`:
-    the keys an assignment sets with it (a preset's architecture), seen by the lines after it."""
-    return {key: value for key, value, _ in _read_config(path, known, implied)}
-
-
-def _read_config(path: str | Path, known: dict | None, implied) -> list[tuple[str, object, str]]:
-    """read_config_file's assignments as (key, value, "path:line")."""
+def read_config_file(path: str | Path, known: dict | None = None, implied=None) -> list[tuple[str, object, str]]:
+    """The assignments of a config file, in order, as (key, value, "path:line"); its expressions
+    may use the keys of `known` (the config so far, as nanoGPT's exec of a config sees train.py's
+    globals). `implied(key, value)`: the keys an assignment sets with it (a preset's
+    architecture), seen by the lines after it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -185,10 +183,18 @@ def _read_config(path: str | Path, known: dict | None, implied) -> list[tuple[st
         except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
             raise ConfigError(f"{where}: `{ast.unparse(stmt)}` fails: {type(e).__name__}: {e}") from None
         for key, value in assigned:
-            for key, value in [(key, value), *(implied(key, value) if implied else {}).items()]:
-                scope[key] = value
-                values.append((key, value, where))
+            for also_key, also in [(key, value), *_implied(implied, key, value, where)]:
+                scope[also_key] = also
+                values.append((also_key, also, where))
     return values
+
+
+def _implied(implied, key: str, value, source: str) -> list[tuple[str, object]]:
+    """implied(key, value)'s assignments (none without `implied`), its errors naming `source`."""
+    try:
+        return list(implied(key, value).items()) if implied else []
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[tuple[str, object]]:
@@ -261,7 +267,7 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise ConfigError(f"expected a config file (.py) or --key=value, got {arg!r}")
-            items = _read_config(arg, current, implied)
+            items = read_config_file(arg, current, implied)
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -269,15 +275,14 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
             value = _parse_value(text)
             if isinstance(defaults.get(key), str) and not isinstance(value, (str, (also or {}).get(key, str))):
                 value = text  # a string key takes the text as typed: --wandb_run_name=2024, --start=1984
-            implies = implied(key, value) if implied else {}
-            items = [(key, value, arg), *((k, v, arg) for k, v in implies.items())]
+            items = [(key, value, arg), *((k, v, arg) for k, v in _implied(implied, key, value, arg))]
         for key, value, source in items:
             if key in files_skip and not arg.startswith("--"):
                 continue
             if key not in defaults:
                 # A key close to a known one is a typo (temprature), even where a file's other
                 # keys are passed over: none of train.py's keys is that close to gpt.sample's.
-                near = difflib.get_close_matches(key, defaults, n=1, cutoff=0.75)
+                near = difflib.get_close_matches(key, defaults, n=1, cutoff=MISSPELT)
                 if files_set_others and not arg.startswith("--") and not near:
                     continue
                 hint = f" (did you mean {near[0]!r}?)" if near else ""

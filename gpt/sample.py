@@ -1,8 +1,9 @@
 """Generate text from a checkpoint: python -m gpt.sample --out_dir=out-shakespeare-char [--key=value ...],
 or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
-A config file may come first, a training one too (its out_dir, device, dtype, seed, compile are
-taken, its training keys passed over, as nanoGPT's sample.py runs one; its init_from as well: that
-is where training started, and the checkpoint it wrote is in out_dir). Its lines may use the keys
+A config file may come first, a training one too (its out_dir, device, dtype, seed, compile and
+kernels are taken, its training keys passed over, as nanoGPT's sample.py runs one, but for a key
+close to a sampling key, refused as a misspelling; its init_from as well: that is where training
+started, and the checkpoint it wrote is in out_dir). Its lines may use the keys
 set above them and sampling's own, not train.py's defaults (`min_lr = learning_rate / 10` in a
 file that does not set learning_rate is an error here, as in nanoGPT's sample.py).
 

@@ -49,6 +49,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
         if unknown:
             raise ValueError(f"kernels: unknown ops {sorted(unknown)}; ops are {list(OPS)}")
         for op, backend in kernels.items():
+            if not isinstance(backend, str):
+                raise ValueError(f"kernels: {op}'s backend must be a name such as 'triton', got {backend!r}")
             get(op, backend)  # raises a ValueError naming the op if it is not registered
         return {op: Choice(kernels.get(op, "torch"), "asked for" if op in kernels else "default")
                 for op in OPS}

@@ -59,6 +59,8 @@ def test_choose_mapping_and_bad_modes():
         kernels.choose({"softmax": "torch"}, "cpu")
     with pytest.raises(ValueError, match="no 'fast' backend"):
         kernels.choose({"swiglu": "fast"}, "cpu")
+    with pytest.raises(ValueError, match=r"kernels: swiglu's backend must be a name such as 'triton', got \['x'\]"):
+        kernels.choose({"swiglu": ["x"]}, "cpu")  # (a TypeError's traceback once)
     with pytest.raises(ValueError, match="kernels must be one of"):
         kernels.choose("fastest", "cpu")
 

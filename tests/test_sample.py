@@ -106,6 +106,18 @@ def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_
     assert text[0].startswith("<|endoftext|>")
 
 
+def test_no_training_key_is_close_enough_to_a_sampling_key_to_be_refused():
+    """gpt.sample refuses a file's key close to one of its own as a misspelling: train.py's own
+    keys (those it does not share) must never be, or its config files would not sample."""
+    import difflib
+
+    import train
+    from gpt.config import MISSPELT
+    from gpt.sample import DEFAULTS
+    for key in set(train.DEFAULTS) - set(DEFAULTS):
+        assert not difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=MISSPELT), key
+
+
 def test_a_training_config_file_gives_its_out_dir(tmp_path):
     """As nanoGPT's sample.py runs one: the keys sampling has (out_dir, device) taken, training's
     passed over; a --key=value sampling lacks is still an error."""

@@ -10,6 +10,7 @@ import torch
 
 import train
 from gpt import checkpoint
+from gpt.config import ConfigError
 from gpt.model import GPT, GPTConfig, preset
 from gpt.sample import main as sample
 
@@ -361,6 +362,11 @@ def test_a_preset_in_a_config_file_sets_what_its_later_lines_see(tmp_path):
     # the preset set n_layer over the line before it; the lines after it see its n_embd and block_size
     assert (config["n_layer"], config["n_head"], config["n_embd"]) == (6, 4, 384)
     assert (config["mlp_hidden"], config["lr_decay_iters"]) == (768, 2560)
+    path.write_text("n_layer = 2\npreset = 'gtp2'\n")
+    with pytest.raises(ConfigError, match=r"config.py:2: unknown preset 'gtp2'"):
+        train.read_config([str(path)])
+    with pytest.raises(ConfigError, match=r"--preset=gtp2: unknown preset 'gtp2'"):
+        train.read_config(["--preset=gtp2"])
 
 
 def test_data_and_checkpoint_mistakes_stop_with_the_reason(tmp_path, data_dir):
