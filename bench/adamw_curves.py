@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import positive
+from bench import described, positive
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 15  # of a concurrent run's output, printed when it ends
@@ -393,7 +393,7 @@ def plot(out: Path, png: Path, md: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.adamw_curves", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.adamw_curves", description=described(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train the variants, one train.py process each")
     p.add_argument("--out", type=Path, required=True, help="one out_dir per variant under it")

@@ -135,14 +135,17 @@ def measure(sweep: Sweep, setting: dict, device) -> dict:
 
 
 def _mean_ms(record: dict) -> float:
-    """The geometric mean over the shapes of the training pass's ms (nan where one did not run)."""
+    """The geometric mean over the shapes of the training pass's ms (nan where one did not run or
+    timed no time at all)."""
     times = [m.get("ms", float("nan")) for m in record["shapes"].values()]
+    if not times or not all(t > 0 for t in times):
+        return float("nan")
     return math.exp(sum(map(math.log, times)) / len(times))
 
 
 def best(records: list[dict]) -> dict | None:
     """The record whose setting verified and ran at every shape in the least geometric-mean time."""
-    whole = [r for r in records if all(m.get("verified") for m in r["shapes"].values())]
+    whole = [r for r in records if all(m.get("verified") for m in r["shapes"].values()) and _mean_ms(r) > 0]
     return min(whole, key=_mean_ms, default=None)
 
 
@@ -172,7 +175,7 @@ def report(name: str, sweep: Sweep, records: list[dict], unmeasured: int = 0) ->
     lines.append(f"pick for {sweep.module.__name__}: {assignments}  "
                  f"({_mean_ms(records[0]) / _mean_ms(pick):.2f}x the committed)")
     for shape in shapes:
-        ran = [r for r in records if r["shapes"][shape].get("verified")]
+        ran = [r for r in records if r["shapes"][shape].get("verified") and r["shapes"][shape]["ms"] > 0]
         if ran:
             fastest = min(ran, key=lambda r: r["shapes"][shape]["ms"])
             lines.append(f"  {shape}: fastest {_named(fastest['setting'])} "

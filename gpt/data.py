@@ -183,7 +183,7 @@ class Batches:
 
 def main(argv: list[str]) -> int:
     usage = f"usage: python -m gpt.data {{{','.join(BUILDERS)}}} [data_dir (default: data)]"
-    if argv[:1] in (["-h"], ["--help"]):
+    if "-h" in argv or "--help" in argv:
         print(usage)
         return 0
     if len(argv) not in (1, 2) or argv[0] not in BUILDERS:

@@ -136,6 +136,7 @@ def test_a_vocabulary_past_uint16_is_refused(tmp_path):
 def test_the_builder_command_helps_and_leaves_no_folder_when_it_fails(tmp_path, monkeypatch, capsys):
     from gpt import data
     assert data.main(["--help"]) == 0 and "usage: python -m gpt.data" in capsys.readouterr().out
+    assert data.main(["shakespeare_char", "-h"]) == 0 and "usage" in capsys.readouterr().out  # (built in ./-h once)
     assert data.main(["nosuch"]) == 2 and "usage" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the download cannot start
     with pytest.raises(SystemExit, match="needs the `datasets` package"):

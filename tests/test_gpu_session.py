@@ -101,3 +101,15 @@ def test_an_unknown_stage_gets_the_usage_on_any_machine(tmp_path):
                               text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.startswith("usage: bash bench/gpu_session.sh first|"), args
     assert not (tmp_path / "out").exists()
+
+
+def test_every_stage_it_accepts_it_runs_and_its_usage_names():
+    """The stage names are written three times (the check before the GPU's, the usage, the
+    stages themselves): a stage accepted but not run would end "0 step(s) failed"."""
+    import re
+
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    accepted = re.search(r"case \$\{1:-\} in.*?\n\s+([a-z|]+)\) ;;", script, re.S).group(1).split("|")
+    usage = re.search(r'^usage="usage: bash bench/gpu_session.sh (.*)"$', script, re.M).group(1)
+    ran = re.findall(r"^  ([a-z]+)\)", script, re.M)
+    assert sorted(accepted) == sorted(ran) == sorted(s.split()[0] for s in usage.split("|"))

@@ -1,6 +1,7 @@
 """bench.sweep on CPU: its path through bench.backends (timed by the no_gpu stand-in, in Triton's
 interpreter) at a tiny shape, and its sweeps' constants as the kernel modules have them."""
 import json
+import math
 import types
 
 import pytest
@@ -132,6 +133,11 @@ def test_the_pick_weighs_each_shape_the_same(monkeypatch):
     result = sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
     assert result["sweeps"]["g"]["pick"] == {"_TILE": 4096}
     assert sweep._mean_ms(result["sweeps"]["g"]["records"][1]) == pytest.approx((1.4 * 8.0) ** 0.5)
+    # A shape timed at no time at all (a broken timer) is no mean, and no pick; a sum took it.
+    ms["_TILE"][1024]["narrow"] = 0.0
+    result = sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    assert result["sweeps"]["g"]["pick"] == {"_TILE": 4096}
+    assert math.isnan(sweep._mean_ms(result["sweeps"]["g"]["records"][1]))
 
 
 def test_a_budget_shares_the_time_among_the_sweeps_and_reports_the_cut(monkeypatch, capsys):
