@@ -45,9 +45,10 @@ def test_run_writes_one_log_per_variant_and_no_checkpoint(runs):
         assert steps[0]["lr"] == pytest.approx(3e-4 / 101) and steps[3]["lr"] == pytest.approx(3e-4 * 4 / 101)
 
 
-def test_train_args_constant_lr_after_warmup():
+def test_train_args_constant_lr_after_warmup(monkeypatch):
     import train
 
+    monkeypatch.chdir(adamw_curves.ROOT)  # the runs start there: their config paths are the repo's
     args = adamw_curves.train_args("gpu", "bf16_sr", "out-x")
     c, _ = train.read_config(args)
     assert (c["n_layer"], c["n_embd"], c["block_size"], c["batch_size"]) == (6, 384, 256, 64)
