@@ -109,7 +109,7 @@ def _load(path: Path, **options):
     file brought."""
     try:
         return torch.load(path, weights_only=True, **options)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # torch.load's for a file it cannot read
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError) as e:  # torch.load's for a file it cannot read
         if str(e).startswith("Weights only load failed"):
             raise ValueError(f"{path} holds more than tensors, numbers and strings: not loaded ({e})") from None
         raise ValueError(f"{path} is not a readable checkpoint (cut short or corrupt?): {e}") from None

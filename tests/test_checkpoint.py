@@ -1,6 +1,9 @@
 """Sharded checkpoints (torch.distributed.checkpoint) in one process, no process group: what a
 resume finds after a crash mid-save, and an optimizer state restored as the checkpoint holds it."""
+import os
 import shutil
+import time
+from unittest import mock
 
 import pytest
 import torch
@@ -257,3 +260,92 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path, capsys):
     (tmp_path / checkpoint.FILENAME).write_bytes(b"\x80\x02garbage")  # not the refusal's wording
     with pytest.raises(ValueError, match="ckpt.pt is not a readable checkpoint"):
         checkpoint.load(tmp_path, "cpu")
+
+
+
+# Each format's save replaces the other's, a load takes the newer, and a crash's leftovers never
+# enter or stand for a checkpoint.
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    m = GPT(CONFIG)
+    return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+
+def test_a_full_save_removes_a_sharded_checkpoint(tmp_path):
+    m, o = _model_and_optimizer()
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    checkpoint.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=2, model_args=vars(CONFIG)), tmp_path)
+    assert not (tmp_path / checkpoint.SHARDED).exists()
+
+
+def test_a_sharded_save_removes_a_full_checkpoint(tmp_path):
+    m, o = _model_and_optimizer()
+    checkpoint.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=1, model_args=vars(CONFIG)), tmp_path)
+    checkpoint.save_sharded(m, o, {"iter_num": 2, "model_args": vars(CONFIG)}, tmp_path)
+    assert not (tmp_path / checkpoint.FILENAME).exists()
+
+
+@pytest.mark.parametrize("newer", ["full", "sharded"])
+def test_load_takes_the_newer_of_two_formats(tmp_path, newer):
+    m, o = _model_and_optimizer()
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    torch.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=2, model_args=vars(CONFIG)),
+               tmp_path / checkpoint.FILENAME)
+    old = time.time() - 100
+    os.utime(tmp_path / (checkpoint.SHARDED if newer == "full" else checkpoint.FILENAME), (old, old))
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == (2 if newer == "full" else 1)
+
+
+def test_a_save_after_a_crash_before_the_first_rename(tmp_path):
+    m, o = _model_and_optimizer()
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    shutil.copytree(tmp_path / checkpoint.SHARDED, tmp_path / f"{checkpoint.SHARDED}.tmp")  # both whole
+    checkpoint.save_sharded(m, o, {"iter_num": 3, "model_args": vars(CONFIG)}, tmp_path)
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 3
+
+
+def test_a_failed_first_sharded_save_leaves_no_checkpoint(tmp_path):
+    m, o = _model_and_optimizer()
+    with mock.patch.object(checkpoint.dcp, "save", side_effect=RuntimeError("disk full")), \
+         pytest.raises(RuntimeError):
+        checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    assert not checkpoint.exists(tmp_path)
+
+
+def test_stale_temporary_shards_do_not_enter_the_checkpoint(tmp_path):
+    (tmp_path / f"{checkpoint.SHARDED}.tmp").mkdir()
+    (tmp_path / f"{checkpoint.SHARDED}.tmp" / "__3_0.distcp").write_bytes(b"x" * 10)
+    m, o = _model_and_optimizer()
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    assert not (tmp_path / checkpoint.SHARDED / "__3_0.distcp").exists()
+
+
+def test_an_empty_file_is_named_unreadable_off_the_cpu(tmp_path):
+    for cut in (b"", b"\x80"):  # the second a traceback once (IndexError)
+        (tmp_path / checkpoint.FILENAME).write_bytes(cut)
+        with pytest.raises(ValueError, match="not a readable checkpoint"):
+            checkpoint.load(tmp_path, "meta")
+
+
+def test_a_symlinked_earlier_is_replaced_not_followed(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious").write_text("x")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier").symlink_to(keep)
+    m, o = _model_and_optimizer()
+    checkpoint.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=1, model_args=vars(CONFIG)), out)
+    assert checkpoint.set_aside(out, out / "log.jsonl") == out / "earlier"
+    assert (keep / "precious").exists()
+
+
+def test_restore_refuses_a_model_state_missing_a_weight(tmp_path):
+    m, o = _model_and_optimizer()
+    state = m.state_dict()
+    state.pop(next(iter(state)))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        checkpoint.restore(GPT(CONFIG), torch.optim.AdamW(GPT(CONFIG).parameters()),
+                           dict(model=state, optimizer=o.state_dict()))
