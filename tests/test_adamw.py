@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm
+from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm, step_seed
 from kernels import adamw as adamw_module
 from tests.devices import cuda_only, no_host_syncs, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
@@ -1087,3 +1087,31 @@ def test_schedulers_hooks_and_grad_scaler_work_as_with_torch_adamw():
         if not calls:
             assert torch.equal(p, before) and scaler.get_scale() < 65536.0
     assert not torch.equal(p, before) and calls == ["pre", "post"]
+
+
+
+def test_step_seeds_differ_by_group_and_step():
+    assert len({step_seed(0, g, s) for g in range(3) for s in range(1, 4)}) == 9
+
+
+def test_identical_groups_round_independently():
+    ps = [torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = BF16AdamW([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=1e-3, weight_decay=0.0)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(ps[0], ps[1])
+
+
+def test_a_kahan_step_fills_the_compensation():
+    p = torch.nn.Parameter(torch.ones(1024, dtype=torch.bfloat16))
+    opt = BF16AdamW([p], lr=1e-4, weight_decay=0.0, kahan_summation=True, stochastic_rounding=False)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["compensation"].any()
+
+
+@pytest.mark.parametrize("setting", [dict(seed=True), dict(seed=-1), dict(stochastic_rounding="no")])
+def test_bad_switches_and_seeds_are_refused(setting):
+    with pytest.raises(ValueError, match="BF16AdamW"):
+        BF16AdamW([torch.nn.Parameter(torch.zeros(2))], **setting)

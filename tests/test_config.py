@@ -183,3 +183,27 @@ def test_help_lists_every_key_and_runs_nothing(flag, capsys, tmp_path, monkeypat
         for key, value in program.DEFAULTS.items():
             assert f"{key}={value!r}" in text, key
     assert not any(tmp_path.iterdir())
+
+
+
+def test_a_chained_comparison_is_pythons(tmp_path):
+    p = tmp_path / "c.py"
+    p.write_text("compile = 1 < 3 < 2\n")
+    assert {k: v for k, v, _ in read_config_file(p)}["compile"] is False
+
+
+def test_not_negates(tmp_path):
+    p = tmp_path / "c.py"
+    p.write_text("compile = not True\n")
+    assert {k: v for k, v, _ in read_config_file(p)}["compile"] is False
+
+
+def test_an_ascii_conversion_escapes(tmp_path):
+    p = tmp_path / "c.py"
+    p.write_text("s = '\u00e9'\nx = f'{s!a}'\n", encoding="utf-8")
+    assert {k: v for k, v, _ in read_config_file(p)}["x"] == "'\\xe9'"
+
+
+def test_a_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        parse_args(["--batch_size=True"], dict(batch_size=12))

@@ -2,12 +2,13 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from gpt.data import Batches, build_openwebtext, load_meta, prepare
+from gpt.data import Batches, build_openwebtext, load_meta, prepare, write_documents
 from gpt.files import write_atomic
 from gpt.tokenizer import EOT, gpt2
 
@@ -149,3 +150,64 @@ def test_the_builder_command_takes_a_data_dir(tmp_path):
                           text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "shakespeare_char" / "train.bin").exists()
+
+
+
+def test_character_ids_are_nanogpts(tmp_path):
+    path = prepare("shakespeare_char", tmp_path)
+    assert np.fromfile(path / "train.bin", dtype=np.uint16)[:5].tolist() == [18, 47, 56, 57, 58]
+
+
+def test_a_crash_before_meta_leaves_no_built_dataset(tmp_path, monkeypatch):
+    import gpt.data
+    real = gpt.data.pickle.dump
+    monkeypatch.setattr(gpt.data.pickle, "dump", mock.Mock(side_effect=OSError("disk full")))
+    with pytest.raises(OSError):
+        prepare("shakespeare_char", tmp_path)
+    monkeypatch.setattr(gpt.data.pickle, "dump", real)
+    assert load_meta(prepare("shakespeare_char", tmp_path))["vocab_size"] == 65
+
+
+def test_documents_written_over_several_batches_are_each_written_once(tmp_path):
+    docs = [f"doc {i}" for i in range(5)]
+    n = write_documents(tmp_path / "t.bin", docs, batch=2)
+    enc = gpt2()
+    expected = [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
+    assert np.fromfile(tmp_path / "t.bin", dtype=np.uint16).tolist() == expected and n == len(expected)
+
+
+def test_a_half_built_dataset_is_rebuilt(tmp_path):
+    path = prepare("shakespeare_char", tmp_path)
+    (path / "val.bin").unlink()
+    prepare("shakespeare_char", tmp_path)
+    assert (path / "val.bin").exists()
+
+
+def _counting(tmp_path, n):
+    for s in ("train", "val"):
+        np.arange(n, dtype=np.uint16).tofile(tmp_path / f"{s}.bin")
+
+
+def test_exactly_block_size_tokens_is_refused(tmp_path):
+    _counting(tmp_path, 8)
+    with pytest.raises(ValueError, match="too few"):
+        Batches(tmp_path, block_size=8, batch_size=2, device="cpu", seed=0)
+
+
+def test_block_size_plus_one_tokens_give_their_one_window(tmp_path):
+    _counting(tmp_path, 9)
+    x, y = Batches(tmp_path, block_size=8, batch_size=2, device="cpu", seed=0).next()
+    assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
+
+
+def test_an_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
+    _counting(tmp_path, 9)
+    from gpt.data import DataError
+    with pytest.raises(DataError):
+        Batches(tmp_path, block_size=8, batch_size=2, device="cpu", seed=0, vocab_size=8).next()
+
+
+def test_batches_are_contiguous(tmp_path):
+    _counting(tmp_path, 100)
+    x, y = Batches(tmp_path, 8, 2, "cpu", seed=0).next()
+    assert x.is_contiguous() and y.is_contiguous()
