@@ -261,45 +261,41 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="ckpt.pt is not a readable checkpoint"):
         checkpoint.load(tmp_path, "cpu")
 
-
-
 # Each format's save replaces the other's, a load takes the newer, and a crash's leftovers never
 # enter or stand for a checkpoint.
 
-
-def _model_and_optimizer():
-    torch.manual_seed(0)
-    m = GPT(CONFIG)
-    return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+def full(model, optimizer, iter_num: int) -> dict:
+    """A full checkpoint's contents, as train.py saves them."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
+                model_args=vars(CONFIG))
 
 
 def test_a_full_save_removes_a_sharded_checkpoint(tmp_path):
-    m, o = _model_and_optimizer()
+    m, o = trained(kahan=False, steps=0)
     checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
-    checkpoint.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=2, model_args=vars(CONFIG)), tmp_path)
+    checkpoint.save(full(m, o, 2), tmp_path)
     assert not (tmp_path / checkpoint.SHARDED).exists()
 
 
 def test_a_sharded_save_removes_a_full_checkpoint(tmp_path):
-    m, o = _model_and_optimizer()
-    checkpoint.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=1, model_args=vars(CONFIG)), tmp_path)
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save(full(m, o, 1), tmp_path)
     checkpoint.save_sharded(m, o, {"iter_num": 2, "model_args": vars(CONFIG)}, tmp_path)
     assert not (tmp_path / checkpoint.FILENAME).exists()
 
 
 @pytest.mark.parametrize("newer", ["full", "sharded"])
 def test_load_takes_the_newer_of_two_formats(tmp_path, newer):
-    m, o = _model_and_optimizer()
+    m, o = trained(kahan=False, steps=0)
     checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
-    torch.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=2, model_args=vars(CONFIG)),
-               tmp_path / checkpoint.FILENAME)
+    torch.save(full(m, o, 2), tmp_path / checkpoint.FILENAME)
     old = time.time() - 100
     os.utime(tmp_path / (checkpoint.SHARDED if newer == "full" else checkpoint.FILENAME), (old, old))
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == (2 if newer == "full" else 1)
 
 
 def test_a_save_after_a_crash_before_the_first_rename(tmp_path):
-    m, o = _model_and_optimizer()
+    m, o = trained(kahan=False, steps=0)
     checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
     shutil.copytree(tmp_path / checkpoint.SHARDED, tmp_path / f"{checkpoint.SHARDED}.tmp")  # both whole
     checkpoint.save_sharded(m, o, {"iter_num": 3, "model_args": vars(CONFIG)}, tmp_path)
@@ -307,7 +303,7 @@ def test_a_save_after_a_crash_before_the_first_rename(tmp_path):
 
 
 def test_a_failed_first_sharded_save_leaves_no_checkpoint(tmp_path):
-    m, o = _model_and_optimizer()
+    m, o = trained(kahan=False, steps=0)
     with mock.patch.object(checkpoint.dcp, "save", side_effect=RuntimeError("disk full")), \
          pytest.raises(RuntimeError):
         checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
@@ -317,7 +313,7 @@ def test_a_failed_first_sharded_save_leaves_no_checkpoint(tmp_path):
 def test_stale_temporary_shards_do_not_enter_the_checkpoint(tmp_path):
     (tmp_path / f"{checkpoint.SHARDED}.tmp").mkdir()
     (tmp_path / f"{checkpoint.SHARDED}.tmp" / "__3_0.distcp").write_bytes(b"x" * 10)
-    m, o = _model_and_optimizer()
+    m, o = trained(kahan=False, steps=0)
     checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
     assert not (tmp_path / checkpoint.SHARDED / "__3_0.distcp").exists()
 
@@ -336,14 +332,14 @@ def test_a_symlinked_earlier_is_replaced_not_followed(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "earlier").symlink_to(keep)
-    m, o = _model_and_optimizer()
-    checkpoint.save(dict(model=m.state_dict(), optimizer=o.state_dict(), iter_num=1, model_args=vars(CONFIG)), out)
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save(full(m, o, 1), out)
     assert checkpoint.set_aside(out, out / "log.jsonl") == out / "earlier"
     assert (keep / "precious").exists()
 
 
 def test_restore_refuses_a_model_state_missing_a_weight(tmp_path):
-    m, o = _model_and_optimizer()
+    m, o = trained(kahan=False, steps=0)
     state = m.state_dict()
     state.pop(next(iter(state)))
     with pytest.raises(RuntimeError, match="Missing key"):
