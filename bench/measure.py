@@ -24,15 +24,6 @@ import torch
 BATCH = 20
 MAX_SLEEP_MS = 1000.0  # the longest sleep a batch waits behind: passes slow to issue get smaller batches
 L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H200's is 60 MiB)
-
-
-def flush_l2(buffer: torch.Tensor) -> None:
-    """Evict the L2 cache by reading `buffer` (L2_FLUSH_BYTES): the last call's outputs are written
-    back now, outside the timing, and the lines left behind are clean. triton.testing.do_bench
-    zeroes its buffer instead, which leaves the L2 full of dirty lines (up to 50-60 MiB on a
-    Hopper) whose write-back the timed kernel pays as it evicts them: as much again as a kernel
-    moving that little moves itself. (Not yet measured on a GPU: the size of that effect.)"""
-    buffer.view(torch.int64).sum()
 MAX_CALLS = 200  # a median of this many is steady; the host's time per call bounds the rest
 WARMUP_BATCHES = 5
 # Batches the GPU may reach before the host has queued them (the sleep too short, or the launch
@@ -56,6 +47,15 @@ def _sleep_cycles_per_ms() -> float:
     end.record()
     end.synchronize()
     return 1e7 / start.elapsed_time(end)
+
+
+def flush_l2(buffer: torch.Tensor) -> None:
+    """Evict the L2 cache by reading `buffer` (L2_FLUSH_BYTES): the last call's outputs are written
+    back now, outside the timing, and the lines left behind are clean. triton.testing.do_bench
+    zeroes its buffer instead, which leaves the L2 full of dirty lines (up to 50-60 MiB on a
+    Hopper) whose write-back the timed kernel pays as it evicts them: as much again as a kernel
+    moving that little moves itself. (Not yet measured on a GPU: the size of that effect.)"""
+    buffer.view(torch.int64).sum()
 
 
 def median_ms(fn, warmup_ms: int = 100, rep_ms: int = 500) -> float:
