@@ -220,25 +220,26 @@ def write(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def fastest_verified(entry: dict, candidates: list[str], compiled: bool) -> tuple[str | None, str]:
+def fastest_verified(entry: dict, candidates: list[str], compiled: bool, generation: bool = False
+                     ) -> tuple[str | None, str]:
     """(backend, why): the fastest of `candidates` (registry backends) in one op's profile entry
-    at its training pass that passed verification there. Eagerly a pass costs the longer of the
-    GPU's time and the host's time to issue it (a step whose host falls behind leaves the GPU
-    waiting: the triton ops' eager GPT-2 step on an H200 kept it busy 57% of the time); in a
-    compiled model (`compiled`: launched_compiled's) Inductor's own code launches the kernels, and
-    the GPU's time counts. torch, the reference, is eligible eagerly whatever its check; in a
-    compiled model its compiled timing counts only where
-    Inductor's result passed. A faster backend that failed verification is named in the reason,
-    never chosen; where every measured one failed, torch. None when the entry measured none of
-    the candidates."""
-    pass_ = entry["training_pass"]
+    at its training pass (in `generation`, the forward: nothing runs backward there) that passed
+    verification there. Eagerly a pass costs the longer of the GPU's time and the host's time to
+    issue it (a step whose host falls behind leaves the GPU waiting: the triton ops' eager GPT-2
+    step on an H200 kept it busy 57% of the time); in a compiled model (`compiled`:
+    launched_compiled's) Inductor's own code launches the kernels, and the GPU's time counts.
+    torch, the reference, is eligible eagerly whatever its check; in a compiled model its
+    compiled timing counts only where Inductor's result passed. A faster backend that failed
+    verification is named in the reason, never chosen; where every measured one failed, torch.
+    None when the entry measured none of the candidates."""
+    pass_ = "fwd" if generation and entry["training_pass"] == "fwd+bwd" else entry["training_pass"]
     timed = {}
     for backend in candidates:
         measured = COMPILED_AS.get(backend, backend) if compiled else backend
-        if "ms" not in entry["backends"].get(measured, {}):  # no compiled timing: eager's bounds it
+        if pass_ not in entry["backends"].get(measured, {}).get("ms", {}):  # no compiled timing: eager's bounds it
             measured = backend
         record = entry["backends"].get(measured, {})
-        if "ms" in record:
+        if pass_ in record.get("ms", {}):
             reference = backend == "torch" and measured == "torch"
             ms = record["ms"][pass_]
             if not compiled:  # run eagerly, a pass costs its host's time where that is longer

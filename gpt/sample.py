@@ -109,7 +109,7 @@ def main(argv: list[str]) -> list[str]:
     shapes = Shapes(config, batch_size=1, dtype=getattr(torch, dtype))
     with reported("gpt.sample", f"kernels={c['kernels']}: "):  # an unknown mode, or a profile that cannot be read
         choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"],
-                                 used=model_ops(config, generation=True))
+                                 used=model_ops(config, generation=True), generation=True)
     backends = {op: ch.backend for op, ch in choices.items()}
     if c["init_from"] == "resume":
         model = checkpoint.build_model(ckpt, backends)

@@ -31,7 +31,7 @@ class Choice:
 
 
 def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, compiled: bool = False,
-           profile=DETECT, used: Collection[str] | None = None) -> dict[str, Choice]:
+           profile=DETECT, used: Collection[str] | None = None, generation: bool = False) -> dict[str, Choice]:
     """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping
     (ops it leaves out use torch; no checks: the caller asked for exactly these).
 
@@ -42,6 +42,7 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
     profile: DETECT, a bench.profile.Profile, a path to one, or None for no profile.
     used: the ops the run calls (gpt.model.model_ops, and the optimizer's), or None for all.
       Under "triton" and "auto" the others are left to torch unchecked, and say so.
+    generation: the model only runs forward (gpt.sample): profiles' forward timings count.
     """
     registered = ops()
     if isinstance(kernels, Mapping):
@@ -78,7 +79,7 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
         if measured is not None:
             stale = stale or prof.stale(measured)
             backend, why = profiles.fastest_verified(measured["ops"][op], registered[op],
-                                                     profiles.launched_compiled(op, compiled))
+                                                     profiles.launched_compiled(op, compiled), generation)
             if backend is not None and backend != "triton":
                 choices[op] = Choice(backend, f"{prof.label(measured)}: {why}")
                 continue

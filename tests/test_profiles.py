@@ -63,6 +63,18 @@ def test_eagerly_a_pass_costs_its_hosts_time_where_that_is_longer():
     assert fastest_verified(e, ["torch", "triton"], compiled=True)[0] == "triton"
 
 
+def test_generation_goes_by_the_forward_timings():
+    """gpt.sample runs no backward: a backend fastest forward and backward but slower forward is
+    not its pick. An op timed at its step (the optimizer's) has no forward: its step counts."""
+    e = entry(torch={**backend(3.0), "ms": {"fwd": 0.2, "fwd+bwd": 3.0}}, triton=backend(1.0))
+    assert fastest_verified(e, ["torch", "triton"], compiled=False)[0] == "triton"
+    assert fastest_verified(e, ["torch", "triton"], compiled=False, generation=True) == (
+        "torch", "fastest verified at fwd: torch 0.2 ms vs triton 0.333 ms")
+    step = {"shape": "test", "training_pass": "step", "unit": "GB/s",
+            "backends": {"torch": {"ms": {"step": 2.0}}, "triton": {"ms": {"step": 1.0}, "verified": True}}}
+    assert fastest_verified(step, ["torch", "triton"], False, generation=True)[0] == "triton"
+
+
 def test_torch_is_the_reference_and_always_eligible():
     e = entry(torch={**backend(3.0), "verified": False}, triton=backend(9.0, verified=False))
     assert fastest_verified(e, ["torch", "triton"], compiled=False)[0] == "torch"
@@ -105,6 +117,13 @@ def test_auto_takes_the_fastest_verified_backend_of_the_profile(self_check):
     assert choices["attention"].backend == "torch" and "fastest verified" in choices["attention"].reason
     # Ops the profile does not cover take the no-profile path.
     assert choices["adamw"].backend == "triton" and "self-check passed" in choices["adamw"].reason
+
+
+def test_generation_chooses_by_the_profile_s_forward_timings(self_check):
+    prof = fake_profile(swiglu=entry(torch={**backend(3.0), "ms": {"fwd": 0.2, "fwd+bwd": 3.0}}, triton=backend(1.0)))
+    assert kernels.choose("auto", "cuda", profile=prof)["swiglu"].backend == "triton"
+    choice = kernels.choose("auto", "cuda", profile=prof, generation=True)["swiglu"]
+    assert choice.backend == "torch" and "fastest verified at fwd: torch" in choice.reason
 
 
 def test_a_profiled_triton_op_still_needs_the_self_check(self_check):

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from bench import profile
 from gpt import checkpoint
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample
+from kernels import choose
 
 CHARS = "ab \n"
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"  # a 96-token GPT-2
@@ -47,6 +49,14 @@ def test_triton_kernels_fall_back_per_op_at_the_model_s_own_shapes(tmp_path):
     with pytest.warns(UserWarning, match="kernels=triton: attention falls back to torch"):
         triton = sample([*args, "--kernels=triton"])
     assert triton == sample(args)
+
+
+def test_kernels_are_chosen_for_generation(tmp_path, monkeypatch):
+    """Sampling runs forward only: kernels.choose is told so (profiles' forward timings count)."""
+    asked = []
+    monkeypatch.setattr(kernels, "choose", lambda *args, **kw: asked.append(kw) or choose(*args, **kw))
+    sample([*char_checkpoint(tmp_path), "--max_new_tokens=1"])
+    assert [kw["generation"] for kw in asked] == [True]
 
 
 def test_the_seed_decides_the_sample_whatever_the_kernels(tmp_path, monkeypatch):
