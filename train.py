@@ -24,7 +24,7 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import (DEVICE_KEYS, DTYPES, ConfigError, check_device, parse_args, printed_help,
+from gpt.config import (DTYPES, RUN_KEYS, ConfigError, check_device, parse_args, printed_help,
                         reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import write_atomic
@@ -66,8 +66,7 @@ DEFAULTS = dict(
     data_dir="data", seed=1337,
 )
 # Keys that take a second type besides their default's; for a None default, the type it takes.
-ALSO = {"recompute": int, **DEVICE_KEYS, "peak_tflops": float, "preset": str, "n_kv_head": int, "mlp_hidden": int,
-        "kernels": dict}
+ALSO = {"recompute": int, **RUN_KEYS, "peak_tflops": float, "preset": str, "n_kv_head": int, "mlp_hidden": int}
 # wandb charts under nanoGPT's names where it logs the same value.
 WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
 # Counts that must be at least 1, and amounts that must not be negative (0 grad_clip: no clipping).

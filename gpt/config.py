@@ -36,9 +36,9 @@ _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 # difflib's similarity at and above which an unknown key is taken for a misspelling of a known one
 MISSPELT = 0.75
 DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and gpt.sample take
-# The keys both programs take whose default None means "chosen for this machine", and the type
-# they take otherwise (parse_args' `also`).
-DEVICE_KEYS = {"device": str, "dtype": str}
+# The keys both programs take with a second type (parse_args' `also`): device and dtype, whose
+# default None means "chosen for this machine", and kernels, a mode or an {op: backend} mapping.
+RUN_KEYS = {"device": str, "dtype": str, "kernels": dict}
 
 
 def training_dtype(device: str) -> str:

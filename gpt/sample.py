@@ -23,7 +23,7 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import DEVICE_KEYS, DTYPES, check_device, parse_args, printed_help, reported
+from .config import DTYPES, RUN_KEYS, check_device, parse_args, printed_help, reported
 from .data import load_meta
 from .model import GPT, GPTConfig, model_ops
 from .tokenizer import EOT, gpt2
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> list[str]:
     if printed_help(argv, __doc__, DEFAULTS):
         return []
     with reported("gpt.sample"):
-        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **DEVICE_KEYS, "kernels": dict},
+        c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **RUN_KEYS},
                                              files_set_others=True, files_skip={"init_from"}))
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
