@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .distributed import local_optimizer
-from .files import write_atomic
+from .files import remove_abandoned, write_atomic
 from .model import GPT, GPTConfig
 from .optim import BF16AdamW
 
@@ -121,13 +121,10 @@ def exists(out_dir: str | os.PathLike) -> bool:
 
 
 def remove_torn(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of full checkpoints whose write was killed (SIGKILL, out of
-    memory, preemption: write_atomic had no chance to remove them), each as large as a
-    checkpoint; the ones removed. For a run starting in out_dir, whose own writes come later."""
-    torn = sorted(Path(out_dir).glob(f".{FILENAME}.*.tmp"))
-    for path in torn:
-        path.unlink(missing_ok=True)
-    return torn
+    """Delete the temporary files of full checkpoints whose write was killed, each as large as a
+    checkpoint (files.remove_abandoned); the ones removed. For a run starting in out_dir: its own
+    first save would remove them, but hours later."""
+    return remove_abandoned(Path(out_dir) / FILENAME)
 
 
 def set_aside(out_dir: str | os.PathLike, log: Path) -> Path | None:

@@ -1,9 +1,18 @@
 """Files written whole or not at all."""
+import contextlib
+import fcntl
+import glob
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+# A temporary file left unlocked (its writer is dead: the lock goes with the process) and unwritten
+# this long is abandoned. The age spares a writer in the instant between creating its file and
+# locking it.
+ABANDONED_S = 60.0
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
@@ -11,11 +20,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     mid-write leaves `path` as it was and no temporary file behind. Each process writes its own
     temporary file, so processes writing the same file at once (ranks preparing one dataset,
     nodes sharing a download cache) never mix their bytes: its name is made unique (pids repeat
-    across containers and nodes) and created exclusively."""
+    across containers and nodes) and created exclusively, and it is locked while its writer lives.
+    What killed writers of `path` left (SIGKILL, out of memory, preemption: no chance to remove
+    it; as large as the file) is removed first (remove_abandoned)."""
     path = Path(path)
+    remove_abandoned(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "xb") as f:
+            with contextlib.suppress(OSError):  # a file system without locks: nothing is ever removed
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: after a power cut, old or new, never empty
@@ -24,3 +38,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_abandoned(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of killed writes of `path` (write_atomic's, unlocked and
+    unwritten for ABANDONED_S); the ones removed. A living writer's file is left to it."""
+    path = Path(path)
+    removed = []
+    for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        try:
+            with open(tmp, "rb") as f:
+                if time.time() - os.fstat(f.fileno()).st_mtime < ABANDONED_S:
+                    continue
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked by its writer, gone meanwhile, or a file system without locks
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gpt import checkpoint
+from gpt import checkpoint, files
 from gpt.model import GPT, GPTConfig
 from gpt.optim import BF16AdamW
 from tests.devices import cuda_only
@@ -215,6 +215,8 @@ def test_a_killed_write_s_temporary_file_is_removed_by_the_next_run(tmp_path):
     preemption) leaves it, as large as a checkpoint: the next run in out_dir removes it."""
     torn = tmp_path / f".{checkpoint.FILENAME}.4242.0123456789ab.tmp"
     torn.write_bytes(b"half a checkpoint")
+    past = time.time() - files.ABANDONED_S - 1
+    os.utime(torn, (past, past))
     (tmp_path / "other.tmp").write_bytes(b"not ours")
     assert checkpoint.remove_torn(tmp_path) == [torn]
     assert not torn.exists() and (tmp_path / "other.tmp").exists()

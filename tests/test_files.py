@@ -1,6 +1,11 @@
 """gpt/files.py: write_atomic's guarantees (the old file kept on a failure, fsync before the
-rename, temporary names unique and created exclusively, nothing left behind on an interrupt)."""
+rename, temporary names unique and created exclusively, nothing left behind on an interrupt, and
+what a killed writer left removed by the next write, a living writer's file never)."""
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +69,56 @@ def test_writers_with_the_same_pid_never_share_a_temporary_file(tmp_path, monkey
         f.write(b"outer")
     write_atomic(path, inner)
     assert len(set(names)) == 2 and path.read_bytes() == b"outer"
+
+
+def aged(path: Path) -> Path:
+    """`path`, created if missing, last written before files.ABANDONED_S ago."""
+    path.touch()
+    past = time.time() - files.ABANDONED_S - 1
+    os.utime(path, (past, past))
+    return path
+
+
+def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A writer killed mid-write (SIGKILL: no except clause runs) leaves its temporary file, as
+    large as the file; its lock dies with it, and the next write of that path, once the file is
+    ABANDONED_S old, removes it. While the writer lives its file stays, however old."""
+    path = tmp_path / "train.bin"
+    code = ("import sys, time; from gpt.files import write_atomic; "
+            "write_atomic(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), time.sleep(60)))")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not (left := list(tmp_path.glob(".train.bin.*.tmp"))) or left[0].stat().st_size == 0:
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer never wrote"
+            time.sleep(0.05)
+        assert files.remove_abandoned(aged(left[0])) == []
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    left[0].touch()
+    write_atomic(path, lambda f: f.write(b"whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left[0].name, "train.bin"]  # written just now
+    aged(left[0])
+    write_atomic(path, lambda f: f.write(b"again"))
+    assert [p.name for p in tmp_path.iterdir()] == ["train.bin"] and path.read_bytes() == b"again"
+
+
+def test_a_living_writer_s_file_is_left_to_it_however_old(tmp_path):
+    path, removed = tmp_path / "train.bin", []
+
+    def write(f):
+        aged(Path(f.name))
+        removed.extend(files.remove_abandoned(path))  # as another process would, beside this write
+        f.write(b"whole")
+    write_atomic(path, write)
+    assert removed == [] and path.read_bytes() == b"whole"
+
+
+def test_only_the_path_s_own_abandoned_files_are_removed(tmp_path):
+    """Its name's glob characters match only themselves; other files' temporary files stay."""
+    own = [aged(tmp_path / f".[a].bin.1.{n}.tmp") for n in "01"]
+    others = [aged(tmp_path / name) for name in (".a.bin.1.0.tmp", ".[a].binx.1.0.tmp", "[a].bin.1.0.tmp")]
+    (tmp_path / ".[a].bin.1.2.tmp").touch()  # not yet abandoned
+    assert files.remove_abandoned(tmp_path / "[a].bin") == own
+    assert sorted(tmp_path.iterdir()) == sorted([*others, tmp_path / ".[a].bin.1.2.tmp"])
