@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm, step_seed
+from gpt.optim import BF16AdamW, clip_coefficient, clip_for_step, global_grad_norm, step_seed
 from kernels import adamw as adamw_module
 from tests.devices import cuda_only, no_host_syncs, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
@@ -743,6 +743,30 @@ def test_fused_clipping_matches_torch(backend, max_norm, device):
     for a, b, c in zip(ours.parameters(), theirs.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e-7])
+def test_the_clip_coefficient_is_torch_s_to_the_bit(max_norm):
+    """clip_coefficient(norm) scales grads as clip_grad_norm_ does at that norm, bit for bit
+    (its 1e-6 moves a coefficient of 0.5 by 2^-22 and one of 1e-7 by a tenth)."""
+    grads = [torch.randn(7, 5) * 0.3, torch.randn(11)]
+    clipped = [g.clone() for g in grads]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in clipped]
+    for p, g in zip(params, clipped):
+        p.grad = g
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    coefficient = clip_coefficient(norm, max_norm)
+    assert all(torch.equal(p.grad, g * coefficient) for p, g in zip(params, grads))
+    assert coefficient.dtype == torch.float32 and clip_coefficient(torch.tensor(0.0), 1.0) == 1.0
+
+
+def test_bf16_adamw_defaults_are_torch_s_with_stochastic_rounding():
+    """Hyperparameters as torch.optim.AdamW's; bf16 stores rounded at random, no Kahan state."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    ours, theirs = BF16AdamW([param]).defaults, torch.optim.AdamW([param]).defaults
+    assert {k: ours[k] for k in ("lr", "betas", "eps", "weight_decay")} == {
+        k: theirs[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    assert ours["stochastic_rounding"] is True and ours["kahan_summation"] is False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -168,7 +168,7 @@ def _adamw_steps(model, optimizer, device, steps=1):
 
 
 def test_fused_step_counts_are_put_where_the_fused_step_reads_them():
-    """A checkpoint of an unfused AdamW (a CPU run) resumed fused, as train.py sets its groups:
+    """A checkpoint of an unfused AdamW (a CPU run) resumed fused or capturable, as train.py sets its groups:
     the step counts become fp32 tensors on the params' devices (here the CPU: a float64 count
     stands for one in the wrong place); unfused groups are left as they are."""
     model = torch.nn.Linear(8, 8)
@@ -180,9 +180,13 @@ def test_fused_step_counts_are_put_where_the_fused_step_reads_them():
         state["step"] = state["step"].double()
     checkpoint.steps_on_param_devices(resumed)
     assert all(s["step"].dtype == torch.float64 for s in resumed.state.values())  # unfused: as saved
-    resumed.param_groups[0]["fused"] = True  # the run's setting
-    checkpoint.steps_on_param_devices(resumed)
-    assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device for p, s in resumed.state.items())
+    for setting in ("capturable", "fused"):  # the run's setting: either reads the counts on the device
+        for state in resumed.state.values():
+            state["step"] = state["step"].double()
+        resumed.param_groups[0].update(fused=setting == "fused", capturable=setting == "capturable")
+        checkpoint.steps_on_param_devices(resumed)
+        assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device
+                   for p, s in resumed.state.items())
     _adamw_steps(model, resumed, "cpu")
 
 
