@@ -25,8 +25,8 @@ Memory per GPU (bytes), for P parameters on N GPUs:
       + with RoPE, the rotated q and k (new tensors; the projection output stays, held by v);
   that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
   the dropout masks). The head adds the final norm's input (r bytes) and, with the triton
-  linear_cross_entropy (the planned case), the gradient of the norm's output (2h), which that
-  op computes in the forward with the weight's, so that no logits are kept (kernels/
+  linear_cross_entropy (the planned case), the gradient of the norm's output in fp32 (4h), which
+  that op computes in the forward with the weight's, so that no logits are kept (kernels/
   cross_entropy.py); unfused, the bf16 logits and then their gradient would add 4·vocab a token
   (torch's fp32 loss 10·vocab). Whatever the micro-batch, the op keeps the weight's gradient in
   fp32 for the backward, and in the head's forward also holds one chunk's share of it and at
@@ -42,7 +42,7 @@ The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken a
 the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
 are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak. The
 activation formula and the weight copies are checked against what autograd saves in small
-models of the gpt2 and llama kinds with the Triton ops (tests/test_mfu.py: within 1%); the
+models of the gpt2 and llama kinds with the Triton ops (tests/test_mfu.py: within 2%); the
 allocator's own overheads, transients and workspaces are not in them.
 """
 import dataclasses
@@ -155,7 +155,7 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
     if config.pos_encoding == "rope":
         layer += 2 * (config.n_head + config.n_kv_head) * config.head_dim
-    head = r * h + 2 * h
+    head = r * h + 4 * h
     L, n = config.n_layer, recompute_count(recompute, config.n_layer)
     inputs = n * r * h + max(n - 1, 0) * 2 * h  # the stream, and but into the first block the branch
     return (L - n) * layer + inputs + (layer if n == L else 0) + head

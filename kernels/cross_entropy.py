@@ -298,7 +298,9 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
 # (cuBLAS), the loss and row statistics by the forward kernel, the logits' gradient written over
 # them by the backward kernel, then d_x of the chunk and its share of d_weight by two matmuls.
 # Backward only scales those by d_loss. Nothing logits-sized outlives a chunk; kept for backward
-# are d_x (the size of x) and d_weight in fp32 (classes x width: 155 MB for GPT-2).
+# are d_x and d_weight in fp32 (x's size, 50 MB at GPT-2's 16k tokens; classes x width: 155 MB),
+# so that each gradient is rounded to its dtype once, scaled (a d_x kept in bf16 and scaled in
+# backward was rounded twice: up to 7x torch's error on one row's d_x, where torch's was 0.05%).
 # The FLOPs are the unfused ones (no recompute). The price is d_weight's accumulation: each chunk's
 # share is a (classes, width) fp32 matmul output added to the sum: 16 bytes an element moved a
 # chunk past the first (0.6 GB for GPT-2's head); with 1 GiB chunks GPT-2 takes two at 16k tokens.
@@ -338,15 +340,12 @@ def _chunk_rows(rows: int, classes: int, itemsize: int) -> int:
     return max(1, runtime.cdiv(rows, chunks))
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b accumulated in fp32, written into `out` or returned in fp32 (cuBLAS writes fp32 from
-    16-bit operands at once). On CPU through fp32 copies: torch's CPU bf16 matmul takes seconds for
-    d_x at 50k classes (b row-major, its long dimension first), fp32 a tenth of one."""
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32 (cuBLAS writes fp32 from 16-bit operands at once).
+    On CPU through fp32 copies: torch's CPU bf16 matmul takes seconds for d_x at 50k classes (b
+    row-major, its long dimension first), fp32 a tenth of one."""
     if not a.is_cuda:
-        product = torch.mm(a.float(), b.float())
-        return product if out is None else out.copy_(product)
-    if out is not None:
-        return torch.mm(a, b, out=out)
+        return torch.mm(a.float(), b.float())
     return torch.mm(a, b, out_dtype=torch.float32) if a.dtype != torch.float32 else torch.mm(a, b)
 
 
@@ -355,7 +354,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
                           dtype: torch.dtype, x_grad: bool, weight_grad: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d_x, d_weight, pending) of x (rows, width) and weight (classes, width), both
-    multiplied in `dtype`: d_x in `dtype`, d_weight in fp32, each empty unless asked for, to be
+    multiplied in `dtype`: d_x and d_weight in fp32, each empty unless asked for, to be
     multiplied by d_loss and by `pending` (fp32) in backward. In fp16 the mean's gradients, a
     softmax over the number of rows counted (1e-9 and less at GPT-2's 12k tokens and 50k classes),
     fall below its range before GradScaler's factor (d_loss) could lift them: they are computed
@@ -368,7 +367,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     scale = 1.0 / counted  # fp32; inf when no row counts: then every row's gradient is 0 all the same
     pending = 1.0 / counted.clamp(min=1) if dtype == torch.float16 else torch.ones_like(scale)
     scale = scale / pending  # d_logits' share
-    dx = torch.empty(x.shape if x_grad else 0, dtype=dtype, device=x.device)
+    dx = torch.empty(x.shape if x_grad else 0, dtype=torch.float32, device=x.device)
     dw = None
     row_losses = []
     step = _chunk_rows(rows, classes, w.element_size())
@@ -383,7 +382,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
                 continue
             _backward_rows(logits, tc, stats, scale, logits, ignore_index)  # logits <- d_logits
             if x_grad:
-                _mm(logits, w, dx[start:start + step])
+                dx[start:start + step] = _mm(logits, w)
             if weight_grad:
                 share = _mm(logits.t(), xc)  # fp32
                 dw = share if dw is None else dw.add_(share)
@@ -397,7 +396,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 @_linear_cross_entropy.register_fake
 def _linear_cross_entropy_fake(x, weight, targets, ignore_index, dtype, x_grad, weight_grad):
-    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape if x_grad else 0, dtype=dtype),
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape if x_grad else 0, dtype=torch.float32),
             x.new_empty(weight.shape if weight_grad else 0, dtype=torch.float32),
             x.new_empty((), dtype=torch.float32))
 

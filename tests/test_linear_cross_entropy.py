@@ -163,9 +163,9 @@ def test_weight_gradient_summed_over_chunks_in_fp32(device, monkeypatch):
 
 
 def test_keeps_no_logits(chunks, device):
-    """What autograd keeps for backward is d_x (x's size) and d_weight in fp32 (and a number),
-    nothing the size of the logits, with or without autocast; and the forward reaches the same loss with or without
-    gradients asked for."""
+    """What autograd keeps for backward is d_x and d_weight in fp32 (and a number), nothing the
+    size of the logits, with or without autocast; and the forward reaches the same loss with or
+    without gradients asked for."""
     skip_unless_triton_runs("triton", device)
     fn = kernels.get("linear_cross_entropy", "triton")
     for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
@@ -177,10 +177,9 @@ def test_keeps_no_logits(chunks, device):
             loss = fn(x, weight, targets)
             with torch.no_grad():
                 assert torch.equal(fn(x, weight, targets), loss)
-        # d_x in the matmul dtype, d_weight in fp32 (under autocast too: its matmuls are the op's),
-        # and the factor still to apply to them (a number)
+        # d_x and d_weight in fp32 (rounded once, when scaled), and the factor to scale them by
         assert sorted((t.shape, t.dtype) for t in saved) == sorted(
-            [(x.shape, torch.bfloat16), (weight.shape, torch.float32), ((), torch.float32)]), autocast
+            [(x.shape, torch.float32), (weight.shape, torch.float32), ((), torch.float32)]), autocast
 
 
 def test_frozen_weight_or_x(chunks, device):

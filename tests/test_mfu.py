@@ -175,8 +175,9 @@ def test_activation_formula():
     # Pure bf16 GPT-2 layer: 32·h bytes per token (Korthikanti et al.'s 34·h less dropout masks).
     h = 768
     per_layer = 32 * h
-    # The head: ln_f's input, and the gradient of its output (linear_cross_entropy keeps no logits).
-    head = 2 * h + 2 * h
+    # The head: ln_f's input, and the gradient of its output in fp32 (linear_cross_entropy keeps
+    # no logits).
+    head = 2 * h + 4 * h
     assert plan.activation_bytes_per_token(GPT2, "bf16_adamw") == 12 * per_layer + head
     # Autocast keeps the residual stream (the two norm inputs per layer, and ln_f's) in fp32.
     assert plan.activation_bytes_per_token(GPT2, "adamw") == 12 * (per_layer + 4 * h) + head + 2 * h
