@@ -13,10 +13,11 @@ gradients, the same copy for every backend).
 
 A backend passes the check when, for every output and gradient of every pass, its error against
 the torch backend computed in float64 is at most FACTOR x the torch backend's own error in the
-working dtype, plus a floor of a few roundings of that dtype (kernels/accuracy.py, the rule the
-tests use). Ops run with the dropout of the model's config (the norms' residual form and
-attention): backends draw different masks, so a backend is compared with the reference given its
-own mask, read off a probe call under a fixed seed, and is seeded so before every call.
+working dtype, plus a floor (half a unit roundoff of bf16 and fp16, 1e-6 in fp32:
+kernels/accuracy.py, the rule the tests use). Ops run with the dropout of the model's config (the
+norms' residual form and attention): backends draw different masks, so a backend is compared with
+the reference given its own mask, read off a probe call under a fixed seed, and is seeded so
+before every call.
 """
 import contextlib
 import dataclasses

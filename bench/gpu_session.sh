@@ -3,8 +3,9 @@
 # start (a minute or two) included, so start with the one call that fits them:
 #   bash bench/gpu_session.sh first     # the most telling checks in one call of BUDGET_S (540) seconds:
 #                                       # the suite natively (CUDA cases first; tests not started by 150 s skip),
-#                                       # bench.mfu for gpt2 then llama, every kernel variant (with where each
-#                                       # variant's step time goes: bench/breakdown.py), then bench.sweep of
+#                                       # bench.mfu for gpt2, every kernel variant, then llama (triton+compile,
+#                                       # compile, triton; with where each variant's step time goes:
+#                                       # bench/breakdown.py), then bench.sweep of
 #                                       # AdamW's and the norm's launch constants, each cut at its share (rows
 #                                       # and settings are written as they are measured); every step's time
 #                                       # lands in first.log, for the next plan; report.md has the README's
@@ -58,7 +59,7 @@ log="$OUT/$1.log"
 } > "$log" 2>&1
 if [[ -z ${GPU_SESSION_ON_CPU:-}${GPU_SESSION_CHECKED:-} ]] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
     >> "$log" 2>&1; then
-  # The benchmarks on a machine without CUDA say so and exit 0 (a user's command): a stage would
+  # Some benchmarks (mfu, kernels, tune_attention) on a machine without CUDA say so and exit 0: a stage would
   # look done with nothing measured. (GPU_SESSION_ON_CPU=1: the stages' own logic on a CPU, for
   # tests/test_gpu_session.py.)
   echo "stage $1: torch sees no CUDA GPU here: nothing to measure" | tee -a "$log"

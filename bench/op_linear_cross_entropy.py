@@ -11,10 +11,10 @@ registry's triton backend (chunks of rows, no logits kept: kernels/cross_entropy
 for backward. One pass, forward+backward (forward plus torch.autograd.grad of x and weight): the
 triton backend takes the gradients in its forward.
 
-FLOPs credited: the three matmuls, 6 x tokens x width x vocabulary. Memory is the point of the
-fused op and is not in these rows: `python -m bench.mfu` reports each variant's peak memory in
-training. `verified`: loss, d_x and d_weight as accurate as torch's, by the project's rule
-(kernels/accuracy.py), on the first 2048 tokens.
+FLOPs credited: the three matmuls, 6 x tokens x width x vocabulary. Memory, the point of the fused
+op, is each row's peak MiB (what the pass allocated beyond its inputs); `python -m bench.mfu`
+reports each variant's peak in training. `verified`: loss, d_x and d_weight as accurate as
+torch's, by the project's rule (kernels/accuracy.py), on the first 2048 tokens.
 """
 import sys
 from collections.abc import Iterator

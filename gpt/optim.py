@@ -1,14 +1,14 @@
 """AdamW through the registry's `adamw` op, for pure-bf16 training.
 
 Moments live in each parameter's own dtype, so a bf16 model keeps bf16 weights and bf16 moments
-and no fp32 master copy (8 bytes of optimizer state per parameter instead of 16 under fp32
-weights with torch.optim.AdamW). The math is torch.optim.AdamW's, computed in fp32.
+and no fp32 master copy (8 bytes a parameter of weights, grads and optimizer state, instead of
+16 under fp32 weights with torch.optim.AdamW). The math is torch.optim.AdamW's, computed in fp32.
 
 bf16 stores are rounded stochastically by default (`stochastic_rounding=False` gives plain
 round-to-nearest), so updates smaller than bf16's resolution still move the weights on average.
 `kahan_summation=True` instead keeps, per param, a tensor of what rounding the param lost (2 more
-bytes per bf16 param), so small updates add up exactly; the moments still follow
-`stochastic_rounding`.
+bytes per bf16 param), so small updates add up to about 16 significant bits (the compensation,
+bf16 itself, rounds too); the moments still follow `stochastic_rounding`.
 Each group's step draws its random bits from a seed derived from (`seed`, group index, step
 count); all three are in `state_dict`, so a run resumed from a checkpoint takes exactly the
 steps the uninterrupted run would have.
@@ -40,7 +40,8 @@ except ImportError:  # torch built without distributed
 
 def optimizer_ops(optimizer: str) -> set[str]:
     """The registry ops a training step's optimizer side calls under train.py's `optimizer`
-    (adamw | bf16_adamw): the grad norm (logged every step, and clipping), and bf16_adamw's step."""
+    (adamw | bf16_adamw): the grad norm (clipping, and the log every log_interval), and
+    bf16_adamw's step."""
     return {"grad_norm"} | ({"adamw"} if optimizer == "bf16_adamw" else set())
 
 

@@ -35,7 +35,8 @@ one launch for a model.
   both it would issue one 2-byte access per element instead of 16-byte vectors. Only the last
   block of each tensor is masked; when every numel is a multiple of 16 (EVEN: a model's tensors
   are), its size is hinted so, and the masked block vectorizes too. Otherwise its per-element
-  addresses set the whole kernel's registers: 163-168 a thread instead of 128 (sm90).
+  addresses set the whole kernel's registers (sm90, triton 3.8: 168 a thread instead of 86
+  rounding to nearest, 244 instead of 120 stochastically).
 - The table and block map depend only on the addresses, sizes and dtypes, so they are cached
   under that key: a step with the same tensors (the optimizer passes the same params and states
   every step, and the caching allocator hands the grads back the same addresses) costs one Python
@@ -243,7 +244,7 @@ def _block(table, blocks, WIDTH: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.con
     if EVEN:
         # The mask of a last block then holds over whole 16-element runs: it vectorizes like the
         # full blocks, and its per-element addresses no longer set the kernel's registers (sm90,
-        # AdamW: 128 a thread instead of 163, four programs an SM instead of three).
+        # AdamW to nearest: 86 a thread instead of 168, five programs an SM instead of three).
         numel = tl.multiple_of(numel, EVEN_NUMEL)
     # int64: a tensor may hold more than 2^31 elements.
     return entry, numel, start, start + tl.arange(0, BLOCK), start + BLOCK <= numel

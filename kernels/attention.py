@@ -529,8 +529,8 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # past it: fwd/dq own query rows, dkdv owns keys and holds k, v, dk and dv in registers, so it
 # owns fewer rows. sm80 covers Ampere and the Ada cards with ~100 KB of shared memory: 64-row
 # tiles, 2 stages. Consumer Blackwell (sm120: mma.sync as on Ampere, 99 KB of shared memory a
-# block) takes the sm80 tables: compiled for sm120 (triton 3.8), 128-row forward tiles spill
-# 120-150 bytes a thread at D = 64 and 128, the sm80 tables' at most 16.
+# block) takes the sm80 tables: compiled for sm120 (triton 3.8), 128-row forward tiles spill up
+# to 144 bytes a thread at D = 128, the sm80 tables' at most 32 (16 up to 1024 tokens).
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
     8: {32: _SM80_SMALL_D, 64: _SM80_SMALL_D,
