@@ -89,15 +89,15 @@ def main(argv: list[str]) -> list[str]:
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"gpt.sample: device={device}, but torch sees no CUDA GPU")
-    with reported("gpt.sample"):  # one it lacks, before a checkpoint loaded there seems corrupt
+    with reported("gpt.sample"):  # one it lacks (cuda:3 of two GPUs), before a checkpoint is read
         check_device(device)
     torch.manual_seed(c["seed"])
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")  # what the ops see, whatever the weights' dtype
 
     if c["init_from"] == "resume":
-        with reported("gpt.sample"):
-            ckpt = checkpoint.load(c["out_dir"], device)
+        with reported("gpt.sample"):  # mapped on the host: of a training checkpoint, only the weights reach the GPU
+            ckpt = checkpoint.load(c["out_dir"], "cpu")
         config, meta = GPTConfig(**ckpt["model_args"]), checkpoint_meta(ckpt)
     elif pretrained.is_pretrained(c["init_from"]):
         with reported("gpt.sample", f"init_from={c['init_from']}: "):
@@ -113,6 +113,7 @@ def main(argv: list[str]) -> list[str]:
     backends = {op: ch.backend for op, ch in choices.items()}
     if c["init_from"] == "resume":
         model = checkpoint.build_model(ckpt, backends)
+        del ckpt  # its optimizer state and weights, not kept through generation
     else:
         model = GPT(config, backends)
         with reported("gpt.sample", f"init_from={c['init_from']}: "):

@@ -1,5 +1,6 @@
 """gpt.sample's arguments and edge cases, on tiny checkpoints written here (training's own
 sampling is in test_train.py)."""
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +50,23 @@ def test_triton_kernels_fall_back_per_op_at_the_model_s_own_shapes(tmp_path):
     with pytest.warns(UserWarning, match="kernels=triton: attention falls back to torch"):
         triton = sample([*args, "--kernels=triton"])
     assert triton == sample(args)
+
+
+def test_the_checkpoint_is_read_on_the_host_and_let_go_before_generation(tmp_path, monkeypatch):
+    """Of a training checkpoint (weights and optimizer state) only the model's copy of the weights
+    lives through generation, on the GPU the only copy."""
+    args, load, kept = char_checkpoint(tmp_path), checkpoint.load, []
+
+    def spy_load(out_dir, device):
+        ckpt = load(out_dir, device)
+        kept.append((device, weakref.ref(next(iter(ckpt["model"].values())))))
+        return ckpt
+    monkeypatch.setattr(checkpoint, "load", spy_load)
+    generate, alive = GPT.generate, []
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: alive.append(kept[0][1]() is not None)
+                        or generate(self, *a, **k))
+    sample([*args, "--max_new_tokens=2"])
+    assert kept[0][0] == "cpu" and alive == [False]
 
 
 def test_kernels_are_chosen_for_generation(tmp_path, monkeypatch):
