@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -246,6 +246,13 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
 
 
 def main(argv: list[str]) -> None:
+    # However the run ends (an error, an interrupt, a guard's stop), the clock sampler's thread
+    # stops and the log closes: called again in one process (a notebook, a sweep), nothing piles up.
+    with ExitStack() as cleanup:
+        run(argv, cleanup)
+
+
+def run(argv: list[str], cleanup: ExitStack) -> None:
     if printed_help(argv, __doc__, DEFAULTS):
         return
     with reported():
@@ -402,6 +409,7 @@ def main(argv: list[str]) -> None:
 
     meter = MFUMeter(raw_model.config, c["block_size"], c["dtype"], c["device"], world_size,
                      peak_tflops=c["peak_tflops"], recomputed=raw_model.recomputed)
+    cleanup.callback(meter.close)
     if master:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
@@ -420,7 +428,7 @@ def main(argv: list[str]) -> None:
         if earlier:
             console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
                           f"{earlier}[/yellow]")
-        log_file = open(log_path, "w" if fresh else "a")
+        log_file = cleanup.enter_context(open(log_path, "w" if fresh else "a"))
         # The backend that ran each op (kernels=auto chooses per GPU) heads what this run logs.
         marks = {"eval_only": True} if c["eval_only"] else {}
         log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **marks)) + "\n")
@@ -544,7 +552,6 @@ def main(argv: list[str]) -> None:
                 t_last, iters_since_log = time.perf_counter(), 0
             iter_num += 1
 
-    meter.close()
     if world.parallel:
         # DDP's reducer holds the process group from C++: dropped last, at return, it would destroy
         # it holding the GIL while joining gloo's thread, which may need the GIL to free a finished

@@ -71,6 +71,29 @@ def run(out_dir, data_dir, *args, preset=None):
         return [json.loads(line) for line in f]
 
 
+def test_an_interrupted_run_stops_its_clock_sampler_and_closes_its_log(tmp_path, data_dir, monkeypatch):
+    """Called in a long-lived process (a notebook, a sweep), a run that ends in an error or an
+    interrupt leaves no NVML sampling thread running and no log open."""
+    closed, entered, lr_at = [], [], train.lr_at
+
+    class Recorded(train.ExitStack):
+        def enter_context(self, cm):
+            entered.append(cm)
+            return super().enter_context(cm)
+
+    def interrupted(it, c):
+        if it == 3:
+            raise KeyboardInterrupt
+        return lr_at(it, c)
+    monkeypatch.setattr(train, "ExitStack", Recorded)
+    monkeypatch.setattr(train.MFUMeter, "close", lambda self: closed.append(self))
+    monkeypatch.setattr(train, "lr_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, data_dir, "--max_iters=10", "--log_interval=1")
+    assert len(closed) == 1 and [f.name for f in entered] == [str(tmp_path / "log.jsonl")]
+    assert entered[0].closed
+
+
 def test_tiny_training_run_loss_falls_and_checkpoints(tmp_path, data_dir):
     log = run(tmp_path, data_dir, "--max_iters=80", "--eval_interval=40", "--lr_decay_iters=80")
     evals = [r for r in log if "val_loss" in r]
