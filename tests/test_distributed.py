@@ -137,6 +137,20 @@ def test_ranks_read_disjoint_slices_of_one_global_batch(data_dir):
     assert torch.equal(x, torch.cat([next(b.eval_batches("val", 1))[0] for b in ranks]))
 
 
+def test_zero1_keeps_no_copy_of_the_state_it_gathered(one_process_group):
+    """ZeroRedundancyOptimizer keeps what consolidate_state_dict gathered (the whole state on rank
+    0's host) until the next call; optimizer_state's dict is its only holder, freed with it."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    params = [torch.randn(4, 4, requires_grad=True)]
+    zero = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-2)
+    params[0].grad = torch.randn(4, 4)
+    zero.step()
+    state = distributed.optimizer_state(zero)
+    assert zero._all_state_dicts == []
+    assert torch.equal(state["state"][0]["exp_avg"], zero.optim.state[params[0]]["exp_avg"])
+
+
 def test_parallel_must_be_known():
     with pytest.raises(SystemExit, match="parallel must be one of"):
         train.main(["--parallel=zero3"])
