@@ -22,7 +22,7 @@ Memory per GPU (bytes), for P parameters on N GPUs:
       (hidden, or 2·hidden for SwiGLU) + activation output (hidden)
       + the two norm inputs, which are the residual stream: fp32 under autocast, bf16 pure
         and under FSDP (its weights gathered in bf16 make the embeddings' sum bf16)
-      + with RoPE, the rotated q and k (new tensors; the projection output stays, held by v);
+      (with RoPE, the turned q and k and a copy of v in their place: the projection output goes);
   that is 32·h bytes for a GPT-2 layer in pure bf16 (Korthikanti et al. 2022's 34·h without
   the dropout masks). The head adds the final norm's input (r bytes) and, with the triton
   linear_cross_entropy (the planned case), the gradient of the norm's output in fp32 (4h), which
@@ -153,8 +153,6 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
-    if config.pos_encoding == "rope":
-        layer += 2 * (config.n_head + config.n_kv_head) * config.head_dim
     head = r * h + 4 * h
     L, n = config.n_layer, recompute_count(recompute, config.n_layer)
     inputs = n * r * h + max(n - 1, 0) * 2 * h  # the stream, and but into the first block the branch

@@ -56,7 +56,7 @@ from . import runtime
 from .runtime import dropout_key, dropout_scale, fp32, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
-from .rope import check_tables, rotate, triton_tables, turned
+from .rope import check_tables, place, rotate, triton_tables, turned
 
 HEAD_DIMS = (32, 64, 96, 128)
 
@@ -681,15 +681,19 @@ def _split_grads(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor,
     return _heads(buf, [H, Hkv, Hkv])
 
 
-def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """q and k turned by RoPE's tables (rope.rotate), side by side in one (B, T, H + Hkv, D)
-    buffer: the layout of dq and dk in _empty_grads' buffer, which the backward turns back in
-    place, in one pass."""
+def _rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> torch.Tensor:
+    """q and k turned by RoPE's tables (rope.rotate) and a copy of v, in one (B, T, H + 2*Hkv, D)
+    buffer laid out as _empty_grads' (whose dq and dk the backward turns back in place, in one
+    pass). Kept for the backward in place of q, k and v: v, a view of the model's projection
+    output, would keep all of it, its unturned q and k too (2/3 of it in a LLaMA layer)."""
     B, H, T, D = q.shape
-    qk = runtime.empty_heads(q, B, T, H + k.shape[1], D)
-    rotate(q, qk, cos, sin, False)
-    rotate(k, qk, cos, sin, False, y_head=H)
-    return qk
+    Hkv = k.shape[1]
+    qkv = runtime.empty_heads(q, B, T, H + 2 * Hkv, D)
+    rotate(q, qkv, cos, sin, False)
+    rotate(k, qkv, cos, sin, False, y_head=H)
+    place(v, qkv, y_head=H + Hkv)
+    return qkv
 
 
 def _bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -759,11 +763,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 def _attention_rope_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, causal: bool, dropout_p: float,
                         seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, lse2, qk): attention over q and k turned by RoPE, and the buffer of the turned q and k
-    (_rotated), which the backward reads."""
-    qk = _rotated(q, k, cos, sin)
-    q, k = _heads(qk, [q.shape[1], k.shape[1]])
-    return *_launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0)), qk
+    """(o, lse2, qkv): attention over q and k turned by RoPE, and the buffer of the turned q and k
+    and of v (_rotated), which the backward reads."""
+    qkv = _rotated(q, k, v, cos, sin)
+    q, k, v = _heads(qkv, [q.shape[1], k.shape[1], v.shape[1]])
+    return *_launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0)), qkv
 
 
 @runtime.triton_op("tritongpt::attention_bwd", mutates_args=())
@@ -799,16 +803,17 @@ def _backward(ctx, do, _dlse):
 
 def _setup_rope_context(ctx, inputs, output):
     _q, _k, v, cos, sin, causal, dropout_p, seed = inputs
-    o, lse, qk = output
-    ctx.save_for_backward(qk, v, o, lse, seed, cos, sin)
-    ctx.causal, ctx.dropout_p = causal, dropout_p
-    runtime.only_first_output_differentiable(ctx, lse, qk)
+    o, lse, qkv = output
+    ctx.save_for_backward(qkv, o, lse, seed, cos, sin)
+    ctx.causal, ctx.dropout_p, ctx.kv_heads = causal, dropout_p, v.shape[1]
+    runtime.only_first_output_differentiable(ctx, lse, qkv)
 
 
-def _rope_backward(ctx, do, _dlse, _dqk):
-    qk, v, o, lse, seed, cos, sin = ctx.saved_tensors
-    H = qk.shape[2] - v.shape[1]  # qk holds q's heads, then k's (as many as v's)
-    q, k = _heads(qk, [H, v.shape[1]])
+def _rope_backward(ctx, do, _dlse, _dqkv):
+    qkv, o, lse, seed, cos, sin = ctx.saved_tensors
+    Hkv = ctx.kv_heads
+    H = qkv.shape[2] - 2 * Hkv
+    q, k, v = _heads(qkv, [H, Hkv, Hkv])
     grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed, cos, sin)
     return *_split_grads(grads, H), None, None, None, None, None
 
@@ -844,14 +849,15 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     gradients dq, dk and dv are views of one (B, T, H + 2*Hkv, D) buffer (_empty_grads).
     Dropout's seed comes from runtime.dropout_seed_tensor and is kept for the backward.
 
-    With `rope`, q and k are turned into one buffer first and dq and dk turned back in place in
-    the gradient buffer (_attention_rope_fwd): the rotation's passes, and no copy of the
-    gradients, which a separate rope op's fresh dq and dk would cost at the split."""
+    With `rope`, q and k are turned into one buffer first, v copied beside them, and dq and dk
+    turned back in place in the gradient buffer (_attention_rope_fwd): the rotation's passes,
+    and no copy of the gradients, which a separate rope op's fresh dq and dk would cost at the
+    split."""
     check_attention(q, k, v, causal, dropout_p, rope)
     check_triton_attention(q)
     seed = runtime.dropout_seed_tensor(dropout_p, q.device)
     if rope is not None:
         cos, sin = triton_tables("attention", *rope)
-        return _attention_rope_fwd(q, k, _dense_stride1(v), cos, sin, causal, float(dropout_p), seed)[0]
+        return _attention_rope_fwd(q, k, v, cos, sin, causal, float(dropout_p), seed)[0]
     q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
     return _attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]

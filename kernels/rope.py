@@ -80,12 +80,13 @@ def _rope_kernel(
     X,  # input (B, H, T, D), any strides
     Y,  # output: a (B, T, heads, D) buffer in X's dtype, whose heads [y_head, y_head + H) this writes
     y_head,  # Y's first head
-    Cos,  # (T, HALF) fp32, contiguous
-    Sin,  # (T, HALF) fp32, contiguous
+    Cos,  # (T, HALF) fp32, contiguous (unread unless TURN)
+    Sin,  # (T, HALF) fp32, contiguous (unread unless TURN)
     T,  # positions
     HALF,  # D / 2: the pairs per head vector
     stride_xb, stride_xh, stride_xt, stride_xd,  # strides of X and Y, in elements
     stride_yb, stride_yh, stride_yt, stride_yd,
+    TURN: tl.constexpr,  # False: X copied into Y as it is (place)
     INVERSE: tl.constexpr,  # negate sin: the transpose, for the backward
     BLOCK_T: tl.constexpr,  # positions per program
     BLOCK_HALF: tl.constexpr,  # a power of two >= HALF
@@ -102,13 +103,17 @@ def _rope_kernel(
     y_row = Y + b * stride_yb + (y_head + h) * stride_yh + t64 * stride_yt
     x1 = tl.load(x_row + d1 * stride_xd, mask=mask).to(tl.float32)
     x2 = tl.load(x_row + d2 * stride_xd, mask=mask).to(tl.float32)
-    table = t[:, None] * HALF + d[None, :]
-    cos = tl.load(Cos + table, mask=mask)
-    sin = tl.load(Sin + table, mask=mask)
-    if INVERSE:
-        sin = -sin
-    tl.store(y_row + d1 * stride_yd, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_row + d2 * stride_yd, (x1 * sin + x2 * cos).to(Y.dtype.element_ty), mask=mask)
+    if TURN:
+        table = t[:, None] * HALF + d[None, :]
+        cos = tl.load(Cos + table, mask=mask)
+        sin = tl.load(Sin + table, mask=mask)
+        if INVERSE:
+            sin = -sin
+        y1, y2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    else:
+        y1, y2 = x1, x2  # exact: fp32 holds every 16-bit value
+    tl.store(y_row + d1 * stride_yd, y1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_row + d2 * stride_yd, y2.to(Y.dtype.element_ty), mask=mask)
 
 
 def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
@@ -116,14 +121,28 @@ def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """x (B, H, T, D) turned by the tables' angles (sin negated if `inverse`: the transpose) into
     heads [y_head, y_head + H) of y, a (B, T, heads, D) buffer (runtime.empty_heads). x may be
     those heads of y itself: each program reads its pairs before writing them."""
+    _launch(x, y, y_head, (cos, sin), inverse)
+
+
+def place(x: torch.Tensor, y: torch.Tensor, y_head: int) -> None:
+    """x (B, H, T, D) copied as it is into heads [y_head, y_head + H) of y, as rotate writes them:
+    in a torch.compile'd graph a kernel writing its buffer, where a torch copy into part of a
+    buffer is functionalized into a copy of the whole of it."""
+    _launch(x, y, y_head, None, False)
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, y_head: int, tables: tuple[torch.Tensor, torch.Tensor] | None,
+            inverse: bool) -> None:
     B, H, T, D = x.shape
     if x.numel():
         block_half = runtime.next_power_of_2(D // 2)
         block_t = max(1, min(_TILE // block_half, runtime.next_power_of_2(T)))
+        cos, sin = tables or (y, y)  # not read without TURN
         with runtime.on_device(x):
             wrap_triton(_rope_kernel)[(runtime.cdiv(T, block_t), H, B)](
                 x, y, y_head, cos, sin, T, D // 2, *x.stride(), *runtime.head_strides(y),
-                INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
+                TURN=tables is not None, INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half,
+                num_warps=_NUM_WARPS)
 
 
 @runtime.triton_op("tritongpt::rope", mutates_args=())

@@ -250,9 +250,9 @@ class Op:
 def only_first_output_differentiable(ctx, *others: torch.Tensor) -> None:
     """For a setup_context whose op returns one differentiable output and `others` (statistics,
     buffers kept for the backward): marks those as having no gradient, and keeps autograd from
-    filling zero gradients of their size for the backward (a memset of attention's turned q and k,
-    two thirds of d_qkv's bytes and more with grouped-query attention). The backward runs only
-    when the first output has a gradient."""
+    filling zero gradients of their size for the backward (a memset of attention's buffer of the
+    turned q and k and v, d_qkv's size). The backward runs only when the first output has a
+    gradient."""
     ctx.mark_non_differentiable(*others)
     ctx.set_materialize_grads(False)
 

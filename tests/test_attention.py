@@ -141,6 +141,21 @@ def test_rope_gradients_are_views_of_one_buffer(device):
     assert [t.storage_offset() for t in (dq, dk, dv)] == [0, H * D, (H + Hkv) * D]
 
 
+def test_rope_keeps_nothing_of_the_projection_output(device):
+    """With rope, what the backward keeps of q, k and v is one buffer of the turned q and k and
+    a copy of v: nothing that would keep the model's qkv projection output (whose views they
+    are) alive to the backward, its unturned q and k dead."""
+    device = triton_device(device)
+    B, H, Hkv, T, D = 1, 4, 2, 19, 32
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, device=device, requires_grad=True)
+    q, k, v = qkv.transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.get("attention", "triton")(q, k, v, rope=rope_tables(D, T, 10000.0, device))
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert qkv.untyped_storage().data_ptr() not in storages
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_single_token(dtype, causal, device):
