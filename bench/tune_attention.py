@@ -172,7 +172,7 @@ class Problem:
     v: torch.Tensor
     do: torch.Tensor
     defaults: dict[str, _Config]
-    base: dict[str, torch.Tensor]  # o, lse, delta, dk, dv, dq
+    base: dict[str, torch.Tensor]  # o, lse, delta; and problem()'s dk, dv, dq
     refs: list[dict[str, torch.Tensor]]
     bounds: list[dict[str, float]]
 
@@ -239,7 +239,8 @@ def _references(q, k, v, do, lse, sample) -> tuple[dict, dict]:
 
 
 def inputs(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
-    """The inputs of one shape and the current configuration's results, without references."""
+    """The inputs of one shape and the current configuration's forward (o, lse) and delta: what
+    every pass launches on (a compiling worker holds no more: at the tuning shape 0.3 GB)."""
     qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=DTYPE)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
     defaults = {which: attention._config(q, which) for which in PASSES}
@@ -247,15 +248,15 @@ def inputs(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
     do = torch.randn_like(o)  # laid out as o, as the output projection's gradient comes
     delta = attention._launch_delta(o, do, defaults["fwd"])
     base = {"o": o, "lse": lse, "delta": delta}
-    p = Problem(B, H, T, D, q, k, v, do, defaults, base, [], [])
-    base.update(launch("dkdv", p, defaults["dkdv"]))
-    base.update(launch("dq", p, defaults["dq"]))
-    return p
+    return Problem(B, H, T, D, q, k, v, do, defaults, base, [], [])
 
 
 def problem(B: int, H: int, T: int, D: int, device: torch.device) -> Problem:
-    """inputs(), with the float64 references and bounds of the sampled heads."""
+    """inputs(), with the current configuration's gradients (copies: as views they would keep
+    whole (B, T, 3H, D) buffers) and the float64 references and bounds of the sampled heads."""
     p = inputs(B, H, T, D, device)
+    for which in ("dkdv", "dq"):
+        p.base.update({name: t.clone() for name, t in launch(which, p, p.defaults[which]).items()})
     for sample in SAMPLES:
         ref, limits = _references(p.q, p.k, p.v, p.do, p.base["lse"], sample)
         p.refs.append(ref)

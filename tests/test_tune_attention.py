@@ -64,6 +64,15 @@ def test_compiling_ahead_launches_each_candidate_in_a_worker(capsys):
     assert "compiled ahead: 3 candidates" in out and "(1 failed there" in out
 
 
+def test_problems_keep_no_more_than_they_compare():
+    """A compiling worker's inputs hold no gradients; the sweep's problem holds its own dk, dv
+    and dq, not views that keep whole (B, T, 3H, D) gradient buffers."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(tune_attention.inputs(1, 2, 24, 32, device).base) == {"o", "lse", "delta"}
+    p = tune_attention.problem(1, 2, 24, 32, device)
+    assert all(p.base[name]._base is None for name in ("dq", "dk", "dv"))
+
+
 def test_without_a_gpu_it_says_what_to_run(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tune_attention.main([]) == 0
