@@ -412,7 +412,9 @@ def _lce_setup_context(ctx, inputs, output) -> None:
 def _lce_backward(ctx, dloss, _ddx, _ddw, _dpending):
     dx, dw, pending = ctx.saved_tensors
     factor = dloss * pending  # fp32, and the products in fp32: each gradient rounded once
-    grads = [(d.float() * factor).to(dtype) if need else None
+    # Stored in the input's dtype as computed: no fp32 product beside it at the step's peak (the
+    # first backward node runs with every activation still saved).
+    grads = [torch.mul(d, factor, out=torch.empty(d.shape, dtype=dtype, device=d.device)) if need else None
              for d, dtype, need in zip((dx, dw), ctx.dtypes, ctx.needs_input_grad)]
     return (*grads, None, None, None, None, None)
 
