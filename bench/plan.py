@@ -244,9 +244,9 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
     if unfit:
         console.print(f"Throughput of {', '.join(unfit)}: does not fit, not one sequence with any optimizer and "
                       "sharding, even recomputing every block.")
-    console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (+ rotated q, k "
-                  "with RoPE) plus the two "
-                  "norm inputs (fp32 under autocast outside FSDP), head r·h + 2h (the triton linear_cross_entropy; "
+    console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (with RoPE the turned "
+                  "q, k and a copy of v in the projection output's place) plus the two "
+                  "norm inputs (fp32 under autocast outside FSDP), head r·h + 4h (the triton linear_cross_entropy; "
                   "unfused logits would add 4·vocab, torch's fp32 loss 10·vocab); a recomputed block keeps its "
                   "inputs (stream and pending branch), and recomputing all holds one block's activations "
                   f"too; 'recompute for {plan.micro_batch}': the fewest blocks (train.py's recompute=n, the "

@@ -167,6 +167,6 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)
         state = optimizer.state_dict() if dist.get_rank() == 0 else None
-        optimizer._all_state_dicts = []
+        optimizer._all_state_dicts = []  # its state_dict() now needs another consolidation, as after a step
         return state
     return optimizer.state_dict()

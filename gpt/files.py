@@ -3,29 +3,35 @@ import contextlib
 import fcntl
 import glob
 import os
+import re
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-# A temporary file left unlocked (its writer is dead: the lock goes with the process) and unwritten
-# this long is abandoned. The age spares a writer in the instant between creating its file and
-# locking it.
+# This machine's name as temporary names carry it (no dots: the name's fields are dot-separated).
+HOST = socket.gethostname().replace(".", "-") or "localhost"
+# A temporary file of this machine's left unlocked (its writer is dead: the lock goes with the
+# process) and unwritten this long is abandoned; the age spares a writer in the instant between
+# creating its file and locking it. Another machine's lock may not reach this one (NFS mounted
+# with local locks, Lustre's localflock): its files are abandoned only after a day unwritten.
 ABANDONED_S = 60.0
+OTHER_HOST_ABANDONED_S = 86400.0
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """write(f) into a temporary file beside `path`, then rename it to `path`: a crash or an error
     mid-write leaves `path` as it was and no temporary file behind. Each process writes its own
     temporary file, so processes writing the same file at once (ranks preparing one dataset,
-    nodes sharing a download cache) never mix their bytes: its name is made unique (pids repeat
-    across containers and nodes) and created exclusively, and it is locked while its writer lives.
-    What killed writers of `path` left (SIGKILL, out of memory, preemption: no chance to remove
-    it; as large as the file) is removed first (remove_abandoned)."""
+    nodes sharing a download cache) never mix their bytes: its name is made unique (the machine,
+    the pid, a random part: pids repeat across containers and nodes) and created exclusively, and
+    it is locked until renamed. What killed writers of `path` left (SIGKILL, out of memory,
+    preemption: no chance to remove it; as large as the file) is removed first (remove_abandoned)."""
     path = Path(path)
     remove_abandoned(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "xb") as f:
             with contextlib.suppress(OSError):  # a file system without locks: nothing is ever removed
@@ -33,7 +39,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: after a power cut, old or new, never empty
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still locked: a slow fsync's file is not taken for abandoned
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -41,14 +47,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 
 def remove_abandoned(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of killed writes of `path` (write_atomic's, unlocked and
-    unwritten for ABANDONED_S); the ones removed. A living writer's file is left to it."""
+    """Delete the temporary files of killed writes of `path` (write_atomic's: unlocked, and
+    unwritten for ABANDONED_S, or a day for another machine's); the ones removed. A living
+    writer's file is left to it."""
     path = Path(path)
+    name = re.compile(rf"\.{re.escape(path.name)}\.(?P<host>[^.]+)\.\d+\.[0-9a-f]{{12}}\.tmp")
     removed = []
     for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        found = name.fullmatch(tmp.name)
+        if found is None:  # another file's (`path`.old's), or not write_atomic's
+            continue
+        stale_s = ABANDONED_S if found["host"] == HOST else OTHER_HOST_ABANDONED_S
         try:
-            with open(tmp, "rb") as f:
-                if time.time() - os.fstat(f.fileno()).st_mtime < ABANDONED_S:
+            # Opened for writing: NFS emulates flock with a lock that needs write access.
+            with open(tmp, "r+b") as f:
+                if time.time() - os.fstat(f.fileno()).st_mtime < stale_s:
                     continue
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # locked by its writer, gone meanwhile, or a file system without locks

@@ -27,8 +27,9 @@ mask through shared memory to reach the MMA accumulator's layout (32 KB more a b
 pass).
 
 With RoPE (`rope=(cos, sin)`, the model's LLaMA attention) the forward first turns q and k with
-the rope kernel (kernels/rope.py) into one (B, T, H + Hkv, D) buffer, which it attends over and
-keeps for the backward; the backward turns dq and dk back in place, adjacent heads of its
+the rope kernel (kernels/rope.py) into one (B, T, H + 2*Hkv, D) buffer, v copied beside them,
+which it attends over and keeps for the backward (not q, k and v: views of the model's projection
+output, they would keep all of it); the backward turns dq and dk back in place, adjacent heads of its
 gradient buffer, in one pass. So dq, dk and dv stay one buffer that the model's split of its qkv
 projection hands on, where a rope op of its own would give fresh dq and dk to concatenate.
 

@@ -217,7 +217,7 @@ def test_zero1_fused_adamw_resumes_on_the_gpu():
 def test_a_killed_write_s_temporary_file_is_removed_by_the_next_run(tmp_path):
     """write_atomic removes its temporary file on an error, but a killed process (out of memory,
     preemption) leaves it, as large as a checkpoint: the next run in out_dir removes it."""
-    torn = tmp_path / f".{checkpoint.FILENAME}.4242.0123456789ab.tmp"
+    torn = tmp_path / f".{checkpoint.FILENAME}.{files.HOST}.4242.0123456789ab.tmp"
     torn.write_bytes(b"half a checkpoint")
     past = time.time() - files.ABANDONED_S - 1
     os.utime(torn, (past, past))

@@ -71,12 +71,17 @@ def test_writers_with_the_same_pid_never_share_a_temporary_file(tmp_path, monkey
     assert len(set(names)) == 2 and path.read_bytes() == b"outer"
 
 
-def aged(path: Path) -> Path:
-    """`path`, created if missing, last written before files.ABANDONED_S ago."""
+def aged(path: Path, seconds: float = files.ABANDONED_S + 1) -> Path:
+    """`path`, created if missing, last written `seconds` ago."""
     path.touch()
-    past = time.time() - files.ABANDONED_S - 1
+    past = time.time() - seconds
     os.utime(path, (past, past))
     return path
+
+
+def temp_name(target: str, n: int = 0, host: str = files.HOST) -> str:
+    """A temporary file's name as write_atomic makes them, for `target` on `host`."""
+    return f".{target}.{host}.4242.{n:012x}.tmp"
 
 
 def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write(tmp_path):
@@ -92,7 +97,8 @@ def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write(tmp_path)
         while not (left := list(tmp_path.glob(".train.bin.*.tmp"))) or left[0].stat().st_size == 0:
             assert time.monotonic() < deadline and writer.poll() is None, "the writer never wrote"
             time.sleep(0.05)
-        assert files.remove_abandoned(aged(left[0])) == []
+        aged(left[0])
+        assert files.remove_abandoned(path) == []
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
@@ -116,9 +122,20 @@ def test_a_living_writer_s_file_is_left_to_it_however_old(tmp_path):
 
 
 def test_only_the_path_s_own_abandoned_files_are_removed(tmp_path):
-    """Its name's glob characters match only themselves; other files' temporary files stay."""
-    own = [aged(tmp_path / f".[a].bin.1.{n}.tmp") for n in "01"]
-    others = [aged(tmp_path / name) for name in (".a.bin.1.0.tmp", ".[a].binx.1.0.tmp", "[a].bin.1.0.tmp")]
-    (tmp_path / ".[a].bin.1.2.tmp").touch()  # not yet abandoned
+    """Its name's glob characters match only themselves; other files' temporary files stay, the
+    file's own `.old`'s too; a fresh one stays."""
+    own = [aged(tmp_path / temp_name("[a].bin", n)) for n in (0, 1)]
+    others = [aged(tmp_path / name) for name in (temp_name("a.bin"), temp_name("[a].binx"), temp_name("[a].bin.old"),
+                                                 temp_name("[a].bin")[1:], ".[a].bin.1.0.tmp")]
+    fresh = tmp_path / temp_name("[a].bin", 2)
+    fresh.touch()
     assert files.remove_abandoned(tmp_path / "[a].bin") == own
-    assert sorted(tmp_path.iterdir()) == sorted([*others, tmp_path / ".[a].bin.1.2.tmp"])
+    assert sorted(tmp_path.iterdir()) == sorted([*others, fresh])
+
+
+def test_another_machine_s_files_wait_a_day(tmp_path):
+    """Its lock may not reach this machine (NFS with local locks): an hour unwritten could be a
+    writer on that machine waiting for its download; a day is not."""
+    hour = aged(tmp_path / temp_name("train.bin", 0, host="node7"), 3600)
+    day = aged(tmp_path / temp_name("train.bin", 1, host="node7"), files.OTHER_HOST_ABANDONED_S + 1)
+    assert files.remove_abandoned(tmp_path / "train.bin") == [day] and hour.exists()

@@ -113,7 +113,7 @@ def test_training_step_concatenates_no_gradient_on_triton_ops(preset, compile):
     """The model's backward on every triton op, eager and compiled, joins every split's gradient
     without a copy: LLaMA's too, whose attention turns dq and dk back through RoPE in its own
     gradient buffer. Nor are zero gradients filled for outputs that have none (the ops' statistics,
-    attention's turned q and k, and, compiled, the logits, which training does not return), nor
+    attention's turned q, k and v, and, compiled, the logits, which training does not return), nor
     is any tensor cloned or copied. (What Inductor makes of the step: tests/inductor_graph.py.)"""
     skip_unless_triton_runs("triton", "cpu")
     switches = dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", n_kv_head=1) if preset == "llama" else {}

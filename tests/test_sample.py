@@ -13,6 +13,7 @@ from gpt import checkpoint
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample
 from kernels import choose
+from tests.devices import cuda_only
 
 CHARS = "ab \n"
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"  # a 96-token GPT-2
@@ -52,10 +53,10 @@ def test_triton_kernels_fall_back_per_op_at_the_model_s_own_shapes(tmp_path):
     assert triton == sample(args)
 
 
-def test_the_checkpoint_is_read_on_the_host_and_let_go_before_generation(tmp_path, monkeypatch):
+def loads_on_the_host_and_lets_go(tmp_path, monkeypatch, device: str) -> None:
     """Of a training checkpoint (weights and optimizer state) only the model's copy of the weights
-    lives through generation, on the GPU the only copy."""
-    args, load, kept = char_checkpoint(tmp_path), checkpoint.load, []
+    lives through generation, on a GPU the only copy there."""
+    args, load, kept = [*char_checkpoint(tmp_path), f"--device={device}"], checkpoint.load, []
 
     def spy_load(out_dir, device):
         ckpt = load(out_dir, device)
@@ -67,6 +68,15 @@ def test_the_checkpoint_is_read_on_the_host_and_let_go_before_generation(tmp_pat
                         or generate(self, *a, **k))
     sample([*args, "--max_new_tokens=2"])
     assert kept[0][0] == "cpu" and alive == [False]
+
+
+def test_the_checkpoint_is_let_go_before_generation(tmp_path, monkeypatch):
+    loads_on_the_host_and_lets_go(tmp_path, monkeypatch, "cpu")
+
+
+@cuda_only
+def test_the_checkpoint_is_read_on_the_host_not_the_gpu(tmp_path, monkeypatch):
+    loads_on_the_host_and_lets_go(tmp_path, monkeypatch, "cuda")
 
 
 def test_kernels_are_chosen_for_generation(tmp_path, monkeypatch):
