@@ -43,27 +43,28 @@ class Matmul:
 
 def matmuls(config: GPTConfig) -> list[Matmul]:
     """Every weight matmul of the model, by its shape."""
+    return [*block_matmuls(config), Matmul("lm_head", config.n_embd, config.vocab_size, 1)]
+
+
+def block_matmuls(config: GPTConfig) -> list[Matmul]:
+    """The blocks' weight matmuls, each counted n_layer times (by its count the lm head, counted
+    once, could not be told from them in a one-layer model)."""
     C, L = config.n_embd, config.n_layer
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     fc = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
     return [Matmul("attn.c_attn (q, k, v)", C, qkv, L),
             Matmul("attn.c_proj", C, C, L),
             Matmul("mlp.c_fc" + (" (gate, up)" if config.mlp == "swiglu" else ""), C, fc, L),
-            Matmul("mlp.c_proj", config.mlp_hidden, C, L),
-            Matmul("lm_head", C, config.vocab_size, 1)]
+            Matmul("mlp.c_proj", config.mlp_hidden, C, L)]
 
 
 def _norm_params(config: GPTConfig) -> int:
     return config.n_embd * (1 if config.norm == "rmsnorm" or not config.bias else 2)
 
 
-def _block_matmuls(config: GPTConfig) -> list[Matmul]:
-    return [m for m in matmuls(config) if m.count == config.n_layer]
-
-
 def _block_vectors(config: GPTConfig) -> int:
     """One block's norm and bias parameters: its matmuls' biases and its two norms."""
-    return config.bias * sum(m.n_out for m in _block_matmuls(config)) + 2 * _norm_params(config)
+    return config.bias * sum(m.n_out for m in block_matmuls(config)) + 2 * _norm_params(config)
 
 
 def _final_norm(config: GPTConfig) -> int:
@@ -77,7 +78,7 @@ def vector_param_count(config: GPTConfig) -> int:
 
 def block_param_count(config: GPTConfig) -> int:
     """Parameters of one transformer block: its matmul weights and biases, its two norms."""
-    return sum(m.n_in * m.n_out for m in _block_matmuls(config)) + _block_vectors(config)
+    return sum(m.n_in * m.n_out for m in block_matmuls(config)) + _block_vectors(config)
 
 
 def param_count(config: GPTConfig) -> int:
@@ -123,7 +124,7 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: i
     """`recomputed`: the blocks whose forward runs again in backward (GPT.recompute_blocks)."""
     T = seq_len or config.block_size
     matmul = 6 * sum(m.weights for m in matmuls(config))
-    block_weights = sum(m.weights for m in _block_matmuls(config)) // config.n_layer
+    block_weights = sum(m.weights for m in block_matmuls(config)) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
     # every query head still scores every key.
     return Flops(matmul, 6 * vector_param_count(config), config.n_layer * config.n_embd * T, T,

@@ -53,7 +53,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.flops import block_param_count, flops_per_token, matmuls, param_count
+from bench.flops import block_matmuls, block_param_count, flops_per_token, param_count
 from bench.hardware import GPU
 from gpt.model import GPT, PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
@@ -127,7 +127,7 @@ def cast_copy_bytes(config: GPTConfig, optimizer: str, sharding: str) -> int:
     gradient does not need them: nothing keeps those copies."""
     if optimizer != "adamw" or sharding == "fsdp":
         return 0
-    return 2 * sum(m.weights for m in matmuls(config) if m.count == config.n_layer)
+    return 2 * sum(m.weights for m in block_matmuls(config))
 
 
 def loss_bytes(config: GPTConfig) -> int:
