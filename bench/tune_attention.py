@@ -186,7 +186,7 @@ def launch(which: str, p: Problem, cfg: _Config) -> dict[str, torch.Tensor]:
         o, lse = attention._launch_fwd(p.q, p.k, p.v, True, 0.0, None, cfg)
         return {"o": o, "lse": lse}
     grads = attention._empty_grads(p.q, p.k)
-    dq, dk, dv = attention._split_grads(grads, p.H)
+    dq, dk, dv = attention._split_qkv(grads, p.H)
     inputs = (p.q, p.k, p.v, p.do, p.base["lse"], p.base["delta"])
     after = (True, 0.0, None, cfg)
     if which == "dkdv":
@@ -200,7 +200,7 @@ def launch_bwd(p: Problem, cfgs: dict[str, _Config]) -> dict[str, torch.Tensor]:
     """The whole backward (preprocess, dkdv, dq) with the configurations `cfgs`."""
     grads = attention._launch_bwd(p.do, p.q, p.k, p.v, p.base["o"], p.base["lse"], True, 0.0, None,
                                   cfgs["fwd"], cfgs["dkdv"], cfgs["dq"])
-    dq, dk, dv = attention._split_grads(grads, p.H)
+    dq, dk, dv = attention._split_qkv(grads, p.H)
     return {"dq": dq, "dk": dk, "dv": dv}
 
 

@@ -669,15 +669,16 @@ def _heads(buf: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
 
 
 def _empty_grads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (B, T, H + 2*Hkv, D) buffer for dq, dk and dv (_split_grads): laid out as
+    """An uninitialised (B, T, H + 2*Hkv, D) buffer for dq, dk and dv (_split_qkv): laid out as
     the model's qkv projection output lays out q, k and v, so that the split of that output takes
     the buffer as its gradient without concatenating (kernels.split)."""
     B, H, T, D = q.shape
     return runtime.empty_heads(q, B, T, H + 2 * k.shape[1], D)
 
 
-def _split_grads(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (B, H, T, D), dk and dv (B, Hkv, T, D): views of the heads of _empty_grads' buffer."""
+def _split_qkv(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, T, D), (B, Hkv, T, D) and (B, Hkv, T, D) views of the heads of a (B, T, H + 2*Hkv, D)
+    buffer: _empty_grads' dq, dk and dv, or _rotated's turned q and k and v."""
     Hkv = (buf.shape[2] - H) // 2
     return _heads(buf, [H, Hkv, Hkv])
 
@@ -767,7 +768,7 @@ def _attention_rope_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     """(o, lse2, qkv): attention over q and k turned by RoPE, and the buffer of the turned q and k
     and of v (_rotated), which the backward reads."""
     qkv = _rotated(q, k, v, cos, sin)
-    q, k, v = _heads(qkv, [q.shape[1], k.shape[1], v.shape[1]])
+    q, k, v = _split_qkv(qkv, q.shape[1])
     return *_launch_fwd(q, k, v, causal, dropout_p, seed, _config(q, "fwd", dropout_p > 0)), qkv
 
 
@@ -799,24 +800,23 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
     grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed, None, None)
-    return *_split_grads(grads, q.shape[1]), None, None, None
+    return *_split_qkv(grads, q.shape[1]), None, None, None
 
 
 def _setup_rope_context(ctx, inputs, output):
-    _q, _k, v, cos, sin, causal, dropout_p, seed = inputs
+    _q, _k, _v, cos, sin, causal, dropout_p, seed = inputs
     o, lse, qkv = output
     ctx.save_for_backward(qkv, o, lse, seed, cos, sin)
-    ctx.causal, ctx.dropout_p, ctx.kv_heads = causal, dropout_p, v.shape[1]
+    ctx.causal, ctx.dropout_p = causal, dropout_p
     runtime.only_first_output_differentiable(ctx, lse, qkv)
 
 
 def _rope_backward(ctx, do, _dlse, _dqkv):
     qkv, o, lse, seed, cos, sin = ctx.saved_tensors
-    Hkv = ctx.kv_heads
-    H = qkv.shape[2] - 2 * Hkv
-    q, k, v = _heads(qkv, [H, Hkv, Hkv])
+    H = o.shape[1]  # o (B, H, T, D): the query heads
+    q, k, v = _split_qkv(qkv, H)
     grads = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed, cos, sin)
-    return *_split_grads(grads, H), None, None, None, None, None
+    return *_split_qkv(grads, H), None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
