@@ -27,7 +27,8 @@ mask through shared memory to reach the MMA accumulator's layout (32 KB more a b
 pass).
 
 With RoPE (`rope=(cos, sin)`, the model's LLaMA attention) the forward first turns q and k with
-the rope kernel (kernels/rope.py) into one (B, T, H + 2*Hkv, D) buffer, v copied beside them,
+the rope kernel (kernels/rope.py) into one (B, T, H + 2*Hkv, D) buffer, v copied beside them by
+the same launch,
 which it attends over and keeps for the backward (not q, k and v: views of the model's projection
 output, they would keep all of it); the backward turns dq and dk back in place, adjacent heads of its
 gradient buffer, in one pass. So dq, dk and dv stay one buffer that the model's split of its qkv
@@ -57,7 +58,7 @@ from . import runtime
 from .runtime import dropout_key, dropout_scale, fp32, wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import check_dropout, check_same, check_tensor
 from .registry import register
-from .rope import check_tables, place, rotate, triton_tables, turned
+from .rope import check_tables, rotate, rotate_beside, triton_tables, turned
 
 HEAD_DIMS = (32, 64, 96, 128)
 
@@ -621,11 +622,6 @@ def _tma_flag(cfg: _Config, *tensors: torch.Tensor) -> bool:
     return tma
 
 
-def _dense_stride1(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its head dim is contiguous (any other strides are fine), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # ---------------------------------------------------------------------------------------------
 # Launches, each with an explicit configuration: the ops pass _config's, and the tuner
 # (bench/tune_attention.py) runs these same launches with its candidates
@@ -685,16 +681,15 @@ def _split_qkv(buf: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 def _rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
              ) -> torch.Tensor:
-    """q and k turned by RoPE's tables (rope.rotate) and a copy of v, in one (B, T, H + 2*Hkv, D)
-    buffer laid out as _empty_grads' (whose dq and dk the backward turns back in place, in one
-    pass). Kept for the backward in place of q, k and v: v, a view of the model's projection
-    output, would keep all of it, its unturned q and k too (2/3 of it in a LLaMA layer)."""
+    """q and k turned by RoPE's tables and a copy of v, in one (B, T, H + 2*Hkv, D) buffer laid out
+    as _empty_grads' (whose dq and dk the backward turns back in place, in one pass), written by
+    one launch (rope.rotate_beside). Kept for the backward in place of q, k and v: v, a view of the
+    model's projection output, would keep all of it, its unturned q and k too (2/3 of it in a LLaMA
+    layer)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     qkv = runtime.empty_heads(q, B, T, H + 2 * Hkv, D)
-    rotate(q, qkv, cos, sin, False)
-    rotate(k, qkv, cos, sin, False, y_head=H)
-    place(v, qkv, y_head=H + Hkv)
+    rotate_beside(q, k, v, qkv, cos, sin)
     return qkv
 
 
@@ -780,7 +775,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     """The buffer of dq, dk and dv (_launch_bwd; one output, as a custom op's outputs may not alias
     each other) from dO and the forward's inputs, output and base-2 log-sum-exp. Given RoPE's
     tables (q and k being the turned ones), dq and dk are turned back to the inputs' gradients."""
-    do = _dense_stride1(do)  # e.g. the stride-0 gradient of out.sum()
+    do = runtime.unit_stride_d(do)  # e.g. the stride-0 gradient of out.sum()
     dropout = dropout_p > 0
     buf = _launch_bwd(do, q, k, v, o, lse, causal, dropout_p, seed, _config(q, "fwd", dropout),
                       _config(q, "dkdv", dropout), _config(q, "dq", dropout))
@@ -860,5 +855,5 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     if rope is not None:
         cos, sin = triton_tables("attention", *rope)
         return _attention_rope_fwd(q, k, v, cos, sin, causal, float(dropout_p), seed)[0]
-    q, k, v = _dense_stride1(q), _dense_stride1(k), _dense_stride1(v)
+    q, k, v = runtime.unit_stride_d(q), runtime.unit_stride_d(k), runtime.unit_stride_d(v)
     return _attention_fwd(q, k, v, causal, float(dropout_p), seed)[0]

@@ -358,6 +358,12 @@ def empty_heads(like: torch.Tensor, B: int, T: int, heads: int, D: int) -> torch
     return torch.empty((B, T, heads, D), dtype=like.dtype, device=like.device)
 
 
+def unit_stride_d(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dim (a head's D) is contiguous, any other strides being fine, else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def head_strides(buf: torch.Tensor) -> tuple[int, ...]:
     """The (b, h, t, d) strides of an empty_heads buffer: its heads as kernels index them (those of
     buf.transpose(1, 2), without making the view)."""

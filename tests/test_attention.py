@@ -42,7 +42,7 @@ def make_qkv(B, H, Hkv, T, D, dtype, device, layout="contiguous"):
     """q (B, H, T, D) and k, v (B, Hkv, T, D), leaves that require grad.
 
     layout "qkv": views of one (B, T, (H + 2 Hkv) D) projection, as the model splits it;
-    "transposed": head dim not contiguous (the backend must copy)."""
+    "transposed": head dim not contiguous (the backend must copy); "mixed": k's only."""
     if layout == "qkv":
         qkv = torch.randn(B, T, (H + 2 * Hkv) * D, dtype=dtype, device=device)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -54,6 +54,8 @@ def make_qkv(B, H, Hkv, T, D, dtype, device, layout="contiguous"):
     else:
         q = torch.randn(B, H, T, D, dtype=dtype, device=device)
         k, v = (torch.randn(B, Hkv, T, D, dtype=dtype, device=device) for _ in "kv")
+    if layout == "mixed":
+        k = torch.randn(B, Hkv, D, T, dtype=dtype, device=device).transpose(-1, -2)
     return [t.detach().requires_grad_() for t in (q, k, v)]
 
 
@@ -112,6 +114,7 @@ ROPE_CASES = [
     (1, 4, 2, 67, 64, True, torch.bfloat16, "qkv"),
     (2, 2, 1, 17, 32, False, torch.float32, "contiguous"),
     (1, 2, 2, 45, 128, True, torch.float16, "transposed"),
+    (1, 2, 1, 19, 32, True, torch.bfloat16, "mixed"),
 ]
 
 

@@ -1,3 +1,4 @@
+import collections
 import dataclasses
 import itertools
 
@@ -7,7 +8,7 @@ import torch
 import kernels
 from gpt.model import GPT, PRESETS, GPTConfig, KVCache, model_ops, preset, rope_tables
 from gpt.optim import BF16AdamW, clip_for_step
-from kernels import adamw
+from kernels import adamw, runtime
 from kernels.accuracy import rel_err
 from tests.devices import compiled, cuda_only, interpreter_only, no_host_syncs, skip_unless_triton_runs
 from tests.memory import saved_bytes
@@ -310,6 +311,49 @@ def test_training_step_on_triton_ops_never_syncs(switches):
         step()
         step()
     assert adamw.tables_made() >= made + 4  # grad_norm's and the step's, each step
+
+
+# Kernel launches of a training step's forward and backward on every triton op: per block, and
+# once a step (the final norm, the fused loss). Each launch costs host time that an eager step's
+# short kernels may not hide (the H200 runs: the GPU busy 57-82% of such a step).
+LAUNCHES_PER_BLOCK = {
+    "gpt2": {"_norm_fwd_kernel": 2, "_norm_bwd_kernel": 2, "_norm_sum_partials_kernel": 2, "_attn_fwd": 1,
+             "_attn_bwd_delta": 1, "_attn_bwd_dkdv": 1, "_attn_bwd_dq": 1},
+    # RoPE: q and k turned and v copied beside them in one forward launch, dq and dk turned back in one
+    "llama-gqa": {"_norm_fwd_kernel": 2, "_norm_bwd_kernel": 2, "_norm_sum_partials_kernel": 2, "_rope_kernel": 2,
+                  "_attn_fwd": 1, "_attn_bwd_delta": 1, "_attn_bwd_dkdv": 1, "_attn_bwd_dq": 1,
+                  "_swiglu_fwd_kernel": 1, "_swiglu_bwd_kernel": 1}}
+LAUNCHES_PER_STEP = {"_norm_fwd_kernel": 1, "_norm_bwd_kernel": 1, "_norm_sum_partials_kernel": 1,
+                     "_cross_entropy_fwd_kernel": 1, "_cross_entropy_bwd_kernel": 1}
+
+
+@interpreter_only
+@pytest.mark.parametrize("name,switches", [
+    ("gpt2", dict()), ("llama-gqa", dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False, n_kv_head=1))])
+def test_training_step_launches(name, switches, monkeypatch):
+    """The kernels a forward and backward on every triton op launch, counted at one block and at
+    two: no launch added unnoticed (the interpreter's launches are counted; a GPU's are the same
+    calls)."""
+    launched = collections.Counter()
+
+    class Counted(runtime._InterpretedLaunch):
+        def __getitem__(self, grid):
+            launched[self.kernel.fn.__name__] += 1
+            return super().__getitem__(grid)
+    monkeypatch.setattr(runtime, "_InterpretedLaunch", Counted)
+    counts = []
+    for n_layer in (1, 2):
+        config = GPTConfig(n_layer=n_layer, n_head=2, n_embd=64, block_size=16, vocab_size=50, dropout=0.1,
+                           **switches)
+        model = GPT(config, {op: "triton" for op in TRITON_OPS}).to(torch.bfloat16)
+        idx = torch.randint(0, 50, (2, 16))
+        launched.clear()
+        model(idx, idx, return_logits=False)[1].backward()
+        counts.append(launched.copy())
+    one, two = counts
+    per_block = two - one
+    assert per_block == LAUNCHES_PER_BLOCK[name]
+    assert one == per_block + collections.Counter(LAUNCHES_PER_STEP)
 
 
 def test_bad_configs_are_refused():
