@@ -89,8 +89,7 @@ def _pick(first, second, a, b, c):
 @triton.jit
 def _rope_kernel(
     X0, X1, X2,  # sources (B, H_i, T, D), any strides: the grid's heads are X0's, then X1's, then X2's
-    Y,  # output: a (B, T, heads, D) buffer in the sources' dtype, whose heads [y_head, y_head + grid's) this writes
-    y_head,  # Y's head of the grid's first
+    Y,  # output: a (B, T, heads, D) buffer in the sources' dtype, whose first heads (the grid's) this writes
     Cos,  # (T, HALF) fp32, contiguous
     Sin,  # (T, HALF) fp32, contiguous
     T,  # positions
@@ -119,7 +118,7 @@ def _rope_kernel(
     x_row = (_pick(first, second, X0, X1, X2) + b * _pick(first, second, stride_0b, stride_1b, stride_2b)
              + h * _pick(first, second, stride_0h, stride_1h, stride_2h)
              + t64 * _pick(first, second, stride_0t, stride_1t, stride_2t))
-    y_row = Y + b * stride_yb + (y_head + g) * stride_yh + t64 * stride_yt
+    y_row = Y + b * stride_yb + g * stride_yh + t64 * stride_yt
     x1 = tl.load(x_row + d1 * stride_xd, mask=mask).to(tl.float32)
     x2 = tl.load(x_row + d2 * stride_xd, mask=mask).to(tl.float32)
     if g < turned:
@@ -135,12 +134,11 @@ def _rope_kernel(
     tl.store(y_row + d2 * stride_yd, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
-           y_head: int = 0) -> None:
+def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
     """x (B, H, T, D) turned by the tables' angles (sin negated if `inverse`: the transpose) into
-    heads [y_head, y_head + H) of y, a (B, T, heads, D) buffer (runtime.empty_heads). x may be
-    those heads of y itself: each program reads its pairs before writing them."""
-    _launch((x,), y, y_head, cos, sin, inverse, turned=x.shape[1])
+    the first H heads of y, a (B, T, heads, D) buffer (runtime.empty_heads). x may be those heads
+    of y itself: each program reads its pairs before writing them."""
+    _launch((x,), y, cos, sin, inverse, turned=x.shape[1])
 
 
 def rotate_beside(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, cos: torch.Tensor,
@@ -148,11 +146,11 @@ def rotate_beside(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Te
     """q and k turned by the tables' angles and v copied as it is into y's heads, in that order:
     attention's buffer, in one launch. (In a torch.compile'd graph a kernel writing its buffer,
     where a torch copy of v into part of it is functionalized into a copy of the whole of it.)"""
-    _launch((q, k, v), y, 0, cos, sin, False, turned=q.shape[1] + k.shape[1])
+    _launch((q, k, v), y, cos, sin, False, turned=q.shape[1] + k.shape[1])
 
 
-def _launch(sources: tuple[torch.Tensor, ...], y: torch.Tensor, y_head: int, cos: torch.Tensor,
-            sin: torch.Tensor, inverse: bool, turned: int) -> None:
+def _launch(sources: tuple[torch.Tensor, ...], y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            inverse: bool, turned: int) -> None:
     B, _, T, D = sources[0].shape
     if len({x.stride(3) for x in sources}) > 1:  # one D stride for all: unit ones kept, the others copied
         sources = tuple(runtime.unit_stride_d(x) for x in sources)
@@ -164,7 +162,7 @@ def _launch(sources: tuple[torch.Tensor, ...], y: torch.Tensor, y_head: int, cos
         strides = [s for x in padded for s in x.stride()[:3]]
         with runtime.on_device(y):
             wrap_triton(_rope_kernel)[(runtime.cdiv(T, block_t), sum(heads), B)](
-                *padded, y, y_head, cos, sin, T, D // 2, heads[0], sum(heads[1:2]), turned, *strides,
+                *padded, y, cos, sin, T, D // 2, heads[0], sum(heads[1:2]), turned, *strides,
                 sources[0].stride(3), *runtime.head_strides(y), INVERSE=inverse, BLOCK_T=block_t,
                 BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
 
