@@ -11,14 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-# This machine's name as temporary names carry it (no dots: the name's fields are dot-separated).
-HOST = socket.gethostname().replace(".", "-") or "localhost"
 # A temporary file of this machine's left unlocked (its writer is dead: the lock goes with the
 # process) and unwritten this long is abandoned; the age spares a writer in the instant between
 # creating its file and locking it. Another machine's lock may not reach this one (NFS mounted
 # with local locks, Lustre's localflock): its files are abandoned only after a day unwritten.
 ABANDONED_S = 60.0
 OTHER_HOST_ABANDONED_S = 86400.0
+
+
+def host_field(hostname: str) -> str:
+    """A machine's name as temporary names carry it: no dots, the name's fields being dot-separated
+    (a cluster's node1.example.org would otherwise never match, and its files never be removed)."""
+    return hostname.replace(".", "-") or "localhost"
+
+
+HOST = host_field(socket.gethostname())
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:

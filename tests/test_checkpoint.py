@@ -351,3 +351,17 @@ def test_restore_refuses_a_model_state_missing_a_weight(tmp_path):
     with pytest.raises(RuntimeError, match="Missing key"):
         checkpoint.restore(GPT(CONFIG), torch.optim.AdamW(GPT(CONFIG).parameters()),
                            dict(model=state, optimizer=o.state_dict()))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["full", "sharded"])
+def test_a_model_is_built_in_the_dtype_it_was_saved_in(tmp_path, sharded):
+    """A pure-bf16 run's checkpoint gives a bf16 model (gpt.sample's, a resumed run's), its
+    weights as saved: not fp32 copies of them."""
+    m, o = trained(kahan=False, steps=1)
+    if sharded:
+        checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    else:
+        checkpoint.save(full(m, o, 1), tmp_path)
+    model = checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m.parameters()))

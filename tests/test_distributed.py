@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -123,6 +124,68 @@ def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
     with pytest.raises(RuntimeError, match="joins"):
         distributed.init("ddp", "nccl", "cuda")
     set_device.assert_called_once_with("cuda:0")
+
+
+def test_a_rank_joins_on_its_node_s_gpu_under_its_global_rank(monkeypatch):
+    """Rank 3 of two nodes of two GPUs: LOCAL_RANK 1 picks cuda:1 (bound to the process group
+    too), and the world is told its global rank, not its place on the node."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device := mock.Mock())
+    monkeypatch.setattr(distributed.dist, "init_process_group", joined := mock.Mock())
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+    world, device = distributed.init("fsdp", "nccl", "cuda")
+    assert (world, device) == (distributed.World(rank=3, local_rank=1, size=4, parallel="fsdp"), "cuda:1")
+    set_device.assert_called_once_with("cuda:1")
+    assert joined.call_args.kwargs == dict(backend="nccl", device_id=torch.device("cuda:1"))
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, None])
+def test_fsdp_shards_each_block_then_the_root_reducing_in_fp32(monkeypatch, param_dtype):
+    """Each block is a unit of its own (gathered only while it runs; the root alone would gather
+    the whole model at once), and grads gathered in bf16 are still reduced in fp32."""
+    sharded = []
+    monkeypatch.setattr(distributed, "init_device_mesh", lambda device_type, shape: ("mesh", device_type, shape))
+    monkeypatch.setattr(distributed, "fully_shard", lambda module, mesh, mp_policy: sharded.append((module, mp_policy)))
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=8, vocab_size=16))
+    distributed.shard(model, "cpu", param_dtype)
+    assert [module for module, _ in sharded] == [*model.h, model]
+    reduce_dtype = None if param_dtype is None else torch.float32
+    assert all((p.param_dtype, p.reduce_dtype) == (param_dtype, reduce_dtype) for _, p in sharded)
+
+
+@pytest.mark.parametrize("parallel", [*distributed.PARALLEL, None])
+def test_grad_sync_skips_the_reduction_of_all_but_the_last_micro_step(parallel):
+    class Model:
+        def set_requires_gradient_sync(self, sync):
+            self.fsdp_sync = sync
+    model = Model()
+    for sync in (False, True):
+        distributed.grad_sync(distributed.World(parallel=parallel), model, sync)
+        if parallel == "fsdp":
+            assert model.fsdp_sync is sync and not hasattr(model, "require_backward_grad_sync")
+        elif parallel:
+            assert model.require_backward_grad_sync is sync and not hasattr(model, "fsdp_sync")
+        else:
+            assert vars(model) == {}
+
+
+def test_mean_leaves_its_argument_as_it_was(one_process_group):
+    t = torch.tensor([2.0, 4.0])
+    averaged = distributed.mean(t)
+    assert averaged is not t and torch.equal(averaged, t)
+
+
+def test_ddp_grads_are_views_of_its_buckets(one_process_group):
+    """Else the buckets are a second copy of every grad (4 bytes an fp32 parameter that bench.plan
+    does not count)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    ddp = distributed.replicate(model, distributed.World(parallel="ddp"), "cpu")
+    ddp(torch.randn(2, 4)).sum().backward()
+    assert len({p.grad.untyped_storage().data_ptr() for p in model.parameters()}) == 1
 
 
 def test_ranks_read_disjoint_slices_of_one_global_batch(data_dir):
@@ -292,6 +355,40 @@ def test_memory_per_rank_is_what_bench_plan_counts(tmp_path):
         # FSDP: all three halved, up to the padding of dim 0 to a multiple of the ranks
         for r in fsdp:
             assert sum(r) == pytest.approx((weights + grads + states) / 2, rel=0.01)
+
+
+def _rank_0_first_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    world, _ = distributed.init("ddp", "gloo", "cpu")
+    out, made = Path(out), []
+
+    def prepare_data():  # rank 0's is slow, as a download is
+        if world.master:
+            time.sleep(0.5)
+            (out / "prepared").touch()
+        made.append((out / "prepared").exists())
+        return len(made)
+    returned = distributed.master_first(world, prepare_data)
+    if world.master:  # its train state written slowly: the other rank must not return before it is
+        write_atomic = checkpoint.write_atomic
+        checkpoint.write_atomic = lambda *args: time.sleep(0.5) or write_atomic(*args)
+    model = torch.nn.Linear(2, 2)
+    checkpoint.save_sharded(model, torch.optim.AdamW(model.parameters()), {"iter_num": 1}, out)
+    whole = (out / checkpoint.SHARDED / checkpoint.TRAIN_STATE).exists()
+    ranks = distributed.gather((made, returned, whole))
+    if world.master:
+        torch.save(ranks, out / "ranks.pt")
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # as _memory_worker
+
+
+def test_rank_0_goes_first_and_the_others_wait_for_it(tmp_path):
+    """master_first: rank 0 prepares (slowly) while the others wait, then every rank makes again
+    and finds it done; save_sharded: no rank returns before rank 0 has made the checkpoint whole."""
+    torch.multiprocessing.spawn(_rank_0_first_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "ranks.pt") == [([True, True], 2, True), ([True], 1, True)]
 
 
 def test_ddp_does_not_sync_buffers_each_forward(one_process_group):

@@ -139,3 +139,27 @@ def test_another_machine_s_files_wait_a_day(tmp_path):
     hour = aged(tmp_path / temp_name("train.bin", 0, host="node7"), 3600)
     day = aged(tmp_path / temp_name("train.bin", 1, host="node7"), files.OTHER_HOST_ABANDONED_S + 1)
     assert files.remove_abandoned(tmp_path / "train.bin") == [day] and hour.exists()
+
+
+def test_the_temporary_file_stays_locked_until_renamed(tmp_path, monkeypatch):
+    """An fsync can take long enough on a slow disk for the file to look abandoned: its writer
+    holds the lock through the rename, so another process's remove_abandoned leaves it."""
+    path, removed, real_replace = tmp_path / "train.bin", [], os.replace
+
+    def replace(tmp, target):
+        aged(Path(tmp))
+        removed.extend(files.remove_abandoned(path))
+        real_replace(tmp, target)
+    monkeypatch.setattr(files.os, "replace", replace)
+    write_atomic(path, lambda f: f.write(b"whole"))
+    assert removed == [] and path.read_bytes() == b"whole"
+
+
+def test_a_dotted_host_name_s_abandoned_files_are_found(tmp_path, monkeypatch):
+    """A cluster node's name has dots, which separate a temporary name's fields: without them
+    its files match, and an abandoned one of this machine's goes after ABANDONED_S."""
+    host = files.host_field("node1.cluster.example.org")
+    assert host == "node1-cluster-example-org"
+    monkeypatch.setattr(files, "HOST", host)
+    left = aged(tmp_path / temp_name("train.bin", host=host))
+    assert files.remove_abandoned(tmp_path / "train.bin") == [left]
