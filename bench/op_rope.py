@@ -5,11 +5,11 @@ forward+backward, as a fraction of the GPU's measured copy bandwidth.
 
 Shapes: 16k tokens (8 sequences of 2048) x (query heads / key-value heads, head dim) in
 (12/12, 64) (the llama preset), (32/32, 128) (LLaMA-2 7B) and (32/8, 128) (LLaMA-3 8B). q and k are
-views of one qkv projection's output, as in the model, and both are rotated (two calls: the
-kernel attention runs on them in training, and the rope op of generation); fwd+bwd times the
-forward plus torch.autograd.grad of q and k. Backends: `torch` = the registry's torch reference
-(the model's former eager code: fp32, about eight passes a tensor), `compile` = torch.compile of
-it, `triton` = the registry's triton backend.
+views of one qkv projection's output, as in the model, and both are rotated (two calls of the
+rope op, as generation's KV-cache path makes them; training's attention runs the same kernel
+once for q, k and a copy of v); fwd+bwd times the forward plus torch.autograd.grad of q and k.
+Backends: `torch` = the registry's torch reference (the model's former eager code: fp32, about
+eight passes a tensor), `compile` = torch.compile of it, `triton` = the registry's triton backend.
 
 Bytes credited, the same for every backend so that rates compare as times do (bench/cases.py):
 forward reads q, k and the fp32 cos and sin tables and writes the rotated q and k; backward reads

@@ -28,11 +28,11 @@ pass).
 
 With RoPE (`rope=(cos, sin)`, the model's LLaMA attention) the forward first turns q and k with
 the rope kernel (kernels/rope.py) into one (B, T, H + 2*Hkv, D) buffer, v copied beside them by
-the same launch,
-which it attends over and keeps for the backward (not q, k and v: views of the model's projection
-output, they would keep all of it); the backward turns dq and dk back in place, adjacent heads of its
-gradient buffer, in one pass. So dq, dk and dv stay one buffer that the model's split of its qkv
-projection hands on, where a rope op of its own would give fresh dq and dk to concatenate.
+the same launch, which it attends over and keeps for the backward (not q, k and v: views of the
+model's projection output, they would keep all of it); the backward turns dq and dk back in
+place, adjacent heads of its gradient buffer, in one pass. So dq, dk and dv stay one buffer that
+the model's split of its qkv projection hands on, where a rope op of its own would give fresh dq
+and dk to concatenate.
 
 On Hopper and later the tiles of q, k, v and dO can load through TMA tensor descriptors (the
 copy engine, asynchronous, no address arithmetic in the threads) instead of pointers: a field of
@@ -818,10 +818,11 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _attention_rope_fwd.register_autograd(_rope_backward, setup_context=_setup_rope_context)
 
 
-def check_triton_attention(q) -> None:
+def check_triton_attention(q, k, rope) -> None:
     """What the Triton backend adds to check_attention: head dims, dtypes, query heads, device, the
-    launch grid's limits. (No batch or no tokens pass: their launches have empty grids, which
-    Triton does not launch.)"""
+    launch grid's limits (with rope, the rotation's launch takes q's, k's and v's heads on one
+    axis). (No batch or no tokens pass: their launches have empty grids, which Triton does not
+    launch.)"""
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"attention: the triton backend supports head dims {HEAD_DIMS}, "
                          f"got {q.shape[-1]}")
@@ -832,7 +833,8 @@ def check_triton_attention(q) -> None:
         raise ValueError(f"attention: the triton backend needs at least one query head, got q of shape "
                          f"{tuple(q.shape)}")
     runtime.check_device("attention", q)
-    runtime.check_grid("attention", batch=q.shape[0], heads=q.shape[1])
+    heads = q.shape[1] + (2 * k.shape[1] if rope is not None else 0)
+    runtime.check_grid("attention", batch=q.shape[0], heads=heads)
 
 
 @register("attention", "triton")
@@ -850,7 +852,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     and no copy of the gradients, which a separate rope op's fresh dq and dk would cost at the
     split."""
     check_attention(q, k, v, causal, dropout_p, rope)
-    check_triton_attention(q)
+    check_triton_attention(q, k, rope)
     seed = runtime.dropout_seed_tensor(dropout_p, q.device)
     if rope is not None:
         cos, sin = triton_tables("attention", *rope)

@@ -95,7 +95,7 @@ def _rope_kernel(
     T,  # positions
     HALF,  # D / 2: the pairs per head vector
     heads0, heads1,  # heads of X0 and of X1 (X2 has the grid's rest)
-    turned,  # the grid's heads [0, turned) are turned, the rest copied as they are (attention's v)
+    n_turned,  # the grid's heads [0, n_turned) are turned, the rest copied as they are (attention's v)
     stride_0b, stride_0h, stride_0t,  # (b, h, t) strides of each source, in elements
     stride_1b, stride_1h, stride_1t,
     stride_2b, stride_2h, stride_2t,
@@ -118,10 +118,10 @@ def _rope_kernel(
     x_row = (_pick(first, second, X0, X1, X2) + b * _pick(first, second, stride_0b, stride_1b, stride_2b)
              + h * _pick(first, second, stride_0h, stride_1h, stride_2h)
              + t64 * _pick(first, second, stride_0t, stride_1t, stride_2t))
-    y_row = Y + b * stride_yb + g * stride_yh + t64 * stride_yt
+    y_row = Y + b * stride_yb + g.to(tl.int64) * stride_yh + t64 * stride_yt
     x1 = tl.load(x_row + d1 * stride_xd, mask=mask).to(tl.float32)
     x2 = tl.load(x_row + d2 * stride_xd, mask=mask).to(tl.float32)
-    if g < turned:
+    if g < n_turned:
         table = t[:, None] * HALF + d[None, :]
         cos = tl.load(Cos + table, mask=mask)
         sin = tl.load(Sin + table, mask=mask)
@@ -138,7 +138,7 @@ def rotate(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """x (B, H, T, D) turned by the tables' angles (sin negated if `inverse`: the transpose) into
     the first H heads of y, a (B, T, heads, D) buffer (runtime.empty_heads). x may be those heads
     of y itself: each program reads its pairs before writing them."""
-    _launch((x,), y, cos, sin, inverse, turned=x.shape[1])
+    _launch((x,), y, cos, sin, inverse, n_turned=x.shape[1])
 
 
 def rotate_beside(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, cos: torch.Tensor,
@@ -146,13 +146,15 @@ def rotate_beside(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Te
     """q and k turned by the tables' angles and v copied as it is into y's heads, in that order:
     attention's buffer, in one launch. (In a torch.compile'd graph a kernel writing its buffer,
     where a torch copy of v into part of it is functionalized into a copy of the whole of it.)"""
-    _launch((q, k, v), y, cos, sin, False, turned=q.shape[1] + k.shape[1])
+    _launch((q, k, v), y, cos, sin, False, n_turned=q.shape[1] + k.shape[1])
 
 
 def _launch(sources: tuple[torch.Tensor, ...], y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            inverse: bool, turned: int) -> None:
+            inverse: bool, n_turned: int) -> None:
     B, _, T, D = sources[0].shape
-    if len({x.stride(3) for x in sources}) > 1:  # one D stride for all: unit ones kept, the others copied
+    # One D stride for all: unit ones kept, the others copied. (Compared, not hashed in a set: under
+    # torch.compile's dynamic shapes a stride may be a symbol, which cannot be hashed.)
+    if any(x.stride(3) != sources[0].stride(3) for x in sources[1:]):
         sources = tuple(runtime.unit_stride_d(x) for x in sources)
     heads = [x.shape[1] for x in sources]
     if B * sum(heads) * T * D:
@@ -162,7 +164,7 @@ def _launch(sources: tuple[torch.Tensor, ...], y: torch.Tensor, cos: torch.Tenso
         strides = [s for x in padded for s in x.stride()[:3]]
         with runtime.on_device(y):
             wrap_triton(_rope_kernel)[(runtime.cdiv(T, block_t), sum(heads), B)](
-                *padded, y, cos, sin, T, D // 2, heads[0], sum(heads[1:2]), turned, *strides,
+                *padded, y, cos, sin, T, D // 2, heads[0], sum(heads[1:2]), n_turned, *strides,
                 sources[0].stride(3), *runtime.head_strides(y), INVERSE=inverse, BLOCK_T=block_t,
                 BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
 

@@ -52,8 +52,10 @@ def skip_unless_triton_runs(backend: str, device: str) -> None:
         pytest.skip("the triton backend runs CPU tensors only in the interpreter")
 
 
-def compiled(fn, device: str):
+def compiled(fn, device: str, dynamic: bool | None = None):
     """torch.compile(fn, fullgraph=True) as the tests run it on `device`: Inductor on a GPU; on CPU
     AOT autograd's graphs run as they are (backend "aot_eager"): the triton ops are opaque custom
-    ops there (kernels/runtime.py, triton_op), and Inductor's C++ builds would only add minutes."""
-    return torch.compile(fn, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    ops there (kernels/runtime.py, triton_op), and Inductor's C++ builds would only add minutes.
+    `dynamic`: torch.compile's (True: sizes and strides traced as symbols)."""
+    return torch.compile(fn, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager",
+                         dynamic=dynamic)

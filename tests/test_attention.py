@@ -42,7 +42,8 @@ def make_qkv(B, H, Hkv, T, D, dtype, device, layout="contiguous"):
     """q (B, H, T, D) and k, v (B, Hkv, T, D), leaves that require grad.
 
     layout "qkv": views of one (B, T, (H + 2 Hkv) D) projection, as the model splits it;
-    "transposed": head dim not contiguous (the backend must copy); "mixed": k's only."""
+    "transposed": head dim not contiguous (the backend must copy); "mixed": k's only; "v apart": v
+    a view with (b, h, t) strides of its own, its head dim contiguous."""
     if layout == "qkv":
         qkv = torch.randn(B, T, (H + 2 * Hkv) * D, dtype=dtype, device=device)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -56,6 +57,8 @@ def make_qkv(B, H, Hkv, T, D, dtype, device, layout="contiguous"):
         k, v = (torch.randn(B, Hkv, T, D, dtype=dtype, device=device) for _ in "kv")
     if layout == "mixed":
         k = torch.randn(B, Hkv, D, T, dtype=dtype, device=device).transpose(-1, -2)
+    if layout == "v apart":
+        v = torch.randn(B, T, Hkv, D + 6, dtype=dtype, device=device)[..., 3:3 + D].transpose(1, 2)
     return [t.detach().requires_grad_() for t in (q, k, v)]
 
 
@@ -115,6 +118,7 @@ ROPE_CASES = [
     (2, 2, 1, 17, 32, False, torch.float32, "contiguous"),
     (1, 2, 2, 45, 128, True, torch.float16, "transposed"),
     (1, 2, 1, 19, 32, True, torch.bfloat16, "mixed"),
+    (2, 2, 1, 9, 96, False, torch.float16, "v apart"),
 ]
 
 
@@ -395,7 +399,9 @@ def test_bad_inputs(device):
         with pytest.raises(ValueError, match=f"attention: the triton backend takes at most 65535 {extent} "
                                              f".a launch grid's limit., got 65536"):
             f(x, x, x)
-    with pytest.raises(ValueError, match="attention: dropout_p"):
+    x = q[:1, :1].expand(1, 21846, 8, 64)  # with rope one launch takes q's, k's and v's heads, 65,538 here
+    with pytest.raises(ValueError, match="attention: the triton backend takes at most 65535 heads .*, got 65538"):
+        f(x, x, x, rope=rope_tables(64, 8, 10000.0, device))
         f(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="attention: dropout_p must be a Python number, got NoneType"):
         f(q, q, q, dropout_p=None)

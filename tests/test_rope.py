@@ -186,6 +186,27 @@ def test_compiled_matches_eager(device):
         torch.testing.assert_close(c, e, msg=lambda m: f"rope {name}: {m}")
 
 
+def test_compiled_with_symbolic_strides_matches_eager(device):
+    """Under dynamic shapes a stride is a symbol (which cannot be hashed): the launch's host code
+    takes an x whose head dim is not contiguous, alone (the rope op) or beside contiguous k and v
+    (attention's rotation)."""
+    skip_unless_triton_runs("triton", device)
+    T = 300 if device == "cuda" else 19
+    x = torch.randn(2, 4, 64, T, device=device, dtype=torch.bfloat16).transpose(-1, -2)
+    cos, sin = rope_tables(64, T, 10000.0, device)
+    dy = torch.randn(2, 4, T, 64, device=device, dtype=torch.bfloat16)
+    fn = kernels.get("rope", "triton")
+    graphed = run(compiled(fn, device, dynamic=True), x, cos, sin, dy)
+    for name, e, c in zip(["y", "dx"], run(fn, x, cos, sin, dy), graphed):
+        torch.testing.assert_close(c, e, msg=lambda m: f"rope {name}: {m}")
+    kv = torch.randn(2, 4, T, 64, device=device, dtype=torch.bfloat16)
+    attention = kernels.get("attention", "triton")
+
+    def attend(q):
+        return attention(q, kv, kv, rope=(cos, sin))
+    torch.testing.assert_close(compiled(attend, device, dynamic=True)(x), attend(x))
+
+
 @two_gpus
 def test_runs_on_the_tensors_own_gpu():
     x = torch.randn(2, 3, 17, 64, device="cuda:1", dtype=torch.bfloat16)
