@@ -15,9 +15,10 @@ from kernels.accuracy import FACTOR, bound, rel_err  # noqa: F401  (rel_err: the
 LOG = os.environ.get("ACCURACY_LOG")
 
 
-def check(err: float, base: float, dtype: torch.dtype, what: str) -> None:
-    """err within the accuracy rule of torch's own error `base`, logged to ACCURACY_LOG if set."""
-    limit = bound(base, dtype)
+def check(err: float, base: float, dtype: torch.dtype, what: str, terms: int | None = None) -> None:
+    """err within the accuracy rule of torch's own error `base` (kernels.accuracy.bound),
+    logged to ACCURACY_LOG if set."""
+    limit = bound(base, dtype, terms)
     if LOG:
         with open(LOG, "a") as f:  # one short line a write: parts of the suite may append at once
             f.write(json.dumps(dict(what=what, dtype=str(dtype).removeprefix("torch."), err=err, torch=base,
@@ -26,17 +27,18 @@ def check(err: float, base: float, dtype: torch.dtype, what: str) -> None:
 
 
 def assert_as_accurate(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, what: str,
-                       size: float | None = None) -> None:
+                       size: float | None = None, terms: int | None = None) -> None:
     """`out` is within the accuracy rule of `baseline`'s error (both against the float64 `ref`).
     `size`: for a result that cancelling terms of this size add up to, the errors are taken
-    relative to it (at least ||ref||) rather than to the small result."""
+    relative to it (at least ||ref||) rather than to the small result; `terms`: how many it sums
+    (the rule's floor for such sums)."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     if size is None:
         check(rel_err(out, ref), rel_err(baseline, ref), out.dtype, what)
         return
     size = max(ref.norm().item(), size)
     err, own = ((t.double() - ref).norm().item() / size for t in (out, baseline))
-    check(err, own, out.dtype, f"{what} (error of the terms' size)")
+    check(err, own, out.dtype, f"{what} (error of the terms' size)", terms)
 
 
 def assert_rounded_once(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:

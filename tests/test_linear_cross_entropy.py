@@ -77,8 +77,8 @@ def assert_matches_float64(fn, x, weight, targets, dloss, what, **kw):
     assert out[0].dtype == torch.float32 and out[0].shape == (), f"{what} loss: {out[0].dtype} {out[0].shape}"
     for name, o, b, r in zip(("loss", "d_x", "d_weight"), out, base, ref):
         assert o.dtype == b.dtype, f"{what} {name}: {o.dtype}, torch's {b.dtype}"
-        size = d_x_terms(x, weight, targets, dloss, **kw) if name == "d_x" else None
-        assert_as_accurate(o, b, r, f"{what} {name}", size=size)
+        size, terms = (d_x_terms(x, weight, targets, dloss, **kw), weight.shape[0]) if name == "d_x" else (None, None)
+        assert_as_accurate(o, b, r, f"{what} {name}", size=size, terms=terms)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

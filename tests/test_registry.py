@@ -138,6 +138,16 @@ def test_accuracy_checks_are_logged_and_counted(tmp_path, monkeypatch):
     assert numerics.summary(str(log)).startswith("accuracy: 2 of 3 checks of a non-torch backend passed by the floor")
 
 
+def test_a_sum_s_floor_is_its_random_walk_of_fp32_roundings():
+    """An error taken relative to the terms a result sums: sqrt(n) units of fp32 roundoff floor it,
+    above fp32's own floor from 282 terms, below fp16's and bf16's up to 16 million."""
+    from kernels.accuracy import FLOOR, bound
+
+    assert bound(1e-7, torch.float32, terms=4096) == 2e-7 + 64 * 2.0**-24
+    assert bound(1e-7, torch.float32, terms=16) == bound(1e-7, torch.float32) == 2e-7 + FLOOR[torch.float32]
+    assert bound(0.0, torch.bfloat16, terms=4096) == FLOOR[torch.bfloat16]
+
+
 def test_an_error_is_measured_only_between_tensors_of_one_shape():
     """Broadcast, a result of the wrong shape would match its reference (the self-check, which
     takes the error as its verdict, has no shape check of its own): refused instead."""
