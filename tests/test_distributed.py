@@ -298,11 +298,23 @@ def _bytes(tensors) -> int:
     return sum(storages.values())
 
 
-def _memory_worker(rank: int, port: int, config: GPTConfig, out: str) -> None:
+def _join(rank: int, port: int) -> distributed.World:
+    """Rank `rank` of two spawned processes joins their gloo group, as torchrun would start it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    world, _ = distributed.init("ddp", "gloo", "cpu")
+    return distributed.init("ddp", "gloo", "cpu")[0]
+
+
+def _leave() -> None:
+    torch.distributed.destroy_process_group()
+    # Skip the interpreter's teardown: now and then a C++ thread still joinable at exit aborts the
+    # process ("terminate called without an active exception", about 1 run in 15 here).
+    os._exit(0)
+
+
+def _memory_worker(rank: int, port: int, config: GPTConfig, out: str) -> None:
+    world = _join(rank, port)
     measured = {}
     for optimizer_name in plan.OPTIMIZERS:
         for parallel in distributed.PARALLEL:
@@ -327,10 +339,7 @@ def _memory_worker(rank: int, port: int, config: GPTConfig, out: str) -> None:
     ranks = distributed.gather(measured)
     if rank == 0:
         torch.save(ranks, out)
-    torch.distributed.destroy_process_group()
-    # Skip the interpreter's teardown: now and then a C++ thread still joinable at exit aborts the
-    # process ("terminate called without an active exception", about 1 run in 15 here).
-    os._exit(0)
+    _leave()
 
 
 def test_memory_per_rank_is_what_bench_plan_counts(tmp_path):
@@ -358,10 +367,7 @@ def test_memory_per_rank_is_what_bench_plan_counts(tmp_path):
 
 
 def _rank_0_first_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    world, _ = distributed.init("ddp", "gloo", "cpu")
+    world = _join(rank, port)
     out, made = Path(out), []
 
     def prepare_data():  # rank 0's is slow, as a download is
@@ -380,8 +386,7 @@ def _rank_0_first_worker(rank: int, port: int, out: str) -> None:
     ranks = distributed.gather((made, returned, whole))
     if world.master:
         torch.save(ranks, out / "ranks.pt")
-    torch.distributed.destroy_process_group()
-    os._exit(0)  # as _memory_worker
+    _leave()
 
 
 def test_rank_0_goes_first_and_the_others_wait_for_it(tmp_path):
