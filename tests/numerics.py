@@ -51,7 +51,8 @@ def assert_rounded_once(out: torch.Tensor, ref: torch.Tensor, what: str) -> None
 
 
 def summary(path: str) -> str:
-    rows = [r for r in map(json.loads, open(path)) if not r["what"].startswith("torch ")]  # other backends'
+    with open(path) as f:
+        rows = [r for r in map(json.loads, f) if not r["what"].startswith("torch ")]  # other backends'
     by_floor = [r for r in rows if r["err"] > FACTOR * r["torch"]]
     worst = max(by_floor, key=lambda r: r["err"] / max(r["torch"], 1e-300), default=None)
     text = (f"accuracy: {len(by_floor)} of {len(rows)} checks of a non-torch backend passed by the floor alone "

@@ -67,6 +67,10 @@ def data_dir(tmp_path_factory):
 def run(out_dir, data_dir, *args, preset=None):
     first = [f"--preset={preset}"] if preset else []  # a preset sets the keys before it: put it first
     train.main([*first, *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args])
+    return read_log(out_dir)
+
+
+def read_log(out_dir):
     with open(f"{out_dir}/log.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -155,7 +159,7 @@ def test_resume_continues_exactly(tmp_path, data_dir, capsys):
     assert f"held an earlier run's checkpoint: moved with its log to {earlier}" in \
         " ".join(capsys.readouterr().out.split())
     assert checkpoint.load(earlier, "cpu")["iter_num"] == 12
-    assert max(json.loads(line)["iter"] for line in (earlier / "log.jsonl").read_text().splitlines()) == 12
+    assert max(row["iter"] for row in read_log(earlier)) == 12
 
 
 def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
@@ -292,7 +296,7 @@ def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir, capsys):
     config.write_text(NANOGPT_SHAKESPEARE_CHAR)
     train.main([str(config), f"--out_dir={tmp_path / 'out'}", f"--data_dir={data_dir}", "--device=cpu",
                 "--compile=False", "--max_iters=1", "--eval_iters=1", "--batch_size=2"])
-    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    log = read_log(tmp_path / "out")
     assert log[0]["iter"] == 0 and log[-1]["iter"] == 1
     # nanoGPT prints "number of parameters: 10.65M" for this config: the summary gives that count too
     assert "10,646,784 without position embeddings: nanoGPT's count" in " ".join(capsys.readouterr().out.split())
