@@ -203,7 +203,9 @@ def _norm_fwd_kernel(
         xc = tl.where(mask, xc - corr[:, None], 0.0)
         var = tl.maximum(sq / N - corr * corr, 0.0)
         tl.store(Mean + rows, mean, mask=row_ok)
-    rstd = tl.rsqrt(var + eps)
+    # Rounded to nearest, subnormals kept: a GPU's tl.rsqrt (rsqrt.approx.ftz) takes a subnormal
+    # var + eps (eps = 0, a row of values near 1e-19) for 0, and gives inf.
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     tl.store(Rstd + rows, rstd, mask=row_ok)
     w = tl.load(W + cols, mask=col_ok).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :]

@@ -219,6 +219,11 @@ FP64_MATH = re.compile(r"^\s*(?!ld\.param|cvt\.)[a-z]+(?:\.\w+)*\.f64\b", re.MUL
 ATOMICS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.MULTILINE)
 
 
+# A flush-to-zero reciprocal square root: a subnormal argument (a statistic of tiny values) becomes
+# 0, and its reciprocal root inf, where torch's is finite.
+RSQRT_FTZ = re.compile(r"^\s*(?:@!?%p\d+\s+)?rsqrt\.approx\.ftz\.", re.MULTILINE)
+
+
 def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str]]:
     """A compiled kernel's line of the report, and what is wrong with it."""
     sm, max_shared, _ = GPUS[arch]
@@ -236,6 +241,9 @@ def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str
         problems.append(f"{name} moves no 16-byte vectors ({narrow} 2-byte accesses)")
     if FP64_MATH.search(kernel.asm["ptx"]):
         problems.append(f"{name} computes in fp64 with fp64 float arguments: cast them to fp32 first")
+    if RSQRT_FTZ.search(kernel.asm["ptx"]):
+        problems.append(f"{name} takes rsqrt.approx.ftz, which flushes a subnormal argument to 0: "
+                        f"use div_rn(1, sqrt_rn(x))")
     if ATOMICS.search(kernel.asm["ptx"]):
         problems.append(f"{name} updates memory atomically: its sums would change from run to run")
     if kind == "mma" and name in MATMUL_KERNELS and MMA[arch] not in kernel.asm["ptx"]:
