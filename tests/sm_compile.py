@@ -9,7 +9,8 @@ stages, shared memory, registers and local memory (spills and stack), and it fai
 does not compile or would not launch (shared memory or registers past the GPU's limits), when a
 memory-bound kernel moves no 16-byte vectors, or when attention's 16-bit matmuls miss the GPU's
 tensor-core instruction (wgmma on sm90, tcgen05.mma on sm100, mma.sync on sm80 and sm120), or
-when a kernel computes in fp64: errors and slow paths that Triton's CPU interpreter cannot show.
+when a kernel computes in fp64, updates memory atomically or takes a flush-to-zero reciprocal
+square root: errors, races and slow paths that Triton's CPU interpreter cannot show.
 The outputs are never computed, so the backward reads garbage; only what is launched matters.
 tests/test_sm_compile.py runs it for each GPU generation.
 """
