@@ -259,12 +259,12 @@ def exit_status(problems: list[str]) -> int:
     return 1 if problems else 0
 
 
-def suite_problems(arch: int, compiled: list) -> list[str]:
-    """What is wrong with the launches the test suite makes, compiled for sm_<arch> (pretend_gpu
-    has made `compiled`): far more shapes, dtypes and options than the workloads, each kernel
-    checked as check() checks, and a launch that does not compile. Some minutes. The tests' own
-    results mean nothing here (no output is computed: most fail); their triton cases on CPU
-    tensors, which skip where the interpreter is off, run."""
+def suite_problems(arch: int, compiled: list, paths: list[str]) -> list[str]:
+    """What is wrong with the launches the tests in `paths` (the whole suite when empty) make,
+    compiled for sm_<arch> (pretend_gpu has made `compiled`): far more shapes, dtypes and options
+    than the workloads, each kernel checked as check() checks, and a launch that does not compile.
+    Some minutes for the suite. The tests' own results mean nothing here (no output is computed:
+    most fail); their triton cases on CPU tensors, which skip where the interpreter is off, run."""
     import pytest
 
     from tests import devices
@@ -281,7 +281,7 @@ def suite_problems(arch: int, compiled: list) -> list[str]:
     JITFunction.run = recording
     devices.skip_unless_triton_runs = lambda backend, device: None
     tests = Path(__file__).parent
-    pytest.main([str(tests), "-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-p", "no:warnings",
+    pytest.main([*(paths or [str(tests)]), "-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-p", "no:warnings",
                  "--ignore", str(tests / "test_sm_compile.py"), "--ignore", str(tests / "test_inductor_graph.py")])
     kernels_by_id = {id(kernel): (name, kernel) for name, kernel in compiled}
     problems = {p for name, kernel in kernels_by_id.values() for p in check(kernel, name, None, arch)[1]}
@@ -292,14 +292,14 @@ def suite_problems(arch: int, compiled: list) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
-    parser.add_argument("--suite", action="store_true",
-                        help="compile every launch of the test suite instead of the training workloads (minutes; "
-                             "pytest's own counts then mean nothing)")
+    parser.add_argument("--suite", nargs="*", metavar="PATH",
+                        help="compile every launch the tests make (those in the PATHs given, else the whole suite: "
+                             "minutes) instead of the training workloads; pytest's own counts then mean nothing")
     args = parser.parse_args(argv)
     sm = GPUS[args.arch][0]
     compiled = pretend_gpu(args.arch)
-    if args.suite:
-        return exit_status(suite_problems(args.arch, compiled))
+    if args.suite is not None:
+        return exit_status(suite_problems(args.arch, compiled, args.suite))
     problems = []
     for label, thunk, kind in workloads(args.arch):
         start = len(compiled)

@@ -2,6 +2,7 @@
 they would get, and fits them: tests/sm_compile.py in a process of its own (kernels there are
 compiled JIT functions, not the interpreter's), started in the background at collection
 (tests/background.py). On a GPU machine the suite compiles them for real."""
+import re
 import sys
 
 import pytest
@@ -21,3 +22,17 @@ def test_every_kernel_compiles_and_fits(arch):
     run = background.result(command(arch))
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     assert "launches compiled" in run.stdout
+
+
+SUITE = (sys.executable, "-m", "tests.sm_compile", "--arch", "9", "--suite", "tests/test_swiglu.py")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's own tests compile every kernel natively")
+@pytest.mark.background(SUITE)
+def test_the_suites_launches_compile():
+    """--suite runs tests with their launches compiled (swiglu's here: its CPU cases too, which
+    skip where the interpreter is off), and says how many kernels."""
+    run = background.result(SUITE)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    launches, kernels = map(int, re.search(r"the suite's (\d+) launches compiled (\d+) kernels", run.stdout).groups())
+    assert launches > kernels >= 2, run.stdout[-2000:]
