@@ -11,11 +11,14 @@ import torch
 from tests import background
 
 
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's own tests compile every kernel natively")
+
+
 def command(arch: int) -> tuple[str, ...]:
     return (sys.executable, "-m", "tests.sm_compile", "--arch", str(arch))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's own tests compile every kernel natively")
+@cpu_only
 @pytest.mark.parametrize("arch", [pytest.param(arch, id=f"sm{sm}", marks=pytest.mark.background(command(arch)))
                                   for arch, sm in ((8, 80), (9, 90), (10, 100), (12, 120))])
 def test_every_kernel_compiles_and_fits(arch):
@@ -27,7 +30,7 @@ def test_every_kernel_compiles_and_fits(arch):
 SUITE = (sys.executable, "-m", "tests.sm_compile", "--arch", "9", "--suite", "tests/test_swiglu.py")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's own tests compile every kernel natively")
+@cpu_only
 @pytest.mark.background(SUITE)
 def test_the_suites_launches_compile():
     """--suite runs tests with their launches compiled (swiglu's here: its CPU cases too, which
