@@ -156,15 +156,15 @@ def _launch(sources: tuple[torch.Tensor, ...], y: torch.Tensor, cos: torch.Tenso
     # torch.compile's dynamic shapes a stride may be a symbol, which cannot be hashed.)
     if any(x.stride(3) != sources[0].stride(3) for x in sources[1:]):
         sources = tuple(runtime.unit_stride_d(x) for x in sources)
-    heads = [x.shape[1] for x in sources]
+    heads = [x.shape[1] for x in sources] + [0] * (3 - len(sources))  # sources past the given hold no heads
     if B * sum(heads) * T * D:
         block_half = runtime.next_power_of_2(D // 2)
         block_t = max(1, min(_TILE // block_half, runtime.next_power_of_2(T)))
-        padded = sources + sources[:1] * (3 - len(sources))  # sources past the given hold no heads
+        padded = sources + sources[:1] * (3 - len(sources))
         strides = [s for x in padded for s in x.stride()[:3]]
         with runtime.on_device(y):
             wrap_triton(_rope_kernel)[(runtime.cdiv(T, block_t), sum(heads), B)](
-                *padded, y, cos, sin, T, D // 2, heads[0], sum(heads[1:2]), n_turned, *strides,
+                *padded, y, cos, sin, T, D // 2, heads[0], heads[1], n_turned, *strides,
                 sources[0].stride(3), *runtime.head_strides(y), INVERSE=inverse, BLOCK_T=block_t,
                 BLOCK_HALF=block_half, num_warps=_NUM_WARPS)
 
