@@ -44,9 +44,29 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 CPU_TENSORS = INTERPRET
 
 
+# The NVIDIA GPUs Triton supports (its README): Ampere and newer. Compiled for a Turing card
+# (sm75, tests/sm_compile.py with triton 3.8) attention's tl.dot takes no tensor cores and spills
+# kilobytes a thread, and its backward passes outgrow the 64 KB of shared memory.
+MIN_CAPABILITY = (8, 0)
+
+
+def too_old(device: torch.device) -> str | None:
+    """Why the triton backends refuse `device`'s GPU (one older than MIN_CAPABILITY), or None."""
+    cc = capability(device)
+    if cc is None or cc >= MIN_CAPABILITY:
+        return None
+    return (f"the triton backends need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+            f"(the ones Triton supports), {device} is {cc[0]}.{cc[1]}")
+
+
 def check_device(op: str, t: torch.Tensor) -> None:
-    """The triton backends' device rule: CUDA tensors, or CPU ones where the interpreter runs."""
-    if t.device.type != "cuda" and not (CPU_TENSORS and t.device.type == "cpu"):
+    """The triton backends' device rule: CUDA tensors on a GPU Triton supports, or CPU ones where
+    the interpreter runs."""
+    if t.device.type == "cuda":
+        why = too_old(t.device)
+        if why:
+            raise ValueError(f"{op}: {why}: use the torch backend")
+    elif not (CPU_TENSORS and t.device.type == "cpu"):
         raise ValueError(f"{op}: the triton backend runs on CUDA tensors (or on CPU ones in Triton's "
                          f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
 

@@ -1,4 +1,5 @@
 import json
+import types
 
 import pytest
 import torch
@@ -146,6 +147,47 @@ def test_forced_triton_falls_back_with_a_warning(self_check):
     with pytest.warns(UserWarning, match="kernels=triton: adamw falls back to torch"):
         choices = kernels.choose("triton", "cuda", profile=None)
     assert choices["adamw"].backend == "torch" and choices["swiglu"].backend == "triton"
+
+
+def test_gpus_older_than_triton_supports_are_refused(monkeypatch):
+    """Triton supports Ampere (compute capability 8.0) and newer: on a Turing or Volta card every
+    triton backend refuses the tensors with a ValueError naming the op, "auto" takes torch for
+    every op without compiling a self-check, and "triton" tries and falls back with a warning."""
+    from kernels import runtime
+
+    gpu_tensor = types.SimpleNamespace(device=torch.device("cuda", 0))  # all check_device reads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cc in ((8, 0), (8, 9), (9, 0), (12, 0)):
+        monkeypatch.setattr(runtime, "capability", lambda device, cc=cc: cc)
+        runtime.check_device("swiglu", gpu_tensor)
+    for cc in ((7, 5), (7, 0)):
+        monkeypatch.setattr(runtime, "capability", lambda device, cc=cc: cc)
+        with pytest.raises(ValueError, match=rf"swiglu: the triton backends need a GPU of compute capability 8.0 "
+                                             rf"or newer \(the ones Triton supports\), cuda:0 is {cc[0]}.{cc[1]}: "
+                                             rf"use the torch backend"):
+            runtime.check_device("swiglu", gpu_tensor)
+    checked = []
+    monkeypatch.setattr(profile, "self_check",
+                        lambda op, shapes, device_type: checked.append(op) or (False, "ValueError: cuda is 7.5"))
+    choices = kernels.choose("auto", "cuda")
+    assert checked == [] and {c.backend for c in choices.values()} == {"torch"}
+    assert "compute capability 8.0 or newer" in choices["attention"].reason and "is 7.0" in choices["attention"].reason
+    with pytest.warns(UserWarning) as warned:
+        choices = kernels.choose("triton", "cuda", profile=None)
+    assert {c.backend for c in choices.values()} == {"torch"} and set(checked) == set(kernels.OPS)
+    assert len(warned) == len(kernels.OPS) and all("falls back to torch" in str(w.message) for w in warned)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", kernels.OPS)
+def test_each_triton_op_refuses_a_gpu_older_than_triton_supports(op, monkeypatch):
+    from kernels import adamw, runtime
+
+    monkeypatch.setattr(runtime, "capability", lambda device: (7, 5))
+    adamw._plan.cache_clear()  # the optimizer's ops check devices once per pointer table
+    c = case(op, Shapes(GPTConfig(**preset("llama")), batch_size=1, seq_len=64), "cuda", quick=True)
+    with pytest.raises(ValueError, match=f"{op}: the triton backends need a GPU of compute capability 8.0"):
+        c.call(kernels.get(op, "triton"), c.make(), c.passes[-1])
 
 
 def test_ops_the_run_does_not_call_are_left_unchecked(monkeypatch):
