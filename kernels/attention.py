@@ -562,7 +562,7 @@ _INTERPRETER_CONFIGS = _pass_configs((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4,
 def _generation(major: int) -> int:
     """The table a GPU of compute-capability `major` takes: 9 where the tensor cores take
     warpgroup MMAs (wgmma on sm90, tcgen05 on sm100 and sm110), else 8 (mma.sync: sm80-89 and
-    the consumer Blackwell sm120; older cards are refused, runtime.MIN_CAPABILITY)."""
+    the consumer Blackwell sm120; older cards are refused: runtime.unsupported_gpu)."""
     return 9 if major in (9, 10, 11) else 8
 
 

@@ -50,8 +50,12 @@ CPU_TENSORS = INTERPRET
 MIN_CAPABILITY = (8, 0)
 
 
-def too_old(device: torch.device) -> str | None:
-    """Why the triton backends refuse `device`'s GPU (one older than MIN_CAPABILITY), or None."""
+def unsupported_gpu(device: torch.device) -> str | None:
+    """Why the triton backends refuse `device`'s GPU, or None. They are written and tuned for the
+    NVIDIA GPUs Triton supports (launch tables by compute capability, TMA from sm90): not for an
+    older one, nor for an AMD GPU under ROCm (which torch also calls "cuda"; never run there)."""
+    if torch.version.hip is not None:
+        return f"the triton backends are written and tuned for NVIDIA GPUs, and {device} is a ROCm one"
     cc = capability(device)
     if cc is None or cc >= MIN_CAPABILITY:
         return None
@@ -60,10 +64,10 @@ def too_old(device: torch.device) -> str | None:
 
 
 def check_device(op: str, t: torch.Tensor) -> None:
-    """The triton backends' device rule: CUDA tensors on a GPU Triton supports, or CPU ones where
-    the interpreter runs."""
+    """The triton backends' device rule: CUDA tensors on a GPU they support (unsupported_gpu), or
+    CPU ones where the interpreter runs."""
     if t.device.type == "cuda":
-        why = too_old(t.device)
+        why = unsupported_gpu(t.device)
         if why:
             raise ValueError(f"{op}: {why}: use the torch backend")
     elif not (CPU_TENSORS and t.device.type == "cpu"):

@@ -8,8 +8,8 @@ Modes:
   profile (profiles/<gpu>.json, from `python -m bench.kernels`) at the measured workload
   nearest the run's shapes, timed as the model will run it (compiled or eager; a warning when
   the profile timed other kernel sources); without a profile, Triton where it passes the
-  self-check. On a CPU, torch: the Triton interpreter is for tests, not speed; on a GPU older
-  than Triton supports (runtime.MIN_CAPABILITY), torch too.
+  self-check. On a CPU, torch: the Triton interpreter is for tests, not speed; on a GPU the
+  triton backends refuse (runtime.unsupported_gpu: older than Ampere, or AMD's), torch too.
 Whichever way Triton is picked, it has passed the self-check at this run's shapes. The
 self-check and the profile rules live in bench/profile.py (imported on use: bench imports
 this package).
@@ -65,9 +65,10 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
     if kernels == "auto" and device_type != "cuda":
         return {op: Choice("torch", "auto on CPU: the Triton interpreter is for tests, not speed")
                 for op in OPS}
-    old_gpu = runtime.too_old(torch.device("cuda")) if device_type == "cuda" and torch.cuda.is_available() else None
-    if kernels == "auto" and old_gpu:
-        return {op: Choice("torch", f"auto: {old_gpu}") for op in OPS}
+    gpu = device_type == "cuda" and torch.cuda.is_available()
+    refused = runtime.unsupported_gpu(torch.device("cuda")) if gpu else None
+    if kernels == "auto" and refused:
+        return {op: Choice("torch", f"auto: {refused}") for op in OPS}
 
     from bench import profile as profiles
 

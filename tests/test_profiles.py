@@ -149,17 +149,25 @@ def test_forced_triton_falls_back_with_a_warning(self_check):
     assert choices["adamw"].backend == "torch" and choices["swiglu"].backend == "triton"
 
 
-def test_gpus_older_than_triton_supports_are_refused(monkeypatch):
-    """Triton supports Ampere (compute capability 8.0) and newer: on a Turing or Volta card every
-    triton backend refuses the tensors with a ValueError naming the op, "auto" takes torch for
-    every op without compiling a self-check, and "triton" tries and falls back with a warning."""
+def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
+    """Triton supports NVIDIA's Ampere (compute capability 8.0) and newer; the kernels are tuned
+    for those alone. On a Turing or Volta card, or an AMD GPU under ROCm, every triton backend
+    refuses the tensors with a ValueError naming the op, "auto" takes torch for every op without
+    compiling a self-check, and "triton" tries and falls back with a warning."""
     from kernels import runtime
 
     gpu_tensor = types.SimpleNamespace(device=torch.device("cuda", 0))  # all check_device reads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
     for cc in ((8, 0), (8, 9), (9, 0), (12, 0)):
         monkeypatch.setattr(runtime, "capability", lambda device, cc=cc: cc)
         runtime.check_device("swiglu", gpu_tensor)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    with pytest.raises(ValueError, match="swiglu: the triton backends are written and tuned for NVIDIA GPUs, and "
+                                         "cuda:0 is a ROCm one: use the torch backend"):
+        runtime.check_device("swiglu", gpu_tensor)
+    assert "ROCm" in kernels.choose("auto", "cuda")["swiglu"].reason
+    monkeypatch.setattr(torch.version, "hip", None)
     for cc in ((7, 5), (7, 0)):
         monkeypatch.setattr(runtime, "capability", lambda device, cc=cc: cc)
         with pytest.raises(ValueError, match=rf"swiglu: the triton backends need a GPU of compute capability 8.0 "
