@@ -65,9 +65,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
     if kernels == "auto" and device_type != "cuda":
         return {op: Choice("torch", "auto on CPU: the Triton interpreter is for tests, not speed")
                 for op in OPS}
-    gpu = device_type == "cuda" and torch.cuda.is_available()
-    refused = runtime.unsupported_gpu(torch.device("cuda")) if gpu else None
-    if kernels == "auto" and refused:
+    refused = kernels == "auto" and torch.cuda.is_available() and runtime.unsupported_gpu(torch.device("cuda"))
+    if refused:
         return {op: Choice("torch", f"auto: {refused}") for op in OPS}
 
     from bench import profile as profiles
