@@ -8,9 +8,12 @@ H*D = 2048 (bench/op_attention.py's shapes), q, k and v views of one qkv project
 model. Each of the kernel's three passes (fwd, and the backward's dkdv and dq) is swept over a
 bounded list of candidate configurations while the other passes keep the current one
 (kernels.attention._config), through the op's own launch functions. A candidate that fails to
-compile or launch (shared memory, registers) is reported as skipped. Where the GPU has the tensor
-copy engine (sm90+), each pass then times the TMA twins (the same tiles loaded through tensor
-descriptors, the fifth field of a configuration) of its TMA_TWINS fastest verified candidates.
+compile or launch (shared memory, registers) is reported as skipped; on an A100 a winner may take
+more shared memory than the 99 KB a block of the other cards _GPU_CONFIGS[8] serves (sm86, sm89,
+sm120): `python -m tests.sm_compile --arch 8` checks that limit, and fails such a table. Where
+the GPU has the tensor copy engine (sm90+), each pass then times the TMA twins (the same tiles
+loaded through tensor descriptors, the fifth field of a configuration) of its TMA_TWINS fastest
+verified candidates.
 
 Verification, against the current configuration (the one tests/test_attention.py checks): on two
 sampled heads (the first and the last) each output must meet the project's accuracy rule
