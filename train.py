@@ -200,18 +200,25 @@ def memory_gb(device_type: str) -> tuple[float, float, float]:
     return rss, rss, rss
 
 
-def memory_plan(c: dict, model: GPT, world) -> str:
-    """bench/plan.py's peak for this run on its GPU (an estimate, with the triton ops) and, where
-    that does not fit, the fewest blocks to recompute that would."""
+def memory_plan(c: dict, model: GPT, world, loss_backend: str) -> str:
+    """bench/plan.py's peak for this run on its GPU (an estimate, with the triton ops, but the lm
+    head's loss on `loss_backend`) and, where that does not fit, the fewest blocks to recompute
+    that would."""
     total = torch.cuda.get_device_properties(c["device"]).total_memory
     sharding = world.parallel or "ddp"
     kahan = c["optimizer"] == "bf16_adamw" and c["kahan_summation"]
     planned = plan.peak_bytes(model.config, c["optimizer"], c["batch_size"], c["block_size"], model.recomputed,
                               sharding, world.size, kahan)
-    text = f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, with the triton ops)"
+    unfused = 0 if loss_backend == "triton" else (
+        plan.unfused_loss_bytes(model.config, c["batch_size"] * c["block_size"]) - plan.loss_bytes(model.config))
+    planned += unfused
+    ops = "with the triton ops" + (f"; the {loss_backend} linear_cross_entropy's logits add up to "
+                                   f"{unfused / 1e9:.1f} GB of it" if unfused else "")
+    text = f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, {ops})"
     if planned > plan.USABLE * total:
-        n = plan.blocks_to_recompute(total, model.config, c["optimizer"], sharding, world.size, c["block_size"],
-                                     c["batch_size"], kahan)
+        # The blocks whose recomputation makes the rest fit in what the logits leave of the GPU
+        n = plan.blocks_to_recompute(total - unfused / plan.USABLE, model.config, c["optimizer"], sharding,
+                                     world.size, c["block_size"], c["batch_size"], kahan)
         text += f"; may not fit: {'a smaller batch_size' if n is None else f'recompute={n}'} would"
     return text
 
@@ -235,7 +242,7 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
                             + (f", {model.recomputed} of {mc.n_layer} blocks recomputed in backward"
                                if model.recomputed else ""))
     if c["device"].startswith("cuda"):
-        table.add_row("memory", memory_plan(c, model, world))
+        table.add_row("memory", memory_plan(c, model, world, choices["linear_cross_entropy"].backend))
     console.print(table)
     ktable = Table(title=f"kernels={c['kernels']}")
     for col in ("op", "backend", "why"):

@@ -137,6 +137,14 @@ def loss_bytes(config: GPTConfig) -> int:
     return 2 * 4 * config.vocab_size * config.n_embd + CHUNK_BYTES
 
 
+def unfused_loss_bytes(config: GPTConfig, tokens: int) -> int:
+    """At most what the torch linear_cross_entropy holds for `tokens` in place of the triton one's
+    loss_bytes: per token the fp32 log-softmax of the logits it saves and, in its backward, their
+    gradient in fp32 and in the logits' dtype (10·vocab bytes; under torch.compile, which fuses
+    some of it away, less)."""
+    return 10 * config.vocab_size * tokens
+
+
 def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int, kahan: bool = False) -> int:
     """What one GPU holds whatever the micro-batch: static_bytes, autocast's weight copies and
     the loss's gradient buffers."""
