@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -221,6 +221,20 @@ def memory_plan(c: dict, model: GPT, world, loss_backend: str) -> str:
                                      world.size, c["block_size"], c["batch_size"], kahan)
         text += f"; may not fit: {'a smaller batch_size' if n is None else f'recompute={n}'} would"
     return text
+
+
+@contextmanager
+def out_of_memory_explained(c: dict, model: GPT, world, loss_backend: str):
+    """A GPU out of memory ends the run with what it asked of the GPU, the plan's view of it and
+    what lowers the peak, not with the allocator's traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise SystemExit(
+            f"train.py: the GPU ran out of memory at batch_size {c['batch_size']} x block_size {c['block_size']} "
+            f"with {model.recomputed} blocks recomputed: {memory_plan(c, model, world, loss_backend)}. A smaller "
+            f"batch_size (more gradient_accumulation_steps keep the tokens per step) or recompute=True lowers "
+            f"the peak. torch: {str(e).splitlines()[0]}") from None
 
 
 def summary(console, c, model, choices, tokens_per_iter, world, config_files):
@@ -488,7 +502,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     task = progress.add_task("train", total=c["max_iters"], completed=iter_num, status="")
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
-    with progress, reported(errors=(DataError,)):  # only the data's: a kernel's ValueError keeps its traceback
+    with (progress, reported(errors=(DataError,)),  # only the data's: a kernel's ValueError keeps its traceback
+          out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend)):
         while True:
             lr = lr_at(iter_num, c)
             for group in optimizer.param_groups:

@@ -470,6 +470,21 @@ def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
     assert planned.endswith("may not fit: recompute=23 would"), planned
 
 
+def test_running_out_of_gpu_memory_says_what_lowers_the_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**preset("gpt2-xl")))
+    c = dict(device="cuda", optimizer="bf16_adamw", kahan_summation=False, batch_size=32, block_size=1024)
+    with pytest.raises(SystemExit) as stop:
+        with train.out_of_memory_explained(c, model, SimpleNamespace(parallel=None, size=1), "triton"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.14 GiB.\nmore of torch's text")
+    said = str(stop.value)
+    assert said.startswith("train.py: the GPU ran out of memory at batch_size 32 x block_size 1024 with 0 blocks "
+                           "recomputed: planned peak "), said
+    assert "may not fit: recompute=12 would. A smaller batch_size" in said, said
+    assert said.endswith("torch: CUDA out of memory. Tried to allocate 6.14 GiB."), said
+
+
 def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
     assert train.read_config(["--recompute=3"])[0]["recompute"] == 3
     with pytest.raises(SystemExit, match="recompute must be bool or int like its default False, got 1.5"):
