@@ -209,7 +209,10 @@ def measure(run: Run, variant: str, device: Device) -> dict:
         if run.profile_steps:
             row["breakdown"] = _breakdown(step, run)
     except torch.cuda.OutOfMemoryError:
-        row["error"] = f"out of memory at batch size {run.batch_size} x {run.seq_len}"
+        fits = planning.max_micro_batch(device.memory_gib * planning.GiB, run.config, run.optimizer, "ddp", 1,
+                                        run.seq_len, run.recompute)
+        row["error"] = (f"out of memory at batch size {run.batch_size} x {run.seq_len}; bench/plan.py fits {fits} "
+                        f"sequences with the triton ops on this GPU's {device.memory_gib:.0f} GiB (--batch-size)")
     except Exception as e:  # a variant that fails (say, to compile) is reported; the others still run
         row["error"] = f"{type(e).__name__}: {e}"
     finally:  # the compiled graphs first, so that what only they held is freed before the next variant

@@ -174,10 +174,11 @@ def peak_bytes(config: GPTConfig, optimizer: str, batch_size: int, seq_len: int,
             + activation_bytes_per_token(config, optimizer, recompute, sharding) * batch_size * seq_len)
 
 
-def max_micro_batch(gpu: GPU, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
+def max_micro_batch(memory_bytes: float, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
                     seq_len: int, recompute: bool | int = False) -> int:
-    """Sequences of `seq_len` tokens per micro-batch that fit (0: not even one)."""
-    free = USABLE * gpu.memory_gb * GiB - held_bytes(config, optimizer, sharding, world_size)
+    """Sequences of `seq_len` tokens per micro-batch that fit in USABLE of a GPU's `memory_bytes`
+    (0: not even one)."""
+    free = USABLE * memory_bytes - held_bytes(config, optimizer, sharding, world_size)
     per_sequence = activation_bytes_per_token(config, optimizer, recompute, sharding) * seq_len
     return max(0, int(free // per_sequence))
 
@@ -231,8 +232,8 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
         flops = flops_per_token(config, T).palm
         rates = [tokens_per_s(plan.peak_tflops, flops, m) for m in MFUS]
         setups = [(optimizer, sharding) for optimizer in OPTIMIZERS for sharding in shardings]
-        fits = {setup: [max_micro_batch(gpu, config, *setup, N, T, recompute) for recompute in (False, True)]
-                for setup in setups}
+        fits = {setup: [max_micro_batch(gpu.memory_gb * GiB, config, *setup, N, T, recompute)
+                        for recompute in (False, True)] for setup in setups}
         runs = any(fit[1] for fit in fits.values())  # a sequence fits somehow, every block recomputed
         figures = [*(f"{r:,.0f}" for r in rates), *(f"{1e9 / (r * N) / 3600:,.3g}" for r in (rates[0], rates[-1]))]
         if not runs:
