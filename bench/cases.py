@@ -59,6 +59,15 @@ class Shapes:
     def key(self) -> tuple:
         return dataclasses.astuple(self.config), self.batch_size, self.T, self.dtype
 
+    def one_kv_group(self) -> "Shapes":
+        """The same attention (head size, T, dtype, dropout, RoPE, query heads per key/value head:
+        what its launch configurations depend on) with one key/value head and its group of query
+        heads, a model width of theirs."""
+        c = self.config
+        group = c.n_head // c.n_kv_head
+        config = dataclasses.replace(c, n_head=group, n_kv_head=1, n_embd=group * c.head_dim)
+        return dataclasses.replace(self, config=config)
+
     def tiny(self) -> "Shapes":
         """The same kinds of layer (head size, grouped-query or not, norm, MLP) at a size the
         Triton interpreter runs in a fraction of a second: one layer, one query head (two

@@ -267,17 +267,20 @@ def default_shapes(device_type: str) -> Shapes:
     return Shapes(GPTConfig(**preset("gpt2")), batch_size=1, dtype=dtype)
 
 
-CHECK_SEQ_LEN = 4096  # the float64 reference attention's scores are H·T² doubles: 1.6 GB for 12 heads
-#                      at 4096, 25 GB at 16k; a longer T only adds tiles the kernel runs alike
+CHECK_SEQ_LEN = 4096  # a longer T only adds tiles the attention kernel runs alike
 
 
-def check_shapes(shapes: Shapes, device_type: str) -> Shapes:
-    """What the self-check runs: the model's widths and sequence length (at most CHECK_SEQ_LEN)
-    with one sequence on a GPU (the batch only sizes the grid), a tiny model of the same kind in
-    the CPU interpreter."""
+def check_shapes(op: str, shapes: Shapes, device_type: str) -> Shapes:
+    """What the self-check of `op` runs: the model's widths and sequence length (at most
+    CHECK_SEQ_LEN) with one sequence on a GPU (the batch only sizes the grid), a tiny model of the
+    same kind in the CPU interpreter. Attention on a GPU takes one key/value head and its group of
+    query heads (Shapes.one_kv_group): the float64 reference's scores are H·T² doubles, kept for
+    its backward with their gradients (4.3 GB each for 32 heads at 4096, more than a small GPU
+    spares beside the model), and the launches differ only in their grids."""
     if device_type != "cuda":
         return shapes.tiny()
-    return Shapes(shapes.config, batch_size=1, seq_len=min(shapes.T, CHECK_SEQ_LEN), dtype=shapes.dtype)
+    checked = Shapes(shapes.config, batch_size=1, seq_len=min(shapes.T, CHECK_SEQ_LEN), dtype=shapes.dtype)
+    return checked.one_kv_group() if op == "attention" else checked
 
 
 _checked: dict[tuple, tuple[bool, str]] = {}
@@ -290,7 +293,7 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     would otherwise sample the same with every seed."""
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
-    shapes = check_shapes(shapes, device_type)
+    shapes = check_shapes(op, shapes, device_type)
     key = (op, device_type, shapes.key())
     if key not in _checked:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []):

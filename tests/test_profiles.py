@@ -445,11 +445,18 @@ def test_ranks_that_chose_differently_all_take_torch():
     assert agreed["swiglu"] == kernels.Choice("torch", "the ranks chose differently (triton, torch): torch on every rank")
 
 
-def test_the_gpu_self_check_caps_the_sequence():
-    """The float64 reference attention at T = 16k would need 25 GB for GPT-2's 12 heads."""
-    shapes = Shapes(GPTConfig(**preset("gpt2")), 8, seq_len=16384)
-    checked = profile.check_shapes(shapes, "cuda")
-    assert (checked.batch_size, checked.T) == (1, profile.CHECK_SEQ_LEN)
+def test_the_gpu_self_check_caps_the_sequence_and_attentions_heads():
+    """The float64 reference attention at T = 16k would need 25 GB for GPT-2's 12 heads, and 4.3
+    GB at 4096 for 32: attention is checked on one key/value head's group of query heads, which
+    its launch configurations do not depend on (T, the head size and the group they do)."""
+    config = GPTConfig(**(preset("llama") | dict(n_embd=4096, n_head=32, n_kv_head=8, dropout=0.1)))
+    shapes = Shapes(config, 8, seq_len=16384)
+    checked = profile.check_shapes("swiglu", shapes, "cuda")
+    assert (checked.config, checked.batch_size, checked.T, checked.dtype) == (config, 1, 4096, shapes.dtype)
+    attention = profile.check_shapes("attention", shapes, "cuda")
+    c = attention.config
+    assert (c.n_head, c.n_kv_head, c.head_dim, c.n_embd, attention.T) == (4, 1, 128, 512, 4096)
+    assert (c.dropout, c.pos_encoding, c.rope_theta, attention.dtype) == (0.1, "rope", config.rope_theta, shapes.dtype)
 
 
 def test_bench_kernels_refuses_to_overwrite_the_profile_with_some_ops(monkeypatch, capsys):
