@@ -212,8 +212,8 @@ def memory_plan(c: dict, model: GPT, world, loss_backend: str) -> str:
     unfused = 0 if loss_backend == "triton" else (
         plan.unfused_loss_bytes(model.config, c["batch_size"] * c["block_size"]) - plan.loss_bytes(model.config))
     planned += unfused
-    ops = "with the triton ops" + (f"; the {loss_backend} linear_cross_entropy's logits add up to "
-                                   f"{unfused / 1e9:.1f} GB of it" if unfused else "")
+    ops = "with the triton ops" + ("" if loss_backend == "triton" else f"; the {loss_backend} linear_cross_entropy: "
+                                   f"{unfused / 1e9:+.1f} GB, its logits for the fused loss's buffers")
     text = f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, {ops})"
     if planned > plan.USABLE * total:
         # The blocks whose recomputation makes the rest fit in what the logits leave of the GPU

@@ -466,7 +466,10 @@ def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
     # The torch loss's logits (10 bytes a class a token: 16.5 GB here, less the fused loss's 1.7 GB
     # of buffers) take 11 blocks more to recompute.
     planned = train.memory_plan(c, model, one_gpu, "torch")
-    assert "the torch linear_cross_entropy's logits add up to 14.8 GB of it" in planned, planned
+    assert "the torch linear_cross_entropy: +14.8 GB, its logits for the fused loss's buffers" in planned, planned
+    # At one sequence of 64 tokens the logits take less than the fused loss's chunk and fp32 buffers.
+    assert "linear_cross_entropy: -1.7 GB" in train.memory_plan(dict(c, batch_size=1, block_size=64), model,
+                                                                 one_gpu, "torch")
     assert planned.endswith("may not fit: recompute=23 would"), planned
 
 
