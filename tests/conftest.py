@@ -113,6 +113,16 @@ def _seed(request):
 
 
 @pytest.fixture(autouse=True)
+def _cuda_memory_returned():
+    """What a test's tensors took goes back to the GPU after it: the GPU session runs the suite in
+    14 processes side by side, and each one's caching allocator would otherwise keep the most it
+    ever reserved (an H100 has half an H200's memory)."""
+    yield
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
 def _no_tf32_leaks():
     """Each test starts with torch's default fp32 matmuls: train.py turns TF32 on for the process
     (as nanoGPT does), which would otherwise reach the tests that run after it."""

@@ -402,6 +402,7 @@ def test_bad_inputs(device):
     x = q[:1, :1].expand(1, 21846, 8, 64)  # with rope one launch takes q's, k's and v's heads, 65,538 here
     with pytest.raises(ValueError, match="attention: the triton backend takes at most 65535 heads .*, got 65538"):
         f(x, x, x, rope=rope_tables(64, 8, 10000.0, device))
+    with pytest.raises(ValueError, match=r"attention: dropout_p must be in \[0, 1\), got 1.0"):
         f(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="attention: dropout_p must be a Python number, got NoneType"):
         f(q, q, q, dropout_p=None)

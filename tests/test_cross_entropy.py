@@ -247,7 +247,7 @@ def test_triton_refuses_float64(device):
 # GPU-only: training-sized logits, offsets past 2^31, another GPU, torch.compile.
 
 @cuda_only
-@pytest.mark.parametrize("classes", [32000, 50257, 50304, 128256])
+@pytest.mark.parametrize("classes", [32000, 50257, 50304, pytest.param(128256, marks=pytest.mark.bigmem)])
 def test_training_shapes_cuda(classes):
     logits, targets, dloss = inputs((2048,), classes, torch.bfloat16, "cuda", scale=2.0)
     assert_matches_float64(kernels.get("cross_entropy", "triton"), logits, targets, dloss, f"2048 x {classes}")

@@ -12,7 +12,7 @@ from bench.cases import Shapes, case, check
 from bench.profile import Profile, fastest_verified, launched_compiled
 from gpt.model import GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
-from tests.devices import interpreter_only
+from tests.devices import cuda_only, interpreter_only
 
 
 def backend(ms: float, verified: bool = True) -> dict:
@@ -186,7 +186,7 @@ def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
     assert len(warned) == len(kernels.OPS) and all("falls back to torch" in str(w.message) for w in warned)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@cuda_only
 @pytest.mark.parametrize("op", kernels.OPS)
 def test_each_triton_op_refuses_a_gpu_older_than_triton_supports(op, monkeypatch):
     from kernels import adamw, runtime

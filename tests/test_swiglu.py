@@ -238,8 +238,8 @@ def test_triton_refuses_float64(device):
 # GPU-only: benchmark-sized inputs, offsets past 2^31, another GPU, torch.compile.
 
 @cuda_only
-@pytest.mark.parametrize("hidden", [2048, 5632, 11008, 14336])
-def test_llama_shapes_cuda(hidden):
+@pytest.mark.parametrize("hidden", [2048, 5632, *(pytest.param(h, marks=pytest.mark.bigmem) for h in (11008, 14336))])
+def test_llama_shapes_cuda(hidden):  # the wide ones' float64 references take 13 and 17 GB
     h = (torch.randn(16384, 2 * hidden, device="cuda") * 4).bfloat16()
     gate, up = h.chunk(2, dim=-1)
     dy = torch.randn(16384, hidden, device="cuda").bfloat16()
@@ -247,6 +247,7 @@ def test_llama_shapes_cuda(hidden):
 
 
 @cuda_only
+@pytest.mark.bigmem
 def test_offsets_past_int32_cuda():
     """gate and up rows of a projection whose buffer has more than 2^31 elements (4 GiB of bf16):
     row * row_stride overflows int32 in the last rows."""
