@@ -237,6 +237,21 @@ def out_of_memory_explained(c: dict, model: GPT, world, loss_backend: str):
             f"the peak. torch: {str(e).splitlines()[0]}") from None
 
 
+@contextmanager
+def compile_failure_explained(compiled: bool, choices: dict):
+    """torch.compile failing on a graph with triton ops (their kernels inside Inductor's code: not
+    yet run on a GPU) keeps its traceback, led by the two ways around it."""
+    triton_ops = sorted(op for op, choice in choices.items() if choice.backend == "triton")
+    try:
+        yield
+    except Exception as e:
+        if compiled and triton_ops and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            print(f"train.py: torch.compile failed on the model with the triton kernels of {', '.join(triton_ops)}: "
+                  f"--compile=False runs them without it, --kernels=torch compiles torch's ops; the error follows",
+                  file=sys.stderr)
+        raise
+
+
 def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
@@ -503,7 +518,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
     with (progress, reported(errors=(DataError,)),  # only the data's: a kernel's ValueError keeps its traceback
-          out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend)):
+          out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend),
+          compile_failure_explained(c["compile"], choices)):
         while True:
             lr = lr_at(iter_num, c)
             for group in optimizer.param_groups:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kernels
 import train
 from gpt import checkpoint
 from gpt.config import ConfigError
@@ -486,6 +487,21 @@ def test_running_out_of_gpu_memory_says_what_lowers_the_peak(monkeypatch):
                            "recomputed: planned peak "), said
     assert "may not fit: recompute=12 would. A smaller batch_size" in said, said
     assert said.endswith("torch: CUDA out of memory. Tried to allocate 6.14 GiB."), said
+
+
+def test_a_compile_failure_with_triton_ops_names_the_ways_around_it(capsys):
+    inductor_error = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+    triton = {"attention": kernels.Choice("triton", "asked for"), "swiglu": kernels.Choice("torch", "asked for")}
+    for compiled, choices, error, said in ((True, triton, inductor_error, True), (False, triton, inductor_error, False),
+                                           (True, {"attention": kernels.Choice("torch", "")}, inductor_error, False),
+                                           (True, triton, ValueError, False)):
+        with pytest.raises(error):  # the error itself, traceback and all
+            with train.compile_failure_explained(compiled, choices):
+                raise error("the compiler's own words")
+        expected = ("train.py: torch.compile failed on the model with the triton kernels of attention: "
+                    "--compile=False runs them without it, --kernels=torch compiles torch's ops")
+        err = capsys.readouterr().err
+        assert err.startswith(expected) if said else err == "", err
 
 
 def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
