@@ -12,6 +12,7 @@ from bench.cases import Shapes, case, check
 from bench.profile import Profile, fastest_verified, launched_compiled
 from gpt.model import GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
+from kernels import adamw, runtime
 from tests.devices import cuda_only, interpreter_only
 
 
@@ -154,8 +155,6 @@ def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
     for those alone. On a Turing or Volta card, or an AMD GPU under ROCm, every triton backend
     refuses the tensors with a ValueError naming the op, "auto" takes torch for every op without
     compiling a self-check, and "triton" tries and falls back with a warning."""
-    from kernels import runtime
-
     gpu_tensor = types.SimpleNamespace(device=torch.device("cuda", 0))  # all check_device reads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "hip", None)
@@ -189,8 +188,6 @@ def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
 @cuda_only
 @pytest.mark.parametrize("op", kernels.OPS)
 def test_each_triton_op_refuses_a_gpu_older_than_triton_supports(op, monkeypatch):
-    from kernels import adamw, runtime
-
     monkeypatch.setattr(runtime, "capability", lambda device: (7, 5))
     adamw._plan.cache_clear()  # the optimizer's ops check devices once per pointer table
     c = case(op, Shapes(GPTConfig(**preset("llama")), batch_size=1, seq_len=64), "cuda", quick=True)
