@@ -78,14 +78,13 @@ def results(fn, inputs, n_grad, backend, dy_poison, dy_seed):
     return [o.detach() for o in outputs] + [t.grad for t in inputs[:n_grad]]
 
 
-def _places(name):
-    n_grad = cases(torch.float32, "cpu")[name][2]
-    return [f"input{i}" for i in range(n_grad)] + ["dy"]
+# Where a poison goes, per op: each input that takes a gradient, and the gradient reaching it.
+PLACES = [(name, place) for name, (_, _, n_grad) in cases(torch.float32, "cpu").items()
+          for place in [*(f"input{i}" for i in range(n_grad)), "dy"]]
 
 
 @pytest.mark.parametrize("dtype,poison", POISONS, ids=POISON_IDS)
-@pytest.mark.parametrize("name,place", [(name, place) for name in cases(torch.float32, "cpu")
-                                        for place in _places(name)])
+@pytest.mark.parametrize("name,place", PLACES)
 def test_non_finite_where_the_reference_is(name, place, dtype, poison, device):
     skip_unless_triton_runs("triton", device)
     fn, inputs, n_grad = cases(dtype, device)[name]
