@@ -207,18 +207,16 @@ def memory_plan(c: dict, model: GPT, world, loss_backend: str) -> str:
     total = torch.cuda.get_device_properties(c["device"]).total_memory
     sharding = world.parallel or "ddp"
     kahan = c["optimizer"] == "bf16_adamw" and c["kahan_summation"]
+    fused = loss_backend == "triton"
     planned = plan.peak_bytes(model.config, c["optimizer"], c["batch_size"], c["block_size"], model.recomputed,
-                              sharding, world.size, kahan)
-    unfused = 0 if loss_backend == "triton" else (
-        plan.unfused_loss_bytes(model.config, c["batch_size"] * c["block_size"]) - plan.loss_bytes(model.config))
-    planned += unfused
-    ops = "with the triton ops" + ("" if loss_backend == "triton" else f"; the {loss_backend} linear_cross_entropy: "
-                                   f"{unfused / 1e9:+.1f} GB, its logits for the fused loss's buffers")
-    text = f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, {ops})"
+                              sharding, world.size, kahan, fused_loss=fused)
+    loss = "" if fused else (f"; the {loss_backend} linear_cross_entropy's logits, {plan.UNFUSED_LOSS_BYTES} bytes a "
+                             f"class a token")
+    text = (f"planned peak {planned / 1e9:.1f} GB of the GPU's {total / 1e9:.1f} (bench/plan.py, with the triton "
+            f"ops{loss})")
     if planned > plan.USABLE * total:
-        # The blocks whose recomputation makes the rest fit in what the logits leave of the GPU
-        n = plan.blocks_to_recompute(total - unfused / plan.USABLE, model.config, c["optimizer"], sharding,
-                                     world.size, c["block_size"], c["batch_size"], kahan)
+        n = plan.blocks_to_recompute(total, model.config, c["optimizer"], sharding, world.size, c["block_size"],
+                                     c["batch_size"], kahan, fused_loss=fused)
         text += f"; may not fit: {'a smaller batch_size' if n is None else f'recompute={n}'} would"
     return text
 
@@ -230,6 +228,8 @@ def out_of_memory_explained(c: dict, model: GPT, world, loss_backend: str):
     try:
         yield
     except torch.OutOfMemoryError as e:
+        if not c["device"].startswith("cuda"):  # the plan is a CUDA GPU's
+            raise
         raise SystemExit(
             f"train.py: the GPU ran out of memory at batch_size {c['batch_size']} x block_size {c['block_size']} "
             f"with {model.recomputed} blocks recomputed: {memory_plan(c, model, world, loss_backend)}. A smaller "

@@ -210,9 +210,9 @@ def measure(run: Run, variant: str, device: Device) -> dict:
             row["breakdown"] = _breakdown(step, run)
     except torch.cuda.OutOfMemoryError:
         fits = planning.max_micro_batch(device.memory_gib * planning.GiB, run.config, run.optimizer, "ddp", 1,
-                                        run.seq_len, run.recompute)
+                                        run.seq_len, run.recompute, choices["linear_cross_entropy"].backend == "triton")
         row["error"] = (f"out of memory at batch size {run.batch_size} x {run.seq_len}; bench/plan.py fits {fits} "
-                        f"sequences with the triton ops on this GPU's {device.memory_gib:.0f} GiB (--batch-size)")
+                        f"sequences of this variant on this GPU's {device.memory_gib:.0f} GiB (--batch-size)")
     except Exception as e:  # a variant that fails (say, to compile) is reported; the others still run
         row["error"] = f"{type(e).__name__}: {e}"
     finally:  # the compiled graphs first, so that what only they held is freed before the next variant

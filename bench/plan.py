@@ -27,10 +27,13 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   the dropout masks). The head adds the final norm's input (r bytes) and, with the triton
   linear_cross_entropy (the planned case), the gradient of the norm's output in fp32 (4h), which
   that op computes in the forward with the weight's, so that no logits are kept (kernels/
-  cross_entropy.py); unfused, the bf16 logits and then their gradient would add 4·vocab a token
-  (torch's fp32 loss 10·vocab). Whatever the micro-batch, the op keeps the weight's gradient in
-  fp32 for the backward, and in the head's forward also holds one chunk's share of it and at
-  most one chunk of logits (1 GiB): 8·vocab·h + 1 GiB, held_bytes counts them.
+  cross_entropy.py). Whatever the micro-batch, the op keeps the weight's gradient in fp32 for
+  the backward, and in the head's forward also holds one chunk's share of it and at most one
+  chunk of logits (1 GiB): 8·vocab·h + 1 GiB, held_bytes counts them. With torch's
+  linear_cross_entropy instead (fused_loss=False: kernels=torch, or a fallback) the head holds,
+  at the start of its backward, the fp32 log-softmax of the logits it saved and two fp32
+  gradients of them (nll_loss's and log_softmax's): UNFUSED_LOSS_BYTES = 12·vocab a token
+  (measured on CPU under bf16 autocast), and none of the fused op's buffers.
   With activation recomputation (train.py's recompute: True checkpoints every block, n the first
   n) a recomputed block keeps only its inputs (the residual stream, r bytes, and but for the
   first block the branch output the fused norm has yet to add, 2). Recomputing it holds one
@@ -73,6 +76,7 @@ USABLE = 0.9  # of the nominal memory
 # (weights, grads, optimizer states) bytes per parameter.
 STATE_BYTES = {"adamw": (4, 4, 8), "bf16_adamw": (2, 2, 4)}
 KAHAN_BYTES = 2  # bf16_adamw's compensation with kahan_summation
+UNFUSED_LOSS_BYTES = 12  # per class and token: torch's linear_cross_entropy at its backward (docstring)
 GiB = 2**30
 
 
@@ -137,23 +141,16 @@ def loss_bytes(config: GPTConfig) -> int:
     return 2 * 4 * config.vocab_size * config.n_embd + CHUNK_BYTES
 
 
-def unfused_loss_bytes(config: GPTConfig, tokens: int) -> int:
-    """At most what the torch linear_cross_entropy holds for `tokens` in place of the triton one's
-    loss_bytes: per token the fp32 log-softmax of the logits it saves and, in its backward, their
-    gradient in fp32 and in the logits' dtype (10·vocab bytes; under torch.compile, which fuses
-    some of it away, less)."""
-    return 10 * config.vocab_size * tokens
-
-
-def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int, kahan: bool = False) -> int:
+def held_bytes(config: GPTConfig, optimizer: str, sharding: str, world_size: int, kahan: bool = False,
+               fused_loss: bool = True) -> int:
     """What one GPU holds whatever the micro-batch: static_bytes, autocast's weight copies and
-    the loss's gradient buffers."""
+    the fused loss's gradient buffers."""
     return (static_bytes(config, optimizer, sharding, world_size, kahan) + cast_copy_bytes(config, optimizer, sharding)
-            + loss_bytes(config))
+            + (loss_bytes(config) if fused_loss else 0))
 
 
 def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: bool | int = False,
-                               sharding: str = "ddp") -> int:
+                               sharding: str = "ddp", fused_loss: bool = True) -> int:
     """Bytes saved for the backward per token of a micro-batch (the formula in the docstring),
     `recompute` as train.py's."""
     h = config.n_embd
@@ -161,34 +158,34 @@ def activation_bytes_per_token(config: GPTConfig, optimizer: str, recompute: boo
     qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     up = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
     layer = 2 * (3 * h + qkv + up + config.mlp_hidden) + 2 * r * h
-    head = r * h + 4 * h
+    head = r * h + (4 * h if fused_loss else UNFUSED_LOSS_BYTES * config.vocab_size)
     L, n = config.n_layer, recompute_count(recompute, config.n_layer)
     inputs = n * r * h + max(n - 1, 0) * 2 * h  # the stream, and but into the first block the branch
     return (L - n) * layer + inputs + (layer if n == L else 0) + head
 
 
 def peak_bytes(config: GPTConfig, optimizer: str, batch_size: int, seq_len: int, recompute: bool | int = False,
-               sharding: str = "ddp", world_size: int = 1, kahan: bool = False) -> int:
+               sharding: str = "ddp", world_size: int = 1, kahan: bool = False, fused_loss: bool = True) -> int:
     """One GPU's planned peak for micro-batches of `batch_size` sequences of `seq_len` tokens."""
-    return (held_bytes(config, optimizer, sharding, world_size, kahan)
-            + activation_bytes_per_token(config, optimizer, recompute, sharding) * batch_size * seq_len)
+    return (held_bytes(config, optimizer, sharding, world_size, kahan, fused_loss)
+            + activation_bytes_per_token(config, optimizer, recompute, sharding, fused_loss) * batch_size * seq_len)
 
 
 def max_micro_batch(memory_bytes: float, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
-                    seq_len: int, recompute: bool | int = False) -> int:
+                    seq_len: int, recompute: bool | int = False, fused_loss: bool = True) -> int:
     """Sequences of `seq_len` tokens per micro-batch that fit in USABLE of a GPU's `memory_bytes`
     (0: not even one)."""
-    free = USABLE * memory_bytes - held_bytes(config, optimizer, sharding, world_size)
-    per_sequence = activation_bytes_per_token(config, optimizer, recompute, sharding) * seq_len
+    free = USABLE * memory_bytes - held_bytes(config, optimizer, sharding, world_size, fused_loss=fused_loss)
+    per_sequence = activation_bytes_per_token(config, optimizer, recompute, sharding, fused_loss) * seq_len
     return max(0, int(free // per_sequence))
 
 
 def blocks_to_recompute(memory_bytes: float, config: GPTConfig, optimizer: str, sharding: str, world_size: int,
-                        seq_len: int, micro_batch: int, kahan: bool = False) -> int | None:
+                        seq_len: int, micro_batch: int, kahan: bool = False, fused_loss: bool = True) -> int | None:
     """The fewest blocks to recompute for `micro_batch` sequences to fit in USABLE of a GPU's
     `memory_bytes` (None: not even recomputing all)."""
     return next((n for n in range(config.n_layer + 1)
-                 if peak_bytes(config, optimizer, micro_batch, seq_len, n, sharding, world_size, kahan)
+                 if peak_bytes(config, optimizer, micro_batch, seq_len, n, sharding, world_size, kahan, fused_loss)
                  <= USABLE * memory_bytes), None)
 
 
@@ -256,7 +253,7 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
     console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (with RoPE the turned "
                   "q, k and a copy of v in the projection output's place) plus the two "
                   "norm inputs (fp32 under autocast outside FSDP), head r·h + 4h (the triton linear_cross_entropy; "
-                  "unfused logits would add 4·vocab, torch's fp32 loss 10·vocab); a recomputed block keeps its "
+                  f"torch's: r·h + {UNFUSED_LOSS_BYTES}·vocab); a recomputed block keeps its "
                   "inputs (stream and pending branch), and recomputing all holds one block's activations "
                   f"too; 'recompute for {plan.micro_batch}': the fewest blocks (train.py's recompute=n, the "
                   "first n) for that micro-batch (--batch-size) to fit. "
