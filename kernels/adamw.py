@@ -522,8 +522,8 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
         if device.type != device_type:
             raise ValueError(f"{op}: the triton backend needs {device_type} tensors here, "
                              f"got tensor {index} on {device}")
-        if device.type == "cuda" and (refused := runtime.unsupported_gpu(device)):
-            raise ValueError(f"{op}: {refused}: use the torch backend")
+        if device.type == "cuda":
+            runtime.check_gpu(op, device)
         if numel:
             groups.setdefault((device, dtypes), []).append((*addresses, numel, index))
     if op == "adamw":  # (after the devices: a meta tensor's address is 0, as all others')

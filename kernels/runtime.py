@@ -63,13 +63,18 @@ def unsupported_gpu(device: torch.device) -> str | None:
             f"(the ones Triton supports), {device} is {cc[0]}.{cc[1]}")
 
 
+def check_gpu(op: str, device: torch.device) -> None:
+    """A ValueError naming `op` where the triton backends refuse `device`'s GPU (unsupported_gpu)."""
+    why = unsupported_gpu(device)
+    if why:
+        raise ValueError(f"{op}: {why}: use the torch backend")
+
+
 def check_device(op: str, t: torch.Tensor) -> None:
-    """The triton backends' device rule: CUDA tensors on a GPU they support (unsupported_gpu), or
-    CPU ones where the interpreter runs."""
+    """The triton backends' device rule: CUDA tensors on a GPU they support (check_gpu), or CPU
+    ones where the interpreter runs."""
     if t.device.type == "cuda":
-        why = unsupported_gpu(t.device)
-        if why:
-            raise ValueError(f"{op}: {why}: use the torch backend")
+        check_gpu(op, t.device)
     elif not (CPU_TENSORS and t.device.type == "cpu"):
         raise ValueError(f"{op}: the triton backend runs on CUDA tensors (or on CPU ones in Triton's "
                          f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")
