@@ -235,8 +235,8 @@ def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str
             f"local={use['local']} stack={use['stack']} 16B/2B accesses={wide}/{narrow}")
     problems = []
     if meta.shared > max_shared:
-        problems.append(f"{name} takes {meta.shared} bytes of shared memory, more than every card taking sm_{sm}'s "
-                        f"tables gives a block ({max_shared})")
+        problems.append(f"{name} takes {meta.shared} bytes of shared memory, more than a block gets on some card "
+                        f"taking sm_{sm}'s tables (the least: {max_shared})")
     if use["reg"] * meta.num_warps * 32 > REGISTERS_PER_SM:
         problems.append(f"{name} needs {use['reg'] * meta.num_warps * 32} registers a block, an SM has "
                         f"{REGISTERS_PER_SM}")
