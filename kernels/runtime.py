@@ -72,9 +72,12 @@ def check_gpu(op: str, device: torch.device) -> None:
 
 def check_device(op: str, t: torch.Tensor) -> None:
     """The triton backends' device rule: CUDA tensors on a GPU they support (check_gpu), or CPU
-    ones where the interpreter runs."""
+    ones where the interpreter runs. The GPU is checked in eager calls only: Dynamo would trace
+    its cached properties (warning of the cache), and a model reaches torch.compile with
+    backends chosen eagerly (kernels.choose), where an unsupported GPU got torch."""
     if t.device.type == "cuda":
-        check_gpu(op, t.device)
+        if not torch.compiler.is_compiling():
+            check_gpu(op, t.device)
     elif not (CPU_TENSORS and t.device.type == "cpu"):
         raise ValueError(f"{op}: the triton backend runs on CUDA tensors (or on CPU ones in Triton's "
                          f"interpreter, TRITON_INTERPRET=1), got a tensor on {t.device}")

@@ -185,6 +185,19 @@ def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
     assert len(warned) == len(kernels.OPS) and all("falls back to torch" in str(w.message) for w in warned)
 
 
+def test_the_gpu_check_stays_out_of_compiled_graphs(monkeypatch):
+    """Traced by torch.compile, the device rule reads no GPU properties (Dynamo would trace their
+    cache and warn of it, on every compile on a GPU)."""
+    gpu_tensor = types.SimpleNamespace(device=torch.device("cuda", 0))  # all check_device reads
+    monkeypatch.setattr(runtime, "capability", lambda device: pytest.fail("read a GPU's properties while tracing"))
+
+    def f(x):
+        runtime.check_device("swiglu", gpu_tensor)
+        return x + 1
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2)), torch.full((2,), 2.0))
+
+
 @cuda_only
 @pytest.mark.parametrize("op", kernels.OPS)
 def test_each_triton_op_refuses_a_gpu_older_than_triton_supports(op, monkeypatch):
