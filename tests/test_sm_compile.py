@@ -3,9 +3,7 @@ they would get, and fits them: tests/sm_compile.py in a process of its own (kern
 compiled JIT functions, not the interpreter's), started in the background at collection
 (tests/background.py). On a GPU machine the suite compiles them for real."""
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,17 +27,22 @@ def test_every_kernel_compiles_and_fits(arch):
     assert "launches compiled" in run.stdout
 
 
+# check() of a stand-in kernel taking 120 KB of shared memory, at sm80 (in a process of its own:
+# importing tests.sm_compile switches the interpreter off).
+LEAST_SHARED = (sys.executable, "-c",
+                "import types, tests.sm_compile as s; s.resources = lambda kernel: dict(reg=32, local=0, stack=0); "
+                "meta = types.SimpleNamespace(num_warps=4, num_stages=4, shared=120 * 1024); "
+                "print(s.check(types.SimpleNamespace(metadata=meta, asm=dict(ptx='')), '_attn_fwd', None, 8)[1])")
+
+
+@pytest.mark.background(LEAST_SHARED)
 def test_sm80s_tables_fit_the_cards_with_the_least_shared_memory():
     """The sm80 tables serve sm86 and sm89 (99 KB of shared memory a block) as well as the A100
-    (163 KB): a kernel taking 120 KB fails the check. (In a process of its own: importing
-    tests.sm_compile switches the interpreter off.)"""
-    code = ("import types, tests.sm_compile as s; s.resources = lambda kernel: dict(reg=32, local=0, stack=0); "
-            "meta = types.SimpleNamespace(num_warps=4, num_stages=4, shared=120 * 1024); "
-            "print(s.check(types.SimpleNamespace(metadata=meta, asm=dict(ptx='')), '_attn_fwd', None, 8)[1])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout
+    (163 KB): a kernel taking 120 KB fails the check."""
+    run = background.result(LEAST_SHARED)
+    assert run.returncode == 0, run.stderr[-6000:]
     assert "_attn_fwd takes 122880 bytes of shared memory, more than a block gets on some card taking sm_80's " \
-           "tables (the least: 101376)" in out, out
+           "tables (the least: 101376)" in run.stdout, run.stdout
 
 
 SUITE = (sys.executable, "-m", "tests.sm_compile", "--arch", "9", "--suite", "tests/test_swiglu.py")
