@@ -576,9 +576,12 @@ def _config(q: torch.Tensor, which: str, dropout: bool = False) -> _Config:
     short = _SHORT_T_CONFIGS.get(generation, {}).get(D, {}) if q.shape[-2] <= SHORT_T else {}
     cfg = short.get(which) or _GPU_CONFIGS[generation][D][which]
     if q.dtype == torch.float32:
-        # fp32 tiles take twice the shared memory and registers: the checking path gets small
-        # tiles and no pipelining so it fits on every sm80+ card.
-        cfg = _Config(min(cfg.block_m, 32), min(cfg.block_n, 32), cfg.num_warps, 1)
+        # fp32 tiles take twice the shared memory and registers, and fp32 dots run on the FMA
+        # units: the checking path gets small tiles, no pipelining and 8 warps, so it fits on every
+        # sm80+ card. At the 4 warps of some tuned entries the registers overflowed to the stack
+        # (ptxas via tests/sm_compile.py, triton 3.8, D = 96: sm90 forward 408 bytes a thread and
+        # dkdv 752, sm100 504 and 1224; at 8 warps 64 and 120, 128 and 192).
+        cfg = _Config(min(cfg.block_m, 32), min(cfg.block_n, 32), 8, 1)
     if dropout:
         # The mask's hashing takes registers: at 4 warps the bf16 forward at D = 64 spills
         # (tests/sm_compile.py, triton 3.8: 40 bytes a thread on sm90, 48 on sm100; 424 on sm90

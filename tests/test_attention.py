@@ -302,6 +302,18 @@ def test_short_sequences_take_their_own_table_where_it_has_a_pass(monkeypatch):
     assert attention._config(d128, "fwd") == attention._GPU_CONFIGS[9][128]["fwd"]
 
 
+def test_fp32_takes_small_unpipelined_tiles_in_8_warps(monkeypatch):
+    """The fp32 checking path's configuration, whatever the 16-bit tables hold (some tuned entries
+    have 4 warps, at which its fp32 tiles spill hundreds of bytes a thread)."""
+    for major in (8, 9, 10, 12):
+        monkeypatch.setattr(attention.runtime, "capability", lambda device, major=major: (major, 0))
+        for D in (64, 96, 128):
+            q = torch.empty(1, 1, 4096, D, dtype=torch.float32)
+            for which in ("fwd", "dkdv", "dq"):
+                cfg = attention._config(q, which)
+                assert (cfg.num_warps, cfg.num_stages) == (8, 1) and max(cfg.block_m, cfg.block_n) <= 32
+
+
 # Causal and not, grouped and not, every power-of-two head dim, T off the tile, the model's views
 TMA_CASES = [
     (1, 2, 2, 130, 32, True, torch.bfloat16, "contiguous"),
