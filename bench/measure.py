@@ -23,7 +23,7 @@ import torch
 # call is an L2 flush, two events and the pass's own launches.
 BATCH = 20
 MAX_SLEEP_MS = 1000.0  # the longest sleep a batch waits behind: passes slow to issue get smaller batches
-L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H200's is 60 MiB)
+L2_FLUSH_BYTES = 256 << 20  # as triton.testing.do_bench: more than any GPU's L2 (an H100's or H200's is 50 MB)
 MAX_CALLS = 200  # a median of this many is steady; the host's time per call bounds the rest
 WARMUP_BATCHES = 5
 # Batches the GPU may reach before the host has queued them (the sleep too short, or the launch

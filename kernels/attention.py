@@ -583,9 +583,9 @@ def _config(q: torch.Tensor, which: str, dropout: bool = False) -> _Config:
         # dkdv 752, sm100 504 and 1224; at 8 warps 64 and 120, 128 and 192).
         cfg = _Config(min(cfg.block_m, 32), min(cfg.block_n, 32), 8, 1)
     if dropout:
-        # The mask's hashing takes registers: at 4 warps the bf16 forward at D = 64 spills
-        # (tests/sm_compile.py, triton 3.8: 40 bytes a thread on sm90, 48 on sm100; 424 on sm90
-        # when the mask came from Philox), at 8 it spills nothing.
+        # The mask's hashing takes registers: at 4 warps the bf16 forward at D = 64 takes all 255
+        # on sm90 and spills 48 bytes a thread on sm100 (tests/sm_compile.py, triton 3.8; 424 on
+        # sm90 when the mask came from Philox), at 8 it spills nothing (sm90: 176 registers).
         cfg = cfg._replace(num_warps=max(cfg.num_warps, 8))
     return cfg
 

@@ -27,9 +27,9 @@ Three options serve the pre-norm residual stream, in the way of flash-attention'
   branch's gradient by it) instead of stored: no mask tensor and no dropout kernel of its own,
   forward or backward. The branch is scaled and added in fp32 and rounded once, where torch
   rounds dropout's output and then the sum. Compiled for sm90 (GPT-2's LayerNorm), the forward
-  takes 48 registers a thread with dropout (48 without in triton 3.8, 42 in 3.6), the backward
-  160 instead of 127 in triton 3.8 and 128 instead of 120 in 3.6, with no shared-memory traffic
-  added. The hashing, some 15 integer instructions an element, is the kernels' only arithmetic
+  takes 64 registers a thread with dropout (60 without in triton 3.8, 63 either way in 3.6), the
+  backward 162 instead of 127 in triton 3.8 and 128 instead of 120 in 3.6, with no shared-memory
+  traffic added. The hashing, some 15 integer instructions an element, is the kernels' only arithmetic
   of note (the backward's loop over rows: 661 instructions with dropout, 429 without, 772 when
   the mask came from Philox, a call per four elements): whether it stays hidden behind the
   memory traffic is for a GPU to measure.
@@ -42,8 +42,9 @@ ValueError that states the limit, rather than looped over (GPT hidden sizes are 
 and one block keeps x in registers from the statistics to the output). Compiled for sm90, rows of
 up to 8192 elements keep everything in registers (16 elements of each row per thread, stored and
 loaded as 16-byte vectors when N is a multiple of 8). Wider rows reach the 1024-thread block's 64
-registers a thread, and the backward, which holds x, dy and the dw (and db) sums, spills: 48-184
-bytes a thread up to 16384, 0.5-2.5 KB at 32768-65536 (the forward only past 32768). Still
+registers a thread, and past 16384 both passes spill (triton 3.8, both norms, bf16 and fp32):
+at 32768 to 65536 the backward, which holds x, dy and the dw (and db) sums, 360-1912 bytes a
+thread, the forward 0-1256 (none up to 16384 but fp32 LayerNorm's backward, 40). Still
 correct; slower by an amount not yet measured. Looping over column chunks instead would read x
 and dy a second time: which costs less is for a GPU to measure.
 
@@ -69,7 +70,7 @@ _TILE = 4096  # forward: elements per tile: narrow rows are stacked TILE // BLOC
 #               program moves >= 8 KB of bf16 per tensor (enough bytes in flight)
 _BWD_TILE = 4096  # the same for the backward, apart because its tile holds more registers (x, dy,
 #                   ds and the dw, db sums: sm90, GPT-2's LayerNorm at 4096: 127 a thread against
-#                   the forward's 48; at 2048, 95 in 4 warps) and so wants fewer resident than the
+#                   the forward's 60, triton 3.8; at 2048, 95 in 4 warps) and so wants fewer resident than the
 #                   forward's: bench.sweep tries both
 _ELEMS_PER_THREAD = 16  # two 16-byte bf16 vectors per thread and tensor; sets num_warps of both
 _BWD_WARPS_PER_SM = 32  # backward grid: resident warps per SM it aims for to hide latency,
