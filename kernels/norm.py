@@ -29,8 +29,8 @@ Three options serve the pre-norm residual stream, in the way of flash-attention'
   rounds dropout's output and then the sum. Compiled for sm90 (GPT-2's LayerNorm), the forward
   takes 64 registers a thread with dropout (60 without in triton 3.8, 63 either way in 3.6), the
   backward 162 instead of 127 in triton 3.8 and 128 instead of 120 in 3.6, with no shared-memory
-  traffic added. The hashing, some 15 integer instructions an element, is the kernels' only arithmetic
-  of note (the backward's loop over rows: 661 instructions with dropout, 429 without, 772 when
+  traffic added. The hashing, some 15 integer instructions an element, is the kernels' only
+  arithmetic of note (the backward's loop over rows: 661 instructions with dropout, 429 without, 772 when
   the mask came from Philox, a call per four elements): whether it stays hidden behind the
   memory traffic is for a GPU to measure.
 * `out_dtype`: y's dtype. Under autocast the model's norm outputs go straight into matmuls that
@@ -70,8 +70,8 @@ _TILE = 4096  # forward: elements per tile: narrow rows are stacked TILE // BLOC
 #               program moves >= 8 KB of bf16 per tensor (enough bytes in flight)
 _BWD_TILE = 4096  # the same for the backward, apart because its tile holds more registers (x, dy,
 #                   ds and the dw, db sums: sm90, GPT-2's LayerNorm at 4096: 127 a thread against
-#                   the forward's 60, triton 3.8; at 2048, 95 in 4 warps) and so wants fewer resident than the
-#                   forward's: bench.sweep tries both
+#                   the forward's 60, triton 3.8; at 2048, 95 in 4 warps) and so wants fewer
+#                   resident than the forward's: bench.sweep tries both
 _ELEMS_PER_THREAD = 16  # two 16-byte bf16 vectors per thread and tensor; sets num_warps of both
 _BWD_WARPS_PER_SM = 32  # backward grid: resident warps per SM it aims for to hide latency,
 #                         with few enough programs that the fp32 partials stay a few % of traffic
