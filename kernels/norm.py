@@ -30,9 +30,9 @@ Three options serve the pre-norm residual stream, in the way of flash-attention'
   takes 64 registers a thread with dropout (60 without in triton 3.8, 63 either way in 3.6), the
   backward 162 instead of 127 in triton 3.8 and 128 instead of 120 in 3.6, with no shared-memory
   traffic added. The hashing, some 15 integer instructions an element, is the kernels' only
-  arithmetic of note (the backward's loop over rows: 661 instructions with dropout, 429 without, 772 when
-  the mask came from Philox, a call per four elements): whether it stays hidden behind the
-  memory traffic is for a GPU to measure.
+  arithmetic of note (the backward's loop over rows: 661 instructions with dropout, 429 without,
+  772 when the mask came from Philox, a call per four elements): whether it stays hidden behind
+  the memory traffic is for a GPU to measure.
 * `out_dtype`: y's dtype. Under autocast the model's norm outputs go straight into matmuls that
   would cast them to bf16; writing bf16 at once skips that cast and its backward's, and halves
   the bytes of y and dy (the same numbers: both round the fp32 result to nearest).
