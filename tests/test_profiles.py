@@ -131,13 +131,15 @@ def test_generation_chooses_by_the_profile_s_forward_timings(self_check):
 def test_a_profiled_triton_op_still_needs_the_self_check(self_check):
     self_check["swiglu"] = False
     prof = fake_profile(swiglu=entry(torch=backend(3.0), triton=backend(1.0)))
-    choice = kernels.choose("auto", "cuda", profile=prof)["swiglu"]
+    with pytest.warns(UserWarning, match="kernels=auto: swiglu falls back to torch"):
+        choice = kernels.choose("auto", "cuda", profile=prof)["swiglu"]
     assert choice.backend == "torch" and "failed its self-check" in choice.reason
 
 
 def test_no_profile_means_triton_where_the_self_check_passes(self_check):
     self_check["attention"] = False
-    choices = kernels.choose("auto", "cuda", profile=None)
+    with pytest.warns(UserWarning, match="kernels=auto: attention falls back to torch"):
+        choices = kernels.choose("auto", "cuda", profile=None)
     assert choices["attention"].backend == "torch" and "wrong numbers" in choices["attention"].reason
     assert choices["layer_norm"].backend == "triton"
     assert "no profile for this GPU" in choices["layer_norm"].reason
