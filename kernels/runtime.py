@@ -18,11 +18,15 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+import triton.language as tl  # noqa: E402
+
 # True when kernels run in Triton's CPU interpreter. The interpreter has no bf16 arithmetic and
 # its bf16 `tl.dot` multiplies bit patterns (triton-lang/triton#4972, #11584): kernels load, cast
 # to fp32 at once, and are given this as a constexpr so their `tl.dot` operands stay fp32. Its
-# casts to bf16 are mended below (round_bf16_casts).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# casts to bf16 are mended below (round_bf16_casts). Triton's own reading of the variable: "false"
+# or "off" is off here as it is to triton.jit.
+INTERPRET = triton.knobs.runtime.interpret
 
 
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
@@ -143,10 +147,6 @@ def _cuda_properties(device: torch.device):
 @functools.cache
 def _properties_of(index: int):
     return torch.cuda.get_device_properties(index)
-
-
-import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
-import triton.language as tl  # noqa: E402
 
 
 def round_bf16_casts() -> bool:

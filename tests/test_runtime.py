@@ -5,13 +5,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import kernels
 from gpt.model import GPT, GPTConfig, model_ops
+from kernels import runtime
 from tests.devices import skip_unless_triton_runs
 from tests.memory import OpCount
 
@@ -172,3 +176,104 @@ def test_inductor_rebuilds_every_kernel_whole():
         pytest.skip(f"torch {torch.__version__} has no Inductor rebuilding of Triton kernels to check against")
     assert len(report) >= 30  # every JIT function of kernels/, each checked as a kernel
     assert {name: problems for name, problems in report.items() if problems} == {}
+
+
+def _runtime_in_subprocess(**env) -> str:
+    """kernels.runtime's INTERPRET in a fresh process whose TRITON_INTERPRET is `env`'s (unset
+    where None), with Triton's own reading of it."""
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ.update({k: v for k, v in env.items() if v is not None})
+    code = ("import os, triton, kernels.runtime as r; "
+            "print(r.INTERPRET, triton.knobs.runtime.interpret, os.environ.get('TRITON_INTERPRET'))")
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    return out.stdout.split()[-3:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is switched on only without a GPU")
+def test_without_a_gpu_the_interpreter_is_switched_on():
+    assert _runtime_in_subprocess(TRITON_INTERPRET=None) == ["True", "True", "1"]
+
+
+def test_interpret_agrees_with_triton_on_how_the_variable_is_spelled():
+    """runtime.INTERPRET decides how the kernels are written (FP32_DOT, CPU tensors, custom ops):
+    it must be what Triton itself makes of TRITON_INTERPRET."""
+    assert _runtime_in_subprocess(TRITON_INTERPRET="true")[:2] == ["True", "True"]
+    assert _runtime_in_subprocess(TRITON_INTERPRET="false")[:2] == ["False", "False"]  # was read as on
+
+
+def test_capability_of_a_cuda_device_without_index_is_the_current_gpu_s(monkeypatch):
+    """torch.device("cuda") (kernels.choose's) means the current GPU, not GPU 0: on a machine whose
+    process was moved to another GPU (torch.cuda.set_device), that GPU's capability decides."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(runtime, "_properties_of", lambda index: types.SimpleNamespace(
+        major=(7, 9)[index], minor=0, multi_processor_count=(80, 132)[index]))
+    assert runtime.capability(torch.device("cuda")) == (9, 0)
+    assert runtime.capability(torch.device("cuda", 0)) == (7, 0)
+    assert runtime.num_sms(torch.device("cuda")) == 132
+
+
+def test_the_launch_grid_limit_is_inclusive():
+    """65535 programs on a grid's second or third axis is CUDA's limit, and allowed."""
+    runtime.check_grid("rope", batch=runtime.GRID_YZ_MAX, heads=1)
+    with pytest.raises(ValueError, match="rope: the triton backend takes at most 65535 heads"):
+        runtime.check_grid("rope", batch=1, heads=runtime.GRID_YZ_MAX + 1)
+
+
+def test_host_cdiv_and_next_power_of_2_are_triton_s():
+    for n in [*range(1, 300), 1023, 1024, 1025, 4096, 5632, 11008, 50257, 2**31 - 1, 2**31, 2**31 + 1,
+              2**32, 2**32 + 1, 2**40 + 3]:
+        assert runtime.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 2, 3, 16, 64, 128, 1024):
+            assert runtime.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_direct_launches_nests_and_is_per_thread():
+    """The flag wrap_triton reads: an inner context's exit leaves the outer one's on, and another
+    thread (autograd's backward) sees only its own."""
+    assert not runtime._direct.on
+    seen = []
+    with runtime.direct_launches():
+        with runtime.direct_launches():
+            pass
+        assert runtime._direct.on
+        worker = threading.Thread(target=lambda: seen.append(runtime._direct.on))
+        worker.start()
+        worker.join()
+    assert seen == [False] and not runtime._direct.on
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_tensor_subclasses_take_the_registered_op():
+    """Only plain tensors and Parameters skip the op's dispatch (runtime._eager)."""
+    skip_unless_triton_runs("triton", "cpu")
+    x = torch.randn(3, 8)
+    swiglu = kernels.get("swiglu", "triton")
+    assert _profiled_op_names(lambda: swiglu(x, x)) == set()
+    sub = x.as_subclass(_Subclass)
+    assert _profiled_op_names(lambda: swiglu(sub, sub)) == {"tritongpt::swiglu"}
+
+
+def test_as_rows_and_unit_stride_d_keep_views_where_the_layout_allows():
+    h = torch.randn(3, 5, 16)
+    for half in h.chunk(2, -1):  # row stride 16, unit column stride: no copy
+        rows = runtime.as_rows(half)
+        assert rows.shape == (15, 8) and rows.data_ptr() == half.data_ptr() and torch.equal(rows, half.reshape(15, 8))
+    q = torch.randn(2, 7, 4, 8).transpose(1, 2)  # (B, H, T, D) heads of a (B, T, H, D) buffer
+    assert runtime.unit_stride_d(q) is q
+    column = torch.randn(4, 6)[:, 1:2]
+    assert torch.equal(runtime.as_rows(column), column) and runtime.as_rows(column).stride(-1) == 1
+    assert runtime.as_rows(torch.tensor(2.0)).shape == (1, 1)
+
+
+def test_no_dropout_draws_no_seed():
+    """dropout_p = 0 takes nothing from torch's generator: a run without dropout samples alike
+    with either backend."""
+    torch.manual_seed(0)
+    assert runtime.dropout_seed_tensor(0.0, torch.device("cpu")) is None
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)
