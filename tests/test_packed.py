@@ -148,3 +148,26 @@ def test_second_order_gradients_reach_every_part():
         (gx,) = torch.autograd.grad(torch.cat(split(x * 1, [2, 2], -1), -1), x, g, create_graph=True)
         (gg,) = torch.autograd.grad((gx * c).sum(), g)
         assert torch.equal(gg, c), split
+
+
+def _joins_as(parts, dim):
+    """join's result, checked against torch.cat's."""
+    joined = join(list(parts), dim)
+    assert torch.equal(joined, torch.cat(parts, dim))
+    return joined
+
+
+def test_join_of_slices_that_do_not_start_the_buffer():
+    buf = torch.randn(3, 12)
+    joined = _joins_as([buf[:, 2:5], buf[:, 5:9]], 1)
+    assert joined.data_ptr() == buf[:, 2:].data_ptr()
+
+
+def test_join_concatenates_what_only_looks_adjacent():
+    """Parts whose offsets chain but whose layout differs are not one slice of their base."""
+    buf = torch.randn(4, 6)
+    _joins_as([buf[:, :2], buf.view(-1)[2:14].view(4, 3)], 1)  # another row stride
+    _joins_as([torch.empty_strided((4, 0), (3, 1)), torch.randn(4, 3)], 1)  # no base at all
+    for parts, dim in (([buf[:, :2], buf[:3, 2:]], 1), ([buf[:2], buf[2:, :3]], 0)):
+        with pytest.raises(RuntimeError):  # torch.cat's refusal of other sizes, not a view
+            join(parts, dim)

@@ -599,3 +599,56 @@ def test_a_gpu_self_check_without_a_gpu_says_so():
     "cuda")), the self-check says why, not torch's bare "Torch not compiled with CUDA" assertion."""
     with pytest.raises(ValueError, match="a self-check on the GPU, and this machine has no CUDA GPU"):
         kernels.choose("auto", "cuda")
+
+
+def test_a_mapping_says_which_ops_it_left_to_torch():
+    choices = kernels.choose({"swiglu": "triton"}, "cpu")
+    assert choices["swiglu"] == kernels.Choice("triton", "asked for")
+    assert choices["attention"] == kernels.Choice("torch", "default")
+
+
+def test_auto_off_cuda_is_torch_on_any_other_device(monkeypatch):
+    """Not only "cpu": "auto" on mps, xpu or meta takes torch, self-checking nothing."""
+    monkeypatch.setattr(profile, "self_check", lambda *a: pytest.fail("self-checked off CUDA"))
+    for device_type in ("mps", "xpu", "meta"):
+        choices = kernels.choose("auto", device_type, profile=None)
+        assert {c.backend for c in choices.values()} == {"torch"}, device_type
+
+
+def test_forced_triton_ignores_the_profile(self_check):
+    """--kernels=triton asks for Triton wherever it passes its self-check, whatever a profile
+    timed: a profile where torch is faster does not turn it back to torch."""
+    prof = fake_profile(swiglu=entry(torch=backend(1.0), compile=backend(1.0), triton=backend(3.0)))
+    assert kernels.choose("auto", "cuda", profile=prof)["swiglu"].backend == "torch"
+    choice = kernels.choose("triton", "cuda", profile=prof)["swiglu"]
+    assert choice == kernels.Choice("triton", "asked for; self-check passed at test shapes: fine")
+
+
+def test_a_run_that_uses_no_op_checks_none(self_check, monkeypatch):
+    """used=set() (a run calling none of the ops) is not used=None (all of them)."""
+    monkeypatch.setattr(profile, "self_check", lambda *a: pytest.fail("self-checked an unused op"))
+    for mode in ("triton", "auto"):
+        choices = kernels.choose(mode, "cuda", profile=None, used=set())
+        assert set(choices.values()) == {kernels.Choice("torch", "not used by this run")}, mode
+
+
+def test_one_stale_record_among_current_ones_still_warns(self_check):
+    """The warning of stale timings is for any op chosen by a stale record, not only the last op
+    looked up: here rms_norm's record is stale and swiglu's (later in OPS) is current."""
+    fast_triton = entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0))
+    stale = {**record({"rms_norm": fast_triton}), "kernels_source": "0" * 16}
+    current = record({"swiglu": fast_triton})
+    prof = Profile("profiles/test.json", profile_data(stale, current))
+    with pytest.warns(UserWarning, match="timed other kernel sources"):
+        choices = kernels.choose("auto", "cuda", profile=prof)
+    assert "stale" in choices["rms_norm"].reason and "stale" not in choices["swiglu"].reason
+
+
+def test_a_compiled_model_times_the_optimizer_eagerly_in_auto(self_check):
+    """adamw runs outside the compiled graph: kernels.choose(compiled=True) must not weigh it by
+    a compiled timing of torch's (bench.profile.launched_compiled)."""
+    prof = fake_profile(adamw=entry(torch=backend(3.0), compile=backend(0.5), triton=backend(1.0)),
+                        swiglu=entry(torch=backend(3.0), compile=backend(0.5), triton=backend(1.0)))
+    choices = kernels.choose("auto", "cuda", profile=prof, compiled=True)
+    assert choices["swiglu"].backend == "torch"  # in the graph: Inductor's 0.5 ms wins
+    assert choices["adamw"].backend == "triton"  # outside it: torch's eager 3 ms loses

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 import kernels
+from kernels import accuracy
 from kernels.registry import register
 from tests import numerics
 from tests.devices import interpreter_only
@@ -157,3 +158,25 @@ def test_an_error_is_measured_only_between_tensors_of_one_shape():
     for out, ref in ((torch.ones(1, 4), torch.ones(4)), (torch.ones(4, 1), torch.ones(4))):
         with pytest.raises(ValueError, match="result of shape"):
             rel_err(out, ref)
+
+
+def test_the_accuracy_rule_s_constants():
+    """The rule the docstring states: 2x torch's error plus half a unit roundoff of bf16 and fp16,
+    eight epsilons of fp32."""
+    assert accuracy.FACTOR == 2.0
+    assert accuracy.FLOOR == {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2**-12, torch.bfloat16: 2**-9}
+    assert accuracy.bound(1e-3, torch.bfloat16) == 2e-3 + 2**-9
+    assert accuracy.bound(1e-3, torch.float16) == 2e-3 + 2**-12
+    assert accuracy.bound(0.0, torch.float64) == 1e-12
+
+
+def test_rel_err_of_nonfinite_zero_and_float64_results():
+    ref = torch.randn(100, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):
+        out = ref.clone()
+        out[3] = bad
+        assert accuracy.rel_err(out, ref) == float("inf")
+    assert accuracy.rel_err(torch.zeros(4), torch.zeros(4)) == 0.0  # a zero gradient, exactly right
+    assert accuracy.rel_err(torch.ones(4), torch.zeros(4)) > 1e20
+    out = ref * (1 + 1e-10)  # float64 results measured in float64
+    assert accuracy.rel_err(out, ref) == pytest.approx(1e-10, rel=1e-3)

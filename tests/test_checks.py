@@ -1,0 +1,59 @@
+"""kernels.checks: the argument checks every op makes (numbers, tensor lists, overlapping
+memory), beyond the ValueErrors each op's tests pin."""
+import pytest
+import torch
+
+import kernels
+from kernels import checks
+from tests.devices import interpreter_only, skip_unless_triton_runs
+
+
+def test_int64_s_whole_range_is_an_integer_argument():
+    checks.check_number("cross_entropy", "ignore_index", -2**63, integer=True)
+    checks.check_number("cross_entropy", "ignore_index", 2**63 - 1, integer=True)
+    logits, targets = torch.randn(3, 5), torch.tensor([1, 0, 2])
+    for backend in ("torch", "triton"):
+        skip_unless_triton_runs(backend, "cpu")
+        fn = kernels.get("cross_entropy", backend)
+        torch.testing.assert_close(fn(logits, targets, ignore_index=-2**63), fn(logits, targets))
+
+
+def test_numpy_floats_are_numbers():
+    np = pytest.importorskip("numpy")
+    for value in (np.float32(1e-5), np.float16(1e-5), np.float64(1e-5)):
+        checks.check_number("rms_norm", "eps", value, 0.0)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    torch.testing.assert_close(kernels.get("rms_norm", "torch")(x, w, np.float32(1e-5)),
+                               kernels.get("rms_norm", "torch")(x, w, 1e-5))
+
+
+def test_tensor_lists_may_be_tuples():
+    ts = (torch.randn(5), torch.randn(3, 2))
+    for backend in ("torch", "triton"):
+        skip_unless_triton_runs(backend, "cpu")
+        torch.testing.assert_close(kernels.get("grad_norm", backend)(ts), kernels.get("grad_norm", backend)(list(ts)))
+
+
+def test_overlap_is_found_by_extent_and_size_one_dims_are_ignored():
+    assert checks.has_overlap(torch.zeros(9).as_strided((3, 3), (2, 1)))  # rows of 3 two apart
+    assert checks.has_overlap(torch.zeros(9).as_strided((3, 3), (1, 2)))
+    assert not checks.has_overlap(torch.zeros(9).as_strided((3, 3), (3, 1)))
+    for t in (torch.zeros(3, 1), torch.zeros(1, 3), torch.zeros(3, 1, 2), torch.zeros(4, 6)[:, :1],
+              torch.zeros(4, 6)[:, :3].unsqueeze(-1)):
+        assert not checks.has_overlap(t), (tuple(t.shape), t.stride())
+
+
+@interpreter_only
+def test_adamw_takes_a_strided_parameter_with_a_size_one_dim():
+    """A non-contiguous parameter (staged by the triton backend, so checked for overlap) whose
+    trailing size-1 dim has stride 1, inside its rows' extent: that dim steps nowhere and must not
+    read as overlapping."""
+    from tests.test_adamw import HYPER, states
+
+    p = [torch.randn(4, 6)[:, :3].unsqueeze(-1), torch.randn(3, 1)]
+    g = [torch.randn_like(t) for t in p]
+    out = [t.clone() for t in p]
+    kernels.get("adamw", "torch")(out, g, *states(out), step=1, **HYPER)
+    kernels.get("adamw", "triton")(p, g, *states(p), step=1, **HYPER)
+    for ours, theirs in zip(p, out):
+        torch.testing.assert_close(ours, theirs)
