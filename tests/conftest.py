@@ -129,3 +129,10 @@ def _no_tf32_leaks():
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """train.py's data_dir for a test module's runs: the datasets it prepares from the committed
+    text, once a module."""
+    return str(tmp_path_factory.mktemp("data"))

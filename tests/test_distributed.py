@@ -87,11 +87,6 @@ def assert_matches(log, reference, rel=1e-5):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     """One process on the global batch: 6 iterations, then resumed to 9. With RANK unset,
     `parallel` means nothing: no process group is made (and so no wrapper)."""

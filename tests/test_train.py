@@ -60,11 +60,6 @@ warmup_iters = 100 # not super necessary potentially
 """
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def run(out_dir, data_dir, *args, preset=None):
     first = [f"--preset={preset}"] if preset else []  # a preset sets the keys before it: put it first
     train.main([*first, *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args])
