@@ -178,7 +178,7 @@ def test_inductor_rebuilds_every_kernel_whole():
     assert {name: problems for name, problems in report.items() if problems} == {}
 
 
-def _runtime_in_subprocess(**env) -> str:
+def _runtime_in_subprocess(**env) -> list[str]:
     """kernels.runtime's INTERPRET in a fresh process whose TRITON_INTERPRET is `env`'s (unset
     where None), with Triton's own reading of it."""
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
