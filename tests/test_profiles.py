@@ -624,7 +624,7 @@ def test_forced_triton_ignores_the_profile(self_check):
     assert choice == kernels.Choice("triton", "asked for; self-check passed at test shapes: fine")
 
 
-def test_a_run_that_uses_no_op_checks_none(self_check, monkeypatch):
+def test_a_run_that_uses_no_op_checks_none(monkeypatch):
     """used=set() (a run calling none of the ops) is not used=None (all of them)."""
     monkeypatch.setattr(profile, "self_check", lambda *a: pytest.fail("self-checked an unused op"))
     for mode in ("triton", "auto"):

@@ -142,22 +142,19 @@ def test_accuracy_checks_are_logged_and_counted(tmp_path, monkeypatch):
 def test_a_sum_s_floor_is_its_random_walk_of_fp32_roundings():
     """An error taken relative to the terms a result sums: sqrt(n) units of fp32 roundoff floor it,
     above fp32's own floor from 282 terms, below fp16's and bf16's up to 16 million."""
-    from kernels.accuracy import FLOOR, bound
-
-    assert bound(1e-7, torch.float32, terms=4096) == 2e-7 + 64 * 2.0**-24
-    assert bound(1e-7, torch.float32, terms=16) == bound(1e-7, torch.float32) == 2e-7 + FLOOR[torch.float32]
-    assert bound(0.0, torch.bfloat16, terms=4096) == FLOOR[torch.bfloat16]
+    assert accuracy.bound(1e-7, torch.float32, terms=4096) == 2e-7 + 64 * 2.0**-24
+    fp32_floor = 2e-7 + accuracy.FLOOR[torch.float32]
+    assert accuracy.bound(1e-7, torch.float32, terms=16) == accuracy.bound(1e-7, torch.float32) == fp32_floor
+    assert accuracy.bound(0.0, torch.bfloat16, terms=4096) == accuracy.FLOOR[torch.bfloat16]
 
 
 def test_an_error_is_measured_only_between_tensors_of_one_shape():
     """Broadcast, a result of the wrong shape would match its reference (the self-check, which
     takes the error as its verdict, has no shape check of its own): refused instead."""
-    from kernels.accuracy import rel_err
-
-    assert rel_err(torch.ones(4), torch.ones(4)) == 0.0
+    assert accuracy.rel_err(torch.ones(4), torch.ones(4)) == 0.0
     for out, ref in ((torch.ones(1, 4), torch.ones(4)), (torch.ones(4, 1), torch.ones(4))):
         with pytest.raises(ValueError, match="result of shape"):
-            rel_err(out, ref)
+            accuracy.rel_err(out, ref)
 
 
 def test_the_accuracy_rule_s_constants():

@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -442,16 +443,29 @@ def test_learning_rate_schedule(decay_iters):
         assert lrs[10] == pytest.approx(1e-3) and lrs[15] == pytest.approx(5.5e-4)
 
 
-def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
-    """On a GPU train.py's summary sets bench/plan.py's peak beside the GPU's memory, and says how
-    many blocks to recompute where the run would not fit (GPT-2 XL, 32 x 1024 tokens, pure bf16,
-    on 80 GiB: 12 of its 48 blocks, as bench.mfu's plan says)."""
+@pytest.fixture
+def xl_on_80gib(monkeypatch):
+    """GPT-2 XL (on the meta device) and a run of it, 32 x 1024 tokens in pure bf16, on a GPU of 80 GiB."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
     with torch.device("meta"):
         model = GPT(GPTConfig(**preset("gpt2-xl")))
-    c = dict(device="cuda", optimizer="bf16_adamw", kahan_summation=False, batch_size=32, block_size=1024)
+    return model, dict(device="cuda", optimizer="bf16_adamw", kahan_summation=False, batch_size=32, block_size=1024)
+
+
+def test_memory_plan_names_the_blocks_to_recompute(xl_on_80gib):
+    """On a GPU train.py's summary sets bench/plan.py's peak beside the GPU's memory, and says how
+    many blocks to recompute where the run would not fit (GPT-2 XL, 32 x 1024 tokens, pure bf16,
+    on 80 GiB: 12 of its 48 blocks, as bench.mfu's plan says)."""
+    model, c = xl_on_80gib
     one_gpu = SimpleNamespace(parallel=None, size=1)
     assert train.memory_plan(c, model, one_gpu, "triton").endswith("may not fit: recompute=12 would")
+    # torch's AdamW takes no kahan_summation: nothing more planned.
+    assert train.memory_plan(dict(c, optimizer="adamw", batch_size=8), model, one_gpu, "triton") == train.memory_plan(
+        dict(c, optimizer="adamw", batch_size=8, kahan_summation=True), model, one_gpu, "triton")
+    # The plan keeps a tenth of the GPU free (plan.USABLE): a peak between that and all of it may not fit.
+    planned = train.memory_plan(dict(c, batch_size=27), model, one_gpu, "triton")
+    peak, total = map(float, re.match(r"planned peak ([\d.]+) GB of the GPU's ([\d.]+)", planned).groups())
+    assert train.plan.USABLE < peak / total < 1 and "may not fit: recompute=" in planned, planned
     model.recompute_blocks(12)
     assert "planned peak" in train.memory_plan(c, model, one_gpu, "triton")
     assert "may not fit" not in train.memory_plan(c, model, one_gpu, "triton")
@@ -466,11 +480,8 @@ def test_memory_plan_names_the_blocks_to_recompute(monkeypatch):
     assert planned.endswith("may not fit: recompute=25 would"), planned
 
 
-def test_running_out_of_gpu_memory_says_what_lowers_the_peak(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**preset("gpt2-xl")))
-    c = dict(device="cuda", optimizer="bf16_adamw", kahan_summation=False, batch_size=32, block_size=1024)
+def test_running_out_of_gpu_memory_says_what_lowers_the_peak(xl_on_80gib):
+    model, c = xl_on_80gib
     with pytest.raises(SystemExit) as stop:
         with train.out_of_memory_explained(c, model, SimpleNamespace(parallel=None, size=1), "triton"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.14 GiB.\nmore of torch's text")

@@ -3,7 +3,6 @@ behaviours a mutation test of train.py found no test pinned (each docstring name
 catches)."""
 import io
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ from bench.flops import flops_per_token
 from gpt import checkpoint
 from gpt.config import ConfigError
 from gpt.data import Batches
-from gpt.model import GPT, GPTConfig, preset
+from gpt.model import GPT, GPTConfig
 from tests.test_train import read_log, run
 
 CPU = ["--device=cpu", "--dtype=float32"]
@@ -103,17 +102,6 @@ def test_memory_on_the_cpu_is_the_peak_rss_in_gb():
     hwm_kib = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
     allocated, peak, reserved = train.memory_gb("cpu")
     assert peak == pytest.approx(hwm_kib * 1024 / 1e9, rel=0.1) and allocated == peak == reserved
-
-
-def test_the_memory_plan_counts_kahan_only_for_bf16_adamw(monkeypatch):
-    """torch's AdamW ignores kahan_summation: its plan must not count the compensation."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**preset("gpt2-xl")))
-    c = dict(device="cuda", optimizer="adamw", kahan_summation=False, batch_size=8, block_size=1024)
-    one_gpu = SimpleNamespace(parallel=None, size=1)
-    assert train.memory_plan(c, model, one_gpu, "triton") == train.memory_plan(
-        dict(c, kahan_summation=True), model, one_gpu, "triton")
 
 
 def test_a_dynamo_failure_with_triton_ops_is_explained_too(capsys):
@@ -330,17 +318,6 @@ def test_gpt2_bpe_data_from_scratch_takes_nanogpts_padded_vocabulary_and_needs_e
                          iter_num=1, best_val_loss=9.0), tmp_path / "short")
     with pytest.raises(SystemExit, match="has a 50256-token vocabulary; dataset shakespeare has 50257 tokens"):
         run(tmp_path / "short", data_dir, *bpe, "--init_from=resume", "--max_iters=2")
-
-
-def test_a_plan_above_the_usable_share_of_the_gpu_may_not_fit(monkeypatch):
-    """bench/plan.py plans to USABLE (90%) of the GPU: 96% of it is flagged, not only > 100%."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**preset("gpt2-xl")))
-    c = dict(device="cuda", optimizer="bf16_adamw", kahan_summation=False, batch_size=27, block_size=1024)
-    planned = train.memory_plan(c, model, SimpleNamespace(parallel=None, size=1), "triton")
-    peak, total = map(float, re.match(r"planned peak ([\d.]+) GB of the GPU's ([\d.]+)", planned).groups())
-    assert train.plan.USABLE < peak / total < 1 and "may not fit: recompute=" in planned, planned
 
 
 # --- several processes, as far as one process can show it --------------------------------------
