@@ -9,8 +9,9 @@ import torch
 
 import kernels
 from bench import profile
-from gpt import checkpoint
+from gpt import checkpoint, model as gpt_model
 from gpt.model import GPT, GPTConfig
+from gpt.sample import DEFAULTS
 from gpt.sample import main as sample
 from kernels import choose
 from tests.devices import cuda_only
@@ -19,14 +20,29 @@ CHARS = "ab \n"
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"  # a 96-token GPT-2
 
 
-def char_checkpoint(out: Path, dtype=torch.float32, dropout=0.0) -> list[str]:
-    """A character-level checkpoint whose model's vocabulary (64) is padded past its 4
-    characters, as train.py's would be after fine-tuning a larger model; the args to sample it."""
+def char_checkpoint(out: Path, dtype=torch.float32, chars: str = CHARS, **config) -> list[str]:
+    """A character-level checkpoint of `chars` whose model's vocabulary (64, or config's
+    vocab_size) is padded past them, as train.py's would be after fine-tuning a larger model;
+    the args to sample it. config: GPTConfig's other keys."""
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dropout=dropout)
-    meta = dict(vocab_size=len(CHARS), stoi={ch: i for i, ch in enumerate(CHARS)}, itos=dict(enumerate(CHARS)))
+    config = GPTConfig(**dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64) | config)
+    meta = dict(vocab_size=len(chars), stoi={ch: i for i, ch in enumerate(chars)}, itos=dict(enumerate(chars)))
     checkpoint.save(dict(model=GPT(config).to(dtype).state_dict(), model_args=asdict(config), meta=meta), out)
     return [f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--start=ab"]
+
+
+def bpe_checkpoint(out: Path) -> list[str]:
+    """A GPT-2 BPE checkpoint as train.py writes one from scratch (50304 ids, padded past GPT-2's
+    50257); the args to sample it."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    out.mkdir(exist_ok=True)
+    checkpoint.save(dict(model=GPT(config).state_dict(), model_args=asdict(config)), out)
+    return [f"--out_dir={out}", "--device=cpu", "--num_samples=1"]
+
+
+def without(args: list[str], *keys: str) -> list[str]:
+    return [a for a in args if not a.startswith(tuple(f"--{k}=" for k in keys))]
 
 
 def test_only_decodable_tokens_are_sampled(tmp_path):
@@ -79,12 +95,14 @@ def test_the_checkpoint_is_read_on_the_host_not_the_gpu(tmp_path, monkeypatch):
     loads_on_the_host_and_lets_go(tmp_path, monkeypatch, "cuda")
 
 
-def test_kernels_are_chosen_for_generation(tmp_path, monkeypatch):
-    """Sampling runs forward only: kernels.choose is told so (profiles' forward timings count)."""
+def test_kernels_are_chosen_for_generation_and_its_ops(tmp_path, monkeypatch):
+    """Sampling runs forward only: kernels.choose is told so (profiles' forward timings count),
+    and self-checks the ops generation calls: a RoPE model turns its cached keys with the rope op
+    and computes no loss (linear_cross_entropy's check would be wasted, rope's missed)."""
     asked = []
     monkeypatch.setattr(kernels, "choose", lambda *args, **kw: asked.append(kw) or choose(*args, **kw))
-    sample([*char_checkpoint(tmp_path), "--max_new_tokens=1"])
-    assert [kw["generation"] for kw in asked] == [True]
+    sample([*char_checkpoint(tmp_path, pos_encoding="rope"), "--max_new_tokens=2"])
+    assert [(kw["generation"], kw["used"]) for kw in asked] == [(True, {"layer_norm", "attention", "rope"})]
 
 
 def test_the_seed_decides_the_sample_whatever_the_kernels(tmp_path, monkeypatch):
@@ -99,14 +117,20 @@ def test_the_seed_decides_the_sample_whatever_the_kernels(tmp_path, monkeypatch)
     assert triton[0] == sample([*args, "--seed=1"])
 
 
-def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch):
-    args = char_checkpoint(tmp_path, torch.bfloat16)
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_the_dtype_asked_for(tmp_path, monkeypatch, weights):
+    """fp32 weights run under autocast to the dtype asked for (on the CPU float32 by default: none);
+    a pure-bf16 checkpoint's weights are made fp32 for float32, and run as they are in bf16."""
     seen = []
     generate = GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(self.lm_head.weight.dtype) or generate(self, *a, **k))
-    sample([*args, "--dtype=float32", "--max_new_tokens=2"])
-    sample([*args, "--dtype=bfloat16", "--max_new_tokens=2"])
-    assert seen == [torch.float32, torch.bfloat16]
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(
+        (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"), self.lm_head.weight.dtype))
+        or generate(self, *a, **k))
+    args = [*char_checkpoint(tmp_path, weights), "--max_new_tokens=2"]
+    for dtype in ([], ["--dtype=float32"], ["--dtype=bfloat16"]):
+        sample(args + dtype)
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert seen == [(False, f32), (False, f32), (bf16, f32) if weights == f32 else (False, bf16)]
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -115,6 +139,7 @@ def test_a_bf16_checkpoint_samples_in_the_dtype_asked_for(tmp_path, monkeypatch)
     ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file"),
     ("--temperature=-1.0", "temperature must be >= 0"),
     ("--top_k=0", "top_k must be at least 1, or None"),
+    ("--init_from=nonsense", "init_from must be resume, .*got 'nonsense'"),
     ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
     ("--device=5", "device must be str or None, got 5"),  # (a traceback once)
     # devices this machine lacks or torch.load cannot map to (a "corrupt checkpoint" once)
@@ -132,15 +157,13 @@ def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_
     with pytest.raises(SystemExit, match="gpt.sample: .*no checkpoint"):
         sample([f"--out_dir={tmp_path / 'nothing'}", "--device=cpu"])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="gpt.sample: device=cuda, but torch sees no CUDA GPU"):
-            sample([*char_checkpoint(tmp_path), "--device=cuda"])
+        for device in ("cuda", "cuda:0"):
+            with pytest.raises(SystemExit, match=f"gpt.sample: device={device}, but torch sees no CUDA GPU"):
+                sample([*char_checkpoint(tmp_path), f"--device={device}"])
     with pytest.raises(SystemExit, match="gpt.sample: start: the prompt's token .* past the model's 96-token"):
         sample([f"--init_from={FIXTURE}", "--device=cpu", "--start=Hello"])
     # An empty prompt starts a GPT-2 BPE model (here train.py's from scratch) from <|endoftext|>.
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)  # 50304 tokens
-    (tmp_path / "bpe").mkdir()
-    checkpoint.save(dict(model=GPT(config).state_dict(), model_args=asdict(config)), tmp_path / "bpe")
-    text = sample([f"--out_dir={tmp_path / 'bpe'}", "--device=cpu", "--start=", "--num_samples=1", "--max_new_tokens=3"])
+    text = sample([*bpe_checkpoint(tmp_path / "bpe"), "--start=", "--max_new_tokens=3"])
     assert text[0].startswith("<|endoftext|>")
 
 
@@ -151,7 +174,6 @@ def test_no_training_key_is_close_enough_to_a_sampling_key_to_be_refused():
 
     import train
     from gpt.config import MISSPELT
-    from gpt.sample import DEFAULTS
     for key in set(train.DEFAULTS) - set(DEFAULTS):
         assert not difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=MISSPELT), key
 
@@ -175,3 +197,143 @@ def test_a_training_config_file_gives_its_out_dir(tmp_path):
     with pytest.raises(SystemExit, match=r"sample_config.py:3: unknown config key 'temprature' "
                                          r"\(did you mean 'temperature'\?\)"):
         sample([str(typo)])
+
+
+def test_the_defaults_are_nanogpts_but_three_samples():
+    """README: nanoGPT's sample.py keys and defaults, but num_samples=3."""
+    assert {k: DEFAULTS[k] for k in ("init_from", "out_dir", "start", "num_samples", "max_new_tokens",
+                                     "temperature", "top_k", "seed", "compile", "kv_cache")} == dict(
+        init_from="resume", out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8,
+        top_k=200, seed=1337, compile=False, kv_cache=True)
+
+
+def test_by_default_three_samples_from_a_newline_each_printed(tmp_path, capsys):
+    """Each sample is printed, then nanoGPT's separator line."""
+    args = [*without(char_checkpoint(tmp_path), "num_samples", "start"), "--max_new_tokens=3"]
+    texts = sample(args)
+    assert len(texts) == 3 and all(len(t) == 4 and t[0] == "\n" for t in texts)
+    assert capsys.readouterr().out == "".join(f"{t}\n---------------\n" for t in texts)
+
+
+def test_the_default_seed_and_temperature_are_used(tmp_path):
+    args = [*char_checkpoint(tmp_path), "--max_new_tokens=20"]
+    state = checkpoint.load(tmp_path, "cpu")
+    state["model"]["wte.weight"] *= 3  # logits further apart: the temperature shows
+    checkpoint.save(state, tmp_path)
+    default = sample(args)
+    assert default == sample([*args, "--seed=1337", "--temperature=0.8"])
+    # (the test's power: another seed, or another temperature, samples another text)
+    assert default != sample([*args, "--seed=1338"])
+    assert default != sample([*args, "--temperature=1.0"])
+
+
+def test_top_k_one_takes_the_likeliest_token(tmp_path):
+    """top_k=1 leaves one token to draw from: at any temperature and seed, temperature=0's."""
+    args = [*char_checkpoint(tmp_path), "--max_new_tokens=20"]
+    greedy = sample([*args, "--temperature=0"])
+    assert all(sample([*args, "--top_k=1", "--temperature=5.0", f"--seed={s}"]) == greedy for s in (1, 2))
+    # top_k=2 draws other tokens (the test's power)
+    assert sample([*args, "--top_k=2", "--temperature=5.0"]) != greedy
+
+
+def test_the_prompt_is_read_from_a_utf8_file(tmp_path):
+    args = char_checkpoint(tmp_path, chars="aé \n", vocab_size=8)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("aé\n".encode("utf-8"))
+    text = sample([*args, f"--start=FILE:{prompt}", "--max_new_tokens=3"])
+    assert text[0].startswith("aé\n") and len(text[0]) == 6
+
+
+def test_a_prompt_token_one_past_the_model_s_vocabulary_stops_with_the_reason(tmp_path):
+    """A vocabulary of 5 characters, a model of 4 ids: 'e' (id 4) is the first id it lacks."""
+    args = char_checkpoint(tmp_path, chars="abcde", vocab_size=4)
+    assert len(sample([*args, "--start=d", "--max_new_tokens=2"])[0]) == 3
+    with pytest.raises(SystemExit, match="gpt.sample: start: the prompt's token 4 is past the model's 4-token"):
+        sample([*args, "--start=e", "--max_new_tokens=2"])
+
+
+def test_a_bpe_model_padded_past_gpt2_s_tokens_samples_only_gpt2_s(tmp_path):
+    """The padded ids (50257..50303) made the likeliest: still never drawn (tiktoken cannot decode them)."""
+    args = bpe_checkpoint(tmp_path / "bpe")
+    state = checkpoint.load(tmp_path / "bpe", "cpu")
+    state["model"]["wte.weight"][:50257] = 0  # every GPT-2 token's logit 0; the padded ones' random
+    state["model"]["wte.weight"][50257:] = torch.randn(47, 16) * 10
+    checkpoint.save(state, tmp_path / "bpe")
+    text = sample([*args, "--start=", "--temperature=0", "--max_new_tokens=4"])
+    assert text == ["<|endoftext|>!!!!"]  # all logits 0: the first id
+
+
+def test_a_bpe_prompt_may_hold_endoftext(tmp_path):
+    """As nanoGPT's encode (allowed_special={"<|endoftext|>"})."""
+    args = bpe_checkpoint(tmp_path / "bpe")
+    text = sample([*args, "--start=Hi<|endoftext|>", "--max_new_tokens=2"])
+    assert text[0].startswith("Hi<|endoftext|>")
+
+
+def test_compile_compiles_the_model_in_place_and_chooses_kernels_for_it(tmp_path, monkeypatch):
+    """generate calls the model itself: torch.compile(model)'s wrapper would be bypassed."""
+    compiled, asked = [], []
+    monkeypatch.setattr(GPT, "compile", lambda self, *a, **k: compiled.append(self))  # not run: slow on CPU
+    monkeypatch.setattr(kernels, "choose", lambda *a, **kw: asked.append(kw["compiled"]) or choose(*a, **kw))
+    args = [*char_checkpoint(tmp_path), "--max_new_tokens=2"]
+    sample(args)
+    assert compiled == [] and asked == [False]
+    sample([*args, "--compile=True"])
+    assert len(compiled) == 1 and isinstance(compiled[0], GPT) and asked == [False, True]
+
+
+def test_kv_cache_false_samples_without_the_cache(tmp_path, monkeypatch):
+    made = []
+
+    class Spy(gpt_model.KVCache):
+        def __init__(self, *a, **k):
+            made.append(1)
+            super().__init__(*a, **k)
+    monkeypatch.setattr(gpt_model, "KVCache", Spy)
+    args = [*char_checkpoint(tmp_path), "--max_new_tokens=3", "--num_samples=2"]
+    with_cache = sample(args)
+    assert len(made) == 2
+    assert sample([*args, "--kv_cache=False"]) == with_cache and len(made) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_without_a_device_it_is_cuda_where_torch_sees_one(tmp_path, monkeypatch):
+    """nanoGPT's default device is cuda; here the GPU when there is one, else the CPU."""
+    args = [*without(char_checkpoint(tmp_path), "device"), "--max_new_tokens=2"]
+    assert len(sample(args)[0]) == 4  # no GPU: the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one torch sees (but cannot count)
+    with pytest.raises(SystemExit, match="gpt.sample: device 'cuda': this machine has 0 cuda device"):
+        sample(args)
+
+
+def test_a_subnormal_temperature_takes_the_likeliest_token(tmp_path):
+    """1e-320 (a float64 subnormal): a logit over it overflows to inf, unless the likeliest's is
+    taken from all first (then 0 / 1e-320 = 0 and the others -inf)."""
+    args = [*char_checkpoint(tmp_path), "--max_new_tokens=20"]
+    assert sample([*args, "--temperature=1e-320"]) == sample([*args, "--temperature=0"])
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_generate_runs_the_prompt_once_then_single_tokens_then_the_whole_window(kv_cache, monkeypatch):
+    """README: with the cache the prompt runs once, then each new token alone; past block_size
+    (and always without the cache) each token runs the last block_size tokens."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
+    lengths, forward = [], GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1))
+                        or forward(self, idx, *a, **k))
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=9, kv_cache=kv_cache)
+    assert out.shape == (1, 12)
+    # the prompt (3), then contexts of 4 .. 11 tokens: 4 .. 8 fit block_size 8, 9 .. 11 slide
+    assert lengths == ([3, 1, 1, 1, 1, 1, 8, 8, 8] if kv_cache else [3, 4, 5, 6, 7, 8, 8, 8, 8])
+
+
+def test_kv_cache_after_a_one_token_prompt_gives_the_full_forwards_logits():
+    """gpt.sample --start=A (one token), or BPE's <|endoftext|> start: the cache then holds one
+    position when the first generated token runs alone."""
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)).eval()
+    idx = torch.randint(0, 50, (2, 4))
+    cache = gpt_model.KVCache(model.config, batch_size=2)
+    with torch.no_grad():
+        for end in range(1, 5):
+            cached, _ = model(idx[:, end - 1:end], cache=cache)
+            torch.testing.assert_close(cached, model(idx[:, :end])[0], rtol=1e-5, atol=1e-5)
