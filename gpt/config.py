@@ -16,8 +16,9 @@ import ast
 import difflib
 import math
 import operator
+import sys
 import time
-from collections.abc import Collection
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -252,7 +253,7 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
 
 
 def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = None,
-               implied=None, files_set_others: bool = False, files_skip: Collection[str] = ()
+               implied=None, files_set_others: bool = False, files_skip: Mapping[str, str] | None = None
                ) -> list[tuple[str, object]]:
     """The (key, value) assignments of the config files and --key=value arguments of `argv`, in
     order, each checked against `defaults`; `also` names the keys that take a second type;
@@ -260,8 +261,8 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
     architecture: the keys after it, and a config file's expressions after it, see its values).
     files_set_others: a config file's keys outside `defaults` are passed over (a training config
     read for its out_dir, as nanoGPT's sample.py execs one), where otherwise they are an error;
-    files_skip: keys a config file sets that are passed over too (a training config's init_from,
-    where its run started, is not the checkpoint it wrote)."""
+    files_skip: keys a config file sets that are passed over too, each with why (a training
+    config's init_from, where its run started, is not the checkpoint it wrote): said on stderr."""
     assignments, current = [], dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
@@ -277,7 +278,8 @@ def parse_args(argv: list[str], defaults: dict, also: dict[str, type] | None = N
                 value = text  # a string key takes the text as typed: --wandb_run_name=2024, --start=1984
             items = [(key, value, arg), *((k, v, arg) for k, v in _implied(implied, key, value, arg))]
         for key, value, source in items:
-            if key in files_skip and not arg.startswith("--"):
+            if key in (files_skip or {}) and not arg.startswith("--"):
+                print(f"{source}: {key} = {value!r} passed over: {files_skip[key]}", file=sys.stderr)
                 continue
             if key not in defaults:
                 # A key close to a known one is a typo (temprature), even where a file's other

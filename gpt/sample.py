@@ -35,6 +35,9 @@ DEFAULTS = dict(
     kv_cache=True,  # keep each layer's keys and values: a new token runs alone, not the whole context again
 )
 
+# A training config's init_from is where its run started (a fine-tuning's GPT-2), not the model it wrote.
+SKIPPED_INIT_FROM = "where training started; out_dir's checkpoint is sampled (or --init_from's model)"
+
 
 def codec(meta: dict | None):
     """(encode, decode, size) for a checkpoint's vocabulary: size is how many ids decode. encode
@@ -78,7 +81,7 @@ def main(argv: list[str]) -> list[str]:
         return []
     with reported("gpt.sample"):
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **RUN_KEYS},
-                                             files_set_others=True, files_skip={"init_from"}))
+                                             files_set_others=True, files_skip={"init_from": SKIPPED_INIT_FROM}))
     if c["temperature"] < 0:
         raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
     if c["top_k"] is not None and c["top_k"] < 1:

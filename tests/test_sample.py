@@ -178,7 +178,7 @@ def test_no_training_key_is_close_enough_to_a_sampling_key_to_be_refused():
         assert not difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=MISSPELT), key
 
 
-def test_a_training_config_file_gives_its_out_dir(tmp_path):
+def test_a_training_config_file_gives_its_out_dir(tmp_path, capsys):
     """As nanoGPT's sample.py runs one: the keys sampling has (out_dir, device) taken, training's
     passed over; a --key=value sampling lacks is still an error."""
     char_checkpoint(tmp_path)
@@ -188,6 +188,8 @@ def test_a_training_config_file_gives_its_out_dir(tmp_path):
                       "init_from = 'gpt2-xl'\n")
     texts = sample([str(config), "--num_samples=1", "--start=ab", "--max_new_tokens=3"])
     assert len(texts) == 1 and len(texts[0]) == 5
+    assert capsys.readouterr().err == (f"{config}:5: init_from = 'gpt2-xl' passed over: where training started; "
+                                       "out_dir's checkpoint is sampled (or --init_from's model)\n")
     with pytest.raises(SystemExit, match="gpt.sample: --batch_size=2: unknown config key 'batch_size'"):
         sample([str(config), "--batch_size=2"])
     # A sampling key misspelt in a file is not one of training's to pass over (was sampled at the
