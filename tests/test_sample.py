@@ -117,20 +117,33 @@ def test_the_seed_decides_the_sample_whatever_the_kernels(tmp_path, monkeypatch)
     assert triton[0] == sample([*args, "--seed=1"])
 
 
+def generate_dtypes(monkeypatch, device_type: str) -> list:
+    """Filled with what each generate call runs under: (autocast's dtype or False, the weights' dtype)."""
+    seen, generate = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(
+        (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type), self.lm_head.weight.dtype))
+        or generate(self, *a, **k))
+    return seen
+
+
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 def test_the_dtype_asked_for(tmp_path, monkeypatch, weights):
     """fp32 weights run under autocast to the dtype asked for (on the CPU float32 by default: none);
     a pure-bf16 checkpoint's weights are made fp32 for float32, and run as they are in bf16."""
-    seen = []
-    generate = GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(
-        (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"), self.lm_head.weight.dtype))
-        or generate(self, *a, **k))
+    seen = generate_dtypes(monkeypatch, "cpu")
     args = [*char_checkpoint(tmp_path, weights), "--max_new_tokens=2"]
     for dtype in ([], ["--dtype=float32"], ["--dtype=bfloat16"]):
         sample(args + dtype)
     f32, bf16 = torch.float32, torch.bfloat16
     assert seen == [(False, f32), (False, f32), (bf16, f32) if weights == f32 else (False, bf16)]
+
+
+@cuda_only
+def test_on_a_gpu_the_default_dtype_is_bfloat16_where_it_is_native(tmp_path, monkeypatch):
+    seen = generate_dtypes(monkeypatch, "cuda")
+    sample([*char_checkpoint(tmp_path), "--device=cuda", "--max_new_tokens=2"])
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert seen == [(torch.bfloat16 if native else False, torch.float32)]
 
 
 @pytest.mark.parametrize("arg, message", [
