@@ -211,19 +211,25 @@ def workloads(arch: int):
         yield f"D=96 {dtype}: attention", _run(c, kernels.get("attention", "triton")), kind
 
 
+def _instruction(pattern: str) -> re.Pattern:
+    """A PTX line whose instruction matches `pattern`, predicated (@%p1, @!%p1) or not."""
+    return re.compile(r"^\s*(?:@!?%p\d+\s+)?" + pattern, re.MULTILINE)
+
+
 # An fp64 instruction other than reading a float argument or converting it: Inductor passes floats
 # as fp64, and fp64 math runs at a fraction of fp32's rate (and changes the kernel's numerics).
-FP64_MATH = re.compile(r"^\s*(?!ld\.param|cvt\.)[a-z]+(?:\.\w+)*\.f64\b", re.MULTILINE)
+FP64_MATH = _instruction(r"(?!ld\.param|cvt\.)[a-z]+(?:\.\w+)*\.f64\b")
 
 
 # An atomic read-modify-write of memory: sums it makes come out in the order the programs happen to
 # run, which the interpreter (programs one after another) cannot show; gradients must be bit-identical.
-ATOMICS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.MULTILINE)
+# (cp.reduce.async.bulk: a TMA descriptor's atomic_add, a reduction into global memory too.)
+ATOMICS = _instruction(r"(?:atom|red|cp\.reduce\.async\.bulk)\.")
 
 
 # A flush-to-zero reciprocal square root: a subnormal argument (a statistic of tiny values) becomes
 # 0, and its reciprocal root inf, where torch's is finite.
-RSQRT_FTZ = re.compile(r"^\s*(?:@!?%p\d+\s+)?rsqrt\.approx\.ftz\.", re.MULTILINE)
+RSQRT_FTZ = _instruction(r"rsqrt\.approx\.ftz\.")
 
 
 def check(kernel, name: str, kind: str | None, arch: int) -> tuple[str, list[str]]:
