@@ -84,8 +84,9 @@ def one_process_group():
 
 def pytest_collection_finish(session):
     """The subprocess checks of the tests to run (marked background) start now, in the background."""
-    def skipped(item):
-        return any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+    def skipped(item):  # marked skip, or skipif with a condition already True
+        conditions = (c for m in item.iter_markers("skipif") for c in (*m.args, m.kwargs.get("condition")))
+        return item.get_closest_marker("skip") is not None or any(c is True for c in conditions)
     # Under a deadline (a GPU session's short run) they would compile for tests it may never reach,
     # beside the CUDA cases that come first: such a test runs its check when its turn comes.
     if session.config.option.collectonly or DEADLINE != float("inf"):

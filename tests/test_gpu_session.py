@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_conftest import suite_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every second test to each part: the first gets test_passes and the sleeper, the second the
@@ -29,11 +31,7 @@ def test_after_the_deadline(): pass
 def _stage_copy(tmp_path: Path, suite: str = MINI_SUITE) -> Path:
     (tmp_path / "bench").mkdir()
     shutil.copy(ROOT / "bench" / "gpu_session.sh", tmp_path / "bench")
-    (tmp_path / "tests").mkdir()
-    for name in ("conftest.py", "background.py"):
-        shutil.copy(ROOT / "tests" / name, tmp_path / "tests")
-    (tmp_path / "tests" / "test_mini.py").write_text(suite)
-    return tmp_path / "bench" / "gpu_session.sh"
+    return suite_copy(tmp_path, suite) / "bench" / "gpu_session.sh"
 
 
 def _run_tests_stage(script: Path, out: Path, deadline_s: int) -> tuple[subprocess.CompletedProcess, float]:

@@ -1,0 +1,223 @@
+"""tests/conftest.py's TEST_SHARD split (bigmem tests to part 0), TEST_DEADLINE's skip and
+CUDA-first order, the background runs' start and stop, and tests/background.py's contract: each in
+a suite of its own, or a process of its own (stop() would stop this session's own runs). The GPU
+session's few minutes depend on them (bench/gpu_session.sh, tests/test_gpu_session.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from tests import background
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def suite_copy(tmp_path: Path, source: str) -> Path:
+    """A root holding tests/test_mini.py of `source` beside copies of conftest.py and background.py."""
+    (tmp_path / "tests").mkdir()
+    for name in ("conftest.py", "background.py"):
+        (tmp_path / "tests" / name).write_bytes((ROOT / "tests" / name).read_bytes())
+    (tmp_path / "tests" / "test_mini.py").write_text(textwrap.dedent(source))
+    return tmp_path
+
+
+def _pytest(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("TEST_SHARD", "TEST_DEADLINE")} | env
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_mini.py", *args],
+                          cwd=root, env=environ, capture_output=True, text=True, timeout=120)
+
+
+def _collected(root: Path, **env: str) -> list[str]:
+    out = _pytest(root, "--collect-only", **env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [line.split("::")[1] for line in out.stdout.splitlines() if "::" in line]
+
+
+SHARDED = '''
+    import pytest
+    def test_s0(): pass
+    @pytest.mark.bigmem
+    def test_b0(): pass
+    def test_s1(): pass
+    def test_s2(): pass
+    @pytest.mark.bigmem
+    def test_b1(): pass
+    def test_s3(): pass
+    def test_s4(): pass
+'''
+
+
+def test_shards_split_the_small_tests_and_give_part_0_every_bigmem_one(tmp_path):
+    root = suite_copy(tmp_path, SHARDED)
+    parts = [_collected(root, TEST_SHARD=f"{i}/3") for i in range(3)]
+    assert parts == [["test_s0", "test_b0", "test_b1", "test_s3"], ["test_s1", "test_s4"], ["test_s2"]]
+    for bad in ("3/3",):
+        out = _pytest(root, "--collect-only", TEST_SHARD=bad)
+        assert out.returncode == 4 and "want i/n with 0 <= i < n" in out.stderr, (bad, out.stdout + out.stderr)
+
+
+ORDERED = '''
+    import pytest
+    def test_first(): pass
+    @pytest.mark.parametrize("device", ["cpu", "cuda"])
+    def test_on(device): pass
+    def test_middle(): pass
+    @pytest.mark.cuda
+    def test_marked(): pass
+'''
+
+
+def test_under_a_deadline_the_cuda_cases_come_first_and_only_then(tmp_path):
+    root = suite_copy(tmp_path, ORDERED)
+    assert _collected(root) == ["test_first", "test_on[cpu]", "test_on[cuda]", "test_middle", "test_marked"]
+    assert _collected(root, TEST_DEADLINE=str(int(time.time()) + 3600)) == \
+        ["test_on[cuda]", "test_marked", "test_first", "test_on[cpu]", "test_middle"]
+
+
+def test_tests_not_started_by_the_deadline_skip(tmp_path):
+    root = suite_copy(tmp_path, "def test_a(): pass\ndef test_b(): pass\n")
+    out = _pytest(root, "-rs", TEST_DEADLINE=str(int(time.time()) - 1))
+    assert "2 skipped" in out.stdout and "TEST_DEADLINE passed before this test started" in out.stdout, out.stdout
+
+
+BACKGROUND = '''
+    import sys, time
+    import pytest
+    from tests import background
+    PID_FILE = {pid_file!r}
+    SLOW = (sys.executable, "-c", f"import os, time; open({{PID_FILE!r}}, 'w').write(str(os.getpid())); time.sleep(60)")
+    QUICK = (sys.executable, "-c", "print('quick')")
+    SKIPPED = (sys.executable, "-c", "print('skipped')")
+
+    def test_started_at_collection():
+        assert QUICK in background._runs
+        assert SLOW in background._runs
+        assert SKIPPED not in background._runs  # its test skips: not started
+
+    @pytest.mark.background(QUICK)
+    def test_quick():
+        assert background.result(QUICK).stdout == "quick\\n"
+
+    @pytest.mark.background(SLOW)
+    def test_slow_left_running():
+        import os
+        for _ in range(600):  # its process is up (QUICK's, before it, is done)
+            if os.path.exists(PID_FILE) and open(PID_FILE).read():
+                break
+            time.sleep(0.05)
+
+    @pytest.mark.skipif(True, reason="skipped")
+    @pytest.mark.background(SKIPPED)
+    def test_skipped(): pass
+'''
+
+
+def test_background_runs_start_at_collection_and_stop_at_the_end(tmp_path):
+    """The runs of the tests to run start as the session's tests are collected (not a skipped
+    test's, nor under a deadline), and one still running when the session ends is killed."""
+    pid_file = tmp_path / "slow.pid"
+    root = suite_copy(tmp_path, BACKGROUND.format(pid_file=str(pid_file)))
+    out = _pytest(root, "-k", "started or slow or quick or skipped")
+    pid = int(pid_file.read_text())
+    try:
+        assert out.returncode == 0 and "3 passed, 1 skipped" in out.stdout, out.stdout + out.stderr
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), "the session left its background run running"
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+    # Under a deadline nothing starts at collection: a test runs its check when its turn comes.
+    pid_file.unlink()
+    out = _pytest(root, "-k", "started or quick", TEST_DEADLINE=str(int(time.time()) + 3600))
+    assert "1 failed, 1 passed" in out.stdout, out.stdout
+    assert ">       assert QUICK in background._runs" in out.stdout, out.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead: its parent (the session's pytest) has exited, and init reaps it
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_result_runs_an_argv_not_started_and_keeps_its_exit_status():
+    run = background.result((sys.executable, "-c", "import sys; print('out'); sys.exit(3)", "not started"))
+    assert (run.returncode, run.stdout) == (3, "out\n")
+
+
+def test_an_argv_runs_once():
+    argv = (sys.executable, "-c", "pass", "once")
+    background.start([argv])
+    first = background._runs[argv]
+    background.start([argv])
+    assert background._runs[argv] is first and background.result(argv) is first.result
+
+
+STOP = textwrap.dedent('''
+    import sys, time
+    from tests import background
+    SLOW = (sys.executable, "-c", "import time; time.sleep(60)")
+    NEXT = (sys.executable, "-c", "print('next')")
+    CWD = (sys.executable, "-c", "import os; print(os.getcwd())")
+    print(background.result(CWD).stdout.strip())
+    background.start([SLOW, NEXT])
+    while background._runs[SLOW].process is None:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    background.stop()
+    background._runs[SLOW].done.wait(10)
+    print(background._runs[SLOW].result.returncode, round(time.monotonic() - t0))
+    try:
+        background.result(NEXT)
+        print("NEXT ran")
+    except RuntimeError as e:
+        print(e)
+''')
+
+
+def test_stop_kills_the_run_in_progress_and_cancels_the_rest(tmp_path):
+    """And each run starts in the repository's root (`python -m tests.sm_compile` from anywhere)."""
+    out = subprocess.run([sys.executable, "-c", STOP], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=90)
+    cwd, killed, cancelled = out.stdout.splitlines()
+    assert cwd == str(ROOT)
+    assert killed == "-9 0", out.stdout
+    assert cancelled.endswith("print('next') was stopped before it ran"), out.stdout
+
+
+SKIPPED_BACKGROUND = '''
+    import sys
+    import pytest
+    from tests import background
+    MARKED_SKIP = (sys.executable, "-c", "print(1)", "skip")
+    KEYWORD_SKIPIF = (sys.executable, "-c", "print(1)", "skipif")
+
+    def test_not_started():
+        assert MARKED_SKIP not in background._runs
+        assert KEYWORD_SKIPIF not in background._runs
+
+    @pytest.mark.skip(reason="skipped")
+    @pytest.mark.background(MARKED_SKIP)
+    def test_marked_skip(): pass
+
+    @pytest.mark.skipif(condition=True, reason="skipped")
+    @pytest.mark.background(KEYWORD_SKIPIF)
+    def test_keyword_skipif(): pass
+'''
+
+
+def test_no_skipped_tests_background_run_starts(tmp_path):
+    """Marked skip, or skipif(condition=True): its run (minutes of a core for sm_compile) would
+    start though the test never takes its result."""
+    out = _pytest(suite_copy(tmp_path, SKIPPED_BACKGROUND))
+    assert "1 passed, 2 skipped" in out.stdout, out.stdout
