@@ -81,10 +81,12 @@ def peak_malloc_mib(fn) -> float | None:
     in_use = _malloc_in_use()
     if in_use is None:
         return None
-    before, peak, done = in_use(), [0], threading.Event()
+    before, peak, done, lock = in_use(), [0], threading.Event(), threading.Lock()
 
-    def sample():
-        peak[0] = max(peak[0], in_use())
+    def sample():  # a reading taken before another thread's may land after it: it must not lower the peak
+        reading = in_use()
+        with lock:
+            peak[0] = max(peak[0], reading)
 
     def sample_until_done():
         while not done.is_set():

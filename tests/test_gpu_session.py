@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_conftest import suite_copy
+from tests.test_helpers import suite_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,15 +1,21 @@
-"""tests/conftest.py's TEST_SHARD split (bigmem tests to part 0), TEST_DEADLINE's skip and
-CUDA-first order, the background runs' start and stop, and tests/background.py's contract: each in
-a suite of its own, or a process of its own (stop() would stop this session's own runs). The GPU
-session's few minutes depend on them (bench/gpu_session.sh, tests/test_gpu_session.py)."""
+"""The suite's own helpers: conftest.py's TEST_SHARD split (bigmem tests to part 0), TEST_DEADLINE's
+skip and CUDA-first order and background runs, background.py's contract (each in a suite or a
+process of its own: stop() would stop this session's own runs; the GPU session's few minutes depend
+on them: bench/gpu_session.sh, test_gpu_session.py), devices.py's marks and skips, and
+memory.py's peak. (numerics.py's checks: test_numerics.py.)"""
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
-from tests import background
+import pytest
+import torch
+
+from kernels import runtime
+from tests import background, devices, memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,3 +227,107 @@ def test_no_skipped_tests_background_run_starts(tmp_path):
     start though the test never takes its result."""
     out = _pytest(suite_copy(tmp_path, SKIPPED_BACKGROUND))
     assert "1 passed, 2 skipped" in out.stdout, out.stdout
+
+
+def _marks(decorate) -> dict:
+    def test():
+        pass
+    return {m.name: m for m in decorate(test).pytestmark}
+
+
+def test_cuda_only_marks_cuda_and_skips_only_without_a_gpu():
+    marks = _marks(devices.cuda_only)
+    assert set(marks) == {"cuda", "skipif"} and marks["skipif"].args == (not torch.cuda.is_available(),)
+
+
+@pytest.mark.parametrize("count, skips", [(0, True), (1, True), (2, False), (8, False)])
+def test_two_gpus_marks_cuda_and_skips_with_fewer_than_two(monkeypatch, count, skips):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    marks = _marks(devices.two_gpus)
+    assert set(marks) == {"cuda", "skipif"} and marks["skipif"].args == (skips,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode needs CUDA")
+def test_no_host_syncs_raises_on_syncs_and_restores_the_mode():
+    before = torch.cuda.get_sync_debug_mode()
+    with devices.no_host_syncs():
+        assert torch.cuda.get_sync_debug_mode() == 2  # "error"
+    assert torch.cuda.get_sync_debug_mode() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU the interpreter is on")
+def test_interpreter_only_runs_without_a_gpu():
+    assert devices.interpreter_only.args == (False,)
+
+
+def _does_not_skip(fn, *args):
+    try:
+        fn(*args)
+    except pytest.skip.Exception as e:
+        pytest.fail(f"skipped: {e}")
+
+
+def test_skip_unless_triton_runs_skips_only_the_triton_backend_on_cpu_without_cpu_tensors(monkeypatch):
+    for cpu_tensors in (True, False):
+        monkeypatch.setattr(runtime, "CPU_TENSORS", cpu_tensors)
+        for backend, device in (("triton", "cpu"), ("torch", "cpu"), ("triton", "cuda")):
+            skips = backend == "triton" and device == "cpu" and not cpu_tensors
+            if skips:
+                with pytest.raises(pytest.skip.Exception):
+                    devices.skip_unless_triton_runs(backend, device)
+            else:
+                _does_not_skip(devices.skip_unless_triton_runs, backend, device)
+
+
+def test_skip_unless_interpreter_runs_skips_only_with_a_problem(monkeypatch):
+    monkeypatch.setattr(runtime, "interpreter_problem", lambda triton_version, numpy_version: None)
+    _does_not_skip(devices.skip_unless_interpreter_runs)
+    monkeypatch.setattr(runtime, "interpreter_problem", lambda triton_version, numpy_version: "numpy too new")
+    with pytest.raises(pytest.skip.Exception, match="numpy too new"):
+        devices.skip_unless_interpreter_runs()
+
+
+def test_compiled_dynamic_traces_sizes_as_symbols():
+    """dynamic=True: one graph for two sizes (else a second compile, automatic dynamic)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    fn = devices.compiled(lambda x: x * 2 + 1, "cpu", dynamic=True)
+    for n in (3, 5, 7):
+        torch.testing.assert_close(fn(torch.ones(n)), torch.full((n,), 3.0))
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_a_reading_taken_before_a_peak_never_lowers_it(monkeypatch):
+    """peak_malloc_mib's sampling thread may read glibc's count before an allocation and store it
+    after an op's own sample saw the allocation (on a loaded machine, 64 MiB tensors went unseen):
+    the peak is the largest reading, whatever order the readings land in."""
+    level, taken, release, returned = [0], threading.Event(), threading.Event(), threading.Event()
+
+    def in_use():
+        if threading.current_thread() is threading.main_thread() or release.is_set():
+            return level[0]
+        reading = level[0]  # the sampling thread's first reading, before the allocation...
+        taken.set()
+        release.wait(5)
+        returned.set()  # ...returned after the op's sample
+        return reading
+
+    def fn():
+        taken.wait(5)
+        level[0] = 2**30
+        torch.zeros(1)  # an op: its sample sees the GiB
+        release.set()
+        returned.wait(5)
+        level[0] = 0
+    monkeypatch.setattr(memory, "_malloc_in_use", lambda: in_use)
+    assert memory.peak_malloc_mib(fn) == 1024
+
+
+def test_peak_malloc_mib_sees_a_tensor_made_and_freed_inside():
+    if memory.peak_malloc_mib(lambda: torch.ones(4).sum()) is None:  # what a first call sets up is not counted
+        pytest.skip("glibc 2.33+ only")
+    assert 63 <= memory.peak_malloc_mib(lambda: torch.ones(2**24).sum()) <= 72  # 64 MiB, freed before it returns
+    x = torch.ones(2**24)  # in use before: not counted
+    assert -1 <= memory.peak_malloc_mib(lambda: x.sum()) <= 4
