@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import types
 from pathlib import Path
@@ -18,6 +19,8 @@ from gpt.model import GPT, GPTConfig, model_ops
 from kernels import runtime
 from tests.devices import skip_unless_triton_runs
 from tests.memory import OpCount
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _leaves(*shapes, dtype=torch.float32):
@@ -146,7 +149,7 @@ def last_json_line_as_on_a_gpu(*args: str):
     """The last line a `python *args` subprocess prints, as JSON, its kernels compiled JIT
     functions as on a GPU (not the interpreter's)."""
     out = subprocess.run([sys.executable, *args], env={**os.environ, "TRITON_INTERPRET": "0"},
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -178,6 +181,87 @@ def test_inductor_rebuilds_every_kernel_whole():
     assert {name: problems for name, problems in report.items() if problems} == {}
 
 
+HELPERS = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pick(x):
+    return x + 1
+
+
+@triton.jit
+def _other(x):
+    return _pick(x)
+'''
+KERNELS = '''
+import math
+
+import triton
+import triton.language as tl
+from stand_in_helpers import _other
+
+SCALE: tl.constexpr = 2
+
+
+@triton.jit
+def _pick(x):
+    return x * SCALE
+
+
+@triton.jit
+def _kernel(X):
+    tl.store(X, _other(_pick(tl.load(X))) * math.pi)
+'''
+# What Inductor would rebuild of _kernel: its JIT functions and constexpr globals by their bare
+# names, the kernel's own source without its decorator, and `math` nowhere.
+REBUILT = '''
+SCALE = tl.constexpr(2)
+
+
+@triton.jit
+def _pick(x):
+    return x * SCALE
+
+
+def _kernel(X):
+    tl.store(X, _pick(tl.load(X)) * math.pi)
+'''
+PROBE = textwrap.dedent('''
+    import json, sys, tempfile
+    from pathlib import Path
+    import tests.inductor_source as s
+    import stand_in_kernels as k
+    out = {"clashes": s.clashes(k._kernel), "pick clashes": s.clashes(k._pick)}
+    with tempfile.TemporaryDirectory() as where:
+        out["missing"] = s.missing(k._kernel, lambda kernel: open(sys.argv[1]).read(), Path(where))
+    import contextlib, io
+    s.jit_functions = lambda: {"stand_in_kernels._kernel": k._kernel}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        s.main()
+    out["main"] = json.loads(printed.getvalue())
+    print(json.dumps(out))
+''')
+
+
+def test_inductor_source_finds_a_missing_global_and_a_name_for_two_functions(tmp_path):
+    """tests/inductor_source.py's checks on stand-in kernels: a module read through its name, a
+    bare name for two functions (in a process of its own, the kernels JIT functions)."""
+    (tmp_path / "stand_in_helpers.py").write_text(HELPERS)
+    (tmp_path / "stand_in_kernels.py").write_text(KERNELS)
+    (tmp_path / "rebuilt.py").write_text(REBUILT)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "rebuilt.py")], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["clashes"] == ["_pick names two functions"], report  # the kernel's _pick and _other's
+    assert report["pick clashes"] == []
+    assert report["missing"] == ["_kernel reads math"], report  # the undecorated kernel is checked too
+    # main()'s report, of the source torch's Inductor rebuilds
+    assert report["main"] == {"stand_in_kernels._kernel": ["_pick names two functions", "_kernel reads math"]}, report
+
+
 def _runtime_in_subprocess(**env) -> list[str]:
     """kernels.runtime's INTERPRET in a fresh process whose TRITON_INTERPRET is `env`'s (unset
     where None), with Triton's own reading of it."""
@@ -186,7 +270,7 @@ def _runtime_in_subprocess(**env) -> list[str]:
     code = ("import os, triton, kernels.runtime as r; "
             "print(r.INTERPRET, triton.knobs.runtime.interpret, os.environ.get('TRITON_INTERPRET'))")
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+                         cwd=ROOT)
     return out.stdout.split()[-3:]
 
 
