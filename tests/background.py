@@ -5,6 +5,7 @@ it alone at their turn. A test marked `background(argv)` then takes its run's re
 
 conftest.py starts the runs of the tests it collected (and does not skip), and stops what is
 left of them when the session ends."""
+import json
 import subprocess
 import threading
 from pathlib import Path
@@ -60,6 +61,13 @@ def result(argv: tuple[str, ...]) -> subprocess.CompletedProcess:
     if run.result is None:
         raise RuntimeError(f"{' '.join(argv)} was stopped before it ran")
     return run.result
+
+
+def last_json(argv: tuple[str, ...]):
+    """What the last line of argv's run prints, as JSON (a probe's findings); the run must succeed."""
+    run = result(argv)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 def stop() -> None:

@@ -2,7 +2,6 @@
 and compiles generation's changing shapes: tests/inductor_graph.py in a process of its own (there
 the kernels are compiled JIT functions, as on a GPU, not the interpreter's). On a GPU machine the
 graphs are that GPU's. The process starts in the background at collection (tests/background.py)."""
-import json
 import sys
 
 import pytest
@@ -70,9 +69,7 @@ PROBE = (sys.executable, "-c", _PROBE_CODE)
 
 
 def probe() -> dict:
-    run = background.result(PROBE)
-    assert run.returncode == 0, run.stderr[-6000:]
-    return json.loads(run.stdout.splitlines()[-1])
+    return background.last_json(PROBE)
 
 
 @pytest.mark.background(PROBE)

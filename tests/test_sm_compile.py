@@ -2,7 +2,6 @@
 they would get, and fits them: tests/sm_compile.py in a process of its own (kernels there are
 compiled JIT functions, not the interpreter's), started in the background at collection
 (tests/background.py). On a GPU machine the suite compiles them for real."""
-import json
 import re
 import sys
 
@@ -130,9 +129,7 @@ PROBE = (sys.executable, "-c", _PROBE_CODE)
 
 
 def probe() -> dict:
-    run = background.result(PROBE)
-    assert run.returncode == 0, run.stderr[-6000:]
-    return json.loads(run.stdout.splitlines()[-1])
+    return background.last_json(PROBE)
 
 
 @pytest.mark.background(PROBE)
