@@ -247,8 +247,8 @@ def test_two_gpus_marks_cuda_and_skips_with_fewer_than_two(monkeypatch, count, s
     assert set(marks) == {"cuda", "skipif"} and marks["skipif"].args == (skips,)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode needs CUDA")
-def test_no_host_syncs_raises_on_syncs_and_restores_the_mode():
+@devices.cuda_only
+def test_no_host_syncs_is_torch_s_error_mode_and_restores_the_mode_before():
     before = torch.cuda.get_sync_debug_mode()
     with devices.no_host_syncs():
         assert torch.cuda.get_sync_debug_mode() == 2  # "error"
