@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(kernels.OPS), help="comma-separated ops")
     parser.add_argument("--out", type=Path, help="profile path (default: profiles/<gpu-slug>.json)")
     args = parser.parse_args(argv)
+    ops = args.ops.split(",")
+    try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
+        config = GPTConfig(**preset(args.preset))
+        for op in ops:
+            kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
+    except ValueError as e:
+        parser.error(str(e))
 
     device = detect()
     if device is None:
@@ -78,16 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.kernels: asked for {args.gpu!r} but this machine has {device.name!r}; "
               f"profiles are measured, so run it on that GPU (or pass --gpu auto)", file=sys.stderr)
         return 2
-    ops = args.ops.split(",")
-    for op in ops:
-        kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
     if set(ops) != set(kernels.OPS) and args.out is None:
         print(f"bench.kernels: --ops {args.ops} would replace this workload's record in "
               f"{profile.path_for(device.slug)}, which train.py --kernels=auto reads, by one of those ops "
               f"alone; pass --out", file=sys.stderr)
         return 2
     out = args.out or profile.path_for(device.slug)
-    shapes = Shapes(GPTConfig(**preset(args.preset)), args.batch_size, args.seq_len,
+    shapes = Shapes(config, args.batch_size, args.seq_len,
                     getattr(torch, args.dtype or training_dtype(f"cuda:{device.index}")))
     try:  # before measuring: a file that cannot take the result is known now
         profile.check_gpu(out, device.slug)

@@ -432,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 2 (for the percentiles)")
     # Wide tables stay readable when piped to a file (rich assumes 80 columns there).
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)
-    for variant in args.kernels.split(","):
-        parse_variant(variant)  # a bad variant fails before any GPU work
+    try:  # a bad variant or preset fails before any GPU work, and on a CPU too
+        for variant in args.kernels.split(","):
+            parse_variant(variant)
+        for name in (args.preset.split(",") if args.preset else []):
+            planning.config_for(name)
+    except ValueError as e:
+        parser.error(str(e))
 
     if args.gpu == "list":
         print_peak_table(console)
@@ -452,11 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
             for name in presets:
                 try:
-                    config = planning.config_for(name)
-                except ValueError as e:
-                    parser.error(str(e))
-                try:
-                    recompute_count(args.recompute, config.n_layer)
+                    recompute_count(args.recompute, planning.config_for(name).n_layer)
                 except ValueError as e:
                     parser.error(f"{name}: {e}")
             if args.optimizer is not None or args.recompute is not False:

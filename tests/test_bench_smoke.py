@@ -243,6 +243,15 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     assert "NVIDIA H100 80GB HBM3" in table and all(f"| {op} | " in table for op in kernels.OPS)
 
 
+@pytest.mark.parametrize("args, message", [(["--preset", "giga"], "unknown preset 'giga'"),
+                                           (["--ops", "rms_norm,fused_mlp"], "unknown op 'fused_mlp'")])
+def test_bench_kernels_refuses_an_unknown_preset_or_op_on_any_machine(args, message, capsys):
+    """Before looking for a GPU: a GPU session's call fails at once, a CPU's dry run of it too."""
+    with pytest.raises(SystemExit) as exit:
+        bench_kernels.main(args)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path):
     """Stopped during its second op (a GPU session's time limit), bench.kernels leaves the first
     op's record in <profile>.<preset>.partial.json, and the profile as it was."""
