@@ -5,6 +5,7 @@ The tests stage runs in a copy of the script beside a suite of its own (a test t
 that sleeps past the deadline, one stuck in a C call that no signal interrupts), split in two
 parts, with a deadline a few seconds away."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import background
 from tests.test_helpers import suite_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,10 +107,52 @@ def test_an_unknown_stage_gets_the_usage_on_any_machine(tmp_path):
 def test_every_stage_it_accepts_it_runs_and_its_usage_names():
     """The stage names are written three times (the check before the GPU's, the usage, the
     stages themselves): a stage accepted but not run would end "0 step(s) failed"."""
-    import re
-
     script = (ROOT / "bench" / "gpu_session.sh").read_text()
     accepted = re.search(r"case \$\{1:-\} in.*?\n\s+([a-z|]+)\) ;;", script, re.S).group(1).split("|")
     usage = re.search(r'^usage="usage: bash bench/gpu_session.sh (.*)"$', script, re.M).group(1)
     ran = re.findall(r"^  ([a-z]+)\)", script, re.M)
     assert sorted(accepted) == sorted(ran) == sorted(s.split()[0] for s in usage.split("|"))
+
+
+# Every stage on a CPU with the suite and train.py stood in for (a python on PATH that answers
+# `-m pytest` with a pass, and reads train.py's config without training): each command line a
+# stage runs must be one its program takes, which then says there is no GPU. A usage error or a
+# traceback there would cost a GPU session a call. In a process of its own, at collection.
+_DRY_RUN_CODE = r'''
+import json, os, re, subprocess, sys, tempfile
+from pathlib import Path
+script = Path("bench/gpu_session.sh").resolve()
+stages = re.search(r"case \$\{1:-\} in.*?\n\s+([a-z|]+)\) ;;", script.read_text(), re.S).group(1).split("|")
+with tempfile.TemporaryDirectory() as where:
+    shim = Path(where) / "python"
+    shim.write_text("""#!/bin/sh
+case "$1 $2" in
+  "-m pytest") echo "1 passed in 0.01s"; exit 0 ;;
+  "train.py "*) shift; exec "$REAL_PYTHON" -c 'import sys, train; train.read_config(sys.argv[1:])' "$@" ;;
+esac
+exec "$REAL_PYTHON" "$@"
+""")
+    shim.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TEST_SHARD", "TEST_DEADLINE")}
+    env |= dict(GPU_SESSION_ON_CPU="1", OUT=str(Path(where) / "out"), REAL_PYTHON=sys.executable, BUDGET_S="400",
+                TEST_SHARDS="2", PATH=f"{where}:{os.environ['PATH']}")
+    logs = {}
+    for stage in stages:
+        subprocess.run(["bash", str(script), stage], env=env, capture_output=True, timeout=400)
+        logs[stage] = (Path(where) / "out" / f"{stage}.log").read_text()
+print(json.dumps(logs))
+'''
+DRY_RUN = (sys.executable, "-c", _DRY_RUN_CODE)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+@pytest.mark.background(DRY_RUN)
+def test_every_stage_s_command_lines_are_ones_their_programs_take():
+    logs = background.last_json(DRY_RUN)
+    assert set(logs) == {"first", "tests", "tune", "profiles", "ops", "mfu", "sweep", "train", "curves"}
+    for stage, log in logs.items():
+        assert "Traceback" not in log and "usage:" not in log and "error:" not in log, (stage, log[-3000:])
+        steps = re.findall(r"^== (.+): exit \d+", log, re.M)
+        assert len(steps) == {"first": 4, "tests": 0, "profiles": 2, "ops": 7, "mfu": 2, "train": 2}.get(stage, 1), \
+            (stage, steps)
+    assert "TEST_SHARD=1/2: 1 passed" in logs["first"]  # its tests stage, with the stand-in suite
