@@ -156,3 +156,15 @@ def test_every_stage_s_command_lines_are_ones_their_programs_take():
         assert len(steps) == {"first": 4, "tests": 0, "profiles": 2, "ops": 7, "mfu": 2, "train": 2}.get(stage, 1), \
             (stage, steps)
     assert "TEST_SHARD=1/2: 1 passed" in logs["first"]  # its tests stage, with the stand-in suite
+    # a step's cap, or the stage's time left where that is less (BUDGET_S=400)
+    assert "== mfu gpt2: at most 180 s" in logs["first"] and "== mfu gpt2: at most 300 s" in logs["mfu"]
+    assert re.search(r"^== op_norm: at most (399|400) s$", logs["ops"], re.M), logs["ops"][:2000]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+def test_a_step_with_under_45_s_left_is_skipped_and_fails_the_stage(tmp_path):
+    env = dict(os.environ, GPU_SESSION_ON_CPU="1", OUT=str(tmp_path), BUDGET_S="44")
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "tune"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and re.search(r"== tune: skipped, 4[34] s left", done.stdout), done.stdout
+    assert "stage tune: " in done.stdout and "1 step(s) failed, cut or skipped" in done.stdout
