@@ -325,6 +325,20 @@ def test_a_reading_taken_before_a_peak_never_lowers_it(monkeypatch):
     assert memory.peak_malloc_mib(fn) == 1024
 
 
+def test_a_peak_between_two_ops_is_seen_without_the_thread(monkeypatch):
+    """A tensor that lives from one op to the next is seen by the sample after each op: here the
+    sampling thread, its first reading taken, sleeps through fn."""
+    if memory.peak_malloc_mib(lambda: None) is None:
+        pytest.skip("glibc 2.33+ only")
+    sleep = time.sleep
+    monkeypatch.setattr(memory.time, "sleep", lambda s: sleep(0.5))
+
+    def fn():
+        sleep(0.05)  # the thread's first reading is taken by then
+        torch.ones(2**24).sum()  # 64 MiB from ones to sum
+    assert memory.peak_malloc_mib(fn) >= 63
+
+
 def test_peak_malloc_mib_sees_a_tensor_made_and_freed_inside():
     if memory.peak_malloc_mib(lambda: torch.ones(4).sum()) is None:  # what a first call sets up is not counted
         pytest.skip("glibc 2.33+ only")
