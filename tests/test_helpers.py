@@ -88,6 +88,24 @@ def test_tests_not_started_by_the_deadline_skip(tmp_path):
     assert "2 skipped" in out.stdout and "TEST_DEADLINE passed before this test started" in out.stdout, out.stdout
 
 
+TERMINATED = """
+    import os, signal, time
+    def test_a_term_interrupts_once():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:  # how pytest, interrupted, still prints its summary
+            pass
+        # a second TERM (the stage that stops the parts may send more) would cut the summary short
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+"""
+
+
+def test_under_a_deadline_a_term_interrupts_once(tmp_path):
+    out = _pytest(suite_copy(tmp_path, TERMINATED), TEST_DEADLINE=str(int(time.time()) + 3600))
+    assert "1 passed" in out.stdout, out.stdout + out.stderr
+
+
 BACKGROUND = '''
     import sys, time
     import pytest
