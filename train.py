@@ -471,7 +471,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     if c["wandb_log"] and master:
         import wandb
 
-        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c)
+        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c | {"backends": backends})
 
     def log(record: dict) -> None:
         if not master:

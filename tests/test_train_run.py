@@ -3,8 +3,10 @@ behaviours a mutation test of train.py found no test pinned (each docstring name
 catches)."""
 import io
 import json
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from importlib.machinery import ModuleSpec
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -370,3 +372,21 @@ def test_ddp_counts_every_ranks_tokens_and_draws_each_ranks_own_dropout(tmp_path
     assert timed and all(r["tokens_per_s"] * r["step_ms"] / 1000 == pytest.approx(2 * 2 * 4 * 32) for r in timed)
     rng = checkpoint.load(tmp_path, "cpu")["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_wandb_gets_the_config_with_each_op_s_backend_and_every_record_at_its_step(tmp_path, data_dir, monkeypatch):
+    """wandb_log=True (a stand-in wandb module): nanoGPT's project and run name, the config with
+    the backend each op ran on, and each step's and evaluation's record at its iteration, the
+    losses under nanoGPT's names."""
+    inits, logged = [], []
+    wandb = ModuleType("wandb")
+    wandb.__spec__ = ModuleSpec("wandb", None)  # (some import machinery looks for it)
+    wandb.init, wandb.log = lambda **kw: inits.append(kw), lambda record, step: logged.append((step, record))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    log = run(tmp_path, data_dir, "--wandb_log=True", "--wandb_project=p", "--wandb_run_name=r", "--max_iters=4",
+              "--eval_interval=2", "--log_interval=1")
+    [init] = inits
+    assert (init["project"], init["name"], init["config"]["max_iters"]) == ("p", "r", 4)
+    assert init["config"]["backends"] == log[0]["kernels"] and "attention" in log[0]["kernels"]
+    assert [(r["iter"], {train.WANDB_NAMES.get(k, k): v for k, v in r.items()}) for r in log[1:]] == logged
+    assert {"train/loss", "val/loss"} <= set(logged[0][1]) and "loss" in logged[1][1]
