@@ -1,6 +1,6 @@
 """A NaN or an infinity in an op's input, or in the gradient that reaches it, is non-finite in the
-triton backend's results exactly where it is in the reference's: GradScaler skips a step, and
-BF16AdamW's guard drops one, only when the grads show it, so a kernel that turned it finite (a
+triton backend's results exactly where it is in the reference's: GradScaler (with torch's AdamW or
+BF16AdamW) skips a step only when the grads show it, so a kernel that turned it finite (a
 NaN-ignoring maximum, a clamped statistic) would train on garbage; one that spread it wider
 would throw good steps away.
 
