@@ -403,8 +403,9 @@ def test_kv_cache_gives_the_full_forwards_logits(switches):
     idx = torch.randint(0, 50, (3, 16))
     cache = KVCache(model.config, batch_size=3)
     with torch.no_grad():
-        # the prompt, single tokens, then a chunk of three (each query sees the keys up to its own)
-        for start, end in [(0, 5), (5, 6), (6, 7), (7, 10), (10, 11), (11, 16)]:
+        # a one-token prompt (BPE's <|endoftext|> start), single tokens, chunks of three (each query
+        # sees the keys up to its own)
+        for start, end in [(0, 1), (1, 2), (2, 5), (5, 6), (6, 7), (7, 10), (10, 11), (11, 16)]:
             cached, _ = model(idx[:, start:end], cache=cache)
             full, _ = model(idx[:, :end])
             torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
@@ -413,6 +414,20 @@ def test_kv_cache_gives_the_full_forwards_logits(switches):
             model(idx[:, :1], cache=cache)
     with pytest.raises(ValueError, match="for inference"):
         model(idx[:, :2], idx[:, :2], cache=KVCache(model.config, batch_size=3))
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_generate_runs_the_prompt_once_then_single_tokens_then_the_whole_window(kv_cache, monkeypatch):
+    """README: with the cache the prompt runs once, then each new token alone; past block_size
+    (and always without the cache) each token runs the last block_size tokens."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
+    lengths, forward = [], GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1))
+                        or forward(self, idx, *a, **k))
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=9, kv_cache=kv_cache)
+    assert out.shape == (1, 12)
+    # the prompt (3), then contexts of 4 .. 11 tokens: 4 .. 8 fit block_size 8, 9 .. 11 slide
+    assert lengths == ([3, 1, 1, 1, 1, 1, 8, 8, 8] if kv_cache else [3, 4, 5, 6, 7, 8, 8, 8, 8])
 
 
 @pytest.mark.parametrize("switches", KV_SWITCHES, ids=["gpt2", "llama-gqa", "post-nopos-mqa"])

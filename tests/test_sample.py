@@ -326,29 +326,3 @@ def test_a_subnormal_temperature_takes_the_likeliest_token(tmp_path):
     taken from all first (then 0 / 1e-320 = 0 and the others -inf)."""
     args = [*char_checkpoint(tmp_path), "--max_new_tokens=20"]
     assert sample([*args, "--temperature=1e-320"]) == sample([*args, "--temperature=0"])
-
-
-@pytest.mark.parametrize("kv_cache", [True, False])
-def test_generate_runs_the_prompt_once_then_single_tokens_then_the_whole_window(kv_cache, monkeypatch):
-    """README: with the cache the prompt runs once, then each new token alone; past block_size
-    (and always without the cache) each token runs the last block_size tokens."""
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
-    lengths, forward = [], GPT.forward
-    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: lengths.append(idx.size(1))
-                        or forward(self, idx, *a, **k))
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=9, kv_cache=kv_cache)
-    assert out.shape == (1, 12)
-    # the prompt (3), then contexts of 4 .. 11 tokens: 4 .. 8 fit block_size 8, 9 .. 11 slide
-    assert lengths == ([3, 1, 1, 1, 1, 1, 8, 8, 8] if kv_cache else [3, 4, 5, 6, 7, 8, 8, 8, 8])
-
-
-def test_kv_cache_after_a_one_token_prompt_gives_the_full_forwards_logits():
-    """gpt.sample --start=A (one token), or BPE's <|endoftext|> start: the cache then holds one
-    position when the first generated token runs alone."""
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)).eval()
-    idx = torch.randint(0, 50, (2, 4))
-    cache = gpt_model.KVCache(model.config, batch_size=2)
-    with torch.no_grad():
-        for end in range(1, 5):
-            cached, _ = model(idx[:, end - 1:end], cache=cache)
-            torch.testing.assert_close(cached, model(idx[:, :end])[0], rtol=1e-5, atol=1e-5)
