@@ -104,11 +104,17 @@ def test_an_unknown_stage_gets_the_usage_on_any_machine(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def accepted_stages() -> list[str]:
+    """The stages gpu_session.sh takes (its first check, before the GPU's)."""
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    return re.search(r"case \$\{1:-\} in.*?\n\s+([a-z|]+)\) ;;", script, re.S).group(1).split("|")
+
+
 def test_every_stage_it_accepts_it_runs_and_its_usage_names():
     """The stage names are written three times (the check before the GPU's, the usage, the
     stages themselves): a stage accepted but not run would end "0 step(s) failed"."""
     script = (ROOT / "bench" / "gpu_session.sh").read_text()
-    accepted = re.search(r"case \$\{1:-\} in.*?\n\s+([a-z|]+)\) ;;", script, re.S).group(1).split("|")
+    accepted = accepted_stages()
     usage = re.search(r'^usage="usage: bash bench/gpu_session.sh (.*)"$', script, re.M).group(1)
     ran = re.findall(r"^  ([a-z]+)\)", script, re.M)
     assert sorted(accepted) == sorted(ran) == sorted(s.split()[0] for s in usage.split("|"))
@@ -119,10 +125,11 @@ def test_every_stage_it_accepts_it_runs_and_its_usage_names():
 # stage runs must be one its program takes, which then says there is no GPU. A usage error or a
 # traceback there would cost a GPU session a call. In a process of its own, at collection.
 _DRY_RUN_CODE = r'''
-import json, os, re, subprocess, sys, tempfile
+import json, os, subprocess, sys, tempfile
 from pathlib import Path
+from tests.test_gpu_session import accepted_stages
 script = Path("bench/gpu_session.sh").resolve()
-stages = re.search(r"case \$\{1:-\} in.*?\n\s+([a-z|]+)\) ;;", script.read_text(), re.S).group(1).split("|")
+stages = accepted_stages()
 with tempfile.TemporaryDirectory() as where:
     shim = Path(where) / "python"
     shim.write_text("""#!/bin/sh
