@@ -94,7 +94,7 @@ def help_text(doc: str, defaults: dict) -> str:
         line = f"{line}  {pair}" if line else pair
     keys = "\n".join("  " + line for line in [*lines, line])
     return (f"{doc.strip()}\n\nConfig files hold plain `key = value` assignments, applied in order, then\n"
-            f"--key=value arguments. The keys, with their defaults (the README says what each does):\n{keys}")
+            f"--key=value arguments. The keys, with their defaults (docs/training.md says what they do):\n{keys}")
 
 
 @contextmanager
