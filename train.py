@@ -24,7 +24,7 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import (DTYPES, RUN_KEYS, ConfigError, check_device, parse_args, printed_help,
+from gpt.config import (COMPILE_MODES, DTYPES, RUN_KEYS, ConfigError, check_device, parse_args, printed_help,
                         reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import write_atomic
@@ -52,6 +52,7 @@ DEFAULTS = dict(
     # system: device and dtype None choose CUDA and bf16 (fp16 on older GPUs) when present, else
     # CPU and fp32
     backend="nccl", device=None, dtype=None, compile=True,
+    compile_mode="default",  # torch.compile's mode (gpt.config.COMPILE_MODES): reduce-overhead takes CUDA graphs
     parallel="ddp",  # under torchrun: ddp | zero1 | fsdp (gpt/distributed.py); one process ignores it
     peak_tflops=None,  # the GPU's dense peak for MFU, for a GPU bench.hardware does not know
     # tritongpt
@@ -121,6 +122,8 @@ def check_ranges(config: dict) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= config[key] < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
+    if config["compile_mode"] not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {config['compile_mode']!r}")
     if config["peak_tflops"] is not None and config["peak_tflops"] <= 0:
         raise ConfigError(f"peak_tflops must be above 0, got {config['peak_tflops']}")
     if not config["out_dir"]:
@@ -252,6 +255,10 @@ def compile_failure_explained(compiled: bool, choices: dict):
         raise
 
 
+def _compiled(c: dict) -> str:
+    return f"compiled ({c['compile_mode']} mode)" if c["compile"] else "not compiled"
+
+
 def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     mc = model.config
     table = Table(title="tritongpt", show_header=False, box=None)
@@ -267,7 +274,7 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     table.add_row("batch", f"{c['batch_size']} × {c['block_size']} tokens × {c['gradient_accumulation_steps']} "
                            f"accumulation × {world.size} processes ({world.parallel or 'no process group'}) = "
                            f"{tokens_per_iter:,} tokens per step")
-    table.add_row("device", f"{c['device']}, {c['dtype']}, compile {c['compile']}, optimizer {c['optimizer']}"
+    table.add_row("device", f"{c['device']}, {c['dtype']}, {_compiled(c)}, optimizer {c['optimizer']}"
                             + (f", {model.recomputed} of {mc.n_layer} blocks recomputed in backward"
                                if model.recomputed else ""))
     if c["device"].startswith("cuda"):
@@ -440,7 +447,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
 
     raw_model = model
     if c["compile"]:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=c["compile_mode"])
     model = distributed.replicate(model, world, c["device"])
 
     meter = MFUMeter(raw_model.config, c["block_size"], c["dtype"], c["device"], world_size,

@@ -21,7 +21,8 @@
 #   bash bench/gpu_session.sh ops [OPS] # the per-op benchmarks (bench/op_*.py); OPS picks some, e.g.
 #                                       # norm,swiglu (default all: norm,swiglu,rope,attention,cross_entropy,
 #                                       # linear_cross_entropy,adamw)
-#   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant
+#   bash bench/gpu_session.sh mfu       # bench.mfu for gpt2 and llama, every kernel variant, then
+#                                       # compile and triton+compile with CUDA graphs (reduce-overhead)
 #   bash bench/gpu_session.sh tune [D] [T]  # bench.tune_attention: measured flash-attention launch
 #                                       # configs for head dim D (64 or 128; default both: about 95
 #                                       # candidates per D, TMA twins included, compiled ahead by 8
@@ -178,7 +179,8 @@ case "$1" in
   mfu)
     for preset in gpt2 llama; do
       step 300 "mfu $preset" python -m bench.mfu --gpu auto --preset "$preset" \
-        --kernels triton+compile,auto+compile,compile,triton,torch --json "$OUT/mfu-$preset.json"
+        --kernels triton+compile,auto+compile,compile,triton,torch,triton+compile:reduce-overhead,compile:reduce-overhead \
+        --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
     dims=${2:-64,128} t=${3:-4096}

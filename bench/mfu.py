@@ -10,7 +10,9 @@ have.
 Variants: a kernel mode (torch | triton | auto, as train.py's --kernels) run eagerly, or with
 "+compile" under torch.compile; "compile" is torch+compile. torch vs triton and compile vs
 triton+compile are the like-for-like pairs: the Triton ops are custom ops, so Inductor still
-fuses the rest of the graph around them.
+fuses the rest of the graph around them. A compiled variant may name torch.compile's mode after a
+colon, as train.py's compile_mode: "compile:reduce-overhead" and "triton+compile:reduce-overhead"
+replay the step's graphs as CUDA graphs, which takes the host's launches out of the step.
 
 Per variant: the model is built, warm-up steps run (compilation and autotuning happen there and
 are not timed), then each timed training step (forward, backward, grad clipping, optimizer step,
@@ -45,6 +47,7 @@ from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import one_line, provenance
+from gpt.config import COMPILE_MODES
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
@@ -58,15 +61,24 @@ HOST_STEPS = 3
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
 
 
-def parse_variant(variant: str) -> tuple[str, bool]:
-    """(kernel mode, compiled) of "torch", "compile", "triton", "triton+compile", ..."""
-    if variant == "compile":
-        return "torch", True
-    mode, plus, rest = variant.partition("+")
-    if mode not in kernels.MODES or (plus and rest != "compile"):
-        raise ValueError(f"unknown variant {variant!r}: use compile or a mode in {kernels.MODES}, "
-                         f"optionally with +compile")
-    return mode, bool(plus)
+def parse_variant(variant: str) -> tuple[str, str | None]:
+    """(kernel mode, torch.compile's mode, None when eager) of "torch", "compile", "triton",
+    "triton+compile", "compile:reduce-overhead", ..."""
+    name, colon, compile_mode = variant.partition(":")
+    mode, plus, rest = ("torch+compile" if name == "compile" else name).partition("+")
+    if (mode not in kernels.MODES or (plus and rest != "compile") or (colon and not plus)
+            or (colon and compile_mode not in COMPILE_MODES)):
+        raise ValueError(f"unknown variant {variant!r}: use compile or a mode in {kernels.MODES}, optionally "
+                         f"with +compile, then optionally a compile mode after a colon (one of {COMPILE_MODES})")
+    return mode, (compile_mode or "default") if plus else None
+
+
+def like_for_like(variants) -> list[tuple[str, str]]:
+    """(faster hoped, base) pairs of variants to compare: the Triton ops against torch's, eager
+    and under each compile mode, then the issue's headline, eager Triton against torch.compile."""
+    modes = sorted({"".join(v.partition(":")[1:]) for v in variants})  # "", ":reduce-overhead", ...
+    return [("triton", "torch"), *((f"{kind}+compile{m}", f"compile{m}") for m in modes for kind in ("triton", "auto")),
+            ("triton", "compile")]
 
 
 class MFUMeter:
@@ -144,7 +156,7 @@ class Run:
         return model_ops(self.config) | optimizer_ops(self.optimizer)
 
 
-def _train_step(run: Run, backends: dict[str, str], compiled: bool):
+def _train_step(run: Run, backends: dict[str, str], compile_mode: str | None):
     """A closure running one training step as train.py does."""
     device_type = torch.device(run.device).type
     model = GPT(run.config, backends).to(run.device)
@@ -160,7 +172,7 @@ def _train_step(run: Run, backends: dict[str, str], compiled: bool):
     else:
         raise ValueError(f"optimizer must be adamw or bf16_adamw, got {run.optimizer!r}")
     scaler = torch.amp.GradScaler(device_type, enabled=run.dtype == torch.float16)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     tokens = torch.randint(run.config.vocab_size, (run.batch_size, run.seq_len + 1), device=run.device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # the model views targets flat
     params = list(model.parameters())
@@ -182,13 +194,13 @@ def _train_step(run: Run, backends: dict[str, str], compiled: bool):
 
 def measure(run: Run, variant: str, device: Device) -> dict:
     """Time `run` with the backends of `variant`; a row of the results (or its error)."""
-    mode, compiled = parse_variant(variant)
+    mode, compile_mode = parse_variant(variant)
     shapes = Shapes(run.config, run.batch_size, run.seq_len, run.dtype)
-    choices = kernels.choose(mode, torch.device(run.device).type, shapes=shapes, compiled=compiled,
+    choices = kernels.choose(mode, torch.device(run.device).type, shapes=shapes, compiled=compile_mode is not None,
                              used=run.ops)
     row = dict(variant=variant, kernels={op: dataclasses.asdict(c) for op, c in choices.items()})
     try:
-        step = _train_step(run, {op: c.backend for op, c in choices.items()}, compiled)
+        step = _train_step(run, {op: c.backend for op, c in choices.items()}, compile_mode)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(run.warmup):
             step()
@@ -314,9 +326,7 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
                   f"tells which).\nPeak GiB: torch's "
                   f"max_memory_allocated; bench/plan.py plans {planned_peak_gib(run):.1f} GiB with the triton ops.")
     ok = {r["variant"]: r for r in rows if "error" not in r}
-    # The like-for-like pairs, then the issue's headline: Triton kernels against torch.compile.
-    for fast, base in (("triton", "torch"), ("triton+compile", "compile"), ("auto+compile", "compile"),
-                       ("triton", "compile")):
+    for fast, base in like_for_like(ok):
         if fast in ok and base in ok:
             console.print(f"{fast} / {base}: {ok[fast]['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x tokens/s")
     for r in ok.values():
@@ -415,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                                          f"default {','.join(planning.DEFAULT_PLAN)})")
     parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
-    parser.add_argument("--kernels", default=DEFAULT_VARIANTS, help="comma-separated variants")
+    parser.add_argument("--kernels", default=DEFAULT_VARIANTS,
+                        help="comma-separated variants (see above), e.g. triton+compile:reduce-overhead")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     parser.add_argument("--profile-steps", type=int, default=3,

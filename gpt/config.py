@@ -37,6 +37,10 @@ _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 # difflib's similarity at and above which an unknown key is taken for a misspelling of a known one
 MISSPELT = 0.75
 DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and gpt.sample take
+# torch.compile's modes (torch._inductor.list_mode_options(), torch 2.11 to 2.13): train.py's
+# `compile_mode`. "reduce-overhead" replays the compiled graphs as CUDA graphs, so a step's many
+# short kernels cost the host no launch each.
+COMPILE_MODES = ("default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The keys both programs take with a second type (parse_args' `also`): device and dtype, whose
 # default None means "chosen for this machine", and kernels, a mode or an {op: backend} mapping.
 RUN_KEYS = {"device": str, "dtype": str, "kernels": dict}

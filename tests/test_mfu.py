@@ -121,11 +121,27 @@ def test_unknown_gpu_name_lists_candidates(capsys):
     assert "rtx-5090" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("variant, parsed", [("torch", ("torch", False)), ("compile", ("torch", True)),
-                                             ("triton", ("triton", False)), ("triton+compile", ("triton", True)),
-                                             ("auto+compile", ("auto", True))])
+@pytest.mark.parametrize("variant, parsed", [
+    ("torch", ("torch", None)), ("compile", ("torch", "default")), ("triton", ("triton", None)),
+    ("triton+compile", ("triton", "default")), ("auto+compile", ("auto", "default")),
+    ("compile:reduce-overhead", ("torch", "reduce-overhead")),
+    ("triton+compile:max-autotune", ("triton", "max-autotune"))])
 def test_parse_variant(variant, parsed):
     assert mfu.parse_variant(variant) == parsed
+
+
+@pytest.mark.parametrize("variant", ["triton:reduce-overhead", "compile:fast", "compile:", "triton+compiled", "cudnn"])
+def test_parse_variant_refuses(variant):
+    """A compile mode only for a compiled variant, and one of torch.compile's."""
+    with pytest.raises(ValueError, match=re.escape(f"unknown variant '{variant}'")):
+        mfu.parse_variant(variant)
+
+
+def test_like_for_like_pairs_each_compile_mode():
+    assert mfu.like_for_like(["torch", "compile", "triton+compile:reduce-overhead", "compile:reduce-overhead"]) == [
+        ("triton", "torch"), ("triton+compile", "compile"), ("auto+compile", "compile"),
+        ("triton+compile:reduce-overhead", "compile:reduce-overhead"),
+        ("auto+compile:reduce-overhead", "compile:reduce-overhead"), ("triton", "compile")]
 
 
 def test_half_mfu_on_h100_is_the_issues_580k_tokens_per_s():

@@ -16,7 +16,7 @@ import kernels
 import train
 from bench.flops import flops_per_token
 from gpt import checkpoint
-from gpt.config import ConfigError
+from gpt.config import COMPILE_MODES, ConfigError
 from gpt.data import Batches
 from gpt.model import GPT, GPTConfig
 from tests.test_train import read_log, run
@@ -58,6 +58,7 @@ def test_a_config_file_that_sets_nothing_gets_nanogpts_defaults(tmp_path):
     ("--min_lr=-1e-4", "min_lr must not be negative, got -0.0001"),
     ("--peak_tflops=0", "peak_tflops must be above 0, got 0.0"),
     (f"--seed={2**63}", r"seed must be in \[0, 2\*\*63\)"),
+    ("--compile_mode=fast", "compile_mode must be one of .*'reduce-overhead'.*, got 'fast'"),
 ])
 def test_more_values_out_of_range_are_refused(arg, message):
     """Counts of at least 1, amounts not negative, a peak above 0, a seed torch takes (seed + rank too)."""
@@ -192,12 +193,20 @@ def test_only_a_steps_last_micro_step_syncs_grads(tmp_path, data_dir, monkeypatc
     assert flags == [False, False, True] * 2
 
 
-def test_compile_true_compiles_the_model(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compile_true_compiles_the_model_in_its_mode(tmp_path, data_dir, monkeypatch, capsys, mode):
     """(The other tests run with compile=False.)"""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: compiled.append(model) or model)
-    run(tmp_path, data_dir, "--device=cpu", "--compile=True", "--max_iters=1", "--eval_interval=1", "--eval_iters=1")
-    assert [type(m) for m in compiled if isinstance(m, torch.nn.Module)] == [GPT]
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: compiled.append((model, k)) or model)
+    run(tmp_path, data_dir, "--device=cpu", "--compile=True", "--max_iters=1", "--eval_interval=1",
+        "--eval_iters=1", *([f"--compile_mode={mode}"] if mode else []))
+    mode = mode or "default"
+    assert [(type(m), k) for m, k in compiled if isinstance(m, torch.nn.Module)] == [(GPT, dict(mode=mode))]
+    assert f"compiled ({mode} mode)" in capsys.readouterr().out
+
+
+def test_compile_modes_are_torchs():
+    assert set(COMPILE_MODES) == set(torch._inductor.list_mode_options())
 
 
 @pytest.fixture
