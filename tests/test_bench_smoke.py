@@ -20,6 +20,7 @@ from bench.backends import peak_mib as measured_peak_mib  # before the fixture r
 from bench.cases import Shapes, case, check
 from bench.hardware import Device
 from gpt.model import GPTConfig
+from tests import bench_kernels as bench_cases
 from tests.devices import interpreter_only
 
 COPY_GBS, MATMUL_TFLOPS, PEAK_MIB = 1000.0, 100.0, 64.0
@@ -241,6 +242,26 @@ def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     assert report.main([str(out)]) == 0  # the README's table of it: a row per op
     table = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in table and all(f"| {op} | " in table for op in kernels.OPS)
+
+
+# tests/bench_kernels.py's cases but torch.compile's, which no_gpu makes torch's function itself.
+UNCOMPILED_CASES = [c for c in bench_cases.CASES if c[2] != "compile"]
+
+
+@interpreter_only
+@pytest.mark.parametrize("op, pass_, backend", UNCOMPILED_CASES, ids=["-".join(c) for c in UNCOMPILED_CASES])
+def test_pytest_benchmark_cases_run(op, pass_, backend):
+    """tests/bench_kernels.py, the profile's cases under pytest-benchmark (GPU only), each run here
+    at tiny shapes through a stand-in for the benchmark fixture."""
+    class Benchmark:
+        extra_info, rounds = {}, 0
+
+        def __call__(self, fn):
+            fn()
+            self.rounds += 1
+    benchmark = Benchmark()
+    bench_cases.run_case(benchmark, op, pass_, backend, bench_cases.SHAPES.tiny(), "cpu")
+    assert benchmark.rounds == 1 and benchmark.extra_info["unit"] in ("GB/s", "TFLOPS")
 
 
 @pytest.mark.parametrize("args, message", [(["--preset", "giga"], "unknown preset 'giga'"),
