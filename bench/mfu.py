@@ -74,7 +74,7 @@ def parse_variant(variant: str) -> tuple[str, str | None]:
 
 
 def like_for_like(variants) -> list[tuple[str, str]]:
-    """(faster hoped, base) pairs of variants to compare: the Triton ops against torch's, eager
+    """(variant, its baseline) pairs to compare: the Triton ops against torch's, eager
     and under each compile mode, then the issue's headline, eager Triton against torch.compile."""
     modes = sorted({"".join(v.partition(":")[1:]) for v in variants})  # "", ":reduce-overhead", ...
     return [("triton", "torch"), *((f"{kind}+compile{m}", f"compile{m}") for m in modes for kind in ("triton", "auto")),
