@@ -377,6 +377,17 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys, tmp_path):
     assert f"| triton | {rows[1]['tokens_per_s']:,.0f} |" in table
 
 
+@pytest.mark.parametrize("variant, modes", [("compile:reduce-overhead", ["reduce-overhead"]), ("compile", ["default"]),
+                                           ("torch", [])])
+def test_a_compiled_variant_compiles_in_its_mode(variant, modes, monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: asked.append(kw["mode"]) or model)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=32)
+    run = mfu.Run(config, 1, 8, "adamw", torch.bfloat16, warmup=1, steps=2, device="cpu")
+    mfu._train_step(run, {op: "torch" for op in kernels.OPS}, mfu.parse_variant(variant)[1])()
+    assert asked == modes
+
+
 def test_a_failing_variant_is_reported_not_fatal(monkeypatch):
     monkeypatch.setattr(mfu, "_train_step", lambda *args: (_ for _ in ()).throw(RuntimeError("no luck")))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
