@@ -25,7 +25,7 @@ from rich.table import Table
 import kernels
 from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, DTYPES, RUN_KEYS, ConfigError, check_device, parse_args, printed_help,
-                        reported as reported_by, training_dtype)
+                        quiet_when_the_reader_leaves, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import write_atomic
 from gpt.tokenizer import EOT
@@ -606,7 +606,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with quiet_when_the_reader_leaves():
+        main(sys.argv[1:])
     # What main's closures kept in reference cycles (the sharded model's DTensors, their mesh and
     # its gloo group) is freed now, while the interpreter is whole: left to its teardown, freeing
     # them aborted a rank now and then after a finished run ("terminate called without an active

@@ -16,6 +16,7 @@ import ast
 import difflib
 import math
 import operator
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -99,6 +100,17 @@ def help_text(doc: str, defaults: dict) -> str:
     keys = "\n".join("  " + line for line in [*lines, line])
     return (f"{doc.strip()}\n\nConfig files hold plain `key = value` assignments, applied in order, then\n"
             f"--key=value arguments. The keys, with their defaults (docs/training.md says what they do):\n{keys}")
+
+
+@contextmanager
+def quiet_when_the_reader_leaves():
+    """A program's output piped to a reader that stops early (`| head`) ends it quietly, as a
+    shell tool ends, not in a BrokenPipeError traceback; what Python flushes at exit goes nowhere."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import DTYPES, RUN_KEYS, check_device, parse_args, printed_help, reported
+from .config import DTYPES, RUN_KEYS, check_device, parse_args, printed_help, quiet_when_the_reader_leaves, reported
 from .data import load_meta
 from .model import GPT, GPTConfig, model_ops
 from .tokenizer import EOT, gpt2
@@ -145,4 +145,5 @@ def main(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with quiet_when_the_reader_leaves():
+        main(sys.argv[1:])

@@ -1,5 +1,7 @@
 """gpt.sample's arguments and edge cases, on tiny checkpoints written here (training's own
 sampling is in test_train.py)."""
+import subprocess
+import sys
 import weakref
 from dataclasses import asdict
 from pathlib import Path
@@ -326,3 +328,15 @@ def test_a_subnormal_temperature_takes_the_likeliest_token(tmp_path):
     taken from all first (then 0 / 1e-320 = 0 and the others -inf)."""
     args = [*char_checkpoint(tmp_path), "--max_new_tokens=20"]
     assert sample([*args, "--temperature=1e-320"]) == sample([*args, "--temperature=0"])
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(tmp_path):
+    """`python -m gpt.sample ... | head`: the samples past the reader's end are not written, and
+    no BrokenPipeError traceback is."""
+    args = [*without(char_checkpoint(tmp_path), "num_samples"), "--num_samples=200", "--max_new_tokens=100"]
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.sample", *args], cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()  # more than a pipe's buffer of samples is still to come
+    assert proc.wait(timeout=120) == 1
+    assert "Error" not in proc.stderr.read()
