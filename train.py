@@ -24,8 +24,8 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import (COMPILE_MODES, DTYPES, RUN_KEYS, ConfigError, check_device, parse_args, printed_help,
-                        quiet_when_the_reader_leaves, reported as reported_by, training_dtype)
+from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, RUN_KEYS, ConfigError, check_device, parse_args,
+                        printed_help, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import write_atomic
 from gpt.tokenizer import EOT
@@ -324,6 +324,11 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             raise SystemExit(f"train.py: gradient_accumulation_steps {c['gradient_accumulation_steps']} is "
                              f"not a multiple of the {world_size} processes")
         c["gradient_accumulation_steps"] //= world_size
+    if c["compile"] and c["compile_mode"] in CUDA_GRAPH_MODES and c["gradient_accumulation_steps"] > 1:
+        raise SystemExit(f"train.py: compile_mode={c['compile_mode']} replays CUDA graphs, and each micro-step's "
+                         f"replay overwrites the last one's grads (pytorch/pytorch#169545): it takes one micro-step "
+                         f"a process (gradient_accumulation_steps={world_size}, batch_size larger for as many "
+                         f"tokens), or compile_mode=default or max-autotune-no-cudagraphs")
     console = Console(quiet=not master, soft_wrap=True)
     device_type = "cuda" if c["device"].startswith("cuda") else "cpu"
     if device_type == "cuda":
@@ -606,8 +611,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
 
 
 if __name__ == "__main__":
-    with quiet_when_the_reader_leaves():
-        main(sys.argv[1:])
+    main(sys.argv[1:])
     # What main's closures kept in reference cycles (the sharded model's DTensors, their mesh and
     # its gloo group) is freed now, while the interpreter is whole: left to its teardown, freeing
     # them aborted a rank now and then after a finished run ("terminate called without an active

@@ -74,10 +74,12 @@ def parse_variant(variant: str) -> tuple[str, str | None]:
 
 
 def like_for_like(variants) -> list[tuple[str, str]]:
-    """(variant, its baseline) pairs to compare: the Triton ops against torch's, eager
-    and under each compile mode, then the issue's headline, eager Triton against torch.compile."""
+    """(variant, its baseline) pairs to compare: the Triton ops against torch's, eager and under
+    each compile mode; each compile mode against the default one (with CUDA graphs: what the host's
+    launches cost the step); then the issue's headline, eager Triton against torch.compile."""
     modes = sorted({"".join(v.partition(":")[1:]) for v in variants})  # "", ":reduce-overhead", ...
     return [("triton", "torch"), *((f"{kind}+compile{m}", f"compile{m}") for m in modes for kind in ("triton", "auto")),
+            *((f"{kind}{m}", kind) for m in modes if m for kind in ("compile", "triton+compile")),
             ("triton", "compile")]
 
 

@@ -42,6 +42,8 @@ DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and g
 # `compile_mode`. "reduce-overhead" replays the compiled graphs as CUDA graphs, so a step's many
 # short kernels cost the host no launch each.
 COMPILE_MODES = ("default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes that take CUDA graphs: a replay overwrites the last one's outputs, the grads among them.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # The keys both programs take with a second type (parse_args' `also`): device and dtype, whose
 # default None means "chosen for this machine", and kernels, a mode or an {op: backend} mapping.
 RUN_KEYS = {"device": str, "dtype": str, "kernels": dict}
@@ -84,7 +86,8 @@ def printed_help(argv: list[str], doc: str, defaults: dict) -> bool:
     """Whether `argv` asks for -h/--help; if so, help_text is printed."""
     if not any(arg in ("-h", "--help") for arg in argv):
         return False
-    print(help_text(doc, defaults))
+    with quiet_when_the_reader_leaves():
+        print(help_text(doc, defaults))
     return True
 
 
@@ -104,12 +107,16 @@ def help_text(doc: str, defaults: dict) -> str:
 
 @contextmanager
 def quiet_when_the_reader_leaves():
-    """A program's output piped to a reader that stops early (`| head`) ends it quietly, as a
-    shell tool ends, not in a BrokenPipeError traceback; what Python flushes at exit goes nowhere."""
+    """Printing to a reader that stops early (`| head`) ends the program quietly, as a shell tool
+    ends, not in a BrokenPipeError traceback: around the prints alone, so that a broken socket's
+    error is still told. What is left to flush goes nowhere."""
     try:
         yield
+        sys.stdout.flush()  # the reader may have gone with the last lines still buffered
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         raise SystemExit(1) from None
 
 

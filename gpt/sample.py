@@ -134,7 +134,7 @@ def main(argv: list[str]) -> list[str]:
         ids = prompt_ids(c["start"], encode, model.config.vocab_size)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     samples = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, quiet_when_the_reader_leaves():
         for _ in range(c["num_samples"]):
             y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"],
                                kv_cache=c["kv_cache"], vocab_limit=decodable)
@@ -145,5 +145,4 @@ def main(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    with quiet_when_the_reader_leaves():
-        main(sys.argv[1:])
+    main(sys.argv[1:])

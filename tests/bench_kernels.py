@@ -37,7 +37,7 @@ def run_case(benchmark, op: str, pass_: str, backend: str, shapes: Shapes = SHAP
 
     def run():
         c.call(fn, inputs, pass_)
-        if device == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
     run()  # compile and autotune outside the rounds

@@ -141,7 +141,9 @@ def test_like_for_like_pairs_each_compile_mode():
     assert mfu.like_for_like(["torch", "compile", "triton+compile:reduce-overhead", "compile:reduce-overhead"]) == [
         ("triton", "torch"), ("triton+compile", "compile"), ("auto+compile", "compile"),
         ("triton+compile:reduce-overhead", "compile:reduce-overhead"),
-        ("auto+compile:reduce-overhead", "compile:reduce-overhead"), ("triton", "compile")]
+        ("auto+compile:reduce-overhead", "compile:reduce-overhead"),
+        ("compile:reduce-overhead", "compile"), ("triton+compile:reduce-overhead", "triton+compile"),
+        ("triton", "compile")]
 
 
 def test_half_mfu_on_h100_is_the_issues_580k_tokens_per_s():

@@ -1,5 +1,6 @@
 """gpt.sample's arguments and edge cases, on tiny checkpoints written here (training's own
 sampling is in test_train.py)."""
+import os
 import subprocess
 import sys
 import weakref
@@ -330,13 +331,21 @@ def test_a_subnormal_temperature_takes_the_likeliest_token(tmp_path):
     assert sample([*args, "--temperature=1e-320"]) == sample([*args, "--temperature=0"])
 
 
-def test_a_reader_that_stops_early_ends_it_quietly(tmp_path):
-    """`python -m gpt.sample ... | head`: the samples past the reader's end are not written, and
-    no BrokenPipeError traceback is."""
-    args = [*without(char_checkpoint(tmp_path), "num_samples"), "--num_samples=200", "--max_new_tokens=100"]
-    proc = subprocess.Popen([sys.executable, "-m", "gpt.sample", *args], cwd=Path(__file__).parent.parent,
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_a_reader_that_stops_early_ends_it_quietly(tmp_path, unbuffered):
+    """`python -m gpt.sample ... | head`: what the reader does not take is not written, and no
+    BrokenPipeError is told, whether the reader left before a print (unbuffered: each print
+    written as it is made; here after the first line) or before the buffered lines were flushed
+    at exit."""
+    # unbuffered, far more samples than the reader waits for: a print after it left fails
+    args = [*without(char_checkpoint(tmp_path), "num_samples"), f"--num_samples={200 if unbuffered else 3}",
+            "--max_new_tokens=20"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | (
+        {"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.sample", *args], cwd=Path(__file__).parent.parent, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdout.readline()
-    proc.stdout.close()  # more than a pipe's buffer of samples is still to come
+    if unbuffered:
+        proc.stdout.readline()
+    proc.stdout.close()
     assert proc.wait(timeout=120) == 1
     assert "Error" not in proc.stderr.read()

@@ -16,7 +16,7 @@ import kernels
 import train
 from bench.flops import flops_per_token
 from gpt import checkpoint
-from gpt.config import COMPILE_MODES, ConfigError
+from gpt.config import COMPILE_MODES, CUDA_GRAPH_MODES, ConfigError
 from gpt.data import Batches
 from gpt.model import GPT, GPTConfig
 from tests.test_train import read_log, run
@@ -206,7 +206,17 @@ def test_compile_true_compiles_the_model_in_its_mode(tmp_path, data_dir, monkeyp
 
 
 def test_compile_modes_are_torchs():
-    assert set(COMPILE_MODES) == set(torch._inductor.list_mode_options())
+    modes = torch._inductor.list_mode_options()
+    assert set(COMPILE_MODES) == set(modes)
+    assert set(CUDA_GRAPH_MODES) == {mode for mode, options in modes.items() if options.get("triton.cudagraphs")}
+
+
+@pytest.mark.parametrize("mode", CUDA_GRAPH_MODES)
+def test_cuda_graphs_with_micro_steps_are_refused(tmp_path, data_dir, mode):
+    """A replay overwrites the last micro-step's grads, which autograd accumulates into."""
+    with pytest.raises(SystemExit, match=f"compile_mode={mode} replays CUDA graphs.*gradient_accumulation_steps=1"):
+        run(tmp_path, data_dir, "--device=cpu", "--compile=True", f"--compile_mode={mode}",
+            "--gradient_accumulation_steps=2")
 
 
 @pytest.fixture
