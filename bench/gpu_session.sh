@@ -105,12 +105,12 @@ case "$1" in
     # fastest, if any is) first, then train.py's default on a GPU (auto+compile: per op the backend
     # the committed profile chose), eager torch, then, where time is left, the Triton kernels in
     # torch.compile as CUDA graphs (reduce-overhead: what the host's launches cost the step; the
-    # mfu stage measures compile's too)
+    # mfu stage measures compile's too). --budget-s starts no variant the step's cap would cut.
     step 180 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
       --kernels triton+compile,auto+compile,compile,triton,torch,triton+compile:reduce-overhead \
-      --steps 30 --warmup 8 --json "$OUT/mfu-gpt2.json"
+      --steps 30 --warmup 8 --budget-s 120 --json "$OUT/mfu-gpt2.json"
     step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
-      --steps 20 --warmup 6 --json "$OUT/mfu-llama.json"
+      --steps 20 --warmup 6 --budget-s 70 --json "$OUT/mfu-llama.json"
     step 540 sweep python -m bench.sweep --sweeps adamw,norm --budget-s "$(sweep_budget)" --json "$OUT/sweep.json"
     results=("$OUT"/mfu-*.json)  # bench.report makes tables of these; the sweep printed its own
     [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
@@ -182,7 +182,7 @@ case "$1" in
     for preset in gpt2 llama; do
       step 300 "mfu $preset" python -m bench.mfu --gpu auto --preset "$preset" \
         --kernels triton+compile,auto+compile,compile,triton,torch,triton+compile:reduce-overhead,compile:reduce-overhead \
-        --json "$OUT/mfu-$preset.json"
+        --budget-s 240 --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
     dims=${2:-64,128} t=${3:-4096}

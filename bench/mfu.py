@@ -4,6 +4,7 @@ have.
     python -m bench.mfu --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
                         [--kernels torch,compile,triton,triton+compile] [--steps 50] [--warmup 10]
                         [--optimizer adamw|bf16_adamw] [--recompute [BLOCKS]] [--profile-steps 3]
+                        [--budget-s S]  # no variant started S seconds after the first
     python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
     python -m bench.mfu --gpu list                                                # the peak table
 
@@ -33,6 +34,7 @@ import json
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -377,14 +379,19 @@ def measure_all(args, device: Device, console: Console, out: Path) -> None:
     peak = peak_for(device.name, dtype, args.peak_tflops, device.sms)
     flops = flops_per_token(config, seq_len, run.recompute)
     torch.cuda.set_device(device.index)
-    rows = []
+    rows, not_started, start = [], [], time.monotonic()
     for variant in args.kernels.split(","):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            not_started.append(variant)
+            continue
         console.print(f"measuring {variant} ...")
         rows.append(summarize(measure(run, variant, device), run, flops, peak))
         r = rows[-1]  # as it comes, for a run cut short
         console.print(f"  {variant}: " + (r["error"] if "error" in r else
                       f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, MFU {_pct(r['mfu'])}"))
         out.write_text(json.dumps(record(run, args.preset, device, peak, flops, rows), indent=1) + "\n")
+    if not_started:
+        console.print(f"not started, --budget-s {args.budget_s:g} spent: {', '.join(not_started)}")
     print_results(rows, run, device, peak, flops, console)
 
 
@@ -430,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default=DEFAULT_VARIANTS,
                         help="comma-separated variants (see above), e.g. triton+compile:reduce-overhead")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
+    parser.add_argument("--budget-s", type=positive(float),
+                        help="start no variant this many seconds after the first began (none is cut midway)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")

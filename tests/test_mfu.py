@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -428,6 +429,22 @@ def test_the_result_file_keeps_each_variant_as_it_is_measured(monkeypatch, tmp_p
         mfu.main(["--gpu", "auto", "--kernels", "triton,compile", "--json", str(out)])
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["rows"]] == ["triton"] and result["device"]["name"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_no_variant_starts_once_the_budget_is_spent(monkeypatch, tmp_path, capsys):
+    """--budget-s: a GPU session's step keeps within its time without cutting a variant midway."""
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(mfu, "print_results", lambda *args: None)
+    clock = iter([0.0, 0.0, 50.0, 101.0])  # the start, then before each variant
+    monkeypatch.setattr(mfu, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    monkeypatch.setattr(mfu, "measure", lambda run, variant, device: {"variant": variant, "error": "measured"})
+    monkeypatch.setattr(mfu, "summarize", lambda row, *args: row)
+    out = tmp_path / "mfu.json"
+    assert mfu.main(["--gpu", "auto", "--kernels", "triton,compile,torch", "--budget-s", "100",
+                     "--json", str(out)]) == 0
+    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["triton", "compile"]
+    assert "not started, --budget-s 100 spent: torch" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("optimizer, dtype", [("adamw", torch.float16), ("bf16_adamw", torch.bfloat16)])
