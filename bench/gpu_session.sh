@@ -101,13 +101,14 @@ case "$1" in
     # step's own cut comes later, and only if that fails.
     step $((tests_s + TESTS_GRACE_S + 30)) tests env TEST_DEADLINE=$(($(date +%s) + tests_s)) \
       TEST_SHARDS=${TEST_SHARDS:-14} bash "$self" tests
-    # bench.mfu writes each variant as it is measured: the Triton kernels inside torch.compile (the
-    # fastest, if any is) first, then train.py's default on a GPU (auto+compile: per op the backend
-    # the committed profile chose), eager torch, then, where time is left, the Triton kernels in
-    # torch.compile as CUDA graphs (reduce-overhead: what the host's launches cost the step; the
-    # mfu stage measures compile's too). --budget-s starts no variant the step's cap would cut.
+    # bench.mfu writes each variant as it is measured, in the order of what they tell: the Triton
+    # kernels inside torch.compile (the fastest, if any is) and torch.compile, the eager pair (quick:
+    # no compile), train.py's default on a GPU (auto+compile: per op the backend the committed
+    # profile chose), then the Triton kernels in torch.compile as CUDA graphs (reduce-overhead: what
+    # the host's launches cost the step; the mfu stage measures compile's too). --budget-s starts no
+    # variant the step's cap would cut: a compiled one takes up to a minute.
     step 180 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
-      --kernels triton+compile,auto+compile,compile,triton,torch,triton+compile:reduce-overhead \
+      --kernels triton+compile,compile,triton,torch,auto+compile,triton+compile:reduce-overhead \
       --steps 30 --warmup 8 --budget-s 120 --json "$OUT/mfu-gpt2.json"
     step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
       --steps 20 --warmup 6 --budget-s 70 --json "$OUT/mfu-llama.json"
