@@ -182,7 +182,7 @@ case "$1" in
   mfu)
     for preset in gpt2 llama; do
       step 300 "mfu $preset" python -m bench.mfu --gpu auto --preset "$preset" \
-        --kernels triton+compile,auto+compile,compile,triton,torch,triton+compile:reduce-overhead,compile:reduce-overhead \
+        --kernels triton+compile,compile,triton,torch,auto+compile,triton+compile:reduce-overhead,compile:reduce-overhead \
         --budget-s 240 --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
