@@ -82,6 +82,11 @@ def results(fn, inputs, n_grad, backend, dy_poison, dy_seed):
     return [o.detach() for o in outputs] + [t.grad for t in inputs[:n_grad]]
 
 
+def all_finite(results) -> bool:
+    """What GradScaler sees of them: whether every element of every result is finite."""
+    return all(bool(torch.isfinite(r).all()) for r in results)
+
+
 # Where a poison goes, per op: each input that takes a gradient, and the gradient reaching it.
 PLACES = [(name, place) for name, (_, _, n_grad) in cases(torch.float32, "cpu").items()
           for place in [*(f"input{i}" for i in range(n_grad)), "dy"]]
@@ -100,8 +105,6 @@ def test_non_finite_where_the_reference_is(name, place, dtype, poison, device):
     dy_seed = int(torch.randint(2**31, ()))
     expected = results(fn, inputs, n_grad, reference, dy_poison, dy_seed)
     got = results(fn, inputs, n_grad, "triton", dy_poison, dy_seed)
-    def all_finite(results):
-        return all(bool(torch.isfinite(r).all()) for r in results)
     assert all_finite(got) == all_finite(expected), f"{name}, {poison} in {place}: finite: {all_finite(got)}"
     for i, (e, o) in enumerate(zip(expected, got)):
         finite, finite_expected = torch.isfinite(o), torch.isfinite(e)
