@@ -577,6 +577,10 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
     check_rounding(stochastic_rounding, seed)
     if not params:  # nothing to update, as the torch backend (a plan of no tensors has no table)
         return
+    # Python numbers for the kernel's scalar arguments: numpy's float32 (which the checks take, as
+    # the torch backend does) is not a float, and Triton refuses it.
+    lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
+    step = int(step)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
     staged = lists

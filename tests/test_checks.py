@@ -22,9 +22,44 @@ def test_numpy_floats_are_numbers():
     np = pytest.importorskip("numpy")
     for value in (np.float32(1e-5), np.float16(1e-5), np.float64(1e-5)):
         checks.check_number("rms_norm", "eps", value, 0.0)
-    x, w = torch.randn(3, 8), torch.randn(8)
-    torch.testing.assert_close(kernels.get("rms_norm", "torch")(x, w, np.float32(1e-5)),
-                               kernels.get("rms_norm", "torch")(x, w, 1e-5))
+
+
+def _number_calls(f, i):
+    """Each op that takes numbers, called with them as made by `f` (floats) and `i` (ints), on
+    fresh inputs: functions of the backend that return the op's results."""
+    x, w, b, head = torch.randn(3, 8), torch.randn(8), torch.randn(8), torch.randn(5, 8)
+    logits, targets = torch.randn(3, 5), torch.tensor([1, 0, 2])
+    q = torch.randn(1, 2, 5, 32)
+    p, g = torch.randn(7), torch.randn(7)
+    yield lambda be: kernels.get("rms_norm", be)(x, w, f(1e-5), residual=x, dropout_p=f(0.25))
+    yield lambda be: kernels.get("layer_norm", be)(x, w, b, f(1e-5))
+    yield lambda be: kernels.get("cross_entropy", be)(logits, targets, ignore_index=i(2))
+    yield lambda be: kernels.get("linear_cross_entropy", be)(x, head, targets, ignore_index=i(0))
+    yield lambda be: kernels.get("attention", be)(q, q, q, dropout_p=f(0.25))
+
+    def adamw(be):
+        out, m, v = p.clone(), torch.zeros(7), torch.zeros(7)
+        kernels.get("adamw", be)([out], [g], [m], [v], step=i(3), lr=f(1e-2), beta1=f(0.9), beta2=f(0.99),
+                                 eps=f(1e-8), weight_decay=f(0.1))
+        return out, m, v
+    yield adamw
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_numpy_numbers_are_taken_as_python_s(backend):
+    """Every op's numbers may be numpy's (a schedule computed with numpy): the same results as
+    Python's numbers, dropout's mask included, not a crash in Triton's launcher."""
+    np = pytest.importorskip("numpy")
+    skip_unless_triton_runs(backend, "cpu")
+    torch.manual_seed(0)
+    python_s = list(_number_calls(lambda v: float(np.float32(v)), int))  # the same values
+    torch.manual_seed(0)
+    numpy_s = list(_number_calls(np.float32, np.int64))  # no Python float, nor int
+    for call_python_s, call_numpy_s in zip(python_s, numpy_s):
+        torch.manual_seed(1)
+        expected = call_python_s(backend)
+        torch.manual_seed(1)
+        torch.testing.assert_close(call_numpy_s(backend), expected, rtol=0, atol=0)
 
 
 def test_tensor_lists_may_be_tuples():
