@@ -169,6 +169,13 @@ def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch
     return torch.where(torch.isnan(x), x, up).to(torch.bfloat16)
 
 
+def python_numbers(step, *settings) -> tuple:
+    """The step and the float settings as Python's int and floats, the numbers both backends
+    compute with. Numpy's (which the checks take) would compute the bias corrections in float32
+    (numpy keeps float32 ** int in float32), and Triton refuses a float32 scalar argument."""
+    return (int(step), *map(float, settings))
+
+
 @register("adamw", "torch")
 @torch.no_grad()
 def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
@@ -177,6 +184,7 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2,
     check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
                 grad_scale, compensations)
     check_rounding(stochastic_rounding, seed)
+    step, lr, beta1, beta2, eps, weight_decay = python_numbers(step, lr, beta1, beta2, eps, weight_decay)
     step_size = lr / (1 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
     generators = {}
@@ -577,10 +585,7 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
     check_rounding(stochastic_rounding, seed)
     if not params:  # nothing to update, as the torch backend (a plan of no tensors has no table)
         return
-    # Python numbers for the kernel's scalar arguments: numpy's float32 (which the checks take, as
-    # the torch backend does) is not a float, and Triton refuses it.
-    lr, beta1, beta2, eps, weight_decay = map(float, (lr, beta1, beta2, eps, weight_decay))
-    step = int(step)
+    step, lr, beta1, beta2, eps, weight_decay = python_numbers(step, lr, beta1, beta2, eps, weight_decay)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
     staged = lists
