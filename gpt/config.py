@@ -222,7 +222,8 @@ def _implied(implied, key: str, value, source: str) -> list[tuple[str, object]]:
 
 
 def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[tuple[str, object]]:
-    """The (key, value) pairs a config statement assigns: `a = b = v`, `a, b = v, w`, `a += v`."""
+    """The (key, value) pairs a config statement assigns: `a = b = v`, `a, b = v, w`, `a += v`,
+    `a: t = v` (the annotation unread, as exec stores it aside; `a: t` alone assigns nothing)."""
     def names(target) -> list[str] | str | None:
         if isinstance(target, ast.Name):
             return target.id
@@ -235,6 +236,10 @@ def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[
             raise ConfigError(f"{where}: {stmt.target.id} is not set before `{ast.unparse(stmt)}`")
         return [(stmt.target.id, _BINARY[type(stmt.op)](scope[stmt.target.id],
                                                          _evaluate(stmt.value, scope, modules, where)))]
+    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+        if stmt.value is None:
+            return []
+        stmt = ast.Assign(targets=[stmt.target], value=stmt.value)
     targets = [names(t) for t in stmt.targets] if isinstance(stmt, ast.Assign) else [None]
     if None in targets:
         raise ConfigError(f"{where}: a config file holds only `key = value` assignments "

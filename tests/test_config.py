@@ -98,15 +98,17 @@ def test_a_failing_expression_names_its_line(tmp_path, line, error):
 
 def test_python_a_config_may_use_beside_assignments(tmp_path):
     """What nanoGPT users write in their configs, which its exec runs: f-strings, conditions,
-    comparisons, tuple and augmented assignments; and whole-number floats for int keys."""
+    comparisons, tuple, augmented and annotated assignments; and whole-number floats for int keys."""
     path = tmp_path / "c.py"
     path.write_text("n_layer = 8\nout_dir = f'out-{n_layer}-{0.5:.2f}-{\"a\"!r}'\n"
                     "compile = False if n_layer < 6 else True\nbias = n_layer > 4 and n_layer != 7\n"
-                    "beta1, beta2 = 0.9, 0.95\nmax_iters = 5e3\nmax_iters *= 2\ndropout = 0.0 or 0.1\n")
+                    "beta1, beta2 = 0.9, 0.95\nmax_iters = 5e3\nmax_iters *= 2\ndropout = 0.0 or 0.1\n"
+                    "batch_size: int = 4\nblock_size: int\n")
     defaults = dict(n_layer=12, out_dir="out", compile=True, bias=False, beta1=0.9, beta2=0.99, max_iters=600000,
-                    dropout=0.0)
+                    dropout=0.0, batch_size=12, block_size=1024)
     values = dict(parse_args([str(path)], defaults))
     assert values["out_dir"] == "out-8-0.50-'a'" and values["compile"] is True and values["bias"] is True
+    assert values["batch_size"] == 4 and "block_size" not in values  # annotated: as exec takes them
     assert (values["beta1"], values["beta2"], values["dropout"]) == (0.9, 0.95, 0.1)
     assert values["max_iters"] == 10000 and type(values["max_iters"]) is int
     with pytest.raises(ConfigError, match="max_iters must be int"):
