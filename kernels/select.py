@@ -33,7 +33,16 @@ class Choice:
     reason: str
 
 
-def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, compiled: bool = False,
+def _device_type(device) -> str:
+    """"cuda" of "cuda", "cuda:1" or torch.device("cuda"), and the like (a device compared with
+    "cuda" as given would be unequal, and so read as the CPU)."""
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"kernels: device_type must be a device such as 'cuda' or 'cpu', got {device!r}") from None
+
+
+def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *, shapes=None, compiled: bool = False,
            profile=DETECT, used: Collection[str] | None = None, generation: bool = False) -> dict[str, Choice]:
     """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping
     (ops it leaves out use torch; no checks: the caller asked for exactly these).
@@ -47,6 +56,9 @@ def choose(kernels: str | Mapping[str, str], device_type: str, *, shapes=None, c
       Under "triton" and "auto" the others are left to torch unchecked, and say so.
     generation: the model only runs forward (gpt.sample): profiles' forward timings count.
     """
+    device_type = _device_type(device_type)
+    if isinstance(used, str):  # `op in "linear_cross_entropy"` would match "cross_entropy"
+        raise ValueError(f"kernels: used must be a collection of op names, got the string {used!r}")
     registered = ops()
     if isinstance(kernels, Mapping):
         unknown = set(kernels) - set(OPS)

@@ -121,6 +121,20 @@ def test_auto_takes_the_fastest_verified_backend_of_the_profile(self_check):
     assert choices["adamw"].backend == "triton" and "self-check passed" in choices["adamw"].reason
 
 
+def test_the_device_may_be_given_as_a_device_or_with_its_index(self_check):
+    """"cuda:1" and torch.device("cuda") are the GPU, not read as the CPU by comparison with
+    "cuda"; a string that is no device and a `used` given as one op's name are ValueErrors."""
+    prof = fake_profile(swiglu=entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0)))
+    expected = kernels.choose("auto", "cuda", profile=prof)
+    assert expected["swiglu"].backend == "triton"
+    for device in ("cuda:1", torch.device("cuda"), torch.device("cuda", 0)):
+        assert kernels.choose("auto", device, profile=prof) == expected, device
+    with pytest.raises(ValueError, match="device_type must be a device"):
+        kernels.choose("auto", "gpu")
+    with pytest.raises(ValueError, match="used must be a collection of op names"):
+        kernels.choose("triton", "cuda", used="linear_cross_entropy")
+
+
 def test_generation_chooses_by_the_profile_s_forward_timings(self_check):
     prof = fake_profile(swiglu=entry(torch={**backend(3.0), "ms": {"fwd": 0.2, "fwd+bwd": 3.0}}, triton=backend(1.0)))
     assert kernels.choose("auto", "cuda", profile=prof)["swiglu"].backend == "triton"
