@@ -6,6 +6,7 @@ plain MLP's activation), bias, weight tying and grouped-query heads. The hot ops
 RoPE, attention, the loss) come from `kernels`, one backend per op, chosen before the model is built.
 """
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -16,6 +17,23 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from kernels.runtime import matmul_dtype
+
+
+def count(what: str, value, alternative: str = "") -> int:
+    """`value` as a Python int: an integral number (numpy's too), not a bool nor a float, which
+    would fail deep inside (a layer count, a tensor size)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be an int{alternative}, got {value!r}")
+    return int(value)
+
+
+def check_sampling(program: str, temperature, top_k) -> None:
+    """Sampling's settings: temperature >= 0 (0 takes the likeliest token; below 0 would sample
+    the least likely), top_k None (all) or at least 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise ValueError(f"{program}: temperature must be >= 0 (0: the likeliest token), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"{program}: top_k must be at least 1, or None for the whole vocabulary; got {top_k!r}")
 
 
 @dataclass
@@ -47,9 +65,10 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"GPTConfig: {key} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("n_kv_head", "mlp_hidden"):  # None picks a default; anything else is a count
-            if getattr(self, key) is not None and type(getattr(self, key)) is not int:
-                raise ValueError(f"GPTConfig: {key} must be an int or None, got {getattr(self, key)!r}")
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
+            optional = key in ("n_kv_head", "mlp_hidden")  # None picks a default; anything else is a count
+            if not (optional and getattr(self, key) is None):
+                setattr(self, key, count(f"GPTConfig: {key}", getattr(self, key), " or None" if optional else ""))
         for key in ("block_size", "vocab_size", "n_layer", "n_embd", "mlp_hidden"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"GPTConfig: {key} must be at least 1, got {getattr(self, key)}")
@@ -379,6 +398,7 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size: int) -> None:
         """nanoGPT's: a shorter context than the model was built with (GPT-2's 1024 positions
         fine-tuned at 256), keeping the first `block_size` learned positions."""
+        block_size = count("GPT.crop_block_size: block_size", block_size)
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"GPT.crop_block_size: block_size must be in [1, {self.config.block_size}], "
                              f"got {block_size}")
@@ -444,6 +464,10 @@ class GPT(nn.Module):
         With kv_cache, the prompt's forward fills a KVCache and each new token then runs alone;
         past block_size the window slides, which moves every position, so from there each token
         runs the whole window again (as without the cache)."""
+        check_sampling("GPT.generate", temperature, top_k)
+        max_new_tokens = count("GPT.generate: max_new_tokens", max_new_tokens)
+        if vocab_limit is not None:
+            vocab_limit = count("GPT.generate: vocab_limit", vocab_limit)
         cache = KVCache(self.config, idx.size(0)) if kv_cache and idx.size(1) < self.config.block_size else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:

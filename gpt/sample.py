@@ -25,7 +25,7 @@ from bench.cases import Shapes
 from . import checkpoint, pretrained
 from .config import DTYPES, RUN_KEYS, check_device, parse_args, printed_help, quiet_when_the_reader_leaves, reported
 from .data import load_meta
-from .model import GPT, GPTConfig, model_ops
+from .model import GPT, GPTConfig, check_sampling, model_ops
 from .tokenizer import EOT, gpt2
 
 DEFAULTS = dict(
@@ -82,10 +82,10 @@ def main(argv: list[str]) -> list[str]:
     with reported("gpt.sample"):
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **RUN_KEYS},
                                              files_set_others=True, files_skip={"init_from": SKIPPED_INIT_FROM}))
-    if c["temperature"] < 0:
-        raise SystemExit(f"gpt.sample: temperature must be >= 0 (0: the likeliest token), got {c['temperature']}")
-    if c["top_k"] is not None and c["top_k"] < 1:
-        raise SystemExit(f"gpt.sample: top_k must be at least 1, or None for the whole vocabulary; got {c['top_k']}")
+    try:
+        check_sampling("gpt.sample", c["temperature"], c["top_k"])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if c["dtype"] is not None and c["dtype"] not in DTYPES:
         raise SystemExit(f"gpt.sample: dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
     device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,6 +2,7 @@ import collections
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -377,6 +378,13 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="mlp='swiglu' gates with silu; activation 'relu' is the plain MLP's"):
         GPTConfig(mlp="swiglu", activation="relu")
     assert GPTConfig(mlp="swiglu", activation="silu").mlp == "swiglu"
+    # Sizes are counts: a float or a bool would fail deep in the layers (or build one layer).
+    for key, value in (("n_layer", 2.0), ("n_embd", 32.0), ("n_head", 2.0), ("block_size", 8.0),
+                       ("vocab_size", 20.0), ("n_layer", True), ("n_kv_head", 1.0), ("mlp_hidden", 64.0)):
+        with pytest.raises(ValueError, match=f"GPTConfig: {key} must be an int"):
+            GPTConfig(**{key: value})
+    sizes = GPTConfig(n_layer=np.int64(2), n_embd=np.int32(32), n_head=np.int64(2), n_kv_head=np.int8(1))
+    assert [type(getattr(sizes, key)) for key in ("n_layer", "n_embd", "n_head", "n_kv_head")] == [int] * 4
 
 
 def test_weight_decay_groups():
@@ -391,6 +399,16 @@ def test_generate_extends_the_prompt():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)).eval()
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=10, top_k=5)
     assert out.shape == (2, 13) and out.max() < 20
+    for bad, message in ((dict(top_k=0), "top_k must be at least 1"), (dict(top_k=5.0), "top_k must be at least 1"),
+                         (dict(temperature=-1.0), "temperature must be >= 0"),
+                         (dict(temperature=float("nan")), "temperature must be >= 0"),
+                         (dict(max_new_tokens=3.0), "max_new_tokens must be an int"),
+                         (dict(vocab_limit=10.0), "vocab_limit must be an int")):
+        with pytest.raises(ValueError, match=f"GPT.generate: {message}"):
+            model.generate(torch.zeros(1, 1, dtype=torch.long), **(dict(max_new_tokens=2) | bad))
+    with pytest.raises(ValueError, match="block_size must be an int"):
+        model.crop_block_size(4.0)
+    assert model.config.block_size == 8 and model.wpe.weight.shape[0] == 8  # refused before any change
 
 
 KV_SWITCHES = [dict(), dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", bias=False, n_kv_head=2),
