@@ -58,6 +58,7 @@ import bisect
 import functools
 import itertools
 import math
+import numbers
 import operator
 from typing import NamedTuple
 
@@ -155,7 +156,7 @@ def _check_written_once(**tensors: torch.Tensor) -> None:
 def check_rounding(stochastic_rounding, seed) -> None:
     if not isinstance(stochastic_rounding, bool):
         raise ValueError(f"adamw: stochastic_rounding must be a bool, got {stochastic_rounding!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**31:
         raise ValueError(f"adamw: seed must be an int in [0, 2**31), got {seed!r}")
 
 
@@ -169,11 +170,11 @@ def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch
     return torch.where(torch.isnan(x), x, up).to(torch.bfloat16)
 
 
-def python_numbers(step, *settings) -> tuple:
-    """The step and the float settings as Python's int and floats, the numbers both backends
-    compute with. Numpy's (which the checks take) would compute the bias corrections in float32
-    (numpy keeps float32 ** int in float32), and Triton refuses a float32 scalar argument."""
-    return (int(step), *map(float, settings))
+def python_numbers(step, seed, *settings) -> tuple:
+    """The step, the seed and the float settings as Python's ints and floats, the numbers both
+    backends compute with. Numpy's (which the checks take) would compute the bias corrections in
+    float32 (numpy keeps float32 ** int in float32), and Triton refuses their scalars."""
+    return (int(step), int(seed), *map(float, settings))
 
 
 @register("adamw", "torch")
@@ -184,7 +185,7 @@ def adamw_torch(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2,
     check_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay,
                 grad_scale, compensations)
     check_rounding(stochastic_rounding, seed)
-    step, lr, beta1, beta2, eps, weight_decay = python_numbers(step, lr, beta1, beta2, eps, weight_decay)
+    step, seed, lr, beta1, beta2, eps, weight_decay = python_numbers(step, seed, lr, beta1, beta2, eps, weight_decay)
     step_size = lr / (1 - beta1 ** step)
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
     generators = {}
@@ -585,7 +586,7 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
     check_rounding(stochastic_rounding, seed)
     if not params:  # nothing to update, as the torch backend (a plan of no tensors has no table)
         return
-    step, lr, beta1, beta2, eps, weight_decay = python_numbers(step, lr, beta1, beta2, eps, weight_decay)
+    step, seed, lr, beta1, beta2, eps, weight_decay = python_numbers(step, seed, lr, beta1, beta2, eps, weight_decay)
     # The kernel walks each tensor's memory in order: others go through contiguous copies.
     lists = (params, grads, exp_avgs, exp_avg_sqs) + ((compensations,) if compensations is not None else ())
     staged = lists

@@ -548,6 +548,7 @@ def test_bad_input_raises(backend, device):
         "lr must be a Python number": (p, g, m, v, {"lr": torch.tensor(1e-2)}),  # not a kernel pointer
         "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
         "seed must be an int": (p, g, m, v, {"seed": 2**31}),
+        r"seed must be an int in \[0, 2\*\*31\), got True": (p, g, m, v, {"seed": True}),  # torch's manual_seed failed
         r"grads\[1\] must be a dense tensor, got layout torch.sparse_coo": (p, [g[0], g[1].to_sparse()], m, v, {}),
     }
     for message, (ps, gs, ms, vs, override) in cases.items():

@@ -30,7 +30,7 @@ def _number_calls(f, i):
     x, w, b, head = torch.randn(3, 8), torch.randn(8), torch.randn(8), torch.randn(5, 8)
     logits, targets = torch.randn(3, 5), torch.tensor([1, 0, 2])
     q = torch.randn(1, 2, 5, 32)
-    p, g = torch.randn(7), torch.randn(7)
+    p, g = torch.randn(7, dtype=torch.bfloat16), torch.randn(7, dtype=torch.bfloat16)  # stochastic rounding
     yield lambda be: kernels.get("rms_norm", be)(x, w, f(1e-5), residual=x, dropout_p=f(0.25))
     yield lambda be: kernels.get("layer_norm", be)(x, w, b, f(1e-5))
     yield lambda be: kernels.get("cross_entropy", be)(logits, targets, ignore_index=i(2))
@@ -40,7 +40,7 @@ def _number_calls(f, i):
     def adamw(be, step):
         out, m, v = p.clone(), torch.zeros(7), torch.zeros(7)
         kernels.get("adamw", be)([out], [g], [m], [v], step=step, lr=f(1e-2), beta1=f(0.9), beta2=f(0.95),
-                                 eps=f(1e-8), weight_decay=f(0.1))
+                                 eps=f(1e-8), weight_decay=f(0.1), stochastic_rounding=True, seed=i(5))
         return out, m, v
     yield lambda be: adamw(be, i(3))
     yield lambda be: adamw(be, 3)  # float32 ** int stays float32 in numpy: its arithmetic, not the op's
