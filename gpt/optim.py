@@ -146,7 +146,7 @@ class BF16AdamW(torch.optim.Optimizer):
                              f"torch.nn.utils.clip_grad_norm_)")
         norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
         marked = next((p for p in parameters if p.grad is not None), None)
-        self._clip = None if marked is None else (clip_coefficient(norm, max_norm), marked,
+        self._clip = None if marked is None else (clip_coefficient(norm, float(max_norm)), marked,
                                                   weakref.ref(marked.grad), _local(marked.grad)._version)
         return norm
 

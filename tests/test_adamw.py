@@ -548,7 +548,7 @@ def test_bad_input_raises(backend, device):
         "lr must be a Python number": (p, g, m, v, {"lr": torch.tensor(1e-2)}),  # not a kernel pointer
         "stochastic_rounding must be a bool": (p, g, m, v, {"stochastic_rounding": 1}),
         "seed must be an int": (p, g, m, v, {"seed": 2**31}),
-        r"seed must be an int in \[0, 2\*\*31\), got True": (p, g, m, v, {"seed": True}),  # torch's manual_seed failed
+        r"seed must be an int in \[0, 2\*\*31\), got True": (p, g, m, v, {"seed": True}),  # not manual_seed's error
         r"grads\[1\] must be a dense tensor, got layout torch.sparse_coo": (p, [g[0], g[1].to_sparse()], m, v, {}),
     }
     for message, (ps, gs, ms, vs, override) in cases.items():
@@ -717,7 +717,8 @@ def test_grad_scale_bad_input_raises(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("max_norm", [1e-2, 1e3])  # clipping every step, and never
+@pytest.mark.parametrize("max_norm", [1e-2, 1e3, torch.tensor(1e-2, dtype=torch.float64)],  # float() as torch's
+                         ids=["clipping", "never", "tensor"])
 def test_fused_clipping_matches_torch(backend, max_norm, device):
     """fp32: BF16AdamW.clip_grad_norm then step follows torch's clip_grad_norm_ then
     torch.optim.AdamW, and returns the same norms; clip_for_step does it for torch's optimizer."""
