@@ -121,8 +121,9 @@ class Flops:
 
 
 def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: int = 0) -> Flops:
-    """`recomputed`: the blocks whose forward runs again in backward (GPT.recompute_blocks)."""
-    T = seq_len or config.block_size
+    """`recomputed`: the blocks whose forward runs again in backward (GPT.recompute_blocks).
+    Counts in Python ints: numpy's int32 would wrap past 2^31 (GPT-2 XL at 32k tokens)."""
+    T, recomputed = int(seq_len or config.block_size), int(recomputed)
     matmul = 6 * sum(m.weights for m in matmuls(config))
     block_weights = sum(m.weights for m in block_matmuls(config)) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but

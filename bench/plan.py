@@ -168,7 +168,8 @@ def peak_bytes(config: GPTConfig, optimizer: str, batch_size: int, seq_len: int,
                sharding: str = "ddp", world_size: int = 1, kahan: bool = False, fused_loss: bool = True) -> int:
     """One GPU's planned peak for micro-batches of `batch_size` sequences of `seq_len` tokens."""
     return (held_bytes(config, optimizer, sharding, world_size, kahan, fused_loss)
-            + activation_bytes_per_token(config, optimizer, recompute, sharding, fused_loss) * batch_size * seq_len)
+            + activation_bytes_per_token(config, optimizer, recompute, sharding, fused_loss) * int(batch_size)
+            * int(seq_len))  # Python ints: numpy's int32 would overflow
 
 
 def max_micro_batch(memory_bytes: float, config: GPTConfig, optimizer: str, sharding: str, world_size: int,

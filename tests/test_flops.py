@@ -38,6 +38,17 @@ def test_recomputed_blocks_count_in_hardware_flops_only():
     assert four.hardware == plain.hardware + 4 * (2 * GPT2_LAYER_WEIGHTS + 2 * 768 * 1024)
 
 
+def test_numpy_counts_do_not_wrap():
+    """numpy's int32 (what an array of sequence lengths holds) counts as Python's ints do, where
+    its own arithmetic wraps past 2^31: GPT-2 XL at 32k tokens, or recomputing all 48 blocks."""
+    np = pytest.importorskip("numpy")
+    from bench.plan import peak_bytes
+
+    config = GPTConfig(**preset("gpt2-xl"))
+    assert flops_per_token(config, np.int32(32768), np.int32(48)) == flops_per_token(config, 32768, 48)
+    assert peak_bytes(config, "adamw", np.int32(32), np.int32(1024)) == peak_bytes(config, "adamw", 32, 1024)
+
+
 def test_gpt2_equals_nanogpt_6n_plus_attention():
     """nanoGPT's estimate_mfu: 6N + 12·L·H·Q·T, N = all parameters minus wpe (its 123.69M, the
     norm and bias vectors included)."""
