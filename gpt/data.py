@@ -107,7 +107,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
 
 def load_meta(path: Path) -> dict | None:
     """meta.pkl of a character-level dataset, else None (GPT-2 BPE)."""
-    meta = path / "meta.pkl"
+    meta = Path(path) / "meta.pkl"
     if not meta.exists():
         return None
     with open(meta, "rb") as f:
@@ -132,17 +132,17 @@ class Batches:
                  rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
         """vocab_size: the model's; a batch holding an id at or past it is refused (the embedding's
         lookup would fail on it: an IndexError on the CPU, a device-side assert on a GPU)."""
-        self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.path, self.block_size, self.batch_size, self.device = Path(path), block_size, batch_size, str(device)
         self.vocab_size = vocab_size
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed + 1  # not the training draws': "train" loss would score the first batches trained on
-        vocab_size = (load_meta(path) or {}).get("vocab_size", 0)
+        vocab_size = (load_meta(self.path) or {}).get("vocab_size", 0)
         if vocab_size > 2**16:  # ids written wider (uint32) would read as pairs of wrong uint16 ids
             raise ValueError(f"{path}/meta.pkl: vocab_size {vocab_size}, but the .bin files hold uint16 token ids "
                              f"(at most 65536 ids), as nanoGPT's prepare.py writes them")
         for split in ("train", "val"):
-            size = os.path.getsize(path / f"{split}.bin")
+            size = os.path.getsize(self.path / f"{split}.bin")
             if size % 2:
                 raise ValueError(f"{path}/{split}.bin is {size} bytes, not a whole number of uint16 tokens (cut short?)")
             n = size // 2

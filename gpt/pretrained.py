@@ -115,7 +115,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def gpt_config(folder: Path, block_size: int | None = None, dropout: float = 0.0) -> GPTConfig:
     """The GPTConfig of the checkpoint in `folder` (its config.json), with its position table cut to
     `block_size` when that is shorter (nanoGPT's crop_block_size) and the given dropout."""
-    hf = json.loads((folder / "config.json").read_text())
+    hf = json.loads((Path(folder) / "config.json").read_text())
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints load")
     if hf.get("activation_function", "gelu_new") not in _ACTIVATIONS:
@@ -146,7 +146,7 @@ def load_weights(model: GPT, folder: Path) -> None:
     """Copy the checkpoint in `folder` into `model` (built from gpt_config(folder, ...)), in the
     model's own dtype and device. Every parameter must be found with its shape; nothing may be
     left over."""
-    weights = _our_names(read_safetensors(folder / FILES[1]))
+    weights = _our_names(read_safetensors(Path(folder) / FILES[1]))
     params = dict(model.named_parameters())  # a tied lm_head is the token embedding, listed once
     if model.config.tie_weights:
         weights.pop("lm_head.weight", None)  # a copy of wte's, in checkpoints that keep both

@@ -107,7 +107,7 @@ def check_norm(op: str, x, weight, bias, eps, residual=None, out_dtype=None, dro
     if dropout_p > 0 and residual is None:
         raise ValueError(f"{op}: dropout_p applies to x before the residual add: it needs a residual")
     if out_dtype is not None and out_dtype not in dtypes:
-        raise ValueError(f"{op}: out_dtype must be one of ({dtype_names(dtypes)}), got {dtype_names([out_dtype])}")
+        raise ValueError(f"{op}: out_dtype must be one of ({dtype_names(dtypes)}), got {out_dtype!r}")
 
 
 def _normalized_input(x: torch.Tensor, residual: torch.Tensor | None, dropout_p: float

@@ -53,6 +53,7 @@ class _Split(torch.autograd.Function):
         return (torch.cat if ctx.kept else join)(list(grads), ctx.dim), None, None
 
 
-def split(x: torch.Tensor, sizes: list[int], dim: int = -1) -> tuple[torch.Tensor, ...]:
-    """x.split(sizes, dim) (views of x), whose backward is `join` instead of torch.cat."""
-    return _Split.apply(x, list(sizes), dim)
+def split(x: torch.Tensor, sizes: int | list[int], dim: int = -1) -> tuple[torch.Tensor, ...]:
+    """x.split(sizes, dim) (views of x; sizes a list, or one size for every part but the last),
+    whose backward is `join` instead of torch.cat."""
+    return _Split.apply(x, sizes if isinstance(sizes, int) else list(sizes), dim)

@@ -22,7 +22,7 @@ def test_tokenizer_is_gpt2_and_offline():
 def test_shakespeare_char(tmp_path):
     path = prepare("shakespeare_char", tmp_path)
     meta = load_meta(path)
-    assert meta["vocab_size"] == 65
+    assert meta["vocab_size"] == 65 and load_meta(str(path)) == meta
     train = np.fromfile(path / "train.bin", dtype=np.uint16)
     val = np.fromfile(path / "val.bin", dtype=np.uint16)
     assert (len(train), len(val)) == (1_003_854, 111_540)  # nanoGPT's counts
@@ -34,7 +34,7 @@ def test_shakespeare_char(tmp_path):
 
 def test_shakespeare_bpe(tmp_path):
     path = prepare("shakespeare", tmp_path)
-    assert load_meta(path) is None
+    assert load_meta(path) is None and load_meta(str(path)) is None
     train = np.fromfile(path / "train.bin", dtype=np.uint16)
     val = np.fromfile(path / "val.bin", dtype=np.uint16)
     assert (len(train), len(val)) == (301_966, 36_059)  # nanoGPT's counts
@@ -80,9 +80,11 @@ def test_batches_are_shifted_windows_and_resumable(tmp_path):
     # The "train" loss is not scored on the very windows training began with.
     fresh = Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
     assert not torch.equal(next(fresh.eval_batches("train", 1))[0], fresh.next()[0])
-    # Batches go to any device, not only cuda's (here meta's).
-    x, y = Batches(path, block_size=16, batch_size=4, device="meta", seed=0).next()
-    assert x.device.type == y.device.type == "meta" and x.shape == (4, 16)
+    # Batches go to any device, not only cuda's (here meta's), named or a torch.device, from a
+    # folder given as a Path or a str.
+    for device in ("meta", torch.device("meta")):
+        x, y = Batches(str(path), block_size=16, batch_size=4, device=device, seed=0).next()
+        assert x.device.type == y.device.type == "meta" and x.shape == (4, 16)
 
 
 def test_a_token_file_cut_mid_token_is_named(tmp_path):

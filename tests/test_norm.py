@@ -280,6 +280,7 @@ def test_bad_inputs(backend, op):
                              ("residual must be one of", dict(residual=torch.ones(3, 8, dtype=torch.int32))),
                              ("residual must have the same device", dict(residual=torch.randn(3, 8, device="meta"))),
                              ("out_dtype must be one of", dict(out_dtype=torch.int8)),
+                             ("out_dtype must be one of .*, got 'bfloat16'", dict(out_dtype="bfloat16")),  # a str
                              (r"dropout_p must be in \[0, 1\), got 1.0", dict(residual=r, dropout_p=1.0)),
                              (r"dropout_p must be in \[0, 1\), got -0.1", dict(residual=r, dropout_p=-0.1)),
                              ("dropout_p applies to x before the residual add", dict(dropout_p=0.1)),

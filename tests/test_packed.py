@@ -55,14 +55,16 @@ def test_split_gradients_match_torch_split():
     """Through autograd, any gradients the parts get (one part unused: zeros) add up as for
     Tensor.split."""
     x = torch.randn(3, 10, requires_grad=True)
-    weights = [torch.randn(3, 4), torch.randn(3, 2)]
+    # one size: parts of 4, 4 and 2, as Tensor.split takes it
+    cases = [([4, 2, 4], [torch.randn(3, 4), torch.randn(3, 2)]), (4, [torch.randn(3, 4), torch.randn(3, 4)])]
     grads = []
     for split in (kernels.split, torch.Tensor.split):
-        x.grad = None
-        parts = split(x, [4, 2, 4], -1)
-        sum((p * w).sum() for p, w in zip(parts, weights)).backward()
-        grads.append(x.grad)
-    assert torch.equal(*grads)
+        for sizes, ws in cases:
+            x.grad = None
+            parts = split(x, sizes, -1)
+            sum((p * w).sum() for p, w in zip(parts, ws)).backward()
+            grads.append(x.grad)
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
 
 
 def backward_ops(fn, x):

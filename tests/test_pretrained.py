@@ -69,6 +69,10 @@ def test_a_hugging_face_checkpoint_gives_its_logits():
     # transformers' own fp32 logits are 2.1e-6 off these (measured, 5.23.0): at most twice that. Exact
     # GELU instead of GPT-2's tanh form would be 1.2e-3 off; a mislaid weight, O(1).
     assert err < 4e-6
+    # The folder as a str too, as load takes it, through its two steps.
+    built = GPT(pretrained.gpt_config(str(FIXTURE)))
+    pretrained.load_weights(built, str(FIXTURE))
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), model.state_dict().values()))
 
 
 def test_the_original_gpt2_layout_loads_the_same_weights(tmp_path):
