@@ -47,6 +47,10 @@ class Shapes:
     seq_len: int | None = None  # None: the config's block_size
     dtype: torch.dtype = torch.bfloat16
 
+    def __post_init__(self):
+        if not isinstance(self.dtype, torch.dtype):  # a name ("bfloat16") failed deep in a self-check
+            raise ValueError(f"Shapes: dtype must be a torch.dtype such as torch.bfloat16, got {self.dtype!r}")
+
     @property
     def T(self) -> int:
         return self.seq_len or self.config.block_size

@@ -123,7 +123,8 @@ def test_auto_takes_the_fastest_verified_backend_of_the_profile(self_check):
 
 def test_the_device_may_be_given_as_a_device_or_with_its_index(self_check):
     """"cuda:1" and torch.device("cuda") are the GPU, not read as the CPU by comparison with
-    "cuda"; a string that is no device and a `used` given as one op's name are ValueErrors."""
+    "cuda"; a string that is no device, a `used` given as one op's name and shapes of a dtype
+    given by name are ValueErrors."""
     prof = fake_profile(swiglu=entry(torch=backend(3.0), compile=backend(2.0), triton=backend(1.0)))
     expected = kernels.choose("auto", "cuda", profile=prof)
     assert expected["swiglu"].backend == "triton"
@@ -133,6 +134,8 @@ def test_the_device_may_be_given_as_a_device_or_with_its_index(self_check):
         kernels.choose("auto", "gpu")
     with pytest.raises(ValueError, match="used must be a collection of op names"):
         kernels.choose("triton", "cuda", used="linear_cross_entropy")
+    with pytest.raises(ValueError, match="Shapes: dtype must be a torch.dtype"):
+        Shapes(GPTConfig(), 1, dtype="float32")
 
 
 def test_generation_chooses_by_the_profile_s_forward_timings(self_check):
@@ -401,7 +404,7 @@ WORKLOAD = record({})["workload"]
     *((_broken(ops={"swiglu": entry(torch={**backend(1.0), **bad})}), r"workloads\[0\]: ops.swiglu lacks")
       for bad in ({"ms": {"fwd+bwd": None}}, {"host_ms": {"fwd+bwd": "1"}}, {"verified": "false"})),
     (_broken(workload={**WORKLOAD, "config": {**WORKLOAD["config"], "vocab_size": "50304"}}),
-     r"workloads\[0\]: its workload or device is not readable \(TypeError"),
+     r"workloads\[0\]: its workload or device is not readable \(ValueError: GPTConfig: vocab_size must be an int"),
     (_broken(workload={k: v for k, v in WORKLOAD.items() if k != "preset"}),  # (the reasons name it)
      r"workloads\[0\]: its workload or device is not readable \(KeyError: 'preset'"),
 ], ids=["json", "list", "empty", "null", "no-ops", "no-config", "batch", "config", "slug", "device", "backends",
