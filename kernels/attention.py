@@ -90,7 +90,7 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     check_attention(q, k, v, causal, dropout_p, rope)
     if rope is not None:
         q, k = turned(q, *rope), turned(k, *rope)  # tables checked above
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=float(dropout_p), is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 

@@ -113,7 +113,7 @@ def check_norm(op: str, x, weight, bias, eps, residual=None, out_dtype=None, dro
 def _normalized_input(x: torch.Tensor, residual: torch.Tensor | None, dropout_p: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """s = dropout(x) (+ residual) as torch's ops give it, and s in at least fp32 to compute with."""
-    s = x if residual is None else (F.dropout(x, dropout_p) if dropout_p else x) + residual
+    s = x if residual is None else (F.dropout(x, float(dropout_p)) if dropout_p else x) + residual
     return s, s.to(torch.promote_types(s.dtype, torch.float32))
 
 
@@ -128,7 +128,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
                    out_dtype: torch.dtype | None = None, dropout_p: float = 0.0):
     check_norm("rms_norm", x, weight, None, eps, residual, out_dtype, dropout_p)
     s, sf = _normalized_input(x, residual, dropout_p)
-    y = sf * torch.rsqrt(sf.square().mean(-1, keepdim=True) + eps) * weight.to(sf.dtype)
+    y = sf * torch.rsqrt(sf.square().mean(-1, keepdim=True) + float(eps)) * weight.to(sf.dtype)
     return _result(y, s, residual, out_dtype)
 
 
@@ -139,7 +139,7 @@ def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     check_norm("layer_norm", x, weight, bias, eps, residual, out_dtype, dropout_p)
     s, sf = _normalized_input(x, residual, dropout_p)
     b = None if bias is None else bias.to(sf.dtype)
-    y = F.layer_norm(sf, weight.shape, weight.to(sf.dtype), b, eps)
+    y = F.layer_norm(sf, weight.shape, weight.to(sf.dtype), b, float(eps))
     return _result(y, s, residual, out_dtype)
 
 

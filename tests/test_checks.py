@@ -1,5 +1,7 @@
 """kernels.checks: the argument checks every op makes (numbers, tensor lists, overlapping
 memory), beyond the ValueErrors each op's tests pin."""
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -46,21 +48,25 @@ def _number_calls(f, i):
     yield lambda be: adamw(be, 3)  # float32 ** int stays float32 in numpy: its arithmetic, not the op's
 
 
+@pytest.mark.parametrize("kind", ["numpy", "fraction"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_numpy_numbers_are_taken_as_python_s(backend):
-    """Every op's numbers may be numpy's (a schedule computed with numpy): the same results as
-    Python's numbers, dropout's mask included, not a crash in Triton's launcher."""
+def test_other_numbers_are_taken_as_python_s(backend, kind):
+    """Every op's numbers may be numpy's (a schedule computed with numpy) or any other real
+    numbers.Real takes: the same results as Python's numbers, dropout's mask included, not a crash
+    in Triton's launcher or a TypeError in torch's ops."""
     np = pytest.importorskip("numpy")
     skip_unless_triton_runs(backend, "cpu")
+    makers = {"numpy": (np.float32, np.int64),  # no Python float, nor int
+              "fraction": (lambda v: Fraction(float(np.float32(v))), int)}  # ints: Fraction is not Integral
     torch.manual_seed(0)
     python_s = list(_number_calls(lambda v: float(np.float32(v)), int))  # the same values
     torch.manual_seed(0)
-    numpy_s = list(_number_calls(np.float32, np.int64))  # no Python float, nor int
-    for call_python_s, call_numpy_s in zip(python_s, numpy_s):
+    others = list(_number_calls(*makers[kind]))
+    for call_python_s, call_other_s in zip(python_s, others):
         torch.manual_seed(1)
         expected = call_python_s(backend)
         torch.manual_seed(1)
-        torch.testing.assert_close(call_numpy_s(backend), expected, rtol=0, atol=0)
+        torch.testing.assert_close(call_other_s(backend), expected, rtol=0, atol=0)
 
 
 def test_tensor_lists_may_be_tuples():
