@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -461,22 +462,22 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     if master:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
-        os.makedirs(c["out_dir"], exist_ok=True)
-        for torn in checkpoint.remove_torn(c["out_dir"]):
-            console.print(f"removed {torn}, a checkpoint write that was killed")
         # A new training run starts its log afresh, the last run's checkpoint and log set aside;
         # a resumed one keeps what came before its checkpoint and appends, and so does an
         # evaluation (eval_only, which saves nothing) to the whole log.
         fresh = c["init_from"] != "resume" and not c["eval_only"]
         log_path = Path(c["out_dir"]) / "log.jsonl"
-        if c["init_from"] == "resume" and not c["eval_only"]:
-            trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
-        with reported():
+        with reported():  # an out_dir that is a file, or on a read-only or full disk
+            os.makedirs(c["out_dir"], exist_ok=True)
+            for torn in checkpoint.remove_torn(c["out_dir"]):
+                console.print(f"removed {torn}, a checkpoint write that was killed")
+            if c["init_from"] == "resume" and not c["eval_only"]:
+                trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
             earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
+            log_file = cleanup.enter_context(open(log_path, "w" if fresh else "a"))
         if earlier:
             console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
                           f"{earlier}[/yellow]")
-        log_file = cleanup.enter_context(open(log_path, "w" if fresh else "a"))
         # The backend that ran each op (kernels=auto chooses per GPU) heads what this run logs.
         marks = {"eval_only": True} if c["eval_only"] else {}
         log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **marks)) + "\n")
@@ -519,7 +520,13 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             optimizer_state = distributed.optimizer_state(optimizer)
             if not master:
                 return
-            path = checkpoint.save(dict(state, model=raw_model.state_dict(), optimizer=optimizer_state), c["out_dir"])
+            try:
+                path = checkpoint.save(dict(state, model=raw_model.state_dict(), optimizer=optimizer_state),
+                                       c["out_dir"])
+            except OSError as e:
+                free = shutil.disk_usage(c["out_dir"]).free / 2**20
+                raise SystemExit(f"train.py: the checkpoint could not be written ({free:,.0f} MiB free in "
+                                 f"{c['out_dir']}): {e}; the last one there is as it was") from None
         console.print(f"saved checkpoint to {path}")
 
     # --- the loop -----------------------------------------------------------------------------

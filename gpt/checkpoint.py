@@ -49,9 +49,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _writer(obj):
+    """torch.save(obj, f) for write_atomic. torch's file writer reports a short write (a full
+    disk) as a RuntimeError ("unexpected pos"): an OSError here, as any other failed write."""
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            raise OSError(f"torch.save could not write it whole ({e})") from e
+    return write
+
+
 def save(checkpoint: dict, out_dir: str | os.PathLike) -> Path:
     """Write `checkpoint` to out_dir/ckpt.pt so that a crash mid-write never leaves a torn file."""
-    path = write_atomic(Path(out_dir) / FILENAME, lambda f: torch.save(checkpoint, f))
+    path = write_atomic(Path(out_dir) / FILENAME, _writer(checkpoint))
     shutil.rmtree(path.with_name(SHARDED), ignore_errors=True)
     return path
 
@@ -71,7 +82,7 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if _master():
         # Whole or absent: its presence is what marks the directory's shards complete.
-        write_atomic(tmp / TRAIN_STATE, lambda f: torch.save(train_state, f))
+        write_atomic(tmp / TRAIN_STATE, _writer(train_state))
         # A directory cannot replace another in one rename; a crash between the two leaves the
         # new checkpoint whole in ckpt.dcp.tmp, where load finds it.
         shutil.rmtree(old, ignore_errors=True)  # left by a crash in the last save's clean-up

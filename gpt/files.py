@@ -48,7 +48,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             os.fsync(f.fileno())  # on disk before the rename: after a power cut, old or new, never empty
             os.replace(tmp, path)  # still locked: a slow fsync's file is not taken for abandoned
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses even this: not the error to tell
+            tmp.unlink(missing_ok=True)
         raise
     return path
 

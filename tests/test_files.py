@@ -58,6 +58,20 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["train.bin"]
 
 
+def test_a_failed_write_raises_its_own_error_when_its_clean_up_fails_too(tmp_path, monkeypatch):
+    """On a read-only or failing disk the temporary file's removal fails as well: the write's own
+    error is the one raised, not the removal's on top of it."""
+    def refuse(self, missing_ok=False):
+        raise OSError(30, "Read-only file system")
+
+    def write(f):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        write_atomic(tmp_path / "f", write)
+    assert raised.value.__context__ is None
+
+
 def test_writers_with_the_same_pid_never_share_a_temporary_file(tmp_path, monkeypatch):
     """Pids repeat across containers and nodes sharing a filesystem: the temporary names differ."""
     monkeypatch.setattr("os.getpid", lambda: 4242)

@@ -292,6 +292,33 @@ def test_the_untrained_model_is_never_saved(tmp_path, data_dir, monkeypatch):
     assert not (tmp_path / checkpoint.FILENAME).exists()
 
 
+def test_a_checkpoint_the_disk_cannot_take_ends_the_run_saying_so_and_keeps_the_last(tmp_path, data_dir,
+                                                                                     monkeypatch):
+    """A full disk mid-save (torch's writer reports the short write as a RuntimeError) ends the
+    run with a message giving the free space, not a traceback; the last checkpoint stays whole."""
+    args = [*CPU, "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *args, "--max_iters=2")
+
+    def short_write(obj, f):
+        f.write(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 241536 vs 241424")
+    monkeypatch.setattr(checkpoint.torch, "save", short_write)
+    with pytest.raises(SystemExit, match=r"^train.py: the checkpoint could not be written \([\d,]+ MiB free in "
+                                         r".*\): torch.save could not write it whole \(.*unexpected pos.*\); the "
+                                         r"last one there is as it was$"):
+        run(tmp_path, data_dir, *args, "--max_iters=4", "--init_from=resume")
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 2 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_out_dir_it_cannot_make_is_a_message(tmp_path, data_dir):
+    """out_dir naming a file (or on a read-only disk): train.py's message, not a traceback."""
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    with pytest.raises(SystemExit, match=r"^train.py: .*File exists"):
+        run(taken, data_dir, *CPU, "--max_iters=1")
+
+
 def test_eval_only_appends_to_the_whole_log_and_its_record_outlives_a_resume(tmp_path, data_dir):
     """An eval_only resume trims nothing from the log, and a later resume keeps the eval_only record."""
     args = [*CPU, "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True"]
