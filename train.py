@@ -256,6 +256,16 @@ def compile_failure_explained(compiled: bool, choices: dict):
         raise
 
 
+def stop_if_diverged(iter_num: int, out_dir: str, **losses: float) -> None:
+    """A loss no longer finite ends the run (on every rank: the losses are the ranks' mean).
+    Weights gone NaN stay so, and saving them would replace the last good checkpoint, as
+    nanoGPT's always_save_checkpoint does."""
+    lost = [f"{name} loss {value}" for name, value in losses.items() if not math.isfinite(value)]
+    if lost:
+        raise SystemExit(f"train.py: iter {iter_num}: {', '.join(lost)}: the run has diverged (a lower learning_rate "
+                         f"or grad_clip may help); nothing is saved from it, {out_dir} keeps the last checkpoint saved")
+
+
 def _compiled(c: dict) -> str:
     return f"compiled ({c['compile_mode']} mode)" if c["compile"] else "not compiled"
 
@@ -489,7 +499,9 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     def log(record: dict) -> None:
         if not master:
             return
-        log_file.write(json.dumps(record) + "\n")
+        # JSON has no NaN or infinity (a float16 step's skipped gradient norm is inf): null for them.
+        log_file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                   for k, v in record.items()}) + "\n")
         log_file.flush()
         if c["wandb_log"]:  # an iteration's eval and step records are one wandb step
             wandb.log({WANDB_NAMES.get(k, k): v for k, v in record.items()}, step=record["iter"])
@@ -552,6 +564,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 # An eval_only run's record says what it scored: it may sit in another run's log.
                 scored = dict(eval_only=True, init_from=c["init_from"]) if c["eval_only"] else {}
                 log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr, **scored))
+                if not c["eval_only"]:
+                    stop_if_diverged(iter_num, c["out_dir"], train=losses["train"], val=losses["val"])
                 if not c["eval_only"] and (losses["val"] < best_val_loss or c["always_save_checkpoint"]):
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:
@@ -601,6 +615,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                               f"{record['grad_norm']:.3f}, {timing}, mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
                 progress.update(task, status=f"loss {loss_value:.4f}")
                 log(record)
+                stop_if_diverged(iter_num, c["out_dir"], training=loss_value)
                 t_last, iters_since_log = time.perf_counter(), 0  # after logging: its time is no step's
             if not warmed_up:
                 warmed_up = True

@@ -3,6 +3,7 @@ behaviours a mutation test of train.py found no test pinned (each docstring name
 catches)."""
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from importlib.machinery import ModuleSpec
@@ -317,6 +318,26 @@ def test_an_out_dir_it_cannot_make_is_a_message(tmp_path, data_dir):
     taken.write_text("")
     with pytest.raises(SystemExit, match=r"^train.py: .*File exists"):
         run(taken, data_dir, *CPU, "--max_iters=1")
+
+
+@pytest.mark.parametrize("log_interval, stop", [(1, "iter 3: training loss nan"),
+                                                 (100, "iter 4: train loss nan, val loss nan")])
+def test_a_run_whose_loss_is_nan_stops_and_keeps_its_last_good_checkpoint(tmp_path, data_dir, monkeypatch,
+                                                                            log_interval, stop):
+    """Weights gone NaN (the learning rate NaN from iter 2 on) stop the run at the first logged
+    step or evaluation that shows it, before always_save_checkpoint writes them over the
+    checkpoint of iter 2; the log holds null for the NaN losses (JSON has no NaN)."""
+    lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda it, c: math.nan if it >= 2 else lr_at(it, c))
+    diverged = rf"^train.py: {stop}: the run has diverged .*keeps the last checkpoint saved$"
+    with pytest.raises(SystemExit, match=diverged):
+        run(tmp_path, data_dir, *CPU, "--max_iters=6", "--eval_interval=2", "--eval_iters=1",
+            "--always_save_checkpoint=True", f"--log_interval={log_interval}")
+    saved = checkpoint.load(tmp_path, "cpu")
+    assert saved["iter_num"] == 2 and all(t.isfinite().all() for t in saved["model"].values())
+    with open(tmp_path / "log.jsonl") as f:
+        last = json.loads(f.readlines()[-1], parse_constant=lambda name: pytest.fail(f"{name} in the log"))
+    assert None in last.values()
 
 
 def test_eval_only_appends_to_the_whole_log_and_its_record_outlives_a_resume(tmp_path, data_dir):
