@@ -540,8 +540,13 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 raise SystemExit(f"train.py: the checkpoint could not be written ({free:,.0f} MiB free in "
                                  f"{c['out_dir']}): {e}; the last one there is as it was") from None
         console.print(f"saved checkpoint to {path}")
+        saved.append(iter_num)
 
     # --- the loop -----------------------------------------------------------------------------
+    first_iter, saved = iter_num, []  # saved: the iterations this run saved at
+    if master and c["init_from"] == "resume" and not c["eval_only"] and iter_num >= c["max_iters"]:
+        console.print(f"[yellow]the checkpoint is at iter {iter_num}, max_iters={c['max_iters']}: no step to take "
+                      f"(raise max_iters to train on)[/yellow]")
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
                         console=console, disable=not master, transient=True)
@@ -624,6 +629,9 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 t_last, iters_since_log = time.perf_counter(), 0
             iter_num += 1
 
+    if master and not c["eval_only"] and iter_num > first_iter and not saved:
+        console.print(f"[yellow]this run saved no checkpoint: no evaluation beat the best val loss, "
+                      f"{best_val_loss:.4f} (always_save_checkpoint=False)[/yellow]")
     if world.parallel:
         # DDP's reducer holds the process group from C++: dropped last, at return, it would destroy
         # it holding the GIL while joining gloo's thread, which may need the GIL to free a finished

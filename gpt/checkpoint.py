@@ -101,17 +101,29 @@ def load(out_dir: str | os.PathLike, device: str) -> dict:
     out = Path(out_dir)
     found = _found(out)
     if not found:
-        raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}")
+        earlier = out / "earlier"
+        hint = f"; {earlier} holds the one a new run set aside (move it back to resume it)" if _found(earlier) else ""
+        raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}{hint}")
     path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
     if path.is_dir():
-        checkpoint = dict(_load(path / TRAIN_STATE, map_location=device), sharded=path)
+        checkpoint = dict(_training_state(path / TRAIN_STATE, ("model_args",), map_location=device), sharded=path)
     else:
         # Loaded to the host, the file is mapped, not read: the ranks of a node resuming at once
         # share its pages instead of holding a copy each.
-        checkpoint = _load(path, map_location=device, mmap=device == "cpu")
+        checkpoint = _training_state(path, ("model_args", "model"), map_location=device, mmap=device == "cpu")
         checkpoint["model"] = model_state(checkpoint["model"])
     checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
     return checkpoint
+
+
+def _training_state(path: Path, keys: tuple[str, ...], **options) -> dict:
+    """The dict a training run saved at `path`, with `keys` (another file torch.save wrote, or a
+    model's bare state dict, is refused by name)."""
+    state = _load(path, **options)
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint: it has no {' or '.join(missing)}")
+    return state
 
 
 def _load(path: Path, **options):

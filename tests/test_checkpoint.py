@@ -267,6 +267,22 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="ckpt.pt is not a readable checkpoint"):
         checkpoint.load(tmp_path, "cpu")
 
+
+@pytest.mark.parametrize("saved", [{"a": 1}, {"model_args": {}}, torch.zeros(2)])
+def test_a_file_torch_saved_that_is_no_training_checkpoint_is_refused_by_name(tmp_path, saved):
+    torch.save(saved, tmp_path / checkpoint.FILENAME)
+    with pytest.raises(ValueError, match=r"ckpt.pt is not a training checkpoint: it has no (model_args or )?model$"):
+        checkpoint.load(tmp_path, "cpu")
+
+
+def test_a_missing_checkpoint_s_message_points_to_the_one_a_new_run_set_aside(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint \(ckpt.pt or ckpt.dcp\) in \S+$"):
+        checkpoint.load(tmp_path, "cpu")
+    (tmp_path / checkpoint.FILENAME).write_bytes(b"a checkpoint")
+    assert checkpoint.set_aside(tmp_path, tmp_path / "log.jsonl") == tmp_path / "earlier"
+    with pytest.raises(FileNotFoundError, match=r"; \S+/earlier holds the one a new run set aside \(move it back"):
+        checkpoint.load(tmp_path, "cpu")
+
 # Each format's save replaces the other's, a load takes the newer, and a crash's leftovers never
 # enter or stand for a checkpoint.
 

@@ -340,6 +340,22 @@ def test_a_run_whose_loss_is_nan_stops_and_keeps_its_last_good_checkpoint(tmp_pa
     assert None in last.values()
 
 
+def test_a_resume_past_max_iters_and_a_run_that_saved_nothing_say_so(tmp_path, data_dir, capsys):
+    """Neither ends silently: a resume with no step left to take, and a run whose evaluations
+    never beat the best (learning rate 0) with always_save_checkpoint off."""
+    args = [*CPU, "--eval_interval=2", "--eval_iters=1"]
+    run(tmp_path, data_dir, *args, "--max_iters=2", "--always_save_checkpoint=True")
+    capsys.readouterr()
+    run(tmp_path, data_dir, *args, "--max_iters=1", "--init_from=resume")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the checkpoint is at iter 2, max_iters=1: no step to take (raise max_iters to train on)" in printed
+    run(tmp_path / "flat", data_dir, *args, "--max_iters=4", "--learning_rate=0", "--min_lr=0",
+        "--always_save_checkpoint=False")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "this run saved no checkpoint: no evaluation beat the best val loss," in printed
+    assert not (tmp_path / "flat" / checkpoint.FILENAME).exists()
+
+
 def test_eval_only_appends_to_the_whole_log_and_its_record_outlives_a_resume(tmp_path, data_dir):
     """An eval_only resume trims nothing from the log, and a later resume keeps the eval_only record."""
     args = [*CPU, "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True"]
