@@ -28,7 +28,7 @@ from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, RUN_KEYS, ConfigError, check_device, parse_args,
                         printed_help, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
-from gpt.files import write_atomic
+from gpt.files import try_lock, write_atomic
 from gpt.tokenizer import EOT
 from bench import plan
 from bench.cases import Shapes
@@ -479,6 +479,14 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         log_path = Path(c["out_dir"]) / "log.jsonl"
         with reported():  # an out_dir that is a file, or on a read-only or full disk
             os.makedirs(c["out_dir"], exist_ok=True)
+            # One training run an out_dir (it locks the directory): two would set aside, trim and
+            # overwrite each other's checkpoint and log. eval_only may score a checkpoint meanwhile.
+            if not c["eval_only"]:
+                held = os.open(c["out_dir"], os.O_RDONLY)
+                cleanup.callback(os.close, held)
+                if not try_lock(held):
+                    raise SystemExit(f"train.py: another run is training in {c['out_dir']} (it holds the "
+                                     f"directory's lock): give this one an out_dir of its own")
             for torn in checkpoint.remove_torn(c["out_dir"]):
                 console.print(f"removed {torn}, a checkpoint write that was killed")
             if c["init_from"] == "resume" and not c["eval_only"]:

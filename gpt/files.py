@@ -28,6 +28,19 @@ def host_field(hostname: str) -> str:
 HOST = host_field(socket.gethostname())
 
 
+def try_lock(f) -> bool:
+    """Lock open file (or directory) `f`, a file object or descriptor, exclusively and without
+    waiting, until it is closed (or its process dies): False when another open of it holds the
+    lock. True on a file system without locks, where there is nothing to hold."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """write(f) into a temporary file beside `path`, then rename it to `path`: a crash or an error
     mid-write leaves `path` as it was and no temporary file behind. Each process writes its own
@@ -41,8 +54,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "xb") as f:
-            with contextlib.suppress(OSError):  # a file system without locks: nothing is ever removed
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try_lock(f)  # new, so no one else's; on a file system without locks nothing is ever removed
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: after a power cut, old or new, never empty

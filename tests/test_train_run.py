@@ -4,6 +4,7 @@ catches)."""
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from importlib.machinery import ModuleSpec
@@ -16,7 +17,7 @@ from rich.console import Console
 import kernels
 import train
 from bench.flops import flops_per_token
-from gpt import checkpoint
+from gpt import checkpoint, files
 from gpt.config import COMPILE_MODES, CUDA_GRAPH_MODES, ConfigError
 from gpt.data import Batches
 from gpt.model import GPT, GPTConfig
@@ -354,6 +355,24 @@ def test_a_resume_past_max_iters_and_a_run_that_saved_nothing_say_so(tmp_path, d
     printed = " ".join(capsys.readouterr().out.split())
     assert "this run saved no checkpoint: no evaluation beat the best val loss," in printed
     assert not (tmp_path / "flat" / checkpoint.FILENAME).exists()
+
+
+def test_a_second_run_in_an_out_dir_being_trained_in_is_refused_and_changes_nothing(tmp_path, data_dir):
+    """Two runs in one out_dir would set aside, trim and overwrite each other's checkpoint and log:
+    the second is refused while the first holds out_dir's lock. An evaluation may run beside it."""
+    args = [*CPU, "--eval_interval=2", "--eval_iters=1", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *args, "--max_iters=2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    training = os.open(tmp_path, os.O_RDONLY)  # another process's lock: another open directory's here
+    try:
+        assert files.try_lock(training)
+        with pytest.raises(SystemExit, match=r"^train.py: another run is training in \S+ \(it holds the directory"):
+            run(tmp_path, data_dir, *args, "--max_iters=4")
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+        assert run(tmp_path, data_dir, *args, "--init_from=resume", "--eval_only=True")[-1]["eval_only"]
+    finally:
+        os.close(training)
+    run(tmp_path, data_dir, *args, "--max_iters=4", "--init_from=resume")  # the lock went with its holder
 
 
 def test_eval_only_appends_to_the_whole_log_and_its_record_outlives_a_resume(tmp_path, data_dir):
