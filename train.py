@@ -350,7 +350,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     # --- data ---------------------------------------------------------------------------------
     with reported():
         data_path = distributed.master_first(world, lambda: prepare(c["dataset"], c["data_dir"]))
-    meta = load_meta(data_path)
+        meta = load_meta(data_path)
 
     # --- model, optimizer ---------------------------------------------------------------------
     iter_num, best_val_loss, resumed, weights_dir = 0, 1e9, None, None

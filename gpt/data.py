@@ -111,7 +111,10 @@ def load_meta(path: Path) -> dict | None:
     if not meta.exists():
         return None
     with open(meta, "rb") as f:
-        return pickle.load(f)
+        try:
+            return pickle.load(f)
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{meta} is not a readable meta.pkl (cut short or corrupt?): {e!r}") from None
 
 
 class DataError(ValueError):

@@ -57,11 +57,22 @@ def codec(meta: dict | None):
 
 def checkpoint_meta(ckpt: dict) -> dict | None:
     """The character vocabulary a checkpoint was trained with: saved in it (None for GPT-2 BPE),
-    or, in nanoGPT's, which do not save it, its dataset's meta.pkl, as nanoGPT's sample.py reads."""
+    or, in nanoGPT's, which do not save it, its dataset's meta.pkl, as nanoGPT's sample.py reads
+    it. A meta.pkl of another size than the model's vocabulary, or none where the model is too
+    small for GPT-2's BPE, is refused: its ids would decode as garbage."""
     if "meta" in ckpt:
         return ckpt["meta"]
-    config = ckpt.get("config", {})
-    return load_meta(Path(config.get("data_dir", "data")) / config["dataset"]) if "dataset" in config else None
+    config, vocab = ckpt.get("config", {}), ckpt["model_args"]["vocab_size"]
+    folder = Path(config.get("data_dir", "data")) / config["dataset"] if "dataset" in config else None
+    meta = load_meta(folder) if folder else None
+    if meta is not None and meta["vocab_size"] != vocab:
+        raise ValueError(f"{folder / 'meta.pkl'} has {meta['vocab_size']} characters and the checkpoint's model "
+                         f"{vocab} tokens: not the vocabulary it was trained with")
+    if meta is None and vocab <= EOT:
+        looked = f" (nanoGPT's meta.pkl: none in {folder}; run where training ran)" if folder else ""
+        raise ValueError(f"the checkpoint's model has {vocab} tokens, too few for GPT-2's BPE, and no character "
+                         f"vocabulary was found{looked}")
+    return meta
 
 
 def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
@@ -101,7 +112,7 @@ def main(argv: list[str]) -> list[str]:
     if c["init_from"] == "resume":
         with reported("gpt.sample"):  # mapped on the host: of a training checkpoint, only the weights reach the GPU
             ckpt = checkpoint.load(c["out_dir"], "cpu")
-        config, meta = GPTConfig(**ckpt["model_args"]), checkpoint_meta(ckpt)
+            config, meta = GPTConfig(**ckpt["model_args"]), checkpoint_meta(ckpt)
     elif pretrained.is_pretrained(c["init_from"]):
         with reported("gpt.sample", f"init_from={c['init_from']}: "):
             folder = pretrained.locate(c["init_from"])
@@ -129,7 +140,8 @@ def main(argv: list[str]) -> list[str]:
     autocast = (nullcontext() if dtype == "float32" or next(model.parameters()).dtype != torch.float32
                 else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
 
-    encode, decode, decodable = codec(meta)
+    with reported("gpt.sample"):  # GPT-2's BPE ranks unreadable
+        encode, decode, decodable = codec(meta)
     with reported("gpt.sample", "start: "):
         ids = prompt_ids(c["start"], encode, model.config.vocab_size)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]

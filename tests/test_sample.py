@@ -1,6 +1,7 @@
 """gpt.sample's arguments and edge cases, on tiny checkpoints written here (training's own
 sampling is in test_train.py)."""
 import os
+import pickle
 import subprocess
 import sys
 import weakref
@@ -181,6 +182,35 @@ def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_
     # An empty prompt starts a GPT-2 BPE model (here train.py's from scratch) from <|endoftext|>.
     text = sample([*bpe_checkpoint(tmp_path / "bpe"), "--start=", "--max_new_tokens=3"])
     assert text[0].startswith("<|endoftext|>")
+
+
+def test_a_nanogpt_checkpoint_needs_the_vocabulary_of_its_dataset(tmp_path, monkeypatch):
+    """nanoGPT's checkpoints save no vocabulary: its dataset's meta.pkl, where training ran, must
+    be there and of the model's size. Without it a character model's ids decoded as GPT-2 BPE,
+    and with another dataset's, by the wrong table: garbage, with exit status 0."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=len(CHARS))
+    torch.save(dict(model=GPT(config).state_dict(), model_args=asdict(config), config=dict(dataset="chars")),
+               tmp_path / checkpoint.FILENAME)
+    args = [f"--out_dir={tmp_path}", "--device=cpu", "--num_samples=1", "--start=ab", "--max_new_tokens=3"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^gpt.sample: the checkpoint's model has 4 tokens, too few for GPT-2's "
+                                         r"BPE, and no character vocabulary was found \(nanoGPT's meta.pkl: none "
+                                         r"in data/chars; run where training ran\)$"):
+        sample(args)
+    meta_pkl = tmp_path / "data" / "chars" / "meta.pkl"
+    meta_pkl.parent.mkdir(parents=True)
+    for chars in ("abc", CHARS):
+        meta_pkl.write_bytes(pickle.dumps(dict(vocab_size=len(chars), stoi={c: i for i, c in enumerate(chars)},
+                                                itos=dict(enumerate(chars)))))
+        if chars != CHARS:
+            with pytest.raises(SystemExit, match=r"^gpt.sample: data/chars/meta.pkl has 3 characters and the "
+                                                 r"checkpoint's model 4 tokens: not the vocabulary it was"):
+                sample(args)
+    assert set(sample(args)[0]) <= set(CHARS)
+    meta_pkl.write_bytes(meta_pkl.read_bytes()[:20])
+    with pytest.raises(SystemExit, match=r"^gpt.sample: data/chars/meta.pkl is not a readable meta.pkl \(cut short"):
+        sample(args)
 
 
 def test_no_training_key_is_close_enough_to_a_sampling_key_to_be_refused():
