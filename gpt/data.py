@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import reported
 from .files import write_atomic
 from .tokenizer import EOT, gpt2
 
@@ -147,7 +148,8 @@ class Batches:
         for split in ("train", "val"):
             size = os.path.getsize(self.path / f"{split}.bin")
             if size % 2:
-                raise ValueError(f"{path}/{split}.bin is {size} bytes, not a whole number of uint16 tokens (cut short?)")
+                raise ValueError(f"{path}/{split}.bin is {size} bytes, not a whole number of uint16 tokens (cut "
+                                 f"short? delete the dataset's .bin files to build them again)")
             n = size // 2
             if n <= block_size:
                 raise ValueError(f"{path}/{split}.bin holds {n} tokens, too few for block_size {block_size}")
@@ -193,7 +195,8 @@ def main(argv: list[str]) -> int:
         print(usage, file=sys.stderr)
         return 2
     name, data_dir = argv[0], argv[1] if len(argv) == 2 else "data"
-    print(build_openwebtext(Path(data_dir) / name) if name == "openwebtext" else prepare(name, data_dir))
+    with reported("gpt.data"):  # a data_dir on a full or read-only disk, no network for openwebtext
+        print(build_openwebtext(Path(data_dir) / name) if name == "openwebtext" else prepare(name, data_dir))
     return 0
 
 

@@ -91,7 +91,8 @@ def test_a_token_file_cut_mid_token_is_named(tmp_path):
     path = prepare("shakespeare_char", tmp_path)
     with open(path / "val.bin", "ab") as f:
         f.write(b"\x01")
-    with pytest.raises(ValueError, match=r"val.bin is \d+ bytes, not a whole number of uint16 tokens"):
+    with pytest.raises(ValueError, match=r"val.bin is \d+ bytes, not a whole number of uint16 tokens \(cut short\? "
+                                         r"delete the dataset's .bin files to build them again\)"):
         Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
 
 
@@ -118,6 +119,9 @@ def test_the_builder_command_helps_and_leaves_no_folder_when_it_fails(tmp_path, 
     with pytest.raises(SystemExit, match="needs the `datasets` package"):
         data.main(["openwebtext", str(tmp_path)])
     assert not (tmp_path / "openwebtext").exists()  # was left empty
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit, match=r"^gpt.data: .*Not a directory"):  # a disk's error: a message
+        data.main(["shakespeare_char", str(tmp_path / "taken")])
 
 
 def test_the_builder_command_takes_a_data_dir(tmp_path):
