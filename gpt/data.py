@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import reported
-from .files import write_atomic
+from .files import remove_abandoned, write_atomic
 from .tokenizer import EOT, gpt2
 
 SHAKESPEARE = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
@@ -94,6 +94,8 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
     """data_dir/dataset, built first if it has no train.bin and val.bin."""
     out = Path(data_dir) / dataset
     if (out / "train.bin").exists() and (out / "val.bin").exists():
+        for name in ("train.bin", "val.bin", "meta.pkl"):  # write_atomic's own sweep comes with a write: none now
+            remove_abandoned(out / name)
         return out
     if dataset not in BUILDERS:
         raise ValueError(f"dataset {dataset!r}: no {out}/train.bin and val.bin, and no builder for it "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import model_state
-from .files import write_atomic
+from .files import remove_abandoned, write_atomic
 from .model import GPT, GPTConfig
 
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -59,6 +59,7 @@ def locate(init_from: str) -> Path:
     folder = cache_dir() / init_from
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     for name in FILES:
+        remove_abandoned(folder / name)  # a killed download's: write_atomic's own sweep comes with a write
         if not (folder / name).is_file():
             _download(f"{endpoint}/{HUB_MODELS[init_from]}/resolve/main/{name}", folder / name)
     return folder

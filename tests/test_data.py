@@ -9,6 +9,7 @@ import torch
 
 from gpt.data import Batches, DataError, build_openwebtext, load_meta, prepare, write_documents
 from gpt.tokenizer import EOT, gpt2
+from tests.test_files import aged, temp_name
 
 
 def test_tokenizer_is_gpt2_and_offline():
@@ -85,6 +86,14 @@ def test_batches_are_shifted_windows_and_resumable(tmp_path):
     for device in ("meta", torch.device("meta")):
         x, y = Batches(str(path), block_size=16, batch_size=4, device=device, seed=0).next()
         assert x.device.type == y.device.type == "meta" and x.shape == (4, 16)
+
+
+def test_a_killed_write_s_leftover_goes_when_the_dataset_is_taken_as_built(tmp_path):
+    """A rerun made the file whole before the killed write's temporary file was a minute old: no
+    write of it follows, so the next run's prepare, which writes nothing, removes it."""
+    path = prepare("shakespeare_char", tmp_path)
+    killed = [aged(path / temp_name(name)) for name in ("train.bin", "meta.pkl")]
+    assert prepare("shakespeare_char", tmp_path) == path and not any(k.exists() for k in killed)
 
 
 def test_a_token_file_cut_mid_token_is_named(tmp_path):

@@ -19,6 +19,7 @@ import train
 from gpt import checkpoint, pretrained
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample
+from tests.test_files import aged, temp_name
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2_tiny"
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -178,7 +179,8 @@ def test_hub_models_download_once_into_the_cache(tmp_path, monkeypatch):
     for name in pretrained.FILES:
         assert (folder / name).read_bytes() == (FIXTURE / name).read_bytes()
     shutil.rmtree(hub)
-    assert pretrained.locate("gpt2") == folder  # cached: no second download
+    killed = aged(folder / temp_name("model.safetensors"))  # a download killed after the cached one was made
+    assert pretrained.locate("gpt2") == folder and not killed.exists()  # cached: no second download, nor leftovers
     with pytest.raises(OSError, match="could not download .*/openai-community/gpt2-medium/resolve/main/config.json"):
         pretrained.locate("gpt2-medium")
     assert not (tmp_path / "cache" / "gpt2-medium").exists()  # nothing left behind
