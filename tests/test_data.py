@@ -20,6 +20,22 @@ def test_tokenizer_is_gpt2_and_offline():
         " the quick brown fox<|endoftext|>"
 
 
+def test_the_tokenizer_writes_no_cache_and_refuses_another_ranks_file(tmp_path, monkeypatch):
+    """tiktoken's loader copies even a local ranks file into its cache (a read-only one failed
+    the run); ours reads it in place, and a file that is not GPT-2's is refused by name."""
+    from gpt import tokenizer
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    tokenizer.gpt2.cache_clear()
+    assert tokenizer.gpt2().encode("Hello world") == [15496, 995] and not (tmp_path / "cache").exists()
+    (tmp_path / "ranks").write_bytes(tokenizer.RANKS.read_bytes()[:-10])
+    monkeypatch.setattr(tokenizer, "RANKS", tmp_path / "ranks")
+    tokenizer.gpt2.cache_clear()
+    with pytest.raises(ValueError, match=r"ranks is not GPT-2's ranks file \(its sha256 differs\)"):
+        tokenizer.gpt2()
+    monkeypatch.undo()
+    tokenizer.gpt2.cache_clear()
+
+
 def test_shakespeare_char(tmp_path):
     path = prepare("shakespeare_char", tmp_path)
     meta = load_meta(path)
