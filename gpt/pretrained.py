@@ -38,6 +38,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 CHOICES = f"one of {list(HUB_MODELS)} or a directory with a Hugging Face GPT-2 checkpoint"
 
 
+# What to do about a file of a checkpoint that is cut short or corrupt.
+REDO = "delete it (a hub model's is downloaded again)"
+
+
 def is_pretrained(init_from: str) -> bool:
     """Whether init_from names GPT-2 weights (a hub model or a checkpoint directory), not scratch/resume."""
     return init_from in HUB_MODELS or (init_from not in ("scratch", "resume") and Path(init_from).is_dir())
@@ -85,6 +89,8 @@ def _download(url: str, path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, copy)
     except OSError as e:
+        if e.filename is not None:  # the cache's disk, not the network
+            raise OSError(f"could not write {path} (TRITONGPT_CACHE names another folder for downloads): {e}") from e
         raise OSError(f"could not download {url}: {e}") from e
 
 
@@ -105,7 +111,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         begin, end = entry["data_offsets"]
         if 8 + header_len + end > len(data):
             raise ValueError(f"{path}: tensor {name} ends at byte {8 + header_len + end:,}, past the file's "
-                             f"{len(data):,} (a file cut short)")
+                             f"{len(data):,} (a file cut short: {REDO})")
         count = (end - begin) // dtype.itemsize
         flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + header_len + begin) if count
                 else torch.empty(0, dtype=dtype))
@@ -116,7 +122,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def gpt_config(folder: Path, block_size: int | None = None, dropout: float = 0.0) -> GPTConfig:
     """The GPTConfig of the checkpoint in `folder` (its config.json), with its position table cut to
     `block_size` when that is shorter (nanoGPT's crop_block_size) and the given dropout."""
-    hf = json.loads((Path(folder) / "config.json").read_text())
+    path = Path(folder) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not whole JSON ({e}): {REDO}") from None
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints load")
     if hf.get("activation_function", "gelu_new") not in _ACTIVATIONS:

@@ -201,8 +201,27 @@ def test_a_weights_file_cut_short_is_refused(tmp_path):
     path = tmp_path / "t.safetensors"
     write_safetensors(path, {"a": torch.ones(3), "b": torch.ones(100)})
     path.write_bytes(path.read_bytes()[:-8])
-    with pytest.raises(ValueError, match="t.safetensors: tensor b ends at byte .*, past the file's .* cut short"):
+    with pytest.raises(ValueError, match=r"t.safetensors: tensor b ends at byte .*, past the file's .* \(a file cut "
+                                         r"short: delete it \(a hub model's is downloaded again\)\)"):
         pretrained.read_safetensors(path)
+
+
+def test_a_config_cut_short_is_named_and_a_cache_it_cannot_write_names_its_setting(tmp_path, monkeypatch):
+    """A config.json cut short (by a server that sent no Content-Length) says which file; a cache
+    folder that cannot be written is not blamed on the download."""
+    shutil.copytree(FIXTURE, tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(config.read_text()[:30])
+    with pytest.raises(ValueError, match=r"hf/config.json is not whole JSON \(.*\): delete it \(a hub model's is"):
+        pretrained.gpt_config(tmp_path / "hf")
+    (tmp_path / "taken").write_text("")
+    class Response(io.BytesIO):
+        headers = {}
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout: Response(b"{}"))
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "taken"))
+    with pytest.raises(OSError, match=r"could not write \S+/taken/gpt2/config.json \(TRITONGPT_CACHE names another "
+                                      r"folder for downloads\): .*Not a directory"):
+        pretrained.locate("gpt2")
 
 
 def export_hf(model: GPT, folder: Path) -> dict[str, torch.Tensor]:
