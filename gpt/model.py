@@ -27,9 +27,11 @@ def count(what: str, value, alternative: str = "") -> int:
     return int(value)
 
 
-def check_sampling(program: str, temperature, top_k) -> None:
+def check_sampling(program: str, temperature, top_k, max_new_tokens) -> None:
     """Sampling's settings: temperature >= 0 (0 takes the likeliest token; below 0 would sample
-    the least likely), top_k None (all) or at least 1."""
+    the least likely), top_k None (all) or at least 1, max_new_tokens an int >= 0."""
+    if count(f"{program}: max_new_tokens", max_new_tokens) < 0:
+        raise ValueError(f"{program}: max_new_tokens must be >= 0, got {max_new_tokens}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"{program}: temperature must be >= 0 (0: the likeliest token), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
@@ -464,12 +466,11 @@ class GPT(nn.Module):
         With kv_cache, the prompt's forward fills a KVCache and each new token then runs alone;
         past block_size the window slides, which moves every position, so from there each token
         runs the whole window again (as without the cache)."""
-        check_sampling("GPT.generate", temperature, top_k)
-        max_new_tokens = count("GPT.generate: max_new_tokens", max_new_tokens)
+        check_sampling("GPT.generate", temperature, top_k, max_new_tokens)
         if vocab_limit is not None:
             vocab_limit = count("GPT.generate: vocab_limit", vocab_limit)
         cache = KVCache(self.config, idx.size(0)) if kv_cache and idx.size(1) < self.config.block_size else None
-        for _ in range(max_new_tokens):
+        for _ in range(int(max_new_tokens)):
             if cache is not None and idx.size(1) <= self.config.block_size:
                 logits, _ = self(idx[:, cache.length:], cache=cache)
             else:

@@ -25,7 +25,7 @@ from bench.cases import Shapes
 from . import checkpoint, pretrained
 from .config import DTYPES, RUN_KEYS, check_device, parse_args, printed_help, quiet_when_the_reader_leaves, reported
 from .data import load_meta
-from .model import GPT, GPTConfig, check_sampling, model_ops
+from .model import GPT, GPTConfig, check_sampling, count, model_ops
 from .tokenizer import EOT, gpt2
 
 DEFAULTS = dict(
@@ -94,7 +94,10 @@ def main(argv: list[str]) -> list[str]:
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **RUN_KEYS},
                                              files_set_others=True, files_skip={"init_from": SKIPPED_INIT_FROM}))
     try:
-        check_sampling("gpt.sample", c["temperature"], c["top_k"])
+        check_sampling("gpt.sample", c["temperature"], c["top_k"], c["max_new_tokens"])
+        count("gpt.sample: num_samples", c["num_samples"])
+        if c["num_samples"] < 1:
+            raise ValueError(f"gpt.sample: num_samples must be at least 1, got {c['num_samples']}")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if c["dtype"] is not None and c["dtype"] not in DTYPES:
