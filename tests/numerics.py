@@ -65,13 +65,14 @@ def summary(path: str) -> str:
 def assert_mask_is_random(keep: torch.Tensor, p: float, what: str) -> None:
     """A dropout mask (last two dims: rows and columns) keeps each element with probability 1 - p,
     and neighbours (right, below, diagonal) and the transposed element independently of each
-    other: each fraction within 5 standard deviations of its expectation. (Pairs that share an
-    element are not independent draws of a pair: their spread is taken as twice that of
-    independent pairs, more than the 1 + 2q/(1+q) times its variance is for q = 1 - p.)"""
+    other: the kept fraction within 6 standard deviations of its expectation (a fresh mask each
+    run: 5 failed about once in 2 million), each pair's within 5 of a spread taken as twice that
+    of independent pairs (pairs that share an element are not independent draws: their variance
+    is 1 + 2q/(1+q) times that, for q = 1 - p)."""
     keep = keep.double()
     q = 1 - p
     n = keep.numel()
-    assert abs(keep.mean().item() - q) < 5 * (p * q / n) ** 0.5, f"{what}: keep fraction {keep.mean().item():.4f}"
+    assert abs(keep.mean().item() - q) < 6 * (p * q / n) ** 0.5, f"{what}: keep fraction {keep.mean().item():.4f}"
     T = min(keep.shape[-2:])
     square = keep[..., :T, :T]
     off_diagonal = ~torch.eye(T, dtype=torch.bool, device=keep.device)

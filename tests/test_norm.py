@@ -369,8 +369,12 @@ def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=
 @pytest.mark.parametrize("n", [7, 771, 4099])
 def test_residual_matches_float64(backend, op, bias, dtype, n, device):
     skip_unless_triton_runs(backend, device)
-    x, w, b = inputs(5, n, device, dtype, bias=bias)
-    r = torch.randn(5, n, device=device).to(dtype) * 3
+    # Of 5 rows, a 7-wide weight gradient's error is that of a few roundings: at times torch's is
+    # lucky, and the rule then left less room than one rounding (1 run in 5,000 failed). Of 64,
+    # the worst of 12,000 draws a case was at 0.55 of the bound.
+    rows = 64 if n < 64 else 5
+    x, w, b = inputs(rows, n, device, dtype, bias=bias)
+    r = torch.randn(rows, n, device=device).to(dtype) * 3
     assert_fused_accurate(backend, op, x, r, w, b)
 
 
@@ -654,7 +658,8 @@ def test_compiled_residual_dropout(op, bias, device):
     fn = compiled(fused_fn("triton", op, out_dtype=torch.bfloat16, dropout_p=0.5), device)
     y, s, dx, dr, *_ = run_fused(fn, x, r, w, b, dy, ds)
     scale = torch.where(s != 0, 2.0, 0.0)
-    assert abs((scale != 0).float().mean().item() - 0.5) < 5 * (0.25 / (m * n)) ** 0.5
+    # A fresh mask each run: within 5 standard deviations failed about once in 2 million.
+    assert abs((scale != 0).float().mean().item() - 0.5) < 6 * (0.25 / (m * n)) ** 0.5
     torch.testing.assert_close(s, x.float() * scale, rtol=0, atol=0)
     # Within a bf16 rounding; another mask would be off by 100%.
     torch.testing.assert_close(dx.float(), dr * scale, rtol=2**-7, atol=0)
