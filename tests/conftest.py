@@ -40,7 +40,9 @@ if DEADLINE != float("inf"):  # a run a time limit may stop (SIGTERM, from timeo
 
 
 def pytest_report_header(config):
-    header = f"TEST_SEED={SEED} (set it to replay these random inputs)"
+    # CPU sums split over torch's threads: their order, and so a result's last bits, follow the count.
+    header = (f"TEST_SEED={SEED} (set it to replay these random inputs; with {torch.get_num_threads()} "
+              f"torch threads, OMP_NUM_THREADS)")
     return header + (f", TEST_SHARD={SHARD}" if SHARD else "")
 
 
