@@ -19,19 +19,20 @@ import kernels
 from kernels.runtime import matmul_dtype
 
 
-def count(what: str, value, alternative: str = "") -> int:
+def count(what: str, value, alternative: str = "", minimum: int | None = None) -> int:
     """`value` as a Python int: an integral number (numpy's too), not a bool nor a float, which
-    would fail deep inside (a layer count, a tensor size)."""
+    would fail deep inside (a layer count, a tensor size); at least `minimum` if given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an int{alternative}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value}")
     return int(value)
 
 
 def check_sampling(program: str, temperature, top_k, max_new_tokens) -> None:
     """Sampling's settings: temperature >= 0 (0 takes the likeliest token; below 0 would sample
     the least likely), top_k None (all) or at least 1, max_new_tokens an int >= 0."""
-    if count(f"{program}: max_new_tokens", max_new_tokens) < 0:
-        raise ValueError(f"{program}: max_new_tokens must be >= 0, got {max_new_tokens}")
+    count(f"{program}: max_new_tokens", max_new_tokens, minimum=0)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"{program}: temperature must be >= 0 (0: the likeliest token), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):

@@ -95,9 +95,7 @@ def main(argv: list[str]) -> list[str]:
                                              files_set_others=True, files_skip={"init_from": SKIPPED_INIT_FROM}))
     try:
         check_sampling("gpt.sample", c["temperature"], c["top_k"], c["max_new_tokens"])
-        count("gpt.sample: num_samples", c["num_samples"])
-        if c["num_samples"] < 1:
-            raise ValueError(f"gpt.sample: num_samples must be at least 1, got {c['num_samples']}")
+        count("gpt.sample: num_samples", c["num_samples"], minimum=1)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if c["dtype"] is not None and c["dtype"] not in DTYPES:

@@ -403,7 +403,7 @@ def test_generate_extends_the_prompt():
                          (dict(temperature=-1.0), "temperature must be >= 0"),
                          (dict(temperature=float("nan")), "temperature must be >= 0"),
                          (dict(max_new_tokens=3.0), "max_new_tokens must be an int"),
-                         (dict(max_new_tokens=-5), "max_new_tokens must be >= 0, got -5"),  # sampled none
+                         (dict(max_new_tokens=-5), "max_new_tokens must be at least 0, got -5"),  # sampled none
                          (dict(vocab_limit=10.0), "vocab_limit must be an int")):
         with pytest.raises(ValueError, match=f"GPT.generate: {message}"):
             model.generate(torch.zeros(1, 1, dtype=torch.long), **(dict(max_new_tokens=2) | bad))

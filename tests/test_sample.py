@@ -156,7 +156,7 @@ def test_on_a_gpu_the_default_dtype_is_bfloat16_where_it_is_native(tmp_path, mon
     ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file"),
     ("--temperature=-1.0", "temperature must be >= 0"),
     ("--top_k=0", "top_k must be at least 1, or None"),
-    ("--max_new_tokens=-5", "max_new_tokens must be >= 0, got -5"),  # took as 0 once
+    ("--max_new_tokens=-5", "max_new_tokens must be at least 0, got -5"),  # took as 0 once
     ("--num_samples=0", "num_samples must be at least 1, got 0"),  # printed nothing once
     ("--init_from=nonsense", "init_from must be resume, .*got 'nonsense'"),
     ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
