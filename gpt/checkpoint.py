@@ -51,11 +51,14 @@ def _barrier() -> None:
 
 def _writer(obj):
     """torch.save(obj, f) for write_atomic. torch's file writer reports a short write (a full
-    disk) as a RuntimeError ("unexpected pos"): an OSError here, as any other failed write."""
+    disk) as a RuntimeError ("unexpected pos"): an OSError here, as any other failed write (not
+    its other RuntimeErrors: a tensor's copy to the host failing is no disk's fault)."""
     def write(f):
         try:
             torch.save(obj, f)
         except RuntimeError as e:
+            if "unexpected pos" not in str(e) and "PytorchStreamWriter failed" not in str(e):
+                raise
             raise OSError(f"torch.save could not write it whole ({e})") from e
     return write
 

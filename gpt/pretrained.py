@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _download(url: str, path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, copy)
     except OSError as e:
-        if e.filename is not None:  # the cache's disk, not the network
+        # The cache's disk, not the network (an HTTPError's filename is its URL).
+        if e.filename is not None and not isinstance(e, urllib.error.URLError):
             raise OSError(f"could not write {path} (TRITONGPT_CACHE names another folder for downloads): {e}") from e
         raise OSError(f"could not download {url}: {e}") from e
 

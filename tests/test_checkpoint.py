@@ -275,6 +275,21 @@ def test_a_file_torch_saved_that_is_no_training_checkpoint_is_refused_by_name(tm
         checkpoint.load(tmp_path, "cpu")
 
 
+def test_only_torch_save_s_short_write_reads_as_the_disk_s_error(tmp_path, monkeypatch):
+    """A short write (a full disk) is an OSError, which train.py reports with the free space; any
+    other RuntimeError of torch.save (a tensor's copy to the host) stays itself."""
+    def fails(message):
+        def save(obj, f):
+            raise RuntimeError(message)
+        return save
+    monkeypatch.setattr(checkpoint.torch, "save", fails("[enforce fail at inline_container.cc:672] . unexpected pos 9"))
+    with pytest.raises(OSError, match="torch.save could not write it whole"):
+        checkpoint.save({}, tmp_path)
+    monkeypatch.setattr(checkpoint.torch, "save", fails("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        checkpoint.save({}, tmp_path)
+
+
 def test_a_missing_checkpoint_s_message_points_to_the_one_a_new_run_set_aside(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint \(ckpt.pt or ckpt.dcp\) in \S+$"):
         checkpoint.load(tmp_path, "cpu")

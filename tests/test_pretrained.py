@@ -223,6 +223,13 @@ def test_a_config_cut_short_is_named_and_a_cache_it_cannot_write_names_its_setti
                                       r"folder for downloads\): .*Not a directory"):
         pretrained.locate("gpt2")
 
+    def not_found(url, timeout):  # an HTTPError's filename is the URL: the hub's answer, not the disk's
+        raise pretrained.urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", not_found)
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match=r"^could not download https://\S+/config.json: HTTP Error 404: Not Found$"):
+        pretrained.locate("gpt2")
+
 
 def export_hf(model: GPT, folder: Path) -> dict[str, torch.Tensor]:
     """`model` as a Hugging Face GPT-2 checkpoint (its weights under Hugging Face's names returned)."""
