@@ -256,14 +256,16 @@ def compile_failure_explained(compiled: bool, choices: dict):
         raise
 
 
-def stop_if_diverged(iter_num: int, out_dir: str, **losses: float) -> None:
-    """A loss no longer finite ends the run (on every rank: the losses are the ranks' mean).
-    Weights gone NaN stay so, and saving them would replace the last good checkpoint, as
-    nanoGPT's always_save_checkpoint does."""
+def divergence(iter_num: int, out_dir: str, **losses: float) -> str | None:
+    """Why the run must end, if a loss is no longer finite (the same on every rank: the losses
+    are the ranks' mean): weights gone NaN stay so, and saving them would replace the last good
+    checkpoint, as nanoGPT's always_save_checkpoint does."""
     lost = [f"{name} loss {value}" for name, value in losses.items() if not math.isfinite(value)]
-    if lost:
-        raise SystemExit(f"train.py: iter {iter_num}: {', '.join(lost)}: the run has diverged (a lower learning_rate "
-                         f"or grad_clip may help); nothing is saved from it, {out_dir} keeps the last checkpoint saved")
+    if not lost:
+        return None
+    kept = any((Path(out_dir) / name).exists() for name in (checkpoint.FILENAME, checkpoint.SHARDED))
+    return (f"train.py: iter {iter_num}: {', '.join(lost)}: the run has diverged (a lower learning_rate or grad_clip "
+            f"may help); nothing is saved from it{f', {out_dir} keeps the last checkpoint saved' if kept else ''}")
 
 
 def _compiled(c: dict) -> str:
@@ -492,7 +494,10 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             if c["init_from"] == "resume" and not c["eval_only"]:
                 trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
             earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
-            log_file = cleanup.enter_context(open(log_path, "w" if fresh else "a"))
+            # Appending (O_APPEND) even when fresh: an eval_only run beside it appends to the same log.
+            log_file = cleanup.enter_context(open(log_path, "a"))
+            if fresh:
+                log_file.truncate(0)
         if earlier:
             console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
                           f"{earlier}[/yellow]")
@@ -561,6 +566,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     task = progress.add_task("train", total=c["max_iters"], completed=iter_num, status="")
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
+    diverged = None  # why the loop stopped early, if a loss is no longer finite
     with (progress, reported(errors=(DataError,)),  # only the data's: a kernel's ValueError keeps its traceback
           out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend),
           compile_failure_explained(c["compile"], choices)):
@@ -577,8 +583,9 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 # An eval_only run's record says what it scored: it may sit in another run's log.
                 scored = dict(eval_only=True, init_from=c["init_from"]) if c["eval_only"] else {}
                 log(dict(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr, **scored))
-                if not c["eval_only"]:
-                    stop_if_diverged(iter_num, c["out_dir"], train=losses["train"], val=losses["val"])
+                diverged = None if c["eval_only"] else divergence(iter_num, c["out_dir"], **losses)
+                if diverged:
+                    break
                 if not c["eval_only"] and (losses["val"] < best_val_loss or c["always_save_checkpoint"]):
                     best_val_loss = min(best_val_loss, losses["val"])
                     if iter_num > 0:
@@ -628,7 +635,10 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                               f"{record['grad_norm']:.3f}, {timing}, mem {allocated:.2f}/{peak:.2f}/{reserved:.2f} GB")
                 progress.update(task, status=f"loss {loss_value:.4f}")
                 log(record)
-                stop_if_diverged(iter_num, c["out_dir"], training=loss_value)
+                # Under float16 the loss scaler skips a step that overflowed; its weights stay finite.
+                diverged = divergence(iter_num, c["out_dir"], training=loss_value) if not scaler.is_enabled() else None
+                if diverged:
+                    break
                 t_last, iters_since_log = time.perf_counter(), 0  # after logging: its time is no step's
             if not warmed_up:
                 warmed_up = True
@@ -637,7 +647,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 t_last, iters_since_log = time.perf_counter(), 0
             iter_num += 1
 
-    if master and not c["eval_only"] and iter_num > first_iter and not saved:
+    if master and not c["eval_only"] and not diverged and iter_num > first_iter and not saved:
         console.print(f"[yellow]this run saved no checkpoint: no evaluation beat the best val loss, "
                       f"{best_val_loss:.4f} (always_save_checkpoint=False)[/yellow]")
     if world.parallel:
@@ -646,12 +656,19 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         # collective (a deadlock). Dropped here, the group is destroyed by destroy_process_group.
         del model
         torch.distributed.destroy_process_group()
+    if diverged:  # after the process group's teardown: raised inside the loop, it aborted a rank now and then
+        raise SystemExit(diverged if master else 1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+        status = 0
+    except SystemExit as stop:  # a message or status: the traceback holding main's frames goes with `stop`
+        status = stop.code
     # What main's closures kept in reference cycles (the sharded model's DTensors, their mesh and
     # its gloo group) is freed now, while the interpreter is whole: left to its teardown, freeing
     # them aborted a rank now and then after a finished run ("terminate called without an active
     # exception"; cf. pytorch/pytorch#179291).
     gc.collect()
+    sys.exit(status)

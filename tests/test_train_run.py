@@ -341,6 +341,13 @@ def test_a_run_whose_loss_is_nan_stops_and_keeps_its_last_good_checkpoint(tmp_pa
     assert None in last.values()
 
 
+def test_a_run_that_diverges_before_its_first_save_names_no_checkpoint(tmp_path, data_dir, monkeypatch):
+    """A new run set the last one's checkpoint aside: out_dir keeps none to speak of."""
+    monkeypatch.setattr(train, "lr_at", lambda it, c: math.nan)
+    with pytest.raises(SystemExit, match=r"^train.py: iter 1: training loss nan: .*nothing is saved from it$"):
+        run(tmp_path, data_dir, *CPU, "--max_iters=6", "--eval_interval=4", "--eval_iters=1", "--log_interval=1")
+
+
 def test_a_resume_past_max_iters_and_a_run_that_saved_nothing_say_so(tmp_path, data_dir, capsys):
     """Neither ends silently: a resume with no step left to take, and a run whose evaluations
     never beat the best (learning rate 0) with always_save_checkpoint off."""
