@@ -58,11 +58,12 @@ def test_tests_stage_reports_every_part_by_its_deadline(tmp_path):
     """Past TEST_DEADLINE the stage stops its parts (pytest then prints its counts) and kills one
     that a C call keeps from stopping, and reports both before its grace time is out."""
     out = tmp_path / "out"
-    # 15 s: pytest's start in each part (torch's import) on a loaded 2-core machine took over 8
-    done, took = _run_tests_stage(_stage_copy(tmp_path), out, deadline_s=15)
+    # 25 s: pytest's start in each part (torch's import) on a loaded 2-core machine took over 8,
+    # and over 15 beside two other suites
+    done, took = _run_tests_stage(_stage_copy(tmp_path), out, deadline_s=25)
     lines = done.stdout.splitlines()
     assert done.returncode == 1, done.stdout + done.stderr  # the parts stopped early count as failed
-    assert took < 15 + GRACE_S + 15, f"{took:.0f} s"  # by the deadline, its grace, and pytest's start
+    assert took < 25 + GRACE_S + 15, f"{took:.0f} s"  # by the deadline, its grace, and pytest's start
     sleepy = next(line for line in lines if line.startswith("TEST_SHARD=0/2: "))
     stuck = next(line for line in lines if line.startswith("TEST_SHARD=1/2: "))
     assert "1 passed" in sleepy, sleepy  # its counts, though it was stopped
