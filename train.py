@@ -263,9 +263,9 @@ def divergence(iter_num: int, out_dir: str, **losses: float) -> str | None:
     lost = [f"{name} loss {value}" for name, value in losses.items() if not math.isfinite(value)]
     if not lost:
         return None
-    kept = any((Path(out_dir) / name).exists() for name in (checkpoint.FILENAME, checkpoint.SHARDED))
+    kept = f", {out_dir} keeps the last checkpoint saved" if checkpoint.exists(out_dir) else ""
     return (f"train.py: iter {iter_num}: {', '.join(lost)}: the run has diverged (a lower learning_rate or grad_clip "
-            f"may help); nothing is saved from it{f', {out_dir} keeps the last checkpoint saved' if kept else ''}")
+            f"may help); nothing is saved from it{kept}")
 
 
 def _compiled(c: dict) -> str:
