@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -29,6 +30,7 @@ from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, RUN_KEYS, Confi
                         printed_help, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import try_lock, write_atomic
+from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
 from bench import plan
 from bench.cases import Shapes
@@ -567,6 +569,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
     diverged = None  # why the loop stopped early, if a loss is no longer finite
+    preempted = False  # whether a SIGTERM stopped it (gpt/preemption.py): saved, unless no step was taken
+    preemption = cleanup.enter_context(Preemption(world.parallel is not None))
     with (progress, reported(errors=(DataError,)),  # only the data's: a kernel's ValueError keeps its traceback
           out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend),
           compile_failure_explained(c["compile"], choices)):
@@ -592,6 +596,11 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                         save_checkpoint()
                 t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not step time
             if c["eval_only"] or iter_num >= c["max_iters"]:
+                break
+            if preemption.requested():
+                preempted = True
+                if iter_num > first_iter and saved[-1:] != [iter_num]:
+                    save_checkpoint()
                 break
 
             loss_sum = torch.zeros((), device=c["device"])
@@ -658,6 +667,12 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         torch.distributed.destroy_process_group()
     if diverged:  # after the process group's teardown: raised inside the loop, it aborted a rank now and then
         raise SystemExit(diverged if master else 1)
+    if preempted:
+        if master:
+            print(f"train.py: stopped by SIGTERM at iter {iter_num}: " + (
+                f"its checkpoint is in {c['out_dir']} (init_from=resume continues)" if saved[-1:] == [iter_num]
+                else "no step since the run started, nothing saved"), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)  # a shell's status for a process SIGTERM ended
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from gpt import checkpoint, distributed
 from gpt.data import Batches, prepare
 from gpt.model import GPT, GPTConfig
 from gpt.optim import BF16AdamW
+from gpt.preemption import Preemption
 from gpt.sample import main as sample
 from tests.devices import skip_unless_interpreter_runs
 
@@ -389,6 +391,27 @@ def test_rank_0_goes_first_and_the_others_wait_for_it(tmp_path):
     and finds it done; save_sharded: no rank returns before rank 0 has made the checkpoint whole."""
     torch.multiprocessing.spawn(_rank_0_first_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     assert torch.load(tmp_path / "ranks.pt") == [([True, True], 2, True), ([True], 1, True)]
+
+
+def _preemption_worker(rank: int, port: int, out: str) -> None:
+    _join(rank, port)
+    with Preemption(parallel=True) as preemption:
+        seen = [preemption.requested()]
+        if rank == 1:  # the signal reaches one rank only, between two iterations' questions
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeat (torchrun passing the scheduler's on) changes nothing
+        seen.append(preemption.requested())
+    seen = distributed.gather((seen, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
+    if rank == 0:
+        torch.save(seen, Path(out) / "seen.pt")
+    _leave()
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    """train.py's SIGTERM (gpt/preemption.py): every rank learns of it at the same question, so all
+    save and stop together; on leaving, SIGTERM is fatal again."""
+    torch.multiprocessing.spawn(_preemption_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "seen.pt") == [([False, True], True)] * 2
 
 
 def test_ddp_does_not_sync_buffers_each_forward(one_process_group):

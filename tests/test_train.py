@@ -1,7 +1,10 @@
 import json
 import pickle
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,8 +77,8 @@ def read_log(out_dir):
 
 def test_an_interrupted_run_stops_its_clock_sampler_and_closes_its_log(tmp_path, data_dir, monkeypatch):
     """Called in a long-lived process (a notebook, a sweep), a run that ends in an error or an
-    interrupt leaves no NVML sampling thread running and no log open."""
-    closed, entered, lr_at = [], [], train.lr_at
+    interrupt leaves no NVML sampling thread running, no log open and SIGTERM's handler as it was."""
+    closed, entered, lr_at, handler = [], [], train.lr_at, signal.getsignal(signal.SIGTERM)
 
     class Recorded(train.ExitStack):
         def enter_context(self, cm):
@@ -91,8 +94,9 @@ def test_an_interrupted_run_stops_its_clock_sampler_and_closes_its_log(tmp_path,
     monkeypatch.setattr(train, "lr_at", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, data_dir, "--max_iters=10", "--log_interval=1")
-    assert len(closed) == 1 and [f.name for f in entered] == [str(tmp_path / "log.jsonl")]
-    assert entered[0].closed
+    log, preemption = entered
+    assert len(closed) == 1 and log.name == str(tmp_path / "log.jsonl") and log.closed
+    assert isinstance(preemption, train.Preemption) and signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_tiny_training_run_loss_falls_and_checkpoints(tmp_path, data_dir):
@@ -157,6 +161,35 @@ def test_resume_continues_exactly(tmp_path, data_dir, capsys):
         " ".join(capsys.readouterr().out.split())
     assert checkpoint.load(earlier, "cpu")["iter_num"] == 12
     assert max(row["iter"] for row in read_log(earlier)) == 12
+
+
+def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
+    """A scheduler's SIGTERM (a preemption, `timeout`) mid-run: the run ends its step, saves where
+    it stands and exits with SIGTERM's status; resumed, it goes on as if never stopped."""
+    cpu = ["--device=cpu", "--dtype=float32", "--eval_interval=1000", "--lr_decay_iters=40",
+           "--always_save_checkpoint=True"]
+    args = [*TINY, *cpu, f"--data_dir={data_dir}"]
+    stopped = tmp_path / "stopped"
+    run_ = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={stopped}", "--max_iters=1000000"],
+                            cwd=Path(train.__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (stopped / "log.jsonl").exists() or not any(r.get("iter", 0) >= 2 for r in read_log(stopped)):
+            assert run_.poll() is None and time.monotonic() < deadline, run_.stderr and run_.stderr.read()
+            time.sleep(0.05)
+        run_.send_signal(signal.SIGTERM)
+        _, err = run_.communicate(timeout=120)
+    finally:
+        run_.kill()
+    assert run_.returncode == 128 + signal.SIGTERM, err
+    at = checkpoint.load(stopped, "cpu")["iter_num"]
+    assert max(r["iter"] for r in read_log(stopped) if "loss" in r) == at - 1  # its last step was saved
+    assert f"stopped by SIGTERM at iter {at}: its checkpoint is in {stopped}" in " ".join(err.split())
+    resumed = run(stopped, data_dir, *cpu, "--init_from=resume", f"--max_iters={at + 2}")
+    whole = run(tmp_path / "whole", data_dir, *cpu, f"--max_iters={at + 2}")
+    losses = lambda log: {r["iter"]: r["loss"] for r in log if "loss" in r}  # noqa: E731
+    assert losses(resumed) == losses(whole)
 
 
 def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
