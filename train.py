@@ -569,7 +569,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
     diverged = None  # why the loop stopped early, if a loss is no longer finite
-    preempted = False  # whether a SIGTERM stopped it (gpt/preemption.py): saved, unless no step was taken
+    preempted = False  # whether a SIGTERM stopped it (gpt/preemption.py)
     preemption = cleanup.enter_context(Preemption(world.parallel is not None))
     with (progress, reported(errors=(DataError,)),  # only the data's: a kernel's ValueError keeps its traceback
           out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend),
@@ -599,7 +599,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 break
             if preemption.requested():
                 preempted = True
-                if iter_num > first_iter and saved[-1:] != [iter_num]:
+                # Where the run stands, unless it took no step, or keeps only its best evaluation's.
+                if iter_num > first_iter and c["always_save_checkpoint"] and saved[-1:] != [iter_num]:
                     save_checkpoint()
                 break
 
@@ -671,7 +672,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         if master:
             print(f"train.py: stopped by SIGTERM at iter {iter_num}: " + (
                 f"its checkpoint is in {c['out_dir']} (init_from=resume continues)" if saved[-1:] == [iter_num]
-                else "no step since the run started, nothing saved"), file=sys.stderr)
+                else "no step since the run started, nothing saved" if iter_num == first_iter
+                else "always_save_checkpoint=False: the checkpoint is still the best evaluation's"), file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM)  # a shell's status for a process SIGTERM ended
 
 

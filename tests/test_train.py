@@ -192,6 +192,23 @@ def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
     assert losses(resumed) == losses(whole)
 
 
+@pytest.mark.parametrize("asked, saved_at, says", [
+    (1, None, "stopped by SIGTERM at iter 0: no step since the run started, nothing saved"),
+    (4, 2, "stopped by SIGTERM at iter 3: always_save_checkpoint=False: the checkpoint is still the best "
+           "evaluation's")])
+def test_sigterm_saves_nothing_before_a_step_nor_over_the_best_checkpoint(asked, saved_at, says, tmp_path, data_dir,
+                                                                          monkeypatch, capsys):
+    """With always_save_checkpoint=False, out_dir's checkpoint is the best evaluation's (nanoGPT's
+    meaning): a SIGTERM later does not save over it. `asked`: the question SIGTERM answers."""
+    questions = iter(range(1, 1000))
+    monkeypatch.setattr(train.Preemption, "requested", lambda self: next(questions) == asked)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, data_dir, "--device=cpu", "--max_iters=100", "--eval_interval=2", "--always_save_checkpoint=False")
+    assert stop.value.code == 128 + signal.SIGTERM and says in " ".join(capsys.readouterr().err.split())
+    assert checkpoint.exists(tmp_path) == bool(saved_at)
+    assert saved_at is None or checkpoint.load(tmp_path, "cpu")["iter_num"] == saved_at
+
+
 def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
     """A run's last evaluation, at max_iters 3 off its eval_interval of 2, saved the checkpoint; the
     resumed run does not evaluate at 3 again (its next is at 4), so the log keeps that one."""
