@@ -5,11 +5,10 @@
 #                                       # the suite natively (CUDA cases first; tests not started by 150 s skip),
 #                                       # bench.mfu for gpt2, every kernel variant, then llama (triton+compile,
 #                                       # compile, triton; with where each variant's step time goes:
-#                                       # bench/breakdown.py), then bench.sweep of
-#                                       # AdamW's and the norm's launch constants, each cut at its share (rows
-#                                       # and settings are written as they are measured); every step's time
-#                                       # lands in first.log, for the next plan; report.md has the README's
-#                                       # tables of what was measured. (The per-op benchmarks: the ops stage.)
+#                                       # bench/breakdown.py), each cut at its share (rows are written as
+#                                       # they are measured); every step's time lands in first.log, for the
+#                                       # next plan; report.md has the README's tables of what was measured.
+#                                       # (The per-op benchmarks: the ops stage; launch constants: sweep.)
 # The stages below each end by BUDGET_S (540) seconds, inside one 10-minute call (timeout_s 600),
 # for sessions with more device time; a stage exits 1 when a step of it failed, was cut or skipped:
 #   bash bench/gpu_session.sh tests     # the whole suite natively on CUDA (CUDA-only tests included),
@@ -71,8 +70,8 @@ export GPU_SESSION_CHECKED=1  # once: first's own tests stage (this script again
 # (a command cut by the call's own limit leaves checkpoints in $OUT and no summary).
 deadline=$((SECONDS + ${BUDGET_S:-540}))
 failures=0
-# step CAP NAME CMD...: CMD for at most CAP seconds and never past $deadline, its time logged, a
-# failure (a cut, a skip) counted in the stage's exit status.
+# step CAP NAME CMD...: CMD for at most CAP seconds and never past $deadline, it and its time
+# logged, a failure (a cut, a skip) counted in the stage's exit status.
 step() {
   local cap=$1 name=$2 left=$((deadline - SECONDS)) t0=$SECONDS rc
   shift 2
@@ -82,7 +81,7 @@ step() {
     return
   fi
   ((cap > left)) && cap=$left
-  echo "== $name: at most $cap s" | tee -a "$log"
+  printf '== %s: at most %s s\n$ %s\n' "$name" "$cap" "$*" | tee -a "$log"
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (cut at its limit)'), $((SECONDS - t0)) s" \
@@ -92,6 +91,9 @@ step() {
 # bench.sweep's own budget: what the stage has left less a minute for its report, at least 30 s (a
 # budget of 0 is a usage error); the step's cap stops it anyway.
 sweep_budget() { local b=$((deadline - SECONDS - 60)); echo $((b > 30 ? b : 30)); }
+# bench.mfu's --budget-s for a step of CAP seconds: CAP less MFU_LAST_S (75), at least 1.
+MFU_LAST_S=75
+mfu_budget() { local b=$(($1 - MFU_LAST_S)); echo $((b > 1 ? b : 1)); }
 TESTS_GRACE_S=${TESTS_GRACE_S:-45}  # the tests stage's time past TEST_DEADLINE to stop its parts and kill them
 case "$1" in
   first)  # the order is the priority: what a cut-short call loses is the least telling
@@ -105,15 +107,18 @@ case "$1" in
     # kernels inside torch.compile (the fastest, if any is) and torch.compile, the eager pair (quick:
     # no compile), train.py's default on a GPU (auto+compile: per op the backend the committed
     # profile chose), then the Triton kernels in torch.compile as CUDA graphs (reduce-overhead: what
-    # the host's launches cost the step; the mfu stage measures compile's too). --budget-s starts no
-    # variant the step's cap would cut: a compiled one takes up to a minute.
-    step 180 "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
+    # the host's launches cost the step; the mfu stage measures compile's too). What the tests left
+    # goes three fifths to GPT-2, the rest to LLaMA. --budget-s starts no variant later than the
+    # step's cap less MFU_LAST_S: the last one's time to compile (up to a minute), measure and
+    # print, and bench.mfu's own start (its budget counts from then).
+    gpt2_s=$(((deadline - SECONDS) * 3 / 5))
+    step $gpt2_s "mfu gpt2" python -m bench.mfu --gpu auto --preset gpt2 \
       --kernels triton+compile,compile,triton,torch,auto+compile,triton+compile:reduce-overhead \
-      --steps 30 --warmup 8 --budget-s 120 --json "$OUT/mfu-gpt2.json"
-    step 120 "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
-      --steps 20 --warmup 6 --budget-s 70 --json "$OUT/mfu-llama.json"
-    step 540 sweep python -m bench.sweep --sweeps adamw,norm --budget-s "$(sweep_budget)" --json "$OUT/sweep.json"
-    results=("$OUT"/mfu-*.json)  # bench.report makes tables of these; the sweep printed its own
+      --steps 30 --warmup 8 --budget-s $(mfu_budget $gpt2_s) --json "$OUT/mfu-gpt2.json"
+    llama_s=$((deadline - SECONDS))
+    step $llama_s "mfu llama" python -m bench.mfu --gpu auto --preset llama --kernels triton+compile,compile,triton \
+      --steps 20 --warmup 6 --budget-s $(mfu_budget $llama_s) --json "$OUT/mfu-llama.json"
+    results=("$OUT"/mfu-*.json)  # bench.report makes tables of these
     [[ -e ${results[0]} ]] && python -m bench.report "${results[@]}" > "$OUT/report.md" 2>> "$log" ;;
   tests)  # one TEST_SEED for all parts (printed), so a failure replays with it and TEST_SHARD
     export TEST_SEED=${TEST_SEED:-$(python -c 'import random; print(random.randrange(2**31))')}
@@ -183,7 +188,7 @@ case "$1" in
     for preset in gpt2 llama; do
       step 300 "mfu $preset" python -m bench.mfu --gpu auto --preset "$preset" \
         --kernels triton+compile,compile,triton,torch,auto+compile,triton+compile:reduce-overhead,compile:reduce-overhead \
-        --budget-s 240 --json "$OUT/mfu-$preset.json"
+        --budget-s $(mfu_budget 300) --json "$OUT/mfu-$preset.json"
     done ;;
   tune)
     dims=${2:-64,128} t=${3:-4096}
