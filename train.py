@@ -136,6 +136,13 @@ def check_ranges(config: dict) -> None:
     check_device(config["device"])
 
 
+def scratch_model(c: dict, meta: dict | None) -> GPTConfig:
+    """The model config `c` trains from scratch: its architecture keys, and its data's vocabulary
+    (a character dataset's meta.pkl, else GPT-2's 50257 tokens padded to 50304)."""
+    return GPTConfig(vocab_size=meta["vocab_size"] if meta else 50304, dropout=c["dropout"],
+                     **{k: c[k] for k in ARCH_KEYS})
+
+
 def take_architecture(c: dict, model_args: dict, console) -> None:
     """A resumed or pretrained checkpoint's architecture wins over the config's (as in nanoGPT),
     and the run says which keys the config set otherwise it passed over (not its defaults)."""
@@ -370,9 +377,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         take_architecture(c, model_args, console)
         iter_num, best_val_loss = resumed["iter_num"], resumed["best_val_loss"]
     elif c["init_from"] == "scratch":
-        vocab_size = meta["vocab_size"] if meta else 50304
         with reported():
-            model_args = asdict(GPTConfig(vocab_size=vocab_size, dropout=c["dropout"], **{k: c[k] for k in ARCH_KEYS}))
+            model_args = asdict(scratch_model(c, meta))
     elif pretrained.is_pretrained(c["init_from"]):
         with reported(f"init_from={c['init_from']}: "):  # a hub model downloads on rank 0
             weights_dir = distributed.master_first(world, lambda: pretrained.locate(c["init_from"]))

@@ -6,6 +6,7 @@ have.
                         [--optimizer adamw|bf16_adamw] [--recompute [BLOCKS]] [--profile-steps 3]
                         [--budget-s S]  # no variant started S seconds after the first
     python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
+    python -m bench.mfu --gpu auto --preset config/train_shakespeare_char.py     # a train.py config's model
     python -m bench.mfu --gpu list                                                # the peak table
 
 Variants: a kernel mode (torch | triton | auto, as train.py's --kernels) run eagerly, or with
@@ -430,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto",
                         help="auto (measure the GPU here), a GPU name or key to plan for, or list")
-    parser.add_argument("--preset", help="model preset (default gpt2; planning: comma-separated, "
-                                         f"default {','.join(planning.DEFAULT_PLAN)})")
-    parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
+    parser.add_argument("--preset", help="model preset, or a train.py config file (its model, batch_size, "
+                                         "optimizer and recompute); default gpt2; planning: comma-separated, "
+                                         f"default {','.join(planning.DEFAULT_PLAN)}")
+    parser.add_argument("--batch-size", type=positive(int),
+                        help="sequences per micro-batch (default: a config file's batch_size, else 16)")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--kernels", default=DEFAULT_VARIANTS,
                         help="comma-separated variants (see above), e.g. triton+compile:reduce-overhead")
@@ -443,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
     parser.add_argument("--optimizer", choices=planning.OPTIMIZERS, help="default adamw; planning shows both")
-    parser.add_argument("--recompute", nargs="?", type=int, const=True, default=False, metavar="BLOCKS",
+    parser.add_argument("--recompute", nargs="?", type=int, const=True, metavar="BLOCKS",
                         help="recompute every block in backward (activation checkpointing), or the first BLOCKS, "
                              "as train.py's recompute")
     parser.add_argument("--peak-tflops", type=positive(float), help="dense peak to divide by (an unknown GPU needs it)")
@@ -454,13 +457,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 2 (for the percentiles)")
     # Wide tables stay readable when piped to a file (rich assumes 80 columns there).
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)
-    try:  # a bad variant or preset fails before any GPU work, and on a CPU too
+    try:  # a bad variant, preset or config file fails before any GPU work, and on a CPU too
         for variant in args.kernels.split(","):
             parse_variant(variant)
-        for name in (args.preset.split(",") if args.preset else []):
+        names = args.preset.split(",") if args.preset else []
+        files = {name: planning.training_file(name) for name in names if name.endswith(".py")}
+        for name in names:
             planning.config_for(name)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         parser.error(str(e))
+    for _, _, source in files.values():
+        console.print(source)
+    training = files[names[0]][0] if len(names) == 1 and files else None
+    if training:  # its batch_size, optimizer and recompute where the command line sets none
+        args.batch_size = args.batch_size or training["batch_size"]
+        args.optimizer = args.optimizer or training["optimizer"]
+        args.recompute = training["recompute"] if args.recompute is None else args.recompute
+    args.batch_size = args.batch_size or 16
 
     if args.gpu == "list":
         print_peak_table(console)
@@ -479,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
             for name in presets:
                 try:
-                    recompute_count(args.recompute, planning.config_for(name).n_layer)
+                    recompute_count(args.recompute or False, planning.config_for(name).n_layer)
                 except ValueError as e:
                     parser.error(f"{name}: {e}")
-            if args.optimizer is not None or args.recompute is not False:
+            if not training and (args.optimizer is not None or args.recompute is not None):
                 console.print("--optimizer and --recompute are not used in planning: the tables show both "
                               "optimizers, with no block, every block and the fewest blocks recomputed.")
             planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,
@@ -497,10 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     args.preset = args.preset or "gpt2"
     args.optimizer = args.optimizer or "adamw"
     try:
-        args.recompute = recompute_count(args.recompute, planning.config_for(args.preset).n_layer)
+        args.recompute = recompute_count(args.recompute or False, planning.config_for(args.preset).n_layer)
     except ValueError as e:
         parser.error(str(e))
-    out = args.json or profile.PROFILES / f"{device.slug}-mfu-{args.preset}.json"
+    out = args.json or profile.PROFILES / f"{device.slug}-mfu-{Path(args.preset).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     measure_all(args, device, console, out)
     console.print(f"wrote {out}")

@@ -1,5 +1,5 @@
 """Planning without the GPU: FLOPs, memory per GPU, the largest micro-batch that fits, and
-tokens/s at a range of MFU, for any preset on any GPU of the peak table.
+tokens/s at a range of MFU, for any preset or train.py config file on any GPU of the peak table.
 
 Memory per GPU (bytes), for P parameters on N GPUs:
 - static: weights, grads and optimizer states. adamw (torch AdamW, fp32 weights, bf16
@@ -51,6 +51,7 @@ allocator's own overheads, transients and workspaces are not in them.
 import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -58,6 +59,7 @@ from rich.table import Table
 
 from bench.flops import block_matmuls, block_param_count, flops_per_token, param_count
 from bench.hardware import GPU
+from gpt.data import load_meta
 from gpt.model import GPT, PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
 
@@ -82,12 +84,34 @@ UNFUSED_LOSS_BYTES = 12  # per class and token: torch's linear_cross_entropy at 
 GiB = 2**30
 
 
+def training_file(path: str) -> tuple[dict, GPTConfig, str]:
+    """(train.py's settings, the model, where its vocabulary comes from) of a train.py config
+    file: the model it trains from scratch, its vocabulary the dataset's as train.py prepared it
+    in data_dir (a character dataset's meta.pkl), else GPT-2's padded 50304 tokens."""
+    import train  # the repository's own; it imports this module, so not at the top
+
+    c, _ = train.read_config([path])
+    if c["init_from"] != "scratch":
+        raise ValueError(f"{path} starts from init_from={c['init_from']}: a config file gives the model it trains "
+                         f"from scratch (GPT-2's weights: --preset gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+    folder = Path(c["data_dir"]) / c["dataset"]
+    meta = load_meta(folder)
+    config = train.scratch_model(c, meta)
+    source = (f"{folder / 'meta.pkl'}" if meta else
+              f"GPT-2's, padded: no meta.pkl in {folder} (train.py writes a character dataset's)")
+    return c, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
+
+
 def config_for(name: str) -> GPTConfig:
-    """A model preset (gpt.model.PRESETS) or a planning preset."""
+    """A model preset (gpt.model.PRESETS), a planning preset, or a train.py config file (a name
+    ending in .py): the model it trains."""
+    if name.endswith(".py"):
+        return training_file(name)[1]
     if name in PLANNING_PRESETS:
         return GPTConfig(**PLANNING_PRESETS[name])
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS) + list(PLANNING_PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS) + list(PLANNING_PRESETS)}, or a "
+                         f"train.py config file (name.py)")
     return GPTConfig(**preset(name))
 
 

@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -106,6 +107,62 @@ def test_plan_says_it_does_not_use_optimizer_and_recompute(capsys, monkeypatch):
     assert exit.value.code == 2
     assert "gpt2: recompute: True, False or a number of blocks from 0 to 12, got 20" in (
         capsys.readouterr().err)
+
+
+def _train_config(tmp_path, *lines: str) -> str:
+    """A train.py config file of a small character model, its dataset's meta.pkl in tmp_path."""
+    (tmp_path / "chars").mkdir(exist_ok=True)
+    (tmp_path / "chars" / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": {}, "stoi": {}}))
+    path = tmp_path / "my_model.py"
+    path.write_text("\n".join([f"data_dir = {str(tmp_path)!r}", "dataset = 'chars'", "n_layer = 3", "n_head = 4",
+                               "n_embd = 128", "block_size = 64", "batch_size = 24", *lines]) + "\n")
+    return str(path)
+
+
+def test_a_train_config_file_is_planned_with_its_data_s_vocabulary(tmp_path, capsys, monkeypatch):
+    """--preset my_config.py: the model train.py would train from that file, its vocabulary the
+    prepared dataset's (or GPT-2's where none is), its batch_size the plan's micro-batch."""
+    monkeypatch.setattr(mfu, "detect", lambda: None)
+    path = _train_config(tmp_path)
+    model = GPTConfig(n_layer=3, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False)
+    assert mfu.main(["--gpu", "h100", "--preset", path]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{path}: the model it trains, its 65-token vocabulary {tmp_path / 'chars' / 'meta.pkl'}" in text
+    assert f"{param_count(model) / 1e9:.3g}B" in text and "recompute for 24" in text
+    (tmp_path / "chars" / "meta.pkl").unlink()
+    assert mfu.main(["--gpu", "h100", "--preset", path]) == 0
+    assert "its 50304-token vocabulary GPT-2's, padded: no meta.pkl in" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(tmp_path, monkeypatch):
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    seen = []
+
+    def measure(run, variant, device):
+        seen.append(run)
+        raise KeyboardInterrupt  # what was to be measured is known: stop there
+    monkeypatch.setattr(mfu, "measure", measure)
+    path = _train_config(tmp_path, "optimizer = 'bf16_adamw'", "recompute = 2")
+    with pytest.raises(KeyboardInterrupt):
+        mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", path, "--json", str(tmp_path / "m.json")])
+    with pytest.raises(KeyboardInterrupt):  # the command line's settings win
+        mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", path, "--batch-size", "8", "--recompute", "1",
+                  "--optimizer", "adamw", "--json", str(tmp_path / "m.json")])
+    from_file, overridden = seen
+    assert (from_file.batch_size, from_file.seq_len, from_file.optimizer, from_file.recompute,
+            from_file.config.vocab_size) == (24, 64, "bf16_adamw", 2, 65)
+    assert (overridden.batch_size, overridden.optimizer, overridden.recompute) == (8, "adamw", 1)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nosuch.py", "No such file"),
+    ("finetune_shakespeare.py", "starts from init_from=gpt2-xl: a config file gives the model it trains from scratch"),
+])
+def test_a_config_file_it_cannot_take_is_a_usage_error(name, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        mfu.main(["--gpu", "h100", "--preset", os.path.join(ROOT, "config", name)])
+    assert exit.value.code == 2 and message in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
