@@ -7,9 +7,11 @@ Adds this workload's record to profiles/<gpu-slug>.json (replacing an earlier re
 workload; others are kept), which `train.py --kernels=auto` chooses backends from.
 
     python -m bench.kernels --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024] [--dtype D]
+    python -m bench.kernels --gpu auto --preset config/train_shakespeare_char.py  # a train.py config's
 
-The dtype is train.py's on this GPU unless given (bf16, or fp16 where the GPU has no bf16): a run
-takes each op from a record of its own dtype where the profile has one.
+The dtype is train.py's on this GPU unless given (bf16, or fp16 where the GPU has no bf16; a
+config file's own, if it sets one): a run takes each op from a record of its own dtype where
+the profile has one, and the record nearest its shapes (a config file's record: its own model).
 """
 import argparse
 import sys
@@ -19,6 +21,7 @@ import torch
 
 import kernels
 from bench import described, positive, profile
+from bench import plan as planning
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
@@ -61,8 +64,10 @@ def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS, parti
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto", help="auto, or the name of the GPU here (a check)")
-    parser.add_argument("--preset", default="gpt2", help="model whose training shapes to measure at")
-    parser.add_argument("--batch-size", type=positive(int), default=16, help="sequences per micro-batch")
+    parser.add_argument("--preset", default="gpt2", help="model whose training shapes to measure at: a preset, or "
+                                                        "a train.py config file (its model, batch_size and dtype)")
+    parser.add_argument("--batch-size", type=positive(int),
+                        help="sequences per micro-batch (default: a config file's batch_size, else 16)")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--dtype", choices=DTYPES, help="the ops' dtype (default: train.py's on this GPU)")
     parser.add_argument("--ops", default=",".join(kernels.OPS), help="comma-separated ops")
@@ -70,11 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ops = args.ops.split(",")
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
-        config = GPTConfig(**preset(args.preset))
+        if args.preset.endswith(".py"):
+            training, config, source = planning.training_file(args.preset)
+            print(source)
+            args.batch_size = args.batch_size or training["batch_size"]
+            args.dtype = args.dtype or training["dtype"]
+        else:
+            config = GPTConfig(**preset(args.preset))
         for op in ops:
             kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         parser.error(str(e))
+    args.batch_size = args.batch_size or 16
 
     device = detect()
     if device is None:
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench.kernels: {e}", file=sys.stderr)
         return 2
-    partial = out.with_name(f"{out.stem}.{args.preset}.partial.json")
+    partial = out.with_name(f"{out.stem}.{Path(args.preset).stem}.partial.json")
     record = run(device, shapes, args.preset, ops, partial)
     data = profile.merged(out, record)
     profile.write(data, out)

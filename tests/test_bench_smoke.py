@@ -295,6 +295,33 @@ def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path
     assert list(record["ops"]) == measured == [kernels.OPS[0]]
 
 
+def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(monkeypatch, tmp_path, capsys):
+    """--preset my_config.py: the record of the model that file trains (train.py --kernels=auto
+    then takes it as the nearest), at its batch_size and dtype; the partial file named after it."""
+    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(bench_kernels, "roofline", lambda unit: 1.0)
+    seen = []
+
+    def measure_op(op, shapes, rooflines):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(shapes)
+        return {"training_pass": "fwd", "shape": "s", "unit": "GB/s", "backends": {}, "chosen": {}}
+    monkeypatch.setattr(bench_kernels, "measure_op", measure_op)
+    config = tmp_path / "my_model.py"
+    config.write_text(f"data_dir = {str(tmp_path)!r}\ndataset = 'none'\nn_layer = 2\nn_head = 2\nn_embd = 64\n"
+                      f"block_size = 128\nbatch_size = 12\ndtype = 'float16'\nmlp = 'swiglu'\n")
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(["--gpu", "h100", "--preset", str(config), "--out", str(tmp_path / "h100.json")])
+    [shapes] = seen
+    assert (shapes.batch_size, shapes.T, shapes.dtype, shapes.config.n_embd, shapes.config.mlp, shapes.config.vocab_size
+            ) == (12, 128, torch.float16, 64, "swiglu", 50304)
+    assert f"{config}: the model it trains, its 50304-token vocabulary GPT-2's" in " ".join(capsys.readouterr().out.split())
+    [record] = profile.load(tmp_path / "h100.my_model.partial.json").workloads
+    assert record["workload"]["preset"] == str(config)
+
+
 # The first lines and the last of an error bench.mfu recorded on an H200 (2026-12-04).
 INDUCTOR_ERROR = """InductorError: SubprocException: An exception occurred in a subprocess:
 
