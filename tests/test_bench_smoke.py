@@ -317,7 +317,8 @@ def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(mo
     [shapes] = seen
     assert (shapes.batch_size, shapes.T, shapes.dtype, shapes.config.n_embd, shapes.config.mlp, shapes.config.vocab_size
             ) == (12, 128, torch.float16, 64, "swiglu", 50304)
-    assert f"{config}: the model it trains, its 50304-token vocabulary GPT-2's" in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{config}: the model it trains, its 50304-token vocabulary GPT-2's" in said
     [record] = profile.load(tmp_path / "h100.my_model.partial.json").workloads
     assert record["workload"]["preset"] == str(config)
 
