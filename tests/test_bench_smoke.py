@@ -273,9 +273,9 @@ def test_bench_kernels_refuses_an_unknown_preset_or_op_on_any_machine(args, mess
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path):
-    """Stopped during its second op (a GPU session's time limit), bench.kernels leaves the first
-    op's record in <profile>.<preset>.partial.json, and the profile as it was."""
+def _stopped_in_the_second_op(monkeypatch) -> list:
+    """bench.kernels on a pretend H100, stopped (a GPU session's time limit) as its second op
+    starts: the (op, shapes) it measured, in the list returned."""
     monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(bench_kernels, "roofline", lambda unit: 1.0)
@@ -284,37 +284,34 @@ def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path
     def measure_op(op, shapes, rooflines):
         if measured:
             raise KeyboardInterrupt
-        measured.append(op)
+        measured.append((op, shapes))
         return {"training_pass": "fwd", "shape": "s", "unit": "GB/s", "backends": {}, "chosen": {}}
     monkeypatch.setattr(bench_kernels, "measure_op", measure_op)
+    return measured
+
+
+def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path):
+    """Stopped during its second op, bench.kernels leaves the first op's record in
+    <profile>.<preset>.partial.json, and the profile as it was."""
+    measured = _stopped_in_the_second_op(monkeypatch)
     out = tmp_path / "h100.json"
     with pytest.raises(KeyboardInterrupt):
         bench_kernels.main(["--gpu", "h100", "--preset", "gpt2", "--out", str(out)])
     assert not out.exists()
     [record] = profile.load(tmp_path / "h100.gpt2.partial.json").workloads
-    assert list(record["ops"]) == measured == [kernels.OPS[0]]
+    assert list(record["ops"]) == [op for op, _ in measured] == [kernels.OPS[0]]
 
 
 def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(monkeypatch, tmp_path, capsys):
     """--preset my_config.py: the record of the model that file trains (train.py --kernels=auto
     then takes it as the nearest), at its batch_size and dtype; the partial file named after it."""
-    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setattr(bench_kernels, "roofline", lambda unit: 1.0)
-    seen = []
-
-    def measure_op(op, shapes, rooflines):
-        if seen:
-            raise KeyboardInterrupt
-        seen.append(shapes)
-        return {"training_pass": "fwd", "shape": "s", "unit": "GB/s", "backends": {}, "chosen": {}}
-    monkeypatch.setattr(bench_kernels, "measure_op", measure_op)
+    measured = _stopped_in_the_second_op(monkeypatch)
     config = tmp_path / "my_model.py"
     config.write_text(f"data_dir = {str(tmp_path)!r}\ndataset = 'none'\nn_layer = 2\nn_head = 2\nn_embd = 64\n"
                       f"block_size = 128\nbatch_size = 12\ndtype = 'float16'\nmlp = 'swiglu'\n")
     with pytest.raises(KeyboardInterrupt):
         bench_kernels.main(["--gpu", "h100", "--preset", str(config), "--out", str(tmp_path / "h100.json")])
-    [shapes] = seen
+    [(_, shapes)] = measured
     assert (shapes.batch_size, shapes.T, shapes.dtype, shapes.config.n_embd, shapes.config.mlp, shapes.config.vocab_size
             ) == (12, 128, torch.float16, 64, "swiglu", 50304)
     said = " ".join(capsys.readouterr().out.split())
