@@ -96,20 +96,27 @@ def _preset_architecture(key: str, value) -> dict:
         raise ConfigError(str(e)) from None
 
 
-def read_config(argv: list[str]) -> tuple[dict, list[str]]:
-    """(config, argv): the defaults, then the config files and --key=value arguments in order, a
-    preset setting every architecture key where it stands. With no config file in argv, the
-    shakespeare-char config for this machine is put first."""
-    if not any(arg.endswith(".py") and not arg.startswith("--") for arg in argv):
-        argv = [DEFAULT_CONFIG if torch.cuda.is_available() else DEFAULT_CPU_CONFIG, *argv]
+def parse_config(argv: list[str]) -> dict:
+    """The defaults, then the config files and --key=value arguments in order (a preset setting
+    every architecture key where it stands), each value in its key's range; device and dtype as
+    set, None for this machine's (read_config's), which a plan for another machine leaves."""
     config = dict(DEFAULTS)
     config.update(parse_args(argv, DEFAULTS, ALSO, implied=_preset_architecture))
+    check_ranges(config)
+    return config
+
+
+def read_config(argv: list[str]) -> tuple[dict, list[str]]:
+    """(config, argv): parse_config's, its device and dtype this machine's where not set, the
+    device one it has. With no config file in argv, the shakespeare-char config for this
+    machine is put first."""
+    if not any(arg.endswith(".py") and not arg.startswith("--") for arg in argv):
+        argv = [DEFAULT_CONFIG if torch.cuda.is_available() else DEFAULT_CPU_CONFIG, *argv]
+    config = parse_config(argv)
     if config["device"] is None:
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(config["device"])
     config["dtype"] = config["dtype"] or training_dtype(config["device"])
-    if config["dtype"] not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
-    check_ranges(config)
     return config, argv
 
 
@@ -133,7 +140,8 @@ def check_ranges(config: dict) -> None:
         raise ConfigError("out_dir must name a directory, got ''")
     if not 0 <= config["seed"] < 2**63:  # torch's generators take 64 bits; BF16AdamW's rounding seed is >= 0
         raise ConfigError(f"seed must be in [0, 2**63), got {config['seed']}")
-    check_device(config["device"])
+    if config["dtype"] is not None and config["dtype"] not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
 
 
 def scratch_model(c: dict, meta: dict | None) -> GPTConfig:
@@ -542,7 +550,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         return out
 
     def save_checkpoint() -> None:
-        """A collective: every rank calls it."""
+        """A collective: every rank calls it, and every rank notes it (a SIGTERM's stop asks)."""
+        saved.append(iter_num)
         rng = distributed.gather(dict(torch=torch.get_rng_state(), data=batches.state_dict(),
                                       cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
         state = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=c, meta=meta,
@@ -561,7 +570,6 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 raise SystemExit(f"train.py: the checkpoint could not be written ({free:,.0f} MiB free in "
                                  f"{c['out_dir']}): {e}; the last one there is as it was") from None
         console.print(f"saved checkpoint to {path}")
-        saved.append(iter_num)
 
     # --- the loop -----------------------------------------------------------------------------
     first_iter, saved = iter_num, []  # saved: the iterations this run saved at
@@ -575,8 +583,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
     diverged = None  # why the loop stopped early, if a loss is no longer finite
-    preempted = False  # whether a SIGTERM stopped it (gpt/preemption.py)
-    preemption = cleanup.enter_context(Preemption(world.parallel is not None))
+    preempted = False  # whether a SIGTERM stopped it (gpt/preemption.py); eval_only saves nothing, so stops at once
+    preemption = None if c["eval_only"] else cleanup.enter_context(Preemption(world.parallel is not None))
     with (progress, reported(errors=(DataError,)),  # only the data's: a kernel's ValueError keeps its traceback
           out_of_memory_explained(c, raw_model, world, choices["linear_cross_entropy"].backend),
           compile_failure_explained(c["compile"], choices)):
@@ -585,6 +593,14 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+            # A SIGTERM: the run saves where it stands (unless it took no step, or keeps only its
+            # best evaluation's) and stops, before an evaluation, which might not end before SIGKILL
+            # (the resumed run makes it).
+            if preemption and preemption.requested():
+                preempted = True
+                if iter_num > first_iter and c["always_save_checkpoint"]:
+                    save_checkpoint()
+                break
             # On every rank. eval_only scores the model where it stands (a resumed iter_num need not
             # fall on an eval step) and saves nothing.
             if evaluates_at(iter_num, c) or c["eval_only"]:
@@ -602,12 +618,6 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                         save_checkpoint()
                 t_last, iters_since_log = time.perf_counter(), 0  # evaluation time is not step time
             if c["eval_only"] or iter_num >= c["max_iters"]:
-                break
-            if preemption.requested():
-                preempted = True
-                # Where the run stands, unless it took no step, or keeps only its best evaluation's.
-                if iter_num > first_iter and c["always_save_checkpoint"] and saved[-1:] != [iter_num]:
-                    save_checkpoint()
                 break
 
             loss_sum = torch.zeros((), device=c["device"])
@@ -663,7 +673,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 t_last, iters_since_log = time.perf_counter(), 0
             iter_num += 1
 
-    if master and not c["eval_only"] and not diverged and iter_num > first_iter and not saved:
+    if master and not c["eval_only"] and not (diverged or preempted) and iter_num > first_iter and not saved:
         console.print(f"[yellow]this run saved no checkpoint: no evaluation beat the best val loss, "
                       f"{best_val_loss:.4f} (always_save_checkpoint=False)[/yellow]")
     if world.parallel:
@@ -679,7 +689,9 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             print(f"train.py: stopped by SIGTERM at iter {iter_num}: " + (
                 f"its checkpoint is in {c['out_dir']} (init_from=resume continues)" if saved[-1:] == [iter_num]
                 else "no step since the run started, nothing saved" if iter_num == first_iter
-                else "always_save_checkpoint=False: the checkpoint is still the best evaluation's"), file=sys.stderr)
+                else "always_save_checkpoint=False: the checkpoint stays the best evaluation's"
+                if checkpoint.exists(c["out_dir"])
+                else "always_save_checkpoint=False, and no evaluation has saved one: nothing saved"), file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM)  # a shell's status for a process SIGTERM ended
 
 

@@ -14,6 +14,7 @@ config file's own, if it sets one): a run takes each op from a record of its own
 the profile has one, and the record nearest its shapes (a config file's record: its own model).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -76,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     ops = args.ops.split(",")
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
         if args.preset.endswith(".py"):
+            args.preset = os.path.normpath(args.preset)  # the record's name: ./config/x.py is config/x.py
             training, config, source = planning.training_file(args.preset)
             print(source)
             args.batch_size = args.batch_size or training["batch_size"]
-            args.dtype = args.dtype or training["dtype"]
+            # train.py's: bf16_adamw trains in bf16; else the file's, or (None) this GPU's default
+            args.dtype = args.dtype or ("bfloat16" if training["optimizer"] == "bf16_adamw" else training["dtype"])
         else:
             config = GPTConfig(**preset(args.preset))
         for op in ops:

@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     for _, _, source in files.values():
         console.print(source)
+    planning_note = args.optimizer is not None or args.recompute is not None  # given, and unused in a plan
     training = files[names[0]][0] if len(names) == 1 and files else None
     if training:  # its batch_size, optimizer and recompute where the command line sets none
         args.batch_size = args.batch_size or training["batch_size"]
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     recompute_count(args.recompute or False, planning.config_for(name).n_layer)
                 except ValueError as e:
                     parser.error(f"{name}: {e}")
-            if not training and (args.optimizer is not None or args.recompute is not None):
+            if planning_note:
                 console.print("--optimizer and --recompute are not used in planning: the tables show both "
                               "optimizers, with no block, every block and the fewest blocks recomputed.")
             planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,

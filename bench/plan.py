@@ -59,7 +59,7 @@ from rich.table import Table
 
 from bench.flops import block_matmuls, block_param_count, flops_per_token, param_count
 from bench.hardware import GPU
-from gpt.data import load_meta
+from gpt.data import load_meta, prepare
 from gpt.model import GPT, PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
 
@@ -86,19 +86,26 @@ GiB = 2**30
 
 def training_file(path: str) -> tuple[dict, GPTConfig, str]:
     """(train.py's settings, the model, where its vocabulary comes from) of a train.py config
-    file: the model it trains from scratch, its vocabulary the dataset's as train.py prepared it
-    in data_dir (a character dataset's meta.pkl), else GPT-2's padded 50304 tokens."""
+    file: the model it trains from scratch, its vocabulary the dataset's, which is prepared
+    first as train.py does where it is built offline (a character dataset's meta.pkl), else
+    GPT-2's padded 50304 tokens. The settings' device and dtype are None where the file sets
+    none (train.py's are the machine's that runs it)."""
     import train  # the repository's own; it imports this module, so not at the top
 
-    c, _ = train.read_config([path])
+    c = train.parse_config([path])
     if c["init_from"] != "scratch":
+        weights = "" if c["init_from"] == "resume" else " (GPT-2's weights: --preset gpt2, gpt2-medium, ...)"
         raise ValueError(f"{path} starts from init_from={c['init_from']}: a config file gives the model it trains "
-                         f"from scratch (GPT-2's weights: --preset gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
-    folder = Path(c["data_dir"]) / c["dataset"]
+                         f"from scratch{weights}")
+    try:
+        folder = prepare(c["dataset"], c["data_dir"])
+    except ValueError as e:  # neither built nor buildable here (openwebtext's is GPT-2's BPE)
+        folder, unprepared = Path(c["data_dir"]) / c["dataset"], f" ({e})"
+    else:
+        unprepared = ""
     meta = load_meta(folder)
     config = train.scratch_model(c, meta)
-    source = (f"{folder / 'meta.pkl'}" if meta else
-              f"GPT-2's, padded: no meta.pkl in {folder} (train.py writes a character dataset's)")
+    source = f"{folder / 'meta.pkl'}" if meta else f"GPT-2's, padded{unprepared}"
     return c, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
 
 

@@ -8,6 +8,7 @@ SIGTERM changes nothing (under SLURM, torchrun's workers get the scheduler's and
 Ctrl-C still stops at once.
 """
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,8 @@ class Preemption:
     one came, agreed by every rank: each asks at the same point of each iteration and all stop at
     the first where any rank had one (ranks get the signal at slightly different moments, and one
     that stopped alone would leave the others waiting in a collective). A process that already
-    handles SIGTERM itself (a test harness's deadline) keeps its handler."""
+    handles SIGTERM itself (a test harness's deadline) keeps its handler, and so does a run in a
+    thread other than the main one (where Python delivers signals, and alone may set handlers)."""
 
     def __init__(self, parallel: bool):
         self.signaled = False
@@ -29,7 +31,8 @@ class Preemption:
         self.previous = None
 
     def __enter__(self) -> "Preemption":
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self.previous = signal.signal(signal.SIGTERM, self._note)
         return self
 

@@ -302,18 +302,21 @@ def test_bench_kernels_cut_short_keeps_the_ops_it_measured(monkeypatch, tmp_path
     assert list(record["ops"]) == [op for op, _ in measured] == [kernels.OPS[0]]
 
 
-def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("setting, dtype", [("dtype = 'float16'", torch.float16),
+                                            ("optimizer = 'bf16_adamw'", torch.bfloat16)])  # as train.py trains it
+def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(setting, dtype, monkeypatch, tmp_path,
+                                                                              capsys):
     """--preset my_config.py: the record of the model that file trains (train.py --kernels=auto
     then takes it as the nearest), at its batch_size and dtype; the partial file named after it."""
     measured = _stopped_in_the_second_op(monkeypatch)
     config = tmp_path / "my_model.py"
     config.write_text(f"data_dir = {str(tmp_path)!r}\ndataset = 'none'\nn_layer = 2\nn_head = 2\nn_embd = 64\n"
-                      f"block_size = 128\nbatch_size = 12\ndtype = 'float16'\nmlp = 'swiglu'\n")
+                      f"block_size = 128\nbatch_size = 12\n{setting}\nmlp = 'swiglu'\n")
     with pytest.raises(KeyboardInterrupt):
         bench_kernels.main(["--gpu", "h100", "--preset", str(config), "--out", str(tmp_path / "h100.json")])
     [(_, shapes)] = measured
     assert (shapes.batch_size, shapes.T, shapes.dtype, shapes.config.n_embd, shapes.config.mlp, shapes.config.vocab_size
-            ) == (12, 128, torch.float16, 64, "swiglu", 50304)
+            ) == (12, 128, dtype, 64, "swiglu", 50304)
     said = " ".join(capsys.readouterr().out.split())
     assert f"{config}: the model it trains, its 50304-token vocabulary GPT-2's" in said
     [record] = profile.load(tmp_path / "h100.my_model.partial.json").workloads

@@ -6,9 +6,11 @@ micro-steps between them (2 per rank), slicing the same 8 windows: the same glob
 losses and grad norms agree to fp32 rounding. Dropout is off where processes are compared: each
 rank draws its own masks.
 """
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -59,13 +61,18 @@ def run(out_dir, data_dir, *args) -> list[dict]:
     return read_log(out_dir)
 
 
-def torchrun(out_dir, data_dir, *args) -> tuple[list[dict], str]:
-    """train.py on two processes under torchrun, on 127.0.0.1: (the log, what rank 0 printed)."""
+def torchrun_command(out_dir, data_dir, *args) -> tuple[list[str], dict]:
+    """(command, environment) of train.py on two processes under torchrun, on 127.0.0.1."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(REPO / "train.py"),
            *TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *args]
     # One thread per process on a small machine; the Triton interpreter for Triton ops on a CPU.
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+
+
+def torchrun(out_dir, data_dir, *args) -> tuple[list[dict], str]:
+    """train.py on two processes under torchrun: (the log, what rank 0 printed)."""
+    cmd, env = torchrun_command(out_dir, data_dir, *args)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return read_log(out_dir), done.stdout
@@ -412,6 +419,39 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     save and stop together; on leaving, SIGTERM is fatal again."""
     torch.multiprocessing.spawn(_preemption_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     assert torch.load(tmp_path / "seen.pt") == [([False, True], True)] * 2
+
+
+def _rank_process(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of `rank` (a child of `parent` with RANK set so), if started."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent and \
+                    f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
+def test_a_sigterm_to_one_rank_under_torchrun_stops_and_saves_every_rank(tmp_path, data_dir):
+    """train.py under torchrun, evaluating every iteration, and a SIGTERM to rank 1 alone: every
+    rank stops at one iteration, saving it together, and each exits with SIGTERM's status (143,
+    or killed by torchrun's own SIGTERM as it tears down, once its handler is gone: the same to a
+    shell)."""
+    cmd, env = torchrun_command(tmp_path, data_dir, *TWO, "--max_iters=100000", "--eval_interval=1")
+    run_ = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "log.jsonl").exists() or not any("loss" in r for r in read_log(tmp_path)):
+            assert run_.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(_rank_process(run_.pid, 1), signal.SIGTERM)
+        out, _ = run_.communicate(timeout=120)
+    finally:
+        run_.kill()
+    at = checkpoint.load(tmp_path, "cpu")["iter_num"]
+    assert max(r["iter"] for r in read_log(tmp_path) if "loss" in r) == at - 1, out[-3000:]
+    assert f"stopped by SIGTERM at iter {at}: its checkpoint is in {tmp_path}" in " ".join(out.split())
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", out)) <= {"143", "-15"}, out[-3000:]
 
 
 def test_ddp_does_not_sync_buffers_each_forward(one_process_group):

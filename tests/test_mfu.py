@@ -121,7 +121,8 @@ def _train_config(tmp_path, *lines: str) -> str:
 
 def test_a_train_config_file_is_planned_with_its_data_s_vocabulary(tmp_path, capsys, monkeypatch):
     """--preset my_config.py: the model train.py would train from that file, its vocabulary the
-    prepared dataset's (or GPT-2's where none is), its batch_size the plan's micro-batch."""
+    prepared dataset's (or GPT-2's where none is), its batch_size the plan's micro-batch; the
+    device it names need not be here, nor a character dataset built offline be built yet."""
     monkeypatch.setattr(mfu, "detect", lambda: None)
     path = _train_config(tmp_path)
     model = GPTConfig(n_layer=3, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False)
@@ -129,9 +130,17 @@ def test_a_train_config_file_is_planned_with_its_data_s_vocabulary(tmp_path, cap
     text = " ".join(capsys.readouterr().out.split())
     assert f"{path}: the model it trains, its 65-token vocabulary {tmp_path / 'chars' / 'meta.pkl'}" in text
     assert f"{param_count(model) / 1e9:.3g}B" in text and "recompute for 24" in text
+    assert "not used in planning" not in text  # the file's optimizer and recompute: not the user's asking
+    assert mfu.main(["--gpu", "h100", "--preset", path, "--optimizer", "bf16_adamw"]) == 0
+    assert "--optimizer and --recompute are not used in planning" in " ".join(capsys.readouterr().out.split())
     (tmp_path / "chars" / "meta.pkl").unlink()
     assert mfu.main(["--gpu", "h100", "--preset", path]) == 0
-    assert "its 50304-token vocabulary GPT-2's, padded: no meta.pkl in" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert "its 50304-token vocabulary GPT-2's, padded (dataset 'chars': no" in text
+    path = _train_config(tmp_path, "dataset = 'shakespeare_char'", "device = 'cuda:7'")
+    assert mfu.main(["--gpu", "h100", "--preset", path]) == 0
+    assert f"its 65-token vocabulary {tmp_path / 'shakespeare_char' / 'meta.pkl'}" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(tmp_path, monkeypatch):

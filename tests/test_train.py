@@ -4,6 +4,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,21 +193,50 @@ def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
     assert losses(resumed) == losses(whole)
 
 
-@pytest.mark.parametrize("asked, saved_at, says", [
-    (1, None, "stopped by SIGTERM at iter 0: no step since the run started, nothing saved"),
-    (4, 2, "stopped by SIGTERM at iter 3: always_save_checkpoint=False: the checkpoint is still the best "
-           "evaluation's")])
-def test_sigterm_saves_nothing_before_a_step_nor_over_the_best_checkpoint(asked, saved_at, says, tmp_path, data_dir,
-                                                                          monkeypatch, capsys):
-    """With always_save_checkpoint=False, out_dir's checkpoint is the best evaluation's (nanoGPT's
-    meaning): a SIGTERM later does not save over it. `asked`: the question SIGTERM answers."""
+@pytest.mark.parametrize("asked, always, saved_at, says", [
+    (1, True, None, "stopped by SIGTERM at iter 0: no step since the run started, nothing saved"),
+    (3, True, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # before iter 2's evaluation
+    (4, False, 2, "stopped by SIGTERM at iter 3: always_save_checkpoint=False: the checkpoint stays the best "
+                  "evaluation's"),
+    (3, False, None, "stopped by SIGTERM at iter 2: always_save_checkpoint=False, and no evaluation has saved one"),
+])
+def test_sigterm_stops_before_an_evaluation_saving_nothing_before_a_step_nor_over_the_best(
+        asked, always, saved_at, says, tmp_path, data_dir, monkeypatch, capsys):
+    """A SIGTERM is acted on before an evaluation (which might outlast the scheduler's grace; the
+    resumed run makes it). With always_save_checkpoint=False, out_dir's checkpoint is the best
+    evaluation's (nanoGPT's meaning): a SIGTERM does not save over it. `asked`: the question
+    SIGTERM answers, one an iteration from iter 0."""
     questions = iter(range(1, 1000))
     monkeypatch.setattr(train.Preemption, "requested", lambda self: next(questions) == asked)
     with pytest.raises(SystemExit) as stop:
-        run(tmp_path, data_dir, "--device=cpu", "--max_iters=100", "--eval_interval=2", "--always_save_checkpoint=False")
+        run(tmp_path, data_dir, "--device=cpu", "--max_iters=100", "--eval_interval=2",
+            f"--always_save_checkpoint={always}")
     assert stop.value.code == 128 + signal.SIGTERM and says in " ".join(capsys.readouterr().err.split())
     assert checkpoint.exists(tmp_path) == bool(saved_at)
     assert saved_at is None or checkpoint.load(tmp_path, "cpu")["iter_num"] == saved_at
+    stopped_at = asked - 1
+    assert [r["iter"] for r in read_log(tmp_path) if "val_loss" in r] == [it for it in (0, 2) if it < stopped_at]
+
+
+def test_eval_only_leaves_sigterm_fatal(tmp_path, data_dir, monkeypatch):
+    """An evaluation saves nothing: a SIGTERM stops it at once, as before there was a handler."""
+    run(tmp_path, data_dir, "--device=cpu", "--max_iters=1", "--eval_interval=1")
+    monkeypatch.setattr(train, "Preemption", lambda parallel: pytest.fail("eval_only took SIGTERM's handler"))
+    run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--eval_only=True")
+
+
+def test_a_run_in_another_thread_leaves_sigterm_as_it_was():
+    """Only the main thread may set a signal's handler (and Python runs them there): train.main
+    called in another thread runs without one."""
+    seen = []
+
+    def run_():
+        with train.Preemption(parallel=False) as preemption:
+            seen.append((signal.getsignal(signal.SIGTERM), preemption.requested()))
+    thread = threading.Thread(target=run_)
+    thread.start()
+    thread.join()
+    assert seen == [(signal.getsignal(signal.SIGTERM), False)]
 
 
 def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
