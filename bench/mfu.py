@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         args.optimizer = args.optimizer or training["optimizer"]
         args.recompute = training["recompute"] if args.recompute is None else args.recompute
     args.batch_size = args.batch_size or 16
+    args.recompute = False if args.recompute is None else args.recompute
 
     if args.gpu == "list":
         print_peak_table(console)
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
             for name in presets:
                 try:
-                    recompute_count(args.recompute or False, planning.config_for(name).n_layer)
+                    recompute_count(args.recompute, planning.config_for(name).n_layer)
                 except ValueError as e:
                     parser.error(f"{name}: {e}")
             if planning_note:
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args.preset = args.preset or "gpt2"
     args.optimizer = args.optimizer or "adamw"
     try:
-        args.recompute = recompute_count(args.recompute or False, planning.config_for(args.preset).n_layer)
+        args.recompute = recompute_count(args.recompute, planning.config_for(args.preset).n_layer)
     except ValueError as e:
         parser.error(str(e))
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{Path(args.preset).stem}.json"
