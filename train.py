@@ -550,7 +550,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         return out
 
     def save_checkpoint() -> None:
-        """A collective: every rank calls it, and every rank notes it (a SIGTERM's stop asks)."""
+        """A collective: every rank calls it, and notes it in `saved`."""
         saved.append(iter_num)
         rng = distributed.gather(dict(torch=torch.get_rng_state(), data=batches.state_dict(),
                                       cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
@@ -686,12 +686,15 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         raise SystemExit(diverged if master else 1)
     if preempted:
         if master:
-            print(f"train.py: stopped by SIGTERM at iter {iter_num}: " + (
-                f"its checkpoint is in {c['out_dir']} (init_from=resume continues)" if saved[-1:] == [iter_num]
-                else "no step since the run started, nothing saved" if iter_num == first_iter
-                else "always_save_checkpoint=False: the checkpoint stays the best evaluation's"
-                if checkpoint.exists(c["out_dir"])
-                else "always_save_checkpoint=False, and no evaluation has saved one: nothing saved"), file=sys.stderr)
+            if saved[-1:] == [iter_num]:
+                outcome = f"its checkpoint is in {c['out_dir']} (init_from=resume continues)"
+            elif iter_num == first_iter:
+                outcome = "no step since the run started, nothing saved"
+            elif checkpoint.exists(c["out_dir"]):
+                outcome = "always_save_checkpoint=False: the checkpoint stays the best evaluation's"
+            else:
+                outcome = "always_save_checkpoint=False, and no evaluation has saved one: nothing saved"
+            print(f"train.py: stopped by SIGTERM at iter {iter_num}: {outcome}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM)  # a shell's status for a process SIGTERM ended
 
 
