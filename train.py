@@ -593,12 +593,12 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # A SIGTERM: the run saves where it stands (unless it took no step, or keeps only its
-            # best evaluation's) and stops, before an evaluation, which might not end before SIGKILL
-            # (the resumed run makes it).
+            # A SIGTERM: the run saves where it stands (unless it took no step, or keeps its best
+            # evaluation's checkpoint) and stops, before an evaluation, which might not end before
+            # SIGKILL (the resumed run makes it).
             if preemption and preemption.requested():
                 preempted = True
-                if iter_num > first_iter and c["always_save_checkpoint"]:
+                if iter_num > first_iter and (c["always_save_checkpoint"] or not checkpoint.exists(c["out_dir"])):
                     save_checkpoint()
                 break
             # On every rank. eval_only scores the model where it stands (a resumed iter_num need not
@@ -690,10 +690,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 outcome = f"its checkpoint is in {c['out_dir']} (init_from=resume continues)"
             elif iter_num == first_iter:
                 outcome = "no step since the run started, nothing saved"
-            elif checkpoint.exists(c["out_dir"]):
-                outcome = "always_save_checkpoint=False: the checkpoint stays the best evaluation's"
             else:
-                outcome = "always_save_checkpoint=False, and no evaluation has saved one: nothing saved"
+                outcome = "always_save_checkpoint=False: the checkpoint stays the best evaluation's"
             print(f"train.py: stopped by SIGTERM at iter {iter_num}: {outcome}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM)  # a shell's status for a process SIGTERM ended
 

@@ -198,14 +198,14 @@ def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
     (3, True, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # before iter 2's evaluation
     (4, False, 2, "stopped by SIGTERM at iter 3: always_save_checkpoint=False: the checkpoint stays the best "
                   "evaluation's"),
-    (3, False, None, "stopped by SIGTERM at iter 2: always_save_checkpoint=False, and no evaluation has saved one"),
+    (3, False, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # no best to keep: saved
 ])
 def test_sigterm_stops_before_an_evaluation_saving_nothing_before_a_step_nor_over_the_best(
         asked, always, saved_at, says, tmp_path, data_dir, monkeypatch, capsys):
     """A SIGTERM is acted on before an evaluation (which might outlast the scheduler's grace; the
     resumed run makes it). With always_save_checkpoint=False, out_dir's checkpoint is the best
-    evaluation's (nanoGPT's meaning): a SIGTERM does not save over it. `asked`: the question
-    SIGTERM answers, one an iteration from iter 0."""
+    evaluation's (nanoGPT's meaning): a SIGTERM does not save over it, only where there is none.
+    `asked`: the question SIGTERM answers, one an iteration from iter 0."""
     questions = iter(range(1, 1000))
     monkeypatch.setattr(train.Preemption, "requested", lambda self: next(questions) == asked)
     with pytest.raises(SystemExit) as stop:
