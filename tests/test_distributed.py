@@ -432,12 +432,14 @@ def _rank_process(parent: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
-def test_a_sigterm_to_one_rank_under_torchrun_stops_and_saves_every_rank(tmp_path, data_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # rank 0 writes the checkpoint, or every rank its shards
+def test_a_sigterm_to_one_rank_under_torchrun_stops_and_saves_every_rank(parallel, tmp_path, data_dir):
     """train.py under torchrun, evaluating every iteration, and a SIGTERM to rank 1 alone: every
     rank stops at one iteration, saving it together, and each exits with SIGTERM's status (143,
     or killed by torchrun's own SIGTERM as it tears down, once its handler is gone: the same to a
     shell)."""
-    cmd, env = torchrun_command(tmp_path, data_dir, *TWO, "--max_iters=100000", "--eval_interval=1")
+    cmd, env = torchrun_command(tmp_path, data_dir, *TWO, "--max_iters=100000", "--eval_interval=1",
+                                f"--parallel={parallel}")
     run_ = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
