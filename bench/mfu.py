@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_variant(variant)
         names = args.preset.split(",") if args.preset else []
         files = {name: planning.training_file(name) for name in names if name.endswith(".py")}
-        for name in names:
+        for name in set(names) - set(files):
             planning.config_for(name)
     except (ValueError, OSError) as e:
         parser.error(str(e))

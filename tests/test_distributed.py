@@ -33,6 +33,7 @@ from gpt.optim import BF16AdamW
 from gpt.preemption import Preemption
 from gpt.sample import main as sample
 from tests.devices import skip_unless_interpreter_runs
+from tests.test_train import sigterm_once_it_steps
 
 REPO = Path(__file__).resolve().parents[1]
 # Head size 32, as the Triton attention takes it; lr decays to iteration 9 in every run, so that
@@ -441,15 +442,7 @@ def test_a_sigterm_to_one_rank_under_torchrun_stops_and_saves_every_rank(paralle
     cmd, env = torchrun_command(tmp_path, data_dir, *TWO, "--max_iters=100000", "--eval_interval=1",
                                 f"--parallel={parallel}")
     run_ = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "log.jsonl").exists() or not any("loss" in r for r in read_log(tmp_path)):
-            assert run_.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(_rank_process(run_.pid, 1), signal.SIGTERM)
-        out, _ = run_.communicate(timeout=120)
-    finally:
-        run_.kill()
+    out, _ = sigterm_once_it_steps(run_, tmp_path, pid=lambda: _rank_process(run_.pid, 1))
     at = checkpoint.load(tmp_path, "cpu")["iter_num"]
     assert max(r["iter"] for r in read_log(tmp_path) if "loss" in r) == at - 1, out[-3000:]
     assert f"stopped by SIGTERM at iter {at}: its checkpoint is in {tmp_path}" in " ".join(out.split())

@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 import re
 import signal
@@ -164,6 +165,21 @@ def test_resume_continues_exactly(tmp_path, data_dir, capsys):
     assert max(row["iter"] for row in read_log(earlier)) == 12
 
 
+def sigterm_once_it_steps(run_: subprocess.Popen, out_dir: Path, pid=None) -> tuple[str | None, str | None]:
+    """A SIGTERM to train.py's run `run_` (or to the process `pid()` names) once its log holds a
+    step; then what it printed (communicate's), when it has exited."""
+    try:
+        deadline = time.monotonic() + 240
+        while not (out_dir / "log.jsonl").exists() or not any("loss" in r for r in read_log(out_dir)):
+            assert run_.poll() is None, run_.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(pid() if pid else run_.pid, signal.SIGTERM)
+        return run_.communicate(timeout=120)
+    finally:
+        run_.kill()
+
+
 def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
     """A scheduler's SIGTERM (a preemption, `timeout`) mid-run: the run ends its step, saves where
     it stands and exits with SIGTERM's status; resumed, it goes on as if never stopped."""
@@ -174,15 +190,7 @@ def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
     run_ = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={stopped}", "--max_iters=1000000"],
                             cwd=Path(train.__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (stopped / "log.jsonl").exists() or not any(r.get("iter", 0) >= 2 for r in read_log(stopped)):
-            assert run_.poll() is None and time.monotonic() < deadline, run_.stderr and run_.stderr.read()
-            time.sleep(0.05)
-        run_.send_signal(signal.SIGTERM)
-        _, err = run_.communicate(timeout=120)
-    finally:
-        run_.kill()
+    _, err = sigterm_once_it_steps(run_, stopped)
     assert run_.returncode == 128 + signal.SIGTERM, err
     at = checkpoint.load(stopped, "cpu")["iter_num"]
     assert max(r["iter"] for r in read_log(stopped) if "loss" in r) == at - 1  # its last step was saved
