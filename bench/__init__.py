@@ -18,3 +18,11 @@ def positive(convert):
         return value
     parse.__name__ = convert.__name__  # argparse names the type in its "invalid int value" errors
     return parse
+
+
+def fill_unset(args: argparse.Namespace, settings: dict) -> None:
+    """A train.py config file's settings (bench.plan.training_file) as the command's defaults:
+    each one the command has an option for and its command line left unset."""
+    for key, value in settings.items():
+        if key in vars(args) and getattr(args, key) is None:
+            setattr(args, key, value)

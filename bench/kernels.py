@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import described, positive, profile
+from bench import described, fill_unset, positive, profile
 from bench import plan as planning
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
@@ -78,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
         if args.preset.endswith(".py"):
             args.preset = os.path.normpath(args.preset)  # the record's name: ./config/x.py is config/x.py
-            training, config, source = planning.training_file(args.preset)
+            settings, config, source = planning.training_file(args.preset)
             print(source)
-            args.batch_size = args.batch_size or training["batch_size"]
-            # train.py's: bf16_adamw trains in bf16; else the file's, or (None) this GPU's default
-            args.dtype = args.dtype or ("bfloat16" if training["optimizer"] == "bf16_adamw" else training["dtype"])
+            fill_unset(args, settings)  # its batch_size and dtype (None: this GPU's default)
         else:
             config = GPTConfig(**preset(args.preset))
         for op in ops:

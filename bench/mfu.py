@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import backends, breakdown, described, positive
+from bench import backends, breakdown, described, fill_unset, positive
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -366,10 +366,9 @@ def print_breakdown(rows: list[dict], console: Console) -> None:
     console.print(table)
 
 
-def measure_all(args, device: Device, console: Console, out: Path) -> None:
-    """Every variant of args.kernels measured in turn, the result file `out` rewritten after each,
-    so that a run cut short keeps what it measured; then the table."""
-    config = planning.config_for(args.preset)
+def measure_all(args, config: GPTConfig, device: Device, console: Console, out: Path) -> None:
+    """Every variant of args.kernels measured in turn on the model `config`, the result file `out`
+    rewritten after each, so that a run cut short keeps what it measured; then the table."""
     seq_len = args.seq_len or config.block_size
     if seq_len > config.block_size:
         config = dataclasses.replace(config, block_size=seq_len)
@@ -462,18 +461,14 @@ def main(argv: list[str] | None = None) -> int:
             parse_variant(variant)
         names = args.preset.split(",") if args.preset else []
         files = {name: planning.training_file(name) for name in names if name.endswith(".py")}
-        for name in set(names) - set(files):
-            planning.config_for(name)
+        models = {name: files[name][1] if name in files else planning.config_for(name) for name in names}
     except (ValueError, OSError) as e:
         parser.error(str(e))
     for _, _, source in files.values():
         console.print(source)
     planning_note = args.optimizer is not None or args.recompute is not None  # given, and unused in a plan
-    training = files[names[0]][0] if len(names) == 1 and files else None
-    if training:  # its batch_size, optimizer and recompute where the command line sets none
-        args.batch_size = args.batch_size or training["batch_size"]
-        args.optimizer = args.optimizer or training["optimizer"]
-        args.recompute = training["recompute"] if args.recompute is None else args.recompute
+    if len(names) == 1 and files:  # its batch_size, optimizer and recompute where the command line sets none
+        fill_unset(args, files[names[0]][0])
     args.batch_size = args.batch_size or 16
     args.recompute = False if args.recompute is None else args.recompute
 
@@ -491,17 +486,17 @@ def main(argv: list[str] | None = None) -> int:
         if device is None or device.gpu is not gpu:
             dtype = "bfloat16" if gpu.bf16 else "float16"
             peak = args.peak_tflops if args.peak_tflops is not None else gpu.tflops(dtype)
-            presets = args.preset.split(",") if args.preset else planning.DEFAULT_PLAN
-            for name in presets:
+            models = models or {name: planning.config_for(name) for name in planning.DEFAULT_PLAN}
+            for name, config in models.items():
                 try:
-                    recompute_count(args.recompute, planning.config_for(name).n_layer)
+                    recompute_count(args.recompute, config.n_layer)
                 except ValueError as e:
                     parser.error(f"{name}: {e}")
             if planning_note:
                 console.print("--optimizer and --recompute are not used in planning: the tables show both "
                               "optimizers, with no block, every block and the fewest blocks recomputed.")
             planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,
-                                              peak_given=args.peak_tflops is not None), presets, console)
+                                              peak_given=args.peak_tflops is not None), models, console)
             return 0
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
@@ -509,15 +504,18 @@ def main(argv: list[str] | None = None) -> int:
                       "  To plan for a GPU:   python -m bench.mfu --gpu h100 [--world-size 8]\n"
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
+    if len(names) > 1:
+        parser.error(f"--preset {args.preset}: --gpu auto measures one model at a time")
     args.preset = args.preset or "gpt2"
     args.optimizer = args.optimizer or "adamw"
+    config = models.get(args.preset) or planning.config_for(args.preset)
     try:
-        args.recompute = recompute_count(args.recompute, planning.config_for(args.preset).n_layer)
+        args.recompute = recompute_count(args.recompute, config.n_layer)
     except ValueError as e:
         parser.error(str(e))
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{Path(args.preset).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    measure_all(args, device, console, out)
+    measure_all(args, config, device, console, out)
     console.print(f"wrote {out}")
     return 0
 

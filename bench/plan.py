@@ -85,11 +85,11 @@ GiB = 2**30
 
 
 def training_file(path: str) -> tuple[dict, GPTConfig, str]:
-    """(train.py's settings, the model, where its vocabulary comes from) of a train.py config
-    file: the model it trains from scratch, its vocabulary the dataset's, which is prepared
-    first as train.py does where it is built offline (a character dataset's meta.pkl), else
-    GPT-2's padded 50304 tokens. The settings' device and dtype are None where the file sets
-    none (train.py's are the machine's that runs it)."""
+    """(the settings a bench run takes from it, the model, where its vocabulary comes from) of a
+    train.py config file: the model it trains from scratch, its vocabulary the dataset's, which
+    is prepared first as train.py does where it is built offline (a character dataset's
+    meta.pkl), else GPT-2's padded 50304 tokens. The settings are its batch_size, optimizer,
+    recompute and dtype; the dtype None where train.py's is the machine's that runs it."""
     import train  # the repository's own; it imports this module, so not at the top
 
     c = train.parse_config([path])
@@ -106,14 +106,15 @@ def training_file(path: str) -> tuple[dict, GPTConfig, str]:
     meta = load_meta(folder)
     config = train.scratch_model(c, meta)
     source = f"{folder / 'meta.pkl'}" if meta else f"GPT-2's, padded{unprepared}"
-    return c, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
+    settings = {"batch_size": c["batch_size"], "optimizer": c["optimizer"], "recompute": c["recompute"],
+                # bf16_adamw trains in bf16 whatever the file's dtype (train.py)
+                "dtype": "bfloat16" if c["optimizer"] == "bf16_adamw" else c["dtype"]}
+    return settings, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
 
 
 def config_for(name: str) -> GPTConfig:
-    """A model preset (gpt.model.PRESETS), a planning preset, or a train.py config file (a name
-    ending in .py): the model it trains."""
-    if name.endswith(".py"):
-        return training_file(name)[1]
+    """A model preset (gpt.model.PRESETS) or a planning preset (a train.py config file's model:
+    training_file)."""
     if name in PLANNING_PRESETS:
         return GPTConfig(**PLANNING_PRESETS[name])
     if name not in PRESETS:
@@ -238,7 +239,7 @@ def tokens_per_s(peak_tflops: float, flops_per_token: int, mfu: float) -> float:
     return mfu * peak_tflops * 1e12 / flops_per_token
 
 
-def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
+def print_plan(plan: Plan, models: dict[str, GPTConfig], console: Console | None = None) -> None:
     console = console or Console()
     gpu, N = plan.gpu, plan.world_size
     shardings = SHARDINGS if N > 1 else ("ddp",)
@@ -257,8 +258,7 @@ def print_plan(plan: Plan, presets, console: Console | None = None) -> None:
                 "max micro-batch (seqs)", "recomputing all", f"recompute for {plan.micro_batch}"):
         memory.add_column(col, justify="left" if col in ("preset", "optimizer", "sharding") else "right")
     unfit = []
-    for name in presets:
-        config = config_for(name)
+    for name, config in models.items():
         T = plan.seq_len or config.block_size
         flops = flops_per_token(config, T).palm
         rates = [tokens_per_s(plan.peak_tflops, flops, m) for m in MFUS]

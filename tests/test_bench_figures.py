@@ -294,8 +294,8 @@ def test_near_miss_gpu_names_list_their_candidates_only(capsys):
 # --- bench/plan.py -------------------------------------------------------------------------------
 
 def _plan_lines(capsys, gpus, presets, seq_len=None, micro_batch=16):
-    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, gpus, seq_len, micro_batch), presets,
-                    mfu.Console(width=300))
+    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, gpus, seq_len, micro_batch),
+                    {name: plan.config_for(name) for name in presets}, mfu.Console(width=300))
     return capsys.readouterr().out.splitlines()
 
 

@@ -67,9 +67,13 @@ def test_plan_numbers_not_above_zero_are_usage_errors(capsys, flag, value):
     assert exit.value.code == 2 and f"argument {flag}: must be above 0, got {value}" in capsys.readouterr().err
 
 
+def _models(*names):
+    return {name: plan.config_for(name) for name in names}
+
+
 def test_plan_tables_label_binary_units(capsys):
     """The plan counts memory in GiB and MiB (the GPU's nominal 80 taken as GiB): so its labels."""
-    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, 8, None), ["gpt2"], mfu.Console(width=250))
+    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, 8, None), _models("gpt2"), mfu.Console(width=250))
     text = capsys.readouterr().out
     assert "80 GiB" in text and "90% of 80 GiB" in text and "static GiB" in text and "act MiB/token" in text
     assert not re.search(r"\b[GM]B\b", text)
@@ -77,7 +81,7 @@ def test_plan_tables_label_binary_units(capsys):
 
 def test_throughput_of_a_preset_that_fits_nowhere_says_so(capsys):
     """giga-175b fits on one H100 with neither optimizer, even recomputing every block: no rates for it."""
-    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, 1, None), ["gpt2", "giga-175b"],
+    plan.print_plan(plan.Plan(find("h100"), "bfloat16", 989.4, 1, None), _models("gpt2", "giga-175b"),
                     mfu.Console(width=250))
     lines = capsys.readouterr().out.splitlines()
     [big] = [line for line in lines if "175B" in line]
@@ -152,6 +156,8 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(
         seen.append(run)
         raise KeyboardInterrupt  # what was to be measured is known: stop there
     monkeypatch.setattr(mfu, "measure", measure)
+    reads, read = [], plan.training_file
+    monkeypatch.setattr(plan, "training_file", lambda path: reads.append(path) or read(path))
     path = _train_config(tmp_path, "optimizer = 'bf16_adamw'", "recompute = 2")
     with pytest.raises(KeyboardInterrupt):
         mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", path, "--json", str(tmp_path / "m.json")])
@@ -162,6 +168,14 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(
     assert (from_file.batch_size, from_file.seq_len, from_file.optimizer, from_file.recompute,
             from_file.config.vocab_size) == (24, 64, "bf16_adamw", 2, 65)
     assert (overridden.batch_size, overridden.optimizer, overridden.recompute) == (8, "adamw", 1)
+    assert reads == [path, path]  # read (its dataset prepared) once a command
+
+
+def test_measuring_takes_one_preset(monkeypatch, capsys):
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    with pytest.raises(SystemExit) as exit:
+        mfu.main(["--gpu", "auto", "--preset", "gpt2,llama"])
+    assert exit.value.code == 2 and "--gpu auto measures one model at a time" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, message", [
