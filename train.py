@@ -556,19 +556,19 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                                       cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
         state = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=c, meta=meta,
                      scaler=scaler.state_dict(), rng=rng)
-        if world.parallel == "fsdp":
-            path = checkpoint.save_sharded(raw_model, optimizer, state, c["out_dir"])
-        else:
-            optimizer_state = distributed.optimizer_state(optimizer)
-            if not master:
-                return
-            try:
+        try:
+            if world.parallel == "fsdp":
+                path = checkpoint.save_sharded(raw_model, optimizer, state, c["out_dir"])
+            else:
+                optimizer_state = distributed.optimizer_state(optimizer)
+                if not master:
+                    return
                 path = checkpoint.save(dict(state, model=raw_model.state_dict(), optimizer=optimizer_state),
                                        c["out_dir"])
-            except OSError as e:
-                free = shutil.disk_usage(c["out_dir"]).free / 2**20
-                raise SystemExit(f"train.py: the checkpoint could not be written ({free:,.0f} MiB free in "
-                                 f"{c['out_dir']}): {e}; the last one there is as it was") from None
+        except OSError as e:
+            free = shutil.disk_usage(c["out_dir"]).free / 2**20
+            raise SystemExit(f"train.py: the checkpoint could not be written ({free:,.0f} MiB free in "
+                             f"{c['out_dir']}): {e}; the last one there is as it was") from None
         console.print(f"saved checkpoint to {path}")
 
     # --- the loop -----------------------------------------------------------------------------

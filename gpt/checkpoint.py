@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -49,15 +50,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _disk_error(e: BaseException) -> bool:
+    """A failed write: an OSError, or torch's file writer's RuntimeError for a short write (a full
+    disk: "unexpected pos"), not its other RuntimeErrors (a tensor's copy to the host failing is
+    no disk's fault)."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and (
+        "unexpected pos" in str(e) or "PytorchStreamWriter failed" in str(e)))
+
+
 def _writer(obj):
-    """torch.save(obj, f) for write_atomic. torch's file writer reports a short write (a full
-    disk) as a RuntimeError ("unexpected pos"): an OSError here, as any other failed write (not
-    its other RuntimeErrors: a tensor's copy to the host failing is no disk's fault)."""
+    """torch.save(obj, f) for write_atomic, a short write raised as the OSError it is."""
     def write(f):
         try:
             torch.save(obj, f)
         except RuntimeError as e:
-            if "unexpected pos" not in str(e) and "PytorchStreamWriter failed" not in str(e):
+            if not _disk_error(e):
                 raise
             raise OSError(f"torch.save could not write it whole ({e})") from e
     return write
@@ -82,7 +89,14 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed write's files, maybe of another world size
     _barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    except CheckpointException as e:  # on every rank, with each failed rank's error
+        failed = {rank: error for rank, (error, _) in e.failures.items() if _disk_error(error)}
+        if not failed:
+            raise
+        raise OSError(f"torch.distributed.checkpoint could not write the shards of rank(s) "
+                      f"{', '.join(map(str, failed))} ({next(iter(failed.values()))})") from None
     if _master():
         # Whole or absent: its presence is what marks the directory's shards complete.
         write_atomic(tmp / TRAIN_STATE, _writer(train_state))

@@ -1,6 +1,8 @@
 """Sharded checkpoints (torch.distributed.checkpoint) in one process, no process group: what a
 resume finds after a crash mid-save, and an optimizer state restored as the checkpoint holds it."""
+import errno
 import os
+import re
 import shutil
 import time
 from unittest import mock
@@ -8,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt import checkpoint, files
 from gpt.model import GPT, GPTConfig
@@ -288,6 +291,26 @@ def test_only_torch_save_s_short_write_reads_as_the_disk_s_error(tmp_path, monke
     monkeypatch.setattr(checkpoint.torch, "save", fails("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         checkpoint.save({}, tmp_path)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9")])
+def test_shards_the_disk_cannot_take_are_the_disk_s_error_and_the_last_checkpoint_stays(tmp_path, error):
+    """As a full checkpoint's failed write: an OSError, which train.py reports with the free space."""
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    with mock.patch("torch.distributed.checkpoint.filesystem._write_item", side_effect=error):
+        with pytest.raises(OSError, match=r"^torch.distributed.checkpoint could not write the shards of rank\(s\) "
+                                          rf"0 \({re.escape(str(error))}\)$"):
+            checkpoint.save_sharded(m, o, {"iter_num": 2, "model_args": vars(CONFIG)}, tmp_path)
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 1
+
+
+def test_a_shard_s_failure_that_is_no_disk_s_stays_itself(tmp_path):
+    m, o = trained(kahan=False, steps=0)
+    with mock.patch("torch.distributed.checkpoint.filesystem._write_item", side_effect=ValueError("a bug")):
+        with pytest.raises(CheckpointException, match="a bug"):
+            checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
 
 
 def test_a_missing_checkpoint_s_message_points_to_the_one_a_new_run_set_aside(tmp_path):

@@ -449,6 +449,27 @@ def test_a_sigterm_to_one_rank_under_torchrun_stops_and_saves_every_rank(paralle
     assert set(re.findall(r"exitcode\s*: (-?\d+)", out)) <= {"143", "-15"}, out[-3000:]
 
 
+def test_fsdp_shards_the_disk_cannot_take_end_the_run_saying_so_and_keep_the_last(tmp_path, data_dir, monkeypatch):
+    """As a full checkpoint (tests/test_train_run.py): the message with the free space, no traceback."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)  # torchrun's one process
+    args = [*ONE, "--parallel=fsdp", "--eval_interval=2", "--eval_iters=1"]
+    try:
+        run(tmp_path, data_dir, *args, "--max_iters=2")
+        monkeypatch.setattr("torch.distributed.checkpoint.filesystem._write_item", mock.Mock(
+            side_effect=OSError(28, "No space left on device")))
+        with pytest.raises(SystemExit, match=r"^train.py: the checkpoint could not be written \([\d,]+ MiB free "
+                                             r"in .*\): torch.distributed.checkpoint could not write the shards of "
+                                             r"rank\(s\) 0 \(\[Errno 28\] No space left on device\); the last "
+                                             r"one there is as it was$"):
+            run(tmp_path, data_dir, *args, "--max_iters=4", "--init_from=resume")
+    finally:
+        if torch.distributed.is_initialized():  # the run ended before it left its group
+            torch.distributed.destroy_process_group()
+    assert (tmp_path / checkpoint.SHARDED).is_dir() and checkpoint.load(tmp_path, "cpu")["iter_num"] == 2
+
+
 def test_ddp_does_not_sync_buffers_each_forward(one_process_group):
     """replicate's DDP broadcasts no buffers before a forward (the rope tables are the same on
     every rank), by the argument this torch takes without a deprecation warning."""
