@@ -32,7 +32,7 @@ from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import try_lock, write_atomic
 from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
-from bench import plan
+from bench import plan, shown
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
 from gpt.model import GPT, GPTConfig, model_ops, preset
@@ -653,8 +653,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 if warmed_up:
                     record.update(step_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt)
                     record.update(meter.record(record["tokens_per_s"]))
-                    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
-                    timing = f"{record['step_ms']:.1f} ms, {record['tokens_per_s']:,.0f} tok/s, MFU {mfu}"
+                    timing = (f"{record['step_ms']:.1f} ms, {record['tokens_per_s']:,.0f} tok/s, "
+                              f"MFU {shown(record['mfu'], '.1%')}")
                 else:
                     timing = "first step (compile, warm-up): not timed"
                 console.print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm "

@@ -8,6 +8,12 @@ def described(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def shown(value, spec: str) -> str:
+    """A measured number formatted by `spec` (".1%", ".2f"), or "n/a" where there is none (an MFU
+    without a known peak, a time that was not taken)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def positive(convert):
     """An argparse type: `convert` of the text (int, float), refused unless above 0 (a count of
     0 steps, GPUs or tokens divided by zero or planned nonsense further on)."""

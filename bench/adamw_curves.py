@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import described, positive
+from bench import described, positive, shown
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 15  # of a concurrent run's output, printed when it ends
@@ -287,10 +287,6 @@ def load(out: Path) -> list[dict]:
     return runs
 
 
-def _num(value, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
 def status(r: dict) -> str:
     """What keeps a run's last evaluation from being its planned end, or "" (none)."""
     if r["returncode"] is None:
@@ -298,7 +294,7 @@ def status(r: dict) -> str:
     if r["returncode"]:
         return f" (exit status {r['returncode']})"
     if r["planned_iters"] is not None and r["iters"] != r["planned_iters"]:
-        return f" (evaluated to step {_num(r['iters'], 'd')} of {r['planned_iters']})"
+        return f" (evaluated to step {shown(r['iters'], 'd')} of {r['planned_iters']})"
     return ""
 
 
@@ -307,8 +303,8 @@ def table(runs: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in runs:
         best = "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})"
-        lines.append(f"| {r['label']}{status(r)} | {_num(r['iters'], 'd')} | {_num(r['final_val'], '.4f')} | {best} | "
-                     f"{_num(r['final_train'], '.4f')} | {_num(r['step_ms'], '.1f')} | {_num(r['wall_s'], '.0f')} | "
+        lines.append(f"| {r['label']}{status(r)} | {shown(r['iters'], 'd')} | {shown(r['final_val'], '.4f')} | {best} | "
+                     f"{shown(r['final_train'], '.4f')} | {shown(r['step_ms'], '.1f')} | {shown(r['wall_s'], '.0f')} | "
                      f"{r['device'] or 'n/a'} |")
     return "\n".join(lines) + "\n"
 
@@ -420,8 +416,6 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not variants:
             parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
         extra = [f"--{kv.removeprefix('--')}" for kv in args.set]
-        if args.jobs < 1:
-            parser.error(f"--jobs must be at least 1, got {args.jobs}")
         return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra, args.jobs)
     if args.command == "tidy":
         return tidy(args.out)

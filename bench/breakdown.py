@@ -20,6 +20,8 @@ import re
 import torch
 from torch.autograd import DeviceType
 
+from bench import shown
+
 # (kind, pattern): the first that a name matches, case-insensitive. Order matters where names mix
 # words: cuDNN's attention kernels say wgmma, torch's clip_grad_norm says norm (its per-tensor
 # vector_norm launches a reduction of NormTwoOps: the optimizer's gradient clipping).
@@ -137,7 +139,5 @@ def cells(summary: dict) -> list[str]:
     kept its kernels' times (resorted)."""
     summary = resorted(summary)
 
-    def rate(x):
-        return "n/a" if x is None else f"{x:.0f}"
     return [f"{100 * summary['busy']:.0f}%", *(f"{summary['ms'][k]:.2f}" for k in SHOWN),
-            rate(summary["matmul_tflops"]), rate(summary["attention_tflops"])]
+            shown(summary["matmul_tflops"], ".0f"), shown(summary["attention_tflops"], ".0f")]

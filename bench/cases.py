@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.flops import causal_attention_fwd_flops
 from gpt.model import GPT, GPTConfig, rope_tables
 from kernels.accuracy import bound, rel_err
 from kernels.rope import rope_torch
@@ -308,8 +309,7 @@ def _attention(s: Shapes, device) -> Case:
             scale[..., j0:j0 + w] = (out[..., :w] != 0).float() / (1 - p)
         return fn, lambda q, k, v, causal, dropout_p, rope: dropped_attention(q, k, v, causal, scale, rope)
 
-    fwd = 4 * B * H * T * T * D / 2  # QKᵀ and PV, causal half
-    # Backward is 2.5x the forward: five matmuls to its two, recomputing QKᵀ.
+    fwd = causal_attention_fwd_flops(B, H, T, D)
     return Case("attention", f"B={B} H={H}/{Hkv} T={T} D={D} causal" + (" rope" if rope else "")
                 + (f" dropout {p:g}" if p else ""),
                 ("fwd", "fwd+bwd"), make, call, {"fwd": fwd, "fwd+bwd": 3.5 * fwd}, "TFLOPS", s.dtype,

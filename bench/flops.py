@@ -19,10 +19,13 @@ Conventions:
 - `causal`: 6N + 6·L·H·Q·T, the work causal attention needs.
 - `hardware`: the matmuls the GPU executes: 6 x the matmul weights, causal attention plus the
   flash-attention backward's recomputation of QKᵀ (one more score matmul beside the four a
-  backward needs: 7·L·H·Q·T), plus the forward that activation checkpointing runs again in each
-  recomputed block (2 FLOPs per matmul weight per token and causal attention's forward, 2·H·Q·T,
-  per such block). Embedding lookups, norms, activations, softmax and the loss are elementwise
-  work it leaves out (a fraction of a percent at these widths).
+  backward needs: 7·L·H·Q·T, as FlashAttention-2's one-kernel backward runs them; the triton
+  backward's two kernels, dK dV and dQ, each recompute QKᵀ and dO Vᵀ, 9·L·H·Q·T, which this
+  count does not credit: its rows' hardware rate is of FlashAttention-2's work), plus the
+  forward that activation checkpointing runs again in each recomputed block (2 FLOPs per matmul
+  weight per token and causal attention's forward, 2·H·Q·T, per such block). Embedding lookups,
+  norms, activations, softmax and the loss are elementwise work it leaves out (a fraction of a
+  percent at these widths).
 """
 from dataclasses import dataclass
 
@@ -94,12 +97,11 @@ def param_count(config: GPTConfig) -> int:
 
 @dataclass(frozen=True)
 class Flops:
-    """Training FLOPs per token (forward + backward) at sequence length `seq_len`."""
+    """Training FLOPs per token (forward + backward) at one sequence length."""
 
     matmul: int  # 6 x every matmul's weights
     vectors: int  # 6 x the norm and bias parameters (the rest of 6N)
     attention_unit: int  # L·H·Q·T: attention's FLOPs are multiples of it
-    seq_len: int
     recomputed_matmul: int = 0  # 2 x the recomputed blocks' matmul weights
     recomputed_attention_unit: int = 0  # the recomputed blocks' share of attention_unit
 
@@ -128,8 +130,14 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: i
     block_weights = sum(m.weights for m in block_matmuls(config)) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
     # every query head still scores every key.
-    return Flops(matmul, 6 * vector_param_count(config), config.n_layer * config.n_embd * T, T,
+    return Flops(matmul, 6 * vector_param_count(config), config.n_layer * config.n_embd * T,
                  2 * recomputed * block_weights, recomputed * config.n_embd * T)
+
+
+def causal_attention_fwd_flops(B: int, H: int, T: int, D: int) -> float:
+    """Causal attention's forward (QKᵀ and PV, the causal half) on B sequences of T tokens, H
+    heads of size D; its useful backward is 2.5x (five matmuls to two, recomputing QKᵀ)."""
+    return 4 * B * H * T * T * D / 2
 
 
 CONVENTION = ("MFU counts 6N + 12·L·H·Q·T FLOPs a token, N the parameters but the embedding tables "

@@ -119,11 +119,11 @@ def copy_gbs(device: str = "cuda") -> float:
 
 
 @functools.cache
-def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> float:
-    """Measured dense matmul rate in TFLOPS (8192³, random inputs)."""
+def matmul_tflops(device: str = "cuda") -> float:
+    """Measured dense bf16 matmul rate in TFLOPS (8192³, random inputs)."""
     n = 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms = median_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
 
@@ -151,8 +151,8 @@ class Row:
 
     op: str
     shape: str
-    pass_: str  # "fwd", "bwd" or "fwd+bwd"
-    backend: str  # "torch", "compile" or "triton"
+    pass_: str  # the case's pass: "fwd", "bwd", "fwd+bwd", "step", ...
+    backend: str  # the implementation's name in the table: "torch", "compile", "triton sr", ...
     ms: float
     value: float
     unit: str

@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import backends, breakdown, described, fill_unset, positive
+from bench import backends, breakdown, described, fill_unset, positive, shown
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -288,14 +288,6 @@ def summarize(row: dict, run: Run, flops: Flops, peak: Peak) -> dict:
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ms(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
 def _clock(sm_mhz: float | None, peak_tflops: float | None) -> str:
     """The SM clock NVML saw, and the peak it implies where the table gives one."""
     if not sm_mhz:
@@ -318,10 +310,9 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
             table.add_row(r["variant"], f"[red]{one_line(r['error'])}[/red]", *[""] * 11)
             continue
         table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
-                      f"{r['ms_p90']:.2f}", _ms(r.get("host_ms")), f"{r['tflops']:.1f}", _pct(r["mfu"]),
-                      f"{r['hw_tflops']:.1f}",
-                      f"{r['peak_memory_gib']:.1f}", _clock(r["sm_mhz"], r["clock_peak_tflops"]),
-                      _pct(r["mfu_at_clock"]), f"{r['loss']:.3f}")
+                      f"{r['ms_p90']:.2f}", shown(r.get("host_ms"), ".2f"), f"{r['tflops']:.1f}",
+                      shown(r["mfu"], ".1%"), f"{r['hw_tflops']:.1f}", f"{r['peak_memory_gib']:.1f}", _clock(r["sm_mhz"], r["clock_peak_tflops"]),
+                      shown(r["mfu_at_clock"], ".1%"), f"{r['loss']:.3f}")
     console.print(table)
     console.print(f"FLOPs per token: {flops.palm / 1e6:,.1f}M model (PaLM), {flops.hardware / 1e6:,.1f}M "
                   f"hardware. {CONVENTION}.\nPeak: {peak.source}. MFU at clock: against the peak "
@@ -388,7 +379,8 @@ def measure_all(args, config: GPTConfig, device: Device, console: Console, out: 
         rows.append(summarize(measure(run, variant, device), run, flops, peak))
         r = rows[-1]  # as it comes, for a run cut short
         console.print(f"  {variant}: " + (r["error"] if "error" in r else
-                      f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, MFU {_pct(r['mfu'])}"))
+                      f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, "
+                      f"MFU {shown(r['mfu'], '.1%')}"))
         out.write_text(json.dumps(record(run, args.preset, device, peak, flops, rows), indent=1) + "\n")
     if not_started:
         console.print(f"not started, --budget-s {args.budget_s:g} spent: {', '.join(not_started)}")

@@ -8,8 +8,8 @@ A step reads p, g, m, v and writes p, m, v: the minimum traffic, 7 x 2 bytes per
 (bench/cases.py), credited alike to every backend, so GB/s compares time. The parameters are the
 model's own (gpt/model.py at the gpt2 preset, lm_head tied to wte). Backends: the triton op with
 round-to-nearest stores and with stochastic rounding (`sr`, the default for bf16) and the torch
-backend with round-to-nearest (`torch loop`: a Python loop of ~10 tensor ops per parameter, as the
-seed's bf16_adamw.py), each called on ready lists (pass `step`); and whole optimizer steps (pass
+backend with round-to-nearest (`torch loop`: a Python loop of ~10 tensor ops per parameter, as
+torch's for-loop AdamW), each called on ready lists (pass `step`); and whole optimizer steps (pass
 `optimizer step`, their loop over the params included): the BF16AdamW optimizer on the triton op
 (rounding to nearest, as torch's, and `sr`), torch.optim.AdamW with fused=True and with
 foreach=True on the same bf16 params. Every row includes its host-side work (argument checks, the

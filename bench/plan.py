@@ -113,8 +113,8 @@ def training_file(path: str) -> tuple[dict, GPTConfig, str]:
 
 
 def config_for(name: str) -> GPTConfig:
-    """A model preset (gpt.model.PRESETS) or a planning preset (a train.py config file's model:
-    training_file)."""
+    """A model preset (gpt.model.PRESETS) or a planning preset (PLANNING_PRESETS: gigaGPT's
+    shapes). A train.py config file's model is training_file's."""
     if name in PLANNING_PRESETS:
         return GPTConfig(**PLANNING_PRESETS[name])
     if name not in PRESETS:

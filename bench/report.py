@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench import breakdown, described
+from bench import breakdown, described, shown
 from bench.measure import error_cell, host_bound
 
 
@@ -90,7 +90,7 @@ def mfu_table(result: dict) -> str:
         if "error" in r:
             lines.append([r["variant"], error_cell(r["error"]), *[""] * 6])
             continue
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        mfu = shown(r["mfu"], ".1%")
         host = "" if r.get("host_ms") is None else f"{r['host_ms']:.1f}"
         lines.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.1f}", host, f"{r['tflops']:.0f}",
                       mfu, f"{r['hw_tflops']:.0f}", f"{r['peak_memory_gib']:.1f}"])

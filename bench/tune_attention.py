@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from bench import described, positive
+from bench.flops import causal_attention_fwd_flops
 from bench.measure import median_ms, provenance
 from bench.op_attention import TOKENS, WIDTH
 from kernels import attention, runtime
@@ -145,10 +146,6 @@ def tma_twins(records: list[dict], p: "Problem", smoke: bool) -> list[_Config]:
         if not cfg.tma and tuple(twin) not in tried and attention._use_tma(twin, p.q, p.k, p.v, p.do):
             twins.append(twin)
     return twins[:1 if smoke else TMA_TWINS]
-
-
-def fwd_flops(B: int, H: int, T: int, D: int) -> float:
-    return 4 * B * H * T * T * D / 2
 
 
 def _sync(device: torch.device) -> None:
@@ -369,7 +366,7 @@ def _check_device(device: torch.device, after: str) -> None:
 def sweep(which: str, p: Problem, cfgs: list[_Config], timer, rates: bool) -> list[dict]:
     """One record per candidate: its verification, ms and (on a GPU) TFLOPS, or why it was skipped."""
     device = p.q.device
-    flops = FLOPS_PER_FWD[which] * fwd_flops(p.B, p.H, p.T, p.D)
+    flops = FLOPS_PER_FWD[which] * causal_attention_fwd_flops(p.B, p.H, p.T, p.D)
     records = []
     for cfg in cfgs:
         record = {"config": list(cfg), "default": cfg == p.defaults[which]}
@@ -429,7 +426,7 @@ def print_compare(c: dict, unit: str) -> None:
 def compare(p: Problem, winners: dict[str, _Config], timer, rates: bool) -> dict:
     """The winners against the current configurations at p's T: the forward alone and the whole
     backward, each verified."""
-    flops = fwd_flops(p.B, p.H, p.T, p.D)
+    flops = causal_attention_fwd_flops(p.B, p.H, p.T, p.D)
     runs = {"fwd": lambda cfgs: launch("fwd", p, cfgs["fwd"]), "bwd": lambda cfgs: launch_bwd(p, cfgs)}
     result = {"T": p.T, "shape": p.shape()}
     for name, run in runs.items():
@@ -497,7 +494,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
             print_sweep(which, p, records, best, time.perf_counter() - start, unit)
             current = next(r for r in records if r["default"])
             entry["passes"][which] = dict(
-                flops=FLOPS_PER_FWD[which] * fwd_flops(B, H, T, D), current=list(p.defaults[which]),
+                flops=FLOPS_PER_FWD[which] * causal_attention_fwd_flops(B, H, T, D), current=list(p.defaults[which]),
                 winner=best and best["config"],
                 speedup=best and current.get("ms") and current["ms"] / best["ms"],
                 candidates=records)

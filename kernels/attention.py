@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import runtime
 from .runtime import dropout_key, dropout_scale, fp32, wrap_triton  # bare names: see wrap_triton's docstring
-from .checks import check_dropout, check_same, check_tensor
+from .checks import TRITON_DTYPES, check_dropout, check_same, check_tensor, dtype_names
 from .registry import register
 from .rope import check_tables, rotate, rotate_beside, triton_tables, turned
 
@@ -654,7 +654,7 @@ def _launch_delta(o: torch.Tensor, do: torch.Tensor, fwd_cfg: _Config) -> torch.
     B, H, T, D = o.shape
     delta = torch.empty((B, H, T), dtype=torch.float32, device=o.device)
     with runtime.on_device(o):
-        # One row tile per program and a streaming reduction over D: the forward's row tiling.
+        # One row tile per program, the forward's row tiling, summed over D at once.
         wrap_triton(_attn_bwd_delta)[(runtime.cdiv(T, fwd_cfg.block_m), H, B)](
             o, do, delta, T, H, *o.stride(), *do.stride(),
             BLOCK_M=fwd_cfg.block_m, BLOCK_D=runtime.next_power_of_2(D), HEAD_DIM=D,
@@ -830,9 +830,9 @@ def check_triton_attention(q, k, rope) -> None:
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"attention: the triton backend supports head dims {HEAD_DIMS}, "
                          f"got {q.shape[-1]}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"attention: the triton backend takes float16, bfloat16 or float32, "
-                         f"got {str(q.dtype).removeprefix('torch.')}")
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"attention: the triton backend takes one of ({dtype_names(TRITON_DTYPES)}), "
+                         f"got {dtype_names([q.dtype])}")
     if q.shape[1] == 0:  # the dkdv kernel sums each kv head's group of H // Hkv query heads
         raise ValueError(f"attention: the triton backend needs at least one query head, got q of shape "
                          f"{tuple(q.shape)}")

@@ -5,6 +5,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = FLOAT_DTYPES[:3]  # what the Triton kernels compute in (a GPU's tl.dot has no fp64)
 
 
 def dtype_names(dtypes) -> str:

@@ -43,10 +43,9 @@ import triton.language as tl
 
 from . import runtime
 from .runtime import LN2, LOG2E, tile, wrap_triton  # bare names: see wrap_triton's docstring
-from .checks import check_number, check_same, check_tensor, dtype_names
+from .checks import TRITON_DTYPES, check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IGNORE_INDEX = -1  # nanoGPT's: its data never holds -1, and padding a target with it drops the row
 
 

@@ -58,10 +58,9 @@ import triton.language as tl
 
 from . import runtime
 from .runtime import dropout_scale, dropout_seed, fp32, wrap_triton  # bare names: see wrap_triton's docstring
-from .checks import FLOAT_DTYPES, check_dropout, check_number, check_same, check_tensor, dtype_names
+from .checks import FLOAT_DTYPES, TRITON_DTYPES, check_dropout, check_number, check_same, check_tensor, dtype_names
 from .registry import register
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_N = 65536  # widest row one block holds
 
 # Launch heuristics.

@@ -22,10 +22,9 @@ import triton.language as tl
 
 from . import runtime
 from .runtime import wrap_triton  # bare names: see wrap_triton's docstring
-from .checks import FLOAT_DTYPES, check_same, check_tensor
+from .checks import FLOAT_DTYPES, TRITON_DTYPES, check_same, check_tensor
 from .registry import register
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Launch heuristics: _TILE elements of each half per program (8 KB of bf16 per half), in a tile
 # of whole half-rows of consecutive positions of one (batch, head). 8 warps give each thread 16

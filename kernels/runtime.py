@@ -192,8 +192,7 @@ if INTERPRET:
         warnings.warn("Triton's interpreter has changed: its casts to bf16 round toward zero here, not to "
                       "nearest as on a GPU", stacklevel=2)
 
-# Streams of fewer than this many rows run on the interpreter in reasonable time; kernels that
-# size grids by SM count use it on CPU so tests stay quick.
+# num_sms off the GPU: grids sized by SM count stay a few programs, so that interpreted tests stay quick.
 _INTERPRETER_SMS = 4
 
 

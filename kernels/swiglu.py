@@ -14,10 +14,9 @@ import triton.language as tl
 
 from . import runtime
 from .runtime import LOG2E, tile, wrap_triton  # bare names: see wrap_triton's docstring
-from .checks import check_same, check_tensor
+from .checks import TRITON_DTYPES, check_same, check_tensor
 from .registry import register
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_swiglu(gate, up) -> None:

@@ -403,7 +403,7 @@ def test_bad_inputs(device):
         f(q, q.half(), q)
     with pytest.raises(ValueError, match="attention: .*same device"):
         f(q, q.to("meta"), q)
-    with pytest.raises(ValueError, match="attention: .*float16, bfloat16 or float32, got float64"):
+    with pytest.raises(ValueError, match=r"attention: .*one of \(float16, bfloat16, float32\), got float64"):
         x = q.double()
         f(x, x, x)
     for shape, extent in (((65536, 1, 8, 64), "batch"), ((1, 65536, 8, 64), "heads")):
