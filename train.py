@@ -26,8 +26,8 @@ from rich.table import Table
 
 import kernels
 from gpt import checkpoint, distributed, pretrained
-from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, RUN_KEYS, ConfigError, check_device, parse_args,
-                        printed_help, reported as reported_by, training_dtype)
+from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN_KEYS, ConfigError, check_device,
+                        parse_args, printed_help, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import try_lock, write_atomic
 from gpt.preemption import Preemption
@@ -132,6 +132,8 @@ def check_ranges(config: dict) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= config[key] < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
+    if config["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {config['optimizer']!r}")
     if config["compile_mode"] not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {config['compile_mode']!r}")
     if config["peak_tflops"] is not None and config["peak_tflops"] <= 0:
@@ -437,12 +439,10 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
 
     if c["optimizer"] == "adamw":
         optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=device_type == "cuda")
-    elif pure_bf16:
+    else:
         optimizer_class, optimizer_args = BF16AdamW, dict(backend=backends["adamw"], seed=c["seed"],
                                                           stochastic_rounding=c["stochastic_rounding"],
                                                           kahan_summation=c["kahan_summation"])
-    else:
-        raise SystemExit(f"train.py: optimizer must be adamw or bf16_adamw, got {c['optimizer']!r}")
     grad_norm_op = kernels.get("grad_norm", backends["grad_norm"])
     optimizer = distributed.optimizer(world, model.param_groups(c["weight_decay"]), optimizer_class,
                                       lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)

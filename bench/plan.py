@@ -59,6 +59,7 @@ from rich.table import Table
 
 from bench.flops import block_matmuls, block_param_count, flops_per_token, param_count
 from bench.hardware import GPU
+from gpt.config import OPTIMIZERS
 from gpt.data import load_meta, prepare
 from gpt.model import GPT, PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
@@ -71,7 +72,6 @@ PLANNING_PRESETS: dict[str, dict] = {
     "giga-175b": dict(n_layer=96, n_head=96, n_embd=12288, block_size=2048),
 }
 DEFAULT_PLAN = ("gpt2", "llama", "gpt2-xl", "giga-13b", "giga-70b", "giga-175b")
-OPTIMIZERS = ("adamw", "bf16_adamw")
 SHARDINGS = ("ddp", "zero1", "fsdp")
 MFUS = (0.30, 0.45, 0.60)
 # Of the datasheet's memory taken as GiB. Drivers report 93-99.5% of that figure (H100 80 GB:

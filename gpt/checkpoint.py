@@ -221,12 +221,20 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint
         optimizer.load_state_dict(checkpoint["optimizer"])
     else:
         _restore_sharded(model, optimizer, checkpoint["sharded"])
-    if not isinstance(local_optimizer(optimizer), BF16AdamW):
-        # BF16AdamW's Kahan compensation (what rounding its bf16 params lost) means nothing to
-        # torch's AdamW over fp32 weights, which would keep it as it is: were the run to switch
-        # back, the compensation would be that of weights long since changed. It starts at zero.
-        for state in local_optimizer(optimizer).state.values():
+    local = local_optimizer(optimizer)
+    for param, state in local.state.items():
+        # As torch's load_state_dict leaves them, and ZeRO-1's, which copies each state as saved,
+        # does not: moments in the param's dtype (the other optimizer's are fp32 or bf16).
+        for name in ("exp_avg", "exp_avg_sq", "compensation"):
+            if name in state and state[name].dtype != param.dtype:
+                state[name] = state[name].to(param.dtype)
+        if not isinstance(local, BF16AdamW):
+            # BF16AdamW's Kahan compensation (what rounding its bf16 params lost) means nothing to
+            # torch's AdamW over fp32 weights, which would keep it as it is: were the run to switch
+            # back, the compensation would be that of weights long since changed. It starts at zero.
             state.pop("compensation", None)
+            if "step" in state and not torch.is_tensor(state["step"]):  # BF16AdamW's count, an int
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
 
 
 def _restore_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:

@@ -38,6 +38,7 @@ _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 # difflib's similarity at and above which an unknown key is taken for a misspelling of a known one
 MISSPELT = 0.75
 DTYPES = ("float32", "bfloat16", "float16")  # the `dtype` values train.py and gpt.sample take
+OPTIMIZERS = ("adamw", "bf16_adamw")  # train.py's `optimizer`: torch's AdamW, or gpt.optim.BF16AdamW
 # torch.compile's modes (torch._inductor.list_mode_options(), torch 2.11 to 2.13): train.py's
 # `compile_mode`. "reduce-overhead" replays the compiled graphs as CUDA graphs, so a step's many
 # short kernels cost the host no launch each.

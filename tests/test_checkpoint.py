@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from gpt import checkpoint, files
+from gpt import checkpoint, distributed, files
 from gpt.model import GPT, GPTConfig
 from gpt.optim import BF16AdamW
 from tests.devices import cuda_only
@@ -311,6 +311,41 @@ def test_a_shard_s_failure_that_is_no_disk_s_stays_itself(tmp_path):
     with mock.patch("torch.distributed.checkpoint.filesystem._write_item", side_effect=ValueError("a bug")):
         with pytest.raises(CheckpointException, match="a bug"):
             checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [("bf16_adamw", "adamw"), ("adamw", "bf16_adamw")])
+@pytest.mark.parametrize("zero1", [False, True], ids=["one process", "zero1"])
+def test_a_full_checkpoint_resumes_under_the_other_optimizer(saved_by, resumed_by, zero1, request):
+    """The state another optimizer saved is the one this optimizer keeps, as torch's
+    load_state_dict makes it and ZeRO-1's (which copies each state as saved) does not: moments in
+    the params' dtype, torch's AdamW's step a tensor (BF16AdamW counts in an int)."""
+    if zero1:
+        request.getfixturevalue("one_process_group")
+    world = distributed.World(parallel="zero1" if zero1 else None)
+
+    def built(name):
+        torch.manual_seed(0)
+        model = GPT(CONFIG).to(torch.bfloat16 if name == "bf16_adamw" else torch.float32)
+        cls = BF16AdamW if name == "bf16_adamw" else torch.optim.AdamW
+        return model, distributed.optimizer(world, model.param_groups(0.1), cls, lr=1e-2)
+
+    def step(model, optimizer):
+        x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
+        model(x, x)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model, optimizer = built(saved_by)
+    step(model, optimizer)
+    saved = dict(model=model.state_dict(), optimizer=distributed.optimizer_state(optimizer))
+    model, optimizer = built(resumed_by)
+    checkpoint.restore(model, optimizer, saved)
+    local = distributed.local_optimizer(optimizer)
+    for param, state in local.state.items():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == param.dtype
+        assert float(state["step"]) == 1 and (resumed_by == "bf16_adamw" or torch.is_tensor(state["step"]))
+    step(model, optimizer)
+    assert all(float(state["step"]) == 2 for state in local.state.values())
 
 
 def test_a_missing_checkpoint_s_message_points_to_the_one_a_new_run_set_aside(tmp_path):
