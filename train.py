@@ -439,6 +439,9 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
 
     if c["optimizer"] == "adamw":
         optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=device_type == "cuda")
+        if c["kahan_summation"]:
+            console.print("[yellow]kahan_summation=True is bf16_adamw's, for bf16 weights: adamw's are fp32, "
+                          "and it is not used[/yellow]")
     else:
         optimizer_class, optimizer_args = BF16AdamW, dict(backend=backends["adamw"], seed=c["seed"],
                                                           stochastic_rounding=c["stochastic_rounding"],

@@ -325,6 +325,12 @@ def test_resuming_on_another_vocabulary_of_the_same_size_is_refused(tmp_path, da
         run(tmp_path, data_dir, *cpu, "--init_from=resume", "--dataset=reversed_chars", "--max_iters=2")
 
 
+def test_kahan_summation_under_adamw_is_named_as_unused(tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, "--device=cpu", "--optimizer=adamw", "--kahan_summation=True", "--max_iters=1")
+    assert "kahan_summation=True is bf16_adamw's, for bf16 weights: adamw's are fp32, and it is not used" in " ".join(
+        capsys.readouterr().out.split())
+
+
 def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir, monkeypatch):
     """The checkpoint's optimizer state, the config's settings: Kahan switched on and stochastic
     rounding off for the resumed steps, then Kahan off again (its compensation dropped). The
