@@ -362,7 +362,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                          f"a process (gradient_accumulation_steps={world_size}, batch_size larger for as many "
                          f"tokens), or compile_mode=default or max-autotune-no-cudagraphs")
     console = Console(quiet=not master, soft_wrap=True)
-    device_type = "cuda" if c["device"].startswith("cuda") else "cpu"
+    device_type = torch.device(c["device"]).type  # autocast's and the kernels' (mps's own, not the CPU's)
     if device_type == "cuda":
         if torch.device(c["device"]).index is not None:  # cuda:N in one process too: its profile and self-checks
             torch.cuda.set_device(c["device"])

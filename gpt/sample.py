@@ -101,9 +101,9 @@ def main(argv: list[str]) -> list[str]:
     if c["dtype"] is not None and c["dtype"] not in DTYPES:
         raise SystemExit(f"gpt.sample: dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
     device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
     with reported("gpt.sample"):  # one it lacks (cuda:3 of two GPUs), before a checkpoint is read
         check_device(device)
+    device_type = torch.device(device).type  # autocast's and the kernels' (mps's own, not the CPU's)
     torch.manual_seed(c["seed"])
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = c["dtype"] or ("bfloat16" if bf16 else "float32")  # what the ops see, whatever the weights' dtype

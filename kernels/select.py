@@ -75,8 +75,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *,
     if kernels == "torch":
         return {op: Choice("torch", "asked for") for op in OPS}
     if kernels == "auto" and device_type != "cuda":
-        return {op: Choice("torch", "auto on CPU: the Triton interpreter is for tests, not speed")
-                for op in OPS}
+        return {op: Choice("torch", f"auto on {device_type}: the kernels run on CUDA GPUs (the CPU's "
+                                    f"Triton interpreter is for tests, not speed)") for op in OPS}
     refused = kernels == "auto" and torch.cuda.is_available() and runtime.unsupported_gpu(torch.device("cuda"))
     if refused:
         return {op: Choice("torch", f"auto: {refused}") for op in OPS}

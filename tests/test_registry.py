@@ -50,6 +50,8 @@ def test_choose_torch_triton_and_auto():
         if expected == "torch":
             assert "falls back to torch" in triton_choice[op].reason
     assert {c.backend for c in kernels.choose("auto", "cpu").values()} == {"torch"}
+    # An Apple GPU is named as itself (train.py and gpt.sample took it for the CPU once).
+    assert kernels.choose("auto", "mps")["attention"].reason.startswith("auto on mps: the kernels run on CUDA GPUs")
 
 
 def test_choose_mapping_and_bad_modes():
