@@ -30,6 +30,7 @@ import torch
 from bench.flops import causal_attention_fwd_flops
 from gpt.model import GPT, GPTConfig, rope_tables
 from kernels.accuracy import bound, rel_err
+from kernels.checks import dtype_name
 from kernels.rope import rope_torch
 
 # AdamW hyperparameters of train.py's defaults, a late step, where bias correction is mild, but
@@ -59,7 +60,7 @@ class Shapes:
     def describe(self) -> str:
         c = self.config
         return (f"B={self.batch_size} T={self.T} C={c.n_embd} heads {c.n_head}/{c.n_kv_head} "
-                f"{str(self.dtype).removeprefix('torch.')}" + (f" dropout {c.dropout:g}" if c.dropout else ""))
+                f"{dtype_name(self.dtype)}" + (f" dropout {c.dropout:g}" if c.dropout else ""))
 
     def key(self) -> tuple:
         return dataclasses.astuple(self.config), self.batch_size, self.T, self.dtype
@@ -411,7 +412,7 @@ def _grad_norm(s: Shapes, device, distinct: bool, dtype: torch.dtype | None = No
     numel = sum(torch.Size(sh).numel() for sh in shapes)
     # Reads every grad once.
     return Case("grad_norm", f"{len(shapes)} tensors, {numel / 1e6:.3g}M params" + (
-        f" {str(dtype).removeprefix('torch.')}" if dtype != s.dtype else ""), ("step",), make, call,
+        f" {dtype_name(dtype)}" if dtype != s.dtype else ""), ("step",), make, call,
         {"step": numel * dtype.itemsize}, "GB/s", dtype)
 
 

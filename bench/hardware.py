@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.checks import dtype_name
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -56,7 +58,7 @@ class GPU:
     def tflops(self, dtype: str) -> float | None:
         """Dense tensor peak for training in `dtype` (float32 trains through TF32 tensor cores,
         as train.py allows)."""
-        return {"bfloat16": self.bf16, "float16": self.fp16, "float32": self.tf32}[dtype_name(dtype)]
+        return {"bfloat16": self.bf16, "float16": self.fp16, "float32": self.tf32}[peak_dtype(dtype)]
 
 
 def _gpu(key, name, tokens, names, sms, tensor_rate, bf16, fp16, tf32, fp8, fp32, memory_gb,
@@ -186,9 +188,9 @@ def find(name: str) -> GPU | None:
     return by_key.get(squash(name)) or match(name)
 
 
-def dtype_name(dtype) -> str:
-    """'bfloat16', 'float16' or 'float32' from a torch dtype or its name."""
-    name = str(dtype).removeprefix("torch.")
+def peak_dtype(dtype) -> str:
+    """'bfloat16', 'float16' or 'float32' from a torch dtype or its name: a dtype with a tensor peak."""
+    name = dtype_name(dtype)
     if name not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"no tensor peak for dtype {name!r}; use bfloat16, float16 or float32")
     return name
@@ -219,7 +221,7 @@ def peak_for(device_name: str, dtype, override: float | None = None, sms: int | 
     if override is not None:
         return Peak(override, f"--peak-tflops {override:g} (given)")
     gpu = row_for(device_name, sms)
-    dtype = dtype_name(dtype)
+    dtype = peak_dtype(dtype)
     if gpu is None:
         add_row, named = "", match(device_name)
         if named is not None:

@@ -54,6 +54,7 @@ from gpt.config import COMPILE_MODES
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
+from kernels.checks import dtype_name
 
 DEFAULT_VARIANTS = "torch,compile,triton,triton+compile"
 # Steps after the timed ones whose issue the host's clock times, each started on an idle GPU: the
@@ -300,7 +301,7 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
     recompute = (f", {run.recompute} of {run.config.n_layer} blocks recomputed (in HW TFLOPS, not in MFU)"
                  if run.recompute else "")
     table = Table(title=f"{device.name}: B={run.batch_size} x T={run.seq_len}, {run.optimizer}, "
-                        f"{str(run.dtype).removeprefix('torch.')}{recompute}; {run.steps} timed steps "
+                        f"{dtype_name(run.dtype)}{recompute}; {run.steps} timed steps "
                         f"after {run.warmup}")
     for col in ("variant", "tokens/s", "step ms", "p10", "p90", "host ms", "TFLOPS", "MFU", "HW TFLOPS",
                 "peak GiB", "SM MHz (its peak TFLOPS)", "MFU at clock", "loss"):
@@ -393,7 +394,7 @@ def record(run: Run, preset: str, device: Device, peak: Peak, flops: Flops, rows
     return {"device": device.as_dict(), **provenance(), "convention": CONVENTION,
             "peak": {"tflops": peak.tflops, "source": peak.source},
             "preset": preset, "config": dataclasses.asdict(run.config), "batch_size": run.batch_size,
-            "seq_len": run.seq_len, "dtype": str(run.dtype).removeprefix("torch."), "optimizer": run.optimizer,
+            "seq_len": run.seq_len, "dtype": dtype_name(run.dtype), "optimizer": run.optimizer,
             "warmup": run.warmup, "steps": run.steps, "recompute": run.recompute,
             "profile_steps": run.profile_steps,
             "flops_per_token": {"palm": flops.palm, "causal": flops.causal, "hardware": flops.hardware},

@@ -23,6 +23,7 @@ import torch
 import kernels
 from bench.cases import Shapes, check_cases, margin
 from gpt.model import GPTConfig, preset
+from kernels.checks import dtype_name
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 FORMAT = 2
@@ -85,7 +86,7 @@ def kernels_source() -> str:
 def workload(preset_name: str, shapes: Shapes) -> dict:
     """What a profile records of the shapes it measured: enough to rebuild them (distance does)."""
     return {"preset": preset_name, "batch_size": shapes.batch_size, "seq_len": shapes.T,
-            "dtype": str(shapes.dtype).removeprefix("torch."), "shapes": shapes.describe(),
+            "dtype": dtype_name(shapes.dtype), "shapes": shapes.describe(),
             "config": asdict(shapes.config)}
 
 
@@ -98,7 +99,7 @@ def distance(op: str, measured: dict, shapes: Shapes) -> tuple:
     m = GPTConfig(**measured["config"])
     (kinds, sizes), (run_kinds, run_sizes) = (_aspects(op, m, measured["batch_size"], measured["seq_len"]),
                                               _aspects(op, shapes.config, shapes.batch_size, shapes.T))
-    return (measured["dtype"] != str(shapes.dtype).removeprefix("torch."),
+    return (measured["dtype"] != dtype_name(shapes.dtype),
             sum(a != b for a, b in zip(kinds, run_kinds)),
             sum(abs(math.log(a / b)) for a, b in zip(sizes, run_sizes)),
             m != shapes.config)

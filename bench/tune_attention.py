@@ -72,6 +72,7 @@ from bench.op_attention import TOKENS, WIDTH
 from kernels import attention, runtime
 from kernels.accuracy import bound, rel_err
 from kernels.attention import _Config
+from kernels.checks import dtype_name
 
 PASSES = ("fwd", "dkdv", "dq")
 # Executed matmuls of T x T x D per pass, and the useful ones of the whole backward, in forwards.
@@ -475,7 +476,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
     sweep_timer = _timer(device, warmup_ms=25, rep_ms=100)
     compare_timer = _timer(device, warmup_ms=100, rep_ms=500)
     result = dict(provenance=provenance(), device=name, capability=major, smoke=smoke, timing=unit,
-                  dtype=str(DTYPE).removeprefix("torch."), causal=True, tune_t=T, margin=MARGIN,
+                  dtype=dtype_name(DTYPE), causal=True, tune_t=T, margin=MARGIN,
                   head_dims={})
     for D in head_dims:
         B, H = (SMOKE["B"], SMOKE["H"]) if smoke else (max(1, TOKENS // T), WIDTH // D)

@@ -8,8 +8,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = FLOAT_DTYPES[:3]  # what the Triton kernels compute in (a GPU's tl.dot has no fp64)
 
 
+def dtype_name(dtype) -> str:
+    """'bfloat16' of torch.bfloat16: the name a config, a message or a result file gives it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def dtype_names(dtypes) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return ", ".join(map(dtype_name, dtypes))
 
 
 def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, ndim: int | None = None) -> None:
