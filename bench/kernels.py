@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = Shapes(config, args.batch_size, args.seq_len,
                     getattr(torch, args.dtype or training_dtype(f"cuda:{device.index}")))
     try:  # before measuring: a file that cannot take the result is known now
-        profile.check_gpu(out, device.slug)
+        profile.load_own(out, device.slug)
     except ValueError as e:
         print(f"bench.kernels: {e}", file=sys.stderr)
         return 2

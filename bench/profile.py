@@ -194,10 +194,10 @@ def for_this_gpu() -> Profile | None:
     from bench.hardware import detect
 
     device = detect(torch.cuda.current_device()) if torch.cuda.is_available() else None
-    return check_gpu(path_for(device.slug), device.slug, "rerun python -m bench.kernels here") if device else None
+    return load_own(path_for(device.slug), device.slug, "rerun python -m bench.kernels here") if device else None
 
 
-def check_gpu(path: Path, slug: str, remedy: str = "pass another --out") -> Profile | None:
+def load_own(path: Path, slug: str, remedy: str = "pass another --out") -> Profile | None:
     """The profile at `path` (if any), whose measurements must all be of GPU `slug` (a measurement
     of it may join them); a ValueError saying `remedy` if it holds another GPU's."""
     old = load(path)
@@ -211,7 +211,7 @@ def check_gpu(path: Path, slug: str, remedy: str = "pass another --out") -> Prof
 def merged(path: Path, record: dict) -> dict:
     """The profile at `path` (if any) with `record` (one workload's measurement) added, in place
     of an earlier record of the same workload; a ValueError if the file is another GPU's."""
-    old = check_gpu(path, record["device"]["slug"])
+    old = load_own(path, record["device"]["slug"])
     kept = [w for w in old.workloads if w["workload"] != record["workload"]] if old else []
     return {"format": FORMAT, "workloads": [*kept, record]}
 

@@ -67,7 +67,7 @@ import torch
 
 from bench import described, positive
 from bench.flops import causal_attention_fwd_flops
-from bench.measure import median_ms, provenance
+from bench.measure import median_ms, one_line, provenance
 from bench.op_attention import TOKENS, WIDTH
 from kernels import attention, runtime
 from kernels.accuracy import bound, rel_err
@@ -351,11 +351,11 @@ def _timer(device: torch.device, warmup_ms: int, rep_ms: int):
 
 
 def _reason(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+    """A failure as a record's one line: the exception's type and bench.measure's one_line."""
+    return f"{type(e).__name__}: {one_line(str(e))}"[:300]
 
 
-def _check_device(device: torch.device, after: str) -> None:
+def _require_working_device(device: torch.device, after: str) -> None:
     """Raise when a failed candidate left the device unusable (an illegal address, say): every
     later result would be a failure too."""
     try:
@@ -379,7 +379,7 @@ def sweep(which: str, p: Problem, cfgs: list[_Config], timer, rates: bool) -> li
             record["ms"] = timer(lambda cfg=cfg: launch(which, p, cfg))
         except Exception as e:  # out of shared memory or registers, a compiler error
             record = {"config": record["config"], "default": record["default"], "skipped": _reason(e)}
-            _check_device(device, f"{which} {tuple(cfg)}")
+            _require_working_device(device, f"{which} {tuple(cfg)}")
         else:
             record["tflops"] = flops / record["ms"] / 1e9 if rates else None
         records.append(record)
@@ -513,7 +513,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
                 c = compare(p, winners, compare_timer, rates)
             except Exception as e:  # e.g. out of memory at the longest T: the sweeps stand
                 c = {"T": t, "error": _reason(e)}
-                _check_device(device, f"the comparison at T={t}")
+                _require_working_device(device, f"the comparison at T={t}")
             entry["compare"].append(c)
             print_compare(c, unit)
             _write(json_path, result)
