@@ -8,6 +8,14 @@ def described(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A Markdown table; `align` one letter a column, l or r (default: the first left, the rest
+    right, numbers)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])
+
+
 def shown(value, spec: str) -> str:
     """A measured number formatted by `spec` (".1%", ".2f"), or "n/a" where there is none (an MFU
     without a known peak, a time that was not taken)."""

@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import described, positive, shown
+from bench import described, markdown_table, positive, shown
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 15  # of a concurrent run's output, printed when it ends
@@ -299,14 +299,13 @@ def status(r: dict) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| variant | steps | final val loss | best val loss (step) | final train loss | ms/step | wall (s) | device |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in runs:
-        best = "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})"
-        lines.append(f"| {r['label']}{status(r)} | {shown(r['iters'], 'd')} | {shown(r['final_val'], '.4f')} | {best} | "
-                     f"{shown(r['final_train'], '.4f')} | {shown(r['step_ms'], '.1f')} | {shown(r['wall_s'], '.0f')} | "
-                     f"{r['device'] or 'n/a'} |")
-    return "\n".join(lines) + "\n"
+    header = ["variant", "steps", "final val loss", "best val loss (step)", "final train loss", "ms/step", "wall (s)",
+              "device"]
+    rows = [[f"{r['label']}{status(r)}", shown(r["iters"], "d"), shown(r["final_val"], ".4f"),
+             "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})",
+             shown(r["final_train"], ".4f"), shown(r["step_ms"], ".1f"), shown(r["wall_s"], ".0f"), r["device"] or "n/a"]
+            for r in runs]
+    return markdown_table(header, rows, align="lrrrrrrl") + "\n"
 
 
 def measured(runs: list[dict]) -> str:

@@ -18,21 +18,16 @@ import json
 import sys
 from pathlib import Path
 
-from bench import breakdown, described, shown
+from bench import breakdown, described, markdown_table, shown
 from bench.measure import error_cell, host_bound
 
 
-def provenance(result: dict) -> str:
+def provenance_line(result: dict) -> str:
     device = result["device"]["name"]
     sha = (result.get("git_sha") or "unknown")[:10]
     sha += " (uncommitted changes)" if result.get("git_dirty") else ""
     return (f"{device}, {result['date'][:10]}, torch {result['torch']}, triton {result['triton']}, "
             f"CUDA {result.get('cuda')}, git {sha}")
-
-
-def _md(header: list[str], lines: list[list[str]]) -> str:
-    rule = ["---"] + ["---:"] * (len(header) - 1)
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *lines])
 
 
 def _mib(row: dict) -> str:
@@ -81,7 +76,7 @@ def op_table(result: dict) -> str:
     header = ["op"] * several_ops + ["shape", "pass", *(f"{b} ({unit})" for b in backends),
                                      f"triton of {roofline['name']}", "triton / fastest other"]
     return (f"{result['title']}; {roofline['name']} measured {roofline['value']:,.0f} {unit}\n\n"
-            + _md(header, lines))
+            + markdown_table(header, lines))
 
 
 def mfu_table(result: dict) -> str:
@@ -102,7 +97,7 @@ def mfu_table(result: dict) -> str:
     if result.get("planned_peak_gib"):
         title += f"; planned peak with the triton ops (bench/plan.py) {result['planned_peak_gib']:.1f} GiB"
     header = ["variant", "tokens/s", "step ms", "host ms", "TFLOPS", "MFU", "HW TFLOPS", "peak GiB"]
-    return title + "\n\n" + _md(header, lines) + breakdown_table(result)
+    return title + "\n\n" + markdown_table(header, lines) + breakdown_table(result)
 
 
 def breakdown_table(result: dict) -> str:
@@ -116,7 +111,7 @@ def breakdown_table(result: dict) -> str:
     then = "; kinds as bench/breakdown.py sorted them when measured" if any(
         "kernels" not in r["breakdown"] for r in rows) else ""
     return (f"\n\nDevice ms a step by kind of work ({rows[0]['breakdown']['steps']} steps under torch.profiler; "
-            f"busy: their sum over the median step{then})\n\n" + _md(["variant", *breakdown.COLUMNS], lines))
+            f"busy: their sum over the median step{then})\n\n" + markdown_table(["variant", *breakdown.COLUMNS], lines))
 
 
 def profile_table(result: dict) -> str:
@@ -143,7 +138,7 @@ def profile_table(result: dict) -> str:
              f"bf16 matmul {r['matmul_tflops']:,.0f} TFLOPS")
     header = ["op", "shape", "pass", "torch ms", "compile ms", "triton ms", "triton rate (of roofline)",
               "chosen eager", "chosen compiled"]
-    return title + "\n\n" + _md(header, lines)
+    return title + "\n\n" + markdown_table(header, lines)
 
 
 def timing(result: dict) -> str:
@@ -161,10 +156,10 @@ def report(path: Path) -> str:
         return f"{path.name}: not read ({e}): cut short while it was written?\n"
     try:
         if "workloads" in result:  # a kernel profile: a table per workload measured
-            return "\n".join(f"{path.name}: {provenance(w)}\n\n{profile_table(w)}{timing(w)}\n"
+            return "\n".join(f"{path.name}: {provenance_line(w)}\n\n{profile_table(w)}{timing(w)}\n"
                              for w in result["workloads"])
         table = mfu_table(result) if "preset" in result else op_table(result) + timing(result)
-        return f"{path.name}: {provenance(result)}\n\n{table}\n"
+        return f"{path.name}: {provenance_line(result)}\n\n{table}\n"
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # one odd file must not cost the others' tables
         return f"{path.name}: not reported ({type(e).__name__}: {e})\n"
 
