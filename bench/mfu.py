@@ -312,8 +312,8 @@ def print_results(rows: list[dict], run: Run, device: Device, peak: Peak, flops:
             continue
         table.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_median']:.2f}", f"{r['ms_p10']:.2f}",
                       f"{r['ms_p90']:.2f}", shown(r.get("host_ms"), ".2f"), f"{r['tflops']:.1f}",
-                      shown(r["mfu"], ".1%"), f"{r['hw_tflops']:.1f}", f"{r['peak_memory_gib']:.1f}", _clock(r["sm_mhz"], r["clock_peak_tflops"]),
-                      shown(r["mfu_at_clock"], ".1%"), f"{r['loss']:.3f}")
+                      shown(r["mfu"], ".1%"), f"{r['hw_tflops']:.1f}", f"{r['peak_memory_gib']:.1f}",
+                      _clock(r["sm_mhz"], r["clock_peak_tflops"]), shown(r["mfu_at_clock"], ".1%"), f"{r['loss']:.3f}")
     console.print(table)
     console.print(f"FLOPs per token: {flops.palm / 1e6:,.1f}M model (PaLM), {flops.hardware / 1e6:,.1f}M "
                   f"hardware. {CONVENTION}.\nPeak: {peak.source}. MFU at clock: against the peak "
