@@ -192,7 +192,7 @@ def same_tokens(trained_on: dict | None, meta: dict | None) -> bool:
     return trained_on.get("stoi") == meta.get("stoi")
 
 
-def tokens(meta: dict | None) -> str:
+def vocabulary_name(meta: dict | None) -> str:
     return "GPT-2's BPE tokens" if meta is None else f"the {meta['vocab_size']} tokens of a meta.pkl"
 
 
@@ -404,8 +404,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     # its data's meta (nanoGPT's own checkpoints keep none: taken as this data's).
     trained_on = None if weights_dir else resumed.get("meta", meta) if resumed else meta
     if not same_tokens(trained_on, meta):
-        raise SystemExit(f"train.py: init_from={c['init_from']} was trained on {tokens(trained_on)}; dataset "
-                         f"{c['dataset']} holds {tokens(meta)}" + (" (another vocabulary: their stoi differ)"
+        raise SystemExit(f"train.py: init_from={c['init_from']} was trained on {vocabulary_name(trained_on)}; dataset "
+                         f"{c['dataset']} holds {vocabulary_name(meta)}" + (" (another vocabulary: their stoi differ)"
                                                                   if trained_on and meta else ""))
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
     with reported():
