@@ -404,9 +404,9 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     # its data's meta (nanoGPT's own checkpoints keep none: taken as this data's).
     trained_on = None if weights_dir else resumed.get("meta", meta) if resumed else meta
     if not same_tokens(trained_on, meta):
-        raise SystemExit(f"train.py: init_from={c['init_from']} was trained on {vocabulary_name(trained_on)}; dataset "
-                         f"{c['dataset']} holds {vocabulary_name(meta)}" + (" (another vocabulary: their stoi differ)"
-                                                                  if trained_on and meta else ""))
+        differ = " (another vocabulary: their stoi differ)" if trained_on and meta else ""
+        raise SystemExit(f"train.py: init_from={c['init_from']} was trained on {vocabulary_name(trained_on)}; "
+                         f"dataset {c['dataset']} holds {vocabulary_name(meta)}{differ}")
     # Batches at the architecture's block_size: a resumed or pretrained model's own.
     with reported():
         batches = Batches(data_path, c["block_size"], c["batch_size"], c["device"], seed=c["seed"], rank=rank,
