@@ -48,9 +48,9 @@ from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
-from bench.hardware import GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
+from bench.hardware import GPU, GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import one_line, provenance
-from gpt.config import COMPILE_MODES
+from gpt.config import COMPILE_MODES, OPTIMIZERS
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
@@ -419,6 +419,22 @@ def print_peak_table(console: Console) -> None:
     console.print(table)
 
 
+def plan_tables(args, gpu: GPU, models: dict[str, GPTConfig], planning_note: bool, parser, console: Console) -> None:
+    """The planning tables of `models` on `gpu`, a GPU not here."""
+    dtype = "bfloat16" if gpu.bf16 else "float16"
+    peak = args.peak_tflops if args.peak_tflops is not None else gpu.tflops(dtype)
+    for name, config in models.items():
+        try:
+            recompute_count(args.recompute, config.n_layer)
+        except ValueError as e:
+            parser.error(f"{name}: {e}")
+    if planning_note:
+        console.print("--optimizer and --recompute are not used in planning: the tables show both "
+                      "optimizers, with no block, every block and the fewest blocks recomputed.")
+    planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,
+                                      peak_given=args.peak_tflops is not None), models, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto",
@@ -437,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
-    parser.add_argument("--optimizer", choices=planning.OPTIMIZERS, help="default adamw; planning shows both")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw; planning shows both")
     parser.add_argument("--recompute", nargs="?", type=int, const=True, metavar="BLOCKS",
                         help="recompute every block in backward (activation checkpointing), or the first BLOCKS, "
                              "as train.py's recompute")
@@ -477,19 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{', '.join(near)}? (python -m bench.mfu --gpu list)")
             return 2
         if device is None or device.gpu is not gpu:
-            dtype = "bfloat16" if gpu.bf16 else "float16"
-            peak = args.peak_tflops if args.peak_tflops is not None else gpu.tflops(dtype)
-            models = models or {name: planning.config_for(name) for name in planning.DEFAULT_PLAN}
-            for name, config in models.items():
-                try:
-                    recompute_count(args.recompute, config.n_layer)
-                except ValueError as e:
-                    parser.error(f"{name}: {e}")
-            if planning_note:
-                console.print("--optimizer and --recompute are not used in planning: the tables show both "
-                              "optimizers, with no block, every block and the fewest blocks recomputed.")
-            planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,
-                                              peak_given=args.peak_tflops is not None), models, console)
+            plan_tables(args, gpu, models or {name: planning.config_for(name) for name in planning.DEFAULT_PLAN},
+                 planning_note, parser, console)
             return 0
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
