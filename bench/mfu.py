@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if device is None or device.gpu is not gpu:
             plan_tables(args, gpu, models or {name: planning.config_for(name) for name in planning.DEFAULT_PLAN},
-                 planning_note, parser, console)
+                        planning_note, parser, console)
             return 0
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
