@@ -10,10 +10,11 @@ def described(doc: str) -> str:
 
 def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
     """A Markdown table; `align` one letter a column, l or r (default: the first left, the rest
-    right, numbers)."""
+    right, numbers). A | in a cell (an error's text) is escaped, not a column's end."""
     align = align or "l" + "r" * (len(header) - 1)
     rule = ["---:" if a == "r" else "---" for a in align]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])
+    escaped = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *escaped])
 
 
 def shown(value, spec: str) -> str:

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.checks import dtype_name
-
 
 @dataclass(frozen=True)
 class GPU:
@@ -190,6 +188,8 @@ def find(name: str) -> GPU | None:
 
 def peak_dtype(dtype) -> str:
     """'bfloat16', 'float16' or 'float32' from a torch dtype or its name: a dtype with a tensor peak."""
+    from kernels.checks import dtype_name  # on use: detect() (gpu_session.sh's slug) needs no Triton
+
     name = dtype_name(dtype)
     if name not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"no tensor peak for dtype {name!r}; use bfloat16, float16 or float32")

@@ -174,12 +174,11 @@ def error_cell(error: str, width: int | None = None) -> str:
 
 
 def one_line(error: str) -> str:
-    """An error as a table cell: its first line, and the last line naming an exception when that
-    differs (a compile worker's error carries its cause's whole traceback)."""
+    """An error in one line (a table cell, a record): its first line, and the last line naming an
+    exception when that differs (a compile worker's error carries its cause's whole traceback)."""
     lines = [line.strip() for line in error.splitlines() if line.strip()] or [""]
     named = [line for line in lines if re.search(r"\w(Error|Exception)\b", line)]
-    cell = lines[0] if not named or named[-1] == lines[0] else f"{lines[0]} ... {named[-1]}"
-    return cell.replace("|", "\\|")
+    return lines[0] if not named or named[-1] == lines[0] else f"{lines[0]} ... {named[-1]}"
 
 
 def print_rows(rows: list[Row], title: str) -> None:

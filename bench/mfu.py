@@ -496,14 +496,14 @@ def main(argv: list[str] | None = None) -> int:
             plan_tables(args, gpu, models or {name: planning.config_for(name) for name in planning.DEFAULT_PLAN},
                         planning_note, parser, console)
             return 0
+    if len(names) > 1:  # not planned: measured here
+        parser.error(f"--preset {args.preset}: --gpu {args.gpu} measures this machine's GPU, one model at a time")
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
                       "  On a GPU machine:    python -m bench.mfu --gpu auto --preset gpt2\n"
                       "  To plan for a GPU:   python -m bench.mfu --gpu h100 [--world-size 8]\n"
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
-    if len(names) > 1:
-        parser.error(f"--preset {args.preset}: --gpu auto measures one model at a time")
     args.preset = args.preset or "gpt2"
     args.optimizer = args.optimizer or "adamw"
     config = models.get(args.preset) or planning.config_for(args.preset)

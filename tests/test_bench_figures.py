@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from bench import hardware, measure, mfu, plan, profile
+from bench import hardware, markdown_table, measure, mfu, plan, profile
 from bench.cases import Shapes
 from bench.flops import flops_per_token, param_count
 from bench.hardware import ClockSampler, ClockStats, Device, find, match, peak_for
@@ -431,7 +431,12 @@ def test_a_batch_whose_first_call_the_gpu_began_is_not_ahead(monkeypatch):
 def test_one_line_keeps_the_named_exception():
     """A compile worker's error: its first line and the last line naming an exception."""
     assert measure.one_line("compile failed\n  File x.py\nValueError: bad | shape") == (
-        "compile failed ... ValueError: bad \\| shape")
+        "compile failed ... ValueError: bad | shape")
+
+
+def test_a_markdown_table_escapes_a_bar_in_a_cell():
+    assert markdown_table(["a", "b"], [["x | y", "1"]], align="ll").splitlines() == [
+        "| a | b |", "| --- | --- |", "| x \\| y | 1 |"]
 
 
 def test_host_bound_threshold():

@@ -171,11 +171,15 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(
     assert reads == [path, path]  # read (its dataset prepared) once a command
 
 
-def test_measuring_takes_one_preset(monkeypatch, capsys):
-    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+@pytest.mark.parametrize("gpu, here", [("auto", None), ("auto", "NVIDIA H100 80GB HBM3"),
+                                       ("h100", "NVIDIA H100 80GB HBM3")])
+def test_measuring_takes_one_preset(gpu, here, monkeypatch, capsys):
+    """Several presets are planned for a GPU not here; the one here (auto, or named) measures one."""
+    monkeypatch.setattr(mfu, "detect", lambda: here and Device(0, here, 132, 80.0, (9, 0)))
     with pytest.raises(SystemExit) as exit:
-        mfu.main(["--gpu", "auto", "--preset", "gpt2,llama"])
-    assert exit.value.code == 2 and "--gpu auto measures one model at a time" in capsys.readouterr().err
+        mfu.main(["--gpu", gpu, "--preset", "gpt2,llama"])
+    assert exit.value.code == 2 and (f"--gpu {gpu} measures this machine's GPU, one model at a time"
+                                     in " ".join(capsys.readouterr().err.split()))
 
 
 @pytest.mark.parametrize("name, message", [
