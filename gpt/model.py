@@ -30,11 +30,14 @@ def count(what: str, value, alternative: str = "", minimum: int | None = None) -
 
 
 def check_sampling(program: str, temperature, top_k, max_new_tokens) -> None:
-    """Sampling's settings: temperature >= 0 (0 takes the likeliest token; below 0 would sample
-    the least likely), top_k None (all) or at least 1, max_new_tokens an int >= 0."""
+    """Sampling's settings: temperature finite and >= 0 (0 takes the likeliest token; below 0
+    would sample the least likely, inf any token alike), top_k None (all) or at least 1,
+    max_new_tokens an int >= 0."""
     count(f"{program}: max_new_tokens", max_new_tokens, minimum=0)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"{program}: temperature must be >= 0 (0: the likeliest token), got {temperature!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0
+            or not math.isfinite(temperature)):
+        raise ValueError(f"{program}: temperature must be finite and >= 0 (0: the likeliest token), "
+                         f"got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"{program}: top_k must be at least 1, or None for the whole vocabulary; got {top_k!r}")
 
@@ -428,6 +431,13 @@ class GPT(nn.Module):
         return_logits=False, with targets: (None, loss), as training wants it: the lm head and the
         loss are then one op (linear_cross_entropy), whose triton backend keeps no logits."""
         B, T = idx.size()
+        if B == 0 or T == 0:  # no logits to return, and a mean loss over no tokens would be NaN
+            raise ValueError(f"GPT: idx must hold at least one sequence of at least one token, got shape {(B, T)}")
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():  # on a GPU it would wait for it
+            low, high = (int(v) for v in torch.aminmax(idx))
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"GPT: token ids must be in [0, {self.config.vocab_size}), got ids from {low} to "
+                                 f"{high}")
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"GPT: sequence of length {start + T} is longer than block_size {self.config.block_size}")
@@ -469,7 +479,7 @@ class GPT(nn.Module):
         runs the whole window again (as without the cache)."""
         check_sampling("GPT.generate", temperature, top_k, max_new_tokens)
         if vocab_limit is not None:
-            vocab_limit = count("GPT.generate: vocab_limit", vocab_limit)
+            vocab_limit = count("GPT.generate: vocab_limit", vocab_limit, minimum=1)
         cache = KVCache(self.config, idx.size(0)) if kv_cache and idx.size(1) < self.config.block_size else None
         for _ in range(int(max_new_tokens)):
             if cache is not None and idx.size(1) <= self.config.block_size:

@@ -372,8 +372,18 @@ def test_bad_configs_are_refused():
     for n_head, n_kv_head in ((0, None), (4, 0), (4, -2), (4, 8)):
         with pytest.raises(ValueError, match="n_head must be at least 1 and n_kv_head from 1 to n_head"):
             GPTConfig(n_embd=32, n_head=n_head, n_kv_head=n_kv_head)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
     with pytest.raises(ValueError, match="longer than block_size"):
-        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))(torch.zeros(1, 9, dtype=torch.long))
+        model(torch.zeros(1, 9, dtype=torch.long))
+    # Token ids the embedding has no row for (an IndexError, or on a GPU a device-side assert), and
+    # an empty batch or sequence (an IndexError, or a NaN loss).
+    for idx, message in ((torch.tensor([[3, 20]]), r"token ids must be in \[0, 20\), got ids from 3 to 20"),
+                         (torch.tensor([[-1, 4]]), r"token ids must be in \[0, 20\), got ids from -1 to 4"),
+                         (torch.zeros(1, 0, dtype=torch.long), r"idx must hold at least one sequence of at least one "
+                                                                r"token, got shape \(1, 0\)"),
+                         (torch.zeros(0, 4, dtype=torch.long), r"got shape \(0, 4\)")):
+        with pytest.raises(ValueError, match=f"^GPT: .*{message}"):
+            model(idx, idx)
     # A gated MLP of another activation (ReGLU) is not what swiglu builds: refused, not ignored.
     with pytest.raises(ValueError, match="mlp='swiglu' gates with silu; activation 'relu' is the plain MLP's"):
         GPTConfig(mlp="swiglu", activation="relu")
@@ -400,8 +410,10 @@ def test_generate_extends_the_prompt():
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=10, top_k=5)
     assert out.shape == (2, 13) and out.max() < 20
     for bad, message in ((dict(top_k=0), "top_k must be at least 1"), (dict(top_k=5.0), "top_k must be at least 1"),
-                         (dict(temperature=-1.0), "temperature must be >= 0"),
-                         (dict(temperature=float("nan")), "temperature must be >= 0"),
+                         (dict(temperature=-1.0), "temperature must be finite and >= 0"),
+                         (dict(temperature=float("nan")), "temperature must be finite and >= 0"),
+                         (dict(temperature=float("inf")), "temperature must be finite and >= 0"),
+                         (dict(vocab_limit=0), "vocab_limit must be at least 1, got 0"),
                          (dict(max_new_tokens=3.0), "max_new_tokens must be an int"),
                          (dict(max_new_tokens=-5), "max_new_tokens must be at least 0, got -5"),  # sampled none
                          (dict(vocab_limit=10.0), "vocab_limit must be an int")):

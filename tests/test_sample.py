@@ -154,7 +154,7 @@ def test_on_a_gpu_the_default_dtype_is_bfloat16_where_it_is_native(tmp_path, mon
     ("--start=abc", r"characters the checkpoint's vocabulary lacks: \['c'\]"),
     ("--start=", "the prompt is empty"),
     ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file"),
-    ("--temperature=-1.0", "temperature must be >= 0"),
+    ("--temperature=-1.0", "temperature must be finite and >= 0"),
     ("--top_k=0", "top_k must be at least 1, or None"),
     ("--max_new_tokens=-5", "max_new_tokens must be at least 0, got -5"),  # took as 0 once
     ("--num_samples=0", "num_samples must be at least 1, got 0"),  # printed nothing once
