@@ -132,6 +132,8 @@ def check_ranges(config: dict) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= config[key] < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
+    if config["init_from"] not in ("scratch", "resume") and not pretrained.is_pretrained(config["init_from"]):
+        raise ConfigError(f"init_from must be scratch, resume, {pretrained.CHOICES}; got {config['init_from']!r}")
     if config["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {config['optimizer']!r}")
     if config["compile_mode"] not in COMPILE_MODES:
@@ -389,13 +391,11 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     elif c["init_from"] == "scratch":
         with reported():
             model_args = asdict(scratch_model(c, meta))
-    elif pretrained.is_pretrained(c["init_from"]):
+    else:  # GPT-2's weights (check_ranges)
         with reported(f"init_from={c['init_from']}: "):  # a hub model downloads on rank 0
             weights_dir = distributed.master_first(world, lambda: pretrained.locate(c["init_from"]))
             model_args = asdict(pretrained.gpt_config(weights_dir, c["block_size"], c["dropout"]))
         take_architecture(c, model_args, console)
-    else:
-        raise SystemExit(f"train.py: init_from must be scratch, resume, {pretrained.CHOICES}; got {c['init_from']!r}")
     data_vocab = meta["vocab_size"] if meta else EOT + 1  # GPT-2 BPE
     if data_vocab > model_args["vocab_size"]:  # a resumed or pretrained model's: ids past it index nothing
         raise SystemExit(f"train.py: init_from={c['init_from']} has a {model_args['vocab_size']}-token vocabulary; "

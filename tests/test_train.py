@@ -468,6 +468,8 @@ def test_defaults_and_errors(monkeypatch):
     nothing = ["--device=cpu", "--dataset=nosuch"]
     with pytest.raises(SystemExit, match=r"optimizer must be one of \('adamw', 'bf16_adamw'\), got 'bf16adamw'"):
         train.main([*nothing, "--optimizer=bf16adamw"])
+    with pytest.raises(SystemExit, match=r"init_from must be scratch, resume, one of \['gpt2', .*got 'gtp2'$"):
+        train.main([*nothing, "--init_from=gtp2"])
     with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
         train.main([*nothing, "--dtype=float16", "--optimizer=bf16_adamw"])
     with monkeypatch.context() as m:  # as torchrun starts it (one process ignores parallel)
