@@ -362,8 +362,8 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     as it is, chunks and all."""
     rows, classes = x.shape[0], weight.shape[0]
     w = weight.to(dtype)
-    counted = (targets != ignore_index).sum()
-    scale = 1.0 / counted  # fp32; inf when no row counts: then every row's gradient is 0 all the same
+    counted = (targets != ignore_index).sum().to(torch.float32)  # as the fake's, whatever the default dtype
+    scale = 1.0 / counted  # inf when no row counts: then every row's gradient is 0 all the same
     pending = 1.0 / counted.clamp(min=1) if dtype == torch.float16 else torch.ones_like(scale)
     scale = scale / pending  # d_logits' share
     dx = torch.empty(x.shape if x_grad else 0, dtype=torch.float32, device=x.device)
@@ -409,6 +409,7 @@ def _lce_setup_context(ctx, inputs, output) -> None:
 
 
 def _lce_backward(ctx, dloss, _ddx, _ddw, _dpending):
+    runtime.first_order_only("tritongpt::linear_cross_entropy")  # dx and dw are constants here
     dx, dw, pending = ctx.saved_tensors
     factor = dloss * pending  # fp32, and the products in fp32: each gradient rounded once
     # Stored in the input's dtype as computed: no fp32 product beside it at the step's peak (the

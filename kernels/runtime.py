@@ -235,6 +235,15 @@ def _eager(args) -> bool:
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
 
 
+def first_order_only(op: str) -> None:
+    """In a backward of kernels, which record no graph: refuse a second-order gradient
+    (create_graph=True, under which autograd runs a backward with grad mode on) rather than give
+    one without the op's part."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the triton kernels' gradient has no gradient of its own: a second-order "
+                           f"gradient (create_graph=True) needs the torch backend")
+
+
 class Op:
     """A registered op (torch.library) and the function behind it. Called in plain eager work
     (_eager) it runs the function itself, through an autograd.Function holding the op's
@@ -248,26 +257,23 @@ class Op:
         self.function = None  # the autograd.Function, once register_autograd has given a formula
 
     def register_autograd(self, backward, setup_context, differentiable_backward: bool = False) -> None:
-        """The op's gradient formula. Unless `differentiable_backward` (a backward made of ops
-        that have gradients themselves), the eager path refuses a second-order gradient
-        (create_graph=True, under which autograd runs a backward with grad mode on) rather than
-        give one without the op's part: its kernels record no graph."""
-        self.op.register_autograd(backward, setup_context=setup_context)
+        """The op's gradient formula, for the op and the eager path alike. Unless
+        `differentiable_backward` (a backward made of ops that have gradients themselves), a
+        second-order gradient is refused (first_order_only) rather than given without the op's part."""
         fn, name = self.fn, self.op._qualname
+
+        def first_order_backward(ctx, *grads):
+            first_order_only(name)
+            return backward(ctx, *grads)
+        formula = backward if differentiable_backward else first_order_backward
+        self.op.register_autograd(formula, setup_context=setup_context)
 
         def forward(ctx, *args):
             out = _launch_directly(fn, args)
             setup_context(ctx, args, out)
             return out
-
-        def first_order_backward(ctx, *grads):
-            if torch.is_grad_enabled():
-                raise RuntimeError(f"{name}: the triton kernels' gradient has no gradient of its own: a "
-                                   f"second-order gradient (create_graph=True) needs the torch backend")
-            return backward(ctx, *grads)
         self.function = type(fn.__name__, (torch.autograd.Function,), dict(
-            forward=staticmethod(forward),
-            backward=staticmethod(backward if differentiable_backward else first_order_backward)))
+            forward=staticmethod(forward), backward=staticmethod(formula)))
 
     def __call__(self, *args):
         if not _eager(args):

@@ -271,6 +271,27 @@ def test_meta_tensors_trace_through_torch_and_are_refused_by_triton():
         kernels.get("linear_cross_entropy", "triton")(x, w, t)
 
 
+@pytest.mark.parametrize("rows", [4, 0])
+def test_the_fake_gives_the_op_s_dtypes_whatever_the_default_dtype(rows, device):
+    """torch.compile traces the op through its fake: a real output of another dtype (the counts'
+    quotients took the default dtype) would be read as the fake's."""
+    skip_unless_triton_runs("triton", device)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        args = (torch.randn(rows, 8, device=device), torch.randn(5, 8, device=device),
+                torch.arange(rows, device=device) % 5, -1, torch.float32, True, True)
+        real = torch.ops.tritongpt.linear_cross_entropy(*args)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.tritongpt.linear_cross_entropy(
+                *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    finally:
+        torch.set_default_dtype(before)
+    assert [t.dtype for t in fake] == [t.dtype for t in real]
+
+
 def test_autocast_leaves_float64_alone(device):
     """Autocast does not cast float64 tensors: the torch backend computes such a loss in float64,
     the triton one refuses it (as without autocast), and float64 beside fp32 is a dtype mismatch

@@ -416,6 +416,19 @@ def test_unused_y(backend, op, bias, device):
     assert torch.equal(leaves[0].grad, ds) and torch.equal(leaves[1].grad, ds)
 
 
+def test_a_gradient_given_for_the_empty_sum_of_a_norm_without_residual(device):
+    """Without a residual the op's s is an empty stand-in: a gradient given for it (as
+    torch.library.opcheck gives one) adds nothing, and is not read past its end (a crash once)."""
+    skip_unless_triton_runs("triton", device)
+    x, w, _ = inputs(6, 40, device, bias=False)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    y, s, _, _ = torch.ops.tritongpt.norm_fwd(x, None, w, None, 1e-5, True, None, 0.0, None)
+    dy = torch.randn_like(y)
+    given = torch.autograd.grad((y, s), (x, w), (dy, torch.zeros_like(s)), retain_graph=True)
+    for got, want in zip(given, torch.autograd.grad(y, (x, w), dy)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_frozen_weights_get_no_gradient_and_cost_no_sums(op, bias, residual, device, monkeypatch):

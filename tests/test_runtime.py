@@ -1,6 +1,7 @@
 """kernels.runtime.Op: eager calls on plain tensors run the op's function directly (with its
 registered autograd formula); traced or intercepted calls go through the registered op. Both ways
 must give the same numbers."""
+import contextlib
 import json
 import os
 import subprocess
@@ -51,6 +52,10 @@ def _cross_entropy(logits):
     return kernels.get("cross_entropy", "triton")(logits, torch.arange(5) % 7)
 
 
+def _linear_cross_entropy(x, w):
+    return kernels.get("linear_cross_entropy", "triton")(x, w, torch.arange(5) % 7)
+
+
 CASES = {
     "layer_norm": (_norm, [(3, 40), (40,), (40,), (3, 40)]),
     "attention": (_attention, [(1, 2, 19, 32), (1, 1, 19, 32), (1, 1, 19, 32)]),
@@ -58,6 +63,7 @@ CASES = {
     "swiglu": (_swiglu, [(3, 40), (3, 40)]),
     "rope": (_rope, [(1, 2, 9, 16), (9, 8)]),
     "cross_entropy": (_cross_entropy, [(5, 7)]),
+    "linear_cross_entropy": (_linear_cross_entropy, [(5, 8), (7, 8)]),
 }
 
 
@@ -81,20 +87,24 @@ def test_direct_and_registered_calls_agree(op):
         assert (direct is None and registered is None) or torch.equal(direct, registered), op
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["direct", "registered"])
 @pytest.mark.parametrize("op", CASES)
-def test_second_order_gradients_are_refused_not_dropped(op):
+def test_second_order_gradients_are_refused_not_dropped(op, registered):
     """create_graph=True through an op whose backward is kernels (no graph of its own): an error
-    naming it, not gradients silently short of its part. Rope's backward is rope again: its
+    naming it, not gradients silently short of its part, whether the forward ran the function
+    directly or the registered op (under a dispatch mode). Rope's backward is rope again: its
     second-order gradient is torch's."""
     skip_unless_triton_runs("triton", "cpu")
     fn, shapes = CASES[op]
     leaves = _leaves(*shapes)
     torch.manual_seed(1)
+    with OpCount() if registered else contextlib.nullcontext():
+        loss = fn(*leaves)
     if op != "rope":
         with pytest.raises(RuntimeError, match="tritongpt::.*second-order gradient"):
-            torch.autograd.grad(fn(*leaves), leaves[0], create_graph=True)
+            torch.autograd.grad(loss, leaves[0], create_graph=True)
         return
-    (dx,) = torch.autograd.grad(fn(*leaves), leaves[0], create_graph=True)
+    (dx,) = torch.autograd.grad(loss, leaves[0], create_graph=True)
     (ddx,) = torch.autograd.grad(dx.square().sum(), leaves[0])
     x, angles = (t.detach().requires_grad_() for t in leaves)
     (dx_ref,) = torch.autograd.grad(kernels.get("rope", "torch")(x, angles.cos(), angles.sin()).square().sum(), x,
