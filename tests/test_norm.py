@@ -2,10 +2,11 @@
 
 Tolerance per dtype (tests/numerics.py): the error of a result, ||out - ref|| / ||ref|| against
 the float64 formula, must be at most FACTOR (2) x the error of torch's own implementation
-(F.rms_norm / F.layer_norm) in the same dtype, plus FLOOR[dtype]: float32 1e-6, float16 2e-3,
-bfloat16 1.6e-2. This holds for y and for every gradient (dx, dw, db); for rows of one element,
-where dx (and LayerNorm's dw) is a residue of cancelling terms, errors are measured against the
-size of those terms instead (test_one_element_rows).
+(F.rms_norm / F.layer_norm) in the same dtype, plus FLOOR[dtype] (kernels/accuracy.py: float32
+1e-6, float16 2^-12, bfloat16 2^-9). This holds for y and for every gradient (dx, dw, db); for
+rows of one element, where dx (and LayerNorm's dw) is a residue of cancelling terms, errors are
+measured against the size of those terms instead (test_one_element_rows). A triton result in 16
+bits is also the exact one rounded once (CPU torch keeps its own in 16 bits, near 1% off in bf16).
 """
 import pytest
 import torch
@@ -79,6 +80,10 @@ def assert_accurate(backend, op, x, w, b=None, dy=None, scales=None):
         what = f"{backend} {op} {name} {tuple(x.shape)} {x.dtype}"
         assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
         assert_as_accurate(out, baseline, r, what, size=(scales or {}).get(name))
+        # The triton kernels compute in fp32 and round once: the rule against torch cannot see an
+        # error of 1% where CPU torch's own, kept in 16 bits, is near that.
+        if backend == "triton" and out.dtype in (torch.float16, torch.bfloat16) and name not in (scales or {}):
+            assert_rounded_once(out, r, what)
 
 
 def inputs(m, n, device, dtype=torch.float32, wdtype=None, bias=True):
