@@ -165,3 +165,20 @@ def test_rel_err_of_nonfinite_zero_and_float64_results():
     assert accuracy.rel_err(torch.ones(4), torch.zeros(4)) > 1e20
     out = ref * (1 + 1e-10)  # float64 results measured in float64
     assert accuracy.rel_err(out, ref) == pytest.approx(1e-10, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_list_or_an_integer_tensor_where_a_float_tensor_goes_is_refused_by_name(backend):
+    x, w, b, q, table = torch.randn(3, 8), torch.ones(8), torch.zeros(8), torch.randn(1, 2, 5, 32), torch.randn(5, 16)
+    calls = [("layer_norm: x must be a tensor, got list", "layer_norm", (x.tolist(), w, b, 1e-5), {}),
+             ("rms_norm: weight must be a tensor, got list", "rms_norm", (x, w.tolist(), 1e-5), {}),
+             ("layer_norm: residual must be a tensor, got list", "layer_norm", (x, w, b, 1e-5),
+              dict(residual=x.tolist())),
+             ("attention: q must be a tensor, got list", "attention", (q.tolist(), q, q), dict(causal=True)),
+             ("attention: q must be one of .*, got int32", "attention", (q.int(), q.int(), q.int()), dict(causal=True)),
+             ("rope: cos must be a tensor, got list", "rope", (q, table.tolist(), table), {}),
+             ("grad_norm: tensors must be on one device, got tensors\\[0\\] on cpu and tensors\\[1\\] on meta",
+              "grad_norm", ([torch.randn(3), torch.randn(3, device="meta")],), {})]
+    for message, op, args, options in calls:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            kernels.get(op, backend)(*args, **options)
