@@ -134,6 +134,23 @@ def test_torch_matches_float64(causal, dtype, rope, device):
     check_against_float64("torch", 2, 4, 2, 37, 48, causal, dtype, device, "qkv", rope)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_expanded_output_gradient_and_strided_tables(dtype, device):
+    """dO of stride 0 (as out.sum() gives it) and rope tables that are strided views: read by
+    stride, the same numbers as their contiguous copies give."""
+    skip_unless_triton_runs("triton", device)
+    q = torch.randn(1, 4, 37, 64, device=device).to(dtype)
+    k, v = (torch.randn(1, 2, 37, 64, device=device).to(dtype) for _ in range(2))
+    cos, sin = rope_tables(64, 37, 10000.0, device)
+    strided = (cos.t().contiguous().t(), torch.stack([sin, 0 * sin], 1)[:, 0])
+    expanded = torch.ones((), device=device, dtype=dtype).expand(q.shape)
+    assert not any(t.is_contiguous() for t in (*strided, expanded))
+    (out, grads), (want, want_grads) = (run("triton", q, k, v, do, True, rope=tables)
+                                        for tables, do in ((strided, expanded), ((cos, sin), expanded.contiguous())))
+    for got, expected in zip([out, *grads], [want, *want_grads]):
+        assert torch.equal(got, expected)
+
+
 def test_rope_gradients_are_views_of_one_buffer(device):
     """With rope, dq, dk and dv still lie side by side in one (B, T, H + 2*Hkv, D) buffer (dq and dk
     turned back in place), so the model's split of its qkv projection joins them without a copy."""

@@ -2,7 +2,8 @@
 
 Tolerance (tests/numerics.py): the error of the output and of dx, ||out - ref|| / ||ref|| against
 float64, at most FACTOR (2) x the error of the torch backend (fp32 tables and arithmetic; for
-the torch backend itself, the rotation in the input's dtype), plus FLOOR[dtype] (kernels/accuracy.py: float32 1e-6, float16 2^-12, bfloat16 2^-9).
+the torch backend itself, the rotation in the input's dtype), plus FLOOR[dtype]
+(kernels/accuracy.py: float32 1e-6, float16 2^-12, bfloat16 2^-9).
 """
 import pytest
 import torch
@@ -81,6 +82,30 @@ def test_head_dim_not_unit_strided(backend, device):
     x = torch.randn(2, 3, 64, 17, device=device).transpose(-1, -2)  # (B, H, T=17, D=64), D stride 17
     assert x.stride(-1) != 1
     assert_accurate(backend, x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_and_table_layouts(backend, dtype, device):
+    """A transposed or expanded (stride 0, as .sum()'s) output gradient, and tables that are
+    strided views: read by stride, the same numbers as their contiguous copies give."""
+    skip_unless_triton_runs(backend, device)
+    rope = kernels.get("rope", backend)
+    x = torch.randn(2, 3, 17, 64, device=device).to(dtype)
+    cos, sin = rope_tables(64, 17, 10000.0, device)
+    tables = [cos.t().contiguous().t(), torch.stack([sin, 0 * sin], 1)[:, 0]]  # column-major, row-strided
+    assert not any(t.is_contiguous() for t in tables)
+    grads = [torch.randn(2, 17, 3, 64, device=device).to(dtype).transpose(1, 2),
+             torch.ones((), device=device, dtype=dtype).expand(x.shape)]
+    for dy in grads:
+        results = []
+        for c, s, g in ((*tables, dy), (cos, sin, dy.contiguous())):
+            leaf = x.detach().requires_grad_()
+            y = rope(leaf, c, s)
+            y.backward(g)
+            results.append((y, leaf.grad))
+        for strided, contiguous in zip(*results):
+            assert torch.equal(strided, contiguous)
 
 
 def test_output_layout_and_large_positions(device):
