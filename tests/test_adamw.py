@@ -93,15 +93,16 @@ def test_fp32_matches_torch_adamw(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_bf16_matches_float64_rounded_each_step(backend, state_dtype, device):
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                (torch.float16, torch.float32)], ids=str)
+def test_16_bit_params_match_float64_rounded_each_step(backend, dtype, state_dtype, device):
     """Stochastic rounding off: every step, from the same stored values, is the float64 math
     rounded to nearest in each tensor's dtype, up to fp32's error: each result is within half a
     unit of its dtype of a value within fp32's error of the exact one (so only where the exact
     value lies that close to a rounding boundary may it differ from float64 rounded once)."""
     skip_unless_triton_runs(backend, device)
     eps32 = torch.finfo(torch.float32).eps
-    params = [torch.randn(s, device=device).bfloat16() for s in SHAPES]
+    params = [torch.randn(s, device=device).to(dtype) for s in SHAPES]
     m, v = states(params, state_dtype)
     for step in range(1, STEPS + 1):
         grads = [torch.randn_like(p) for p in params]
@@ -112,18 +113,19 @@ def test_bf16_matches_float64_rounded_each_step(backend, state_dtype, device):
             for name, out, (value, scale) in zip(("param", "exp_avg", "exp_avg_sq"),
                                                  (params[i], m[i], v[i]), exact[i]):
                 what = f"{backend} step {step} {shape} {name}"
-                assert out.dtype == (torch.bfloat16 if name == "param" else state_dtype), what
-                out = out.double()
-                # Half a unit in the last place of out: eps * 2^(e - 1) for out in [2^e, 2^(e+1)).
-                half_ulp = torch.ldexp(torch.full_like(out, torch.finfo(params[i].dtype if
-                                       name == "param" else state_dtype).eps),
-                                       torch.frexp(out).exponent - 2)
+                stored = dtype if name == "param" else state_dtype
+                assert out.dtype == stored, what
+                out, info = out.double(), torch.finfo(stored)
+                # Half a unit in the last place of out: eps * 2^(e - 1) for out in [2^e, 2^(e+1)),
+                # and half the spacing of the subnormals below the smallest normal.
+                half_ulp = torch.ldexp(torch.full_like(out, info.eps), torch.frexp(out).exponent - 2)
+                half_ulp = half_ulp.clamp_min(info.smallest_normal * info.eps / 2)
                 error = (out - value).abs() - (half_ulp + 8 * eps32 * scale)
                 assert (error <= 0).all(), f"{what}: off by up to {error.max().item():.3g}"
-                if name == "param" or state_dtype == torch.bfloat16:
-                    differ += (out != value.bfloat16().double()).sum().item()
+                if stored != torch.float32:
+                    differ += (out != value.to(stored).double()).sum().item()
                     total += out.numel()
-        # Rounding boundaries within fp32's error are rare: nearly every bf16 result is exact.
+        # Rounding boundaries within fp32's error are rare: nearly every 16-bit result is exact.
         assert differ <= 0.02 * total, f"{backend} step {step}: {differ} of {total} differ"
 
 
