@@ -433,7 +433,9 @@ class GPT(nn.Module):
         B, T = idx.size()
         if B == 0 or T == 0:  # no logits to return, and a mean loss over no tokens would be NaN
             raise ValueError(f"GPT: idx must hold at least one sequence of at least one token, got shape {(B, T)}")
-        if idx.device.type == "cpu" and not torch.compiler.is_compiling():  # on a GPU it would wait for it
+        # Plain CPU tensors only: on a GPU the check would wait for it, and a fake tensor (tracing,
+        # FLOP counting) has no values.
+        if type(idx) is torch.Tensor and idx.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = (int(v) for v in torch.aminmax(idx))
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"GPT: token ids must be in [0, {self.config.vocab_size}), got ids from {low} to "

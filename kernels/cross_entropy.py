@@ -409,7 +409,8 @@ def _lce_setup_context(ctx, inputs, output) -> None:
 
 
 def _lce_backward(ctx, dloss, _ddx, _ddw, _dpending):
-    runtime.first_order_only("tritongpt::linear_cross_entropy")  # dx and dw are constants here
+    # A custom op of its own (not a runtime.Op, whose formula is guarded so): dx and dw are constants here.
+    runtime.first_order_only("tritongpt::linear_cross_entropy")
     dx, dw, pending = ctx.saved_tensors
     factor = dloss * pending  # fp32, and the products in fp32: each gradient rounded once
     # Stored in the input's dtype as computed: no fp32 product beside it at the step's peak (the
