@@ -25,7 +25,6 @@ from .runtime import wrap_triton  # bare names: see wrap_triton's docstring
 from .checks import FLOAT_DTYPES, TRITON_DTYPES, check_same, check_tensor
 from .registry import register
 
-
 # Launch heuristics: _TILE elements of each half per program (8 KB of bf16 per half), in a tile
 # of whole half-rows of consecutive positions of one (batch, head). 8 warps give each thread 16
 # elements per half (two 16-byte bf16 vectors) and 16 of each fp32 table: compiled for sm90

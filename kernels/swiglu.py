@@ -18,7 +18,6 @@ from .checks import TRITON_DTYPES, check_same, check_tensor
 from .registry import register
 
 
-
 def check_swiglu(gate, up) -> None:
     check_tensor("swiglu", "gate", gate)
     check_tensor("swiglu", "up", up)
