@@ -303,7 +303,8 @@ def table(runs: list[dict]) -> str:
               "device"]
     rows = [[f"{r['label']}{status(r)}", shown(r["iters"], "d"), shown(r["final_val"], ".4f"),
              "n/a" if r["best_val"] is None else f"{r['best_val']:.4f} ({r['best_iter']})",
-             shown(r["final_train"], ".4f"), shown(r["step_ms"], ".1f"), shown(r["wall_s"], ".0f"), r["device"] or "n/a"]
+             shown(r["final_train"], ".4f"), shown(r["step_ms"], ".1f"), shown(r["wall_s"], ".0f"),
+             r["device"] or "n/a"]
             for r in runs]
     return markdown_table(header, rows, align="lrrrrrrl") + "\n"
 

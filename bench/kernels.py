@@ -28,7 +28,6 @@ from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
 from bench.measure import TIMING, print_rows, provenance
 from gpt.config import DTYPES, training_dtype
-from gpt.model import GPTConfig, preset
 
 
 def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
@@ -78,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
         if args.preset.endswith(".py"):
             args.preset = os.path.normpath(args.preset)  # the record's name: ./config/x.py is config/x.py
-            settings, config, source = planning.training_file(args.preset)
+        config, settings, source = planning.model(args.preset)
+        if source:
             print(source)
-            fill_unset(args, settings)  # its batch_size and dtype (None: this GPU's default)
-        else:
-            config = GPTConfig(**preset(args.preset))
+        fill_unset(args, settings)  # a config file's batch_size and dtype (None: this GPU's default)
         for op in ops:
             kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
     except (ValueError, OSError) as e:

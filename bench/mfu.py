@@ -469,15 +469,16 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.kernels.split(","):
             parse_variant(variant)
         names = args.preset.split(",") if args.preset else []
-        files = {name: planning.training_file(name) for name in names if name.endswith(".py")}
-        models = {name: files[name][1] if name in files else planning.config_for(name) for name in names}
+        resolved = {name: planning.model(name) for name in names}
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    for _, _, source in files.values():
-        console.print(source)
+    models = {name: config for name, (config, _, _) in resolved.items()}
+    for _, _, source in resolved.values():
+        if source:
+            console.print(source)
     planning_note = args.optimizer is not None or args.recompute is not None  # given, and unused in a plan
-    if len(names) == 1 and files:  # its batch_size, optimizer and recompute where the command line sets none
-        fill_unset(args, files[names[0]][0])
+    if len(names) == 1:  # a config file's batch_size, optimizer and recompute where the command line sets none
+        fill_unset(args, resolved[names[0]][1])
     args.batch_size = args.batch_size or 16
     args.recompute = False if args.recompute is None else args.recompute
 

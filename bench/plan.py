@@ -112,6 +112,16 @@ def training_file(path: str) -> tuple[dict, GPTConfig, str]:
     return settings, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
 
 
+def model(name: str) -> tuple[GPTConfig, dict, str | None]:
+    """(the model, the settings a bench run takes from it, where its vocabulary comes from) of
+    `name`: a train.py config file's (training_file), or a preset's (config_for: no settings, and
+    its own vocabulary)."""
+    if name.endswith(".py"):
+        settings, config, source = training_file(name)
+        return config, settings, source
+    return config_for(name), {}, None
+
+
 def config_for(name: str) -> GPTConfig:
     """A model preset (gpt.model.PRESETS) or a planning preset (PLANNING_PRESETS: gigaGPT's
     shapes). A train.py config file's model is training_file's."""

@@ -20,6 +20,7 @@ from tests.devices import cuda_only
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no group
 
 CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+WRITE_ITEM = "torch.distributed.checkpoint.filesystem._write_item"  # where dcp.save writes each item: a full disk's
 
 
 def trained(kahan: bool, steps: int = 3) -> tuple[GPT, BF16AdamW]:
@@ -299,7 +300,7 @@ def test_shards_the_disk_cannot_take_are_the_disk_s_error_and_the_last_checkpoin
     """As a full checkpoint's failed write: an OSError, which train.py reports with the free space."""
     m, o = trained(kahan=False, steps=0)
     checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
-    with mock.patch("torch.distributed.checkpoint.filesystem._write_item", side_effect=error):
+    with mock.patch(WRITE_ITEM, side_effect=error):
         with pytest.raises(OSError, match=r"^torch.distributed.checkpoint could not write the shards of rank\(s\) "
                                           rf"0 \({re.escape(str(error))}\)$"):
             checkpoint.save_sharded(m, o, {"iter_num": 2, "model_args": vars(CONFIG)}, tmp_path)
@@ -308,7 +309,7 @@ def test_shards_the_disk_cannot_take_are_the_disk_s_error_and_the_last_checkpoin
 
 def test_a_shard_s_failure_that_is_no_disk_s_stays_itself(tmp_path):
     m, o = trained(kahan=False, steps=0)
-    with mock.patch("torch.distributed.checkpoint.filesystem._write_item", side_effect=ValueError("a bug")):
+    with mock.patch(WRITE_ITEM, side_effect=ValueError("a bug")):
         with pytest.raises(CheckpointException, match="a bug"):
             checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
 

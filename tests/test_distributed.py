@@ -33,6 +33,7 @@ from gpt.optim import BF16AdamW
 from gpt.preemption import Preemption
 from gpt.sample import main as sample
 from tests.devices import skip_unless_interpreter_runs
+from tests.test_checkpoint import WRITE_ITEM
 from tests.test_train import sigterm_once_it_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -457,8 +458,7 @@ def test_fsdp_shards_the_disk_cannot_take_end_the_run_saying_so_and_keep_the_las
     args = [*ONE, "--parallel=fsdp", "--eval_interval=2", "--eval_iters=1"]
     try:
         run(tmp_path, data_dir, *args, "--max_iters=2")
-        monkeypatch.setattr("torch.distributed.checkpoint.filesystem._write_item", mock.Mock(
-            side_effect=OSError(28, "No space left on device")))
+        monkeypatch.setattr(WRITE_ITEM, mock.Mock(side_effect=OSError(28, "No space left on device")))
         with pytest.raises(SystemExit, match=r"^train.py: the checkpoint could not be written \([\d,]+ MiB free "
                                              r"in .*\): torch.distributed.checkpoint could not write the shards of "
                                              r"rank\(s\) 0 \(\[Errno 28\] No space left on device\); the last "
