@@ -27,7 +27,7 @@ from rich.table import Table
 import kernels
 from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN_KEYS, ConfigError, check_device,
-                        parse_args, printed_help, reported as reported_by, training_dtype)
+                        optimizer_dtype, parse_args, printed_help, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, load_meta, prepare
 from gpt.files import try_lock, write_atomic
 from gpt.preemption import Preemption
@@ -340,11 +340,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
 
     # Before the processes join and the data is prepared: a refused combination says so at once.
     pure_bf16 = c["optimizer"] == "bf16_adamw"
-    if pure_bf16:
-        if c["dtype"] == "float16":
-            raise SystemExit("train.py: optimizer=bf16_adamw trains in bfloat16, and dtype is float16 (set so, or "
-                             "the default on a GPU without native bfloat16); set dtype=bfloat16")
-        c["dtype"] = "bfloat16"
+    with reported():
+        c["dtype"] = optimizer_dtype(c["optimizer"], c["dtype"])
     if c["parallel"] == "fsdp" and distributed.launched() and c["dtype"] == "float16":
         raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
                          "kept in step across the ranks' shards)")

@@ -3,7 +3,7 @@ have.
 
     python -m bench.mfu --gpu auto [--preset gpt2] [--batch-size 16] [--seq-len 1024]
                         [--kernels torch,compile,triton,triton+compile] [--steps 50] [--warmup 10]
-                        [--optimizer adamw|bf16_adamw] [--recompute [BLOCKS]] [--profile-steps 3]
+                        [--optimizer adamw|bf16_adamw] [--dtype D] [--recompute [BLOCKS]] [--profile-steps 3]
                         [--budget-s S]  # no variant started S seconds after the first
     python -m bench.mfu --gpu h100 [--preset gpt2,giga-175b] [--world-size 64]   # planning table
     python -m bench.mfu --gpu auto --preset config/train_shakespeare_char.py     # a train.py config's model
@@ -50,7 +50,7 @@ from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPU, GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import one_line, provenance
-from gpt.config import COMPILE_MODES, OPTIMIZERS
+from gpt.config import COMPILE_MODES, DTYPES, OPTIMIZERS, optimizer_dtype, training_dtype
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
@@ -174,7 +174,8 @@ def _train_step(run: Run, backends: dict[str, str], compile_mode: str | None):
         autocast = contextlib.nullcontext()
     elif run.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
-        autocast = torch.autocast(device_type, dtype=run.dtype)
+        autocast = (contextlib.nullcontext() if run.dtype == torch.float32
+                    else torch.autocast(device_type, dtype=run.dtype))
     else:
         raise ValueError(f"optimizer must be adamw or bf16_adamw, got {run.optimizer!r}")
     scaler = torch.amp.GradScaler(device_type, enabled=run.dtype == torch.float16)
@@ -364,13 +365,13 @@ def measure_all(args, config: GPTConfig, device: Device, console: Console, out: 
     seq_len = args.seq_len or config.block_size
     if seq_len > config.block_size:
         config = dataclasses.replace(config, block_size=seq_len)
-    # train.py's dtype: bf16 where native, else fp16; bf16_adamw always trains in bf16
-    dtype = torch.bfloat16 if device.capability >= (8, 0) or args.optimizer == "bf16_adamw" else torch.float16
+    dtype = getattr(torch, args.dtype)
     run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
               f"cuda:{device.index}", args.recompute, args.profile_steps)
     peak = peak_for(device.name, dtype, args.peak_tflops, device.sms)
     flops = flops_per_token(config, seq_len, run.recompute)
     torch.cuda.set_device(device.index)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: float32's matmuls on TF32, its peak's
     rows, not_started, start = [], [], time.monotonic()
     for variant in args.kernels.split(","):
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
@@ -429,8 +430,9 @@ def plan_tables(args, gpu: GPU, models: dict[str, GPTConfig], planning_note: boo
         except ValueError as e:
             parser.error(f"{name}: {e}")
     if planning_note:
-        console.print("--optimizer and --recompute are not used in planning: the tables show both "
-                      "optimizers, with no block, every block and the fewest blocks recomputed.")
+        console.print("--optimizer, --dtype and --recompute are not used in planning: the tables show both "
+                      "optimizers in the GPU's 16-bit dtype, with no block, every block and the fewest blocks "
+                      "recomputed.")
     planning.print_plan(planning.Plan(gpu, dtype, peak, args.world_size, args.seq_len, args.batch_size,
                                       peak_given=args.peak_tflops is not None), models, console)
 
@@ -440,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default="auto",
                         help="auto (measure the GPU here), a GPU name or key to plan for, or list")
     parser.add_argument("--preset", help="model preset, or a train.py config file (its model, batch_size, "
-                                         "optimizer and recompute); default gpt2; planning: comma-separated, "
+                                         "optimizer, dtype and recompute); default gpt2; planning: comma-separated, "
                                          f"default {','.join(planning.DEFAULT_PLAN)}")
     parser.add_argument("--batch-size", type=positive(int),
                         help="sequences per micro-batch (default: a config file's batch_size, else 16)")
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw; planning shows both")
+    parser.add_argument("--dtype", choices=DTYPES, help="the training dtype (default: train.py's on this GPU, bf16 or "
+                                                        "fp16 where it has none; bf16_adamw's is bf16)")
     parser.add_argument("--recompute", nargs="?", type=int, const=True, metavar="BLOCKS",
                         help="recompute every block in backward (activation checkpointing), or the first BLOCKS, "
                              "as train.py's recompute")
@@ -476,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     for _, _, source in resolved.values():
         if source:
             console.print(source)
-    planning_note = args.optimizer is not None or args.recompute is not None  # given, and unused in a plan
-    if len(names) == 1:  # a config file's batch_size, optimizer and recompute where the command line sets none
+    planning_note = any(v is not None for v in (args.optimizer, args.dtype, args.recompute))  # unused in a plan
+    if len(names) == 1:  # a config file's batch_size, optimizer, dtype and recompute where the command line sets none
         fill_unset(args, resolved[names[0]][1])
     args.batch_size = args.batch_size or 16
     args.recompute = False if args.recompute is None else args.recompute
@@ -507,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.preset = args.preset or "gpt2"
     args.optimizer = args.optimizer or "adamw"
+    try:
+        args.dtype = optimizer_dtype(args.optimizer, args.dtype or training_dtype(f"cuda:{device.index}"))
+    except ValueError as e:
+        parser.error(str(e))
     config = models.get(args.preset) or planning.config_for(args.preset)
     try:
         args.recompute = recompute_count(args.recompute, config.n_layer)

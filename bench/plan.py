@@ -59,7 +59,7 @@ from rich.table import Table
 
 from bench.flops import block_matmuls, block_param_count, flops_per_token, param_count
 from bench.hardware import GPU
-from gpt.config import OPTIMIZERS
+from gpt.config import OPTIMIZERS, optimizer_dtype
 from gpt.data import load_meta, prepare
 from gpt.model import GPT, PRESETS, GPTConfig, preset, recompute_count
 from kernels.cross_entropy import CHUNK_BYTES
@@ -107,8 +107,7 @@ def training_file(path: str) -> tuple[dict, GPTConfig, str]:
     config = train.scratch_model(c, meta)
     source = f"{folder / 'meta.pkl'}" if meta else f"GPT-2's, padded{unprepared}"
     settings = {"batch_size": c["batch_size"], "optimizer": c["optimizer"], "recompute": c["recompute"],
-                # bf16_adamw trains in bf16 whatever the file's dtype (train.py)
-                "dtype": "bfloat16" if c["optimizer"] == "bf16_adamw" else c["dtype"]}
+                "dtype": optimizer_dtype(c["optimizer"], c["dtype"])}
     return settings, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
 
 

@@ -64,6 +64,18 @@ class ConfigError(ValueError):
     pass
 
 
+def optimizer_dtype(optimizer: str, dtype: str | None) -> str | None:
+    """The dtype a run of `optimizer` trains in, `dtype` asked: bf16_adamw's weights and moments
+    are bf16, so it trains in bfloat16 whatever else was asked, float16 excepted (refused: a
+    float16 run needs fp32 master weights for its loss scale)."""
+    if optimizer != "bf16_adamw":
+        return dtype
+    if dtype == "float16":
+        raise ConfigError("optimizer=bf16_adamw trains in bfloat16, and dtype is float16 (set so, or the default "
+                          "on a GPU without native bfloat16); set dtype=bfloat16")
+    return "bfloat16"
+
+
 def check_device(device: str) -> None:
     """train.py's and gpt.sample's `device`: one this machine has, else a ConfigError (torch's own
     messages for one it lacks are tracebacks from deep in the set-up, an assertion, a missing

@@ -97,12 +97,12 @@ def test_plan_credits_a_given_peak_to_the_user(capsys, monkeypatch):
     assert "your --peak-tflops" not in capsys.readouterr().out
 
 
-def test_plan_says_it_does_not_use_optimizer_and_recompute(capsys, monkeypatch):
+def test_plan_says_it_does_not_use_optimizer_dtype_and_recompute(capsys, monkeypatch):
     monkeypatch.setattr(mfu, "detect", lambda: None)
-    note = "--optimizer and --recompute are not used in planning"
+    note = "--optimizer, --dtype and --recompute are not used in planning"
     assert mfu.main(["--gpu", "h100", "--preset", "gpt2"]) == 0
     assert note not in " ".join(capsys.readouterr().out.split())
-    for flags in (["--optimizer", "bf16_adamw"], ["--recompute"], ["--recompute", "4"]):
+    for flags in (["--optimizer", "bf16_adamw"], ["--dtype", "float32"], ["--recompute"], ["--recompute", "4"]):
         assert mfu.main(["--gpu", "h100", "--preset", "gpt2", *flags]) == 0
         assert note in " ".join(capsys.readouterr().out.split())
     # A number of blocks no preset of the plan has is an error, not ignored.
@@ -136,7 +136,8 @@ def test_a_train_config_file_is_planned_with_its_data_s_vocabulary(tmp_path, cap
     assert f"{param_count(model) / 1e9:.3g}B" in text and "recompute for 24" in text
     assert "not used in planning" not in text  # the file's optimizer and recompute: not the user's asking
     assert mfu.main(["--gpu", "h100", "--preset", path, "--optimizer", "bf16_adamw"]) == 0
-    assert "--optimizer and --recompute are not used in planning" in " ".join(capsys.readouterr().out.split())
+    assert "--optimizer, --dtype and --recompute are not used in planning" in " ".join(
+        capsys.readouterr().out.split())
     (tmp_path / "chars" / "meta.pkl").unlink()
     assert mfu.main(["--gpu", "h100", "--preset", path]) == 0
     text = " ".join(capsys.readouterr().out.split())
@@ -147,8 +148,10 @@ def test_a_train_config_file_is_planned_with_its_data_s_vocabulary(tmp_path, cap
         capsys.readouterr().out.split())
 
 
-def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(tmp_path, monkeypatch):
-    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+def test_a_train_config_file_is_measured_with_its_batch_optimizer_dtype_and_recompute(tmp_path, monkeypatch,
+                                                                                      capsys):
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA V100-SXM2-32GB", 80, 32.0, (7, 0)))
+    monkeypatch.setattr(mfu, "training_dtype", lambda device: "float16")  # train.py's on a GPU without bf16
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     seen = []
 
@@ -164,11 +167,26 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_and_recompute(
     with pytest.raises(KeyboardInterrupt):  # the command line's settings win
         mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", path, "--batch-size", "8", "--recompute", "1",
                   "--optimizer", "adamw", "--json", str(tmp_path / "m.json")])
-    from_file, overridden = seen
-    assert (from_file.batch_size, from_file.seq_len, from_file.optimizer, from_file.recompute,
-            from_file.config.vocab_size) == (24, 64, "bf16_adamw", 2, 65)
-    assert (overridden.batch_size, overridden.optimizer, overridden.recompute) == (8, "adamw", 1)
-    assert reads == [path, path]  # read (its dataset prepared) once a command
+    for lines, flags in (([], []), (["dtype = 'float32'"], []), ([], ["--dtype", "float32"])):
+        with pytest.raises(KeyboardInterrupt):
+            mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", _train_config(tmp_path, *lines), *flags,
+                      "--json", str(tmp_path / "m.json")])
+    from_file, overridden, default, file_s, asked = seen
+    assert (from_file.batch_size, from_file.seq_len, from_file.optimizer, from_file.dtype, from_file.recompute,
+            from_file.config.vocab_size) == (24, 64, "bf16_adamw", torch.bfloat16, 2, 65)
+    # bf16_adamw's file trains in bf16, and measures so under torch's AdamW too
+    assert (overridden.batch_size, overridden.optimizer, overridden.dtype, overridden.recompute) == (
+        8, "adamw", torch.bfloat16, 1)
+    assert [run.dtype for run in (default, file_s, asked)] == [torch.float16, torch.float32, torch.float32]
+    assert reads[:2] == [path, path]  # read (its dataset prepared) once a command
+    # As train.py, bf16_adamw refuses float16, a file's or the command line's.
+    for lines, flags in ((["optimizer = 'bf16_adamw'", "dtype = 'float16'"], []),
+                         (["optimizer = 'bf16_adamw'"], ["--dtype", "float16"])):
+        with pytest.raises(SystemExit) as exit:
+            mfu.main(["--gpu", "auto", "--preset", _train_config(tmp_path, *lines), *flags])
+        assert exit.value.code == 2 and "optimizer=bf16_adamw trains in bfloat16, and dtype is float16" in " ".join(
+            capsys.readouterr().err.split())
+    assert len(seen) == 5
 
 
 @pytest.mark.parametrize("gpu, here", [("auto", None), ("auto", "NVIDIA H100 80GB HBM3"),
@@ -531,11 +549,14 @@ def test_no_variant_starts_once_the_budget_is_spent(monkeypatch, tmp_path, capsy
     assert "not started, --budget-s 100 spent: torch" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("optimizer, dtype", [("adamw", torch.float16), ("bf16_adamw", torch.bfloat16)])
-def test_a_gpu_without_bf16_measures_what_train_py_runs(optimizer, dtype, monkeypatch, tmp_path):
-    """On a V100 train.py trains in fp16 with a loss scale, but bf16_adamw always in bf16 (no
-    scaler): bench.mfu times the same."""
+@pytest.mark.parametrize("flags, dtype", [([], torch.float16), (["--dtype", "bfloat16"], torch.bfloat16),
+                                          (["--optimizer", "bf16_adamw", "--dtype", "bfloat16"], torch.bfloat16),
+                                          (["--optimizer", "bf16_adamw"], None)])
+def test_a_gpu_without_bf16_measures_what_train_py_runs(flags, dtype, monkeypatch, tmp_path, capsys):
+    """On a V100 train.py trains in fp16 with a loss scale, unless told bf16 (emulated); its
+    bf16_adamw, always bf16, takes being told: bench.mfu times the same, and refuses the same."""
     monkeypatch.setattr(mfu, "detect", lambda: Device(0, "Tesla V100-SXM2-16GB", 80, 16.0, (7, 0)))
+    monkeypatch.setattr(mfu, "training_dtype", lambda device: "float16")  # what the V100 would say
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     seen = []
 
@@ -543,9 +564,11 @@ def test_a_gpu_without_bf16_measures_what_train_py_runs(optimizer, dtype, monkey
         seen.append(run.dtype)
         raise KeyboardInterrupt  # what was to be measured is known: stop there
     monkeypatch.setattr(mfu, "measure", measure)
-    with pytest.raises(KeyboardInterrupt):
-        mfu.main(["--gpu", "auto", "--kernels", "torch", "--optimizer", optimizer, "--json", str(tmp_path / "m.json")])
-    assert seen == [dtype]
+    with pytest.raises(SystemExit if dtype is None else KeyboardInterrupt):
+        mfu.main(["--gpu", "auto", "--kernels", "torch", *flags, "--json", str(tmp_path / "m.json")])
+    assert seen == ([dtype] if dtype else [])
+    if dtype is None:
+        assert "(set so, or the default on a GPU without native bfloat16)" in " ".join(capsys.readouterr().err.split())
 
 
 def test_clock_column_shows_the_peak_the_clock_implies():
