@@ -14,7 +14,6 @@ config file's own, if it sets one): a run takes each op from a record of its own
 the profile has one, and the record nearest its shapes (a config file's record: its own model).
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ops = args.ops.split(",")
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
-        if args.preset.endswith(".py"):
-            args.preset = os.path.normpath(args.preset)  # the record's name: ./config/x.py is config/x.py
+        args.preset = planning.record_name(args.preset)
         config, settings, source = planning.model(args.preset)
         if source:
             print(source)

@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a bad variant, preset or config file fails before any GPU work, and on a CPU too
         for variant in args.kernels.split(","):
             parse_variant(variant)
-        names = args.preset.split(",") if args.preset else []
+        names = [planning.record_name(name) for name in args.preset.split(",")] if args.preset else []
+        args.preset = ",".join(names) or None
         resolved = {name: planning.model(name) for name in names}
     except (ValueError, OSError) as e:
         parser.error(str(e))

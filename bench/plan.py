@@ -50,6 +50,7 @@ allocator's own overheads, transients and workspaces are not in them.
 """
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,12 @@ def training_file(path: str) -> tuple[dict, GPTConfig, str]:
     settings = {"batch_size": c["batch_size"], "optimizer": c["optimizer"], "recompute": c["recompute"],
                 "dtype": optimizer_dtype(c["optimizer"], c["dtype"])}
     return settings, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
+
+
+def record_name(name: str) -> str:
+    """The name a result keeps for the model `name`: a config file's path normalized, so that
+    ./config/x.py and config/x.py are one model."""
+    return os.path.normpath(name) if name.endswith(".py") else name
 
 
 def model(name: str) -> tuple[GPTConfig, dict, str | None]:

@@ -312,15 +312,16 @@ def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(se
     config = tmp_path / "my_model.py"
     config.write_text(f"data_dir = {str(tmp_path)!r}\ndataset = 'none'\nn_layer = 2\nn_head = 2\nn_embd = 64\n"
                       f"block_size = 128\nbatch_size = 12\n{setting}\nmlp = 'swiglu'\n")
+    monkeypatch.chdir(tmp_path)  # named as ./my_model.py: recorded as my_model.py, the same file
     with pytest.raises(KeyboardInterrupt):
-        bench_kernels.main(["--gpu", "h100", "--preset", str(config), "--out", str(tmp_path / "h100.json")])
+        bench_kernels.main(["--gpu", "h100", "--preset", "./my_model.py", "--out", str(tmp_path / "h100.json")])
     [(_, shapes)] = measured
     assert (shapes.batch_size, shapes.T, shapes.dtype, shapes.config.n_embd, shapes.config.mlp, shapes.config.vocab_size
             ) == (12, 128, dtype, 64, "swiglu", 50304)
     said = " ".join(capsys.readouterr().out.split())
-    assert f"{config}: the model it trains, its 50304-token vocabulary GPT-2's" in said
+    assert "my_model.py: the model it trains, its 50304-token vocabulary GPT-2's" in said
     [record] = profile.load(tmp_path / "h100.my_model.partial.json").workloads
-    assert record["workload"]["preset"] == str(config)
+    assert record["workload"]["preset"] == "my_model.py"
 
 
 # The first lines and the last of an error bench.mfu recorded on an H200 (2026-12-04).

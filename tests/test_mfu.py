@@ -189,6 +189,26 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_dtype_and_reco
     assert len(seen) == 5
 
 
+def test_a_config_file_s_result_is_named_by_its_normalized_path(tmp_path, monkeypatch):
+    """./my_model.py and sub/../my_model.py are the file my_model.py, and its result says so."""
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(mfu, "training_dtype", lambda device: "bfloat16")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(mfu, "measure", lambda run, variant, device: {"variant": variant, "error": "not measured"})
+    named = []
+
+    def record(run, preset, *rest):
+        named.append(preset)
+        raise KeyboardInterrupt  # the result's name is known: stop there
+    monkeypatch.setattr(mfu, "record", record)
+    _train_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./my_model.py", "sub/../my_model.py"):
+        with pytest.raises(KeyboardInterrupt):
+            mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", name, "--json", str(tmp_path / "m.json")])
+    assert named == ["my_model.py", "my_model.py"]
+
+
 @pytest.mark.parametrize("gpu, here", [("auto", None), ("auto", "NVIDIA H100 80GB HBM3"),
                                        ("h100", "NVIDIA H100 80GB HBM3")])
 def test_measuring_takes_one_preset(gpu, here, monkeypatch, capsys):
