@@ -322,6 +322,70 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     console.print(ktable)
 
 
+def make_optimizer(c: dict, model: GPT, world, adamw_backend: str, console) -> torch.optim.Optimizer:
+    """The run's optimizer over `model`'s param groups (distributed.optimizer: ZeRO-1's shards it)."""
+    if c["optimizer"] == "adamw":
+        optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=torch.device(c["device"]).type == "cuda")
+        if c["kahan_summation"]:
+            console.print("[yellow]kahan_summation=True is bf16_adamw's, for bf16 weights: adamw's are fp32, "
+                          "and it is not used[/yellow]")
+    else:
+        optimizer_class, optimizer_args = BF16AdamW, dict(backend=adamw_backend, seed=c["seed"],
+                                                          stochastic_rounding=c["stochastic_rounding"],
+                                                          kahan_summation=c["kahan_summation"])
+    return distributed.optimizer(world, model.param_groups(c["weight_decay"]), optimizer_class,
+                                 lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)
+
+
+def restore_random_state(rng: list[dict] | None, batches: Batches, world, device_type: str, console) -> None:
+    """A checkpoint's random state (one entry per rank of the run that saved it; none in nanoGPT's)
+    back in the data sampler and, on as many ranks as saved it, in torch's generators."""
+    if rng is None:
+        console.print("the checkpoint holds no random state (nanoGPT's): batches and dropout masks are "
+                      "drawn afresh")
+        return
+    batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
+    if len(rng) == world.size:
+        torch.set_rng_state(rng[world.rank]["torch"])
+        if device_type == "cuda" and rng[world.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rng[world.rank]["cuda"])
+    else:
+        console.print(f"resuming on {world.size} processes a run saved by {len(rng)}: the data sampler "
+                      f"continues, dropout masks are drawn afresh")
+
+
+def open_out_dir(c: dict, iter_num: int, console, cleanup: ExitStack):
+    """The master's log file in out_dir, opened for appending. A new training run starts its log
+    afresh, the last run's checkpoint and log set aside; a resumed one keeps what came before its
+    checkpoint and appends, and so does an evaluation (eval_only, which saves nothing) to the
+    whole log."""
+    fresh = c["init_from"] != "resume" and not c["eval_only"]
+    log_path = Path(c["out_dir"]) / "log.jsonl"
+    with reported():  # an out_dir that is a file, or on a read-only or full disk
+        os.makedirs(c["out_dir"], exist_ok=True)
+        # One training run an out_dir (it locks the directory): two would set aside, trim and
+        # overwrite each other's checkpoint and log. eval_only may score a checkpoint meanwhile.
+        if not c["eval_only"]:
+            held = os.open(c["out_dir"], os.O_RDONLY)
+            cleanup.callback(os.close, held)
+            if not try_lock(held):
+                raise SystemExit(f"train.py: another run is training in {c['out_dir']} (it holds the "
+                                 f"directory's lock): give this one an out_dir of its own")
+        for torn in checkpoint.remove_torn(c["out_dir"]):
+            console.print(f"removed {torn}, a checkpoint write that was killed")
+        if c["init_from"] == "resume" and not c["eval_only"]:
+            trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
+        earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
+        # Appending (O_APPEND) even when fresh: an eval_only run beside it appends to the same log.
+        log_file = cleanup.enter_context(open(log_path, "a"))
+        if fresh:
+            log_file.truncate(0)
+    if earlier:
+        console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
+                      f"{earlier}[/yellow]")
+    return log_file
+
+
 def main(argv: list[str]) -> None:
     # However the run ends (an error, an interrupt, a guard's stop), the clock sampler's thread
     # stops and the log closes: called again in one process (a notebook, a sweep), nothing piles up.
@@ -434,18 +498,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     else:
         model.to(c["device"])
 
-    if c["optimizer"] == "adamw":
-        optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=device_type == "cuda")
-        if c["kahan_summation"]:
-            console.print("[yellow]kahan_summation=True is bf16_adamw's, for bf16 weights: adamw's are fp32, "
-                          "and it is not used[/yellow]")
-    else:
-        optimizer_class, optimizer_args = BF16AdamW, dict(backend=backends["adamw"], seed=c["seed"],
-                                                          stochastic_rounding=c["stochastic_rounding"],
-                                                          kahan_summation=c["kahan_summation"])
     grad_norm_op = kernels.get("grad_norm", backends["grad_norm"])
-    optimizer = distributed.optimizer(world, model.param_groups(c["weight_decay"]), optimizer_class,
-                                      lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)
+    optimizer = make_optimizer(c, model, world, backends["adamw"], console)
     if resumed:
         # The checkpoint's optimizer state with this run's settings: load_state_dict brings back
         # the saved groups' settings (rounding, Kahan, betas, weight decay, fused), and the config,
@@ -464,19 +518,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     if resumed:
         if resumed.get("scaler"):  # empty when saved by a run without a loss scale (bf16, fp32)
             scaler.load_state_dict(resumed["scaler"])
-        rng = resumed.get("rng")  # one entry per rank of the run that saved it; none in nanoGPT's
-        if rng is None:
-            console.print("the checkpoint holds no random state (nanoGPT's): batches and dropout masks are "
-                          "drawn afresh")
-        else:
-            batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
-            if len(rng) == world_size:
-                torch.set_rng_state(rng[rank]["torch"])
-                if device_type == "cuda" and rng[rank]["cuda"] is not None:
-                    torch.cuda.set_rng_state(rng[rank]["cuda"])
-            else:
-                console.print(f"resuming on {world_size} processes a run saved by {len(rng)}: the data sampler "
-                              f"continues, dropout masks are drawn afresh")
+        restore_random_state(resumed.get("rng"), batches, world, device_type, console)
         del resumed  # free the checkpoint's copy of the weights
 
     raw_model = model
@@ -490,33 +532,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     if master:
         summary(console, c, raw_model, choices, tokens_per_iter, world, config_files)
         console.print(f"MFU: {meter.describe()}")
-        # A new training run starts its log afresh, the last run's checkpoint and log set aside;
-        # a resumed one keeps what came before its checkpoint and appends, and so does an
-        # evaluation (eval_only, which saves nothing) to the whole log.
-        fresh = c["init_from"] != "resume" and not c["eval_only"]
-        log_path = Path(c["out_dir"]) / "log.jsonl"
-        with reported():  # an out_dir that is a file, or on a read-only or full disk
-            os.makedirs(c["out_dir"], exist_ok=True)
-            # One training run an out_dir (it locks the directory): two would set aside, trim and
-            # overwrite each other's checkpoint and log. eval_only may score a checkpoint meanwhile.
-            if not c["eval_only"]:
-                held = os.open(c["out_dir"], os.O_RDONLY)
-                cleanup.callback(os.close, held)
-                if not try_lock(held):
-                    raise SystemExit(f"train.py: another run is training in {c['out_dir']} (it holds the "
-                                     f"directory's lock): give this one an out_dir of its own")
-            for torn in checkpoint.remove_torn(c["out_dir"]):
-                console.print(f"removed {torn}, a checkpoint write that was killed")
-            if c["init_from"] == "resume" and not c["eval_only"]:
-                trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
-            earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
-            # Appending (O_APPEND) even when fresh: an eval_only run beside it appends to the same log.
-            log_file = cleanup.enter_context(open(log_path, "a"))
-            if fresh:
-                log_file.truncate(0)
-        if earlier:
-            console.print(f"[yellow]{c['out_dir']} held an earlier run's checkpoint: moved with its log to "
-                          f"{earlier}[/yellow]")
+        log_file = open_out_dir(c, iter_num, console, cleanup)
         # The backend that ran each op (kernels=auto chooses per GPU) heads what this run logs.
         marks = {"eval_only": True} if c["eval_only"] else {}
         log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **marks)) + "\n")
