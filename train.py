@@ -35,7 +35,7 @@ from gpt.tokenizer import EOT
 from bench import plan, shown
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
-from gpt.model import GPT, GPTConfig, model_ops, preset
+from gpt.model import GPT, GPTConfig, model_ops, preset, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm, optimizer_ops
 
 # nanoGPT's keys and defaults (GPT-2 124M on OpenWebText), then tritongpt's own.
@@ -146,6 +146,9 @@ def check_ranges(config: dict) -> None:
         raise ConfigError(f"seed must be in [0, 2**63), got {config['seed']}")
     if config["dtype"] is not None and config["dtype"] not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
+    kernels.check_request(config["kernels"])
+    if config["init_from"] == "scratch":  # the architecture (a checkpoint's own is checked as it loads)
+        recompute_count(config["recompute"], scratch_model(config, None).n_layer)
 
 
 def scratch_model(c: dict, meta: dict | None) -> GPTConfig:
@@ -326,9 +329,10 @@ def make_optimizer(c: dict, model: GPT, world, adamw_backend: str, console) -> t
     """The run's optimizer over `model`'s param groups (distributed.optimizer: ZeRO-1's shards it)."""
     if c["optimizer"] == "adamw":
         optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=torch.device(c["device"]).type == "cuda")
-        if c["kahan_summation"]:
-            console.print("[yellow]kahan_summation=True is bf16_adamw's, for bf16 weights: adamw's are fp32, "
-                          "and it is not used[/yellow]")
+        unused = [f"{key}={c[key]}" for key in ("stochastic_rounding", "kahan_summation") if c[key] != DEFAULTS[key]]
+        if unused:
+            console.print(f"[yellow]{' and '.join(unused)}: bf16_adamw's rounding of bf16 weights; adamw's are "
+                          f"fp32, and {'they are' if len(unused) > 1 else 'it is'} not used[/yellow]")
     else:
         optimizer_class, optimizer_args = BF16AdamW, dict(backend=adamw_backend, seed=c["seed"],
                                                           stochastic_rounding=c["stochastic_rounding"],

@@ -10,7 +10,7 @@ hand-written Triton backends that replace it.
 from . import runtime  # noqa: F401  (first: switches Triton to its interpreter on CPU-only machines)
 from . import adamw, attention, cross_entropy, norm, rope, swiglu  # noqa: F401  (each registers its backends)
 from .registry import OPS, get, ops, register
-from .select import MODES, Choice, agreed, choose
+from .select import MODES, Choice, agreed, check_request, choose
 from .packed import split
 
-__all__ = ["OPS", "MODES", "Choice", "agreed", "choose", "get", "ops", "register", "split"]
+__all__ = ["OPS", "MODES", "Choice", "agreed", "check_request", "choose", "get", "ops", "register", "split"]

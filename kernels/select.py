@@ -42,24 +42,9 @@ def _device_type(device) -> str:
         raise ValueError(f"kernels: device_type must be a device such as 'cuda' or 'cpu', got {device!r}") from None
 
 
-def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *, shapes=None, compiled: bool = False,
-           profile=DETECT, used: Collection[str] | None = None, generation: bool = False) -> dict[str, Choice]:
-    """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping
-    (ops it leaves out use torch; no checks: the caller asked for exactly these).
-
-    shapes: a bench.cases.Shapes of the run (model config, micro-batch, dtype) for the
-      self-check; without it the check runs at GPT-2 124M's shapes.
-    compiled: whether the model will run under torch.compile (profiles then time torch's ops
-      as Inductor compiles them).
-    profile: DETECT, a bench.profile.Profile, a path to one, or None for no profile.
-    used: the ops the run calls (gpt.model.model_ops, and the optimizer's), or None for all.
-      Under "triton" and "auto" the others are left to torch unchecked, and say so.
-    generation: the model only runs forward (gpt.sample): profiles' forward timings count.
-    """
-    device_type = _device_type(device_type)
-    if isinstance(used, str):  # `op in "linear_cross_entropy"` would match "cross_entropy"
-        raise ValueError(f"kernels: used must be a collection of op names, got the string {used!r}")
-    registered = ops()
+def check_request(kernels: str | Mapping[str, str]) -> None:
+    """A ValueError unless `kernels` is a mode in MODES or an {op: backend} mapping of registered
+    backends: what choose takes, checked before a run's set-up."""
     if isinstance(kernels, Mapping):
         unknown = set(kernels) - set(OPS)
         if unknown:
@@ -68,10 +53,31 @@ def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *,
             if not isinstance(backend, str):
                 raise ValueError(f"kernels: {op}'s backend must be a name such as 'triton', got {backend!r}")
             get(op, backend)  # raises a ValueError naming the op if it is not registered
-        return {op: Choice(kernels.get(op, "torch"), "asked for" if op in kernels else "default")
-                for op in OPS}
-    if kernels not in MODES:
+    elif kernels not in MODES:
         raise ValueError(f"kernels must be one of {MODES} or an op -> backend mapping, got {kernels!r}")
+
+
+def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *, shapes=None, compiled: bool = False,
+           profile=DETECT, used: Collection[str] | None = None, generation: bool = False) -> dict[str, Choice]:
+    """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping (ops it
+    leaves out use torch; a triton backend asked for that fails its self-check is refused with a
+    ValueError: asked for, it does not fall back).
+
+    shapes: a bench.cases.Shapes of the run (model config, micro-batch, dtype) for the
+      self-check; without it the check runs at GPT-2 124M's shapes.
+    compiled: whether the model will run under torch.compile (profiles then time torch's ops
+      as Inductor compiles them).
+    profile: DETECT, a bench.profile.Profile, a path to one, or None for no profile.
+    used: the ops the run calls (gpt.model.model_ops, and the optimizer's), or None for all.
+      The others are left to torch unchecked, and say so.
+    generation: the model only runs forward (gpt.sample): profiles' forward timings count.
+    """
+    device_type = _device_type(device_type)
+    if isinstance(used, str):  # `op in "linear_cross_entropy"` would match "cross_entropy"
+        raise ValueError(f"kernels: used must be a collection of op names, got the string {used!r}")
+    check_request(kernels)
+    if isinstance(kernels, Mapping):
+        return _asked(kernels, device_type, shapes, used)
     if kernels == "torch":
         return {op: Choice("torch", "asked for") for op in OPS}
     if kernels == "auto" and device_type != "cuda":
@@ -83,6 +89,7 @@ def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *,
 
     from bench import profile as profiles
 
+    registered = ops()
     shapes = shapes or profiles.default_shapes(device_type)
     prof = _resolve(profile, profiles) if kernels == "auto" else None
     choices, stale = {}, False
@@ -117,6 +124,27 @@ def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *,
     if stale:
         warnings.warn(f"kernels=auto: {prof.name} timed other kernel sources than these (marked stale): its "
                       f"choices may not hold for them; python -m bench.kernels measures these", stacklevel=2)
+    return choices
+
+
+def _asked(kernels: Mapping[str, str], device_type: str, shapes, used: Collection[str] | None) -> dict[str, Choice]:
+    """choose's choices for an {op: backend} mapping."""
+    from bench import profile as profiles
+
+    choices = {}
+    for op in OPS:
+        backend = kernels.get(op, "torch")
+        if used is not None and op not in used:
+            choices[op] = Choice("torch", "not used by this run" + (f" (asked for {backend})" if op in kernels else ""))
+        elif op not in kernels:
+            choices[op] = Choice("torch", "default")
+        else:
+            if backend == "triton":  # the run's shapes it cannot take, refused now, not at its first call
+                ok, check = profiles.self_check(op, shapes or profiles.default_shapes(device_type), device_type)
+                if not ok:
+                    raise ValueError(f"{op}: its triton backend, asked for, failed its self-check at {check} "
+                                     f"(kernels=triton runs torch where triton fails)")
+            choices[op] = Choice(backend, "asked for")
     return choices
 
 

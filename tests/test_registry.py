@@ -57,6 +57,10 @@ def test_choose_torch_triton_and_auto():
 def test_choose_mapping_and_bad_modes():
     choice = kernels.choose({"swiglu": "torch"}, "cpu")
     assert choice["swiglu"].reason == "asked for" and choice["attention"].backend == "torch"
+    # An op the run does not call runs nowhere, and is not said to run where it was asked.
+    choice = kernels.choose({"swiglu": "triton", "rope": "triton"}, "cpu", used={"rope"})
+    assert choice["swiglu"] == kernels.Choice("torch", "not used by this run (asked for triton)")
+    assert choice["rope"] == kernels.Choice("triton", "asked for")  # (its self-check passed)
     with pytest.raises(ValueError, match="unknown ops"):
         kernels.choose({"softmax": "torch"}, "cpu")
     with pytest.raises(ValueError, match="no 'fast' backend"):

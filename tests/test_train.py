@@ -325,10 +325,15 @@ def test_resuming_on_another_vocabulary_of_the_same_size_is_refused(tmp_path, da
         run(tmp_path, data_dir, *cpu, "--init_from=resume", "--dataset=reversed_chars", "--max_iters=2")
 
 
-def test_kahan_summation_under_adamw_is_named_as_unused(tmp_path, data_dir, capsys):
-    run(tmp_path, data_dir, "--device=cpu", "--optimizer=adamw", "--kahan_summation=True", "--max_iters=1")
-    assert "kahan_summation=True is bf16_adamw's, for bf16 weights: adamw's are fp32, and it is not used" in " ".join(
-        capsys.readouterr().out.split())
+@pytest.mark.parametrize("settings, named", [
+    (["--kahan_summation=True"], "kahan_summation=True: bf16_adamw's rounding of bf16 weights; adamw's are fp32, "
+                                 "and it is not used"),
+    (["--stochastic_rounding=False", "--kahan_summation=True"],
+     "stochastic_rounding=False and kahan_summation=True: bf16_adamw's rounding of bf16 weights; adamw's are fp32, "
+     "and they are not used")])
+def test_bf16_adamw_s_rounding_under_adamw_is_named_as_unused(settings, named, tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, "--device=cpu", "--optimizer=adamw", *settings, "--max_iters=1")
+    assert named in " ".join(capsys.readouterr().out.split())
 
 
 def test_resume_takes_the_configs_optimizer_settings(tmp_path, data_dir, monkeypatch):
@@ -472,6 +477,13 @@ def test_defaults_and_errors(monkeypatch):
         train.main([*nothing, "--init_from=gtp2"])
     with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
         train.main([*nothing, "--dtype=float16", "--optimizer=bf16_adamw"])
+    for arg, message in (("--kernels=trition", "kernels must be one of"),
+                         ("--kernels={'layernorm': 'triton'}", r"kernels: unknown ops \['layernorm'\]"),
+                         ("--n_embd=30", "n_embd 30 is not a multiple of n_head"),
+                         ("--norm=batchnorm", "norm must be one of"),
+                         ("--recompute=99", "recompute: True, False or a number of blocks")):
+        with pytest.raises(SystemExit, match=message):
+            train.main([*nothing, arg])
     with monkeypatch.context() as m:  # as torchrun starts it (one process ignores parallel)
         m.setenv("RANK", "0")
         with pytest.raises(SystemExit, match="parallel=fsdp trains in bfloat16 or float32"):
@@ -622,11 +634,17 @@ def test_recompute_is_true_false_or_a_block_count(tmp_path, data_dir, capsys):
 
 
 def test_kernels_may_name_a_backend_per_op(tmp_path, data_dir):
-    """--kernels={op: backend}, kernels.choose's mapping: those ops on those backends unchecked,
-    the others on torch; an unknown op is refused by name."""
-    log = run(tmp_path, data_dir, "--kernels={'layer_norm': 'triton'}", "--max_iters=1", "--eval_interval=1",
-              "--eval_iters=1", "--batch_size=2")
-    assert log[0]["kernels"]["layer_norm"] == "triton" and log[0]["kernels"]["attention"] == "torch"
+    """--kernels={op: backend}, kernels.choose's mapping: those ops on those backends (a triton one
+    self-checked at the run's shapes, and refused if it fails), the others on torch; an op the run
+    does not call is logged as torch, whatever was asked; an unknown op is refused by name."""
+    log = run(tmp_path, data_dir, "--kernels={'layer_norm': 'triton', 'rope': 'triton', 'adamw': 'triton'}",
+              "--optimizer=adamw", "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--batch_size=2")
+    assert log[0]["kernels"]["layer_norm"] == "triton"
+    assert log[0]["kernels"]["attention"] == log[0]["kernels"]["rope"] == log[0]["kernels"]["adamw"] == "torch"
+    # Triton's attention takes head sizes of 32 and up (16 here): refused before the first step.
+    with pytest.raises(SystemExit, match=r"attention: its triton backend, asked for, failed its self-check at .*"
+                                         r"head dims \(32, 64, 96, 128\), got 16"):
+        run(tmp_path, data_dir, "--kernels={'attention': 'triton'}", "--n_embd=32", "--n_head=2", "--max_iters=1")
     with pytest.raises(SystemExit, match=r"kernels: unknown ops \['layernorm'\]"):
         run(tmp_path, data_dir, "--kernels={'layernorm': 'triton'}", "--max_iters=1")
 
