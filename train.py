@@ -423,7 +423,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             raise SystemExit(f"train.py: gradient_accumulation_steps {c['gradient_accumulation_steps']} is "
                              f"not a multiple of the {world_size} processes")
         c["gradient_accumulation_steps"] //= world_size
-    if c["compile"] and c["compile_mode"] in CUDA_GRAPH_MODES and c["gradient_accumulation_steps"] > 1:
+    cuda_graphs = c["compile"] and c["compile_mode"] in CUDA_GRAPH_MODES and torch.device(c["device"]).type == "cuda"
+    if cuda_graphs and c["gradient_accumulation_steps"] > 1:
         raise SystemExit(f"train.py: compile_mode={c['compile_mode']} replays CUDA graphs, and each micro-step's "
                          f"replay overwrites the last one's grads (pytorch/pytorch#169545): it takes one micro-step "
                          f"a process (gradient_accumulation_steps={world_size}, batch_size larger for as many "
