@@ -54,7 +54,9 @@ log="$OUT/$1.log"
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  # (first's own tests stage, this script again, has them in first's log: seconds of its share saved)
+  [[ -n ${GPU_SESSION_CHECKED:-} ]] ||
+    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD 2>/dev/null
 } > "$log" 2>&1
 if [[ -z ${GPU_SESSION_ON_CPU:-}${GPU_SESSION_CHECKED:-} ]] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
@@ -193,7 +195,7 @@ case "$1" in
     done ;;
   tune)
     dims=${2:-64,128} t=${3:-4096}
-    step 540 tune python -m bench.tune_attention --d "$dims" --t "$t" --json "$OUT/tune_attention-${dims/,/-}-t$t.json" ;;
+    step 540 tune python -m bench.tune_attention --d "$dims" --t "$t" --json "$OUT/tune_attention-${dims//,/-}-t$t.json" ;;
   sweep)
     # Its own budget ends a setting's length (a norm setting compiles its kernels at 5 widths)
     # before the step's: cut by the step, it would print no report.

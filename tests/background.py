@@ -6,6 +6,8 @@ it alone at their turn. A test marked `background(argv)` then takes its run's re
 conftest.py starts the runs of the tests it collected (and does not skip), and stops what is
 left of them when the session ends."""
 import json
+import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -30,16 +32,24 @@ class _Run:
             if self.stopped:
                 self.done.set()
                 return
+            # A session of its own: stopped, its children (a script's programs) go with it.
             self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)
+                                            text=True, start_new_session=True)
         try:
             stdout, stderr = self.process.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.kill()
             stdout, stderr = self.process.communicate()
             stderr += f"\n{' '.join(self.argv)}: killed after {TIMEOUT_S} s"
         self.result = subprocess.CompletedProcess(self.argv, self.process.returncode, stdout, stderr)
         self.done.set()
+
+    def kill(self) -> None:
+        """The run and every process it started."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # all gone
+            pass
 
 
 def start(argvs) -> None:
@@ -76,4 +86,4 @@ def stop() -> None:
         for run in _runs.values():
             run.stopped = True
             if run.process is not None and run.process.poll() is None:
-                run.process.kill()
+                run.kill()

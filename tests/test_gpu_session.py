@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import background
 from tests.test_helpers import suite_copy
@@ -160,6 +161,7 @@ DRY_RUN = (sys.executable, "-c", _DRY_RUN_CODE)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a dry run of the stages: on a GPU they would measure for real")
 @pytest.mark.background(DRY_RUN)
 def test_every_stage_s_command_lines_are_ones_their_programs_take():
     logs = background.last_json(DRY_RUN)
@@ -171,9 +173,9 @@ def test_every_stage_s_command_lines_are_ones_their_programs_take():
             (stage, steps)
     assert "TEST_SHARD=1/2: 1 passed" in logs["first"]  # its tests stage, with the stand-in suite
     # a step's cap, or the stage's time left where that is less (BUDGET_S=400); first's share of
-    # what its tests left (about 398 s here: their stand-in takes a second or two)
+    # what its tests left (394 to 400 s here: their stand-in takes a second or two at most)
     first_gpt2 = int(re.search(r"^== mfu gpt2: at most (\d+) s$", logs["first"], re.M)[1])
-    assert 236 <= first_gpt2 <= 239 and "== mfu gpt2: at most 300 s" in logs["mfu"]
+    assert 236 <= first_gpt2 <= 240 and "== mfu gpt2: at most 300 s" in logs["mfu"]
     assert f"--budget-s {first_gpt2 - 75} " in logs["first"] and "--budget-s 225 " in logs["mfu"]
     assert re.search(r"^== op_norm: at most (399|400) s$", logs["ops"], re.M), logs["ops"][:2000]
 

@@ -111,7 +111,9 @@ BACKGROUND = '''
     import pytest
     from tests import background
     PID_FILE = {pid_file!r}
-    SLOW = (sys.executable, "-c", f"import os, time; open({{PID_FILE!r}}, 'w').write(str(os.getpid())); time.sleep(60)")
+    # A run that starts a program of its own (as gpu_session.sh does): the pid file holds the program's.
+    PROGRAM = f"import os, time; open({{PID_FILE!r}}, 'w').write(str(os.getpid())); time.sleep(60)"
+    SLOW = (sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {{PROGRAM!r}}])")
     QUICK = (sys.executable, "-c", "print('quick')")
     SKIPPED = (sys.executable, "-c", "print('skipped')")
 
@@ -140,7 +142,8 @@ BACKGROUND = '''
 
 def test_background_runs_start_at_collection_and_stop_at_the_end(tmp_path):
     """The runs of the tests to run start as the session's tests are collected (not a skipped
-    test's, nor under a deadline), and one still running when the session ends is killed."""
+    test's, nor under a deadline), and one still running when the session ends is killed, with the
+    programs it started."""
     pid_file = tmp_path / "slow.pid"
     root = suite_copy(tmp_path, BACKGROUND.format(pid_file=str(pid_file)))
     out = _pytest(root, "-k", "started or slow or quick or skipped")
