@@ -27,8 +27,8 @@ from rich.table import Table
 import kernels
 from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN_KEYS, ConfigError, check_device,
-                        optimizer_dtype, parse_args, printed_help, reported as reported_by, training_dtype)
-from gpt.data import Batches, DataError, load_meta, prepare
+                        check_seed, optimizer_dtype, parse_args, printed_help, reported as reported_by, training_dtype)
+from gpt.data import Batches, DataError, check_preparable, load_meta, prepare
 from gpt.files import try_lock, write_atomic
 from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
@@ -126,9 +126,9 @@ def check_ranges(config: dict) -> None:
     for key in COUNTS:
         if config[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {config[key]}")
-    for key in AMOUNTS:
-        if config[key] < 0:
-            raise ConfigError(f"{key} must not be negative, got {config[key]}")
+    for key in AMOUNTS:  # (an infinite one trains NaNs, or never ends)
+        if not (math.isfinite(config[key]) and config[key] >= 0):
+            raise ConfigError(f"{key} must be finite and not negative, got {config[key]}")
     for key in ("beta1", "beta2"):
         if not 0 <= config[key] < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {config[key]}")
@@ -138,12 +138,11 @@ def check_ranges(config: dict) -> None:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {config['optimizer']!r}")
     if config["compile_mode"] not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {config['compile_mode']!r}")
-    if config["peak_tflops"] is not None and config["peak_tflops"] <= 0:
-        raise ConfigError(f"peak_tflops must be above 0, got {config['peak_tflops']}")
+    if config["peak_tflops"] is not None and not (math.isfinite(config["peak_tflops"]) and config["peak_tflops"] > 0):
+        raise ConfigError(f"peak_tflops must be finite and above 0, got {config['peak_tflops']}")
     if not config["out_dir"]:
         raise ConfigError("out_dir must name a directory, got ''")
-    if not 0 <= config["seed"] < 2**63:  # torch's generators take 64 bits; BF16AdamW's rounding seed is >= 0
-        raise ConfigError(f"seed must be in [0, 2**63), got {config['seed']}")
+    check_seed(config["seed"])
     if config["dtype"] is not None and config["dtype"] not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}")
     kernels.check_request(config["kernels"])
@@ -413,6 +412,15 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     if c["parallel"] == "fsdp" and distributed.launched() and c["dtype"] == "float16":
         raise SystemExit("train.py: parallel=fsdp trains in bfloat16 or float32 (a float16 loss scale is not "
                          "kept in step across the ranks' shards)")
+    with reported(f"init_from={c['init_from']}: "):  # (a hub model's is downloaded later, on one rank)
+        if c["init_from"] == "resume":
+            checkpoint.locate(c["out_dir"])
+        elif c["init_from"] != "scratch" and c["init_from"] not in pretrained.HUB_MODELS:
+            pretrained.locate(c["init_from"])
+    with reported():
+        check_preparable(c["dataset"], c["data_dir"])
+    if Path(c["out_dir"]).exists() and not Path(c["out_dir"]).is_dir():
+        raise SystemExit(f"train.py: out_dir {c['out_dir']} is a file, not a directory")
 
     # --- processes: one, or one per GPU under torchrun -------------------------------------
     with reported():

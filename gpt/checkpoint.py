@@ -112,16 +112,21 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     return path
 
 
-def load(out_dir: str | os.PathLike, device: str) -> dict:
-    """The checkpoint in out_dir. A full one whole; a sharded one's train state, with `sharded`
-    (its directory) where model and optimizer would be: `restore` and `build_model` read them."""
+def locate(out_dir: str | os.PathLike) -> Path:
+    """The checkpoint in out_dir that load reads, a FileNotFoundError saying so where there is none."""
     out = Path(out_dir)
     found = _found(out)
     if not found:
         earlier = out / "earlier"
         hint = f"; {earlier} holds the one a new run set aside (move it back to resume it)" if _found(earlier) else ""
         raise FileNotFoundError(f"no checkpoint ({FILENAME} or {SHARDED}) in {out}{hint}")
-    path = max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
+    return max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
+
+
+def load(out_dir: str | os.PathLike, device: str) -> dict:
+    """The checkpoint in out_dir. A full one whole; a sharded one's train state, with `sharded`
+    (its directory) where model and optimizer would be: `restore` and `build_model` read them."""
+    path = locate(out_dir)
     if path.is_dir():
         checkpoint = dict(_training_state(path / TRAIN_STATE, ("model_args",), map_location=device), sharded=path)
     else:

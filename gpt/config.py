@@ -64,6 +64,13 @@ class ConfigError(ValueError):
     pass
 
 
+def check_seed(seed: int) -> None:
+    """train.py's and gpt.sample's seed: torch's generators take 64 bits, BF16AdamW's rounding
+    seed none below 0."""
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
+
+
 def optimizer_dtype(optimizer: str, dtype: str | None) -> str | None:
     """The dtype a run of `optimizer` trains in, `dtype` asked: bf16_adamw's weights and moments
     are bf16, so it trains in bfloat16 whatever else was asked, float16 excepted (refused: a

@@ -93,19 +93,28 @@ def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = No
 def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
     """data_dir/dataset, built first if it has no train.bin and val.bin."""
     out = Path(data_dir) / dataset
-    if (out / "train.bin").exists() and (out / "val.bin").exists():
+    if check_preparable(dataset, data_dir):
         for name in ("train.bin", "val.bin", "meta.pkl"):  # write_atomic's own sweep comes with a write: none now
             remove_abandoned(out / name)
         return out
+    out.mkdir(parents=True, exist_ok=True)
+    {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
+    return out
+
+
+def check_preparable(dataset: str, data_dir: str | os.PathLike = "data") -> bool:
+    """Whether data_dir/dataset is built (else prepare builds it here); a ValueError saying so
+    where it is neither built nor buildable here."""
+    out = Path(data_dir) / dataset
+    if (out / "train.bin").exists() and (out / "val.bin").exists():
+        return True
     if dataset not in BUILDERS:
         raise ValueError(f"dataset {dataset!r}: no {out}/train.bin and val.bin, and no builder for it "
                          f"(builders: {', '.join(BUILDERS)})")
     if dataset == "openwebtext":
         raise ValueError(f"dataset openwebtext is not built yet: run `python -m gpt.data openwebtext {data_dir}` "
                          "(needs the `datasets` package, about 54 GB of disk)")
-    out.mkdir(parents=True, exist_ok=True)
-    {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
-    return out
+    return False
 
 
 def load_meta(path: Path) -> dict | None:

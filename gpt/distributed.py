@@ -59,7 +59,11 @@ def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
     if "LOCAL_RANK" not in os.environ:
         raise ValueError("RANK is set but LOCAL_RANK is not: launch with torchrun, or set LOCAL_RANK to the "
                          "process's index on its node (its GPU)")
-    local_rank = int(os.environ["LOCAL_RANK"])
+    try:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK must be the process's index on its node, "
+                         f"got {os.environ['LOCAL_RANK']!r}") from None
     cuda = device.startswith("cuda")
     if cuda:
         if local_rank >= (visible := torch.cuda.device_count()):

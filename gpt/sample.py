@@ -23,7 +23,8 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import DTYPES, RUN_KEYS, check_device, parse_args, printed_help, quiet_when_the_reader_leaves, reported
+from .config import (DTYPES, RUN_KEYS, check_device, check_seed, parse_args, printed_help, quiet_when_the_reader_leaves,
+                     reported)
 from .data import load_meta
 from .model import GPT, GPTConfig, check_sampling, count, model_ops
 from .tokenizer import EOT, gpt2
@@ -75,10 +76,13 @@ def checkpoint_meta(ckpt: dict) -> dict | None:
     return meta
 
 
+def prompt_text(start: str) -> str:
+    """`start`, or with FILE:path the text of that file."""
+    return Path(start[5:]).read_text(encoding="utf-8") if start.startswith("FILE:") else start
+
+
 def prompt_ids(start: str, encode, vocab_size: int) -> list[int]:
-    """The prompt's ids (FILE:path reads it from a file), checked against the model's vocabulary."""
-    if start.startswith("FILE:"):
-        start = Path(start[5:]).read_text(encoding="utf-8")
+    """The prompt's ids, checked against the model's vocabulary."""
     ids = encode(start)
     if not ids:
         raise ValueError("the prompt is empty (a character-level model has no start token)")
@@ -100,6 +104,12 @@ def main(argv: list[str]) -> list[str]:
         raise SystemExit(str(e)) from None
     if c["dtype"] is not None and c["dtype"] not in DTYPES:
         raise SystemExit(f"gpt.sample: dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
+    # Before a checkpoint is read or a model downloaded: a mistake here says so at once.
+    with reported("gpt.sample"):
+        check_seed(c["seed"])
+        kernels.check_request(c["kernels"])
+    with reported("gpt.sample", "start: "):
+        start = prompt_text(c["start"])
     device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     with reported("gpt.sample"):  # one it lacks (cuda:3 of two GPUs), before a checkpoint is read
         check_device(device)
@@ -142,7 +152,7 @@ def main(argv: list[str]) -> list[str]:
     with reported("gpt.sample"):  # GPT-2's BPE ranks unreadable
         encode, decode, decodable = codec(meta)
     with reported("gpt.sample", "start: "):
-        ids = prompt_ids(c["start"], encode, model.config.vocab_size)
+        ids = prompt_ids(start, encode, model.config.vocab_size)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     samples = []
     with torch.no_grad(), autocast, quiet_when_the_reader_leaves():

@@ -113,6 +113,9 @@ def test_rank_without_local_rank_is_named(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(ValueError, match="RANK is set but LOCAL_RANK is not"):
         distributed.init("ddp", "gloo", "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "abc")  # (int()'s message, naming no variable, once)
+    with pytest.raises(ValueError, match="LOCAL_RANK must be the process's index on its node, got 'abc'"):
+        distributed.init("ddp", "gloo", "cpu")
 
 
 def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):

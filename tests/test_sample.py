@@ -173,8 +173,17 @@ def test_bad_arguments_stop_with_the_reason(tmp_path, arg, message):
 
 
 def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_the_reason(tmp_path):
+    nothing = [f"--out_dir={tmp_path / 'nothing'}", "--device=cpu"]
     with pytest.raises(SystemExit, match="gpt.sample: .*no checkpoint"):
-        sample([f"--out_dir={tmp_path / 'nothing'}", "--device=cpu"])
+        sample(nothing)
+    # Refused before a checkpoint is looked for (or a model downloaded): the setting's message.
+    for arg, message in (("--kernels=trition", "kernels must be one of"),
+                         ("--kernels={'softmax': 'triton'}", "kernels: unknown ops"),
+                         ("--seed=-1", r"seed must be in \[0, 2\*\*63\), got -1"),
+                         (f"--seed={2**64}", r"seed must be in \[0, 2\*\*63\)"),  # (a traceback once)
+                         ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file")):
+        with pytest.raises(SystemExit, match=f"^gpt.sample: {message}"):
+            sample([*nothing, arg])
     if not torch.cuda.is_available():
         for device in ("cuda", "cuda:0"):
             with pytest.raises(SystemExit, match=f"gpt.sample: device '{device}': this machine has 0 cuda device"):

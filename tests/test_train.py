@@ -430,7 +430,7 @@ def test_every_shipped_config_reads(path):
     GPTConfig(**{k: config[k] for k in train.ARCH_KEYS}, vocab_size=64)  # a valid architecture
 
 
-def test_defaults_and_errors(monkeypatch):
+def test_defaults_and_errors(monkeypatch, tmp_path):
     config, argv = train.read_config([])
     if not torch.cuda.is_available():
         assert argv == [train.DEFAULT_CPU_CONFIG] and config["device"] == "cpu" and config["dtype"] == "float32"
@@ -458,9 +458,13 @@ def test_defaults_and_errors(monkeypatch):
                          ("--log_interval=0", "log_interval must be at least 1, got 0"),
                          ("--eval_iters=0", "eval_iters must be at least 1, got 0"),
                          ("--block_size=0", "GPTConfig: block_size must be at least 1, got 0"),
-                         ("--max_iters=-1", "max_iters must not be negative, got -1"),
+                         ("--max_iters=-1", "max_iters must be finite and not negative, got -1"),
+                         # infinite: NaN losses after the set-up, or a run that never ends
+                         ("--learning_rate=1e999", "learning_rate must be finite and not negative, got inf"),
+                         ("--weight_decay=-1e999", "weight_decay must be finite and not negative, got -inf"),
+                         ("--peak_tflops=1e999", "peak_tflops must be finite and above 0, got inf"),
                          ("--beta2=1.0", r"beta2 must be in \[0, 1\), got 1.0"),
-                         ("--peak_tflops=-5", "peak_tflops must be above 0, got -5.0"),
+                         ("--peak_tflops=-5", "peak_tflops must be finite and above 0, got -5.0"),
                          # devices this machine lacks (an assertion or AttributeError from deep in torch once)
                          ("--device=gpu", "device 'gpu' is not a device"),
                          ("--device=cuda:99", r"device 'cuda:99': this machine has \d+ cuda device\(s\)"),
@@ -477,6 +481,15 @@ def test_defaults_and_errors(monkeypatch):
         train.main([*nothing, "--init_from=gtp2"])
     with pytest.raises(SystemExit, match="optimizer=bf16_adamw trains in bfloat16, and dtype is float16"):
         train.main([*nothing, "--dtype=float16", "--optimizer=bf16_adamw"])
+    # What is missing, before the processes join (init_process_group) and the data is prepared.
+    monkeypatch.setattr(train.distributed, "init", lambda *args: pytest.fail("the processes joined first"))
+    with pytest.raises(SystemExit, match="init_from=resume: no checkpoint"):
+        train.main([*nothing, f"--out_dir={tmp_path / 'empty'}", "--init_from=resume"])
+    with pytest.raises(SystemExit, match=f"init_from={tmp_path}: {tmp_path} lacks config.json, model.safetensors"):
+        train.main([*nothing, f"--init_from={tmp_path}"])
+    with pytest.raises(SystemExit, match="dataset 'nosuch': no .* and no builder for it"):
+        train.main(nothing)
+    monkeypatch.undo()
     for arg, message in (("--kernels=trition", "kernels must be one of"),
                          ("--kernels={'layernorm': 'triton'}", r"kernels: unknown ops \['layernorm'\]"),
                          ("--n_embd=30", "n_embd 30 is not a multiple of n_head"),

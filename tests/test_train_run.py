@@ -56,9 +56,9 @@ def test_a_config_file_that_sets_nothing_gets_nanogpts_defaults(tmp_path):
 @pytest.mark.parametrize("arg, message", [
     ("--eval_interval=0", "eval_interval must be at least 1, got 0"),  # a ZeroDivisionError at step 0 else
     ("--gradient_accumulation_steps=0", "gradient_accumulation_steps must be at least 1, got 0"),
-    ("--grad_clip=-1.0", "grad_clip must not be negative, got -1.0"),
-    ("--min_lr=-1e-4", "min_lr must not be negative, got -0.0001"),
-    ("--peak_tflops=0", "peak_tflops must be above 0, got 0.0"),
+    ("--grad_clip=-1.0", "grad_clip must be finite and not negative, got -1.0"),
+    ("--min_lr=-1e-4", "min_lr must be finite and not negative, got -0.0001"),
+    ("--peak_tflops=0", "peak_tflops must be finite and above 0, got 0.0"),
     (f"--seed={2**63}", r"seed must be in \[0, 2\*\*63\)"),
     ("--compile_mode=fast", "compile_mode must be one of .*'reduce-overhead'.*, got 'fast'"),
 ])
@@ -319,12 +319,13 @@ def test_a_checkpoint_the_disk_cannot_take_ends_the_run_saying_so_and_keeps_the_
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 2 and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_an_out_dir_it_cannot_make_is_a_message(tmp_path, data_dir):
-    """out_dir naming a file (or on a read-only disk): train.py's message, not a traceback."""
+def test_an_out_dir_it_cannot_make_is_a_message(tmp_path):
+    """out_dir naming a file: train.py's message, not a traceback, before the data is prepared."""
     taken = tmp_path / "a_file"
     taken.write_text("")
-    with pytest.raises(SystemExit, match=r"^train.py: .*File exists"):
-        run(taken, data_dir, *CPU, "--max_iters=1")
+    with pytest.raises(SystemExit, match=f"^train.py: out_dir {taken} is a file, not a directory"):
+        train.main([*CPU, f"--data_dir={tmp_path / 'data'}", f"--out_dir={taken}", "--max_iters=1"])
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("log_interval, stop", [(1, "iter 3: training loss nan"),
@@ -456,6 +457,7 @@ def fake_world(monkeypatch):
 def test_zero1_refuses_a_sharded_checkpoint_and_fsdp_a_full_one(tmp_path, data_dir, monkeypatch, fake_world):
     for parallel, saved, kind in (("zero1", {"sharded": {}}, "sharded"), ("fsdp", {}, "full")):
         fake_world(parallel, size=2)
+        monkeypatch.setattr(train.checkpoint, "locate", lambda out_dir: Path(out_dir) / "ckpt.pt")
         monkeypatch.setattr(train.checkpoint, "load", lambda out_dir, device, saved=saved: saved)
         with pytest.raises(SystemExit, match=f"parallel={parallel} cannot resume the {kind} checkpoint"):
             run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--gradient_accumulation_steps=2")
