@@ -1,5 +1,8 @@
 """Benchmarks, hardware peaks and FLOPs accounting for tritongpt."""
 import argparse
+import math
+import os
+from pathlib import Path
 
 
 def described(doc: str) -> str:
@@ -28,11 +31,38 @@ def positive(convert):
     0 steps, GPUs or tokens divided by zero or planned nonsense further on)."""
     def parse(text: str):
         value = convert(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):  # (an infinite peak planned infinite tokens/s)
+            raise argparse.ArgumentTypeError(f"must be above 0 and finite, got {text}")
         return value
     parse.__name__ = convert.__name__  # argparse names the type in its "invalid int value" errors
     return parse
+
+
+def not_negative(text: str) -> int:
+    """An argparse type: a count that may be 0 (steps of a kind to take or not)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+not_negative.__name__ = "int"
+
+
+def result_file(text: str) -> Path:
+    """An argparse type: the path a benchmark writes its result to, its folders made now. One it
+    could not write (a folder, a path under a file, a read-only folder) is refused before the
+    minutes of measuring, not after them."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"no folder for {text}: {e}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text} cannot be written here")
+    return path
 
 
 def fill_unset(args: argparse.Namespace, settings: dict) -> None:

@@ -416,7 +416,19 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not variants:
             parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
         extra = [f"--{kv.removeprefix('--')}" for kv in args.set]
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out} is a file: name a folder for the runs")
+        import train  # the repository's own: its settings refused now, not by each run in turn
+
+        for variant in variants:
+            try:
+                train.parse_config(train_args(args.scale, variant, args.out / variant, args.max_iters,
+                                              args.eval_iters, extra))
+            except ValueError as e:
+                parser.error(f"{variant}: train.py {e}")
         return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra, args.jobs)
+    if not args.out.is_dir():
+        parser.error(f"--out {args.out}: no such folder of runs")
     if args.command == "tidy":
         return tidy(args.out)
     return plot(args.out, args.png or args.out / "adamw_curves.png", args.md)

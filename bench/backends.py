@@ -17,12 +17,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 
 import kernels
-from bench import described
+from bench import described, result_file
 from bench.cases import Case, check
 from bench.hardware import detect
 from bench.measure import TIMING, Row, copy_gbs, error_cell, matmul_tflops, median_ms, print_rows, provenance
@@ -137,7 +136,7 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
     also write them. Each row is printed (and the file rewritten) as it is measured, so a run cut
     short keeps what it measured; the table comes at the end."""
     parser = argparse.ArgumentParser(description=described(doc))
-    parser.add_argument("--json", type=Path, help="also write the rows (as dicts), the device, versions and "
+    parser.add_argument("--json", type=result_file, help="also write the rows (as dicts), the device, versions and "
                                                     "roofline to this path (bench.report makes tables of it)")
     args = parser.parse_args(argv)
     device = detect()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import described, fill_unset, positive, profile
+from bench import described, fill_unset, positive, profile, result_file
 from bench import plan as planning
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--dtype", choices=DTYPES, help="the ops' dtype (default: train.py's on this GPU)")
     parser.add_argument("--ops", default=",".join(kernels.OPS), help="comma-separated ops")
-    parser.add_argument("--out", type=Path, help="profile path (default: profiles/<gpu-slug>.json)")
+    parser.add_argument("--out", type=result_file, help="profile path (default: profiles/<gpu-slug>.json)")
     args = parser.parse_args(argv)
     ops = args.ops.split(",")
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         fill_unset(args, settings)  # a config file's batch_size and dtype (None: this GPU's default)
         for op in ops:
             kernels.get(op, "torch")  # a ValueError naming the op if it is unknown
+        if args.gpu != "auto" and find(args.gpu) is None:
+            raise ValueError(f"--gpu {args.gpu}: no such GPU in the peak table (python -m bench.mfu --gpu list)")
     except (ValueError, OSError) as e:
         parser.error(str(e))
     args.batch_size = args.batch_size or 16

@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import backends, breakdown, described, fill_unset, positive, shown
+from bench import backends, breakdown, described, fill_unset, not_negative, positive, result_file, shown
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -366,7 +366,7 @@ def measure_all(args, config: GPTConfig, device: Device, console: Console, out: 
     if seq_len > config.block_size:
         config = dataclasses.replace(config, block_size=seq_len)
     dtype = getattr(torch, args.dtype)
-    run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, max(1, args.warmup), args.steps,
+    run = Run(config, args.batch_size, seq_len, args.optimizer, dtype, args.warmup, args.steps,
               f"cuda:{device.index}", args.recompute, args.profile_steps)
     peak = peak_for(device.name, dtype, args.peak_tflops, device.sms)
     flops = flops_per_token(config, seq_len, run.recompute)
@@ -452,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--budget-s", type=positive(float),
                         help="start no variant this many seconds after the first began (none is cut midway)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--profile-steps", type=int, default=3,
+    parser.add_argument("--warmup", type=positive(int), default=10,
+                        help="untimed steps first (compilation happens here)")
+    parser.add_argument("--profile-steps", type=not_negative, default=3,
                         help="steps run under torch.profiler after the timed ones, for the breakdown (0: none)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw; planning shows both")
     parser.add_argument("--dtype", choices=DTYPES, help="the training dtype (default: train.py's on this GPU, bf16 or "
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                              "as train.py's recompute")
     parser.add_argument("--peak-tflops", type=positive(float), help="dense peak to divide by (an unknown GPU needs it)")
     parser.add_argument("--world-size", type=positive(int), default=1, help="planning: GPUs sharing the model")
-    parser.add_argument("--json", type=Path, help="result file (default: profiles/<gpu>-mfu-<preset>.json)")
+    parser.add_argument("--json", type=result_file, help="result file (default: profiles/<gpu>-mfu-<preset>.json)")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (for the percentiles)")
@@ -486,6 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         fill_unset(args, resolved[names[0]][1])
     args.batch_size = args.batch_size or 16
     args.recompute = False if args.recompute is None else args.recompute
+    if len(names) <= 1:  # the model a GPU here would measure: its settings refused now, on any machine
+        args.preset, args.optimizer = args.preset or "gpt2", args.optimizer or "adamw"
+        try:
+            optimizer_dtype(args.optimizer, args.dtype)
+            recompute_count(args.recompute, (models.get(args.preset) or planning.config_for(args.preset)).n_layer)
+        except ValueError as e:
+            parser.error(str(e))
 
     if args.gpu == "list":
         print_peak_table(console)
@@ -510,17 +518,12 @@ def main(argv: list[str] | None = None) -> int:
                       "  To plan for a GPU:   python -m bench.mfu --gpu h100 [--world-size 8]\n"
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
-    args.preset = args.preset or "gpt2"
-    args.optimizer = args.optimizer or "adamw"
-    try:
+    try:  # (a GPU without bf16: train.py's fp16, which bf16_adamw refuses)
         args.dtype = optimizer_dtype(args.optimizer, args.dtype or training_dtype(f"cuda:{device.index}"))
     except ValueError as e:
         parser.error(str(e))
     config = models.get(args.preset) or planning.config_for(args.preset)
-    try:
-        args.recompute = recompute_count(args.recompute, config.n_layer)
-    except ValueError as e:
-        parser.error(str(e))
+    args.recompute = recompute_count(args.recompute, config.n_layer)
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{Path(args.preset).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     measure_all(args, config, device, console, out)

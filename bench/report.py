@@ -154,6 +154,8 @@ def report(path: Path) -> str:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as e:  # a benchmark stopped while it rewrote its file
         return f"{path.name}: not read ({e}): cut short while it was written?\n"
+    except UnicodeDecodeError:
+        return f"{path.name}: not read: not a text file, no benchmark's result\n"
     try:
         if "workloads" in result:  # a kernel profile: a table per workload measured
             return "\n".join(f"{path.name}: {provenance_line(w)}\n\n{profile_table(w)}{timing(w)}\n"

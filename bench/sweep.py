@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kernels
-from bench import backends, described, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu, positive
+from bench import backends, described, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu, positive, result_file
 from bench.cases import Shapes, case
 from bench.hardware import detect
 from bench.measure import one_line, provenance
@@ -217,7 +217,7 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"some of {', '.join(SWEEPS)}")
-    parser.add_argument("--json", type=Path, help="write every measurement to this file")
+    parser.add_argument("--json", type=result_file, help="write every measurement to this file")
     parser.add_argument("--budget-s", type=positive(float), help="seconds for the whole run, shared among the sweeps")
     args = parser.parse_args(argv)
     names = args.sweeps.split(",")

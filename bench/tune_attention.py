@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from bench import described, positive
+from bench import described, positive, result_file
 from bench.flops import causal_attention_fwd_flops
 from bench.measure import median_ms, one_line, provenance
 from bench.op_attention import TOKENS, WIDTH
@@ -532,7 +532,7 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
-    parser.add_argument("--json", type=Path, help="write every result to this path")
+    parser.add_argument("--json", type=result_file, help="write every result to this path")
     parser.add_argument("--d", default="64,128", help="head dims to tune, comma-separated (32, 64, 128)")
     parser.add_argument("--t", type=positive(int), default=4096, help="the tuning sequence length")
     parser.add_argument("--compile-jobs", type=positive(int), default=None,
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes (D=32; --d and --t ignored), two candidates a pass: "
                              "checks the code path, on CPU too")
     args = parser.parse_args(argv)
-    head_dims = [int(d) for d in args.d.split(",")]
+    head_dims = [int(d) if d.strip().isdigit() else 0 for d in args.d.split(",")]
     if any(d not in (32, 64, 128) for d in head_dims):
         parser.error(f"--d: head dims 32, 64, 128 (96 runs with 128's configurations), got {args.d}")
     if args.smoke:

@@ -423,3 +423,37 @@ def test_help_describes_the_command_in_whole_sentences(module, capsys):
     text = " ".join(capsys.readouterr().out.split())
     paragraph = command.__doc__.strip().split("\n\n")[0].split()
     assert " ".join(paragraph[:4]) in text and " ".join(paragraph[-4:]) in text
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("bench.mfu", ["--recompute", "999"], "recompute: True, False or a number of blocks from 0 to 12, got 999"),
+    ("bench.mfu", ["--optimizer", "bf16_adamw", "--dtype", "float16"], "optimizer=bf16_adamw trains in bfloat16"),
+    ("bench.mfu", ["--warmup", "0"], "argument --warmup: must be above 0 and finite, got 0"),  # (taken as 1 once)
+    ("bench.mfu", ["--profile-steps", "-3"], "argument --profile-steps: must be 0 or more, got -3"),
+    ("bench.mfu", ["--json", "{tmp}"], "argument --json: {tmp} is a folder: name a file"),
+    ("bench.mfu", ["--json", "{file}/x.json"], "argument --json: no folder for {file}/x.json"),
+    ("bench.kernels", ["--out", "{tmp}"], "argument --out: {tmp} is a folder: name a file"),
+    ("bench.kernels", ["--gpu", "nonsense"], "--gpu nonsense: no such GPU in the peak table"),
+    ("bench.op_norm", ["--json", "{file}/x.json"], "argument --json: no folder for {file}/x.json"),
+    ("bench.sweep", ["--json", "{tmp}"], "argument --json: {tmp} is a folder: name a file"),
+    ("bench.tune_attention", ["--d", "64,abc"], "--d: head dims 32, 64, 128"),  # (a traceback once)
+    ("bench.adamw_curves", ["run", "--out", "{file}"], "--out {file} is a file: name a folder for the runs"),
+    ("bench.adamw_curves", ["run", "--scale", "cpu", "--out", "{tmp}/runs", "--set", "bogus=1"],
+     "adamw: train.py --bogus=1: unknown config key 'bogus'"),  # (each variant's train.py refused it in turn once)
+    ("bench.adamw_curves", ["tidy", "--out", "{tmp}/none"], "--out {tmp}/none: no such folder of runs"),
+])
+def test_a_bad_argument_is_a_usage_error_before_any_measuring(module, args, message, tmp_path, capsys):
+    """On any machine, a GPU's or a CPU's, before the minutes of measuring or training: a result
+    file that could not be written used to fail after them."""
+    (tmp_path / "file").write_text("")
+    names = dict(tmp=tmp_path, file=tmp_path / "file")
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(module).main([a.format(**names) for a in args])
+    assert exit.value.code == 2 and message.format(**names) in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "runs").exists()  # no run started
+
+
+def test_report_says_a_file_that_is_not_text_is_not_a_result(tmp_path, capsys):
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert report.main([str(tmp_path / "plot.png")]) == 0
+    assert "plot.png: not read: not a text file" in capsys.readouterr().out

@@ -58,13 +58,13 @@ def test_an_unknown_preset_or_variant_is_a_usage_error_before_any_work(args, mes
 
 
 @pytest.mark.parametrize("flag, value", [("--world-size", "0"), ("--peak-tflops", "-5"), ("--seq-len", "0"),
-                                         ("--batch-size", "0"), ("--peak-tflops", "0")])
+                                         ("--batch-size", "0"), ("--peak-tflops", "0"), ("--peak-tflops", "inf")])
 def test_plan_numbers_not_above_zero_are_usage_errors(capsys, flag, value):
     """A world of 0 GPUs divided by zero, a negative peak planned negative tokens/s, and a peak
     or length of 0 was silently taken as the default."""
     with pytest.raises(SystemExit) as exit:
         mfu.main(["--gpu", "h100", "--preset", "gpt2", flag, value])
-    assert exit.value.code == 2 and f"argument {flag}: must be above 0, got {value}" in capsys.readouterr().err
+    assert exit.value.code == 2 and f"argument {flag}: must be above 0 and finite, got {value}" in capsys.readouterr().err
 
 
 def _models(*names):
