@@ -453,7 +453,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     iter_num, best_val_loss, resumed, weights_dir = 0, 1e9, None, None
     if c["init_from"] == "resume":
         with reported("init_from=resume: "):
-            resumed = checkpoint.load(c["out_dir"], "cpu")  # copied into the model's own device below
+            resumed = checkpoint.load(c["out_dir"], "cpu", resume=True)  # copied into the model's device below
         sharded = "sharded" in resumed
         if (world.parallel == "fsdp" and not sharded) or (world.parallel == "zero1" and sharded):
             raise SystemExit(f"train.py: parallel={world.parallel} cannot resume the {'sharded' if sharded else 'full'} "
@@ -518,7 +518,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         # the saved groups' settings (rounding, Kahan, betas, weight decay, fused), and the config,
         # not the checkpoint, sets everything but the architecture.
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        checkpoint.restore(model, optimizer, resumed)
+        with reported("init_from=resume: "):
+            checkpoint.restore(model, optimizer, resumed)
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)
         checkpoint.steps_on_param_devices(optimizer)

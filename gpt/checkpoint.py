@@ -123,18 +123,24 @@ def locate(out_dir: str | os.PathLike) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)  # both only after a crash: the newer
 
 
-def load(out_dir: str | os.PathLike, device: str) -> dict:
+def load(out_dir: str | os.PathLike, device: str, resume: bool = False) -> dict:
     """The checkpoint in out_dir. A full one whole; a sharded one's train state, with `sharded`
-    (its directory) where model and optimizer would be: `restore` and `build_model` read them."""
+    (its directory) where model and optimizer would be: `restore` and `build_model` read them.
+    resume: a run resumes from it, which takes where it stood and its optimizer state too."""
     path = locate(out_dir)
+    keys = ("model_args", *(("iter_num", "best_val_loss") if resume else ()))
     if path.is_dir():
-        checkpoint = dict(_training_state(path / TRAIN_STATE, ("model_args",), map_location=device), sharded=path)
+        checkpoint = dict(_training_state(path / TRAIN_STATE, keys, map_location=device), sharded=path)
     else:
         # Loaded to the host, the file is mapped, not read: the ranks of a node resuming at once
         # share its pages instead of holding a copy each.
-        checkpoint = _training_state(path, ("model_args", "model"), map_location=device, mmap=device == "cpu")
+        keys = (*keys, "model", *(("optimizer",) if resume else ()))
+        checkpoint = _training_state(path, keys, map_location=device, mmap=device == "cpu")
         checkpoint["model"] = model_state(checkpoint["model"])
-    checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
+    try:
+        checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
+    except TypeError as e:  # a key GPTConfig has not, or no mapping at all
+        raise ValueError(f"{path}: its model_args are not a GPT's ({e})") from None
     return checkpoint
 
 
@@ -222,7 +228,7 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint
     model (any optimizer, ZeRO-1's included); a sharded one loads into a model sharded by FSDP2
     on any number of ranks, or a whole one, with a plain torch optimizer (not ZeRO-1's)."""
     if "sharded" not in checkpoint:
-        model.load_state_dict(checkpoint["model"])
+        _load_weights(model, checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     else:
         _restore_sharded(model, optimizer, checkpoint["sharded"])
@@ -318,5 +324,13 @@ def build_model(checkpoint: dict, kernels=None) -> GPT:
     model = GPT(GPTConfig(**checkpoint["model_args"]), kernels)
     state = _whole_model_state(checkpoint["sharded"]) if "sharded" in checkpoint else checkpoint["model"]
     model.to(next(iter(state.values())).dtype)
-    model.load_state_dict(state)
+    _load_weights(model, state)
     return model
+
+
+def _load_weights(model: torch.nn.Module, state: dict) -> None:
+    """A ValueError where the weights do not fit the model their own model_args build."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or misshapen weights
+        raise ValueError(f"the checkpoint's weights do not fit its model_args: {e}") from None

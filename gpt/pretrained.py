@@ -102,11 +102,18 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (name -> dtype, shape, [begin, end) byte offsets after the header), then the data."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: its header is not JSON ({e}): {REDO}") from None
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header is not a safetensors one: {REDO}")
     header.pop("__metadata__", None)
     tensors = {}
     for name, entry in header.items():
+        if not isinstance(entry, dict) or {"dtype", "shape", "data_offsets"} - entry.keys():
+            raise ValueError(f"{path}: tensor {name}'s header entry is not a safetensors one ({entry!r:.80}): {REDO}")
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}; readable: {list(_SAFETENSORS_DTYPES)}")
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
@@ -129,6 +136,10 @@ def gpt_config(folder: Path, block_size: int | None = None, dropout: float = 0.0
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not whole JSON ({e}): {REDO}") from None
+    missing = [key for key in ("model_type", "n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+               if not isinstance(hf, dict) or key not in hf]
+    if missing:
+        raise ValueError(f"{path} is no GPT-2 config: it has no {', '.join(missing)}")
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints load")
     if hf.get("activation_function", "gelu_new") not in _ACTIVATIONS:

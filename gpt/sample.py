@@ -135,7 +135,8 @@ def main(argv: list[str]) -> list[str]:
                                  used=model_ops(config, generation=True), generation=True)
     backends = {op: ch.backend for op, ch in choices.items()}
     if c["init_from"] == "resume":
-        model = checkpoint.build_model(ckpt, backends)
+        with reported("gpt.sample"):
+            model = checkpoint.build_model(ckpt, backends)
         del ckpt  # its optimizer state and weights, not kept through generation
     else:
         model = GPT(config, backends)

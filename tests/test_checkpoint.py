@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import asdict
 from unittest import mock
 
 import pytest
@@ -279,6 +280,26 @@ def test_a_file_torch_saved_that_is_no_training_checkpoint_is_refused_by_name(tm
         checkpoint.load(tmp_path, "cpu")
 
 
+def test_a_checkpoint_that_cannot_resume_or_build_its_model_is_refused_by_name(tmp_path):
+    """model_args that are not a GPT's, weights that do not fit them, and, to resume, no iter_num
+    or optimizer state: a ValueError naming what (a TypeError, RuntimeError or KeyError once)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    whole = {"model_args": asdict(model.config), "model": model.state_dict(), "iter_num": 3,
+             "best_val_loss": 2.0, "optimizer": torch.optim.AdamW(model.parameters()).state_dict()}
+    path = tmp_path / checkpoint.FILENAME
+    torch.save(dict(whole, model_args=dict(whole["model_args"], n_layers=2)), path)
+    with pytest.raises(ValueError, match=r"ckpt.pt: its model_args are not a GPT's \(.*'n_layers'"):
+        checkpoint.load(tmp_path, "cpu")
+    for left_out in ("iter_num", "optimizer"):
+        torch.save({k: v for k, v in whole.items() if k != left_out}, path)
+        assert checkpoint.load(tmp_path, "cpu")["model_args"] == whole["model_args"]  # enough to sample
+        with pytest.raises(ValueError, match=f"ckpt.pt is not a training checkpoint: it has no {left_out}$"):
+            checkpoint.load(tmp_path, "cpu", resume=True)
+    torch.save(dict(whole, model_args=dict(whole["model_args"], n_embd=32)), path)
+    with pytest.raises(ValueError, match="(?s)the checkpoint's weights do not fit its model_args: .*size mismatch"):
+        checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
+
+
 def test_only_torch_save_s_short_write_reads_as_the_disk_s_error(tmp_path, monkeypatch):
     """A short write (a full disk) is an OSError, which train.py reports with the free space; any
     other RuntimeError of torch.save (a tensor's copy to the host) stays itself."""
@@ -438,7 +459,7 @@ def test_restore_refuses_a_model_state_missing_a_weight(tmp_path):
     m, o = trained(kahan=False, steps=0)
     state = m.state_dict()
     state.pop(next(iter(state)))
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(ValueError, match="(?s)the checkpoint's weights do not fit its model_args: .*Missing key"):
         checkpoint.restore(GPT(CONFIG), torch.optim.AdamW(GPT(CONFIG).parameters()),
                            dict(model=state, optimizer=o.state_dict()))
 

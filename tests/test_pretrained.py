@@ -317,3 +317,22 @@ def test_nanogpts_finetune_config_trains_and_samples_from_gpt2_weights(tmp_path,
         train.main([*args, f"--init_from={FIXTURE}", "--dataset=shakespeare_char", f"--out_dir={tmp_path / 'chars'}"])
     with pytest.raises(SystemExit, match="init_from must be scratch, resume, one of"):
         train.main([*args, "--init_from=gpt3", f"--out_dir={tmp_path / 'unknown'}"])
+
+
+def test_a_checkpoint_that_is_not_gpt2_s_is_named_not_a_traceback(tmp_path):
+    """config.json without a key the model needs, or not an object; a weights header entry that
+    is not a tensor's, or a header that is not JSON: a ValueError naming the file (KeyError,
+    AttributeError and the like once)."""
+    shutil.copytree(FIXTURE, tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    hf = json.loads(config.read_text())
+    for broken, message in (({k: v for k, v in hf.items() if k != "n_positions"}, "it has no n_positions"),
+                            ([1], "it has no model_type, n_positions, vocab_size, n_layer, n_head, n_embd")):
+        config.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"hf/config.json is no GPT-2 config: {message}"):
+            pretrained.gpt_config(tmp_path / "hf")
+    path = tmp_path / "t.safetensors"
+    for header in (b'{"a": {"shape": [1], "data_offsets": [0, 4]}}', b"[1]", b"\xff{"):
+        path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+        with pytest.raises(ValueError, match=r"t.safetensors: .*(not a safetensors one|not JSON).*: delete it"):
+            pretrained.read_safetensors(path)

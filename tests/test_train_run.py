@@ -458,7 +458,7 @@ def test_zero1_refuses_a_sharded_checkpoint_and_fsdp_a_full_one(tmp_path, data_d
     for parallel, saved, kind in (("zero1", {"sharded": {}}, "sharded"), ("fsdp", {}, "full")):
         fake_world(parallel, size=2)
         monkeypatch.setattr(train.checkpoint, "locate", lambda out_dir: Path(out_dir) / "ckpt.pt")
-        monkeypatch.setattr(train.checkpoint, "load", lambda out_dir, device, saved=saved: saved)
+        monkeypatch.setattr(train.checkpoint, "load", lambda out_dir, device, resume, saved=saved: saved)
         with pytest.raises(SystemExit, match=f"parallel={parallel} cannot resume the {kind} checkpoint"):
             run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--gradient_accumulation_steps=2")
 
