@@ -136,6 +136,9 @@ def check_ranges(config: dict) -> None:
         raise ConfigError(f"init_from must be scratch, resume, {pretrained.CHOICES}; got {config['init_from']!r}")
     if config["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {config['optimizer']!r}")
+    backends = [b for b in torch.distributed.Backend.backend_list if b not in ("undefined", "fake")]
+    if config["backend"] not in backends:  # (used under torchrun on GPUs alone: a typo would wait for that)
+        raise ConfigError(f"backend must be one of {backends}, got {config['backend']!r}")
     if config["compile_mode"] not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {config['compile_mode']!r}")
     if config["peak_tflops"] is not None and not (math.isfinite(config["peak_tflops"]) and config["peak_tflops"] > 0):

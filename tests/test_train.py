@@ -491,6 +491,7 @@ def test_defaults_and_errors(monkeypatch, tmp_path):
         train.main(nothing)
     monkeypatch.undo()
     for arg, message in (("--kernels=trition", "kernels must be one of"),
+                         ("--backend=ncll", r"backend must be one of \[.*'nccl'.*\], got 'ncll'"),
                          ("--kernels={'layernorm': 'triton'}", r"kernels: unknown ops \['layernorm'\]"),
                          ("--n_embd=30", "n_embd 30 is not a multiple of n_head"),
                          ("--norm=batchnorm", "norm must be one of"),
