@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 parser.error(f"{variant}: train.py {e}")
         return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra, args.jobs)
-    if not args.out.is_dir():
-        parser.error(f"--out {args.out}: no such folder of runs")
+    if not args.out.is_dir():  # (a run that failed before it made one: nothing to do, and said)
+        raise SystemExit(f"bench.adamw_curves {args.command}: --out {args.out}: no such folder of runs")
     if args.command == "tidy":
         return tidy(args.out)
     return plot(args.out, args.png or args.out / "adamw_curves.png", args.md)

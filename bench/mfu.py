@@ -50,7 +50,7 @@ from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPU, GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import one_line, provenance
-from gpt.config import COMPILE_MODES, DTYPES, OPTIMIZERS, optimizer_dtype, training_dtype
+from gpt.config import COMPILE_MODES, DTYPES, OPTIMIZERS, optimizer_dtype
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
@@ -518,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                       "  To plan for a GPU:   python -m bench.mfu --gpu h100 [--world-size 8]\n"
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
-    try:  # (a GPU without bf16: train.py's fp16, which bf16_adamw refuses)
-        args.dtype = optimizer_dtype(args.optimizer, args.dtype or training_dtype(f"cuda:{device.index}"))
+    # train.py's default (gpt.config.training_dtype): bf16 where the tensor cores have it, Ampere on
+    default = "bfloat16" if device.capability >= (8, 0) else "float16"
+    try:  # (a GPU without bf16: fp16, which bf16_adamw refuses)
+        args.dtype = optimizer_dtype(args.optimizer, args.dtype or default)
     except ValueError as e:
         parser.error(str(e))
     config = models.get(args.preset) or planning.config_for(args.preset)

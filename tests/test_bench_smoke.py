@@ -440,7 +440,6 @@ def test_help_describes_the_command_in_whole_sentences(module, capsys):
     ("bench.adamw_curves", ["run", "--out", "{file}"], "--out {file} is a file: name a folder for the runs"),
     ("bench.adamw_curves", ["run", "--scale", "cpu", "--out", "{tmp}/runs", "--set", "bogus=1"],
      "adamw: train.py --bogus=1: unknown config key 'bogus'"),  # (each variant's train.py refused it in turn once)
-    ("bench.adamw_curves", ["tidy", "--out", "{tmp}/none"], "--out {tmp}/none: no such folder of runs"),
 ])
 def test_a_bad_argument_is_a_usage_error_before_any_measuring(module, args, message, tmp_path, capsys):
     """On any machine, a GPU's or a CPU's, before the minutes of measuring or training: a result
@@ -451,6 +450,12 @@ def test_a_bad_argument_is_a_usage_error_before_any_measuring(module, args, mess
         importlib.import_module(module).main([a.format(**names) for a in args])
     assert exit.value.code == 2 and message.format(**names) in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "runs").exists()  # no run started
+
+
+def test_adamw_curves_says_when_it_has_no_runs_to_tidy_or_plot(tmp_path):
+    for command in ("tidy", "plot"):
+        with pytest.raises(SystemExit, match=f"bench.adamw_curves {command}: --out {tmp_path}/none: no such folder"):
+            importlib.import_module("bench.adamw_curves").main([command, "--out", str(tmp_path / "none")])
 
 
 def test_report_says_a_file_that_is_not_text_is_not_a_result(tmp_path, capsys):

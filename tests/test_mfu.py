@@ -64,7 +64,8 @@ def test_plan_numbers_not_above_zero_are_usage_errors(capsys, flag, value):
     or length of 0 was silently taken as the default."""
     with pytest.raises(SystemExit) as exit:
         mfu.main(["--gpu", "h100", "--preset", "gpt2", flag, value])
-    assert exit.value.code == 2 and f"argument {flag}: must be above 0 and finite, got {value}" in capsys.readouterr().err
+    assert exit.value.code == 2 and (f"argument {flag}: must be above 0 and finite, got {value}"
+                                     in capsys.readouterr().err)
 
 
 def _models(*names):
@@ -151,7 +152,6 @@ def test_a_train_config_file_is_planned_with_its_data_s_vocabulary(tmp_path, cap
 def test_a_train_config_file_is_measured_with_its_batch_optimizer_dtype_and_recompute(tmp_path, monkeypatch,
                                                                                       capsys):
     monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA V100-SXM2-32GB", 80, 32.0, (7, 0)))
-    monkeypatch.setattr(mfu, "training_dtype", lambda device: "float16")  # train.py's on a GPU without bf16
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     seen = []
 
@@ -192,7 +192,6 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_dtype_and_reco
 def test_a_config_file_s_result_is_named_by_its_normalized_path(tmp_path, monkeypatch):
     """./my_model.py and sub/../my_model.py are the file my_model.py, and its result says so."""
     monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
-    monkeypatch.setattr(mfu, "training_dtype", lambda device: "bfloat16")
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(mfu, "measure", lambda run, variant, device: {"variant": variant, "error": "not measured"})
     named = []
@@ -576,7 +575,6 @@ def test_a_gpu_without_bf16_measures_what_train_py_runs(flags, dtype, monkeypatc
     """On a V100 train.py trains in fp16 with a loss scale, unless told bf16 (emulated); its
     bf16_adamw, always bf16, takes being told: bench.mfu times the same, and refuses the same."""
     monkeypatch.setattr(mfu, "detect", lambda: Device(0, "Tesla V100-SXM2-16GB", 80, 16.0, (7, 0)))
-    monkeypatch.setattr(mfu, "training_dtype", lambda device: "float16")  # what the V100 would say
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     seen = []
 
