@@ -28,7 +28,7 @@ import kernels
 from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN_KEYS, ConfigError, check_device,
                         check_seed, optimizer_dtype, parse_args, printed_help, reported as reported_by, training_dtype)
-from gpt.data import Batches, DataError, check_preparable, load_meta, prepare
+from gpt.data import Batches, DataError, is_built, load_meta, prepare
 from gpt.files import try_lock, write_atomic
 from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
@@ -136,9 +136,11 @@ def check_ranges(config: dict) -> None:
         raise ConfigError(f"init_from must be scratch, resume, {pretrained.CHOICES}; got {config['init_from']!r}")
     if config["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {config['optimizer']!r}")
+    # (used under torchrun on GPUs alone: a typo would wait for that); one, or device:backend pairs
     backends = [b for b in torch.distributed.Backend.backend_list if b not in ("undefined", "fake")]
-    if config["backend"] not in backends:  # (used under torchrun on GPUs alone: a typo would wait for that)
-        raise ConfigError(f"backend must be one of {backends}, got {config['backend']!r}")
+    if any(part.rpartition(":")[2] not in backends for part in config["backend"].split(",")):
+        raise ConfigError(f"backend must be one of {backends}, or device:backend pairs (cpu:gloo,cuda:nccl), "
+                          f"got {config['backend']!r}")
     if config["compile_mode"] not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {config['compile_mode']!r}")
     if config["peak_tflops"] is not None and not (math.isfinite(config["peak_tflops"]) and config["peak_tflops"] > 0):
@@ -327,10 +329,10 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
     console.print(ktable)
 
 
-def make_optimizer(c: dict, model: GPT, world, adamw_backend: str, console) -> torch.optim.Optimizer:
+def make_optimizer(c: dict, model: GPT, world, device_type: str, adamw_backend: str, console) -> torch.optim.Optimizer:
     """The run's optimizer over `model`'s param groups (distributed.optimizer: ZeRO-1's shards it)."""
     if c["optimizer"] == "adamw":
-        optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=torch.device(c["device"]).type == "cuda")
+        optimizer_class, optimizer_args = torch.optim.AdamW, dict(fused=device_type == "cuda")
         unused = [f"{key}={c[key]}" for key in ("stochastic_rounding", "kahan_summation") if c[key] != DEFAULTS[key]]
         if unused:
             console.print(f"[yellow]{' and '.join(unused)}: bf16_adamw's rounding of bf16 weights; adamw's are "
@@ -420,8 +422,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             checkpoint.locate(c["out_dir"])
         elif c["init_from"] != "scratch" and c["init_from"] not in pretrained.HUB_MODELS:
             pretrained.locate(c["init_from"])
-    with reported():
-        check_preparable(c["dataset"], c["data_dir"])
+    with reported():  # (refused where neither built nor buildable here)
+        is_built(c["dataset"], c["data_dir"])
     if Path(c["out_dir"]).exists() and not Path(c["out_dir"]).is_dir():
         raise SystemExit(f"train.py: out_dir {c['out_dir']} is a file, not a directory")
 
@@ -493,8 +495,15 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     shapes = Shapes(GPTConfig(**model_args), batch_size=c["batch_size"], seq_len=c["block_size"],
                     dtype=getattr(torch, c["dtype"]))
     used = model_ops(shapes.config) | optimizer_ops(c["optimizer"])
-    with reported(f"kernels={c['kernels']}: "):  # an unknown mode, or a profile that cannot be read
-        choices = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"], used=used)
+    try:  # a profile that cannot be read, a backend named in a dict that fails its self-check here
+        choices, refused = kernels.choose(c["kernels"], device_type, shapes=shapes, compiled=c["compile"],
+                                          used=used), None
+    except ValueError as e:
+        choices, refused = None, f"train.py: kernels={c['kernels']}: {e}"
+    if world.parallel:  # every rank refuses, or none: one refusing alone would leave the others waiting
+        refused = next(filter(None, distributed.gather(refused)), None)
+    if refused:
+        raise SystemExit(refused)
     if world.parallel:
         choices = kernels.agreed(choices, distributed.gather({op: ch.backend for op, ch in choices.items()}))
     backends = {op: choice.backend for op, choice in choices.items()}
@@ -515,7 +524,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         model.to(c["device"])
 
     grad_norm_op = kernels.get("grad_norm", backends["grad_norm"])
-    optimizer = make_optimizer(c, model, world, backends["adamw"], console)
+    optimizer = make_optimizer(c, model, world, device_type, backends["adamw"], console)
     if resumed:
         # The checkpoint's optimizer state with this run's settings: load_state_dict brings back
         # the saved groups' settings (rounding, Kahan, betas, weight decay, fused), and the config,

@@ -1,5 +1,6 @@
 """Benchmarks, hardware peaks and FLOPs accounting for tritongpt."""
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -50,19 +51,25 @@ not_negative.__name__ = "int"
 
 
 def result_file(text: str) -> Path:
-    """An argparse type: the path a benchmark writes its result to, its folders made now. One it
-    could not write (a folder, a path under a file, a read-only folder) is refused before the
-    minutes of measuring, not after them."""
+    """An argparse type: the path a benchmark writes its result to (write_json). One it could not
+    write (a folder, a path under a file, in a read-only folder) is refused before the minutes of
+    measuring, not after them."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder: name a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"no folder for {text}: {e}") from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    folder = next(p for p in path.absolute().parents if p.exists())  # the rest write_json makes
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder for {text}: {folder} is a file")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text} cannot be written here")
     return path
+
+
+def write_json(path: Path, data) -> None:
+    """A result file, its folders made first; rewritten whole after each measurement, so that a
+    run cut short keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def fill_unset(args: argparse.Namespace, settings: dict) -> None:

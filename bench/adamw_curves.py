@@ -421,10 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         import train  # the repository's own: its settings refused now, not by each run in turn
 
         for variant in variants:
-            try:
-                train.parse_config(train_args(args.scale, variant, args.out / variant, args.max_iters,
-                                              args.eval_iters, extra))
-            except ValueError as e:
+            config, *settings = train_args(args.scale, variant, args.out / variant, args.max_iters, args.eval_iters,
+                                           extra)
+            try:  # (the runs start in ROOT: the config file's path is the root's)
+                train.parse_config([str(ROOT / config), *settings])
+            except (ValueError, OSError) as e:
                 parser.error(f"{variant}: train.py {e}")
         return run(args.out, args.scale, variants, args.max_iters, args.eval_iters, extra, args.jobs)
     if not args.out.is_dir():  # (a run that failed before it made one: nothing to do, and said)

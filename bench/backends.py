@@ -12,7 +12,6 @@ A backend that fails its check is still timed, and marked unverified; one that c
 is reported with its error.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 import kernels
-from bench import described, result_file
+from bench import described, result_file, write_json
 from bench.cases import Case, check
 from bench.hardware import detect
 from bench.measure import TIMING, Row, copy_gbs, error_cell, matmul_tflops, median_ms, print_rows, provenance
@@ -151,8 +150,7 @@ def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] 
         print(f"{row.op} {row.shape} {row.pass_} {row.backend}: {measured}", flush=True)
         if args.json:
             measured = dict(roofline=dict(name=ROOFLINE_NAMES[row.unit], unit=row.unit, value=roofline(row.unit)))
-            args.json.write_text(json.dumps(header | measured | dict(rows=[r.as_dict() for r in result]),
-                                            indent=1) + "\n")
+            write_json(args.json, header | measured | dict(rows=[r.as_dict() for r in result]))
     unit = result[0].unit
     print_rows(result, f"{title}; {ROOFLINE_NAMES[unit]} {roofline(unit):.0f} {unit}")
     return 0

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import described, fill_unset, positive, profile, result_file
+from bench import described, fill_unset, positive, profile, result_file, write_json
 from bench import plan as planning
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
 from bench.hardware import Device, detect, find
 from bench.measure import TIMING, print_rows, provenance
-from gpt.config import DTYPES, training_dtype
+from gpt.config import DTYPES, gpu_dtype
 
 
 def measure_op(op: str, shapes: Shapes, rooflines: dict, device="cuda") -> dict:
@@ -56,7 +56,7 @@ def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS, parti
         record["ops"][op] = measure_op(op, shapes, rooflines)
         print_rows(rows({op: record["ops"][op]}), f"{device.name}, {preset_name} {shapes.describe()}: {op}")
         if partial is not None:
-            profile.write({"format": profile.FORMAT, "workloads": [record]}, partial)
+            write_json(partial, {"format": profile.FORMAT, "workloads": [record]})
     return record
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or profile.path_for(device.slug)
     shapes = Shapes(config, args.batch_size, args.seq_len,
-                    getattr(torch, args.dtype or training_dtype(f"cuda:{device.index}")))
+                    getattr(torch, args.dtype or gpu_dtype(device.capability)))
     try:  # before measuring: a file that cannot take the result is known now
         profile.load_own(out, device.slug)
     except ValueError as e:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     partial = out.with_name(f"{out.stem}.{Path(args.preset).stem}.partial.json")
     record = run(device, shapes, args.preset, ops, partial)
     data = profile.merged(out, record)
-    profile.write(data, out)
+    write_json(out, data)
     partial.unlink(missing_ok=True)
     print(f"rooflines: copy {record['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul "
           f"{record['rooflines']['matmul_tflops']:.0f} TFLOPS")

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import shutil
 import statistics
 import sys
@@ -43,14 +42,15 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import backends, breakdown, described, fill_unset, not_negative, positive, result_file, shown
+from bench import (backends, breakdown, described, fill_unset, not_negative, positive, result_file, shown,
+                   write_json)
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
 from bench.flops import CONVENTION, Flops, flops_per_token
 from bench.hardware import GPU, GPUS, ClockSampler, ClockStats, Device, Peak, detect, find, peak_for
 from bench.measure import one_line, provenance
-from gpt.config import COMPILE_MODES, DTYPES, OPTIMIZERS, optimizer_dtype
+from gpt.config import COMPILE_MODES, DTYPES, OPTIMIZERS, gpu_dtype, optimizer_dtype
 from gpt.model import GPT, GPTConfig, model_ops, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, optimizer_ops
 from kernels import adamw as adamw_kernels
@@ -383,7 +383,7 @@ def measure_all(args, config: GPTConfig, device: Device, console: Console, out: 
         console.print(f"  {variant}: " + (r["error"] if "error" in r else
                       f"{r['tokens_per_s']:,.0f} tokens/s, {r['ms_median']:.2f} ms a step, "
                       f"MFU {shown(r['mfu'], '.1%')}"))
-        out.write_text(json.dumps(record(run, args.preset, device, peak, flops, rows), indent=1) + "\n")
+        write_json(out, record(run, args.preset, device, peak, flops, rows))
     if not_started:
         console.print(f"not started, --budget-s {args.budget_s:g} spent: {', '.join(not_started)}")
     print_results(rows, run, device, peak, flops, console)
@@ -487,13 +487,6 @@ def main(argv: list[str] | None = None) -> int:
         fill_unset(args, resolved[names[0]][1])
     args.batch_size = args.batch_size or 16
     args.recompute = False if args.recompute is None else args.recompute
-    if len(names) <= 1:  # the model a GPU here would measure: its settings refused now, on any machine
-        args.preset, args.optimizer = args.preset or "gpt2", args.optimizer or "adamw"
-        try:
-            optimizer_dtype(args.optimizer, args.dtype)
-            recompute_count(args.recompute, (models.get(args.preset) or planning.config_for(args.preset)).n_layer)
-        except ValueError as e:
-            parser.error(str(e))
 
     if args.gpu == "list":
         print_peak_table(console)
@@ -512,20 +505,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if len(names) > 1:  # not planned: measured here
         parser.error(f"--preset {args.preset}: --gpu {args.gpu} measures this machine's GPU, one model at a time")
+    # The settings of the one model measured here: refused now, on a CPU too.
+    args.preset, args.optimizer = args.preset or "gpt2", args.optimizer or "adamw"
+    config = models.get(args.preset) or planning.config_for(args.preset)
+    try:  # (a GPU without bf16: fp16, which bf16_adamw refuses)
+        args.dtype = optimizer_dtype(args.optimizer, args.dtype or (gpu_dtype(device.capability) if device else None))
+        args.recompute = recompute_count(args.recompute, config.n_layer)
+    except ValueError as e:
+        parser.error(str(e))
     if device is None:
         console.print("bench.mfu --gpu auto measures the GPU it runs on, and this machine has no CUDA GPU.\n"
                       "  On a GPU machine:    python -m bench.mfu --gpu auto --preset gpt2\n"
                       "  To plan for a GPU:   python -m bench.mfu --gpu h100 [--world-size 8]\n"
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
-    # train.py's default (gpt.config.training_dtype): bf16 where the tensor cores have it, Ampere on
-    default = "bfloat16" if device.capability >= (8, 0) else "float16"
-    try:  # (a GPU without bf16: fp16, which bf16_adamw refuses)
-        args.dtype = optimizer_dtype(args.optimizer, args.dtype or default)
-    except ValueError as e:
-        parser.error(str(e))
-    config = models.get(args.preset) or planning.config_for(args.preset)
-    args.recompute = recompute_count(args.recompute, config.n_layer)
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{Path(args.preset).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     measure_all(args, config, device, console, out)

@@ -216,11 +216,6 @@ def merged(path: Path, record: dict) -> dict:
     return {"format": FORMAT, "workloads": [*kept, record]}
 
 
-def write(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
 def fastest_verified(entry: dict, candidates: list[str], compiled: bool, generation: bool = False
                      ) -> tuple[str | None, str]:
     """(backend, why): the fastest of `candidates` (registry backends) in one op's profile entry

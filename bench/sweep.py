@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import sys
 import time
@@ -34,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kernels
-from bench import backends, described, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu, positive, result_file
+from bench import (backends, described, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu, positive,
+                   result_file, write_json)
 from bench.cases import Shapes, case
 from bench.hardware import detect
 from bench.measure import one_line, provenance
@@ -209,7 +209,7 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
             result["sweeps"][name] = dict(module=sweep.module.__name__, op=sweep.op, records=records,
                                           pick=pick["setting"] if pick else None, unmeasured=len(queue))
             if json_path:
-                json_path.write_text(json.dumps(result, indent=1) + "\n")
+                write_json(json_path, result)
         print(report(name, sweep, records, len(queue)), flush=True)
     return result
 

@@ -54,7 +54,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -65,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from bench import described, positive, result_file
+from bench import described, positive, result_file, write_json
 from bench.flops import causal_attention_fwd_flops
 from bench.measure import median_ms, one_line, provenance
 from bench.op_attention import TOKENS, WIDTH
@@ -461,7 +460,7 @@ def table(major: int | None, T: int, tuned: dict[int, dict], header: str) -> str
 
 def _write(path: Path | None, result: dict) -> None:
     if path:
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(path, result)
 
 
 def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool=None) -> dict:
@@ -542,8 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes (D=32; --d and --t ignored), two candidates a pass: "
                              "checks the code path, on CPU too")
     args = parser.parse_args(argv)
-    head_dims = [int(d) if d.strip().isdigit() else 0 for d in args.d.split(",")]
-    if any(d not in (32, 64, 128) for d in head_dims):
+    try:
+        head_dims = [int(d) for d in args.d.split(",")]
+    except ValueError:
+        head_dims = []
+    if not head_dims or any(d not in (32, 64, 128) for d in head_dims):
         parser.error(f"--d: head dims 32, 64, 128 (96 runs with 128's configurations), got {args.d}")
     if args.smoke:
         head_dims, T = [SMOKE["D"]], SMOKE["T"]

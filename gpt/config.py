@@ -51,13 +51,18 @@ RUN_KEYS = {"device": str, "dtype": str, "kernels": dict}
 
 
 def training_dtype(device: str) -> str:
-    """train.py's dtype on `device` when none is given: bf16 on a GPU whose tensor cores do it
-    (Ampere on; not where torch would emulate it), fp16 on older GPUs, fp32 on a CPU."""
+    """train.py's dtype on `device` when none is given: gpu_dtype's on a GPU, fp32 on a CPU."""
     import torch  # on use: reading a config needs no torch
 
     if not device.startswith("cuda"):
         return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    return gpu_dtype(torch.cuda.get_device_capability(device))
+
+
+def gpu_dtype(capability: tuple[int, int]) -> str:
+    """train.py's dtype on a GPU of compute capability `capability` (the benchmarks' too): bf16
+    where its tensor cores do it (Ampere on; not where torch would emulate it), else fp16."""
+    return "bfloat16" if tuple(capability) >= (8, 0) else "float16"
 
 
 class ConfigError(ValueError):
@@ -65,8 +70,8 @@ class ConfigError(ValueError):
 
 
 def check_seed(seed: int) -> None:
-    """train.py's and gpt.sample's seed: torch's generators take 64 bits, BF16AdamW's rounding
-    seed none below 0."""
+    """train.py's and gpt.sample's seed, one range for both: torch's generators take 64 bits,
+    BF16AdamW's rounding seed none below 0."""
     if not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
 

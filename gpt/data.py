@@ -93,7 +93,7 @@ def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = No
 def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
     """data_dir/dataset, built first if it has no train.bin and val.bin."""
     out = Path(data_dir) / dataset
-    if check_preparable(dataset, data_dir):
+    if is_built(dataset, data_dir):
         for name in ("train.bin", "val.bin", "meta.pkl"):  # write_atomic's own sweep comes with a write: none now
             remove_abandoned(out / name)
         return out
@@ -102,9 +102,9 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
     return out
 
 
-def check_preparable(dataset: str, data_dir: str | os.PathLike = "data") -> bool:
-    """Whether data_dir/dataset is built (else prepare builds it here); a ValueError saying so
-    where it is neither built nor buildable here."""
+def is_built(dataset: str, data_dir: str | os.PathLike = "data") -> bool:
+    """Whether data_dir/dataset is built, or else buildable here (by prepare); a ValueError saying
+    so where it is neither."""
     out = Path(data_dir) / dataset
     if (out / "train.bin").exists() and (out / "val.bin").exists():
         return True

@@ -136,12 +136,13 @@ def gpt_config(folder: Path, block_size: int | None = None, dropout: float = 0.0
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not whole JSON ({e}): {REDO}") from None
-    missing = [key for key in ("model_type", "n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
-               if not isinstance(hf, dict) or key not in hf]
-    if missing:
-        raise ValueError(f"{path} is no GPT-2 config: it has no {', '.join(missing)}")
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is no model's config: not a JSON object")
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r}; only GPT-2 checkpoints load")
+    missing = [key for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if key not in hf]
+    if missing:
+        raise ValueError(f"{path} is no GPT-2 config: it has no {', '.join(missing)}")
     if hf.get("activation_function", "gelu_new") not in _ACTIVATIONS:
         raise ValueError(f"{folder}: activation_function {hf['activation_function']!r} is not one of {list(_ACTIVATIONS)}")
     # Variants whose attention is not plain scaled dot-product attention.

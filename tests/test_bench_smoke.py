@@ -441,11 +441,12 @@ def test_help_describes_the_command_in_whole_sentences(module, capsys):
     ("bench.adamw_curves", ["run", "--scale", "cpu", "--out", "{tmp}/runs", "--set", "bogus=1"],
      "adamw: train.py --bogus=1: unknown config key 'bogus'"),  # (each variant's train.py refused it in turn once)
 ])
-def test_a_bad_argument_is_a_usage_error_before_any_measuring(module, args, message, tmp_path, capsys):
+def test_a_bad_argument_is_a_usage_error_before_any_measuring(module, args, message, tmp_path, capsys, monkeypatch):
     """On any machine, a GPU's or a CPU's, before the minutes of measuring or training: a result
     file that could not be written used to fail after them."""
     (tmp_path / "file").write_text("")
     names = dict(tmp=tmp_path, file=tmp_path / "file")
+    monkeypatch.chdir(tmp_path)  # (started elsewhere than the repository, adamw_curves' check failed once)
     with pytest.raises(SystemExit) as exit:
         importlib.import_module(module).main([a.format(**names) for a in args])
     assert exit.value.code == 2 and message.format(**names) in " ".join(capsys.readouterr().err.split())

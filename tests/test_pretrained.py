@@ -326,10 +326,12 @@ def test_a_checkpoint_that_is_not_gpt2_s_is_named_not_a_traceback(tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "hf")
     config = tmp_path / "hf" / "config.json"
     hf = json.loads(config.read_text())
-    for broken, message in (({k: v for k, v in hf.items() if k != "n_positions"}, "it has no n_positions"),
-                            ([1], "it has no model_type, n_positions, vocab_size, n_layer, n_head, n_embd")):
+    for broken, message in (({k: v for k, v in hf.items() if k != "n_positions"},
+                             "config.json is no GPT-2 config: it has no n_positions"),
+                            ([1], "config.json is no model's config: not a JSON object"),
+                            ({"model_type": "llama"}, "hf: model_type 'llama'; only GPT-2 checkpoints load")):
         config.write_text(json.dumps(broken))
-        with pytest.raises(ValueError, match=f"hf/config.json is no GPT-2 config: {message}"):
+        with pytest.raises(ValueError, match=message):
             pretrained.gpt_config(tmp_path / "hf")
     path = tmp_path / "t.safetensors"
     for header in (b'{"a": {"shape": [1], "data_offsets": [0, 4]}}', b"[1]", b"\xff{"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from bench import backends
+from bench import backends, write_json
 from bench import kernels as bench_kernels
 from bench import profile
 from bench.cases import Shapes, case, check
@@ -86,7 +86,7 @@ def test_torch_is_the_reference_and_always_eligible():
 def test_write_then_load(tmp_path):
     data = profile_data(record({"swiglu": entry(torch=backend(1.0))}))
     path = tmp_path / "gpu.json"
-    profile.write(data, path)
+    write_json(path, data)
     loaded = profile.load(path)
     assert loaded.data == data and loaded.workloads[0]["ops"]["swiglu"]["training_pass"] == "fwd+bwd"
     assert profile.load(tmp_path / "none.json") is None
@@ -352,7 +352,7 @@ def test_measure_op_writes_a_profile_entry_that_loads_and_selects(monkeypatch, t
     assert norm["chosen"] == {"eager": "torch", "compiled": "torch"}  # a tie keeps the reference
     assert ops["adamw"]["training_pass"] == "step" and "compile" not in ops["adamw"]["backends"]
     path = tmp_path / "cpu.json"
-    profile.write(profile_data(record(ops)), path)
+    write_json(path, profile_data(record(ops)))
     assert kernels.choose("auto", "cuda", profile=path)["layer_norm"].backend == "torch"
 
 
@@ -437,7 +437,7 @@ def test_another_gpus_profile_under_this_gpus_name_is_refused(monkeypatch, tmp_p
     from bench import hardware
 
     monkeypatch.setattr(profile, "PROFILES", tmp_path)
-    profile.write(profile_data(record({}, slug="h200-sxm")), tmp_path / "h100-pcie.json")
+    write_json(tmp_path / "h100-pcie.json", profile_data(record({}, slug="h200-sxm")))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(hardware, "detect", lambda index=None: type("D", (), {"slug": "h100-pcie"})())
@@ -571,11 +571,11 @@ def test_a_record_without_a_timing_of_the_op_does_not_hide_one_with(self_check):
 def test_a_profile_keeps_every_workload_and_replaces_a_remeasured_one(tmp_path):
     path = tmp_path / "gpu.json"
     first = record({"swiglu": entry(torch=backend(1.0))}, "gpt2")
-    profile.write(profile.merged(path, first), path)
+    write_json(path, profile.merged(path, first))
     llama = record({"swiglu": entry(torch=backend(2.0))}, "llama")
-    profile.write(profile.merged(path, llama), path)
+    write_json(path, profile.merged(path, llama))
     again = record({"swiglu": entry(torch=backend(3.0))}, "gpt2")
-    profile.write(profile.merged(path, again), path)
+    write_json(path, profile.merged(path, again))
     assert profile.load(path).workloads == [llama, again]
     with pytest.raises(ValueError, match="holds measurements of test, not of this GPU .h100-sxm.: pass another --out"):
         profile.merged(path, record({}, slug="h100-sxm"))
@@ -585,7 +585,7 @@ def test_bench_kernels_refuses_another_gpus_file_before_measuring(monkeypatch, c
     from bench.hardware import Device
 
     path = tmp_path / "gpu.json"
-    profile.write(profile_data(record({"swiglu": entry(torch=backend(1.0))}, slug="a100-sxm-80gb")), path)
+    write_json(path, profile_data(record({"swiglu": entry(torch=backend(1.0))}, slug="a100-sxm-80gb")))
     monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
     monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
     assert bench_kernels.main(["--out", str(path)]) == 2
@@ -598,12 +598,11 @@ def test_bench_kernels_measures_in_train_py_s_dtype_or_the_one_given(monkeypatch
     from bench.hardware import Device
 
     measured = []
-    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
     monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops, partial:
                         measured.append(shapes.dtype) or record({}, name, slug=device.slug, dtype=shapes.dtype)
                         | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
-    for bf16, args in ((True, []), (False, []), (True, ["--dtype", "float32"])):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, bf16=bf16: bf16)
+    for capability, args in (((9, 0), []), ((7, 0), []), ((9, 0), ["--dtype", "float32"])):
+        monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, capability))
         assert bench_kernels.main(["--out", str(tmp_path / "gpu.json"), *args]) == 0
     assert measured == [torch.bfloat16, torch.float16, torch.float32]
     assert [w["workload"]["dtype"] for w in profile.load(tmp_path / "gpu.json").workloads] == [

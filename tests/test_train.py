@@ -491,7 +491,9 @@ def test_defaults_and_errors(monkeypatch, tmp_path):
         train.main(nothing)
     monkeypatch.undo()
     for arg, message in (("--kernels=trition", "kernels must be one of"),
-                         ("--backend=ncll", r"backend must be one of \[.*'nccl'.*\], got 'ncll'"),
+                         ("--backend=ncll", r"backend must be one of \[.*'nccl'.*\], or device:backend pairs "
+                                            r"\(cpu:gloo,cuda:nccl\), got 'ncll'"),
+                         ("--backend=cpu:gloo,cuda:ncll", "got 'cpu:gloo,cuda:ncll'"),
                          ("--kernels={'layernorm': 'triton'}", r"kernels: unknown ops \['layernorm'\]"),
                          ("--n_embd=30", "n_embd 30 is not a multiple of n_head"),
                          ("--norm=batchnorm", "norm must be one of"),

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from importlib.machinery import ModuleSpec
@@ -461,6 +462,17 @@ def test_zero1_refuses_a_sharded_checkpoint_and_fsdp_a_full_one(tmp_path, data_d
         monkeypatch.setattr(train.checkpoint, "load", lambda out_dir, device, resume, saved=saved: saved)
         with pytest.raises(SystemExit, match=f"parallel={parallel} cannot resume the {kind} checkpoint"):
             run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--gradient_accumulation_steps=2")
+
+
+def test_a_kernel_refused_on_one_rank_is_refused_on_every_rank(tmp_path, data_dir, monkeypatch, fake_world):
+    """A backend named in a dict that passes its self-check here but fails it on rank 1: this rank
+    stops too, with rank 1's reason (alone, rank 1 would leave the others waiting for it)."""
+    fake_world("ddp", size=2)
+    theirs = "train.py: kernels={'swiglu': 'triton'}: swiglu: its triton backend, asked for, failed (rank 1)"
+    monkeypatch.setattr(train.distributed, "gather", lambda refused: [refused, theirs])
+    with pytest.raises(SystemExit, match=re.escape(theirs)):
+        run(tmp_path, data_dir, "--device=cpu", "--kernels={'swiglu': 'triton'}", "--mlp=swiglu",
+            "--gradient_accumulation_steps=2")
 
 
 def test_fsdp_gathers_fp32_weights_in_bf16_only_when_training_in_bf16(tmp_path, data_dir, monkeypatch, fake_world):
