@@ -369,7 +369,7 @@ def open_out_dir(c: dict, iter_num: int, console, cleanup: ExitStack):
     whole log."""
     fresh = c["init_from"] != "resume" and not c["eval_only"]
     log_path = Path(c["out_dir"]) / "log.jsonl"
-    with reported():  # an out_dir that is a file, or on a read-only or full disk
+    with reported():  # an out_dir on a read-only or full disk
         os.makedirs(c["out_dir"], exist_ok=True)
         # One training run an out_dir (it locks the directory): two would set aside, trim and
         # overwrite each other's checkpoint and log. eval_only may score a checkpoint meanwhile.

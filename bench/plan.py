@@ -85,8 +85,8 @@ UNFUSED_LOSS_BYTES = 12  # per class and token: torch's linear_cross_entropy at 
 GiB = 2**30
 
 
-def training_file(path: str) -> tuple[dict, GPTConfig, str]:
-    """(the settings a bench run takes from it, the model, where its vocabulary comes from) of a
+def training_file(path: str) -> tuple[GPTConfig, dict, str]:
+    """(the model, the settings a bench run takes from it, where its vocabulary comes from) of a
     train.py config file: the model it trains from scratch, its vocabulary the dataset's, which
     is prepared first as train.py does where it is built offline (a character dataset's
     meta.pkl), else GPT-2's padded 50304 tokens. The settings are its batch_size, optimizer,
@@ -109,7 +109,7 @@ def training_file(path: str) -> tuple[dict, GPTConfig, str]:
     source = f"{folder / 'meta.pkl'}" if meta else f"GPT-2's, padded{unprepared}"
     settings = {"batch_size": c["batch_size"], "optimizer": c["optimizer"], "recompute": c["recompute"],
                 "dtype": optimizer_dtype(c["optimizer"], c["dtype"])}
-    return settings, config, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
+    return config, settings, f"{path}: the model it trains, its {config.vocab_size}-token vocabulary {source}"
 
 
 def record_name(name: str) -> str:
@@ -122,10 +122,7 @@ def model(name: str) -> tuple[GPTConfig, dict, str | None]:
     """(the model, the settings a bench run takes from it, where its vocabulary comes from) of
     `name`: a train.py config file's (training_file), or a preset's (config_for: no settings, and
     its own vocabulary)."""
-    if name.endswith(".py"):
-        settings, config, source = training_file(name)
-        return config, settings, source
-    return config_for(name), {}, None
+    return training_file(name) if name.endswith(".py") else (config_for(name), {}, None)
 
 
 def config_for(name: str) -> GPTConfig:
