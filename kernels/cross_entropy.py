@@ -436,5 +436,5 @@ def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: 
     runtime.check_device("linear_cross_entropy", x)
     grad = torch.is_grad_enabled()
     rows = x.reshape(-1, x.shape[-1])
-    return _linear_cross_entropy(rows, weight, targets.reshape(-1).contiguous(), int(ignore_index), dtype,
-                                 grad and x.requires_grad, grad and weight.requires_grad)[0]
+    return runtime.call_op(_linear_cross_entropy, rows, weight, targets.reshape(-1).contiguous(), int(ignore_index),
+                           dtype, grad and x.requires_grad, grad and weight.requires_grad)[0]

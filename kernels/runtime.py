@@ -229,9 +229,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _eager(args) -> bool:
     """Whether a call with `args` is plain eager work: not traced by torch.compile, no dispatch
-    mode active, every tensor a plain torch.Tensor or Parameter (no fake, functional or other
-    subclass)."""
+    mode or torch.func transform active (vmap's batched tensors are of type torch.Tensor too:
+    the launch would take them for plain ones), every tensor a plain torch.Tensor or Parameter
+    (no fake, functional or other subclass)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active()
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
 
 
@@ -277,11 +279,24 @@ class Op:
 
     def __call__(self, *args):
         if not _eager(args):
-            return self.op(*args)
+            return call_op(self.op, *args)
         if self.function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.function.apply(*args)
         return _launch_directly(self.fn, args)
+
+
+def call_op(op, *args):
+    """The registered `op` on `args`; under torch.func's grad, jacrev or jvp, which torch.library's
+    autograd formulas take no part in (torch's error names neither the op nor a way out), a
+    ValueError naming the op. Its vmap runs the op on each slice."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        if not torch._C._are_functorch_transforms_active():
+            raise
+        raise ValueError(f"{op._qualname}: torch.func's grad, jacrev and jvp cannot differentiate the triton "
+                         f"kernels (vmap can): use the torch backend ({e})") from None
 
 
 def only_first_output_differentiable(ctx, *others: torch.Tensor) -> None:

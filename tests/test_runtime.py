@@ -351,6 +351,36 @@ def test_tensor_subclasses_take_the_registered_op():
     assert _profiled_op_names(lambda: swiglu(sub, sub)) == {"tritongpt::swiglu"}
 
 
+# Batched over the first dim of the tensors marked 0 (torch.func.vmap's in_dims); no dropout, whose
+# seed vmap's randomness rule would refuse.
+FUNC_CASES = {
+    "layer_norm": (lambda x, w: kernels.get("layer_norm", "triton")(x, w, None, 1e-5), [(3, 4, 40), (40,)], (0, None)),
+    "swiglu": (lambda g, u: kernels.get("swiglu", "triton")(g, u), [(3, 4, 40), (3, 4, 40)], (0, 0)),
+    "rope": (lambda x, a: kernels.get("rope", "triton")(x, a.cos(), a.sin()), [(3, 1, 2, 9, 16), (9, 8)], (0, None)),
+    "attention": (lambda q, k, v: kernels.get("attention", "triton")(q, k, v),
+                  [(3, 1, 2, 19, 32), (3, 1, 1, 19, 32), (3, 1, 1, 19, 32)], (0, 0, 0)),
+    "cross_entropy": (lambda z: kernels.get("cross_entropy", "triton")(z, torch.arange(5) % 7), [(3, 5, 7)], (0,)),
+    "linear_cross_entropy": (lambda x, w: kernels.get("linear_cross_entropy", "triton")(x, w, torch.arange(5) % 7),
+                             [(3, 5, 8), (7, 8)], (0, None)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap of a custom op: one call a slice
+@pytest.mark.parametrize("op", FUNC_CASES)
+def test_torch_func_vmap_runs_the_op_on_each_slice_and_grad_is_refused_by_name(op):
+    """vmap's batched tensors look like plain ones to the eager path (runtime._eager), whose
+    launch read them as the whole batch: a crash in the launcher. torch.func.grad cannot reach the
+    ops' autograd formulas: a ValueError naming the op, not torch's error naming neither."""
+    skip_unless_triton_runs("triton", "cpu")
+    fn, shapes, dims = FUNC_CASES[op]
+    args = [t.detach() for t in _leaves(*shapes)]
+    slices = [fn(*(a[i] if d == 0 else a for a, d in zip(args, dims))) for i in range(3)]
+    torch.testing.assert_close(torch.func.vmap(fn, in_dims=dims)(*args), torch.stack(slices), rtol=0, atol=0)
+    first = [a[0] if d == 0 else a for a, d in zip(args, dims)]
+    with pytest.raises(ValueError, match=r"tritongpt::.*torch\.func's grad.*use the torch backend"):
+        torch.func.grad(lambda x: fn(x, *first[1:]).sum())(first[0])
+
+
 def test_as_rows_and_unit_stride_d_keep_views_where_the_layout_allows():
     h = torch.randn(3, 5, 16)
     for half in h.chunk(2, -1):  # row stride 16, unit column stride: no copy
