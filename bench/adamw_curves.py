@@ -94,9 +94,8 @@ def train_args(scale: str, variant: str, out_dir: Path, max_iters: int | None = 
         settings["max_iters"] = max_iters
     if eval_iters is not None:
         settings["eval_iters"] = eval_iters
-    # Constant lr after warm-up: min_lr = learning_rate. lr_decay_iters only has to differ from
-    # warmup_iters (train.py divides by their difference once a step reaches warmup_iters).
-    settings["lr_decay_iters"] = max(settings["max_iters"], settings["warmup_iters"] + 1)
+    # Constant lr after warm-up: min_lr = learning_rate, so the length of the "decay" is immaterial
+    settings["lr_decay_iters"] = settings["max_iters"]
     args = [SCALES[scale]["config"], *(f"--{k}={v}" for k, v in settings.items()), *VARIANTS[variant][1],
             f"--out_dir={out_dir}"]
     return [*args, *extra]

@@ -290,7 +290,8 @@ def _parse_value(text: str):
 
 def _coerce(key: str, value, default, source: str, also: type | None = None):
     """`value` in the type of `default` or `also` (ints widen to floats). A None default takes
-    None or a value of `also` (anything, where `also` does not say), and only such keys take None."""
+    None or a value of `also` (anything, where `also` does not say); another key takes None only
+    where `also` is type(None)."""
     if default is None and (also is None or value is None):
         return value
     if type(value) in (type(default), also):

@@ -380,8 +380,9 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type: str, override_args: dict | None = None) -> "GPT":
         """nanoGPT's: a GPT holding `model_type`'s weights (gpt2, gpt2-medium, gpt2-large,
-        gpt2-xl, another Hugging Face GPT-2 or a local folder: gpt.pretrained.load, which
-        train.py's init_from uses), fp32 on the CPU. override_args may set dropout, as there."""
+        gpt2-xl from Hugging Face's hub, or a local folder holding a Hugging Face GPT-2's
+        config.json and model.safetensors, as train.py's init_from takes them: gpt.pretrained.load),
+        fp32 on the CPU. override_args may set dropout, as there."""
         from gpt import pretrained
 
         override_args = override_args or {}

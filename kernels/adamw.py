@@ -245,7 +245,8 @@ def _pointer(entry, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _block(table, blocks, WIDTH: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
     """This program's table row (WIDTH columns: the addresses, then numel and list index), its
-    tensor's numel, its block's first offset, and the int64 offsets of its block in that tensor."""
+    tensor's numel, its block's first offset, the int64 offsets of its block in that tensor, and
+    whether the block is whole (no lane past numel: its loads and stores need no mask)."""
     row = tl.load(blocks + 2 * tl.program_id(0))
     start = tl.multiple_of(tl.load(blocks + 2 * tl.program_id(0) + 1), BLOCK)
     entry = table + WIDTH * row
@@ -538,7 +539,7 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
     if op == "adamw":  # (after the devices: a meta tensor's address is 0, as all others')
         _check_unshared(_key_spans(key))
         # Stochastic rounding's keys tell tensors and blocks apart within these bounds
-        if n >= 1 << (32 - HIGH_OFFSET_BITS.value) or max(numels, default=0) > 1 << (32 + HIGH_OFFSET_BITS.value):
+        if n > 1 << (32 - HIGH_OFFSET_BITS.value) or max(numels, default=0) > 1 << (32 + HIGH_OFFSET_BITS.value):
             raise ValueError(f"{op}: at most {1 << (32 - HIGH_OFFSET_BITS.value)} tensors of at most "
                              f"2^{32 + HIGH_OFFSET_BITS.value} elements each, got {n} tensors of up to {max(numels)}")
     launches = []

@@ -48,9 +48,10 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 CPU_TENSORS = INTERPRET
 
 
-# The NVIDIA GPUs Triton supports (its README): Ampere and newer. Compiled for a Turing card
-# (sm75, tests/sm_compile.py with triton 3.8) attention's tl.dot takes no tensor cores and spills
-# kilobytes a thread, and its backward passes outgrow the 64 KB of shared memory.
+# The NVIDIA GPUs Triton supports (its README): Ampere and newer. Compiled once for a Turing card
+# (sm75, through tests/sm_compile.py's stand-in driver with triton 3.8; the tool offers sm80 and
+# newer now), attention's tl.dot takes no tensor cores and spills kilobytes a thread, and its
+# backward passes outgrow the 64 KB of shared memory.
 MIN_CAPABILITY = (8, 0)
 
 

@@ -641,6 +641,21 @@ def test_a_plan_past_the_rounding_keys_bounds_is_refused():
         adamw_module._plan("adamw", key)
 
 
+@pytest.mark.parametrize("tensors", [4, 5])
+def test_the_tensor_count_bound_is_inclusive(monkeypatch, tensors):
+    """List indices take 32 - HIGH_OFFSET_BITS bits of the keys: with 2 bits, 4 tensors (indices 0 to 3)
+    fit and 5 do not."""
+    monkeypatch.setattr(adamw_module, "HIGH_OFFSET_BITS", adamw_module.tl.constexpr(30))
+    device = torch.device("cpu" if adamw_module.runtime.CPU_TENSORS else "cuda")
+    addresses = tuple((j * tensors + i + 1) << 20 for j in range(4) for i in range(tensors))  # p, g, m, v lists
+    key = (addresses, (8,) * tensors, (torch.bfloat16,) * 4 * tensors, (device,) * tensors)
+    if tensors == 4:
+        assert adamw_module._plan("adamw", key)
+    else:
+        with pytest.raises(ValueError, match="adamw: at most 4 tensors"):
+            adamw_module._plan("adamw", key)
+
+
 def test_grad_norm_writes_every_partial_it_sums(monkeypatch, device):
     """Its buffer of per-block partial sums is not zeroed first: each block writes its own slot.
     Buffers handed over full of NaN give the same norm."""
