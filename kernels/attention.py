@@ -521,7 +521,7 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # bench/tune_attention.py's winners on an H200 (2026-12-04, torch 2.11, triton 3.6; B*T = 16k,
 # T = 4096, bf16, causal), each pass's fastest verified candidate of about 30 (TMA twins
 # included). Against the earlier initial entries (bench.op_attention at T = 1024 to 16384):
-# backward 1.3-2.3x, forward 0.93-1.46x (the tuner's own at T = 4096: up to 2.6x and 1.47x),
+# backward 1.3-2.3x, forward 0.93-1.46x (the tuner's own at T = 4096: up to 2.34x and 1.47x),
 # slower only at D = 64 and T <= 1024 (the forward of _SHORT_T_CONFIGS
 # below; docs/h200-2026-12-04.md). At these tiles TMA loads won every pass:
 # through descriptors the tiles take 10-50% fewer registers (no 64-bit tile addresses in the
