@@ -9,8 +9,8 @@ elementwise tiles SwiGLU runs on; ...). For each setting of a sweep's constants 
 combination of the values listed: the committed setting first, then each constant changed alone,
 then the combination of those changes that won, then the rest) the constants are set, and the
 op's triton backend is checked against the torch reference and timed at each shape of its
-benchmark (bench/op_<op>.py; op_norm.py for both norms) through bench.backends.measure, the path every benchmark takes
-(times: the GPU's, bench.measure.median_ms). One setting serves every width (the launch code
+benchmark (bench/op_<op>.py; op_norm.py for both norms) through bench.backends.measure, the
+path every benchmark takes (times: the GPU's, bench.measure.median_ms). One setting serves every width (the launch code
 derives tiles and warps from it), so the setting to commit is the one with the least geometric
 mean of the training pass's time (fwd+bwd; AdamW's step) over the shapes, verified at every
 shape: each shape weighs the same, so the narrow widths small models train at count as much as
