@@ -12,6 +12,7 @@ import threading
 import warnings
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -230,11 +231,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _eager(args) -> bool:
     """Whether a call with `args` is plain eager work: not traced by torch.compile, no dispatch
-    mode or torch.func transform active (vmap's batched tensors are of type torch.Tensor too:
-    the launch would take them for plain ones), every tensor a plain torch.Tensor or Parameter
-    (no fake, functional or other subclass)."""
+    mode, torch.func transform or forward-mode level active (vmap's batched tensors and dual
+    tensors are of type torch.Tensor too: the launch would take them for plain ones), every
+    tensor a plain torch.Tensor or Parameter (no fake, functional or other subclass)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
 
 
@@ -288,16 +289,22 @@ class Op:
 
 
 def call_op(op, *args):
-    """The registered `op` on `args`; under torch.func's grad, jacrev or jvp, which torch.library's
-    autograd formulas take no part in (torch's error names neither the op nor a way out), a
-    ValueError naming the op. Its vmap runs the op on each slice."""
+    """The registered `op` on `args`. torch.library's autograd formulas take no part in torch.func's
+    own differentiation nor in forward mode: a ValueError naming the op under torch.func's grad or
+    jacrev (torch's error names neither the op nor a way out), and for a tensor with a forward-mode
+    tangent (torch.func.jvp, forward_ad's dual tensors), whose tangent the op would drop (zeros
+    under jvp). torch.func's vmap runs the op on each slice."""
+    if forward_ad._current_level >= 0 and any(
+            isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise ValueError(f"{op._qualname}: forward-mode gradients (torch.func.jvp, torch.autograd.forward_ad) "
+                         f"do not pass through the triton kernels: use the torch backend")
     try:
         return op(*args)
     except RuntimeError as e:
         if not torch._C._are_functorch_transforms_active():
             raise
-        raise ValueError(f"{op._qualname}: torch.func's grad, jacrev and jvp cannot differentiate the triton "
-                         f"kernels (vmap can): use the torch backend ({e})") from None
+        raise ValueError(f"{op._qualname}: torch.func's grad and jacrev cannot differentiate the triton kernels "
+                         f"(vmap can): use the torch backend ({e})") from None
 
 
 def only_first_output_differentiable(ctx, *others: torch.Tensor) -> None:

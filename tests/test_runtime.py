@@ -381,6 +381,20 @@ def test_torch_func_vmap_runs_the_op_on_each_slice_and_grad_is_refused_by_name(o
         torch.func.grad(lambda x: fn(x, *first[1:]).sum())(first[0])
 
 
+@pytest.mark.parametrize("op", FUNC_CASES)
+def test_forward_mode_gradients_are_refused_not_dropped(op):
+    """A forward-mode tangent does not pass through the kernels: torch.func.jvp gave zeros, and an
+    eager call on a dual tensor an output without a tangent. Both are a ValueError naming the op."""
+    skip_unless_triton_runs("triton", "cpu")
+    fn, shapes, dims = FUNC_CASES[op]
+    x, *rest = [t.detach()[0] if d == 0 else t.detach() for t, d in zip(_leaves(*shapes), dims)]
+    match = r"tritongpt::.*forward-mode gradients.*use the torch backend"
+    with pytest.raises(ValueError, match=match):
+        torch.func.jvp(lambda x: fn(x, *rest), (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(ValueError, match=match):
+        fn(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), *rest)
+
+
 def test_as_rows_and_unit_stride_d_keep_views_where_the_layout_allows():
     h = torch.randn(3, 5, 16)
     for half in h.chunk(2, -1):  # row stride 16, unit column stride: no copy
