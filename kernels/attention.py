@@ -856,6 +856,9 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     and no copy of the gradients, which a separate rope op's fresh dq and dk would cost at the
     split."""
     check_attention(q, k, v, causal, dropout_p, rope)
+    dtype = runtime.matmul_dtype(q, k, v)
+    if dtype is not None:  # autocast's own cast of SDPA's q, k and v (the model's come in that dtype already)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     check_triton_attention(q, k, rope)
     seed = runtime.dropout_seed_tensor(dropout_p, q.device)
     if rope is not None:

@@ -529,3 +529,24 @@ def test_torch_compile_matches_eager(tma, rope, device, monkeypatch):
     dropped = graphed(*leaves, 0.2)
     dropped.sum().backward()
     assert torch.isfinite(dropped).all()
+
+
+@pytest.mark.parametrize("use_rope", [False, True], ids=["plain", "rope"])
+def test_autocast_runs_it_in_sdpa_s_dtype(use_rope):
+    """Under autocast SDPA (the torch backend) casts fp32 q, k and v to autocast's dtype and
+    returns that dtype; so does the triton backend, the gradients fp32 again (it computed in fp32
+    and returned fp32)."""
+    skip_unless_triton_runs("triton", "cpu")
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(s, generator=g) for s in [(1, 2, 19, 32), (1, 1, 19, 32), (1, 1, 19, 32)]]
+    rope = rope_tables(32, 19, 10000.0) if use_rope else None
+    results = {}
+    for backend in ("torch", "triton"):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        with torch.autocast("cpu", torch.bfloat16):
+            out = kernels.get("attention", backend)(*inputs, rope=rope)
+        out.float().square().sum().backward()
+        results[backend] = [out] + [t.grad for t in inputs]
+    for ours, theirs in zip(results["triton"], results["torch"]):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.05, atol=0.05)
