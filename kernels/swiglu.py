@@ -102,12 +102,14 @@ def _swiglu_bwd_kernel(
 @runtime.triton_op("tritongpt::swiglu", mutates_args=())
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = runtime.as_rows(gate), runtime.as_rows(up)
-    y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    # Returned whole, not as a view of the rows the kernel writes: an output that is a view made
+    # inside the autograd Function cannot be changed in place afterwards.
+    y = torch.empty(gate.shape, dtype=g.dtype, device=g.device)
     if y.numel():
         with runtime.on_device(y):
             runtime.launch_tiles(wrap_triton(_swiglu_fwd_kernel), *g.shape, g, u, y, g.stride(0), u.stride(0),
-                                 y.stride(0))
-    return y.view(gate.shape)
+                                 g.shape[1])
+    return y
 
 
 @runtime.triton_op("tritongpt::swiglu_backward", mutates_args=())

@@ -195,6 +195,23 @@ def test_empty(backend, shape, device):
     assert y.shape == dgate.shape == dup.shape == shape
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_can_be_changed_in_place(backend, device):
+    """As torch's silu(gate) * up: y.add_() then backward gives the same gradients (an output
+    that is a view made inside the autograd Function raised there)."""
+    skip_unless_triton_runs(backend, device)
+    gate, up, dy = inputs((3, 1031), torch.float32, device)
+    results = []
+    for fn in (torch_own, kernels.get("swiglu", backend)):
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        y = fn(g, u)
+        y.mul_(2)
+        y.backward(dy)
+        results.append((y, g.grad, u.grad))
+    for ours, theirs in zip(*reversed(results)):
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_backward_saves_only_the_inputs(device):
     """Backward recomputes silu: the only saved tensors are gate and up themselves."""
     skip_unless_triton_runs("triton", device)
