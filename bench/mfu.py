@@ -520,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
                       "  The peak table:      python -m bench.mfu --gpu list")
         return 0
     out = args.json or profile.PROFILES / f"{device.slug}-mfu-{Path(args.preset).stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     measure_all(args, config, device, console, out)
     console.print(f"wrote {out}")
     return 0

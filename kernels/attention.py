@@ -856,8 +856,10 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     and no copy of the gradients, which a separate rope op's fresh dq and dk would cost at the
     split."""
     check_attention(q, k, v, causal, dropout_p, rope)
-    dtype = runtime.matmul_dtype(q, k, v)
-    if dtype is not None:  # autocast's own cast of SDPA's q, k and v (the model's come in that dtype already)
+    # Autocast's own cast of SDPA's fp32 q, k and v; the model's come in its dtype already, and skip
+    # the question (a microsecond of host time a call under autocast)
+    dtype = runtime.matmul_dtype(q, k, v) if q.dtype == torch.float32 else None
+    if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     check_triton_attention(q, k, rope)
     seed = runtime.dropout_seed_tensor(dropout_p, q.device)
