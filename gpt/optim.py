@@ -145,23 +145,31 @@ class BF16AdamW(torch.optim.Optimizer):
                              f"among `parameters`, and the step would scale their grads too (clip a subset with "
                              f"torch.nn.utils.clip_grad_norm_)")
         norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
-        marked = next((p for p in parameters if p.grad is not None), None)
-        self._clip = None if marked is None else (clip_coefficient(norm, float(max_norm)), marked,
-                                                  weakref.ref(marked.grad), _local(marked.grad)._version)
+        marks = [(p, None, None) if p.grad is None else (p, weakref.ref(p.grad), _local(p.grad)._version)
+                 for p in parameters]
+        self._clip = (clip_coefficient(norm, float(max_norm)), marks)
         return norm
 
     def _clip_for(self, clip: tuple | None) -> torch.Tensor | None:
         """The coefficient of a clip_grad_norm, if the grads are still those it was computed
-        from: one of them (the first) is the same tensor, not written since (a DTensor's local
-        shard, which FSDP2 accumulates into, counts its writes). Grads thrown away in
-        between (zero_grad: the optimizer's, the model's or ZeRO-1's, which passes this one by;
-        a step GradScaler skipped) take their coefficient with them, whose NaN would otherwise
-        turn every weight NaN at the next step."""
+        from: each the same tensor, not written since (a DTensor's local shard, which FSDP2
+        accumulates into, counts its writes). Grads thrown away in between (zero_grad: the
+        optimizer's, the model's or ZeRO-1's, which passes this one by; a step GradScaler skipped)
+        take their coefficient with them, whose NaN would otherwise turn every weight NaN at the
+        next step; grads added to since (a backward between clip and step, which need not reach
+        every param, or gives one its first grad) would be scaled by a coefficient computed for
+        other values."""
         if clip is None:
             return None
-        coefficient, param, grad, version = clip
-        now = param.grad
-        return coefficient if now is not None and now is grad() and _local(now)._version == version else None
+        coefficient, marks = clip
+        for param, grad, version in marks:
+            now = param.grad
+            if now is None:
+                if grad is not None:
+                    return None
+            elif grad is None or now is not grad() or _local(now)._version != version:
+                return None
+        return coefficient
 
     @torch.compiler.disable
     @torch.no_grad()

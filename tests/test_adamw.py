@@ -817,6 +817,31 @@ def test_a_skipped_steps_clipping_is_dropped_with_its_grads(backend, bad, thrown
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", ["added_to", "first_grad"])
+def test_a_clip_is_dropped_when_any_grad_changes_before_the_step(backend, change, device):
+    """A backward between clip_grad_norm and the step that reaches only some params (not the
+    first), adding to a grad or giving one its first: the coefficient was computed for other
+    grads, and the step takes them unclipped, as a step without a clip does."""
+    skip_unless_triton_runs(backend, device)
+    params = [torch.nn.Parameter(torch.randn(5, device=device)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, unclipped = (BF16AdamW(ps, lr=1e-2, backend=backend) for ps in (params, twins))
+    for ps, optimizer in ((params, opt), (twins, unclipped)):
+        for p in ps:  # a first step, after which the moments make the update depend on the grads' scale
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        optimizer.zero_grad()
+        for p in ps[:1 if change == "first_grad" else 2]:
+            p.grad = torch.ones_like(p)
+    assert opt.clip_grad_norm(0.5) > 0.5  # a coefficient below 1
+    for ps in (params, twins):
+        (ps[1] * 100).sum().backward()
+    opt.step()
+    unclipped.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twins))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_copied_or_pickled_optimizer_steps_as_the_original(backend, device):
     """copy.deepcopy and a whole-object torch.save keep the backend (torch's Optimizer pickles
     only its defaults, state and groups) and step on as the original does."""
