@@ -8,7 +8,7 @@ RoPE, attention, the loss) come from `kernels`, one backend per op, chosen befor
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -325,6 +325,10 @@ def recompute_count(blocks: bool | int, n_layer: int) -> int:
     return blocks
 
 
+def _tie_after_load(model: "GPT", incompatible_keys) -> None:
+    model._tie()  # a function of the module's, not a lambda: a model with its hooks pickles
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, kernels: Mapping[str, str] | None = None):
         """`kernels`: op -> backend (ops left out use torch); see `kernels.choose`."""
@@ -338,8 +342,8 @@ class GPT(nn.Module):
         # Post-norm blocks end in a norm already; pre-norm needs one before the head.
         self.ln_f = Norm(config, self.ops) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_weights:
-            self.lm_head.weight = self.wte.weight
+        self._tie()
+        self.register_load_state_dict_post_hook(_tie_after_load)
         self.apply(self._init_weights)
         # RoPE's cos and sin tables (block_size, head_dim/2), made once: made in forward, torch.compile
         # fuses them into the rotation and takes pow, cos and sin again for every element of q and k
@@ -349,6 +353,13 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", None, persistent=False)
         if config.pos_encoding == "rope":
             self._make_rope_tables(self.wte.weight.device)
+
+    def _tie(self) -> None:
+        """lm_head's weight is the token embedding's, under tie_weights. Made again after each
+        move and load: to_empty, a move to or from meta and load_state_dict(assign=True) give each
+        module a Parameter of its own, untying them without a word."""
+        if self.config.tie_weights and self.lm_head.weight is not self.wte.weight:
+            self.lm_head.weight = self.wte.weight
 
     def _init_weights(self, module):
         # GPT-2's init: N(0, 0.02), and residual projections scaled by 1/sqrt(2·n_layer).
@@ -396,8 +407,9 @@ class GPT(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Module.to, .cuda, .bfloat16, .to_empty ...: the rope tables are made again where they went,
-        in fp32 (to_empty leaves them uninitialized, a cast would round them)."""
+        in fp32 (to_empty leaves them uninitialized, a cast would round them), and the head tied again."""
         super()._apply(fn, recurse)
+        self._tie()
         if self.rope_cos is not None:
             self._make_rope_tables(self.rope_cos.device)
         return self
@@ -409,7 +421,7 @@ class GPT(nn.Module):
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"GPT.crop_block_size: block_size must be in [1, {self.config.block_size}], "
                              f"got {block_size}")
-        self.config.block_size = block_size
+        self.config = replace(self.config, block_size=block_size)  # not the caller's, which others may share
         if self.wpe is not None:
             self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
         if self.rope_cos is not None:
@@ -460,10 +472,20 @@ class GPT(nn.Module):
             x, _ = add_and_norm(self.ln_f, x, branch, matmul_dtype(x))
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
-        if not return_logits:
+        if not return_logits and self._plain_head():
             return None, self.ops.linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        return logits, self.ops.cross_entropy(logits, targets)  # fp32 mean over targets != -1
+        loss = self.ops.cross_entropy(logits, targets)  # fp32 mean over targets != -1
+        return logits if return_logits else None, loss
+
+    def _plain_head(self) -> bool:
+        """Whether lm_head is what linear_cross_entropy computes, x @ weight.T: a Linear (parametrized
+        or not) without a bias or hooks of its own. Anything else (a head wrapped by LoRA or peft,
+        a hook) is called as a module: its forward would be skipped by the fused loss."""
+        head = self.lm_head
+        return (type(head).forward is nn.Linear.forward and head.bias is None
+                and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks
+                         or head._backward_pre_hooks))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices (matmul weights, embeddings), none on vectors (norms, biases)."""

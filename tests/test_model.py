@@ -151,6 +151,64 @@ def test_training_forward_returns_no_logits():
     assert logits.shape == (2, 16, 50) and none is None and torch.equal(loss, same)
 
 
+class LoRAHead(torch.nn.Module):
+    """A head as LoRA wraps it: the Linear's output plus a low-rank correction."""
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base, self.weight = base, base.weight
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features))
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.T @ self.B.T
+
+
+@pytest.mark.parametrize("head", ["hooked", "lora", "parametrized"])
+def test_the_training_loss_calls_a_head_that_is_more_than_its_weight(head, monkeypatch):
+    """return_logits=False fuses the head into the loss only where the head is x @ weight.T (a
+    parametrization of the weight is taken as it reads): a head with a hook of its own, or wrapped
+    (LoRA), is called, and the loss and every gradient are those with the logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    if head == "hooked":
+        model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    elif head == "lora":
+        model.lm_head = LoRAHead(model.lm_head)
+    else:
+        torch.nn.utils.parametrize.register_parametrization(model.lm_head, "weight", torch.nn.Tanh())
+    fused = []
+    monkeypatch.setattr(model.ops, "linear_cross_entropy",
+                        lambda *args: fused.append(1) or kernels.get("linear_cross_entropy")(*args))
+    idx = torch.randint(0, 50, (2, 16))
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        _, loss = model(idx, idx, return_logits=return_logits)
+        loss.backward()
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (same, same_grads) = results
+    torch.testing.assert_close(same, loss)
+    for a, b in zip(grads, same_grads):
+        torch.testing.assert_close(b, a)
+    assert len(fused) == (head == "parametrized")
+
+
+def test_the_head_stays_tied_through_meta_moves_and_assigned_loads():
+    """to_empty, a move to or from meta and load_state_dict(assign=True) give each module a
+    Parameter of its own: the model ties the head to the token embedding again after each."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    model = GPT(config)
+    n = model.num_params()
+    with torch.device("meta"):
+        empty = GPT(config)
+    for moved in (empty.to_empty(device="cpu"), GPT(config).to("meta")):
+        assert moved.lm_head.weight is moved.wte.weight and moved.num_params() == n
+    empty.load_state_dict(model.state_dict(), assign=True)
+    assert empty.lm_head.weight is empty.wte.weight and torch.equal(empty.wte.weight, model.wte.weight)
+    untied = GPT(dataclasses.replace(config, tie_weights=False)).to("meta")
+    assert untied.lm_head.weight is not untied.wte.weight
+
+
 def test_model_uses_the_chosen_backends():
     calls = []
     backends = {op: c.backend for op, c in kernels.choose("torch", "cpu").items()}
@@ -531,8 +589,10 @@ def test_rope_tables_are_made_once_in_fp32():
     assert empty.rope_cos.is_meta
     assert torch.equal(empty.to_empty(device="cpu").rope_cos, cos)
 
+    twin = GPT(config)  # built from the same config: another model's crop leaves it as it was
     model.crop_block_size(8)
     assert model.rope_cos.shape == (8, config.head_dim // 2)
+    assert config.block_size == twin.config.block_size == 16 and model.config.block_size == 8
     assert GPT(dataclasses.replace(config, pos_encoding="learned")).rope_cos is None
 
 
