@@ -61,7 +61,7 @@ DEFAULTS = dict(
     # tritongpt
     kernels="auto",  # torch | triton | auto, or {op: backend}: which backend runs each op (see kernels.choose)
     optimizer="adamw",  # adamw: torch AdamW, fp32 weights | bf16_adamw: bf16 weights and moments
-    recompute=False,  # activation checkpointing: True every block, or the first n (less memory, ~1/3 more FLOPs each)
+    recompute=False,  # activation checkpointing: True every block, or the first n (less memory, ~1/4 more FLOPs each)
     stochastic_rounding=True,  # bf16_adamw: round bf16 stores stochastically (False: to nearest)
     kahan_summation=False,  # bf16_adamw: keep each param's rounding error (2 B/param), not rounding it at random
     preset=None,  # an architecture from gpt.model.PRESETS: its keys, where it stands (keys set after it win)

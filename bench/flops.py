@@ -15,15 +15,23 @@ Conventions:
   and bias vectors, which these counts charge 6 FLOPs each too though theirs is elementwise work
   (0.1% of GPT-2 124M's N). For GPT-2 124M that is nanoGPT's N exactly (all parameters minus the
   position embedding), for an untied RoPE model torchtitan's (all minus the token embedding). MFU is
-  reported on this count, so it is comparable with nanoGPT, torchtitan and llm.c.
-- `causal`: 6N + 6·L·H·Q·T, the work causal attention needs.
+  reported on this count, so it is comparable with nanoGPT's and torchtitan's. It charges more
+  attention than flash attention runs (12 against 7·L·H·Q·T), so at long contexts MFU exceeds
+  the fraction of peak the GPU computed: GPT-2's count is 1.06x the hardware count at T = 1024,
+  1.42x at 16384.
+- `causal`: 6N + 6·L·H·Q·T, the work causal attention needs; llm.c's MFU counts about this
+  (6N + 6·L·C·T, its N every parameter, the embeddings' too: 803M FLOPs a token for GPT-2 124M
+  at T = 1024 against 799M here, and 855M by `palm`).
 - `hardware`: the matmuls the GPU executes: 6 x the matmul weights, causal attention plus the
   flash-attention backward's recomputation of QKᵀ (one more score matmul beside the four a
   backward needs: 7·L·H·Q·T, as FlashAttention-2's one-kernel backward runs them; the triton
   backward's two kernels, dK dV and dQ, each recompute QKᵀ and dO Vᵀ, 9·L·H·Q·T, which this
   count does not credit: its rows' hardware rate is of FlashAttention-2's work), plus the
   forward that activation checkpointing runs again in each recomputed block (2 FLOPs per matmul
-  weight per token and causal attention's forward, 2·H·Q·T, per such block). Embedding lookups,
+  weight per token and causal attention's forward, 2·H·Q·T, per such block; but for a pre-norm
+  block's last matmul, the MLP's c_proj, whose output no backward needs: torch's checkpoint
+  stops recomputing once it has what backward saved, so that one is not run again; a post-norm
+  block ends in a norm that needs it). Embedding lookups,
   norms, activations, softmax and the loss are elementwise work it leaves out (a fraction of a
   percent at these widths).
 """
@@ -102,7 +110,7 @@ class Flops:
     matmul: int  # 6 x every matmul's weights
     vectors: int  # 6 x the norm and bias parameters (the rest of 6N)
     attention_unit: int  # L·H·Q·T: attention's FLOPs are multiples of it
-    recomputed_matmul: int = 0  # 2 x the recomputed blocks' matmul weights
+    recomputed_matmul: int = 0  # 2 x the recomputed blocks' matmul weights run again
     recomputed_attention_unit: int = 0  # the recomputed blocks' share of attention_unit
 
     @property
@@ -127,11 +135,12 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, recomputed: i
     Counts in Python ints: numpy's int32 would wrap past 2^31 (GPT-2 XL at 32k tokens)."""
     T, recomputed = int(seq_len or config.block_size), int(recomputed)
     matmul = 6 * sum(m.weights for m in matmuls(config))
-    block_weights = sum(m.weights for m in block_matmuls(config)) // config.n_layer
+    rerun = block_matmuls(config)[:-1 if config.norm_position == "pre" else None]  # (see the module's docstring)
+    rerun_weights = sum(m.weights for m in rerun) // config.n_layer
     # H·Q is the query width n_embd: grouped-query attention shares k and v between heads but
     # every query head still scores every key.
     return Flops(matmul, 6 * vector_param_count(config), config.n_layer * config.n_embd * T,
-                 2 * recomputed * block_weights, recomputed * config.n_embd * T)
+                 2 * recomputed * rerun_weights, recomputed * config.n_embd * T)
 
 
 def causal_attention_fwd_flops(B: int, H: int, T: int, D: int) -> float:

@@ -39,8 +39,8 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   first block the branch output the fused norm has yet to add, 2). Recomputing it holds one
   block's activations again, which raises the peak only when every block is recomputed (with
   fewer, the peak is at the start of backward and the recomputation comes after the later
-  blocks' activations are freed). The price is one more forward pass of each such block (a
-  third more of its matmul FLOPs), not in MFU.
+  blocks' activations are freed). The price is one more forward pass of each such block, but
+  for a pre-norm block's last matmul (a fifth to a quarter more of its matmul FLOPs), not in MFU.
 The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken as GiB) after
 the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
 are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak. The

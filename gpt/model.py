@@ -374,11 +374,12 @@ class GPT(nn.Module):
     def recompute_blocks(self, blocks: bool | int = True) -> None:
         """Activation checkpointing of the first `blocks` blocks (True: all, False: none). A
         recomputed block keeps only its inputs (the residual stream and the branch still to be
-        added) for backward, and runs its forward again there: a third more of its matmul FLOPs
-        (not counted in MFU), the same numbers (dropout's random state is replayed). The first
-        blocks, because backward reaches them last: by then the later blocks' activations are
-        freed, so recomputing one adds nothing to the step's peak, which is at the start of
-        backward unless every block is recomputed."""
+        added) for backward, and runs its forward again there (but for its last matmul, whose
+        output backward does not need, in a pre-norm block): a fifth to a quarter more of its
+        matmul FLOPs (not counted in MFU), the same numbers (dropout's random state is
+        replayed). The first blocks, because backward reaches them last: by then the later blocks'
+        activations are freed, so recomputing one adds nothing to the step's peak, which is at the
+        start of backward unless every block is recomputed."""
         n = recompute_count(blocks, len(self.h))
         for i, block in enumerate(self.h):
             block.recompute = i < n

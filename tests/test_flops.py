@@ -29,13 +29,40 @@ def test_gpt2_by_hand():
 
 
 def test_recomputed_blocks_count_in_hardware_flops_only():
-    """Activation checkpointing runs each recomputed block's forward again: 2 FLOPs per matmul
-    weight per token and causal attention's forward (2·H·Q·T a layer), in the hardware count."""
+    """Activation checkpointing runs each recomputed block's forward again, but for a pre-norm
+    block's MLP output projection: 2 FLOPs per matmul weight per token and causal attention's
+    forward (2·H·Q·T a layer), in the hardware count."""
     config = GPTConfig(**preset("gpt2"))
     plain, four = flops_per_token(config), flops_per_token(config, recomputed=4)
+    rerun = GPT2_LAYER_WEIGHTS - 4 * 768 * 768
     assert (four.palm, four.causal, four.matmul) == (plain.palm, plain.causal, plain.matmul)
-    assert four.hardware_matmul == plain.matmul + 4 * 2 * GPT2_LAYER_WEIGHTS
-    assert four.hardware == plain.hardware + 4 * (2 * GPT2_LAYER_WEIGHTS + 2 * 768 * 1024)
+    assert four.hardware_matmul == plain.matmul + 4 * 2 * rerun
+    assert four.hardware == plain.hardware + 4 * (2 * rerun + 2 * 768 * 1024)
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(norm_position="post"),
+                                      dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", mlp_hidden=43,
+                                           bias=False, n_kv_head=1)], ids=["gpt2", "post-norm", "llama-gqa"])
+def test_recomputation_counted_as_torch_runs_it(switches):
+    """The matmul FLOPs a recomputed step runs more than a plain one, by torch's counter (SDPA's
+    math backend, whose matmuls it sees; it charges the whole score matrix, the hardware count
+    its causal half), equal the hardware count's: torch's checkpoint stops once backward has what
+    it saved, before a pre-norm block's last matmul."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, **switches)
+    net, idx = GPT(config), torch.randint(0, 64, (2, 12))
+    counted = []
+    for blocks in (0, 2):
+        net.recompute_blocks(blocks)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            net(idx, idx)[1].backward()
+        counted.append(counter.get_total_flops())
+    plain, recomputed = flops_per_token(config, 12), flops_per_token(config, 12, recomputed=2)
+    extra = recomputed.recomputed_matmul + 2 * recomputed.recomputed_attention_unit * 2  # whole score matrix
+    assert counted[1] - counted[0] == extra * idx.numel() and plain.recomputed_matmul == 0
 
 
 def test_numpy_counts_do_not_wrap():
