@@ -40,10 +40,10 @@ def implementations(op: str) -> dict[str, Callable]:
     return impls
 
 
-def roofline(unit: str, device="cuda") -> float:
+def roofline(unit: str, device="cuda", dtype: torch.dtype = torch.bfloat16) -> float:
     """What a rate in `unit` is a fraction of, measured on `device`: the copy bandwidth (GB/s) or
-    the bf16 matmul rate (TFLOPS)."""
-    return copy_gbs(device) if unit == "GB/s" else matmul_tflops(device)
+    the matmul rate in `dtype` (TFLOPS)."""
+    return copy_gbs(device) if unit == "GB/s" else matmul_tflops(device, dtype)
 
 
 def peak_mib(fn: Callable, device) -> float | None:
@@ -127,7 +127,7 @@ def rows(ops: dict[str, dict]) -> list[Row]:
 
 def measure(timed: Case, impls: dict[str, Callable], device, checked: Case | None = None) -> list[Row]:
     """Rows of every backend of `impls` at `timed`, checked there or at `checked`."""
-    return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device), device)})
+    return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device, timed.dtype), device)})
 
 
 def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] | None = None) -> int:

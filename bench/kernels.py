@@ -1,8 +1,8 @@
 """Kernel profile of this GPU: every op, forward and forward+backward (the optimizer: its step),
 each backend (torch eager, torch.compile of the torch backend, triton), at the shapes a preset's
 training runs it at. Per case: the median time (bench.measure.median_ms, CUDA events), GB/s or
-TFLOPS, the fraction of the roofline measured in the same run (copy bandwidth, bf16 matmul
-rate), and whether the backend passed the check against the torch reference at those shapes.
+TFLOPS, the fraction of the roofline measured in the same run (copy bandwidth, the matmul
+rate in the run's dtype), and whether the backend passed the check against the torch reference at those shapes.
 Adds this workload's record to profiles/<gpu-slug>.json (replacing an earlier record of the same
 workload; others are kept), which `train.py --kernels=auto` chooses backends from.
 
@@ -49,7 +49,7 @@ def run(device: Device, shapes: Shapes, preset_name: str, ops=kernels.OPS, parti
     printing each op's rows as they come and writing the record so far to `partial` after each op
     (a run cut short keeps what it measured; the profile itself takes only a whole record)."""
     torch.cuda.set_device(device.index)
-    rooflines = {"copy_gbs": roofline("GB/s"), "matmul_tflops": roofline("TFLOPS")}
+    rooflines = {"copy_gbs": roofline("GB/s"), "matmul_tflops": roofline("TFLOPS", dtype=shapes.dtype)}
     record = {"workload": profile.workload(preset_name, shapes), "device": device.as_dict(), **provenance(),
               "timing": TIMING, "kernels_source": profile.kernels_source(), "rooflines": rooflines, "ops": {}}
     for op in ops:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     data = profile.merged(out, record)
     write_json(out, data)
     partial.unlink(missing_ok=True)
-    print(f"rooflines: copy {record['rooflines']['copy_gbs']:.0f} GB/s, bf16 matmul "
+    print(f"rooflines: copy {record['rooflines']['copy_gbs']:.0f} GB/s, {record['workload']['dtype']} matmul "
           f"{record['rooflines']['matmul_tflops']:.0f} TFLOPS")
     for op, measured in record["ops"].items():
         print(f"{op}: chosen eager={measured['chosen']['eager']}, compiled={measured['chosen']['compiled']}")

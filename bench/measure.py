@@ -4,7 +4,7 @@ with every result file.
 Times are medians of many runs after warm-up, taken with CUDA events, the L2 cache flushed
 before each run, and the runs queued ahead of the GPU (median_ms): the GPU's time, not the
 host's pace. Rooflines are measured on the GPU at hand, in the same run:
-device-to-device copy bandwidth (bytes read + bytes written) and the bf16 matmul rate.
+device-to-device copy bandwidth (bytes read + bytes written) and the matmul rate (the cases' dtype).
 """
 import datetime
 import functools
@@ -119,11 +119,12 @@ def copy_gbs(device: str = "cuda") -> float:
 
 
 @functools.cache
-def matmul_tflops(device: str = "cuda") -> float:
-    """Measured dense bf16 matmul rate in TFLOPS (8192³, random inputs)."""
+def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul rate in `dtype` in TFLOPS (8192³, random inputs; float32 as torch's
+    matmul settings run it): a kernel's rate in TFLOPS is a fraction of its own dtype's."""
     n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     ms = median_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
 

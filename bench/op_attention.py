@@ -64,7 +64,7 @@ def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[R
     impls = backends.implementations("attention")
     for s in shapes:
         timed = case("attention", s, device)
-        peak = backends.roofline(timed.unit, device)
+        peak = backends.roofline(timed.unit, device, timed.dtype)
         entry = backends.entry(timed, _checked(s, device), impls, peak, device)
         _add_backward(timed, entry, peak)
         yield from backends.rows({"attention": entry})

@@ -135,7 +135,7 @@ def profile_table(result: dict) -> str:
                       e["chosen"]["eager"] or "none", e["chosen"]["compiled"] or "none"])
     w, r = result["workload"], result["rooflines"]
     title = (f"bench.kernels {w['preset']}: {w['shapes']}; rooflines measured: copy {r['copy_gbs']:,.0f} GB/s, "
-             f"bf16 matmul {r['matmul_tflops']:,.0f} TFLOPS")
+             f"{w['dtype']} matmul {r['matmul_tflops']:,.0f} TFLOPS")
     header = ["op", "shape", "pass", "torch ms", "compile ms", "triton ms", "triton rate (of roofline)",
               "chosen eager", "chosen compiled"]
     return title + "\n\n" + markdown_table(header, lines)

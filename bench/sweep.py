@@ -125,7 +125,7 @@ def measure(sweep: Sweep, setting: dict, device) -> dict:
             timed = dataclasses.replace(full, passes=full.passes[-1:])  # the training pass alone
             checked = case(sweep.op, s, device, quick=True, residual=sweep.residual)  # every pass
             e = backends.entry(timed, checked, {"triton": kernels.get(sweep.op, "triton")},
-                               backends.roofline(timed.unit, device), device)
+                               backends.roofline(timed.unit, device, timed.dtype), device)
             r, pass_ = e["backends"]["triton"], timed.passes[0]
             results[timed.shape] = (dict(error=r["error"]) if "error" in r else
                                     dict(ms=r["ms"][pass_], rate=r["rate"][pass_], unit=timed.unit,

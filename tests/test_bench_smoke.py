@@ -26,6 +26,11 @@ from tests.devices import interpreter_only
 COPY_GBS, MATMUL_TFLOPS, PEAK_MIB = 1000.0, 100.0, 64.0
 
 
+def fake_matmul_tflops(device="cuda", dtype=torch.bfloat16):
+    """A matmul roofline for each dtype, told apart."""
+    return {torch.bfloat16: MATMUL_TFLOPS, torch.float16: 2 * MATMUL_TFLOPS, torch.float32: MATMUL_TFLOPS / 8}[dtype]
+
+
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch):
     # Each timing reads 1 ms slower than the one before, so that a later pass reads slower, as a
@@ -34,7 +39,7 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(backends, "median_ms", lambda fn: (fn(), float(next(ticks)))[1])
     monkeypatch.setattr(backends, "peak_mib", lambda fn, device: (fn(), PEAK_MIB)[1])
     monkeypatch.setattr(backends, "copy_gbs", lambda device="cuda": COPY_GBS)
-    monkeypatch.setattr(backends, "matmul_tflops", lambda device="cuda": MATMUL_TFLOPS)
+    monkeypatch.setattr(backends, "matmul_tflops", fake_matmul_tflops)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     monkeypatch.setattr(backends, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
 
@@ -278,7 +283,8 @@ def _stopped_in_the_second_op(monkeypatch) -> list:
     starts: the (op, shapes) it measured, in the list returned."""
     monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setattr(bench_kernels, "roofline", lambda unit: 1.0)
+    monkeypatch.setattr(bench_kernels, "roofline",
+                        lambda unit, dtype=torch.bfloat16: 1.0 if unit == "GB/s" else fake_matmul_tflops(dtype=dtype))
     measured = []
 
     def measure_op(op, shapes, rooflines):
@@ -322,6 +328,7 @@ def test_bench_kernels_profiles_a_train_config_s_model_at_its_batch_and_dtype(se
     assert "my_model.py: the model it trains, its 50304-token vocabulary GPT-2's" in said
     [record] = profile.load(tmp_path / "h100.my_model.partial.json").workloads
     assert record["workload"]["preset"] == "my_model.py"
+    assert record["rooflines"]["matmul_tflops"] == fake_matmul_tflops(dtype=dtype)  # the dtype's own matmul rate
 
 
 # The first lines and the last of an error bench.mfu recorded on an H200 (2026-12-04).
@@ -360,7 +367,7 @@ def test_report_compares_triton_with_other_backends_and_survives_odd_files(tmp_p
                                "mfu": None, "hw_tflops": 420.0, "peak_memory_gib": 30.0},
                               {"variant": "triton+compile", "error": INDUCTOR_ERROR}]},
         "profile.json": {"format": 2, "workloads": [
-            {**provenance, "workload": {"preset": preset, "shapes": f"{preset} shapes"},
+            {**provenance, "workload": {"preset": preset, "shapes": f"{preset} shapes", "dtype": "bfloat16"},
              "rooflines": {"copy_gbs": 4000.0, "matmul_tflops": 700.0},
              "ops": {"swiglu": {"training_pass": "fwd+bwd", "shape": "16384 x 3072", "unit": "GB/s",
                                 "backends": {"torch": {"ms": {"fwd+bwd": 1.0}, "verified": True,
