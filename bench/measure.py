@@ -54,7 +54,10 @@ def flush_l2(buffer: torch.Tensor) -> None:
     back now, outside the timing, and the lines left behind are clean. triton.testing.do_bench
     zeroes its buffer instead, which leaves the L2 full of dirty lines (up to 50-60 MiB on a
     Hopper) whose write-back the timed kernel pays as it evicts them: as much again as a kernel
-    moving that little moves itself. (Not yet measured on a GPU: the size of that effect.)"""
+    moving that little moves itself. The read has the opposite doubt: a call writing less than
+    the L2 holds may end with its outputs not yet written back, so its rate counts bytes that
+    reach DRAM after its end event (the same for every backend). (Not yet measured on a GPU: the
+    size of either effect.)"""
     buffer.view(torch.int64).sum()
 
 
