@@ -54,6 +54,7 @@ def test_choose_torch_triton_and_auto():
     assert kernels.choose("auto", "mps")["attention"].reason.startswith("auto on mps: the kernels run on CUDA GPUs")
 
 
+@interpreter_only  # (rope's self-check runs the triton backend on CPU tensors)
 def test_choose_mapping_and_bad_modes():
     choice = kernels.choose({"swiglu": "torch"}, "cpu")
     assert choice["swiglu"].reason == "asked for" and choice["attention"].backend == "torch"

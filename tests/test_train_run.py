@@ -22,6 +22,7 @@ from gpt import checkpoint, files
 from gpt.config import COMPILE_MODES, CUDA_GRAPH_MODES, ConfigError
 from gpt.data import Batches
 from gpt.model import GPT, GPTConfig
+from tests.devices import interpreter_only
 from tests.test_train import read_log, run
 
 CPU = ["--device=cpu", "--dtype=float32"]
@@ -464,6 +465,7 @@ def test_zero1_refuses_a_sharded_checkpoint_and_fsdp_a_full_one(tmp_path, data_d
             run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--gradient_accumulation_steps=2")
 
 
+@interpreter_only  # (this rank's self-check runs swiglu's triton backend on CPU tensors)
 def test_a_kernel_refused_on_one_rank_is_refused_on_every_rank(tmp_path, data_dir, monkeypatch, fake_world):
     """A backend named in a dict that passes its self-check here but fails it on rank 1: this rank
     stops too, with rank 1's reason (alone, rank 1 would leave the others waiting for it)."""
