@@ -2,7 +2,8 @@
 each backend (torch eager, torch.compile of the torch backend, triton), at the shapes a preset's
 training runs it at. Per case: the median time (bench.measure.median_ms, CUDA events), GB/s or
 TFLOPS, the fraction of the roofline measured in the same run (copy bandwidth, the matmul
-rate in the run's dtype), and whether the backend passed the check against the torch reference at those shapes.
+rate in the run's dtype), and whether the backend passed the check against the torch reference
+at those shapes.
 Adds this workload's record to profiles/<gpu-slug>.json (replacing an earlier record of the same
 workload; others are kept), which `train.py --kernels=auto` chooses backends from.
 
