@@ -533,7 +533,8 @@ def _pass_configs(fwd, dkdv, dq) -> dict[str, _Config]:
 # owns fewer rows. sm80 covers Ampere and the Ada cards with ~100 KB of shared memory: 64-row
 # tiles, 2 stages. Consumer Blackwell (sm120: mma.sync as on Ampere, 99 KB of shared memory a
 # block) takes the sm80 tables: compiled for sm120 (triton 3.8), 128-row forward tiles spill up
-# to 144 bytes a thread at D = 128, the sm80 tables' at most 32 (16 up to 1024 tokens).
+# to 144 bytes a thread at D = 128, the sm80 tables' at most 64 (multi-head at 1025 tokens, 24 at
+# 64; grouped-query 32, 16 up to 1024 tokens; by cuobjdump's stack size, 2026-12-06).
 _SM80_SMALL_D = _pass_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
 _GPU_CONFIGS: dict[int, dict[int, dict[str, _Config]]] = {
     8: {32: _SM80_SMALL_D, 64: _SM80_SMALL_D,
