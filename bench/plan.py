@@ -40,7 +40,8 @@ Memory per GPU (bytes), for P parameters on N GPUs:
   block's activations again, which raises the peak only when every block is recomputed (with
   fewer, the peak is at the start of backward and the recomputation comes after the later
   blocks' activations are freed). The price is one more forward pass of each such block, but
-  for a pre-norm block's last matmul (a fifth to a quarter more of its matmul FLOPs), not in MFU.
+  for a pre-norm block's last matmul (a fifth to a quarter more of its matmul FLOPs; a third in a
+  post-norm block), not in MFU.
 The largest micro-batch is what fits in 90% of the GPU's nominal memory (taken as GiB) after
 the static part; the 10% covers the CUDA context, cuBLAS workspaces and fragmentation. These
 are estimates for planning: a measured run (`--gpu auto` on the GPU) reports the real peak. The

@@ -325,8 +325,13 @@ def recompute_count(blocks: bool | int, n_layer: int) -> int:
     return blocks
 
 
+# Functions of the module's, not lambdas: a model with its hooks pickles.
+def _note_tie_before_load(model: "GPT", *_) -> None:
+    model._tied_before_load = model._tied()
+
+
 def _tie_after_load(model: "GPT", incompatible_keys) -> None:
-    model._tie()  # a function of the module's, not a lambda: a model with its hooks pickles
+    model._keep_tie(getattr(model, "_tied_before_load", False))
 
 
 class GPT(nn.Module):
@@ -342,7 +347,9 @@ class GPT(nn.Module):
         # Post-norm blocks end in a norm already; pre-norm needs one before the head.
         self.ln_f = Norm(config, self.ops) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self._tie()
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.register_load_state_dict_pre_hook(_note_tie_before_load)
         self.register_load_state_dict_post_hook(_tie_after_load)
         self.apply(self._init_weights)
         # RoPE's cos and sin tables (block_size, head_dim/2), made once: made in forward, torch.compile
@@ -354,11 +361,17 @@ class GPT(nn.Module):
         if config.pos_encoding == "rope":
             self._make_rope_tables(self.wte.weight.device)
 
-    def _tie(self) -> None:
-        """lm_head's weight is the token embedding's, under tie_weights. Made again after each
-        move and load: to_empty, a move to or from meta and load_state_dict(assign=True) give each
-        module a Parameter of its own, untying them without a word."""
-        if self.config.tie_weights and self.lm_head.weight is not self.wte.weight:
+    def _tied(self) -> bool:
+        """Whether lm_head's own weight Parameter is the token embedding's (a parametrized or
+        replaced head has none of its own)."""
+        return dict(self.lm_head.named_parameters(recurse=False)).get("weight") is self.wte.weight
+
+    def _keep_tie(self, was_tied: bool) -> None:
+        """lm_head tied to the token embedding again where it was before a move or a load:
+        to_empty, a move to or from meta and load_state_dict(assign=True) give each module a
+        Parameter of its own, untying them without a word. A head untied or replaced on purpose
+        stays as it is."""
+        if was_tied and not self._tied():
             self.lm_head.weight = self.wte.weight
 
     def _init_weights(self, module):
@@ -376,10 +389,10 @@ class GPT(nn.Module):
         recomputed block keeps only its inputs (the residual stream and the branch still to be
         added) for backward, and runs its forward again there (but for its last matmul, whose
         output backward does not need, in a pre-norm block): a fifth to a quarter more of its
-        matmul FLOPs (not counted in MFU), the same numbers (dropout's random state is
-        replayed). The first blocks, because backward reaches them last: by then the later blocks'
-        activations are freed, so recomputing one adds nothing to the step's peak, which is at the
-        start of backward unless every block is recomputed."""
+        matmul FLOPs (a third in a post-norm block; not counted in MFU), the same numbers
+        (dropout's random state is replayed). The first blocks, because backward reaches them
+        last: by then the later blocks' activations are freed, so recomputing one adds nothing to
+        the step's peak, which is at the start of backward unless every block is recomputed."""
         n = recompute_count(blocks, len(self.h))
         for i, block in enumerate(self.h):
             block.recompute = i < n
@@ -408,9 +421,10 @@ class GPT(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Module.to, .cuda, .bfloat16, .to_empty ...: the rope tables are made again where they went,
-        in fp32 (to_empty leaves them uninitialized, a cast would round them), and the head tied again."""
+        in fp32 (to_empty leaves them uninitialized, a cast would round them), and a tied head tied again."""
+        tied = self._tied()
         super()._apply(fn, recurse)
-        self._tie()
+        self._keep_tie(tied)
         if self.rope_cos is not None:
             self._make_rope_tables(self.rope_cos.device)
         return self

@@ -209,6 +209,28 @@ def test_the_head_stays_tied_through_meta_moves_and_assigned_loads():
     assert untied.lm_head.weight is not untied.wte.weight
 
 
+@pytest.mark.parametrize("head", ["classifier", "untied", "parametrized", "sequential"])
+def test_a_head_untied_or_replaced_on_purpose_stays_so(head):
+    """Only a tied head is tied again after a move or a load: one the user replaced (a
+    classifier's, a Sequential), untied or parametrized keeps its own weights through .to(),
+    .float() and load_state_dict."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    model = GPT(config)
+    if head == "classifier":
+        model.lm_head = torch.nn.Linear(32, 3, bias=False)
+    elif head == "untied":
+        model.lm_head.weight = torch.nn.Parameter(model.wte.weight.detach() + 1)
+    elif head == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(model.lm_head, "weight", torch.nn.Tanh())
+    else:
+        model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, 50, bias=False))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    model.to("cpu").float().load_state_dict(before)
+    assert model.lm_head(torch.zeros(1, 32)).shape[-1] == (3 if head == "classifier" else 50)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    assert head == "parametrized" or not any(p is model.wte.weight for p in model.lm_head.parameters())
+
+
 def test_model_uses_the_chosen_backends():
     calls = []
     backends = {op: c.backend for op, c in kernels.choose("torch", "cpu").items()}
