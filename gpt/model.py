@@ -421,7 +421,8 @@ class GPT(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Module.to, .cuda, .bfloat16, .to_empty ...: the rope tables are made again where they went,
-        in fp32 (to_empty leaves them uninitialized, a cast would round them), and a tied head tied again."""
+        in fp32 (to_empty leaves them uninitialized, a cast would round them), and a tied head is
+        tied again (_keep_tie)."""
         tied = self._tied()
         super()._apply(fn, recurse)
         self._keep_tie(tied)
