@@ -36,7 +36,7 @@ from bench import plan, shown
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
 from gpt.model import GPT, GPTConfig, model_ops, preset, recompute_count
-from gpt.optim import BF16AdamW, clip_for_step, global_grad_norm, optimizer_ops
+from gpt.optim import BF16AdamW, clip_for_step, derived_seed, global_grad_norm, optimizer_ops
 
 # nanoGPT's keys and defaults (GPT-2 124M on OpenWebText), then tritongpt's own.
 DEFAULTS = dict(
@@ -345,10 +345,15 @@ def make_optimizer(c: dict, model: GPT, world, device_type: str, adamw_backend: 
                                  lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), **optimizer_args)
 
 
-def restore_random_state(rng: list[dict] | None, batches: Batches, world, device_type: str, console) -> None:
+def restore_random_state(rng: list[dict] | None, batches: Batches, world, device_type: str, console, seed: int,
+                         iter_num: int) -> None:
     """A checkpoint's random state (one entry per rank of the run that saved it; none in nanoGPT's)
-    back in the data sampler and, on as many ranks as saved it, in torch's generators."""
+    back in the data sampler and, on as many ranks as saved it, in torch's generators. Those it
+    cannot restore are seeded from the run's seed and the step resumed at: left as set up, they
+    would draw again the windows and dropout masks the saved run began with."""
     if rng is None:
+        batches.generator.manual_seed(derived_seed(seed, "data", iter_num))  # the same on every rank
+        torch.manual_seed(derived_seed(seed, "dropout", world.rank, iter_num))
         console.print("the checkpoint holds no random state (nanoGPT's): batches and dropout masks are "
                       "drawn afresh")
         return
@@ -358,6 +363,7 @@ def restore_random_state(rng: list[dict] | None, batches: Batches, world, device
         if device_type == "cuda" and rng[world.rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rng[world.rank]["cuda"])
     else:
+        torch.manual_seed(derived_seed(seed, "dropout", world.rank, iter_num))
         console.print(f"resuming on {world.size} processes a run saved by {len(rng)}: the data sampler "
                       f"continues, dropout masks are drawn afresh")
 
@@ -544,7 +550,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     if resumed:
         if resumed.get("scaler"):  # empty when saved by a run without a loss scale (bf16, fp32)
             scaler.load_state_dict(resumed["scaler"])
-        restore_random_state(resumed.get("rng"), batches, world, device_type, console)
+        restore_random_state(resumed.get("rng"), batches, world, device_type, console, c["seed"], iter_num)
         del resumed  # free the checkpoint's copy of the weights
 
     raw_model = model

@@ -75,10 +75,11 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (norm.float() + 1e-6)).clamp(max=1.0)
 
 
-def step_seed(seed: int, group_index: int, step: int) -> int:
-    """The stochastic-rounding seed of one group's `step`: a hash, so that neighbouring steps and
-    groups draw unrelated bits, in [0, 2**31) as the adamw op takes it."""
-    digest = hashlib.blake2b(f"{seed}/{group_index}/{step}".encode(), digest_size=4).digest()
+def derived_seed(*parts: int | str) -> int:
+    """A seed hashed from `parts`, so that neighbouring parts draw unrelated bits, in [0, 2**31)
+    as the adamw op and torch.manual_seed take it: the stochastic-rounding seed of one group's
+    step (seed, group index, step); train.py's generators on a resume without their state."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -221,7 +222,7 @@ class BF16AdamW(torch.optim.Optimizer):
                            beta1=beta1, beta2=beta2, eps=group["eps"],
                            weight_decay=group["weight_decay"],
                            stochastic_rounding=group["stochastic_rounding"],
-                           seed=step_seed(group["seed"], index, step),
+                           seed=derived_seed(group["seed"], index, step),
                            grad_scale=None if grad_scale is None else grad_scale.to(params[0].device),
                            compensations=compensations[0] if kahan else None)
                 for state in counted:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from gpt.optim import BF16AdamW, clip_coefficient, clip_for_step, global_grad_norm, step_seed
+from gpt.optim import BF16AdamW, clip_coefficient, clip_for_step, global_grad_norm, derived_seed
 from kernels import adamw as adamw_module
 from tests.devices import cuda_only, no_host_syncs, skip_unless_triton_runs
 from tests.numerics import assert_as_accurate
@@ -1159,7 +1159,7 @@ def test_schedulers_hooks_and_grad_scaler_work_as_with_torch_adamw():
 
 
 def test_step_seeds_differ_by_group_and_step():
-    assert len({step_seed(0, g, s) for g in range(3) for s in range(1, 4)}) == 9
+    assert len({derived_seed(0, g, s) for g in range(3) for s in range(1, 4)}) == 9
 
 
 def test_identical_groups_round_independently():

@@ -389,6 +389,29 @@ def test_a_checkpoint_of_nanogpt_itself_resumes_and_samples(tmp_path, data_dir, 
     assert text[0].startswith("ROMEO:") and len(text[0]) == 11
 
 
+@pytest.mark.parametrize("saved", ["none", "other_world_size"])
+def test_a_resume_without_random_state_draws_afresh(saved, data_dir):
+    """A checkpoint without random state (nanoGPT's), or saved by another number of processes
+    (dropout's generators): what it cannot restore is seeded from the run's seed and the step
+    resumed at, the same on every resume there, not left as set up, where it would draw again
+    the windows and masks the saved run began with."""
+    path = train.prepare("shakespeare_char", data_dir)
+    world, console = SimpleNamespace(rank=0, size=1), SimpleNamespace(print=lambda *args: None)
+
+    def draws(iter_num=None):
+        batches = train.Batches(path, 8, 2, "cpu", seed=1337)
+        torch.manual_seed(1337)  # as train.py sets up rank 0
+        if iter_num is not None:
+            rng = None if saved == "none" else [{"data": batches.state_dict()}] * 2
+            train.restore_random_state(rng, batches, world, "cpu", console, 1337, iter_num)
+        return batches.next()[0], torch.randint(2**31, (4,))
+
+    (x, seeds), (x100, seeds100), (again, seeds_again) = draws(), draws(100), draws(100)
+    assert not torch.equal(seeds, seeds100) and torch.equal(seeds100, seeds_again)
+    assert torch.equal(x100, again) and torch.equal(x, x100) == (saved != "none")  # (a saved sampler goes on)
+    assert not torch.equal(draws(200)[1], seeds100)
+
+
 def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir, capsys):
     config = tmp_path / "train_shakespeare_char.py"
     config.write_text(NANOGPT_SHAKESPEARE_CHAR)
