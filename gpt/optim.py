@@ -19,8 +19,9 @@ every parameter that has a grad. Gradient clipping by global norm is fused into 
 model) and the clip coefficient on the device, and the next step multiplies each grad by the
 coefficient as it reads it, so clipping costs no pass over the grads and no host sync.
 FSDP2's DTensor parameters are updated on their local shards: the update is elementwise. (Every
-rank then draws the same random bits for the same local positions: different elements of the
-model, so the rounding stays unbiased.)
+rank then draws the same random bits for the same local positions, as ZeRO-1's ranks do for the
+same positions in their lists: different elements of the model, so the rounding stays unbiased,
+its errors correlated between those elements.)
 """
 import hashlib
 import weakref
