@@ -54,8 +54,15 @@ def skip_unless_triton_runs(backend: str, device: str) -> None:
 
 def compiled(fn, device: str, dynamic: bool | None = None):
     """torch.compile(fn, fullgraph=True) as the tests run it on `device`: Inductor on a GPU; on CPU
-    AOT autograd's graphs run as they are (backend "aot_eager"): the triton ops are opaque custom
-    ops there (kernels/runtime.py, triton_op), and Inductor's C++ builds would only add minutes.
+    AOT autograd's graphs run as they are, split into forward and backward by Inductor's min-cut
+    partitioner (what a recomputed block runs again in backward, its dropout seeds saved or drawn
+    again, is decided there as on a GPU): the triton ops are opaque custom ops there
+    (kernels/runtime.py, triton_op), and Inductor's C++ builds would only add minutes.
     `dynamic`: torch.compile's (True: sizes and strides traced as symbols)."""
-    return torch.compile(fn, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager",
-                         dynamic=dynamic)
+    if device == "cuda":
+        return torch.compile(fn, fullgraph=True, backend="inductor", dynamic=dynamic)
+    from functorch.compile import min_cut_rematerialization_partition, nop
+    from torch._dynamo.backends.common import aot_autograd
+
+    backend = aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition)
+    return torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)

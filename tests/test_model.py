@@ -338,7 +338,8 @@ TRITON_OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_en
 def test_compiled_model_on_triton_ops_trains_as_eager(switches, recompute, device):
     """The model on every triton op traces into one graph (fullgraph: no break in the model or in
     the ops), dropout and recomputed blocks included, and gives eager's loss and gradients. On
-    CPU the graph runs its ops as they are (backend aot_eager): the same numbers. On a GPU
+    CPU the graph runs its ops as they are, split by Inductor's partitioner (which decides what a
+    recomputed block runs again, its dropout seeds included): the same numbers. On a GPU
     Inductor fuses the torch ops around the kernels in its own way, and draws its own dropout
     seeds: no dropout there, and rounding-level differences under bf16 autocast."""
     skip_unless_triton_runs("triton", device)
