@@ -351,19 +351,19 @@ def restore_random_state(rng: list[dict] | None, batches: Batches, world, device
     back in the data sampler and, on as many ranks as saved it, in torch's generators. Those it
     cannot restore are seeded from the run's seed and the step resumed at: left as set up, they
     would draw again the windows and dropout masks the saved run began with."""
-    if rng is None:
-        batches.generator.manual_seed(derived_seed(seed, "data", iter_num))  # the same on every rank
-        torch.manual_seed(derived_seed(seed, "dropout", world.rank, iter_num))
-        console.print("the checkpoint holds no random state (nanoGPT's): batches and dropout masks are "
-                      "drawn afresh")
-        return
-    batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
-    if len(rng) == world.size:
+    if rng is not None and len(rng) == world.size:
         torch.set_rng_state(rng[world.rank]["torch"])
         if device_type == "cuda" and rng[world.rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rng[world.rank]["cuda"])
     else:
         torch.manual_seed(derived_seed(seed, "dropout", world.rank, iter_num))
+    if rng is None:
+        batches.generator.manual_seed(derived_seed(seed, "data", iter_num))  # the same on every rank
+        console.print("the checkpoint holds no random state (nanoGPT's): batches and dropout masks are "
+                      "drawn afresh")
+        return
+    batches.load_state_dict(rng[0]["data"])  # every rank draws the same windows
+    if len(rng) != world.size:
         console.print(f"resuming on {world.size} processes a run saved by {len(rng)}: the data sampler "
                       f"continues, dropout masks are drawn afresh")
 
