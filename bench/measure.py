@@ -121,10 +121,16 @@ def copy_gbs(device: str = "cuda") -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-@functools.cache
 def matmul_tflops(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> float:
     """Measured dense matmul rate in `dtype` in TFLOPS (8192³, random inputs; float32 as torch's
     matmul settings run it): a kernel's rate in TFLOPS is a fraction of its own dtype's."""
+    # float32's rate is TF32's or not as the setting is now: measured again when it changes.
+    precision = torch.get_float32_matmul_precision() if dtype == torch.float32 else None
+    return _matmul_tflops(device, dtype, precision)
+
+
+@functools.cache
+def _matmul_tflops(device: str, dtype: torch.dtype, _precision: str | None) -> float:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

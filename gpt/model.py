@@ -326,8 +326,17 @@ def recompute_count(blocks: bool | int, n_layer: int) -> int:
 
 
 # Functions of the module's, not lambdas: a model with its hooks pickles.
-def _note_tie_before_load(model: "GPT", *_) -> None:
+def _note_tie_before_load(model: "GPT", state_dict, prefix, _metadata, _strict, _missing, _unexpected,
+                          error_msgs) -> None:
     model._tied_before_load = model._tied()
+    # A tied model keeps one of two different matrices, whichever loads last: an untied model's
+    # checkpoint (or a head fine-tuned apart) would lose its head or its embedding without a word.
+    embedding, head = state_dict.get(prefix + "wte.weight"), state_dict.get(prefix + "lm_head.weight")
+    if (model._tied_before_load and isinstance(embedding, torch.Tensor) and isinstance(head, torch.Tensor)
+            and head is not embedding and "meta" not in (embedding.device.type, head.device.type)
+            and not (head.shape == embedding.shape and torch.equal(head, embedding.to(head.device)))):
+        error_msgs.append("lm_head.weight differs from wte.weight, and this model ties them (tie_weights=True): "
+                          "build it with tie_weights=False to load both")
 
 
 def _tie_after_load(model: "GPT", incompatible_keys) -> None:

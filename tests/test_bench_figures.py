@@ -1,6 +1,7 @@
 """bench's reported figures (FLOPs, peaks, MFU, rates, plans, profile choices) pinned: each test
 holds a behaviour that a mutation test of bench/ (2026-12-05) found no test held, against a value
 derived by hand or taken from a datasheet, not recomputed by the code under test."""
+import functools
 import json
 import sys
 import types
@@ -340,7 +341,25 @@ def test_copy_bandwidth_and_matmul_rate_units(monkeypatch):
     """Copy bandwidth counts bytes read and written; a multiply-add is 2 FLOPs; rates in TFLOPS."""
     monkeypatch.setattr(measure, "median_ms", lambda fn: 2.0)
     assert measure.copy_gbs.__wrapped__("meta") == pytest.approx(2 * 2**30 / 2e-3 / 1e9)  # 1 GiB copied in 2 ms
-    assert measure.matmul_tflops.__wrapped__("meta") == pytest.approx(2 * 8192**3 / 2e-3 / 1e12)
+    assert measure._matmul_tflops.__wrapped__("meta", torch.bfloat16, None) == pytest.approx(2 * 8192**3 / 2e-3 / 1e12)
+
+
+def test_float32_matmul_rate_measured_again_when_tf32_is_switched(monkeypatch):
+    """A float32 rate kept from before torch.backends' TF32 setting changed would be the other
+    setting's (several times apart on a GPU): the roofline of a float32 kernel follows the setting."""
+    times = iter([4.0, 1.0])
+    monkeypatch.setattr(measure, "median_ms", lambda fn: next(times))
+    monkeypatch.setattr(measure, "_matmul_tflops", functools.cache(measure._matmul_tflops.__wrapped__))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        full = measure.matmul_tflops("meta", torch.float32)
+        torch.set_float32_matmul_precision("high")  # TF32
+        assert measure.matmul_tflops("meta", torch.float32) == pytest.approx(4 * full)
+        torch.set_float32_matmul_precision("highest")
+        assert measure.matmul_tflops("meta", torch.float32) == full  # kept: not measured a third time
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class _GPU:

@@ -209,6 +209,21 @@ def test_the_head_stays_tied_through_meta_moves_and_assigned_loads():
     assert untied.lm_head.weight is not untied.wte.weight
 
 
+def test_an_untied_checkpoint_is_refused_by_a_tied_model():
+    """A tied model would keep whichever of two different matrices loads last; it refuses them and
+    says how to load both. The same values under both names (nanoGPT's checkpoints) load."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    untied = GPT(dataclasses.replace(config, tie_weights=False)).state_dict()
+    for assign in (False, True):
+        with pytest.raises(RuntimeError, match="lm_head.weight differs from wte.weight.*tie_weights=False"):
+            GPT(config).load_state_dict(untied, assign=assign)
+    same = {name: t.clone() for name, t in GPT(config).state_dict().items()}  # two tensors, one matrix
+    model = GPT(config)
+    model.load_state_dict(same)
+    assert model.lm_head.weight is model.wte.weight and torch.equal(model.wte.weight, same["wte.weight"])
+    GPT(dataclasses.replace(config, tie_weights=False)).load_state_dict(untied)
+
+
 @pytest.mark.parametrize("head", ["classifier", "untied", "parametrized", "sequential"])
 def test_a_head_untied_or_replaced_on_purpose_stays_so(head):
     """Only a tied head is tied again after a move or a load: one the user replaced (a
