@@ -554,6 +554,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         del resumed  # free the checkpoint's copy of the weights
 
     raw_model = model
+    params = list(raw_model.parameters())  # for the clipping: walking the module tree each step costs host time
     if c["compile"]:
         model = torch.compile(model, mode=c["compile_mode"])
     model = distributed.replicate(model, world, c["device"])
@@ -626,7 +627,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                       f"(raise max_iters to train on)[/yellow]")
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                        console=console, disable=not master, transient=True)
+                        console=console, disable=not master, transient=True,
+                        refresh_per_second=2)  # each redraw holds the GIL ~1 ms, which a host-bound step waits for
     task = progress.add_task("train", total=c["max_iters"], completed=iter_num, status="")
     t_last, iters_since_log = time.perf_counter(), 0
     warmed_up = False  # this process's first step compiles and warms up: its time is not a step's
@@ -681,11 +683,11 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             grad_norm = None
             if c["grad_clip"] != 0.0:
                 scaler.unscale_(optimizer)
-                grad_norm = clip_for_step(distributed.local_optimizer(optimizer), raw_model.parameters(),
+                grad_norm = clip_for_step(distributed.local_optimizer(optimizer), params,
                                           c["grad_clip"], grad_norm_op)
             elif logging_now:
                 scaler.unscale_(optimizer)
-                grad_norm = global_grad_norm(raw_model.parameters(), grad_norm_op)
+                grad_norm = global_grad_norm(params, grad_norm_op)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -92,9 +92,11 @@ def shard(model: nn.Module, device: str, param_dtype: torch.dtype | None) -> Non
 
 
 def optimizer(world: World, groups: list[dict], cls: type, **kwargs) -> torch.optim.Optimizer:
-    """`cls(groups, **kwargs)`; under zero1 each rank builds it over its own share only."""
+    """`cls(groups, **kwargs)`; under zero1 each rank builds it over its own share only, its
+    params laid out in one buffer a rank (views of it), so that each rank's updated share goes
+    to the others in one broadcast after the step, not one a param."""
     if world.parallel == "zero1":
-        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, parameters_as_bucket_view=True, **kwargs)
     return cls(groups, **kwargs)
 
 

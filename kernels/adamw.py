@@ -633,7 +633,9 @@ def grad_norm_torch(tensors) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=acc) for t in tensors]))
+    # The per-tensor norms as torch's clip_grad_norm_ takes them (a few multi-tensor launches, not
+    # one a grad), in `acc`: get_total_norm's would be rounded to a 16-bit grad's dtype.
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)))
 
 
 @register("grad_norm", "triton")

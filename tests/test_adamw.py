@@ -656,6 +656,26 @@ def test_the_tensor_count_bound_is_inclusive(monkeypatch, tensors):
             adamw_module._plan("adamw", key)
 
 
+def test_the_torch_grad_norm_is_torchs_own(device):
+    """The torch backend is the baseline the triton one is timed against, and what kernels=torch
+    clips with: it takes the norms as torch's clip_grad_norm_ does (its value, a handful of
+    launches for any number of grads, not one a grad), in fp32 for 16-bit grads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+    grads = [torch.randn(n, 3, device=device) for n in range(1, 31)]
+    with Count():
+        norm = kernels.get("grad_norm", "torch")(grads)
+    assert Count.calls <= 4 and torch.equal(norm, torch.nn.utils.get_total_norm(grads))
+    grads = [torch.full((4,), 0.1, dtype=torch.bfloat16, device=device)] * 3
+    assert kernels.get("grad_norm", "torch")(grads).dtype == torch.float32
+
+
 def test_grad_norm_writes_every_partial_it_sums(monkeypatch, device):
     """Its buffer of per-block partial sums is not zeroed first: each block writes its own slot.
     Buffers handed over full of NaN give the same norm."""

@@ -223,6 +223,24 @@ def test_zero1_keeps_no_copy_of_the_state_it_gathered(one_process_group):
     assert torch.equal(state["state"][0]["exp_avg"], zero.optim.state[params[0]]["exp_avg"])
 
 
+def test_zero1_broadcasts_a_rank_s_params_at_once(one_process_group, monkeypatch):
+    """After its step each rank sends the share it updated: laid out in one buffer a rank, that is
+    one broadcast a rank, not one a param (75 for GPT-2, 580 for GPT-2 XL with biases)."""
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    optimizer = distributed.optimizer(distributed.World(parallel="zero1"), model.param_groups(0.1),
+                                      torch.optim.AdamW, lr=1e-2)
+    broadcasts = []
+    broadcast = torch.distributed.broadcast
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *a, **k: broadcasts.append(a) or broadcast(*a, **k))
+    x = torch.randint(20, (2, 8))
+    model(x, x)[1].backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert len(broadcasts) == 1 and len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the views were stepped
+    assert model.lm_head.weight is model.wte.weight
+
+
 def test_parallel_must_be_known():
     with pytest.raises(SystemExit, match="parallel must be one of"):
         train.main(["--parallel=zero3"])
