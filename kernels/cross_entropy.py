@@ -377,14 +377,17 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
             logits = xc @ w.t()  # (chunk, classes)
             row_loss, stats = _forward_rows(logits, tc, ignore_index)
             row_losses.append(row_loss)
-            if not (x_grad or weight_grad):
-                continue
-            _backward_rows(logits, tc, stats, scale, logits, ignore_index)  # logits <- d_logits
-            if x_grad:
-                dx[start:start + step] = _mm(logits, w)
-            if weight_grad:
-                share = _mm(logits.t(), xc)  # fp32
-                dw = share if dw is None else dw.add_(share)
+            if x_grad or weight_grad:
+                _backward_rows(logits, tc, stats, scale, logits, ignore_index)  # logits <- d_logits
+                if x_grad:
+                    dx[start:start + step] = _mm(logits, w)
+                if weight_grad:
+                    share = _mm(logits.t(), xc)  # fp32
+                    dw = share if dw is None else dw.add_(share)
+                    del share
+            # Freed before the next chunk's are made: held by the name until then, two chunks (all the
+            # logits, when there are two) would be alive at once, at the step's peak.
+            del logits
     if weight_grad and dw is None:  # no rows
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
     elif not weight_grad:

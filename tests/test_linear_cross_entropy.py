@@ -1,6 +1,8 @@
 """linear_cross_entropy(x, weight, targets, ignore_index=-1): the lm head's matmul and the loss
 as one op. Both backends, the loss and the gradients of x and weight, against float64; the
 triton backend in one chunk of rows and in several (the last one short)."""
+import weakref
+
 import pytest
 import torch
 
@@ -213,6 +215,31 @@ def test_strided_inputs(backend, dtype, chunks, device):
     for what, xs, ws in (("row-strided x", wide, weight), ("transposed x", x.t().contiguous().t(), weight),
                          ("transposed weight", x, weight.t().contiguous().t())):
         assert_matches_float64(fn, xs, ws, targets, dloss, f"{backend} {what} {dtype} {chunks}")
+
+
+@pytest.mark.parametrize("grads", [True, False])
+def test_one_chunk_of_logits_at_a_time(monkeypatch, grads, device):
+    """A chunk's logits are freed before the next chunk's matmul makes the next: with two chunks
+    (GPT-2's 16k tokens), holding the last ones until then would hold all the logits, at the
+    step's peak (the forward's, every activation still alive): 0.8 GB more for GPT-2."""
+    skip_unless_triton_runs("triton", device)
+    monkeypatch.setattr(cross_entropy, "_chunk_rows", lambda rows, classes, itemsize: 4)
+    made, alive_at_matmul = [], []
+    forward_rows, transpose = cross_entropy._forward_rows, torch.Tensor.t
+
+    def recorded(logits, *args):
+        made.append(weakref.ref(logits))
+        return forward_rows(logits, *args)
+
+    def watched(t):  # `xc @ w.t()`: w.t() is taken just before each chunk's matmul
+        if t.shape == (771, 24):
+            alive_at_matmul.append(sum(r() is not None for r in made))
+        return transpose(t)
+    monkeypatch.setattr(cross_entropy, "_forward_rows", recorded)
+    monkeypatch.setattr(torch.Tensor, "t", watched)
+    x, weight, targets, _ = inputs((12,), 24, 771, torch.float32, device)
+    kernels.get("linear_cross_entropy", "triton")(x.requires_grad_(grads), weight, targets)
+    assert alive_at_matmul == [0, 0, 0]
 
 
 @interpreter_only
