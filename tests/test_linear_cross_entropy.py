@@ -247,8 +247,8 @@ def test_a_training_step_peaks_lower(monkeypatch):
     """Measured (CPU, fp32): the memory a training step of a small model with a large vocabulary
     (8192 classes, 256 tokens: 8 MiB of logits) allocates at its peak. torch's loss holds the
     logits, their log-softmax and their gradient; the triton backend one chunk of logits, in its
-    forward, and less with smaller chunks (2026-12-03: 25 to 32, 10.7, and with 1 MiB chunks
-    4.8 MiB). Each model first runs a step of 16 tokens: what a first call sets up is not counted."""
+    forward, and less with smaller chunks (2026-12-07: 25 to 29, 10.7, and with 1 MiB chunks
+    3.8 MiB). Each model first runs a step of 16 tokens: what a first call sets up is not counted."""
     config = GPTConfig(n_layer=2, n_head=1, n_embd=32, block_size=128, vocab_size=8192)
     idx = torch.randint(0, config.vocab_size, (2, 128))
     peaks = {}
