@@ -326,17 +326,26 @@ def recompute_count(blocks: bool | int, n_layer: int) -> int:
 
 
 # Functions of the module's, not lambdas: a model with its hooks pickles.
-def _note_tie_before_load(model: "GPT", state_dict, prefix, _metadata, _strict, _missing, _unexpected,
-                          error_msgs) -> None:
+def _note_tie_before_load(model: "GPT", state_dict, prefix, *_) -> None:
     model._tied_before_load = model._tied()
     # A tied model keeps one of two different matrices, whichever loads last: an untied model's
     # checkpoint (or a head fine-tuned apart) would lose its head or its embedding without a word.
+    # Refused here, before anything is copied (torch raises error_msgs' only after the whole load).
     embedding, head = state_dict.get(prefix + "wte.weight"), state_dict.get(prefix + "lm_head.weight")
     if (model._tied_before_load and isinstance(embedding, torch.Tensor) and isinstance(head, torch.Tensor)
-            and head is not embedding and "meta" not in (embedding.device.type, head.device.type)
-            and not (head.shape == embedding.shape and torch.equal(head, embedding.to(head.device)))):
-        error_msgs.append("lm_head.weight differs from wte.weight, and this model ties them (tie_weights=True): "
-                          "build it with tie_weights=False to load both")
+            and "meta" not in (embedding.device.type, head.device.type) and not _same_values(head, embedding)):
+        raise RuntimeError(f"{type(model).__name__}.load_state_dict: lm_head.weight differs from wte.weight, and "
+                           f"this model ties them (tie_weights=True): build it with tie_weights=False to load both")
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values, NaNs in the same places (a diverged run's own checkpoint); ops that
+    FSDP2's DTensors have too (allclose they have not)."""
+    if a is b:
+        return True
+    b = b.to(a.device)
+    return (a.shape == b.shape and torch.equal(a.isnan(), b.isnan())
+            and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
 def _tie_after_load(model: "GPT", incompatible_keys) -> None:

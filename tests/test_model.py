@@ -215,12 +215,17 @@ def test_an_untied_checkpoint_is_refused_by_a_tied_model():
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
     untied = GPT(dataclasses.replace(config, tie_weights=False)).state_dict()
     for assign in (False, True):
+        model = GPT(config)
+        before = {name: t.clone() for name, t in model.state_dict().items()}
         with pytest.raises(RuntimeError, match="lm_head.weight differs from wte.weight.*tie_weights=False"):
-            GPT(config).load_state_dict(untied, assign=assign)
+            model.load_state_dict(untied, assign=assign)
+        assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())  # nothing loaded
     same = {name: t.clone() for name, t in GPT(config).state_dict().items()}  # two tensors, one matrix
+    same["wte.weight"][3, 0] = same["lm_head.weight"][3, 0] = float("nan")  # a diverged run's own
     model = GPT(config)
     model.load_state_dict(same)
-    assert model.lm_head.weight is model.wte.weight and torch.equal(model.wte.weight, same["wte.weight"])
+    assert model.lm_head.weight is model.wte.weight
+    torch.testing.assert_close(model.wte.weight.detach(), same["wte.weight"], rtol=0, atol=0, equal_nan=True)
     GPT(dataclasses.replace(config, tie_weights=False)).load_state_dict(untied)
 
 
