@@ -658,8 +658,9 @@ def test_the_tensor_count_bound_is_inclusive(monkeypatch, tensors):
 
 def test_the_torch_grad_norm_is_torchs_own(device):
     """The torch backend is the baseline the triton one is timed against, and what kernels=torch
-    clips with: it takes the norms as torch's clip_grad_norm_ does (its value, a handful of
-    launches for any number of grads, not one a grad), in fp32 for 16-bit grads."""
+    clips with: it takes the norms as torch's clip_grad_norm_ does (its value; a handful of ops
+    for any number of grads, not one a grad: multi-tensor launches on a GPU), in fp32 for 16-bit
+    grads."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
