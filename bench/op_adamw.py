@@ -19,8 +19,9 @@ of each parameter shape. The whole-step rows are timed, not checked (their optim
 op's rows above, or torch's own).
 
 Clipping by global norm (nanoGPT clips at 1.0) adds the `grad_norm` op's rows (one read of every
-grad, 2 bytes per parameter: triton, the torch loop, and `get_total_norm`, what
-torch.nn.utils.clip_grad_norm_ runs) and two whole-step rows: `+ clip`, BF16AdamW's fused clipping
+grad, 2 bytes per parameter: triton, the torch backend (torch's multi-tensor norms in fp32; a
+loop of one norm a grad before 2026-12-07), and `get_total_norm`, what
+torch.nn.utils.clip_grad_norm_ runs, the same norms returned in the grads' dtype) and two whole-step rows: `+ clip`, BF16AdamW's fused clipping
 (the norm, then a step that scales the grads as it reads them) against clip_grad_norm_ (the norm,
 then an in-place pass over the grads) before torch's fused AdamW. Those rows are credited a step's
 7 x 2 bytes per parameter, so their GB/s shows what clipping costs on top; so is the `kahan` row
