@@ -12,6 +12,7 @@ import kernels
 from gpt.optim import BF16AdamW, clip_coefficient, clip_for_step, global_grad_norm, derived_seed
 from kernels import adamw as adamw_module
 from tests.devices import cuda_only, no_host_syncs, skip_unless_triton_runs
+from tests.memory import OpCount
 from tests.numerics import assert_as_accurate
 
 BACKENDS = ["torch", "triton"]
@@ -661,18 +662,10 @@ def test_the_torch_grad_norm_is_torchs_own(device):
     clips with: it takes the norms as torch's clip_grad_norm_ does (its value; a handful of ops
     for any number of grads, not one a grad: multi-tensor launches on a GPU), in fp32 for 16-bit
     grads."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
     grads = [torch.randn(n, 3, device=device) for n in range(1, 31)]
-    with Count():
+    with OpCount() as count:
         norm = kernels.get("grad_norm", "torch")(grads)
-    assert Count.calls <= 4 and torch.equal(norm, torch.nn.utils.get_total_norm(grads))
+    assert sum(count.calls.values()) <= 4 and torch.equal(norm, torch.nn.utils.get_total_norm(grads))
     grads = [torch.full((4,), 0.1, dtype=torch.bfloat16, device=device)] * 3
     assert kernels.get("grad_norm", "torch")(grads).dtype == torch.float32
 
