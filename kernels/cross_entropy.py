@@ -339,13 +339,14 @@ def _chunk_rows(rows: int, classes: int, itemsize: int) -> int:
     return max(1, runtime.cdiv(rows, chunks))
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in fp32 (cuBLAS writes fp32 from 16-bit operands at once).
-    On CPU through fp32 copies: torch's CPU bf16 matmul takes seconds for d_x at 50k classes (b
-    row-major, its long dimension first), fp32 a tenth of one."""
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32 (cuBLAS writes fp32 from 16-bit operands at once),
+    into `out` when given (d_x's rows: no chunk-sized result copied there). On CPU through fp32
+    copies: torch's CPU bf16 matmul takes seconds for d_x at 50k classes (b row-major, its long
+    dimension first), fp32 a tenth of one."""
     if not a.is_cuda:
-        return torch.mm(a.float(), b.float())
-    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype != torch.float32 else torch.mm(a, b)
+        return torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out) if a.dtype != torch.float32 else torch.mm(a, b, out=out)
 
 
 @torch.library.custom_op("tritongpt::linear_cross_entropy", mutates_args=())
@@ -380,7 +381,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
             if x_grad or weight_grad:
                 _backward_rows(logits, tc, stats, scale, logits, ignore_index)  # logits <- d_logits
                 if x_grad:
-                    dx[start:start + step] = _mm(logits, w)
+                    _mm(logits, w, out=dx[start:start + step])
                 if weight_grad:
                     share = _mm(logits.t(), xc)  # fp32
                     dw = share if dw is None else dw.add_(share)
