@@ -246,20 +246,22 @@ class CausalSelfAttention(nn.Module):
             if rope is not None:
                 q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)  # pairs (hs/2 apart) turned
             if cache.length:
-                y = self._attend_cached(q, *cache.extend(self.layer, k, v), start=cache.length)
+                y = self._attend_cached(q, *cache.extend(self.layer, k, v), start=cache.length, dropout_p=p)
             else:  # the prompt: causal attention over itself, as in training
                 cache.extend(self.layer, k, v)
                 y = self.ops.attention(q, k, v, causal=True, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
-    def _attend_cached(self, q, k, v, start: int):
+    def _attend_cached(self, q, k, v, start: int, dropout_p: float):
         """q (B, nh, T, hs) of positions start.. over the cache's k, v (B, nkv, start + T, hs):
         query i sees keys up to start + i. Generation's one-token steps (T = 1) see them all; the
-        registry's attention op takes only equal lengths, so this is torch's SDPA."""
+        registry's attention op takes only equal lengths, so this is torch's SDPA. dropout_p: a
+        model generating in training mode drops attention weights here as without the cache."""
         T, L = q.size(2), k.size(2)
         mask = None if T == 1 else torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              enable_gqa=self.n_head != self.n_kv_head)
 
 
 class MLP(nn.Module):

@@ -578,6 +578,21 @@ def test_generate_samples_the_same_with_and_without_the_kv_cache(switches):
     assert out[0].shape == (2, 25) and torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_kv_cache_drops_attention_weights_as_the_full_forward_does(training, monkeypatch):
+    """A model generating in training mode (GPT.generate leaves the mode to its caller, as
+    nanoGPT's) drops attention weights in the cached single-token steps as in the prompt's
+    forward and in every step without the cache; in eval mode in none."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, dropout=0.3))
+    model.train(training)
+    rates, sdpa = [], torch.nn.functional.scaled_dot_product_attention  # the torch attention op's too
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, dropout_p=0.0, **k: rates.append(dropout_p) or sdpa(*a, dropout_p=dropout_p, **k))
+    with torch.no_grad():
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4)
+    assert rates == [0.3 if training else 0.0] * 4
+
+
 @interpreter_only
 def test_kv_cache_with_triton_kernels_and_bf16_autocast():
     """The prompt goes through the registry's attention (here triton's), the next tokens through
