@@ -34,7 +34,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import kernels  # noqa: E402
 from bench import described  # noqa: E402
 from bench.cases import Case, Shapes, case  # noqa: E402
-from gpt.model import GPTConfig, model_ops, preset  # noqa: E402
+from gpt.model import GPT, GPTConfig, model_ops, preset  # noqa: E402
+from gpt.optim import BF16AdamW, clip_for_step, derived_seed  # noqa: E402
 from kernels import attention, runtime  # noqa: E402
 
 # Per compute-capability major: (sm, shared memory a block may take, SMs), from CUDA's tables
@@ -294,17 +295,52 @@ def suite_problems(arch: int, compiled: list, paths: list[str]) -> list[str]:
     return sorted(failed) + sorted(problems)
 
 
+def recompiled_by_later_steps(compiled: list) -> list[str]:
+    """The kernels a training step compiles that the step before it did not: what changes from
+    step to step (AdamW's lr under a schedule and its step count, its rounding seed, dropout's
+    seeds) must reach the kernels as values, never specialized on, or each step pays a compile
+    (seconds). Three steps of a small LLaMA-like model with dropout on every op's triton
+    backend, bf16 weights and BF16AdamW clipping, its lr changed each step. The optimizer's
+    seed is picked so that step 2's rounding seed is a multiple of 16 and step 1's not: Triton
+    specializes an int on that."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=64, vocab_size=128, norm="rmsnorm",
+                       pos_encoding="rope", mlp="swiglu", bias=False, dropout=0.1)
+    model = GPT(config, {op: "triton" for op in model_ops(config)}).to(torch.bfloat16)
+    seed = next(s for s in range(1000) if derived_seed(s, 0, 2) % 16 == 0 and derived_seed(s, 0, 1) % 16)
+    optimizer = BF16AdamW(model.param_groups(0.1), backend="triton", seed=seed)
+    grad_norm = kernels.get("grad_norm", "triton")
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+    seen, problems = set(), []
+    for step in (1, 2, 3):
+        start = len(compiled)
+        model(idx, idx, return_logits=False)[1].backward()
+        clip_for_step(optimizer, model.parameters(), 1.0, grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * step / 3  # a warm-up
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        new = {(name, id(kernel)) for name, kernel in compiled[start:]} - seen
+        problems += [f"training step {step} compiled {name} anew" for name, _ in sorted(new) if step > 1]
+        seen |= new
+    print(f"3 training steps compiled {len(seen)} kernels")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=9, help="compute-capability major")
     parser.add_argument("--suite", nargs="*", metavar="PATH",
                         help="compile every launch the tests make (those in the PATHs given, else the whole suite: "
                              "minutes) instead of the training workloads; pytest's own counts then mean nothing")
+    parser.add_argument("--steps", action="store_true",
+                        help="instead, run three training steps and fail if a later one compiles a kernel anew")
     args = parser.parse_args(argv)
     sm = GPUS[args.arch][0]
     compiled = pretend_gpu(args.arch)
     if args.suite is not None:
         return exit_status(suite_problems(args.arch, compiled, args.suite))
+    if args.steps:
+        return exit_status(recompiled_by_later_steps(compiled))
     problems = []
     for label, thunk, kind in workloads(args.arch):
         start = len(compiled)

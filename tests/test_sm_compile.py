@@ -41,6 +41,19 @@ def test_the_suites_launches_compile():
     assert launches > kernels >= 2, run.stdout[-2000:]
 
 
+STEPS = (sys.executable, "-m", "tests.sm_compile", "--arch", "9", "--steps")
+
+
+@cpu_only
+@pytest.mark.background(STEPS)
+def test_later_training_steps_compile_nothing():
+    """AdamW's lr and step and the rounding and dropout seeds change each step without a kernel
+    compiled anew (run without the seed's do_not_specialize, step 2 compiles _adamw_kernel again)."""
+    run = background.result(STEPS)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    assert int(re.search(r"3 training steps compiled (\d+) kernels", run.stdout)[1]) >= 10
+
+
 # check() of stand-in kernels, and main() / suite_problems() with stand-in workloads, printed as JSON.
 _PROBE_CODE = r'''
 import json, types, sys
