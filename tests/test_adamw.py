@@ -11,7 +11,7 @@ import torch
 import kernels
 from gpt.optim import BF16AdamW, clip_coefficient, clip_for_step, global_grad_norm, derived_seed
 from kernels import adamw as adamw_module
-from tests.devices import cuda_only, no_host_syncs, skip_unless_triton_runs
+from tests.devices import cuda_only, no_host_syncs, skip_unless_triton_runs, two_gpus
 from tests.memory import OpCount
 from tests.numerics import assert_as_accurate
 
@@ -703,6 +703,15 @@ def test_grad_norm_bad_input_raises(backend, device):
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="grad_norm: tensors must be on one device"):
             grad_norm([torch.randn(3, device="cuda"), torch.randn(3)])
+
+
+@two_gpus
+def test_second_gpu():
+    """The step and the grad norm launched on their tensors' GPU while another is current."""
+    with torch.cuda.device(0):
+        test_16_bit_params_match_float64_rounded_each_step("triton", torch.bfloat16, torch.bfloat16, "cuda:1")
+        test_stochastic_rounding_is_reproducible("triton", "cuda:1")
+        test_grad_norm_matches_float64(torch.bfloat16, "cuda:1")
 
 
 @pytest.mark.bigmem

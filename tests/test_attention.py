@@ -11,7 +11,7 @@ import torch
 import kernels
 from gpt.model import rope_tables
 from kernels import attention
-from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs
+from tests.devices import compiled, cuda_only, interpreter_only, skip_unless_triton_runs, two_gpus
 from tests.numerics import assert_as_accurate, assert_mask_is_random
 from tests.test_rope import reference as turned
 
@@ -482,6 +482,15 @@ def test_long_sequence(device):
                                         (3000, False, 64)])
 def test_long_sequences_cuda(T, causal, D):
     check_against_float64("triton", 1, 2, 1, T, D, causal, torch.bfloat16, "cuda", "qkv")
+
+
+@two_gpus
+@pytest.mark.parametrize("rope", [False, True])
+def test_second_gpu(rope):
+    """Launched on q's GPU while another is current: the passes, rope's copy, dropout's seed."""
+    with torch.cuda.device(0):
+        check_against_float64("triton", 1, 4, 2, 67, 64, True, torch.bfloat16, "cuda:1", "qkv", rope)
+        test_dropout_gradients(True, rope, torch.bfloat16, "cuda:1")
 
 
 @pytest.mark.bigmem
