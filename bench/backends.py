@@ -12,6 +12,7 @@ A backend that fails its check is still timed, and marked unverified; one that c
 is reported with its error.
 """
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -125,9 +126,31 @@ def rows(ops: dict[str, dict]) -> list[Row]:
     return out
 
 
+def add_backward(c: Case, entry: dict, peak: float) -> None:
+    """Add the backward alone to each backend of `entry` that ran: a backward needs its forward's
+    graph, so it is its fwd+bwd median less its fwd median, credited the work between them (none
+    where noise leaves no time between them), and host time likewise, so that a host-bound
+    backward is marked too."""
+    c = dataclasses.replace(c, work={"bwd": c.work["fwd+bwd"] - c.work["fwd"]})
+    for record in entry["backends"].values():
+        if "ms" not in record or (ms := record["ms"]["fwd+bwd"] - record["ms"]["fwd"]) <= 0:
+            continue
+        record["ms"]["bwd"] = ms
+        record["rate"]["bwd"] = c.rate("bwd", ms)
+        record["roofline"]["bwd"] = record["rate"]["bwd"] / peak
+        host = record.get("host_ms") or {}
+        if host.get("fwd") is not None and host.get("fwd+bwd") is not None:
+            host["bwd"] = host["fwd+bwd"] - host["fwd"]
+
+
 def measure(timed: Case, impls: dict[str, Callable], device, checked: Case | None = None) -> list[Row]:
-    """Rows of every backend of `impls` at `timed`, checked there or at `checked`."""
-    return rows({timed.op: entry(timed, checked or timed, impls, roofline(timed.unit, device, timed.dtype), device)})
+    """Rows of every backend of `impls` at `timed`, checked there or at `checked`; with the
+    backward alone too where `timed` times a forward and the two (the issues' targets name it)."""
+    peak = roofline(timed.unit, device, timed.dtype)
+    e = entry(timed, checked or timed, impls, peak, device)
+    if {"fwd", "fwd+bwd"} <= set(timed.passes):
+        add_backward(timed, e, peak)
+    return rows({timed.op: e})
 
 
 def cli(doc: str, run: Callable[[], Iterable[Row]], title: str, argv: list[str] | None = None) -> int:

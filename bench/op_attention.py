@@ -11,8 +11,8 @@ torch SDPA (its flash or cuDNN backend, whichever torch picks), `compile` = torc
 
 FLOPs credited, the useful work (bench/cases.py): forward 4*B*H*T^2*D (two matmuls), halved
 when causal; backward 2.5x the forward (five matmuls to the forward's two). fwd+bwd times the
-forward plus torch.autograd.grad of q, k and v. A backward needs its forward's graph, so `bwd` is
-the fwd+bwd median less the fwd median. The roofline is the bf16 matmul rate measured in the same
+forward plus torch.autograd.grad of q, k and v. `bwd` is the fwd+bwd median less the fwd median
+(bench.backends.add_backward). The roofline is the bf16 matmul rate measured in the same
 run. `verified`: the output and dq, dk, dv as accurate as SDPA's, by the project's rule
 (kernels/accuracy.py), at that T and D for one sequence and one head: the float64 reference
 stores every head's T x T scores, more than a GPU holds at 16k tokens. With dropout, against
@@ -44,30 +44,10 @@ def _checked(s: Shapes, device) -> Case:
     return case("attention", Shapes(config, batch_size=1, seq_len=s.T, dtype=s.dtype), device)
 
 
-def _add_backward(c: Case, entry: dict, peak: float) -> None:
-    """Add the backward alone to each backend of `entry` that ran: its fwd+bwd median less its
-    fwd median, credited the FLOPs between them (none where noise leaves no time between them),
-    and host time likewise, so a host-bound backward is marked too."""
-    c = dataclasses.replace(c, work={"bwd": c.work["fwd+bwd"] - c.work["fwd"]})
-    for record in entry["backends"].values():
-        if "ms" not in record or (ms := record["ms"]["fwd+bwd"] - record["ms"]["fwd"]) <= 0:
-            continue
-        record["ms"]["bwd"] = ms
-        record["rate"]["bwd"] = c.rate("bwd", ms)
-        record["roofline"]["bwd"] = record["rate"]["bwd"] / peak
-        host = record.get("host_ms") or {}
-        if host.get("fwd") is not None and host.get("fwd+bwd") is not None:
-            host["bwd"] = host["fwd+bwd"] - host["fwd"]
-
-
 def run(device: str = "cuda", shapes: tuple[Shapes, ...] = SHAPES) -> Iterator[Row]:
     impls = backends.implementations("attention")
     for s in shapes:
-        timed = case("attention", s, device)
-        peak = backends.roofline(timed.unit, device, timed.dtype)
-        entry = backends.entry(timed, _checked(s, device), impls, peak, device)
-        _add_backward(timed, entry, peak)
-        yield from backends.rows({"attention": entry})
+        yield from backends.measure(case("attention", s, device), impls, device, checked=_checked(s, device))
 
 
 def launch_configs(device: str | None = None) -> str:

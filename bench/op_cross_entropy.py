@@ -8,7 +8,7 @@ Shapes: 16k tokens x vocabulary in (32000: LLaMA 2, 50304: GPT-2 padded as nanoG
 registry's torch reference, F.cross_entropy of the logits cast to fp32 (what the model computed
 before this op had a Triton backend), `compile` = torch.compile of it, `triton` = the registry's
 triton backend, and `F.cross_entropy` = torch's own eager op on the bf16 logits. fwd+bwd times the
-forward plus torch.autograd.grad of the logits.
+forward plus torch.autograd.grad of the logits (`bwd`: their medians' difference).
 
 Bytes credited, the same for every backend so that rates compare as times do (bench/cases.py):
 forward reads the logits and the targets; forward+backward then reads them again and writes the

@@ -13,7 +13,8 @@ Backends: `torch` = the registry's torch reference (computes in fp32), `compile`
 of it, `triton` = the registry's triton backend, and `F.rms_norm` / `F.layer_norm` = torch's own
 eager op in bf16 (after torch's dropout and add, given a residual). Both passes run with inputs
 that require grad, as in training; fwd+bwd times the forward plus torch.autograd.grad of x, the
-weight and the bias (and the residual).
+weight and the bias (and the residual); `bwd` is the fwd+bwd median less the fwd median
+(bench.backends.add_backward), what the issue's backward target is about.
 
 Bytes credited, the same for every backend so that rates compare as times do: the minimum
 traffic of each pass, every input read once and every output written once (bench/cases.py):

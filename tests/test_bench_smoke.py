@@ -34,7 +34,7 @@ def fake_matmul_tflops(device="cuda", dtype=torch.bfloat16):
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch):
     # Each timing reads 1 ms slower than the one before, so that a later pass reads slower, as a
-    # forward+backward does beside its forward (op_attention's bwd is their difference).
+    # forward+backward does beside its forward (the bwd rows are their difference).
     ticks = itertools.count(1)
     monkeypatch.setattr(backends, "median_ms", lambda fn: (fn(), float(next(ticks)))[1])
     monkeypatch.setattr(backends, "peak_mib", lambda fn, device: (fn(), PEAK_MIB)[1])
@@ -51,14 +51,14 @@ def tiny(shapes: tuple[Shapes, ...]) -> tuple[Shapes, ...]:
 # Each benchmark at tiny versions of some of its issue's shapes, and the backends and passes of its rows.
 BENCHMARKS = {
     "norm": (op_norm, tiny(op_norm.SHAPES[:1]),
-             {"torch", "compile", "triton", "F.rms_norm", "F.layer_norm"}, {"fwd", "fwd+bwd"}),
+             {"torch", "compile", "triton", "F.rms_norm", "F.layer_norm"}, {"fwd", "fwd+bwd", "bwd"}),
     "swiglu": (op_swiglu, tiny(op_swiglu.SHAPES[:1]),
-               {"torch", "compile", "triton", "F.silu(a) * b"}, {"fwd", "fwd+bwd"}),
-    "rope": (op_rope, tiny(op_rope.SHAPES[-1:]), {"torch", "compile", "triton"}, {"fwd", "fwd+bwd"}),
+               {"torch", "compile", "triton", "F.silu(a) * b"}, {"fwd", "fwd+bwd", "bwd"}),
+    "rope": (op_rope, tiny(op_rope.SHAPES[-1:]), {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
     "attention": (op_attention, tiny(op_attention.SHAPES[::len(op_attention.SEQ_LENS)]),  # D = 64, 128, dropout
                   {"torch", "compile", "triton"}, {"fwd", "fwd+bwd", "bwd"}),
     "cross_entropy": (op_cross_entropy, tiny(op_cross_entropy.SHAPES[:1]),
-                      {"torch", "compile", "triton", "F.cross_entropy"}, {"fwd", "fwd+bwd"}),
+                      {"torch", "compile", "triton", "F.cross_entropy"}, {"fwd", "fwd+bwd", "bwd"}),
     "linear_cross_entropy": (op_linear_cross_entropy, tiny(op_linear_cross_entropy.SHAPES[:1]),
                              {"torch", "compile", "triton", "linear + triton cross_entropy"}, {"fwd+bwd"}),
     "adamw": (op_adamw, tiny(op_adamw.SHAPES),
@@ -80,7 +80,7 @@ def test_op_benchmark_runs_and_writes_its_rows(name, monkeypatch, tmp_path, caps
     rows = result["rows"]
     assert {r["backend"] for r in rows} == backend_names and {r["pass"] for r in rows} == passes
     assert all(r["ms"] > 0 and r["value"] > 0 and 0 < r["roofline"] for r in rows)
-    # Every measured pass has its memory (not attention's bwd, the difference of two passes).
+    # Every measured pass has its memory (not bwd, the difference of two passes).
     assert all(r["peak_mib"] == (None if r["pass"] == "bwd" else PEAK_MIB) for r in rows)
     if name == "norm":  # the plain norm and the pre-norm form with the residual add
         assert {"+residual" in r["shape"] for r in rows} == {False, True}
@@ -120,13 +120,13 @@ def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_attention_backward_is_fwd_bwd_less_fwd():
+def test_backward_is_fwd_bwd_less_fwd():
     c = case("attention", op_attention.SHAPES[0], "meta")
     entry = {"backends": {"triton": {"ms": {"fwd": 1.0, "fwd+bwd": 4.0}, "rate": {}, "roofline": {},
                                      "host_ms": {"fwd": 0.5, "fwd+bwd": 3.5}},
                           "compile": {"ms": {"fwd": 1.0, "fwd+bwd": 0.9}, "rate": {}, "roofline": {}},  # noise
                           "torch": {"error": "boom"}}}
-    op_attention._add_backward(c, entry, peak=MATMUL_TFLOPS)
+    backends.add_backward(c, entry, peak=MATMUL_TFLOPS)
     triton = entry["backends"]["triton"]
     assert triton["ms"]["bwd"] == 3.0 and triton["host_ms"]["bwd"] == 3.0  # host-bound, as its fwd+bwd
     assert triton["rate"]["bwd"] == pytest.approx(2.5 * c.work["fwd"] / 3.0 / 1e9)
