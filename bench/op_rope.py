@@ -7,7 +7,8 @@ Shapes: 16k tokens (8 sequences of 2048) x (query heads / key-value heads, head 
 (12/12, 64) (the llama preset), (32/32, 128) (LLaMA-2 7B) and (32/8, 128) (LLaMA-3 8B). q and k are
 views of one qkv projection's output, as in the model, and both are rotated (two calls of the
 rope op, as generation's KV-cache path makes them; training's attention runs the same kernel
-once for q, k and a copy of v); fwd+bwd times the forward plus torch.autograd.grad of q and k (`bwd`: their medians' difference).
+once for q, k and a copy of v); fwd+bwd times the forward plus torch.autograd.grad of q and k
+(`bwd`: their medians' difference).
 Backends: `torch` = the registry's torch reference (the model's former eager code: fp32, about
 eight passes a tensor), `compile` = torch.compile of it, `triton` = the registry's triton backend.
 

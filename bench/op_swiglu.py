@@ -5,9 +5,9 @@ as a fraction of the GPU's measured copy bandwidth.
 
 Shapes: 16k tokens x hidden in (2048, 5632, 11008, 14336). gate and up are the two halves of one
 projection's output (`h.chunk(2, -1)`), as in the model; fwd+bwd times the forward plus
-torch.autograd.grad of gate and up (`bwd`: their medians' difference). Backends: `torch` = the registry's torch reference (computes
-in fp32), `compile` = torch.compile of it, `triton` = the registry's triton backend, and
-`F.silu(a) * b` = torch eager in bf16, the issue's baseline.
+torch.autograd.grad of gate and up (`bwd`: their medians' difference). Backends: `torch` = the
+registry's torch reference (computes in fp32), `compile` = torch.compile of it, `triton` = the
+registry's triton backend, and `F.silu(a) * b` = torch eager in bf16, the issue's baseline.
 
 Bytes credited, the same for every backend so that rates compare as times do: the minimum
 traffic of each pass, every input read once and every output written once (bench/cases.py):
