@@ -448,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequences per micro-batch (default: a config file's batch_size, else 16)")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--kernels", default=DEFAULT_VARIANTS,
-                        help="comma-separated variants (see above), e.g. triton+compile:reduce-overhead")
+                        help="comma-separated variants: torch, triton or auto (train.py's --kernels) run eagerly, "
+                             "or with +compile under torch.compile (compile is torch+compile), a compiled one "
+                             "optionally with :<compile_mode>, e.g. triton+compile:reduce-overhead")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument("--budget-s", type=positive(float),
                         help="start no variant this many seconds after the first began (none is cut midway)")
