@@ -532,7 +532,8 @@ def tune(head_dims: list[int], T: int, smoke: bool, json_path: Path | None, pool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--json", type=result_file, help="write every result to this path")
-    parser.add_argument("--d", default="64,128", help="head dims to tune, comma-separated, of 32, 64, 128 (96 runs with 128's configurations)")
+    parser.add_argument("--d", default="64,128",
+                        help="head dims to tune, comma-separated, of 32, 64, 128 (96 runs with 128's configurations)")
     parser.add_argument("--t", type=positive(int), default=4096, help="the tuning sequence length")
     parser.add_argument("--compile-jobs", type=positive(int), default=None,
                         help="processes that compile the candidates ahead of the sweeps (default: "
