@@ -12,7 +12,8 @@ tensor-core instruction (wgmma on sm90, tcgen05.mma on sm100, mma.sync on sm80 a
 when a kernel computes in fp64, updates memory atomically or takes a flush-to-zero reciprocal
 square root: errors, races and slow paths that Triton's CPU interpreter cannot show.
 The outputs are never computed, so the backward reads garbage; only what is launched matters.
-tests/test_sm_compile.py runs it for each GPU generation.
+tests/test_sm_compile.py runs it for each GPU generation, and `--steps` (recompiled_by_later_steps)
+and `--suite` once.
 """
 import argparse
 import dataclasses
