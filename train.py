@@ -585,18 +585,25 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             wandb.log({WANDB_NAMES.get(k, k): v for k, v in record.items()}, step=record["iter"])
 
     @torch.no_grad()
-    def estimate_loss() -> dict:
+    def estimate_loss() -> dict | None:
+        """The mean losses, or None where a SIGTERM came during the evaluation: every rank asks
+        after each batch (all score as many), and the run stops there rather than finish an
+        evaluation the scheduler's grace time may not cover."""
         model.eval()
-        out = {}
-        for split in ("train", "val"):
-            losses = torch.zeros(c["eval_iters"], device=c["device"])
-            for k, (x, y) in enumerate(batches.eval_batches(split, c["eval_iters"])):
-                with autocast:
-                    _, loss = model(x, y, return_logits=False)
-                losses[k] = loss
-            out[split] = distributed.mean(losses.mean()).item()  # each rank scored its slice of the windows
-        model.train()
-        return out
+        try:
+            out = {}
+            for split in ("train", "val"):
+                losses = torch.zeros(c["eval_iters"], device=c["device"])
+                for k, (x, y) in enumerate(batches.eval_batches(split, c["eval_iters"])):
+                    with autocast:
+                        _, loss = model(x, y, return_logits=False)
+                    losses[k] = loss
+                    if preemption and preemption.requested():
+                        return None
+                out[split] = distributed.mean(losses.mean()).item()  # each rank scored its slice of the windows
+            return out
+        finally:
+            model.train()
 
     def save_checkpoint() -> None:
         """A collective: every rank calls it, and notes it in `saved`."""
@@ -643,18 +650,21 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+            # On every rank. eval_only scores the model where it stands (a resumed iter_num need not
+            # fall on an eval step) and saves nothing.
+            losses = None
+            preempted = bool(preemption) and preemption.requested()
+            if not preempted and (evaluates_at(iter_num, c) or c["eval_only"]):
+                losses = estimate_loss()
+                preempted = losses is None
             # A SIGTERM: the run saves where it stands (unless it took no step, or keeps its best
-            # evaluation's checkpoint) and stops, before an evaluation, which might not end before
-            # SIGKILL (the resumed run makes it).
-            if preemption and preemption.requested():
-                preempted = True
+            # evaluation's checkpoint) and stops, before an evaluation or amid one, which might not
+            # end before SIGKILL (the resumed run makes it).
+            if preempted:
                 if iter_num > first_iter and (c["always_save_checkpoint"] or not checkpoint.exists(c["out_dir"])):
                     save_checkpoint()
                 break
-            # On every rank. eval_only scores the model where it stands (a resumed iter_num need not
-            # fall on an eval step) and saves nothing.
-            if evaluates_at(iter_num, c) or c["eval_only"]:
-                losses = estimate_loss()
+            if losses:
                 console.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 # An eval_only run's record says what it scored: it may sit in another run's log.
                 scored = dict(eval_only=True, init_from=c["init_from"]) if c["eval_only"] else {}

@@ -1,5 +1,5 @@
 """SIGTERM, a scheduler taking the machine back (SLURM at a job's time limit or scancel, a spot
-instance's shutdown, `timeout`, `kill`), lets a training run end the step in progress, save a
+instance's shutdown, `timeout`, `kill`), lets a training run end the step (or evaluation) in progress, save a
 checkpoint where it stands and stop, rather than lose every step since its last evaluation.
 
 Schedulers follow SIGTERM with SIGKILL (SLURM after KillWait, 30 s by default; torchrun kills

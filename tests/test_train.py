@@ -201,29 +201,55 @@ def test_sigterm_ends_the_step_saves_and_stops(tmp_path, data_dir):
     assert losses(resumed) == losses(whole)
 
 
-@pytest.mark.parametrize("asked, always, saved_at, says", [
-    (1, True, None, "stopped by SIGTERM at iter 0: no step since the run started, nothing saved"),
-    (3, True, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # before iter 2's evaluation
-    (4, False, 2, "stopped by SIGTERM at iter 3: always_save_checkpoint=False: the checkpoint stays the best "
+@pytest.fixture
+def sigterm_at(monkeypatch):
+    """Preemption.requested answering yes at iteration `at[0]`, from its `at[1]`-th question there
+    on (the first: at the iteration's start; then one after each batch of an evaluation)."""
+    at, seen, lr_at = [None, 1], [], train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda it, c: seen.append([it, 0]) or lr_at(it, c))  # once an iteration
+
+    def requested(self):
+        seen[-1][1] += 1
+        it, asked = seen[-1]
+        return it == at[0] and asked >= at[1]
+    monkeypatch.setattr(train.Preemption, "requested", requested)
+    return at
+
+
+@pytest.mark.parametrize("at, always, saved_at, says", [
+    (0, True, None, "stopped by SIGTERM at iter 0: no step since the run started, nothing saved"),
+    (2, True, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # before iter 2's evaluation
+    (3, False, 2, "stopped by SIGTERM at iter 3: always_save_checkpoint=False: the checkpoint stays the best "
                   "evaluation's"),
-    (3, False, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # no best to keep: saved
+    (2, False, 2, "stopped by SIGTERM at iter 2: its checkpoint is in"),  # no best to keep: saved
 ])
 def test_sigterm_stops_before_an_evaluation_saving_nothing_before_a_step_nor_over_the_best(
-        asked, always, saved_at, says, tmp_path, data_dir, monkeypatch, capsys):
+        at, always, saved_at, says, tmp_path, data_dir, sigterm_at, capsys):
     """A SIGTERM is acted on before an evaluation (which might outlast the scheduler's grace; the
     resumed run makes it). With always_save_checkpoint=False, out_dir's checkpoint is the best
-    evaluation's (nanoGPT's meaning): a SIGTERM does not save over it, only where there is none.
-    `asked`: the question SIGTERM answers, one an iteration from iter 0."""
-    questions = iter(range(1, 1000))
-    monkeypatch.setattr(train.Preemption, "requested", lambda self: next(questions) == asked)
+    evaluation's (nanoGPT's meaning): a SIGTERM does not save over it, only where there is none."""
+    sigterm_at[0] = at
     with pytest.raises(SystemExit) as stop:
         run(tmp_path, data_dir, "--device=cpu", "--max_iters=100", "--eval_interval=2",
             f"--always_save_checkpoint={always}")
     assert stop.value.code == 128 + signal.SIGTERM and says in " ".join(capsys.readouterr().err.split())
     assert checkpoint.exists(tmp_path) == bool(saved_at)
     assert saved_at is None or checkpoint.load(tmp_path, "cpu")["iter_num"] == saved_at
-    stopped_at = asked - 1
-    assert [r["iter"] for r in read_log(tmp_path) if "val_loss" in r] == [it for it in (0, 2) if it < stopped_at]
+    assert [r["iter"] for r in read_log(tmp_path) if "val_loss" in r] == [it for it in (0, 2) if it < at]
+
+
+@pytest.mark.parametrize("question", [2, 6, 9])  # after the first batch, within val's, after the last
+def test_sigterm_during_an_evaluation_stops_it_and_saves(question, tmp_path, data_dir, sigterm_at, capsys):
+    """An evaluation may outlast the scheduler's grace time: a SIGTERM that comes during one ends
+    it at the next batch, and the run saves where it stands, as before an evaluation."""
+    sigterm_at[:] = [2, question]  # iter 2's evaluation: 2 x 4 batches, a question after each
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, data_dir, "--device=cpu", "--max_iters=6", "--eval_interval=2", "--always_save_checkpoint=True")
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM at iter 2: its checkpoint is in {tmp_path}" in " ".join(capsys.readouterr().err.split())
+    assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 2
+    log = read_log(tmp_path)
+    assert [r["iter"] for r in log if "val_loss" in r] == [0] and max(r["iter"] for r in log) == 1
 
 
 def test_eval_only_leaves_sigterm_fatal(tmp_path, data_dir, monkeypatch):
