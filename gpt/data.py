@@ -117,6 +117,16 @@ def is_built(dataset: str, data_dir: str | os.PathLike = "data") -> bool:
     return False
 
 
+class _PlainData(pickle.Unpickler):
+    """Reads dicts, strings and numbers, never a class or function by name: a pickle naming one
+    runs it as it loads (a dataset folder from elsewhere could run any code; the reason
+    checkpoints load with weights_only)."""
+
+    def find_class(self, module: str, name: str):
+        raise ValueError(f"it names {module}.{name}: a meta.pkl is read as plain data only (its vocab_size, "
+                         f"stoi and itos), never a pickled object, which could run code as it loads")
+
+
 def load_meta(path: Path) -> dict | None:
     """meta.pkl of a character-level dataset, else None (GPT-2 BPE)."""
     meta = Path(path) / "meta.pkl"
@@ -124,7 +134,9 @@ def load_meta(path: Path) -> dict | None:
         return None
     with open(meta, "rb") as f:
         try:
-            return pickle.load(f)
+            return _PlainData(f).load()
+        except ValueError as e:
+            raise ValueError(f"{meta}: {e}") from None
         except (pickle.UnpicklingError, EOFError) as e:
             raise ValueError(f"{meta} is not a readable meta.pkl (cut short or corrupt?): {e!r}") from None
 

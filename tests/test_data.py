@@ -1,3 +1,4 @@
+import os
 import pickle
 import subprocess
 import sys
@@ -119,6 +120,26 @@ def test_a_token_file_cut_mid_token_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"val.bin is \d+ bytes, not a whole number of uint16 tokens \(cut short\? "
                                          r"delete the dataset's .bin files to build them again\)"):
         Batches(path, block_size=16, batch_size=4, device="cpu", seed=0)
+
+
+class _Mkdir:
+    """Pickled, a call of os.mkdir when it loads."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_meta_pkl_naming_code_is_refused_unrun(tmp_path):
+    """meta.pkl is read as plain data (checkpoints load with weights_only): one that names a
+    function, as a crafted dataset's could, is refused before the function runs."""
+    ran = tmp_path / "ran"
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(dict(vocab_size=65, itos={0: "a"}, payload=_Mkdir(str(ran)))))
+    with pytest.raises(ValueError, match=r"meta.pkl: it names (posix|os).mkdir: a meta.pkl is read as plain data"):
+        load_meta(tmp_path)
+    assert not ran.exists()
 
 
 def test_a_vocabulary_past_uint16_is_refused(tmp_path):
