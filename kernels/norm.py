@@ -192,16 +192,17 @@ def _norm_fwd_kernel(
         xc = tl.where(mask, x - mean[:, None], 0.0)
         # One fp32 sum leaves the mean off by about its ulp, which rstd magnifies where the row's
         # spread is small beside its mean (a constant row's y was bias + ulp / sqrt(eps)): the
-        # deviations' own sum corrects it, beside the sum of their squares (corrected two-pass:
-        # sum((xc - c)^2) = sum(xc^2) - N c^2 for c = mean(xc)).
+        # deviations' own sum corrects it before they are squared.
         # Rounded to nearest (div_rn; a GPU's `/` is good to 2 ulp): a constant row's deviations
         # are all one number d, whose N-fold sum is exact, so corr is d exactly and the row
         # normalizes to the bias exactly.
         corr = tl.div_rn(tl.sum(xc, axis=1), tl.cast(N, tl.float32))
-        sq = tl.sum(xc * xc, axis=1)
         mean += corr
         xc = tl.where(mask, xc - corr[:, None], 0.0)
-        var = tl.maximum(sq / N - corr * corr, 0.0)
+        # A sum of squares, never negative, and inf where they overflow fp32 (rstd 0: the row
+        # normalizes to the bias, as torch's), where sum(xc^2) / N - corr^2 was inf - inf (NaN,
+        # which the clamp at 0 made rstd = 1 / sqrt(eps): y of 1e31, finite).
+        var = tl.sum(xc * xc, axis=1) / N
         tl.store(Mean + rows, mean, mask=row_ok)
     # Rounded to nearest, subnormals kept: a GPU's tl.rsqrt (rsqrt.approx.ftz) takes a subnormal
     # var + eps (eps = 0, a row of values near 1e-19) for 0, and gives inf.

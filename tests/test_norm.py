@@ -585,6 +585,22 @@ def test_layer_norm_of_rows_whose_spread_is_small_beside_their_mean(device):
     assert torch.equal(kernels.get("layer_norm", "triton")(x, w, b, EPS)[1], b)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
+def test_layer_norm_of_rows_whose_squares_overflow_is_torchs(device):
+    """A row of 1e30s (a model blowing up) has a variance past fp32's range: inf, so rstd 0 and the
+    row normalizes to the bias, as in torch. Taken as mean square less squared mean, it was inf - inf,
+    NaN, clamped to 0: y of 1e31 (finite, so no divergence seen) and inf in dx."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(3, 37, device)
+    x[1] = 1e30 + 1e29 * x[1]
+    dy = torch.randn_like(x)
+    want = run(backend_fn("torch", "layer_norm"), x, w, b, dy)
+    got = run(backend_fn("triton", "layer_norm"), x, w, b, dy)
+    assert torch.equal(got[0][1], b)
+    for name, g, t in zip(["y", "dx", "dw", "db"], got, want):
+        torch.testing.assert_close(g, t, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_residual_backward_is_deterministic(op, bias, dropout_p, device):
