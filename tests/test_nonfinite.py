@@ -16,7 +16,7 @@ dq is not finite then: a key's infinity reaches every query's gradient); and lin
 cross-entropy's d_x under a non-finite loss gradient, which multiplies the ignored rows' zeros
 too (computed in the forward, d_x waits for that one factor; torch's leaves those rows 0).
 The attention cases are one tile long (T = 9): past a tile, a NaN in a late key's value reaches
-only the queries that attend to it in the kernel's results (the definition's), and every row
+only the queries that attend to it in the kernel's results (as in exact arithmetic), and every row
 in the reference's, whose masked products 0 * NaN are NaN."""
 import math
 
