@@ -199,9 +199,9 @@ def _norm_fwd_kernel(
         corr = tl.div_rn(tl.sum(xc, axis=1), tl.cast(N, tl.float32))
         mean += corr
         xc = tl.where(mask, xc - corr[:, None], 0.0)
-        # A sum of squares, never negative, and inf where they overflow fp32 (rstd 0: the row
-        # normalizes to the bias, as torch's), where sum(xc^2) / N - corr^2 was inf - inf (NaN,
-        # which the clamp at 0 made rstd = 1 / sqrt(eps): y of 1e31, finite).
+        # A sum of squares: never negative, and inf where they overflow fp32 (rstd 0: the row
+        # normalizes to the bias, as torch's); the shortcut sum(xc^2) / N - corr^2 is inf - inf
+        # there, NaN.
         var = tl.sum(xc * xc, axis=1) / N
         tl.store(Mean + rows, mean, mask=row_ok)
     # Rounded to nearest, subnormals kept: a GPU's tl.rsqrt (rsqrt.approx.ftz) takes a subnormal
