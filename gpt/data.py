@@ -180,7 +180,8 @@ class Batches:
     def _draw(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # A fresh memmap per batch: numpy's memmap otherwise grows resident memory (nanoGPT's note).
         data = np.memmap(self.path / f"{split}.bin", dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=generator)
+        ix = torch.randint(len(data) - self.block_size, (self.world_size * self.batch_size,), generator=generator,
+                           device="cpu")  # the generator's, whatever torch.set_default_device says
         ix = ix[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         windows = torch.from_numpy(np.stack([data[i: i + 1 + self.block_size] for i in ix.tolist()]).astype(np.int64))
         if self.vocab_size is not None and (top := int(windows.max())) >= self.vocab_size:

@@ -544,11 +544,12 @@ def _plan(op: str, key: tuple) -> tuple[_Launch, ...]:
                              f"2^{32 + HIGH_OFFSET_BITS.value} elements each, got {n} tensors of up to {max(numels)}")
     launches = []
     for (device, dtypes), rows in groups.items():
-        table = torch.tensor(rows, dtype=torch.int64)
+        # Made on the host, whatever torch.set_default_device says, and uploaded as one copy.
+        table = torch.tensor(rows, dtype=torch.int64, device="cpu")
         n_blocks = (table[:, -2] + BLOCK - 1) // BLOCK
-        row = torch.repeat_interleave(torch.arange(len(rows)), n_blocks)
+        row = torch.repeat_interleave(torch.arange(len(rows), device="cpu"), n_blocks)
         first_block = torch.cumsum(n_blocks, 0) - n_blocks
-        start = (torch.arange(len(row)) - first_block[row]) * BLOCK
+        start = (torch.arange(len(row), device="cpu") - first_block[row]) * BLOCK
         aligned = all(address % ALIGNMENT.value == 0 for r in rows for address in r[:-2])
         even = all(r[-2] % EVEN_NUMEL.value == 0 for r in rows)
         launches.append(_Launch(_upload(table, device), _upload(torch.stack([row, start], 1), device),

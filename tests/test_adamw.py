@@ -282,6 +282,23 @@ def test_triton_plan_is_cached():
     assert (info.misses, info.hits) == (1, 2) and adamw_module.tables_made() == 1
 
 
+def test_triton_plan_is_made_on_the_host_whatever_the_default_device():
+    """A script's torch.set_default_device (cuda, a notebook habit; meta here) does not move the
+    pointer tables, made on the host and uploaded: made on it, the upload's pin_memory refused a
+    CUDA table, and a meta one could not be read."""
+    skip_unless_triton_runs("triton", "cpu")
+    p = [torch.randn(s) for s in SHAPES]
+    g = [torch.randn_like(t) for t in p]
+    m, v = states(p)
+    want = [t.clone() for t in p]
+    kernels.get("adamw", "triton")(want, g, *states(p), step=1, **HYPER)
+    adamw_module._plan.cache_clear()
+    with torch.device("meta"):
+        norm = kernels.get("grad_norm", "triton")(g)
+        kernels.get("adamw", "triton")(p, g, m, v, step=1, **HYPER)
+    assert norm.device.type == "cpu" and all(torch.equal(a, b) for a, b in zip(p, want))
+
+
 @cuda_only
 def test_triton_new_plan_does_not_sync():
     """Grads at new addresses make a new pointer table: its upload must be queued, not wait for

@@ -103,6 +103,10 @@ def test_batches_are_shifted_windows_and_resumable(tmp_path):
     for device in ("meta", torch.device("meta")):
         x, y = Batches(str(path), block_size=16, batch_size=4, device=device, seed=0).next()
         assert x.device.type == y.device.type == "meta" and x.shape == (4, 16)
+    # Drawn with the host's generator whatever a script's torch.set_default_device says.
+    with torch.device("meta"):
+        x, _ = Batches(path, block_size=16, batch_size=4, device="cpu", seed=0).next()
+    assert torch.equal(x, Batches(path, block_size=16, batch_size=4, device="cpu", seed=0).next()[0])
 
 
 def test_a_killed_write_s_leftover_goes_when_the_dataset_is_taken_as_built(tmp_path):
