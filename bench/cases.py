@@ -121,14 +121,23 @@ def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Ten
     return t.requires_grad_(grad)
 
 
-# Dropout masks differ between backends (and between calls): the check seeds torch's generators
-# with this before every call of the backend it checks, so that all its calls draw one mask.
+# Dropout masks differ between backends (and between calls): the check seeds the generator that
+# draws the dropout's seed with this before every call of the backend it checks, so that all its
+# calls draw one mask.
 _CHECK_SEED = 1234
 
 
-def _seeded(fn: Callable) -> Callable:
+def _seeded(fn: Callable, device: torch.device) -> Callable:
+    """fn, `device`'s generator seeded before each call: that one alone (the self-check restores
+    it after), not every GPU's, as torch.manual_seed would."""
+    if device.type == "cuda":
+        generator = torch.cuda.default_generators[device.index if device.index is not None
+                                                  else torch.cuda.current_device()]
+    else:
+        generator = torch.random.default_generator
+
     def seeded(*args, **kwargs):
-        torch.manual_seed(_CHECK_SEED)
+        generator.manual_seed(_CHECK_SEED)
         return fn(*args, **kwargs)
     return seeded
 
@@ -166,7 +175,7 @@ def _norm(op: str, s: Shapes, device, residual: bool, autocast: bool = False) ->
     def align(fn, reference, inputs):
         """fn seeded, and the reference dropping x out with fn's mask: the elements of the sum fn
         returns for x = 1 and a zero residual that are not 0, scaled by 1 / (1 - p)."""
-        fn = _seeded(fn)
+        fn = _seeded(fn, inputs[0].device)
         probe = _copies(inputs)
         probe[0], probe[1] = (torch.full_like(t, v).requires_grad_() for t, v in zip(probe[:2], (1.0, 0.0)))
         scale = (call(fn, probe, "fwd")[1].detach() != 0).float() / (1 - p)
@@ -296,8 +305,8 @@ def _attention(s: Shapes, device) -> Case:
         The mask is read off fn's outputs for v set to one-hot rows of D keys at a time: output
         column i of a query is its weight of key j0 + i, kept or not; every weight of a visible
         key is positive."""
-        fn = _seeded(fn)
         qkv, dy = inputs[:2]
+        fn = _seeded(fn, qkv.device)
         scale = torch.zeros(B, H, T, T, device=qkv.device)
         cols = torch.arange(D, device=qkv.device)
         for j0 in range(0, T, D):

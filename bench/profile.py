@@ -286,13 +286,15 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     """Whether `op`'s triton backend matches torch at `shapes` (see check_shapes), and why;
     once per op and shapes in a process. The caller's random state is left as it was: the check
     draws its inputs and seeds its dropout, and a run seeded before it (gpt.sample's --seed)
-    would otherwise sample the same with every seed."""
+    would otherwise sample the same with every seed. Its backward runs whatever the caller's
+    grad mode (a script choosing its kernels under no_grad or inference_mode)."""
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
     shapes = check_shapes(op, shapes, device_type)
     key = (op, device_type, shapes.key())
     if key not in _checked:
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []):
+        with (torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []),
+              torch.inference_mode(False), torch.enable_grad()):
             _checked[key] = _check(op, shapes, device_type)
     return _checked[key]
 

@@ -252,6 +252,18 @@ def test_self_check_in_the_interpreter_passes_at_the_models_kinds_of_layer():
 
 
 @interpreter_only
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_the_self_check_runs_backward_whatever_the_callers_grad_mode(mode, monkeypatch):
+    """Kernels chosen under no_grad or inference_mode (a script about to generate) are checked
+    forward and backward all the same: the backward failed there, and every op fell back to torch
+    for the rest of the process (the failure cached)."""
+    monkeypatch.setattr(profile, "_checked", {})
+    with mode():
+        choices = kernels.choose("triton", "cpu", used={"rms_norm", "swiglu"})
+    assert choices["rms_norm"].backend == choices["swiglu"].backend == "triton", choices
+
+
+@interpreter_only
 def test_the_norms_self_check_runs_every_form_the_model_calls(monkeypatch):
     """Plain and with the residual add (and its dropout), in the run's dtype and as under autocast
     with fp32 weights and stream (train.py's adamw runs): a layer_norm wrong only where out_dtype
@@ -272,6 +284,21 @@ def test_the_norms_self_check_runs_every_form_the_model_calls(monkeypatch):
     monkeypatch.setitem(kernels.registry._impls["layer_norm"], "triton", wrong_under_autocast)
     ok, why = profile.self_check("layer_norm", shapes, "cpu")
     assert not ok and "fp32 weights+stream" in why
+
+
+@interpreter_only
+@pytest.mark.parametrize("op", ["layer_norm", "attention"])
+def test_the_dropout_self_check_seeds_the_checked_device_s_generator_alone(op, monkeypatch):
+    """The check draws one dropout mask per backend by seeding the generator the op's seed comes
+    from: that device's alone, which it restores after. torch.manual_seed reseeded every GPU's, so
+    a script's dropout on another GPU drew the check's masks whatever its own seed."""
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: pytest.fail("torch.manual_seed seeds every device"))
+    monkeypatch.setattr(profile, "_checked", {})
+    shapes = Shapes(GPTConfig(**(preset("gpt2") | dict(dropout=0.1))), batch_size=1, dtype=torch.float32)
+    state = torch.get_rng_state()
+    ok, why = profile.self_check(op, shapes, "cpu")
+    assert ok, why
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @interpreter_only
