@@ -516,12 +516,15 @@ class GPT(nn.Module):
 
     def _plain_head(self) -> bool:
         """Whether lm_head is what linear_cross_entropy computes, x @ weight.T: a Linear (parametrized
-        or not) without a bias or hooks of its own. Anything else (a head wrapped by LoRA or peft,
-        a hook) is called as a module: its forward would be skipped by the fused loss."""
-        head = self.lm_head
+        or not) without a bias, with no hooks of its own nor global ones (a profiler's, an activation
+        logger's: torch.nn.modules.module.register_module_forward_hook). Anything else (a head
+        wrapped by LoRA or peft, a hook) is called as a module: the fused loss would skip it."""
+        head, hooks = self.lm_head, torch.nn.modules.module
         return (type(head).forward is nn.Linear.forward and head.bias is None
                 and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks
-                         or head._backward_pre_hooks))
+                         or head._backward_pre_hooks or hooks._global_forward_hooks
+                         or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                         or hooks._global_backward_pre_hooks))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices (matmul weights, embeddings), none on vectors (norms, biases)."""

@@ -163,15 +163,20 @@ class LoRAHead(torch.nn.Module):
         return self.base(x) + x @ self.A.T @ self.B.T
 
 
-@pytest.mark.parametrize("head", ["hooked", "lora", "parametrized"])
-def test_the_training_loss_calls_a_head_that_is_more_than_its_weight(head, monkeypatch):
+@pytest.mark.parametrize("head", ["hooked", "global-hook", "lora", "parametrized"])
+def test_the_training_loss_calls_a_head_that_is_more_than_its_weight(head, monkeypatch, request):
     """return_logits=False fuses the head into the loss only where the head is x @ weight.T (a
-    parametrization of the weight is taken as it reads): a head with a hook of its own, or wrapped
-    (LoRA), is called, and the loss and every gradient are those with the logits."""
+    parametrization of the weight is taken as it reads): a head with a hook of its own, or under
+    a global one, or wrapped (LoRA), is called, and the loss and every gradient are those with the
+    logits."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
     if head == "hooked":
         model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    elif head == "global-hook":
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: out * 2 if module is model.lm_head else None)
+        request.addfinalizer(hook.remove)
     elif head == "lora":
         model.lm_head = LoRAHead(model.lm_head)
     else:
