@@ -400,10 +400,28 @@ def open_out_dir(c: dict, iter_num: int, console, cleanup: ExitStack):
     return log_file
 
 
+@contextmanager
+def torch_settings():
+    """A run's process-wide torch settings, the caller's back after it (a notebook's, a sweep's):
+    float32 as the default dtype, whatever a script set (a model built under float64 trained in
+    it on torch's ops, and failed at its first step on triton's), and TF32 matmuls on a GPU
+    (nanoGPT's)."""
+    dtype = torch.get_default_dtype()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def main(argv: list[str]) -> None:
     # However the run ends (an error, an interrupt, a guard's stop), the clock sampler's thread
-    # stops and the log closes: called again in one process (a notebook, a sweep), nothing piles up.
+    # stops, the log closes and torch's settings are the caller's again: called again in one
+    # process (a notebook, a sweep), nothing piles up.
     with ExitStack() as cleanup:
+        cleanup.enter_context(torch_settings())
         run(argv, cleanup)
 
 

@@ -259,6 +259,18 @@ def test_eval_only_leaves_sigterm_fatal(tmp_path, data_dir, monkeypatch):
     run(tmp_path, data_dir, "--device=cpu", "--init_from=resume", "--eval_only=True")
 
 
+def test_a_run_trains_in_float32_whatever_the_callers_default_dtype_and_gives_it_back(tmp_path, data_dir):
+    """train.main called from a script that set float64 as torch's default dtype: the model was
+    built in it (trained in float64 on torch's ops; triton's refused it at the first step)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        run(tmp_path, data_dir, "--device=cpu", "--max_iters=1", "--eval_interval=1", "--always_save_checkpoint=True")
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert {t.dtype for t in checkpoint.load(tmp_path, "cpu")["model"].values()} == {torch.float32}
+
+
 def test_a_run_in_another_thread_leaves_sigterm_as_it_was():
     """Only the main thread may set a signal's handler (and Python runs them there): train.main
     called in another thread runs without one."""
