@@ -79,7 +79,8 @@ def read_log(out_dir):
 
 def test_an_interrupted_run_stops_its_clock_sampler_and_closes_its_log(tmp_path, data_dir, monkeypatch):
     """Called in a long-lived process (a notebook, a sweep), a run that ends in an error or an
-    interrupt leaves no NVML sampling thread running, no log open and SIGTERM's handler as it was."""
+    interrupt leaves no NVML sampling thread running, no log open, and SIGTERM's handler and
+    torch's settings (train.torch_settings) as they were."""
     closed, entered, lr_at, handler = [], [], train.lr_at, signal.getsignal(signal.SIGTERM)
 
     class Recorded(train.ExitStack):
@@ -96,8 +97,8 @@ def test_an_interrupted_run_stops_its_clock_sampler_and_closes_its_log(tmp_path,
     monkeypatch.setattr(train, "lr_at", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, data_dir, "--max_iters=10", "--log_interval=1")
-    log, preemption = entered
-    assert len(closed) == 1 and log.name == str(tmp_path / "log.jsonl") and log.closed
+    settings, log, preemption = entered
+    assert settings.gen.__name__ == "torch_settings" and len(closed) == 1 and log.name == str(tmp_path / "log.jsonl") and log.closed
     assert isinstance(preemption, train.Preemption) and signal.getsignal(signal.SIGTERM) is handler
 
 
