@@ -245,7 +245,7 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint
             # back, the compensation would be that of weights long since changed. It starts at zero.
             state.pop("compensation", None)
             if "step" in state and not torch.is_tensor(state["step"]):  # BF16AdamW's count, an int
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device="cpu")
 
 
 def _restore_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -296,7 +296,7 @@ def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:
         step = saved.get(prefix + "step")
         tensor = isinstance(step, TensorStorageMetadata)
         if step is not None and ("step" not in param_state or tensor != isinstance(param_state["step"], torch.Tensor)):
-            param_state["step"] = torch.zeros((), dtype=step.properties.dtype) if tensor else 0
+            param_state["step"] = torch.zeros((), dtype=step.properties.dtype, device="cpu") if tensor else 0
     for i, group in enumerate(optimizer_state["param_groups"]):
         for key in [key for key in group if f"optimizer.param_groups.{i}.{key}" not in saved]:
             del group[key]
@@ -305,7 +305,7 @@ def _like_the_checkpoint(optimizer_state: dict, path: Path) -> None:
 def _whole_model_state(path: Path) -> dict:
     """The model weights of a sharded checkpoint, gathered into whole tensors in this process."""
     tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+    state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype, device="cpu")
              for key, meta in tensors.items()
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     _dcp_load({"model": state}, path)

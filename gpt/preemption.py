@@ -46,6 +46,6 @@ class Preemption:
     def requested(self) -> bool:
         if not self.parallel:
             return self.signaled
-        flag = torch.tensor([int(self.signaled)])
+        flag = torch.tensor([int(self.signaled)], device="cpu")  # whatever torch.set_default_device says
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())

@@ -430,7 +430,8 @@ def _preemption_worker(rank: int, port: int, out: str) -> None:
         if rank == 1:  # the signal reaches one rank only, between two iterations' questions
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)  # a repeat (torchrun passing the scheduler's on) changes nothing
-        seen.append(preemption.requested())
+        with torch.device("meta"):  # a script's default device: the flag goes over gloo from the host all the same
+            seen.append(preemption.requested())
     seen = distributed.gather((seen, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
     if rank == 0:
         torch.save(seen, Path(out) / "seen.pt")
