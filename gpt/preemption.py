@@ -1,6 +1,7 @@
 """SIGTERM, a scheduler taking the machine back (SLURM at a job's time limit or scancel, a spot
-instance's shutdown, `timeout`, `kill`), lets a training run end the step (or evaluation) in progress, save a
-checkpoint where it stands and stop, rather than lose every step since its last evaluation.
+instance's shutdown, `timeout`, `kill`), lets a training run end the step (or evaluation) in
+progress, save a checkpoint where it stands and stop, rather than lose every step since its
+last evaluation.
 
 Schedulers follow SIGTERM with SIGKILL (SLURM after KillWait, 30 s by default; torchrun kills
 its workers 30 s after passing the signal on), so a step and a save must fit in that. A repeated
