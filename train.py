@@ -312,8 +312,8 @@ def summary(console, c, model, choices, tokens_per_iter, world, config_files):
                            f"block {mc.block_size}, vocab {mc.vocab_size}; {mc.norm_position}-{mc.norm}, "
                            f"{mc.pos_encoding} positions, {mc.mlp if mc.mlp == 'swiglu' else mc.activation} MLP "
                            f"({mc.mlp_hidden} hidden), bias {mc.bias}, tied {mc.tie_weights}")
-    table.add_row("batch", f"{c['batch_size']} × {c['block_size']} tokens × {c['gradient_accumulation_steps']} "
-                           f"accumulation × {world.size} processes ({world.parallel or 'no process group'}) = "
+    table.add_row("batch", f"{c['batch_size']} x {c['block_size']} tokens x {c['gradient_accumulation_steps']} "
+                           f"accumulation x {world.size} processes ({world.parallel or 'no process group'}) = "
                            f"{tokens_per_iter:,} tokens per step")
     table.add_row("device", f"{c['device']}, {c['dtype']}, {_compiled(c)}, optimizer {c['optimizer']}"
                             + (f", {model.recomputed} of {mc.n_layer} blocks recomputed in backward"

@@ -149,6 +149,6 @@ def causal_attention_fwd_flops(B: int, H: int, T: int, D: int) -> float:
     return 4 * B * H * T * T * D / 2
 
 
-CONVENTION = ("MFU counts 6N + 12·L·H·Q·T FLOPs a token, N the parameters but the embedding tables "
+CONVENTION = ("MFU counts 6N + 12*L*H*Q*T FLOPs a token, N the parameters but the embedding tables "
               "(PaLM / nanoGPT / torchtitan convention: non-causal attention); hardware FLOPs count "
-              "the matmuls, causal attention and flash attention's recomputed QKᵀ (7·L·H·Q·T)")
+              "the matmuls, causal attention and flash attention's recomputed QK^T (7*L*H*Q*T)")

@@ -298,10 +298,10 @@ def print_plan(plan: Plan, models: dict[str, GPTConfig], console: Console | None
     if unfit:
         console.print(f"Throughput of {', '.join(unfit)}: does not fit, not one sequence with any optimizer and "
                       "sharding, even recomputing every block.")
-    console.print("Activations: per layer 2·(3h + qkv + up + hidden) bytes in bf16 (with RoPE the turned "
+    console.print("Activations: per layer 2*(3h + qkv + up + hidden) bytes in bf16 (with RoPE the turned "
                   "q, k and a copy of v in the projection output's place) plus the two "
-                  "norm inputs (fp32 under autocast outside FSDP), head r·h + 4h (the triton linear_cross_entropy; "
-                  f"torch's: r·h + {UNFUSED_LOSS_BYTES}·vocab); a recomputed block keeps its "
+                  "norm inputs (fp32 under autocast outside FSDP), head r*h + 4h (the triton linear_cross_entropy; "
+                  f"torch's: r*h + {UNFUSED_LOSS_BYTES}*vocab); a recomputed block keeps its "
                   "inputs (stream and pending branch), and recomputing all holds one block's activations "
                   f"too; 'recompute for {plan.micro_batch}': the fewest blocks (train.py's recompute=n, the "
                   "first n) for that micro-batch (--batch-size) to fit. "
@@ -310,5 +310,5 @@ def print_plan(plan: Plan, models: dict[str, GPTConfig], console: Console | None
                   "two gathered bf16 blocks, the root's embeddings and a block's whole grads and reduce-scatter "
                   "input), and "
                   "under adamw's autocast outside FSDP 2 B per layer matmul weight for its bf16 copies; "
-                  "the loss's 8·vocab·h + 1 GiB. "
+                  "the loss's 8*vocab*h + 1 GiB. "
                   "See bench/plan.py.")

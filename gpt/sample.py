@@ -161,9 +161,16 @@ def main(argv: list[str]) -> list[str]:
             y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"],
                                kv_cache=c["kv_cache"], vocab_limit=decodable)
             samples.append(decode(y[0].tolist()))
-            print(samples[-1])
+            print(printable(samples[-1]))
             print("---------------")
     return samples
+
+
+def printable(text: str) -> str:
+    """`text` as stdout can encode it: where it cannot (an ASCII or Latin-1 terminal; a BPE model
+    samples any character) escaped, not a UnicodeEncodeError once every sample is drawn."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 if __name__ == "__main__":

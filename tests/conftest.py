@@ -1,3 +1,4 @@
+import io
 import os
 import random
 import signal
@@ -103,6 +104,18 @@ def pytest_sessionfinish(session):
 def pytest_runtest_setup(item):
     if time.time() > DEADLINE:
         pytest.skip("TEST_DEADLINE passed before this test started")
+
+
+@pytest.fixture
+def ascii_stdout(monkeypatch):
+    """A call that makes sys.stdout as PYTHONIOENCODING=ascii (or a C locale without UTF-8 mode)
+    does, and returns the bytes written to it: made in the test itself, where pytest's capture
+    has set its own."""
+    def install() -> io.BytesIO:
+        out = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii", write_through=True))
+        return out
+    return install
 
 
 @pytest.fixture(params=DEVICES)

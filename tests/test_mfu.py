@@ -90,6 +90,14 @@ def test_throughput_of_a_preset_that_fits_nowhere_says_so(capsys):
     assert big.count("does not fit") == 5 and "does not fit" not in small
 
 
+def test_the_plan_prints_to_an_ascii_stdout(ascii_stdout, monkeypatch):
+    """The plan's own text is ASCII: its '·' raised UnicodeEncodeError on an ASCII stdout."""
+    monkeypatch.setattr(mfu, "detect", lambda: None)
+    printed = ascii_stdout()
+    assert mfu.main(["--gpu", "h100", "--preset", "gpt2"]) == 0
+    assert "the loss's 8*vocab*h + 1 GiB" in " ".join(printed.getvalue().decode("ascii").split())
+
+
 def test_plan_credits_a_given_peak_to_the_user(capsys, monkeypatch):
     monkeypatch.setattr(mfu, "detect", lambda: None)  # plans even on an H100
     assert mfu.main(["--gpu", "h100", "--preset", "gpt2", "--peak-tflops", "500"]) == 0

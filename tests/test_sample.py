@@ -274,6 +274,14 @@ def test_by_default_three_samples_from_a_newline_each_printed(tmp_path, capsys):
     assert capsys.readouterr().out == "".join(f"{t}\n---------------\n" for t in texts)
 
 
+def test_a_sample_stdout_cannot_encode_is_printed_escaped(tmp_path, ascii_stdout):
+    """An ASCII stdout gets the characters it lacks escaped: printing them raised
+    UnicodeEncodeError, the samples lost."""
+    args, printed = char_checkpoint(tmp_path, chars="aé \n", vocab_size=8), ascii_stdout()
+    text = sample([*args, "--start=é", "--max_new_tokens=3"])
+    assert text[0].startswith("é") and printed.getvalue().decode("ascii").startswith("\\xe9")
+
+
 def test_the_default_seed_and_temperature_are_used(tmp_path):
     args = [*char_checkpoint(tmp_path), "--max_new_tokens=20"]
     state = checkpoint.load(tmp_path, "cpu")

@@ -272,6 +272,14 @@ def test_a_run_trains_in_float32_whatever_the_callers_default_dtype_and_gives_it
     assert {t.dtype for t in checkpoint.load(tmp_path, "cpu")["model"].values()} == {torch.float32}
 
 
+def test_a_run_prints_to_an_ascii_stdout(tmp_path, data_dir, ascii_stdout):
+    """train.py's own text is ASCII: its summary's '×' and the MFU line's '·' raised
+    UnicodeEncodeError on an ASCII stdout (PYTHONIOENCODING=ascii) before the first step."""
+    printed = ascii_stdout()
+    run(tmp_path, data_dir, "--device=cpu", "--max_iters=1")
+    assert b"tokens per step" in printed.getvalue() and b"iter 0: loss" in printed.getvalue()
+
+
 def test_a_run_in_another_thread_leaves_sigterm_as_it_was():
     """Only the main thread may set a signal's handler (and Python runs them there): train.main
     called in another thread runs without one."""
