@@ -14,6 +14,7 @@ One process with RANK unset (plain `python train.py`) has no process group and n
 """
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -58,7 +59,7 @@ def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
         return World(), device
     if "LOCAL_RANK" not in os.environ:
         raise ValueError("RANK is set but LOCAL_RANK is not: launch with torchrun, or set LOCAL_RANK to the "
-                         "process's index on its node (its GPU)")
+                         "process's index on its node (its GPU), or unset RANK to train in one process")
     try:
         local_rank = int(os.environ["LOCAL_RANK"])
     except ValueError:
@@ -72,6 +73,12 @@ def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
                              f"(torchrun's way; not one GPU a process, as srun --gpus-per-task=1 gives)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Not torchrun's (a hand-written launch, or variables an image or a shell left set): the
+        # join waits for every rank, silently, for torch's 30 minutes.
+        print(f"RANK={os.environ['RANK']} and WORLD_SIZE={os.environ.get('WORLD_SIZE')} are set (not by torchrun): "
+              f"joining their process group at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
+              f"waiting for every rank; unset RANK to train in one process", file=sys.stderr, flush=True)
     # device_id: NCCL binds to this GPU now rather than guessing at the first collective.
     dist.init_process_group(backend=backend if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     return World(dist.get_rank(), local_rank, dist.get_world_size(), parallel), device

@@ -118,6 +118,26 @@ def test_rank_without_local_rank_is_named(monkeypatch):
         distributed.init("ddp", "gloo", "cpu")
 
 
+@pytest.mark.parametrize("torchrun", [False, True], ids=["left-set", "torchrun"])
+def test_a_launch_not_torchrun_s_says_what_it_waits_for(monkeypatch, capsys, torchrun):
+    """RANK and WORLD_SIZE left set (by an image, or in a shell opened inside a torchrun worker)
+    make a plain `python train.py` join a process group and wait for ranks that never come, for
+    30 minutes: it says so first, and how to train alone. torchrun's launches say nothing."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="10.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", mock.Mock(side_effect=RuntimeError("joins")))
+    with pytest.raises(RuntimeError, match="joins"):
+        distributed.init("ddp", "gloo", "cpu")
+    said = " ".join(capsys.readouterr().err.split())
+    assert ("RANK=0 and WORLD_SIZE=2 are set (not by torchrun): joining their process group at 10.0.0.1:29500, "
+            "waiting for every rank; unset RANK to train in one process" in said) != torchrun
+
+
 def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
     """A launcher that shows each process one GPU: rank 1 asks for cuda:1, which it cannot see."""
     monkeypatch.setenv("RANK", "1")
