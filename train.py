@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -29,7 +28,7 @@ from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN_KEYS, ConfigError, check_device,
                         check_seed, optimizer_dtype, parse_args, printed_help, reported as reported_by, training_dtype)
 from gpt.data import Batches, DataError, is_built, load_meta, prepare
-from gpt.files import try_lock, write_atomic
+from gpt.files import try_lock, unwritten, write_atomic
 from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
 from bench import plan, shown
@@ -391,7 +390,8 @@ def open_out_dir(c: dict, iter_num: int, console, cleanup: ExitStack):
             trim_log(log_path, iter_num, evaluates=evaluates_at(iter_num, c))
         earlier = checkpoint.set_aside(c["out_dir"], log_path) if fresh else None
         # Appending (O_APPEND) even when fresh: an eval_only run beside it appends to the same log.
-        log_file = cleanup.enter_context(open(log_path, "a"))
+        # Unbuffered: each record one write (see append).
+        log_file = cleanup.enter_context(open(log_path, "ab", buffering=0))
         if fresh:
             log_file.truncate(0)
     if earlier:
@@ -414,6 +414,21 @@ def torch_settings():
     finally:
         torch.set_default_dtype(dtype)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def append(log_file, record: dict, out_dir: str) -> None:
+    """`record` as a line of the log, in one write of the unbuffered file: a run appending beside
+    this one (eval_only) never splits it, and a write that failed (a full disk) leaves no buffer
+    to fail again as the file closes."""
+    # JSON has no NaN or infinity (a float16 step's skipped gradient norm is inf): null for them.
+    line = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()})
+    rest = memoryview((line + "\n").encode())
+    try:
+        while rest:
+            rest = rest[log_file.write(rest):]
+    except OSError as e:
+        raise SystemExit(f"train.py: {unwritten('the log', out_dir, e)}; the last checkpoint there is as it was"
+                         ) from None
 
 
 def main(argv: list[str]) -> None:
@@ -586,7 +601,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
         log_file = open_out_dir(c, iter_num, console, cleanup)
         # The backend that ran each op (kernels=auto chooses per GPU) heads what this run logs.
         marks = {"eval_only": True} if c["eval_only"] else {}
-        log_file.write(json.dumps(dict(iter=iter_num, kernels=backends, **marks)) + "\n")
+        append(log_file, dict(iter=iter_num, kernels=backends, **marks), c["out_dir"])
     if c["wandb_log"] and master:
         import wandb
 
@@ -595,10 +610,7 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
     def log(record: dict) -> None:
         if not master:
             return
-        # JSON has no NaN or infinity (a float16 step's skipped gradient norm is inf): null for them.
-        log_file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                   for k, v in record.items()}) + "\n")
-        log_file.flush()
+        append(log_file, record, c["out_dir"])
         if c["wandb_log"]:  # an iteration's eval and step records are one wandb step
             wandb.log({WANDB_NAMES.get(k, k): v for k, v in record.items()}, step=record["iter"])
 
@@ -640,9 +652,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                 path = checkpoint.save(dict(state, model=raw_model.state_dict(), optimizer=optimizer_state),
                                        c["out_dir"])
         except OSError as e:
-            free = shutil.disk_usage(c["out_dir"]).free / 2**20
-            raise SystemExit(f"train.py: the checkpoint could not be written ({free:,.0f} MiB free in "
-                             f"{c['out_dir']}): {e}; the last one there is as it was") from None
+            raise SystemExit(f"train.py: {unwritten('the checkpoint', c['out_dir'], e)}; "
+                             f"the last one there is as it was") from None
         console.print(f"saved checkpoint to {path}")
 
     # --- the loop -----------------------------------------------------------------------------

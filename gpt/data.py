@@ -9,13 +9,14 @@ import os
 import pickle
 import sys
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import reported
-from .files import remove_abandoned, write_atomic
+from .files import remove_abandoned, unwritten, write_atomic
 from .tokenizer import EOT, gpt2
 
 SHAKESPEARE = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
@@ -74,6 +75,15 @@ def write_documents(path: Path, texts: Iterable[str], batch: int = 1024) -> int:
     return total
 
 
+@contextmanager
+def _written(out: Path):
+    """A dataset's build into `out`, a write it failed (a full disk) named with the space left."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(unwritten(f"dataset {out.name}", out, e)) from None
+
+
 def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = None) -> dict[str, int]:
     """nanoGPT's openwebtext preparation: 8M web documents, 0.05% held out for val. `splits`
     (split name -> document texts) replaces the download, for tests and other corpora."""
@@ -87,7 +97,8 @@ def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = No
         splits = {name: (t for rows in ds[key].iter(batch_size=1024) for t in rows["text"])
                   for name, key in (("train", "train"), ("val", "test"))}
     out.mkdir(parents=True, exist_ok=True)  # once there is something to write: a failed download leaves no folder
-    return {name: write_documents(out / f"{name}.bin", texts) for name, texts in splits.items()}
+    with _written(out):
+        return {name: write_documents(out / f"{name}.bin", texts) for name, texts in splits.items()}
 
 
 def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
@@ -98,7 +109,8 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data") -> Path:
             remove_abandoned(out / name)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
+    with _written(out):
+        {"shakespeare_char": build_shakespeare_char, "shakespeare": build_shakespeare}[dataset](out)
     return out
 
 

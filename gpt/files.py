@@ -4,6 +4,7 @@ import fcntl
 import glob
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -39,6 +40,14 @@ def try_lock(f) -> bool:
     except OSError:
         pass
     return True
+
+
+def unwritten(what: str, folder: str | os.PathLike, error: OSError) -> str:
+    """What a failed write of `what` in `folder` says: the error and the space left there (a full
+    disk or a quota is the likely cause, and an error such as numpy's "N requested and M written"
+    names neither)."""
+    free = shutil.disk_usage(folder).free / 2**20
+    return f"{what} could not be written ({free:,.0f} MiB free in {folder}): {error}"
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:

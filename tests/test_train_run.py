@@ -321,6 +321,21 @@ def test_a_checkpoint_the_disk_cannot_take_ends_the_run_saying_so_and_keeps_the_
     assert checkpoint.load(tmp_path, "cpu")["iter_num"] == 2 and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_log_the_disk_cannot_take_ends_the_run_saying_so(tmp_path, data_dir):
+    """A full disk under the log (/dev/full here) ends the run as a checkpoint's does, with the free
+    space: it was three chained tracebacks (the write's, then the file's close failing to flush
+    the same bytes) naming neither the file nor the disk."""
+    run(tmp_path, data_dir, *CPU, "--max_iters=1", "--eval_interval=1", "--eval_iters=1",
+        "--always_save_checkpoint=True")
+    (tmp_path / "log.jsonl").unlink()
+    (tmp_path / "log.jsonl").symlink_to("/dev/full")  # eval_only appends to the log as it is
+    with pytest.raises(SystemExit, match=r"^train.py: the log could not be written \([\d,]+ MiB free in .*\): "
+                                         r"\[Errno 28\] No space left on device; the last checkpoint there is as "
+                                         r"it was$"):
+        run(tmp_path, data_dir, *CPU, "--eval_iters=1", "--init_from=resume", "--eval_only=True")
+
+
 def test_an_out_dir_it_cannot_make_is_a_message(tmp_path):
     """out_dir naming a file: train.py's message, not a traceback, before the data is prepared."""
     taken = tmp_path / "a_file"
