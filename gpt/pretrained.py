@@ -49,7 +49,16 @@ def is_pretrained(init_from: str) -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TRITONGPT_CACHE", Path.home() / ".cache" / "tritongpt"))
+    """Where hub models are kept: TRITONGPT_CACHE, else XDG_CACHE_HOME's (by default the home's
+    .cache) tritongpt. The home is looked up only then: a container's user may have none."""
+    if os.environ.get("TRITONGPT_CACHE"):
+        return Path(os.environ["TRITONGPT_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "tritongpt"
+    try:
+        return Path.home() / ".cache" / "tritongpt"
+    except RuntimeError as e:  # no HOME, and no passwd entry for the user
+        raise OSError(f"no cache folder for GPT-2's weights ({e}): set TRITONGPT_CACHE") from None
 
 
 def locate(init_from: str) -> Path:

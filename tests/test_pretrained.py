@@ -186,6 +186,23 @@ def test_hub_models_download_once_into_the_cache(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "gpt2-medium").exists()  # nothing left behind
 
 
+def test_the_cache_folder_needs_a_home_only_where_nothing_else_names_one(tmp_path, monkeypatch):
+    """TRITONGPT_CACHE, else XDG_CACHE_HOME's, else the home's .cache: a container's user with no
+    home (no HOME, no passwd entry) and TRITONGPT_CACHE set failed all the same, looking it up."""
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(pretrained.Path, "home", no_home)
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pretrained.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("TRITONGPT_CACHE")
+    assert pretrained.cache_dir() == tmp_path / "xdg" / "tritongpt"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    with pytest.raises(OSError, match=r"no cache folder for GPT-2's weights \(Could not determine home directory.\): "
+                                      r"set TRITONGPT_CACHE"):
+        pretrained.cache_dir()
+
+
 def test_a_download_cut_short_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     class CutShort(io.BytesIO):
         headers = {"Content-Length": "100"}
