@@ -57,6 +57,12 @@ def check_request(kernels: str | Mapping[str, str]) -> None:
         raise ValueError(f"kernels must be one of {MODES} or an op -> backend mapping, got {kernels!r}")
 
 
+# auto is for speed: a TRITON_INTERPRET left set (a test setting) would run the kernels on the host.
+# Asked for by name they still run so (Triton's way to debug a kernel on a GPU's tensors).
+INTERPRETED_ON_A_GPU = ("TRITON_INTERPRET is set: the triton kernels would run in Triton's CPU interpreter, "
+                        "not on the GPU (unset it to run them there)")
+
+
 def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *, shapes=None, compiled: bool = False,
            profile=DETECT, used: Collection[str] | None = None, generation: bool = False) -> dict[str, Choice]:
     """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping (ops it
@@ -83,7 +89,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *,
     if kernels == "auto" and device_type != "cuda":
         return {op: Choice("torch", f"auto on {device_type}: the kernels run on CUDA GPUs (the CPU's "
                                     f"Triton interpreter is for tests, not speed)") for op in OPS}
-    refused = kernels == "auto" and torch.cuda.is_available() and runtime.unsupported_gpu(torch.device("cuda"))
+    refused = kernels == "auto" and torch.cuda.is_available() and (
+        runtime.unsupported_gpu(torch.device("cuda")) or (runtime.INTERPRET and INTERPRETED_ON_A_GPU))
     if refused:
         return {op: Choice("torch", f"auto: {refused}") for op in OPS}
 

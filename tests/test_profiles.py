@@ -204,6 +204,18 @@ def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
     assert len(warned) == len(kernels.OPS) and all("falls back to torch" in str(w.message) for w in warned)
 
 
+def test_auto_on_a_gpu_takes_torch_where_triton_would_run_in_its_interpreter(monkeypatch):
+    """A TRITON_INTERPRET left set on a GPU machine runs the kernels on the host, for tests: auto,
+    for speed, takes torch saying why, checking nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(runtime, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(runtime, "INTERPRET", True)
+    monkeypatch.setattr(profile, "self_check", lambda *args: pytest.fail("self-checked"))
+    choices = kernels.choose("auto", "cuda")
+    assert all(c == kernels.Choice("torch", f"auto: {kernels.select.INTERPRETED_ON_A_GPU}") for c in choices.values())
+
+
 def test_the_gpu_check_stays_out_of_compiled_graphs(monkeypatch):
     """Traced by torch.compile, the device rule reads no GPU properties (Dynamo would trace their
     cache and warn of it, on every compile on a GPU)."""
