@@ -50,6 +50,12 @@ def build_shakespeare(out: Path) -> None:
         _write_tokens(out / f"{split}.bin", enc.encode_ordinary(part))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a SLURM job's or a container's share, not the machine's
+    (as many threads as the machine has cores would crowd the few it was given)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def write_documents(path: Path, texts: Iterable[str], batch: int = 1024) -> int:
     """Tokenize documents with GPT-2's BPE, each followed by <|endoftext|>, streaming them to a
     uint16 file in batches (memory stays bounded for corpora of billions of tokens). Returns the
@@ -58,7 +64,7 @@ def write_documents(path: Path, texts: Iterable[str], batch: int = 1024) -> int:
 
     def flush(f):
         nonlocal total
-        for ids in enc.encode_ordinary_batch(pending, num_threads=os.cpu_count() or 1):
+        for ids in enc.encode_ordinary_batch(pending, num_threads=usable_cpus()):
             ids.append(EOT)
             np.asarray(ids, dtype=np.uint16).tofile(f)
             total += len(ids)
@@ -92,7 +98,7 @@ def build_openwebtext(out: Path, splits: Mapping[str, Iterable[str]] | None = No
             from datasets import load_dataset
         except ImportError:
             raise SystemExit("openwebtext needs the `datasets` package: pip install datasets") from None
-        ds = load_dataset("openwebtext", num_proc=os.cpu_count())["train"]
+        ds = load_dataset("openwebtext", num_proc=usable_cpus())["train"]
         ds = ds.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
         splits = {name: (t for rows in ds[key].iter(batch_size=1024) for t in rows["text"])
                   for name, key in (("train", "train"), ("val", "test"))}

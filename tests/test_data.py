@@ -207,6 +207,23 @@ def test_documents_written_over_several_batches_are_each_written_once(tmp_path):
     assert np.fromfile(tmp_path / "t.bin", dtype=np.uint16).tolist() == expected and n == len(expected)
 
 
+def test_documents_are_tokenized_on_the_cpus_the_process_may_use(tmp_path, monkeypatch):
+    """A SLURM job's or a container's CPUs, not the machine's: a tokenizer thread for each of the
+    machine's cores crowded the few the job was given."""
+    from gpt import data
+    enc, threads = gpt2(), []
+
+    class Recorded:
+        def encode_ordinary_batch(self, texts, num_threads):
+            threads.append(num_threads)
+            return enc.encode_ordinary_batch(texts, num_threads=num_threads)
+    monkeypatch.setattr(data, "gpt2", Recorded)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5}, raising=False)
+    write_documents(tmp_path / "t.bin", ["a", "b"])
+    assert threads == [2]
+
+
 def test_a_half_built_dataset_is_rebuilt(tmp_path):
     path = prepare("shakespeare_char", tmp_path)
     (path / "val.bin").unlink()
