@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, fields
@@ -431,13 +432,24 @@ def append(log_file, record: dict, out_dir: str) -> None:
                          ) from None
 
 
+# One run at a time in a process: torch's default dtype, TF32 switches and random generators are
+# the process's, and two runs in threads would each set them under the other.
+_running = threading.Lock()
+
+
 def main(argv: list[str]) -> None:
+    if not _running.acquire(blocking=False):
+        raise SystemExit("train.py: another run is training in this process (torch's settings and random "
+                         "generators are the process's): run each in a process of its own")
     # However the run ends (an error, an interrupt, a guard's stop), the clock sampler's thread
     # stops, the log closes and torch's settings are the caller's again: called again in one
     # process (a notebook, a sweep), nothing piles up.
-    with ExitStack() as cleanup:
-        cleanup.enter_context(torch_settings())
-        run(argv, cleanup)
+    try:
+        with ExitStack() as cleanup:
+            cleanup.enter_context(torch_settings())
+            run(argv, cleanup)
+    finally:
+        _running.release()
 
 
 def run(argv: list[str], cleanup: ExitStack) -> None:

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -280,6 +281,9 @@ def check_shapes(op: str, shapes: Shapes, device_type: str) -> Shapes:
 
 
 _checked: dict[tuple, tuple[bool, str]] = {}
+# One check at a time: each seeds and restores torch's generators, which another's draws between
+# a seeding and its kernel's call would change (its dropout masks no longer the reference's).
+_checking = threading.Lock()
 
 
 def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
@@ -292,11 +296,12 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
         raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
     shapes = check_shapes(op, shapes, device_type)
     key = (op, device_type, shapes.key())
-    if key not in _checked:
-        with (torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []),
-              torch.inference_mode(False), torch.enable_grad()):
-            _checked[key] = _check(op, shapes, device_type)
-    return _checked[key]
+    with _checking:
+        if key not in _checked:
+            with (torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []),
+                  torch.inference_mode(False), torch.enable_grad()):
+                _checked[key] = _check(op, shapes, device_type)
+        return _checked[key]
 
 
 def _check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:

@@ -65,6 +65,9 @@ def init(parallel: str, backend: str, device: str) -> tuple[World, str]:
     except ValueError:
         raise ValueError(f"LOCAL_RANK must be the process's index on its node, "
                          f"got {os.environ['LOCAL_RANK']!r}") from None
+    if dist.is_initialized():
+        raise ValueError("a process group is initialized in this process already (the caller's, or that of an "
+                         "earlier run here that failed): torch.distributed.destroy_process_group() before this run")
     cuda = device.startswith("cuda")
     if cuda:
         if local_rank >= (visible := torch.cuda.device_count()):

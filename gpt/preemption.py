@@ -9,6 +9,7 @@ SIGTERM changes nothing (under SLURM, torchrun's workers get the scheduler's and
 Ctrl-C still stops at once.
 """
 import signal
+import sys
 import threading
 
 import torch
@@ -32,9 +33,13 @@ class Preemption:
         self.previous = None
 
     def __enter__(self) -> "Preemption":
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return self
+        if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._note)
+        else:
+            print("this run is in a thread other than the main one, where Python sets no signal handler: a "
+                  "SIGTERM ends the process without saving", file=sys.stderr, flush=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -185,6 +185,21 @@ def round_bf16_casts() -> bool:
     return True
 
 
+def serialize_launches() -> None:
+    """Run one interpreted launch at a time. The interpreter is not thread-safe: launches from
+    two threads at once (a server's, or autograd's backward thread beside the caller's) fail, or
+    return wrong numbers, where a GPU runs them side by side."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run, lock = InterpretedFunction.run, threading.Lock()
+
+    def one_at_a_time(self, *args, **kwargs):
+        with lock:
+            return run(self, *args, **kwargs)
+
+    InterpretedFunction.run = one_at_a_time
+
+
 if INTERPRET:
     import numpy
 
@@ -193,6 +208,7 @@ if INTERPRET:
     if not round_bf16_casts():
         warnings.warn("Triton's interpreter has changed: its casts to bf16 round toward zero here, not to "
                       "nearest as on a GPU", stacklevel=2)
+    serialize_launches()
 
 # num_sms off the GPU: grids sized by SM count stay a few programs, so that interpreted tests stay quick.
 _INTERPRETER_SMS = 4

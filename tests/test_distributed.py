@@ -138,6 +138,16 @@ def test_a_launch_not_torchrun_s_says_what_it_waits_for(monkeypatch, capsys, tor
             "waiting for every rank; unset RANK to train in one process" in said) != torchrun
 
 
+def test_a_process_group_left_by_an_earlier_run_is_named(monkeypatch, one_process_group):
+    """A run that failed in a notebook whose RANK is set leaves its process group: the next run
+    says so and what to call, not torch's "initialize the default process group twice"."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"a process group is initialized in this process already .* "
+                                         r"torch.distributed.destroy_process_group\(\) before this run"):
+        distributed.init("ddp", "gloo", "cpu")
+
+
 def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
     """A launcher that shows each process one GPU: rank 1 asks for cuda:1, which it cannot see."""
     monkeypatch.setenv("RANK", "1")

@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 import types
 
 import pytest
@@ -273,6 +275,30 @@ def test_the_self_check_runs_backward_whatever_the_callers_grad_mode(mode, monke
     with mode():
         choices = kernels.choose("triton", "cpu", used={"rms_norm", "swiglu"})
     assert choices["rms_norm"].backend == choices["swiglu"].backend == "triton", choices
+
+
+def test_self_checks_from_threads_at_once_run_one_at_a_time(monkeypatch):
+    """Two threads choosing kernels at once (each check seeds torch's generators: one check's
+    seeding between another's and its kernel's call failed it, the failure cached) run a check
+    of an op once, and never two checks side by side."""
+    running, ran = [], []
+
+    def check(op, shapes, device_type):
+        running.append(op)
+        ran.append(len(running))
+        time.sleep(0.2)
+        running.remove(op)
+        return True, "fine"
+    monkeypatch.setattr(profile, "_checked", {})
+    monkeypatch.setattr(profile, "_check", check)
+    shapes = Shapes(GPTConfig(**preset("gpt2")), batch_size=1, dtype=torch.float32)
+    threads = [threading.Thread(target=profile.self_check, args=(op, shapes, "cpu"))
+               for op in ("rms_norm", "rms_norm", "swiglu")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ran) == [1, 1]
 
 
 @interpreter_only

@@ -337,6 +337,35 @@ def test_direct_launches_nests_and_is_per_thread():
     assert seen == [False] and not runtime._direct.on
 
 
+def test_threads_launch_side_by_side():
+    """Kernels launched from several threads at once give each thread the numbers one thread
+    alone gets (Triton's interpreter, not thread-safe, runs one launch at a time)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x, w, q, k, v = (torch.randn(s, generator=g).to(device) for s in ((8, 32), (32,), *[(1, 2, 16, 32)] * 3))
+    calls = [lambda: kernels.get("rms_norm", "triton")(x, w, 1e-5),
+             lambda: kernels.get("attention", "triton")(q, k, v, causal=True),
+             lambda: kernels.get("grad_norm", "triton")([x, w, q])]
+    alone = [call() for call in calls]
+    failures = []
+
+    def worker():
+        try:
+            for _ in range(4):
+                for call, expected in zip(calls, alone):
+                    if not torch.equal(call(), expected):
+                        failures.append("differs")
+        except Exception as e:
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
 class _Subclass(torch.Tensor):
     pass
 

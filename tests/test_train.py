@@ -102,6 +102,39 @@ def test_an_interrupted_run_stops_its_clock_sampler_and_closes_its_log(tmp_path,
     assert isinstance(preemption, train.Preemption) and signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_a_second_run_in_the_process_while_one_trains_is_refused(tmp_path, data_dir, monkeypatch):
+    """Two runs in threads of one process (a sweep's thread pool) would each set torch's default
+    dtype, TF32 switches and generators under the other: the second is refused, and once the
+    first has ended (whichever way) the next may run."""
+    stepping, go_on, lr_at, errors = threading.Event(), threading.Event(), train.lr_at, []
+
+    def held(it, c):  # the first run's, in its thread
+        if it == 1 and threading.current_thread() is thread:
+            stepping.set()
+            go_on.wait(60)
+            raise KeyboardInterrupt
+        return lr_at(it, c)
+
+    def first():
+        try:
+            run(tmp_path / "a", data_dir, "--max_iters=3")
+        except KeyboardInterrupt:
+            pass
+        except BaseException as e:
+            errors.append(e)
+    monkeypatch.setattr(train, "lr_at", held)
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert stepping.wait(60)
+        with pytest.raises(SystemExit, match="another run is training in this process"):
+            run(tmp_path / "b", data_dir, "--max_iters=1")
+    finally:
+        go_on.set()
+        thread.join()
+    assert errors == [] and not train._running.locked()
+
+
 def test_tiny_training_run_loss_falls_and_checkpoints(tmp_path, data_dir):
     log = run(tmp_path, data_dir, "--max_iters=80", "--eval_interval=40", "--lr_decay_iters=80")
     evals = [r for r in log if "val_loss" in r]
@@ -280,18 +313,23 @@ def test_a_run_prints_to_an_ascii_stdout(tmp_path, data_dir, ascii_stdout):
     assert b"tokens per step" in printed.getvalue() and b"iter 0: loss" in printed.getvalue()
 
 
-def test_a_run_in_another_thread_leaves_sigterm_as_it_was():
+def test_a_run_in_another_thread_leaves_sigterm_as_it_was(capsys):
     """Only the main thread may set a signal's handler (and Python runs them there): train.main
-    called in another thread runs without one."""
+    called in another thread runs without one, and says so."""
     seen = []
 
     def run_():
         with train.Preemption(parallel=False) as preemption:
             seen.append((signal.getsignal(signal.SIGTERM), preemption.requested()))
-    thread = threading.Thread(target=run_)
-    thread.start()
-    thread.join()
-    assert seen == [(signal.getsignal(signal.SIGTERM), False)]
+    harness = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (gpu_session.sh's deadline sets one)
+    try:
+        thread = threading.Thread(target=run_)
+        thread.start()
+        thread.join()
+    finally:
+        signal.signal(signal.SIGTERM, harness)
+    assert seen == [(signal.SIG_DFL, False)]
+    assert "a SIGTERM ends the process without saving" in capsys.readouterr().err
 
 
 def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
