@@ -30,6 +30,7 @@ import torch
 from bench.flops import causal_attention_fwd_flops
 from gpt.model import GPT, GPTConfig, rope_tables
 from kernels.accuracy import bound, rel_err
+from kernels import runtime
 from kernels.checks import dtype_name
 from kernels.rope import rope_torch
 
@@ -116,9 +117,15 @@ def _outputs(ys, inputs: list[torch.Tensor], dys, pass_: str):
     return (*ys, *torch.autograd.grad(ys, inputs, dys))
 
 
+# The cases' inputs are drawn as the dropout seeds are: from the self-check's own generator
+# (runtime.drawing_from) during a check, else from torch's.
 def _randn(*shape, device, dtype, scale=1.0, shift=0.0, grad=False) -> torch.Tensor:
-    t = (torch.randn(*shape, device=device, dtype=torch.float32) * scale + shift).to(dtype)
-    return t.requires_grad_(grad)
+    t = torch.randn(*shape, device=device, dtype=torch.float32, generator=runtime.drawing_generator())
+    return (t * scale + shift).to(dtype).requires_grad_(grad)
+
+
+def _randint(high: int, n: int, device) -> torch.Tensor:
+    return torch.randint(0, high, (n,), device=device, generator=runtime.drawing_generator())
 
 
 # Dropout masks differ between backends (and between calls): the check seeds the generator that
@@ -128,9 +135,11 @@ _CHECK_SEED = 1234
 
 
 def _seeded(fn: Callable, device: torch.device) -> Callable:
-    """fn, `device`'s generator seeded before each call: that one alone (the self-check restores
-    it after), not every GPU's, as torch.manual_seed would."""
-    if device.type == "cuda":
+    """fn, the generator its dropout seed comes from seeded before each call: the self-check's
+    own, or else `device`'s alone, not every GPU's, as torch.manual_seed would."""
+    if runtime.drawing_generator() is not None:
+        generator = runtime.drawing_generator()
+    elif device.type == "cuda":
         generator = torch.cuda.default_generators[device.index if device.index is not None
                                                   else torch.cuda.current_device()]
     else:
@@ -333,7 +342,7 @@ def _cross_entropy(s: Shapes, device, quick: bool) -> Case:
 
     def make():  # logits of the lm head's size and spread, one target per token
         return [_randn(M, V, device=device, dtype=s.dtype, scale=2.0, grad=True),
-                torch.randint(0, V, (M,), device=device), torch.ones((), device=device)]
+                _randint(V, M, device), torch.ones((), device=device)]
 
     def call(fn, inputs, pass_):
         logits, targets, dloss = inputs
@@ -357,7 +366,7 @@ def _linear_cross_entropy(s: Shapes, device, quick: bool, autocast: bool = False
     def make():  # the final norm's output, the lm head's weight, one target per token
         return [_randn(M, C, device=device, dtype=s.dtype, grad=True),
                 _randn(V, C, device=device, dtype=torch.float32 if autocast else s.dtype, scale=0.02, grad=True),
-                torch.randint(0, V, (M,), device=device), torch.ones((), device=device)]
+                _randint(V, M, device), torch.ones((), device=device)]
 
     def call(fn, inputs, pass_):
         x, weight, targets, dloss = inputs
@@ -395,7 +404,8 @@ def _adamw(s: Shapes, device, distinct: bool, stochastic_rounding: bool | None) 
         kw = dict(device=device, dtype=s.dtype)
         return ([_randn(*sh, **kw, scale=0.02) for sh in shapes] + [_randn(*sh, **kw, scale=1e-3) for sh in shapes]
                 + [_randn(*sh, **kw, scale=1e-4) for sh in shapes]
-                + [(torch.rand(*sh, device=device) * 1e-6).to(s.dtype) for sh in shapes])
+                + [(torch.rand(*sh, device=device, generator=runtime.drawing_generator()) * 1e-6).to(s.dtype)
+                   for sh in shapes])
 
     def call(fn, inputs, pass_):
         p, g, m, v = (inputs[i * n:(i + 1) * n] for i in range(4))

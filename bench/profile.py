@@ -24,6 +24,7 @@ import torch
 import kernels
 from bench.cases import Shapes, check_cases, margin
 from gpt.model import GPTConfig, preset
+from kernels import runtime
 from kernels.checks import dtype_name
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -281,24 +282,23 @@ def check_shapes(op: str, shapes: Shapes, device_type: str) -> Shapes:
 
 
 _checked: dict[tuple, tuple[bool, str]] = {}
-# One check at a time: each seeds and restores torch's generators, which another's draws between
-# a seeding and its kernel's call would change (its dropout masks no longer the reference's).
-_checking = threading.Lock()
+_checking = threading.Lock()  # one check at a time: two threads choosing at once check an op once
 
 
 def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     """Whether `op`'s triton backend matches torch at `shapes` (see check_shapes), and why;
-    once per op and shapes in a process. The caller's random state is left as it was: the check
-    draws its inputs and seeds its dropout, and a run seeded before it (gpt.sample's --seed)
-    would otherwise sample the same with every seed. Its backward runs whatever the caller's
-    grad mode (a script choosing its kernels under no_grad or inference_mode)."""
+    once per op and shapes in a process. The check draws its inputs and dropout seeds from a
+    generator of its own: torch's are neither read nor moved (a run seeded before it, gpt.sample's
+    --seed, samples as it would without it; a thread drawing from them meanwhile draws as it
+    would, and cannot change the check's masks). Its backward runs whatever the caller's grad
+    mode (a script choosing its kernels under no_grad or inference_mode)."""
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
     shapes = check_shapes(op, shapes, device_type)
     key = (op, device_type, shapes.key())
     with _checking:
         if key not in _checked:
-            with (torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []),
+            with (runtime.drawing_from(torch.Generator(device_type).manual_seed(0)),
                   torch.inference_mode(False), torch.enable_grad()):
                 _checked[key] = _check(op, shapes, device_type)
         return _checked[key]

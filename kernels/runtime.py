@@ -475,12 +475,36 @@ def tile(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     return rows, cols, (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
 
 
+class _Draws(threading.local):
+    generator = None  # drawing_from's, in this thread
+
+
+_draws = _Draws()
+
+
+@contextlib.contextmanager
+def drawing_from(generator: torch.Generator):
+    """Dropout seeds drawn from `generator` inside, in this thread, not from torch's generator of
+    the device: the self-check's own, which leaves torch's as they were, whatever other threads
+    draw from them meanwhile."""
+    outer, _draws.generator = _draws.generator, generator
+    try:
+        yield
+    finally:
+        _draws.generator = outer
+
+
+def drawing_generator() -> torch.Generator | None:
+    """drawing_from's generator in this thread; None outside it (torch's generator of the device)."""
+    return _draws.generator
+
+
 def dropout_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """A call's dropout seed, drawn from torch's generator of `device` (so
-    torch.manual_seed reproduces runs and activation checkpointing replays it) into a one-element
-    int64 tensor the kernels read on the device: no host sync, no graph break under torch.compile.
-    None without dropout."""
-    return torch.randint(2**31, (1,), device=device) if dropout_p > 0 else None
+    torch.manual_seed reproduces runs and activation checkpointing replays it), or drawing_from's,
+    into a one-element int64 tensor the kernels read on the device: no host sync, no graph break
+    under torch.compile. None without dropout."""
+    return torch.randint(2**31, (1,), device=device, generator=_draws.generator) if dropout_p > 0 else None
 
 
 @triton.jit

@@ -278,9 +278,8 @@ def test_the_self_check_runs_backward_whatever_the_callers_grad_mode(mode, monke
 
 
 def test_self_checks_from_threads_at_once_run_one_at_a_time(monkeypatch):
-    """Two threads choosing kernels at once (each check seeds torch's generators: one check's
-    seeding between another's and its kernel's call failed it, the failure cached) run a check
-    of an op once, and never two checks side by side."""
+    """Two threads choosing kernels at once run a check of an op once (the second waits for the
+    first's verdict), and never two checks side by side."""
     running, ran = [], []
 
     def check(op, shapes, device_type):
@@ -326,17 +325,28 @@ def test_the_norms_self_check_runs_every_form_the_model_calls(monkeypatch):
 
 @interpreter_only
 @pytest.mark.parametrize("op", ["layer_norm", "attention"])
-def test_the_dropout_self_check_seeds_the_checked_device_s_generator_alone(op, monkeypatch):
-    """The check draws one dropout mask per backend by seeding the generator the op's seed comes
-    from: that device's alone, which it restores after. torch.manual_seed reseeded every GPU's, so
-    a script's dropout on another GPU drew the check's masks whatever its own seed."""
+def test_the_self_check_draws_from_a_generator_of_its_own(op, monkeypatch):
+    """The check's inputs and dropout seeds come from its own generator: torch's, drawn from by
+    another thread meanwhile (here before each of the kernel's calls), draw on as without the
+    check. It reseeded them before each call and restored them after: the other thread drew the
+    same numbers again, and a draw of its between a seeding and the kernel's own changed the
+    check's masks, and failed it."""
     monkeypatch.setattr(torch, "manual_seed", lambda seed: pytest.fail("torch.manual_seed seeds every device"))
     monkeypatch.setattr(profile, "_checked", {})
+    triton, drawn = kernels.get(op, "triton"), []
+
+    def beside_another_thread(*args, **kwargs):
+        drawn.append(torch.rand(1))
+        return triton(*args, **kwargs)
+    monkeypatch.setitem(kernels.registry._impls[op], "triton", beside_another_thread)
     shapes = Shapes(GPTConfig(**(preset("gpt2") | dict(dropout=0.1))), batch_size=1, dtype=torch.float32)
     state = torch.get_rng_state()
     ok, why = profile.self_check(op, shapes, "cpu")
     assert ok, why
-    assert torch.equal(torch.get_rng_state(), state)
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    assert drawn and torch.equal(torch.cat(drawn), torch.rand(len(drawn)))
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 @interpreter_only
