@@ -29,8 +29,8 @@ import torch
 
 from bench.flops import causal_attention_fwd_flops
 from gpt.model import GPT, GPTConfig, rope_tables
-from kernels.accuracy import bound, rel_err
 from kernels import runtime
+from kernels.accuracy import bound, rel_err
 from kernels.checks import dtype_name
 from kernels.rope import rope_torch
 
