@@ -254,7 +254,9 @@ def _norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok).to(tl.float32)
+    # Padding lanes 0, not left undefined (Triton's masked load without `other`): w * dy enters the
+    # row sums, where a NaN there would be 0 * NaN.
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     seed = dropout_seed(Seed, DROPOUT)
     # Keep whole tiles of partial sums, reduced over rows once at the end, so the loop needs no
     # cross-warp reduction for dw and db.
