@@ -137,12 +137,11 @@ _CHECK_SEED = 1234
 def _seeded(fn: Callable, device: torch.device) -> Callable:
     """fn, the generator its dropout seed comes from seeded before each call: the self-check's
     own, or else `device`'s alone, not every GPU's, as torch.manual_seed would."""
-    if runtime.drawing_generator() is not None:
-        generator = runtime.drawing_generator()
-    elif device.type == "cuda":
+    generator = runtime.drawing_generator()
+    if generator is None and device.type == "cuda":
         generator = torch.cuda.default_generators[device.index if device.index is not None
                                                   else torch.cuda.current_device()]
-    else:
+    elif generator is None:
         generator = torch.random.default_generator
 
     def seeded(*args, **kwargs):
