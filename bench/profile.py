@@ -291,7 +291,8 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     generator of its own: torch's are neither read nor moved (a run seeded before it, gpt.sample's
     --seed, samples as it would without it; a thread drawing from them meanwhile draws as it
     would, and cannot change the check's masks). Its backward runs whatever the caller's grad
-    mode (a script choosing its kernels under no_grad or inference_mode)."""
+    mode (a script choosing its kernels under no_grad or inference_mode). A check that ran out of
+    memory fails and is not kept: the next choice in the process (memory freed) checks again."""
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
     shapes = check_shapes(op, shapes, device_type)
@@ -300,7 +301,10 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
         if key not in _checked:
             with (runtime.drawing_from(torch.Generator(device_type).manual_seed(0)),
                   torch.inference_mode(False), torch.enable_grad()):
-                _checked[key] = _check(op, shapes, device_type)
+                try:
+                    _checked[key] = _check(op, shapes, device_type)
+                except torch.OutOfMemoryError as e:
+                    return False, f"{shapes.describe()}: out of memory ({str(e).splitlines()[0]})"
         return _checked[key]
 
 

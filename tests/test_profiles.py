@@ -369,6 +369,31 @@ def test_the_self_check_runs_the_loss_and_the_grad_norm_as_fp32_weights_call_the
     assert not ok and ("fp32 weight, autocast" if op == "linear_cross_entropy" else "float32") in why
 
 
+@interpreter_only
+def test_a_self_check_out_of_memory_fails_and_is_checked_again(monkeypatch):
+    """A check that ran out of memory (the GPU full of another run's model) says nothing of the
+    kernel: the op falls back to torch this time, and the next choice in the process checks it
+    again. Kept, it fell back for the rest of the process. A profile's check (bench.cases.check)
+    records it as a failure."""
+    triton, calls = kernels.get("rms_norm", "triton"), []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return triton(*args, **kwargs)
+    monkeypatch.setattr(profile, "_checked", {})
+    monkeypatch.setitem(kernels.registry._impls["rms_norm"], "triton", full_once)
+    with pytest.warns(UserWarning, match="rms_norm falls back to torch"):
+        choices = kernels.choose("triton", "cpu", used={"rms_norm"})
+    assert "out of memory (CUDA out of memory. Tried" in choices["rms_norm"].reason
+    assert kernels.choose("triton", "cpu", used={"rms_norm"})["rms_norm"].backend == "triton"
+    calls.clear()
+    shapes = Shapes(GPTConfig(**preset("llama")), batch_size=1, dtype=torch.float32).tiny()
+    ok, why = check(case("rms_norm", shapes, "cpu", quick=True), full_once, kernels.get("rms_norm", "torch"))
+    assert not ok and why.startswith("OutOfMemoryError: CUDA out of memory")
+
+
 def test_the_optimizers_check_sees_a_step_that_does_nothing():
     """The adamw case's update is of the order of the weights: a step that updates nothing, or
     at half the learning rate, fails the check (at train.py's lr it was inside bf16's rounding)."""
