@@ -31,14 +31,14 @@ ROOFLINE_NAMES = {"GB/s": "copy bandwidth", "TFLOPS": "bf16 matmul"}
 
 
 def implementations(op: str) -> dict[str, Callable]:
-    """The backends to measure for `op`: name -> callable with the op's signature."""
+    """The backends to measure for `op`: name -> callable with the op's signature. Every
+    registered one (a backend of the user's, registered before bench.kernels runs, is timed and
+    checked as triton's is) and torch.compile of torch's."""
     reference = kernels.get(op, "torch")
     impls = {"torch": reference}
     if op not in OUTSIDE_GRAPH:
         impls["compile"] = torch.compile(reference, dynamic=False)  # one graph a shape, as in training
-    if "triton" in kernels.ops()[op]:
-        impls["triton"] = kernels.get(op, "triton")
-    return impls
+    return impls | {backend: kernels.get(op, backend) for backend in kernels.ops()[op] if backend != "torch"}
 
 
 def roofline(unit: str, device="cuda", dtype: torch.dtype = torch.bfloat16) -> float:

@@ -285,9 +285,9 @@ _checked: dict[tuple, tuple[bool, str]] = {}
 _checking = threading.Lock()  # one check at a time: two threads choosing at once check an op once
 
 
-def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
-    """Whether `op`'s triton backend matches torch at `shapes` (see check_shapes), and why;
-    once per op and shapes in a process. The check draws its inputs and dropout seeds from a
+def self_check(op: str, shapes: Shapes, device_type: str, backend: str = "triton") -> tuple[bool, str]:
+    """Whether `op`'s `backend` matches torch at `shapes` (see check_shapes), and why; once per
+    op, backend and shapes in a process. The check draws its inputs and dropout seeds from a
     generator of its own: torch's are neither read nor moved (a run seeded before it, gpt.sample's
     --seed, samples as it would without it; a thread drawing from them meanwhile draws as it
     would, and cannot change the check's masks). Its backward runs whatever the caller's grad
@@ -296,22 +296,22 @@ def self_check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{op}: a self-check on the GPU, and this machine has no CUDA GPU")
     shapes = check_shapes(op, shapes, device_type)
-    key = (op, device_type, shapes.key())
+    key = (op, backend, device_type, shapes.key())
     with _checking:
         if key not in _checked:
             with (runtime.drawing_from(torch.Generator(device_type).manual_seed(0)),
                   torch.inference_mode(False), torch.enable_grad()):
                 try:
-                    _checked[key] = _check(op, shapes, device_type)
+                    _checked[key] = _check(op, shapes, device_type, backend)
                 except torch.OutOfMemoryError as e:
                     return False, f"{shapes.describe()}: out of memory ({str(e).splitlines()[0]})"
         return _checked[key]
 
 
-def _check(op: str, shapes: Shapes, device_type: str) -> tuple[bool, str]:
+def _check(op: str, shapes: Shapes, device_type: str, backend: str) -> tuple[bool, str]:
     cases, worst = check_cases(op, shapes, device_type), 0.0  # the model's calls of it (a norm's forms)
     for c in cases:
-        failure, fraction = margin(c, kernels.get(op, "triton"), kernels.get(op, "torch"))
+        failure, fraction = margin(c, kernels.get(op, backend), kernels.get(op, "torch"))
         if failure is not None:
             return False, f"{shapes.describe()}: {failure}" + (f" ({c.shape})" if len(cases) > 1 else "")
         worst = max(worst, fraction)

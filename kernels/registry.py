@@ -7,13 +7,24 @@ OPS = ("rms_norm", "layer_norm", "swiglu", "rope", "attention", "cross_entropy",
 
 _impls: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 
+# Names that mean something else where backends are named: `auto`, a mode of kernels.choose
+# ({op: "auto"} would read as it); `compile`, what bench.kernels calls torch.compile of the torch
+# backend in a profile (a backend so named would be chosen on that one's timing).
+RESERVED = ("auto", "compile")
+
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: make `fn` the `backend` implementation of `op`."""
+    """Decorator: make `fn` the `backend` implementation of `op` (the torch backend's signature
+    and semantics; docs/kernels.md, "Adding a backend")."""
     if op not in _impls:
         raise ValueError(f"register: unknown op {op!r}; ops are {list(OPS)}")
+    if not isinstance(backend, str) or not backend.isidentifier() or backend in RESERVED:
+        raise ValueError(f"register: {op}'s backend needs a name such as 'triton' (a Python identifier, not "
+                         f"{' or '.join(map(repr, RESERVED))}), got {backend!r}")
 
     def add(fn: Callable) -> Callable:
+        if not callable(fn):
+            raise ValueError(f"register: {op}'s {backend!r} backend must be callable, got {type(fn).__name__}")
         if backend in _impls[op]:
             raise ValueError(f"register: {op!r} already has a {backend!r} backend")
         _impls[op][backend] = fn

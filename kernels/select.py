@@ -66,8 +66,8 @@ INTERPRETED_ON_A_GPU = ("TRITON_INTERPRET is set: the triton kernels would run i
 def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *, shapes=None, compiled: bool = False,
            profile=DETECT, used: Collection[str] | None = None, generation: bool = False) -> dict[str, Choice]:
     """op -> Choice for `kernels`: a mode in MODES, or an explicit {op: backend} mapping (ops it
-    leaves out use torch; a triton backend asked for that fails its self-check is refused with a
-    ValueError: asked for, it does not fall back).
+    leaves out use torch; a backend other than torch asked for that fails its self-check is
+    refused with a ValueError: asked for, it does not fall back).
 
     shapes: a bench.cases.Shapes of the run (model config, micro-batch, dtype) for the
       self-check; without it the check runs at GPT-2 124M's shapes.
@@ -146,11 +146,12 @@ def _asked(kernels: Mapping[str, str], device_type: str, shapes, used: Collectio
         elif op not in kernels:
             choices[op] = Choice("torch", "default")
         else:
-            if backend == "triton":  # the run's shapes it cannot take, refused now, not at its first call
-                ok, check = profiles.self_check(op, shapes or profiles.default_shapes(device_type), device_type)
+            if backend != "torch":  # the run's shapes it cannot take, refused now, not at its first call
+                ok, check = profiles.self_check(op, shapes or profiles.default_shapes(device_type), device_type,
+                                                backend)
                 if not ok:
-                    raise ValueError(f"{op}: its triton backend, asked for, failed its self-check at {check} "
-                                     f"(kernels=triton runs torch where triton fails)")
+                    hint = " (kernels=triton runs torch where triton fails)" if backend == "triton" else ""
+                    raise ValueError(f"{op}: its {backend} backend, asked for, failed its self-check at {check}{hint}")
             choices[op] = Choice(backend, "asked for")
     return choices
 

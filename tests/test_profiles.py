@@ -101,7 +101,7 @@ def test_write_then_load(tmp_path):
 def self_check(monkeypatch):
     """Replace the self-check by a switchboard: op -> passes (so "cuda" choices run on CPU)."""
     results = {op: True for op in kernels.OPS}
-    monkeypatch.setattr(profile, "self_check", lambda op, shapes, device_type: (
+    monkeypatch.setattr(profile, "self_check", lambda op, shapes, device_type, *_: (
         results[op], "test shapes: " + ("fine" if results[op] else "wrong numbers")))
     return results
 
@@ -196,7 +196,7 @@ def test_gpus_the_kernels_are_not_written_for_are_refused(monkeypatch):
             runtime.check_device("swiglu", gpu_tensor)
     checked = []
     monkeypatch.setattr(profile, "self_check",
-                        lambda op, shapes, device_type: checked.append(op) or (False, "ValueError: cuda is 7.5"))
+                        lambda op, shapes, device_type, *_: checked.append(op) or (False, "ValueError: cuda is 7.5"))
     choices = kernels.choose("auto", "cuda")
     assert checked == [] and {c.backend for c in choices.values()} == {"torch"}
     assert "compute capability 8.0 or newer" in choices["attention"].reason and "is 7.0" in choices["attention"].reason
@@ -246,7 +246,7 @@ def test_ops_the_run_does_not_call_are_left_unchecked(monkeypatch):
     cross_entropy (its loss is the fused one): they are not self-checked (each check compiles
     kernels) and the table says why."""
     checked = []
-    monkeypatch.setattr(profile, "self_check", lambda op, shapes, device_type: (checked.append(op) or True, "fine"))
+    monkeypatch.setattr(profile, "self_check", lambda op, shapes, device_type, *_: (checked.append(op) or True, "fine"))
     used = model_ops(GPTConfig(**preset("gpt2"))) | optimizer_ops("adamw")
     assert used == {"layer_norm", "attention", "linear_cross_entropy", "grad_norm"}
     for mode in ("triton", "auto"):
@@ -282,7 +282,7 @@ def test_self_checks_from_threads_at_once_run_one_at_a_time(monkeypatch):
     first's verdict), and never two checks side by side."""
     running, ran = [], []
 
-    def check(op, shapes, device_type):
+    def check(op, shapes, device_type, backend):
         running.append(op)
         ran.append(len(running))
         time.sleep(0.2)

@@ -39,6 +39,41 @@ def test_register_refuses_unknown_ops_and_duplicates():
         register("swiglu", "torch")(lambda gate, up: gate)
 
 
+def test_register_refuses_names_that_mean_something_else_and_what_cannot_be_called():
+    """`auto` reads as choose's mode and `compile` as bench's torch.compile of torch in a profile,
+    which a backend so named was chosen on; a name that is no identifier (3, "") named nothing."""
+    for name in ("auto", "compile", "", "my kernel", 3, None):
+        with pytest.raises(ValueError, match="register: swiglu's backend needs a name such as 'triton'"):
+            register("swiglu", name)
+    with pytest.raises(ValueError, match="register: swiglu's 'mine' backend must be callable, got int"):
+        register("swiglu", "mine")(42)
+    assert kernels.ops()["swiglu"] == ["torch", "triton"]
+
+
+@pytest.fixture
+def own_backend(monkeypatch):
+    """register for a test: a user's backend of swiglu, gone after it, its self-check too."""
+    from bench import profile
+    monkeypatch.setattr(kernels.registry, "_impls", {op: dict(b) for op, b in kernels.registry._impls.items()})
+    monkeypatch.setattr(profile, "_checked", {})
+    return lambda name, fn: register("swiglu", name)(fn)
+
+
+def test_a_users_backend_asked_for_is_self_checked_and_measured(own_backend):
+    """A backend of the user's (docs/kernels.md, "Adding a backend") runs where asked for once it
+    passes the self-check triton's does; a wrong one is refused at the choice, not trained on (it
+    was taken unchecked: a loss off by 1% and no word). bench.kernels times and checks it."""
+    from bench.backends import implementations
+    reference = kernels.get("swiglu", "torch")
+    own_backend("mine", lambda gate, up: reference(gate, up))
+    own_backend("wrong", lambda gate, up: reference(gate, up) * 1.01)
+    assert kernels.choose({"swiglu": "mine"}, "cpu")["swiglu"] == kernels.Choice("mine", "asked for")
+    with pytest.raises(ValueError, match=r"swiglu: its wrong backend, asked for, failed its self-check at .*: "
+                                         r"fwd result 0: error .* > bound [^(]*$"):
+        kernels.choose({"swiglu": "wrong"}, "cpu")
+    assert list(implementations("swiglu")) == ["torch", "compile", "triton", "mine", "wrong"]
+
+
 @interpreter_only
 def test_choose_torch_triton_and_auto():
     torch_choice = kernels.choose("torch", "cpu")

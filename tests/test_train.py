@@ -508,6 +508,28 @@ def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir, capsys):
     assert "10,646,784 without position embeddings: nanoGPT's count" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_backend_of_the_users_trains_through_train_py_run_as_itself(tmp_path, data_dir):
+    """docs/kernels.md's recipe, as a user has it: a module registering a backend, and a script of
+    two lines that imports it and runs train.py as __main__ with the command line's arguments.
+    (No dropout: torch's backend, called here, draws its masks from torch's generator, which the
+    self-check does not replay.)"""
+    (tmp_path / "my_kernels.py").write_text(
+        "import kernels\n\n"
+        "@kernels.register('layer_norm', 'mine')\n"
+        "def layer_norm_mine(*args, **kwargs):\n"
+        "    print('mine called', flush=True)\n"
+        "    return kernels.get('layer_norm', 'torch')(*args, **kwargs)\n")
+    (tmp_path / "my_train.py").write_text("import my_kernels, runpy\n"
+                                          "runpy.run_path('train.py', run_name='__main__')\n")
+    out = tmp_path / "out"
+    args = [*TINY, "--device=cpu", "--max_iters=1", "--dropout=0", f"--out_dir={out}", f"--data_dir={data_dir}"]
+    done = subprocess.run([sys.executable, tmp_path / "my_train.py", *args, "--kernels={'layer_norm': 'mine'}"],
+                          cwd=Path(train.__file__).parent, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])})
+    assert done.returncode == 0, done.stderr
+    assert read_log(out)[0]["kernels"]["layer_norm"] == "mine" and "mine called" in done.stdout
+
+
 @pytest.mark.parametrize("rounding", ["--stochastic_rounding=True", "--kahan_summation=True"])
 def test_pure_bf16_training(rounding, tmp_path, data_dir):
     log = run(tmp_path, data_dir, "--optimizer=bf16_adamw", rounding, "--max_iters=30", "--eval_interval=30",
