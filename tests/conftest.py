@@ -47,6 +47,12 @@ def pytest_report_header(config):
     return header + (f", TEST_SHARD={SHARD}" if SHARD else "")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # The header names the seed too, but -q prints none (bench/gpu_session.sh's parts each draw one).
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"TEST_SEED={SEED} replays these random inputs (with the same OMP_NUM_THREADS)")
+
+
 def _on_cuda(item) -> bool:
     """A CUDA case: device="cuda", or a test marked cuda (tests.devices.cuda_only, two_gpus)."""
     callspec = getattr(item, "callspec", None)

@@ -64,6 +64,16 @@ def test_shards_split_the_small_tests_and_give_part_0_every_bigmem_one(tmp_path)
         assert out.returncode == 4 and "want i/n with 0 <= i < n" in out.stderr, (bad, out.stdout + out.stderr)
 
 
+def test_a_failing_run_names_its_seed_even_under_q(tmp_path):
+    """The header names TEST_SEED, but -q prints no header: a failure in a GPU session's log
+    (bench/gpu_session.sh runs its parts so, each drawing a seed) could not be replayed."""
+    root = suite_copy(tmp_path, "def test_fails(): assert False\ndef test_passes(): pass\n")
+    failed = _pytest(root, TEST_SEED="1234")
+    assert failed.returncode == 1 and "TEST_SEED=1234 replays these random inputs" in failed.stdout
+    passed = _pytest(root, "-k", "passes", TEST_SEED="1234")
+    assert passed.returncode == 0 and "TEST_SEED" not in passed.stdout
+
+
 ORDERED = '''
     import pytest
     def test_first(): pass
