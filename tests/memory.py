@@ -22,6 +22,20 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def rows_taken(monkeypatch) -> list[tuple[int, int]]:
+    """(address given, address of the rows made) of each runtime.as_rows call from here on: a
+    tensor read in place where both are its own."""
+    from kernels import runtime
+    taken, as_rows = [], runtime.as_rows
+
+    def spied(t):
+        rows = as_rows(t)
+        taken.append((t.data_ptr(), rows.data_ptr()))
+        return rows
+    monkeypatch.setattr(runtime, "as_rows", spied)
+    return taken
+
+
 def saved_bytes(model, idx, context=contextlib.nullcontext()) -> tuple[int, int, torch.Tensor]:
     """What autograd saves for the backward of one training forward (idx as its own targets, no
     logits returned, as train.py calls it), each storage once, in bytes: (activations, autocast's

@@ -104,6 +104,7 @@ CASES = [
     (1, 2, 2, 17, 64, True, torch.float16, "contiguous"),
     (1, 2, 1, 67, 96, False, torch.float32, "transposed"),
     (1, 4, 1, 45, 64, True, torch.bfloat16, "qkv"),
+    (2, 4, 2, 19, 32, True, torch.bfloat16, "v apart"),  # v's strides read as its own (rope copies v: not there)
 ]
 
 
@@ -136,8 +137,8 @@ def test_torch_matches_float64(causal, dtype, rope, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_an_expanded_output_gradient_and_strided_tables(dtype, device):
-    """dO of stride 0 (as out.sum() gives it) and rope tables that are strided views: read by
-    stride, the same numbers as their contiguous copies give."""
+    """dO of stride 0 (as out.sum() gives it) and rope tables that are strided views (copied by
+    the triton backend): the same numbers as their contiguous copies give."""
     skip_unless_triton_runs("triton", device)
     q = torch.randn(1, 4, 37, 64, device=device).to(dtype)
     k, v = (torch.randn(1, 2, 37, 64, device=device).to(dtype) for _ in range(2))

@@ -184,19 +184,30 @@ def test_keeps_no_logits(chunks, device):
             [(x.shape, torch.float32), (weight.shape, torch.float32), ((), torch.float32)]), autocast
 
 
-def test_frozen_weight_or_x(chunks, device):
+def test_frozen_weight_or_x(chunks, device, monkeypatch):
     """A gradient only where one is wanted (a frozen lm head when fine-tuning): the other is neither
-    computed nor kept."""
+    computed (no matmul makes it) nor kept (what autograd saves of it is empty)."""
     skip_unless_triton_runs("triton", device)
     x, weight, targets, dloss = inputs((6,), 24, 771, torch.float32, device)
     fn, torch_fn = kernels.get("linear_cross_entropy", "triton"), kernels.get("linear_cross_entropy", "torch")
+    made, mm = [], cross_entropy._mm
+    monkeypatch.setattr(cross_entropy, "_mm", lambda a, b, out=None: made.append(a.shape[0] == 771) or mm(a, b, out))
     for wants in ("x", "weight"):
         grads = []
         for f in (fn, torch_fn):
             xx, ww = x.clone().requires_grad_(wants == "x"), weight.clone().requires_grad_(wants == "weight")
-            f(xx, ww, targets).backward(dloss)
+            made.clear()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                loss = f(xx, ww, targets)
+            loss.backward(dloss)
             grads.append(xx.grad if wants == "x" else ww.grad)
             assert (ww.grad if wants == "x" else xx.grad) is None
+            if f is fn:  # a matmul a chunk, of d_weight (classes first) or of d_x; kept: that fp32 gradient, a number
+                n_chunks = len(range(0, 6, cross_entropy._chunk_rows(6, 771, 4)))
+                assert made == [wants == "weight"] * n_chunks
+                wanted = xx.shape if wants == "x" else ww.shape
+                assert sorted(t.numel() for t in saved) == sorted([0, 1, wanted.numel()])
         # fp32 sums in another order: off by a few ulps of the largest element, not of each one
         torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
 

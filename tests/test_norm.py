@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import norm, runtime
 from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
+from tests.memory import rows_taken
 from tests.numerics import assert_as_accurate, assert_mask_is_random, assert_rounded_once, rel_err
 
 # torch's own rms_norm warns when weight's dtype differs from x's (it then skips its fused path).
@@ -113,7 +114,8 @@ def test_matches_float64(backend, op, bias, dtype, n, device):
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_row_and_strided_params(backend, op, bias, dtype, device):
-    """A single row (a micro-batch of one token), and weight and bias read with a stride of 2."""
+    """A single row (a micro-batch of one token), and weight and bias that are views of stride 2
+    (the triton backend copies them: a row's worth)."""
     skip_unless_triton_runs(backend, device)
     x, w, b = inputs(1, 771, device, dtype, bias=bias)
     assert_accurate(backend, op, x, w, b)
@@ -183,13 +185,15 @@ def row_strided(shape, device, dtype=torch.float32) -> torch.Tensor:
 
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("layout", ["expanded", "row-strided"])
-def test_output_gradient_layouts(op, bias, layout, device):
+def test_output_gradient_layouts(op, bias, layout, device, monkeypatch):
     """y.sum().backward() hands backward an all-stride-0 gradient; the backward of a slice or a
     concatenation a row-strided one, read in place."""
     skip_unless_triton_runs("triton", device)
     x, w, b = inputs(3, 50, device, bias=bias)
     dy = torch.ones(1, 1, device=device).expand(3, 50) if layout == "expanded" else row_strided((3, 50), device)
+    in_place = rows_taken(monkeypatch)
     assert_accurate("triton", op, x, w, b, dy=dy)
+    assert layout == "expanded" or (dy.data_ptr(),) * 2 in in_place
 
 
 # Backward splits rows into contiguous ranges, one per program, walked in tiles of ROWS rows. On
@@ -397,12 +401,16 @@ def test_residual_stream_under_autocast(backend, op, bias, dtype, device):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
-def test_unused_sum(backend, op, bias, device):
-    """The final norm's s is not used: its gradient is None (not materialized as zeros)."""
+def test_unused_sum(backend, op, bias, device, monkeypatch):
+    """The final norm's s is not used: its gradient is None (not materialized as zeros), and the
+    backward kernel reads none."""
     skip_unless_triton_runs(backend, device)
     x, w, b = inputs(4, 96, device, torch.bfloat16, bias=bias)
     r = torch.randn(4, 96, device=device, dtype=torch.bfloat16)
+    given, bwd = [], norm._norm_bwd
+    monkeypatch.setattr(norm, "_norm_bwd", lambda dy, ds, *args: given.append(ds) or bwd(dy, ds, *args))
     assert_fused_accurate(backend, op, x, r, w, b, ds_used=False)
+    assert given == ([None] if backend == "triton" else [])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -88,7 +88,8 @@ def test_head_dim_not_unit_strided(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradient_and_table_layouts(backend, dtype, device):
     """A transposed or expanded (stride 0, as .sum()'s) output gradient, and tables that are
-    strided views: read by stride, the same numbers as their contiguous copies give."""
+    strided views (the triton backend copies them: constants of T x D/2): the same numbers as
+    their contiguous copies give."""
     skip_unless_triton_runs(backend, device)
     rope = kernels.get("rope", backend)
     x = torch.randn(2, 3, 17, 64, device=device).to(dtype)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import runtime
 from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
+from tests.memory import rows_taken
 from tests.numerics import assert_as_accurate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -163,11 +164,12 @@ def test_chunk_halves_are_read_in_place():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exotic_layouts(backend, device):
+def test_exotic_layouts(backend, device, monkeypatch):
     """Layouts the kernel cannot stride through are copied first: a transposed gate (column stride
     != 1), leading dimensions that do not collapse to one row stride, and a broadcast gradient
     (y.sum().backward() hands backward a stride-0 dy). A row-strided gradient is read in place."""
     skip_unless_triton_runs(backend, device)
+    in_place = rows_taken(monkeypatch)
     gate = (torch.randn(1031, 6, device=device) * 4).t()
     up = torch.randn(6, 5, 1031, device=device)[:, 1:2].squeeze(1)
     gate3 = (torch.randn(2, 5, 1031, device=device) * 4)[:, 1:4]  # strides (5155, 1031, 1)
@@ -184,6 +186,7 @@ def test_exotic_layouts(backend, device):
         _, ref_dgate, ref_dup = reference(g, u, torch.ones_like(u))
         torch.testing.assert_close(g.grad.double(), ref_dgate, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(u.grad.double(), ref_dup, rtol=1e-5, atol=1e-6)
+    assert backend == "torch" or (dy.data_ptr(),) * 2 in in_place  # the last dy: row-strided
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
