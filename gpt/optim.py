@@ -137,7 +137,8 @@ class BF16AdamW(torch.optim.Optimizer):
         parameters); torch.nn.utils.clip_grad_norm_ clips a subset. The last call before a step
         is the one that step applies.
         grad_norm: the grad_norm op's backend to use; by default the one named like this
-        optimizer's adamw backend."""
+        optimizer's adamw backend, or torch's where grad_norm has none of that name (a backend
+        of the user's for adamw alone)."""
         own = [p for group in self.param_groups for p in group["params"]]
         parameters = own if parameters is None else list(parameters)
         given = set(map(id, parameters)) if parameters is not own else None
@@ -146,7 +147,10 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ValueError(f"BF16AdamW.clip_grad_norm: {missing} of this optimizer's params with grads are not "
                              f"among `parameters`, and the step would scale their grads too (clip a subset with "
                              f"torch.nn.utils.clip_grad_norm_)")
-        norm = global_grad_norm(parameters, grad_norm or kernels.get("grad_norm", self.backend))
+        if grad_norm is None:
+            named = self.backend in kernels.ops()["grad_norm"]
+            grad_norm = kernels.get("grad_norm", self.backend if named else "torch")
+        norm = global_grad_norm(parameters, grad_norm)
         marks = [(p, None, None) if p.grad is None else (p, weakref.ref(p.grad), _local(p.grad)._version)
                  for p in parameters]
         self._clip = (clip_coefficient(norm, float(max_norm)), marks)

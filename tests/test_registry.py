@@ -52,11 +52,11 @@ def test_register_refuses_names_that_mean_something_else_and_what_cannot_be_call
 
 @pytest.fixture
 def own_backend(monkeypatch):
-    """register for a test: a user's backend of swiglu, gone after it, its self-check too."""
+    """register for a test: a user's backend, gone after it, its self-check too."""
     from bench import profile
     monkeypatch.setattr(kernels.registry, "_impls", {op: dict(b) for op, b in kernels.registry._impls.items()})
     monkeypatch.setattr(profile, "_checked", {})
-    return lambda name, fn: register("swiglu", name)(fn)
+    return lambda name, fn, op="swiglu": register(op, name)(fn)
 
 
 def test_a_users_backend_asked_for_is_self_checked_and_measured(own_backend):
@@ -222,3 +222,16 @@ def test_a_list_or_an_integer_tensor_where_a_float_tensor_goes_is_refused_by_nam
     for message, op, args, options in calls:
         with pytest.raises(ValueError, match=f"^{message}"):
             kernels.get(op, backend)(*args, **options)
+
+
+def test_an_optimizer_on_a_users_adamw_backend_clips_with_torchs_grad_norm(own_backend):
+    """BF16AdamW takes the grad_norm backend named as its adamw one: a user's adamw alone (no
+    grad_norm of that name) clips with torch's, where clip_grad_norm refused it."""
+    from gpt.optim import BF16AdamW
+    own_backend("mine", kernels.get("adamw", "torch"), op="adamw")
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    p.grad = torch.full_like(p, 3.0)
+    optimizer = BF16AdamW([p], lr=0.1, weight_decay=0.0, stochastic_rounding=False, backend="mine")
+    assert optimizer.clip_grad_norm(1.0).item() == 6.0
+    optimizer.step()
+    assert torch.equal(p, torch.full_like(p, 1 - 0.1))  # 1 - lr to nearest bf16: a first step is the sign
