@@ -150,6 +150,16 @@ def _seeded(fn: Callable, device: torch.device) -> Callable:
     return seeded
 
 
+def _one_mask(probe: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """probe(): a seeded backend's output that shows its dropout mask, found the same at a second
+    call, or a ValueError saying why the check cannot replay it."""
+    shown = probe()
+    if not torch.equal(shown, probe()):
+        raise ValueError("its dropout mask differs between two calls from the same seed: a backend that drops "
+                         "out takes its seed from kernels.runtime.dropout_seed_tensor, which the check seeds")
+    return shown
+
+
 def _norm(op: str, s: Shapes, device, residual: bool, autocast: bool = False) -> Case:
     """The norm, or with `residual` its pre-norm form: (y, dropout(x) + residual) from x and the
     residual stream, the gradient arriving at both outputs; the dropout is the config's. With
@@ -186,7 +196,7 @@ def _norm(op: str, s: Shapes, device, residual: bool, autocast: bool = False) ->
         fn = _seeded(fn, inputs[0].device)
         probe = _copies(inputs)
         probe[0], probe[1] = (torch.full_like(t, v).requires_grad_() for t, v in zip(probe[:2], (1.0, 0.0)))
-        scale = (call(fn, probe, "fwd")[1].detach() != 0).float() / (1 - p)
+        scale = (_one_mask(lambda: call(fn, probe, "fwd")[1].detach()) != 0).float() / (1 - p)
 
         def masked(x, *args, residual, dropout_p, **options):
             return reference(x * scale.to(x.dtype), *args, residual=residual, **options)
@@ -323,7 +333,7 @@ def _attention(s: Shapes, device) -> Case:
             v = probe[..., (H + Hkv) * D:].view(B, T, Hkv, D)
             v.zero_()
             v[:, j0 + cols[:w], :, cols[:w]] = 1
-            out = call(fn, [probe.requires_grad_(), dy], "fwd")[0].detach()
+            out = _one_mask(lambda: call(fn, [probe.requires_grad_(), dy], "fwd")[0].detach())
             scale[..., j0:j0 + w] = (out[..., :w] != 0).float() / (1 - p)
         return fn, lambda q, k, v, causal, dropout_p, rope: dropped_attention(q, k, v, causal, scale, rope)
 

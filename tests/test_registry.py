@@ -235,3 +235,19 @@ def test_an_optimizer_on_a_users_adamw_backend_clips_with_torchs_grad_norm(own_b
     assert optimizer.clip_grad_norm(1.0).item() == 6.0
     optimizer.step()
     assert torch.equal(p, torch.full_like(p, 1 - 0.1))  # 1 - lr to nearest bf16: a first step is the sign
+
+
+@interpreter_only
+def test_a_users_backend_whose_dropout_the_check_cannot_replay_is_told_why(own_backend):
+    """The self-check replays a backend's dropout by seeding its own generator, which
+    runtime.dropout_seed_tensor draws from: a backend drawing from torch's (torch's own norm,
+    called here) is refused with that said, not with an error a hundred times its bound alone."""
+    from bench.cases import Shapes
+    from gpt.model import GPTConfig
+    own_backend("torchs", kernels.get("layer_norm", "torch"), op="layer_norm")
+    shapes = Shapes(GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=64, block_size=16, dropout=0.1), 1,
+                    dtype=torch.float32)
+    with pytest.raises(ValueError, match="its dropout mask differs between two calls from the same seed"):
+        kernels.choose({"layer_norm": "torchs"}, "cpu", shapes=shapes)
+    choices = kernels.choose("triton", "cpu", shapes=shapes, used={"layer_norm", "attention"})
+    assert choices["layer_norm"].backend == choices["attention"].backend == "triton"  # theirs replayed
