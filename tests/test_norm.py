@@ -197,9 +197,9 @@ def test_output_gradient_layouts(op, bias, layout, device, monkeypatch):
 
 
 # Backward splits rows into contiguous ranges, one per program, walked in tiles of ROWS rows. On
-# the CPU stand-in of 4 SMs these shapes give several programs with several tiles each and a
-# ragged last range: n=7 -> 256-row tiles, 2 programs; n=771 -> 4-row tiles, 9 programs of 8
-# rows; n=4099 -> 1-row tiles, 7 programs of 3 rows. The partial sums' reduction then takes 2
+# the CPU stand-in of 4 SMs these shapes give several programs and a ragged last range, the wider
+# rows several tiles a program: n=7 -> 256-row tiles, 2 programs of one tile; n=771 -> 4-row
+# tiles, 9 programs of 8 rows; n=4099 -> 1-row tiles, 7 programs of 3 rows. The partial sums' reduction then takes 2
 # steps of 8 rows (n=771, the second ragged) and 7 of 1 (n=4099, in 3 ragged column strips).
 MANY_ROWS = [(300, 7), (70, 771), (20, 4099)]
 
