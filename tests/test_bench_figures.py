@@ -540,7 +540,7 @@ def test_self_check_reports_the_worst_form(monkeypatch):
     """The reason gives the largest error of the forms checked."""
     monkeypatch.setattr(profile, "check_cases", lambda op, shapes, device_type: ["a", "b"])
     monkeypatch.setattr(profile, "margin", lambda c, triton, torch: (None, {"a": 0.5, "b": 0.1}[c]))
-    ok, why = profile._check("swiglu", Shapes(GPT2, 1), "cpu")
+    ok, why = profile._check("swiglu", Shapes(GPT2, 1), "cpu", "triton")
     assert ok and "error at most 50% of the bound in 2 forms" in why
 
 
