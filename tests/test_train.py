@@ -521,11 +521,11 @@ def test_a_backend_of_the_users_trains_through_train_py_run_as_itself(tmp_path, 
         "    return kernels.get('layer_norm', 'torch')(*args, **kwargs)\n")
     (tmp_path / "my_train.py").write_text("import my_kernels, runpy\n"
                                           "runpy.run_path('train.py', run_name='__main__')\n")
-    out = tmp_path / "out"
+    out, root = tmp_path / "out", Path(train.__file__).parent
     args = [*TINY, "--device=cpu", "--max_iters=1", "--dropout=0", f"--out_dir={out}", f"--data_dir={data_dir}"]
     done = subprocess.run([sys.executable, tmp_path / "my_train.py", *args, "--kernels={'layer_norm': 'mine'}"],
-                          cwd=Path(train.__file__).parent, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])})
+                          cwd=root, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])})
     assert done.returncode == 0, done.stderr
     assert read_log(out)[0]["kernels"]["layer_norm"] == "mine" and "mine called" in done.stdout
 
