@@ -88,12 +88,17 @@ class BF16AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str = "torch", *,
                  stochastic_rounding: bool = True, kahan_summation: bool = False, seed: int = 0):
-        self.adamw = kernels.get("adamw", backend)
-        self.backend = backend
-        self._clip = None  # set by clip_grad_norm, taken by the next step (see _clip_for)
+        self._take_up(backend)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding,
                                       kahan_summation=kahan_summation, seed=seed))
+
+    def _take_up(self, backend: str) -> None:
+        """`backend`'s adamw, and its grad_norm for clip_grad_norm: the one of that name, or
+        torch's where there is none (a backend of the user's for adamw alone)."""
+        self.backend, self.adamw = backend, kernels.get("adamw", backend)
+        self._grad_norm = kernels.get("grad_norm", backend if backend in kernels.ops()["grad_norm"] else "torch")
+        self._clip = None  # set by clip_grad_norm, taken by the next step (see _clip_for)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "backend": self.backend}
@@ -105,7 +110,7 @@ class BF16AdamW(torch.optim.Optimizer):
         __init__), it takes up its backend again."""
         super().__setstate__(state)
         if "backend" in state:
-            self.adamw, self._clip = kernels.get("adamw", self.backend), None
+            self._take_up(self.backend)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -137,8 +142,7 @@ class BF16AdamW(torch.optim.Optimizer):
         parameters); torch.nn.utils.clip_grad_norm_ clips a subset. The last call before a step
         is the one that step applies.
         grad_norm: the grad_norm op's backend to use; by default the one named like this
-        optimizer's adamw backend, or torch's where grad_norm has none of that name (a backend
-        of the user's for adamw alone)."""
+        optimizer's adamw backend (_take_up)."""
         own = [p for group in self.param_groups for p in group["params"]]
         parameters = own if parameters is None else list(parameters)
         given = set(map(id, parameters)) if parameters is not own else None
@@ -147,10 +151,7 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ValueError(f"BF16AdamW.clip_grad_norm: {missing} of this optimizer's params with grads are not "
                              f"among `parameters`, and the step would scale their grads too (clip a subset with "
                              f"torch.nn.utils.clip_grad_norm_)")
-        if grad_norm is None:
-            named = self.backend in kernels.ops()["grad_norm"]
-            grad_norm = kernels.get("grad_norm", self.backend if named else "torch")
-        norm = global_grad_norm(parameters, grad_norm)
+        norm = global_grad_norm(parameters, grad_norm or self._grad_norm)
         marks = [(p, None, None) if p.grad is None else (p, weakref.ref(p.grad), _local(p.grad)._version)
                  for p in parameters]
         self._clip = (clip_coefficient(norm, float(max_norm)), marks)
