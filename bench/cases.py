@@ -485,8 +485,14 @@ def check(c: Case, fn: Callable, reference: Callable) -> tuple[bool, str]:
     try:
         failure, worst = margin(c, fn, reference)
     except torch.OutOfMemoryError as e:
-        return False, f"{type(e).__name__}: {e}"
+        return False, out_of_memory(e)
     return failure is None, failure or f"error at most {worst:.0%} of the bound"
+
+
+def out_of_memory(e: torch.OutOfMemoryError) -> str:
+    """A check's failure for running out of memory, on one line (torch's message runs to several:
+    a profile's table cell, a start-up warning)."""
+    return f"out of memory ({str(e).splitlines()[0]})"
 
 
 def margin(c: Case, fn: Callable, reference: Callable) -> tuple[str | None, float]:

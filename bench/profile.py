@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench.cases import Shapes, check_cases, margin
+from bench.cases import Shapes, check_cases, margin, out_of_memory
 from gpt.model import GPTConfig, preset
 from kernels import runtime
 from kernels.checks import dtype_name
@@ -304,7 +304,7 @@ def self_check(op: str, shapes: Shapes, device_type: str, backend: str = "triton
                 try:
                     _checked[key] = _check(op, shapes, device_type, backend)
                 except torch.OutOfMemoryError as e:
-                    return False, f"{shapes.describe()}: out of memory ({str(e).splitlines()[0]})"
+                    return False, f"{shapes.describe()}: {out_of_memory(e)}"
         return _checked[key]
 
 
