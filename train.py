@@ -27,7 +27,8 @@ from rich.table import Table
 import kernels
 from gpt import checkpoint, distributed, pretrained
 from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN_KEYS, ConfigError, check_device,
-                        check_seed, optimizer_dtype, parse_args, printed_help, reported as reported_by, training_dtype)
+                        check_seed, make_current, optimizer_dtype, parse_args, printed_help, reported as reported_by,
+                        training_dtype)
 from gpt.data import Batches, DataError, is_built, load_meta, prepare
 from gpt.files import try_lock, unwritten, write_atomic
 from gpt.preemption import Preemption
@@ -495,9 +496,8 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
                          f"tokens), or compile_mode=default or max-autotune-no-cudagraphs")
     console = Console(quiet=not master, soft_wrap=True)
     device_type = torch.device(c["device"]).type  # autocast's and the kernels' (mps's own, not the CPU's)
+    make_current(c["device"])  # cuda:N in one process too
     if device_type == "cuda":
-        if torch.device(c["device"]).index is not None:  # cuda:N in one process too: its profile and self-checks
-            torch.cuda.set_device(c["device"])
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # --- data ---------------------------------------------------------------------------------

@@ -107,6 +107,15 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device {device!r}: this machine has {count()} {d.type} device(s)")
 
 
+def make_current(device: str) -> None:
+    """An indexed CUDA device (cuda:1) becomes the current one: the kernels' profile and
+    self-checks are the current device's, as are torch.cuda's answers asked of no device."""
+    import torch  # on use, as training_dtype
+
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
 def printed_help(argv: list[str], doc: str, defaults: dict) -> bool:
     """Whether `argv` asks for -h/--help; if so, help_text is printed."""
     if not any(arg in ("-h", "--help") for arg in argv):

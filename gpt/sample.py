@@ -23,8 +23,8 @@ import kernels
 from bench.cases import Shapes
 
 from . import checkpoint, pretrained
-from .config import (DTYPES, RUN_KEYS, check_device, check_seed, parse_args, printed_help, quiet_when_the_reader_leaves,
-                     reported)
+from .config import (DTYPES, RUN_KEYS, check_device, check_seed, make_current, parse_args, printed_help,
+                     quiet_when_the_reader_leaves, reported)
 from .data import load_meta
 from .model import GPT, GPTConfig, check_sampling, count, model_ops
 from .tokenizer import EOT, gpt2
@@ -113,6 +113,7 @@ def main(argv: list[str]) -> list[str]:
     device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     with reported("gpt.sample"):  # one it lacks (cuda:3 of two GPUs), before a checkpoint is read
         check_device(device)
+    make_current(device)  # before the kernels' self-checks and is_bf16_supported, which ask the current GPU
     device_type = torch.device(device).type  # autocast's and the kernels' (mps's own, not the CPU's)
     torch.manual_seed(c["seed"])
     bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)

@@ -69,6 +69,8 @@ def choose(kernels: str | Mapping[str, str], device_type: str | torch.device, *,
     leaves out use torch; a backend other than torch asked for that fails its self-check is
     refused with a ValueError: asked for, it does not fall back).
 
+    device_type: "cuda", "cpu", ... (a device's index is not used: the self-checks run on, and
+      the profile is that of, the current CUDA device, which train.py sets to its `device`).
     shapes: a bench.cases.Shapes of the run (model config, micro-batch, dtype) for the
       self-check; without it the check runs at GPT-2 124M's shapes.
     compiled: whether the model will run under torch.compile (profiles then time torch's ops

@@ -150,6 +150,23 @@ def test_on_a_gpu_the_default_dtype_is_bfloat16_where_it_is_native(tmp_path, mon
     assert seen == [(torch.bfloat16 if native else False, torch.float32)]
 
 
+def test_an_indexed_gpu_is_made_current_first(tmp_path, monkeypatch):
+    """--device=cuda:1: the kernels' profile and self-checks, and is_bf16_supported, ask the
+    current GPU, so cuda:1 is made it before them (they asked GPU 0 once)."""
+    import gpt.sample
+    made = []
+
+    def set_device(device):
+        made.append(device)
+        raise InterruptedError  # (no GPU here to go on with)
+    monkeypatch.setattr(gpt.sample, "check_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: pytest.fail("asked before cuda:1 was current"))
+    with pytest.raises(InterruptedError):
+        sample([*char_checkpoint(tmp_path), "--device=cuda:1"])
+    assert made == ["cuda:1"]
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--start=abc", r"characters the checkpoint's vocabulary lacks: \['c'\]"),
     ("--start=", "the prompt is empty"),

@@ -229,6 +229,22 @@ def test_cuda_graphs_with_micro_steps_are_refused(tmp_path, data_dir, mode, monk
     assert [r["iter"] for r in log if "loss" in r] == [0]
 
 
+def test_an_indexed_gpu_is_made_current_first(tmp_path, data_dir, monkeypatch):
+    """--device=cuda:1 in one process: the kernels' profile and self-checks ask the current GPU,
+    so cuda:1 is made it before them."""
+    made = []
+
+    def set_device(device):
+        made.append(device)
+        raise InterruptedError  # (no GPU here to go on with)
+    monkeypatch.setattr(train, "check_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(kernels, "choose", lambda *a, **k: pytest.fail("kernels chosen before cuda:1 was current"))
+    with pytest.raises(InterruptedError):
+        run(tmp_path, data_dir, "--device=cuda:1", "--dtype=bfloat16")
+    assert made == ["cuda:1"]
+
+
 @pytest.fixture
 def clock(monkeypatch):
     """train.py's clock, advanced by the data alone: 1 s a micro-step's batch, 50 s for a run's
