@@ -285,6 +285,14 @@ def test_a_file_torch_saved_that_is_no_training_checkpoint_is_refused_by_name(tm
         checkpoint.load(tmp_path, "cpu")
 
 
+@pytest.mark.parametrize("saved", [{"a": 1}, torch.zeros(2)])
+def test_a_sharded_checkpoints_train_state_that_is_no_training_runs_is_refused_by_name(tmp_path, saved):
+    (tmp_path / checkpoint.SHARDED).mkdir()
+    torch.save(saved, tmp_path / checkpoint.SHARDED / checkpoint.TRAIN_STATE)
+    with pytest.raises(ValueError, match=r"train_state.pt is not a training checkpoint: it has no model_args$"):
+        checkpoint.load(tmp_path, "cpu")
+
+
 def test_a_checkpoint_that_cannot_resume_or_build_its_model_is_refused_by_name(tmp_path):
     """model_args that are not a GPT's, weights that do not fit them, and, to resume, no iter_num
     or optimizer state: a ValueError naming what (a TypeError, RuntimeError or KeyError once)."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bench.flops import flops_per_token, matmuls, param_count, vector_param_count
+from bench.flops import causal_attention_fwd_flops, flops_per_token, matmuls, param_count, vector_param_count
 from gpt.model import GPT, PRESETS, GPTConfig, preset
 
 # GPT-2 124M (vocab padded to 50304), by hand: L=12 layers, C=768, T=1024.
@@ -63,6 +63,19 @@ def test_recomputation_counted_as_torch_runs_it(switches):
     plain, recomputed = flops_per_token(config, 12), flops_per_token(config, 12, recomputed=2)
     extra = recomputed.recomputed_matmul + 2 * recomputed.recomputed_attention_unit * 2  # whole score matrix
     assert counted[1] - counted[0] == extra * idx.numel() and plain.recomputed_matmul == 0
+
+
+def test_causal_attention_is_half_of_what_torch_counts_for_sdpa():
+    """The attention benchmarks' TFLOPS: torch's flop counter counts SDPA's two matmuls over the
+    whole T x T score matrix; causal attention computes half of it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, T, D = 2, 3, 40, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # (its matmuls, counted)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert causal_attention_fwd_flops(B, H, T, D) == counter.get_total_flops() / 2
 
 
 def test_numpy_counts_do_not_wrap():

@@ -436,6 +436,20 @@ def test_as_rows_and_unit_stride_d_keep_views_where_the_layout_allows():
     assert runtime.as_rows(torch.tensor(2.0)).shape == (1, 1)
 
 
+def test_a_self_checks_generator_is_its_threads_alone():
+    """Inside drawing_from, only the thread that entered it draws its dropout seeds from the
+    check's generator: a training step in another thread meanwhile draws from torch's as ever
+    (else its masks would be the check's, and torch.manual_seed would not replay them)."""
+    seen = []
+    other = threading.Thread(target=lambda: seen.append(runtime.drawing_generator()))
+    mine = torch.Generator().manual_seed(0)
+    with runtime.drawing_from(mine):
+        other.start()
+        other.join()
+        assert runtime.drawing_generator() is mine
+    assert seen == [None] and runtime.drawing_generator() is None
+
+
 def test_no_dropout_draws_no_seed():
     """dropout_p = 0 takes nothing from torch's generator: a run without dropout samples alike
     with either backend."""

@@ -15,8 +15,9 @@ import kernels
 from bench import profile
 from gpt import checkpoint, model as gpt_model
 from gpt.model import GPT, GPTConfig
-from gpt.sample import DEFAULTS
+from gpt.sample import DEFAULTS, checkpoint_meta
 from gpt.sample import main as sample
+from gpt.tokenizer import EOT
 from kernels import choose
 from tests.devices import cuda_only
 
@@ -212,6 +213,16 @@ def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_
     assert text[0].startswith("<|endoftext|>")
 
 
+def test_a_model_without_gpt2s_end_of_text_token_is_not_read_as_bpe(tmp_path):
+    """GPT-2's BPE ids run to its end-of-text token, 50256: a model with fewer ids than 50257 and
+    no character vocabulary is not one of GPT-2's."""
+    def ckpt(vocab: int) -> dict:  # nanoGPT's: no vocabulary saved, and its dataset has no meta.pkl
+        return dict(model_args=dict(vocab_size=vocab), config=dict(dataset="chars", data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="the checkpoint's model has 50256 tokens, too few for GPT-2's BPE"):
+        checkpoint_meta(ckpt(EOT))
+    assert checkpoint_meta(ckpt(EOT + 1)) is None
+
+
 def test_a_nanogpt_checkpoint_needs_the_vocabulary_of_its_dataset(tmp_path, monkeypatch):
     """nanoGPT's checkpoints save no vocabulary: its dataset's meta.pkl, where training ran, must
     be there and of the model's size. Without it a character model's ids decoded as GPT-2 BPE,
@@ -236,9 +247,11 @@ def test_a_nanogpt_checkpoint_needs_the_vocabulary_of_its_dataset(tmp_path, monk
                                                  r"checkpoint's model 4 tokens: not the vocabulary it was"):
                 sample(args)
     assert set(sample(args)[0]) <= set(CHARS)
-    meta_pkl.write_bytes(meta_pkl.read_bytes()[:20])
-    with pytest.raises(SystemExit, match=r"^gpt.sample: data/chars/meta.pkl is not a readable meta.pkl \(cut short"):
-        sample(args)
+    whole = meta_pkl.read_bytes()
+    for cut in (20, 0):  # (an UnpicklingError, an EOFError)
+        meta_pkl.write_bytes(whole[:cut])
+        with pytest.raises(SystemExit, match=r"^gpt.sample: data/chars/meta.pkl is not a readable meta.pkl \(cut "):
+            sample(args)
 
 
 def test_no_training_key_is_close_enough_to_a_sampling_key_to_be_refused():

@@ -332,6 +332,26 @@ def test_a_run_in_another_thread_leaves_sigterm_as_it_was(capsys):
     assert "a SIGTERM ends the process without saving" in capsys.readouterr().err
 
 
+def test_a_callers_own_sigterm_handler_is_kept():
+    """A process that handles SIGTERM itself (a test harness's deadline, an application that
+    embeds the run) keeps its handler through the run: the signal reaches it, not the run."""
+    caught = []
+
+    def mine(signum, frame):
+        caught.append(signum)
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with train.Preemption(parallel=False) as preemption:
+            kept = signal.getsignal(signal.SIGTERM) is mine
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # (Python runs the handler between bytecodes, soon after)
+            requested = preemption.requested()
+        kept = kept and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (kept, caught, requested) == (True, [signal.SIGTERM], False)
+
+
 def test_resume_keeps_a_final_evaluation_off_the_interval(tmp_path, data_dir):
     """A run's last evaluation, at max_iters 3 off its eval_interval of 2, saved the checkpoint; the
     resumed run does not evaluate at 3 again (its next is at 4), so the log keeps that one."""
@@ -479,11 +499,12 @@ def test_a_resume_without_random_state_draws_afresh(saved, data_dir):
     """A checkpoint without random state (nanoGPT's), or saved by another number of processes
     (dropout's generators): what it cannot restore is seeded from the run's seed and the step
     resumed at, the same on every resume there, not left as set up, where it would draw again
-    the windows and masks the saved run began with."""
+    the windows and masks the saved run began with. Each rank draws its own dropout masks; the
+    windows, the same (the processes split the micro-steps)."""
     path = train.prepare("shakespeare_char", data_dir)
-    world, console = SimpleNamespace(rank=0, size=1), SimpleNamespace(print=lambda *args: None)
+    console = SimpleNamespace(print=lambda *args: None)
 
-    def draws(iter_num=None):
+    def draws(iter_num=None, world=SimpleNamespace(rank=0, size=1)):
         batches = train.Batches(path, 8, 2, "cpu", seed=1337)
         torch.manual_seed(1337)  # as train.py sets up rank 0
         if iter_num is not None:
@@ -495,6 +516,8 @@ def test_a_resume_without_random_state_draws_afresh(saved, data_dir):
     assert not torch.equal(seeds, seeds100) and torch.equal(seeds100, seeds_again)
     assert torch.equal(x100, again) and torch.equal(x, x100) == (saved != "none")  # (a saved sampler goes on)
     assert not torch.equal(draws(200)[1], seeds100)
+    (x0, seeds0), (x1, seeds1) = (draws(100, SimpleNamespace(rank=rank, size=3)) for rank in (0, 1))
+    assert torch.equal(x0, x1) and not torch.equal(seeds0, seeds1)
 
 
 def test_a_nanogpt_config_file_runs_unchanged(tmp_path, data_dir, capsys):
@@ -634,6 +657,13 @@ def test_defaults_and_errors(monkeypatch, tmp_path):
         m.setenv("RANK", "0")
         with pytest.raises(SystemExit, match="parallel=fsdp trains in bfloat16 or float32"):
             train.main([*nothing, "--dtype=float16", "--parallel=fsdp"])
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo", "cpu:gloo,cuda:nccl", "cuda:nccl"])
+def test_a_process_group_backend_or_device_backend_pairs_are_taken(backend):
+    config, _ = train.read_config(["--device=cpu", f"--backend={backend}"])
+    train.check_ranges(config)  # (refuses a misspelt one: test_defaults_and_errors)
+    assert config["backend"] == backend
 
 
 def test_a_preset_in_a_config_file_sets_what_its_later_lines_see(tmp_path):

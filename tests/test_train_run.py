@@ -381,6 +381,23 @@ def test_a_run_whose_loss_is_nan_stops_and_keeps_its_last_good_checkpoint(tmp_pa
     assert None in last.values()
 
 
+def test_a_float16_loss_that_overflows_once_is_skipped_by_the_scaler_not_a_divergence(tmp_path, data_dir,
+                                                                                        monkeypatch):
+    """Under float16 an overflow is the loss scaler's to handle: it skips that step (the weights
+    stay finite) and lowers its scale; the run goes on, the log holding null for that loss."""
+    lr_at, forward, now = train.lr_at, GPT.forward, [None]
+    monkeypatch.setattr(train, "lr_at", lambda it, c: now.__setitem__(0, it) or lr_at(it, c))  # once an iteration
+
+    def overflowing(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, loss * math.inf if self.training and now[0] == 1 else loss
+    monkeypatch.setattr(GPT, "forward", overflowing)
+    log = run(tmp_path, data_dir, "--device=cpu", "--dtype=float16", "--max_iters=3", "--eval_interval=3",
+              "--eval_iters=1", "--always_save_checkpoint=True")
+    assert [r["loss"] is None for r in steps(log)] == [False, True, False]
+    assert all(t.isfinite().all() for t in checkpoint.load(tmp_path, "cpu")["model"].values())
+
+
 def test_a_run_that_diverges_before_its_first_save_names_no_checkpoint(tmp_path, data_dir, monkeypatch):
     """A new run set the last one's checkpoint aside: out_dir keeps none to speak of."""
     monkeypatch.setattr(train, "lr_at", lambda it, c: math.nan)
