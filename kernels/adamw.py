@@ -290,8 +290,8 @@ def _store(ptrs, x, bits, mask, SR: tl.constexpr):
 
 @triton.jit
 def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, mask, key, offs, g_scale, decay, one_minus_beta1,
-            beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps, SR: tl.constexpr,
-            KAHAN: tl.constexpr):
+            beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps, FROM_G: tl.constexpr,
+            SR: tl.constexpr, KAHAN: tl.constexpr):
     """One AdamW step of a block, in torch.optim.AdamW's order of operations (`key`: the block's
     stochastic-rounding key)."""
     p = tl.load(p_ptrs, mask=mask).to(tl.float32)
@@ -301,7 +301,10 @@ def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, mask, key, offs, g_scale, de
     m = tl.load(m_ptrs, mask=mask).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask).to(tl.float32)
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
+    if FROM_G:
+        m = g - (g - m) * (1.0 - one_minus_beta1)
+    else:
+        m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
     # IEEE sqrt and division, as torch's: the fast approximations would cost fp32 params their
     # last bits against torch.optim.AdamW, and this kernel is bound by memory, not arithmetic.
@@ -344,6 +347,7 @@ def _adamw_kernel(
     M_DTYPE: tl.constexpr,  # dtype of m
     V_DTYPE: tl.constexpr,  # dtype of v
     C_DTYPE: tl.constexpr,  # dtype of c (unused without KAHAN)
+    FROM_G: tl.constexpr,   # m's average taken from g's end (see _lerp_from_g)
     WIDTH: tl.constexpr,    # columns of the table
     SR: tl.constexpr,       # round the bf16 stores stochastically (else to nearest even)
     KAHAN: tl.constexpr,    # compensate the param's rounding in c (the param to nearest)
@@ -381,11 +385,11 @@ def _adamw_kernel(
     if full:
         _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, None, key, offs, g_scale, decay,
                 one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                SR, KAHAN)
+                FROM_G, SR, KAHAN)
     else:
         _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, c_ptrs, offs < numel, key, offs, g_scale, decay,
                 one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, step_size, eps,
-                SR, KAHAN)
+                FROM_G, SR, KAHAN)
 
 
 @triton.jit
@@ -575,6 +579,16 @@ def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+@functools.cache  # (a tensor a step would be host time for one bit)
+def _lerp_from_g(beta1: float) -> bool:
+    """Whether torch's lerp (m.lerp_(g, 1 - beta1), torch.optim.AdamW's) computes m's average
+    from g's end, g - (g - m) * beta1, as it does for weights of 0.5 and more: without momentum
+    (beta1 = 0) m is then g exactly, where m + (g - m) loses the bits of a grad far smaller than
+    the old m. Chosen on the host: the kernel's float arguments may be fp64 (torch.compile's),
+    and a comparison of one would be fp64 math."""
+    return float(torch.tensor(1 - beta1, dtype=torch.float32)) >= 0.5  # the weight torch's kernel takes, fp32
+
+
 # The triton backends of both ops run eagerly inside torch.compile (a graph break): their launches
 # read pointer tables, built and cached by the tensors' addresses, which a traced graph cannot hold.
 @register("adamw", "triton")
@@ -604,7 +618,8 @@ def adamw_triton(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2
             _adamw_kernel[(len(launch.blocks),)](
                 launch.table, launch.blocks, grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2,
                 1 - beta2, math.sqrt(1 - beta2 ** step), lr / (1 - beta1 ** step), eps, seed,
-                *launch.dtypes[:3], C_DTYPE=launch.dtypes[3] if kahan else None, WIDTH=launch.table.shape[1],
+                *launch.dtypes[:3], C_DTYPE=launch.dtypes[3] if kahan else None, FROM_G=_lerp_from_g(beta1),
+                WIDTH=launch.table.shape[1],
                 SR=stochastic_rounding and tl.bfloat16 in launch.dtypes, KAHAN=kahan,
                 SCALED=grad_scale is not None, ALIGNED=launch.aligned, EVEN=launch.even, BLOCK=BLOCK,
                 num_warps=NUM_WARPS)
