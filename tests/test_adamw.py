@@ -67,6 +67,33 @@ def test_without_momentum_the_moment_is_the_grad_itself(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_writes_nothing_past_its_tensors(backend, device):
+    """Tensors that are the head of larger buffers: a tensor's last, partial block is masked at
+    its end (what follows it in memory may be another tensor's)."""
+    skip_unless_triton_runs(backend, device)
+    n = 1000
+    buffers = [torch.full((n + 16,), 7.0, device=device) for _ in range(4)]
+    p, g, m, v = (b[:n] for b in buffers)
+    p.copy_(torch.randn(n)), g.copy_(torch.randn(n))
+    kernels.get("adamw", backend)([p], [g], [m], [v], step=1, **HYPER)
+    assert all(torch.equal(b[n:], torch.full((16,), 7.0, device=device)) for b in buffers)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stochastic_rounding", [False, True])
+def test_a_nan_of_any_bit_pattern_stays_nan_in_bf16(backend, stochastic_rounding, device):
+    """A GPU's NaN is 0x7FFFFFFF (the CPU's 0x7FC00000): rounded to bf16 by adding to its bits,
+    its payload carries into the sign and the result reads -0.0, a NaN step hidden as zeros."""
+    skip_unless_triton_runs(backend, device)
+    p, g = (torch.randn(64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    gpu_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32, device=device).view(torch.float32)
+    kernels.get("adamw", backend)([p], [g], [m], [v], step=1, **HYPER, grad_scale=gpu_nan,
+                                  stochastic_rounding=stochastic_rounding)
+    assert all(t.isnan().all() for t in (p, m, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_matches_torch_adamw(backend, device):
     """Several steps with a changing lr: torch.optim.AdamW's results to fp32 rounding, and the
     update as accurate as torch's against float64."""

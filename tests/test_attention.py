@@ -3,6 +3,7 @@
 On CPU the Triton kernels run in the interpreter (slow): the cases below are a chosen spread of
 T, head dim, grouping, causal, dtype and layout rather than their product.
 """
+import itertools
 import math
 
 import pytest
@@ -330,6 +331,16 @@ def test_fp32_takes_small_unpipelined_tiles_in_8_warps(monkeypatch):
             for which in ("fwd", "dkdv", "dq"):
                 cfg = attention._config(q, which)
                 assert (cfg.num_warps, cfg.num_stages) == (8, 1) and max(cfg.block_m, cfg.block_n) <= 32
+
+
+def test_dropout_takes_at_least_8_warps(monkeypatch):
+    """The mask's hashing takes registers: at the 4 warps some tuned entries (long and short T)
+    have, they spill; at 8 they do not (tests/sm_compile.py's counts)."""
+    for major in (8, 9, 10, 12):
+        monkeypatch.setattr(attention.runtime, "capability", lambda device, major=major: (major, 0))
+        for D, T in itertools.product((64, 96, 128), (512, 4096)):
+            q = torch.empty(1, 1, T, D, dtype=torch.bfloat16)
+            assert all(attention._config(q, which, dropout=True).num_warps >= 8 for which in ("fwd", "dkdv", "dq"))
 
 
 # Causal and not, grouped and not, every power-of-two head dim, T off the tile, the model's views

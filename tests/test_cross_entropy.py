@@ -126,19 +126,22 @@ def test_logits_far_from_zero(backend, device):
                                f"{backend} offset 1e4, row {i}")
 
 
-@pytest.mark.parametrize("classes", [1031, 127])
-def test_backward_writes_only_its_rows(classes, device):
-    """Rows a slice of a wider buffer at a stride that starts them at every offset from a 16-byte
-    boundary (the kernel walks each from the boundary before it): every gradient element is
-    written, and nothing between the rows (the padding of the tiles stays masked)."""
+@pytest.mark.parametrize("classes, stride, align", [
+    (1031, 1042, 8), (127, 138, 8),  # 8 bf16 elements in 16 bytes: rows start 3, 6, 1, ... past a boundary
+    (1023, 1024, 1),  # aligned rows one element wider than the classes: a full tile ends at the row's end
+])
+def test_backward_writes_only_its_rows(classes, stride, align, device):
+    """Rows a slice of a wider buffer, at a stride that starts them at every offset from a 16-byte
+    boundary (the kernel walks each from the boundary before it) or at aligned rows one element
+    past the classes: every gradient element is written, and nothing between the rows (the
+    padding of the tiles stays masked, and an unmasked tile ends at its row's last class)."""
     skip_unless_triton_runs("triton", device)
-    stride = classes + 11  # 8 bf16 elements in 16 bytes: rows start 3, 6, 1, ... past a boundary
     x = (torch.randn(9, stride, device=device) * 3).to(torch.bfloat16)[:, :classes]
     targets = torch.randint(0, classes, (9,), device=device)
     sentinel = torch.full((9, stride), 7.0, device=device, dtype=torch.bfloat16)
     buffer = sentinel.clone()
     dx = buffer[:, :classes]
-    assert cross_entropy._align(x, dx) == 8
+    assert cross_entropy._align(x, dx) == align
     row_loss, stats = cross_entropy._forward_rows(x, targets, -1)
     cross_entropy._backward_rows(x, targets, stats, torch.tensor(1 / 9, device=device), dx, -1)
     assert torch.equal(buffer[:, classes:], sentinel[:, classes:]), "written between the rows"

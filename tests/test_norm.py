@@ -372,6 +372,21 @@ def assert_fused_accurate(backend, op, x, r, w, b=None, out_dtype=None, ds_used=
         assert_as_accurate(out, baseline, exact, what)
 
 
+@pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
+def test_the_norm_is_of_the_sum_as_stored(op, bias, device):
+    """y is the norm of s as returned (rounded to bf16), the tensor the next block adds to and
+    backward reloads, not of the fp32 sum before rounding: a stream far from zero beside its
+    spread (a residual of 50, resolution 0.25 in bf16) tells them apart."""
+    skip_unless_triton_runs("triton", device)
+    x, w, b = inputs(8, 256, device, torch.bfloat16, bias=bias)
+    r = (torch.randn(8, 256, device=device) + 50).to(torch.bfloat16)
+    errors = {}
+    for backend in ("torch", "triton"):
+        y, s = fused_fn(backend, op)(x, r, w, b)
+        errors[backend] = (y.double() - reference(op, s, w, b)).abs().max().item()
+    assert errors["triton"] <= 2 * errors["torch"], errors
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,bias", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
