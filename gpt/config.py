@@ -23,8 +23,26 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+# A config's values are numbers of a few digits and short strings: a larger one is a mistake, and
+# `10 ** 10 ** 10` or `'a' * 10 ** 10` would take the machine's memory for hours before saying so.
+MAX_BITS, MAX_LENGTH = 4096, 1 << 20
+
+
+def _power(base, exponent):
+    if isinstance(base, int) and isinstance(exponent, int) and exponent * (abs(base).bit_length() - 1) > MAX_BITS:
+        raise OverflowError(f"the result would have over {MAX_BITS} bits")
+    return base ** exponent
+
+
+def _times(a, b):
+    times, sequence = (a, b) if isinstance(a, int) else (b, a)
+    if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) and len(sequence) * times > MAX_LENGTH:
+        raise OverflowError(f"the result would be over {MAX_LENGTH} long")
+    return a * b
+
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _times, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _power}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
             ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
@@ -227,6 +245,8 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
         body = ast.parse(text, filename=str(path)).body
     except SyntaxError as e:
         raise ConfigError(f"{path}:{e.lineno}: not Python: {e.msg}") from None
+    except (RecursionError, MemoryError):  # nested past the parser's stack
+        raise ConfigError(f"{path}: nested too deeply to read") from None
     for stmt in body:
         where = f"{path}:{stmt.lineno}"
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
@@ -238,6 +258,8 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
             assigned = _assignments(stmt, scope, modules, where)
         except ConfigError:
             raise
+        except RecursionError:  # (unparsing it would recurse as deep)
+            raise ConfigError(f"{where}: nested too deeply to read") from None
         except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
             raise ConfigError(f"{where}: `{ast.unparse(stmt)}` fails: {type(e).__name__}: {e}") from None
         for key, value in assigned:

@@ -96,6 +96,28 @@ def test_a_failing_expression_names_its_line(tmp_path, line, error):
         read_config_file(path)
 
 
+@pytest.mark.parametrize("line", ["max_iters = 10 ** 10 ** 10", "dataset = 'a' * 10 ** 10",
+                                  "dataset = [0] * 10 ** 10", "dataset = 'ab'\ndataset *= 10 ** 10"])
+def test_a_value_too_large_for_any_key_is_refused_at_once(tmp_path, line):
+    """The file's mistake, said at once: computed, it took the machine's memory for hours."""
+    path = tmp_path / "c.py"
+    path.write_text(f"batch_size = 1\n{line}\n")
+    with pytest.raises(ConfigError, match=r"c.py:\d: .* fails: OverflowError: the result would"):
+        read_config_file(path)
+    path.write_text("a = 2 ** 4096\nb = 10 ** 1000\nc = 'ab' * 1000 + 3 * 'c'\nd = 2 ** -2\ne = 2.0 ** 0.5\n")
+    assert [value for _, value, _ in read_config_file(path)] == [2 ** 4096, 10 ** 1000, "ab" * 1000 + "ccc", 0.25,
+                                                                2 ** 0.5]
+
+
+@pytest.mark.parametrize("text", ["max_iters = " + "-" * 100_000 + "2\n", "max_iters = " + "1+" * 100_000 + "1\n",
+                                  "max_iters = " + "-" * 900 + "2\n", "max_iters = " + "(" * 300 + "1" + ")" * 300 + "\n"])
+def test_an_expression_nested_too_deeply_is_refused(tmp_path, text):
+    path = tmp_path / "c.py"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"c.py(:1)?: (nested too deeply to read|not Python: too many nested)"):
+        read_config_file(path)
+
+
 def test_python_a_config_may_use_beside_assignments(tmp_path):
     """What nanoGPT users write in their configs, which its exec runs: f-strings, conditions,
     comparisons, tuple, augmented and annotated assignments; and whole-number floats for int keys."""
