@@ -32,7 +32,8 @@ def positive(convert):
     0 steps, GPUs or tokens divided by zero or planned nonsense further on)."""
     def parse(text: str):
         value = convert(text)
-        if not (value > 0 and math.isfinite(value)):  # (an infinite peak planned infinite tokens/s)
+        # (an infinite peak planned infinite tokens/s; an int past a float's range fails isfinite)
+        if not 0 < value < (2 ** 63 if isinstance(value, int) else math.inf):
             raise argparse.ArgumentTypeError(f"must be above 0 and finite, got {text}")
         return value
     parse.__name__ = convert.__name__  # argparse names the type in its "invalid int value" errors

@@ -58,10 +58,12 @@ def test_an_unknown_preset_or_variant_is_a_usage_error_before_any_work(args, mes
 
 
 @pytest.mark.parametrize("flag, value", [("--world-size", "0"), ("--peak-tflops", "-5"), ("--seq-len", "0"),
-                                         ("--batch-size", "0"), ("--peak-tflops", "0"), ("--peak-tflops", "inf")])
+                                         ("--batch-size", "0"), ("--peak-tflops", "0"), ("--peak-tflops", "inf"),
+                                         ("--batch-size", "1" + "0" * 400), ("--world-size", str(2 ** 63))])
 def test_plan_numbers_not_above_zero_are_usage_errors(capsys, flag, value):
     """A world of 0 GPUs divided by zero, a negative peak planned negative tokens/s, and a peak
-    or length of 0 was silently taken as the default."""
+    or length of 0 was silently taken as the default; an int past a float's range was an
+    OverflowError's traceback."""
     with pytest.raises(SystemExit) as exit:
         mfu.main(["--gpu", "h100", "--preset", "gpt2", flag, value])
     assert exit.value.code == 2 and (f"argument {flag}: must be above 0 and finite, got {value}"
