@@ -323,8 +323,9 @@ def _coerce(key: str, value, default, source: str, also: type | None = None):
     """`value` in the type of `default` or `also` (ints widen to floats). A None default takes
     None or a value of `also` (anything, where `also` does not say); another key takes None only
     where `also` is type(None)."""
-    if type(value) is int and not -2 ** 63 <= value < 2 ** 63:  # (past a float's range, and every count's)
-        raise ConfigError(f"{source}: {key} must fit in 64 bits, got an integer of {value.bit_length()} bits")
+    if type(value) is int and abs(value) > sys.float_info.max:  # (float() and math.isfinite raise on it)
+        raise ConfigError(f"{source}: {key} must be a number a float can hold, got an integer of "
+                          f"{value.bit_length()} bits")
     if default is None and (also is None or value is None):
         return value
     if type(value) in (type(default), also):
