@@ -30,7 +30,7 @@ from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN
                         check_seed, make_current, optimizer_dtype, parse_args, printed_help, reported as reported_by,
                         training_dtype)
 from gpt.data import Batches, DataError, is_built, load_meta, prepare
-from gpt.files import try_lock, unwritten, write_atomic
+from gpt.files import blocking_file, try_lock, unwritten, write_atomic
 from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
 from bench import plan, shown
@@ -476,8 +476,10 @@ def run(argv: list[str], cleanup: ExitStack) -> None:
             pretrained.locate(c["init_from"])
     with reported():  # (refused where neither built nor buildable here)
         is_built(c["dataset"], c["data_dir"])
-    if Path(c["out_dir"]).exists() and not Path(c["out_dir"]).is_dir():
-        raise SystemExit(f"train.py: out_dir {c['out_dir']} is a file, not a directory")
+    with reported():  # (a folder above it this user may not read)
+        for key in ("out_dir", "data_dir"):
+            if (file := blocking_file(c[key])) is not None:
+                raise SystemExit(f"train.py: {key} {c[key]}: {file} is a file, not a directory")
 
     # --- processes: one, or one per GPU under torchrun -------------------------------------
     with reported():

@@ -244,9 +244,18 @@ def tidy(out: Path) -> int:
 # --- reading the logs -------------------------------------------------------------------------
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a run's log.jsonl, after its start record (START, where there is one)."""
+    """The records of a run's log.jsonl, after its start record (START, where there is one). A line
+    torn by a killed write (a run the GPU session's limit cut) is left out, as train.py's resume
+    leaves it out."""
     paths = [p for p in (path.parent / START, path) if p.exists()]
-    return [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    return [record for p in paths for record in map(_record, p.read_text().splitlines()) if record is not None]
+
+
+def _record(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def summarize(records: list[dict]) -> dict:

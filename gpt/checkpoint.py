@@ -12,7 +12,6 @@
 Writing one format removes the other, so out_dir holds one checkpoint.
 """
 import os
-import pickle
 import re
 import shutil
 import warnings
@@ -129,7 +128,7 @@ def load(out_dir: str | os.PathLike, device: str, resume: bool = False) -> dict:
     resume: a run resumes from it, which takes where it stood and its optimizer state too."""
     path = locate(out_dir)
     keys = ("model_args", *(("iter_num", "best_val_loss") if resume else ()))
-    if path.is_dir():
+    if path.name != FILENAME:
         checkpoint = dict(_training_state(path / TRAIN_STATE, keys, map_location=device), sharded=path)
     else:
         # Loaded to the host, the file is mapped, not read: the ranks of a node resuming at once
@@ -139,7 +138,7 @@ def load(out_dir: str | os.PathLike, device: str, resume: bool = False) -> dict:
         checkpoint["model"] = model_state(checkpoint["model"])
     try:
         checkpoint["model_args"] = asdict(GPTConfig(**checkpoint["model_args"]))  # every key (nanoGPT's has few)
-    except TypeError as e:  # a key GPTConfig has not, or no mapping at all
+    except (TypeError, ValueError) as e:  # a key GPTConfig has not, a value it refuses, or no mapping at all
         raise ValueError(f"{path}: its model_args are not a GPT's ({e})") from None
     return checkpoint
 
@@ -157,13 +156,20 @@ def _training_state(path: Path, keys: tuple[str, ...], **options) -> dict:
 def _load(path: Path, **options):
     """torch.load with weights_only: tensors, numbers, strings and containers of them, all that a
     checkpoint (ours or nanoGPT's) holds; unpickling anything else could run code a downloaded
-    file brought."""
+    file brought. A file it cannot read is a ValueError naming it, whatever torch.load raised:
+    a corrupt file can end its unpickler in any of a dozen errors (KeyError, UnicodeDecodeError,
+    struct.error, OSError, ...)."""
     try:
         return torch.load(path, weights_only=True, **options)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError) as e:  # torch.load's for a file it cannot read
-        if str(e).startswith("Weights only load failed"):
+    except Exception as e:
+        if isinstance(e, torch.OutOfMemoryError) or isinstance(e, OSError) and e.filename:
+            raise  # the device's, or the file system's (no such file, a folder, no permission), not the bytes'
+        if str(e).startswith("Weights only load failed") and "GLOBAL" in str(e):  # a class or function it names
             raise ValueError(f"{path} holds more than tensors, numbers and strings: not loaded ({e})") from None
-        raise ValueError(f"{path} is not a readable checkpoint (cut short or corrupt?): {e}") from None
+        if options.get("mmap") and str(e).startswith("mmap can only be used"):
+            return _load(path, **{**options, "mmap": False})  # torch.save's legacy format: read, not mapped
+        reason = ": ".join(filter(None, (type(e).__name__, str(e))))  # an EOFError's text is empty, a KeyError's a byte
+        raise ValueError(f"{path} is not a readable checkpoint (cut short or corrupt?): {reason}") from None
 
 
 def exists(out_dir: str | os.PathLike) -> bool:

@@ -17,6 +17,7 @@ import difflib
 import math
 import operator
 import os
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -229,15 +230,23 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
                       f"are allowed, not `{ast.unparse(node)}`")
 
 
+def _read_text(path: str | Path) -> str:
+    """A config file's text; refused unless a regular file: a FIFO (its open waits for a writer)
+    or a link to /dev/zero (read until the memory is gone) named as a config hung train.py."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def read_config_file(path: str | Path, known: dict | None = None, implied=None) -> list[tuple[str, object, str]]:
     """The assignments of a config file, in order, as (key, value, "path:line"); its expressions
     may use the keys of `known` (the config so far, as nanoGPT's exec of a config sees train.py's
     globals). `implied(key, value)`: the keys an assignment sets with it (a preset's
     architecture), seen by the lines after it."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    text = _read_text(path)
     scope = dict(known or {})
     values: list = []
     modules: set = set()

@@ -42,6 +42,14 @@ def try_lock(f) -> bool:
     return True
 
 
+def blocking_file(folder: str | os.PathLike) -> Path | None:
+    """The file that stands where `folder` or one of the folders above it would be (mkdir's
+    NotADirectoryError or FileExistsError, naming neither the setting nor the file), or None."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return None if existing.is_dir() else existing
+
+
 def unwritten(what: str, folder: str | os.PathLike, error: OSError) -> str:
     """What a failed write of `what` in `folder` says: the error and the space left there (a full
     disk or a quota is the likely cause, and an error such as numpy's "N requested and M written"

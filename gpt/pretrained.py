@@ -45,7 +45,8 @@ REDO = "delete it (a hub model's is downloaded again)"
 
 def is_pretrained(init_from: str) -> bool:
     """Whether init_from names GPT-2 weights (a hub model or a checkpoint directory), not scratch/resume."""
-    return init_from in HUB_MODELS or (init_from not in ("scratch", "resume") and Path(init_from).is_dir())
+    # ('' is no folder here, though Path('') is the working one)
+    return init_from in HUB_MODELS or (init_from not in ("", "scratch", "resume") and Path(init_from).is_dir())
 
 
 def cache_dir() -> Path:

@@ -151,6 +151,14 @@ def test_a_run_that_ended_before_its_planned_steps_says_so(tmp_path):
     assert adamw_curves.status(adamw_curves.load(tmp_path)[1]) == ""
 
 
+def test_a_line_torn_by_a_killed_write_is_left_out(tmp_path):
+    evaluation = dict(iter=0, train_loss=4.2, val_loss=4.3, lr=1e-4)
+    _write_run(tmp_path / "adamw", [evaluation], start=START)
+    with open(tmp_path / "adamw" / "log.jsonl", "a") as f:
+        f.write('\n{"iter": 10, "train_lo')  # a blank line, then the write the kill cut (a JSONDecodeError once)
+    assert adamw_curves.read_log(tmp_path / "adamw" / "log.jsonl") == [START, evaluation]
+
+
 def test_plot_writes_the_table_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     _write_run(tmp_path / "adamw", [dict(iter=0, train_loss=4.2, val_loss=4.3, lr=1e-4)], start=START)

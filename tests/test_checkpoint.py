@@ -303,6 +303,9 @@ def test_a_checkpoint_that_cannot_resume_or_build_its_model_is_refused_by_name(t
     torch.save(dict(whole, model_args=dict(whole["model_args"], n_layers=2)), path)
     with pytest.raises(ValueError, match=r"ckpt.pt: its model_args are not a GPT's \(.*'n_layers'"):
         checkpoint.load(tmp_path, "cpu")
+    torch.save(dict(whole, model_args=dict(whole["model_args"], n_head=3)), path)  # GPTConfig's own refusal
+    with pytest.raises(ValueError, match=r"ckpt.pt: its model_args are not a GPT's \(.*not a multiple of n_head 3"):
+        checkpoint.load(tmp_path, "cpu")
     for left_out in ("iter_num", "optimizer"):
         torch.save({k: v for k, v in whole.items() if k != left_out}, path)
         assert checkpoint.load(tmp_path, "cpu")["model_args"] == whole["model_args"]  # enough to sample
@@ -453,6 +456,46 @@ def test_an_empty_file_is_named_unreadable_off_the_cpu(tmp_path):
         (tmp_path / checkpoint.FILENAME).write_bytes(cut)
         with pytest.raises(ValueError, match="not a readable checkpoint"):
             checkpoint.load(tmp_path, "meta")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, for a corrupt protocol byte
+@pytest.mark.parametrize("legacy", [False, True], ids=["zipfile", "legacy"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # the cpu's load is memory-mapped
+def test_every_corruption_of_a_checkpoint_is_named_unreadable(tmp_path, legacy, device):
+    """A corrupt file ends torch.load's unpickler in KeyError, UnicodeDecodeError, struct.error,
+    AssertionError, OSError, ... (each a traceback once), or GPTConfig in its refusal of a value:
+    each is the file's ValueError."""
+    rng = torch.Generator().manual_seed(int(torch.randint(2**31, ())))  # fresh each run: trained() seeds torch's
+    model, _ = trained(kahan=False, steps=0)
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": model.state_dict(), "model_args": vars(CONFIG)}, whole,
+               _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    for _ in range(100):
+        cut, at, byte = (int(torch.randint(n, (1,), generator=rng)) for n in (len(data), len(data), 256))
+        corrupt = data[:cut] if byte < 32 else data[:at] + bytes([byte]) + data[at + 1:]
+        (tmp_path / checkpoint.FILENAME).write_bytes(corrupt)
+        try:
+            checkpoint.load(tmp_path, device)
+        except ValueError as e:
+            assert str(e).startswith(str(tmp_path / checkpoint.FILENAME)), e
+        except Exception as e:
+            pytest.fail(f"{type(e).__name__}: {e}")
+
+
+def test_a_checkpoint_in_torch_saves_legacy_format_loads_on_the_cpu(tmp_path):
+    """torch.load cannot map it (its mmap refuses with advice to save it again): read instead."""
+    model, _ = trained(kahan=False)
+    torch.save({"model": model.state_dict(), "model_args": vars(CONFIG)}, tmp_path / checkpoint.FILENAME,
+               _use_new_zipfile_serialization=False)
+    loaded = checkpoint.load(tmp_path, "cpu")["model"]
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_folder_named_ckpt_pt_is_named_not_read_as_a_sharded_checkpoint(tmp_path):
+    (tmp_path / checkpoint.FILENAME).mkdir()
+    with pytest.raises(IsADirectoryError, match="ckpt.pt"):  # was: No such file .../ckpt.pt/train_state.pt
+        checkpoint.load(tmp_path, "cpu")
 
 
 def test_a_symlinked_earlier_is_replaced_not_followed(tmp_path):

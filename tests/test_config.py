@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -155,6 +156,16 @@ def test_python_a_config_may_use_beside_assignments(tmp_path):
     latin.write_bytes("wandb_run_name = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="latin.py: not UTF-8 text"):
         read_config_file(latin)
+
+
+def test_a_config_that_is_no_regular_file_is_refused_without_waiting(tmp_path):
+    """A FIFO waited for a writer, a link to /dev/zero read until the memory was gone."""
+    fifo, zeros = tmp_path / "fifo.py", tmp_path / "zeros.py"
+    os.mkfifo(fifo)
+    zeros.symlink_to("/dev/zero")
+    for path in (fifo, zeros, tmp_path):
+        with pytest.raises(ConfigError, match=f"^{path}: not a regular file$"):
+            read_config_file(path)
 
 
 def test_a_string_key_takes_the_text_as_typed():

@@ -177,6 +177,7 @@ def test_an_indexed_gpu_is_made_current_first(tmp_path, monkeypatch):
     ("--max_new_tokens=-5", "max_new_tokens must be at least 0, got -5"),  # took as 0 once
     ("--num_samples=0", "num_samples must be at least 1, got 0"),  # printed nothing once
     ("--init_from=nonsense", "init_from must be resume, .*got 'nonsense'"),
+    ("--init_from=", "init_from must be resume, .*got ''$"),  # read as the working folder once (Path('') is .)
     ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
     ("--device=5", "device must be str or None, got 5"),  # (a traceback once)
     # devices this machine lacks or torch.load cannot map to (a "corrupt checkpoint" once)

@@ -352,13 +352,18 @@ def test_a_log_the_disk_cannot_take_ends_the_run_saying_so(tmp_path, data_dir):
         run(tmp_path, data_dir, *CPU, "--eval_iters=1", "--init_from=resume", "--eval_only=True")
 
 
-def test_an_out_dir_it_cannot_make_is_a_message(tmp_path):
-    """out_dir naming a file: train.py's message, not a traceback, before the data is prepared."""
+@pytest.mark.parametrize("key", ["out_dir", "data_dir"])
+@pytest.mark.parametrize("under", ["", "sub/folder"])
+def test_a_folder_it_cannot_make_is_a_message_naming_the_setting(tmp_path, key, under):
+    """out_dir or data_dir naming a file, or a folder under one: train.py's message, not a
+    traceback (NotADirectoryError naming neither the setting nor the file, once), before the data
+    is prepared."""
     taken = tmp_path / "a_file"
     taken.write_text("")
-    with pytest.raises(SystemExit, match=f"^train.py: out_dir {taken} is a file, not a directory"):
-        train.main([*CPU, f"--data_dir={tmp_path / 'data'}", f"--out_dir={taken}", "--max_iters=1"])
-    assert not (tmp_path / "data").exists()
+    folders = {"out_dir": tmp_path / "out", "data_dir": tmp_path / "data", key: taken / under}
+    with pytest.raises(SystemExit, match=f"^train.py: {key} {folders[key]}: {taken} is a file, not a directory$"):
+        train.main([*CPU, *(f"--{k}={v}" for k, v in folders.items()), "--max_iters=1"])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("log_interval, stop", [(1, "iter 3: training loss nan"),
