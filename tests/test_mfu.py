@@ -308,7 +308,7 @@ def test_static_memory_per_optimizer_and_sharding():
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-@pytest.mark.parametrize("world_size", [1, 3, 8, 64])
+@pytest.mark.parametrize("world_size", [1, 3, 8, 64, 1000])  # (1000: more ranks than parameters)
 def test_zero1_share_is_what_zero_redundancy_optimizer_gives_its_fullest_rank(name, world_size):
     """torch's own partition of the model's parameter groups, as train.py passes them: its method
     on a bare instance, which needs no process group of world_size ranks."""
