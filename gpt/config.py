@@ -131,8 +131,9 @@ def make_current(device: str) -> None:
     self-checks are the current device's, as are torch.cuda's answers asked of no device."""
     import torch  # on use, as training_dtype
 
-    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
-        torch.cuda.set_device(device)
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d)
 
 
 def printed_help(argv: list[str], doc: str, defaults: dict) -> bool:

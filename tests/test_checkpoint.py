@@ -306,7 +306,7 @@ def test_a_checkpoint_that_cannot_resume_or_build_its_model_is_refused_by_name(t
     torch.save(dict(whole, model_args=dict(whole["model_args"], n_head=3)), path)  # GPTConfig's own refusal
     with pytest.raises(ValueError, match=r"ckpt.pt: its model_args are not a GPT's \(.*not a multiple of n_head 3"):
         checkpoint.load(tmp_path, "cpu")
-    for left_out in ("iter_num", "optimizer"):
+    for left_out in ("iter_num", "best_val_loss", "optimizer"):
         torch.save({k: v for k, v in whole.items() if k != left_out}, path)
         assert checkpoint.load(tmp_path, "cpu")["model_args"] == whole["model_args"]  # enough to sample
         with pytest.raises(ValueError, match=f"ckpt.pt is not a training checkpoint: it has no {left_out}$"):

@@ -167,7 +167,8 @@ def test_a_local_rank_past_the_visible_gpus_is_named(monkeypatch):
 
 def test_a_rank_joins_on_its_node_s_gpu_under_its_global_rank(monkeypatch):
     """Rank 3 of two nodes of two GPUs: LOCAL_RANK 1 picks cuda:1 (bound to the process group
-    too), and the world is told its global rank, not its place on the node."""
+    too), and the world is told its global rank, not its place on the node: the master is rank 0
+    alone, not each node's first."""
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -177,6 +178,7 @@ def test_a_rank_joins_on_its_node_s_gpu_under_its_global_rank(monkeypatch):
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
     world, device = distributed.init("fsdp", "nccl", "cuda")
     assert (world, device) == (distributed.World(rank=3, local_rank=1, size=4, parallel="fsdp"), "cuda:1")
+    assert not world.master and not distributed.World(rank=2, local_rank=0, size=4, parallel="ddp").master
     set_device.assert_called_once_with("cuda:1")
     assert joined.call_args.kwargs == dict(backend="nccl", device_id=torch.device("cuda:1"))
 

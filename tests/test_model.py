@@ -1,6 +1,7 @@
 import collections
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -45,6 +46,28 @@ def test_gpt2_matches_nanogpt_count():
     with torch.device("meta"):
         model = GPT(GPTConfig(**(preset("gpt2") | {"vocab_size": 50257})))
     assert model.num_params() - model.wpe.weight.numel() == 123_653_376
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_weights_start_as_gpt2s_init(mlp):
+    """N(0, 0.02) for every matmul weight and embedding, 0.02 / sqrt(2 n_layer) for the residual
+    projections (attention's and the MLP's c_proj), zero biases, unit norm weights."""
+    n_layer = 8
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=4, n_embd=256, block_size=64, vocab_size=512, mlp=mlp,
+                          tie_weights=False))
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+            continue
+        std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
+        assert abs(p.mean()) < 0.05 * std and abs(p.std() / std - 1) < 0.05, name  # (16k samples or more)
+
+
+def test_non_embedding_count_leaves_out_both_embeddings_and_no_other_weight():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50, pos_encoding="learned"))
+    assert model.num_params() - model.num_params(non_embedding=True) == 50 * 16 + 8 * 16
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50, pos_encoding="rope"))
+    assert model.num_params() - model.num_params(non_embedding=True) == 50 * 16
 
 
 def test_every_preset_builds():

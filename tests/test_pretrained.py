@@ -174,6 +174,10 @@ def test_hub_models_download_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.as_uri())
     monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
     assert pretrained.is_pretrained("gpt2") and not pretrained.is_pretrained("scratch")
+    for word in ("scratch", "resume"):  # train.py's words, whatever folders the working one holds
+        (tmp_path / word).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not any(pretrained.is_pretrained(word) for word in ("scratch", "resume", ""))
     folder = pretrained.locate("gpt2")
     assert folder == tmp_path / "cache" / "gpt2"
     for name in pretrained.FILES:
@@ -254,13 +258,26 @@ def export_hf(model: GPT, folder: Path) -> dict[str, torch.Tensor]:
     c = model.config
     hf = {"model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
           "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
-          "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": True}
+          "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": c.tie_weights}
     (folder / "config.json").write_text(json.dumps(hf))
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    tensors = {f"transformer.{name}": (p.t() if name.endswith(conv1d) else p).detach().clone()
-               for name, p in model.named_parameters()}
+    tensors = {("" if name == "lm_head.weight" else "transformer.") + name:  # (an untied head's, outside it)
+               (p.t() if name.endswith(conv1d) else p).detach().clone() for name, p in model.named_parameters()}
     write_safetensors(folder / "model.safetensors", tensors)
     return tensors
+
+
+def test_an_untied_head_and_another_epsilon_load_as_the_config_says(tmp_path):
+    """tie_word_embeddings false and layer_norm_epsilon 1e-3: the file's own head and epsilon, so
+    its logits (the head tied to wte, or eps 1e-5, silently gave others)."""
+    model = GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16, activation="gelu_tanh",
+                          norm_eps=1e-3, tie_weights=False))
+    export_hf(model, tmp_path / "hf")
+    loaded = pretrained.load(str(tmp_path / "hf"))
+    assert (loaded.config.tie_weights, loaded.config.norm_eps) == (False, 1e-3)
+    idx = torch.randint(40, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
 
 
 @pytest.fixture(scope="module")
