@@ -125,14 +125,32 @@ def test_backward_is_fwd_bwd_less_fwd():
     entry = {"backends": {"triton": {"ms": {"fwd": 1.0, "fwd+bwd": 4.0}, "rate": {}, "roofline": {},
                                      "host_ms": {"fwd": 0.5, "fwd+bwd": 3.5}},
                           "compile": {"ms": {"fwd": 1.0, "fwd+bwd": 0.9}, "rate": {}, "roofline": {}},  # noise
+                          "eager": {"ms": {"fwd": 1.0, "fwd+bwd": 1.0}, "rate": {}, "roofline": {}},  # (a 0 ms bwd)
                           "torch": {"error": "boom"}}}
     backends.add_backward(c, entry, peak=MATMUL_TFLOPS)
     triton = entry["backends"]["triton"]
     assert triton["ms"]["bwd"] == 3.0 and triton["host_ms"]["bwd"] == 3.0  # host-bound, as its fwd+bwd
     assert triton["rate"]["bwd"] == pytest.approx(2.5 * c.work["fwd"] / 3.0 / 1e9)
     assert triton["roofline"]["bwd"] == pytest.approx(triton["rate"]["bwd"] / MATMUL_TFLOPS)
-    assert "bwd" not in entry["backends"]["compile"]["ms"]  # no time left between them: no row
+    assert "bwd" not in entry["backends"]["compile"]["ms"] and "bwd" not in entry["backends"]["eager"]["ms"]
     assert "ms" not in entry["backends"]["torch"]
+
+
+def test_an_entry_checks_on_the_checked_case_and_times_the_timed_one(monkeypatch):
+    """The float64 reference at the timed (full) size may not fit beside its inputs: the check
+    takes the quick case. A backend that fails to run keeps its check's verdict in its row."""
+    timed, checked = (case("swiglu", op_swiglu.SHAPES[0], "meta", quick=quick) for quick in (False, True))
+    seen = []
+    monkeypatch.setattr(backends, "check", lambda c, fn, reference: (seen.append(("check", c)), (False, "off"))[1])
+
+    def time_case(c, fn, device):
+        seen.append(("time", c))
+        raise RuntimeError("cannot run")
+    monkeypatch.setattr(backends, "time_case", time_case)
+    e = backends.entry(timed, checked, {"triton": lambda *a: None}, peak=1.0, device="meta")
+    assert seen == [("check", checked), ("time", timed)]
+    assert [(r.backend, r.verified, r.error) for r in backends.rows({"swiglu": e})] == [
+        ("triton", False, "RuntimeError: cannot run")]
 
 
 def test_attention_names_the_launch_configs_it_timed(monkeypatch):
@@ -165,8 +183,10 @@ def test_the_issues_shapes_and_work():
         op_norm.SHAPES[0].config, dropout=0.2)), "meta")
     assert dropped.shape == "16384x768 +bias +residual +dropout 0.2"
     assert dropped.work["fwd+bwd"] == fused.work["fwd+bwd"] + 2 * 16384 * 768
-    assert [case("swiglu", s, "meta").shape for s in op_swiglu.SHAPES] == [
-        f"16384x{h}" for h in (2048, 5632, 11008, 14336)]
+    swiglu = [case("swiglu", s, "meta") for s in op_swiglu.SHAPES]
+    assert [c.shape for c in swiglu] == [f"16384x{h}" for h in (2048, 5632, 11008, 14336)]
+    # bf16 gate and up read, y written; then gate, up and dy read, both grads written.
+    assert swiglu[0].work == {"fwd": 3 * 2 * 16384 * 2048, "fwd+bwd": 8 * 2 * 16384 * 2048}
     rope = [case("rope", s, "meta") for s in op_rope.SHAPES]
     assert [c.shape for c in rope] == ["B=8 T=2048 H=12/12 D=64", "B=8 T=2048 H=32/32 D=128", "B=8 T=2048 H=32/8 D=128"]
     # bf16 q and k read and written, each pass, and the fp32 cos and sin tables (2048 x 64) read.

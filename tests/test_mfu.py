@@ -401,6 +401,9 @@ def test_largest_micro_batch():
     assert plan.max_micro_batch(memory, xl, "bf16_adamw", "ddp", 1, 1024, n) >= 32
     assert plan.max_micro_batch(memory, xl, "bf16_adamw", "ddp", 1, 1024, n - 1) < 32
     assert plan.blocks_to_recompute(memory, xl, "bf16_adamw", "ddp", 1, 1024, 1) == 0
+    # Every block, where only that fits.
+    just = plan.peak_bytes(xl, "bf16_adamw", 32, 1024, xl.n_layer, "ddp", 1) / plan.USABLE * (1 + 1e-9)
+    assert plan.blocks_to_recompute(just, xl, "bf16_adamw", "ddp", 1, 1024, 32) == xl.n_layer
     assert plan.blocks_to_recompute(memory, big, "adamw", "ddp", 1, 2048, 1) is None
 
 
@@ -495,7 +498,8 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys, tmp_path):
     assert all(r["breakdown"]["ms"]["matmul"] > 0 and r["breakdown"]["ms"]["attention"] > 0 for r in rows)
     mfu.print_results(rows, run, device, peak, flops, mfu.Console(width=250))
     text = capsys.readouterr().out
-    assert "triton / torch" in text and "op -> backend" in text and "blocks recomputed" in text
+    assert f"triton / torch: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x tokens/s" in text
+    assert "op -> backend" in text and "blocks recomputed" in text
     assert "by kind of work" in text
     assert "host ms" in text and "1.25" in text and all(r["host_ms"] == 1.25 for r in rows)
     assert all(r["pointer_tables_made"] == 3 for r in rows)
@@ -576,6 +580,23 @@ def test_no_variant_starts_once_the_budget_is_spent(monkeypatch, tmp_path, capsy
                      "--json", str(out)]) == 0
     assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["triton", "compile"]
     assert "not started, --budget-s 100 spent: torch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seq_len, block_size", [(2048, 2048), (512, 1024)])
+def test_a_sequence_past_the_presets_block_is_measured_on_a_model_that_long(seq_len, block_size, monkeypatch, tmp_path):
+    """--seq-len 2048 on GPT-2 (1024 positions) lengthens its position table; a shorter one runs
+    on the preset's model as it is."""
+    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    seen = []
+
+    def measure(run, variant, device):
+        seen.append((run.seq_len, run.config.block_size))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mfu, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        mfu.main(["--gpu", "auto", "--kernels", "torch", "--seq-len", str(seq_len), "--json", str(tmp_path / "m.json")])
+    assert seen == [(seq_len, block_size)]
 
 
 @pytest.mark.parametrize("flags, dtype", [([], torch.float16), (["--dtype", "bfloat16"], torch.bfloat16),

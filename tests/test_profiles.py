@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 import time
 import types
@@ -10,7 +11,7 @@ import kernels
 from bench import backends, write_json
 from bench import kernels as bench_kernels
 from bench import profile
-from bench.cases import Shapes, case, check
+from bench.cases import Case, Shapes, case, check
 from bench.profile import Profile, fastest_verified, launched_compiled
 from gpt.model import GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
@@ -50,6 +51,12 @@ def test_faster_but_unverified_is_never_chosen():
         chosen, why = fastest_verified(e, ["torch", "triton"], compiled)
         assert chosen == "torch"
         assert "triton 1 ms faster but failed verification" in why
+
+
+def test_a_slower_unverified_backend_is_not_named_faster():
+    e = entry(torch=backend(3.0), triton=backend(5.0, verified=False))
+    assert fastest_verified(e, ["torch", "triton"], compiled=False) == (
+        "torch", "fastest verified at fwd+bwd: torch 3 ms")
 
 
 def test_compiled_models_time_torch_ops_as_inductor_runs_them():
@@ -404,6 +411,18 @@ def test_the_optimizers_check_sees_a_step_that_does_nothing():
     half = lambda p, g, m, v, lr, **kw: reference(p, g, m, v, lr=lr / 2, **kw)  # noqa: E731
     for wrong in (lambda *args, **kwargs: None, half):
         assert not check(c, wrong, reference)[0]
+
+
+def test_the_check_holds_each_result_to_its_bound_and_reports_the_worst():
+    """fp32 results torch gets exact (bound: the 1e-6 floor): 1.5x the bound fails, whichever
+    result it is; the margin reported is the worst result's, not the last one's."""
+    identity = lambda x: (x.clone(), x.clone())  # noqa: E731
+    c = Case("two", "4096", ("fwd",), lambda: [torch.randn(4096)], lambda fn, inputs, pass_: fn(*inputs),
+             {"fwd": 1}, "GB/s", torch.float32)
+    off = lambda first, second: lambda x: (x * (1 + first), x * (1 + second))  # noqa: E731
+    assert not check(c, off(1.5e-6, 0.0), identity)[0] and not check(c, off(0.0, 1.5e-6), identity)[0]
+    ok, text = check(c, off(0.8e-6, 0.2e-6), identity)
+    assert ok and re.fullmatch(r"error at most (7[5-9]|8[0-5])% of the bound", text), text
 
 
 @interpreter_only
