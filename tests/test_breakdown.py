@@ -1,6 +1,10 @@
 """bench.breakdown: kernel names to kinds of work, and the profiler's times per kind."""
+import os
+
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 from bench import breakdown
 
@@ -59,6 +63,11 @@ NAMES = {
     "void at::native::(anonymous namespace)::compute_grad_weight<c10::BFloat16, float, long>": "embedding",
     "void at::native::(anonymous namespace)::sum_and_scatter<c10::BFloat16, float, long>": "embedding",
     "void cub::CUB_200700_900_NS::DeviceScanKernel<cub::DeviceScanPolicy<long, std::plus<long>>>": "embedding",
+    # cuBLASLt's split-K sum of a matmul's partial products: the matmul's work, though it says reduce
+    "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, false, false, false>"
+    "(cublasLt::cublasSplitKParams<float>, float const*, __nv_bfloat16 const*, __nv_bfloat16*)": "matmul",
+    # Inductor's persistent reductions: a cast fused in is no copy (its other ops say), alone it is one
+    "triton_per_fused__to_copy_sum_3": "elementwise", "triton_per_fused__to_copy_0": "copy",
     "a kernel nobody named": "other",
 }
 
@@ -112,3 +121,37 @@ def test_a_report_sorts_kept_kernels_by_todays_rules():
     assert new["matmul_tflops"] == pytest.approx(200.0) and new["attention_tflops"] == pytest.approx(100.0)
     assert breakdown.resorted(old) is old
     assert breakdown.cells(dict(old, kernels=kept))[3] == "0.20"  # the norm column
+
+
+def test_cpu_ops_count_their_self_time_not_their_childrens():
+    """On a CPU an op's time encloses the ops it calls (aten::linear calls aten::addmm): counting
+    each op's whole time would count the addmm twice."""
+    def event(name, start, end):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=DeviceType.CPU)
+
+    linear, addmm = event("aten::linear", 0, 10), event("aten::addmm", 2, 9)
+    linear.append_cpu_child(addmm)
+    assert breakdown._times([linear, addmm], cuda=False) == {"aten::linear": 3, "aten::addmm": 7}
+
+
+def test_a_breakdowns_busy_fraction_is_shown_as_a_percentage():
+    summary = dict(busy=0.85, ms=breakdown.kinds_of({}), matmul_tflops=None, attention_tflops=None)
+    assert breakdown.cells(summary)[0] == "85%"
+
+
+def test_a_kind_left_without_kernels_by_todays_rules_has_no_rate():
+    """A file's matmul time may all move to other kinds when sorted again: its matmul rate is then
+    none, not a division by zero."""
+    old = dict(busy=0.5, ms=dict(breakdown.kinds_of({}), matmul=2.0), matmul_tflops=300.0, attention_tflops=None,
+               kernels={"GammaBetaBackwardCUDAKernelTemplate": 2.0})
+    new = breakdown.resorted(old)
+    assert new["ms"]["matmul"] == 0.0 and new["ms"]["norm"] == 2.0
+    assert new["matmul_tflops"] is None and breakdown.cells(old)[-2:] == ["n/a", "n/a"]
+
+
+def test_profiling_tears_cupti_down_after_it(monkeypatch):
+    """Left attached, CUPTI slows the kernels bench.mfu times after a profile (its next variants)."""
+    monkeypatch.setenv("TEARDOWN_CUPTI", "")  # (so that the test's end restores the environment as it was)
+    monkeypatch.delenv("TEARDOWN_CUPTI")
+    breakdown.profile_steps(lambda: torch.ones(4) + 1, 1, torch.device("cpu"))
+    assert os.environ["TEARDOWN_CUPTI"] == "1"

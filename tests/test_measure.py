@@ -123,3 +123,28 @@ def test_the_l2_is_flushed_before_every_timed_call_by_a_read(fake, monkeypatch):
     measure.median_ms(lambda: order.append("call"), warmup_ms=1, rep_ms=5)
     assert order[0] == "call"  # the first, untimed call compiles
     assert order[1:] == ["flush", "call"] * ((len(order) - 1) // 2)
+
+
+def test_an_error_cell_is_cut_to_its_width():
+    cell = measure.error_cell("RuntimeError: " + "x" * 200, 60)
+    assert cell == "error: RuntimeError: " + "x" * 46 and len(cell) == len("error: ") + 60
+    assert measure.error_cell("RuntimeError: " + "x" * 200) == "error: RuntimeError: " + "x" * 200  # printed whole
+
+
+def test_one_line_names_the_exception_not_a_line_that_counts_errors():
+    """Only a word ending in Error or Exception names one: "Errors: 3" in an error's text is detail."""
+    failed = "AssertionError: outputs differ\nMismatched elements: 3 / 1024\nErrors: 3 beyond the tolerance"
+    assert measure.one_line(failed) == "AssertionError: outputs differ"
+    worker = ("InductorError: SubprocException: An exception occurred in a subprocess:\nTraceback (most recent call "
+              "last):\n  File \"x.py\", line 1, in f\nNameError: name 'runtime' is not defined\nErrors: 1")
+    assert measure.one_line(worker) == ("InductorError: SubprocException: An exception occurred in a subprocess: ... "
+                                        "NameError: name 'runtime' is not defined")
+
+
+def test_provenance_without_git_leaves_the_revision_and_its_changes_unknown(monkeypatch):
+    """No git (a copied tree, no git installed): whether it had uncommitted changes is unknown, not "no"."""
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+    monkeypatch.setattr(measure.subprocess, "run", no_git)
+    p = measure.provenance()
+    assert p["git_sha"] is None and p["git_dirty"] is None

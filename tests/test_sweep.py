@@ -163,3 +163,47 @@ def test_a_budget_shares_the_time_among_the_sweeps_and_reports_the_cut(monkeypat
     clock[0] = 1e6  # past the end: the committed setting still runs
     late = sweep.run(["small"], "cpu", None, sweeps={"small": small}, budget_s=0)
     assert len(late["sweeps"]["small"]["records"]) == 1
+
+
+def fake_measure(ms: dict, unverified: set = frozenset()):
+    """A stand-in for sweep.measure: each _TILE's training-pass ms per shape, unverified at the
+    (tile, shape) pairs of `unverified`."""
+    def fake(sweep_, setting, device):
+        tile = setting["_TILE"]
+        return {shape: dict(ms=t, rate=1.0, unit="GB/s", roofline=0.5, verified=(tile, shape) not in unverified,
+                            check={}) for shape, t in ms[tile].items()}
+    return fake
+
+
+def test_a_setting_unverified_at_one_shape_is_not_picked(monkeypatch, capsys):
+    """The pick is committed for every width: a setting that fails its check at any shape is out,
+    however fast."""
+    ms = {4096: {"narrow": 2.0, "wide": 2.0}, 1024: {"narrow": 1.0, "wide": 1.0}}
+    monkeypatch.setattr(sweep, "measure", fake_measure(ms, unverified={(1024, "wide")}))
+    result = sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    assert result["sweeps"]["g"]["pick"] == {"_TILE": 4096}
+    assert "pick for kernels.norm: _TILE = 4096  (1.00x the committed)" in capsys.readouterr().out
+
+
+def test_the_report_says_how_much_faster_the_pick_is_than_the_committed(monkeypatch, capsys):
+    ms = {4096: {"narrow": 1.25, "wide": 2.5}, 1024: {"narrow": 1.0, "wide": 2.0}}
+    monkeypatch.setattr(sweep, "measure", fake_measure(ms))
+    sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    assert "pick for kernels.norm: _TILE = 1024  (1.25x the committed)" in capsys.readouterr().out
+
+
+def test_a_sweep_times_the_training_pass_alone(monkeypatch):
+    """What a setting is picked by is the pass a training step runs (the case's last: fwd+bwd),
+    not the forward that comes first."""
+    timed_passes = []
+
+    def entry(timed, checked, impls, peak, device):  # what bench.backends would time, and a made-up result
+        timed_passes.append(timed.passes)
+        (pass_,) = timed.passes
+        return {"backends": {"triton": {"ms": {pass_: 1.0}, "rate": {pass_: 1.0}, "roofline": {pass_: 0.5},
+                                        "verified": True, "check": "ok"}}}
+    monkeypatch.setattr(sweep.backends, "entry", entry)
+    tiny = sweep.Sweep(norm, {"_TILE": (4096,)}, "rms_norm",
+                       (Shapes(GPTConfig(n_embd=64, n_head=1), batch_size=1, seq_len=3),))
+    (m,) = sweep.measure(tiny, {"_TILE": 4096}, "cpu").values()
+    assert timed_passes == [("fwd+bwd",)] and m["ms"] == 1.0 and m["verified"]
