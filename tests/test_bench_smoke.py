@@ -8,6 +8,7 @@ import functools
 import itertools
 import importlib
 import json
+import types
 
 import pytest
 import torch
@@ -112,6 +113,14 @@ def test_peak_mib_is_what_a_pass_allocates_beyond_what_was_there():
         mib = measured_peak_mib(lambda: torch.empty(64 * 2**18, device="cuda").sum(), "cuda")  # 64 MiB, then freed
         assert 64 <= mib < 65
         del there
+
+
+def test_host_ms_is_the_median_call(monkeypatch):
+    """One call the host was slow to issue (a page fault, a descheduled thread) moves no median."""
+    clock = iter([0.0, 1e-3, 1.0, 1.1, 2.0, 2.001, 3.0, 3.001, 4.0, 4.001])  # 1 ms, then 100 ms, then 1 ms x3
+    monkeypatch.setattr(backends, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert backends.host_ms(lambda: None, "cuda") == pytest.approx(1.0)
 
 
 def test_op_benchmark_without_a_gpu_says_so(monkeypatch, capsys):
