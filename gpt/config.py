@@ -133,7 +133,7 @@ def make_current(device: str) -> None:
 
     d = torch.device(device)
     if d.type == "cuda" and d.index is not None:
-        torch.cuda.set_device(d)
+        torch.cuda.set_device(device)
 
 
 def printed_help(argv: list[str], doc: str, defaults: dict) -> bool:
