@@ -67,6 +67,18 @@ def test_without_momentum_the_moment_is_the_grad_itself(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_at_half_momentum_the_moment_is_torch_s_lerp_bit_for_bit(backend, device):
+    """beta1 = 0.5 is lerp's weight 0.5, which torch computes from g's end (g - (g - m) / 2): the
+    kernel takes that form from 0.5 on, not past it. The halving is exact, so bit for bit."""
+    skip_unless_triton_runs(backend, device)
+    g, m = torch.randn(1000, device=device), torch.randn(1000, device=device)
+    p, v = torch.ones_like(g), torch.zeros_like(g)
+    expected = m.lerp(g, 0.5)
+    kernels.get("adamw", backend)([p], [g], [m], [v], step=1, **{**HYPER, "beta1": 0.5})
+    assert torch.equal(m, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_step_writes_nothing_past_its_tensors(backend, device):
     """Tensors that are the head of larger buffers: a tensor's last, partial block is masked at
     its end (what follows it in memory may be another tensor's)."""
@@ -668,11 +680,12 @@ def test_triton_int64_offsets():
 # --- grad_norm and clipping -----------------------------------------------------------------
 
 def grad_lists(device, dtype):
-    """Odd sizes, a tensor of each other dtype, a strided view: the grads of a mixed model."""
+    """Odd sizes, a tensor of each other dtype, strided views: the grads of a mixed model."""
     ts = [torch.randn(s, device=device, dtype=dtype) for s in SHAPES]
     others = [d for d in (torch.float32, torch.bfloat16, torch.float16) if d != dtype]
     ts += [torch.randn(3001, device=device, dtype=d) * 10 for d in others]
     ts.append(torch.randn(40, 9, device=device, dtype=dtype).t())
+    ts.append(torch.randn(40, 18, device=device, dtype=dtype)[:, ::2])  # every other column: read as is, half wrong
     return ts
 
 

@@ -107,11 +107,14 @@ def test_fp16_gradients_survive_the_mean_over_many_rows(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_under_autocast_with_fp32_weights(backend, chunks, device):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_under_autocast_with_fp32_weights(backend, x_dtype, chunks, device):
     """As the model runs it under adamw: fp32 weight and x, bf16 autocast. The matmuls run in bf16
-    as autocast's would, and the gradients come back in fp32."""
+    as autocast's would, and each gradient comes back in its input's dtype (a bf16 x beside the
+    fp32 weight is taken too, its d_x bf16 and d_weight fp32, not the other way round)."""
     skip_unless_triton_runs(backend, device)
     x, weight, targets, dloss = inputs((3, 4), 24, 771, torch.float32, device)
+    x = x.to(x_dtype)
     with torch.autocast(device, dtype=torch.bfloat16):
         assert_matches_float64(kernels.get("linear_cross_entropy", backend), x, weight, targets, dloss,
                                f"{backend} autocast {chunks}")

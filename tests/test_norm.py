@@ -493,6 +493,12 @@ def test_frozen_weights_get_no_gradient_and_cost_no_sums(op, bias, residual, dev
             assert db_f is None if not trained[1] else torch.equal(db_f, db)
         wanted = trained[0] or (bias and trained[1])
         assert kernels_f == ["_norm_bwd_kernel"] + ["_norm_sum_partials_kernel"] * wanted, (trained, kernels_f)
+    # x frozen (an adapter's input), the weight trained: autograd still sees the call (it once
+    # asked only the first argument whether it needs a gradient: the weight got None).
+    weight = w.detach().requires_grad_()
+    y = fn(x.detach(), weight, None if b is None else b.detach(), **({} if r is None else {"residual": r}))
+    (y if r is None else y[0]).backward(dy)
+    assert torch.equal(weight.grad, dw)
 
 
 def test_frozen_weight_through_the_registered_op(device):

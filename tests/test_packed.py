@@ -22,6 +22,12 @@ def test_adjacent_slices_join_as_a_view(dim):
     assert torch.equal(joined, buf) and shares_memory(joined, buf)
 
 
+def test_slices_of_two_tensors_join_as_a_copy_though_their_offsets_chain():
+    """a's first three columns and b's next three: as a view of a they would be a's six."""
+    a, b = torch.randn(4, 12), torch.randn(4, 12)
+    assert torch.equal(join([a[:, :3], b[:, 3:6]], 1), torch.cat([a[:, :3], b[:, 3:6]], 1))
+
+
 def test_views_of_views_join_as_a_view():
     """The parts as attention's backward leaves them: (B, H, T, D) head views of one (B, T, heads,
     D) buffer, brought back to (B, T, H*D) by the model's view and transpose."""

@@ -447,6 +447,9 @@ def test_a_self_checks_generator_is_its_threads_alone():
         other.start()
         other.join()
         assert runtime.drawing_generator() is mine
+        with runtime.drawing_from(torch.Generator()):  # nested: the outer one's again after it
+            pass
+        assert runtime.drawing_generator() is mine
     assert seen == [None] and runtime.drawing_generator() is None
 
 
