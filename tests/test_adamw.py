@@ -823,7 +823,8 @@ def test_grad_scale_bad_input_raises(backend, device):
     g, (m, v) = [torch.randn(5, device=device)], states(p)
     for scale, message in ((torch.ones(2, device=device), "grad_scale must hold one element"),
                            (torch.ones((), dtype=torch.float64, device=device), "grad_scale must be one of"),
-                           (1.0, "grad_scale must be a tensor")):
+                           (1.0, "grad_scale must be a tensor"),
+                           (torch.ones((), device="meta"), "grad_scale must be on the params' device")):
         with pytest.raises(ValueError, match=f"adamw: {message}"):
             kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, grad_scale=scale)
 

@@ -400,6 +400,19 @@ def test_tma_only_where_the_copy_engine_can():
     assert attention._use_tma(cfg, torch.zeros(1, 4, 37, 64, dtype=torch.bfloat16)[:, :1])  # one head
 
 
+@pytest.mark.parametrize("major, tma", [(8, False), (9, True), (10, True), (12, True)])
+def test_tma_only_on_gpus_with_a_tensor_memory_accelerator(major, tma, monkeypatch):
+    """sm90 and later have the copy engine; sm80-89 load through pointers: bench/tune_attention.py's
+    TMA candidates must not try it there."""
+    monkeypatch.setattr(attention.runtime, "capability", lambda device: (major, 0))
+    cfg = attention._INTERPRETER_CONFIGS["fwd"]._replace(tma=True)
+    assert attention._use_tma(cfg, torch.zeros(1, 4, 37, 64, dtype=torch.bfloat16)) == tma
+
+
+def test_warpgroup_mma_gpus_take_the_sm90_tables():
+    assert [attention._generation(major) for major in (8, 9, 10, 11, 12)] == [8, 9, 9, 9, 8]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("B, T", [(0, 8), (2, 0)], ids=["no batch", "no tokens"])
 def test_empty_inputs(backend, B, T, device):

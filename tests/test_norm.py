@@ -305,6 +305,8 @@ def test_bad_inputs(backend, op):
         cases["weight must be one of"] = (x, w.double(), b)
         if not runtime.INTERPRET:
             cases["runs on CUDA tensors"] = (x, w, b)
+        on_meta = tuple(t if t is None else t.to("meta") for t in (x, w, b))
+        cases["runs on CUDA tensors .*got a tensor on meta"] = on_meta
     for message, args in cases.items():
         with pytest.raises(ValueError, match=rf"^{op}: .*{message}"):
             fn(*args)
