@@ -30,7 +30,7 @@ from gpt.config import (COMPILE_MODES, CUDA_GRAPH_MODES, DTYPES, OPTIMIZERS, RUN
                         check_seed, make_current, optimizer_dtype, parse_args, printed_help, reported as reported_by,
                         training_dtype)
 from gpt.data import Batches, DataError, is_built, load_meta, prepare
-from gpt.files import blocking_file, try_lock, unwritten, write_atomic
+from gpt.files import blocking_file, log_record, try_lock, unwritten, write_atomic
 from gpt.preemption import Preemption
 from gpt.tokenizer import EOT
 from bench import plan, shown
@@ -184,9 +184,7 @@ def trim_log(path: Path, iter_num: int, evaluates: bool) -> None:
         return
     kept = []
     for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+        if (record := log_record(line)) is None:
             continue
         at = record.get("iter", -1)
         if record.get("eval_only") or at < iter_num or (at == iter_num and "val_loss" in record and not evaluates):

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import described, markdown_table, positive, shown
+from gpt.files import log_record
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 15  # of a concurrent run's output, printed when it ends
@@ -248,14 +249,7 @@ def read_log(path: Path) -> list[dict]:
     torn by a killed write (a run the GPU session's limit cut) is left out, as train.py's resume
     leaves it out."""
     paths = [p for p in (path.parent / START, path) if p.exists()]
-    return [record for p in paths for record in map(_record, p.read_text().splitlines()) if record is not None]
-
-
-def _record(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
+    return [record for p in paths for record in map(log_record, p.read_text().splitlines()) if record is not None]
 
 
 def summarize(records: list[dict]) -> dict:

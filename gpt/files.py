@@ -2,6 +2,7 @@
 import contextlib
 import fcntl
 import glob
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,15 @@ def try_lock(f) -> bool:
     except OSError:
         pass
     return True
+
+
+def log_record(line: str) -> dict | None:
+    """A JSON-lines log's record, or None for a line that is none: blank, or torn by a killed
+    write (train.py's log; its resume drops such lines, and the readers of logs pass over them)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def blocking_file(folder: str | os.PathLike) -> Path | None:

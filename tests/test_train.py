@@ -838,3 +838,11 @@ def test_training_with_the_triton_kernels(tmp_path, data_dir, capsys):
         assert [op, "torch", "not", "used"] in [line[:4] for line in lines], op
     assert "recomputed" in out  # (rich may wrap the line)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
+
+
+def test_a_resume_drops_the_log_line_a_killed_write_tore(tmp_path):
+    """The steps before the checkpoint stay; a blank line and a line cut mid-write go."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 0, "loss": 4.2}\n\n{"iter": 1, "loss": 4.1}\n{"iter": 2, "lo')
+    train.trim_log(log, iter_num=2, evaluates=True)
+    assert log.read_text() == '{"iter": 0, "loss": 4.2}\n{"iter": 1, "loss": 4.1}\n'
