@@ -41,13 +41,16 @@ def assert_as_accurate(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Ten
     check(err, own, out.dtype, f"{what} (error of the terms' size)", terms)
 
 
-def assert_rounded_once(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """A 16-bit `out` of a long reduction is the exact `ref` rounded once to its dtype: summed in fp32,
-    its error is that of the rounding alone (within 1.5x); sums kept in 16 bits add a rounding a
-    term. Where torch's own sum is kept in 16 bits (CPU's bf16 LayerNorm weight gradient, 8x the
-    rounding's error), the accuracy rule against torch cannot tell."""
+def assert_rounded_once(out: torch.Tensor, ref: torch.Tensor, what: str, within: float = 1.5) -> None:
+    """A 16-bit `out` is the exact `ref` rounded once to its dtype: its error is that of the rounding
+    alone, within a factor `within`. A long reduction summed in fp32 is within 1.5x; sums kept in 16
+    bits add a rounding a term. Where torch's own sum is kept in 16 bits (CPU's bf16 LayerNorm
+    weight gradient, 8x the rounding's error), the accuracy rule against torch cannot tell. An
+    elementwise op computed in fp32 is within a few percent: two roundings in 16 bits are 1.2x to
+    1.5x, which that rule cannot tell either."""
     err, rounding = rel_err(out, ref), rel_err(ref.to(out.dtype), ref)
-    assert err <= 1.5 * rounding, f"{what}: error {err:.3g}, {err / rounding:.2f}x that of rounding the exact result once"
+    assert err <= within * rounding, (f"{what}: error {err:.3g}, {err / rounding:.2f}x that of rounding the "
+                                      f"exact result once")
 
 
 def summary(path: str) -> str:

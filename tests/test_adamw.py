@@ -243,18 +243,19 @@ def test_stochastic_rounding_is_reproducible(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["fp32", "bf16 params, fp32 moments", "kahan"])
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "bf16 params, fp32 moments", "kahan"])
 def test_stochastic_rounding_leaves_other_stores_alone(backend, kind, device):
-    """Only bf16 stores are rounded stochastically: fp32 results are identical either way, in a
-    call of fp32 tensors and in one whose bf16 params are (so the launch rounds stochastically)
-    beside fp32 moments. A Kahan-compensated bf16 param is rounded to nearest either way, what
-    that rounding lost kept in its compensation."""
+    """Only bf16 stores are rounded stochastically: fp32 and fp16 results are identical either
+    way, in a call of fp32 or fp16 tensors and in one whose bf16 params are (so the launch rounds
+    stochastically) beside fp32 moments. A Kahan-compensated bf16 param is rounded to nearest
+    either way, what that rounding lost kept in its compensation."""
     skip_unless_triton_runs(backend, device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(kind, torch.bfloat16)
 
     def step(sr: bool):
         torch.manual_seed(0)
-        p = [torch.randn(s, device=device).to(torch.float32 if kind == "fp32" else torch.bfloat16) for s in SHAPES]
-        m, v = states(p, torch.float32)
+        p = [torch.randn(s, device=device).to(dtype) for s in SHAPES]
+        m, v = states(p, torch.float16 if kind == "fp16" else torch.float32)
         g = [torch.randn_like(t) for t in p]
         extra = {"compensations": [torch.zeros_like(t) for t in p]} if kind == "kahan" else {}
         kernels.get("adamw", backend)(p, g, m, v, step=1, **HYPER, stochastic_rounding=sr, seed=3, **extra)
@@ -312,6 +313,8 @@ def test_triton_refuses_a_grad_scale_in_memory_it_writes(device):
         with pytest.raises(ValueError, match="adamw: grad_scale lies in memory the call writes"):
             kernels.get("adamw", "triton")(p, g, m, v, grad_scale=inside, **settings)
     kernels.get("adamw", "triton")(p, g, m, v, grad_scale=g[0][0, :1], **settings)  # in a grad: only read
+    after = torch.ones(601, device=device)  # the element just past a param: apart from it
+    kernels.get("adamw", "triton")([after[:600].view(2, 300)], g, m, v, grad_scale=after[600:], **settings)
 
 
 def test_triton_refuses_meta_tensors_by_their_device():
@@ -647,6 +650,7 @@ def test_triton_refuses_tensors_that_share_memory(device):
     column = torch.randn(5, 2, device=device)[:, 0]  # strided: staged
     adamw([column, p[1]], g, m, v, step=1, **HYPER)
     zeros, state = (lambda: torch.zeros(5, device=device)), torch.zeros(10, device=device)
+    end = torch.zeros(13, device=device)  # a strided param's last element, 8, is an exp_avg's first
     cases = [
         (r"params\[0\] and params\[1\]", [p[0], p[0]], [g0, g0], [zeros(), zeros()], [zeros(), zeros()]),
         (r"exp_avgs\[1\] and exp_avg_sqs\[1\]", p, g, [m[0], state[:3]], [v[0], state[2:5]]),
@@ -654,6 +658,7 @@ def test_triton_refuses_tensors_that_share_memory(device):
         (r"params\[1\] and grads\[0\]", p, [flat[4:9], g[1]], m, v),
         (r"params\[0\] and params\[1\]", [column, column], [g0, g0], [zeros(), zeros()], [zeros(), zeros()]),
         (r"params\[0\] and exp_avgs\[0\]", [state[:5], p[1]], g, [state[::2], m[1]], v),
+        (r"params\[0\] and exp_avgs\[0\]", [end[:9:2], p[1]], g, [end[8:], m[1]], v),
     ]
     for message, ps, gs, ms, vs in cases:
         with pytest.raises(ValueError, match=f"adamw: {message} share memory"):

@@ -12,7 +12,7 @@ import kernels
 from gpt.model import rope_tables
 from kernels import runtime
 from tests.devices import compiled, cuda_only, skip_unless_triton_runs, two_gpus
-from tests.numerics import assert_as_accurate, rel_err
+from tests.numerics import assert_as_accurate, assert_rounded_once, rel_err
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,6 +46,8 @@ def assert_accurate(backend, x, theta=10000.0, start=0):
         what = f"{backend} rope {name} {tuple(x.shape)} {x.dtype}"
         assert out.dtype == x.dtype and out.shape == x.shape, what
         assert_as_accurate(out, baseline, exact, what)
+        if x.dtype in (torch.float16, torch.bfloat16):  # both backends compute in fp32
+            assert_rounded_once(out, exact, what, within=1.05)
 
 
 def test_both_backends_registered():
@@ -82,6 +84,19 @@ def test_head_dim_not_unit_strided(backend, device):
     x = torch.randn(2, 3, 64, 17, device=device).transpose(-1, -2)  # (B, H, T=17, D=64), D stride 17
     assert x.stride(-1) != 1
     assert_accurate(backend, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_torch_backend_computes_in_fp32_with_16_bit_tables(dtype, device):
+    """The torch backend takes tables of any float dtype; in x's own 16 bits, the rotation by those
+    tables is still computed in fp32 and rounded once, forward and backward."""
+    x = (torch.randn(2, 3, 17, 64, device=device) * 2).to(dtype)
+    cos, sin = (t.to(dtype) for t in rope_tables(64, 17, 10000.0, device))
+    dy = torch.randn(x.shape, device=device).to(dtype)
+    outs = run(kernels.get("rope", "torch"), x, cos, sin, dy)
+    exact = run(reference, x, cos, sin, dy, cast=torch.Tensor.double)
+    for name, out, r in zip(["y", "dx"], outs, exact):
+        assert_rounded_once(out, r, f"torch rope {name} {dtype} tables", within=1.05)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
