@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from gpt.tokenizer import EOT
 from bench import plan, shown
 from bench.cases import Shapes
 from bench.mfu import MFUMeter
-from gpt.model import GPT, GPTConfig, model_ops, preset, recompute_count
+from gpt.model import ARCH_KEYS, GPT, GPTConfig, model_ops, preset_architecture, recompute_count
 from gpt.optim import BF16AdamW, clip_for_step, derived_seed, global_grad_norm, optimizer_ops
 
 # nanoGPT's keys and defaults (GPT-2 124M on OpenWebText), then tritongpt's own.
@@ -78,23 +78,9 @@ WANDB_NAMES = {"train_loss": "train/loss", "val_loss": "val/loss"}
 COUNTS = ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters")
 AMOUNTS = ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip")
 reported = functools.partial(reported_by, "train.py")  # a user's mistake: its message, not a traceback
-# The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
-# fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
-ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
 CONFIG_DIR = Path(__file__).resolve().parent / "config"  # found from any working directory
 DEFAULT_CONFIG = str(CONFIG_DIR / "train_shakespeare_char.py")
 DEFAULT_CPU_CONFIG = str(CONFIG_DIR / "train_shakespeare_char_cpu.py")
-
-
-def _preset_architecture(key: str, value) -> dict:
-    """What an assignment sets with it: a preset, every architecture key (vocab_size and dropout
-    aside), where it stands."""
-    if key != "preset" or not value:
-        return {}
-    try:
-        return {k: v for k, v in preset(value).items() if k in ARCH_KEYS}
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def parse_config(argv: list[str]) -> dict:
@@ -102,7 +88,7 @@ def parse_config(argv: list[str]) -> dict:
     every architecture key where it stands), each value in its key's range; device and dtype as
     set, None for this machine's (read_config's), which a plan for another machine leaves."""
     config = dict(DEFAULTS)
-    config.update(parse_args(argv, DEFAULTS, ALSO, implied=_preset_architecture))
+    config.update(parse_args(argv, DEFAULTS, ALSO, implied=preset_architecture))
     check_ranges(config)
     return config
 

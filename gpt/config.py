@@ -17,6 +17,7 @@ import difflib
 import math
 import operator
 import os
+import re
 import stat
 import sys
 import time
@@ -26,7 +27,40 @@ from pathlib import Path
 
 # A config's values are numbers of a few digits and short strings: a larger one is a mistake, and
 # `10 ** 10 ** 10` or `'a' * 10 ** 10` would take the machine's memory for hours before saying so.
+# Every value an expression makes is held to them (_bounded), so that no line can build on the one
+# before past them (`s += s`, line after line), and no text made of a value (str(), an f-string)
+# can be more than a few times MAX_LENGTH; what would be past them from the start is refused before
+# it is made.
 MAX_BITS, MAX_LENGTH = 4096, 1 << 20
+
+
+def _length(value, limit: int = MAX_LENGTH) -> int:
+    """About the characters `value` takes written out: a string's, an int's digits (a third of
+    its bits, at least), one a float or other scalar, a container's items' plus one each. Counted
+    no further than just past `limit` (the same items may stand many times over in a list)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 1
+    if isinstance(value, dict):
+        value = (*value.keys(), *value.values())
+    if not isinstance(value, (list, tuple)):
+        return 1
+    total = len(value)
+    for item in value:
+        if total > limit:
+            break
+        total += _length(item, limit - total)
+    return total
+
+
+def _bounded(value):
+    """`value`, or an OverflowError if it is past a config's limits."""
+    if isinstance(value, int) and value.bit_length() > MAX_BITS:
+        raise OverflowError(f"the result would have over {MAX_BITS} bits")
+    if isinstance(value, (str, list, tuple, dict)) and _length(value) > MAX_LENGTH:
+        raise OverflowError(f"the result would be over {MAX_LENGTH} long")
+    return value
 
 
 def _power(base, exponent):
@@ -37,9 +71,17 @@ def _power(base, exponent):
 
 def _times(a, b):
     times, sequence = (a, b) if isinstance(a, int) else (b, a)
-    if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) and len(sequence) * times > MAX_LENGTH:
+    if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) and _length(sequence) * times > MAX_LENGTH:
         raise OverflowError(f"the result would be over {MAX_LENGTH} long")
     return a * b
+
+
+def _formatted(convert, value, spec: str) -> str:
+    """An f-string's field: a width or precision past MAX_LENGTH (`{0:>1000000000}`) is refused
+    before the text is made."""
+    if any(len(digits) > 7 or int(digits) > MAX_LENGTH for digits in re.findall(r"[0-9]+", spec)):
+        raise OverflowError(f"the result would be over {MAX_LENGTH} long")
+    return convert(value, spec)
 
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _times, ast.Div: operator.truediv,
@@ -185,6 +227,11 @@ def reported(program: str, context: str = "", errors: tuple[type[Exception], ...
 
 
 def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
+    """The value of expression `node`, held to the limits (_bounded) as each part is made."""
+    return _bounded(_value(node, names, modules, where))
+
+
+def _value(node: ast.AST, names: dict, modules: set, where: str):
     def value(n):
         return _evaluate(n, names, modules, where)
 
@@ -222,7 +269,7 @@ def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
         return "".join(value(part) for part in node.values)
     if isinstance(node, ast.FormattedValue):
         spec = value(node.format_spec) if node.format_spec else ""
-        return _CONVERSIONS[node.conversion](value(node.value), spec)
+        return _formatted(_CONVERSIONS[node.conversion], value(node.value), spec)
     if isinstance(node, ast.Call) and not node.keywords:
         name = ast.unparse(node.func)
         if name in _CALLS and ("." not in name or name.partition(".")[0] in modules):
@@ -300,8 +347,8 @@ def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[
     if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name) and type(stmt.op) in _BINARY:
         if stmt.target.id not in scope:
             raise ConfigError(f"{where}: {stmt.target.id} is not set before `{ast.unparse(stmt)}`")
-        return [(stmt.target.id, _BINARY[type(stmt.op)](scope[stmt.target.id],
-                                                         _evaluate(stmt.value, scope, modules, where)))]
+        return [(stmt.target.id, _bounded(_BINARY[type(stmt.op)](scope[stmt.target.id],
+                                                                  _evaluate(stmt.value, scope, modules, where))))]
     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
         if stmt.value is None:
             return []

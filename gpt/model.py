@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from kernels.runtime import matmul_dtype
 
+from .config import ConfigError
+
 
 def count(what: str, value, alternative: str = "", minimum: int | None = None) -> int:
     """`value` as a Python int: an integral number (numpy's too), not a bool nor a float, which
@@ -112,6 +114,9 @@ def _round_up(x: int, multiple: int) -> int:
 # Architectures by name. `llama` is LLaMA's recipe at GPT-2 small's width and depth: its blocks,
 # with an 8/3·n_embd SwiGLU, hold gpt2's 85M parameters; its untied head makes 124M beside the
 # token embedding (162M in all).
+# The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
+# fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
+ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
 PRESETS: dict[str, dict] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
@@ -129,6 +134,18 @@ def preset(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS)}")
     return {f.name: f.default for f in fields(GPTConfig)} | PRESETS[name]
+
+
+def preset_architecture(key: str, value) -> dict:
+    """What a config's assignment sets with it (gpt.config.parse_args' `implied`): a preset, every
+    architecture key where it stands, for the lines after it to see (in a training config that
+    train.py reads, and gpt.sample too)."""
+    if key != "preset" or not value:
+        return {}
+    try:
+        return {k: v for k, v in preset(value).items() if k in ARCH_KEYS}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_ops(config: GPTConfig, generation: bool = False) -> set[str]:

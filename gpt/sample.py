@@ -3,9 +3,10 @@ or from GPT-2's weights: python -m gpt.sample --init_from=gpt2-xl --start="..."
 A config file may come first, a training one too (its out_dir, device, dtype, seed, compile and
 kernels are taken, its training keys passed over, as nanoGPT's sample.py runs one, but for a key
 close to a sampling key, refused as a misspelling; its init_from as well: that is where training
-started, and the checkpoint it wrote is in out_dir). Its lines may use the keys
-set above them and sampling's own, not train.py's defaults (`min_lr = learning_rate / 10` in a
-file that does not set learning_rate is an error here, as in nanoGPT's sample.py).
+started, and the checkpoint it wrote is in out_dir). Its lines may use the keys set above them
+(a preset's too, as in train.py) and sampling's own, not train.py's defaults (`min_lr =
+learning_rate / 10` in a file that does not set learning_rate is an error here, as in nanoGPT's
+sample.py).
 
 `start` is the prompt: text, or FILE:path to read it from a file (an empty one starts a GPT-2
 BPE model from <|endoftext|>). Character-level checkpoints decode with the vocabulary saved in
@@ -26,7 +27,7 @@ from . import checkpoint, pretrained
 from .config import (DTYPES, RUN_KEYS, check_device, check_seed, make_current, parse_args, printed_help,
                      quiet_when_the_reader_leaves, reported)
 from .data import load_meta
-from .model import GPT, GPTConfig, check_sampling, count, model_ops
+from .model import GPT, GPTConfig, check_sampling, count, model_ops, preset_architecture
 from .tokenizer import EOT, gpt2
 
 DEFAULTS = dict(
@@ -96,7 +97,8 @@ def main(argv: list[str]) -> list[str]:
         return []
     with reported("gpt.sample"):
         c = DEFAULTS | dict(parse_args(argv, DEFAULTS, also={"top_k": type(None), **RUN_KEYS},
-                                             files_set_others=True, files_skip={"init_from": SKIPPED_INIT_FROM}))
+                                       implied=preset_architecture, files_set_others=True,
+                                       files_skip={"init_from": SKIPPED_INIT_FROM}))
     try:
         check_sampling("gpt.sample", c["temperature"], c["top_k"], c["max_new_tokens"])
         count("gpt.sample: num_samples", c["num_samples"], minimum=1)

@@ -97,17 +97,25 @@ def test_a_failing_expression_names_its_line(tmp_path, line, error):
         read_config_file(path)
 
 
-@pytest.mark.parametrize("line", ["max_iters = 10 ** 10 ** 10", "dataset = 'a' * 10 ** 10",
-                                  "dataset = [0] * 10 ** 10", "dataset = 'ab'\ndataset *= 10 ** 10"])
+@pytest.mark.parametrize("line", [
+    "max_iters = 10 ** 10 ** 10", "max_iters = 2 ** 4096", "dataset = 'a' * 10 ** 10", "dataset = 'a' * 1048577",
+    "dataset = [0] * 10 ** 10", "dataset = 'ab'\ndataset *= 10 ** 10",
+    # Past the limits a step at a time, or by what a value stands for, not its length:
+    "dataset = 'ab' * 500000\ndataset += dataset", "dataset = 'ab' * 500000\ndataset = dataset + dataset",
+    "max_iters = 2 ** 4000\nmax_iters *= max_iters", "dataset = ['a' * 1000000] * 1000000",
+    "dataset = [0]\n" + "dataset = [dataset, dataset]\n" * 21, "dataset = f'{0:>1000000000}'",
+    "dataset = f'{1.5:.1000000000f}'"], ids=lambda line: line.replace("\n", "; ")[:48])
 def test_a_value_too_large_for_any_key_is_refused_at_once(tmp_path, line):
-    """The file's mistake, said at once: computed, it took the machine's memory for hours."""
+    """The file's mistake, said at once: computed, it took the machine's memory for hours (or,
+    built on line by line, its str() did)."""
     path = tmp_path / "c.py"
     path.write_text(f"batch_size = 1\n{line}\n")
-    with pytest.raises(ConfigError, match=r"c.py:\d: .* fails: OverflowError: the result would"):
+    with pytest.raises(ConfigError, match=r"c.py:\d+: .* fails: OverflowError: the result would"):
         read_config_file(path)
-    path.write_text("a = 2 ** 4096\nb = 10 ** 1000\nc = 'ab' * 1000 + 3 * 'c'\nd = 2 ** -2\ne = 2.0 ** 0.5\n")
-    assert [value for _, value, _ in read_config_file(path)] == [2 ** 4096, 10 ** 1000, "ab" * 1000 + "ccc", 0.25,
-                                                                2 ** 0.5]
+    path.write_text("a = 2 ** 4095\nb = 10 ** 1000\nc = 'ab' * 1000 + 3 * 'c'\nd = 2 ** -2\ne = 2.0 ** 0.5\n"
+                    "f = 'a' * 1048576\ng = f'{7:>3}'\n")
+    assert [value for _, value, _ in read_config_file(path)] == [2 ** 4095, 10 ** 1000, "ab" * 1000 + "ccc", 0.25,
+                                                                2 ** 0.5, "a" * 2**20, "  7"]
 
 
 def test_a_command_line_value_python_cannot_take_is_a_message(tmp_path):

@@ -289,6 +289,17 @@ def test_a_training_config_file_gives_its_out_dir(tmp_path, capsys):
         sample([str(typo)])
 
 
+def test_a_training_config_s_lines_see_its_preset_as_in_train_py(tmp_path):
+    """A line after `preset = ...` may use the keys the preset sets, in train.py (its test_config)
+    and here alike: gpt.sample refused the file, as naming a key set nowhere."""
+    char_checkpoint(tmp_path)
+    config = tmp_path / "train_config.py"
+    config.write_text(f"preset = 'llama'\nmlp_hidden = 4 * n_embd\n"
+                      f"out_dir = {str(tmp_path)!r} + '/' * (n_layer == 12)\n")
+    texts = sample([str(config), "--num_samples=1", "--start=ab", "--max_new_tokens=3"])
+    assert len(texts) == 1 and len(texts[0]) == 5
+
+
 def test_the_defaults_are_nanogpts_but_three_samples():
     """README: nanoGPT's sample.py keys and defaults, but num_samples=3."""
     assert {k: DEFAULTS[k] for k in ("init_from", "out_dir", "start", "num_samples", "max_new_tokens",
