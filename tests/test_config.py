@@ -2,8 +2,10 @@ import os
 import time
 
 import pytest
+import torch
 
-from gpt.config import ConfigError, parse_args, read_config_file
+from gpt.config import (ConfigError, check_seed, gpu_dtype, make_current, parse_args, printed_help,
+                        read_config_file, training_dtype)
 
 DEFAULTS = dict(batch_size=12, learning_rate=6e-4, dataset="openwebtext", compile=True, n_kv_head=None,
                 gradient_accumulation_steps=40, wandb_run_name="gpt2")
@@ -79,10 +81,13 @@ def test_the_calls_of_nanogpts_configs_are_allowed(tmp_path):
                                   "x = {**{}}", "a, b = 1, 2, 3", "x = f'{os}'",
                                   "batch_size = = 3"])  # not Python at all (a SyntaxError's traceback once)
 def test_code_is_refused_with_its_line(tmp_path, line):
+    """What a config may not hold is refused as such, by its line, not run until it fails: a `{**{}}`
+    or an `unset += 1` read as a KeyError or TypeError of the config's own arithmetic."""
     path = tmp_path / "evil.py"
     path.write_text(f"batch_size = 1\n{line}\n")
-    with pytest.raises(ConfigError, match=r"evil.py:2"):
+    with pytest.raises(ConfigError, match=r"evil.py:2") as refused:
         read_config_file(path)
+    assert " fails: " not in str(refused.value)
 
 
 @pytest.mark.parametrize("line, error", [("x = 1 // (batch_size - 1)", "ZeroDivisionError"),
@@ -126,6 +131,7 @@ def test_a_command_line_value_python_cannot_take_is_a_message(tmp_path):
         with pytest.raises(ConfigError, match=r"must be a number a float can hold, got an integer of \d+ bits"):
             parse_args([arg], defaults)
     assert parse_args([f"--max_iters={10 ** 300}"], defaults) == [("max_iters", 10 ** 300)]  # (its range: train's)
+    assert parse_args([f"--learning_rate={10 ** 308}"], defaults) == [("learning_rate", 1e308)]  # up to float's max
     with pytest.raises(ConfigError, match=r"max_iters must be int like its default 600000, got '\{\[1\]:2\}'"):
         parse_args(["--max_iters={[1]:2}"], defaults)
     path = tmp_path / "c.py"
@@ -187,6 +193,8 @@ def test_a_string_key_takes_the_text_as_typed():
 def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
         parse_args(["--batchsize=3"], DEFAULTS)
+    with pytest.raises(ConfigError, match=r"unknown config key 'wandb_name' \(did you mean 'wandb_run_name'\?\)"):
+        parse_args(["--wandb_name=x"], DEFAULTS)
     # A config file's mistakes name their line.
     path = tmp_path / "c.py"
     for line, message in (("n_layers = 4", r"unknown config key 'n_layers'$"),
@@ -225,6 +233,8 @@ def test_unknown_keys_and_wrong_types_are_errors(tmp_path):
         parse_args(["--compile"], DEFAULTS)
     with pytest.raises(ConfigError, match="expected a config file"):
         parse_args(["compile=False"], DEFAULTS)
+    with pytest.raises(ConfigError, match="expected a config file"):
+        parse_args(["-batch_size=3"], DEFAULTS)
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -236,13 +246,58 @@ def test_help_lists_every_key_and_runs_nothing(flag, capsys, tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     for program, args in ((train, [flag, "--max_iters=1"]), (sample, ["--out_dir=nowhere", flag])):
-        program.main(args)
+        assert program.main(args) == ([] if program is sample else None)  # no samples, for a caller to iterate
         text = capsys.readouterr().out
         assert text.startswith(program.__doc__.strip().splitlines()[0])
         for key, value in program.DEFAULTS.items():
             assert f"{key}={value!r}" in text, key
     assert not any(tmp_path.iterdir())
 
+
+def test_only_dash_h_and_dash_dash_help_ask_for_help(capsys):
+    """-hx or --helpme is a mistyped argument, to be refused as one: not help printed and the run
+    quietly not done."""
+    assert not printed_help(["-hx", "--helpme", "--h"], "doc", DEFAULTS)
+    assert capsys.readouterr().out == ""
+
+
+def test_each_operator_and_call_is_pythons(tmp_path):
+    """A config's expressions are computed as nanoGPT's exec computes them: any operator or call
+    taken for a neighbour (% for //, <= for <, min for max) trains another run than the file says."""
+    path = tmp_path / "c.py"
+    path.write_text("import math\na = 7 % 3\nb = +2\nc = 2 <= 2\nd = 2 > 2\ne = 'x' in 'xy'\nf = f'{\"s\"!s}'\n"
+                    "g = int(2.7)\nh = min(3, 4)\ni = math.ceil(2.1)\nj = [1, 2]\nk = {'a': 1}\n")
+    assert {k: v for k, v, _ in read_config_file(path)} == dict(a=1, b=2, c=True, d=False, e=True, f="s", g=2, h=3,
+                                                               i=3, j=[1, 2], k={"a": 1})
+
+
+def test_seed_zero_and_the_largest_are_taken():
+    """Seed 0 is a common choice, as is any seed torch's 64-bit generators take: refused, a
+    config that trained elsewhere would not run here."""
+    check_seed(0)
+    check_seed(2**63 - 1)
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"):
+        check_seed(2**63)
+
+
+def test_a_gpu_trains_in_bfloat16_from_ampere_on_an_indexed_one_too(monkeypatch):
+    """bf16 where the tensor cores do it (compute capability 8.0, the A100, on), fp16 before; an
+    indexed GPU (cuda:1) is a GPU too, not trained in fp32 as a CPU is."""
+    assert (gpu_dtype((8, 0)), gpu_dtype((7, 5))) == ("bfloat16", "float16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert (training_dtype("cuda:1"), training_dtype("cuda"), training_dtype("cpu"), training_dtype("mps")) == (
+        "bfloat16", "bfloat16", "float32", "float32")
+
+
+def test_an_indexed_gpu_cuda_0_is_made_current_too(monkeypatch):
+    """cuda:0 named while another GPU is current (a caller's torch.cuda.set_device(1)): the kernels'
+    self-checks would ask that other one; plain cuda means the current GPU, left as it is."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    make_current("cuda:0")
+    make_current("cuda")
+    make_current("cpu")
+    assert made == ["cuda:0"]
 
 
 def test_a_chained_comparison_is_pythons(tmp_path):

@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,17 +61,23 @@ def test_shakespeare_bpe(tmp_path):
 
 
 def test_openwebtext_preparation_on_a_small_corpus(tmp_path):
+    """Into a folder made with its parents: a fresh clone's data_dir does not exist yet (a
+    FileNotFoundError after the hours of download and tokenizing)."""
     docs = {"train": [f"document {i}: " + "lorem ipsum " * i for i in range(50)], "val": ["held out", "text"]}
-    counts = build_openwebtext(tmp_path, {k: iter(v) for k, v in docs.items()})
+    out = tmp_path / "data" / "openwebtext"
+    counts = build_openwebtext(out, {k: iter(v) for k, v in docs.items()})
     enc = gpt2()
     for split, texts in docs.items():
-        ids = np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16)
+        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
         expected = [t for text in texts for t in enc.encode_ordinary(text) + [EOT]]
         assert ids.tolist() == expected and counts[split] == len(expected)
 
 
 def test_unknown_datasets_say_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="no builder"):
+    """Each names the folder looked in: a data_dir mistyped, or relative to another working
+    directory, shows there."""
+    looked = re.escape(f"no {tmp_path / 'wikitext'}/train.bin and val.bin, and no builder")
+    with pytest.raises(ValueError, match=looked):
         prepare("wikitext", tmp_path)
     with pytest.raises(ValueError, match="python -m gpt.data openwebtext"):
         prepare("openwebtext", tmp_path)
@@ -165,6 +172,8 @@ def test_the_builder_command_helps_and_leaves_no_folder_when_it_fails(tmp_path, 
     assert data.main(["--help"]) == 0 and "usage: python -m gpt.data" in capsys.readouterr().out
     assert data.main(["shakespeare_char", "-h"]) == 0 and "usage" in capsys.readouterr().out  # (built in ./-h once)
     assert data.main(["nosuch"]) == 2 and "usage" in capsys.readouterr().err
+    assert data.main(["shakespeare_char", str(tmp_path), "extra"]) == 2 and "usage" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the download cannot start
     with pytest.raises(SystemExit, match="needs the `datasets` package"):
         data.main(["openwebtext", str(tmp_path)])
@@ -174,11 +183,19 @@ def test_the_builder_command_helps_and_leaves_no_folder_when_it_fails(tmp_path, 
         data.main(["shakespeare_char", str(tmp_path / "taken")])
 
 
-def test_the_builder_command_takes_a_data_dir(tmp_path):
+def test_the_builder_command_takes_a_data_dir(tmp_path, monkeypatch, capsys):
+    """Built in the data_dir given, else in ./data, where train.py's data_dir looks by default;
+    the folder built is printed, for a script to take."""
     done = subprocess.run([sys.executable, "-m", "gpt.data", "shakespeare_char", str(tmp_path)], capture_output=True,
                           text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "shakespeare_char" / "train.bin").exists()
+    assert done.stdout == f"{tmp_path / 'shakespeare_char'}\n"
+    from gpt import data
+    monkeypatch.chdir(tmp_path)
+    assert data.main(["shakespeare_char"]) == 0
+    assert (tmp_path / "data" / "shakespeare_char" / "train.bin").exists()
+    assert capsys.readouterr().out == f"{Path('data') / 'shakespeare_char'}\n"
 
 
 def test_character_ids_are_nanogpts(tmp_path):

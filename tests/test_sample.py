@@ -170,6 +170,7 @@ def test_an_indexed_gpu_is_made_current_first(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arg, message", [
     ("--start=abc", r"characters the checkpoint's vocabulary lacks: \['c'\]"),
+    ("--start=cab", r"start: the prompt has characters the checkpoint's vocabulary lacks: \['c'\]"),
     ("--start=", "the prompt is empty"),
     ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file"),
     ("--temperature=-1.0", "temperature must be finite and >= 0"),
@@ -179,6 +180,7 @@ def test_an_indexed_gpu_is_made_current_first(tmp_path, monkeypatch):
     ("--init_from=nonsense", "init_from must be resume, .*got 'nonsense'"),
     ("--init_from=", "init_from must be resume, .*got ''$"),  # read as the working folder once (Path('') is .)
     ("--dtype=bf16", "dtype must be float32, bfloat16 or float16, got 'bf16'"),
+    ("--dtype=float64", "dtype must be float32, bfloat16 or float16, got 'float64'"),  # no kernel takes it
     ("--device=5", "device must be str or None, got 5"),  # (a traceback once)
     # devices this machine lacks or torch.load cannot map to (a "corrupt checkpoint" once)
     ("--device=cpu:0", "device 'cpu:0': the CPU is 'cpu'"),
@@ -203,6 +205,9 @@ def test_a_missing_checkpoint_or_gpu_and_a_prompt_past_the_vocabulary_stop_with_
                          ("--start=FILE:/nonexistent/prompt.txt", "start: .*No such file")):
         with pytest.raises(SystemExit, match=f"^gpt.sample: {message}"):
             sample([*nothing, arg])
+    (tmp_path / "empty").mkdir()  # a folder of GPT-2's weights, lacking them: named as the setting it is
+    with pytest.raises(SystemExit, match=f"^gpt.sample: init_from={tmp_path / 'empty'}: .* lacks config.json"):
+        sample([f"--init_from={tmp_path / 'empty'}", "--device=cpu"])
     if not torch.cuda.is_available():
         for device in ("cuda", "cuda:0"):
             with pytest.raises(SystemExit, match=f"gpt.sample: device '{device}': this machine has 0 cuda device"):
@@ -222,6 +227,17 @@ def test_a_model_without_gpt2s_end_of_text_token_is_not_read_as_bpe(tmp_path):
     with pytest.raises(ValueError, match="the checkpoint's model has 50256 tokens, too few for GPT-2's BPE"):
         checkpoint_meta(ckpt(EOT))
     assert checkpoint_meta(ckpt(EOT + 1)) is None
+
+
+def test_a_checkpoint_without_its_vocabulary_finds_it_in_its_data_dir(tmp_path):
+    """A checkpoint whose config names a data_dir (train.py's, with data_dir set) reads the meta.pkl
+    there, not in ./data: sampled from elsewhere, it found none, or another dataset's."""
+    folder = tmp_path / "elsewhere" / "chars"
+    folder.mkdir(parents=True)
+    meta = dict(vocab_size=3, stoi={c: i for i, c in enumerate("abc")}, itos=dict(enumerate("abc")))
+    (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
+    ckpt = dict(model_args=dict(vocab_size=3), config=dict(dataset="chars", data_dir=str(tmp_path / "elsewhere")))
+    assert checkpoint_meta(ckpt) == meta
 
 
 def test_a_nanogpt_checkpoint_needs_the_vocabulary_of_its_dataset(tmp_path, monkeypatch):
@@ -301,11 +317,13 @@ def test_a_training_config_s_lines_see_its_preset_as_in_train_py(tmp_path):
 
 
 def test_the_defaults_are_nanogpts_but_three_samples():
-    """README: nanoGPT's sample.py keys and defaults, but num_samples=3."""
+    """README: nanoGPT's sample.py keys and defaults, but num_samples=3; torch's kernels (no
+    self-checks to wait for), on this machine's device in its dtype (None: chosen as it runs)."""
     assert {k: DEFAULTS[k] for k in ("init_from", "out_dir", "start", "num_samples", "max_new_tokens",
-                                     "temperature", "top_k", "seed", "compile", "kv_cache")} == dict(
+                                     "temperature", "top_k", "seed", "compile", "kv_cache", "kernels", "device",
+                                     "dtype")} == dict(
         init_from="resume", out_dir="out", start="\n", num_samples=3, max_new_tokens=500, temperature=0.8,
-        top_k=200, seed=1337, compile=False, kv_cache=True)
+        top_k=200, seed=1337, compile=False, kv_cache=True, kernels="torch", device=None, dtype=None)
 
 
 def test_by_default_three_samples_from_a_newline_each_printed(tmp_path, capsys):
@@ -346,11 +364,28 @@ def test_top_k_one_takes_the_likeliest_token(tmp_path):
 
 
 def test_the_prompt_is_read_from_a_utf8_file(tmp_path):
+    """FILE:path is read as UTF-8 whatever the locale (in a C locale, as under cron or a bare
+    container, a UnicodeDecodeError); a prompt that only starts with FILE, no colon, is text."""
     args = char_checkpoint(tmp_path, chars="aé \n", vocab_size=8)
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes("aé\n".encode("utf-8"))
     text = sample([*args, f"--start=FILE:{prompt}", "--max_new_tokens=3"])
     assert text[0].startswith("aé\n") and len(text[0]) == 6
+    env = os.environ | dict(LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONIOENCODING="utf-8")
+    done = subprocess.run([sys.executable, "-m", "gpt.sample", *without(args, "start"), f"--start=FILE:{prompt}",
+                           "--max_new_tokens=3"], cwd=Path(__file__).parent.parent, env=env, capture_output=True,
+                          text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("aé\n")
+    args = char_checkpoint(tmp_path, chars="FILET ")
+    assert sample([*without(args, "start"), "--start=FILET", "--max_new_tokens=2"])[0].startswith("FILET")
+
+
+def test_a_prompt_longer_than_the_context_is_kept_whole(tmp_path):
+    """A prompt past block_size (8 here) conditions the model on its last 8 tokens, but the sample
+    is the whole prompt and what follows, not the prompt cut to the window."""
+    args = char_checkpoint(tmp_path)
+    assert sample([*without(args, "start"), "--start=" + "ab" * 6, "--max_new_tokens=2"])[0].startswith("ab" * 6)
 
 
 def test_a_prompt_token_one_past_the_model_s_vocabulary_stops_with_the_reason(tmp_path):

@@ -20,6 +20,7 @@ from gpt import checkpoint
 from gpt.config import ConfigError
 from gpt.model import GPT, GPTConfig, preset
 from gpt.sample import main as sample
+from tests.test_sample import FIXTURE
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--compile=False",
         "--eval_iters=4", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=5", "--dropout=0.1"]
@@ -307,10 +308,12 @@ def test_a_run_trains_in_float32_whatever_the_callers_default_dtype_and_gives_it
 
 def test_a_run_prints_to_an_ascii_stdout(tmp_path, data_dir, ascii_stdout):
     """train.py's own text is ASCII: its summary's '×' and the MFU line's '·' raised
-    UnicodeEncodeError on an ASCII stdout (PYTHONIOENCODING=ascii) before the first step."""
+    UnicodeEncodeError on an ASCII stdout (PYTHONIOENCODING=ascii) before the first step. Its
+    lines are whole at any width: a step's line cut at a pipe's 80 columns is two lines to grep."""
     printed = ascii_stdout()
     run(tmp_path, data_dir, "--device=cpu", "--max_iters=1")
-    assert b"tokens per step" in printed.getvalue() and b"iter 0: loss" in printed.getvalue()
+    assert b"tokens per step" in printed.getvalue()
+    assert any(line.startswith(b"iter 0: loss") and line.endswith(b"GB") for line in printed.getvalue().splitlines())
 
 
 def test_a_run_in_another_thread_leaves_sigterm_as_it_was(capsys):
@@ -410,6 +413,14 @@ def test_resuming_on_a_dataset_of_more_tokens_is_refused(tmp_path, data_dir):
     run(tmp_path, data_dir, *cpu)
     with pytest.raises(SystemExit, match="init_from=resume has a 65-token vocabulary; dataset shakespeare has 50257"):
         run(tmp_path, data_dir, *cpu, "--init_from=resume", "--dataset=shakespeare", "--max_iters=2")
+
+
+def test_a_gpt2_model_does_not_train_on_character_data(tmp_path, data_dir):
+    """GPT-2's weights read ids as BPE tokens: fine-tuned on a character dataset's ids (as many
+    as fit its vocabulary) each id would mean another token, and the run learn nonsense."""
+    with pytest.raises(SystemExit, match="was trained on GPT-2's BPE tokens; dataset shakespeare_char holds the 65"):
+        run(tmp_path, data_dir, "--device=cpu", f"--init_from={FIXTURE}", "--dataset=shakespeare_char",
+            "--block_size=16")
 
 
 def test_resuming_on_another_vocabulary_of_the_same_size_is_refused(tmp_path, data_dir):
@@ -592,6 +603,9 @@ def test_defaults_and_errors(monkeypatch, tmp_path):
     assert (config["n_layer"], config["n_embd"], config["bias"]) == (2, 768, True)
     config, _ = train.read_config(["--n_layer=2", "--preset=llama"])  # a preset sets what came before it
     assert (config["n_layer"], config["norm"], config["tie_weights"]) == (12, "rmsnorm", False)
+    config, _ = train.read_config(["--n_layer=3", "--preset=None"])  # no preset: nothing set
+    assert (config["preset"], config["n_layer"]) == (None, 3)
+    assert train.read_config(["--mlp_hidden=512.0"])[0]["mlp_hidden"] == 512
     config, _ = train.read_config([str(train.CONFIG_DIR / "train_gpt2.py")])  # nanoGPT's run: GPT-2's shapes
     assert (config["n_layer"], config["n_embd"], config["bias"]) == (12, 768, False)  # and no biases
     with pytest.raises(SystemExit, match="unknown config key 'n_layers'"):
@@ -604,6 +618,8 @@ def test_defaults_and_errors(monkeypatch, tmp_path):
         train.main(["--dtype=bf16"])
     with pytest.raises(SystemExit, match="n_kv_head must be int or None, got 'two'"):
         train.main(["--n_kv_head=two"])
+    with pytest.raises(SystemExit, match="mlp_hidden must be int or None, got 'x'"):
+        train.main(["--mlp_hidden=x"])
     for arg, message in (("--peak_tflops=abc", "peak_tflops must be float or None, got 'abc'"),
                          ("--device=5", "device must be str or None, got 5"),  # (tracebacks once)
                          # out of range: an empty batch, a division by zero, NaN losses once
@@ -640,6 +656,9 @@ def test_defaults_and_errors(monkeypatch, tmp_path):
         train.main([*nothing, f"--out_dir={tmp_path / 'empty'}", "--init_from=resume"])
     with pytest.raises(SystemExit, match=f"init_from={tmp_path}: {tmp_path} lacks config.json, model.safetensors"):
         train.main([*nothing, f"--init_from={tmp_path}"])
+    monkeypatch.setattr(train.pretrained, "locate", lambda name: pytest.fail(f"{name} downloaded before the checks"))
+    with pytest.raises(SystemExit, match="dataset 'nosuch'"):  # a hub model's gigabytes: downloaded after them
+        train.main([*nothing, "--init_from=gpt2"])
     with pytest.raises(SystemExit, match="dataset 'nosuch': no .* and no builder for it"):
         train.main(nothing)
     monkeypatch.undo()

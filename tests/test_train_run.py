@@ -23,6 +23,7 @@ from gpt.config import COMPILE_MODES, CUDA_GRAPH_MODES, ConfigError
 from gpt.data import Batches
 from gpt.model import GPT, GPTConfig
 from tests.devices import interpreter_only
+from tests.test_files import aged, temp_name
 from tests.test_train import read_log, run
 
 CPU = ["--device=cpu", "--dtype=float32"]
@@ -63,11 +64,45 @@ def test_a_config_file_that_sets_nothing_gets_nanogpts_defaults(tmp_path):
     ("--peak_tflops=0", "peak_tflops must be finite and above 0, got 0.0"),
     (f"--seed={2**63}", r"seed must be in \[0, 2\*\*63\)"),
     ("--compile_mode=fast", "compile_mode must be one of .*'reduce-overhead'.*, got 'fast'"),
+    ("--compile_mode=", "compile_mode must be one of .*, got ''"),
+    ("--warmup_iters=-1", "warmup_iters must be finite and not negative, got -1"),
+    ("--lr_decay_iters=-1", "lr_decay_iters must be finite and not negative, got -1"),
+    ("--beta1=1.0", r"beta1 must be in \[0, 1\), got 1.0"),
+    ("--beta1=-0.1", r"beta1 must be in \[0, 1\), got -0.1"),
+    ("--init_from=", "init_from must be scratch, resume, .*got ''"),
+    ("--backend=fake", "backend must be one of .*, got 'fake'"),  # torch's own, for its tests
+    ("--backend=cpu:glo,cuda:nccl", "backend must be one of .*, got 'cpu:glo,cuda:nccl'"),
+    ("--dtype=float64", r"dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'float64'"),
 ])
 def test_more_values_out_of_range_are_refused(arg, message):
-    """Counts of at least 1, amounts not negative, a peak above 0, a seed torch takes (seed + rank too)."""
+    """Counts of at least 1, amounts not negative, betas in [0, 1), a peak above 0, a seed torch
+    takes (seed + rank too), names of what exists: each refused before the set-up, where it ended
+    in a schedule run backwards, a division by zero, a process group waiting for a misspelt
+    backend, or a run in a dtype no kernel takes."""
     with pytest.raises(ConfigError, match=message):
         train.read_config(["--device=cpu", arg])
+
+
+def test_tritongpts_own_defaults():
+    """The defaults docs/training.md gives for the keys nanoGPT lacks: a run that leaves them
+    unset trains as documented (compiled in torch's default mode, torch's AdamW in fp32 with the
+    kernels chosen per op, nanoGPT's seed)."""
+    assert {k: train.DEFAULTS[k] for k in ("compile_mode", "parallel", "kernels", "optimizer", "recompute",
+                                           "stochastic_rounding", "kahan_summation", "norm_eps", "rope_theta",
+                                           "data_dir", "seed")} == dict(
+        compile_mode="default", parallel="ddp", kernels="auto", optimizer="adamw", recompute=False,
+        stochastic_rounding=True, kahan_summation=False, norm_eps=1e-5, rope_theta=10000.0, data_dir="data",
+        seed=1337)
+
+
+def test_without_a_device_it_is_cuda_where_torch_sees_one(monkeypatch):
+    """As nanoGPT: a GPU machine trains on its GPU, in its native dtype, from the GPU config,
+    with no --device given (not on the CPU, hundreds of times slower)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train, "check_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    config, argv = train.read_config([])
+    assert (config["device"], config["dtype"], argv) == ("cuda", "bfloat16", [train.DEFAULT_CONFIG])
 
 
 def test_beta1_may_be_zero():
@@ -75,11 +110,15 @@ def test_beta1_may_be_zero():
     assert train.read_config(["--beta1=0.0"])[0]["beta1"] == 0.0
 
 
-def test_an_override_ending_in_py_is_no_config_file():
-    """--out_dir=run.py is a value, not a config file: the default config still comes first."""
+def test_an_override_ending_in_py_is_no_config_file(tmp_path, data_dir, capsys):
+    """--out_dir=run.py is a value, not a config file: the default config still comes first, and
+    the run's summary names only that config as the one it read."""
     config, argv = train.read_config(["--out_dir=run.py"])
     assert argv[0] in (train.DEFAULT_CONFIG, train.DEFAULT_CPU_CONFIG) and config["dataset"] == "shakespeare_char"
     assert config["out_dir"] == "run.py"
+    run(tmp_path / "run.py", data_dir, "--device=cpu", "--max_iters=0")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train_shakespeare_char_cpu.py, init_from scratch" in out and "--out_dir=" not in out
 
 
 def test_one_process_with_parallel_fsdp_may_train_in_float16(monkeypatch, tmp_path):
@@ -217,12 +256,22 @@ def test_compile_modes_are_torchs():
 
 @pytest.mark.parametrize("mode", CUDA_GRAPH_MODES)
 def test_cuda_graphs_with_micro_steps_are_refused(tmp_path, data_dir, mode, monkeypatch):
-    """A replay overwrites the last micro-step's grads, which autograd accumulates into; on a CPU
-    the mode takes no CUDA graphs, and trains."""
+    """A replay overwrites the last micro-step's grads, which autograd accumulates into; one
+    micro-step, or the mode uncompiled, takes no such replay and goes on; on a CPU the mode takes
+    no CUDA graphs, and trains."""
     monkeypatch.setattr(train, "check_device", lambda device: None)  # a GPU, as far as the refusal goes
+    gpu = ["--device=cuda", "--dtype=bfloat16", f"--compile_mode={mode}"]
     with pytest.raises(SystemExit, match=f"compile_mode={mode} replays CUDA graphs.*gradient_accumulation_steps=1"):
-        run(tmp_path, data_dir, "--device=cuda", "--dtype=bfloat16", "--compile=True", f"--compile_mode={mode}",
-            "--gradient_accumulation_steps=2")
+        run(tmp_path, data_dir, *gpu, "--compile=True", "--gradient_accumulation_steps=2")
+
+    def console(**kwargs):
+        raise InterruptedError  # past the refusal (no GPU here to go on with)
+    with monkeypatch.context() as m:
+        m.setattr(train, "Console", console)
+        for taken in (["--compile=True", "--gradient_accumulation_steps=1"],
+                      ["--compile=False", "--gradient_accumulation_steps=2"]):
+            with pytest.raises(InterruptedError):
+                run(tmp_path, data_dir, *gpu, *taken)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # (compiling on a CPU takes minutes)
     log = run(tmp_path, data_dir, "--device=cpu", "--compile=True", f"--compile_mode={mode}",
               "--gradient_accumulation_steps=2", "--max_iters=1")
@@ -243,6 +292,24 @@ def test_an_indexed_gpu_is_made_current_first(tmp_path, data_dir, monkeypatch):
     with pytest.raises(InterruptedError):
         run(tmp_path, data_dir, "--device=cuda:1", "--dtype=bfloat16")
     assert made == ["cuda:1"]
+
+
+def test_a_gpu_run_takes_tf32_matmuls_and_gives_the_callers_back(tmp_path, data_dir, monkeypatch):
+    """nanoGPT's TF32 matmuls on a GPU (fp32 ones run at a fraction of the tensor cores' speed),
+    and once the run ends the caller's settings again (a notebook's fp32 matmuls stayed TF32)."""
+    class Stop(Exception):
+        pass
+    before, seen = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32), []
+
+    def master_first(world, make):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        raise Stop  # (no GPU here to go on with)
+    monkeypatch.setattr(train, "check_device", lambda device: None)
+    monkeypatch.setattr(train.distributed, "master_first", master_first)
+    with pytest.raises(Stop):
+        run(tmp_path, data_dir, "--device=cuda", "--dtype=bfloat16")
+    assert seen == [(True, True)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
 @pytest.fixture
@@ -269,10 +336,11 @@ def clock(monkeypatch):
 def test_step_time_counts_the_steps_alone(tmp_path, data_dir, clock):
     """step_ms: the time since the last log over the steps since, every log_interval steps, not
     counting evaluations nor the first step (compile); tokens_per_s counts every micro-step's
-    tokens; hw_tflops the recomputed blocks."""
+    tokens; hw_tflops the recomputed blocks; mfu is against the peak_tflops given."""
     args = [*CPU, "--log_interval=2", "--gradient_accumulation_steps=2", "--eval_iters=1",
             "--always_save_checkpoint=True"]
-    log = run(tmp_path / "a", data_dir, *args, "--max_iters=8", "--eval_interval=4", "--recompute=1")
+    log = run(tmp_path / "a", data_dir, *args, "--max_iters=8", "--eval_interval=4", "--recompute=1",
+              "--peak_tflops=50")
     timed = steps(log)
     assert [r["iter"] for r in timed] == [0, 2, 4, 6] and "step_ms" not in timed[0]
     for r in timed[1:]:
@@ -281,6 +349,7 @@ def test_step_time_counts_the_steps_alone(tmp_path, data_dir, clock):
     config = GPTConfig(**checkpoint.load(tmp_path / "a", "cpu")["model_args"])
     hardware = flops_per_token(config, 32, recomputed=1).hardware
     assert timed[-1]["hw_tflops"] == pytest.approx(timed[-1]["tokens_per_s"] * hardware / 1e12)
+    assert timed[-1]["mfu"] == pytest.approx(timed[-1]["tflops"] / 50)
     # A resumed run's first step (3, not logged) compiles: step 4's time is its own.
     run(tmp_path / "b", data_dir, *args, "--max_iters=3", "--eval_interval=3")
     clock[0] = True
@@ -412,13 +481,16 @@ def test_a_run_that_diverges_before_its_first_save_names_no_checkpoint(tmp_path,
 
 def test_a_resume_past_max_iters_and_a_run_that_saved_nothing_say_so(tmp_path, data_dir, capsys):
     """Neither ends silently: a resume with no step left to take, and a run whose evaluations
-    never beat the best (learning rate 0) with always_save_checkpoint off."""
+    never beat the best (learning rate 0) with always_save_checkpoint off. An eval_only run takes
+    no steps anyway: nothing said of them."""
     args = [*CPU, "--eval_interval=2", "--eval_iters=1"]
     run(tmp_path, data_dir, *args, "--max_iters=2", "--always_save_checkpoint=True")
     capsys.readouterr()
     run(tmp_path, data_dir, *args, "--max_iters=1", "--init_from=resume")
     printed = " ".join(capsys.readouterr().out.split())
     assert "the checkpoint is at iter 2, max_iters=1: no step to take (raise max_iters to train on)" in printed
+    run(tmp_path, data_dir, *args, "--max_iters=1", "--init_from=resume", "--eval_only=True")
+    assert "no step to take" not in " ".join(capsys.readouterr().out.split())
     run(tmp_path / "flat", data_dir, *args, "--max_iters=4", "--learning_rate=0", "--min_lr=0",
         "--always_save_checkpoint=False")
     printed = " ".join(capsys.readouterr().out.split())
@@ -458,11 +530,15 @@ def test_eval_only_appends_to_the_whole_log_and_its_record_outlives_a_resume(tmp
     assert [r["iter"] for r in evals(log) if r.get("eval_only")] == [2]
 
 
-def test_a_new_run_starts_its_log_afresh_with_no_checkpoint_to_set_aside(tmp_path, data_dir):
-    """A log left in out_dir by a run with no checkpoint is replaced, not appended to."""
+def test_a_new_run_starts_its_log_afresh_with_no_checkpoint_to_set_aside(tmp_path, data_dir, capsys):
+    """A log left in out_dir by a run with no checkpoint is replaced, not appended to; the file of
+    a checkpoint write that was killed is removed, and said (a file of gigabytes gone unexplained)."""
     (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 7, "loss": 1.0}) + "\n")
+    torn = aged(tmp_path / temp_name(checkpoint.FILENAME))
     log = run(tmp_path, data_dir, "--device=cpu", "--max_iters=1", "--eval_interval=1", "--eval_iters=1")
     assert "kernels" in log[0] and all(r["iter"] <= 1 for r in log)
+    assert not torn.exists()
+    assert f"removed {torn}, a checkpoint write that was killed" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_resume_off_the_interval_drops_the_steps_a_killed_run_logged_at_its_checkpoint(tmp_path, data_dir):
@@ -501,8 +577,8 @@ def fake_world(monkeypatch):
     set-up up to what a test stops it at (no collective runs before the model is sharded)."""
     from gpt import distributed
 
-    def make(parallel, size=1):
-        world = distributed.World(rank=0, size=size, parallel=parallel)
+    def make(parallel, size=1, rank=0):
+        world = distributed.World(rank=rank, size=size, parallel=parallel)
         monkeypatch.setattr(train.distributed, "init", lambda parallel, backend, device: (world, device))
         monkeypatch.setattr(train.distributed, "master_first", lambda world, make: make())
         return world
@@ -574,3 +650,21 @@ def test_wandb_gets_the_config_with_each_op_s_backend_and_every_record_at_its_st
     assert init["config"]["backends"] == log[0]["kernels"] and "attention" in log[0]["kernels"]
     assert [(r["iter"], {train.WANDB_NAMES.get(k, k): v for k, v in r.items()}) for r in log[1:]] == logged
     assert {"train/loss", "val/loss"} <= set(logged[0][1]) and "loss" in logged[1][1]
+
+
+def test_only_the_master_starts_a_wandb_run(tmp_path, data_dir, monkeypatch, fake_world):
+    """Under torchrun every rank but 0 logs nothing: a wandb run started on each would be as many
+    runs in the project, all but one empty."""
+    inits = []
+    wandb = ModuleType("wandb")
+    wandb.__spec__ = ModuleSpec("wandb", None)
+    wandb.init = lambda **kw: inits.append(kw)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    fake_world(None, rank=1)  # a rank other than 0, with no collectives
+
+    def progress(*args, **kwargs):
+        raise InterruptedError  # the training loop reached: wandb's run started by now, if ever
+    monkeypatch.setattr(train, "Progress", progress)
+    with pytest.raises(InterruptedError):
+        run(tmp_path, data_dir, "--device=cpu", "--wandb_log=True")
+    assert inits == []
