@@ -13,6 +13,7 @@ blocks), a whole-number float taken by an int key (`max_iters = 5e3`, which nano
 takes as it is).
 """
 import ast
+import copy
 import difflib
 import math
 import operator
@@ -29,16 +30,18 @@ from pathlib import Path
 # `10 ** 10 ** 10` or `'a' * 10 ** 10` would take the machine's memory for hours before saying so.
 # Every value an expression makes is held to them (_bounded), so that no line can build on the one
 # before past them (`s += s`, line after line), and no text made of a value (str(), an f-string)
-# can be more than a few times MAX_LENGTH; what would be past them from the start is refused before
-# it is made.
+# can be more than a few times MAX_LENGTH; the values one line makes, all told, to LINE_LENGTH (an
+# f-string of many wide fields, a list of many long strings: each part within the limit); what
+# would be past them from the start is refused before it is made.
 MAX_BITS, MAX_LENGTH = 4096, 1 << 20
+LINE_LENGTH = 4 * MAX_LENGTH
 
 
 def _length(value, limit: int = MAX_LENGTH) -> int:
     """About the characters `value` takes written out: a string's, an int's digits (a third of
     its bits, at least), one a float or other scalar, a container's items' plus one each. Counted
     no further than just past `limit` (the same items may stand many times over in a list)."""
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes)):
         return len(value)
     if isinstance(value, int):
         return value.bit_length() // 3 + 1
@@ -58,7 +61,7 @@ def _bounded(value):
     """`value`, or an OverflowError if it is past a config's limits."""
     if isinstance(value, int) and value.bit_length() > MAX_BITS:
         raise OverflowError(f"the result would have over {MAX_BITS} bits")
-    if isinstance(value, (str, list, tuple, dict)) and _length(value) > MAX_LENGTH:
+    if isinstance(value, (str, bytes, list, tuple, dict)) and _length(value) > MAX_LENGTH:
         raise OverflowError(f"the result would be over {MAX_LENGTH} long")
     return value
 
@@ -69,23 +72,54 @@ def _power(base, exponent):
     return base ** exponent
 
 
-def _times(a, b):
+def _times(a, b, multiply=operator.mul):
     times, sequence = (a, b) if isinstance(a, int) else (b, a)
-    if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) and _length(sequence) * times > MAX_LENGTH:
+    sized = isinstance(sequence, (str, bytes, list, tuple)) and isinstance(times, int)
+    if sized and _length(sequence) * times > MAX_LENGTH:
         raise OverflowError(f"the result would be over {MAX_LENGTH} long")
-    return a * b
+    return multiply(a, b)
+
+
+def _round(number, ndigits=None):
+    """round(); an int rounded to -n digits computes 10 ** n: n held to the limit on bits."""
+    if isinstance(ndigits, int) and abs(ndigits) > MAX_BITS:
+        raise OverflowError(f"round's ndigits must be within {MAX_BITS}, got {ndigits}")
+    return round(number, ndigits)
+
+
+def _check_widths(numbers: list[str]) -> None:
+    """Widths and precisions of a format (`{0:>1000000000}`, `'%.1000000000f' % x`), refused past
+    MAX_LENGTH before the text is made."""
+    if any(len(digits) > 7 or int(digits) > MAX_LENGTH for digits in numbers):
+        raise OverflowError(f"the result would be over {MAX_LENGTH} long")
 
 
 def _formatted(convert, value, spec: str) -> str:
-    """An f-string's field: a width or precision past MAX_LENGTH (`{0:>1000000000}`) is refused
-    before the text is made."""
-    if any(len(digits) > 7 or int(digits) > MAX_LENGTH for digits in re.findall(r"[0-9]+", spec)):
-        raise OverflowError(f"the result would be over {MAX_LENGTH} long")
+    """An f-string's field."""
+    _check_widths(re.findall(r"\d+", spec))  # any decimal digits, as format reads them
     return convert(value, spec)
 
 
+# A printf-style conversion's flags, width and precision; a width or precision `*` is taken from
+# the values (`'%*d' % (10 ** 9, 1)`), where the limit cannot see it first: refused.
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+
+
+def _modulo(a, b):
+    """a % b; for a string, printf-style formatting, its widths held to the limit."""
+    if isinstance(a, str):
+        numbers = [n for conversion in _PRINTF.findall(a) for n in conversion if n]
+        if "*" in numbers:
+            raise ValueError("a printf-style width or precision of `*` is not taken in a config: write it in")
+        _check_widths(numbers)
+    return a % b
+
+
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _times, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _power}
+           ast.FloorDiv: operator.floordiv, ast.Mod: _modulo, ast.Pow: _power}
+# `a += b` and `a *= b` as Python's: a list changed in place, seen through every key holding it
+# (`b = a` before), and extended by any sequence.
+_IN_PLACE = {ast.Add: operator.iadd, ast.Mult: lambda a, b: _times(a, b, operator.imul)}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
             ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
@@ -93,7 +127,7 @@ _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, as
 _CONVERSIONS = {-1: format, ord("s"): lambda v, spec: format(str(v), spec),
                 ord("r"): lambda v, spec: format(repr(v), spec), ord("a"): lambda v, spec: format(ascii(v), spec)}
 # The functions a config may call, by the name it calls them; "module.name" ones need `import module`.
-_CALLS = {"str": str, "int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
+_CALLS = {"str": str, "int": int, "float": float, "round": _round, "min": min, "max": max, "abs": abs,
           "time.time": time.time, "math.sqrt": math.sqrt, "math.ceil": math.ceil, "math.floor": math.floor}
 _MODULES = {name.partition(".")[0] for name in _CALLS if "." in name}
 # difflib's similarity at and above which an unknown key is taken for a misspelling of a known one
@@ -226,14 +260,19 @@ def reported(program: str, context: str = "", errors: tuple[type[Exception], ...
         raise SystemExit(f"{program}: {context}{e}") from None
 
 
-def _evaluate(node: ast.AST, names: dict, modules: set, where: str):
-    """The value of expression `node`, held to the limits (_bounded) as each part is made."""
-    return _bounded(_value(node, names, modules, where))
+def _evaluate(node: ast.AST, names: dict, modules: set, where: str, made: list[int]):
+    """The value of expression `node`, held to the limits as each part is made: itself to
+    _bounded's, and with the values its line has `made` (a running count) to LINE_LENGTH."""
+    result = _bounded(_value(node, names, modules, where, made))
+    made[0] += _length(result)
+    if made[0] > LINE_LENGTH:
+        raise OverflowError(f"the line's values would be over {LINE_LENGTH} long in all")
+    return result
 
 
-def _value(node: ast.AST, names: dict, modules: set, where: str):
+def _value(node: ast.AST, names: dict, modules: set, where: str, made: list[int]):
     def value(n):
-        return _evaluate(n, names, modules, where)
+        return _evaluate(n, names, modules, where, made)
 
     if isinstance(node, ast.Constant):
         return node.value
@@ -253,6 +292,10 @@ def _value(node: ast.AST, names: dict, modules: set, where: str):
     if isinstance(node, ast.Compare):
         left = value(node.left)
         for op, right in zip(node.ops, map(value, node.comparators)):
+            if isinstance(op, (ast.Is, ast.IsNot)) and not {type(left), type(right)} & {type(None), bool}:
+                # Python's answer for other values depends on how its compiler shared constants
+                raise ConfigError(f"{where}: `is` compares identity, which only None, True and False have "
+                                  f"here: use == in `{ast.unparse(node)}`")
             if not _COMPARE[type(op)](left, right):
                 return False
             left = right
@@ -272,6 +315,9 @@ def _value(node: ast.AST, names: dict, modules: set, where: str):
         return _formatted(_CONVERSIONS[node.conversion], value(node.value), spec)
     if isinstance(node, ast.Call) and not node.keywords:
         name = ast.unparse(node.func)
+        if name.partition(".")[0] in names:
+            raise ConfigError(f"{where}: `{name.partition('.')[0]}` is a key set before this line, not what "
+                              f"`{ast.unparse(node)}` calls")
         if name in _CALLS and ("." not in name or name.partition(".")[0] in modules):
             return _CALLS[name](*[value(a) for a in node.args])
     raise ConfigError(f"{where}: only literals, arithmetic, earlier keys and the calls {sorted(_CALLS)} "
@@ -295,13 +341,13 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
     globals). `implied(key, value)`: the keys an assignment sets with it (a preset's
     architecture), seen by the lines after it."""
     text = _read_text(path)
-    scope = dict(known or {})
+    scope = {key: copy.copy(value) for key, value in (known or {}).items()}  # a caller's list is not the `+=`'s
     values: list = []
     modules: set = set()
     try:
         body = ast.parse(text, filename=str(path)).body
-    except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not Python: {e.msg}") from None
+    except SyntaxError as e:  # (a NUL byte's has no line)
+        raise ConfigError(f"{path}{'' if e.lineno is None else f':{e.lineno}'}: not Python: {e.msg}") from None
     except (RecursionError, MemoryError):  # nested past the parser's stack
         raise ConfigError(f"{path}: nested too deeply to read") from None
     for stmt in body:
@@ -317,7 +363,7 @@ def read_config_file(path: str | Path, known: dict | None = None, implied=None) 
             raise
         except RecursionError:  # (unparsing it would recurse as deep)
             raise ConfigError(f"{where}: nested too deeply to read") from None
-        except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError, IndexError, MemoryError) as e:
             raise ConfigError(f"{where}: `{ast.unparse(stmt)}` fails: {type(e).__name__}: {e}") from None
         for key, value in assigned:
             for also_key, also in [(key, value), *_implied(implied, key, value, where)]:
@@ -344,11 +390,13 @@ def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[
             return [e.id for e in target.elts]
         return None
 
+    made = [0]
     if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name) and type(stmt.op) in _BINARY:
         if stmt.target.id not in scope:
             raise ConfigError(f"{where}: {stmt.target.id} is not set before `{ast.unparse(stmt)}`")
-        return [(stmt.target.id, _bounded(_BINARY[type(stmt.op)](scope[stmt.target.id],
-                                                                  _evaluate(stmt.value, scope, modules, where))))]
+        operation = _IN_PLACE.get(type(stmt.op), _BINARY[type(stmt.op)])
+        return [(stmt.target.id, _bounded(operation(scope[stmt.target.id],
+                                                     _evaluate(stmt.value, scope, modules, where, made))))]
     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
         if stmt.value is None:
             return []
@@ -357,7 +405,7 @@ def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[
     if None in targets:
         raise ConfigError(f"{where}: a config file holds only `key = value` assignments "
                           f"(and `import {', '.join(sorted(_MODULES))}`), not `{ast.unparse(stmt)}`")
-    value = _evaluate(stmt.value, scope, modules, where)
+    value = _evaluate(stmt.value, scope, modules, where, made)
     pairs = []
     for target in targets:
         if isinstance(target, str):

@@ -79,6 +79,7 @@ def test_the_calls_of_nanogpts_configs_are_allowed(tmp_path):
                                   "wandb_run_name = str(os.getcwd())", "x = __import__('os')",
                                   "x = str(object=1)", "exec('x = 1')", "x.y = 3", "unset += 1",
                                   "x = {**{}}", "a, b = 1, 2, 3", "x = f'{os}'",
+                                  "x = batch_size is 1",  # identity, which Python's constants share or not
                                   "batch_size = = 3"])  # not Python at all (a SyntaxError's traceback once)
 def test_code_is_refused_with_its_line(tmp_path, line):
     """What a config may not hold is refused as such, by its line, not run until it fails: a `{**{}}`
@@ -92,7 +93,8 @@ def test_code_is_refused_with_its_line(tmp_path, line):
 
 @pytest.mark.parametrize("line, error", [("x = 1 // (batch_size - 1)", "ZeroDivisionError"),
                                          ("x = 'run-' + 5", "TypeError"), ("x = max()", "TypeError"),
-                                         ("x = int('abc')", "ValueError")])
+                                         ("x = int('abc')", "ValueError"), ("x = '%*d' % (3, 1)", "ValueError"),
+                                         ("x = round(1, -2 ** 100)", "OverflowError")])  # (10 ** 2 ** 100: hung)
 def test_a_failing_expression_names_its_line(tmp_path, line, error):
     """An expression that fails is the config's mistake: a ConfigError naming its file, line and
     error (was a traceback, or the error alone)."""
@@ -109,13 +111,17 @@ def test_a_failing_expression_names_its_line(tmp_path, line, error):
     "dataset = 'ab' * 500000\ndataset += dataset", "dataset = 'ab' * 500000\ndataset = dataset + dataset",
     "max_iters = 2 ** 4000\nmax_iters *= max_iters", "dataset = ['a' * 1000000] * 1000000",
     "dataset = [0]\n" + "dataset = [dataset, dataset]\n" * 21, "dataset = f'{0:>1000000000}'",
-    "dataset = f'{1.5:.1000000000f}'"], ids=lambda line: line.replace("\n", "; ")[:48])
+    "dataset = f'{1.5:.1000000000f}'", "dataset = f'{1:>\u0669\u0669\u0669\u0669\u0669\u0669\u0669\u0669\u0669\u0669}'",
+    "dataset = '%1000000000d' % 1", "dataset = '%.1000000000f' % 1.5", "dataset = b'a' * 10 ** 12",
+    # each part within the limits, too many of them on one line:
+    "dataset = f'" + "{0:>1000000}" * 3000 + "'", "s = 'a' * 1000000\ndataset = [s + 'b', s + 'b', s + 'b', s + 'b']",
+], ids=lambda line: line.replace("\n", "; ")[:48])
 def test_a_value_too_large_for_any_key_is_refused_at_once(tmp_path, line):
     """The file's mistake, said at once: computed, it took the machine's memory for hours (or,
     built on line by line, its str() did)."""
     path = tmp_path / "c.py"
     path.write_text(f"batch_size = 1\n{line}\n")
-    with pytest.raises(ConfigError, match=r"c.py:\d+: .* fails: OverflowError: the result would"):
+    with pytest.raises(ConfigError, match=r"c.py:\d+: .* fails: OverflowError: the (result|line's values) would"):
         read_config_file(path)
     path.write_text("a = 2 ** 4095\nb = 10 ** 1000\nc = 'ab' * 1000 + 3 * 'c'\nd = 2 ** -2\ne = 2.0 ** 0.5\n"
                     "f = 'a' * 1048576\ng = f'{7:>3}'\n")
@@ -298,6 +304,34 @@ def test_an_indexed_gpu_cuda_0_is_made_current_too(monkeypatch):
     make_current("cuda")
     make_current("cpu")
     assert made == ["cuda:0"]
+
+
+def test_augmented_assignment_changes_a_list_in_place_as_python_does(tmp_path):
+    """`a += b` extends a list in place, as exec does: a key holding the same list sees it (it kept
+    the old one), and any sequence extends it (a tuple was a TypeError); a list the caller's
+    defaults hold is left as it was."""
+    p = tmp_path / "c.py"
+    p.write_text("a = [1]\nb = a\na += (2,)\nc = d = []\nc *= 2\nc += 'x'\nk += [2]\nn = None\ne = n is None\n")
+    known = {"k": [1]}
+    values = {key: value for key, value, _ in read_config_file(p, known)}
+    assert values == dict(a=[1, 2], b=[1, 2], c=["x"], d=["x"], k=[1, 2], n=None, e=True)
+    assert known == {"k": [1]}
+
+
+@pytest.mark.parametrize("text", ["min = 0\nx = min(1, 2)", "import time\ntime = 'now'\nx = time.time()"])
+def test_a_key_named_as_a_function_is_no_function(tmp_path, text):
+    """exec calls what the name holds by then (a TypeError): the function was called here."""
+    p = tmp_path / "c.py"
+    p.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=r"c.py:\d: `(min|time)` is a key set before this line, not what"):
+        read_config_file(p)
+
+
+def test_a_file_with_a_nul_byte_is_not_python(tmp_path):
+    p = tmp_path / "c.py"
+    p.write_bytes(b"batch_size = 1\n\x00\n")
+    with pytest.raises(ConfigError, match=r"c.py: not Python: .*null bytes"):  # (c.py:None: once)
+        read_config_file(p)
 
 
 def test_a_chained_comparison_is_pythons(tmp_path):
