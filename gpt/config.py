@@ -82,7 +82,7 @@ def _times(a, b, multiply=operator.mul):
 
 def _round(number, ndigits=None):
     """round(); an int rounded to -n digits computes 10 ** n: n held to the limit on bits."""
-    if isinstance(ndigits, int) and abs(ndigits) > MAX_BITS:
+    if isinstance(ndigits, int) and ndigits < -MAX_BITS:
         raise OverflowError(f"round's ndigits must be within {MAX_BITS}, got {ndigits}")
     return round(number, ndigits)
 

@@ -124,9 +124,9 @@ def test_a_value_too_large_for_any_key_is_refused_at_once(tmp_path, line):
     with pytest.raises(ConfigError, match=r"c.py:\d+: .* fails: OverflowError: the (result|line's values) would"):
         read_config_file(path)
     path.write_text("a = 2 ** 4095\nb = 10 ** 1000\nc = 'ab' * 1000 + 3 * 'c'\nd = 2 ** -2\ne = 2.0 ** 0.5\n"
-                    "f = 'a' * 1048576\ng = f'{7:>3}'\n")
+                    "f = 'a' * 1048576\ng = f'{7:>3}'\nh = round(1234, -2)\ni = round(1234, 10 ** 20)\n")
     assert [value for _, value, _ in read_config_file(path)] == [2 ** 4095, 10 ** 1000, "ab" * 1000 + "ccc", 0.25,
-                                                                2 ** 0.5, "a" * 2**20, "  7"]
+                                                                2 ** 0.5, "a" * 2**20, "  7", 1200, 1234]
 
 
 def test_a_command_line_value_python_cannot_take_is_a_message(tmp_path):
