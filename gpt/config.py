@@ -100,15 +100,16 @@ def _formatted(convert, value, spec: str) -> str:
     return convert(value, spec)
 
 
-# A printf-style conversion's flags, width and precision; a width or precision `*` is taken from
-# the values (`'%*d' % (10 ** 9, 1)`), where the limit cannot see it first: refused.
-_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+# A printf-style conversion's width and precision (none for `%%`, a % sign); a width or precision
+# `*` is taken from the values (`'%*d' % (10 ** 9, 1)`), where the limit cannot see it first: refused.
+_PRINTF = re.compile(r"%%|%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
 
 
 def _modulo(a, b):
-    """a % b; for a string, printf-style formatting, its widths held to the limit."""
-    if isinstance(a, str):
-        numbers = [n for conversion in _PRINTF.findall(a) for n in conversion if n]
+    """a % b; for a string or bytes, printf-style formatting, its widths held to the limit."""
+    if isinstance(a, (str, bytes)):
+        text = a.decode("latin-1") if isinstance(a, bytes) else a
+        numbers = [n for conversion in _PRINTF.findall(text) for n in conversion if n]
         if "*" in numbers:
             raise ValueError("a printf-style width or precision of `*` is not taken in a config: write it in")
         _check_widths(numbers)

@@ -112,7 +112,8 @@ def test_a_failing_expression_names_its_line(tmp_path, line, error):
     "max_iters = 2 ** 4000\nmax_iters *= max_iters", "dataset = ['a' * 1000000] * 1000000",
     "dataset = [0]\n" + "dataset = [dataset, dataset]\n" * 21, "dataset = f'{0:>1000000000}'",
     "dataset = f'{1.5:.1000000000f}'", "dataset = f'{1:>\u0669\u0669\u0669\u0669\u0669\u0669\u0669\u0669\u0669\u0669}'",
-    "dataset = '%1000000000d' % 1", "dataset = '%.1000000000f' % 1.5", "dataset = b'a' * 10 ** 12",
+    "dataset = '%1000000000d' % 1", "dataset = '%.1000000000f' % 1.5", "dataset = b'%1000000000d' % 1",
+    "dataset = b'a' * 10 ** 12",
     # each part within the limits, too many of them on one line:
     "dataset = f'" + "{0:>1000000}" * 3000 + "'", "s = 'a' * 1000000\ndataset = [s + 'b', s + 'b', s + 'b', s + 'b']",
 ], ids=lambda line: line.replace("\n", "; ")[:48])
@@ -124,9 +125,11 @@ def test_a_value_too_large_for_any_key_is_refused_at_once(tmp_path, line):
     with pytest.raises(ConfigError, match=r"c.py:\d+: .* fails: OverflowError: the (result|line's values) would"):
         read_config_file(path)
     path.write_text("a = 2 ** 4095\nb = 10 ** 1000\nc = 'ab' * 1000 + 3 * 'c'\nd = 2 ** -2\ne = 2.0 ** 0.5\n"
-                    "f = 'a' * 1048576\ng = f'{7:>3}'\nh = round(1234, -2)\ni = round(1234, 10 ** 20)\n")
+                    "f = 'a' * 1048576\ng = f'{7:>3}'\nh = round(1234, -2)\ni = round(1234, 10 ** 20)\n"
+                    "j = '%%1000000000d|%5.1f' % 2.25\n")
     assert [value for _, value, _ in read_config_file(path)] == [2 ** 4095, 10 ** 1000, "ab" * 1000 + "ccc", 0.25,
-                                                                2 ** 0.5, "a" * 2**20, "  7", 1200, 1234]
+                                                                2 ** 0.5, "a" * 2**20, "  7", 1200, 1234,
+                                                                "%1000000000d|  2.2"]
 
 
 def test_a_command_line_value_python_cannot_take_is_a_message(tmp_path):
