@@ -152,11 +152,14 @@ def load_meta(path: Path) -> dict | None:
         return None
     with open(meta, "rb") as f:
         try:
-            return _PlainData(f).load()
+            value = _PlainData(f).load()
         except ValueError as e:
             raise ValueError(f"{meta}: {e}") from None
-        except (pickle.UnpicklingError, EOFError) as e:
+        except Exception as e:  # a corrupt pickle fails as whatever its bytes make of it (MemoryError too)
             raise ValueError(f"{meta} is not a readable meta.pkl (cut short or corrupt?): {e!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{meta} holds a {type(value).__name__}, not a meta.pkl's dict (vocab_size, stoi, itos)")
+    return value
 
 
 class DataError(ValueError):

@@ -1288,3 +1288,39 @@ def test_a_kahan_step_fills_the_compensation():
 def test_bad_switches_and_seeds_are_refused(setting):
     with pytest.raises(ValueError, match="BF16AdamW"):
         BF16AdamW([torch.nn.Parameter(torch.zeros(2))], **setting)
+
+
+def test_each_step_rounds_with_its_own_bits():
+    """A step's stochastic rounding draws bits of its own (its seed derived from the step): the
+    same bits every step would round each weight the same way each time, biased, not unbiased."""
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt, seeds = BF16AdamW([p]), []
+    step = opt.adamw
+    opt.adamw = lambda *args, **kwargs: seeds.append(kwargs["seed"]) or step(*args, **kwargs)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert len(set(seeds)) == 3
+
+
+def test_seeds_derived_from_neighbouring_parts_differ():
+    """The parts a seed is derived from stay apart: (1, 23) and (12, 3) are other streams."""
+    assert derived_seed(0, 1, 23) != derived_seed(0, 12, 3)
+
+
+def test_a_clip_applies_to_the_next_step_only():
+    """clip_grad_norm scales the grads of the step after it, not of every step after (a second
+    step on the same grads, unclipped, as torch's AdamW after clip_grad_norm_ once)."""
+    torch.manual_seed(0)
+    g = torch.randn(64) * 10
+    ours, ref = (torch.nn.Parameter(torch.ones(64)) for _ in range(2))
+    opt, torch_opt = BF16AdamW([ours], lr=0.1, weight_decay=0.0), torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0)
+    ours.grad, ref.grad = g.clone(), g.clone()
+    opt.clip_grad_norm(1.0)
+    torch.nn.utils.clip_grad_norm_([ref], 1.0)
+    opt.step()
+    torch_opt.step()
+    ref.grad = g.clone()
+    opt.step()
+    torch_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach())

@@ -275,3 +275,67 @@ def test_batches_are_contiguous(tmp_path):
     _counting(tmp_path, 100)
     x, y = Batches(tmp_path, 8, 2, "cpu", seed=0).next()
     assert x.is_contiguous() and y.is_contiguous()
+
+
+def test_every_window_start_is_drawn(tmp_path):
+    """20 tokens, block_size 8: windows start at 0 to 11 (the last one's target is the last
+    token), and each is drawn: none of the data left out of training, none past it read."""
+    _counting(tmp_path, 20)
+    batches = Batches(tmp_path, block_size=8, batch_size=64, device="cpu", seed=0)
+    starts = set()
+    for _ in range(4):
+        x, _ = batches.next()
+        starts |= set(x[:, 0].tolist())
+    assert starts == set(range(12))
+
+
+def test_the_seed_decides_the_batches(tmp_path):
+    """Two runs of one seed see the same batches, of two seeds other ones (a seed sweep would
+    otherwise train every run on the same windows)."""
+    _counting(tmp_path, 1000)
+
+    def first(seed):
+        return Batches(tmp_path, block_size=8, batch_size=4, device="cpu", seed=seed).next()[0]
+    assert torch.equal(first(3), first(3)) and not torch.equal(first(3), first(4))
+
+
+def test_bpe_ids_past_int16_read_as_themselves(tmp_path):
+    """GPT-2's ids reach 50256: read as signed 16-bit numbers, those past 32767 turn negative."""
+    for split in ("train", "val"):
+        np.array([40000, 50256] * 10, dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
+    x, y = Batches(tmp_path, block_size=8, batch_size=2, device="cpu", seed=0, vocab_size=50257).next()
+    assert set(x.flatten().tolist()) | set(y.flatten().tolist()) == {40000, 50256}
+
+
+@pytest.mark.parametrize("content", [b"", pickle.dumps(dict(vocab_size=65))[:-3], b"N)R."],
+                         ids=["empty", "cut short", "None called"])
+def test_a_meta_pkl_cut_short_or_corrupt_is_named(tmp_path, content):
+    """Whatever a corrupt pickle's bytes make it fail with (EOFError, MemoryError, ...): the file
+    named, not a traceback from the unpickler."""
+    (tmp_path / "meta.pkl").write_bytes(content)
+    with pytest.raises(ValueError, match=r"meta.pkl is not a readable meta.pkl \(cut short or corrupt\?\)"):
+        load_meta(tmp_path)
+
+
+def test_a_meta_pkl_of_something_else_than_a_dict_is_named(tmp_path):
+    """A list pickled as meta.pkl ended in "'list' object has no attribute 'get'", no file named."""
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(["vocab"]))  # (as a byte flipped in one can make it)
+    with pytest.raises(ValueError, match=r"meta.pkl holds a list, not a meta.pkl's dict"):
+        load_meta(tmp_path)
+
+
+def test_a_killed_write_of_val_bin_goes_too(tmp_path):
+    """A write of val.bin that was killed leaves a file as large as it: removed as train.bin's is."""
+    path = prepare("shakespeare_char", tmp_path)
+    killed = aged(path / temp_name("val.bin"))
+    prepare("shakespeare_char", tmp_path)
+    assert not killed.exists()
+
+
+def test_an_openwebtext_write_that_fails_names_the_dataset_and_the_space_left(tmp_path):
+    """Hours into the download a full disk is told with the space left, not as a bare OSError."""
+    def texts():
+        yield "a document"
+        raise OSError("No space left on device")
+    with pytest.raises(OSError, match=r"^dataset openwebtext could not be written \([\d,]+ MiB free in .*\): No space"):
+        build_openwebtext(tmp_path / "openwebtext", {"train": texts()})

@@ -455,6 +455,48 @@ def test_rank_0_goes_first_and_the_others_wait_for_it(tmp_path):
     assert torch.load(tmp_path / "ranks.pt") == [([True, True], 2, True), ([True], 1, True)]
 
 
+def _rank_0_fails_worker(rank: int, port: int, out: str) -> None:
+    world = _join(rank, port)
+
+    def make():
+        if world.master:
+            raise OSError("the download failed")
+        return "made"
+    try:
+        result = distributed.master_first(world, make)
+    except OSError as e:
+        result = str(e)
+    results = distributed.gather(result)
+    if world.master:
+        torch.save(results, Path(out) / "results.pt")
+    _leave()
+
+
+def test_rank_0_failing_to_make_leaves_no_rank_waiting(tmp_path):
+    """master_first: rank 0's make failing (a download) still lets the other ranks on past the
+    barrier, to fail or go on, instead of every one of them waiting for it forever."""
+    ranks = torch.multiprocessing.spawn(_rank_0_fails_worker, args=(free_port(), str(tmp_path)), nprocs=2,
+                                        join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the ranks still wait after 120 s")
+    assert torch.load(tmp_path / "results.pt") == ["the download failed", "made"]
+
+
+def test_under_nccl_the_preemption_flag_goes_over_a_gloo_group(monkeypatch):
+    """Under NCCL the flag goes over a gloo group of its own, on the host: an NCCL all-reduce would
+    wait each step for the GPU's queue (the tests' ranks run gloo: this path runs nowhere else on
+    a CPU)."""
+    made = []
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: made.append(backend) or "gloo group")
+    assert Preemption(parallel=True).group == "gloo group" and made == ["gloo"]
+    assert Preemption(parallel=False).group is None and made == ["gloo"]
+
+
 def _preemption_worker(rank: int, port: int, out: str) -> None:
     _join(rank, port)
     with Preemption(parallel=True) as preemption:

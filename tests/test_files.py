@@ -1,6 +1,7 @@
 """gpt/files.py: write_atomic's guarantees (the old file kept on a failure, fsync before the
 rename, temporary names unique and created exclusively, nothing left behind on an interrupt, and
 what a killed writer left removed by the next write, a living writer's file never)."""
+import collections
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 
 from gpt import checkpoint, files
 from gpt.files import write_atomic
+
+shutil_usage = collections.namedtuple("usage", "total used free")  # shutil.disk_usage's
 
 
 def test_the_bytes_are_on_disk_before_the_rename(tmp_path, monkeypatch):
@@ -177,3 +180,26 @@ def test_a_dotted_host_name_s_abandoned_files_are_found(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "HOST", host)
     left = aged(tmp_path / temp_name("train.bin", host=host))
     assert files.remove_abandoned(tmp_path / "train.bin") == [left]
+
+
+def test_a_file_system_without_locks_counts_as_locked(monkeypatch, tmp_path):
+    """NFS without a lock daemon (ENOLCK): a lock that cannot be taken is not another run holding
+    it, or train.py would refuse every run there as one training beside another."""
+    import errno
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    with open(tmp_path / "f", "wb") as f:
+        assert files.try_lock(f) is True
+
+
+def test_a_host_without_a_name_is_localhost():
+    """An empty hostname (a bare container) still gives temporary names a host field."""
+    assert files.host_field("") == "localhost" and files.host_field("node1.example.org") == "node1-example-org"
+
+
+def test_the_space_left_is_in_mib(monkeypatch, tmp_path):
+    """A failed write says the space left in MiB, as it claims (not GiB with MiB written after)."""
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil_usage(0, 0, 3 * 2**20))
+    assert files.unwritten("x", tmp_path, OSError("full")) == f"x could not be written (3 MiB free in {tmp_path}): full"

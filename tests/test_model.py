@@ -549,7 +549,8 @@ def test_generate_extends_the_prompt():
                          (dict(vocab_limit=0), "vocab_limit must be at least 1, got 0"),
                          (dict(max_new_tokens=3.0), "max_new_tokens must be an int"),
                          (dict(max_new_tokens=-5), "max_new_tokens must be at least 0, got -5"),  # sampled none
-                         (dict(vocab_limit=10.0), "vocab_limit must be an int")):
+                         (dict(vocab_limit=10.0), "vocab_limit must be an int"),
+                         (dict(top_k=True), "top_k must be"), (dict(temperature=True), "temperature must be")):
         with pytest.raises(ValueError, match=f"GPT.generate: {message}"):
             model.generate(torch.zeros(1, 1, dtype=torch.long), **(dict(max_new_tokens=2) | bad))
     with pytest.raises(ValueError, match="block_size must be an int"):

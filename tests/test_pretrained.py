@@ -372,3 +372,39 @@ def test_a_checkpoint_that_is_not_gpt2_s_is_named_not_a_traceback(tmp_path):
         path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
         with pytest.raises(ValueError, match=r"t.safetensors: .*(not a safetensors one|not JSON).*: delete it"):
             pretrained.read_safetensors(path)
+
+
+def test_an_endpoint_with_a_trailing_slash_gives_the_hub_s_urls(tmp_path, monkeypatch):
+    """HF_ENDPOINT=https://mirror/ (as users write it): the files' URLs have no '//' in their path,
+    which a mirror may not serve."""
+    import urllib.error
+    urls = []
+
+    def urlopen(url, timeout):
+        urls.append(url)
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", urlopen)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
+    monkeypatch.setenv("TRITONGPT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="could not download"):
+        pretrained.locate("gpt2")
+    assert urls == ["https://mirror.example/openai-community/gpt2/resolve/main/config.json"]
+
+
+def test_a_config_json_without_the_keys_hugging_face_defaults_takes_their_defaults(tmp_path):
+    """A config.json may leave out the keys whose defaults Hugging Face's GPT2Config gives
+    (layer_norm_epsilon 1e-5, tied embeddings, gelu_new): the model is GPT-2's, and its checkpoint
+    without an lm_head loads as tied."""
+    folder = copy_fixture(tmp_path / "m")
+    hf = json.loads((FIXTURE / "config.json").read_text())
+    for key in ("layer_norm_epsilon", "tie_word_embeddings", "activation_function"):
+        del hf[key]
+    (folder / "config.json").write_text(json.dumps(hf))
+    config = pretrained.gpt_config(folder)
+    assert (config.norm_eps, config.tie_weights, config.activation) == (1e-5, True, "gelu_tanh")
+    pretrained.load(str(folder))
+
+
+def test_n_inner_sets_the_mlp_width(tmp_path):
+    """GPT2Config's n_inner (None: 4 n_embd) is the MLP's width: ignored, the weights would not fit."""
+    assert pretrained.gpt_config(copy_fixture(tmp_path / "m", n_inner=48)).mlp_hidden == 48
