@@ -111,12 +111,13 @@ def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
 
 
-# Architectures by name. `llama` is LLaMA's recipe at GPT-2 small's width and depth: its blocks,
-# with an 8/3·n_embd SwiGLU, hold gpt2's 85M parameters; its untied head makes 124M beside the
-# token embedding (162M in all).
 # The architecture: what a checkpoint or preset sets. Dropout is training's choice (a resumed or
 # fine-tuned run takes the config's, as nanoGPT's does); the vocabulary is the data's.
 ARCH_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout")]
+
+# Architectures by name. `llama` is LLaMA's recipe at GPT-2 small's width and depth: its blocks,
+# with an 8/3·n_embd SwiGLU, hold gpt2's 85M parameters; its untied head makes 124M beside the
+# token embedding (162M in all).
 PRESETS: dict[str, dict] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
