@@ -788,3 +788,156 @@ def test_a_compiled_model_times_the_optimizer_eagerly_in_auto(self_check):
     choices = kernels.choose("auto", "cuda", profile=prof, compiled=True)
     assert choices["swiglu"].backend == "torch"  # in the graph: Inductor's 0.5 ms wins
     assert choices["adamw"].backend == "triton"  # outside it: torch's eager 3 ms loses
+
+
+def test_an_op_without_a_triton_backend_is_torch_unchecked(self_check, monkeypatch):
+    """An op registered without triton (a new op, torch only) takes torch, not a check of a missing backend."""
+    monkeypatch.setattr(kernels.registry, "_impls", {op: dict(b) for op, b in kernels.registry._impls.items()})
+    del kernels.registry._impls["swiglu"]["triton"]
+    for mode in ("triton", "auto"):
+        choice = kernels.choose(mode, "cuda", profile=None)["swiglu"]
+        assert choice == kernels.Choice("torch", "no triton backend yet: falls back to torch"), mode
+
+
+def test_a_profile_entry_timing_no_registered_backend_takes_the_self_check(self_check):
+    """A record timing the op, none of the registry's backends (only torch.compile's here):
+    no backend to take from it, so the no-timing path (self-check), never a Choice of None."""
+    choice = kernels.choose("auto", "cuda", profile=fake_profile(swiglu=entry(compile=backend(1.0))))["swiglu"]
+    assert choice.backend == "triton" and "has no timing for it; self-check passed" in choice.reason
+
+
+def _on_a_gpu(monkeypatch, tmp_path, slugs):
+    """A fake Hopper GPU whose profile directory is tmp_path; slugs: CUDA index -> slug."""
+    from bench import hardware
+    monkeypatch.setattr(profile, "PROFILES", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(runtime, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    monkeypatch.setattr(hardware, "detect", lambda index=None: type("D", (), {"slug": slugs[index]})())
+
+
+def test_auto_reads_the_profile_of_this_gpu_by_default(self_check, monkeypatch, tmp_path):
+    """choose's default profile=DETECT loads profiles/<this GPU's slug>.json."""
+    _on_a_gpu(monkeypatch, tmp_path, {0: "h100-pcie"})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    write_json(tmp_path / "h100-pcie.json", profile_data(record(
+        {"swiglu": entry(torch=backend(1.0), triton=backend(3.0))}, slug="h100-pcie")))
+    choice = kernels.choose("auto", "cuda")["swiglu"]
+    assert choice.backend == "torch" and "h100-pcie.json" in choice.reason
+
+
+def test_the_profile_is_the_current_gpu_s_not_gpu_0_s(monkeypatch, tmp_path):
+    """train.py sets the current device to its own: a rank on cuda:1 reads that GPU's profile."""
+    _on_a_gpu(monkeypatch, tmp_path, {0: "a100-sxm-80gb", 1: "h100-pcie"})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    write_json(tmp_path / "h100-pcie.json", profile_data(record({}, slug="h100-pcie")))
+    assert profile.for_this_gpu().name.endswith("h100-pcie.json")
+
+
+def test_a_backend_whose_verification_is_not_recorded_is_not_chosen():
+    """Only verified: true makes a backend eligible (a record without it, as for a crashed check)."""
+    unverified = {"ms": {"fwd": 0.3, "fwd+bwd": 1.0}}
+    e = entry(torch=backend(3.0), triton=unverified)
+    assert profile.fastest_verified(e, ["torch", "triton"], compiled=False)[0] == "torch"
+
+
+def test_a_record_that_does_not_say_which_sources_it_timed_is_stale(self_check):
+    """Profile.stale: a record without kernels_source is stale too, and the run is warned."""
+    rec = record({"swiglu": entry(torch=backend(3.0), triton=backend(1.0))})
+    del rec["kernels_source"]
+    assert profile.Profile.stale(rec)
+    with pytest.warns(UserWarning, match="timed other kernel sources"):
+        kernels.choose("auto", "cuda", profile=profile.Profile("profiles/test.json", profile_data(rec)))
+
+
+@pytest.mark.parametrize("this, other", [("l40", "l40s"), ("a10", "a100-sxm-80gb")])
+def test_a_gpu_whose_slug_prefixes_another_s_refuses_its_profile(tmp_path, this, other):
+    """Slugs match whole (l40 is not l40s, a10 not a100-*): an L40 refuses an L40S's records."""
+    write_json(tmp_path / f"{this}.json", profile_data(record({}, slug=other)))
+    with pytest.raises(ValueError, match=f"holds measurements of {other}, not of this GPU"):
+        profile.load_own(tmp_path / f"{this}.json", this)
+
+
+def test_one_foreign_record_among_own_ones_is_refused(tmp_path):
+    """Every record of the file must be this GPU's, not only the first."""
+    write_json(tmp_path / "h100-sxm.json", profile_data(record({}, slug="h100-sxm"),
+                                                        record({}, "llama", slug="h200-sxm")))
+    with pytest.raises(ValueError, match="holds measurements of h200-sxm, not of this GPU .h100-sxm."):
+        profile.load_own(tmp_path / "h100-sxm.json", "h100-sxm")
+
+
+def test_eager_torch_faster_but_unverified_is_still_chosen_over_a_slower_triton():
+    """Torch, the reference, is eligible eagerly whatever its check: it beats a slower verified triton."""
+    e = entry(torch=backend(1.0, verified=False), triton=backend(3.0))
+    assert profile.fastest_verified(e, ["torch", "triton"], compiled=False) == (
+        "torch", "fastest verified at fwd+bwd: torch 1 ms vs triton 3 ms")
+
+
+def test_check_request_refuses_an_unregistered_backend_before_any_set_up():
+    """train.py/gpt.sample call check_request before loading data or building the model:
+    a misspelt backend is refused there, not after set-up (at choose's self-check)."""
+    with pytest.raises(ValueError, match="swiglu: no 'fast' backend; registered: \\['torch', 'triton'\\]"):
+        kernels.check_request({"swiglu": "fast"})
+    kernels.check_request({"swiglu": "triton"})  # (a registered one passes, unchecked)
+
+
+def test_a_profile_of_another_format_is_refused(tmp_path):
+    """A file whose workloads look right but whose format is not FORMAT (an older or newer bench) is refused."""
+    for fmt in (1, 3, None):
+        write_json(tmp_path / "gpu.json", {**profile_data(record({})), "format": fmt})
+        with pytest.raises(ValueError, match="not a format-2 kernel profile"):
+            profile.load(tmp_path / "gpu.json")
+
+
+def test_attention_with_rope_is_another_kind_than_without_even_at_equal_sizes(self_check):
+    """A llama-sized run without RoPE takes attention from a GPT-2 record (no RoPE), not
+    from the llama record of its sizes that timed the RoPE-fused kernel."""
+    gpt2 = record({"attention": entry(torch=backend(1.0), triton=backend(2.0))}, "gpt2")
+    llama = record({"attention": entry(torch=backend(2.0), triton=backend(1.0))}, "llama")
+    run = Shapes(GPTConfig(**(preset("llama") | {"pos_encoding": "learned"})), 16)
+    assert profile.distance("attention", llama["workload"], run)[1] == 1
+    prof = profile.Profile("profiles/test.json", profile_data(gpt2, llama))
+    choice = kernels.choose("auto", "cuda", shapes=run, profile=prof)["attention"]
+    assert choice.backend == "torch" and "(gpt2 bfloat16" in choice.reason
+
+
+@pytest.mark.parametrize("ms", [float("nan"), float("inf"), 0, True], ids=["nan", "inf", "zero", "bool"])
+def test_a_timing_that_is_not_a_finite_positive_number_is_refused(tmp_path, ms):
+    """NaN, infinity, 0 or true as a pass's ms (a broken measurement) would win or poison min()."""
+    rec = record({"swiglu": entry(torch=backend(1.0), triton={**backend(1.0), "ms": {"fwd": 1.0, "fwd+bwd": ms}})})
+    (tmp_path / "gpu.json").write_text(json.dumps(profile_data(rec)))
+    with pytest.raises(ValueError, match="ops.swiglu lacks"):
+        profile.load(tmp_path / "gpu.json")
+
+
+def test_a_verified_backend_as_fast_as_an_unverified_one_is_not_called_slower():
+    """Only a strictly faster unverified backend is named "faster but failed verification"."""
+    e = entry(torch=backend(3.0), triton=backend(3.0, verified=False))
+    assert profile.fastest_verified(e, ["torch", "triton"], compiled=False) == (
+        "torch", "fastest verified at fwd+bwd: torch 3 ms")
+
+
+def test_a_triton_choice_from_the_profile_says_what_it_measured(self_check):
+    """The reason of a profile's triton pick gives its timings, not "has no timing"."""
+    prof = fake_profile(swiglu=entry(torch=backend(3.0), triton=backend(1.0)))
+    reason = kernels.choose("auto", "cuda", profile=prof)["swiglu"].reason
+    assert "fastest verified at fwd+bwd: triton 1 ms vs torch 3 ms; self-check passed" in reason
+    assert "has no timing" not in reason
+
+
+def test_generation_skips_a_backend_that_timed_only_the_training_pass():
+    """A backend record with ms but none at the pass looked up (fwd, in generation) is not timed there."""
+    e = entry(torch={"ms": {"fwd+bwd": 3.0}}, triton=backend(1.0))
+    assert profile.fastest_verified(e, ["torch", "triton"], compiled=False, generation=True) == (
+        "triton", "fastest verified at fwd: triton 0.333 ms")
+
+
+@pytest.mark.parametrize("ops, problem", [
+    ([], "no ops"), ({"swiglu": {"training_pass": "fwd+bwd", "backends": {"torch": None}}}, "ops.swiglu lacks"),
+], ids=["ops-list", "backend-null"])
+def test_ops_or_backends_of_the_wrong_type_are_a_value_error(tmp_path, ops, problem):
+    """What is not a dict there is the ValueError train.py reports, not an AttributeError later."""
+    (tmp_path / "gpu.json").write_text(json.dumps(profile_data({**record({}), "ops": ops})))
+    with pytest.raises(ValueError, match=problem):
+        profile.load(tmp_path / "gpu.json")

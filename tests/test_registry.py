@@ -251,3 +251,13 @@ def test_a_users_backend_whose_dropout_the_check_cannot_replay_is_told_why(own_b
         kernels.choose({"layer_norm": "torchs"}, "cpu", shapes=shapes)
     choices = kernels.choose("triton", "cpu", shapes=shapes, used={"layer_norm", "attention"})
     assert choices["layer_norm"].backend == choices["attention"].backend == "triton"  # theirs replayed
+
+
+def test_register_returns_the_function_it_registers(monkeypatch):
+    """@register is a decorator: the decorated name still names the function."""
+    monkeypatch.setattr(kernels.registry, "_impls", {op: dict(b) for op, b in kernels.registry._impls.items()})
+
+    def mine(gate, up):
+        return gate
+    assert kernels.registry.register("swiglu", "mine")(mine) is mine
+    assert kernels.get("swiglu", "mine") is mine
