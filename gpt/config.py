@@ -57,13 +57,14 @@ def _length(value, limit: int = MAX_LENGTH) -> int:
     return total
 
 
-def _bounded(value):
-    """`value`, or an OverflowError if it is past a config's limits."""
+def _bounded(value) -> int:
+    """`value`'s _length, or an OverflowError if it is past a config's limits."""
     if isinstance(value, int) and value.bit_length() > MAX_BITS:
         raise OverflowError(f"the result would have over {MAX_BITS} bits")
-    if isinstance(value, (str, bytes, list, tuple, dict)) and _length(value) > MAX_LENGTH:
+    length = _length(value)
+    if length > MAX_LENGTH:
         raise OverflowError(f"the result would be over {MAX_LENGTH} long")
-    return value
+    return length
 
 
 def _power(base, exponent):
@@ -264,8 +265,8 @@ def reported(program: str, context: str = "", errors: tuple[type[Exception], ...
 def _evaluate(node: ast.AST, names: dict, modules: set, where: str, made: list[int]):
     """The value of expression `node`, held to the limits as each part is made: itself to
     _bounded's, and with the values its line has `made` (a running count) to LINE_LENGTH."""
-    result = _bounded(_value(node, names, modules, where, made))
-    made[0] += _length(result)
+    result = _value(node, names, modules, where, made)
+    made[0] += _bounded(result)
     if made[0] > LINE_LENGTH:
         raise OverflowError(f"the line's values would be over {LINE_LENGTH} long in all")
     return result
@@ -316,10 +317,10 @@ def _value(node: ast.AST, names: dict, modules: set, where: str, made: list[int]
         return _formatted(_CONVERSIONS[node.conversion], value(node.value), spec)
     if isinstance(node, ast.Call) and not node.keywords:
         name = ast.unparse(node.func)
-        if name.partition(".")[0] in names:
-            raise ConfigError(f"{where}: `{name.partition('.')[0]}` is a key set before this line, not what "
-                              f"`{ast.unparse(node)}` calls")
-        if name in _CALLS and ("." not in name or name.partition(".")[0] in modules):
+        first = name.partition(".")[0]
+        if first in names:
+            raise ConfigError(f"{where}: `{first}` is a key set before this line, not what `{ast.unparse(node)}` calls")
+        if name in _CALLS and ("." not in name or first in modules):
             return _CALLS[name](*[value(a) for a in node.args])
     raise ConfigError(f"{where}: only literals, arithmetic, earlier keys and the calls {sorted(_CALLS)} "
                       f"are allowed, not `{ast.unparse(node)}`")
@@ -396,8 +397,9 @@ def _assignments(stmt: ast.stmt, scope: dict, modules: set, where: str) -> list[
         if stmt.target.id not in scope:
             raise ConfigError(f"{where}: {stmt.target.id} is not set before `{ast.unparse(stmt)}`")
         operation = _IN_PLACE.get(type(stmt.op), _BINARY[type(stmt.op)])
-        return [(stmt.target.id, _bounded(operation(scope[stmt.target.id],
-                                                     _evaluate(stmt.value, scope, modules, where, made))))]
+        value = operation(scope[stmt.target.id], _evaluate(stmt.value, scope, modules, where, made))
+        _bounded(value)
+        return [(stmt.target.id, value)]
     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
         if stmt.value is None:
             return []
