@@ -553,13 +553,9 @@ def test_a_profile_of_other_kernel_sources_is_used_with_a_warning(self_check):
 
 def test_another_gpus_profile_under_this_gpus_name_is_refused(monkeypatch, tmp_path):
     """profiles/<this slug>.json holding another GPU's records (copied or renamed there)."""
-    from bench import hardware
-
-    monkeypatch.setattr(profile, "PROFILES", tmp_path)
+    _on_a_gpu(monkeypatch, tmp_path, {0: "h100-pcie"})
     write_json(tmp_path / "h100-pcie.json", profile_data(record({}, slug="h200-sxm")))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(hardware, "detect", lambda index=None: type("D", (), {"slug": "h100-pcie"})())
     with pytest.raises(ValueError, match="holds measurements of h200-sxm, not of this GPU .h100-pcie.: rerun"):
         profile.for_this_gpu()
 
