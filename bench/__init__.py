@@ -51,6 +51,16 @@ def not_negative(text: str) -> int:
 not_negative.__name__ = "int"
 
 
+def listed(text: str) -> list[str]:
+    """An argparse type: a comma-separated list, each item once (a repeat would be measured, or
+    trained, twice: minutes of a GPU session again, or two runs in one folder), empty ones
+    dropped (a trailing comma), refused if that leaves none."""
+    items = list(dict.fromkeys(item for item in text.split(",") if item))
+    if not items:
+        raise argparse.ArgumentTypeError(f"names nothing, got {text!r}")
+    return items
+
+
 def result_file(text: str) -> Path:
     """An argparse type: the path a benchmark writes its result to (write_json). One it could not
     write (a folder, a path under a file, in a read-only folder) is refused before the minutes of

@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import described, markdown_table, positive, shown
+from bench import described, listed, markdown_table, positive, shown
 from gpt.files import log_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", choices=SCALES, default="gpu")
     p.add_argument("--max-iters", type=positive(int), help="override the scale's 5000 steps")
     p.add_argument("--eval-iters", type=positive(int), help="override the scale's evaluation batches")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", type=listed, default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (to split the runs between calls)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any further train.py setting, applied last (repeatable)")
@@ -413,9 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "run":
-        variants = [v for v in args.variants.split(",") if v]
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown or not variants:
+        variants = args.variants
+        if unknown := [v for v in variants if v not in VARIANTS]:
             parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
         extra = [f"--{kv.removeprefix('--')}" for kv in args.set]
         if args.out.exists() and not args.out.is_dir():

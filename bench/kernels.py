@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import described, fill_unset, positive, profile, result_file, write_json
+from bench import described, fill_unset, listed, positive, profile, result_file, write_json
 from bench import plan as planning
 from bench.backends import entry, implementations, roofline, rows
 from bench.cases import Shapes, case
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequences per micro-batch (default: a config file's batch_size, else 16)")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
     parser.add_argument("--dtype", choices=DTYPES, help="the ops' dtype (default: train.py's on this GPU)")
-    parser.add_argument("--ops", default=",".join(kernels.OPS), help="comma-separated ops")
+    parser.add_argument("--ops", type=listed, default=",".join(kernels.OPS), help="comma-separated ops")
     parser.add_argument("--out", type=result_file, help="profile path (default: profiles/<gpu-slug>.json)")
     args = parser.parse_args(argv)
-    ops = args.ops.split(",")
+    ops = args.ops
     try:  # on any machine, before a GPU is looked for: a GPU session's call fails at once, and a CPU's dry run
         args.preset = planning.record_name(args.preset)
         config, settings, source = planning.model(args.preset)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               f"profiles are measured, so run it on that GPU (or pass --gpu auto)", file=sys.stderr)
         return 2
     if set(ops) != set(kernels.OPS) and args.out is None:
-        print(f"bench.kernels: --ops {args.ops} would replace this workload's record in "
+        print(f"bench.kernels: --ops {','.join(ops)} would replace this workload's record in "
               f"{profile.path_for(device.slug)}, which train.py --kernels=auto reads, by one of those ops "
               f"alone; pass --out", file=sys.stderr)
         return 2

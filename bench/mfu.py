@@ -42,8 +42,8 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from bench import (backends, breakdown, described, fill_unset, not_negative, positive, result_file, shown,
-                   write_json)
+from bench import (backends, breakdown, described, fill_unset, listed, not_negative, positive, result_file,
+                   shown, write_json)
 from bench import plan as planning
 from bench import profile
 from bench.cases import Shapes
@@ -373,7 +373,7 @@ def measure_all(args, config: GPTConfig, device: Device, console: Console, out: 
     torch.cuda.set_device(device.index)
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: float32's matmuls on TF32, its peak's
     rows, not_started, start = [], [], time.monotonic()
-    for variant in args.kernels.split(","):
+    for variant in args.kernels:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             not_started.append(variant)
             continue
@@ -441,13 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto",
                         help="auto (measure the GPU here), a GPU name or key to plan for, or list")
-    parser.add_argument("--preset", help="model preset, or a train.py config file (its model, batch_size, "
+    parser.add_argument("--preset", type=listed, help="model preset, or a train.py config file (its model, batch_size, "
                                          "optimizer, dtype and recompute); default gpt2; planning: comma-separated, "
                                          f"default {','.join(planning.DEFAULT_PLAN)}")
     parser.add_argument("--batch-size", type=positive(int),
                         help="sequences per micro-batch (default: a config file's batch_size, else 16)")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")
-    parser.add_argument("--kernels", default=DEFAULT_VARIANTS,
+    parser.add_argument("--kernels", type=listed, default=DEFAULT_VARIANTS,
                         help="comma-separated variants: torch, triton or auto (train.py's --kernels) run eagerly, "
                              "or with +compile under torch.compile (compile is torch+compile), a compiled one "
                              "optionally with :<compile_mode>, e.g. triton+compile:reduce-overhead")
@@ -473,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     # Wide tables stay readable when piped to a file (rich assumes 80 columns there).
     console = Console(width=shutil.get_terminal_size((160, 24)).columns)
     try:  # a bad variant, preset or config file fails before any GPU work, and on a CPU too
-        for variant in args.kernels.split(","):
+        for variant in args.kernels:
             parse_variant(variant)
-        names = [planning.record_name(name) for name in args.preset.split(",")] if args.preset else []
+        names = list(dict.fromkeys(map(planning.record_name, args.preset or ())))  # ./x.py and x.py: one
         args.preset = ",".join(names) or None
         resolved = {name: planning.model(name) for name in names}
     except (ValueError, OSError) as e:

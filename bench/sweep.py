@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kernels
-from bench import (backends, described, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu, positive,
-                   result_file, write_json)
+from bench import (backends, described, listed, op_adamw, op_cross_entropy, op_norm, op_rope, op_swiglu,
+                   positive, result_file, write_json)
 from bench.cases import Shapes, case
 from bench.hardware import detect
 from bench.measure import one_line, provenance
@@ -172,8 +172,9 @@ def report(name: str, sweep: Sweep, records: list[dict], unmeasured: int = 0) ->
         lines.append("no setting verified at every shape")
         return "\n".join(lines)
     assignments = ", ".join(f"{k} = {v}" for k, v in pick["setting"].items())
-    lines.append(f"pick for {sweep.module.__name__}: {assignments}  "
-                 f"({_mean_ms(records[0]) / _mean_ms(pick):.2f}x the committed)")
+    committed = _mean_ms(records[0])  # nan where it failed at a shape
+    versus = f"{committed / _mean_ms(pick):.2f}x the committed" if committed > 0 else "the committed failed at a shape"
+    lines.append(f"pick for {sweep.module.__name__}: {assignments}  ({versus})")
     for shape in shapes:
         ran = [r for r in records if r["shapes"][shape].get("verified") and r["shapes"][shape]["ms"] > 0]
         if ran:
@@ -216,11 +217,11 @@ def run(names: list[str], device, json_path: Path | None, sweeps: dict[str, Swee
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
-    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"some of {', '.join(SWEEPS)}")
+    parser.add_argument("--sweeps", type=listed, default=",".join(SWEEPS), help=f"some of {', '.join(SWEEPS)}")
     parser.add_argument("--json", type=result_file, help="write every measurement to this file")
     parser.add_argument("--budget-s", type=positive(float), help="seconds for the whole run, shared among the sweeps")
     args = parser.parse_args(argv)
-    names = args.sweeps.split(",")
+    names = args.sweeps
     if unknown := [n for n in names if n not in SWEEPS]:
         parser.error(f"unknown sweep {', '.join(unknown)}: the sweeps are {', '.join(SWEEPS)}")
     if detect() is None:

@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                              "checks the code path, on CPU too")
     args = parser.parse_args(argv)
     try:
-        head_dims = [int(d) for d in args.d.split(",")]
+        head_dims = list(dict.fromkeys(int(d) for d in args.d.split(",")))
     except ValueError:
         head_dims = []
     if not head_dims or any(d not in (32, 64, 128) for d in head_dims):

@@ -58,6 +58,15 @@ def test_train_args_constant_lr_after_warmup(monkeypatch):
     assert train.lr_at(0, c) == pytest.approx(3e-4 / 101)
 
 
+def test_a_variant_named_twice_is_trained_once(monkeypatch, tmp_path):
+    """(Two runs of it at once would share one folder.)"""
+    started = []
+    monkeypatch.setattr(adamw_curves, "run", lambda out, scale, variants, *rest: started.append(variants) or 0)
+    args = ["run", "--out", str(tmp_path), "--scale", "cpu", "--variants", "adamw,bf16_sr,adamw,"]
+    assert adamw_curves.main(args) == 0
+    assert started == [["adamw", "bf16_sr"]]
+
+
 def test_plot_writes_the_png_and_the_table(runs, tmp_path):
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed (pip install -e '.[plot]')")

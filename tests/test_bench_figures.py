@@ -16,6 +16,7 @@ from bench.cases import Shapes
 from bench.flops import flops_per_token, param_count
 from bench.hardware import ClockSampler, ClockStats, Device, find, match, peak_for
 from gpt.model import GPT, GPTConfig, preset
+from tests.devices import H100
 
 GPT2 = GPTConfig(**preset("gpt2"))
 H = 768
@@ -232,9 +233,6 @@ def _main_json(monkeypatch, tmp_path, device, *flags):
         with pytest.raises(KeyboardInterrupt):
             mfu.main(["--gpu", "auto", "--kernels", "torch,triton", "--json", str(out), *flags])
     return json.loads(out.read_text()), seen
-
-
-H100 = Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0))
 
 
 def test_result_file_flops_and_peak(monkeypatch, tmp_path):

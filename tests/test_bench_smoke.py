@@ -19,10 +19,9 @@ from bench import (backends, measure, op_adamw, op_attention, op_cross_entropy, 
 from bench import kernels as bench_kernels
 from bench.backends import peak_mib as measured_peak_mib  # before the fixture replaces it
 from bench.cases import Shapes, case, check
-from bench.hardware import Device
 from gpt.model import GPTConfig
 from tests import bench_kernels as bench_cases
-from tests.devices import interpreter_only
+from tests.devices import H100, interpreter_only
 
 COPY_GBS, MATMUL_TFLOPS, PEAK_MIB = 1000.0, 100.0, 64.0
 
@@ -42,7 +41,7 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(backends, "copy_gbs", lambda device="cuda": COPY_GBS)
     monkeypatch.setattr(backends, "matmul_tflops", fake_matmul_tflops)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(backends, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
+    monkeypatch.setattr(backends, "detect", lambda: H100)
 
 
 def tiny(shapes: tuple[Shapes, ...]) -> tuple[Shapes, ...]:
@@ -258,7 +257,7 @@ def test_dropout_cases_give_the_reference_each_backends_own_mask(op, pos_encodin
 @interpreter_only
 def test_bench_kernels_writes_a_profile(monkeypatch, tmp_path, capsys):
     """`python -m bench.kernels` on a pretend H100 that runs on the CPU, at tiny llama shapes."""
-    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(bench_kernels, "measure_op", functools.partial(bench_kernels.measure_op, device="cpu"))
     monkeypatch.setattr(bench_kernels, "Shapes", lambda *args: Shapes(*args).tiny())
@@ -310,7 +309,7 @@ def test_bench_kernels_refuses_an_unknown_preset_or_op_on_any_machine(args, mess
 def _stopped_in_the_second_op(monkeypatch) -> list:
     """bench.kernels on a pretend H100, stopped (a GPU session's time limit) as its second op
     starts: the (op, shapes) it measured, in the list returned."""
-    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 79.2, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(bench_kernels, "roofline",
                         lambda unit, dtype=torch.bfloat16: 1.0 if unit == "GB/s" else fake_matmul_tflops(dtype=dtype))
@@ -470,8 +469,17 @@ def test_help_describes_the_command_in_whole_sentences(module, capsys):
     ("bench.mfu", ["--json", "{file}/x.json"], "argument --json: no folder for {file}/x.json"),
     ("bench.kernels", ["--out", "{tmp}"], "argument --out: {tmp} is a folder: name a file"),
     ("bench.kernels", ["--gpu", "nonsense"], "--gpu nonsense: no such GPU in the peak table"),
+    ("bench.kernels", ["--batch-size", "0"], "argument --batch-size: must be above 0 and finite, got 0"),
+    ("bench.kernels", ["--seq-len", "-8"], "argument --seq-len: must be above 0 and finite, got -8"),
+    ("bench.kernels", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    ("bench.kernels", ["--preset", "giga"],
+     "'giga-13b', 'giga-70b', 'giga-175b'], or a train.py config file (name.py)"),
+    ("bench.kernels", ["--ops", ","], "argument --ops: names nothing, got ','"),
+    ("bench.mfu", ["--kernels", ""], "argument --kernels: names nothing, got ''"),
     ("bench.op_norm", ["--json", "{file}/x.json"], "argument --json: no folder for {file}/x.json"),
     ("bench.sweep", ["--json", "{tmp}"], "argument --json: {tmp} is a folder: name a file"),
+    ("bench.sweep", ["--sweeps", "norm,bogus"], "unknown sweep bogus: the sweeps are norm, layer_norm, swiglu"),
+    ("bench.sweep", ["--budget-s", "0"], "argument --budget-s: must be above 0 and finite, got 0"),
     ("bench.tune_attention", ["--d", "64,abc"], "--d: head dims 32, 64, 128"),  # (a traceback once)
     ("bench.adamw_curves", ["run", "--out", "{file}"], "--out {file} is a file: name a folder for the runs"),
     ("bench.adamw_curves", ["run", "--scale", "cpu", "--out", "{tmp}/runs", "--set", "bogus=1"],

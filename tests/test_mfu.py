@@ -19,7 +19,7 @@ from bench.flops import flops_per_token, param_count
 from bench.hardware import Device, find, peak_for
 from gpt.model import GPT, GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
-from tests.devices import interpreter_only
+from tests.devices import H100, interpreter_only
 from tests.memory import saved_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +201,7 @@ def test_a_train_config_file_is_measured_with_its_batch_optimizer_dtype_and_reco
 
 def test_a_config_file_s_result_is_named_by_its_normalized_path(tmp_path, monkeypatch):
     """./my_model.py and sub/../my_model.py are the file my_model.py, and its result says so."""
-    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(mfu, "detect", lambda: H100)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(mfu, "measure", lambda run, variant, device: {"variant": variant, "error": "not measured"})
     named = []
@@ -212,10 +212,35 @@ def test_a_config_file_s_result_is_named_by_its_normalized_path(tmp_path, monkey
     monkeypatch.setattr(mfu, "record", record)
     _train_config(tmp_path)
     monkeypatch.chdir(tmp_path)
-    for name in ("./my_model.py", "sub/../my_model.py"):
+    for name in ("./my_model.py", "sub/../my_model.py", "my_model.py,./my_model.py"):  # (the last: one model)
         with pytest.raises(KeyboardInterrupt):
             mfu.main(["--gpu", "auto", "--kernels", "torch", "--preset", name, "--json", str(tmp_path / "m.json")])
-    assert named == ["my_model.py", "my_model.py"]
+    assert named == ["my_model.py"] * 3
+
+
+def test_a_variant_named_twice_is_measured_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(mfu, "detect", lambda: H100)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    measured = []
+    monkeypatch.setattr(mfu, "measure", lambda run, variant, device: measured.append(variant) or {
+        "variant": variant, "error": "not measured", "kernels": {op: {"backend": "torch"} for op in kernels.OPS}})
+    mfu.main(["--gpu", "auto", "--kernels", "torch,triton,torch,", "--json", str(tmp_path / "m.json")])
+    assert measured == ["torch", "triton"]
+
+
+def test_an_unknown_sharding_is_refused_not_planned_as_nothing():
+    with pytest.raises(ValueError, match=re.escape("sharding must be one of ('ddp', 'zero1', 'fsdp'), got 'zero3'")):
+        plan.static_bytes(plan.config_for("gpt2"), "adamw", "zero3", 8)
+
+
+def test_recomputing_just_enough_to_reach_the_usable_memory_exactly_fits(monkeypatch):
+    """A plan's peak equal to the usable memory fits (the fewest blocks recomputed that reach it)."""
+    monkeypatch.setattr(plan, "USABLE", 1.0)  # (0.9 of a byte count is rarely a whole number)
+    config = plan.config_for("gpt2")
+    peaks = [plan.peak_bytes(config, "adamw", 16, 1024, n) for n in range(config.n_layer + 1)]
+    assert peaks[3] < peaks[2]
+    assert plan.blocks_to_recompute(peaks[3], config, "adamw", "ddp", 1, 1024, 16) == 3
+    assert plan.blocks_to_recompute(peaks[3] - 1, config, "adamw", "ddp", 1, 1024, 16) == 4
 
 
 @pytest.mark.parametrize("gpu, here", [("auto", None), ("auto", "NVIDIA H100 80GB HBM3"),
@@ -476,7 +501,7 @@ def test_measured_path_end_to_end_on_cpu(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(mfu.adamw_kernels, "tables_made", lambda: next(made))
     config = GPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=64, block_size=16, vocab_size=64,
                        norm="rmsnorm", mlp="swiglu", pos_encoding="rope", bias=False, tie_weights=False)
-    device = Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0))
+    device = H100
     flops, peak = flops_per_token(config, 16), peak_for(device.name, "bfloat16")
     rows = []
     for optimizer, variant in (("adamw", "torch"), ("bf16_adamw", "triton")):
@@ -547,7 +572,7 @@ def test_out_of_memory_says_what_batch_fits(monkeypatch):
 
 def test_the_result_file_keeps_each_variant_as_it_is_measured(monkeypatch, tmp_path):
     """A run cut short (the GPU session's time limit) still leaves the variants it measured."""
-    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(mfu, "detect", lambda: H100)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
 
     def measure(run, variant, device):
@@ -565,7 +590,7 @@ def test_the_result_file_keeps_each_variant_as_it_is_measured(monkeypatch, tmp_p
 
 def test_no_variant_starts_once_the_budget_is_spent(monkeypatch, tmp_path, capsys):
     """--budget-s: a GPU session's step keeps within its time without cutting a variant midway."""
-    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(mfu, "detect", lambda: H100)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(mfu, "print_results", lambda *args: None)
     clock = iter([0.0, 0.0, 50.0, 101.0])  # the start, then before each variant
@@ -583,7 +608,7 @@ def test_no_variant_starts_once_the_budget_is_spent(monkeypatch, tmp_path, capsy
 def test_a_sequence_past_the_presets_block_is_measured_on_a_model_that_long(seq_len, block_size, monkeypatch, tmp_path):
     """--seq-len 2048 on GPT-2 (1024 positions) lengthens its position table; a shorter one runs
     on the preset's model as it is."""
-    monkeypatch.setattr(mfu, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80.0, (9, 0)))
+    monkeypatch.setattr(mfu, "detect", lambda: H100)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     seen = []
 

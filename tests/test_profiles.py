@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 import threading
@@ -8,15 +9,16 @@ import pytest
 import torch
 
 import kernels
-from bench import backends, write_json
+from bench import backends, measure, write_json
 from bench import kernels as bench_kernels
 from bench import profile
 from bench.cases import Case, Shapes, case, check
+from bench.hardware import find
 from bench.profile import Profile, fastest_verified, launched_compiled
 from gpt.model import GPTConfig, model_ops, preset
 from gpt.optim import optimizer_ops
 from kernels import adamw, runtime
-from tests.devices import cuda_only, interpreter_only
+from tests.devices import A100, H100, cuda_only, interpreter_only
 
 
 def backend(ms: float, verified: bool = True) -> dict:
@@ -604,9 +606,7 @@ def test_the_gpu_self_check_caps_the_sequence_and_attentions_heads():
 
 
 def test_bench_kernels_refuses_to_overwrite_the_profile_with_some_ops(monkeypatch, capsys):
-    from bench.hardware import Device, find
-
-    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
     monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
     assert find("h100") is not None
     assert bench_kernels.main(["--ops", "rms_norm"]) == 2
@@ -697,11 +697,9 @@ def test_a_profile_keeps_every_workload_and_replaces_a_remeasured_one(tmp_path):
 
 
 def test_bench_kernels_refuses_another_gpus_file_before_measuring(monkeypatch, capsys, tmp_path):
-    from bench.hardware import Device
-
     path = tmp_path / "gpu.json"
     write_json(path, profile_data(record({"swiglu": entry(torch=backend(1.0))}, slug="a100-sxm-80gb")))
-    monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, (9, 0)))
+    monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
     monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
     assert bench_kernels.main(["--out", str(path)]) == 2
     assert "holds measurements of a100-sxm-80gb, not of this GPU (h100-sxm)" in capsys.readouterr().err
@@ -710,14 +708,12 @@ def test_bench_kernels_refuses_another_gpus_file_before_measuring(monkeypatch, c
 def test_bench_kernels_measures_in_train_py_s_dtype_or_the_one_given(monkeypatch, tmp_path):
     """A run takes each op from a record of its dtype first: a GPU without bf16 (train.py runs it
     in fp16 there) and an fp32 run need records of theirs, which bench.kernels was bf16-only to make."""
-    from bench.hardware import Device
-
     measured = []
     monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops, partial:
                         measured.append(shapes.dtype) or record({}, name, slug=device.slug, dtype=shapes.dtype)
                         | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
     for capability, args in (((9, 0), []), ((7, 0), []), ((9, 0), ["--dtype", "float32"])):
-        monkeypatch.setattr(bench_kernels, "detect", lambda: Device(0, "NVIDIA H100 80GB HBM3", 132, 80, capability))
+        monkeypatch.setattr(bench_kernels, "detect", lambda: dataclasses.replace(H100, capability=capability))
         assert bench_kernels.main(["--out", str(tmp_path / "gpu.json"), *args]) == 0
     assert measured == [torch.bfloat16, torch.float16, torch.float32]
     assert [w["workload"]["dtype"] for w in profile.load(tmp_path / "gpu.json").workloads] == [
@@ -937,3 +933,131 @@ def test_ops_or_backends_of_the_wrong_type_are_a_value_error(tmp_path, ops, prob
     (tmp_path / "gpu.json").write_text(json.dumps(profile_data({**record({}), "ops": ops})))
     with pytest.raises(ValueError, match=problem):
         profile.load(tmp_path / "gpu.json")
+
+
+def _fake_run(measured: list):
+    """A stand-in for bench.kernels.run: the (preset, shapes) asked for, in `measured`."""
+    return lambda device, shapes, name, ops, partial: (
+        measured.append((name, shapes)) or record({}, name, slug=device.slug, batch_size=shapes.batch_size,
+                                                  seq_len=shapes.T, dtype=shapes.dtype)
+        | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
+
+
+def test_bench_kernels_by_default_profiles_this_gpu_at_gpt2_s_shapes_16_sequences(monkeypatch, tmp_path):
+    measured = []
+    monkeypatch.setattr(bench_kernels, "detect", lambda: A100)
+    monkeypatch.setattr(bench_kernels, "run", _fake_run(measured))
+    assert bench_kernels.main(["--out", str(tmp_path / "gpu.json")]) == 0
+    [(name, shapes)] = measured
+    assert (name, shapes.batch_size, shapes.T, shapes.config, shapes.dtype) == (
+        "gpt2", 16, 1024, GPTConfig(**preset("gpt2")), torch.bfloat16)
+    [w] = profile.load(tmp_path / "gpu.json").workloads
+    assert w["device"]["slug"] == "a100-sxm-80gb"
+
+
+def test_bench_kernels_refuses_to_profile_a_gpu_other_than_the_one_named(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
+    monkeypatch.setattr(bench_kernels, "run", lambda *a: pytest.fail("measured"))
+    assert bench_kernels.main(["--gpu", "a100-sxm-80gb", "--out", str(tmp_path / "gpu.json")]) == 2
+    assert "asked for 'a100-sxm-80gb' but this machine has 'NVIDIA H100 80GB HBM3'" in capsys.readouterr().err
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_bench_kernels_measures_each_op_named_once(monkeypatch, tmp_path):
+    """A repeated or trailing-comma --ops is the ops named, each measured once (minutes of a GPU
+    session each)."""
+    monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
+    asked = []
+    monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops, partial: asked.append(ops) or record(
+        {}, name, slug=device.slug, dtype=shapes.dtype) | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
+    assert bench_kernels.main(["--ops", "swiglu,rope,swiglu,", "--out", str(tmp_path / "gpu.json")]) == 0
+    assert asked == [["swiglu", "rope"]]
+
+
+def test_a_measured_record_says_what_it_timed_and_with_what(monkeypatch, tmp_path):
+    """Its kernel sources (a record without is stale), timing method, versions, workload, device
+    and rooflines."""
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(bench_kernels, "roofline", lambda unit, dtype=torch.bfloat16: 1.0)
+    monkeypatch.setattr(bench_kernels, "measure_op", lambda op, shapes, rooflines: {
+        **entry(torch={**backend(1.0), "rate": {"fwd": 1.0, "fwd+bwd": 1.0}, "roofline": {"fwd": 0.1, "fwd+bwd": 0.1}}),
+        "chosen": {"eager": "torch", "compiled": "torch"}})
+    shapes = Shapes(GPTConfig(**preset("gpt2")), 16)
+    rec = bench_kernels.run(H100, shapes, "gpt2", ["swiglu"], tmp_path / "p.json")
+    assert rec["kernels_source"] == profile.kernels_source() and not Profile.stale(rec)
+    assert rec["timing"] == measure.TIMING
+    assert rec["torch"] == torch.__version__ and rec["date"] and "git_sha" in rec and "triton" in rec
+    assert rec["workload"] == profile.workload("gpt2", shapes) and rec["device"] == H100.as_dict()
+    assert rec["rooflines"] == {"copy_gbs": 1.0, "matmul_tflops": 1.0}
+
+
+def _measure_op_timing(monkeypatch, timings: dict, peaks: list | None = None):
+    """bench.kernels.measure_op with `timings` for the entry it would measure (attention's rate
+    in TFLOPS, the others' in GB/s; each entry's roofline in `peaks`)."""
+    peaks = [] if peaks is None else peaks
+    monkeypatch.setattr(bench_kernels, "case", lambda op, *a, **k: types.SimpleNamespace(
+        unit="TFLOPS" if op == "attention" else "GB/s"))
+    monkeypatch.setattr(bench_kernels, "implementations", lambda op: {})
+    monkeypatch.setattr(bench_kernels, "entry", lambda timed, checked, impls, peak, device:
+                        peaks.append(peak) or json.loads(json.dumps(timings)))
+
+
+def test_bench_kernels_records_the_choice_eagerly_and_in_a_compiled_model(monkeypatch):
+    _measure_op_timing(monkeypatch, entry(torch=backend(3.0), compile=backend(0.5), triton=backend(1.0)))
+    shapes, rooflines = Shapes(GPTConfig(**preset("gpt2")), 16), {"copy_gbs": 1.0, "matmul_tflops": 1.0}
+    assert bench_kernels.measure_op("swiglu", shapes, rooflines)["chosen"] == {"eager": "triton", "compiled": "torch"}
+    # the optimizer runs outside the compiled graph: its compiled choice is the eager one
+    assert bench_kernels.measure_op("adamw", shapes, rooflines)["chosen"] == {"eager": "triton", "compiled": "triton"}
+
+
+def test_a_matmul_bound_op_is_held_to_the_matmul_rate_and_a_memory_bound_one_to_the_copy_bandwidth(monkeypatch):
+    peaks = []
+    _measure_op_timing(monkeypatch, entry(torch=backend(1.0)), peaks)
+    shapes = Shapes(GPTConfig(**preset("gpt2")), 16)
+    for op in ("attention", "swiglu"):
+        bench_kernels.measure_op(op, shapes, {"copy_gbs": 1000.0, "matmul_tflops": 100.0})
+    assert peaks == [100.0, 1000.0]
+
+
+def test_a_self_check_without_shapes_runs_gpt2_in_the_device_s_training_dtype():
+    for device_type, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        shapes = profile.default_shapes(device_type)
+        assert (shapes.config, shapes.batch_size, shapes.dtype) == (GPTConfig(**preset("gpt2")), 1, dtype)
+
+
+@pytest.mark.parametrize("key", ["batch_size", "seq_len"])
+def test_a_workload_of_a_fractional_batch_or_sequence_is_refused(tmp_path, key):
+    rec = record({"swiglu": entry(torch=backend(1.0))})
+    rec["workload"][key] = 16.5
+    (tmp_path / "gpu.json").write_text(json.dumps(profile_data(rec)))
+    with pytest.raises(ValueError, match=r"workloads\[0\]: .*batch_size and seq_len must be positive integers"):
+        profile.load(tmp_path / "gpu.json")
+
+
+@pytest.mark.parametrize("ops", [
+    {"swiglu": {"training_pass": None, "backends": {"torch": {"error": "out of memory", "verified": False}}}},
+    {"swiglu": {"training_pass": ["fwd+bwd"], "backends": {"torch": backend(1.0)}}},
+], ids=["null", "list"])
+def test_a_training_pass_that_is_not_a_name_is_a_value_error(tmp_path, ops):
+    """(A list escaped load as a TypeError, which train.py does not report as a bad profile.)"""
+    (tmp_path / "gpu.json").write_text(json.dumps(profile_data(record(ops))))
+    with pytest.raises(ValueError, match="ops.swiglu lacks its training_pass"):
+        profile.load(tmp_path / "gpu.json")
+
+
+def test_a_host_time_without_the_training_pass_loads_and_leaves_the_gpu_time(tmp_path):
+    """The format lets a host time leave passes out; the choice is then by the GPU's time."""
+    rec = record({"swiglu": entry(torch={**backend(3.0), "host_ms": {"fwd": 5.0}}, triton=backend(2.0))})
+    write_json(tmp_path / "gpu.json", profile_data(rec))
+    [loaded] = profile.load(tmp_path / "gpu.json").workloads
+    assert profile.fastest_verified(loaded["ops"]["swiglu"], ["torch", "triton"], compiled=False)[0] == "triton"
+
+
+def test_the_self_check_reports_the_worst_form_s_margin_not_the_last_one_s(monkeypatch):
+    forms = [types.SimpleNamespace(shape="plain"), types.SimpleNamespace(shape="+residual")]
+    monkeypatch.setattr(profile, "check_cases", lambda op, shapes, device_type: forms)
+    fractions = iter([0.5, 0.1])
+    monkeypatch.setattr(profile, "margin", lambda c, fn, reference: (None, next(fractions)))
+    shapes = Shapes(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16), batch_size=1)
+    ok, why = profile._check("layer_norm", shapes, "cpu", "triton")
+    assert ok and why.endswith(": error at most 50% of the bound in 2 forms"), why

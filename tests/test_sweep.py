@@ -5,12 +5,13 @@ import math
 import types
 
 import pytest
+import torch
 
 from bench import sweep
 from bench.cases import Shapes
 from gpt.model import GPTConfig
 from kernels import norm
-from tests.devices import interpreter_only
+from tests.devices import H100, interpreter_only
 from tests.test_bench_smoke import no_gpu  # noqa: F401  (its fixture, autouse: timings without a GPU)
 
 
@@ -192,18 +193,111 @@ def test_the_report_says_how_much_faster_the_pick_is_than_the_committed(monkeypa
     assert "pick for kernels.norm: _TILE = 1024  (1.25x the committed)" in capsys.readouterr().out
 
 
-def test_a_sweep_times_the_training_pass_alone(monkeypatch):
-    """What a setting is picked by is the pass a training step runs (the case's last: fwd+bwd),
-    not the forward that comes first."""
-    timed_passes = []
+def fake_entry(monkeypatch) -> list:
+    """bench.backends.entry made up: a verified 1 ms; the (timed, checked) cases it was given,
+    in the list returned."""
+    cases = []
 
-    def entry(timed, checked, impls, peak, device):  # what bench.backends would time, and a made-up result
-        timed_passes.append(timed.passes)
+    def entry(timed, checked, impls, peak, device):
+        cases.append((timed, checked))
         (pass_,) = timed.passes
         return {"backends": {"triton": {"ms": {pass_: 1.0}, "rate": {pass_: 1.0}, "roofline": {pass_: 0.5},
                                         "verified": True, "check": "ok"}}}
     monkeypatch.setattr(sweep.backends, "entry", entry)
+    return cases
+
+
+def test_a_sweep_times_the_training_pass_alone(monkeypatch):
+    """What a setting is picked by is the pass a training step runs (the case's last: fwd+bwd),
+    not the forward that comes first."""
+    cases = fake_entry(monkeypatch)
     tiny = sweep.Sweep(norm, {"_TILE": (4096,)}, "rms_norm",
                        (Shapes(GPTConfig(n_embd=64, n_head=1), batch_size=1, seq_len=3),))
     (m,) = sweep.measure(tiny, {"_TILE": 4096}, "cpu").values()
-    assert timed_passes == [("fwd+bwd",)] and m["ms"] == 1.0 and m["verified"]
+    assert [timed.passes for timed, _ in cases] == [("fwd+bwd",)] and m["ms"] == 1.0 and m["verified"]
+
+
+def test_a_sweep_times_the_norm_in_the_form_it_checks(monkeypatch):
+    """With the residual add or without, as the sweep says, in the timed case and the checked."""
+    cases = fake_entry(monkeypatch)
+    shapes = (Shapes(GPTConfig(n_embd=64, n_head=1), batch_size=1, seq_len=3),)  # a pre-norm model
+    for residual in (False, True):
+        sweep.measure(sweep.Sweep(norm, {"_TILE": (4096,)}, "rms_norm", shapes, residual=residual), {"_TILE": 4096},
+                      "cpu")
+    (plain, plain_checked), (fused, fused_checked) = [(t.shape, c.shape) for t, c in cases]
+    assert plain == plain_checked and "+residual" not in plain
+    assert fused == fused_checked and "+residual" in fused
+
+
+def test_main_runs_every_sweep_by_default_and_passes_on_its_json_and_budget(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(sweep, "detect", lambda: H100)
+    monkeypatch.setattr(sweep, "run", lambda names, device, json_path, budget_s=None:
+                        calls.append((names, device, json_path, budget_s)))
+    assert sweep.main([]) == 0
+    assert sweep.main(["--sweeps", "rope,adamw,rope,", "--json", str(tmp_path / "s.json"), "--budget-s", "60"]) == 0
+    assert calls == [(list(sweep.SWEEPS), "cuda", None, None), (["rope", "adamw"], "cuda", tmp_path / "s.json", 60.0)]
+
+
+def test_a_sweep_cut_short_keeps_what_it_measured_in_its_json(monkeypatch, tmp_path):
+    measured = fake_measure({4096: {"s": 1.0}, 1024: {"s": 2.0}})
+
+    def fake(sweep_, setting, device):  # stopped (a GPU session's time limit) in the second setting
+        if setting["_TILE"] == 1024:
+            raise KeyboardInterrupt
+        return measured(sweep_, setting, device)
+    monkeypatch.setattr(sweep, "measure", fake)
+    path = tmp_path / "sweep.json"
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(["g"], "cpu", path, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    saved = json.loads(path.read_text())["sweeps"]["g"]
+    assert [r["setting"] for r in saved["records"]] == [{"_TILE": 4096}]
+    assert saved["pick"] == {"_TILE": 4096} and saved["unmeasured"] == 1
+
+
+def test_the_report_marks_the_committed_row_unverified_cells_and_each_shape_s_fastest(monkeypatch, capsys):
+    ms = {4096: {"narrow": 2.0, "wide": 1.0}, 1024: {"narrow": 1.0, "wide": 2.0}, 2048: {"narrow": 0.5, "wide": 0.5}}
+    monkeypatch.setattr(sweep, "measure", fake_measure(ms, unverified={(2048, "wide")}))
+    sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024, 2048)}, "rms_norm", ())})
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("_TILE=")}
+    assert rows["_TILE=4096"].endswith("  committed") and not rows["_TILE=1024"].endswith("committed")
+    assert rows["_TILE=2048"].split(" | ")[1:3] == ["1", "1 x"] and " x" not in rows["_TILE=1024"]
+    # the pick (equal means: the committed, first) and each shape's own fastest verified setting
+    assert "pick for kernels.norm: _TILE = 4096  (1.00x the committed)" in lines
+    assert "  narrow: fastest _TILE=2048 (4.00x the pick)" in lines
+    assert "  wide: fastest _TILE=4096 (1.00x the pick)" in lines
+
+
+def test_the_report_says_when_no_setting_verified_at_every_shape(monkeypatch, capsys):
+    monkeypatch.setattr(sweep, "measure", fake_measure({4096: {"s": 1.0}, 1024: {"s": 2.0}},
+                                                      unverified={(4096, "s"), (1024, "s")}))
+    result = sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    assert result["sweeps"]["g"]["pick"] is None
+    out = capsys.readouterr().out
+    assert "no setting verified at every shape" in out and "pick for" not in out
+
+
+def test_a_pick_beside_a_committed_setting_that_failed_says_so(monkeypatch, capsys):
+    """Not "nanx the committed"."""
+    measured = fake_measure({1024: {"s": 1.0}})
+    monkeypatch.setattr(sweep, "measure", lambda sweep_, setting, device: (
+        {"s": {"error": "OutOfResources"}} if setting["_TILE"] == 4096 else measured(sweep_, setting, device)))
+    sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096, 1024)}, "rms_norm", ())})
+    assert "pick for kernels.norm: _TILE = 1024  (the committed failed at a shape)" in capsys.readouterr().out
+
+
+def test_a_sweep_result_says_what_it_ran_with(monkeypatch):
+    monkeypatch.setattr(sweep, "measure", fake_measure({4096: {"s": 1.0}}))
+    result = sweep.run(["g"], "cpu", None, sweeps={"g": sweep.Sweep(norm, {"_TILE": (4096,)}, "rms_norm", ())})
+    assert result["torch"] == torch.__version__ and result["date"] and "git_sha" in result
+    assert result["device"] == "cpu"
+
+
+def test_each_constant_s_winner_is_of_the_settings_that_change_it_alone():
+    def rec(setting: dict, ms: float) -> dict:
+        return dict(setting=setting, shapes={"s": dict(ms=ms, rate=1.0, unit="GB/s", roofline=0.5, verified=True,
+                                                       check={})})
+    records = [rec({"_TILE": 4096, "_BWD_STAGES": 1}, 3.0), rec({"_TILE": 1024, "_BWD_STAGES": 1}, 2.0),
+               rec({"_TILE": 4096, "_BWD_STAGES": 2}, 4.0), rec({"_TILE": 2048, "_BWD_STAGES": 2}, 1.0)]
+    assert sweep.winners(records) == {"_TILE": 1024, "_BWD_STAGES": 1}

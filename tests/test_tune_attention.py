@@ -77,3 +77,11 @@ def test_without_a_gpu_it_says_what_to_run(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tune_attention.main([]) == 0
     assert "python -m bench.tune_attention" in capsys.readouterr().out
+
+
+def test_a_head_dim_named_twice_is_tuned_once(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tuned = []
+    monkeypatch.setattr(tune_attention, "tune", lambda head_dims, *rest: tuned.append(head_dims))
+    assert tune_attention.main(["--d", "64,128,64", "--compile-jobs", "1"]) == 0
+    assert tuned == [[64, 128]]
