@@ -65,6 +65,8 @@ def disjoint_elements(shape, stride) -> bool:
     """Whether no two elements of a view with `shape` and `stride` share an address: sorted by
     stride, each dimension steps past the whole extent of the ones inside it (sufficient: a rare
     interleaving that happens not to collide is taken as overlapping)."""
+    if 0 in shape:  # no elements to share
+        return True
     extent = 1
     for size, step in sorted((d for d in zip(shape, stride) if d[0] > 1), key=lambda d: d[1]):
         if step < extent:

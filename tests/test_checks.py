@@ -81,8 +81,18 @@ def test_overlap_is_found_by_extent_and_size_one_dims_are_ignored():
     assert checks.has_overlap(torch.zeros(9).as_strided((3, 3), (1, 2)))
     assert not checks.has_overlap(torch.zeros(9).as_strided((3, 3), (3, 1)))
     for t in (torch.zeros(3, 1), torch.zeros(1, 3), torch.zeros(3, 1, 2), torch.zeros(4, 6)[:, :1],
-              torch.zeros(4, 6)[:, :3].unsqueeze(-1)):
+              torch.zeros(4, 6)[:, :3].unsqueeze(-1), torch.zeros(0, 1).expand(0, 3)):  # (the last: no elements)
         assert not checks.has_overlap(t), (tuple(t.shape), t.stride())
+
+
+def test_overlap_counts_the_whole_extent_of_the_inner_dims():
+    """Each dimension must step past everything inside it: the next one's stride times its size,
+    not its size alone nor its last element alone."""
+    base = torch.zeros(64)
+    assert checks.has_overlap(base.as_strided((3, 3, 2), (1, 5, 10)))  # (0, 2, 0) and (0, 0, 1) are both 10
+    assert checks.has_overlap(base.as_strided((2, 2, 2), (1, 2, 3)))  # (1, 1, 0) and (0, 0, 1) are both 3
+    assert not checks.has_overlap(base.as_strided((3, 3, 2), (1, 5, 15)))
+    assert not checks.has_overlap(base.as_strided((2, 2, 2), (1, 2, 4)))
 
 
 @interpreter_only

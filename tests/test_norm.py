@@ -735,3 +735,14 @@ def test_runs_on_the_tensors_own_gpu():
     x, w, b = inputs(5, 771, "cuda:1", torch.bfloat16, bias=True)
     with torch.cuda.device(0):
         assert_accurate("triton", "layer_norm", x, w, b)
+
+
+def test_residual_dropout_of_a_keep_probability_that_rounds_to_1_keeps_every_element():
+    """A tiny dropout_p: keep_p rounds to 1 in fp32 and keep_p * 2^32 to 2^32, which as a uint32
+    threshold would wrap to 0 and drop everything (runtime.dropout_scale clamps it)."""
+    skip_unless_triton_runs("triton", "cpu")
+    m, n = 16, 257
+    x, w, _ = inputs(m, n, "cpu", bias=False)
+    r = torch.zeros(m, n)
+    scales = dropout_scales(fused_fn("triton", "rms_norm", dropout_p=1e-9, seed=7), x, r, w, None)
+    assert torch.equal(scales, torch.ones_like(scales))

@@ -461,3 +461,84 @@ def test_no_dropout_draws_no_seed():
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(torch.rand(1), after)
+
+
+def test_interpreter_problem_is_an_older_triton_with_numpy_2_4_or_later():
+    """Triton before 3.7 with numpy 2.4 or later, the versions compared as numbers, major and
+    minor (3.10 is newer than 3.7, numpy 2.10 than 2.4)."""
+    problem = runtime.interpreter_problem("3.6.0", "2.4.0")
+    assert problem is not None and "Triton 3.6.0" in problem and "numpy 2.4.0" in problem
+    assert runtime.interpreter_problem("3.6.1+git0123abc", "2.10.1") is not None
+    for triton_version, numpy_version in (("3.7.0", "2.4.0"), ("3.10.0", "2.4.1"), ("4.0.0", "3.0.0"),
+                                          ("3.6.0", "2.3.5"), ("3.5.1", "1.26.4")):
+        assert runtime.interpreter_problem(triton_version, numpy_version) is None, (triton_version, numpy_version)
+
+
+def test_the_triton_backends_refuse_gpus_older_than_ampere_and_rocm_ones(monkeypatch):
+    """unsupported_gpu and check_gpu, the GPU's capability stood in."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cc, refused in (((7, 5), True), ((7, 0), True), ((8, 0), False), ((8, 9), False), ((9, 0), False),
+                        ((12, 0), False)):
+        monkeypatch.setattr(runtime, "capability", lambda device, cc=cc: cc)
+        assert (runtime.unsupported_gpu(gpu) is not None) == refused, cc
+        if refused:
+            with pytest.raises(ValueError, match=rf"^rope: .*compute capability 8\.0 or newer.*cuda:0 is "
+                                                 rf"{cc[0]}\.{cc[1]}: use the torch backend"):
+                runtime.check_gpu("rope", gpu)
+        else:
+            runtime.check_gpu("rope", gpu)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # torch calls an AMD GPU "cuda" too
+    assert "ROCm" in runtime.unsupported_gpu(gpu)
+    with pytest.raises(ValueError, match="^rope: .*ROCm.*use the torch backend"):
+        runtime.check_gpu("rope", gpu)
+
+
+def test_check_device_refuses_an_unsupported_gpu_and_cpu_tensors_without_the_interpreter(monkeypatch):
+    """check_device reads only the tensor's device: a stand-in on "cuda" reaches the GPU check
+    without a GPU."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(runtime, "capability", lambda device: (7, 5))
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(ValueError, match=r"^swiglu: .*compute capability 8\.0 or newer"):
+        runtime.check_device("swiglu", on_gpu)
+    monkeypatch.setattr(runtime, "capability", lambda device: (9, 0))
+    runtime.check_device("swiglu", on_gpu)
+    monkeypatch.setattr(runtime, "CPU_TENSORS", False)
+    with pytest.raises(ValueError, match="^swiglu: the triton backend runs on CUDA tensors.*got a tensor on cpu"):
+        runtime.check_device("swiglu", torch.zeros(1))
+    monkeypatch.setattr(runtime, "CPU_TENSORS", True)
+    runtime.check_device("swiglu", torch.zeros(1))
+
+
+def test_capability_and_num_sms_off_the_gpu():
+    """Any device but CUDA (meta too, as shapes are traced) has no capability and the
+    interpreter's stand-in SM count, without asking torch.cuda."""
+    for device in (torch.device("cpu"), torch.device("meta")):
+        assert runtime.capability(device) is None
+        assert runtime.num_sms(device) == runtime._INTERPRETER_SMS
+        assert runtime.unsupported_gpu(device) is None
+
+
+def test_an_eager_call_takes_the_gradient_formula_when_any_argument_wants_a_gradient():
+    """Not just the first: here only swiglu's second input requires a gradient."""
+    skip_unless_triton_runs("triton", "cpu")
+    g, u = _leaves((3, 40), (3, 40))
+    g = g.detach()
+    kernels.get("swiglu", "triton")(g, u).square().sum().backward()
+    u_ref = u.detach().requires_grad_()
+    kernels.get("swiglu", "torch")(g, u_ref).square().sum().backward()
+    torch.testing.assert_close(u.grad, u_ref.grad)
+
+
+def test_other_runtime_errors_under_torch_func_pass_through_call_op():
+    """Only torch's refusal of an autograd.Function under a torch.func transform becomes the
+    ValueError naming grad and jacrev; another RuntimeError there (here under vmap) is left as
+    it is."""
+    class Failing:
+        _qualname = "tritongpt::stand_in"
+
+        def __call__(self, *args):
+            raise RuntimeError("stand-in failure")
+    with pytest.raises(RuntimeError, match="stand-in failure"):
+        torch.func.vmap(lambda x: runtime.call_op(Failing(), x))(torch.randn(2, 3))
