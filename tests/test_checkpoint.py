@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 from unittest import mock
@@ -532,3 +533,141 @@ def test_a_model_is_built_in_the_dtype_it_was_saved_in(tmp_path, sharded):
     model = checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m.parameters()))
+
+
+def test_torch_save_s_failed_file_write_reads_as_the_disk_s_error(tmp_path, monkeypatch):
+    """torch's zip writer says a full disk either way: "unexpected pos" or "PytorchStreamWriter
+    failed writing file ...": both are the OSError train.py reports with the free space."""
+    def save(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                           "writing file data/0: file write failed")
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    with pytest.raises(OSError, match="torch.save could not write it whole"):
+        checkpoint.save({}, tmp_path)
+    assert not checkpoint.exists(tmp_path) and list(tmp_path.iterdir()) == []
+
+
+def test_an_earlier_folder_without_a_checkpoint_gets_no_hint(tmp_path):
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "log.jsonl").write_text('{"iter": 0}\n')
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint \(ckpt.pt or ckpt.dcp\) in \S+$"):
+        checkpoint.load(tmp_path, "cpu")
+
+
+def test_a_sharded_checkpoint_s_train_state_goes_to_the_device_asked_for(tmp_path):
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG), "rng": [torch.ones(3)]}, tmp_path)
+    assert checkpoint.load(tmp_path, "meta")["rng"][0].device.type == "meta"
+
+
+def test_a_full_checkpoint_is_mapped_on_the_host_not_read(tmp_path, monkeypatch):
+    """The ranks of a node resuming at once share the file's pages (mmap); off the host it is read."""
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save(full(m, o, 1), tmp_path)
+    seen, load = [], torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: seen.append(k.get("mmap")) or load(*a, **k))
+    checkpoint.load(tmp_path, "cpu")
+    checkpoint.load(tmp_path, "meta")
+    assert seen == [True, False]
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_corrupt_file(tmp_path, monkeypatch):
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save(full(m, o, 1), tmp_path)
+
+    def load(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(checkpoint.torch, "load", load)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        checkpoint.load(tmp_path, "cpu")
+
+
+def test_an_unreadable_file_s_reason_names_the_error_even_when_its_text_is_empty(tmp_path):
+    (tmp_path / checkpoint.FILENAME).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"not a readable checkpoint \(cut short or corrupt\?\): EOFError$"):
+        checkpoint.load(tmp_path, "cpu")
+    (tmp_path / checkpoint.FILENAME).write_bytes(b"\x80")
+    with pytest.raises(ValueError, match=r"corrupt\?\): IndexError: index out of range$"):
+        checkpoint.load(tmp_path, "cpu")
+
+
+def test_exists_sees_a_sharded_checkpoint_in_every_form_load_reads(tmp_path):
+    save(tmp_path, kahan=False, iter_num=1)
+    assert checkpoint.exists(tmp_path)
+    (tmp_path / checkpoint.SHARDED).rename(tmp_path / f"{checkpoint.SHARDED}.tmp")
+    assert checkpoint.exists(tmp_path) and checkpoint.load(tmp_path, "cpu")["iter_num"] == 1
+    (tmp_path / f"{checkpoint.SHARDED}.tmp" / checkpoint.TRAIN_STATE).unlink()
+    assert not checkpoint.exists(tmp_path)
+
+
+def test_zero1_gives_torch_s_adamw_fp32_host_step_counts_from_a_bf16_adamw_checkpoint(one_process_group):
+    """ZeRO-1's load_state_dict copies the state as saved: BF16AdamW's int step must become the
+    fp32 host tensor torch's own load_state_dict makes (the fused and capturable kernels read it),
+    whatever the default device."""
+    world = distributed.World(parallel="zero1")
+    torch.manual_seed(0)
+    model = GPT(CONFIG).to(torch.bfloat16)
+    optimizer = distributed.optimizer(world, model.param_groups(0.1), BF16AdamW, lr=1e-2)
+    x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
+    model(x, x)[1].backward()
+    optimizer.step()
+    saved = dict(model=model.state_dict(), optimizer=distributed.optimizer_state(optimizer))
+    resumed = GPT(CONFIG)
+    theirs = distributed.optimizer(world, resumed.param_groups(0.1), torch.optim.AdamW, lr=1e-2)
+    with torch.device("meta"):
+        checkpoint.restore(resumed, theirs, saved)
+    states = distributed.local_optimizer(theirs).state.values()
+    assert {(s["step"].dtype, s["step"].device.type, float(s["step"])) for s in states} == {(torch.float32, "cpu", 1.0)}
+
+
+def test_a_sharded_checkpoint_loads_in_one_process_without_a_warning(tmp_path):
+    m, o = trained(kahan=False, steps=0)
+    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])
+def test_a_crash_in_any_of_save_sharded_s_deletions_leaves_a_whole_checkpoint(tmp_path, monkeypatch, crash_at):
+    """The old ckpt.dcp is renamed aside before it is deleted: deleted in place, a crash midway
+    would leave a torn one (its train_state.pt still there) that load takes. Here each deletion
+    removes one shard and then the process dies."""
+    save(tmp_path, kahan=False, iter_num=2)
+    calls, rmtree = [], shutil.rmtree
+
+    def dies_midway(path, ignore_errors=False):
+        calls.append(path)
+        if len(calls) < crash_at:
+            return rmtree(path, ignore_errors=ignore_errors)
+        for shard in sorted(path.glob("*.distcp"))[:1]:
+            shard.unlink()
+        raise KeyboardInterrupt  # killed mid-delete
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_midway)
+    m, o = trained(kahan=False, steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_sharded(m, o, {"iter_num": 4, "model_args": vars(CONFIG)}, tmp_path)
+    monkeypatch.undo()
+    state = checkpoint.load(tmp_path, "cpu")
+    assert state["iter_num"] in (2, 4)
+    checkpoint.build_model(state)  # every shard there
+
+
+def test_a_sharded_save_killed_while_writing_its_train_state_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """train_state.pt's presence marks the shards whole: a torn one must never be there."""
+    m, o = trained(kahan=False, steps=0)
+    real_save = torch.save
+
+    def killed(obj, f, *args, **kwargs):
+        if not (isinstance(obj, dict) and "iter_num" in obj):  # dcp's own writes of the shards
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            f = open(f, "wb")
+        f.write(b"half a train state")
+        f.flush()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    assert not checkpoint.exists(tmp_path)
