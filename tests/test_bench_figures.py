@@ -87,6 +87,53 @@ def test_rows_match_the_datasheets(key):
     assert (gpu.tflops("bfloat16"), gpu.tflops("float32"), gpu.sms, gpu.memory_gb) == (bf16, tf32, sms, memory)
 
 
+# fp8 as the datasheet prints it (sparse: halved here), memory GB, bandwidth TB/s: what bench.plan
+# and bench.mfu's tables print.
+DATASHEET_FP8_MEMORY = {
+    "v100-sxm2-16gb": (None, False, 16, 0.9),  # V100 datasheet: 900 GB/s, no fp8
+    "a100-sxm-40gb": (None, False, 40, 1.555),  # A100 datasheet: 1,555 GB/s
+    "a100-sxm-80gb": (None, False, 80, 2.039),  # 2,039 GB/s
+    "a100-pcie-80gb": (None, False, 80, 1.935),  # 1,935 GB/s
+    "l4": (485, True, 24, 0.3),  # L4 datasheet: FP8 485 TFLOPS sparse, 300 GB/s
+    "l40": (724, True, 48, 0.864),  # L40 datasheet: FP8 724 sparse, 864 GB/s
+    "l40s": (1466, True, 48, 0.864),  # L40S datasheet: FP8 1,466 sparse
+    "h100-sxm": (3958, True, 80, 3.35),  # H100 datasheet: FP8 3,958 sparse, 3.35 TB/s
+    "h100-pcie": (3026, True, 80, 2.0),  # 3,026 sparse, 2 TB/s
+    "h100-nvl": (3341, True, 94, 3.9),  # 3,341 sparse, 94 GB, 3.9 TB/s
+    "h200-sxm": (3958, True, 141, 4.8),  # H200 datasheet: 3,958 sparse, 141 GB, 4.8 TB/s
+    "h200-nvl": (3341, True, 141, 4.8),
+    "gh200-96gb": (3958, True, 96, 4.0),  # GH200 datasheet: 96 GB HBM3 4 TB/s
+    "gh200-144gb": (3958, True, 144, 4.9),  # 144 GB HBM3e 4.9 TB/s
+    "gb200": (720_000 / 72, True, 186, 8.0),  # GB200 NVL72: 720 PF FP8 sparse, 13.4 TB, 576 TB/s over 72 GPUs
+    "rtx-3090": (None, False, 24, 0.936),  # GA102 whitepaper: 936 GB/s, no fp8
+    "rtx-4090": (330.3, False, 24, 1.008),  # Ada whitepaper: FP8 with FP32 accumulate 330.3 dense
+    "rtx-5090": (419, False, 32, 1.792),  # RTX Blackwell whitepaper: FP8 with FP32 accumulate 419 dense
+}
+
+
+@pytest.mark.parametrize("key", DATASHEET_FP8_MEMORY)
+def test_rows_fp8_memory_and_bandwidth_match_the_datasheets(key):
+    gpu = find(key)
+    fp8, sparse, memory, bandwidth = DATASHEET_FP8_MEMORY[key]
+    assert gpu.fp8 == (None if fp8 is None else pytest.approx(fp8 / 2 if sparse else fp8, rel=1e-3))
+    assert (gpu.memory_gb, gpu.bandwidth_tbs) == (memory, bandwidth)
+
+
+# fp16 tensor and fp32 (non-tensor) TFLOPS of rows DATASHEET does not hold.
+DATASHEET_FP16_FP32 = {
+    "v100-pcie-16gb": (112, 14),  # V100 datasheet, PCIe: 112 tensor TFLOPS, 14 fp32
+    "v100-sxm2-32gb": (125, 15.7),  # SXM2: 125, 15.7
+    "b200": (36_000 / 8 / 2, 600 / 8),  # HGX B200: 36 PF fp16 sparse, 600 TF fp32, over 8 GPUs
+    "h100-pcie": (1513 / 2, 51),  # H100 datasheet, PCIe: 1,513 sparse, 51 TF fp32
+}
+
+
+@pytest.mark.parametrize("key", DATASHEET_FP16_FP32)
+def test_rows_fp16_and_fp32_match_the_datasheets(key):
+    fp16, fp32 = DATASHEET_FP16_FP32[key]
+    assert (find(key).fp16, find(key).fp32) == (pytest.approx(fp16, rel=1e-3), pytest.approx(fp32, rel=5e-3))
+
+
 def test_an_h100_pcie_reporting_its_114_sms_has_its_peak():
     """The PCIe row's SMs are 114; a real H100 PCIe (114 SMs) must not be refused."""
     assert peak_for("NVIDIA H100 PCIe", "bfloat16", sms=114).tflops == 756.5
@@ -117,29 +164,83 @@ def test_clock_stats_are_means_and_clear_between_intervals():
     assert (stats.sm_mhz, stats.min_sm_mhz, stats.max_sm_mhz, stats.power_w, stats.samples) == (1250, 1000, 2000,
                                                                                                  200, 4)
     assert s.stats() is None
+    s._mhz.append(2000.0)
+    s._watts.append(300.0)
+    assert s.stats().power_w == 300.0  # the last interval's power gone too
+
+
+def _torch_device(monkeypatch, name="NVIDIA H100 80GB HBM3", memory=80 * 2**30):
+    """torch.cuda standing in for a GPU: device 0 named `name`, with `memory` bytes."""
+    props = types.SimpleNamespace(name=name, multi_processor_count=132, total_memory=memory, major=9, minor=0,
+                                  uuid="8f0e2a1c-0000-1111-2222-333344445555")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+
+
+def _nvml(monkeypatch, unsupported=False, sm_mhz=1980, memory=80 * 2**30):
+    """A stand-in pynvml answering for an H100 (its SM clock's maximum `sm_mhz`, other clocks
+    2619), or, `unsupported`, raising its NVMLError for every query."""
+    class NVMLError(Exception):
+        pass
+
+    def answer(value):
+        def query(*args):
+            if unsupported:
+                raise NVMLError("Not Supported")
+            return value(*args)
+        return query
+    fake = types.SimpleNamespace(NVMLError=NVMLError, NVML_CLOCK_SM=1)
+    fake.nvmlDeviceGetEnforcedPowerLimit = answer(lambda h: 700_000)
+    fake.nvmlDeviceGetMemoryInfo = answer(lambda h: types.SimpleNamespace(total=memory))
+    fake.nvmlDeviceGetName = answer(lambda h: b"NVIDIA H100 80GB HBM3")
+    fake.nvmlSystemGetDriverVersion = answer(lambda: b"550.0")
+    fake.nvmlDeviceGetMaxClockInfo = answer(lambda h, clock: sm_mhz if clock == fake.NVML_CLOCK_SM else 2619)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(hardware, "_nvml_handle", lambda index: object())
 
 
 def test_detect_reports_gib_and_watts(monkeypatch):
     """Memory in GiB; NVML's power limit in mW reported in W."""
-    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132,
-                                  total_memory=80 * 2**30, major=9, minor=0, uuid="x")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    _torch_device(monkeypatch)
     monkeypatch.setattr(hardware, "_nvml_handle", lambda index: None)
     assert hardware.detect(0).memory_gib == 80.0
-
-    class NVMLError(Exception):
-        pass
-    fake = types.SimpleNamespace(NVMLError=NVMLError, NVML_CLOCK_SM=1,
-                                 nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
-                                 nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80 * 2**30),
-                                 nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3",
-                                 nvmlSystemGetDriverVersion=lambda: b"550.0",
-                                 nvmlDeviceGetMaxClockInfo=lambda h, c: 1980)
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(hardware, "_nvml_handle", lambda index: object())
+    _nvml(monkeypatch)
     d = hardware.detect(0)
     assert (d.memory_gib, d.power_limit_w, d.max_sm_mhz, d.driver) == (80.0, 700.0, 1980, "550.0")
+
+
+def test_detect_takes_nvmls_name_memory_and_sm_clock_where_it_answers(monkeypatch):
+    """NVML where it answers, else torch; the SM clock's maximum, not another clock's."""
+    _torch_device(monkeypatch, name="GPU 0")
+    _nvml(monkeypatch, memory=81559 * 2**20)
+    d = hardware.detect(0)
+    assert d.name == "NVIDIA H100 80GB HBM3" and d.slug == "h100-sxm"
+    assert d.memory_gib == pytest.approx(81559 / 1024) and d.max_sm_mhz == 1980
+
+
+def test_detect_where_nvml_supports_no_query(monkeypatch):
+    """A GPU or driver that answers no query (the handle found): torch's device, nothing NVML-only."""
+    _torch_device(monkeypatch)
+    _nvml(monkeypatch, unsupported=True)
+    d = hardware.detect(0)
+    assert (d.name, d.memory_gib, d.driver, d.power_limit_w, d.max_sm_mhz) == (
+        "NVIDIA H100 80GB HBM3", 80.0, None, None, None)
+
+
+def test_the_nvml_handle_is_found_by_torchs_uuid(monkeypatch):
+    """NVML's nvmlDeviceGetHandleByUUID needs the "GPU-" prefix torch's UUID lacks; no driver, no handle."""
+    _torch_device(monkeypatch)
+    asked = []
+    fake = types.SimpleNamespace(nvmlInit=lambda: None,
+                                 nvmlDeviceGetHandleByUUID=lambda uuid: asked.append(uuid) or "handle")
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert hardware._nvml_handle(0) == "handle"
+    assert asked == ["GPU-8f0e2a1c-0000-1111-2222-333344445555"]
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+    monkeypatch.setattr(fake, "nvmlInit", no_driver)
+    assert hardware._nvml_handle(0) is None
 
 
 # --- bench/mfu.py --------------------------------------------------------------------------------

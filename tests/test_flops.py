@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bench.flops import causal_attention_fwd_flops, flops_per_token, matmuls, param_count, vector_param_count
+from bench.flops import (CONVENTION, Flops, causal_attention_fwd_flops, flops_per_token, matmuls, param_count,
+                         vector_param_count)
 from gpt.model import GPT, PRESETS, GPTConfig, preset
 
 # GPT-2 124M (vocab padded to 50304), by hand: L=12 layers, C=768, T=1024.
@@ -144,3 +145,10 @@ def test_matmul_shapes_are_the_models_linear_layers():
     m = model(config)
     linear = {tuple(mod.weight.shape) for mod in m.modules() if isinstance(mod, torch.nn.Linear)}
     assert {(mm.n_out, mm.n_in) for mm in matmuls(config)} == linear
+
+
+def test_the_stated_convention_is_the_count_mfu_uses():
+    """CONVENTION, in every bench.mfu result file and its report's title, gives the count's own factors."""
+    unit = Flops(matmul=0, vectors=0, attention_unit=1)  # attention alone, one L·H·Q·T
+    assert (unit.palm, unit.hardware) == (12, 7)
+    assert f"6N + {unit.palm}*L*H*Q*T" in CONVENTION and f"({unit.hardware}*L*H*Q*T)" in CONVENTION

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench import hardware
-from bench.hardware import GPUS, ClockSampler, find, match, peak_for
+from bench.hardware import GPUS, ClockSampler, Device, find, match, peak_for
 
 BY_KEY = {g.key: g for g in GPUS}
 
@@ -178,3 +178,27 @@ def test_clocks_are_sampled_where_nvml_reports_no_power(monkeypatch):
             time.sleep(0.001)
     stats = sampler.stats()
     assert stats is not None and stats.sm_mhz == 1500 and stats.power_w is None
+
+
+@pytest.mark.parametrize("word", ["nvidia", "geforce", "tesla", "gpu", "sxm", "sxm2", "sxm4", "sxm5", "sxm6",
+                                  "hbm2", "hbm2e", "hbm3", "hbm3e", "ac", "edition", "workstation", "server",
+                                  "80gb", "144g"])
+def test_vendor_words_memory_sizes_and_revisions_do_not_stop_a_match(word):
+    """Each word a device name may carry beyond its row's, named here (not read from the table's
+    own list, which a word dropped from would drop from the test too)."""
+    assert match(f"NVIDIA L4 {word}").key == "l4"
+    assert match(f"NVIDIA L4 {word} laptop") is None  # a word outside the list still does
+
+
+def test_names_split_on_any_separator_and_only_whole_sizes_are_filler():
+    assert match("NVIDIA_H100_PCIe").key == "h100-pcie" and match("NVIDIA/L40S").key == "l40s"
+    assert match("NVIDIA H100 80GB HBM3 1g.10gb") is None  # a MIG profile, not a memory size
+
+
+def test_a_devices_dict_keeps_its_memory_to_two_decimals():
+    assert Device(0, "NVIDIA H100 80GB HBM3", 132, 81559 / 1024, (9, 0)).as_dict()["memory_gib"] == 79.65
+
+
+def test_an_unknown_devices_slug_is_file_safe():
+    device = Device(0, "NVIDIA Imaginary  9000 (Rev. B)", 10, 8.0, (9, 0))
+    assert device.gpu is None and device.slug == "nvidia-imaginary-9000-rev-b"
