@@ -97,6 +97,7 @@ GPUS: tuple[GPU, ...] = (
          58, 1024, 121, 121, 60, 242.5, 30.3, 24, 0.3, "NVIDIA L4 Tensor Core GPU datasheet (sparse halved)"),
     _gpu("l40", "L40", "l40", ["NVIDIA L40"],
          142, 512, 181.05, 181.05, 90.5, 362, 90.5, 48, 0.864, "NVIDIA L40 GPU datasheet (sparse halved)"),
+    # (The datasheet's bf16 is 142 SMs at 2490 MHz, its tf32 and fp8 at 2520: kept as printed.)
     _gpu("l40s", "L40S", "l40s", ["NVIDIA L40S"],
          142, 1024, 362.05, 362.05, 183, 733, 91.6, 48, 0.864, "NVIDIA L40S GPU datasheet (sparse halved)"),
     _gpu("h100-sxm", "H100 SXM", "h100", ["NVIDIA H100 80GB HBM3"],

@@ -865,3 +865,9 @@ def test_a_resume_drops_the_log_line_a_killed_write_tore(tmp_path):
     log.write_text('{"iter": 0, "loss": 4.2}\n\n{"iter": 1, "loss": 4.1}\n{"iter": 2, "lo')
     train.trim_log(log, iter_num=2, evaluates=True)
     assert log.read_text() == '{"iter": 0, "loss": 4.2}\n{"iter": 1, "loss": 4.1}\n'
+
+
+def test_with_decay_lr_off_the_learning_rate_is_constant():
+    """decay_lr=False: learning_rate at every iteration, no warm-up, no decay to min_lr."""
+    c = dict(decay_lr=False, warmup_iters=10, lr_decay_iters=20, learning_rate=1e-3, min_lr=1e-4)
+    assert [train.lr_at(it, c) for it in (0, 5, 9, 10, 15, 20, 100)] == [1e-3] * 7

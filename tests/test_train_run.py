@@ -624,12 +624,15 @@ def test_fsdp_gathers_fp32_weights_in_bf16_only_when_training_in_bf16(tmp_path, 
 
 def test_ddp_counts_every_ranks_tokens_and_draws_each_ranks_own_dropout(tmp_path, data_dir):
     """Two processes under torchrun (about 10-20 s): tokens_per_s counts both ranks' tokens (2 ranks
-    x 2 micro-steps x 4 x 32 a step), and each rank seeds its own dropout masks."""
+    x 2 micro-steps x 4 x 32 a step), TFLOPS (and MFU) are per GPU, and each rank seeds its own
+    dropout masks."""
     from tests.test_distributed import TWO, torchrun
     log, _ = torchrun(tmp_path, data_dir, *TWO, "--parallel=ddp", "--max_iters=3", "--eval_interval=3",
                       "--dropout=0.1")
     timed = [r for r in log if "step_ms" in r]
     assert timed and all(r["tokens_per_s"] * r["step_ms"] / 1000 == pytest.approx(2 * 2 * 4 * 32) for r in timed)
+    palm = flops_per_token(GPTConfig(**checkpoint.load(tmp_path, "cpu")["model_args"]), 32).palm
+    assert all(r["tflops"] == pytest.approx(r["tokens_per_s"] / 2 * palm / 1e12) for r in timed)  # per GPU
     rng = checkpoint.load(tmp_path, "cpu")["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
@@ -668,3 +671,106 @@ def test_only_the_master_starts_a_wandb_run(tmp_path, data_dir, monkeypatch, fak
     with pytest.raises(InterruptedError):
         run(tmp_path, data_dir, "--device=cpu", "--wandb_log=True")
     assert inits == []
+
+
+def test_each_record_logs_the_learning_rate_of_its_iteration(tmp_path, data_dir):
+    """A step's record and an evaluation's carry the schedule's lr at their iteration: warm-up
+    (it+1)/(warmup_iters+1), cosine, then min_lr."""
+    log = run(tmp_path, data_dir, *CPU, "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--warmup_iters=2",
+              "--lr_decay_iters=4", "--learning_rate=3e-3", "--min_lr=1e-4")
+    want = {0: 1e-3, 1: 2e-3, 2: 3e-3, 3: 1e-4 + 0.5 * (3e-3 - 1e-4), 4: 1e-4}
+    assert {r["iter"]: r["lr"] for r in steps(log)} == pytest.approx({it: want[it] for it in range(4)})
+    assert {r["iter"]: r["lr"] for r in evals(log)} == pytest.approx({it: want[it] for it in (0, 2, 4)})
+
+
+def test_the_logged_grad_norm_is_the_norm_of_the_micro_steps_mean_gradient(tmp_path, data_dir):
+    """Each micro-step's loss is divided by gradient_accumulation_steps before its backward: the
+    grads (and the logged grad_norm) are those of the mean loss over the step's batches."""
+    run(tmp_path, data_dir, *CPU, "--dropout=0.0", "--learning_rate=0", "--seed=7", "--gradient_accumulation_steps=3",
+        "--grad_clip=0.0", "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--always_save_checkpoint=True")
+    model = checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
+    batches = Batches(Path(data_dir) / "shakespeare_char", 32, 8, "cpu", seed=7)
+    torch.stack([model(*batches.next())[1] for _ in range(3)]).mean().backward()
+    want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert steps(read_log(tmp_path))[0]["grad_norm"] == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_grad_clip_scales_the_grads_to_its_norm(tmp_path, data_dir, monkeypatch):
+    """The optimizer steps with grads of norm grad_clip where theirs was larger (test_grad_clip_clips_at_its_value
+    cannot tell 0.01 from 0.1: Adam's step hardly changes with a constant scale on its grads)."""
+    clip, seen = train.clip_for_step, []
+
+    def clipped(optimizer, params, max_norm, grad_norm):
+        params = list(params)
+        norm = clip(optimizer, params, max_norm, grad_norm)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        seen.append((norm.item(), after.item()))
+        return norm
+    monkeypatch.setattr(train, "clip_for_step", clipped)
+    run(tmp_path, data_dir, *CPU, "--dropout=0.0", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+        "--grad_clip=0.01")
+    assert len(seen) == 2 and all(before > 0.01 and after == pytest.approx(0.01, rel=1e-3) for before, after in seen)
+
+
+def test_float16_without_clipping_logs_the_unscaled_grad_norm(tmp_path, data_dir):
+    """grad_clip=0: the logged grad norm is still of the unscaled grads (the loss scale is 65536)."""
+    args = ["--device=cpu", "--dropout=0.0", "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--grad_clip=0.0"]
+    norm = {dtype: steps(run(tmp_path / dtype, data_dir, *args, f"--dtype={dtype}"))[0]["grad_norm"]
+            for dtype in ("float32", "float16")}
+    assert norm["float16"] == pytest.approx(norm["float32"], rel=0.05)
+
+
+def test_a_resume_in_float16_keeps_the_checkpoints_loss_scale(tmp_path, data_dir):
+    """The checkpoint's GradScaler state comes back: a scale lowered by overflows is not reset to
+    65536 (whose overflows would skip the resumed run's first steps)."""
+    args = ["--device=cpu", "--dtype=float16", "--eval_interval=1", "--eval_iters=1", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *args, "--max_iters=1")
+    saved = checkpoint.load(tmp_path, "cpu")
+    saved["scaler"]["scale"] = 1024.0
+    checkpoint.save(saved, tmp_path)
+    run(tmp_path, data_dir, *args, "--max_iters=2", "--init_from=resume")
+    assert checkpoint.load(tmp_path, "cpu")["scaler"]["scale"] == 1024.0
+
+
+def test_a_checkpoint_is_saved_when_the_val_loss_beats_the_best_not_the_train_loss(tmp_path, data_dir):
+    """always_save_checkpoint=False saves where val_loss beats best_val_loss; train_loss has no say.
+    At lr 0 the resumed run's evaluations (at 2 again, and 4) score as the first run's at 2 did; a
+    best between its two losses is beaten by the val loss only if that is the lower."""
+    args = [*CPU, "--eval_interval=2", "--eval_iters=1", "--learning_rate=0", "--min_lr=0", "--dropout=0.0"]
+    log = run(tmp_path, data_dir, *args, "--max_iters=2", "--always_save_checkpoint=True")
+    train_loss, val_loss = evals(log)[-1]["train_loss"], evals(log)[-1]["val_loss"]
+    assert train_loss != val_loss
+    best = (train_loss + val_loss) / 2
+    checkpoint.save(dict(checkpoint.load(tmp_path, "cpu"), best_val_loss=best), tmp_path)
+    before = (tmp_path / checkpoint.FILENAME).stat().st_mtime_ns
+    log = run(tmp_path, data_dir, *args, "--max_iters=4", "--init_from=resume", "--always_save_checkpoint=False")
+    assert (evals(log)[-1]["train_loss"], evals(log)[-1]["val_loss"]) == (train_loss, val_loss)
+    beaten = val_loss < best
+    assert ((tmp_path / checkpoint.FILENAME).stat().st_mtime_ns != before) == beaten
+    assert checkpoint.load(tmp_path, "cpu")["best_val_loss"] == (val_loss if beaten else best)
+
+
+def test_step_time_leaves_out_the_time_logging_takes(tmp_path, data_dir, clock, monkeypatch):
+    """The clock restarts after each log: a log's own time (here 1000 s at each, taken as its
+    memory is read) is in no step's step_ms."""
+    base, extra, memory_gb = train.time.perf_counter, [0.0], train.memory_gb
+    monkeypatch.setattr(train.time, "perf_counter", lambda: base() + extra[0])
+    monkeypatch.setattr(train, "memory_gb", lambda device_type: extra.__setitem__(0, extra[0] + 1000.0)
+                        or memory_gb(device_type))
+    log = run(tmp_path, data_dir, *CPU, "--log_interval=2", "--gradient_accumulation_steps=2", "--eval_iters=1",
+              "--max_iters=8", "--eval_interval=8")
+    timed = steps(log)
+    assert [r["iter"] for r in timed] == [0, 2, 4, 6]
+    assert [r["step_ms"] for r in timed[1:]] == pytest.approx([2000.0] * 3)
+
+
+def test_eval_only_scores_nan_weights_without_calling_it_a_divergence(tmp_path, data_dir):
+    """An eval_only run reports what it scored, null for a NaN loss, and ends normally: it trains
+    nothing, so there is no run to stop and no checkpoint to keep."""
+    args = [*CPU, "--eval_interval=1", "--eval_iters=1", "--always_save_checkpoint=True"]
+    run(tmp_path, data_dir, *args, "--max_iters=1")
+    saved = checkpoint.load(tmp_path, "cpu")
+    next(iter(saved["model"].values())).fill_(math.nan)
+    checkpoint.save(saved, tmp_path)
+    log = run(tmp_path, data_dir, *args, "--init_from=resume", "--eval_only=True")
+    assert log[-1]["eval_only"] and log[-1]["val_loss"] is None
