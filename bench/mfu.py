@@ -441,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=described(__doc__))
     parser.add_argument("--gpu", default="auto",
                         help="auto (measure the GPU here), a GPU name or key to plan for, or list")
-    parser.add_argument("--preset", type=listed, help="model preset, or a train.py config file (its model, batch_size, "
-                                         "optimizer, dtype and recompute); default gpt2; planning: comma-separated, "
-                                         f"default {','.join(planning.DEFAULT_PLAN)}")
+    parser.add_argument("--preset", type=listed,
+                        help="model preset, or a train.py config file (its model, batch_size, optimizer, dtype and "
+                             "recompute); default gpt2; planning: comma-separated, "
+                             f"default {','.join(planning.DEFAULT_PLAN)}")
     parser.add_argument("--batch-size", type=positive(int),
                         help="sequences per micro-batch (default: a config file's batch_size, else 16)")
     parser.add_argument("--seq-len", type=positive(int), help="tokens per sequence (default: the preset's block_size)")

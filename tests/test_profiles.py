@@ -709,13 +709,11 @@ def test_bench_kernels_measures_in_train_py_s_dtype_or_the_one_given(monkeypatch
     """A run takes each op from a record of its dtype first: a GPU without bf16 (train.py runs it
     in fp16 there) and an fp32 run need records of theirs, which bench.kernels was bf16-only to make."""
     measured = []
-    monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops, partial:
-                        measured.append(shapes.dtype) or record({}, name, slug=device.slug, dtype=shapes.dtype)
-                        | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
+    monkeypatch.setattr(bench_kernels, "run", _fake_run(measured))
     for capability, args in (((9, 0), []), ((7, 0), []), ((9, 0), ["--dtype", "float32"])):
         monkeypatch.setattr(bench_kernels, "detect", lambda: dataclasses.replace(H100, capability=capability))
         assert bench_kernels.main(["--out", str(tmp_path / "gpu.json"), *args]) == 0
-    assert measured == [torch.bfloat16, torch.float16, torch.float32]
+    assert [shapes.dtype for _, shapes, _ in measured] == [torch.bfloat16, torch.float16, torch.float32]
     assert [w["workload"]["dtype"] for w in profile.load(tmp_path / "gpu.json").workloads] == [
         "bfloat16", "float16", "float32"]
 
@@ -936,9 +934,9 @@ def test_ops_or_backends_of_the_wrong_type_are_a_value_error(tmp_path, ops, prob
 
 
 def _fake_run(measured: list):
-    """A stand-in for bench.kernels.run: the (preset, shapes) asked for, in `measured`."""
+    """A stand-in for bench.kernels.run: the (preset, shapes, ops) asked for, in `measured`."""
     return lambda device, shapes, name, ops, partial: (
-        measured.append((name, shapes)) or record({}, name, slug=device.slug, batch_size=shapes.batch_size,
+        measured.append((name, shapes, ops)) or record({}, name, slug=device.slug, batch_size=shapes.batch_size,
                                                   seq_len=shapes.T, dtype=shapes.dtype)
         | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
 
@@ -948,8 +946,8 @@ def test_bench_kernels_by_default_profiles_this_gpu_at_gpt2_s_shapes_16_sequence
     monkeypatch.setattr(bench_kernels, "detect", lambda: A100)
     monkeypatch.setattr(bench_kernels, "run", _fake_run(measured))
     assert bench_kernels.main(["--out", str(tmp_path / "gpu.json")]) == 0
-    [(name, shapes)] = measured
-    assert (name, shapes.batch_size, shapes.T, shapes.config, shapes.dtype) == (
+    [(name, shapes, ops)] = measured
+    assert ops == list(kernels.OPS) and (name, shapes.batch_size, shapes.T, shapes.config, shapes.dtype) == (
         "gpt2", 16, 1024, GPTConfig(**preset("gpt2")), torch.bfloat16)
     [w] = profile.load(tmp_path / "gpu.json").workloads
     assert w["device"]["slug"] == "a100-sxm-80gb"
@@ -967,11 +965,10 @@ def test_bench_kernels_measures_each_op_named_once(monkeypatch, tmp_path):
     """A repeated or trailing-comma --ops is the ops named, each measured once (minutes of a GPU
     session each)."""
     monkeypatch.setattr(bench_kernels, "detect", lambda: H100)
-    asked = []
-    monkeypatch.setattr(bench_kernels, "run", lambda device, shapes, name, ops, partial: asked.append(ops) or record(
-        {}, name, slug=device.slug, dtype=shapes.dtype) | {"rooflines": {"copy_gbs": 1.0, "matmul_tflops": 1.0}})
+    measured = []
+    monkeypatch.setattr(bench_kernels, "run", _fake_run(measured))
     assert bench_kernels.main(["--ops", "swiglu,rope,swiglu,", "--out", str(tmp_path / "gpu.json")]) == 0
-    assert asked == [["swiglu", "rope"]]
+    assert [ops for _, _, ops in measured] == [["swiglu", "rope"]]
 
 
 def test_a_measured_record_says_what_it_timed_and_with_what(monkeypatch, tmp_path):
