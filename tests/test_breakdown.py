@@ -69,6 +69,16 @@ NAMES = {
     # Inductor's persistent reductions: a cast fused in is no copy (its other ops say), alone it is one
     "triton_per_fused__to_copy_sum_3": "elementwise", "triton_per_fused__to_copy_0": "copy",
     "a kernel nobody named": "other",
+    "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+    "triton_tem_fused_addmm_0": "matmul",
+    "aten::bmm": "matmul",
+    "cutlass::device_kernel<cutlass3x_sm90_tensorop_bf16_128x256x64_warpspecialized_cooperative>": "matmul",
+    "aten::nll_loss_forward": "loss",
+    "void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<long>": "embedding",
+    "void cub::DeviceRunLengthEncodeKernel<long>": "embedding",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+    "at::detail::Array<char*, 1>>": "copy",
+    "triton_poi_fused_clone_permute_0": "copy",  # a permute moves data
 }
 
 
@@ -155,3 +165,25 @@ def test_profiling_tears_cupti_down_after_it(monkeypatch):
     monkeypatch.delenv("TEARDOWN_CUPTI")
     breakdown.profile_steps(lambda: torch.ones(4) + 1, 1, torch.device("cpu"))
     assert os.environ["TEARDOWN_CUPTI"] == "1"
+
+
+def test_a_kinds_time_is_the_sum_of_its_kernels():
+    split = breakdown.kinds_of({"aten::mm": 1.0, "aten::addmm": 2.0, "_attn_fwd": 0.5})
+    assert split["matmul"] == 3.0 and split["attention"] == 0.5
+
+
+def test_top_gives_ms_a_step():
+    assert breakdown.top({"aten::mm": 6000.0}, steps=3) == [dict(name="aten::mm", kind="matmul", ms=2.0)]
+
+
+def test_gpu_kernels_of_one_name_sum_their_times():
+    def event(name, start, end):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=DeviceType.CUDA)
+    assert breakdown._times([event("_adamw_kernel", 0, 4), event("_adamw_kernel", 10, 13)], cuda=True) == {
+        "_adamw_kernel": 7}
+
+
+def test_profile_steps_runs_every_step():
+    calls = []
+    breakdown.profile_steps(lambda: calls.append(torch.ones(2) + 1), steps=3, device=torch.device("cpu"))
+    assert len(calls) == 3

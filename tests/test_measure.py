@@ -1,5 +1,7 @@
 """bench.measure.median_ms on a stand-in for the GPU: calls queued in batches behind a sleep
 longer than the host takes to queue them, a batch the GPU reached early queued again."""
+import subprocess
+
 import pytest
 import torch
 
@@ -148,3 +150,57 @@ def test_provenance_without_git_leaves_the_revision_and_its_changes_unknown(monk
     monkeypatch.setattr(measure.subprocess, "run", no_git)
     p = measure.provenance()
     assert p["git_sha"] is None and p["git_dirty"] is None
+
+
+def test_calls_for_counts_only_whole_calls_within_the_budget():
+    assert measure.calls_for(0.3, 20) == 66  # 66.7 calls fit: 66, not 67
+
+
+def test_one_line_ignores_a_word_that_only_begins_with_an_error_name():
+    assert measure.one_line("RuntimeError: boom\n2 ValueErrors were counted") == "RuntimeError: boom"
+
+
+def test_one_line_skips_blank_lines():
+    assert measure.one_line("\n   \nValueError: bad\n\n") == "ValueError: bad"
+    assert measure.one_line("") == ""
+
+
+def test_an_error_cell_is_the_errors_one_line():
+    assert measure.error_cell("compile failed\n  File x.py\nValueError: bad") == (
+        "error: compile failed ... ValueError: bad")
+
+
+def test_provenance_outside_a_git_repository_leaves_the_revision_unknown(monkeypatch):
+    def not_a_repo(args, **kwargs):
+        raise subprocess.CalledProcessError(128, args, stderr="fatal: not a git repository")
+    monkeypatch.setattr(measure.subprocess, "run", not_a_repo)
+    p = measure.provenance()
+    assert p["git_sha"] is None and p["git_dirty"] is None
+
+
+def test_provenance_dirty_means_tracked_changes_only(monkeypatch):
+    def git(args, **kwargs):
+        if "status" in args:
+            out = "" if "--untracked-files=no" in args else "?? scratch.txt\n"
+        else:
+            out = "abc123\n"
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+    monkeypatch.setattr(measure.subprocess, "run", git)
+    p = measure.provenance()
+    assert p["git_sha"] == "abc123" and p["git_dirty"] is False
+
+
+def test_a_rows_dict_names_its_pass_pass():
+    d = measure.Row("op", "1 x 2", "fwd", "torch", 1.0, 2.0, "GB/s", 0.5).as_dict()
+    assert d["pass"] == "fwd" and "pass_" not in d
+
+
+def test_printed_rows_mark_host_bound_passes_and_failed_checks(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    rows = [measure.Row("op", "s", "fwd", "slow", 1.0, 2.0, "GB/s", 0.5, verified=False, host_ms=0.9),
+            measure.Row("op", "s", "fwd", "fast", 1.0, 2.0, "GB/s", 0.5, verified=True, host_ms=0.1)]
+    measure.print_rows(rows, "t")
+    out = capsys.readouterr().out
+    slow, fast = (next(line for line in out.splitlines() if name in line) for name in ("slow", "fast"))
+    assert "host-bound" in slow and "NO" in slow
+    assert "host-bound" not in fast and "yes" in fast
