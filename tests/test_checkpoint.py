@@ -621,8 +621,7 @@ def test_zero1_gives_torch_s_adamw_fp32_host_step_counts_from_a_bf16_adamw_check
 
 
 def test_a_sharded_checkpoint_loads_in_one_process_without_a_warning(tmp_path):
-    m, o = trained(kahan=False, steps=0)
-    checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+    save(tmp_path, kahan=False, iter_num=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checkpoint.build_model(checkpoint.load(tmp_path, "cpu"))
@@ -645,9 +644,8 @@ def test_a_crash_in_any_of_save_sharded_s_deletions_leaves_a_whole_checkpoint(tm
             shard.unlink()
         raise KeyboardInterrupt  # killed mid-delete
     monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_midway)
-    m, o = trained(kahan=False, steps=4)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_sharded(m, o, {"iter_num": 4, "model_args": vars(CONFIG)}, tmp_path)
+        save(tmp_path, kahan=False, iter_num=4)
     monkeypatch.undo()
     state = checkpoint.load(tmp_path, "cpu")
     assert state["iter_num"] in (2, 4)
@@ -656,7 +654,6 @@ def test_a_crash_in_any_of_save_sharded_s_deletions_leaves_a_whole_checkpoint(tm
 
 def test_a_sharded_save_killed_while_writing_its_train_state_leaves_no_checkpoint(tmp_path, monkeypatch):
     """train_state.pt's presence marks the shards whole: a torn one must never be there."""
-    m, o = trained(kahan=False, steps=0)
     real_save = torch.save
 
     def killed(obj, f, *args, **kwargs):
@@ -669,5 +666,5 @@ def test_a_sharded_save_killed_while_writing_its_train_state_leaves_no_checkpoin
         raise KeyboardInterrupt
     monkeypatch.setattr(checkpoint.torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_sharded(m, o, {"iter_num": 1, "model_args": vars(CONFIG)}, tmp_path)
+        save(tmp_path, kahan=False, iter_num=1)
     assert not checkpoint.exists(tmp_path)

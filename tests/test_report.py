@@ -118,4 +118,5 @@ def test_a_file_cut_short_is_reported_as_not_read(tmp_path):
     """(Written while it is read: the other files' tables still come.)"""
     path = tmp_path / "mfu.json"
     path.write_text('{"preset": "gpt2", "rows": [')
-    assert report.report(path).startswith("mfu.json: not read (") and "cut short" in report.report(path)
+    text = report.report(path)
+    assert text.startswith("mfu.json: not read (") and "cut short" in text
